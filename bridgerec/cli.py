@@ -1,0 +1,241 @@
+"""The `bridgerec` command line. Each stage has a sub-command; `run` runs them all."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+
+import bridgerec.prefect_env  # noqa: F401  (must precede any prefect import)
+from bridgerec import progress
+from bridgerec.config import ConfigError, Settings, load_settings
+
+app = typer.Typer(
+    name="bridgerec",
+    help=(
+        "Cross-domain next-item recommendations bridged by LLMs (LLM4CDSR), as a nightly batch pipeline.\n\n"
+        "Stages: ingest -> enrich -> train -> publish; `run` does all of them. Settings come from a YAML "
+        "file (--config or $BRIDGEREC_CONFIG) and BRIDGEREC_* env vars (nested keys joined by '__')."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Inspect the effective configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML config file (default: $BRIDGEREC_CONFIG).", show_default=False),
+]
+WorkspaceOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--workspace", "-w", help="Workspace folder (overrides config `workspace`).", show_default=False
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (no progress bars).")]
+
+
+class UserError(Exception):
+    """An error the user can fix; printed without a traceback, exit code 2."""
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _settings(config: Path | None, **overrides: Any) -> Settings:
+    try:
+        settings = load_settings(config)
+        if overrides:
+            merged = settings.model_dump()
+            for key, value in overrides.items():
+                if value is None:
+                    continue
+                node = merged
+                *parents, leaf = key.split(".")
+                for p in parents:
+                    node = node[p]
+                node[leaf] = value
+            settings = Settings.model_validate(merged)
+        return settings
+    except ConfigError as exc:
+        _fail(str(exc))
+    except Exception as exc:  # pydantic ValidationError from CLI overrides
+        _fail(f"invalid option: {exc}")
+    raise AssertionError("unreachable")
+
+
+def _emit(result: dict, as_json: bool, render: Any) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(result, default=str) + "\n")
+    else:
+        render(result)
+
+
+def _parse_domain_paths(values: list[str] | None, option: str) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for v in values or []:
+        if "=" not in v:
+            _fail(f"{option} takes DOMAIN=PATH, got {v!r}")
+        domain, path = v.split("=", 1)
+        out[domain.strip()] = Path(path)
+    return out
+
+
+@app.command()
+def ingest(
+    config: ConfigOpt = None,
+    workspace: WorkspaceOpt = None,
+    source: Annotated[
+        str | None, typer.Option(help="generic | amazon2018 | amazon2023.", show_default=False)
+    ] = None,
+    items: Annotated[
+        Path | None,
+        typer.Option(help="generic: items file (.csv[.gz], .jsonl[.gz], .parquet).", show_default=False),
+    ] = None,
+    interactions: Annotated[
+        Path | None, typer.Option(help="generic: interactions file.", show_default=False)
+    ] = None,
+    reviews: Annotated[
+        list[str] | None,
+        typer.Option(help="amazon*: DOMAIN=PATH of a reviews file (repeat).", show_default=False),
+    ] = None,
+    meta: Annotated[
+        list[str] | None,
+        typer.Option(help="amazon*: DOMAIN=PATH of a meta file (repeat).", show_default=False),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even if inputs and config are unchanged.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Read raw interaction logs and item catalogues into clean Parquet in WORKSPACE/ingest.
+
+    Checks every row: bad rows go to WORKSPACE/ingest/quarantine.parquet with a reason, and every row
+    read is accounted for (read = kept + quarantined + filtered). An unchanged rerun is skipped.
+    """
+    from flows.ingest import ingest_flow
+    from tasks.ingest.preprocess import IngestError
+    from tasks.ingest.sources import SourceError
+
+    reviews_map, meta_map = _parse_domain_paths(reviews, "--reviews"), _parse_domain_paths(meta, "--meta")
+    amazon = None
+    if reviews_map or meta_map:
+        if set(reviews_map) != set(meta_map):
+            _fail(
+                f"--reviews and --meta must name the same domains: {sorted(reviews_map)} vs {sorted(meta_map)}"
+            )
+        amazon = {d: {"reviews": reviews_map[d], "meta": meta_map[d]} for d in reviews_map}
+    settings = _settings(
+        config,
+        workspace=workspace,
+        **{
+            "ingest.source": source,
+            "ingest.items": items,
+            "ingest.interactions": interactions,
+            "ingest.amazon": amazon,
+        },
+    )
+    progress.set_enabled(not as_json)
+    try:
+        summary = ingest_flow(
+            settings.ingest, str(settings.workspace), settings.runtime.resolved_threads(), force
+        )
+    except (SourceError, IngestError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    _emit(summary.model_dump(), as_json, _render_ingest)
+
+
+def _render_ingest(s: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    head = (
+        "ingest skipped: inputs and config unchanged"
+        if s["skipped"]
+        else f"ingest finished in {s['seconds']:.1f} s"
+    )
+    console.print(f"[bold green]{head}[/] -> {s['workspace']}/ingest")
+    t = Table(show_header=False)
+    t.add_row("users", f"{s['users']:,}")
+    t.add_row("overlapping users", f"{s['overlap_users']:,}")
+    t.add_row(
+        "items", f"{s['items']:,}  " + ", ".join(f"{d}: {n:,}" for d, n in s["items_per_domain"].items())
+    )
+    t.add_row("interactions", f"{s['interactions']:,}")
+    t.add_row(
+        "quarantined",
+        f"{s['quarantined']:,}  " + ", ".join(f"{r}: {n:,}" for r, n in s["quarantined_by_reason"].items()),
+    )
+    t.add_row("filtered", ", ".join(f"{r}: {n:,}" for r, n in s["filtered_by_reason"].items()) or "0")
+    console.print(t)
+
+
+def _not_built(stage: str, issue: str) -> None:
+    _fail(f"`bridgerec {stage}` is not built yet ({issue}).", code=3)
+
+
+@app.command()
+def enrich(config: ConfigOpt = None, workspace: WorkspaceOpt = None, as_json: JsonOpt = False) -> None:
+    """Embed item texts and write hierarchical LLM user profiles with vLLM (batch, incremental)."""
+    _not_built("enrich", "LLM enrichment")
+
+
+@app.command()
+def train(config: ConfigOpt = None, workspace: WorkspaceOpt = None, as_json: JsonOpt = False) -> None:
+    """Train and evaluate the LLM4CDSR recommender or a baseline."""
+    _not_built("train", "the recommender")
+
+
+@app.command()
+def publish(config: ConfigOpt = None, workspace: WorkspaceOpt = None, as_json: JsonOpt = False) -> None:
+    """Write top-k recommendations to the DuckDB warehouse with a FAISS index per domain."""
+    _not_built("publish", "publishing")
+
+
+@app.command()
+def run(config: ConfigOpt = None, workspace: WorkspaceOpt = None, as_json: JsonOpt = False) -> None:
+    """Run the nightly pipeline in-process: ingest -> enrich -> train -> publish (as far as it is built)."""
+    from flows.nightly import nightly_flow
+
+    settings = _settings(config, workspace=workspace)
+    progress.set_enabled(not as_json)
+    try:
+        result = nightly_flow(settings)
+    except Exception as exc:  # the flow logged the details; give the user the one line that matters
+        _fail(f"nightly run failed: {exc}", code=1)
+    _emit(result, as_json, lambda r: typer.echo(yaml.safe_dump(r, sort_keys=False)))
+
+
+@app.command()
+def recs(as_json: JsonOpt = False) -> None:
+    """Show a user's top-k recommendations with item titles and their profile."""
+    _not_built("recs", "publishing")
+
+
+@config_app.command("show")
+def config_show(
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of YAML.")] = False,
+) -> None:
+    """Print the effective configuration (file + env vars + defaults)."""
+    settings = _settings(config)
+    data = settings.model_dump(mode="json")
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+    else:
+        typer.echo(yaml.safe_dump(data, sort_keys=False))
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

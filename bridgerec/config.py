@@ -1,0 +1,114 @@
+"""The one settings tree: a YAML file, then `BRIDGEREC_*` env vars, then explicit overrides.
+
+Precedence, highest first: values passed in code (CLI flags) > env vars > the YAML file > defaults.
+Relative paths are relative to the working directory.
+Nested keys in env vars are joined by `__`: `BRIDGEREC_PROFILES__MAX_USERS=100`.
+Each stage receives its own section, never the whole tree.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from storage.workspace import hash_json
+from tasks.enrich.settings import EnrichSettings, ProfileSettings
+from tasks.ingest.settings import IngestSettings
+from tasks.publish.settings import PublishSettings
+from tasks.train.settings import TrainSettings
+
+ENV_PREFIX = "BRIDGEREC_"
+CONFIG_ENV = "BRIDGEREC_CONFIG"
+
+
+class RuntimeSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    threads: int = Field(default=0, ge=0, description="CPU threads for DuckDB/torch/FAISS; 0 = all cores.")
+    log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+
+    def resolved_threads(self) -> int:
+        return self.threads or os.cpu_count() or 1
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+    _yaml_file: ClassVar[Path | None] = None
+
+    workspace: Path = Field(default=Path("workspace"), description="Folder holding every stage's output.")
+    warehouse: Path = Field(default=Path("workspace/warehouse.duckdb"), description="The DuckDB warehouse.")
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    enrich: EnrichSettings = Field(default_factory=EnrichSettings)
+    profiles: ProfileSettings = Field(default_factory=ProfileSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    publish: PublishSettings = Field(default_factory=PublishSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls._yaml_file is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=cls._yaml_file))
+        return tuple(sources)
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key and the value."""
+
+
+def section_hash(section: BaseModel, exclude: set[str] | None = None) -> str:
+    """Hash of one section's effective values, for manifests."""
+    return hash_json(section.model_dump(mode="json", exclude=exclude))
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(root)"
+        env = ENV_PREFIX + "__".join(str(p) for p in e["loc"]).upper()
+        value = e.get("input")
+        shown = "" if isinstance(value, dict) else f" = {value!r}"
+        lines.append(f"  {key}{shown}: {e['msg']} (YAML key '{key}' or env {env})")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
+    """Load the effective settings. `config_file` defaults to $BRIDGEREC_CONFIG, else none."""
+    path = config_file or os.environ.get(CONFIG_ENV)
+    yaml_path: Path | None = None
+    if path:
+        yaml_path = Path(path).expanduser()
+        if not yaml_path.is_file():
+            raise ConfigError(f"config file {yaml_path} does not exist")
+        try:
+            loaded = yaml.safe_load(yaml_path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {yaml_path} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {yaml_path} must hold a mapping at the top level")
+    Settings._yaml_file = yaml_path
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None
+    finally:
+        Settings._yaml_file = None
+    return settings

@@ -1,0 +1,1 @@
+"""models of bridgerec (see docs/design.md)."""

@@ -1,0 +1,1 @@
+"""storage of bridgerec (see docs/design.md)."""

@@ -1,0 +1,186 @@
+"""The workspace on disk: stage folders, atomic Parquet writes and manifests.
+
+Every stage writes into its own folder under the workspace. A stage is built in a hidden staging
+folder and swapped into place only when complete, with its manifest written last, so a crash never
+leaves a half-written stage and a folder with a manifest is always whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, Field
+
+MANIFEST_NAME = "manifest.json"
+_HASH_CHUNK = 1 << 22
+
+
+class Manifest(BaseModel):
+    """What a finished stage wrote and what it was built from."""
+
+    stage: str
+    schema_version: int
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    config_hash: str
+    input_hashes: dict[str, str] = Field(default_factory=dict)
+    row_counts: dict[str, int] = Field(default_factory=dict)
+    files: list[str] = Field(default_factory=list)
+    stats: dict[str, Any] = Field(default_factory=dict)
+
+    def same_inputs(self, other: Manifest) -> bool:
+        return (
+            self.schema_version == other.schema_version
+            and self.config_hash == other.config_hash
+            and self.input_hashes == other.input_hashes
+        )
+
+
+def hash_file(path: Path) -> str:
+    """Content hash of a file (blake2b, streamed)."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hash_json(value: Any) -> str:
+    """Stable hash of a JSON-serialisable value (keys sorted)."""
+    blob = json.dumps(value, sort_keys=True, default=str, separators=(",", ":")).encode()
+    return hashlib.blake2b(blob, digest_size=16).hexdigest()
+
+
+def write_parquet_atomic(table: pa.Table, path: Path, schema: pa.Schema | None = None) -> Path:
+    """Write `table` to `path` through a temporary file and a rename; cast to `schema` if given."""
+    if schema is not None:
+        table = table.select(schema.names).cast(schema)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_json_atomic(value: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+class Workspace:
+    """A folder holding one folder per stage (`ingest/`, `enrich/`, `runs/`, ...)."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).expanduser().resolve()
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    def read_manifest(self, stage: str) -> Manifest | None:
+        path = self.stage_dir(stage) / MANIFEST_NAME
+        if not path.exists():
+            return None
+        return Manifest.model_validate_json(path.read_text())
+
+    def is_current(self, manifest: Manifest) -> bool:
+        """True when the stage on disk was built from the same inputs, config and schema."""
+        existing = self.read_manifest(manifest.stage)
+        return existing is not None and existing.same_inputs(manifest)
+
+    def read_table(self, stage: str, name: str, columns: list[str] | None = None) -> pa.Table:
+        path = self.stage_dir(stage) / f"{name}.parquet"
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} does not exist: run the '{stage}' stage first (bridgerec {stage} --help)"
+            )
+        return pq.read_table(path, columns=columns)
+
+    @contextlib.contextmanager
+    def building(self, stage: str) -> Iterator[StageBuilder]:
+        """Build a stage in a staging folder; swap it in only if the block finishes."""
+        staging = self.root / ".staging" / f"{stage}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir(parents=True)
+        builder = StageBuilder(stage, staging)
+        try:
+            yield builder
+            if builder.manifest is None:
+                raise RuntimeError(f"stage {stage!r} finished without a manifest")
+            self._swap_in(stage, staging)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                (self.root / ".staging").rmdir()
+
+    def _swap_in(self, stage: str, staging: Path) -> None:
+        target = self.stage_dir(stage)
+        trash = self.root / ".staging" / f"{stage}-old-{uuid.uuid4().hex[:8]}"
+        if target.exists():
+            os.replace(target, trash)
+        os.replace(staging, target)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+class StageBuilder:
+    """Collects the files of a stage being built; `finish` writes its manifest last."""
+
+    def __init__(self, stage: str, folder: Path) -> None:
+        self.stage = stage
+        self.folder = folder
+        self.manifest: Manifest | None = None
+        self._files: list[str] = []
+        self._rows: dict[str, int] = {}
+
+    def write_table(self, name: str, table: pa.Table, schema: pa.Schema | None = None) -> Path:
+        path = write_parquet_atomic(table, self.folder / f"{name}.parquet", schema)
+        self._files.append(path.name)
+        self._rows[name] = table.num_rows
+        return path
+
+    def write_json(self, name: str, value: Any) -> Path:
+        path = write_json_atomic(value, self.folder / name)
+        self._files.append(path.name)
+        return path
+
+    def path(self, name: str) -> Path:
+        """A path inside the stage for files written by other libraries (indexes, checkpoints)."""
+        self._files.append(name)
+        return self.folder / name
+
+    def finish(
+        self,
+        *,
+        schema_version: int,
+        config_hash: str,
+        input_hashes: Mapping[str, str],
+        stats: Mapping[str, Any] | None = None,
+    ) -> Manifest:
+        self.manifest = Manifest(
+            stage=self.stage,
+            schema_version=schema_version,
+            config_hash=config_hash,
+            input_hashes=dict(input_hashes),
+            row_counts=dict(self._rows),
+            files=sorted(set(self._files)),
+            stats=dict(stats or {}),
+        )
+        write_json_atomic(self.manifest.model_dump(mode="json"), self.folder / MANIFEST_NAME)
+        return self.manifest

@@ -1,0 +1,1 @@
+"""tasks of bridgerec (see docs/design.md)."""

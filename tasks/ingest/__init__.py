@@ -1,0 +1,1 @@
+"""The ingest stage: raw logs and catalogues to clean, typed Parquet."""

@@ -1,0 +1,383 @@
+"""Checks, filters, id maps, sequences and the leave-one-out split, in DuckDB (vectorised SQL).
+
+Every raw row ends in exactly one place: kept, quarantined (bad input, with a reason) or filtered
+(valid but removed by a rule: duplicate, time window, k-core, short sequence, ...), so that
+read = kept + quarantined + filtered holds for items and for interactions, by reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC
+
+import duckdb
+import pyarrow as pa
+
+from storage import schemas
+from tasks.ingest.settings import IngestSettings
+from tasks.ingest.sources import RawSource
+
+
+class IngestError(ValueError):
+    """The input cannot give a usable dataset (e.g. nothing left after filtering)."""
+
+
+@dataclass
+class Accounting:
+    read: int = 0
+    kept: int = 0
+    quarantined: dict[str, int] = field(default_factory=dict)
+    filtered: dict[str, int] = field(default_factory=dict)
+
+    def check(self, table: str) -> None:
+        total = self.kept + sum(self.quarantined.values()) + sum(self.filtered.values())
+        if total != self.read:
+            raise AssertionError(
+                f"{table}: read {self.read} != kept {self.kept} + quarantined + filtered ({total})"
+            )
+
+    def as_dict(self) -> dict:
+        return {
+            "read": self.read,
+            "kept": self.kept,
+            "quarantined": sum(self.quarantined.values()),
+            "quarantined_by_reason": dict(sorted(self.quarantined.items())),
+            "filtered": sum(self.filtered.values()),
+            "filtered_by_reason": dict(sorted(self.filtered.items())),
+        }
+
+
+@dataclass
+class IngestTables:
+    domains: pa.Table
+    items: pa.Table
+    users: pa.Table
+    interactions: pa.Table
+    sequences: pa.Table
+    quarantine: pa.Table
+    items_accounting: Accounting
+    interactions_accounting: Accounting
+    kcore_rounds: int = 0
+
+
+def _exec(con: duckdb.DuckDBPyConnection, sql: str, params: dict | list | None = None) -> list[tuple]:
+    """Run a statement to completion (DuckDB 2 keeps a pending result open until it is fetched)."""
+    return con.execute(sql, params).fetchall()
+
+
+def _scalar(con: duckdb.DuckDBPyConnection, sql: str, params: dict | list | None = None) -> int:
+    return _exec(con, sql, params)[0][0]
+
+
+def _counts(con: duckdb.DuckDBPyConnection, sql: str) -> dict[str, int]:
+    return {str(k): int(v) for k, v in con.sql(sql).fetchall()}
+
+
+def preprocess(
+    raw: RawSource, settings: IngestSettings, threads: int, progress: Callable[[str], None] = lambda _: None
+) -> IngestTables:
+    con = duckdb.connect(config={"threads": threads})  # no ICU offline: TIMESTAMPTZ is UTC
+    try:
+        return _preprocess(con, raw, settings, progress)
+    finally:
+        con.close()
+
+
+def _preprocess(
+    con: duckdb.DuckDBPyConnection, raw: RawSource, settings: IngestSettings, progress: Callable[[str], None]
+) -> IngestTables:
+    domains = settings.domains if settings.domains is not None else raw.domains_in_catalogue
+    if not domains:
+        raise IngestError("no domains: the catalogue names none and ingest.domains is not set")
+    con.register("raw_items", raw.items.table)
+    con.register("raw_inter", raw.interactions.table)
+    _exec(
+        con,
+        "CREATE TEMP TABLE domain_list AS SELECT unnest($d) AS domain, generate_subscripts($d, 1) - 1 AS domain_idx",
+        {"d": domains},
+    )
+
+    # ---- items: check, then de-duplicate by id (first record wins)
+    progress("checking items")
+    _exec(
+        con,
+        """
+        CREATE TEMP TABLE items_checked AS
+        SELECT trim(item_id) AS item_id, trim(domain) AS domain, trim(title) AS title,
+               NULLIF(trim(brand), '') AS brand, NULLIF(trim(categories), '') AS categories,
+               NULLIF(trim(price), '') AS price, NULLIF(trim(description), '') AS description,
+               NULLIF(attributes, '') AS attributes, _file, _record,
+               CASE WHEN item_id IS NULL OR domain IS NULL OR title IS NULL THEN 'too_few_fields'
+                    WHEN trim(item_id) = '' THEN 'empty_id'
+                    WHEN trim(domain) NOT IN (SELECT domain FROM domain_list) THEN 'unknown_domain'
+                    WHEN trim(title) = '' THEN 'empty_title'
+               END AS reason,
+               to_json(raw_items) AS row
+        FROM raw_items
+        """,
+    )
+    _exec(
+        con,
+        """
+        CREATE TEMP TABLE items_ranked AS
+        SELECT *, row_number() OVER w AS rn,
+               first_value(content) OVER w AS first_content
+        FROM (SELECT *, concat_ws(chr(31), domain, title, brand, categories, price, description, attributes) AS content
+              FROM items_checked WHERE reason IS NULL)
+        WINDOW w AS (PARTITION BY item_id ORDER BY _file, _record)
+        """,
+    )
+    _exec(
+        con,
+        "CREATE TEMP TABLE items_valid AS SELECT * EXCLUDE (rn, first_content, content) FROM items_ranked WHERE rn = 1",
+    )
+
+    # ---- interactions: parse and check
+    progress("checking interactions")
+    unit = {
+        "auto": "CASE WHEN abs(CAST(ts AS DOUBLE)) > 1e11 THEN 1000.0 ELSE 1.0 END",
+        "s": "1.0",
+        "ms": "1000.0",
+    }[raw.timestamp_unit]
+    ts_check = "WHEN ts_parsed IS NULL THEN 'bad_timestamp'" if raw.has_timestamp else ""
+    pos_check = "WHEN pos_parsed IS NULL OR pos_parsed < 0 THEN 'bad_position'" if raw.has_position else ""
+    missing = (
+        ["user_id", "item_id", "domain"]
+        + (["ts"] if raw.has_timestamp else [])
+        + (["pos"] if raw.has_position else [])
+    )
+    _exec(
+        con,
+        f"""
+        CREATE TEMP TABLE inter_parsed AS
+        SELECT *,
+               CASE WHEN regexp_full_match(trim(ts), '-?[0-9]+(\\.[0-9]+)?')
+                    THEN to_timestamp(CAST(trim(ts) AS DOUBLE) / ({unit}))
+                    ELSE TRY_CAST(trim(ts) AS TIMESTAMPTZ) END AS ts_parsed,
+               TRY_CAST(trim(pos) AS BIGINT) AS pos_parsed,
+               TRY_CAST(trim(rating) AS FLOAT) AS rating_parsed
+        FROM (SELECT trim(user_id) AS user_id, trim(item_id) AS item_id, trim(domain) AS domain,
+                     "timestamp" AS ts, position AS pos, rating, _file, _record, to_json(raw_inter) AS row
+              FROM raw_inter)
+        """,
+    )
+    _exec(
+        con,
+        f"""
+        CREATE TEMP TABLE inter_checked AS
+        SELECT p.*, i.domain AS item_domain,
+               CASE WHEN {" OR ".join(f"p.{c} IS NULL" for c in missing)} THEN 'too_few_fields'
+                    WHEN p.user_id = '' OR p.item_id = '' THEN 'empty_id'
+                    WHEN p.domain NOT IN (SELECT domain FROM domain_list) THEN 'unknown_domain'
+                    {ts_check}
+                    {pos_check}
+                    WHEN i.item_id IS NULL THEN 'unknown_item'
+                    WHEN i.domain <> p.domain THEN 'domain_mismatch'
+               END AS reason
+        FROM inter_parsed p LEFT JOIN items_valid i USING (item_id)
+        """,
+    )
+
+    # ---- interactions: filters (each row removed is counted under its rule)
+    progress("filtering interactions")
+    _exec(
+        con,
+        """
+        CREATE TEMP TABLE inter_rule AS
+        SELECT *, CASE WHEN row_number() OVER (
+                      PARTITION BY user_id, item_id, domain, ts_parsed, pos_parsed, rating_parsed ORDER BY _file, _record) > 1
+                       THEN 'duplicate' END AS rule
+        FROM inter_checked WHERE reason IS NULL
+        """,
+    )
+    if settings.time_window.active:
+        if not raw.has_timestamp:
+            raise IngestError("ingest.time_window is set but the interactions have no timestamp")
+        conds = []
+        params = {}
+        if settings.time_window.start is not None:
+            conds.append("ts_parsed < $start")
+            params["start"] = (
+                settings.time_window.start.astimezone(UTC)
+                if settings.time_window.start.tzinfo
+                else settings.time_window.start.replace(tzinfo=UTC)
+            )
+        if settings.time_window.end is not None:
+            conds.append("ts_parsed >= $end")
+            params["end"] = (
+                settings.time_window.end.astimezone(UTC)
+                if settings.time_window.end.tzinfo
+                else settings.time_window.end.replace(tzinfo=UTC)
+            )
+        _exec(
+            con,
+            f"UPDATE inter_rule SET rule = 'time_window' WHERE rule IS NULL AND ({' OR '.join(conds)})",
+            params,
+        )
+
+    rounds = 0
+    if settings.kcore_enabled:
+        progress("k-core")
+        u, i = settings.kcore.user_min, settings.kcore.item_min
+        while True:
+            rounds += 1
+            changed = _scalar(
+                con,
+                f"""
+                UPDATE inter_rule SET rule = 'k_core'
+                WHERE rule IS NULL AND (
+                    user_id IN (SELECT user_id FROM inter_rule WHERE rule IS NULL GROUP BY user_id HAVING count(*) < {u})
+                 OR item_id IN (SELECT item_id FROM inter_rule WHERE rule IS NULL GROUP BY item_id HAVING count(*) < {i}))
+                """,
+            )
+            if changed == 0:
+                break
+    _exec(
+        con,
+        f"""
+        UPDATE inter_rule SET rule = 'short_sequence'
+        WHERE rule IS NULL AND user_id IN (
+            SELECT user_id FROM inter_rule WHERE rule IS NULL GROUP BY user_id HAVING count(*) < {settings.min_interactions})
+        """,
+    )
+    n_kept = _scalar(con, "SELECT count(*) FROM inter_rule WHERE rule IS NULL")
+    if n_kept == 0:
+        raise IngestError(
+            "no interactions left after checks and filters: see the quarantine and filtered counts"
+        )
+
+    # ---- id maps: one global id space (domains in order), one local space per domain; 0 = padding
+    progress("building id maps and sequences")
+    _exec(
+        con,
+        """
+        CREATE TEMP TABLE items_final AS
+        WITH used AS (SELECT DISTINCT item_id FROM inter_rule WHERE rule IS NULL),
+        local AS (
+            SELECT v.*, d.domain_idx, CAST(row_number() OVER (PARTITION BY v.domain ORDER BY v.item_id) AS INTEGER) AS local_id
+            FROM items_valid v JOIN used USING (item_id) JOIN domain_list d USING (domain))
+        SELECT * FROM local
+        """,
+    )
+    _exec(
+        con,
+        """
+        CREATE TEMP TABLE domains_final AS
+        SELECT d.domain, CAST(d.domain_idx AS TINYINT) AS domain_idx, CAST(count(i.item_id) AS INTEGER) AS n_items,
+               CAST(COALESCE(sum(count(i.item_id)) OVER (ORDER BY d.domain_idx ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS INTEGER) AS global_offset
+        FROM domain_list d LEFT JOIN items_final i USING (domain)
+        GROUP BY d.domain, d.domain_idx ORDER BY d.domain_idx
+        """,
+    )
+    _exec(
+        con,
+        """
+        CREATE TEMP TABLE items_out AS
+        SELECT i.item_id, i.domain, CAST(i.domain_idx AS TINYINT) AS domain_idx, CAST(d.global_offset + i.local_id AS INTEGER) AS global_id,
+               i.local_id, i.title, i.brand, i.categories, i.price, i.description, i.attributes
+        FROM items_final i JOIN domains_final d USING (domain) ORDER BY global_id
+        """,
+    )
+    # Order within a user: time, then given position, then file order; seq_pos is 0-based.
+    _exec(
+        con,
+        """
+        CREATE TEMP TABLE inter_out AS
+        WITH kept AS (
+            SELECT r.user_id, r.item_id, r.ts_parsed, r.pos_parsed, r.rating_parsed, r._file, r._record,
+                   i.global_id, i.local_id, i.domain_idx
+            FROM inter_rule r JOIN items_out i USING (item_id) WHERE r.rule IS NULL),
+        users AS (SELECT user_id, CAST(row_number() OVER (ORDER BY user_id) - 1 AS INTEGER) AS user_idx FROM (SELECT DISTINCT user_id FROM kept)),
+        ordered AS (
+            SELECT k.*, u.user_idx,
+                   CAST(row_number() OVER (PARTITION BY k.user_id ORDER BY k.ts_parsed, k.pos_parsed, k._file, k._record) - 1 AS INTEGER) AS seq_pos,
+                   count(*) OVER (PARTITION BY k.user_id) AS n
+            FROM kept k JOIN users u USING (user_id))
+        SELECT user_id, user_idx, item_id, global_id, local_id, domain_idx, seq_pos,
+               ts_parsed AS "timestamp", rating_parsed AS rating,
+               CASE WHEN seq_pos = n - 1 THEN 'test' WHEN seq_pos = n - 2 THEN 'valid' ELSE 'train' END AS split
+        FROM ordered ORDER BY user_idx, seq_pos
+        """,
+    )
+    users = con.sql(
+        """
+        SELECT user_id, user_idx, CAST(count(*) AS INTEGER) AS n_interactions, CAST(count(DISTINCT domain_idx) AS TINYINT) AS n_domains
+        FROM inter_out GROUP BY user_id, user_idx ORDER BY user_idx
+        """
+    ).to_arrow_table()
+    sequences = con.sql(
+        """
+        SELECT user_id, user_idx, list(global_id ORDER BY seq_pos) AS global_ids, list(local_id ORDER BY seq_pos) AS local_ids,
+               list(domain_idx ORDER BY seq_pos) AS domain_idx
+        FROM inter_out GROUP BY user_id, user_idx ORDER BY user_idx
+        """
+    ).to_arrow_table()
+
+    # ---- quarantine and accounting
+    progress("accounting")
+    quarantine_rows = con.sql(
+        """
+        SELECT 'items' AS "table", _file AS file, _record AS record, reason, row::VARCHAR AS row FROM items_checked WHERE reason IS NOT NULL
+        UNION ALL
+        SELECT 'items', _file, _record, 'conflicting_item', to_json(struct_pack(item_id, domain, title, brand, categories, price, description, attributes))::VARCHAR
+        FROM items_ranked WHERE rn > 1 AND content <> first_content
+        UNION ALL
+        SELECT 'interactions', _file, _record, reason, row::VARCHAR FROM inter_checked WHERE reason IS NOT NULL
+        """
+    ).to_arrow_table()
+    reader_rejects = [dict(r, table="items") for r in raw.items.rejects] + [
+        dict(r, table="interactions") for r in raw.interactions.rejects
+    ]
+    quarantine = pa.concat_tables(
+        [
+            quarantine_rows.cast(schemas.QUARANTINE),
+            pa.Table.from_pylist(reader_rejects, schema=schemas.QUARANTINE),
+        ]
+    ).sort_by([("table", "ascending"), ("file", "ascending"), ("record", "ascending")])
+
+    items_acc = Accounting(read=raw.items.table.num_rows + len(raw.items.rejects))
+    items_acc.kept = _scalar(con, "SELECT count(*) FROM items_out")
+    items_acc.quarantined = _counts(
+        con, "SELECT reason, count(*) FROM items_checked WHERE reason IS NOT NULL GROUP BY 1"
+    )
+    conflicting = _scalar(con, "SELECT count(*) FROM items_ranked WHERE rn > 1 AND content <> first_content")
+    if conflicting:
+        items_acc.quarantined["conflicting_item"] = conflicting
+    dup_items = _scalar(con, "SELECT count(*) FROM items_ranked WHERE rn > 1 AND content = first_content")
+    if dup_items:
+        items_acc.filtered["duplicate"] = dup_items
+    unused = _scalar(
+        con, "SELECT count(*) FROM items_valid WHERE item_id NOT IN (SELECT item_id FROM items_out)"
+    )
+    if unused:
+        items_acc.filtered["no_interactions"] = unused
+    for r in raw.items.rejects:
+        items_acc.quarantined[r["reason"]] = items_acc.quarantined.get(r["reason"], 0) + 1
+    items_acc.check("items")
+
+    inter_acc = Accounting(read=raw.interactions.table.num_rows + len(raw.interactions.rejects))
+    inter_acc.kept = _scalar(con, "SELECT count(*) FROM inter_out")
+    inter_acc.quarantined = _counts(
+        con, "SELECT reason, count(*) FROM inter_checked WHERE reason IS NOT NULL GROUP BY 1"
+    )
+    for r in raw.interactions.rejects:
+        inter_acc.quarantined[r["reason"]] = inter_acc.quarantined.get(r["reason"], 0) + 1
+    inter_acc.filtered = _counts(
+        con, "SELECT rule, count(*) FROM inter_rule WHERE rule IS NOT NULL GROUP BY 1"
+    )
+    inter_acc.check("interactions")
+
+    return IngestTables(
+        domains=con.sql("SELECT * FROM domains_final ORDER BY domain_idx")
+        .to_arrow_table()
+        .cast(schemas.DOMAINS),
+        items=con.sql("SELECT * FROM items_out").to_arrow_table(),
+        users=users,
+        interactions=con.sql("SELECT * FROM inter_out").to_arrow_table(),
+        sequences=sequences,
+        quarantine=quarantine,
+        items_accounting=items_acc,
+        interactions_accounting=inter_acc,
+        kcore_rounds=rounds,
+    )

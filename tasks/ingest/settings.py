@@ -1,0 +1,76 @@
+"""Settings of the ingest stage (section `ingest` of the config)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SourceKind = Literal["generic", "amazon2018", "amazon2023"]
+
+
+class AmazonDomainFiles(BaseModel):
+    """The two raw files of one Amazon category."""
+
+    model_config = ConfigDict(extra="forbid")
+    reviews: Path
+    meta: Path
+
+
+class KCoreSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool | None = Field(
+        default=None, description="Iterative joint k-core; None = on for Amazon sources, off for generic."
+    )
+    user_min: int = Field(default=5, ge=1, description="Minimum interactions per user (all domains).")
+    item_min: int = Field(default=3, ge=1, description="Minimum interactions per item.")
+
+
+class TimeWindow(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    start: datetime | None = Field(default=None, description="Keep interactions at or after (UTC).")
+    end: datetime | None = Field(default=None, description="Keep interactions before (UTC).")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TimeWindow:
+        if self.start and self.end and self.start >= self.end:
+            raise ValueError(f"time_window.start ({self.start}) must be before time_window.end ({self.end})")
+        return self
+
+    @property
+    def active(self) -> bool:
+        return self.start is not None or self.end is not None
+
+
+class IngestSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: SourceKind = "generic"
+    items: Path | None = Field(default=None, description="generic: the items file.")
+    interactions: Path | None = Field(default=None, description="generic: the interactions file.")
+    amazon: dict[str, AmazonDomainFiles] = Field(
+        default_factory=dict, description="amazon2018/amazon2023: per domain name, its reviews and meta."
+    )
+    domains: list[str] | None = Field(
+        default=None,
+        description="Domains in id-space order; None = the domains of the catalogue, sorted by name.",
+    )
+    time_window: TimeWindow = Field(default_factory=TimeWindow)
+    kcore: KCoreSettings = Field(default_factory=KCoreSettings)
+    min_interactions: int = Field(default=3, ge=3, description="Users with fewer interactions are dropped.")
+
+    @model_validator(mode="after")
+    def _files_match_source(self) -> IngestSettings:
+        if self.source != "generic" and (self.items or self.interactions) and not self.amazon:
+            raise ValueError(
+                f"source {self.source!r} reads ingest.amazon.<domain>.reviews/meta, not items/interactions"
+            )
+        if self.domains is not None and len(set(self.domains)) != len(self.domains):
+            raise ValueError(f"ingest.domains has duplicates: {self.domains}")
+        return self
+
+    @property
+    def kcore_enabled(self) -> bool:
+        return self.kcore.enabled if self.kcore.enabled is not None else self.source != "generic"
