@@ -1,0 +1,39 @@
+"""Shared fixtures: one Prefect test harness per session, the bundled sample ingested once."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import bridgerec.prefect_env  # noqa: F401  (Prefect env defaults before prefect is imported)
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample"
+SHARED_DATA = REPO.parent / "shared" / "data" / "food-kitchen"
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 threads were slower than 1 on 2 shared cores
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """A real temporary Prefect API (SQLite + server subprocess) for flow-run tests."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def sample_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled sample ingested into a session-wide workspace (read-only for tests)."""
+    from storage.workspace import Workspace
+    from tasks.ingest.settings import IngestSettings
+    from tasks.ingest.stage import run_ingest
+
+    root = tmp_path_factory.mktemp("sample_ws")
+    settings = IngestSettings(items=SAMPLE / "items.csv.gz", interactions=SAMPLE / "interactions.csv.gz")
+    run_ingest(settings, Workspace(root))
+    return root
