@@ -1,0 +1,100 @@
+"""The hand-over between the model and publishing: per target domain, one vector per user and one per
+item, such that the model's fused score is a single inner product `user_vectors @ item_vectors.T`.
+
+LLM4CDSR scores an item of domain D as <h_AB, adapter(E_all[i])> + <h_D, e_D(i)>; concatenating
+[h_AB, h_D] for the user and [adapter(E_all[i]), e_D(i)] for the item turns that sum into one inner
+product, which is what a FAISS inner-product index serves.
+
+`models.export.export_vectors` produces these; `tasks.publish` consumes them. Nothing here knows
+about torch or the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+
+@dataclass
+class DomainVectors:
+    """Vectors of one target domain. Ids are the source's strings; rows line up with the arrays.
+
+    Items each user already had (to exclude from recommendations) are in CSR form:
+    the item rows of user row u are `seen_items[seen_indptr[u]:seen_indptr[u + 1]]`.
+    """
+
+    domain: str
+    user_ids: list[str]  # [U], every user (also those who never touched this domain)
+    user_vectors: np.ndarray  # float32 [U, d]
+    item_ids: list[str]  # [n_d], the domain's items
+    item_vectors: np.ndarray  # float32 [n_d, d]
+    seen_indptr: np.ndarray  # int64 [U + 1]
+    seen_items: np.ndarray  # int64 [nnz], row indices into item_ids
+
+    def __post_init__(self) -> None:
+        self.user_vectors = np.ascontiguousarray(self.user_vectors, dtype=np.float32)
+        self.item_vectors = np.ascontiguousarray(self.item_vectors, dtype=np.float32)
+        self.seen_indptr = np.asarray(self.seen_indptr, dtype=np.int64)
+        self.seen_items = np.asarray(self.seen_items, dtype=np.int64)
+        self.validate()
+
+    @property
+    def dim(self) -> int:
+        return int(self.item_vectors.shape[1])
+
+    def validate(self) -> None:
+        """Raise ValueError naming the domain and the broken field, before anything is published."""
+        u, n = len(self.user_ids), len(self.item_ids)
+        where = f"vectors of domain {self.domain!r}"
+        if self.user_vectors.ndim != 2 or self.user_vectors.shape[0] != u:
+            raise ValueError(f"{where}: user_vectors shape {self.user_vectors.shape} != [{u}, d]")
+        if self.item_vectors.ndim != 2 or self.item_vectors.shape[0] != n:
+            raise ValueError(f"{where}: item_vectors shape {self.item_vectors.shape} != [{n}, d]")
+        if self.user_vectors.shape[1] != self.item_vectors.shape[1]:
+            raise ValueError(
+                f"{where}: user dim {self.user_vectors.shape[1]} != item dim {self.item_vectors.shape[1]}"
+            )
+        if n == 0:
+            raise ValueError(f"{where}: no items")
+        if not (np.isfinite(self.user_vectors).all() and np.isfinite(self.item_vectors).all()):
+            raise ValueError(f"{where}: vectors hold NaN or inf")
+        if len(set(self.user_ids)) != u or len(set(self.item_ids)) != n:
+            raise ValueError(f"{where}: user_ids or item_ids are not unique")
+        if self.seen_indptr.shape != (u + 1,) or self.seen_indptr[0] != 0:
+            raise ValueError(f"{where}: seen_indptr must have {u + 1} entries starting at 0")
+        if np.any(np.diff(self.seen_indptr) < 0) or self.seen_indptr[-1] != len(self.seen_items):
+            raise ValueError(f"{where}: seen_indptr is not a valid CSR offset array")
+        if len(self.seen_items) and (self.seen_items.min() < 0 or self.seen_items.max() >= n):
+            raise ValueError(f"{where}: seen_items hold item rows outside 0..{n - 1}")
+
+    def seen_counts(self) -> np.ndarray:
+        """int64 [U]: how many of this domain's items each user already had."""
+        return np.diff(self.seen_indptr)
+
+
+def seen_from_pairs(
+    user_ids: Sequence[str], item_ids: Sequence[str], pair_users: pa.Array, pair_items: pa.Array
+) -> tuple[np.ndarray, np.ndarray]:
+    """CSR (indptr, items) of the (user, item) pairs whose item is in `item_ids`, rows in `user_ids` order.
+
+    Pairs of items outside `item_ids` (other domains) are dropped; duplicates are kept once.
+    """
+    users = pa.array(list(user_ids), pa.string())
+    items = pa.array(list(item_ids), pa.string())
+    urow = pc.index_in(pair_users.cast(pa.string()), value_set=users)
+    irow = pc.index_in(pair_items.cast(pa.string()), value_set=items)
+    if urow.null_count:
+        raise ValueError(f"{urow.null_count} interaction rows name users outside user_ids")
+    keep = pc.is_valid(irow)
+    u = pc.filter(urow, keep).to_numpy().astype(np.int64)
+    i = pc.filter(irow, keep).to_numpy().astype(np.int64)
+    n_items = len(items)
+    keys = np.unique(u * n_items + i)  # sorted by user row, then item row; duplicates once
+    u, i = keys // n_items, keys % n_items
+    indptr = np.zeros(len(users) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(u, minlength=len(users)), out=indptr[1:])
+    return indptr, i
