@@ -158,7 +158,9 @@ def _read_csv(path: Path, delimiter: str) -> RawTable:
         return "skip"
 
     try:
-        with pacsv.open_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter)) as reader:
+        with pacsv.open_csv(
+            path, parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=lambda _: "skip")
+        ) as reader:
             header = reader.schema.names
     except pa.ArrowInvalid as exc:
         raise SourceError(f"{path}: cannot read the CSV header ({exc})") from None
@@ -230,13 +232,12 @@ def _json_fields(lines: pa.Table, path: Path, fields: dict[str, str]) -> RawTabl
     select = ", ".join(f"{expr} AS {col}" for col, expr in fields.items())
     table = con.sql(
         f"""
-        WITH parsed AS (SELECT line, _file, _record, json_valid(line) AND json_type(line) = 'OBJECT' AS ok,
-                               CASE WHEN json_valid(line) THEN line::JSON END AS j FROM lines)
-        SELECT {select}, _file, _record FROM parsed WHERE ok ORDER BY _record
+        WITH parsed AS (SELECT _file, _record, TRY_CAST(line AS JSON) AS j FROM lines)
+        SELECT {select}, _file, _record FROM parsed WHERE json_type(j) = 'OBJECT' ORDER BY _record
         """
     ).to_arrow_table()
-    bad = con.sql(
-        "SELECT _record, line FROM lines WHERE NOT (json_valid(line) AND json_type(line) = 'OBJECT')"
+    bad = con.execute(
+        "SELECT _record, line FROM lines WHERE json_type(TRY_CAST(line AS JSON)) IS DISTINCT FROM 'OBJECT'"
     ).fetchall()
     con.close()
     rejects = [{"file": str(path), "record": r, "reason": "malformed_json", "row": line} for r, line in bad]
@@ -251,7 +252,7 @@ def _read_jsonl_flat(path: Path) -> RawTable:
     keys = [
         r[0]
         for r in con.sql(
-            "SELECT DISTINCT unnest(json_keys(line::JSON)) FROM lines WHERE json_valid(line) AND json_type(line)='OBJECT'"
+            "SELECT DISTINCT unnest(json_keys(j)) FROM (SELECT TRY_CAST(line AS JSON) AS j FROM lines) WHERE json_type(j) = 'OBJECT'"
         ).fetchall()
     ]
     con.close()

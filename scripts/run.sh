@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The main command: set up .venv (pinned CPU stack) if needed, then run the nightly pipeline end to end
+# on the bundled sample (ingest -> enrich -> train -> publish) on Prefect's local ephemeral API.
+# Extra arguments go to `bridgerec run` (e.g. --config my.yaml).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+if [ $# -eq 0 ]; then set -- --config configs/sample.yaml; fi
+exec .venv/bin/bridgerec run "$@"

@@ -1,0 +1,59 @@
+"""Config: YAML + env vars + overrides, with errors that name the key and the value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bridgerec.config import ConfigError, load_settings
+
+
+def test_yaml_then_env_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("workspace: /data/ws\ningest:\n  min_interactions: 4\n  kcore:\n    user_min: 7\n")
+    monkeypatch.setenv("BRIDGEREC_INGEST__KCORE__ITEM_MIN", "9")
+    monkeypatch.setenv("BRIDGEREC_INGEST__MIN_INTERACTIONS", "6")
+    s = load_settings(cfg)
+    assert s.workspace == Path("/data/ws")
+    assert s.ingest.kcore.user_min == 7  # from YAML, deep-merged with env below
+    assert s.ingest.kcore.item_min == 9  # from env
+    assert s.ingest.min_interactions == 6  # env beats YAML
+    assert load_settings(cfg, workspace=Path("/x")).workspace == Path("/x")  # init beats all
+
+
+def test_config_file_from_env_var(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("ingest:\n  source: amazon2018\n")
+    monkeypatch.setenv("BRIDGEREC_CONFIG", str(cfg))
+    s = load_settings()
+    assert s.ingest.source == "amazon2018"
+    assert s.ingest.kcore_enabled  # on by default for Amazon sources
+    assert not load_settings(None, ingest={"source": "generic"}).ingest.kcore_enabled
+
+
+def test_bad_value_names_key_and_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BRIDGEREC_INGEST__KCORE__USER_MIN", "-3")
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert "ingest.kcore.user_min" in str(err.value)
+    assert "-3" in str(err.value)
+    assert "BRIDGEREC_INGEST__KCORE__USER_MIN" in str(err.value)
+
+
+def test_unknown_key_and_bad_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("ingest:\n  min_interaction: 4\n")  # typo
+    with pytest.raises(ConfigError, match=r"ingest\.min_interaction"):
+        load_settings(cfg)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ingest: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(bad)
+
+
+def test_min_interactions_floor() -> None:
+    with pytest.raises(ConfigError, match="min_interactions"):
+        load_settings(None, ingest={"min_interactions": 2})
