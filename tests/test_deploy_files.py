@@ -1,0 +1,58 @@
+"""Deployment files, validated as far as this machine allows (no Docker engine runs here): the compose
+file against the Compose specification, Dockerfiles with hadolint, prefect.yaml against our flows."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_compose_file_is_valid_and_complete() -> None:
+    from compose_spec import PyCompose
+
+    compose = PyCompose.from_yaml((REPO / "docker" / "compose.yaml").read_text())  # raises if invalid
+    assert set(compose.service_names()) == {"postgres", "prefect-server", "cpu-worker", "gpu-worker"}
+    raw = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())
+    server = raw["services"]["prefect-server"]
+    assert server["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://")
+    assert server["image"].startswith("prefecthq/prefect:3.7.7")
+    assert raw["services"]["gpu-worker"]["profiles"] == ["gpu"]
+    for worker in ("cpu-worker", "gpu-worker"):
+        dockerfile = REPO / "docker" / Path(raw["services"][worker]["build"]["dockerfile"]).name
+        assert dockerfile.exists()
+
+
+def test_dockerfiles_pass_hadolint() -> None:
+    hadolint = Path(sys.executable).parent / "hadolint"
+    files = [str(REPO / "docker" / f) for f in ("Dockerfile.cpu", "Dockerfile.gpu")]
+    result = subprocess.run(
+        [str(hadolint), "--no-color", "--config", str(REPO / "docker" / ".hadolint.yaml"), *files],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    gpu = (REPO / "docker" / "Dockerfile.gpu").read_text()
+    assert "requirements/gpu.txt" in gpu and "nvidia/cuda" in gpu
+
+
+def test_prefect_yaml_points_at_real_flows() -> None:
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    deployments = {d["name"]: d for d in spec["deployments"]}
+    assert set(deployments) == {"nightly", "ingest", "enrich", "train", "publish"}
+    nightly = deployments["nightly"]
+    assert nightly["schedules"][0] == {"cron": "0 2 * * *", "timezone": "UTC", "active": True}
+    assert nightly["concurrency_limit"] == 1
+    for d in deployments.values():
+        path, name = d["entrypoint"].split(":")
+        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+        fn = getattr(module, name)
+        assert hasattr(fn, "deploy"), f"{d['entrypoint']} is not a Prefect flow"
+        assert d["work_pool"]["name"] == "bridgerec-process"
+        params = set(d["parameters"])
+        assert params <= set(fn.parameters.properties), (d["name"], params)
