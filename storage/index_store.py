@@ -1,0 +1,274 @@
+"""FAISS indexes, one per target domain and run: build, top-k search with seen-item exclusion, save, load.
+
+Layout (the only code that knows it):
+
+    <root>/<run_id>/manifest.json           what was built: kind, dim, domains, item counts
+    <root>/<run_id>/<domain>.faiss          the index (always the CPU form; moved to a GPU to search)
+    <root>/<run_id>/<domain>.ids.parquet    id map: faiss_id (int64, = row) -> item_id (source id)
+
+A run's folder is written under a temporary name and renamed into place whole, so a reader never sees
+a half-written run. FAISS ids are item rows 0..n-1; the id map turns them back into source ids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.publish.settings import IndexSettings
+
+INDEX_FORMAT_VERSION = 1
+_GPU_MAX_K = 2048  # faiss GPU indexes answer at most this many neighbours per query
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_run_id(run_id: str) -> str:
+    """Run ids become folder names: letters, digits, '.', '_', '-' only."""
+    if not _RUN_ID.match(run_id):
+        raise ValueError(f"run id {run_id!r} must match {_RUN_ID.pattern}")
+    return run_id
+
+
+def set_threads(threads: int) -> None:
+    faiss.omp_set_num_threads(max(1, threads))
+
+
+def gpu_count() -> int:
+    """GPUs faiss can use; 0 with faiss-cpu."""
+    get = getattr(faiss, "get_num_gpus", None)
+    return int(get()) if get is not None else 0
+
+
+def build_index(item_vectors: np.ndarray, settings: IndexSettings) -> faiss.Index:
+    """An inner-product index over `item_vectors` (float32 [n, d]); FAISS id = row."""
+    x = np.ascontiguousarray(item_vectors, dtype=np.float32)
+    n, d = x.shape
+    if settings.kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif settings.kind == "ivf":
+        # k-means wants ~39 training points per centroid; small catalogues get fewer cells.
+        nlist = max(1, min(settings.ivf_nlist, n // 39))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(x)
+        index.nprobe = min(settings.ivf_nprobe, nlist)
+    elif settings.kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, settings.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = settings.hnsw_ef_construction
+        index.hnsw.efSearch = settings.hnsw_ef_search
+    else:  # pragma: no cover - pydantic restricts the values
+        raise ValueError(f"unknown index kind {settings.kind!r}")
+    index.add(x)
+    return index
+
+
+@dataclass
+class Searcher:
+    """An index ready to search: on the GPU when there is one and the kind supports it."""
+
+    cpu: faiss.Index
+    device: faiss.Index
+    on_gpu: bool
+    settings: IndexSettings = field(default_factory=IndexSettings)
+
+    @classmethod
+    def for_index(cls, index: faiss.Index, settings: IndexSettings) -> Searcher:
+        if settings.gpu == "auto" and gpu_count() > 0 and not isinstance(index, faiss.IndexHNSW):
+            # HNSW has no GPU form in faiss; flat and IVF do.
+            return cls(index, faiss.index_cpu_to_all_gpus(index), True, settings)
+        return cls(index, index, False, settings)
+
+    def search(self, queries: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores float32 [b, kk], item rows int64 [b, kk]); -1 rows when fewer than kk items exist."""
+        index = self.device if self.on_gpu and kk <= _GPU_MAX_K else self.cpu
+        if isinstance(index, faiss.IndexHNSW):
+            index.hnsw.efSearch = max(self.settings.hnsw_ef_search, kk)
+        return index.search(np.ascontiguousarray(queries, dtype=np.float32), kk)
+
+
+@dataclass
+class TopK:
+    """Per user row: the top-k item rows (-1 where fewer than k items qualify) and their scores."""
+
+    items: np.ndarray  # int64 [U, k]
+    scores: np.ndarray  # float32 [U, k], NaN where items == -1
+
+
+def search_topk(
+    searcher: Searcher,
+    user_vectors: np.ndarray,
+    k: int,
+    seen_indptr: np.ndarray | None = None,
+    seen_items: np.ndarray | None = None,
+    batch_users: int = 8192,
+    on_batch: Callable[[int], None] | None = None,
+) -> TopK:
+    """Top-k items per user by inner product, skipping each user's seen items when given (CSR).
+
+    Users are searched in batches sorted by how many items they have seen, each batch asking FAISS for
+    k + (the batch's largest seen count) neighbours, so that k unseen ones survive the filter while a
+    few heavy users do not inflate every query. Filtering is vectorised over the batch.
+    """
+    n_users = user_vectors.shape[0]
+    n_items = searcher.cpu.ntotal
+    out_items = np.full((n_users, k), -1, dtype=np.int64)
+    out_scores = np.full((n_users, k), np.nan, dtype=np.float32)
+    if seen_indptr is None or seen_items is None:
+        seen_counts = np.zeros(n_users, dtype=np.int64)
+        seen_keys = np.zeros(0, dtype=np.int64)
+    else:
+        seen_counts = np.diff(seen_indptr)
+        owner = np.repeat(np.arange(n_users, dtype=np.int64), seen_counts)
+        seen_keys = np.sort(owner * n_items + seen_items)  # one int64 key per (user row, item row)
+    order = np.argsort(seen_counts, kind="stable")
+    for start in range(0, n_users, batch_users):
+        rows = order[start : start + batch_users]  # [b]
+        kk = min(n_items, k + int(seen_counts[rows].max(initial=0)))
+        scores, items = searcher.search(user_vectors[rows], kk)  # [b, kk] each
+        drop = items < 0
+        if len(seen_keys):
+            keys = rows[:, None] * n_items + items  # [b, kk]
+            pos = np.minimum(np.searchsorted(seen_keys, keys), len(seen_keys) - 1)
+            drop |= seen_keys[pos] == keys
+        # Stable sort of the drop flags keeps the score order of the survivors: their first k win.
+        pick = np.argsort(drop, axis=1, kind="stable")[:, :k]  # [b, min(k, kk)]
+        chosen = np.take_along_axis(items, pick, axis=1)
+        chosen_scores = np.take_along_axis(scores, pick, axis=1)
+        chosen_drop = np.take_along_axis(drop, pick, axis=1)
+        chosen[chosen_drop] = -1
+        chosen_scores[chosen_drop] = np.nan
+        width = chosen.shape[1]
+        out_items[rows, :width] = chosen
+        out_scores[rows, :width] = chosen_scores
+        if on_batch is not None:
+            on_batch(len(rows))
+    return TopK(out_items, out_scores)
+
+
+@dataclass
+class LoadedIndex:
+    """One domain's index of a saved run, with its id map."""
+
+    run_id: str
+    domain: str
+    index: faiss.Index
+    item_ids: list[str]
+    meta: dict[str, Any]
+
+    def search(self, user_vectors: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
+        """Top-k source item ids and scores for each query vector (no seen-item exclusion)."""
+        scores, rows = Searcher.for_index(self.index, IndexSettings(gpu="off")).search(user_vectors, k)
+        ids = [[self.item_ids[r] for r in row if r >= 0] for row in rows]
+        return ids, scores
+
+
+class IndexStore:
+    """Saved indexes, one folder per run under `root`."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).expanduser().resolve()
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.root / check_run_id(run_id)
+
+    def save_run(
+        self,
+        run_id: str,
+        indexes: Mapping[str, tuple[faiss.Index, Sequence[str]]],
+        meta: Mapping[str, Any] | None = None,
+    ) -> Path:
+        """Write every domain's index and id map, then rename the run's folder into place whole."""
+        target = self.run_dir(run_id)
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".tmp-{run_id}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            domains = {}
+            for domain, (index, item_ids) in indexes.items():
+                if index.ntotal != len(item_ids):
+                    raise ValueError(f"index of {domain!r} holds {index.ntotal} vectors, {len(item_ids)} ids")
+                faiss.write_index(index, str(tmp / f"{domain}.faiss"))
+                ids = pa.table(
+                    {
+                        "faiss_id": pa.array(np.arange(len(item_ids), dtype=np.int64)),
+                        "item_id": pa.array(list(item_ids), pa.string()),
+                    }
+                )
+                pq.write_table(ids, tmp / f"{domain}.ids.parquet")
+                domains[domain] = {
+                    "items": int(index.ntotal),
+                    "dim": int(index.d),
+                    "type": type(index).__name__,
+                }
+            manifest = {
+                "format_version": INDEX_FORMAT_VERSION,
+                "run_id": run_id,
+                "created_at": datetime.now(UTC).isoformat(),
+                "metric": "inner_product",
+                "domains": domains,
+                **dict(meta or {}),
+            }
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+            self._swap_in(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+    def _swap_in(self, tmp: Path, target: Path) -> None:
+        trash = self.root / f".old-{target.name}-{uuid.uuid4().hex[:8]}"
+        if target.exists():
+            os.replace(target, trash)
+        os.replace(tmp, target)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def manifest(self, run_id: str) -> dict[str, Any]:
+        path = self.run_dir(run_id) / "manifest.json"
+        if not path.exists():
+            raise FileNotFoundError(f"no saved index for run {run_id!r} under {self.root}")
+        return json.loads(path.read_text())
+
+    def load(self, run_id: str, domain: str, mmap: bool = False) -> LoadedIndex:
+        meta = self.manifest(run_id)
+        if domain not in meta["domains"]:
+            raise KeyError(
+                f"run {run_id!r} has no index for domain {domain!r}; it has {sorted(meta['domains'])}"
+            )
+        folder = self.run_dir(run_id)
+        flags = faiss.IO_FLAG_MMAP if mmap else 0
+        index = faiss.read_index(str(folder / f"{domain}.faiss"), flags)
+        ids = pq.read_table(folder / f"{domain}.ids.parquet")
+        if ids["faiss_id"].to_numpy().tolist() != list(range(ids.num_rows)):
+            raise ValueError(f"id map of {run_id}/{domain} is not in faiss id order")
+        return LoadedIndex(run_id, domain, index, ids["item_id"].to_pylist(), meta)
+
+    def runs(self) -> list[str]:
+        if not self.root.exists():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / "manifest.json").exists())
+
+    def remove(self, run_id: str) -> None:
+        target = self.run_dir(run_id)
+        if target.exists():
+            trash = self.root / f".old-{run_id}-{uuid.uuid4().hex[:8]}"
+            os.replace(target, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def clean_temporaries(self) -> None:
+        """Remove folders left by a crashed save (never a finished run's folder)."""
+        if self.root.exists():
+            for p in self.root.glob(".tmp-*"):
+                with contextlib.suppress(OSError):
+                    shutil.rmtree(p)

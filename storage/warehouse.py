@@ -1,0 +1,523 @@
+"""The DuckDB warehouse analysts query: schema, numbered migrations, atomic publish, retention.
+
+Why a file swap: DuckDB lets one process write a database file and, while it does, refuses every other
+process, read-only openers included ("Could not set lock on file"; measured in the stack notes). So no
+process ever writes the live file. Every change (a publish, a run's status) is made on a fresh copy
+under a temporary name, checkpointed, closed and fsynced, then renamed over the warehouse path with
+`os.replace`, which is atomic on POSIX file systems:
+
+- an analyst who opens the warehouse read-only at any moment gets either the old file or the new one,
+  whole; a connection opened before the swap keeps reading its (old) file until it closes;
+- a change that fails midway deletes its copy and leaves the live file byte for byte as it was;
+- writers queue on an advisory lock file (`<warehouse>.lock`), so two publishes never race.
+
+The price is a copy of the file per change, which is cheap next to building a run (see docs/publish.md
+for measured figures). Linux/macOS only: Windows cannot rename over a file that a reader holds open.
+
+Analysts must open the warehouse read-only (`duckdb.connect(path, read_only=True)`); anything written
+to the live file by hand is lost at the next publish.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+# ---- schema: numbered migrations, applied in order, each recorded in schema_migrations ----------------
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "core tables",
+        """
+        CREATE TABLE runs (
+            run_id            VARCHAR PRIMARY KEY,
+            seq               BIGINT,        -- publish order (1, 2, ...); NULL until the run completes
+            status            VARCHAR NOT NULL CHECK (status IN ('running', 'completed', 'failed')),
+            started_at        TIMESTAMPTZ NOT NULL,
+            finished_at       TIMESTAMPTZ,
+            model             VARCHAR,
+            train_run_id      VARCHAR,       -- the trained model's run folder (WORKSPACE/runs/<id>)
+            config_hash       VARCHAR,       -- publish settings
+            inputs_hash       VARCHAR,       -- config + ingest/enrich/train outputs: equal = nothing new
+            k                 INTEGER,
+            n_users           BIGINT,
+            n_items           BIGINT,
+            n_interactions    BIGINT,
+            n_domains         INTEGER,
+            n_recommendations BIGINT,
+            index_path        VARCHAR,       -- folder of this run's FAISS indexes
+            message           VARCHAR,       -- why a run failed
+            purged_at         TIMESTAMPTZ    -- recommendations, profiles and indexes dropped by retention
+        );
+        CREATE TABLE recommendations (
+            run_id  VARCHAR NOT NULL,
+            user_id VARCHAR NOT NULL,
+            domain  VARCHAR NOT NULL,
+            rank    SMALLINT NOT NULL,       -- 1..k
+            item_id VARCHAR NOT NULL,
+            score   FLOAT NOT NULL           -- the model's fused score; non-increasing with rank
+        );
+        CREATE TABLE metrics (
+            run_id     VARCHAR NOT NULL,
+            model      VARCHAR NOT NULL,
+            split      VARCHAR NOT NULL,     -- valid | test
+            protocol   VARCHAR NOT NULL,     -- sampled (100 negatives) | full (whole target domain)
+            domain     VARCHAR NOT NULL,     -- the target domain, or 'all'
+            user_group VARCHAR NOT NULL,     -- 'all', or overlap | single | short | long
+            metric     VARCHAR NOT NULL,     -- hr@k | ndcg@k
+            value      DOUBLE NOT NULL,
+            users      BIGINT                -- users the figure averages over
+        );
+        CREATE TABLE items (
+            item_id        VARCHAR PRIMARY KEY,
+            domain         VARCHAR NOT NULL,
+            title          VARCHAR NOT NULL,
+            brand          VARCHAR,
+            categories     VARCHAR,
+            price          VARCHAR,
+            updated_run_id VARCHAR NOT NULL  -- the last run whose catalogue held the item
+        );
+        CREATE TABLE user_profiles (
+            run_id       VARCHAR NOT NULL,
+            user_id      VARCHAR NOT NULL,
+            profile_text VARCHAR NOT NULL
+        );
+        """,
+    ),
+    Migration(
+        2,
+        "latest views",
+        """
+        CREATE VIEW latest_run AS
+            SELECT * FROM runs WHERE status = 'completed' AND purged_at IS NULL ORDER BY seq DESC LIMIT 1;
+        CREATE VIEW latest_recommendations AS
+            SELECT r.run_id, r.user_id, r.domain, r.rank, r.item_id, r.score, i.title
+            FROM recommendations r LEFT JOIN items i ON i.item_id = r.item_id
+            WHERE r.run_id = (SELECT run_id FROM latest_run);
+        CREATE VIEW latest_metrics AS
+            SELECT * FROM metrics WHERE run_id = (SELECT run_id FROM latest_run);
+        CREATE VIEW latest_user_profiles AS
+            SELECT * FROM user_profiles WHERE run_id = (SELECT run_id FROM latest_run);
+        """,
+    ),
+)
+SCHEMA_VERSION = MIGRATIONS[-1].version
+
+RUN_STATUSES = ("running", "completed", "failed")
+
+
+class WarehouseError(RuntimeError):
+    """The warehouse cannot be used as asked; the message says why and what to do."""
+
+
+def schema_version(con: duckdb.DuckDBPyConnection) -> int:
+    """The highest migration applied; 0 for an empty database."""
+    has = con.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_migrations'"
+    ).fetchall()[0][0]
+    if not has:
+        return 0
+    return int(con.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchall()[0][0])
+
+
+def migrate(con: duckdb.DuckDBPyConnection, upto: int | None = None) -> list[int]:
+    """Apply the pending migrations (each in its own transaction); return the versions applied."""
+    con.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        "version INTEGER PRIMARY KEY, name VARCHAR NOT NULL, applied_at TIMESTAMPTZ NOT NULL)"
+    )
+    current = schema_version(con)
+    if current > SCHEMA_VERSION:
+        raise WarehouseError(
+            f"the warehouse is at schema version {current}, newer than this bridgerec ({SCHEMA_VERSION}): "
+            "upgrade bridgerec"
+        )
+    applied = []
+    for m in MIGRATIONS:
+        if m.version <= current or (upto is not None and m.version > upto):
+            continue
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute(m.sql)
+            con.execute(
+                "INSERT INTO schema_migrations VALUES (?, ?, ?)", [m.version, m.name, datetime.now(UTC)]
+            )
+            con.execute("COMMIT")
+        except Exception:
+            con.execute("ROLLBACK")
+            raise
+        applied.append(m.version)
+    return applied
+
+
+# ---- opening: readers read the live file; writers rewrite a copy and swap it in ----------------------
+
+
+def connect_reader(path: Path | str) -> duckdb.DuckDBPyConnection:
+    """A read-only connection to the live warehouse (never blocked by a publish)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WarehouseError(f"warehouse {path} does not exist: run `bridgerec publish` first")
+    return duckdb.connect(str(path), read_only=True)
+
+
+def _lock_path(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
+
+
+@contextlib.contextmanager
+def writer_lock(path: Path, timeout_s: float = 900.0) -> Iterator[None]:
+    """Exclusive advisory lock that serialises writers of one warehouse (readers never take it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(_lock_path(path), "a+") as fh:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise WarehouseError(
+                        f"another process has been writing {path} for over {timeout_s:.0f} s "
+                        f"(lock {_lock_path(path)})"
+                    ) from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class RewriteTimings:
+    copy_s: float = 0.0
+    write_s: float = 0.0
+    swap_s: float = 0.0
+    bytes_copied: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def rewrite(path: Path | str, threads: int = 1) -> Iterator[tuple[duckdb.DuckDBPyConnection, RewriteTimings]]:
+    """A read-write connection on a fresh copy of the warehouse (migrated to the current schema).
+
+    When the block finishes, the copy is checkpointed, closed, fsynced and renamed over `path`; when it
+    raises, the copy is deleted and `path` is untouched.
+    """
+    path = Path(path).expanduser().resolve()
+    timings = RewriteTimings()
+    with writer_lock(path):
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        con: duckdb.DuckDBPyConnection | None = None
+        try:
+            t0 = time.perf_counter()
+            if path.exists():
+                shutil.copyfile(path, tmp)
+                timings.bytes_copied = tmp.stat().st_size
+            timings.copy_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            con = duckdb.connect(str(tmp))
+            con.execute(f"SET threads = {max(1, int(threads))}")
+            migrate(con)
+            yield con, timings
+            con.execute("CHECKPOINT")
+            con.close()
+            con = None
+            timings.write_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            _fsync(tmp)
+            os.replace(tmp, path)
+            _fsync(path.parent)
+            timings.swap_s = time.perf_counter() - t0
+        finally:
+            if con is not None:
+                con.close()
+            for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
+                leftover.unlink(missing_ok=True)
+
+
+# ---- publishing a run -----------------------------------------------------------------------------------
+
+
+@dataclass
+class RunRecord:
+    """The `runs` row of a publish (status becomes 'completed' in the same swap as its data)."""
+
+    run_id: str
+    started_at: datetime
+    model: str | None = None
+    train_run_id: str | None = None
+    config_hash: str | None = None
+    inputs_hash: str | None = None
+    k: int | None = None
+    n_users: int | None = None
+    n_items: int | None = None
+    n_interactions: int | None = None
+    n_domains: int | None = None
+    index_path: str | None = None
+
+
+@dataclass
+class PublishBatch:
+    """Everything one run adds to the warehouse; Arrow tables with the columns of the target tables."""
+
+    run: RunRecord
+    recommendations: pa.Table  # user_id, domain, rank, item_id, score (run_id is added)
+    items: pa.Table  # item_id, domain, title, brand, categories, price
+    metrics: pa.Table | None = None  # model, split, protocol, domain, user_group, metric, value, users
+    profiles: pa.Table | None = None  # user_id, profile_text
+
+
+@dataclass
+class PublishResult:
+    run_id: str
+    seq: int
+    rows: int
+    purged_runs: list[str]
+    timings: RewriteTimings
+
+
+_RUN_COLUMNS = (
+    "model",
+    "train_run_id",
+    "config_hash",
+    "inputs_hash",
+    "k",
+    "n_users",
+    "n_items",
+    "n_interactions",
+    "n_domains",
+    "index_path",
+)
+
+
+def publish(path: Path | str, batch: PublishBatch, retention_runs: int, threads: int = 1) -> PublishResult:
+    """Add one run to the warehouse atomically and apply retention; return the runs whose data was purged.
+
+    A run published again under the same id replaces its earlier rows.
+    """
+    if retention_runs < 1:
+        raise ValueError("retention_runs must be at least 1")
+    run = batch.run
+    with rewrite(path, threads) as (con, timings):
+        t0 = time.perf_counter()
+        con.register("recs_in", batch.recommendations)
+        con.register("items_in", batch.items)
+        con.execute("BEGIN TRANSACTION")
+        for table in ("recommendations", "metrics", "user_profiles"):
+            con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run.run_id])
+        con.execute(
+            "INSERT INTO recommendations SELECT ?, user_id, domain, rank, item_id, score FROM recs_in",
+            [run.run_id],
+        )
+        rows = con.execute("SELECT count(*) FROM recommendations WHERE run_id = ?", [run.run_id]).fetchall()[
+            0
+        ][0]
+        timings.extra["insert_recommendations_s"] = time.perf_counter() - t0
+        con.execute(
+            "INSERT INTO items SELECT item_id, domain, title, brand, categories, price, ? FROM items_in "
+            "ON CONFLICT (item_id) DO UPDATE SET domain = excluded.domain, title = excluded.title, "
+            "brand = excluded.brand, categories = excluded.categories, price = excluded.price, "
+            "updated_run_id = excluded.updated_run_id",
+            [run.run_id],
+        )
+        if batch.metrics is not None and batch.metrics.num_rows:
+            con.register("metrics_in", batch.metrics)
+            con.execute(
+                "INSERT INTO metrics SELECT ?, model, split, protocol, domain, user_group, metric, value, users "
+                "FROM metrics_in",
+                [run.run_id],
+            )
+        if batch.profiles is not None and batch.profiles.num_rows:
+            con.register("profiles_in", batch.profiles)
+            con.execute(
+                "INSERT INTO user_profiles SELECT ?, user_id, profile_text FROM profiles_in "
+                "WHERE profile_text IS NOT NULL",
+                [run.run_id],
+            )
+        seq = con.execute("SELECT coalesce(max(seq), 0) + 1 FROM runs").fetchall()[0][0]
+        values = [getattr(run, c) for c in _RUN_COLUMNS]
+        con.execute(
+            f"INSERT INTO runs (run_id, seq, status, started_at, finished_at, n_recommendations, "
+            f"{', '.join(_RUN_COLUMNS)}) VALUES (?, ?, 'completed', ?, ?, ?, "
+            f"{', '.join('?' for _ in _RUN_COLUMNS)}) "
+            "ON CONFLICT (run_id) DO UPDATE SET seq = excluded.seq, status = excluded.status, "
+            "started_at = excluded.started_at, finished_at = excluded.finished_at, "
+            "n_recommendations = excluded.n_recommendations, message = NULL, purged_at = NULL, "
+            + ", ".join(f"{c} = excluded.{c}" for c in _RUN_COLUMNS),
+            [run.run_id, seq, run.started_at, datetime.now(UTC), rows, *values],
+        )
+        purged = _apply_retention(con, retention_runs)
+        con.execute("COMMIT")
+        for name in ("recs_in", "items_in", "metrics_in", "profiles_in"):
+            with contextlib.suppress(Exception):
+                con.unregister(name)
+    return PublishResult(run.run_id, int(seq), int(rows), purged, timings)
+
+
+def _apply_retention(con: duckdb.DuckDBPyConnection, keep: int) -> list[str]:
+    """Drop the recommendations and profiles of completed runs older than the newest `keep`.
+
+    The `runs` rows and the metrics stay: they are small and are the history analysts chart.
+    """
+    old = [
+        r[0]
+        for r in con.execute(
+            "SELECT run_id FROM runs WHERE status = 'completed' AND purged_at IS NULL "
+            "ORDER BY seq DESC OFFSET ?",
+            [keep],
+        ).fetchall()
+    ]
+    if old:
+        con.execute("DELETE FROM recommendations WHERE list_contains(?, run_id)", [old])
+        con.execute("DELETE FROM user_profiles WHERE list_contains(?, run_id)", [old])
+        con.execute("UPDATE runs SET purged_at = ? WHERE list_contains(?, run_id)", [datetime.now(UTC), old])
+    return old
+
+
+def record_run_status(
+    path: Path | str,
+    run_id: str,
+    status: str,
+    *,
+    started_at: datetime | None = None,
+    message: str | None = None,
+    model: str | None = None,
+    threads: int = 1,
+) -> None:
+    """Record a run as 'running' (at its start) or 'failed' (with a message), with the same atomic swap.
+
+    'completed' is set only by `publish`, in the same swap as the run's rows, so a completed run always
+    has its data. A completed run cannot be marked running or failed afterwards.
+    """
+    if status not in ("running", "failed"):
+        raise ValueError(f"status must be 'running' or 'failed' (publish sets 'completed'), got {status!r}")
+    now = datetime.now(UTC)
+    with rewrite(path, threads) as (con, _):
+        row = con.execute("SELECT status FROM runs WHERE run_id = ?", [run_id]).fetchall()
+        if row and row[0][0] == "completed":
+            raise WarehouseError(f"run {run_id!r} is already completed; its status cannot become {status!r}")
+        con.execute(
+            "INSERT INTO runs (run_id, status, started_at, finished_at, model, message) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (run_id) DO UPDATE SET status = excluded.status, "
+            "finished_at = excluded.finished_at, message = excluded.message, "
+            "model = coalesce(excluded.model, model)",
+            [run_id, status, started_at or now, now if status == "failed" else None, model, message],
+        )
+
+
+# ---- reading ---------------------------------------------------------------------------------------------
+
+
+def _rows(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+    cur = con.execute(sql, params or [])
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+
+def list_runs(path: Path | str, limit: int | None = None) -> list[dict[str, Any]]:
+    """The runs table, newest first (completed runs by publish order, then the others by start)."""
+    con = connect_reader(path)
+    try:
+        sql = (
+            "SELECT run_id, status, seq, started_at, finished_at, model, train_run_id, k, n_users, n_items, "
+            "n_interactions, n_domains, n_recommendations, purged_at IS NULL AND status = 'completed' AS "
+            "retained, index_path, message FROM runs ORDER BY coalesce(finished_at, started_at) DESC, "
+            "seq DESC NULLS LAST"
+        )
+        if limit is not None:
+            sql += " LIMIT ?"
+        return _rows(con, sql, [limit] if limit is not None else [])
+    finally:
+        con.close()
+
+
+def latest_run(con: duckdb.DuckDBPyConnection) -> dict[str, Any] | None:
+    rows = _rows(con, "SELECT * FROM latest_run")
+    return rows[0] if rows else None
+
+
+def user_recommendations(
+    path: Path | str, user_id: str, domain: str | None = None, run_id: str | None = None
+) -> dict[str, Any]:
+    """A user's top-k per domain (with item titles) and profile, from the latest run or `run_id`."""
+    con = connect_reader(path)
+    try:
+        if run_id is None:
+            run = latest_run(con)
+            if run is None:
+                raise WarehouseError(f"warehouse {path} holds no completed run")
+        else:
+            found = _rows(con, "SELECT * FROM runs WHERE run_id = ?", [run_id])
+            if not found:
+                raise WarehouseError(f"run {run_id!r} is not in the warehouse (see `bridgerec runs list`)")
+            run = found[0]
+            if run["status"] != "completed" or run["purged_at"] is not None:
+                raise WarehouseError(
+                    f"run {run_id!r} has no recommendations (status {run['status']}, purged)"
+                )
+        rid = run["run_id"]
+        known = con.execute(
+            "SELECT count(*) FROM recommendations WHERE run_id = ? AND user_id = ?", [rid, user_id]
+        ).fetchall()[0][0]
+        if not known:
+            raise WarehouseError(f"user {user_id!r} has no recommendations in run {rid!r}")
+        recs = _rows(
+            con,
+            "SELECT r.domain, r.rank, r.item_id, r.score, i.title FROM recommendations r "
+            "LEFT JOIN items i ON i.item_id = r.item_id "
+            "WHERE r.run_id = ? AND r.user_id = ? AND (? IS NULL OR r.domain = ?) ORDER BY r.domain, r.rank",
+            [rid, user_id, domain, domain],
+        )
+        if domain is not None and not recs:
+            domains = [
+                r[0]
+                for r in con.execute(
+                    "SELECT DISTINCT domain FROM recommendations WHERE run_id = ? ORDER BY 1", [rid]
+                ).fetchall()
+            ]
+            raise WarehouseError(f"no domain {domain!r} in run {rid!r}; domains: {', '.join(domains)}")
+        profile = con.execute(
+            "SELECT profile_text FROM user_profiles WHERE run_id = ? AND user_id = ?", [rid, user_id]
+        ).fetchall()
+        by_domain: dict[str, list[dict[str, Any]]] = {}
+        for r in recs:
+            by_domain.setdefault(r.pop("domain"), []).append(r)
+        return {
+            "run_id": rid,
+            "model": run["model"],
+            "user_id": user_id,
+            "profile": profile[0][0] if profile else None,
+            "recommendations": by_domain,
+        }
+    finally:
+        con.close()

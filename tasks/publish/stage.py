@@ -1,0 +1,351 @@
+"""The publish stage end to end: the trained run's vectors -> FAISS top-k per user and domain ->
+indexes saved per run -> one atomic swap of the DuckDB warehouse (+ retention).
+
+An unchanged rerun (same run id, same inputs and settings, still retained) does no work.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import BaseModel
+
+from bridgerec.logs import get_logger
+from bridgerec.progress import advance, progress_bar
+from storage import warehouse as wh
+from storage.index_store import IndexStore, check_run_id, set_threads
+from storage.vectors import DomainVectors
+from storage.workspace import Workspace, hash_file, hash_json
+from tasks.publish.recommend import DomainTopK, recommend_domain, recommendation_rows
+from tasks.publish.settings import PublishSettings
+
+STAGE = "publish"
+ITEM_COLUMNS = ["item_id", "domain", "title", "brand", "categories", "price"]
+
+
+class PublishError(RuntimeError):
+    """Publishing cannot start: a missing or inconsistent input; the message says which."""
+
+
+class PublishSummary(BaseModel):
+    """What `bridgerec publish --json` prints."""
+
+    run_id: str
+    train_run_id: str | None = None
+    model: str | None = None
+    users: int = 0
+    items_per_domain: dict[str, int] = {}
+    k: int = 0
+    rows: int = 0
+    users_short: dict[str, int] = {}  # per domain: users with fewer than k eligible items
+    skipped: bool = False
+    seconds: float = 0.0
+    timings: dict[str, float] = {}
+    rows_per_s: float = 0.0  # DuckDB insert rate of the recommendations
+    warehouse_bytes: int = 0
+    purged_runs: list[str] = []
+    on_gpu: bool = False
+    warehouse: str = ""
+    index_dir: str = ""
+
+
+@dataclass
+class TrainedRun:
+    run_id: str
+    model: str | None
+    path: Path
+
+
+def resolve_trained_run(workspace: Workspace) -> TrainedRun:
+    """The best run of the train stage (WORKSPACE/train/manifest.json names it)."""
+    manifest = workspace.read_manifest("train")
+    if manifest is None:
+        raise PublishError(f"no trained model in {workspace.stage_dir('train')}: run `bridgerec train` first")
+    run_id = manifest.stats.get("run_id")
+    if not run_id:
+        raise PublishError(f"{workspace.stage_dir('train')}/manifest.json names no run_id in its stats")
+    path = workspace.root / "runs" / str(run_id)
+    if not (path / "model.safetensors").exists():
+        raise PublishError(f"the trained run {run_id!r} is incomplete: {path}/model.safetensors is missing")
+    return TrainedRun(str(run_id), manifest.stats.get("model"), path)
+
+
+def index_root(settings: PublishSettings, warehouse: Path) -> Path:
+    return Path(settings.index_dir) if settings.index_dir is not None else warehouse.parent / "indexes"
+
+
+def config_hash(settings: PublishSettings) -> str:
+    # Threads, batch size and where indexes go change how, not what, is published.
+    return hash_json(settings.model_dump(mode="json", exclude={"threads", "batch_users", "index_dir"}))
+
+
+def _manifest_key(workspace: Workspace, stage: str) -> dict[str, Any] | None:
+    m = workspace.read_manifest(stage)
+    return None if m is None else {"config": m.config_hash, "inputs": m.input_hashes, "rows": m.row_counts}
+
+
+def inputs_hash(
+    settings: PublishSettings,
+    workspace: Workspace,
+    trained: TrainedRun | None,
+    vectors: Mapping[str, DomainVectors] | None,
+) -> str:
+    """Everything the published rows depend on; equal hashes mean a rerun would publish the same."""
+    parts: dict[str, Any] = {
+        "config": config_hash(settings),
+        "ingest": _manifest_key(workspace, "ingest"),
+        "enrich": _manifest_key(workspace, "enrich"),
+    }
+    if trained is not None:
+        summary = trained.path / "summary.json"
+        parts["train"] = {
+            "run_id": trained.run_id,
+            "summary": hash_file(summary) if summary.exists() else None,
+        }
+    if vectors is not None:  # vectors handed in directly: their content is the input
+        parts["vectors"] = {
+            d: hash_json([v.user_ids, v.item_ids, _array_hash(v.user_vectors), _array_hash(v.item_vectors)])
+            for d, v in sorted(vectors.items())
+        }
+    return hash_json(parts)
+
+
+def _array_hash(a: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.blake2b(np.ascontiguousarray(a).tobytes(), digest_size=16).hexdigest()
+
+
+def load_run_metrics(run_path: Path, model: str | None) -> pa.Table | None:
+    """The final evaluation of a training run, in the warehouse's metrics columns (None if absent).
+
+    metrics.parquet (schemas.TRAIN_METRICS) also holds the per-epoch history; the final evaluation is
+    split valid|test, protocol sampled|full, at the best epoch. Its `group` is 'overall',
+    'domain:<name>' or a user group (overlap, single, short, long).
+    """
+    path = run_path / "metrics.parquet"
+    if not path.exists():
+        return None
+    con = duckdb.connect()
+    try:
+        con.register("m", pq.read_table(path))
+        return con.sql(
+            """
+            WITH final AS (
+                SELECT * FROM m
+                WHERE split IN ('valid', 'test') AND protocol IN ('sampled', 'full') AND value IS NOT NULL
+                  AND epoch = (SELECT max(epoch) FROM m WHERE split = 'test')
+            )
+            SELECT ?::VARCHAR AS model, split, protocol,
+                   CASE WHEN starts_with("group", 'domain:') THEN substr("group", 8) ELSE 'all' END AS domain,
+                   CASE WHEN "group" = 'overall' OR starts_with("group", 'domain:') THEN 'all'
+                        ELSE "group" END AS user_group,
+                   metric, last(value) AS value, last(users)::BIGINT AS users
+            FROM final GROUP BY ALL ORDER BY split, protocol, domain, user_group, metric
+            """,
+            params=[model or "unknown"],
+        ).to_arrow_table()
+    finally:
+        con.close()
+
+
+def load_profiles(workspace: Workspace) -> pa.Table | None:
+    """User profiles of the enrich stage (user_id, profile_text), or None when profiles are off."""
+    if workspace.read_manifest("enrich") is None:
+        return None
+    path = workspace.stage_dir("enrich") / "profiles.parquet"
+    if not path.exists():
+        return None
+    names = pq.read_schema(path).names
+    if not {"user_id", "profile_text"} <= set(names):
+        raise PublishError(f"{path} lacks user_id/profile_text columns (has {names})")
+    return pq.read_table(path, columns=["user_id", "profile_text"])
+
+
+def export_vectors(trained: TrainedRun, workspace: Workspace) -> dict[str, DomainVectors]:
+    from models.export import export_vectors as export  # the model stage's contract
+
+    return export(trained.path, workspace, device="cpu")
+
+
+def _already_published(warehouse: Path, run_id: str, ihash: str, index_dir: Path) -> dict[str, Any] | None:
+    if not warehouse.exists():
+        return None
+    con = wh.connect_reader(warehouse)
+    try:
+        cur = con.execute(
+            "SELECT run_id, model, train_run_id, n_users, k, n_recommendations FROM runs WHERE run_id = ? "
+            "AND status = 'completed' AND purged_at IS NULL AND inputs_hash = ?",
+            [run_id, ihash],
+        )
+        rows = cur.fetchall()
+    except duckdb.CatalogException:  # an empty or foreign file: publish will migrate it
+        return None
+    finally:
+        con.close()
+    if not rows or not (index_dir / run_id / "manifest.json").exists():
+        return None
+    r = rows[0]
+    return {"run_id": r[0], "model": r[1], "train_run_id": r[2], "users": r[3], "k": r[4], "rows": r[5]}
+
+
+def run_publish(
+    settings: PublishSettings,
+    workspace: Workspace,
+    warehouse: Path | str,
+    threads: int = 1,
+    force: bool = False,
+    run_id: str | None = None,
+    vectors: Mapping[str, DomainVectors] | None = None,
+    model: str | None = None,
+) -> PublishSummary:
+    """Publish the latest trained run of `workspace` (or the `vectors` handed in) into `warehouse`.
+
+    `run_id` defaults to the trained run's id; the nightly flow passes its own to tie the row it
+    recorded as 'running' to this publish.
+    """
+    log = get_logger()
+    started = time.perf_counter()
+    started_at = datetime.now(UTC)
+    warehouse = Path(warehouse).expanduser().resolve()
+    threads = settings.threads or threads
+    store = IndexStore(index_root(settings, warehouse))
+    timings: dict[str, float] = {}
+
+    trained = resolve_trained_run(workspace) if vectors is None else None
+    if run_id is None:
+        run_id = trained.run_id if trained else f"publish-{started_at:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+    check_run_id(run_id)
+    ingest = workspace.read_manifest("ingest")
+    if ingest is None:
+        raise PublishError(
+            f"no ingest output in {workspace.stage_dir('ingest')}: run `bridgerec ingest` first"
+        )
+    ihash = inputs_hash(settings, workspace, trained, vectors)
+    if not force and (done := _already_published(warehouse, run_id, ihash, store.root)):
+        log.info("publish: run %s is already published with the same inputs, skipping", run_id)
+        return PublishSummary(
+            **{k: v for k, v in done.items() if k != "k"},
+            k=done["k"] or settings.k,
+            skipped=True,
+            seconds=time.perf_counter() - started,
+            warehouse=str(warehouse),
+            index_dir=str(store.run_dir(run_id)),
+        )
+
+    set_threads(threads)
+    if vectors is None:
+        assert trained is not None
+        t0 = time.perf_counter()
+        vectors = export_vectors(trained, workspace)
+        timings["export_s"] = time.perf_counter() - t0
+        log.info("publish: exported vectors of run %s in %.1f s", trained.run_id, timings["export_s"])
+    if not vectors:
+        raise PublishError("no domain vectors to publish")
+    model = model or (trained.model if trained else None)
+    n_users = len(next(iter(vectors.values())).user_ids)
+
+    results: dict[str, DomainTopK] = {}
+    with progress_bar("publish: top-k", total=n_users * len(vectors), unit="user-domains") as bar:
+        for domain in sorted(vectors):
+            results[domain] = recommend_domain(vectors[domain], settings, lambda n: advance(bar, n))
+    timings["index_build_s"] = sum(r.build_s for r in results.values())
+    timings["search_s"] = sum(r.search_s for r in results.values())
+    t0 = time.perf_counter()
+    recs = recommendation_rows(results)
+    timings["rows_s"] = time.perf_counter() - t0
+    short = {d: int(((r.topk.items >= 0).sum(axis=1) < settings.k).sum()) for d, r in results.items()}
+    for d, n in short.items():
+        if n:
+            log.warning("publish: %d users have fewer than k=%d eligible items in %s", n, settings.k, d)
+
+    items = workspace.read_table("ingest", "items", columns=ITEM_COLUMNS)
+    unknown = pc.sum(pc.invert(pc.is_in(recs["item_id"], value_set=items["item_id"]))).as_py() or 0
+    if unknown:
+        raise PublishError(f"{unknown} recommended items are not in the ingested catalogue: stale vectors?")
+    profiles = load_profiles(workspace)
+    metrics = load_run_metrics(trained.path, model) if trained else None
+
+    t0 = time.perf_counter()
+    # The index goes in first, so the warehouse never names a run whose index is missing.
+    republish = (store.run_dir(run_id) / "manifest.json").exists()
+    run_dir = store.save_run(
+        run_id,
+        {d: (r.index, r.vectors.item_ids) for d, r in results.items()},
+        {"model": model, "train_run_id": trained.run_id if trained else None, "index": settings.index.kind},
+    )
+    timings["index_save_s"] = time.perf_counter() - t0
+    stats = ingest.stats
+    record = wh.RunRecord(
+        run_id=run_id,
+        started_at=started_at,
+        model=model,
+        train_run_id=trained.run_id if trained else None,
+        config_hash=config_hash(settings),
+        inputs_hash=ihash,
+        k=settings.k,
+        n_users=n_users,
+        n_items=int(stats.get("items", items.num_rows)),
+        n_interactions=stats.get("interactions"),
+        n_domains=len(vectors),
+        index_path=str(run_dir),
+    )
+    try:
+        result = wh.publish(
+            warehouse,
+            wh.PublishBatch(record, recs, items, metrics, profiles),
+            settings.retention_runs,
+            threads,
+        )
+    except BaseException:
+        if not republish:
+            store.remove(run_id)  # the warehouse never named this index
+        raise
+    for old in result.purged_runs:
+        store.remove(old)
+    timings |= {
+        "warehouse_copy_s": result.timings.copy_s,
+        "warehouse_write_s": result.timings.write_s,
+        "warehouse_swap_s": result.timings.swap_s,
+        **result.timings.extra,
+    }
+    insert_s = result.timings.extra.get("insert_recommendations_s", 0.0)
+    summary = PublishSummary(
+        run_id=run_id,
+        train_run_id=record.train_run_id,
+        model=model,
+        users=n_users,
+        items_per_domain={d: len(v.item_ids) for d, v in sorted(vectors.items())},
+        k=settings.k,
+        rows=result.rows,
+        users_short=short,
+        seconds=time.perf_counter() - started,
+        timings={k: round(v, 4) for k, v in timings.items()},
+        rows_per_s=result.rows / insert_s if insert_s else 0.0,
+        warehouse_bytes=warehouse.stat().st_size,
+        purged_runs=result.purged_runs,
+        on_gpu=any(r.on_gpu for r in results.values()),
+        warehouse=str(warehouse),
+        index_dir=str(run_dir),
+    )
+    log.info(
+        "publish: run %s, %d rows for %d users x %d domains in %.1f s (purged %s)",
+        run_id,
+        summary.rows,
+        n_users,
+        len(vectors),
+        summary.seconds,
+        result.purged_runs or "none",
+    )
+    return summary
