@@ -35,6 +35,8 @@ class RuntimeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     threads: int = Field(default=0, ge=0, description="CPU threads for DuckDB/torch/FAISS; 0 = all cores.")
     log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+    stage_retries: int = Field(default=1, ge=0, description="Retries of a failed stage in the nightly flow.")
+    retry_delay_seconds: float = Field(default=30.0, ge=0, description="Wait before retrying a stage.")
 
     def resolved_threads(self) -> int:
         return self.threads or os.cpu_count() or 1

@@ -58,6 +58,11 @@ def run_stage(stage: Stage, settings: Settings) -> dict:
         return {"status": "not built"}
     threads = settings.runtime.resolved_threads()
     workspace = str(settings.workspace)
+    # Transient failures (an engine that fails to start, a full disk freed by ops) get retried; each
+    # stage is idempotent and atomic, so a retry never sees half of a previous attempt.
+    fn = fn.with_options(
+        retries=settings.runtime.stage_retries, retry_delay_seconds=settings.runtime.retry_delay_seconds
+    )
     if stage == "ingest":
         result = fn(settings.ingest, workspace, threads)
     elif stage == "enrich":
