@@ -173,6 +173,29 @@ def load_profiles(workspace: Workspace) -> pa.Table | None:
     return pq.read_table(path, columns=["user_id", "profile_text"])
 
 
+def check_vectors_match_ingest(
+    vectors: Mapping[str, DomainVectors], items: pa.Table, users: pa.Table
+) -> None:
+    """Vectors must cover every ingested user and only items of their domain: stale vectors stop here."""
+    for domain, v in vectors.items():
+        catalogue = pc.filter(items["item_id"], pc.equal(items["domain"], domain))
+        if not len(catalogue):
+            raise PublishError(f"domain {domain!r} of the vectors is not in the ingested catalogue")
+        ids = pa.array(v.item_ids, pa.string())
+        unknown = len(ids) - (pc.sum(pc.is_in(ids, value_set=catalogue)).as_py() or 0)
+        if unknown:
+            raise PublishError(
+                f"{unknown} item ids of domain {domain!r} are not in its ingested catalogue: stale vectors?"
+            )
+        given = pa.array(v.user_ids, pa.string())
+        covered = pc.sum(pc.is_in(users["user_id"], value_set=given)).as_py() or 0
+        if covered != users.num_rows or len(given) != users.num_rows:
+            raise PublishError(
+                f"vectors of domain {domain!r} cover {covered} of the {users.num_rows} ingested users "
+                f"(and hold {len(given)}): stale vectors?"
+            )
+
+
 def export_vectors(trained: TrainedRun, workspace: Workspace) -> dict[str, DomainVectors]:
     from models.export import export_vectors as export  # the model stage's contract
 
@@ -254,6 +277,8 @@ def run_publish(
     if not vectors:
         raise PublishError("no domain vectors to publish")
     model = model or (trained.model if trained else None)
+    items = workspace.read_table("ingest", "items", columns=ITEM_COLUMNS)
+    check_vectors_match_ingest(vectors, items, workspace.read_table("ingest", "users", columns=["user_id"]))
     n_users = len(next(iter(vectors.values())).user_ids)
 
     results: dict[str, DomainTopK] = {}
@@ -270,10 +295,6 @@ def run_publish(
         if n:
             log.warning("publish: %d users have fewer than k=%d eligible items in %s", n, settings.k, d)
 
-    items = workspace.read_table("ingest", "items", columns=ITEM_COLUMNS)
-    unknown = pc.sum(pc.invert(pc.is_in(recs["item_id"], value_set=items["item_id"]))).as_py() or 0
-    if unknown:
-        raise PublishError(f"{unknown} recommended items are not in the ingested catalogue: stale vectors?")
     profiles = load_profiles(workspace)
     metrics = load_run_metrics(trained.path, model) if trained else None
 

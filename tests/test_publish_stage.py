@@ -1,0 +1,231 @@
+"""The publish stage on the ingested sample (1,000 users, two domains) with vectors made for the test:
+table invariants, reload of the saved indexes, rerun skip, retention of indexes, a failing publish,
+and the analysts' CLI (`recs`, `runs list`)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pytest
+from publish_data import workspace_vectors
+from typer.testing import CliRunner
+
+from bridgerec.cli import app
+from storage.index_store import IndexStore
+from storage.vectors import DomainVectors
+from storage.workspace import Workspace
+from tasks.publish.settings import PublishSettings
+from tasks.publish.stage import PublishError, run_publish
+
+
+@pytest.fixture(scope="module")
+def profiled_workspace(sample_workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample's ingest output plus an enrich stage holding profiles for some users."""
+    root = tmp_path_factory.mktemp("profiled_ws")
+    shutil.copytree(sample_workspace / "ingest", root / "ingest")
+    ws = Workspace(root)
+    users = ws.read_table("ingest", "users", ["user_id"])["user_id"].to_pylist()[:300]
+    with ws.building("enrich") as stage:
+        stage.write_table(
+            "profiles",
+            pa.table({"user_id": users, "profile_text": [f"Enjoys things, says user {u}." for u in users]}),
+        )
+        stage.finish(schema_version=1, config_hash="test", input_hashes={})
+    return root
+
+
+@pytest.fixture(scope="module")
+def published(profiled_workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    warehouse = tmp_path_factory.mktemp("wh") / "warehouse.duckdb"
+    vectors = workspace_vectors(profiled_workspace, seed=0)
+    summary = run_publish(
+        PublishSettings(k=20), Workspace(profiled_workspace), warehouse, run_id="run-a", vectors=vectors
+    )
+    return warehouse, {"summary": summary, "vectors": vectors}
+
+
+def sql(warehouse: Path, query: str, params: list | None = None) -> list[tuple]:
+    with duckdb.connect(str(warehouse), read_only=True) as con:
+        return con.execute(query, params or []).fetchall()
+
+
+def test_every_user_gets_k_unseen_items_per_domain_ranked_by_score(
+    published: tuple[Path, dict], profiled_workspace: Path
+) -> None:
+    warehouse, ctx = published
+    s = ctx["summary"]
+    assert (s.run_id, s.users, s.k, s.rows) == ("run-a", 1000, 20, 1000 * 2 * 20)
+    assert s.items_per_domain == {"food": 2217, "kitchen": 4230} and not s.skipped
+    # k rows per user per domain, also in the domain a user never touched (the cross-domain point).
+    assert sql(
+        warehouse,
+        "SELECT count(*) FROM (SELECT user_id, domain, count(*) c, min(rank) lo, max(rank) hi, "
+        "count(DISTINCT rank) r FROM latest_recommendations GROUP BY ALL) WHERE c = 20 AND lo = 1 AND hi = 20 "
+        "AND r = 20",
+    ) == [(2000,)]
+    # Scores never increase with rank.
+    assert sql(
+        warehouse,
+        "SELECT count(*) FROM (SELECT score, lag(score) OVER (PARTITION BY user_id, domain ORDER BY rank) prev "
+        "FROM latest_recommendations) WHERE score > prev",
+    ) == [(0,)]
+    # No recommended item is one the user already had (whole history, all splits).
+    interactions = str(profiled_workspace / "ingest" / "interactions.parquet")
+    assert sql(
+        warehouse,
+        "SELECT count(*) FROM latest_recommendations r JOIN read_parquet(?) i USING (user_id, item_id)",
+        [interactions],
+    ) == [(0,)]
+    # Ids are the source's, every item is in its own domain's catalogue, titles are filled in.
+    items = str(profiled_workspace / "ingest" / "items.parquet")
+    assert sql(
+        warehouse,
+        "SELECT count(*) FROM latest_recommendations r JOIN read_parquet(?) i "
+        "ON i.item_id = r.item_id AND i.domain = r.domain AND i.title = r.title",
+        [items],
+    ) == [(40_000,)]
+    users = str(profiled_workspace / "ingest" / "users.parquet")
+    assert sql(
+        warehouse,
+        "SELECT count(DISTINCT r.user_id) FROM latest_recommendations r JOIN read_parquet(?) u USING (user_id)",
+        [users],
+    ) == [(1000,)]
+    assert sql(warehouse, "SELECT count(*) FROM latest_user_profiles") == [(300,)]
+    (run,) = sql(
+        warehouse, "SELECT status, k, n_users, n_items, n_interactions, n_domains, index_path FROM runs"
+    )
+    assert run[:6] == ("completed", 20, 1000, 6447, 8896, 2)
+    assert Path(run[6]).name == "run-a"
+
+
+def test_rows_match_brute_force_and_the_saved_index(published: tuple[Path, dict]) -> None:
+    warehouse, ctx = published
+    vectors: dict[str, DomainVectors] = ctx["vectors"]
+    store = IndexStore(warehouse.parent / "indexes")
+    for domain, v in vectors.items():
+        u = 17
+        user = v.user_ids[u]
+        got = [
+            r[0]
+            for r in sql(
+                warehouse,
+                "SELECT item_id FROM recommendations WHERE run_id = 'run-a' AND user_id = ? AND domain = ? ORDER BY rank",
+                [user, domain],
+            )
+        ]
+        scores = v.item_vectors @ v.user_vectors[u]
+        scores[v.seen_items[v.seen_indptr[u] : v.seen_indptr[u + 1]]] = -np.inf
+        assert got == [v.item_ids[i] for i in np.argsort(-scores, kind="stable")[:20]]
+        # A downstream service reloading the index gets the same items once seen ones are dropped.
+        seen = {v.item_ids[i] for i in v.seen_items[v.seen_indptr[u] : v.seen_indptr[u + 1]]}
+        ids, _ = store.load("run-a", domain).search(v.user_vectors[u : u + 1], 20 + len(seen))
+        assert [i for i in ids[0] if i not in seen][:20] == got
+
+
+def test_exclusion_matters_and_can_be_turned_off(profiled_workspace: Path, tmp_path: Path) -> None:
+    warehouse = tmp_path / "w.duckdb"
+    vectors = workspace_vectors(profiled_workspace, seed=0)
+    run_publish(
+        PublishSettings(k=5, exclude_seen=False),
+        Workspace(profiled_workspace),
+        warehouse,
+        run_id="x",
+        vectors=vectors,
+    )
+    interactions = str(profiled_workspace / "ingest" / "interactions.parquet")
+    (n,) = sql(
+        warehouse,
+        "SELECT count(*) FROM recommendations r JOIN read_parquet(?) i USING (user_id, item_id)",
+        [interactions],
+    )[0]
+    # The vectors favour what users had, so without exclusion it comes back: exactly as often as in the
+    # brute-force top-5 over all items.
+    want = 0
+    for v in vectors.values():
+        top = np.argsort(-(v.user_vectors @ v.item_vectors.T), axis=1, kind="stable")[:, :5]
+        want += sum(
+            len(set(top[u]) & set(v.seen_items[v.seen_indptr[u] : v.seen_indptr[u + 1]])) for u in range(1000)
+        )
+    assert n == want and n > 300
+
+
+def test_rerun_skips_and_changed_settings_republish(profiled_workspace: Path, tmp_path: Path) -> None:
+    warehouse = tmp_path / "w.duckdb"
+    ws = Workspace(profiled_workspace)
+    vectors = workspace_vectors(profiled_workspace, seed=1)
+    run_publish(PublishSettings(k=3), ws, warehouse, run_id="r", vectors=vectors)
+    mtime = warehouse.stat().st_mtime_ns
+    again = run_publish(PublishSettings(k=3, threads=2), ws, warehouse, run_id="r", vectors=vectors)
+    assert again.skipped and again.rows == 1000 * 2 * 3 and warehouse.stat().st_mtime_ns == mtime
+    changed = run_publish(PublishSettings(k=4), ws, warehouse, run_id="r", vectors=vectors)
+    assert not changed.skipped and changed.rows == 1000 * 2 * 4
+    assert sql(warehouse, "SELECT count(*), max(rank) FROM recommendations") == [(8000, 4)]
+
+
+def test_retention_drops_old_indexes_and_a_failed_publish_changes_nothing(
+    profiled_workspace: Path, tmp_path: Path
+) -> None:
+    warehouse = tmp_path / "w.duckdb"
+    ws = Workspace(profiled_workspace)
+    settings = PublishSettings(k=2, retention_runs=2)
+    vectors = workspace_vectors(profiled_workspace, seed=2)
+    for i in range(3):
+        s = run_publish(settings, ws, warehouse, run_id=f"r{i}", vectors=vectors)
+    assert s.purged_runs == ["r0"]
+    store = IndexStore(tmp_path / "indexes")
+    assert store.runs() == ["r1", "r2"]
+    before = warehouse.read_bytes()
+    # Vectors naming an item the catalogue does not have: refused before the warehouse is touched.
+    food = vectors["food"]
+    stale = DomainVectors(
+        "food",
+        food.user_ids,
+        food.user_vectors,
+        ["NOT-AN-ITEM", *food.item_ids[1:]],
+        food.item_vectors,
+        food.seen_indptr,
+        food.seen_items,
+    )
+    with pytest.raises(PublishError, match="not in its ingested catalogue"):
+        run_publish(settings, ws, warehouse, run_id="r3", vectors={**vectors, "food": stale})
+    # Vectors that miss users: refused too.
+    fewer = DomainVectors(
+        "food",
+        food.user_ids[:-1],
+        food.user_vectors[:-1],
+        food.item_ids,
+        food.item_vectors,
+        food.seen_indptr[:-1],
+        food.seen_items[: food.seen_indptr[-2]],
+    )
+    with pytest.raises(PublishError, match="cover 999 of the 1000 ingested users"):
+        run_publish(settings, ws, warehouse, run_id="r3", vectors={**vectors, "food": fewer})
+    assert warehouse.read_bytes() == before and store.runs() == ["r1", "r2"]
+
+
+def test_cli_recs_and_runs_list(published: tuple[Path, dict]) -> None:
+    warehouse, ctx = published
+    runner = CliRunner()
+    user = ctx["vectors"]["food"].user_ids[0]
+    out = runner.invoke(app, ["recs", "--warehouse", str(warehouse), "--user", user, "--json"])
+    assert out.exit_code == 0, out.output
+    got = json.loads(out.stdout)
+    assert got["run_id"] == "run-a" and got["profile"] == f"Enjoys things, says user {user}."
+    assert sorted(got["recommendations"]) == ["food", "kitchen"]
+    assert [r["rank"] for r in got["recommendations"]["kitchen"]] == list(range(1, 21))
+    assert all(r["title"] for r in got["recommendations"]["food"])
+    out = runner.invoke(app, ["recs", "--warehouse", str(warehouse), "--user", user, "--domain", "food"])
+    assert out.exit_code == 0 and "profile" in out.stdout and "kitchen" not in out.stdout
+    out = runner.invoke(app, ["recs", "--warehouse", str(warehouse), "--user", "nobody"])
+    assert out.exit_code == 2 and "no recommendations" in out.output
+    out = runner.invoke(app, ["runs", "list", "--warehouse", str(warehouse), "--json"])
+    assert out.exit_code == 0, out.output
+    runs = json.loads(out.stdout)["runs"]
+    assert [(r["run_id"], r["status"], r["retained"]) for r in runs] == [("run-a", "completed", True)]
+    out = runner.invoke(app, ["runs", "list", "--warehouse", str(warehouse)])
+    assert out.exit_code == 0 and "run-a" in out.stdout
