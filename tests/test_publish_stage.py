@@ -5,6 +5,7 @@ and the analysts' CLI (`recs`, `runs list`)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -229,3 +230,28 @@ def test_cli_recs_and_runs_list(published: tuple[Path, dict]) -> None:
     assert [(r["run_id"], r["status"], r["retained"]) for r in runs] == [("run-a", "completed", True)]
     out = runner.invoke(app, ["runs", "list", "--warehouse", str(warehouse)])
     assert out.exit_code == 0 and "run-a" in out.stdout
+
+
+def doc_queries() -> list[str]:
+    """The ```sql blocks of docs/publish.md, without their SET VARIABLE lines (the test sets them)."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "publish.md").read_text()
+    blocks = re.findall(r"```sql\n(.*?)```", text, flags=re.S)
+    return [re.sub(r"^SET VARIABLE .*$", "", b, flags=re.M).strip() for b in blocks]
+
+
+def test_docs_sql_examples_run_on_a_published_warehouse(
+    published: tuple[Path, dict], profiled_workspace: Path
+) -> None:
+    warehouse, ctx = published
+    queries = doc_queries()
+    assert len(queries) >= 8
+    user = ctx["vectors"]["food"].user_ids[0]
+    with duckdb.connect(str(warehouse), read_only=True) as con:
+        con.execute("SET VARIABLE user_id = ?", [user])
+        con.execute("SET VARIABLE workspace = ?", [str(profiled_workspace)])
+        results = [con.execute(q).fetchall() for q in queries]
+    user_rows = results[0]
+    assert len(user_rows) == 40 and user_rows[0][5] == f"Enjoys things, says user {user}."
+    assert len(results[1]) == 20  # top 10 items in each of the two domains
+    assert [r[0] for r in results[2]] == ["food", "kitchen"] and all(0 < r[3] <= 1 for r in results[2])
+    assert 0 < results[3][0][0] <= 1000

@@ -1,0 +1,211 @@
+"""Benchmark: publish the whole food-kitchen: top-k for every user in both domains with FAISS against
+brute-force torch in the same process, DuckDB rows/s, total publish time, warehouse copy cost.
+
+Vectors come from the workspace's trained run when there is one (models.export), otherwise they are
+synthetic (random item vectors; a user's vector = the sum of the items they had + noise) with the
+model's shape (--dim, default 256 = two 128-d threads concatenated); the JSON says which.
+Usage: .venv/bin/python bench/publish.py [--workspace /tmp/fk] [--threads 2] [--publishes 3]
+Writes bench/results/publish.json and prints a table. Goal: the whole publish under 60 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+GOAL_SECONDS = 60.0
+
+
+def ensure_ingested(workspace: Path, data: Path) -> None:
+    from storage.workspace import Workspace
+    from tasks.ingest.settings import IngestSettings
+    from tasks.ingest.stage import run_ingest
+
+    if Workspace(workspace).read_manifest("ingest") is None:
+        settings = IngestSettings(items=data / "items.csv.gz", interactions=data / "interactions.csv.gz")
+        run_ingest(settings, Workspace(workspace), threads=2)
+
+
+def synthetic_vectors(workspace: Path, dim: int, seed: int = 0) -> dict:
+    import numpy as np
+
+    from storage.vectors import DomainVectors, seen_from_pairs
+    from storage.workspace import Workspace
+
+    ws = Workspace(workspace)
+    rng = np.random.default_rng(seed)
+    user_ids = ws.read_table("ingest", "users", ["user_id"])["user_id"].to_pylist()
+    items = ws.read_table("ingest", "items", ["item_id", "domain"])
+    inter = ws.read_table("ingest", "interactions", ["user_id", "item_id"])
+    out = {}
+    for domain in sorted(set(items["domain"].to_pylist())):
+        mask = [d == domain for d in items["domain"].to_pylist()]
+        item_ids = [i for i, m in zip(items["item_id"].to_pylist(), mask, strict=True) if m]
+        indptr, seen = seen_from_pairs(user_ids, item_ids, inter["user_id"], inter["item_id"])
+        item_vecs = rng.normal(size=(len(item_ids), dim)).astype(np.float32) / np.sqrt(dim)
+        user_vecs = rng.normal(scale=0.3, size=(len(user_ids), dim)).astype(np.float32) / np.sqrt(dim)
+        np.add.at(user_vecs, np.repeat(np.arange(len(user_ids)), np.diff(indptr)), item_vecs[seen])
+        out[domain] = DomainVectors(domain, user_ids, user_vecs, item_ids, item_vecs, indptr, seen)
+    return out
+
+
+def torch_topk(v, k: int, chunk: int = 4096):
+    """Brute force: all scores per chunk of users, seen items at -inf, torch.topk."""
+    import numpy as np
+    import torch
+
+    items = torch.from_numpy(v.item_vectors)
+    out_i = np.empty((len(v.user_ids), k), dtype=np.int64)
+    out_s = np.empty((len(v.user_ids), k), dtype=np.float32)
+    counts = v.seen_counts()
+    for start in range(0, len(v.user_ids), chunk):
+        stop = min(start + chunk, len(v.user_ids))
+        scores = torch.from_numpy(v.user_vectors[start:stop]) @ items.T  # [b, n]
+        lo, hi = v.seen_indptr[start], v.seen_indptr[stop]
+        rows = torch.from_numpy(np.repeat(np.arange(stop - start), counts[start:stop]))
+        scores[rows, torch.from_numpy(v.seen_items[lo:hi])] = -torch.inf
+        top = torch.topk(scores, k, dim=1)
+        out_i[start:stop], out_s[start:stop] = top.indices.numpy(), top.values.numpy()
+    return out_i, out_s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workspace", type=Path, default=Path(tempfile.gettempdir()) / "fk")
+    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "food-kitchen")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--k", type=int, default=20)
+    ap.add_argument("--dim", type=int, default=256, help="synthetic vectors only")
+    ap.add_argument("--publishes", type=int, default=3, help="publishes in a row onto one warehouse")
+    ap.add_argument("--synthetic", action="store_true", help="synthetic vectors even if a trained run exists")
+    args = ap.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+
+    import numpy as np
+    import torch
+
+    from bridgerec import progress
+    from storage.index_store import Searcher, build_index, search_topk, set_threads
+    from storage.workspace import Workspace
+    from tasks.publish.settings import PublishSettings
+    from tasks.publish.stage import TrainedRun, export_vectors, resolve_trained_run, run_publish
+
+    progress.set_enabled(False)
+    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
+    ensure_ingested(args.workspace, args.data)
+    ws = Workspace(args.workspace)
+    trained: TrainedRun | None = None
+    if not args.synthetic and ws.read_manifest("train") is not None:
+        trained = resolve_trained_run(ws)
+    t0 = time.perf_counter()
+    vectors = export_vectors(trained, ws) if trained else synthetic_vectors(args.workspace, args.dim)
+    vectors_s = time.perf_counter() - t0
+    settings = PublishSettings(k=args.k, threads=args.threads)
+
+    # 1. FAISS vs brute-force torch, same process, same vectors, same threads.
+    compare = {}
+    for domain, v in vectors.items():
+        t0 = time.perf_counter()
+        searcher = Searcher.for_index(build_index(v.item_vectors, settings.index), settings.index)
+        got = search_topk(searcher, v.user_vectors, args.k, v.seen_indptr, v.seen_items, settings.batch_users)
+        faiss_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        want_i, want_s = torch_topk(v, args.k)
+        torch_s = time.perf_counter() - t0
+        compare[domain] = {
+            "users": len(v.user_ids),
+            "items": len(v.item_ids),
+            "dim": v.dim,
+            "max_seen": int(v.seen_counts().max()),
+            "faiss_s": round(faiss_s, 3),
+            "torch_s": round(torch_s, 3),
+            "ids_equal_fraction": float((got.items == want_i).mean()),
+            "max_abs_score_diff": float(np.abs(got.scores - want_s).max()),
+        }
+
+    # 2. Whole publishes onto one warehouse (the first creates it; later ones copy it).
+    publishes = []
+    with tempfile.TemporaryDirectory() as tmp:
+        warehouse = Path(tmp) / "warehouse.duckdb"
+        for i in range(args.publishes):
+            s = run_publish(
+                settings,
+                ws,
+                warehouse,
+                threads=args.threads,
+                run_id=f"bench-{i}",
+                vectors=None if trained else vectors,
+                model=None if trained else "synthetic",
+            )
+            publishes.append(
+                {
+                    "seconds": round(s.seconds, 3),
+                    "rows": s.rows,
+                    "rows_per_s": round(s.rows_per_s),
+                    "warehouse_mb": round(s.warehouse_bytes / 1e6, 1),
+                    **s.timings,
+                }
+            )
+        t0 = time.perf_counter()
+        shutil.copyfile(warehouse, Path(tmp) / "copy.duckdb")
+        copy_s = time.perf_counter() - t0
+        size_mb = warehouse.stat().st_size / 1e6
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    first = publishes[0]
+    result = {
+        "benchmark": "publish",
+        "workspace": str(args.workspace),
+        "vectors": f"trained run {trained.run_id}" if trained else f"synthetic, dim {args.dim}",
+        "vectors_s": round(vectors_s, 3),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "shared": "other work ran too",
+        },
+        "threads": args.threads,
+        "k": args.k,
+        "faiss_vs_torch": compare,
+        "publishes": publishes,
+        "warehouse_copy": {"mb": round(size_mb, 1), "seconds": round(copy_s, 3)},
+        "peak_rss_mb": round(peak, 1),
+        "goal_seconds": GOAL_SECONDS,
+        "goal_met": all(p["seconds"] < GOAL_SECONDS for p in publishes),
+    }
+    out = REPO / "bench" / "results" / "publish.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+    print(f"publish benchmark ({result['vectors']}, {args.threads} threads, k={args.k})")
+    print(f"{'domain':10} {'users':>7} {'items':>7} {'faiss s':>8} {'torch s':>8} {'ids equal':>9}")
+    for d, c in compare.items():
+        print(
+            f"{d:10} {c['users']:>7} {c['items']:>7} {c['faiss_s']:>8.2f} {c['torch_s']:>8.2f} "
+            f"{c['ids_equal_fraction']:>9.4f}"
+        )
+    print(
+        f"{'publish':10} {'seconds':>8} {'rows':>9} {'rows/s':>9} {'search s':>8} {'db write s':>10} {'copy s':>7} {'MB':>6}"
+    )
+    for i, p in enumerate(publishes):
+        print(
+            f"{i:<10} {p['seconds']:>8.2f} {p['rows']:>9} {p['rows_per_s']:>9} {p['search_s']:>8.2f} "
+            f"{p['warehouse_write_s']:>10.2f} {p['warehouse_copy_s']:>7.2f} {p['warehouse_mb']:>6.1f}"
+        )
+    print(
+        f"first publish {first['seconds']:.1f} s (goal < {GOAL_SECONDS:.0f} s: "
+        f"{'met' if result['goal_met'] else 'NOT met'}); peak RSS {peak:.0f} MB -> {out}"
+    )
+
+
+if __name__ == "__main__":
+    main()
