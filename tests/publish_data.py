@@ -7,6 +7,7 @@ here: random item vectors, and each user's vector in a domain is the sum of the 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -56,3 +57,10 @@ def random_vectors(
         indptr,
         seen,
     )
+
+
+def doc_queries() -> list[str]:
+    """The ```sql blocks of docs/publish.md, without their SET VARIABLE lines (the tests set them)."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "publish.md").read_text()
+    blocks = re.findall(r"```sql\n(.*?)```", text, flags=re.S)
+    return [re.sub(r"^SET VARIABLE .*$", "", b, flags=re.M).strip() for b in blocks]

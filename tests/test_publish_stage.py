@@ -5,7 +5,6 @@ and the analysts' CLI (`recs`, `runs list`)."""
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pytest
-from publish_data import workspace_vectors
+from publish_data import doc_queries, workspace_vectors
 from typer.testing import CliRunner
 
 from bridgerec.cli import app
@@ -230,13 +229,6 @@ def test_cli_recs_and_runs_list(published: tuple[Path, dict]) -> None:
     assert [(r["run_id"], r["status"], r["retained"]) for r in runs] == [("run-a", "completed", True)]
     out = runner.invoke(app, ["runs", "list", "--warehouse", str(warehouse)])
     assert out.exit_code == 0 and "run-a" in out.stdout
-
-
-def doc_queries() -> list[str]:
-    """The ```sql blocks of docs/publish.md, without their SET VARIABLE lines (the test sets them)."""
-    text = (Path(__file__).resolve().parents[1] / "docs" / "publish.md").read_text()
-    blocks = re.findall(r"```sql\n(.*?)```", text, flags=re.S)
-    return [re.sub(r"^SET VARIABLE .*$", "", b, flags=re.M).strip() for b in blocks]
 
 
 def test_docs_sql_examples_run_on_a_published_warehouse(
