@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -266,9 +267,15 @@ class IndexStore:
             os.replace(target, trash)
             shutil.rmtree(trash, ignore_errors=True)
 
-    def clean_temporaries(self) -> None:
-        """Remove folders left by a crashed save (never a finished run's folder)."""
+    def clean_temporaries(self, older_than_s: float = 6 * 3600) -> list[str]:
+        """Remove folders left by a crashed save (never a finished run's folder, nor a recent one that a
+        concurrent save may still be writing)."""
+        removed = []
         if self.root.exists():
-            for p in self.root.glob(".tmp-*"):
+            now = time.time()
+            for p in [*self.root.glob(".tmp-*"), *self.root.glob(".old-*")]:
                 with contextlib.suppress(OSError):
-                    shutil.rmtree(p)
+                    if now - p.stat().st_mtime > older_than_s:
+                        shutil.rmtree(p)
+                        removed.append(p.name)
+        return removed

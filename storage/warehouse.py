@@ -236,6 +236,9 @@ def rewrite(path: Path | str, threads: int = 1) -> Iterator[tuple[duckdb.DuckDBP
     path = Path(path).expanduser().resolve()
     timings = RewriteTimings()
     with writer_lock(path):
+        # Copies left by a writer that was killed mid-way; no other writer is running (we hold the lock).
+        for stale in path.parent.glob(f".{path.name}.*.tmp*"):
+            stale.unlink(missing_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
         con: duckdb.DuckDBPyConnection | None = None
         try:

@@ -4,7 +4,11 @@ serialised writers, parameters bound (never pasted) in SQL."""
 from __future__ import annotations
 
 import hashlib
+import signal
+import subprocess
+import sys
 import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -223,3 +227,36 @@ def test_user_input_is_bound_as_parameters(tmp_path: Path) -> None:
     with pytest.raises(wh.WarehouseError, match="does not exist"):
         wh.user_recommendations(tmp_path / "missing.duckdb", "u0")
     assert query(path, "SELECT count(*) FROM runs") == [(1,)]
+
+
+KILLED_WRITER = """
+import sys
+sys.path[:0] = sys.argv[3:]
+from test_publish_warehouse import make_batch
+from storage import warehouse as wh
+wh.publish(sys.argv[1], make_batch(sys.argv[2], users=60_000, k=20), retention_runs=3)
+"""
+
+
+def test_writer_killed_mid_publish_leaves_the_warehouse_whole(tmp_path: Path) -> None:
+    path = tmp_path / "w.duckdb"
+    wh.publish(path, make_batch("r1"), retention_runs=3)
+    before = digest(path)
+    repo = Path(__file__).resolve().parents[1]
+    writer = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(path), "r2", str(repo / "tests"), str(repo)]
+    )
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".w.duckdb.*.tmp")):  # the writer's copy exists: it is mid-publish
+        assert writer.poll() is None, "the writer ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.3)
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    assert digest(path) == before  # the live file never saw the killed writer
+    assert query(path, "SELECT run_id FROM latest_run") == [("r1",)]
+    assert list(tmp_path.glob(".w.duckdb.*.tmp*"))  # its copy is left behind ...
+    wh.publish(path, make_batch("r3"), retention_runs=3)  # ... and the next writer removes it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.duckdb", "w.duckdb.lock"]
+    assert query(path, "SELECT run_id FROM runs ORDER BY seq") == [("r1",), ("r3",)]
