@@ -84,3 +84,42 @@ QUARANTINE = pa.schema(
         pa.field("row", pa.string()),
     ]
 )
+
+# --- train stage -------------------------------------------------------------------------------------
+TRAIN_SCHEMA_VERSION = 1
+
+# WORKSPACE/runs/<run_id>/metrics.parquet, long format. Training history: split "train" (metric "loss",
+# "rec", "reg", "user", "seconds") and split "valid" per epoch (sampled ndcg@10/hr@10). Final evaluation
+# of the best weights: split valid|test, protocol sampled|full, group overall | domain:<name> | overlap |
+# single | short | long, metric hr@k / ndcg@k for k in 5, 10, 20.
+TRAIN_METRICS = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("epoch", pa.int32(), nullable=False),  # the best epoch for the final evaluation
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("protocol", pa.string(), nullable=False),  # sampled | full | train
+        pa.field("group", pa.string(), nullable=False),
+        pa.field("metric", pa.string(), nullable=False),
+        pa.field("value", pa.float64()),
+        pa.field("users", pa.int64()),
+    ]
+)
+
+# WORKSPACE/train/runs.parquet: one row per finished run on the workspace (the leaderboard).
+TRAIN_RUNS = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("finished_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("input_hash", pa.string(), nullable=False),
+        pa.field("config_hash", pa.string(), nullable=False),
+        pa.field("epochs", pa.int32(), nullable=False),
+        pa.field("best_epoch", pa.int32(), nullable=False),
+        pa.field("epoch_seconds", pa.float64()),
+        pa.field("valid_ndcg10", pa.float64()),
+        pa.field("test_hr10", pa.float64()),
+        pa.field("test_ndcg10", pa.float64()),
+        pa.field("test_full_hr10", pa.float64()),
+        pa.field("test_full_ndcg10", pa.float64()),
+    ]
+)

@@ -1,9 +1,90 @@
-"""Settings of the train stage (section `train`). Filled in by the model work."""
+"""Settings of the train stage (section `train` of the config).
+
+`model` names a preset (an architecture plus the switches that define it, see `MODEL_PRESETS`); the
+other fields are the hyper-parameters, shared by every model. Defaults follow the authors' Amazon
+settings (hidden 128, 2 layers, 1 head, dropout 0.5, max_len 200, Adam 1e-3, batch 128, patience 20).
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Architecture = Literal["llm4cdsr", "sasrec", "sasrec_domain"]
+
+# name -> (architecture, switches forced by the preset). A preset's switches override the fields below.
+MODEL_PRESETS: dict[str, tuple[Architecture, dict[str, Any]]] = {
+    # The paper's model: adapted global LLM table (mixed thread) + frozen local tables (domain threads).
+    "llm4cdsr": ("llm4cdsr", {}),
+    # Ours: trainable item-ID embeddings added to the LLM embeddings in every thread.
+    "llm4cdsr-hybrid": ("llm4cdsr", {"id_embeddings": True}),
+    # Ablations of the paper.
+    "llm4cdsr-noprofile": ("llm4cdsr", {"beta": 0.0}),
+    "llm4cdsr-llmonly": ("llm4cdsr", {"alpha": 0.0, "beta": 0.0}),
+    # Baselines: SASRec with item-ID embeddings on the mixed sequence, and one SASRec per domain.
+    "sasrec": ("sasrec", {}),
+    "sasrec-domain": ("sasrec_domain", {}),
+}
 
 
 class TrainSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(default="llm4cdsr", description=f"One of: {', '.join(MODEL_PRESETS)}.")
+    hidden: int = Field(default=128, ge=8, description="Hidden size of every thread.")
+    layers: int = Field(default=2, ge=1)
+    heads: int = Field(default=1, ge=1)
+    dropout: float = Field(default=0.5, ge=0.0, lt=1.0)
+    max_len: int = Field(default=200, ge=2, description="Most recent items a thread sees.")
+    causal: bool = Field(
+        default=False,
+        description="Causal attention mask. Off = bidirectional, as the authors' code (see docs/train.md).",
+    )
+    id_embeddings: bool = Field(
+        default=False, description="LLM4CDSR: add trainable item-ID embeddings to the LLM embeddings."
+    )
+    alpha: float = Field(default=0.1, ge=0.0, description="Weight of the adapter's contrastive loss.")
+    beta: float = Field(default=0.1, ge=0.0, description="Weight of the profile-guidance loss.")
+    tau: float = Field(default=1.0, gt=0.0, description="Temperature of both contrastive losses.")
+    lr: float = Field(default=1e-3, gt=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    batch_size: int = Field(default=128, ge=2)
+    eval_batch_size: int = Field(default=1024, ge=1)
+    epochs: int = Field(default=200, ge=1, description="Upper bound on epochs.")
+    patience: int = Field(default=20, ge=1, description="Epochs without a better validation NDCG@10.")
+    time_budget_s: float | None = Field(
+        default=None, gt=0, description="Stop training (at an epoch boundary) after this many seconds."
+    )
+    eval_negatives: int = Field(default=100, ge=1, description="Sampled protocol: negatives per user.")
+    short_history: int = Field(
+        default=5, ge=1, description="Users with fewer history items than this form the 'short' group."
+    )
+    full_ranking: bool = Field(default=True, description="Also rank the whole target domain.")
+    seed: int = 42
+    deterministic: bool = Field(default=False, description="torch deterministic algorithms.")
+    threads: int = Field(default=0, ge=0, description="torch threads; 0 = runtime.threads.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        if value not in MODEL_PRESETS:
+            raise ValueError(f"unknown model {value!r}; choose one of {', '.join(MODEL_PRESETS)}")
+        return value
+
+    @property
+    def architecture(self) -> Architecture:
+        return MODEL_PRESETS[self.model][0]
+
+    def resolved(self) -> TrainSettings:
+        """These settings with the preset's switches applied (what the model is built from)."""
+        return self.model_copy(update=MODEL_PRESETS[self.model][1])
+
+    @property
+    def uses_llm_tables(self) -> bool:
+        return self.architecture == "llm4cdsr"
+
+    @property
+    def uses_profiles(self) -> bool:
+        return self.architecture == "llm4cdsr" and self.resolved().beta > 0

@@ -1,0 +1,124 @@
+"""The SASRec-style Transformer every thread uses, and the sequence helpers the models share.
+
+Sequences are *left*-padded with id 0, so the most recent item is always in the last column and a
+batch can be trimmed to its longest row by keeping the last columns. Positions count back from the
+end: the most recent item has position `max_len`, the one before `max_len - 1`, and so on, whatever
+the batch's trimmed width, so a trimmed batch computes exactly what the untrimmed one would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Dropout(nn.Module):
+    """Inverted dropout drawn with torch.rand: about 2x faster on CPU than nn.Dropout's bernoulli_."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        return x * (torch.rand_like(x) >= self.p) * (1.0 / (1.0 - self.p))
+
+
+def embed_many(embed: Callable[[Tensor], Tensor], *ids: Tensor) -> list[Tensor]:
+    """Embed several id tensors with one call (one table lookup and one sparse gradient per batch)."""
+    flat = torch.cat([i.reshape(-1) for i in ids])
+    out = embed(flat).split([i.numel() for i in ids])
+    return [o.view(*i.shape, -1) for o, i in zip(out, ids, strict=True)]
+
+
+class Block(nn.Module):
+    """Pre-LN self-attention + point-wise feed-forward, both with residuals."""
+
+    def __init__(self, hidden: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        assert hidden % heads == 0, f"hidden {hidden} must be divisible by heads {heads}"
+        self.heads, self.dropout = heads, dropout
+        self.ln1 = nn.LayerNorm(hidden, eps=1e-8)
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+        self.ln2 = nn.LayerNorm(hidden, eps=1e-8)
+        self.ffn = nn.Sequential(
+            nn.Linear(hidden, hidden), nn.ReLU(), Dropout(dropout), nn.Linear(hidden, hidden)
+        )
+        self.drop = Dropout(dropout)
+
+    def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
+        # x: [B, L, H]; allowed: [B, 1, L, L] bool, True where query i may attend to key j
+        B, L, H = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, L, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
+        )  # [B, heads, L, H/heads]
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, L, H)))
+        return x + self.drop(self.ffn(self.ln2(x)))
+
+
+class SequenceEncoder(nn.Module):
+    """Item embeddings in, one hidden state per position out (SASRec: positions, blocks, final LN)."""
+
+    def __init__(self, hidden: int, layers: int, heads: int, dropout: float, max_len: int, causal: bool):
+        super().__init__()
+        self.max_len, self.causal = max_len, causal
+        self.pos = nn.Embedding(max_len + 1, hidden, padding_idx=0)
+        nn.init.normal_(self.pos.weight, std=0.02)
+        with torch.no_grad():
+            self.pos.weight[0].zero_()
+        self.drop = Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(hidden, heads, dropout) for _ in range(layers))
+        self.ln = nn.LayerNorm(hidden, eps=1e-8)
+
+    def forward(self, emb: Tensor, ids: Tensor) -> Tensor:
+        # emb: [B, L, H] item embeddings; ids: [B, L] item ids (0 = padding, left-padded)
+        L = ids.shape[1]
+        keep = ids > 0  # [B, L]
+        positions = torch.arange(self.max_len - L + 1, self.max_len + 1, device=ids.device) * keep
+        x = self.drop((emb + self.pos(positions)) * keep.unsqueeze(-1))
+        # A query may attend to real keys (and to itself, so an all-padding row has no empty softmax).
+        allowed = keep[:, None, :] | torch.eye(L, dtype=torch.bool, device=ids.device)  # [B, L, L]
+        if self.causal:
+            allowed = allowed & torch.ones(L, L, dtype=torch.bool, device=ids.device).tril()
+        allowed = allowed.unsqueeze(1)  # [B, 1, L, L]
+        for block in self.blocks:
+            x = block(x, allowed) * keep.unsqueeze(-1)
+        return self.ln(x) * keep.unsqueeze(-1)  # [B, L, H], zero at padding
+
+
+def trim(ids: Tensor) -> Tensor:
+    """Drop the leading columns that are padding in every row (left-padded ids [B, L])."""
+    used = int((ids > 0).sum(1).max().item()) if ids.numel() else 0
+    return ids[:, ids.shape[1] - max(used, 1) :]
+
+
+def domain_view(domains: Tensor, ids: Tensor, domain: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The subsequence of one domain, left-padded, and where each position's latest such item sits.
+
+    domains, ids: [B, L] (domain index and any id of each item; id 0 = padding). Returns
+      sub: [B, Ld] the ids of the domain's items, in order, left-padded,
+      last: [B, L] for each mixed position t, the column of `sub` holding the latest domain item at or
+            before t (clamped to 0 where there is none),
+      has: [B, L] bool, whether such an item exists.
+    """
+    mask = (domains == domain) & (ids > 0)  # [B, L]
+    count = mask.cumsum(1)  # [B, L] domain items up to and including t
+    total = count[:, -1:]  # [B, 1]
+    Ld = max(int(total.max().item()), 1)
+    dest = Ld - total + count - 1  # [B, L] column in sub of the item at t (if it is a domain item)
+    sub = torch.zeros(ids.shape[0], Ld, dtype=ids.dtype, device=ids.device)
+    rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
+    sub[rows[mask], dest[mask]] = ids[mask]
+    has = count > 0
+    return sub, dest.clamp(min=0) * has, has
+
+
+def gather_positions(h: Tensor, index: Tensor) -> Tensor:
+    """h: [B, Ld, H], index: [B, L] -> [B, L, H] with out[b, t] = h[b, index[b, t]]."""
+    return h.gather(1, index.unsqueeze(-1).expand(-1, -1, h.shape[-1]))

@@ -1,0 +1,88 @@
+"""What every recommender here shares: the id maps, the loss, and the scoring contract.
+
+Scoring contract (evaluation, export and publish rely on it): for a target domain d,
+
+    score(user, item) = user_vectors(inputs, d)[user] . item_vectors(d)[local_id(item)]
+
+and `score(inputs, d, candidates)` computes the same numbers thread by thread (the forward pass).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.data import Catalog
+
+
+@dataclass
+class Batch:
+    """One training batch (global ids, left-padded, trimmed)."""
+
+    prefix: Tensor  # [B, L+1] training prefix: inputs = prefix[:, :-1], targets = prefix[:, 1:]
+    negatives: Tensor  # [B, L] one negative global id per target, from the target's domain (0 = none)
+    users: Tensor  # [B] user_idx
+    profile: Tensor | None = None  # [B, Dp] profile vectors (zeros where missing)
+    has_profile: Tensor | None = None  # [B] bool
+
+    @property
+    def inputs(self) -> Tensor:
+        return self.prefix[:, :-1]
+
+    @property
+    def targets(self) -> Tensor:
+        return self.prefix[:, 1:]
+
+
+class Recommender(nn.Module):
+    """Base class: id maps as buffers, and the interface of every model."""
+
+    name = "recommender"
+
+    def __init__(self, catalog: Catalog) -> None:
+        super().__init__()
+        self.domains = list(catalog.domains)
+        self.sizes = [int(n) for n in catalog.sizes]
+        self.register_buffer("item_domain", torch.from_numpy(catalog.item_domain), persistent=False)
+        self.register_buffer("item_local", torch.from_numpy(catalog.item_local), persistent=False)
+        self.register_buffer(
+            "offsets", torch.from_numpy(np.asarray(catalog.offsets, np.int64)), persistent=False
+        )
+
+    @property
+    def n_domains(self) -> int:
+        return len(self.domains)
+
+    def local(self, gids: Tensor) -> Tensor:
+        return self.item_local[gids]
+
+    def domain_of(self, gids: Tensor) -> Tensor:
+        return self.item_domain[gids]
+
+    def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def user_vectors(self, inputs: Tensor, domain: int) -> Tensor:
+        """inputs: [B, L] global ids -> [B, D] the user side of the score for target domain `domain`."""
+        raise NotImplementedError
+
+    def item_vectors(self, domain: int) -> Tensor:
+        """[n_d + 1, D] the item side for every local id of `domain` (row 0 = padding)."""
+        raise NotImplementedError
+
+    def score(self, inputs: Tensor, domain: int, candidates: Tensor) -> Tensor:
+        """inputs: [B, L] global ids, candidates: [B, C] local ids of `domain` -> [B, C] scores."""
+        raise NotImplementedError
+
+
+def next_item_bce(pos: Tensor, neg: Tensor, mask: Tensor) -> Tensor:
+    """SASRec's loss: BCE with logits, positive -> 1, negative -> 0, averaged over real targets."""
+    pos, neg, mask = pos[mask], neg[mask], mask.sum().clamp(min=1)
+    return (
+        F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos), reduction="sum")
+        + F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg), reduction="sum")
+    ) / mask

@@ -1,0 +1,246 @@
+"""Training and evaluation data on the fast path: padded tensors built once, vectorised sampling.
+
+Every user's whole mixed sequence is stored once, left-padded to `max_len + 3` global ids, so the
+splits are column slices shared by every row (leave-one-out: the last column is the test target, the
+one before it the validation target):
+
+    training prefix  = columns [0, W-2)   (inputs = prefix[:-1], targets = prefix[1:])
+    validation       = input: the last max_len columns of [0, W-2), target: column W-2
+    test             = input: the last max_len columns of [0, W-1), target: column W-1
+    export (serving) = input: the last max_len columns, predicting the item after the test target
+
+Batches are built from users sorted by length and trimmed to their longest row, so an epoch touches
+about as many positions as there are interactions (mean length 8) instead of users x 200.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+SPLITS = ("valid", "test", "export")
+
+
+@dataclass
+class Catalog:
+    """The item id spaces: global ids 1..N over all domains in order, local ids 1..n_d per domain."""
+
+    domains: list[str]
+    sizes: np.ndarray  # [n_domains] items per domain
+    offsets: np.ndarray  # [n_domains] global_id = offset + local_id
+    item_ids: list[str]  # source id of global id g at index g - 1
+
+    @property
+    def n_items(self) -> int:
+        return int(self.sizes.sum())
+
+    @property
+    def item_domain(self) -> np.ndarray:
+        """[N + 1] domain index of each global id (-1 for padding)."""
+        return np.concatenate([[-1], np.repeat(np.arange(len(self.domains)), self.sizes)]).astype(np.int64)
+
+    @property
+    def item_local(self) -> np.ndarray:
+        """[N + 1] local id of each global id (0 for padding)."""
+        return np.concatenate([[0], *[np.arange(1, n + 1) for n in self.sizes]]).astype(np.int64)
+
+    def domain_item_ids(self, domain: int) -> list[str]:
+        start = int(self.offsets[domain])
+        return self.item_ids[start : start + int(self.sizes[domain])]
+
+
+@dataclass
+class Sequences:
+    """Every user's whole mixed sequence of global ids (flat, CSR offsets), in user_idx order."""
+
+    user_ids: list[str]
+    flat: np.ndarray  # [n_interactions] global ids
+    offsets: np.ndarray  # [U + 1]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+@dataclass
+class EvalSplit:
+    """One evaluation split, users grouped by the domain of their target."""
+
+    name: str
+    inputs: Tensor  # [U, max_len] left-padded global ids the model sees
+    target: Tensor  # [U] global id of the target (0 for the export split)
+    target_domain: Tensor  # [U] domain of the target
+    candidates: Tensor | None = None  # [U, 1 + n_neg] local ids, column 0 = the target
+    # Items to leave out of the full ranking: (user, local id) pairs of the user's earlier items in the
+    # target's domain, sorted by user.
+    exclude_users: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    exclude_items: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    groups: dict[str, Tensor] = field(default_factory=dict)  # name -> [U] bool
+
+
+class SequenceData:
+    """Padded tensors for one workspace, plus samplers. Build once, reuse every epoch."""
+
+    def __init__(self, catalog: Catalog, sequences: Sequences, max_len: int) -> None:
+        self.catalog, self.sequences, self.max_len = catalog, sequences, max_len
+        self.width = max_len + 3
+        lengths = sequences.lengths
+        if lengths.min(initial=3) < 3:
+            raise ValueError("every user needs at least 3 interactions (train, valid, test)")
+        self.item_domain = torch.from_numpy(catalog.item_domain)
+        self.item_local = torch.from_numpy(catalog.item_local)
+        self.sizes = torch.from_numpy(catalog.sizes.astype(np.int64))
+        self.offsets = torch.from_numpy(catalog.offsets.astype(np.int64))
+        # [U, W] the last W items of each sequence, left-padded with 0.
+        U, W = len(lengths), self.width
+        keep = np.minimum(lengths, W)
+        padded = np.zeros((U, W), np.int64)
+        rows = np.repeat(np.arange(U), keep)
+        cols = W - np.repeat(keep, keep) + _ranges(keep)
+        src = np.repeat(sequences.offsets[1:] - keep, keep) + _ranges(keep)
+        padded[rows, cols] = sequences.flat[src]
+        self.padded = torch.from_numpy(padded)
+        self.train_lengths = torch.from_numpy(np.minimum(lengths - 2, max_len + 1))  # prefix incl. 1st input
+
+    @property
+    def n_users(self) -> int:
+        return self.padded.shape[0]
+
+    # -- training -------------------------------------------------------------------------------------
+    def train_prefix(self, users: Tensor) -> Tensor:
+        """[B, L+1] the training prefixes of `users`, trimmed to the longest (inputs + one more target)."""
+        W = self.width
+        longest = int(self.train_lengths[users].max())
+        return self.padded[users, W - 2 - longest : W - 2]
+
+    def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+        """User batches of similar length, in random order; every user once per epoch."""
+        noise = torch.rand(self.n_users, generator=generator)
+        order = torch.argsort(self.train_lengths.double() + noise.double())  # shuffle within a length
+        batches = list(torch.split(order, batch_size))
+        for i in torch.randperm(len(batches), generator=generator).tolist():
+            yield batches[i]
+
+    def sample_negatives(self, targets: Tensor, history: Tensor, generator: torch.Generator) -> Tensor:
+        """One negative global id per target, uniform over the *target's* domain, avoiding the user's items.
+
+        targets: [B, L] global ids (0 = no target); history: [B, H] global ids the user has seen.
+        Items in the history are redrawn (twice; a leftover clash is as rare as 1 in n_d^3).
+        """
+        dom = self.item_domain[targets].clamp(min=0)  # [B, L]
+        size, offset = self.sizes[dom], self.offsets[dom]
+        neg = offset + 1 + (torch.rand(targets.shape, generator=generator) * size).long()
+        for _ in range(2):
+            clash = (neg.unsqueeze(-1) == history.unsqueeze(1)).any(-1)  # [B, L]
+            if not clash.any():
+                break
+            redraw = offset + 1 + (torch.rand(targets.shape, generator=generator) * size).long()
+            neg = torch.where(clash, redraw, neg)
+        return neg * (targets > 0)
+
+    # -- evaluation -----------------------------------------------------------------------------------
+    def eval_split(self, name: str, n_negatives: int, seed: int, short_history: int) -> EvalSplit:
+        """The inputs, targets, candidate sets, exclusions and user groups of one split."""
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}")
+        W, L = self.width, self.max_len
+        end = {"valid": W - 2, "test": W - 1, "export": W}[name]
+        inputs = self.padded[:, end - L : end]
+        if name == "export":
+            # Serving recommends for every domain; target_domain is filled per domain by the exporter.
+            return EvalSplit(name, inputs, torch.zeros(self.n_users, dtype=torch.long), inputs[:, 0] * 0)
+        target = self.padded[:, end]
+        tdom = self.item_domain[target]
+        split = EvalSplit(name, inputs, target, tdom)
+        split.candidates = self._candidates(target, n_negatives, seed + (0 if name == "valid" else 1))
+        split.exclude_users, split.exclude_items = self._earlier_items(name, tdom.numpy())
+        n_prior = self.sequences.lengths - (2 if name == "valid" else 1)
+        dom_counts = self._prior_domain_counts(name)
+        overlap = torch.from_numpy((dom_counts > 0).sum(1) >= 2)
+        short = torch.from_numpy(n_prior < short_history)
+        split.groups = {"overlap": overlap, "single": ~overlap, "short": short, "long": ~short}
+        return split
+
+    def _prior_domain_counts(self, name: str) -> np.ndarray:
+        """[U, n_domains] how many items of each domain precede the split's target."""
+        seqs, dom = self.sequences, self.catalog.item_domain
+        cut = 2 if name == "valid" else 1
+        pos = np.arange(len(seqs.flat)) - np.repeat(seqs.offsets[:-1], seqs.lengths)
+        prior = pos < np.repeat(seqs.lengths - cut, seqs.lengths)
+        users = np.repeat(np.arange(len(seqs.lengths)), seqs.lengths)
+        counts = np.zeros((len(seqs.lengths), len(self.catalog.domains)), np.int64)
+        np.add.at(counts, (users[prior], dom[seqs.flat[prior]]), 1)
+        return counts
+
+    def _earlier_items(self, name: str, target_domain: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(user, local id) of every item before the target in the target's domain, sorted by user."""
+        seqs = self.sequences
+        cut = 2 if name == "valid" else 1
+        users = np.repeat(np.arange(len(seqs.lengths)), seqs.lengths)
+        pos = np.arange(len(seqs.flat)) - seqs.offsets[users]
+        g = seqs.flat
+        keep = (pos < seqs.lengths[users] - cut) & (self.catalog.item_domain[g] == target_domain[users])
+        return users[keep], self.catalog.item_local[g[keep]]
+
+    def _candidates(self, target: Tensor, n_negatives: int, seed: int) -> Tensor:
+        """[U, 1 + n] local ids: the target, then n distinct negatives from its domain never interacted with.
+
+        Drawn once per split from `seed`, so every model and every thread sees the same candidates.
+        """
+        rng = np.random.default_rng(seed)
+        tgt = target.numpy()
+        dom = self.catalog.item_domain[tgt]
+        sizes = self.catalog.sizes[dom]
+        seen = self._seen_keys()
+        N1 = self.catalog.n_items + 1
+        seen_dom = self.catalog.item_domain[seen % N1]
+        seen_in_target = np.bincount((seen // N1)[seen_dom == dom[seen // N1]], minlength=len(tgt))
+        if (sizes - seen_in_target < n_negatives).any():
+            raise ValueError(
+                f"a user's target domain has fewer than {n_negatives} unseen items; lower eval_negatives"
+            )
+        U = len(tgt)
+        out = np.zeros((U, n_negatives), np.int64)
+        todo = np.arange(U)
+        while len(todo):
+            draws = n_negatives + 32  # enough for almost every row; short rows draw again
+            loc = (rng.random((len(todo), draws)) * sizes[todo, None]).astype(np.int64) + 1
+            glob = loc + self.catalog.offsets[dom[todo], None]
+            keys = todo[:, None] * N1 + glob
+            ok = seen[np.minimum(np.searchsorted(seen, keys), len(seen) - 1)] != keys
+            # Keep the first occurrence of each id in a row.
+            order = np.argsort(loc, axis=1, kind="stable")
+            srt = np.take_along_axis(loc, order, 1)
+            dup_sorted = np.zeros_like(srt, dtype=bool)
+            dup_sorted[:, 1:] = srt[:, 1:] == srt[:, :-1]
+            dup = np.zeros_like(dup_sorted)
+            np.put_along_axis(dup, order, dup_sorted, 1)
+            ok &= ~dup
+            # Rows with enough valid draws take their first n; the others are drawn again.
+            enough = ok.sum(1) >= n_negatives
+            rows = np.where(enough)[0]
+            pick = np.argsort(~ok[rows], axis=1, kind="stable")[:, :n_negatives]
+            out[todo[rows]] = np.take_along_axis(loc[rows], pick, 1)
+            todo = todo[~enough]
+        local_target = self.catalog.item_local[tgt]
+        return torch.from_numpy(np.concatenate([local_target[:, None], out], 1))
+
+    def _seen_keys(self) -> np.ndarray:
+        seqs = self.sequences
+        users = np.repeat(np.arange(len(seqs.lengths)), seqs.lengths)
+        return np.unique(users * (self.catalog.n_items + 1) + seqs.flat)
+
+
+def _ranges(counts: np.ndarray) -> np.ndarray:
+    """Concatenated aranges: [3, 2] -> [0, 1, 2, 0, 1]."""
+    ends = np.cumsum(counts)
+    return np.arange(ends[-1] if len(ends) else 0) - np.repeat(ends - counts, counts)
+
+
+def users_by_domain(target_domain: Tensor, n_domains: int) -> list[Tensor]:
+    """The users of each target domain (in user order)."""
+    return [torch.nonzero(target_domain == d).flatten() for d in range(n_domains)]

@@ -1,0 +1,85 @@
+"""Export a trained run as per-domain user and item vectors for publishing.
+
+For every target domain d: user_vectors[u] . item_vectors[i] equals the model's fused score of item i
+for user u, where the user's state comes from the FULL history (training prefix + validation + test
+items), i.e. the representation that recommends the next, unseen item.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.base import Recommender
+from models.data import Catalog, SequenceData, Sequences
+from models.registry import build_model
+from storage.runs import RunDir
+from storage.vectors import DomainVectors
+from storage.workspace import Workspace
+
+
+def load_run(run_dir: Path, workspace: Workspace, device: str = "cpu") -> tuple[Recommender, dict, Catalog]:
+    """Rebuild a run's model with its best weights (from config.json + model.safetensors)."""
+    from safetensors.torch import load_file
+
+    from tasks.train.inputs import load_catalog
+
+    run = RunDir(workspace, Path(run_dir).name)
+    run.path = Path(run_dir)
+    config = run.read_config()
+    catalog = load_catalog(workspace)
+    recorded = config["catalog"]
+    if recorded["domains"] != catalog.domains or recorded["sizes"] != [int(n) for n in catalog.sizes]:
+        raise ValueError(
+            f"run {run.path.name} was trained on domains {recorded['domains']} with sizes {recorded['sizes']}, "
+            f"the workspace has {catalog.domains} / {[int(n) for n in catalog.sizes]}: retrain"
+        )
+    model = build_model(config["settings"], catalog)
+    model.load_state_dict(load_file(str(run.model), device=device), strict=True)
+    return model.to(device).eval(), config, catalog
+
+
+@torch.no_grad()
+def export_vectors(
+    run_dir: Path, workspace: Workspace, device: str = "cpu", batch_size: int = 2048
+) -> dict[str, DomainVectors]:
+    """{domain name: DomainVectors} for every domain, every user, every item of the domain."""
+    from tasks.train.inputs import load_sequences
+
+    model, config, catalog = load_run(run_dir, workspace, device)
+    sequences = load_sequences(workspace)
+    data = SequenceData(catalog, sequences, int(config["settings"]["max_len"]))
+    inputs = data.eval_split("export", 0, 0, 1).inputs  # [U, max_len], the whole history
+    order = torch.argsort((inputs > 0).sum(1), stable=True)  # similar lengths together (trimmed batches)
+    out: dict[str, DomainVectors] = {}
+    for d, name in enumerate(catalog.domains):
+        items = model.item_vectors(d)[1:].float().cpu().numpy()  # [n_d, D], drop the padding row
+        users = np.zeros((data.n_users, items.shape[1]), np.float32)
+        for chunk in torch.split(order, batch_size):
+            users[chunk.numpy()] = model.user_vectors(inputs[chunk].to(device), d).float().cpu().numpy()
+        indptr, seen = seen_items(catalog, sequences, d)
+        out[name] = DomainVectors(
+            domain=name,
+            user_ids=list(sequences.user_ids),
+            user_vectors=users,
+            item_ids=catalog.domain_item_ids(d),
+            item_vectors=items,
+            seen_indptr=indptr,
+            seen_items=seen,
+        )
+    return out
+
+
+def seen_items(catalog: Catalog, sequences: Sequences, domain: int) -> tuple[np.ndarray, np.ndarray]:
+    """CSR of the item rows (local id - 1) of `domain` each user interacted with, ever (deduplicated)."""
+    users = np.repeat(np.arange(len(sequences.lengths)), sequences.lengths)
+    g = sequences.flat
+    keep = catalog.item_domain[g] == domain
+    n = int(catalog.sizes[domain])
+    keys = np.unique(users[keep] * n + (catalog.item_local[g[keep]] - 1))
+    u, rows = keys // n, keys % n
+    indptr = np.zeros(len(sequences.lengths) + 1, np.int64)
+    np.cumsum(np.bincount(u, minlength=len(sequences.lengths)), out=indptr[1:])
+    return indptr, rows.astype(np.int64)

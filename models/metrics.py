@@ -1,0 +1,46 @@
+"""Ranking metrics. A rank is 0-based: the number of competing items scored at least as high as the
+positive (ties count against the positive, so a model that scores everything equal gets no credit)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+CUTOFFS = (5, 10, 20)
+
+
+def rank_sampled(scores: Tensor) -> Tensor:
+    """scores: [B, 1 + n], column 0 the positive -> [B] its rank among the n negatives."""
+    return (scores[:, 1:] >= scores[:, :1]).sum(1)
+
+
+def rank_full(scores: Tensor, target: Tensor) -> Tensor:
+    """scores: [B, n] over every item (excluded ones set to -inf), target: [B] column -> [B] rank."""
+    t = scores.gather(1, target[:, None])  # [B, 1]
+    return (scores >= t).sum(1) - 1  # minus the target itself
+
+
+def hit_rate(ranks: np.ndarray, k: int) -> float:
+    return float((ranks < k).mean()) if len(ranks) else float("nan")
+
+
+def ndcg(ranks: np.ndarray, k: int) -> float:
+    """NDCG@k with one relevant item: 1 / log2(rank + 2) if it is in the top k, else 0."""
+    if not len(ranks):
+        return float("nan")
+    gain = np.where(ranks < k, 1.0 / np.log2(ranks.astype(np.float64) + 2.0), 0.0)
+    return float(gain.mean())
+
+
+def summarise(ranks: np.ndarray, cutoffs: tuple[int, ...] = CUTOFFS) -> dict[str, float]:
+    """{'hr@5': ..., 'ndcg@5': ..., ...} for one set of users."""
+    out: dict[str, float] = {}
+    for k in cutoffs:
+        out[f"hr@{k}"] = hit_rate(ranks, k)
+        out[f"ndcg@{k}"] = ndcg(ranks, k)
+    return out
+
+
+def as_numpy(ranks: Tensor) -> np.ndarray:
+    return ranks.detach().to("cpu", torch.int64).numpy()

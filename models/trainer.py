@@ -1,0 +1,164 @@
+"""The training loop: Adam, early stopping on validation NDCG@10, best weights kept, resumable.
+
+Everything random (batch order, negatives) comes from a generator seeded with (seed, epoch), so a run
+resumed after a crash continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from bridgerec.progress import advance, progress_bar
+from models.base import Batch, Recommender
+from models.data import EvalSplit, SequenceData
+from models.evaluate import evaluate
+from models.metrics import ndcg
+from models.optim import Optimizer
+
+
+@dataclass
+class FitConfig:
+    lr: float
+    weight_decay: float
+    batch_size: int
+    eval_batch_size: int
+    epochs: int
+    patience: int
+    seed: int
+    time_budget_s: float | None = None
+
+
+@dataclass
+class FitState:
+    """What a checkpoint holds besides the weights; also the training history."""
+
+    epoch: int = 0  # epochs finished
+    best_epoch: int = 0
+    best_valid: float = -math.inf
+    bad_epochs: int = 0
+    elapsed_s: float = 0.0
+    history: list[dict] = field(default_factory=list)  # one row per epoch
+
+
+@dataclass
+class Profiles:
+    """Profile vectors by user_idx; users without one have has=False and a zero row."""
+
+    vectors: torch.Tensor  # [U, Dp]
+    has: torch.Tensor  # [U] bool
+
+
+def train_epoch(
+    model: Recommender,
+    data: SequenceData,
+    optimizer: Optimizer,
+    cfg: FitConfig,
+    epoch: int,
+    profiles: Profiles | None,
+    device: torch.device,
+    on_batch: Callable[[float], None] | None = None,
+) -> dict[str, float]:
+    """One pass over every user's training prefix; returns mean losses."""
+    model.train()
+    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    totals: dict[str, float] = {}
+    n = 0
+    for users in data.train_batches(cfg.batch_size, gen):
+        prefix = data.train_prefix(users)  # [B, L+1]
+        if prefix.shape[1] < 2:
+            continue  # users with a one-item prefix have no training target
+        negatives = data.sample_negatives(prefix[:, 1:], prefix, gen)
+        batch = Batch(prefix.to(device), negatives.to(device), users.to(device))
+        if profiles is not None:
+            batch.profile = profiles.vectors[users].to(device)
+            batch.has_profile = profiles.has[users].to(device)
+        loss, parts = model.loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        value = float(loss.detach())
+        totals["loss"] = totals.get("loss", 0.0) + value
+        for k, v in parts.items():
+            totals[k] = totals.get(k, 0.0) + v
+        n += 1
+        if on_batch is not None:
+            on_batch(value)
+    return {k: v / max(n, 1) for k, v in totals.items()}
+
+
+def fit(
+    model: Recommender,
+    data: SequenceData,
+    valid: EvalSplit,
+    cfg: FitConfig,
+    device: torch.device,
+    profiles: Profiles | None = None,
+    state: FitState | None = None,
+    optimizer_state: dict | None = None,
+    on_epoch: Callable[[Recommender, Optimizer, FitState, bool], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> FitState:
+    """Train until patience, `epochs` or the time budget runs out. `on_epoch(model, opt, state, is_best)`
+    persists the checkpoint (and the best weights); `state`/`optimizer_state` resume a run."""
+    optimizer = Optimizer(model, cfg.lr, cfg.weight_decay)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    state = state or FitState()
+    n_batches = math.ceil(data.n_users / cfg.batch_size)
+    remaining = cfg.epochs - state.epoch
+    with progress_bar(f"train {model.name}", total=remaining * n_batches, unit="batches") as bar:
+        while state.epoch < cfg.epochs and state.bad_epochs < cfg.patience:
+            if cfg.time_budget_s is not None and state.elapsed_s >= cfg.time_budget_s:
+                log(f"time budget of {cfg.time_budget_s:.0f} s reached after {state.epoch} epochs")
+                break
+            epoch = state.epoch + 1
+            started = time.perf_counter()
+            running = {"sum": 0.0, "n": 0}
+
+            def on_batch(loss: float, epoch: int = epoch, running: dict = running) -> None:
+                running["sum"] += loss
+                running["n"] += 1
+                advance(bar, 1, f"train {model.name} epoch {epoch} loss {running['sum'] / running['n']:.4f}")
+
+            losses = train_epoch(model, data, optimizer, cfg, epoch, profiles, device, on_batch)
+            train_s = time.perf_counter() - started
+            ranks = evaluate(model, valid, cfg.eval_batch_size, full=False, device=device)
+            eval_s = time.perf_counter() - started - train_s
+            score = ndcg(ranks.sampled, 10)
+            is_best = score > state.best_valid
+            if is_best:
+                state.best_valid, state.best_epoch, state.bad_epochs = score, epoch, 0
+            else:
+                state.bad_epochs += 1
+            state.epoch = epoch
+            state.elapsed_s += train_s + eval_s
+            state.history.append(
+                {
+                    "epoch": epoch,
+                    **losses,
+                    "valid_ndcg@10": score,
+                    "valid_hr@10": float((ranks.sampled < 10).mean()),
+                    "train_seconds": train_s,
+                    "eval_seconds": eval_s,
+                }
+            )
+            log(
+                f"epoch {epoch}: loss {losses.get('loss', float('nan')):.4f} valid ndcg@10 {score:.4f} "
+                f"({'best' if is_best else f'best {state.best_valid:.4f} @ {state.best_epoch}'}) "
+                f"train {train_s:.1f} s eval {eval_s:.1f} s"
+            )
+            if on_epoch is not None:
+                on_epoch(model, optimizer, state, is_best)
+    return state
+
+
+def set_seed(seed: int, deterministic: bool) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.use_deterministic_algorithms(deterministic, warn_only=False)

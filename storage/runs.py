@@ -1,0 +1,87 @@
+"""The layout of one training run, WORKSPACE/runs/<run_id>/, and its atomic writes.
+
+model.safetensors  best weights (frozen LLM tables included, so the run rebuilds on its own)
+config.json        everything needed to rebuild the model (settings, id spaces, table shapes, inputs)
+metrics.parquet    per-epoch training history and the final evaluation (schemas.TRAIN_METRICS)
+curve.png          validation NDCG@10 and training loss per epoch
+summary.json       the run's result; written last, so its presence means the run is complete
+checkpoint.pt      weights + optimizer + loop state after the latest epoch (resume after a crash)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from storage import schemas
+from storage.workspace import Workspace, write_json_atomic, write_parquet_atomic
+
+RUNS = "runs"
+
+
+class RunDir:
+    def __init__(self, workspace: Workspace, run_id: str) -> None:
+        self.run_id = run_id
+        self.path = workspace.root / RUNS / run_id
+
+    @property
+    def model(self) -> Path:
+        return self.path / "model.safetensors"
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.parquet"
+
+    @property
+    def curve(self) -> Path:
+        return self.path / "curve.png"
+
+    @property
+    def summary(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / "checkpoint.pt"
+
+    def is_complete(self) -> bool:
+        return self.summary.exists() and self.model.exists()
+
+    def read_config(self) -> dict[str, Any]:
+        if not self.config.exists():
+            raise FileNotFoundError(f"{self.config} does not exist: not a training run folder")
+        return json.loads(self.config.read_text())
+
+    def read_summary(self) -> dict[str, Any]:
+        return json.loads(self.summary.read_text())
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        write_json_atomic(config, self.config)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json_atomic(summary, self.summary)
+
+    def write_metrics(self, rows: list[dict[str, Any]]) -> None:
+        table = pa.Table.from_pylist(rows, schema=schemas.TRAIN_METRICS)
+        write_parquet_atomic(table, self.metrics, schemas.TRAIN_METRICS)
+
+    def temp_path(self, target: Path) -> Path:
+        """A temporary sibling of `target` for writers that take a path (torch, safetensors)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        return target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+
+    def commit(self, tmp: Path, target: Path) -> None:
+        os.replace(tmp, target)
+
+
+def run_dir_of(workspace: Workspace, run_id: str) -> RunDir:
+    return RunDir(workspace, run_id)

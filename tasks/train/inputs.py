@@ -1,0 +1,131 @@
+"""What the train stage reads: the ingest outputs (id spaces, sequences) and the enrich outputs (LLM
+item tables, profile vectors), as numpy arrays keyed by the ingest's dense ids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+
+from models.data import Catalog, Sequences
+from models.registry import ItemTables
+from storage.workspace import Workspace, hash_file
+
+
+def load_catalog(workspace: Workspace) -> Catalog:
+    domains = workspace.read_table("ingest", "domains").sort_by("domain_idx")
+    items = workspace.read_table("ingest", "items", columns=["item_id", "global_id"]).sort_by("global_id")
+    gids = items["global_id"].to_numpy()
+    if not np.array_equal(gids, np.arange(1, len(gids) + 1)):
+        raise ValueError("ingest items.parquet: global ids are not 1..N")
+    return Catalog(
+        domains=domains["domain"].to_pylist(),
+        sizes=domains["n_items"].to_numpy().astype(np.int64),
+        offsets=domains["global_offset"].to_numpy().astype(np.int64),
+        item_ids=items["item_id"].to_pylist(),
+    )
+
+
+def load_sequences(workspace: Workspace) -> Sequences:
+    seqs = workspace.read_table("ingest", "sequences", columns=["user_id", "user_idx", "global_ids"])
+    seqs = seqs.sort_by("user_idx")
+    if not np.array_equal(seqs["user_idx"].to_numpy(), np.arange(seqs.num_rows)):
+        raise ValueError("ingest sequences.parquet: user_idx is not 0..U-1")
+    lists = seqs["global_ids"].combine_chunks()
+    flat = pc.list_flatten(lists).to_numpy().astype(np.int64)
+    offsets = lists.offsets.to_numpy().astype(np.int64)
+    offsets = offsets - offsets[0]
+    return Sequences(user_ids=seqs["user_id"].to_pylist(), flat=flat, offsets=offsets)
+
+
+def load_item_tables(workspace: Workspace) -> ItemTables:
+    try:
+        from tasks.enrich import load_item_tables as enrich_tables
+    except ImportError:  # the enrich stage has not landed its loaders yet: read its file contract
+        enrich_tables = _contract_item_tables
+    global_table, local = enrich_tables(workspace)
+    return ItemTables(
+        np.asarray(global_table, np.float32), [np.asarray(local[d], np.float32) for d in sorted(local)]
+    )
+
+
+def load_profiles(workspace: Workspace, n_users: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(vectors [U, D] with zero rows for users without a profile, has [U] bool), or None if none exist."""
+    try:
+        from tasks.enrich import load_profile_vectors
+    except ImportError:
+        load_profile_vectors = _contract_profile_vectors
+    try:
+        user_idx, vectors = load_profile_vectors(workspace)
+    except FileNotFoundError:
+        return None
+    user_idx = np.asarray(user_idx, np.int64)
+    if len(user_idx) == 0:
+        return None
+    if user_idx.min() < 0 or user_idx.max() >= n_users:
+        raise ValueError("profile vectors name users outside the ingest's user_idx range")
+    out = np.zeros((n_users, vectors.shape[1]), np.float32)
+    has = np.zeros(n_users, bool)
+    out[user_idx] = vectors
+    has[user_idx] = True
+    return out, has
+
+
+def input_files(workspace: Workspace, llm: bool, profiles: bool) -> dict[str, Path]:
+    """The files a run depends on (their content hashes decide whether a rerun is skipped)."""
+    files = {
+        "ingest/sequences": workspace.stage_dir("ingest") / "sequences.parquet",
+        "ingest/items": workspace.stage_dir("ingest") / "items.parquet",
+    }
+    if llm:
+        files["enrich/item_vectors"] = workspace.stage_dir("enrich") / "item_vectors.parquet"
+    if profiles:
+        path = workspace.stage_dir("enrich") / "profiles.parquet"
+        if path.exists():
+            files["enrich/profiles"] = path
+    return files
+
+
+def input_hashes(files: dict[str, Path]) -> dict[str, str]:
+    missing = [f"{role}: {p}" for role, p in files.items() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError("train inputs not found (run ingest/enrich first): " + "; ".join(missing))
+    return {role: hash_file(p) for role, p in files.items()}
+
+
+# -- interim readers of the enrich file contract (used only while tasks.enrich lacks its loaders) -------
+def _contract_item_tables(workspace: Workspace) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    vec = workspace.read_table("enrich", "item_vectors")
+    items = workspace.read_table(
+        "ingest", "items", columns=["item_id", "global_id", "local_id", "domain_idx"]
+    )
+    idx = pc.index_in(items["item_id"], value_set=vec["item_id"])
+    if idx.null_count:
+        raise ValueError(f"enrich item_vectors.parquet lacks {idx.null_count} ingest items")
+    rows = idx.to_numpy()
+    g = np.stack(vec["global_vector"].to_numpy(zero_copy_only=False))[rows]
+    loc = np.stack(vec["local_vector"].to_numpy(zero_copy_only=False))[rows]
+    gid, lid, dom = (items[c].to_numpy() for c in ("global_id", "local_id", "domain_idx"))
+    global_table = np.zeros((len(gid) + 1, g.shape[1]), np.float32)
+    global_table[gid] = g
+    local: dict[int, np.ndarray] = {}
+    for d in np.unique(dom):
+        m = dom == d
+        table = np.zeros((int(lid[m].max()) + 1, loc.shape[1]), np.float32)
+        table[lid[m]] = loc[m]
+        local[int(d)] = table
+    return global_table, local
+
+
+def _contract_profile_vectors(workspace: Workspace) -> tuple[np.ndarray, np.ndarray]:
+    path = workspace.stage_dir("enrich") / "profiles.parquet"
+    if not path.exists():
+        raise FileNotFoundError(path)
+    prof = workspace.read_table("enrich", "profiles", columns=["user_id", "vector"])
+    users = workspace.read_table("ingest", "users", columns=["user_id", "user_idx"])
+    idx = pc.index_in(prof["user_id"], value_set=users["user_id"])
+    keep = pc.is_valid(idx).to_numpy(zero_copy_only=False)
+    user_idx = users["user_idx"].to_numpy()[idx.to_numpy(zero_copy_only=False)[keep].astype(np.int64)]
+    vectors = np.stack(prof["vector"].to_numpy(zero_copy_only=False))[keep].astype(np.float32)
+    return user_idx, vectors

@@ -1,0 +1,329 @@
+"""The train stage: train one model on the workspace, evaluate it honestly, record the run.
+
+Each run lives in WORKSPACE/runs/<run_id>/ (see storage/runs.py); the run id is a hash of the model's
+settings and the input files' contents, so an unchanged rerun finds its finished run and skips, and an
+interrupted one finds its checkpoint and resumes. The stage folder WORKSPACE/train/ holds the leaderboard
+of finished runs (runs.parquet) and a manifest whose stats name the best run on the current inputs.
+"""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from pydantic import BaseModel
+
+from bridgerec.logs import get_logger
+from models.data import SequenceData
+from models.evaluate import evaluate, headline, metric_rows
+from models.optim import Optimizer
+from models.registry import build_model
+from models.trainer import FitConfig, FitState, Profiles, fit, set_seed
+from storage import schemas
+from storage.runs import RunDir
+from storage.workspace import Workspace, hash_json
+from tasks.train.inputs import (
+    input_files,
+    input_hashes,
+    load_catalog,
+    load_item_tables,
+    load_profiles,
+    load_sequences,
+)
+from tasks.train.settings import TrainSettings
+
+STAGE = "train"
+# Fields that change how fast a run goes, not what it learns: left out of the run id.
+RUNTIME_FIELDS = {"threads", "device", "eval_batch_size"}
+
+
+class TrainSummary(BaseModel):
+    """What `bridgerec train --json` prints (and summary.json holds)."""
+
+    run_id: str
+    model: str
+    epochs: int
+    best_epoch: int
+    epoch_seconds: float  # mean training time of an epoch (without validation)
+    eval_seconds: float  # mean validation time per epoch
+    train_seconds: float  # the whole training loop, validation included
+    valid: dict[str, Any]
+    test: dict[str, Any]
+    users: int
+    peak_rss_mb: float
+    resumed_from_epoch: int = 0
+    skipped: bool = False
+    seconds: float = 0.0
+    run_dir: str = ""
+    device: str = "cpu"
+    threads: int = 1
+
+
+def config_hash(settings: TrainSettings) -> str:
+    return hash_json(settings.resolved().model_dump(mode="json", exclude=RUNTIME_FIELDS))
+
+
+def run_id_for(settings: TrainSettings, hashes: dict[str, str]) -> str:
+    return f"{settings.model}-{hash_json([config_hash(settings), hashes])[:12]}"
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def run_train(
+    settings: TrainSettings, workspace: Workspace, threads: int = 1, force: bool = False
+) -> TrainSummary:
+    """Train `settings.model` on the workspace; skip when the same run already finished."""
+    log = get_logger()
+    started = time.perf_counter()
+    resolved = settings.resolved()
+    files = input_files(workspace, settings.uses_llm_tables, settings.uses_profiles)
+    hashes = input_hashes(files)
+    run = RunDir(workspace, run_id_for(settings, hashes))
+    if run.is_complete() and not force:
+        log.info("train: %s already trained on these inputs, skipping (%s)", run.run_id, run.path)
+        summary = TrainSummary(**run.read_summary())
+        _record(workspace, run, summary, hashes, config_hash(settings))
+        return summary.model_copy(update={"skipped": True, "seconds": time.perf_counter() - started})
+    if force and run.path.exists():
+        shutil.rmtree(run.path)
+
+    threads = settings.threads or threads
+    torch.set_num_threads(threads)
+    device = pick_device(settings.device)
+    set_seed(settings.seed, settings.deterministic)
+
+    catalog = load_catalog(workspace)
+    sequences = load_sequences(workspace)
+    data = SequenceData(catalog, sequences, resolved.max_len)
+    tables = load_item_tables(workspace) if settings.uses_llm_tables else None
+    profiles = None
+    if settings.uses_profiles:
+        loaded = load_profiles(workspace, data.n_users)
+        if loaded is None:
+            log.warning("train: no profile vectors in the workspace; training without the profile term")
+        else:
+            profiles = Profiles(torch.from_numpy(loaded[0]), torch.from_numpy(loaded[1]))
+            log.info("train: %d of %d users have a profile", int(loaded[1].sum()), data.n_users)
+    model_config = resolved.model_dump(mode="json") | {
+        "architecture": settings.architecture,
+        "tables": {
+            "global_dim": int(tables.global_table.shape[1]) if tables else 0,
+            "local_dim": int(tables.local_tables[0].shape[1]) if tables else 0,
+            "profile_dim": int(profiles.vectors.shape[1]) if profiles is not None else 0,
+        },
+    }
+    model = build_model(model_config, catalog, tables).to(device)
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.write_config(
+        {
+            "run_id": run.run_id,
+            "model": settings.model,
+            "settings": model_config,
+            "catalog": {
+                "domains": catalog.domains,
+                "sizes": [int(n) for n in catalog.sizes],
+                "offsets": [int(n) for n in catalog.offsets],
+            },
+            "inputs": hashes,
+            "config_hash": config_hash(settings),
+            "created_at": datetime.now(UTC).isoformat(),
+            "torch": torch.__version__,
+        }
+    )
+
+    t0 = time.perf_counter()
+    valid = data.eval_split("valid", settings.eval_negatives, settings.seed, settings.short_history)
+    test = data.eval_split("test", settings.eval_negatives, settings.seed, settings.short_history)
+    log.info("train: evaluation splits built in %.1f s", time.perf_counter() - t0)
+
+    state, opt_state = None, None
+    if run.checkpoint.exists():
+        ckpt = torch.load(run.checkpoint, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        opt_state, state = ckpt["optimizer"], FitState(**ckpt["state"])
+        log.info("train: resuming %s after epoch %d", run.run_id, state.epoch)
+    resumed_from = state.epoch if state else 0
+
+    def on_epoch(m: torch.nn.Module, opt: Optimizer, st: FitState, is_best: bool) -> None:
+        if is_best:
+            _save_weights(m, run)
+        tmp = run.temp_path(run.checkpoint)
+        torch.save({"model": m.state_dict(), "optimizer": opt.state_dict(), "state": st.__dict__}, tmp)
+        run.commit(tmp, run.checkpoint)
+
+    cfg = FitConfig(
+        lr=settings.lr,
+        weight_decay=settings.weight_decay,
+        batch_size=settings.batch_size,
+        eval_batch_size=settings.eval_batch_size,
+        epochs=settings.epochs,
+        patience=settings.patience,
+        seed=settings.seed,
+        time_budget_s=settings.time_budget_s,
+    )
+    state = fit(model, data, valid, cfg, device, profiles, state, opt_state, on_epoch, log=log.info)
+    if not run.model.exists():
+        raise RuntimeError("training finished without a single epoch; check train.epochs and the time budget")
+
+    # Final evaluation of the best weights, sampled and full ranking, on validation and test.
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(run.model), device=str(device)))
+    rows: list[dict] = []
+    results = {}
+    for split in (valid, test):
+        ranks = evaluate(model, split, settings.eval_batch_size, settings.full_ranking, device)
+        split_rows = metric_rows(ranks, split, catalog.domains)
+        results[split.name] = headline(split_rows, catalog.domains)
+        rows += [r | {"run_id": run.run_id, "epoch": state.best_epoch} for r in split_rows]
+    rows += _history_rows(run.run_id, state.history)
+    run.write_metrics(rows)
+    _plot_curve(state.history, run.curve, f"{settings.model} ({run.run_id})")
+
+    hist = state.history
+    summary = TrainSummary(
+        run_id=run.run_id,
+        model=settings.model,
+        epochs=state.epoch,
+        best_epoch=state.best_epoch,
+        epoch_seconds=float(np.mean([h["train_seconds"] for h in hist])) if hist else 0.0,
+        eval_seconds=float(np.mean([h["eval_seconds"] for h in hist])) if hist else 0.0,
+        train_seconds=state.elapsed_s,
+        valid=results["valid"],
+        test=results["test"],
+        users=data.n_users,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        resumed_from_epoch=resumed_from,
+        seconds=time.perf_counter() - started,
+        run_dir=str(run.path),
+        device=str(device),
+        threads=threads,
+    )
+    run.write_summary(summary.model_dump(mode="json"))
+    run.checkpoint.unlink(missing_ok=True)
+    _record(workspace, run, summary, hashes, config_hash(settings))
+    log.info(
+        "train: %s best epoch %d/%d, test ndcg@10 %.4f (full %.4f), %.1f s/epoch",
+        run.run_id,
+        summary.best_epoch,
+        summary.epochs,
+        summary.test["overall"]["ndcg@10"],
+        summary.test.get("full", {}).get("overall", {}).get("ndcg@10", float("nan")),
+        summary.epoch_seconds,
+    )
+    return summary
+
+
+def _save_weights(model: torch.nn.Module, run: RunDir) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = run.temp_path(run.model)
+    save_file(tensors, str(tmp))
+    run.commit(tmp, run.model)
+
+
+def _history_rows(run_id: str, history: list[dict]) -> list[dict]:
+    rows = []
+    for h in history:
+        for key, value in h.items():
+            if key == "epoch":
+                continue
+            split = "valid" if key.startswith("valid_") else "train"
+            metric = key.removeprefix("valid_")
+            protocol = "sampled" if split == "valid" else "train"
+            rows.append(
+                {
+                    "run_id": run_id,
+                    "epoch": int(h["epoch"]),
+                    "split": split,
+                    "protocol": protocol,
+                    "group": "overall",
+                    "metric": metric,
+                    "value": float(value),
+                    "users": None,
+                }
+            )
+    return rows
+
+
+def _plot_curve(history: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(epochs, [h["valid_ndcg@10"] for h in history], "o-", color="tab:blue", label="valid NDCG@10")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation NDCG@10 (sampled)", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(epochs, [h.get("loss", np.nan) for h in history], "s--", color="tab:red", label="train loss")
+    ax2.set_ylabel("training loss", color="tab:red")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _record(
+    workspace: Workspace, run: RunDir, summary: TrainSummary, hashes: dict[str, str], chash: str
+) -> None:
+    """Add the run to the leaderboard and rewrite the stage manifest naming the best current run."""
+    input_hash = hash_json(hashes)
+    row = {
+        "run_id": summary.run_id,
+        "model": summary.model,
+        "finished_at": datetime.now(UTC),
+        "input_hash": input_hash,
+        "config_hash": chash,
+        "epochs": summary.epochs,
+        "best_epoch": summary.best_epoch,
+        "epoch_seconds": summary.epoch_seconds,
+        "valid_ndcg10": summary.valid["overall"]["ndcg@10"],
+        "test_hr10": summary.test["overall"]["hr@10"],
+        "test_ndcg10": summary.test["overall"]["ndcg@10"],
+        "test_full_hr10": summary.test.get("full", {}).get("overall", {}).get("hr@10"),
+        "test_full_ndcg10": summary.test.get("full", {}).get("overall", {}).get("ndcg@10"),
+    }
+    previous: list[dict] = []
+    path = workspace.stage_dir(STAGE) / "runs.parquet"
+    if path.exists():
+        previous = [
+            r for r in workspace.read_table(STAGE, "runs").to_pylist() if r["run_id"] != summary.run_id
+        ]
+    # Runs whose folder was deleted drop out of the leaderboard.
+    previous = [r for r in previous if RunDir(workspace, r["run_id"]).is_complete()]
+    board = [*previous, row]
+    # The best run on the *current* inputs (the ingest/enrich outputs of this run), by validation NDCG@10.
+    current = [r for r in board if r["input_hash"] == input_hash or r["run_id"] == summary.run_id]
+    best = max(current, key=lambda r: r["valid_ndcg10"] if r["valid_ndcg10"] == r["valid_ndcg10"] else -1)
+    with workspace.building(STAGE) as stage:
+        stage.write_table("runs", pa.Table.from_pylist(board, schema=schemas.TRAIN_RUNS), schemas.TRAIN_RUNS)
+        stage.finish(
+            schema_version=schemas.TRAIN_SCHEMA_VERSION,
+            config_hash=chash,
+            input_hashes=hashes,
+            stats={
+                "best": {k: best[k] for k in ("run_id", "model", "valid_ndcg10", "test_ndcg10")}
+                | {"run_dir": str(RunDir(workspace, best["run_id"]).path)},
+                "latest": {"run_id": summary.run_id, "model": summary.model},
+                "runs": len(board),
+            },
+        )

@@ -1,0 +1,214 @@
+"""The recommender's parts on small, hand-checkable inputs: metrics, padded tensors and splits, samplers,
+the backbone's trimming and masking, and the score contract of every model."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from models.backbone import SequenceEncoder, domain_view, trim
+from models.base import Batch
+from models.data import Catalog, SequenceData, Sequences
+from models.metrics import hit_rate, ndcg, rank_full, rank_sampled, summarise
+from models.optim import Optimizer
+from models.registry import ItemTables, build_model
+
+# Two domains: "a" has global ids 1..6 (local 1..6), "b" has global ids 7..11 (local 1..5).
+CATALOG = Catalog(
+    domains=["a", "b"],
+    sizes=np.array([6, 5]),
+    offsets=np.array([0, 6]),
+    item_ids=[f"i{g}" for g in range(1, 12)],
+)
+SEQS = [[1, 7, 2, 8, 3], [9, 10, 4], [5, 6, 1, 2, 11, 7, 3]]
+
+
+def sequences(seqs: list[list[int]] = SEQS) -> Sequences:
+    lengths = np.array([len(s) for s in seqs])
+    return Sequences(
+        user_ids=[f"u{i}" for i in range(len(seqs))],
+        flat=np.concatenate(seqs).astype(np.int64),
+        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+    )
+
+
+# -- metrics -------------------------------------------------------------------------------------------
+def test_metrics_match_hand_computed_values() -> None:
+    ranks = np.array([0, 1, 4, 9, 10, 30])
+    assert hit_rate(ranks, 5) == pytest.approx(3 / 6)
+    assert hit_rate(ranks, 10) == pytest.approx(4 / 6)
+    # 1/log2(2) + 1/log2(3) + 1/log2(6) + 1/log2(11), over 6 users
+    expected = (1.0 + 1 / math.log2(3) + 1 / math.log2(6) + 1 / math.log2(11)) / 6
+    assert ndcg(ranks, 10) == pytest.approx(expected)
+    assert ndcg(ranks, 5) == pytest.approx((1.0 + 1 / math.log2(3) + 1 / math.log2(6)) / 6)
+    assert summarise(np.array([2]))["ndcg@20"] == pytest.approx(0.5)  # 1/log2(4)
+
+
+def test_ranks_count_ties_against_the_positive() -> None:
+    scores = torch.tensor([[0.5, 0.1, 0.9, 0.5], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    assert rank_sampled(scores).tolist() == [2, 0, 3]
+    full = torch.tensor([[-torch.inf, 0.3, 0.7, 0.3, 0.1]])
+    assert rank_full(full, torch.tensor([1])).tolist() == [2]  # 0.7 and the tied 0.3 rank above
+    assert rank_full(full, torch.tensor([2])).tolist() == [0]
+
+
+# -- padded tensors, splits, leakage -------------------------------------------------------------------
+def test_padded_splits_are_leave_one_out_and_never_leak() -> None:
+    data = SequenceData(CATALOG, sequences(), max_len=4)
+    prefix = data.train_prefix(torch.arange(3))
+    valid = data.eval_split("valid", 1, seed=1, short_history=4)
+    test = data.eval_split("test", 1, seed=1, short_history=4)
+    for u, s in enumerate(SEQS):
+        row = [x for x in prefix[u].tolist() if x]
+        assert row == s[:-2][-5:]  # the prefix is everything before the validation target (max_len + 1)
+        assert valid.target[u] == s[-2] and test.target[u] == s[-1]
+        assert [x for x in valid.inputs[u].tolist() if x] == s[:-2][-4:]
+        assert [x for x in test.inputs[u].tolist() if x] == s[:-1][-4:]
+        # The prefix ends at the item before the validation target: neither target is a training input
+        # or a training target.
+        assert prefix[u].tolist()[-1] == s[-3]
+    export = data.eval_split("export", 0, 0, 1)
+    assert [x for x in export.inputs[2].tolist() if x] == SEQS[2][-4:]
+
+
+def test_training_batches_cover_every_user_once_and_trim_padding() -> None:
+    data = SequenceData(CATALOG, sequences(), max_len=200)
+    gen = torch.Generator().manual_seed(0)
+    seen = torch.cat(list(data.train_batches(2, gen))).sort().values
+    assert seen.tolist() == [0, 1, 2]
+    prefix = data.train_prefix(torch.tensor([0, 1]))
+    assert prefix.shape == (2, 3)  # longest training prefix among users 0 and 1 is 3 items, not 201
+
+
+def test_negatives_come_from_the_targets_domain_and_avoid_the_history() -> None:
+    catalog = Catalog(["a", "b"], np.array([50, 50]), np.array([0, 50]), [f"i{g}" for g in range(1, 101)])
+    rng = np.random.default_rng(0)
+    seqs = [[*rng.choice(np.r_[1:11, 51:61], 20, replace=False), 11, 61] for _ in range(50)]
+    data = SequenceData(catalog, sequences(seqs), max_len=30)
+    prefix = data.train_prefix(torch.arange(50))
+    targets = prefix[:, 1:]
+    neg = data.sample_negatives(targets, prefix, torch.Generator().manual_seed(3))
+    real = targets > 0
+    dom = torch.from_numpy(catalog.item_domain)
+    assert torch.equal(dom[neg[real]], dom[targets[real]])  # the target's domain, not the input's
+    assert (neg[~real] == 0).all()
+    # 10 of each domain's 50 items are in every history: 20% clash per draw, 0.8% after two redraws.
+    clash = (neg.unsqueeze(-1) == prefix.unsqueeze(1)).any(-1) & real
+    assert clash.sum() / real.sum() < 0.03
+
+
+def test_candidates_are_fixed_distinct_unseen_and_from_the_targets_domain(sample_workspace) -> None:
+    from storage.workspace import Workspace
+    from tasks.train.inputs import load_catalog, load_sequences
+
+    ws = Workspace(sample_workspace)
+    catalog, seqs = load_catalog(ws), load_sequences(ws)
+    data = SequenceData(catalog, seqs, 50)
+    a = data.eval_split("test", 100, seed=7, short_history=5)
+    b = SequenceData(catalog, seqs, 200).eval_split("test", 100, seed=7, short_history=5)
+    assert torch.equal(a.candidates, b.candidates)  # the same for every model and setting
+    cand = a.candidates.numpy()
+    assert (cand[:, 0] == catalog.item_local[a.target.numpy()]).all()
+    tdom = a.target_domain.numpy()
+    for u in range(0, data.n_users, 37):
+        negs = cand[u, 1:]
+        assert len(set(negs.tolist())) == 100 and (negs >= 1).all() and (negs <= catalog.sizes[tdom[u]]).all()
+        seen = seqs.flat[seqs.offsets[u] : seqs.offsets[u + 1]]
+        seen_local = {int(catalog.item_local[g]) for g in seen if catalog.item_domain[g] == tdom[u]}
+        assert not seen_local & set(negs.tolist())
+    # Groups partition the users.
+    assert (a.groups["overlap"] ^ a.groups["single"]).all() and (a.groups["short"] ^ a.groups["long"]).all()
+
+
+# -- backbone ------------------------------------------------------------------------------------------
+def test_domain_view_extracts_subsequences_and_latest_positions() -> None:
+    ids = torch.tensor([[0, 1, 7, 2, 8], [0, 0, 9, 10, 4]])
+    dom = torch.from_numpy(CATALOG.item_domain)[ids]
+    sub, last, has = domain_view(dom, ids, 0)
+    assert sub.tolist() == [[1, 2], [0, 4]]
+    assert has.tolist() == [[False, True, True, True, True], [False, False, False, False, True]]
+    assert last[0].tolist() == [0, 0, 0, 1, 1] and last[1, 4] == 1
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_trimmed_batches_compute_what_padded_ones_do(causal: bool) -> None:
+    torch.manual_seed(0)
+    enc = SequenceEncoder(16, 2, 2, 0.0, max_len=10, causal=causal).eval()
+    emb = torch.nn.Embedding(12, 16, padding_idx=0)
+    ids = torch.tensor([[0] * 7 + [1, 7, 2], [0] * 8 + [3, 4]])
+    full = enc(emb(ids), ids)
+    short = trim(ids)
+    assert short.shape == (2, 3)
+    assert torch.allclose(enc(emb(short), short), full[:, -3:], atol=1e-5)
+    assert (full[:, :7] == 0).all()  # padding positions are zero
+
+
+def test_causal_switch_hides_the_future() -> None:
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(12, 16, padding_idx=0)
+    a, b = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 2, 3, 5]])
+    causal = SequenceEncoder(16, 1, 1, 0.0, 10, causal=True).eval()
+    assert torch.allclose(causal(emb(a), a)[:, :3], causal(emb(b), b)[:, :3], atol=1e-6)
+    bidir = SequenceEncoder(16, 1, 1, 0.0, 10, causal=False).eval()
+    assert not torch.allclose(bidir(emb(a), a)[:, :3], bidir(emb(b), b)[:, :3], atol=1e-6)
+
+
+# -- models: one score contract ------------------------------------------------------------------------
+def _tables(seed: int = 0) -> ItemTables:
+    # Shape-only stand-ins for the LLM tables in contract tests (the real tables are used end to end in
+    # test_train_stage.py); the contract must hold for any table.
+    rng = np.random.default_rng(seed)
+    g = rng.normal(size=(12, 24)).astype(np.float32)
+    g[0] = 0
+    local = [rng.normal(size=(n + 1, 12)).astype(np.float32) for n in CATALOG.sizes]
+    for t in local:
+        t[0] = 0
+    return ItemTables(g, local)
+
+
+def _config(arch: str, **kw) -> dict:
+    base = dict(architecture=arch, hidden=16, layers=2, heads=2, dropout=0.0, max_len=10, causal=False,
+                id_embeddings=False, alpha=0.1, beta=0.1, tau=1.0)  # fmt: skip
+    return base | kw
+
+
+@pytest.mark.parametrize(
+    ("arch", "kw"),
+    [("sasrec", {}), ("sasrec_domain", {}), ("llm4cdsr", {}), ("llm4cdsr", {"id_embeddings": True})],
+)
+def test_user_and_item_vectors_reproduce_the_forward_scores(arch: str, kw: dict) -> None:
+    torch.manual_seed(0)
+    model = build_model(_config(arch, **kw), CATALOG, _tables(), profile_dim=8).eval()
+    inputs = torch.tensor([[0, 0, 1, 7, 2, 8], [0, 0, 0, 9, 10, 4], [5, 6, 1, 2, 11, 7]])
+    for d, n in enumerate(CATALOG.sizes):
+        cand = torch.arange(1, n + 1).repeat(3, 1)  # every item of the domain
+        forward = model.score(inputs, d, cand)
+        exported = model.user_vectors(inputs, d) @ model.item_vectors(d)[1:].T
+        assert torch.allclose(forward, exported, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["sasrec", "sasrec_domain", "llm4cdsr"])
+def test_every_model_trains_with_and_without_profiles(arch: str) -> None:
+    torch.manual_seed(0)
+    data = SequenceData(CATALOG, sequences(SEQS * 4), max_len=10)
+    model = build_model(_config(arch), CATALOG, _tables(), profile_dim=8)
+    opt = Optimizer(model, lr=1e-2)
+    prefix = data.train_prefix(torch.arange(12))
+    neg = data.sample_negatives(prefix[:, 1:], prefix, torch.Generator().manual_seed(0))
+    has = torch.tensor([True, False] * 6)  # half the users have no profile (capped or failed)
+    batch = Batch(prefix, neg, torch.arange(12), torch.randn(12, 8) * has[:, None], has)
+    losses = []
+    for _ in range(30):
+        loss, parts = model.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0] * 0.7
+    if arch == "llm4cdsr":
+        assert {"rec", "reg", "user"} <= set(parts)
+        batch.has_profile = torch.zeros(12, dtype=torch.bool)
+        assert "user" not in model.loss(batch)[1]  # no profiles, no profile term
