@@ -27,6 +27,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect the effective configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+runs_app = typer.Typer(help="Published runs in the warehouse.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
 
 ConfigOpt = Annotated[
     Path | None,
@@ -193,10 +195,69 @@ def train(config: ConfigOpt = None, workspace: WorkspaceOpt = None, as_json: Jso
     _not_built("train", "the recommender")
 
 
+WarehouseOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--warehouse", help="DuckDB warehouse file (overrides config `warehouse`).", show_default=False
+    ),
+]
+
+
 @app.command()
-def publish(config: ConfigOpt = None, workspace: WorkspaceOpt = None, as_json: JsonOpt = False) -> None:
-    """Write top-k recommendations to the DuckDB warehouse with a FAISS index per domain."""
-    _not_built("publish", "publishing")
+def publish(
+    config: ConfigOpt = None,
+    workspace: WorkspaceOpt = None,
+    warehouse: WarehouseOpt = None,
+    k: Annotated[int | None, typer.Option("--k", help="Recommendations per user and domain.")] = None,
+    run_id: Annotated[
+        str | None, typer.Option("--run-id", help="Id of the published run (default: the trained run's).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Publish again even if this run is already published.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write the latest trained run's top-k per user and domain to the DuckDB warehouse, with FAISS indexes.
+
+    The warehouse is replaced atomically: analysts reading it meanwhile see the previous run or the new one.
+    A failed publish leaves the warehouse as it was.
+    Indexes are saved under <warehouse folder>/indexes/<run_id>/.
+    Runs beyond `publish.retention_runs` lose their recommendations, profiles and indexes.
+    """
+    from flows.publish import publish_flow
+    from storage.warehouse import WarehouseError
+    from tasks.publish.stage import PublishError
+
+    settings = _settings(config, workspace=workspace, warehouse=warehouse, **{"publish.k": k})
+    progress.set_enabled(not as_json)
+    try:
+        summary = publish_flow(
+            settings.publish,
+            str(settings.workspace),
+            str(settings.warehouse),
+            settings.runtime.resolved_threads(),
+            force,
+            run_id,
+        )
+    except (PublishError, WarehouseError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    _emit(summary.model_dump(mode="json"), as_json, _render_publish)
+
+
+def _render_publish(s: dict) -> None:
+    from rich.console import Console
+
+    console = Console()
+    if s["skipped"]:
+        console.print(f"[bold green]publish skipped[/]: run {s['run_id']} is already in {s['warehouse']}")
+        return
+    console.print(
+        f"[bold green]published run {s['run_id']}[/] ({s['model']}) in {s['seconds']:.1f} s -> {s['warehouse']}"
+    )
+    console.print(
+        f"{s['rows']:,} rows: {s['users']:,} users x {len(s['items_per_domain'])} domains x k={s['k']}; "
+        f"indexes in {s['index_dir']}"
+    )
+    if s["purged_runs"]:
+        console.print(f"retention purged: {', '.join(s['purged_runs'])}")
 
 
 @app.command()
@@ -223,9 +284,79 @@ def run(
 
 
 @app.command()
-def recs(as_json: JsonOpt = False) -> None:
-    """Show a user's top-k recommendations with item titles and their profile."""
-    _not_built("recs", "publishing")
+def recs(
+    user: Annotated[str, typer.Option("--user", "-u", help="The user's source id.")],
+    domain: Annotated[str | None, typer.Option("--domain", "-d", help="Only this domain.")] = None,
+    run_id: Annotated[str | None, typer.Option("--run", help="A retained run (default: the latest).")] = None,
+    warehouse: WarehouseOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a user's top-k recommendations with item titles and their profile (read-only)."""
+    from storage.warehouse import WarehouseError, user_recommendations
+
+    path = warehouse or _settings(config).warehouse
+    try:
+        result = user_recommendations(path, user, domain, run_id)
+    except WarehouseError as exc:
+        _fail(str(exc))
+    _emit(result, as_json, _render_recs)
+
+
+def _render_recs(r: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]user {r['user_id']}[/]  run {r['run_id']} ({r['model']})")
+    console.print(f"[italic]profile:[/] {r['profile'] or '(none)'}")
+    for domain, rows in r["recommendations"].items():
+        t = Table(title=domain, title_justify="left")
+        for col in ("rank", "item_id", "title", "score"):
+            t.add_column(col, justify="right" if col in ("rank", "score") else "left")
+        for row in rows:
+            t.add_row(str(row["rank"]), row["item_id"], row["title"] or "", f"{row['score']:.4f}")
+        console.print(t)
+
+
+@runs_app.command("list")
+def runs_list(
+    warehouse: WarehouseOpt = None,
+    config: ConfigOpt = None,
+    limit: Annotated[int | None, typer.Option(help="Show at most this many runs.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the runs in the warehouse, newest first; `retained` runs still have their recommendations."""
+    from storage.warehouse import WarehouseError, list_runs
+
+    path = warehouse or _settings(config).warehouse
+    try:
+        runs = list_runs(path, limit)
+    except WarehouseError as exc:
+        _fail(str(exc))
+    _emit({"warehouse": str(path), "runs": runs}, as_json, _render_runs)
+
+
+def _render_runs(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"runs in {result['warehouse']}", title_justify="left")
+    for col in ("run_id", "status", "model", "finished", "users", "rows", "retained", "message"):
+        t.add_column(col)
+    for r in result["runs"]:
+        finished = r["finished_at"].strftime("%Y-%m-%d %H:%M:%S") if r["finished_at"] else ""
+        t.add_row(
+            r["run_id"],
+            r["status"],
+            r["model"] or "",
+            finished,
+            f"{r['n_users']:,}" if r["n_users"] is not None else "",
+            f"{r['n_recommendations']:,}" if r["n_recommendations"] is not None else "",
+            "yes" if r["retained"] else "no",
+            (r["message"] or "")[:60],
+        )
+    Console().print(t)
 
 
 @config_app.command("show")

@@ -6,6 +6,7 @@ An unchanged rerun (same run id, same inputs and settings, still retained) does 
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from collections.abc import Mapping
@@ -25,6 +26,7 @@ from bridgerec.logs import get_logger
 from bridgerec.progress import advance, progress_bar
 from storage import warehouse as wh
 from storage.index_store import IndexStore, check_run_id, set_threads
+from storage.runs import RunDir
 from storage.vectors import DomainVectors
 from storage.workspace import Workspace, hash_file, hash_json
 from tasks.publish.recommend import DomainTopK, recommend_domain, recommendation_rows
@@ -68,17 +70,20 @@ class TrainedRun:
 
 
 def resolve_trained_run(workspace: Workspace) -> TrainedRun:
-    """The best run of the train stage (WORKSPACE/train/manifest.json names it)."""
+    """The best run of the train stage on the current inputs (WORKSPACE/train/manifest.json names it)."""
     manifest = workspace.read_manifest("train")
     if manifest is None:
         raise PublishError(f"no trained model in {workspace.stage_dir('train')}: run `bridgerec train` first")
-    run_id = manifest.stats.get("run_id")
+    best = manifest.stats.get("best") or {}
+    run_id = best.get("run_id")
     if not run_id:
-        raise PublishError(f"{workspace.stage_dir('train')}/manifest.json names no run_id in its stats")
-    path = workspace.root / "runs" / str(run_id)
-    if not (path / "model.safetensors").exists():
-        raise PublishError(f"the trained run {run_id!r} is incomplete: {path}/model.safetensors is missing")
-    return TrainedRun(str(run_id), manifest.stats.get("model"), path)
+        raise PublishError(f"{workspace.stage_dir('train')}/manifest.json names no best run in its stats")
+    run = RunDir(workspace, str(run_id))
+    if not run.is_complete():
+        raise PublishError(
+            f"the trained run {run_id!r} is incomplete: {run.path} lacks its weights or summary"
+        )
+    return TrainedRun(str(run_id), best.get("model"), run.path)
 
 
 def index_root(settings: PublishSettings, warehouse: Path) -> Path:
@@ -122,16 +127,15 @@ def inputs_hash(
 
 
 def _array_hash(a: np.ndarray) -> str:
-    import hashlib
-
     return hashlib.blake2b(np.ascontiguousarray(a).tobytes(), digest_size=16).hexdigest()
 
 
 def load_run_metrics(run_path: Path, model: str | None) -> pa.Table | None:
     """The final evaluation of a training run, in the warehouse's metrics columns (None if absent).
 
-    metrics.parquet (schemas.TRAIN_METRICS) also holds the per-epoch history; the final evaluation is
-    split valid|test, protocol sampled|full, at the best epoch. Its `group` is 'overall',
+    metrics.parquet (schemas.TRAIN_METRICS) also holds the per-epoch history (protocol 'train', or
+    'sampled' validation without a user count); the final evaluation of the best weights is split
+    valid|test, protocol sampled|full, with the users it averages over. Its `group` is 'overall',
     'domain:<name>' or a user group (overlap, single, short, long).
     """
     path = run_path / "metrics.parquet"
@@ -142,17 +146,15 @@ def load_run_metrics(run_path: Path, model: str | None) -> pa.Table | None:
         con.register("m", pq.read_table(path))
         return con.sql(
             """
-            WITH final AS (
-                SELECT * FROM m
-                WHERE split IN ('valid', 'test') AND protocol IN ('sampled', 'full') AND value IS NOT NULL
-                  AND epoch = (SELECT max(epoch) FROM m WHERE split = 'test')
-            )
             SELECT ?::VARCHAR AS model, split, protocol,
                    CASE WHEN starts_with("group", 'domain:') THEN substr("group", 8) ELSE 'all' END AS domain,
                    CASE WHEN "group" = 'overall' OR starts_with("group", 'domain:') THEN 'all'
                         ELSE "group" END AS user_group,
-                   metric, last(value) AS value, last(users)::BIGINT AS users
-            FROM final GROUP BY ALL ORDER BY split, protocol, domain, user_group, metric
+                   metric, value::DOUBLE AS value, users::BIGINT AS users
+            FROM m
+            WHERE split IN ('valid', 'test') AND protocol IN ('sampled', 'full') AND users IS NOT NULL
+              AND value IS NOT NULL AND NOT isnan(value)
+            ORDER BY split, protocol, domain, user_group, metric
             """,
             params=[model or "unknown"],
         ).to_arrow_table()
@@ -335,6 +337,7 @@ def run_publish(
         raise
     for old in result.purged_runs:
         store.remove(old)
+    store.clean_temporaries()
     timings |= {
         "warehouse_copy_s": result.timings.copy_s,
         "warehouse_write_s": result.timings.write_s,
