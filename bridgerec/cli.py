@@ -190,9 +190,71 @@ def enrich(config: ConfigOpt = None, workspace: WorkspaceOpt = None, as_json: Js
 
 
 @app.command()
-def train(config: ConfigOpt = None, workspace: WorkspaceOpt = None, as_json: JsonOpt = False) -> None:
-    """Train and evaluate the LLM4CDSR recommender or a baseline."""
-    _not_built("train", "the recommender")
+def train(
+    config: ConfigOpt = None,
+    workspace: WorkspaceOpt = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="llm4cdsr | llm4cdsr-hybrid | llm4cdsr-noprofile | llm4cdsr-llmonly | sasrec | sasrec-domain.",
+            show_default=False,
+        ),
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", help="Upper bound on epochs.", show_default=False)
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Retrain even if this run already finished.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train and evaluate the LLM4CDSR recommender or a baseline into WORKSPACE/runs/<run_id>.
+
+    Early stopping on validation NDCG@10; test figures for the best epoch, with 100 sampled negatives
+    from the target's domain and with full ranking over it. An unchanged rerun is skipped; an interrupted
+    one resumes from its last epoch.
+    """
+    from flows.train import train_flow
+
+    settings = _settings(config, workspace=workspace, **{"train.model": model, "train.epochs": epochs})
+    progress.set_enabled(not as_json)
+    try:
+        summary = train_flow(
+            settings.train, str(settings.workspace), settings.runtime.resolved_threads(), force
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    _emit(summary.model_dump(mode="json"), as_json, _render_train)
+
+
+def _render_train(s: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    head = (
+        "train skipped: already trained on these inputs"
+        if s["skipped"]
+        else f"trained in {s['seconds']:.0f} s"
+    )
+    console.print(
+        f"[bold green]{head}[/]: {s['model']} -> {s['run_dir']}\n"
+        f"best epoch {s['best_epoch']} of {s['epochs']}, {s['epoch_seconds']:.1f} s per epoch"
+    )
+    t = Table("test", "HR@10", "NDCG@10", "full HR@10", "full NDCG@10")
+    full = s["test"].get("full", {})
+    for group, m in s["test"].items():
+        if group == "full":
+            continue
+        f = full.get(group, {})
+        t.add_row(
+            group,
+            f"{m['hr@10']:.4f}",
+            f"{m['ndcg@10']:.4f}",
+            f"{f.get('hr@10', float('nan')):.4f}",
+            f"{f.get('ndcg@10', float('nan')):.4f}",
+        )
+    console.print(t)
 
 
 WarehouseOpt = Annotated[

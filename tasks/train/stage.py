@@ -154,6 +154,7 @@ def run_train(
         ckpt = torch.load(run.checkpoint, map_location=device, weights_only=False)
         model.load_state_dict(ckpt["model"])
         opt_state, state = ckpt["optimizer"], FitState(**ckpt["state"])
+        torch.set_rng_state(ckpt["torch_rng"])
         log.info("train: resuming %s after epoch %d", run.run_id, state.epoch)
     resumed_from = state.epoch if state else 0
 
@@ -161,7 +162,15 @@ def run_train(
         if is_best:
             _save_weights(m, run)
         tmp = run.temp_path(run.checkpoint)
-        torch.save({"model": m.state_dict(), "optimizer": opt.state_dict(), "state": st.__dict__}, tmp)
+        torch.save(
+            {
+                "model": m.state_dict(),
+                "optimizer": opt.state_dict(),
+                "state": st.__dict__,
+                "torch_rng": torch.get_rng_state(),  # dropout draws continue as if never interrupted
+            },
+            tmp,
+        )
         run.commit(tmp, run.checkpoint)
 
     cfg = FitConfig(

@@ -1,0 +1,132 @@
+"""Benchmark: every model side by side on one workspace (CPU), each in its own process.
+
+    python bench/train.py --workspace /tmp/fk [--models llm4cdsr,sasrec] [--epochs 8] [--time-budget 900]
+
+The workspace needs the ingest and enrich outputs. Prints a Markdown table (sampled and full-ranking
+HR@10 / NDCG@10 overall and per domain, seconds per epoch, epochs to best, peak RSS) and writes
+bench/results/train.json. Training is capped (epochs, patience, time budget per model): say so when
+quoting the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tasks.train.settings import MODEL_PRESETS, TrainSettings  # noqa: E402
+
+CHILD = """
+import json, sys
+import bridgerec.prefect_env
+from storage.workspace import Workspace
+from tasks.train.settings import TrainSettings
+from tasks.train.stage import run_train
+s = run_train(TrainSettings.model_validate_json(sys.argv[1]), Workspace(sys.argv[2]), force=sys.argv[3] == "1")
+print("RESULT " + s.model_dump_json())
+"""
+
+
+def run_one(settings: TrainSettings, workspace: str, force: bool) -> dict:
+    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(settings.threads or 1)}
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, settings.model_dump_json(), workspace, "1" if force else "0"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not line:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"{settings.model} failed (exit {proc.returncode})")
+    return json.loads(line[-1].removeprefix("RESULT "))
+
+
+def table(results: list[dict], domains: list[str]) -> str:
+    cols = ["model", "epochs (best)", "s/epoch", "eval s", "peak RSS MB"]
+    for protocol in ("sampled", "full"):
+        for group in ["overall", *domains]:
+            cols += [f"{protocol} {group} HR@10", f"{protocol} {group} NDCG@10"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in results:
+        cells = [
+            r["model"],
+            f"{r['epochs']} ({r['best_epoch']})",
+            f"{r['epoch_seconds']:.1f}",
+            f"{r['eval_seconds']:.1f}",
+            f"{r['peak_rss_mb']:.0f}",
+        ]
+        for protocol in ("sampled", "full"):
+            src = r["test"] if protocol == "sampled" else r["test"].get("full", {})
+            for group in ["overall", *domains]:
+                m = src.get(group, {})
+                cells += [f"{m.get('hr@10', float('nan')):.4f}", f"{m.get('ndcg@10', float('nan')):.4f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workspace", required=True)
+    parser.add_argument("--models", default=",".join(MODEL_PRESETS))
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--patience", type=int, default=3)
+    parser.add_argument("--time-budget", type=float, default=900.0, help="Seconds of training per model.")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--causal", action="store_true", help="Causal attention in every thread.")
+    parser.add_argument("--force", action="store_true", help="Retrain runs that already finished.")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "train.json"))
+    args = parser.parse_args()
+
+    results = []
+    for name in args.models.split(","):
+        settings = TrainSettings(
+            model=name,
+            epochs=args.epochs,
+            patience=args.patience,
+            time_budget_s=args.time_budget,
+            threads=args.threads,
+            batch_size=args.batch_size,
+            causal=args.causal,
+        )
+        started = time.perf_counter()
+        r = run_one(settings, args.workspace, args.force)
+        r["wall_seconds"] = time.perf_counter() - started
+        results.append(r)
+        print(
+            f"{name}: {r['epochs']} epochs (best {r['best_epoch']}), {r['epoch_seconds']:.1f} s/epoch, "
+            f"test ndcg@10 {r['test']['overall']['ndcg@10']:.4f}, full {r['test']['full']['overall']['ndcg@10']:.4f}",
+            flush=True,
+        )
+    domains = [k for k in results[0]["test"] if k not in ("overall", "full")]
+    print(table(results, domains))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "workspace": args.workspace,
+                "args": vars(args),
+                "machine": {"cpus": os.cpu_count()},
+                "results": results,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
