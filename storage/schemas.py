@@ -123,3 +123,73 @@ TRAIN_RUNS = pa.schema(
         pa.field("test_full_ndcg10", pa.float64()),
     ]
 )
+
+# --- enrich stage ------------------------------------------------------------------------------------
+# WORKSPACE/enrich/. Vector widths depend on the model and the settings, so those schemas are functions.
+ENRICH_SCHEMA_VERSION = 1
+
+
+def vector_type(dim: int) -> pa.DataType:
+    return pa.list_(pa.float32(), dim)
+
+
+def item_embeddings_schema(dim: int) -> pa.Schema:
+    """item_embeddings.parquet: the raw model vector of every embedded item (unit norm)."""
+    return pa.schema(
+        [
+            pa.field("item_id", pa.string(), nullable=False),
+            pa.field("domain", pa.string(), nullable=False),
+            pa.field("text_hash", pa.string(), nullable=False),  # blake2b-64 of the item text
+            pa.field("model_id", pa.string(), nullable=False),  # name@fingerprint of the weights
+            pa.field("vector", vector_type(dim), nullable=False),
+        ]
+    )
+
+
+def item_vectors_schema(global_dim: int, local_dim: int) -> pa.Schema:
+    """item_vectors.parquet: the frozen tables of the model, global PCA and per-domain PCA. Every ingest
+    item has a row; an item whose embedding failed has zero vectors (and a row in errors.parquet)."""
+    return pa.schema(
+        [
+            pa.field("item_id", pa.string(), nullable=False),
+            pa.field("domain", pa.string(), nullable=False),
+            pa.field("global_vector", vector_type(global_dim), nullable=False),
+            pa.field("local_vector", vector_type(local_dim), nullable=False),
+        ]
+    )
+
+
+def profiles_schema(dim: int) -> pa.Schema:
+    """profiles.parquet: one row per user with a profile (capped and failed users are absent)."""
+    return pa.schema(
+        [
+            pa.field("user_id", pa.string(), nullable=False),
+            pa.field("history_hash", pa.string(), nullable=False),  # of the cluster groups of titles
+            pa.field("cluster_summaries", pa.list_(pa.string()), nullable=False),
+            pa.field("profile_text", pa.string(), nullable=False),
+            pa.field("llm_model_id", pa.string(), nullable=False),
+            pa.field("embed_model_id", pa.string(), nullable=False),
+            pa.field("prompt_version", pa.string(), nullable=False),
+            pa.field("vector", vector_type(dim), nullable=False),
+        ]
+    )
+
+
+# errors.parquet: every item or user the stage could not finish, with why. Nothing is dropped silently.
+ENRICH_ERRORS = pa.schema(
+    [
+        pa.field("kind", pa.string(), nullable=False),  # item | profile
+        pa.field("key", pa.string(), nullable=False),  # item_id | user_id
+        pa.field("step", pa.string(), nullable=False),  # embed | analyze | summarize | embed_profile
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("attempts", pa.int32(), nullable=False),
+    ]
+)
+
+# item_clusters.parquet: the K-means cluster of each item's raw vector (-1: no vector), for profiles.
+ITEM_CLUSTERS = pa.schema(
+    [
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("cluster", pa.int16(), nullable=False),
+    ]
+)

