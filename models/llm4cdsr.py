@@ -115,16 +115,17 @@ class LLM4CDSR(Recommender):
         # that domain, the score of its state after the latest item of that domain (none: no term).
         for d, thread in enumerate(self.threads):
             sub, last, has = domain_view(in_dom, in_loc, d)  # [B, Ld], [B, L], [B, L]
-            here = (tgt_dom == d) & has  # [B, L]
+            rows = torch.nonzero(has[:, -1]).flatten()  # [R] users with an item of d (the rest: no term)
+            sub, last, here = sub[rows], last[rows], (tgt_dom[rows] == d) & has[rows]  # [R, Ld], [R, L]
             x_d, e_pos, e_neg = embed_many(
                 lambda ids, d=d: self.embed_local(ids, d),
                 sub,
-                self.local(targets) * here,
-                self.local(negatives) * here,
+                self.local(targets[rows]) * here,
+                self.local(negatives[rows]) * here,
             )
-            h_d = gather_positions(thread(x_d, sub), last)  # [B, L, H]
-            pos = pos + (h_d * e_pos).sum(-1) * here
-            neg = neg + (h_d * e_neg).sum(-1) * here
+            h_d = gather_positions(thread(x_d, sub), last)  # [R, L, H]
+            pos = pos.index_add(0, rows, (h_d * e_pos).sum(-1) * here)
+            neg = neg.index_add(0, rows, (h_d * e_neg).sum(-1) * here)
         rec = next_item_bce(pos, neg, targets > 0)
         total, parts = rec, {"rec": float(rec.detach())}
 

@@ -40,10 +40,8 @@ def load_sequences(workspace: Workspace) -> Sequences:
 
 
 def load_item_tables(workspace: Workspace) -> ItemTables:
-    try:
-        from tasks.enrich import load_item_tables as enrich_tables
-    except ImportError:  # the enrich stage has not landed its loaders yet: read its file contract
-        enrich_tables = _contract_item_tables
+    from tasks.enrich import load_item_tables as enrich_tables
+
     global_table, local = enrich_tables(workspace)
     return ItemTables(
         np.asarray(global_table, np.float32), [np.asarray(local[d], np.float32) for d in sorted(local)]
@@ -52,10 +50,8 @@ def load_item_tables(workspace: Workspace) -> ItemTables:
 
 def load_profiles(workspace: Workspace, n_users: int) -> tuple[np.ndarray, np.ndarray] | None:
     """(vectors [U, D] with zero rows for users without a profile, has [U] bool), or None if none exist."""
-    try:
-        from tasks.enrich import load_profile_vectors
-    except ImportError:
-        load_profile_vectors = _contract_profile_vectors
+    from tasks.enrich import load_profile_vectors
+
     try:
         user_idx, vectors = load_profile_vectors(workspace)
     except FileNotFoundError:
@@ -92,40 +88,3 @@ def input_hashes(files: dict[str, Path]) -> dict[str, str]:
     if missing:
         raise FileNotFoundError("train inputs not found (run ingest/enrich first): " + "; ".join(missing))
     return {role: hash_file(p) for role, p in files.items()}
-
-
-# -- interim readers of the enrich file contract (used only while tasks.enrich lacks its loaders) -------
-def _contract_item_tables(workspace: Workspace) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-    vec = workspace.read_table("enrich", "item_vectors")
-    items = workspace.read_table(
-        "ingest", "items", columns=["item_id", "global_id", "local_id", "domain_idx"]
-    )
-    idx = pc.index_in(items["item_id"], value_set=vec["item_id"])
-    if idx.null_count:
-        raise ValueError(f"enrich item_vectors.parquet lacks {idx.null_count} ingest items")
-    rows = idx.to_numpy()
-    g = np.stack(vec["global_vector"].to_numpy(zero_copy_only=False))[rows]
-    loc = np.stack(vec["local_vector"].to_numpy(zero_copy_only=False))[rows]
-    gid, lid, dom = (items[c].to_numpy() for c in ("global_id", "local_id", "domain_idx"))
-    global_table = np.zeros((len(gid) + 1, g.shape[1]), np.float32)
-    global_table[gid] = g
-    local: dict[int, np.ndarray] = {}
-    for d in np.unique(dom):
-        m = dom == d
-        table = np.zeros((int(lid[m].max()) + 1, loc.shape[1]), np.float32)
-        table[lid[m]] = loc[m]
-        local[int(d)] = table
-    return global_table, local
-
-
-def _contract_profile_vectors(workspace: Workspace) -> tuple[np.ndarray, np.ndarray]:
-    path = workspace.stage_dir("enrich") / "profiles.parquet"
-    if not path.exists():
-        raise FileNotFoundError(path)
-    prof = workspace.read_table("enrich", "profiles", columns=["user_id", "vector"])
-    users = workspace.read_table("ingest", "users", columns=["user_id", "user_idx"])
-    idx = pc.index_in(prof["user_id"], value_set=users["user_id"])
-    keep = pc.is_valid(idx).to_numpy(zero_copy_only=False)
-    user_idx = users["user_idx"].to_numpy()[idx.to_numpy(zero_copy_only=False)[keep].astype(np.int64)]
-    vectors = np.stack(prof["vector"].to_numpy(zero_copy_only=False))[keep].astype(np.float32)
-    return user_idx, vectors
