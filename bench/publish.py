@@ -88,14 +88,19 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--dim", type=int, default=256, help="synthetic vectors only")
     ap.add_argument("--publishes", type=int, default=3, help="publishes in a row onto one warehouse")
+    ap.add_argument("--steady", type=int, default=8, help="extra publishes of the same rows (retention full)")
     ap.add_argument("--synthetic", action="store_true", help="synthetic vectors even if a trained run exists")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 
+    from datetime import UTC, datetime
+
+    import duckdb
     import numpy as np
     import torch
 
     from bridgerec import progress
+    from storage import warehouse as wh
     from storage.index_store import Searcher, build_index, search_topk, set_threads
     from storage.warehouse import user_recommendations
     from storage.workspace import Workspace
@@ -163,6 +168,34 @@ def main() -> None:
                     **s.timings,
                 }
             )
+        # Steady state: the same rows published again until retention is full, to see what the
+        # file-swap design costs with `retention_runs` runs in the warehouse (copy, write, size).
+        steady = []
+        if args.steady:
+            with duckdb.connect(str(warehouse), read_only=True) as con:
+                recs = con.sql(
+                    "SELECT user_id, domain, rank, item_id, score FROM recommendations WHERE run_id = ? "
+                    "ORDER BY user_id, domain, rank",
+                    params=[f"bench-{args.publishes - 1}"],
+                ).to_arrow_table()
+                items = con.sql(
+                    "SELECT item_id, domain, title, brand, categories, price FROM items"
+                ).to_arrow_table()
+            for i in range(args.steady):
+                record = wh.RunRecord(f"steady-{i}", datetime.now(UTC), model="steady", k=args.k)
+                res = wh.publish(
+                    warehouse, wh.PublishBatch(record, recs, items), settings.retention_runs, args.threads
+                )
+                steady.append(
+                    {
+                        "runs_before": min(args.publishes + i, settings.retention_runs),
+                        "copy_mb": round(res.timings.bytes_copied / 1e6, 1),
+                        "copy_s": round(res.timings.copy_s, 3),
+                        "write_s": round(res.timings.write_s, 3),
+                        "swap_s": round(res.timings.swap_s, 3),
+                        "mb_after": round(warehouse.stat().st_size / 1e6, 1),
+                    }
+                )
         t0 = time.perf_counter()
         shutil.copyfile(warehouse, Path(tmp) / "copy.duckdb")
         copy_s = time.perf_counter() - t0
@@ -192,6 +225,7 @@ def main() -> None:
         "faiss_vs_torch": compare,
         "publishes": publishes,
         "warehouse_copy": {"mb": round(size_mb, 1), "seconds": round(copy_s, 3)},
+        "steady_state": steady,
         "recs_lookup_ms": round(lookup_ms, 1),
         "peak_rss_mb": round(peak, 1),
         "goal_seconds": GOAL_SECONDS,
@@ -220,6 +254,11 @@ def main() -> None:
     print(f"{'publish':8} " + " ".join(f"{label:>10}" for label in cols.values()) + "        MB")
     for i, p in enumerate(publishes):
         print(f"{i:<8} " + " ".join(f"{p.get(c, 0):>10.2f}" for c in cols) + f" {p['warehouse_mb']:>9.1f}")
+    for st in steady:
+        print(
+            f"steady publish with {st['runs_before']} runs kept: copy {st['copy_mb']:.0f} MB in "
+            f"{st['copy_s']:.2f} s, write {st['write_s']:.2f} s, swap {st['swap_s']:.3f} s -> {st['mb_after']:.0f} MB"
+        )
     print(
         f"first publish {first['seconds']:.1f} s (goal < {GOAL_SECONDS:.0f} s: "
         f"{'met' if result['goal_met'] else 'NOT met'}); warehouse copy {size_mb:.0f} MB in {copy_s:.2f} s; "
