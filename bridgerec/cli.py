@@ -367,17 +367,23 @@ def recs(
 
 def _render_recs(r: dict) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
-    console.print(f"[bold]user {r['user_id']}[/]  run {r['run_id']} ({r['model']})")
-    console.print(f"[italic]profile:[/] {r['profile'] or '(none)'}")
+    # Ids, titles and profiles are data, not rich markup: escape their brackets.
+    console.print(f"[bold]user {escape(r['user_id'])}[/]  run {r['run_id']} ({r['model']})")
+    console.print(f"[italic]profile:[/] {escape(r['profile'] or '(none)')}")
+    for interest in r.get("interests") or []:
+        console.print(f"  - {escape(interest)}")
     for domain, rows in r["recommendations"].items():
         t = Table(title=domain, title_justify="left")
         for col in ("rank", "item_id", "title", "score"):
             t.add_column(col, justify="right" if col in ("rank", "score") else "left")
         for row in rows:
-            t.add_row(str(row["rank"]), row["item_id"], row["title"] or "", f"{row['score']:.4f}")
+            t.add_row(
+                str(row["rank"]), escape(row["item_id"]), escape(row["title"] or ""), f"{row['score']:.4f}"
+            )
         console.print(t)
 
 
@@ -400,25 +406,31 @@ def runs_list(
 
 
 def _render_runs(result: dict) -> None:
+    from datetime import UTC
+
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
+    console = Console()
     t = Table(title=f"runs in {result['warehouse']}", title_justify="left")
-    for col in ("run_id", "status", "model", "finished", "users", "rows", "retained", "message"):
+    for col in ("run_id", "status", "model", "finished (UTC)", "users", "rows", "retained"):
         t.add_column(col)
     for r in result["runs"]:
-        finished = r["finished_at"].strftime("%Y-%m-%d %H:%M:%S") if r["finished_at"] else ""
+        finished = r["finished_at"].astimezone(UTC).strftime("%Y-%m-%d %H:%M") if r["finished_at"] else ""
         t.add_row(
-            r["run_id"],
+            escape(r["run_id"]),
             r["status"],
-            r["model"] or "",
+            escape(r["model"] or ""),
             finished,
             f"{r['n_users']:,}" if r["n_users"] is not None else "",
             f"{r['n_recommendations']:,}" if r["n_recommendations"] is not None else "",
             "yes" if r["retained"] else "no",
-            (r["message"] or "")[:60],
         )
-    Console().print(t)
+    console.print(t)
+    for r in result["runs"]:
+        if r["message"]:
+            console.print(f"{escape(r['run_id'])} {r['status']}: {escape(r['message'])}", soft_wrap=True)
 
 
 @config_app.command("show")

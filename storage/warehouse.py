@@ -121,6 +121,17 @@ MIGRATIONS: tuple[Migration, ...] = (
             SELECT * FROM user_profiles WHERE run_id = (SELECT run_id FROM latest_run);
         """,
     ),
+    Migration(
+        3,
+        "profile interests",
+        """
+        -- The hierarchical profile's per-interest summaries and the LLM that wrote it.
+        ALTER TABLE user_profiles ADD COLUMN cluster_summaries VARCHAR[];
+        ALTER TABLE user_profiles ADD COLUMN llm_model VARCHAR;
+        CREATE OR REPLACE VIEW latest_user_profiles AS
+            SELECT * FROM user_profiles WHERE run_id = (SELECT run_id FROM latest_run);
+        """,
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -297,7 +308,7 @@ class PublishBatch:
     recommendations: pa.Table  # user_id, domain, rank, item_id, score (run_id is added)
     items: pa.Table  # item_id, domain, title, brand, categories, price
     metrics: pa.Table | None = None  # model, split, protocol, domain, user_group, metric, value, users
-    profiles: pa.Table | None = None  # user_id, profile_text
+    profiles: pa.Table | None = None  # user_id, profile_text [, cluster_summaries, llm_model_id]
 
 
 @dataclass
@@ -361,9 +372,10 @@ def publish(path: Path | str, batch: PublishBatch, retention_runs: int, threads:
                 [run.run_id],
             )
         if batch.profiles is not None and batch.profiles.num_rows:
-            con.register("profiles_in", batch.profiles)
+            con.register("profiles_in", _with_optional_columns(batch.profiles))
             con.execute(
-                "INSERT INTO user_profiles SELECT ?, user_id, profile_text FROM profiles_in "
+                "INSERT INTO user_profiles (run_id, user_id, profile_text, cluster_summaries, llm_model) "
+                "SELECT ?, user_id, profile_text, cluster_summaries, llm_model_id FROM profiles_in "
                 "WHERE profile_text IS NOT NULL",
                 [run.run_id],
             )
@@ -385,6 +397,15 @@ def publish(path: Path | str, batch: PublishBatch, retention_runs: int, threads:
             with contextlib.suppress(Exception):
                 con.unregister(name)
     return PublishResult(run.run_id, int(seq), int(rows), purged, timings)
+
+
+def _with_optional_columns(profiles: pa.Table) -> pa.Table:
+    """Profiles from an enrich stage that does not write the optional columns get them as nulls."""
+    optional = {"cluster_summaries": pa.list_(pa.string()), "llm_model_id": pa.string()}
+    for name, type_ in optional.items():
+        if name not in profiles.column_names:
+            profiles = profiles.append_column(name, pa.nulls(profiles.num_rows, type_))
+    return profiles
 
 
 def _apply_retention(con: duckdb.DuckDBPyConnection, keep: int) -> list[str]:
@@ -510,7 +531,8 @@ def user_recommendations(
             ]
             raise WarehouseError(f"no domain {domain!r} in run {rid!r}; domains: {', '.join(domains)}")
         profile = con.execute(
-            "SELECT profile_text FROM user_profiles WHERE run_id = ? AND user_id = ?", [rid, user_id]
+            "SELECT profile_text, cluster_summaries FROM user_profiles WHERE run_id = ? AND user_id = ?",
+            [rid, user_id],
         ).fetchall()
         by_domain: dict[str, list[dict[str, Any]]] = {}
         for r in recs:
@@ -520,6 +542,7 @@ def user_recommendations(
             "model": run["model"],
             "user_id": user_id,
             "profile": profile[0][0] if profile else None,
+            "interests": (profile[0][1] or []) if profile else [],
             "recommendations": by_domain,
         }
     finally:

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from bridgerec.cli import app
 from storage.index_store import IndexStore
 from storage.vectors import DomainVectors
+from storage.warehouse import record_run_status
 from storage.workspace import Workspace
 from tasks.publish.settings import PublishSettings
 from tasks.publish.stage import PublishError, run_publish
@@ -33,7 +34,15 @@ def profiled_workspace(sample_workspace: Path, tmp_path_factory: pytest.TempPath
     with ws.building("enrich") as stage:
         stage.write_table(
             "profiles",
-            pa.table({"user_id": users, "profile_text": [f"Enjoys things, says user {u}." for u in users]}),
+            pa.table(
+                {
+                    "user_id": users,
+                    "profile_text": [f"Enjoys things, says user {u}." for u in users],
+                    "cluster_summaries": [["Likes [bold] teas.", "Cooks pasta."] for _ in users],
+                    "llm_model_id": ["smollm2-test"] * len(users),
+                    "history_hash": ["h"] * len(users),  # enrich's other columns are not published
+                }
+            ),
         )
         stage.finish(schema_version=1, config_hash="test", input_hashes={})
     return root
@@ -208,7 +217,7 @@ def test_retention_drops_old_indexes_and_a_failed_publish_changes_nothing(
     assert warehouse.read_bytes() == before and store.runs() == ["r1", "r2"]
 
 
-def test_cli_recs_and_runs_list(published: tuple[Path, dict]) -> None:
+def test_cli_recs_and_runs_list(published: tuple[Path, dict], tmp_path: Path) -> None:
     warehouse, ctx = published
     runner = CliRunner()
     user = ctx["vectors"]["food"].user_ids[0]
@@ -216,11 +225,13 @@ def test_cli_recs_and_runs_list(published: tuple[Path, dict]) -> None:
     assert out.exit_code == 0, out.output
     got = json.loads(out.stdout)
     assert got["run_id"] == "run-a" and got["profile"] == f"Enjoys things, says user {user}."
+    assert got["interests"] == ["Likes [bold] teas.", "Cooks pasta."]
     assert sorted(got["recommendations"]) == ["food", "kitchen"]
     assert [r["rank"] for r in got["recommendations"]["kitchen"]] == list(range(1, 21))
     assert all(r["title"] for r in got["recommendations"]["food"])
     out = runner.invoke(app, ["recs", "--warehouse", str(warehouse), "--user", user, "--domain", "food"])
     assert out.exit_code == 0 and "profile" in out.stdout and "kitchen" not in out.stdout
+    assert "Likes [bold] teas." in out.stdout  # data is printed as is, never read as rich markup
     out = runner.invoke(app, ["recs", "--warehouse", str(warehouse), "--user", "nobody"])
     assert out.exit_code == 2 and "no recommendations" in out.output
     out = runner.invoke(app, ["runs", "list", "--warehouse", str(warehouse), "--json"])
@@ -229,6 +240,13 @@ def test_cli_recs_and_runs_list(published: tuple[Path, dict]) -> None:
     assert [(r["run_id"], r["status"], r["retained"]) for r in runs] == [("run-a", "completed", True)]
     out = runner.invoke(app, ["runs", "list", "--warehouse", str(warehouse)])
     assert out.exit_code == 0 and "run-a" in out.stdout
+    # A failed run's message is shown as written (brackets included), on a copy of the warehouse.
+    copy = tmp_path / "copy.duckdb"
+    shutil.copyfile(warehouse, copy)
+    record_run_status(copy, "nightly-2", "running")
+    record_run_status(copy, "nightly-2", "failed", message="[Errno 2] no such file")
+    out = runner.invoke(app, ["runs", "list", "--warehouse", str(copy)])
+    assert out.exit_code == 0 and "[Errno 2]" in out.stdout and "failed" in out.stdout
 
 
 def test_docs_sql_examples_run_on_a_published_warehouse(

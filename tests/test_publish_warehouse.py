@@ -84,6 +84,7 @@ def test_fresh_warehouse_is_migrated_and_published(tmp_path: Path) -> None:
     assert query(path, "SELECT version, name FROM schema_migrations ORDER BY 1") == [
         (1, "core tables"),
         (2, "latest views"),
+        (3, "profile interests"),
     ]
     assert query(path, "SELECT count(*), count(DISTINCT user_id) FROM latest_recommendations") == [(30, 5)]
     assert query(
@@ -93,7 +94,9 @@ def test_fresh_warehouse_is_migrated_and_published(tmp_path: Path) -> None:
         ("full", 0.05),
         ("sampled", 0.3),
     ]
-    assert query(path, "SELECT user_id, profile_text FROM latest_user_profiles") == [("u0", "likes a (r1)")]
+    assert query(path, "SELECT user_id, profile_text, cluster_summaries FROM latest_user_profiles") == [
+        ("u0", "likes a (r1)", None)  # an enrich stage without interests: the column stays empty
+    ]
     (run,) = query(path, "SELECT run_id, status, seq, n_recommendations, finished_at IS NOT NULL FROM runs")
     assert run == ("r1", "completed", 1, 30, True)
     # Nothing but the warehouse and its lock file is left beside it.

@@ -163,7 +163,8 @@ def load_run_metrics(run_path: Path, model: str | None) -> pa.Table | None:
 
 
 def load_profiles(workspace: Workspace) -> pa.Table | None:
-    """User profiles of the enrich stage (user_id, profile_text), or None when profiles are off."""
+    """User profiles of the enrich stage (user_id, profile_text and, when written, cluster_summaries and
+    llm_model_id), or None when profiles are off."""
     if workspace.read_manifest("enrich") is None:
         return None
     path = workspace.stage_dir("enrich") / "profiles.parquet"
@@ -172,7 +173,8 @@ def load_profiles(workspace: Workspace) -> pa.Table | None:
     names = pq.read_schema(path).names
     if not {"user_id", "profile_text"} <= set(names):
         raise PublishError(f"{path} lacks user_id/profile_text columns (has {names})")
-    return pq.read_table(path, columns=["user_id", "profile_text"])
+    wanted = ["user_id", "profile_text", "cluster_summaries", "llm_model_id"]
+    return pq.read_table(path, columns=[c for c in wanted if c in names])
 
 
 def check_vectors_match_ingest(
