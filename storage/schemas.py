@@ -193,3 +193,19 @@ ITEM_CLUSTERS = pa.schema(
         pa.field("cluster", pa.int16(), nullable=False),
     ]
 )
+
+
+# --- publish stage -----------------------------------------------------------------------------------
+# The warehouse's DuckDB tables (runs, recommendations, metrics, items, user_profiles and the latest_*
+# views) are written down once, as the numbered migrations in storage/warehouse.py.
+
+# The rows the publish stage hands to the warehouse for `recommendations` (run_id is added there).
+RECOMMENDATION_ROWS = pa.schema(
+    [
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("domain", pa.string(), nullable=False),
+        pa.field("rank", pa.int16(), nullable=False),  # 1..k
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("score", pa.float32(), nullable=False),  # non-increasing with rank
+    ]
+)

@@ -15,19 +15,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from storage.index_store import Searcher, TopK, build_index, search_topk
+from storage.schemas import RECOMMENDATION_ROWS
 from storage.vectors import DomainVectors
 from tasks.publish.settings import PublishSettings
-
-# Arrow schema of the rows handed to the warehouse (run_id is added there).
-RECOMMENDATION_ROWS = pa.schema(
-    [
-        pa.field("user_id", pa.string(), nullable=False),
-        pa.field("domain", pa.string(), nullable=False),
-        pa.field("rank", pa.int16(), nullable=False),
-        pa.field("item_id", pa.string(), nullable=False),
-        pa.field("score", pa.float32(), nullable=False),
-    ]
-)
 
 
 @dataclass
