@@ -185,3 +185,123 @@ def test_model_folder_is_prepared_from_the_packaged_gguf() -> None:
     again, converted = prepare_profile_model(ProfileSettings())
     assert again == folder and not converted
     assert Path(json.loads((folder / PREPARED_MARKER).read_text())["source"]).name.endswith(".gguf")
+
+
+# -- profiles ---------------------------------------------------------------------------------------------
+# Greedy and short, so runs are identical and cheap; titles uncut so the long user's analyzer prompt
+# (~4,000 tokens) exceeds SmolLM2's 2,048 and fails for real. Items are truncated to the model's context
+# here, so the long item itself is embedded.
+PROFILES = ProfileSettings(
+    temperature=0,
+    analyzer_max_tokens=16,
+    summarizer_max_tokens=32,
+    titles_per_cluster=5,
+    title_chars=100_000,
+    batch_users=16,
+)
+ENRICH = EnrichSettings(local_dim=8, kmeans_k=4, field_caps=CAPS)
+
+
+def test_flow_builds_profiles(prefect_harness: None, pool: EnginePool, ws: Workspace) -> None:
+    from prefect.client.orchestration import get_client
+
+    from flows.enrich import enrich_flow
+
+    state = enrich_flow(ENRICH, PROFILES, str(ws.root), threads=THREADS, return_state=True)
+    assert state.is_completed()
+    summary = state.result()
+    users = ws.read_table("ingest", "users").to_pylist()
+    assert summary.profile_users == len(users) and summary.profiles_cached == 0
+    assert summary.profiles_generated == len(users) - 1
+    assert summary.errors == 1 and summary.errors_by_step == {"analyze": 1}
+    assert summary.profile_estimate and summary.profile_estimate["calls"] > len(users)
+    assert summary.tokens_generated > 0 and summary.llm_model_id.startswith("smollm2-135m-instruct@")
+    error = ws.read_table("enrich", "errors").to_pylist()[0]
+    assert error["kind"] == "profile" and error["key"] == "ZZLONGUSER"
+    assert "maximum context length" in error["reason"]
+
+    prof = ws.read_table("enrich", "profiles")
+    assert prof.schema.equals(schemas.profiles_schema(384))
+    assert sorted(prof["user_id"].to_pylist()) == sorted(
+        u["user_id"] for u in users if u["user_id"] != "ZZLONGUSER"
+    )
+    vectors = to_matrix(prof["vector"], 384)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    for row in prof.drop_columns(["vector"]).to_pylist():
+        assert row["profile_text"].strip() and "<|" not in row["profile_text"]
+        assert len(row["profile_text"].split()) <= PROFILES.profile_max_words
+        assert row["cluster_summaries"] and all(s.strip() for s in row["cluster_summaries"])
+        assert row["prompt_version"] == "v1" and row["embed_model_id"] == summary.embed_model_id
+
+    user_idx, pv = load_profile_vectors(ws)
+    idx_of = {u["user_id"]: u["user_idx"] for u in users}
+    assert user_idx.tolist() == [idx_of[u] for u in prof["user_id"].to_pylist()]
+    np.testing.assert_allclose(pv, vectors)
+
+    async def artifact() -> object:
+        async with get_client() as client:
+            return await client.read_latest_artifacts()
+
+    import asyncio
+
+    assert any(a.key == "enrich-summary" for a in asyncio.run(artifact()))
+
+
+def test_profiles_see_only_the_training_prefix(ws: Workspace) -> None:
+    """Each cluster group holds the last titles of the user's *training prefix* in that cluster, oldest
+    first: the validation and test targets (the last two items) never reach a prompt."""
+    from tasks.enrich.profiles import user_jobs
+    from tasks.enrich.texts import clean_field
+
+    items = ws.read_table("ingest", "items")
+    clusters = ws.read_table("enrich", "item_clusters")
+    assert clusters["item_id"].to_pylist() == items["item_id"].to_pylist()
+    seqs = ws.read_table("ingest", "sequences")
+    jobs, _ = user_jobs(seqs, items, clusters["cluster"].to_numpy(), PROFILES)
+    gids = items["global_id"].to_pylist()
+    title = {
+        g: clean_field(t, PROFILES.title_chars, "unknown")
+        for g, t in zip(gids, items["title"].to_pylist(), strict=True)
+    }
+    cluster = dict(zip(gids, clusters["cluster"].to_pylist(), strict=True))
+    stored = {r["user_id"]: r["history_hash"] for r in ws.read_table("enrich", "profiles").to_pylist()}
+    for job, seq in zip(jobs, seqs.sort_by("user_idx").to_pylist(), strict=True):
+        prefix = seq["global_ids"][:-2]
+        expected = {}
+        for g in prefix:
+            expected.setdefault(cluster[g], []).append(title[g])
+        assert dict(job.groups) == {
+            c: tuple(ts[-PROFILES.titles_per_cluster :]) for c, ts in expected.items()
+        }
+        if job.user_id in stored:
+            assert stored[job.user_id] == job.history_hash
+
+
+def test_profiles_identical_at_temperature_zero(pool: EnginePool, embedder: Embedder, ws: Workspace) -> None:
+    from tasks.enrich.models import profile_model
+    from tasks.enrich.profiles import generate_batch, load_prompts, user_jobs
+
+    items = ws.read_table("ingest", "items")
+    clusters = ws.read_table("enrich", "item_clusters")["cluster"].to_numpy()
+    jobs, _ = user_jobs(ws.read_table("ingest", "sequences"), items, clusters, PROFILES)
+    folder, llm_id = profile_model(PROFILES)
+    generator = pool.generator(EngineSpec.of("generate", folder, PROFILES.engine, THREADS), llm_id)
+    stored = {r["user_id"]: r for r in ws.read_table("enrich", "profiles").to_pylist()}
+    again = [j for j in jobs if j.user_id in stored][:2]
+    # a different batch makeup (2 users instead of all) must not change the text
+    out = generate_batch(again, PROFILES, load_prompts("v1"), generator, embedder, llm_id, embedder.model_id)
+    assert len(out.rows) == 2 and not out.invalid
+    for row in out.rows:
+        assert row["profile_text"] == stored[row["user_id"]]["profile_text"]
+        assert row["cluster_summaries"] == stored[row["user_id"]]["cluster_summaries"]
+        np.testing.assert_allclose(row["vector"], stored[row["user_id"]]["vector"], atol=1e-5)
+
+
+def test_profile_reruns_do_no_model_work(pool: EnginePool, ws: Workspace) -> None:
+    summary = run_enrich(ENRICH, PROFILES, ws, threads=THREADS)
+    assert summary.skipped and summary.engines_started == []
+    assert summary.profiles_generated == 0 and summary.profiles_cached == summary.profile_users - 1
+    forced = run_enrich(ENRICH, PROFILES, ws, threads=THREADS, force=True)
+    assert not forced.skipped and forced.items_embedded == 0 and forced.profiles_generated == 0
+    assert forced.profiles_cached == forced.profile_users - 1 and forced.tokens_generated == 0
+    assert forced.errors == 1  # the failed user is tried again on every build, and fails again

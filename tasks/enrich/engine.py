@@ -72,6 +72,7 @@ class EngineSpec:
     seed: int
     cpu_threads_bind: str
     cpu_kvcache_gib: int
+    multiprocessing: bool
 
     @classmethod
     def of(
@@ -90,13 +91,15 @@ class EngineSpec:
             seed=s.seed,
             cpu_threads_bind=bind,
             cpu_kvcache_gib=s.cpu_kvcache_gib,
+            multiprocessing=s.multiprocessing if s.multiprocessing is not None else on_gpu(),
         )
 
 
 def start_engine(spec: EngineSpec) -> Any:
-    """A vLLM `LLM`; the CPU knobs are env vars that its engine subprocess reads when it starts."""
+    """A vLLM `LLM`; the CPU knobs are env vars that vLLM reads when an engine starts."""
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = spec.cpu_threads_bind
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(spec.cpu_kvcache_gib)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if spec.multiprocessing else "0"
     from vllm import LLM
 
     kwargs: dict[str, Any] = {
