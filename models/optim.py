@@ -14,7 +14,9 @@ from torch import nn
 class Optimizer:
     """Adam (fused) on dense parameters plus SparseAdam on sparse embeddings, as one optimizer."""
 
-    def __init__(self, model: nn.Module, lr: float, weight_decay: float = 0.0) -> None:
+    def __init__(
+        self, model: nn.Module, lr: float, weight_decay: float = 0.0, sparse_lr: float | None = None
+    ) -> None:
         sparse_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding) and m.sparse}
         dense = [p for p in model.parameters() if p.requires_grad and id(p) not in sparse_ids]
         sparse = [p for p in model.parameters() if p.requires_grad and id(p) in sparse_ids]
@@ -22,7 +24,7 @@ class Optimizer:
         if dense:
             self.optimizers.append(torch.optim.Adam(dense, lr=lr, weight_decay=weight_decay))
         if sparse:
-            self.optimizers.append(torch.optim.SparseAdam(sparse, lr=lr))
+            self.optimizers.append(torch.optim.SparseAdam(sparse, lr=sparse_lr or lr))
 
     def zero_grad(self) -> None:
         for opt in self.optimizers:

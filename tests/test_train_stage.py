@@ -1,0 +1,223 @@
+"""The train stage for real on a slice of the bundled sample, with real LLM tables from the enrich stage
+(MiniLM item embeddings + PCA, SmolLM2 profiles for a few users): loss falls, metrics beat random, the run
+folder and the manifest hold their contract, reruns skip, a killed run resumes, the export reproduces the
+model's scores, and the flow and the CLI run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from storage.workspace import Workspace
+from tasks.train.settings import TrainSettings
+from tasks.train.stage import run_train
+
+REPO = Path(__file__).resolve().parents[1]
+# Small and quick, but enough to learn on 1,000 users.
+FAST = dict(hidden=32, max_len=50, dropout=0.2, lr=5e-3, batch_size=64, eval_batch_size=512, threads=1)
+RANDOM_HR10 = 10 / 101  # the positive's rank is uniform among 101 candidates
+RANDOM_NDCG10 = sum(1 / np.log2(r + 2) for r in range(10)) / 101
+
+
+@pytest.fixture(scope="session")
+def enriched_workspace(sample_workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample's ingest + the real enrich stage: vLLM MiniLM item embeddings and PCA tables, SmolLM2
+    profiles for the first 12 users only (so most users train without the profile term)."""
+    from tasks.enrich.settings import EnrichSettings, ProfileSettings
+    from tasks.enrich.stage import run_enrich
+
+    root = tmp_path_factory.mktemp("train_ws")
+    shutil.copytree(sample_workspace / "ingest", root / "ingest")
+    # Local tables as wide as the tests' hidden size: the domain threads take them frozen, as in the paper.
+    # Greedy, short profiles (as the enrich tests): cheap, and identical on every run.
+    profiles = ProfileSettings(
+        max_users=12, temperature=0, analyzer_max_tokens=16, summarizer_max_tokens=32, titles_per_cluster=5
+    )
+    run_enrich(EnrichSettings(local_dim=FAST["hidden"]), profiles, Workspace(root), threads=2)
+    return root
+
+
+def _copy_inputs(src: Path, dst: Path) -> Path:
+    for stage in ("ingest", "enrich"):
+        shutil.copytree(src / stage, dst / stage)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def trained(enriched_workspace: Path):
+    settings = TrainSettings(model="llm4cdsr", epochs=10, patience=10, **FAST)
+    return settings, run_train(settings, Workspace(enriched_workspace))
+
+
+def test_llm4cdsr_learns_and_beats_random(trained) -> None:
+    _, summary = trained
+    assert summary.epochs >= 2 and 1 <= summary.best_epoch <= summary.epochs
+    metrics = pq.read_table(Path(summary.run_dir) / "metrics.parquet").to_pylist()
+    loss = {r["epoch"]: r["value"] for r in metrics if r["split"] == "train" and r["metric"] == "loss"}
+    assert loss[max(loss)] < loss[1]  # the loss falls
+    test = summary.test
+    assert test["overall"]["hr@10"] > 1.5 * RANDOM_HR10
+    assert test["overall"]["ndcg@10"] > 1.5 * RANDOM_NDCG10
+    for domain in ("food", "kitchen"):
+        assert test[domain]["ndcg@10"] > RANDOM_NDCG10
+    # Full ranking over thousands of items is harder than 1 in 101, and reported beside it.
+    assert 0 <= test["full"]["overall"]["hr@10"] < test["overall"]["hr@10"]
+
+
+def test_profiles_see_only_the_training_prefix(enriched_workspace: Path) -> None:
+    """The profile prompts are built from the training prefix: no validation or test title gets in."""
+    from tasks.enrich.profiles import user_jobs
+    from tasks.enrich.settings import ProfileSettings
+    from tasks.enrich.texts import clean_field
+
+    ws = Workspace(enriched_workspace)
+    seqs = ws.read_table("ingest", "sequences")
+    items = ws.read_table("ingest", "items")
+    one_cluster = np.zeros(items.num_rows, np.int64)
+    jobs, _ = user_jobs(
+        seqs, items, one_cluster, ProfileSettings(titles_per_cluster=1000, title_chars=10_000)
+    )
+    titles = [clean_field(t, 10_000, "unknown") for t in items["title"].to_pylist()]
+    title = dict(zip(items["global_id"].to_pylist(), titles, strict=True))
+    for job, seq in zip(jobs, seqs.sort_by("user_idx")["global_ids"].to_pylist(), strict=True):
+        assert list(job.groups[0][1]) == [title[g] for g in seq[:-2]]
+
+
+def test_run_folder_and_manifest_hold_their_contract(trained, enriched_workspace: Path) -> None:
+    settings, summary = trained
+    run = Path(summary.run_dir)
+    assert run.parent == enriched_workspace / "runs" and run.name == summary.run_id
+    for name in ("model.safetensors", "config.json", "metrics.parquet", "curve.png", "summary.json"):
+        assert (run / name).stat().st_size > 0, name
+    assert not (run / "checkpoint.pt").exists()
+    config = json.loads((run / "config.json").read_text())
+    assert config["settings"]["architecture"] == "llm4cdsr" and config["settings"]["hidden"] == 32
+    assert config["catalog"]["domains"] == ["food", "kitchen"]
+    assert config["settings"]["tables"]["profile_dim"] > 0  # the real profiles were used
+    rows = pq.read_table(run / "metrics.parquet").to_pylist()
+    final = {(r["split"], r["protocol"], r["group"]) for r in rows if r["metric"] == "ndcg@20"}
+    for split in ("valid", "test"):
+        for protocol in ("sampled", "full"):
+            for group in ("overall", "domain:food", "domain:kitchen", "overlap", "single", "short", "long"):
+                assert (split, protocol, group) in final
+    manifest = Workspace(enriched_workspace).read_manifest("train")
+    assert manifest is not None and manifest.stats["best"]["run_id"] == summary.run_id
+    assert manifest.stats["best"]["model"] == "llm4cdsr"
+    # Unchanged inputs and settings: nothing is trained again.
+    started = time.perf_counter()
+    again = run_train(settings, Workspace(enriched_workspace))
+    assert again.skipped and again.run_id == summary.run_id and time.perf_counter() - started < 10
+
+
+def test_exported_vectors_reproduce_the_models_scores(trained, enriched_workspace: Path) -> None:
+    from models.data import SequenceData
+    from models.export import export_vectors, load_run
+    from tasks.train.inputs import load_sequences
+
+    _, summary = trained
+    ws = Workspace(enriched_workspace)
+    vectors = export_vectors(Path(summary.run_dir), ws)
+    model, config, catalog = load_run(Path(summary.run_dir), ws)
+    seqs = load_sequences(ws)
+    full_history = SequenceData(catalog, seqs, config["settings"]["max_len"]).eval_split("export", 0, 0, 1)
+    for d, name in enumerate(catalog.domains):
+        dv = vectors[name]
+        assert dv.user_ids == seqs.user_ids and len(dv.item_ids) == catalog.sizes[d]
+        assert dv.user_vectors.dtype == np.float32 and dv.user_vectors.shape[1] == 2 * 32
+        users = torch.arange(0, len(seqs.user_ids), 97)
+        cand = torch.arange(1, catalog.sizes[d] + 1).repeat(len(users), 1)
+        with torch.no_grad():
+            forward = model.score(full_history.inputs[users], d, cand).numpy()
+        exported = dv.user_vectors[users.numpy()] @ dv.item_vectors.T
+        np.testing.assert_allclose(exported, forward, rtol=1e-4, atol=1e-4)
+        # Every item a user ever had in this domain (validation and test items too) is marked seen.
+        u = int(users[1])
+        history = seqs.flat[seqs.offsets[u] : seqs.offsets[u + 1]]
+        mine = {catalog.item_ids[g - 1] for g in history if catalog.item_domain[g] == d}
+        seen = {dv.item_ids[i] for i in dv.seen_items[dv.seen_indptr[u] : dv.seen_indptr[u + 1]]}
+        assert seen == mine
+
+
+def test_a_killed_run_resumes_where_it_stopped(enriched_workspace: Path, tmp_path: Path) -> None:
+    settings = TrainSettings(model="sasrec", epochs=5, patience=5, **FAST)
+    ws_a = _copy_inputs(enriched_workspace, tmp_path / "a")
+    script = (
+        "import sys; from storage.workspace import Workspace; from tasks.train.settings import TrainSettings;"
+        "from tasks.train.stage import run_train;"
+        f"run_train(TrainSettings.model_validate_json(sys.argv[1]), Workspace({str(ws_a)!r}))"
+    )
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, settings.model_dump_json()], cwd=REPO, env=env, start_new_session=True
+    )
+    try:
+        deadline = time.time() + 120
+        while not list((ws_a / "runs").glob("*/checkpoint.pt")) and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "training finished before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    (run,) = (ws_a / "runs").iterdir()
+    assert not (run / "summary.json").exists()
+    resumed = run_train(settings, Workspace(ws_a))
+    assert resumed.resumed_from_epoch >= 1 and resumed.epochs == 5
+    # The resumed run ends exactly where an uninterrupted run ends.
+    ws_b = _copy_inputs(enriched_workspace, tmp_path / "b")
+    straight = run_train(settings, Workspace(ws_b))
+    assert straight.run_id == resumed.run_id
+    assert straight.test["overall"] == pytest.approx(resumed.test["overall"], abs=1e-6)
+
+
+def test_flow_and_cli_train_the_baselines(prefect_harness, enriched_workspace: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from bridgerec.cli import app
+    from flows.train import train_flow
+
+    ws = _copy_inputs(enriched_workspace, tmp_path / "ws")
+    summary = train_flow(TrainSettings(model="sasrec-domain", epochs=2, **FAST), str(ws))
+    assert summary.model == "sasrec-domain" and summary.epochs == 2
+
+    config = tmp_path / "train.yaml"
+    config.write_text("train:\n" + "".join(f"  {k}: {v}\n" for k, v in FAST.items()))
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "-c",
+            str(config),
+            "--workspace",
+            str(ws),
+            "--model",
+            "llm4cdsr-hybrid",
+            "--epochs",
+            "2",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["model"] == "llm4cdsr-hybrid" and out["epochs"] == 2 and out["best_epoch"] in (1, 2)
+    assert out["epoch_seconds"] > 0
+    for group in ("overall", "food", "kitchen"):
+        assert {"hr@10", "ndcg@10"} <= set(out["test"][group])
+        assert {"hr@10", "ndcg@10"} <= set(out["test"]["full"][group])
+    # The leaderboard now holds both runs; the manifest names the better one by validation NDCG@10.
+    board = pq.read_table(ws / "train" / "runs.parquet").to_pylist()
+    assert {r["model"] for r in board} == {"sasrec-domain", "llm4cdsr-hybrid"}
+    best = max(board, key=lambda r: r["valid_ndcg10"])
+    assert Workspace(ws).read_manifest("train").stats["best"]["run_id"] == best["run_id"]
+    bad = CliRunner().invoke(app, ["train", "--workspace", str(ws), "--model", "nope", "--json"])
+    assert bad.exit_code == 2 and "unknown model" in bad.output
