@@ -27,6 +27,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect the effective configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+models_app = typer.Typer(help="Prepare the LLMs for offline use.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 runs_app = typer.Typer(help="Published runs in the warehouse.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 
@@ -184,9 +186,102 @@ def _not_built(stage: str, issue: str) -> None:
 
 
 @app.command()
-def enrich(config: ConfigOpt = None, workspace: WorkspaceOpt = None, as_json: JsonOpt = False) -> None:
-    """Embed item texts and write hierarchical LLM user profiles with vLLM (batch, incremental)."""
-    _not_built("enrich", "LLM enrichment")
+def enrich(
+    config: ConfigOpt = None,
+    workspace: WorkspaceOpt = None,
+    max_users: Annotated[
+        int | None,
+        typer.Option("--max-users", help="profiles.max_users: profile at most N users.", show_default=False),
+    ] = None,
+    profiles_mode: Annotated[
+        str | None, typer.Option("--profiles", help="profiles.mode: llm | none.", show_default=False)
+    ] = None,
+    force: Annotated[
+        bool, typer.Option(help="Rebuild even if unchanged (cached vectors/profiles are reused).")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Embed item texts and write hierarchical LLM user profiles with vLLM into WORKSPACE/enrich.
+
+    Incremental: only texts whose (text hash, model) is new are embedded, only users whose history
+    changed get a new profile; an unchanged rerun starts no engine. Items or users that fail are in
+    WORKSPACE/enrich/errors.parquet with the reason.
+    """
+    from flows.enrich import enrich_flow
+    from tasks.enrich.models import ModelError
+
+    settings = _settings(
+        config, workspace=workspace, **{"profiles.max_users": max_users, "profiles.mode": profiles_mode}
+    )
+    progress.set_enabled(not as_json)
+    try:
+        summary = enrich_flow(
+            settings.enrich,
+            settings.profiles,
+            str(settings.workspace),
+            settings.runtime.resolved_threads(),
+            force,
+        )
+    except (ModelError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    _emit(summary.model_dump(mode="json"), as_json, _render_enrich)
+
+
+def _render_enrich(s: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    head = (
+        "enrich skipped: inputs, config and models unchanged"
+        if s["skipped"]
+        else f"enrich finished in {s['seconds']:.1f} s"
+    )
+    console.print(f"[bold green]{head}[/] -> {s['workspace']}/enrich")
+    t = Table(show_header=False)
+    t.add_row("items", f"{s['items']:,}: {s['items_embedded']:,} embedded, {s['items_cached']:,} cached")
+    t.add_row(
+        "embeddings",
+        f"{s['embedding_dim']}-d {s['embed_model_id']}; tables {s['global_dim']} / {s['local_dim']}",
+    )
+    if s["profile_mode"] == "llm":
+        t.add_row(
+            "profiles",
+            f"{s['profile_users']:,} users: {s['profiles_generated']:,} generated, {s['profiles_cached']:,} cached "
+            f"({s['llm_model_id']})",
+        )
+    else:
+        t.add_row("profiles", "off (profiles.mode = none)")
+    t.add_row("errors", f"{s['errors']:,} " + ", ".join(f"{k}: {v}" for k, v in s["errors_by_step"].items()))
+    if s["engines_started"]:
+        t.add_row("engines", ", ".join(f"{e['runner']} {e['seconds']} s" for e in s["engines_started"]))
+    console.print(t)
+
+
+@models_app.command("prepare")
+def models_prepare(
+    config: ConfigOpt = None,
+    force: Annotated[bool, typer.Option(help="Convert again even if the folder exists.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Make the configured models usable offline: convert the packaged SmolLM2 GGUF into a safetensors
+    folder (profiles.model, once, ~15 s) and check the embedding model folder."""
+    from tasks.enrich.models import ModelError, embedding_model, model_id, prepare_profile_model
+
+    settings = _settings(config)
+    try:
+        embed_dir, embed_id = embedding_model(settings.enrich)
+        result: dict[str, Any] = {"embedding_model": str(embed_dir), "embed_model_id": embed_id}
+        if settings.profiles.mode == "llm":
+            folder, converted = prepare_profile_model(settings.profiles, force=force)
+            result |= {
+                "profile_model": str(folder),
+                "llm_model_id": model_id(folder, settings.profiles.model_name),
+                "converted": converted,
+            }
+    except ModelError as exc:
+        _fail(str(exc))
+    _emit(result, as_json, lambda r: typer.echo(yaml.safe_dump(r, sort_keys=False)))
 
 
 @app.command()

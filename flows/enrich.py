@@ -11,6 +11,14 @@ from tasks.enrich.settings import EnrichSettings, ProfileSettings
 from tasks.enrich.stage import EnrichSummary, run_enrich
 
 
+@task(name="check-inputs")
+def check_inputs(workspace: str) -> None:
+    """Fail fast, before converting or starting any model, if the ingest stage has not finished."""
+    ws = Workspace(workspace)
+    if ws.read_manifest("ingest") is None:
+        raise FileNotFoundError(f"{ws.stage_dir('ingest')} has no finished ingest: run `bridgerec ingest`")
+
+
 @task(name="prepare-models")
 def prepare_models(profiles: ProfileSettings) -> None:
     """Convert the packaged GGUF once (a no-op when the folder exists or profiles are off)."""
@@ -55,6 +63,7 @@ def enrich_flow(
     threads: int = 1,
     force: bool = False,
 ) -> EnrichSummary:
+    check_inputs(workspace)
     prepare_models(profiles)
     summary = enrich_task(enrich, profiles, workspace, threads, force)
     enrich_report(summary)

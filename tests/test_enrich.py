@@ -305,3 +305,57 @@ def test_profile_reruns_do_no_model_work(pool: EnginePool, ws: Workspace) -> Non
     assert not forced.skipped and forced.items_embedded == 0 and forced.profiles_generated == 0
     assert forced.profiles_cached == forced.profile_users - 1 and forced.tokens_generated == 0
     assert forced.errors == 1  # the failed user is tried again on every build, and fails again
+
+
+def _config(tmp_path: Path) -> Path:
+    import yaml
+
+    cfg = tmp_path / "enrich.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "enrich": ENRICH.model_dump(mode="json", exclude={"model"}),
+                "profiles": PROFILES.model_dump(mode="json", exclude={"gguf_source"}),
+            }
+        )
+    )
+    return cfg
+
+
+def test_cli_prints_the_contract(
+    prefect_harness: None, pool: EnginePool, ws: Workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from bridgerec.cli import app
+
+    cfg = _config(tmp_path)
+    args = ["enrich", "--workspace", str(ws.root), "--config", str(cfg), "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    for key in (
+        "items_embedded",
+        "items_cached",
+        "profiles_generated",
+        "profiles_cached",
+        "errors",
+        "embedding_dim",
+    ):
+        assert key in out
+    assert out["skipped"] and out["items_embedded"] == 0 and out["profiles_generated"] == 0
+    assert out["embedding_dim"] == 384 and out["errors"] == 1
+
+    # capped through the environment: a subset of the cached profiles, no model call
+    monkeypatch.setenv("BRIDGEREC_PROFILES__MAX_USERS", "3")
+    capped = json.loads(CliRunner().invoke(app, args).stdout)
+    assert not capped["skipped"] and capped["profile_users"] == 3
+    # the first 3 users by user_idx; one is the long user, who fails again
+    assert capped["profiles_generated"] == 0 and capped["profiles_cached"] == 2 and capped["errors"] == 1
+    assert capped["engines_started"] == [] and ws.read_table("enrich", "profiles").num_rows == 2
+
+    # guidance off: no profiles, an empty table with the contract's schema
+    off = json.loads(CliRunner().invoke(app, [*args, "--profiles", "none"]).stdout)
+    assert off["profile_mode"] == "none" and off["profiles_generated"] == 0
+    assert ws.read_table("enrich", "profiles").schema.equals(schemas.profiles_schema(384))
+    assert load_profile_vectors(ws)[0].size == 0

@@ -23,9 +23,9 @@ from tasks.enrich.settings import EnrichSettings, ProfileSettings
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PREPARED_MARKER = "bridgerec-prepared.json"
-_SMALL_FILE = 1 << 20  # files below 1 MiB (configs, tokenizers) are hashed whole
-_SAMPLES = 16  # a big weight file is fingerprinted by its size and 16 slices of 64 KiB
-_SLICE = 1 << 16
+_FULL_HASH = 512 << 20  # files up to 512 MiB are hashed whole (MiniLM 90 MB, SmolLM2 270 MB: ~0.5 s)
+_SAMPLES = 64  # a bigger weight file is fingerprinted by its size and 64 slices of 1 MiB
+_SLICE = 1 << 20
 _fingerprints: dict[tuple[str, int, int], str] = {}
 
 
@@ -49,11 +49,11 @@ def _file_fingerprint(path: Path) -> str:
     key = (str(path), st.st_size, st.st_mtime_ns)
     if key in _fingerprints:
         return _fingerprints[key]
-    if st.st_size <= _SMALL_FILE:
+    if st.st_size <= _FULL_HASH:
         digest = hash_file(path)
     else:
-        # Hashing multi-GB weights on every run would cost seconds; size plus spread slices tells
-        # different weights apart just as well in practice.
+        # Hashing multi-GB weights on every run would cost many seconds; size plus 64 spread slices
+        # tells different weights (a fine-tune changes every tensor) apart in practice.
         h = hashlib.blake2b(str(st.st_size).encode(), digest_size=16)
         with open(path, "rb") as fh:
             for i in range(_SAMPLES):
@@ -65,7 +65,7 @@ def _file_fingerprint(path: Path) -> str:
 
 
 def model_fingerprint(folder: Path) -> str:
-    """Content fingerprint of a model folder (every file; big ones sampled)."""
+    """Content fingerprint of a model folder (every file; files over 512 MiB sampled)."""
     h = hashlib.blake2b(digest_size=8)
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()

@@ -1,0 +1,232 @@
+"""The enrich stage's parts that need no engine: texts, PCA, batching with retries and splits, output
+validation, prompts, training-prefix histories, model ids, checkpoints, settings, the CLI contract."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from bridgerec.config import ConfigError, load_settings
+from storage.checkpoints import Checkpoints
+from storage.workspace import Workspace
+from tasks.enrich.batching import Failed, run_resilient
+from tasks.enrich.models import model_fingerprint, model_id
+from tasks.enrich.pca import fit_pca
+from tasks.enrich.profiles import clean_generated, estimate_cost, load_prompts, user_jobs
+from tasks.enrich.settings import EnrichSettings, ProfileSettings
+from tasks.enrich.texts import clean_field, item_texts, text_hash
+
+
+def test_item_texts_follow_the_domain_templates() -> None:
+    items = pa.table(
+        {
+            "item_id": ["a", "b"],
+            "domain": ["food", "kitchen"],
+            "title": ["Tea &amp; honey   gift set", "Chef knife " + "x" * 300],
+            "brand": [None, "Wusthof"],
+            "price": ["", "99.95"],
+        }
+    )
+    settings = EnrichSettings(templates={"kitchen": "Kitchen: {title} by {brand} at {price}."})
+    food, kitchen = item_texts(items, settings)
+    assert food == (
+        "The food item has the following attributes: name is Tea & honey gift set; brand is unknown; "
+        "categories are unknown; price is unknown; description is unknown."
+    )
+    assert kitchen.startswith("Kitchen: Chef knife") and kitchen.endswith(" by Wusthof at 99.95.")
+    assert len(kitchen) < 200 + 40  # the title is capped at 200 characters
+    assert text_hash(food) == text_hash(food) != text_hash(kitchen)
+    assert clean_field("one two three four", 9, "unknown") == "one two"  # cut at a word boundary
+    assert clean_field("   ", 9, "n/a") == "n/a"
+
+
+def test_template_with_unknown_field_is_a_config_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("enrich:\n  templates:\n    food: 'Food {name}'\n")
+    with pytest.raises(ConfigError, match=r"enrich\.templates"):
+        load_settings(cfg)
+
+
+def test_env_overrides_reach_the_sections(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BRIDGEREC_PROFILES__MAX_USERS", "100")
+    monkeypatch.setenv("BRIDGEREC_ENRICH__ENGINE__MAX_NUM_SEQS", "32")
+    monkeypatch.setenv("BRIDGEREC_PROFILES__MODE", "none")
+    s = load_settings()
+    assert s.profiles.max_users == 100 and s.profiles.mode == "none"
+    assert s.enrich.engine.max_num_seqs == 32
+    assert s.profiles.engine.max_model_len == 2048  # the rest of the nested default is kept
+    assert s.enrich.model_path().joinpath("config.json").is_file()  # packaged MiniLM
+
+
+def test_pca_matches_numpy_and_skips_when_not_reducing() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 20)).astype(np.float32) * np.linspace(3, 0.1, 20).astype(np.float32)
+    fit = fit_pca(x, 5)
+    y = fit.transform(x)
+    assert y.shape == (300, 5) and y.dtype == np.float32
+    centred = x - x.mean(axis=0)
+    _, s, _ = np.linalg.svd(centred, full_matrices=False)
+    np.testing.assert_allclose(np.var(y, axis=0) * 300, s[:5] ** 2, rtol=1e-3)  # top-5 variances
+    assert 0 < fit.explained < 1
+    np.testing.assert_allclose(fit_pca(x, 5).transform(x), y)  # refit: same signs, same table
+    same = fit_pca(x, 20)
+    assert same.identity and same.out_dim == 20 and np.array_equal(same.transform(x), x)
+    few = fit_pca(x[:4], 8)  # 4 rows: 3 components, the rest zero
+    assert few.transform(x[:4]).shape == (4, 8) and not few.transform(x[:4])[:, 3:].any()
+
+
+def test_failing_units_are_isolated_by_splitting() -> None:
+    calls: list[list[int]] = []
+
+    def model(batch: list[int]) -> list[int]:
+        calls.append(batch)
+        if 13 in batch or 40 in batch:
+            raise ValueError("prompt too long")  # a bad request: no retries, split at once
+        return [u * 2 for u in batch]
+
+    done: dict[int, int] = {}
+    failed: list[Failed[int]] = []
+    run_resilient(
+        list(range(64)),
+        model,
+        lambda b, r: done.update(zip(b, r, strict=True)),
+        failed.append,
+        retries=3,
+        backoff_s=0,
+        sleep=lambda s: None,
+    )
+    assert sorted(f.unit for f in failed) == [13, 40]
+    assert all("ValueError: prompt too long" in f.reason for f in failed)
+    assert sorted(done) == [u for u in range(64) if u not in (13, 40)] and done[7] == 14
+    assert len(calls) < 30  # log2 splits, not one call per unit
+
+
+def test_transient_failures_are_retried_with_backoff() -> None:
+    attempts = {"n": 0}
+    slept: list[float] = []
+
+    def flaky(batch: list[str]) -> int:
+        attempts["n"] += 1
+        if attempts["n"] < 3:
+            raise ConnectionError("engine busy")
+        return len(batch)
+
+    results: list[int] = []
+    run_resilient(
+        ["a", "b"],
+        flaky,
+        lambda b, r: results.append(r),
+        lambda f: None,
+        retries=2,
+        backoff_s=0.5,
+        sleep=slept.append,
+    )
+    assert results == [2] and slept == [0.5, 1.0]
+
+    failed: list[Failed[str]] = []
+    run_resilient(
+        ["x"],
+        lambda b: (_ for _ in ()).throw(ConnectionError("down")),
+        lambda b, r: None,
+        failed.append,
+        retries=1,
+        backoff_s=0,
+        sleep=lambda s: None,
+    )
+    assert failed[0].unit == "x" and failed[0].attempts == 2 and "down" in failed[0].reason
+
+
+def test_generated_text_is_validated() -> None:
+    assert clean_generated("assistant: <|im_start|>Loves  tea.<|im_end|>", 50) == ("Loves tea.", None)
+    text, reason = clean_generated("<|im_end|> \n ", 50)
+    assert text is None and "empty" in reason
+    capped, _ = clean_generated(" ".join(["word"] * 80), 50)
+    assert capped is not None and len(capped.split()) == 50
+
+
+def test_prompts_are_versioned_files() -> None:
+    p = load_prompts("v1")
+    messages = p.analyzer.messages(items="Green tea\nKettle", max_words=50)
+    assert messages[0]["role"] == "system" and "Green tea\nKettle" in messages[-1]["content"]
+    assert "50 words" in messages[-1]["content"]
+    assert "{summaries}" in p.summarizer.user and len(p.digest) == 16
+    with pytest.raises(FileNotFoundError, match="v9"):
+        load_prompts("v9")
+
+
+def _tiny_tables() -> tuple[pa.Table, pa.Table]:
+    items = pa.table(
+        {
+            "item_id": [f"i{g}" for g in range(1, 7)],
+            "global_id": pa.array(range(1, 7), pa.int32()),
+            "title": ["tea", "kettle", "coffee", "mug", "pan", "knife"],
+        }
+    )
+    seqs = pa.table(
+        {
+            "user_id": ["u1", "u0"],
+            "user_idx": pa.array([1, 0], pa.int32()),
+            "global_ids": [[1, 2, 3, 4, 5], [6, 1, 2]],
+        }
+    )
+    return items, seqs
+
+
+def test_histories_use_the_training_prefix_and_change_with_it() -> None:
+    items, seqs = _tiny_tables()
+    clusters = np.array([0, 1, 0, 1, 0, 1])  # by item row
+    settings = ProfileSettings(titles_per_cluster=1)
+    jobs, n_users = user_jobs(seqs, items, clusters, settings)
+    assert n_users == 2 and [j.user_id for j in jobs] == ["u0", "u1"]  # user_idx order
+    # u1: prefix [1, 2, 3]: cluster 0 -> tea, coffee (last 1: coffee); cluster 1 -> kettle
+    assert jobs[1].groups == ((0, ("coffee",)), (1, ("kettle",)))
+    assert jobs[0].groups == ((1, ("knife",)),)  # u0: prefix [6]
+    longer = seqs.set_column(2, "global_ids", pa.array([[1, 2, 3, 4, 5, 6], [6, 1, 2]]))
+    again, _ = user_jobs(longer, items, clusters, settings)
+    assert again[0].history_hash == jobs[0].history_hash and again[1].history_hash != jobs[1].history_hash
+    capped, _ = user_jobs(seqs, items, clusters, ProfileSettings(max_users=1))
+    assert [j.user_id for j in capped] == ["u0"]
+    cost = estimate_cost(jobs, settings, tokens_per_s=100)
+    assert cost["calls"] == 3 + 2 and cost["max_new_tokens"] == 3 * 80 + 2 * 160
+    assert cost["minutes"] == round(cost["max_new_tokens"] / 100 / 60, 1)
+
+
+def test_model_ids_name_the_weights(tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"\0" * (3 << 20))
+    first = model_id(folder)
+    assert first.startswith("m@")
+    (folder / "README.md").write_text("notes")  # docs do not change the model
+    assert model_id(folder) == first
+    with open(folder / "model.safetensors", "r+b") as fh:  # same size, different weights
+        fh.seek(3 << 19)
+        fh.write(b"\1" * 65536)
+    assert model_fingerprint(folder) != first.split("@")[1]
+
+
+def test_checkpoint_shards_round_trip(tmp_path: Path) -> None:
+    ck = Checkpoints(Workspace(tmp_path), "enrich")
+    assert ck.read("items") is None
+    ck.write("items", pa.table({"a": [1, 2]}))
+    ck.write("items", pa.table({"a": [3]}))
+    (ck.root / "items" / "broken.parquet").write_bytes(b"half a file")  # a crash mid-write
+    assert sorted(ck.read("items")["a"].to_pylist()) == [1, 2, 3]
+    ck.clear()
+    assert not (tmp_path / ".checkpoints").exists()
+
+
+def test_cli_enrich_fails_cleanly_without_ingest(prefect_harness: None, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from bridgerec.cli import app
+
+    result = CliRunner().invoke(app, ["enrich", "--workspace", str(tmp_path / "empty"), "--json"])
+    assert result.exit_code == 2
+    assert "run `bridgerec ingest`" in result.output
+    result = CliRunner().invoke(app, ["models", "--help"])
+    assert result.exit_code == 0 and "prepare" in result.output
