@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import time
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from prefect import flow
@@ -91,6 +92,23 @@ def _summary_markdown(settings: Settings, results: dict[str, dict], timings: dic
     return "\n".join(lines)
 
 
+def _record_failure(settings: Settings, stage: str, exc: Exception, started: datetime) -> None:
+    """A failed night leaves the published tables as they were, plus one 'failed' row in `runs`."""
+    from prefect.runtime import flow_run
+
+    from storage.warehouse import record_run_status
+
+    run_id = f"nightly-{flow_run.get_id() or started.strftime('%Y%m%dT%H%M%S')}"
+    try:
+        record_run_status(
+            settings.warehouse, run_id, "failed", started_at=started, message=f"stage {stage}: {exc}"[:2000]
+        )
+    except Exception as record_exc:  # never hide the stage's own error behind a bookkeeping one
+        get_logger().warning(
+            "nightly: could not record the failure in %s: %s", settings.warehouse, record_exc
+        )
+
+
 @flow(name="nightly", log_prints=False)
 def nightly_flow(config_file: str | None = None, overrides: dict[str, Any] | None = None) -> dict:
     """ingest -> enrich -> train -> publish; unchanged stages skip themselves."""
@@ -98,9 +116,14 @@ def nightly_flow(config_file: str | None = None, overrides: dict[str, Any] | Non
     settings = resolve_settings(config_file, overrides)
     results: dict[str, dict] = {}
     timings: dict[str, float] = {}
+    started = datetime.now(UTC)
     for stage in STAGES:
         t0 = time.perf_counter()
-        results[stage] = run_stage(stage, settings)
+        try:
+            results[stage] = run_stage(stage, settings)
+        except Exception as exc:
+            _record_failure(settings, stage, exc, started)
+            raise
         timings[stage] = round(time.perf_counter() - t0, 2)
         log.info("nightly: %s finished in %.1f s", stage, timings[stage])
     create_markdown_artifact(
