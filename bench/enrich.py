@@ -50,7 +50,9 @@ def main() -> None:
     from tasks.ingest.stage import run_ingest
 
     ws = Workspace(args.workspace)
-    run_ingest(IngestSettings(items=args.data / "items.csv.gz", interactions=args.data / "interactions.csv.gz"), ws)
+    run_ingest(
+        IngestSettings(items=args.data / "items.csv.gz", interactions=args.data / "interactions.csv.gz"), ws
+    )
     enrich, no_profiles = EnrichSettings(), ProfileSettings(mode="none")
     items = ws.read_table("ingest", "items")
     out: dict = {"machine": f"{platform.node()} {os.cpu_count()} cpus", "load_avg_start": os.getloadavg()[0]}
@@ -94,7 +96,9 @@ def main() -> None:
             "item_stage_texts_per_s": s.embedding_texts_per_s,
             "item_errors": s.errors,
         }
-        out["item_stage_with_engine_start_s"] = round(out["item_stage_seconds"] + out["embed_engine_start_s"], 1)
+        out["item_stage_with_engine_start_s"] = round(
+            out["item_stage_seconds"] + out["embed_engine_start_s"], 1
+        )
         print(f"item stage: {out['item_stage_seconds']} s for {s.items} items", flush=True)
 
         # 4. rerun, nothing changed
@@ -148,7 +152,11 @@ def main() -> None:
         ("pipeline item phase (texts/s)", out["pipeline_texts_per_s"], ""),
         ("pipeline / bare", out["pipeline_vs_bare"], f">= {GOALS['pipeline_vs_bare']}"),
         (f"item stage, {out['items']:,} items, warm engine (s)", out["item_stage_seconds"], ""),
-        ("item stage incl. engine start (s)", out["item_stage_with_engine_start_s"], f"< {GOALS['item_stage_seconds']}"),
+        (
+            "item stage incl. engine start (s)",
+            out["item_stage_with_engine_start_s"],
+            f"< {GOALS['item_stage_seconds']}",
+        ),
         ("unchanged rerun (s)", out["rerun_seconds"], f"< {GOALS['rerun_seconds']}"),
         ("engines started on rerun", out["rerun_engines_started"], "0"),
         ("generation engine start (s)", out["gen_engine_start_s"], ""),
@@ -158,7 +166,9 @@ def main() -> None:
     print(f"\n{'figure':<{width}}  {'value':>10}  goal")
     for name, value, goal in rows:
         print(f"{name:<{width}}  {value!s:>10}  {goal}")
-    print(f"load average {out['load_avg_start']:.1f} -> {out['load_avg_end']:.1f} (2 cores; other work shares them)")
+    print(
+        f"load average {out['load_avg_start']:.1f} -> {out['load_avg_end']:.1f} (2 cores; other work shares them)"
+    )
     results = REPO / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
     (results / "enrich.json").write_text(json.dumps(out, indent=2) + "\n")

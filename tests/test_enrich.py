@@ -35,9 +35,14 @@ NO_PROFILES = ProfileSettings(mode="none")
 
 @pytest.fixture(scope="module")
 def pool() -> Iterator[EnginePool]:
+    import torch
+
+    set_num_threads = torch.set_num_threads
     with shared_engines(EnginePool()) as p:
         yield p
         p.close()  # explicit engine shutdown: pytest must exit cleanly
+    # in-process CPU engines replace torch.set_num_threads; later tests (train) need the real one back
+    assert torch.set_num_threads is set_num_threads
 
 
 @pytest.fixture(scope="module")
@@ -359,3 +364,9 @@ def test_cli_prints_the_contract(
     assert off["profile_mode"] == "none" and off["profiles_generated"] == 0
     assert ws.read_table("enrich", "profiles").schema.equals(schemas.profiles_schema(384))
     assert load_profile_vectors(ws)[0].size == 0
+
+    # back on, uncapped: every profile comes from the profile cache, no model call
+    monkeypatch.delenv("BRIDGEREC_PROFILES__MAX_USERS")
+    back = json.loads(CliRunner().invoke(app, args).stdout)
+    assert back["profiles_generated"] == 0 and back["tokens_generated"] == 0
+    assert back["profiles_cached"] == back["profile_users"] - 1 and back["errors"] == 1

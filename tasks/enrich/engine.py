@@ -87,7 +87,7 @@ class EngineSpec:
             max_num_seqs=s.max_num_seqs,
             tensor_parallel_size=s.tensor_parallel_size,
             gpu_memory_utilization=s.gpu_memory_utilization,
-            enforce_eager=s.enforce_eager,
+            enforce_eager=s.enforce_eager if s.enforce_eager is not None else not on_gpu(),
             seed=s.seed,
             cpu_threads_bind=bind,
             cpu_kvcache_gib=s.cpu_kvcache_gib,
@@ -191,6 +191,7 @@ class EnginePool:
     """Engines started on first use, one per spec, shut down by `close()`."""
 
     def __init__(self) -> None:
+        self._restore: dict[str, Any] | None = None
         self._llms: dict[EngineSpec, Any] = {}
         self._wrappers: dict[tuple[EngineSpec, str, str], Any] = {}
         self.starts: list[dict[str, Any]] = []  # one entry per engine started, with its start time
@@ -200,6 +201,15 @@ class EnginePool:
             log = get_logger()
             log.info("enrich: starting vLLM %s engine for %s (dtype %s)", spec.runner, spec.model, spec.dtype)
             started = time.perf_counter()
+            if self._restore is None and not spec.multiprocessing:
+                # An in-process CPU engine pins the process's threads and replaces torch.set_num_threads
+                # with a no-op; put both back on close() for the stages that run after us.
+                import torch
+
+                self._restore = {
+                    "set_num_threads": torch.set_num_threads,
+                    "affinity": os.sched_getaffinity(0),
+                }
             self._llms[spec] = start_engine(spec)
             seconds = time.perf_counter() - started
             self.starts.append({"runner": spec.runner, "model": spec.model, "seconds": round(seconds, 1)})
@@ -225,6 +235,13 @@ class EnginePool:
             shutdown_engine(llm)
         self._llms.clear()
         self._wrappers.clear()
+        if self._restore is not None:
+            import torch
+
+            torch.set_num_threads = self._restore["set_num_threads"]
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(0, self._restore["affinity"])
+            self._restore = None
 
 
 _shared: EnginePool | None = None

@@ -378,6 +378,7 @@ def rows_table(rows: list[dict], dim: int) -> pa.Table:
 @dataclass
 class ProfileResult:
     table: pa.Table  # profiles.parquet
+    cache_table: pa.Table  # profile_cache.parquet: these and cached profiles of users outside the cap
     clusters: pa.Table  # item_clusters.parquet
     kmeans_arrays: dict[str, np.ndarray]
     users_selected: int
@@ -414,20 +415,23 @@ def build_profiles(
     embed_id: str,
     generator: Callable[[], Generator],
     embedder: Callable[[], Embedder],
-    previous: pa.Table | None,
+    previous: list[pa.Table | None],
     previous_stats: dict,
     checkpoints: Checkpoints | None,
 ) -> ProfileResult:
     log = get_logger()
     clusters = cluster_items(item_result, enrich, embed_id, _previous_kmeans(workspace))
-    jobs, n_users = user_jobs(workspace.read_table("ingest", "sequences"), items, clusters.assign, settings)
+    sequences = workspace.read_table("ingest", "sequences")
+    jobs, n_users = user_jobs(sequences, items, clusters.assign, settings)
     dim = item_result.dim
     gen_key = generation_key(settings, prompts, llm_id, embed_id)
     ckpt_kind = f"profiles-{gen_key}"
 
-    # Cache: the previous output (when made with the same generation key) and this key's checkpoints.
+    # Cache: the previous profiles and profile cache (when made with the same generation key) and this
+    # key's checkpoints. The profile cache keeps users outside the current cap, so lowering
+    # profiles.max_users (or turning profiles off) and raising it again costs no model call.
     cached: dict[str, dict] = {}
-    sources = [previous if previous_stats.get("profile_gen_key") == gen_key else None]
+    sources = list(previous) if previous_stats.get("profile_gen_key") == gen_key else []
     sources.append(checkpoints.read(ckpt_kind, schemas.profiles_schema(dim)) if checkpoints else None)
     for table in sources:
         if table is None or table.num_rows == 0 or table.schema.field("vector").type.list_size != dim:
@@ -509,12 +513,15 @@ def build_profiles(
         )
     order = {job.user_id: job.user_idx for job in jobs}
     rows.sort(key=lambda r: order[r["user_id"]])
+    in_ingest = set(sequences["user_id"].to_pylist())
+    kept = [r for u, r in sorted(cached.items()) if u not in order and u in in_ingest]
     tokens_per_s = round(tokens / seconds, 1) if tokens and seconds else None
     cluster_table = pa.table(
         {"item_id": items["item_id"], "cluster": pa.array(clusters.assign.astype(np.int16), pa.int16())}
     )
     return ProfileResult(
         table=rows_table(rows, dim),
+        cache_table=rows_table(rows + kept, dim),
         clusters=cluster_table,
         kmeans_arrays={
             "centroids": clusters.centroids,

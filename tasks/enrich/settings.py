@@ -47,7 +47,10 @@ class EngineSettings(BaseModel):
         description="GPU memory share of this engine. Embedding and generation engines can be up together: "
         "keep their sum below 1.",
     )
-    enforce_eager: bool = Field(default=True, description="No graph capture (faster start; CPU needs it).")
+    enforce_eager: bool | None = Field(
+        default=None,
+        description="No graph capture: None = on for CPU (faster start), off on GPUs (CUDA graphs).",
+    )
     cpu_threads_bind: str | None = Field(
         default=None,
         description="VLLM_CPU_OMP_THREADS_BIND: None = the first `runtime.threads` cores ('0-1' on 2 cores); "

@@ -167,13 +167,34 @@ def run_enrich(
                     EngineSpec.of("generate", llm_dir, profiles.engine, threads), llm_id
                 ),
                 embedder=embedder,
-                previous=_previous(workspace, "profiles"),
+                previous=[_previous(workspace, "profiles"), _previous(workspace, "profile_cache")],
                 previous_stats=existing.stats if existing is not None else {},
                 checkpoints=checkpoints,
             )
             errors += profile_result.errors
         summary.engines_started = pool.starts[n_started:]
-        _write(workspace, summary, result, tables, profile_result, errors, enrich, profiles, chash, hashes)
+        carried = None
+        if profile_result is None:  # profiles off: keep the generated ones for when they are back on
+            names = ("profile_cache", "profiles")
+            kept = [t for t in (_previous(workspace, n) for n in names) if t is not None and t.num_rows]
+            if kept and existing is not None:
+                carried = (
+                    pa.concat_tables(kept),
+                    {k: existing.stats.get(k) for k in ("profile_gen_key", "generation_tokens_per_s")},
+                )
+        _write(
+            workspace,
+            summary,
+            result,
+            tables,
+            profile_result,
+            carried,
+            errors,
+            enrich,
+            profiles,
+            chash,
+            hashes,
+        )
     checkpoints.clear()
     summary.seconds = time.perf_counter() - started
     summary.workspace = str(workspace.root)
@@ -193,6 +214,7 @@ def _write(
     result: item_phase.ItemResult,
     tables: item_phase.ItemTablesResult,
     profile_result: profile_phase.ProfileResult | None,
+    carried: tuple[pa.Table, dict] | None,
     errors: list[dict],
     enrich: EnrichSettings,
     profiles: ProfileSettings,
@@ -231,9 +253,21 @@ def _write(
             stage.write_table("profiles", profile_result.table, schemas.profiles_schema(result.dim))
             stage.write_table("item_clusters", profile_result.clusters, schemas.ITEM_CLUSTERS)
             np.savez(stage.path("kmeans.npz"), **profile_result.kmeans_arrays)
+            stage.write_table(
+                "profile_cache", profile_result.cache_table, schemas.profiles_schema(result.dim)
+            )
         else:  # profiles off: an empty table keeps the contract (no user has a profile)
             empty = schemas.profiles_schema(result.dim).empty_table()
             stage.write_table("profiles", empty, schemas.profiles_schema(result.dim))
+            if carried is not None and carried[0].schema.field("vector").type.list_size == result.dim:
+                table = carried[0]
+                _, first = np.unique(
+                    np.asarray(table["user_id"].to_pylist(), dtype=object), return_index=True
+                )
+                stage.write_table(
+                    "profile_cache", table.take(np.sort(first)), schemas.profiles_schema(result.dim)
+                )
+                profile_stats = {k: v for k, v in carried[1].items() if v is not None}
         stage.write_table(
             "errors", pa.Table.from_pylist(errors, schemas.ENRICH_ERRORS), schemas.ENRICH_ERRORS
         )
