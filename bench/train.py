@@ -25,13 +25,54 @@ from tasks.train.settings import MODEL_PRESETS, TrainSettings  # noqa: E402
 
 CHILD = """
 import json, sys
+from pathlib import Path
 import bridgerec.prefect_env
 from storage.workspace import Workspace
 from tasks.train.settings import TrainSettings
 from tasks.train.stage import run_train
-s = run_train(TrainSettings.model_validate_json(sys.argv[1]), Workspace(sys.argv[2]), force=sys.argv[3] == "1")
-print("RESULT " + s.model_dump_json())
+sys.path.insert(0, "bench")
+from train import authors_protocol
+ws = Workspace(sys.argv[2])
+s = run_train(TrainSettings.model_validate_json(sys.argv[1]), ws, force=sys.argv[3] == "1")
+out = s.model_dump(mode="json") | {"authors_protocol": authors_protocol(Path(s.run_dir), ws)}
+print("RESULT " + json.dumps(out))
 """
+
+
+def authors_protocol(run_dir: Path, workspace) -> dict:
+    """Test HR@10/NDCG@10 under the authors' flawed evaluation, for comparison with their figures only:
+    the mixed thread and the domain thread each score their *own* 100 negatives (independent draws), and a
+    negative's score adds the two. Single-thread models are unaffected (same as our protocol)."""
+    import numpy as np
+    import torch
+
+    from models.data import SequenceData
+    from models.export import load_run
+    from models.metrics import rank_sampled, summarise
+    from tasks.train.inputs import load_sequences
+
+    model, config, catalog = load_run(run_dir, workspace)
+    if config["settings"]["architecture"] != "llm4cdsr":
+        return {}
+    data = SequenceData(catalog, load_sequences(workspace), config["settings"]["max_len"])
+    test = data.eval_split("test", 100, config["settings"]["seed"], 5)
+    other = data._candidates(test.target, 100, config["settings"]["seed"] + 1000)  # the second draw
+    H = config["settings"]["hidden"]
+    ranks = np.zeros(data.n_users, np.int64)
+    with torch.no_grad():
+        for d in range(len(catalog.domains)):
+            items = model.item_vectors(d)
+            users = torch.nonzero(test.target_domain == d).flatten()
+            for chunk in torch.split(users, 1024):
+                u = model.user_vectors(test.inputs[chunk], d)
+                mixed = (items[test.candidates[chunk]][..., :H] * u[:, None, :H]).sum(-1)
+                local = (items[other[chunk]][..., H:] * u[:, None, H:]).sum(-1)
+                ranks[chunk.numpy()] = rank_sampled(mixed + local).numpy()
+    tdom = test.target_domain.numpy()
+    out = {"overall": summarise(ranks)}
+    for d, name in enumerate(catalog.domains):
+        out[name] = summarise(ranks[tdom == d])
+    return out
 
 
 def run_one(settings: TrainSettings, workspace: str, force: bool) -> dict:
