@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
-from prefect import flow, task
+import time
+
+from prefect import flow, task, unmapped
 from prefect.artifacts import create_table_artifact
 
 from storage.workspace import Workspace
+from tasks.enrich.engine import engine_scope
 from tasks.enrich.models import prepare_profile_model
 from tasks.enrich.settings import EnrichSettings, ProfileSettings
-from tasks.enrich.stage import EnrichSummary, run_enrich
+from tasks.enrich.stage import (
+    EnrichPlan,
+    EnrichSummary,
+    ItemShardWork,
+    ProfilePlan,
+    ProfileShardWork,
+    Shard,
+    embed_item_shard,
+    finish_enrich,
+    plan_enrich,
+    plan_profiles,
+    profile_shard,
+)
 
 
 @task(name="check-inputs")
@@ -26,12 +41,49 @@ def prepare_models(profiles: ProfileSettings) -> None:
         prepare_profile_model(profiles)
 
 
-@task(name="enrich", retries=0)
-def enrich_task(
+@task(name="plan-enrich")
+def plan_task(
     enrich: EnrichSettings, profiles: ProfileSettings, workspace: str, threads: int, force: bool
+) -> EnrichPlan:
+    return plan_enrich(enrich, profiles, Workspace(workspace), threads=threads, force=force)
+
+
+# A shard is idempotent (finished batches are checkpointed and reused), so a task retry after, say, an
+# engine that failed to start redoes only the unfinished batches. Model calls retry and split inside.
+@task(name="embed-items", task_run_name="embed-items-{shard.index}", retries=1, retry_delay_seconds=10)
+def embed_items_task(plan: EnrichPlan, enrich: EnrichSettings, shard: Shard) -> ItemShardWork:
+    return embed_item_shard(plan, enrich, shard)
+
+
+@task(name="plan-profiles")
+def plan_profiles_task(
+    plan: EnrichPlan, enrich: EnrichSettings, profiles: ProfileSettings, item_work: list[ItemShardWork]
+) -> ProfilePlan:
+    return plan_profiles(plan, enrich, profiles, item_work)
+
+
+@task(name="profile-users", task_run_name="profile-users-{shard.index}", retries=1, retry_delay_seconds=10)
+def profile_users_task(
+    plan: EnrichPlan,
+    enrich: EnrichSettings,
+    profiles: ProfileSettings,
+    profile_plan: ProfilePlan,
+    shard: Shard,
+) -> ProfileShardWork:
+    return profile_shard(plan, enrich, profiles, profile_plan, shard)
+
+
+@task(name="finish-enrich")
+def finish_task(
+    plan: EnrichPlan,
+    enrich: EnrichSettings,
+    profiles: ProfileSettings,
+    item_work: list[ItemShardWork],
+    profile_plan: ProfilePlan | None,
+    profile_work: list[ProfileShardWork],
+    started: float,
 ) -> EnrichSummary:
-    # Model calls retry and split batches inside; a task-level retry would redo the whole stage.
-    return run_enrich(enrich, profiles, Workspace(workspace), threads=threads, force=force)
+    return finish_enrich(plan, enrich, profiles, item_work, profile_plan, profile_work, started)
 
 
 @task(name="enrich-report")
@@ -63,8 +115,31 @@ def enrich_flow(
     threads: int = 1,
     force: bool = False,
 ) -> EnrichSummary:
+    """Item shards, then profile shards, each mapped onto task runs (`enrich.items_per_shard`,
+    `profiles.users_per_shard`); the finish task assembles them into WORKSPACE/enrich atomically.
+
+    With the default thread-pool task runner the shards share this process's engines (one per model,
+    calls queued); a distributed task runner gives each worker process engines of its own.
+    """
+    started = time.perf_counter()
     check_inputs(workspace)
     prepare_models(profiles)
-    summary = enrich_task(enrich, profiles, workspace, threads, force)
+    plan = plan_task(enrich, profiles, workspace, threads, force)
+    if plan.skipped is not None:
+        summary = plan.skipped
+    else:
+        with engine_scope():
+            item_work = embed_items_task.map(unmapped(plan), unmapped(enrich), plan.item_shards).result()
+            profile_plan, profile_work = None, []
+            if profiles.mode == "llm":
+                profile_plan = plan_profiles_task(plan, enrich, profiles, item_work)
+                profile_work = profile_users_task.map(
+                    unmapped(plan),
+                    unmapped(enrich),
+                    unmapped(profiles),
+                    unmapped(profile_plan),
+                    profile_plan.shards,
+                ).result()
+            summary = finish_task(plan, enrich, profiles, item_work, profile_plan, profile_work, started)
     enrich_report(summary)
     return summary

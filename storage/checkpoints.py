@@ -47,6 +47,10 @@ class Checkpoints:
                 get_logger().warning("checkpoint shard %s unusable (%s): ignored", path, exc)
         return pa.concat_tables(tables) if tables else None
 
+    def path(self, name: str) -> Path:
+        """A file of the run's own (e.g. the clusters every profile shard must share)."""
+        return self.root / "run" / name
+
     def kinds(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir()) if self.root.is_dir() else []
 

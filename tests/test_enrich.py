@@ -312,6 +312,67 @@ def test_profile_reruns_do_no_model_work(pool: EnginePool, ws: Workspace) -> Non
     assert forced.errors == 1  # the failed user is tried again on every build, and fails again
 
 
+def test_flow_maps_shards_onto_task_runs(
+    prefect_harness: None, pool: EnginePool, ws: Workspace, tmp_path: Path
+) -> None:
+    """Items and users split into shards, one Prefect task run each; the output equals the one-pass
+    build of the tests above (temperature 0, per-request seeds), and the counts add up."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter
+
+    from flows.enrich import enrich_flow
+
+    sharded = Workspace(tmp_path / "sharded")
+    shutil.copytree(ws.stage_dir("ingest"), sharded.stage_dir("ingest"))
+    enrich = ENRICH.model_copy(update={"items_per_shard": 20})
+    profiles = PROFILES.model_copy(update={"users_per_shard": 3})
+    state = enrich_flow(enrich, profiles, str(sharded.root), threads=THREADS, return_state=True)
+    assert state.is_completed()
+    summary = state.result()
+    n_items, n_users = ws.read_table("ingest", "items").num_rows, ws.read_table("ingest", "users").num_rows
+    assert summary.items_embedded == n_items and summary.items_cached == 0  # long texts truncated
+    assert summary.profiles_generated == n_users - 1 and summary.profiles_cached == 0
+    assert summary.errors == 1 and summary.errors_by_step == {"analyze": 1}
+    assert summary.tokens_generated > 0 and summary.generation_tokens_per_s
+    assert not (sharded.root / ".checkpoints").exists()
+
+    async def task_run_names() -> list[str]:
+        async with get_client() as client:
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])),
+                task_run_filter=TaskRunFilter(),
+            )
+            return sorted(r.name for r in runs)
+
+    names = asyncio.run(task_run_names())
+    assert [n for n in names if n.startswith("embed-items-")] == [f"embed-items-{i}" for i in range(4)]
+    assert [n for n in names if n.startswith("profile-users-")] == [f"profile-users-{i}" for i in range(3)]
+    assert any(n.startswith("finish-enrich") for n in names)
+
+    one_pass = ws.read_table("enrich", "item_embeddings")
+    got = sharded.read_table("enrich", "item_embeddings")
+    assert got["item_id"].to_pylist() == one_pass["item_id"].to_pylist()
+    assert got["text_hash"].to_pylist() == one_pass["text_hash"].to_pylist()
+    np.testing.assert_allclose(to_matrix(got["vector"], 384), to_matrix(one_pass["vector"], 384), atol=1e-5)
+    assert sharded.read_table("enrich", "item_clusters").equals(ws.read_table("enrich", "item_clusters"))
+    mine = {
+        r["user_id"]: r for r in sharded.read_table("enrich", "profiles").drop_columns(["vector"]).to_pylist()
+    }
+    theirs = {
+        r["user_id"]: r for r in ws.read_table("enrich", "profiles").drop_columns(["vector"]).to_pylist()
+    }
+    assert mine.keys() == theirs.keys()
+    for user, row in mine.items():
+        assert row["profile_text"] == theirs[user]["profile_text"]
+        assert row["cluster_summaries"] == theirs[user]["cluster_summaries"]
+    errors = sorted(
+        (e["kind"], e["key"], e["step"]) for e in sharded.read_table("enrich", "errors").to_pylist()
+    )
+    assert errors == [("profile", "ZZLONGUSER", "analyze")]
+
+
 def _config(tmp_path: Path) -> Path:
     import yaml
 

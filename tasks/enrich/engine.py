@@ -4,18 +4,25 @@ An engine costs 12-60 s to start, so engines are started lazily (a rerun with no
 none), kept in an `EnginePool` for the whole stage, and shut down explicitly: without
 `engine_core.shutdown()` the process sometimes aborts at exit (offline-models.md). Tests and benchmarks
 share one pool across runs with `shared_engines(pool)`.
+
+A pool starts and calls its engines on one thread of its own. The enrich flow maps its shards onto
+Prefect task runs, which a thread-pool task runner runs concurrently: the engine thread queues their
+calls (a vLLM `LLM` is not thread-safe) and keeps the engine's CPU thread pinning off the caller's
+threads.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
@@ -25,6 +32,13 @@ from tasks.enrich.settings import EngineSettings
 # vLLM logs to stdout by default, which would corrupt `--json` output; INFO is also very chatty.
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+R = TypeVar("R")
+Call = Callable[..., Any]  # runs a function on the pool's engine thread: call(fn, *args) -> fn(*args)
+
+
+def _direct(fn: Callable[..., R], *args: Any) -> R:
+    return fn(*args)
 
 
 @cache
@@ -126,24 +140,28 @@ def shutdown_engine(llm: Any) -> None:
 class Embedder:
     """Text -> unit-norm float32 vectors with a pooling engine (`LLM.encode(pooling_task="embed")`)."""
 
-    def __init__(self, llm: Any, model_id: str, truncate: bool = True) -> None:
+    def __init__(self, llm: Any, model_id: str, truncate: bool = True, call: Call = _direct) -> None:
         self.llm = llm
         self.model_id = model_id
+        self.call = call
         self.max_len: int = llm.llm_engine.model_config.max_model_len
         self.truncate = truncate
         self.dim = int(self.embed(["dimension probe"]).shape[1])
 
-    def embed(self, texts: list[str], truncate: bool | None = None) -> np.ndarray:
-        """[n] texts -> [n, D] float32, L2-normalised. Raises for the whole call if one text is bad."""
+    def _encode(self, texts: list[str], kwargs: dict | None) -> np.ndarray:
         import torch
 
+        # encode() returns the pooled tensors; embed() would turn each into a Python list first.
+        outs = self.llm.encode(texts, pooling_task="embed", use_tqdm=False, tokenization_kwargs=kwargs)
+        return torch.stack([o.outputs.data for o in outs]).float().numpy()  # [n, D]
+
+    def embed(self, texts: list[str], truncate: bool | None = None) -> np.ndarray:
+        """[n] texts -> [n, D] float32, L2-normalised. Raises for the whole call if one text is bad."""
         if not texts:
             return np.zeros((0, getattr(self, "dim", 0)), np.float32)
         truncate = self.truncate if truncate is None else truncate
         kwargs = {"truncate_prompt_tokens": self.max_len} if truncate else None
-        # encode() returns the pooled tensors; embed() would turn each into a Python list first.
-        outs = self.llm.encode(texts, pooling_task="embed", use_tqdm=False, tokenization_kwargs=kwargs)
-        vectors = torch.stack([o.outputs.data for o in outs]).float().numpy()  # [n, D]
+        vectors = self.call(self._encode, texts, kwargs)  # [n, D]
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
 
@@ -166,9 +184,10 @@ class Generated:
 class Generator:
     """Chat prompts -> text with a generation engine, one `generate` call per batch of prompts."""
 
-    def __init__(self, llm: Any, model_id: str) -> None:
+    def __init__(self, llm: Any, model_id: str, call: Call = _direct) -> None:
         self.llm = llm
         self.model_id = model_id
+        self.call = call
         self.tokenizer = llm.get_tokenizer()
         self.max_len: int = llm.llm_engine.model_config.max_model_len
 
@@ -176,11 +195,14 @@ class Generator:
         """The model's chat template applied, ready for `generate`."""
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
+    def _generate(self, prompts: list[str], params: list[Any]) -> list[Any]:
+        return self.llm.generate(prompts, params, use_tqdm=False)
+
     def generate(self, prompts: list[str], sampling: list[Sampling]) -> list[Generated]:
         from vllm import SamplingParams
 
         params = [SamplingParams(**asdict(s)) for s in sampling]
-        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        outs = self.call(self._generate, prompts, params)
         return [
             Generated(o.outputs[0].text, len(o.outputs[0].token_ids), o.outputs[0].finish_reason)
             for o in outs
@@ -188,13 +210,22 @@ class Generator:
 
 
 class EnginePool:
-    """Engines started on first use, one per spec, shut down by `close()`."""
+    """Engines started on first use, one per spec, shut down by `close()`; all engine work runs on the
+    pool's own thread, so callers on any thread (concurrent task runs) are served one call at a time."""
 
     def __init__(self) -> None:
         self._restore: dict[str, Any] | None = None
         self._llms: dict[EngineSpec, Any] = {}
         self._wrappers: dict[tuple[EngineSpec, str, str], Any] = {}
+        self._lock = threading.Lock()  # one engine start at a time, one wrapper per key
+        self._thread: ThreadPoolExecutor | None = None
         self.starts: list[dict[str, Any]] = []  # one entry per engine started, with its start time
+
+    def call(self, fn: Callable[..., R], *args: Any) -> R:
+        """fn(*args) on the engine thread (created on first use), waiting for the result."""
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-engine")
+        return self._thread.submit(fn, *args).result()
 
     def _llm(self, spec: EngineSpec) -> Any:
         if spec not in self._llms:
@@ -210,7 +241,7 @@ class EnginePool:
                     "set_num_threads": torch.set_num_threads,
                     "affinity": os.sched_getaffinity(0),
                 }
-            self._llms[spec] = start_engine(spec)
+            self._llms[spec] = self.call(start_engine, spec)
             seconds = time.perf_counter() - started
             self.starts.append({"runner": spec.runner, "model": spec.model, "seconds": round(seconds, 1)})
             log.info("enrich: %s engine up in %.1f s", spec.runner, seconds)
@@ -218,23 +249,28 @@ class EnginePool:
 
     def embedder(self, spec: EngineSpec, model_id: str, truncate: bool = True) -> Embedder:
         key = (spec, model_id, "embed")
-        if key not in self._wrappers:
-            self._wrappers[key] = Embedder(self._llm(spec), model_id, truncate)
-        embedder: Embedder = self._wrappers[key]
+        with self._lock:
+            if key not in self._wrappers:
+                self._wrappers[key] = Embedder(self._llm(spec), model_id, truncate, self.call)
+            embedder: Embedder = self._wrappers[key]
         embedder.truncate = truncate
         return embedder
 
     def generator(self, spec: EngineSpec, model_id: str) -> Generator:
         key = (spec, model_id, "generate")
-        if key not in self._wrappers:
-            self._wrappers[key] = Generator(self._llm(spec), model_id)
-        return self._wrappers[key]
+        with self._lock:
+            if key not in self._wrappers:
+                self._wrappers[key] = Generator(self._llm(spec), model_id, self.call)
+            return self._wrappers[key]
 
     def close(self) -> None:
         for llm in self._llms.values():
-            shutdown_engine(llm)
+            self.call(shutdown_engine, llm)
         self._llms.clear()
         self._wrappers.clear()
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+            self._thread = None
         if self._restore is not None:
             import torch
 
@@ -263,6 +299,17 @@ def shared_engines(pool: EnginePool | None = None) -> Iterator[EnginePool]:
         _shared = previous
         if owned:
             pool.close()
+
+
+@contextlib.contextmanager
+def engine_scope() -> Iterator[EnginePool]:
+    """The active shared pool, or a new one that everything inside the block shares (the shards of one
+    enrich run start each engine once) and that is closed when the block ends."""
+    if _shared is not None:
+        yield _shared
+        return
+    with shared_engines() as pool:
+        yield pool
 
 
 @contextlib.contextmanager

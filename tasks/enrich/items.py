@@ -77,6 +77,8 @@ class VectorCache:
 
 @dataclass
 class ItemResult:
+    """The vectors of a set of items; `failures` (text_hash -> failure) lets a later pass skip them."""
+
     embeddings: pa.Table  # item_embeddings.parquet
     vectors: np.ndarray  # [n_items, D] in ingest row order; zero rows where `ok` is False
     ok: np.ndarray  # [n_items] bool
@@ -86,6 +88,7 @@ class ItemResult:
     texts_embedded: int  # distinct texts sent to the model
     seconds_embedding: float
     errors: list[dict] = field(default_factory=list)
+    failures: dict[str, Failed] = field(default_factory=dict)
 
 
 def embed_items(
@@ -95,16 +98,19 @@ def embed_items(
     cache: VectorCache,
     get_embedder: Callable[[], Embedder],
     checkpoints: Checkpoints | None = None,
+    failed_before: dict[str, Failed] | None = None,
 ) -> ItemResult:
-    """Vectors for every item of ingest items.parquet, computing only texts missing from `cache`."""
+    """Vectors for every item of `items` (ingest items.parquet or a shard of it), computing only texts
+    missing from `cache`. Texts in `failed_before` (text_hash -> failure, from this run's shards) are not
+    tried again but reported as errors."""
     log = get_logger()
     texts = item_texts(items, settings)
     hashes = [text_hash(t) for t in texts]
+    failed: dict[str, Failed] = dict(failed_before or {})
     todo: dict[str, str] = {}
     for h, t in zip(hashes, texts, strict=True):
-        if h not in cache and h not in todo:
+        if h not in cache and h not in todo and h not in failed:
             todo[h] = t
-    failed: dict[str, Failed] = {}
     seconds = 0.0
     if todo:
         log.info(
@@ -150,12 +156,13 @@ def embed_items(
                     what="embedding batch",
                 )
         seconds = time.perf_counter() - started
+        n_failed = sum(1 for h in todo if h in failed)
         log.info(
             "enrich: embedded %d texts in %.1f s (%.0f/s), %d failed",
-            len(todo) - len(failed),
+            len(todo) - n_failed,
             seconds,
-            (len(todo) - len(failed)) / max(seconds, 1e-9),
-            len(failed),
+            (len(todo) - n_failed) / max(seconds, 1e-9),
+            n_failed,
         )
     dim = cache.dim if cache.dim is not None else 0
     matrix = cache.matrix()
@@ -197,6 +204,7 @@ def embed_items(
         texts_embedded=len(new),
         seconds_embedding=seconds,
         errors=errors,
+        failures={h: failed[h] for h in set(hashes) if h in failed},
     )
 
 

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -403,6 +404,181 @@ def _previous_kmeans(workspace: Workspace) -> dict | None:
         return None
 
 
+@dataclass
+class ProfileInputs:
+    """What generating any subset of the users needs: clusters, the selected users' jobs, the cache."""
+
+    clusters: Clusters
+    jobs: list[UserJob]  # the selected users (all, or the first profiles.max_users), by user_idx
+    n_users: int  # users in the ingest
+    cached: dict[str, dict]  # user_id -> profile row (with its vector) of the same generation key
+    gen_key: str
+    dim: int
+
+    @property
+    def checkpoint_kind(self) -> str:
+        return f"profiles-{self.gen_key}"
+
+    def split(self, jobs: list[UserJob]) -> tuple[list[dict], list[UserJob]]:
+        """(cached rows, jobs to generate): a cached profile counts only if the history is unchanged."""
+        rows, todo = [], []
+        for job in jobs:
+            hit = self.cached.get(job.user_id)
+            if hit is not None and hit["history_hash"] == job.history_hash:
+                rows.append(hit)
+            else:
+                todo.append(job)
+        return rows, todo
+
+
+def save_clusters(clusters: Clusters, path: Path) -> None:
+    """The run's clusters, fixed once for all profile shards (a refit per shard could differ)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(
+        path,
+        assign=clusters.assign,
+        centroids=clusters.centroids,
+        meta=np.array(json.dumps(clusters.meta, sort_keys=True)),
+        refit=np.array(clusters.refit),
+    )
+
+
+def load_clusters(path: Path) -> Clusters:
+    with np.load(path) as npz:
+        return Clusters(
+            assign=npz["assign"],
+            centroids=npz["centroids"].astype(np.float32),
+            meta=json.loads(str(npz["meta"])),
+            refit=bool(npz["refit"]),
+        )
+
+
+def profile_inputs(
+    *,
+    workspace: Workspace,
+    items: pa.Table,
+    item_result: ItemResult | None,
+    enrich: EnrichSettings,
+    settings: ProfileSettings,
+    prompts: Prompts,
+    llm_id: str,
+    embed_id: str,
+    dim: int,
+    previous: list[pa.Table | None],
+    previous_stats: dict,
+    checkpoints: Checkpoints | None,
+    clusters: Clusters | None = None,
+) -> ProfileInputs:
+    """Clusters (given, or fitted on `item_result`), jobs and the profile cache."""
+    if clusters is None:
+        assert item_result is not None, "clusters need the item vectors"
+        clusters = cluster_items(item_result, enrich, embed_id, _previous_kmeans(workspace))
+    sequences = workspace.read_table("ingest", "sequences")
+    jobs, n_users = user_jobs(sequences, items, clusters.assign, settings)
+    gen_key = generation_key(settings, prompts, llm_id, embed_id)
+    # Cache: the previous profiles and profile cache (when made with the same generation key) and this
+    # key's checkpoints. The profile cache keeps users outside the current cap, so lowering
+    # profiles.max_users (or turning profiles off) and raising it again costs no model call.
+    cached: dict[str, dict] = {}
+    sources = list(previous) if previous_stats.get("profile_gen_key") == gen_key else []
+    kind = f"profiles-{gen_key}"
+    sources.append(checkpoints.read(kind, schemas.profiles_schema(dim)) if checkpoints else None)
+    for table in sources:
+        if table is None or table.num_rows == 0 or table.schema.field("vector").type.list_size != dim:
+            continue
+        vectors = to_matrix(table["vector"], dim)
+        for i, row in enumerate(table.drop_columns(["vector"]).to_pylist()):
+            cached[row["user_id"]] = row | {"vector": vectors[i]}
+    return ProfileInputs(clusters, jobs, n_users, cached, gen_key, dim)
+
+
+@dataclass
+class Generation:
+    rows: list[dict]
+    errors: list[dict]
+    tokens: int
+    seconds: float
+
+
+def generate_profiles(
+    todo: list[UserJob],
+    *,
+    inputs: ProfileInputs,
+    settings: ProfileSettings,
+    prompts: Prompts,
+    llm_id: str,
+    embed_id: str,
+    generator: Callable[[], Generator],
+    embedder: Callable[[], Embedder],
+    checkpoints: Checkpoints | None,
+    label: str = "enrich: user profiles",
+) -> Generation:
+    """Profiles of `todo` in batches of `batch_users` (each checkpointed); failures become error rows."""
+    out = Generation([], [], 0, 0.0)
+    if not todo:
+        return out
+    gen, emb = generator(), embedder()
+    started = time.perf_counter()
+    with progress_bar(label, total=len(todo), unit="users") as bar:
+
+        def done(batch: list[UserJob], result: BatchOut) -> None:
+            out.rows.extend(result.rows)
+            out.errors.extend(result.invalid)
+            out.tokens += result.tokens
+            if checkpoints is not None:
+                checkpoints.write(inputs.checkpoint_kind, rows_table(result.rows, inputs.dim))
+            advance(bar, len(batch))
+
+        def fail(f: Failed) -> None:
+            step = getattr(f.error, "step", "generate")
+            out.errors.append(
+                {
+                    "kind": "profile",
+                    "key": f.unit.user_id,
+                    "step": step,
+                    "reason": f.reason,
+                    "attempts": f.attempts,
+                }
+            )
+            advance(bar, 1)
+
+        for start in range(0, len(todo), settings.batch_users):
+            run_resilient(
+                todo[start : start + settings.batch_users],
+                lambda batch: generate_batch(batch, settings, prompts, gen, emb, llm_id, embed_id),
+                done,
+                fail,
+                retries=settings.retries,
+                backoff_s=settings.backoff_s,
+                what="profile batch",
+            )
+    out.seconds = time.perf_counter() - started
+    get_logger().info(
+        "enrich: generated %d profiles in %.1f s (%d tokens, %.0f tokens/s), %d failed",
+        len(out.rows),
+        out.seconds,
+        out.tokens,
+        out.tokens / max(out.seconds, 1e-9),
+        len(out.errors),
+    )
+    return out
+
+
+def log_estimate(inputs: ProfileInputs, n_cached: int, todo: list[UserJob], estimate: dict) -> None:
+    get_logger().info(
+        "enrich: profiles for %d of %d users (%d cached, %d to generate): ~%d calls, <=%d new tokens, "
+        "~%.1f min at %.0f tokens/s",
+        len(inputs.jobs),
+        inputs.n_users,
+        n_cached,
+        len(todo),
+        estimate["calls"],
+        estimate["max_new_tokens"],
+        estimate["minutes"],
+        estimate["tokens_per_s"],
+    )
+
+
 def build_profiles(
     *,
     workspace: Workspace,
@@ -418,107 +594,59 @@ def build_profiles(
     previous: list[pa.Table | None],
     previous_stats: dict,
     checkpoints: Checkpoints | None,
+    clusters: Clusters | None = None,
+    failed_before: dict[str, dict] | None = None,
+    estimate: dict | None = None,
 ) -> ProfileResult:
-    log = get_logger()
-    clusters = cluster_items(item_result, enrich, embed_id, _previous_kmeans(workspace))
-    sequences = workspace.read_table("ingest", "sequences")
-    jobs, n_users = user_jobs(sequences, items, clusters.assign, settings)
-    dim = item_result.dim
-    gen_key = generation_key(settings, prompts, llm_id, embed_id)
-    ckpt_kind = f"profiles-{gen_key}"
-
-    # Cache: the previous profiles and profile cache (when made with the same generation key) and this
-    # key's checkpoints. The profile cache keeps users outside the current cap, so lowering
-    # profiles.max_users (or turning profiles off) and raising it again costs no model call.
-    cached: dict[str, dict] = {}
-    sources = list(previous) if previous_stats.get("profile_gen_key") == gen_key else []
-    sources.append(checkpoints.read(ckpt_kind, schemas.profiles_schema(dim)) if checkpoints else None)
-    for table in sources:
-        if table is None or table.num_rows == 0 or table.schema.field("vector").type.list_size != dim:
-            continue
-        vectors = to_matrix(table["vector"], dim)
-        for i, row in enumerate(table.drop_columns(["vector"]).to_pylist()):
-            cached[row["user_id"]] = row | {"vector": vectors[i]}
-    rows: list[dict] = []
-    todo: list[UserJob] = []
-    for job in jobs:
-        hit = cached.get(job.user_id)
-        if hit is not None and hit["history_hash"] == job.history_hash:
-            rows.append(hit)
-        else:
-            todo.append(job)
+    """Every selected user's profile: cached ones reused, the rest generated. `clusters` and
+    `failed_before` (user_id -> error row) come from this run's profile shards when it ran in shards."""
+    inputs = profile_inputs(
+        workspace=workspace,
+        items=items,
+        item_result=item_result,
+        enrich=enrich,
+        settings=settings,
+        prompts=prompts,
+        llm_id=llm_id,
+        embed_id=embed_id,
+        dim=item_result.dim,
+        previous=previous,
+        previous_stats=previous_stats,
+        checkpoints=checkpoints,
+        clusters=clusters,
+    )
+    failed_before = failed_before or {}
+    rows, todo = inputs.split(inputs.jobs)
+    errors = [failed_before[j.user_id] for j in todo if j.user_id in failed_before]
+    todo = [j for j in todo if j.user_id not in failed_before]
     n_cached = len(rows)
     speed = previous_stats.get("generation_tokens_per_s") or settings.estimate_tokens_per_s
-    estimate = estimate_cost(todo, settings, speed)
-    log.info(
-        "enrich: profiles for %d of %d users (%d cached, %d to generate): ~%d calls, <=%d new tokens, "
-        "~%.1f min at %.0f tokens/s",
-        len(jobs),
-        n_users,
-        n_cached,
-        len(todo),
-        estimate["calls"],
-        estimate["max_new_tokens"],
-        estimate["minutes"],
-        speed,
+    if estimate is None:
+        estimate = estimate_cost(todo, settings, speed)
+        log_estimate(inputs, n_cached, todo, estimate)
+    gen = generate_profiles(
+        todo,
+        inputs=inputs,
+        settings=settings,
+        prompts=prompts,
+        llm_id=llm_id,
+        embed_id=embed_id,
+        generator=generator,
+        embedder=embedder,
+        checkpoints=checkpoints,
     )
-    errors: list[dict] = []
-    tokens = 0
-    seconds = 0.0
-    if todo:
-        gen, emb = generator(), embedder()
-        started = time.perf_counter()
-        with progress_bar("enrich: user profiles", total=len(todo), unit="users") as bar:
-
-            def done(batch: list[UserJob], out: BatchOut) -> None:
-                nonlocal tokens
-                rows.extend(out.rows)
-                errors.extend(out.invalid)
-                tokens += out.tokens
-                if checkpoints is not None:
-                    checkpoints.write(ckpt_kind, rows_table(out.rows, dim))
-                advance(bar, len(batch))
-
-            def fail(f: Failed) -> None:
-                step = getattr(f.error, "step", "generate")
-                errors.append(
-                    {
-                        "kind": "profile",
-                        "key": f.unit.user_id,
-                        "step": step,
-                        "reason": f.reason,
-                        "attempts": f.attempts,
-                    }
-                )
-                advance(bar, 1)
-
-            for start in range(0, len(todo), settings.batch_users):
-                run_resilient(
-                    todo[start : start + settings.batch_users],
-                    lambda batch: generate_batch(batch, settings, prompts, gen, emb, llm_id, embed_id),
-                    done,
-                    fail,
-                    retries=settings.retries,
-                    backoff_s=settings.backoff_s,
-                    what="profile batch",
-                )
-        seconds = time.perf_counter() - started
-        log.info(
-            "enrich: generated %d profiles in %.1f s (%d tokens, %.0f tokens/s), %d failed",
-            len(rows) - n_cached,
-            seconds,
-            tokens,
-            tokens / max(seconds, 1e-9),
-            len(errors),
-        )
-    order = {job.user_id: job.user_idx for job in jobs}
+    rows += gen.rows
+    errors += gen.errors
+    order = {job.user_id: job.user_idx for job in inputs.jobs}
     rows.sort(key=lambda r: order[r["user_id"]])
-    in_ingest = set(sequences["user_id"].to_pylist())
-    kept = [r for u, r in sorted(cached.items()) if u not in order and u in in_ingest]
-    tokens_per_s = round(tokens / seconds, 1) if tokens and seconds else None
+    in_ingest = set(workspace.read_table("ingest", "users")["user_id"].to_pylist())
+    kept = [r for u, r in sorted(inputs.cached.items()) if u not in order and u in in_ingest]
+    tokens_per_s = round(gen.tokens / gen.seconds, 1) if gen.tokens and gen.seconds else None
+    clusters = inputs.clusters
     cluster_table = pa.table(
         {"item_id": items["item_id"], "cluster": pa.array(clusters.assign.astype(np.int16), pa.int16())}
     )
+    dim = inputs.dim
     return ProfileResult(
         table=rows_table(rows, dim),
         cache_table=rows_table(rows + kept, dim),
@@ -527,15 +655,15 @@ def build_profiles(
             "centroids": clusters.centroids,
             "meta": np.array(json.dumps(clusters.meta, sort_keys=True)),
         },
-        users_selected=len(jobs),
-        generated=len(rows) - n_cached,
+        users_selected=len(inputs.jobs),
+        generated=len(gen.rows),
         cached=n_cached,
-        tokens_generated=tokens,
+        tokens_generated=gen.tokens,
         tokens_per_s=tokens_per_s,
         estimate=estimate,
         errors=errors,
         stats={
-            "profile_gen_key": gen_key,
+            "profile_gen_key": inputs.gen_key,
             "kmeans_refit": clusters.refit,
             "kmeans_k": int(clusters.centroids.shape[0]),
             # the speed the next run's estimate uses

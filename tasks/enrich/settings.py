@@ -120,6 +120,12 @@ class EnrichSettings(BaseModel):
     )
     retries: int = Field(default=2, ge=0, description="Retries of a failing batch before it is split.")
     backoff_s: float = Field(default=2.0, ge=0, description="First retry delay; doubles on every retry.")
+    items_per_shard: int = Field(
+        default=16384,
+        ge=1,
+        description="Items per shard: the flow maps shards onto Prefect task runs (a distributed task "
+        "runner or several workers share them). Does not change the output.",
+    )
     kmeans_k: int = Field(
         default=10, ge=1, description="Clusters of item embeddings (hierarchical profiles)."
     )
@@ -202,6 +208,11 @@ class ProfileSettings(BaseModel):
     )
     batch_users: int = Field(
         default=64, ge=1, description="Users per batch: their analyzer prompts go in one `generate` call."
+    )
+    users_per_shard: int = Field(
+        default=1024,
+        ge=1,
+        description="Users per shard: the flow maps shards onto Prefect task runs. Does not change the output.",
     )
     retries: int = Field(default=2, ge=0, description="Retries of a failing batch before it is split.")
     backoff_s: float = Field(default=2.0, ge=0, description="First retry delay; doubles on every retry.")

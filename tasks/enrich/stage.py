@@ -5,6 +5,7 @@ engine; otherwise only new texts and changed histories go to the models."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -17,11 +18,13 @@ from storage.workspace import Workspace, hash_file, hash_json
 from tasks.enrich import items as item_phase
 from tasks.enrich import models
 from tasks.enrich import profiles as profile_phase
-from tasks.enrich.engine import EngineSpec, engines_for_run
+from tasks.enrich.batching import Failed
+from tasks.enrich.engine import EngineSpec, engine_scope, engines_for_run
 from tasks.enrich.settings import EnrichSettings, ProfileSettings
 
 STAGE = "enrich"
 INGEST_FILES = ("domains", "items", "users", "sequences")
+CLUSTERS_FILE = "clusters.npz"  # fixed by plan_profiles for every profile shard of the run
 
 
 class EnrichSummary(BaseModel):
@@ -53,11 +56,14 @@ class EnrichSummary(BaseModel):
 
 
 def config_hash(enrich: EnrichSettings, profiles: ProfileSettings) -> str:
-    # Model folders enter through their content fingerprints (input hashes), not their paths.
+    # Model folders enter through their content fingerprints (input hashes), not their paths; shard
+    # sizes only change how the work is split.
     return hash_json(
         {
-            "enrich": enrich.model_dump(mode="json", exclude={"model"}),
-            "profiles": profiles.model_dump(mode="json", exclude={"model", "gguf_source", "auto_prepare"}),
+            "enrich": enrich.model_dump(mode="json", exclude={"model", "items_per_shard"}),
+            "profiles": profiles.model_dump(
+                mode="json", exclude={"model", "gguf_source", "auto_prepare", "users_per_shard"}
+            ),
         }
     )
 
@@ -76,14 +82,69 @@ def _previous(workspace: Workspace, name: str) -> pa.Table | None:
         return None
 
 
-def run_enrich(
+class Shard(BaseModel):
+    """Rows [start, stop) of the ingest items, or of the selected users (by user_idx)."""
+
+    index: int
+    start: int
+    stop: int
+
+
+def shards(n: int, size: int) -> list[Shard]:
+    return [Shard(index=i, start=s, stop=min(s + size, n)) for i, s in enumerate(range(0, n, size))]
+
+
+class EnrichPlan(BaseModel):
+    """Decided once per run and passed to every shard task (small, so remote task runs can take it)."""
+
+    workspace: str
+    threads: int
+    config_hash: str
+    input_hashes: dict[str, str]
+    embed_dir: str
+    embed_id: str
+    llm_dir: str | None
+    llm_id: str | None
+    items: int
+    item_shards: list[Shard]
+    skipped: EnrichSummary | None = None  # set when the inputs are unchanged: nothing else to do
+
+
+class ItemShardWork(BaseModel):
+    shard: Shard
+    items_embedded: int
+    texts_embedded: int
+    seconds: float
+    failures: list[dict]  # text_hash, reason, attempts: not tried again by later passes of this run
+    engines_started: list[dict]
+
+
+class ProfilePlan(BaseModel):
+    shards: list[Shard]
+    embedding_dim: int
+    users_selected: int
+    to_generate: int
+    estimate: dict
+
+
+class ProfileShardWork(BaseModel):
+    shard: Shard
+    generated: int
+    tokens: int
+    seconds: float
+    errors: list[dict]  # rows of errors.parquet, keyed by user_id
+    engines_started: list[dict]
+
+
+def plan_enrich(
     enrich: EnrichSettings,
     profiles: ProfileSettings,
     workspace: Workspace,
     threads: int = 1,
     force: bool = False,
-) -> EnrichSummary:
-    """Build WORKSPACE/enrich from WORKSPACE/ingest; skip when inputs, config and models are unchanged."""
+) -> EnrichPlan:
+    """Input hashes and the item shards; `skipped` holds the summary when inputs, config and models are
+    unchanged (then no engine starts)."""
     log = get_logger()
     started = time.perf_counter()
     if workspace.read_manifest("ingest") is None:
@@ -102,6 +163,19 @@ def run_enrich(
         hashes["model/llm"] = llm_id
         hashes["prompts"] = prompts.digest
     chash = config_hash(enrich, profiles)
+    n_items = workspace.read_table("ingest", "items").num_rows
+    plan = EnrichPlan(
+        workspace=str(workspace.root),
+        threads=threads,
+        config_hash=chash,
+        input_hashes=hashes,
+        embed_dir=str(embed_dir),
+        embed_id=embed_id,
+        llm_dir=str(llm_dir) if llm_dir is not None else None,
+        llm_id=llm_id,
+        items=n_items,
+        item_shards=shards(n_items, enrich.items_per_shard),
+    )
     existing = workspace.read_manifest(STAGE)
     if (
         not force
@@ -112,7 +186,8 @@ def run_enrich(
     ):
         log.info("enrich: inputs, config and models unchanged, skipping (%s)", workspace.stage_dir(STAGE))
         stats = existing.stats
-        return EnrichSummary(
+        plan.item_shards = []
+        plan.skipped = EnrichSummary(
             **{
                 **stats,
                 "items_embedded": 0,
@@ -130,49 +205,251 @@ def run_enrich(
             seconds=time.perf_counter() - started,
             workspace=str(workspace.root),
         )
+    return plan
 
-    items = workspace.read_table("ingest", "items")
-    checkpoints = Checkpoints(workspace, STAGE)
+
+def _item_cache(workspace: Workspace, embed_id: str, checkpoints: Checkpoints) -> item_phase.VectorCache:
+    """Vectors of the previous output and of every finished batch of this (or a crashed) run."""
     cache = item_phase.VectorCache(embed_id)
     cache.add_table(_previous(workspace, "item_embeddings"))
     cache.add_table(checkpoints.read(item_phase.CHECKPOINT_KIND))
+    return cache
+
+
+def _failures(rows: list[dict]) -> dict[str, Failed]:
+    return {
+        r["text_hash"]: Failed(unit=(r["text_hash"], ""), reason=r["reason"], attempts=r["attempts"])
+        for r in rows
+    }
+
+
+def embed_item_shard(plan: EnrichPlan, enrich: EnrichSettings, shard: Shard) -> ItemShardWork:
+    """Embed the new texts of one shard of items; each finished batch is checkpointed."""
+    workspace = Workspace(plan.workspace)
+    checkpoints = Checkpoints(workspace, STAGE)
+    items = workspace.read_table("ingest", "items").slice(shard.start, shard.stop - shard.start)
+    cache = _item_cache(workspace, plan.embed_id, checkpoints)
+    with engines_for_run() as pool:
+        n_started = len(pool.starts)
+        spec = EngineSpec.of("pooling", Path(plan.embed_dir), enrich.engine, plan.threads)
+        result = item_phase.embed_items(
+            items,
+            enrich,
+            plan.embed_id,
+            cache,
+            lambda: pool.embedder(spec, plan.embed_id, truncate=enrich.truncate),
+            checkpoints,
+        )
+        started = pool.starts[n_started:]
+    return ItemShardWork(
+        shard=shard,
+        items_embedded=result.items_embedded,
+        texts_embedded=result.texts_embedded,
+        seconds=result.seconds_embedding,
+        failures=[
+            {"text_hash": h, "reason": f.reason, "attempts": f.attempts} for h, f in result.failures.items()
+        ],
+        engines_started=started,
+    )
+
+
+def _all_items(
+    plan: EnrichPlan, enrich: EnrichSettings, item_work: list[ItemShardWork]
+) -> tuple[pa.Table, item_phase.ItemResult]:
+    """Every item's vector from the cache the shards filled (a text missing there, say after its
+    checkpoint was lost, is embedded here; texts that failed in a shard are reported, not retried)."""
+    workspace = Workspace(plan.workspace)
+    checkpoints = Checkpoints(workspace, STAGE)
+    items = workspace.read_table("ingest", "items")
+    failed = _failures([f for w in item_work for f in w.failures])
+    spec = EngineSpec.of("pooling", Path(plan.embed_dir), enrich.engine, plan.threads)
+    with engines_for_run() as pool:
+        result = item_phase.embed_items(
+            items,
+            enrich,
+            plan.embed_id,
+            _item_cache(workspace, plan.embed_id, checkpoints),
+            lambda: pool.embedder(spec, plan.embed_id, truncate=enrich.truncate),
+            checkpoints,
+            failed,
+        )
+    if items.num_rows and not result.ok.any():
+        raise RuntimeError(f"no item could be embedded; first error: {result.errors[0]['reason']}")
+    return items, result
+
+
+def _profile_inputs(
+    plan: EnrichPlan,
+    enrich: EnrichSettings,
+    profiles: ProfileSettings,
+    items: pa.Table,
+    item_result: item_phase.ItemResult | None,
+    dim: int,
+    clusters: profile_phase.Clusters | None,
+) -> profile_phase.ProfileInputs:
+    workspace = Workspace(plan.workspace)
+    existing = workspace.read_manifest(STAGE)
+    assert plan.llm_id is not None
+    return profile_phase.profile_inputs(
+        workspace=workspace,
+        items=items,
+        item_result=item_result,
+        enrich=enrich,
+        settings=profiles,
+        prompts=profile_phase.load_prompts(profiles.prompt_version),
+        llm_id=plan.llm_id,
+        embed_id=plan.embed_id,
+        dim=dim,
+        previous=[_previous(workspace, "profiles"), _previous(workspace, "profile_cache")],
+        previous_stats=existing.stats if existing is not None else {},
+        checkpoints=Checkpoints(workspace, STAGE),
+        clusters=clusters,
+    )
+
+
+def plan_profiles(
+    plan: EnrichPlan, enrich: EnrichSettings, profiles: ProfileSettings, item_work: list[ItemShardWork]
+) -> ProfilePlan:
+    """After the item shards: fit (or reuse) the clusters once for all profile shards, print the cost
+    estimate of the users to generate, and split the selected users into shards."""
+    workspace = Workspace(plan.workspace)
+    items, item_result = _all_items(plan, enrich, item_work)
+    inputs = _profile_inputs(plan, enrich, profiles, items, item_result, item_result.dim, None)
+    profile_phase.save_clusters(inputs.clusters, Checkpoints(workspace, STAGE).path(CLUSTERS_FILE))
+    cached, todo = inputs.split(inputs.jobs)
+    existing = workspace.read_manifest(STAGE)
+    speed = (
+        existing.stats.get("generation_tokens_per_s") if existing else None
+    ) or profiles.estimate_tokens_per_s
+    estimate = profile_phase.estimate_cost(todo, profiles, speed)
+    profile_phase.log_estimate(inputs, len(cached), todo, estimate)
+    return ProfilePlan(
+        shards=shards(len(inputs.jobs), profiles.users_per_shard),
+        embedding_dim=item_result.dim,
+        users_selected=len(inputs.jobs),
+        to_generate=len(todo),
+        estimate=estimate,
+    )
+
+
+def profile_shard(
+    plan: EnrichPlan,
+    enrich: EnrichSettings,
+    profiles: ProfileSettings,
+    profile_plan: ProfilePlan,
+    shard: Shard,
+) -> ProfileShardWork:
+    """Generate the profiles of one shard of the selected users whose history changed; each finished
+    batch is checkpointed."""
+    workspace = Workspace(plan.workspace)
+    checkpoints = Checkpoints(workspace, STAGE)
+    clusters = profile_phase.load_clusters(checkpoints.path(CLUSTERS_FILE))
+    items = workspace.read_table("ingest", "items")
+    inputs = _profile_inputs(plan, enrich, profiles, items, None, profile_plan.embedding_dim, clusters)
+    _, todo = inputs.split(inputs.jobs[shard.start : shard.stop])
+    assert plan.llm_dir is not None and plan.llm_id is not None
+    with engines_for_run() as pool:
+        n_started = len(pool.starts)
+        gen = profile_phase.generate_profiles(
+            todo,
+            inputs=inputs,
+            settings=profiles,
+            prompts=profile_phase.load_prompts(profiles.prompt_version),
+            llm_id=plan.llm_id,
+            embed_id=plan.embed_id,
+            generator=lambda: pool.generator(
+                EngineSpec.of("generate", Path(str(plan.llm_dir)), profiles.engine, plan.threads),
+                str(plan.llm_id),
+            ),
+            embedder=lambda: pool.embedder(
+                EngineSpec.of("pooling", Path(plan.embed_dir), enrich.engine, plan.threads),
+                plan.embed_id,
+                truncate=enrich.truncate,
+            ),
+            checkpoints=checkpoints,
+            label=f"enrich: user profiles, shard {shard.index}",
+        )
+        started = pool.starts[n_started:]
+    return ProfileShardWork(
+        shard=shard,
+        generated=len(gen.rows),
+        tokens=gen.tokens,
+        seconds=gen.seconds,
+        errors=gen.errors,
+        engines_started=started,
+    )
+
+
+def finish_enrich(
+    plan: EnrichPlan,
+    enrich: EnrichSettings,
+    profiles: ProfileSettings,
+    item_work: list[ItemShardWork],
+    profile_plan: ProfilePlan | None,
+    profile_work: list[ProfileShardWork],
+    started: float | None = None,
+) -> EnrichSummary:
+    """Assemble the shards' work into WORKSPACE/enrich (PCA tables, profiles, errors, manifest), swapped
+    in atomically; the checkpoints are removed only then."""
+    log = get_logger()
+    workspace = Workspace(plan.workspace)
+    checkpoints = Checkpoints(workspace, STAGE)
+    existing = workspace.read_manifest(STAGE)
     summary = EnrichSummary(
-        items=items.num_rows, embed_model_id=embed_id, llm_model_id=llm_id, profile_mode=profiles.mode
+        items=plan.items, embed_model_id=plan.embed_id, llm_model_id=plan.llm_id, profile_mode=profiles.mode
     )
     with engines_for_run() as pool:
         n_started = len(pool.starts)
-        embed_spec = EngineSpec.of("pooling", embed_dir, enrich.engine, threads)
-
-        def embedder():  # started only if some text is new
-            return pool.embedder(embed_spec, embed_id, truncate=enrich.truncate)
-
-        result = item_phase.embed_items(items, enrich, embed_id, cache, embedder, checkpoints)
-        if items.num_rows and not result.ok.any():
-            raise RuntimeError(f"no item could be embedded; first error: {result.errors[0]['reason']}")
+        items, result = _all_items(plan, enrich, item_work)
+        # Counted where the work was done: the shards (this pass only reads their checkpoints).
+        result.items_embedded += sum(w.items_embedded for w in item_work)
+        result.items_cached = int(result.ok.sum()) - result.items_embedded
+        result.texts_embedded += sum(w.texts_embedded for w in item_work)
+        result.seconds_embedding += sum(w.seconds for w in item_work)
         tables = item_phase.reduce_items(items, result, enrich)
         errors = list(result.errors)
         profile_result = None
         if profiles.mode == "llm":
-            assert llm_dir is not None and llm_id is not None and prompts is not None
+            assert plan.llm_dir is not None and plan.llm_id is not None
+            clusters_file = checkpoints.path(CLUSTERS_FILE)
+            failed_users = {e["key"]: e for w in profile_work for e in w.errors}
             profile_result = profile_phase.build_profiles(
                 workspace=workspace,
                 items=items,
                 item_result=result,
                 enrich=enrich,
                 settings=profiles,
-                prompts=prompts,
-                llm_id=llm_id,
-                embed_id=embed_id,
+                prompts=profile_phase.load_prompts(profiles.prompt_version),
+                llm_id=plan.llm_id,
+                embed_id=plan.embed_id,
                 generator=lambda: pool.generator(
-                    EngineSpec.of("generate", llm_dir, profiles.engine, threads), llm_id
+                    EngineSpec.of("generate", Path(str(plan.llm_dir)), profiles.engine, plan.threads),
+                    str(plan.llm_id),
                 ),
-                embedder=embedder,
+                embedder=lambda: pool.embedder(
+                    EngineSpec.of("pooling", Path(plan.embed_dir), enrich.engine, plan.threads),
+                    plan.embed_id,
+                    truncate=enrich.truncate,
+                ),
                 previous=[_previous(workspace, "profiles"), _previous(workspace, "profile_cache")],
                 previous_stats=existing.stats if existing is not None else {},
                 checkpoints=checkpoints,
+                clusters=profile_phase.load_clusters(clusters_file) if clusters_file.exists() else None,
+                failed_before=failed_users,
+                estimate=profile_plan.estimate if profile_plan is not None else None,
             )
+            shard_generated = sum(w.generated for w in profile_work)
+            shard_tokens = sum(w.tokens for w in profile_work)
+            shard_seconds = sum(w.seconds for w in profile_work)
+            profile_result.generated += shard_generated
+            profile_result.cached -= shard_generated
+            profile_result.tokens_generated += shard_tokens
+            if shard_tokens and shard_seconds:
+                profile_result.tokens_per_s = round(shard_tokens / shard_seconds, 1)
+                profile_result.stats["generation_tokens_per_s"] = profile_result.tokens_per_s
             errors += profile_result.errors
-        summary.engines_started = pool.starts[n_started:]
+        starts = [s for w in [*item_work, *profile_work] for s in w.engines_started] + pool.starts[n_started:]
+        summary.engines_started = [dict(t) for t in dict.fromkeys(tuple(sorted(s.items())) for s in starts)]
         carried = None
         if profile_result is None:  # profiles off: keep the generated ones for when they are back on
             names = ("profile_cache", "profiles")
@@ -192,12 +469,13 @@ def run_enrich(
             errors,
             enrich,
             profiles,
-            chash,
-            hashes,
+            plan.config_hash,
+            plan.input_hashes,
         )
     checkpoints.clear()
-    summary.seconds = time.perf_counter() - started
     summary.workspace = str(workspace.root)
+    if started is not None:
+        summary.seconds = time.perf_counter() - started
     if errors:
         log.warning(
             "enrich: %d items/users failed %s -> %s",
@@ -206,6 +484,30 @@ def run_enrich(
             workspace.stage_dir(STAGE) / "errors.parquet",
         )
     return summary
+
+
+def run_enrich(
+    enrich: EnrichSettings,
+    profiles: ProfileSettings,
+    workspace: Workspace,
+    threads: int = 1,
+    force: bool = False,
+) -> EnrichSummary:
+    """Build WORKSPACE/enrich from WORKSPACE/ingest in this process, shard after shard (the flow maps the
+    same shards onto Prefect task runs); skip when inputs, config and models are unchanged."""
+    started = time.perf_counter()
+    plan = plan_enrich(enrich, profiles, workspace, threads, force)
+    if plan.skipped is not None:
+        return plan.skipped
+    with engine_scope():  # one engine per model for all shards
+        item_work = [embed_item_shard(plan, enrich, s) for s in plan.item_shards]
+        profile_plan, profile_work = None, []
+        if profiles.mode == "llm":
+            profile_plan = plan_profiles(plan, enrich, profiles, item_work)
+            profile_work = [
+                profile_shard(plan, enrich, profiles, profile_plan, s) for s in profile_plan.shards
+            ]
+        return finish_enrich(plan, enrich, profiles, item_work, profile_plan, profile_work, started)
 
 
 def _write(
