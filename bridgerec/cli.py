@@ -207,7 +207,7 @@ def enrich(
     changed get a new profile; an unchanged rerun starts no engine. Items or users that fail are in
     WORKSPACE/enrich/errors.parquet with the reason.
     """
-    from flows.enrich import enrich_flow
+    from flows.enrich import configured_enrich_flow
     from tasks.enrich.models import ModelError
 
     settings = _settings(
@@ -215,7 +215,7 @@ def enrich(
     )
     progress.set_enabled(not as_json)
     try:
-        summary = enrich_flow(
+        summary = configured_enrich_flow(settings.enrich)(
             settings.enrich,
             settings.profiles,
             str(settings.workspace),
@@ -324,6 +324,7 @@ def train(
 
 def _render_train(s: dict) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
@@ -336,6 +337,14 @@ def _render_train(s: dict) -> None:
         f"[bold green]{head}[/]: {s['model']} -> {s['run_dir']}\n"
         f"best epoch {s['best_epoch']} of {s['epochs']}, {s['epoch_seconds']:.1f} s per epoch"
     )
+    if s.get("init") == "warm":
+        start = s.get("init_valid_ndcg10")
+        console.print(
+            f"warm start from {escape(str(s['warm_start_from']))}"
+            + (f" (validation NDCG@10 {start:.4f} before training)" if start is not None else "")
+        )
+    elif s.get("cold_start_reason"):
+        console.print(f"cold start: {escape(s['cold_start_reason'])}")
     t = Table("test", "HR@10", "NDCG@10", "full HR@10", "full NDCG@10")
     full = s["test"].get("full", {})
     for group, m in s["test"].items():

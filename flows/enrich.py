@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 
-from prefect import flow, task, unmapped
+from prefect import Flow, flow, task, unmapped
 from prefect.artifacts import create_table_artifact
+from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from storage.workspace import Workspace
 from tasks.enrich.engine import engine_scope
@@ -105,6 +106,12 @@ def enrich_report(summary: EnrichSummary) -> None:
             + (" (skipped: inputs unchanged)" if summary.skipped else f" in {summary.seconds:.0f} s")
         ),
     )
+    if summary.shards:
+        create_table_artifact(
+            key="enrich-shards",
+            table=summary.shards,
+            description="Enrich shards: one task run each (rows [start, stop), new work, seconds, worker)",
+        )
 
 
 @flow(name="enrich", log_prints=False)
@@ -143,3 +150,13 @@ def enrich_flow(
             summary = finish_task(plan, enrich, profiles, item_work, profile_plan, profile_work, started)
     enrich_report(summary)
     return summary
+
+
+def configured_enrich_flow(enrich: EnrichSettings) -> Flow:
+    """`enrich_flow` with the task runner of `enrich.task_runner` / `enrich.workers` for its shards."""
+    runner = (
+        ProcessPoolTaskRunner(max_workers=enrich.workers)
+        if enrich.task_runner == "processes"
+        else ThreadPoolTaskRunner(max_workers=enrich.workers)
+    )
+    return enrich_flow.with_options(task_runner=runner)

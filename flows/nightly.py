@@ -54,6 +54,10 @@ def _stage_flow_fn(stage: Stage) -> Any | None:
 def run_stage(stage: Stage, settings: Settings) -> dict:
     """Run one stage's subflow with its own settings section; returns its JSON-able summary."""
     fn = _stage_flow_fn(stage)
+    if fn is not None and stage == "enrich":
+        from flows.enrich import configured_enrich_flow
+
+        fn = configured_enrich_flow(settings.enrich)
     if fn is None:
         get_logger().warning("stage %s is not built yet: skipped", stage)
         return {"status": "not built"}

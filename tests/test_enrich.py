@@ -373,6 +373,41 @@ def test_flow_maps_shards_onto_task_runs(
     assert errors == [("profile", "ZZLONGUSER", "analyze")]
 
 
+def test_process_task_runner_runs_shards_in_worker_processes(
+    prefect_harness: None, pool: EnginePool, ws: Workspace, tmp_path: Path
+) -> None:
+    """`enrich.task_runner: processes`: the shards run in worker processes with engines of their own
+    (what a distributed task runner or several GPU workers do), and the output is the same."""
+    import os
+
+    from flows.enrich import configured_enrich_flow
+
+    sharded = Workspace(tmp_path / "processes")
+    shutil.copytree(ws.stage_dir("ingest"), sharded.stage_dir("ingest"))
+    enrich = ENRICH.model_copy(update={"items_per_shard": 40, "task_runner": "processes", "workers": 2})
+    profiles = PROFILES.model_copy(update={"users_per_shard": 5})
+    summary = configured_enrich_flow(enrich)(enrich, profiles, str(sharded.root), threads=THREADS)
+    assert [(s["kind"], s["start"], s["stop"]) for s in summary.shards] == [
+        ("items", 0, 40),
+        ("items", 40, summary.items),
+        ("users", 0, 5),
+        ("users", 5, summary.profile_users),
+    ]
+    here = f":{os.getpid()}"
+    assert all(not s["worker"].endswith(here) for s in summary.shards)  # none ran in this process
+    assert {e["runner"] for e in summary.engines_started} == {"pooling", "generate"}
+    assert summary.items_embedded == summary.items and summary.profiles_generated == summary.profile_users - 1
+    one_pass, got = (
+        ws.read_table("enrich", "item_embeddings"),
+        sharded.read_table("enrich", "item_embeddings"),
+    )
+    assert got["item_id"].to_pylist() == one_pass["item_id"].to_pylist()
+    np.testing.assert_allclose(to_matrix(got["vector"], 384), to_matrix(one_pass["vector"], 384), atol=1e-5)
+    theirs = {r["user_id"]: r["profile_text"] for r in ws.read_table("enrich", "profiles").to_pylist()}
+    mine = {r["user_id"]: r["profile_text"] for r in sharded.read_table("enrich", "profiles").to_pylist()}
+    assert mine == theirs  # greedy decoding: the same text in another process
+
+
 def _config(tmp_path: Path) -> Path:
     import yaml
 

@@ -13,6 +13,7 @@ threads.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import threading
@@ -225,7 +226,11 @@ class EnginePool:
         """fn(*args) on the engine thread (created on first use), waiting for the result."""
         if self._thread is None:
             self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-engine")
-        return self._thread.submit(fn, *args).result()
+        try:
+            future = self._thread.submit(fn, *args)
+        except RuntimeError:  # at interpreter exit executors take no more work: close() runs here
+            return fn(*args)
+        return future.result()
 
     def _llm(self, spec: EngineSpec) -> Any:
         if spec not in self._llms:
@@ -299,6 +304,21 @@ def shared_engines(pool: EnginePool | None = None) -> Iterator[EnginePool]:
         _shared = previous
         if owned:
             pool.close()
+
+
+_process_pool: EnginePool | None = None
+
+
+def process_engines() -> EnginePool:
+    """The shared pool if one is active, else this process's own, kept until the process exits: a
+    worker of a process task runner runs many shards and should start each engine once, not per shard."""
+    global _process_pool
+    if _shared is not None:
+        return _shared
+    if _process_pool is None:
+        _process_pool = EnginePool()
+        atexit.register(_process_pool.close)
+    return _process_pool
 
 
 @contextlib.contextmanager

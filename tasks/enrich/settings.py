@@ -126,6 +126,13 @@ class EnrichSettings(BaseModel):
         description="Items per shard: the flow maps shards onto Prefect task runs (a distributed task "
         "runner or several workers share them). Does not change the output.",
     )
+    task_runner: Literal["threads", "processes"] = Field(
+        default="threads",
+        description="How the flow runs its shard task runs: threads (share this process's engines, one "
+        "call at a time) or processes (each worker process starts engines of its own: for a machine "
+        "with several GPUs or many cores).",
+    )
+    workers: int = Field(default=1, ge=1, description="Shard task runs at a time (threads or processes).")
     kmeans_k: int = Field(
         default=10, ge=1, description="Clusters of item embeddings (hierarchical profiles)."
     )

@@ -4,6 +4,8 @@ engine; otherwise only new texts and changed histories go to the models."""
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from tasks.enrich import items as item_phase
 from tasks.enrich import models
 from tasks.enrich import profiles as profile_phase
 from tasks.enrich.batching import Failed
-from tasks.enrich.engine import EngineSpec, engine_scope, engines_for_run
+from tasks.enrich.engine import EngineSpec, engine_scope, engines_for_run, process_engines
 from tasks.enrich.settings import EnrichSettings, ProfileSettings
 
 STAGE = "enrich"
@@ -50,6 +52,7 @@ class EnrichSummary(BaseModel):
     generation_tokens_per_s: float | None = None
     embedding_texts_per_s: float | None = None
     engines_started: list[dict] = Field(default_factory=list)
+    shards: list[dict] = Field(default_factory=list)  # one row per shard task run: rows, new work, worker
     skipped: bool = False
     seconds: float = 0.0
     workspace: str = ""
@@ -60,7 +63,9 @@ def config_hash(enrich: EnrichSettings, profiles: ProfileSettings) -> str:
     # sizes only change how the work is split.
     return hash_json(
         {
-            "enrich": enrich.model_dump(mode="json", exclude={"model", "items_per_shard"}),
+            "enrich": enrich.model_dump(
+                mode="json", exclude={"model", "items_per_shard", "task_runner", "workers"}
+            ),
             "profiles": profiles.model_dump(
                 mode="json", exclude={"model", "gguf_source", "auto_prepare", "users_per_shard"}
             ),
@@ -80,6 +85,11 @@ def _previous(workspace: Workspace, name: str) -> pa.Table | None:
     except (pa.ArrowException, OSError) as exc:
         get_logger().warning("enrich: previous %s unreadable (%s): recomputing", name, exc)
         return None
+
+
+def worker_name() -> str:
+    """host:pid of the process that ran a shard (ops see where the work went)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class Shard(BaseModel):
@@ -117,6 +127,7 @@ class ItemShardWork(BaseModel):
     seconds: float
     failures: list[dict]  # text_hash, reason, attempts: not tried again by later passes of this run
     engines_started: list[dict]
+    worker: str = Field(default_factory=worker_name)
 
 
 class ProfilePlan(BaseModel):
@@ -134,6 +145,7 @@ class ProfileShardWork(BaseModel):
     seconds: float
     errors: list[dict]  # rows of errors.parquet, keyed by user_id
     engines_started: list[dict]
+    worker: str = Field(default_factory=worker_name)
 
 
 def plan_enrich(
@@ -229,18 +241,18 @@ def embed_item_shard(plan: EnrichPlan, enrich: EnrichSettings, shard: Shard) -> 
     checkpoints = Checkpoints(workspace, STAGE)
     items = workspace.read_table("ingest", "items").slice(shard.start, shard.stop - shard.start)
     cache = _item_cache(workspace, plan.embed_id, checkpoints)
-    with engines_for_run() as pool:
-        n_started = len(pool.starts)
-        spec = EngineSpec.of("pooling", Path(plan.embed_dir), enrich.engine, plan.threads)
-        result = item_phase.embed_items(
-            items,
-            enrich,
-            plan.embed_id,
-            cache,
-            lambda: pool.embedder(spec, plan.embed_id, truncate=enrich.truncate),
-            checkpoints,
-        )
-        started = pool.starts[n_started:]
+    pool = process_engines()
+    n_started = len(pool.starts)
+    spec = EngineSpec.of("pooling", Path(plan.embed_dir), enrich.engine, plan.threads)
+    result = item_phase.embed_items(
+        items,
+        enrich,
+        plan.embed_id,
+        cache,
+        lambda: pool.embedder(spec, plan.embed_id, truncate=enrich.truncate),
+        checkpoints,
+    )
+    started = pool.starts[n_started:]
     return ItemShardWork(
         shard=shard,
         items_embedded=result.items_embedded,
@@ -348,28 +360,28 @@ def profile_shard(
     inputs = _profile_inputs(plan, enrich, profiles, items, None, profile_plan.embedding_dim, clusters)
     _, todo = inputs.split(inputs.jobs[shard.start : shard.stop])
     assert plan.llm_dir is not None and plan.llm_id is not None
-    with engines_for_run() as pool:
-        n_started = len(pool.starts)
-        gen = profile_phase.generate_profiles(
-            todo,
-            inputs=inputs,
-            settings=profiles,
-            prompts=profile_phase.load_prompts(profiles.prompt_version),
-            llm_id=plan.llm_id,
-            embed_id=plan.embed_id,
-            generator=lambda: pool.generator(
-                EngineSpec.of("generate", Path(str(plan.llm_dir)), profiles.engine, plan.threads),
-                str(plan.llm_id),
-            ),
-            embedder=lambda: pool.embedder(
-                EngineSpec.of("pooling", Path(plan.embed_dir), enrich.engine, plan.threads),
-                plan.embed_id,
-                truncate=enrich.truncate,
-            ),
-            checkpoints=checkpoints,
-            label=f"enrich: user profiles, shard {shard.index}",
-        )
-        started = pool.starts[n_started:]
+    pool = process_engines()
+    n_started = len(pool.starts)
+    gen = profile_phase.generate_profiles(
+        todo,
+        inputs=inputs,
+        settings=profiles,
+        prompts=profile_phase.load_prompts(profiles.prompt_version),
+        llm_id=plan.llm_id,
+        embed_id=plan.embed_id,
+        generator=lambda: pool.generator(
+            EngineSpec.of("generate", Path(str(plan.llm_dir)), profiles.engine, plan.threads),
+            str(plan.llm_id),
+        ),
+        embedder=lambda: pool.embedder(
+            EngineSpec.of("pooling", Path(plan.embed_dir), enrich.engine, plan.threads),
+            plan.embed_id,
+            truncate=enrich.truncate,
+        ),
+        checkpoints=checkpoints,
+        label=f"enrich: user profiles, shard {shard.index}",
+    )
+    started = pool.starts[n_started:]
     return ProfileShardWork(
         shard=shard,
         generated=len(gen.rows),
@@ -450,6 +462,25 @@ def finish_enrich(
             errors += profile_result.errors
         starts = [s for w in [*item_work, *profile_work] for s in w.engines_started] + pool.starts[n_started:]
         summary.engines_started = [dict(t) for t in dict.fromkeys(tuple(sorted(s.items())) for s in starts)]
+        summary.shards = [
+            {
+                "kind": "items",
+                **w.shard.model_dump(),
+                "new": w.items_embedded,
+                "seconds": round(w.seconds, 2),
+                "worker": w.worker,
+            }
+            for w in item_work
+        ] + [
+            {
+                "kind": "users",
+                **w.shard.model_dump(),
+                "new": w.generated,
+                "seconds": round(w.seconds, 2),
+                "worker": w.worker,
+            }
+            for w in profile_work
+        ]
         carried = None
         if profile_result is None:  # profiles off: keep the generated ones for when they are back on
             names = ("profile_cache", "profiles")
