@@ -140,6 +140,7 @@ def main() -> None:
             threads=args.threads,
             batch_size=args.batch_size,
             causal=args.causal,
+            warm_start=False,  # a comparison of models: every run from a random init, never an earlier run
         )
         started = time.perf_counter()
         r = run_one(settings, args.workspace, args.force)

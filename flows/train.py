@@ -33,6 +33,7 @@ def metrics_report(summary: TrainSummary) -> None:
         description=(
             f"{summary.model} ({summary.run_id}): best epoch {summary.best_epoch} of {summary.epochs}, "
             f"{summary.epoch_seconds:.1f} s/epoch"
+            + (f", warm start from {summary.warm_start_from}" if summary.init == "warm" else "")
             + (" (skipped: already trained)" if summary.skipped else "")
         ),
     )

@@ -18,6 +18,8 @@ from torch import Tensor, nn
 
 from models.data import Catalog
 
+GLOBAL_IDS = -1  # item_tables(): the table is indexed by global id (all domains)
+
 
 @dataclass
 class Batch:
@@ -56,6 +58,16 @@ class Recommender(nn.Module):
     @property
     def n_domains(self) -> int:
         return len(self.domains)
+
+    def item_tables(self) -> dict[str, int]:
+        """State-dict keys of the tensors indexed by item (dim 0), and their id space: GLOBAL_IDS for
+        global ids, a domain index for that domain's local ids. Warm start remaps these rows by item_id,
+        because ingest renumbers items on every run (models/warmstart.py)."""
+        return {}
+
+    def frozen_tables(self) -> set[str]:
+        """Item tables that come from the enrich stage (never taken from an earlier run's weights)."""
+        return set()
 
     def local(self, gids: Tensor) -> Tensor:
         return self.item_local[gids]

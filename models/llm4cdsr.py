@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.backbone import SequenceEncoder, domain_view, embed_many, gather_positions, trim
-from models.base import Batch, Recommender, next_item_bce
+from models.base import GLOBAL_IDS, Batch, Recommender, next_item_bce
 from models.data import Catalog
 
 
@@ -82,6 +82,16 @@ class LLM4CDSR(Recommender):
             if profile_dim and beta > 0
             else None
         )
+
+    def item_tables(self) -> dict[str, int]:
+        domains = range(self.n_domains)
+        tables = {"E_all": GLOBAL_IDS} | {f"E_local_{d}": d for d in domains}
+        if self.id_embeddings:
+            tables |= {"id_all.weight": GLOBAL_IDS} | {f"id_local.{d}.weight": d for d in domains}
+        return tables
+
+    def frozen_tables(self) -> set[str]:
+        return {"E_all", *(f"E_local_{d}" for d in range(self.n_domains))}
 
     # -- item embeddings of each thread ---------------------------------------------------------------
     def embed_global(self, gids: Tensor) -> Tensor:

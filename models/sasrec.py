@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from models.backbone import SequenceEncoder, embed_many, trim
-from models.base import Batch, Recommender, next_item_bce
+from models.base import GLOBAL_IDS, Batch, Recommender, next_item_bce
 from models.data import Catalog
 
 
@@ -24,6 +24,9 @@ class SASRec(Recommender):
         nn.init.normal_(self.emb.weight, std=hidden**-0.5)
         self.emb.weight.data[0].zero_()
         self.encoder = SequenceEncoder(hidden, layers, heads, dropout, max_len, causal)
+
+    def item_tables(self) -> dict[str, int]:
+        return {"emb.weight": GLOBAL_IDS}
 
     def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         inputs, targets, negatives = batch.inputs, batch.targets, batch.negatives  # [B, L] each

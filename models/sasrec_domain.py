@@ -29,6 +29,9 @@ class SASRecDomain(Recommender):
             SequenceEncoder(hidden, layers, heads, dropout, max_len, causal) for _ in self.sizes
         )
 
+    def item_tables(self) -> dict[str, int]:
+        return {f"emb.{d}.weight": d for d in range(self.n_domains)}
+
     def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         prefix = batch.prefix  # [B, L+1] global ids
         dom, loc = self.domain_of(prefix), self.local(prefix)

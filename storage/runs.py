@@ -2,6 +2,7 @@
 
 model.safetensors  best weights (frozen LLM tables included, so the run rebuilds on its own)
 config.json        everything needed to rebuild the model (settings, id spaces, table shapes, inputs)
+items.parquet      the item id of every global id this run was trained on (warm start remaps by it)
 metrics.parquet    per-epoch training history and the final evaluation (schemas.TRAIN_METRICS)
 curve.png          validation NDCG@10 and training loss per epoch
 summary.json       the run's result; written last, so its presence means the run is complete
@@ -38,6 +39,10 @@ class RunDir:
         return self.path / "config.json"
 
     @property
+    def items(self) -> Path:
+        return self.path / "items.parquet"
+
+    @property
     def metrics(self) -> Path:
         return self.path / "metrics.parquet"
 
@@ -69,6 +74,21 @@ class RunDir:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json_atomic(summary, self.summary)
+
+    def write_items(self, item_ids: list[str]) -> None:
+        """The run's id map: item_ids[g - 1] is the source id of global id g (ingest renumbers every run)."""
+        table = pa.table(
+            {"global_id": pa.array(range(1, len(item_ids) + 1), pa.int32()), "item_id": item_ids},
+            schema=schemas.TRAIN_RUN_ITEMS,
+        )
+        write_parquet_atomic(table, self.items, schemas.TRAIN_RUN_ITEMS)
+
+    def read_items(self) -> list[str]:
+        """The item ids in global-id order (FileNotFoundError for runs trained before this file existed)."""
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(self.items).sort_by("global_id")
+        return table["item_id"].to_pylist()
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         table = pa.Table.from_pylist(rows, schema=schemas.TRAIN_METRICS)

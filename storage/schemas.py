@@ -121,6 +121,17 @@ TRAIN_RUNS = pa.schema(
         pa.field("test_ndcg10", pa.float64()),
         pa.field("test_full_hr10", pa.float64()),
         pa.field("test_full_ndcg10", pa.float64()),
+        # How the run started (null for runs recorded before warm start existed, which were all cold).
+        pa.field("init", pa.string()),  # warm | cold
+        pa.field("warm_start_from", pa.string()),  # the run whose weights initialised it
+    ]
+)
+
+# WORKSPACE/runs/<run_id>/items.parquet: the run's item id map (warm start remaps item rows by item_id).
+TRAIN_RUN_ITEMS = pa.schema(
+    [
+        pa.field("global_id", pa.int32(), nullable=False),
+        pa.field("item_id", pa.string(), nullable=False),
     ]
 )
 

@@ -37,3 +37,19 @@ def sample_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     settings = IngestSettings(items=SAMPLE / "items.csv.gz", interactions=SAMPLE / "interactions.csv.gz")
     run_ingest(settings, Workspace(root))
     return root
+
+
+@pytest.fixture(scope="session")
+def enriched_workspace(sample_workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample's ingest + the real enrich stage as the train tests run it (tests/train_data.py): vLLM
+    MiniLM item embeddings and PCA tables, SmolLM2 profiles for the first 12 users only (so most users
+    train without the profile term). Read-only: copy its stage folders to train in it."""
+    import shutil
+
+    from storage.workspace import Workspace
+    from tests.train_data import run_enrich_like_tests
+
+    root = tmp_path_factory.mktemp("train_ws")
+    shutil.copytree(sample_workspace / "ingest", root / "ingest")
+    run_enrich_like_tests(Workspace(root))
+    return root

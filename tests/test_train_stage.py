@@ -22,30 +22,11 @@ import torch
 from storage.workspace import Workspace
 from tasks.train.settings import TrainSettings
 from tasks.train.stage import run_train
+from tests.train_data import FAST
 
 REPO = Path(__file__).resolve().parents[1]
-# Small and quick, but enough to learn on 1,000 users.
-FAST = dict(hidden=32, max_len=50, dropout=0.2, lr=5e-3, batch_size=64, eval_batch_size=512, threads=1)
 RANDOM_HR10 = 10 / 101  # the positive's rank is uniform among 101 candidates
 RANDOM_NDCG10 = sum(1 / np.log2(r + 2) for r in range(10)) / 101
-
-
-@pytest.fixture(scope="session")
-def enriched_workspace(sample_workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The sample's ingest + the real enrich stage: vLLM MiniLM item embeddings and PCA tables, SmolLM2
-    profiles for the first 12 users only (so most users train without the profile term)."""
-    from tasks.enrich.settings import EnrichSettings, ProfileSettings
-    from tasks.enrich.stage import run_enrich
-
-    root = tmp_path_factory.mktemp("train_ws")
-    shutil.copytree(sample_workspace / "ingest", root / "ingest")
-    # Local tables as wide as the tests' hidden size: the domain threads take them frozen, as in the paper.
-    # Greedy, short profiles (as the enrich tests): cheap, and identical on every run.
-    profiles = ProfileSettings(
-        max_users=12, temperature=0, analyzer_max_tokens=16, summarizer_max_tokens=32, titles_per_cluster=5
-    )
-    run_enrich(EnrichSettings(local_dim=FAST["hidden"]), profiles, Workspace(root), threads=2)
-    return root
 
 
 def _copy_inputs(src: Path, dst: Path) -> Path:

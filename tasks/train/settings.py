@@ -56,6 +56,23 @@ class TrainSettings(BaseModel):
     time_budget_s: float | None = Field(
         default=None, gt=0, description="Stop training (at an epoch boundary) after this many seconds."
     )
+    warm_start: bool = Field(
+        default=True,
+        description=(
+            "When the stage trains (inputs or settings changed), initialise the model from the best weights "
+            "of the latest earlier finished run of the same model, item rows remapped by item_id, and train "
+            "at most warm_start_epochs. Falls back to a random init (cold) when there is no such run or it "
+            "does not fit (docs/train.md). Off, or --force: always cold. Not part of the run id."
+        ),
+    )
+    warm_start_epochs: int = Field(
+        default=3,
+        ge=1,
+        description=(
+            "Upper bound on epochs of a warm-started run (also capped by epochs); its patience is "
+            "min(patience, max(1, warm_start_epochs // 2)), the warm init counting as epoch 0."
+        ),
+    )
     eval_negatives: int = Field(default=100, ge=1, description="Sampled protocol: negatives per user.")
     short_history: int = Field(
         default=5, ge=1, description="Users with fewer history items than this form the 'short' group."
@@ -80,6 +97,13 @@ class TrainSettings(BaseModel):
     def resolved(self) -> TrainSettings:
         """These settings with the preset's switches applied (what the model is built from)."""
         return self.model_copy(update=MODEL_PRESETS[self.model][1])
+
+    def warm_limits(self) -> tuple[int, int]:
+        """(epochs, patience) of a warm-started run. The warm model starts near its optimum: the epochs
+        that fail to beat it (or the best so far) are mostly drift, so stop after half the budget of them."""
+        epochs = min(self.epochs, self.warm_start_epochs)
+        patience = min(self.patience, max(1, self.warm_start_epochs // 2))
+        return epochs, patience
 
     @property
     def uses_llm_tables(self) -> bool:

@@ -2,8 +2,10 @@
 
 Each run lives in WORKSPACE/runs/<run_id>/ (see storage/runs.py); the run id is a hash of the model's
 settings and the input files' contents, so an unchanged rerun finds its finished run and skips, and an
-interrupted one finds its checkpoint and resumes. The stage folder WORKSPACE/train/ holds the leaderboard
-of finished runs (runs.parquet) and a manifest whose stats name the best run on the current inputs.
+interrupted one finds its checkpoint and resumes. A run that trains on changed inputs starts from the
+best weights of the latest earlier run of the same model when they fit (warm start, tasks/train/warmstart.py)
+and trains at most `warm_start_epochs`. The stage folder WORKSPACE/train/ holds the leaderboard of finished
+runs (runs.parquet) and a manifest whose stats name the best run on the current inputs.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import shutil
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -21,8 +23,10 @@ import torch
 from pydantic import BaseModel
 
 from bridgerec.logs import get_logger
-from models.data import SequenceData
+from models.base import Recommender
+from models.data import EvalSplit, SequenceData
 from models.evaluate import evaluate, headline, metric_rows
+from models.metrics import ndcg
 from models.optim import Optimizer
 from models.registry import build_model
 from models.trainer import FitConfig, FitState, Profiles, fit, set_seed
@@ -38,10 +42,16 @@ from tasks.train.inputs import (
     load_sequences,
 )
 from tasks.train.settings import TrainSettings
+from tasks.train.warmstart import InitRecord, cold, warm_start
 
 STAGE = "train"
 # Fields that change how fast a run goes, not what it learns: left out of the run id.
 RUNTIME_FIELDS = {"threads", "device", "eval_batch_size"}
+# Fields that decide how a run *starts* (from an earlier run's weights or at random), not which run it is:
+# also left out, so switching them never retrains unchanged inputs (a cold retrain of the same inputs is
+# `--force`) and the run ids from before warm start existed stay valid. How each run started is recorded
+# in its summary (`init`, `warm_start_from`), since the earlier weights cannot be part of the id anyway.
+INIT_FIELDS = {"warm_start", "warm_start_epochs"}
 
 
 class TrainSummary(BaseModel):
@@ -59,6 +69,11 @@ class TrainSummary(BaseModel):
     users: int
     peak_rss_mb: float
     resumed_from_epoch: int = 0
+    init: Literal["warm", "cold"] = "cold"  # runs recorded before warm start existed were all cold
+    warm_start_from: str | None = None  # the run whose best weights initialised this one
+    cold_start_reason: str | None = None  # why a run that trained started from a random init
+    init_valid_ndcg10: float | None = None  # warm: validation NDCG@10 of the warm init, before training
+    warm_start_items: dict[str, int] = {}  # warm: items kept from the earlier run / new / dropped
     skipped: bool = False
     seconds: float = 0.0
     run_dir: str = ""
@@ -67,7 +82,7 @@ class TrainSummary(BaseModel):
 
 
 def config_hash(settings: TrainSettings) -> str:
-    return hash_json(settings.resolved().model_dump(mode="json", exclude=RUNTIME_FIELDS))
+    return hash_json(settings.resolved().model_dump(mode="json", exclude=RUNTIME_FIELDS | INIT_FIELDS))
 
 
 def run_id_for(settings: TrainSettings, hashes: dict[str, str]) -> str:
@@ -127,6 +142,29 @@ def run_train(
     }
     model = build_model(model_config, catalog, tables).to(device)
     run.path.mkdir(parents=True, exist_ok=True)
+
+    # A checkpoint means this very run was interrupted: resume it (with the init it started from). Only
+    # a run that starts afresh may warm-start from an *earlier* run.
+    ckpt = (
+        torch.load(run.checkpoint, map_location=device, weights_only=False)
+        if run.checkpoint.exists()
+        else None
+    )
+    if ckpt is not None:
+        init = InitRecord(**ckpt.get("init", {}))
+    else:
+        run.model.unlink(missing_ok=True)  # best weights of an attempt killed before its first checkpoint
+        if force:
+            init = cold("--force")
+        elif not settings.warm_start:
+            init = cold("train.warm_start is off")
+        else:
+            init = warm_start(
+                model, model_config, catalog, workspace, run.run_id, hashes, log.info, log.warning
+            )
+        if init.init == "cold":
+            log.info("train: cold start (random init): %s", init.reason)
+    run.write_items(catalog.item_ids)
     run.write_config(
         {
             "run_id": run.run_id,
@@ -139,6 +177,7 @@ def run_train(
             },
             "inputs": hashes,
             "config_hash": config_hash(settings),
+            "init": init.model_dump(mode="json"),
             "created_at": datetime.now(UTC).isoformat(),
             "torch": torch.__version__,
         }
@@ -150,13 +189,20 @@ def run_train(
     log.info("train: evaluation splits built in %.1f s", time.perf_counter() - t0)
 
     state, opt_state = None, None
-    if run.checkpoint.exists():
-        ckpt = torch.load(run.checkpoint, map_location=device, weights_only=False)
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt_state, state = ckpt["optimizer"], FitState(**ckpt["state"])
         torch.set_rng_state(ckpt["torch_rng"])
-        log.info("train: resuming %s after epoch %d", run.run_id, state.epoch)
+        log.info("train: resuming %s after epoch %d (%s start)", run.run_id, state.epoch, init.init)
+        del ckpt
+    elif init.init == "warm":
+        # Epoch 0 = the warm init itself: it is the best to beat, so training can only keep or improve it.
+        state = _score_init(model, valid, settings.eval_batch_size, device)
+        _save_weights(model, run)
+        log.info("train: the warm init scores validation NDCG@10 %.4f before training", state.best_valid)
     resumed_from = state.epoch if state else 0
+    # The warm run's optimizer starts fresh: the earlier run's Adam moments are not kept once it finished.
+    epochs, patience = settings.warm_limits() if init.init == "warm" else (settings.epochs, settings.patience)
 
     def on_epoch(m: torch.nn.Module, opt: Optimizer, st: FitState, is_best: bool) -> None:
         if is_best:
@@ -168,6 +214,7 @@ def run_train(
                 "optimizer": opt.state_dict(),
                 "state": st.__dict__,
                 "torch_rng": torch.get_rng_state(),  # dropout draws continue as if never interrupted
+                "init": init.model_dump(mode="json"),
             },
             tmp,
         )
@@ -178,8 +225,8 @@ def run_train(
         weight_decay=settings.weight_decay,
         batch_size=settings.batch_size,
         eval_batch_size=settings.eval_batch_size,
-        epochs=settings.epochs,
-        patience=settings.patience,
+        epochs=epochs,
+        patience=patience,
         seed=settings.seed,
         time_budget_s=settings.time_budget_s,
     )
@@ -202,7 +249,8 @@ def run_train(
     run.write_metrics(rows)
     _plot_curve(state.history, run.curve, f"{settings.model} ({run.run_id})")
 
-    hist = state.history
+    hist = [h for h in state.history if h["epoch"] >= 1]  # epoch 0: the warm init, evaluated only
+    init_score = next((h["valid_ndcg@10"] for h in state.history if h["epoch"] == 0), None)
     summary = TrainSummary(
         run_id=run.run_id,
         model=settings.model,
@@ -216,6 +264,11 @@ def run_train(
         users=data.n_users,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         resumed_from_epoch=resumed_from,
+        init=init.init,
+        warm_start_from=init.warm_start_from,
+        cold_start_reason=init.reason,
+        init_valid_ndcg10=init_score,
+        warm_start_items=init.items,
         seconds=time.perf_counter() - started,
         run_dir=str(run.path),
         device=str(device),
@@ -225,8 +278,9 @@ def run_train(
     run.checkpoint.unlink(missing_ok=True)
     _record(workspace, run, summary, hashes, config_hash(settings))
     log.info(
-        "train: %s best epoch %d/%d, test ndcg@10 %.4f (full %.4f), %.1f s/epoch",
+        "train: %s (%s start) best epoch %d/%d, test ndcg@10 %.4f (full %.4f), %.1f s/epoch",
         run.run_id,
+        init.init,
         summary.best_epoch,
         summary.epochs,
         summary.test["overall"]["ndcg@10"],
@@ -234,6 +288,22 @@ def run_train(
         summary.epoch_seconds,
     )
     return summary
+
+
+def _score_init(model: Recommender, valid: EvalSplit, batch_size: int, device: torch.device) -> FitState:
+    """The loop state of a warm run before its first epoch: the init's validation score is the best."""
+    started = time.perf_counter()
+    ranks = evaluate(model, valid, batch_size, full=False, device=device)
+    seconds = time.perf_counter() - started
+    score = ndcg(ranks.sampled, 10)
+    row = {
+        "epoch": 0,
+        "valid_ndcg@10": score,
+        "valid_hr@10": float((ranks.sampled < 10).mean()),
+        "train_seconds": 0.0,
+        "eval_seconds": seconds,
+    }
+    return FitState(best_valid=score, elapsed_s=seconds, history=[row])
 
 
 def _save_weights(model: torch.nn.Module, run: RunDir) -> None:
@@ -310,6 +380,8 @@ def _record(
         "test_ndcg10": summary.test["overall"]["ndcg@10"],
         "test_full_hr10": summary.test.get("full", {}).get("overall", {}).get("hr@10"),
         "test_full_ndcg10": summary.test.get("full", {}).get("overall", {}).get("ndcg@10"),
+        "init": summary.init,
+        "warm_start_from": summary.warm_start_from,
     }
     previous: list[dict] = []
     path = workspace.stage_dir(STAGE) / "runs.parquet"
@@ -332,7 +404,13 @@ def _record(
             stats={
                 "best": {k: best[k] for k in ("run_id", "model", "valid_ndcg10", "test_ndcg10")}
                 | {"run_dir": str(RunDir(workspace, best["run_id"]).path)},
-                "latest": {"run_id": summary.run_id, "model": summary.model},
+                "latest": {
+                    "run_id": summary.run_id,
+                    "model": summary.model,
+                    "init": summary.init,
+                    "warm_start_from": summary.warm_start_from,
+                    "cold_start_reason": summary.cold_start_reason,
+                },
                 "runs": len(board),
             },
         )

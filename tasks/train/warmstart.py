@@ -1,0 +1,143 @@
+"""Warm start of the train stage: pick the earlier run to start from, check that it fits, load its best
+weights into the new model with the item rows remapped (models/warmstart.py), or say why not.
+
+A warm start must never fail the nightly run: every problem ends in a cold start with the reason logged
+and recorded in the run's summary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from models.base import Recommender
+from models.data import Catalog
+from models.warmstart import ItemSpace, WarmStartError, warm_state
+from storage.runs import RunDir
+from storage.workspace import Workspace
+
+STAGE = "train"
+# What defines the tensors' shapes or what they mean: an earlier run must match on all of them. (lr,
+# dropout, alpha, beta, tau, epochs... only change how it trains: a warm start across them is fine.)
+SHAPE_KEYS = ("architecture", "hidden", "layers", "heads", "max_len", "causal", "id_embeddings")
+TABLE_KEYS = ("global_dim", "local_dim")
+# The frozen LLM tables come from the current enrich output. A refit PCA on slightly more items moves
+# them a little; another embedding model (same width) moves them completely, and the adapter trained on
+# the old ones would be meaningless: below this mean cosine over shared items, start cold.
+MIN_TABLE_COSINE = 0.9
+
+
+class InitRecord(BaseModel):
+    """How a run's weights started; in summary.json, config.json, the checkpoint and the leaderboard."""
+
+    init: Literal["warm", "cold"] = "cold"
+    warm_start_from: str | None = None  # the run whose best weights initialised this one
+    reason: str | None = None  # why the run started cold (null when warm)
+    items: dict[str, int] = Field(default_factory=dict)  # warm: kept / new / dropped items
+    table_cosine: dict[str, float] = Field(default_factory=dict)  # warm: frozen tables, old vs current
+
+
+def cold(reason: str) -> InitRecord:
+    return InitRecord(init="cold", reason=reason)
+
+
+def previous_run(workspace: Workspace, model: str, exclude: str) -> RunDir | None:
+    """The latest finished run of preset `model` on the leaderboard, other than `exclude`."""
+    path = workspace.stage_dir(STAGE) / "runs.parquet"
+    if not path.exists():
+        return None
+    rows = workspace.read_table(STAGE, "runs", columns=["run_id", "model", "finished_at"]).to_pylist()
+    rows = sorted(
+        (r for r in rows if r["model"] == model and r["run_id"] != exclude), key=lambda r: r["finished_at"]
+    )
+    for row in reversed(rows):
+        run = RunDir(workspace, row["run_id"])
+        if run.is_complete():
+            return run
+    return None
+
+
+def incompatibility(previous: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """Why weights trained with `previous` settings (config.json's `settings`) cannot start `current`."""
+    diffs = [
+        f"{k} {previous.get(k)!r} -> {current.get(k)!r}"
+        for k in SHAPE_KEYS
+        if previous.get(k) != current.get(k)
+    ]
+    old_tables, new_tables = previous.get("tables", {}), current.get("tables", {})
+    diffs += [
+        f"enrich {k} {old_tables.get(k)} -> {new_tables.get(k)}"
+        for k in TABLE_KEYS
+        if old_tables.get(k) != new_tables.get(k)
+    ]
+    return ", ".join(diffs) or None
+
+
+def previous_items(
+    run: RunDir, config: dict[str, Any], hashes: dict[str, str], catalog: Catalog
+) -> ItemSpace:
+    """The id spaces `run` was trained on. Runs from before items.parquet existed can still be used when
+    they were trained on the same ingest items file as this run (then the ids are the current ones)."""
+    recorded = config["catalog"]
+    if run.items.exists():
+        item_ids = run.read_items()
+    elif config.get("inputs", {}).get("ingest/items") == hashes.get("ingest/items"):
+        item_ids = list(catalog.item_ids)
+    else:
+        raise WarmStartError("it has no items.parquet (trained before warm start existed) and other items")
+    if len(item_ids) != sum(recorded["sizes"]):
+        raise WarmStartError(
+            f"items.parquet holds {len(item_ids)} items, its config {sum(recorded['sizes'])}"
+        )
+    return ItemSpace(item_ids, list(recorded["domains"]), list(recorded["offsets"]), list(recorded["sizes"]))
+
+
+def warm_start(
+    model: Recommender,
+    model_config: dict[str, Any],
+    catalog: Catalog,
+    workspace: Workspace,
+    run_id: str,
+    hashes: dict[str, str],
+    log: Callable[..., None],
+    warn: Callable[..., None],
+) -> InitRecord:
+    """Initialise `model` (freshly built, seeded) from the latest earlier run of the same preset when it
+    fits; otherwise leave it as built. Returns what happened, with the reason for a cold start."""
+    name = model_config["model"]
+    previous = previous_run(workspace, name, exclude=run_id)
+    if previous is None:
+        return cold(f"no earlier finished {name} run in the workspace")
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        config = previous.read_config()
+        why = incompatibility(config["settings"], model_config)
+        if why:
+            return cold(f"run {previous.run_id} does not fit this model: {why}")
+        items = previous_items(previous, config, hashes, catalog)
+        from safetensors.torch import load_file
+
+        weights = load_file(str(previous.model), device="cpu")
+        plan = warm_state(model, weights, items, ItemSpace.of(catalog))
+        moved = {k: round(c, 4) for k, c in plan.table_cosine.items() if c < MIN_TABLE_COSINE}
+        if moved:
+            return cold(
+                f"the enrich item tables moved since run {previous.run_id} (mean cosine over shared items "
+                f"{moved} < {MIN_TABLE_COSINE}: another embedding model or PCA?)"
+            )
+        model.load_state_dict(plan.state, strict=True)
+    except WarmStartError as exc:
+        return cold(f"run {previous.run_id} does not fit this model: {exc}")
+    except Exception as exc:  # a warm start is an optimisation: never fail the run for it
+        model.load_state_dict(fresh)
+        warn("train: warm start from %s failed, starting cold", previous.run_id, exc_info=True)
+        return cold(f"warm start from {previous.run_id} failed: {type(exc).__name__}: {exc}")
+    log("train: warm start from %s: %s", previous.run_id, plan.describe())
+    return InitRecord(
+        init="warm",
+        warm_start_from=previous.run_id,
+        items=plan.items,
+        table_cosine={k: round(c, 6) for k, c in plan.table_cosine.items()},
+    )

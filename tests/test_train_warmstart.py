@@ -1,0 +1,333 @@
+"""Warm start, for real on the bundled sample: a first (cold) run, then the next night's data (new
+interactions, new users, new items whose ids shift every other item's) through the real ingest and enrich
+stages, and a second run that starts from the first run's best weights with the item rows remapped by
+item_id. Also: an incompatible model or `warm_start: false` or `--force` start cold with the reason
+recorded, and a warm run killed mid-way resumes as the warm run it was."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from models.data import SequenceData
+from models.evaluate import evaluate
+from models.metrics import ndcg
+from models.registry import build_model
+from models.warmstart import ItemSpace, warm_state
+from storage.runs import RunDir
+from storage.workspace import Workspace
+from tasks.train.inputs import load_catalog, load_item_tables, load_sequences
+from tasks.train.settings import TrainSettings
+from tasks.train.stage import TrainSummary, run_id_for, run_train
+from tests.train_data import FAST, NEW_ITEMS, next_night, run_enrich_like_tests
+
+MODEL = "llm4cdsr-hybrid"  # LLM tables (frozen, per item) and ID tables (trainable, per item) in every thread
+# lr 1e-3: the hybrid learns steadily on the sample for 10 epochs (at 5e-3 it overfits after 2), so the
+# first run is clearly better than a random init. warm_start_epochs 4: warm patience 2, so the second run
+# trains at least 2 epochs (the kill test needs 2).
+SETTINGS = TrainSettings(model=MODEL, epochs=10, patience=10, warm_start_epochs=4, **(FAST | {"lr": 1e-3}))
+
+
+class Killed(RuntimeError):
+    pass
+
+
+@dataclass
+class Nights:
+    ws: Path  # after the second night (both runs in it)
+    before_second: Path  # a copy taken after the second night's ingest + enrich, before its training
+    first: TrainSummary
+    second: TrainSummary
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def nights(enriched_workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> Nights:
+    from tasks.ingest.settings import IngestSettings
+    from tasks.ingest.stage import run_ingest
+
+    root = tmp_path_factory.mktemp("warm")
+    ws_path = root / "ws"
+    for stage in ("ingest", "enrich"):
+        shutil.copytree(enriched_workspace / stage, ws_path / stage)
+    ws = Workspace(ws_path)
+    first = run_train(SETTINGS, ws)
+    items, interactions = next_night(root / "raw")
+    run_ingest(IngestSettings(items=items, interactions=interactions), ws)
+    run_enrich_like_tests(ws)  # incremental: embeds the new items' texts, keeps the rest
+    before_second = _copy(ws_path, root / "before_second")
+    second = run_train(SETTINGS, ws)
+    return Nights(ws_path, before_second, first, second)
+
+
+def _previous_items(run: RunDir) -> ItemSpace:
+    recorded = run.read_config()["catalog"]
+    return ItemSpace(run.read_items(), recorded["domains"], recorded["offsets"], recorded["sizes"])
+
+
+def test_the_next_night_warm_starts_from_the_first_run(nights: Nights) -> None:
+    first, second = nights.first, nights.second
+    assert first.init == "cold" and first.warm_start_from is None
+    assert first.cold_start_reason == f"no earlier finished {MODEL} run in the workspace"
+    assert second.run_id != first.run_id  # new inputs: a new run
+    assert second.init == "warm" and second.warm_start_from == first.run_id
+    assert second.cold_start_reason is None
+    assert second.warm_start_items == {"kept": 6447, "new": len(NEW_ITEMS), "dropped": 0}
+    assert second.resumed_from_epoch == 0
+    # At most warm_start_epochs, with the warm init as epoch 0: it is the score to beat.
+    assert SETTINGS.warm_limits() == (4, 2)
+    assert 2 <= second.epochs <= 4 and 0 <= second.best_epoch <= second.epochs
+    run = Path(second.run_dir)
+    history = pq.read_table(run / "metrics.parquet").to_pylist()
+    start = [r for r in history if r["epoch"] == 0 and r["metric"] == "ndcg@10" and r["users"] is None]
+    assert [r["value"] for r in start] == [pytest.approx(second.init_valid_ndcg10)]
+    valid_curve = {r["epoch"]: r["value"] for r in history if r["metric"] == "ndcg@10" and r["users"] is None}
+    assert second.valid["overall"]["ndcg@10"] == pytest.approx(max(valid_curve.values()), abs=1e-9)
+    # The record is everywhere a reader looks: summary.json, config.json, the leaderboard, the manifest.
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["init"], summary["warm_start_from"]) == ("warm", first.run_id)
+    assert json.loads((run / "config.json").read_text())["init"]["warm_start_from"] == first.run_id
+    board = {r["run_id"]: r for r in pq.read_table(nights.ws / "train" / "runs.parquet").to_pylist()}
+    assert (board[first.run_id]["init"], board[second.run_id]["init"]) == ("cold", "warm")
+    assert board[second.run_id]["warm_start_from"] == first.run_id
+    latest = Workspace(nights.ws).read_manifest("train").stats["latest"]
+    assert (latest["run_id"], latest["init"], latest["warm_start_from"]) == (
+        second.run_id,
+        "warm",
+        first.run_id,
+    )
+    assert not (run / "checkpoint.pt").exists() and (run / "items.parquet").exists()
+
+
+def test_warm_state_remaps_every_item_row_by_item_id(nights: Nights) -> None:
+    """On the real models: shared items take the first run's best rows wherever ingest moved them, new
+    items keep their fresh rows, the frozen LLM tables are the current enrich output, the rest is copied."""
+    from safetensors.torch import load_file
+
+    ws = Workspace(nights.ws)
+    previous = RunDir(ws, nights.first.run_id)
+    old = load_file(str(previous.model))
+    old_items = _previous_items(previous)
+    catalog = load_catalog(ws)
+    tables = load_item_tables(ws)
+    torch.manual_seed(SETTINGS.seed)
+    model = build_model(RunDir(ws, nights.second.run_id).read_config()["settings"], catalog, tables)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = warm_state(model, old, old_items, ItemSpace.of(catalog))
+    model.load_state_dict(plan.state)
+    new = model.state_dict()
+
+    old_gid = {item: g for g, item in enumerate(old_items.item_ids, 1)}
+    new_gid = {item: g for g, item in enumerate(catalog.item_ids, 1)}
+    shared = sorted(set(old_gid) & set(new_gid))
+    added = sorted(set(new_gid) - set(old_gid))
+    assert added == sorted(i["item_id"] for i in NEW_ITEMS) and len(shared) == len(old_gid)
+    assert sum(old_gid[i] != new_gid[i] for i in shared) == len(
+        shared
+    )  # every item moved: an identity copy fails
+    # Global id space.
+    rows_new = torch.tensor([new_gid[i] for i in shared])
+    rows_old = torch.tensor([old_gid[i] for i in shared])
+    rows_added = torch.tensor([new_gid[i] for i in added])
+    assert torch.equal(new["id_all.weight"][rows_new], old["id_all.weight"][rows_old])
+    assert torch.equal(new["id_all.weight"][rows_added], fresh["id_all.weight"][rows_added])
+    assert not torch.equal(
+        new["id_all.weight"][rows_added], torch.zeros_like(new["id_all.weight"][rows_added])
+    )
+    assert torch.equal(new["id_all.weight"][0], torch.zeros(FAST["hidden"]))  # padding
+    # Local id spaces, one per domain.
+    for d, domain in enumerate(catalog.domains):
+        old_lid = {
+            item: lid
+            for lid, item in enumerate(old_items.item_ids[old_items.offsets[d] :][: old_items.sizes[d]], 1)
+        }
+        new_lid = {item: lid for lid, item in enumerate(catalog.domain_item_ids(d), 1)}
+        both = sorted(set(old_lid) & set(new_lid))
+        fresh_rows = torch.tensor([new_lid[i] for i in set(new_lid) - set(old_lid)] or [0])
+        key = f"id_local.{d}.weight"
+        assert torch.equal(new[key][[new_lid[i] for i in both]], old[key][[old_lid[i] for i in both]]), domain
+        assert torch.equal(new[key][fresh_rows], fresh[key][fresh_rows]), domain
+        # Frozen LLM tables: the current enrich output, never the old weights.
+        assert torch.equal(new[f"E_local_{d}"], torch.from_numpy(tables.local_tables[d])), domain
+    assert torch.equal(new["E_all"], torch.from_numpy(tables.global_table))
+    # Everything else is the first run's best weights, and nothing is left out.
+    assert plan.copied and all(torch.equal(new[k], old[k]) for k in plan.copied)
+    assert set(plan.copied) | set(plan.remapped) | set(plan.frozen) == set(new) and not plan.fresh
+    assert set(plan.remapped) == {"id_all.weight", "id_local.0.weight", "id_local.1.weight"}
+    # The enrich tables of the shared items barely moved (the PCA was refit with three more items).
+    assert min(plan.table_cosine.values()) > 0.9
+
+
+def test_the_warm_init_scores_well_above_a_random_init_before_any_training(nights: Nights) -> None:
+    """Evaluated on the next night's validation split before a single training step: the carried weights
+    rank like the trained model they come from, a random init does not."""
+    from safetensors.torch import load_file
+
+    ws = Workspace(nights.ws)
+    previous = RunDir(ws, nights.first.run_id)
+    catalog = load_catalog(ws)
+    tables = load_item_tables(ws)
+    valid = SequenceData(catalog, load_sequences(ws), FAST["max_len"]).eval_split(
+        "valid", SETTINGS.eval_negatives, SETTINGS.seed, SETTINGS.short_history
+    )
+    config = RunDir(ws, nights.second.run_id).read_config()["settings"]
+
+    def scores(model: torch.nn.Module) -> tuple[float, float]:
+        """(NDCG@10, AUC) of the sampled protocol: AUC = share of the 100 negatives ranked below the target,
+        which uses the whole ranking and so is much less noisy than NDCG@10 on 1,000 users."""
+        ranks = evaluate(model, valid, 512, full=False).sampled
+        return ndcg(ranks, 10), float((1 - ranks / SETTINGS.eval_negatives).mean())
+
+    randoms = []
+    for seed in (SETTINGS.seed, 1, 2):  # the best of three random inits, not one lucky or unlucky draw
+        torch.manual_seed(seed)
+        randoms.append(scores(build_model(config, catalog, tables)))
+    random_ndcg, random_auc = max(r[0] for r in randoms), max(r[1] for r in randoms)
+    torch.manual_seed(SETTINGS.seed)  # as the stage: the fresh init the new items' rows come from
+    model = build_model(config, catalog, tables)
+    plan = warm_state(model, load_file(str(previous.model)), _previous_items(previous), ItemSpace.of(catalog))
+    model.load_state_dict(plan.state)
+    warm_ndcg, warm_auc = scores(model)
+    first_best = nights.first.valid["overall"]["ndcg@10"]
+    print(
+        f"valid before training: random init ndcg@10 {random_ndcg:.4f} auc {random_auc:.4f}; warm init "
+        f"ndcg@10 {warm_ndcg:.4f} auc {warm_auc:.4f}; first run's best {first_best:.4f}; "
+        f"second run's best {nights.second.valid['overall']['ndcg@10']:.4f}"
+    )
+    assert warm_ndcg > 1.4 * random_ndcg and warm_auc > random_auc + 0.03
+    # It keeps what the first run reached (measured there on its own, nearly identical validation split)...
+    assert warm_ndcg > 0.8 * first_best
+    # ...and it is exactly what the stage started the second run from.
+    assert nights.second.init_valid_ndcg10 == pytest.approx(warm_ndcg, abs=1e-9)
+
+
+def test_an_incompatible_model_starts_cold_with_the_reason(nights: Nights, tmp_path: Path) -> None:
+    ws = Workspace(_copy(nights.ws, tmp_path / "ws"))
+    smaller = TrainSettings(model=MODEL, epochs=1, patience=1, **(FAST | {"hidden": 16}))
+    summary = run_train(smaller, ws)
+    assert summary.init == "cold" and summary.warm_start_from is None and summary.init_valid_ndcg10 is None
+    assert summary.cold_start_reason.startswith(f"run {nights.second.run_id} does not fit this model")
+    assert "hidden 32 -> 16" in summary.cold_start_reason
+    assert summary.epochs == 1 and summary.best_epoch == 1
+    assert ws.read_manifest("train").stats["latest"]["cold_start_reason"] == summary.cold_start_reason
+    config = json.loads((Path(summary.run_dir) / "config.json").read_text())
+    assert config["init"]["init"] == "cold" and "hidden 32 -> 16" in config["init"]["reason"]
+
+
+def test_warm_start_off_or_force_trains_cold(nights: Nights, tmp_path: Path) -> None:
+    ws = Workspace(_copy(nights.ws, tmp_path / "ws"))
+    off = TrainSettings(model=MODEL, epochs=1, patience=1, warm_start=False, **FAST)
+    summary = run_train(off, ws)
+    assert (summary.init, summary.warm_start_from) == ("cold", None)
+    assert summary.cold_start_reason == "train.warm_start is off"
+    # The warm-start fields are not part of the run id: switching them alone retrains nothing...
+    on = off.model_copy(update={"warm_start": True, "warm_start_epochs": 2})
+    assert run_id_for(on, {"x": "y"}) == run_id_for(off, {"x": "y"})
+    again = run_train(on, ws)
+    assert again.skipped and again.run_id == summary.run_id and again.init == "cold"
+    # ...and --force retrains cold, though an earlier compatible run is there.
+    forced = run_train(on, ws, force=True)
+    assert (forced.init, forced.cold_start_reason, forced.skipped) == ("cold", "--force", False)
+
+
+def test_a_killed_warm_run_resumes_as_the_warm_run_it_was(
+    nights: Nights, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash after the first warm epoch leaves its checkpoint; the rerun resumes it (no second warm
+    start, even with warm start now switched off: that is a setting for new runs) and ends exactly where
+    the uninterrupted warm run ended."""
+    import models.trainer
+
+    ws = Workspace(_copy(nights.before_second, tmp_path / "ws"))
+    real_epoch = models.trainer.train_epoch
+
+    def crash_in_epoch_two(*args, **kwargs):
+        if args[4] == 2:  # train_epoch(model, data, optimizer, cfg, epoch, ...)
+            raise Killed("killed in epoch 2")
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(models.trainer, "train_epoch", crash_in_epoch_two)
+    with pytest.raises(Killed):
+        run_train(SETTINGS, ws)
+    monkeypatch.undo()
+    run = Path(ws.root / "runs" / nights.second.run_id)
+    assert (run / "checkpoint.pt").exists() and not (run / "summary.json").exists()
+
+    resumed = run_train(SETTINGS.model_copy(update={"warm_start": False}), ws)
+    assert resumed.run_id == nights.second.run_id and resumed.resumed_from_epoch == 1
+    assert (resumed.init, resumed.warm_start_from) == ("warm", nights.first.run_id)
+    assert resumed.init_valid_ndcg10 == pytest.approx(nights.second.init_valid_ndcg10, abs=1e-9)
+    assert resumed.epochs == nights.second.epochs and resumed.best_epoch == nights.second.best_epoch
+    assert resumed.test["overall"] == pytest.approx(nights.second.test["overall"], abs=1e-6)
+    assert np.isfinite(resumed.valid["overall"]["ndcg@10"])
+
+
+def _toy(domains: dict[str, list[str]]):
+    from models.data import Catalog
+
+    sizes = np.array([len(v) for v in domains.values()])
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    return Catalog(list(domains), sizes, offsets, [i for v in domains.values() for i in v])
+
+
+def test_warm_state_on_a_toy_catalogue_drops_gone_items_and_flags_moved_tables() -> None:
+    """No enrich needed: an item gone, items new in both domains, domains renamed, tables replaced."""
+    from models.warmstart import WarmStartError
+
+    old_cat = _toy({"a": ["x1", "x2", "x3"], "b": ["y1", "y2"]})
+    new_cat = _toy({"a": ["x0", "x1", "x3"], "b": ["y1", "y2", "y3"]})  # x2 gone, x0 and y3 new
+    config = {"architecture": "llm4cdsr", "hidden": 8, "layers": 1, "heads": 1, "dropout": 0.0, "max_len": 5,
+              "causal": False, "id_embeddings": True, "alpha": 0.1, "beta": 0.0, "tau": 1.0}  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    vectors = {i: torch.randn(8, generator=gen) for i in ["x0", "x1", "x2", "x3", "y1", "y2", "y3"]}
+
+    def tables(cat, vec):
+        """The LLM tables of `cat` with the vectors `vec` by item id (row 0 = padding)."""
+        from models.registry import ItemTables
+
+        def rows(ids: list[str]) -> np.ndarray:
+            return torch.stack([torch.zeros(8), *(vec[i] for i in ids)]).numpy()
+
+        return ItemTables(rows(cat.item_ids), [rows(cat.domain_item_ids(d)) for d in range(2)])
+
+    old_model = build_model(config, old_cat, tables(old_cat, vectors))
+    old = old_model.state_dict()
+    model = build_model(config, new_cat, tables(new_cat, vectors))
+    fresh = model.state_dict()
+    plan = warm_state(model, old, ItemSpace.of(old_cat), ItemSpace.of(new_cat))
+    assert plan.items == {"kept": 4, "new": 2, "dropped": 1}
+    assert plan.remapped["id_local.0.weight"] == {"kept": 2, "new": 1, "dropped": 1}
+    assert plan.remapped["id_local.1.weight"] == {"kept": 2, "new": 1, "dropped": 0}
+    # x1: global 1 -> 2, local 1 -> 2; y2: global 5 -> 5 (x2 gone, x0 new), local 2 -> 2; x0 and y3 fresh.
+    assert torch.equal(plan.state["id_all.weight"][2], old["id_all.weight"][1])
+    assert torch.equal(plan.state["id_all.weight"][5], old["id_all.weight"][5])
+    assert torch.equal(plan.state["id_local.0.weight"][2], old["id_local.0.weight"][1])
+    assert torch.equal(plan.state["id_all.weight"][1], fresh["id_all.weight"][1])
+    assert torch.equal(plan.state["id_local.1.weight"][3], fresh["id_local.1.weight"][3])
+    assert plan.table_cosine == pytest.approx({"E_all": 1.0, "E_local_0": 1.0, "E_local_1": 1.0})
+    # Another embedding model of the same width: the frozen tables no longer match the old ones.
+    other = {i: torch.randn(8, generator=gen) for i in vectors}
+    moved = warm_state(
+        build_model(config, new_cat, tables(new_cat, other)),
+        old,
+        ItemSpace.of(old_cat),
+        ItemSpace.of(new_cat),
+    )
+    assert max(moved.table_cosine.values()) < 0.9
+    # Renamed domains, or another hidden size: incompatible.
+    with pytest.raises(WarmStartError, match="domains changed"):
+        warm_state(model, old, ItemSpace.of(old_cat), ItemSpace.of(_toy({"a": ["x1"], "c": ["y1"]})))
+    wider = build_model(config | {"hidden": 16}, new_cat, tables(new_cat, vectors))
+    with pytest.raises(WarmStartError, match="shape"):
+        warm_state(wider, old, ItemSpace.of(old_cat), ItemSpace.of(new_cat))
