@@ -6,7 +6,7 @@ import time
 
 from prefect import Flow, flow, task, unmapped
 from prefect.artifacts import create_table_artifact
-from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+from prefect.task_runners import ProcessPoolTaskRunner
 
 from storage.workspace import Workspace
 from tasks.enrich.engine import engine_scope
@@ -122,11 +122,12 @@ def enrich_flow(
     threads: int = 1,
     force: bool = False,
 ) -> EnrichSummary:
-    """Item shards, then profile shards, each mapped onto task runs (`enrich.items_per_shard`,
+    """Item shards, then profile shards, one task run each (`enrich.items_per_shard`,
     `profiles.users_per_shard`); the finish task assembles them into WORKSPACE/enrich atomically.
 
-    With the default thread-pool task runner the shards share this process's engines (one per model,
-    calls queued); a distributed task runner gives each worker process engines of its own.
+    `enrich.task_runner: sequential` runs the shards one after another in this thread, sharing its
+    engines (an engine runs fastest on the thread that started it); `processes` maps them onto the
+    flow's task runner (`configured_enrich_flow`), whose workers start engines of their own.
     """
     started = time.perf_counter()
     check_inputs(workspace)
@@ -136,27 +137,37 @@ def enrich_flow(
         summary = plan.skipped
     else:
         with engine_scope():
-            item_work = embed_items_task.map(unmapped(plan), unmapped(enrich), plan.item_shards).result()
+            in_workers = enrich.task_runner == "processes"
+            item_work = (
+                embed_items_task.map(unmapped(plan), unmapped(enrich), plan.item_shards).result()
+                if in_workers
+                else [embed_items_task(plan, enrich, shard) for shard in plan.item_shards]
+            )
             profile_plan, profile_work = None, []
             if profiles.mode == "llm":
                 profile_plan = plan_profiles_task(plan, enrich, profiles, item_work)
-                profile_work = profile_users_task.map(
-                    unmapped(plan),
-                    unmapped(enrich),
-                    unmapped(profiles),
-                    unmapped(profile_plan),
-                    profile_plan.shards,
-                ).result()
+                profile_work = (
+                    profile_users_task.map(
+                        unmapped(plan),
+                        unmapped(enrich),
+                        unmapped(profiles),
+                        unmapped(profile_plan),
+                        profile_plan.shards,
+                    ).result()
+                    if in_workers
+                    else [
+                        profile_users_task(plan, enrich, profiles, profile_plan, s)
+                        for s in profile_plan.shards
+                    ]
+                )
             summary = finish_task(plan, enrich, profiles, item_work, profile_plan, profile_work, started)
     enrich_report(summary)
     return summary
 
 
 def configured_enrich_flow(enrich: EnrichSettings) -> Flow:
-    """`enrich_flow` with the task runner of `enrich.task_runner` / `enrich.workers` for its shards."""
-    runner = (
-        ProcessPoolTaskRunner(max_workers=enrich.workers)
-        if enrich.task_runner == "processes"
-        else ThreadPoolTaskRunner(max_workers=enrich.workers)
-    )
-    return enrich_flow.with_options(task_runner=runner)
+    """`enrich_flow` with a process task runner of `enrich.workers` workers for `task_runner: processes`
+    (any other Prefect task runner, e.g. prefect-dask's, can be set the same way)."""
+    if enrich.task_runner == "processes":
+        return enrich_flow.with_options(task_runner=ProcessPoolTaskRunner(max_workers=enrich.workers))
+    return enrich_flow

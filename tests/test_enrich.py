@@ -312,7 +312,7 @@ def test_profile_reruns_do_no_model_work(pool: EnginePool, ws: Workspace) -> Non
     assert forced.errors == 1  # the failed user is tried again on every build, and fails again
 
 
-def test_flow_maps_shards_onto_task_runs(
+def test_flow_runs_shards_as_task_runs(
     prefect_harness: None, pool: EnginePool, ws: Workspace, tmp_path: Path
 ) -> None:
     """Items and users split into shards, one Prefect task run each; the output equals the one-pass

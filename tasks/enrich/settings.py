@@ -40,6 +40,9 @@ class EngineSettings(BaseModel):
     max_num_seqs: int | None = Field(
         default=None, ge=1, description="Sequences per engine step; None = vLLM's."
     )
+    max_num_batched_tokens: int | None = Field(
+        default=None, ge=16, description="Tokens per engine step; None = vLLM's (4,096 on CPU)."
+    )
     tensor_parallel_size: int = Field(default=1, ge=1)
     gpu_memory_utilization: float = Field(
         default=0.4,
@@ -126,13 +129,13 @@ class EnrichSettings(BaseModel):
         description="Items per shard: the flow maps shards onto Prefect task runs (a distributed task "
         "runner or several workers share them). Does not change the output.",
     )
-    task_runner: Literal["threads", "processes"] = Field(
-        default="threads",
-        description="How the flow runs its shard task runs: threads (share this process's engines, one "
-        "call at a time) or processes (each worker process starts engines of its own: for a machine "
-        "with several GPUs or many cores).",
+    task_runner: Literal["sequential", "processes"] = Field(
+        default="sequential",
+        description="How the flow runs its shard task runs: sequential (one after another in the flow's "
+        "process, sharing its engines) or processes (`workers` worker processes, each with engines of its "
+        "own: a machine with several GPUs or many cores).",
     )
-    workers: int = Field(default=1, ge=1, description="Shard task runs at a time (threads or processes).")
+    workers: int = Field(default=2, ge=1, description="Worker processes for task_runner: processes.")
     kmeans_k: int = Field(
         default=10, ge=1, description="Clusters of item embeddings (hierarchical profiles)."
     )
