@@ -51,11 +51,35 @@ def add_new_interactions(src: Path, dst: Path, share: float, seed: int = 0) -> i
     return len(lines)
 
 
+def what_ran(stages: dict) -> dict:
+    """The figures that say what each stage did (skipped? new work? warm or cold? quality)."""
+    ingest, enrich, train, publish = (stages.get(k, {}) for k in ("ingest", "enrich", "train", "publish"))
+    test = train.get("test") or {}
+    overall = test.get("overall", test)
+    return {
+        "ingest_skipped": ingest.get("skipped"),
+        "enrich_skipped": enrich.get("skipped"),
+        "items_embedded": enrich.get("items_embedded"),
+        "profiles_generated": enrich.get("profiles_generated"),
+        "engines_started": len(enrich.get("engines_started") or []),
+        "train_skipped": train.get("skipped"),
+        "train_init": train.get("init"),
+        "train_epochs": train.get("epochs"),
+        "train_best_epoch": train.get("best_epoch"),
+        "test_ndcg10": overall.get("ndcg@10") if isinstance(overall, dict) else None,
+        "publish_skipped": publish.get("skipped"),
+        "published_rows": publish.get("rows"),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "food-kitchen")
-    ap.add_argument("--max-users", type=int, default=200, help="profiles.max_users (LLM profile cap)")
-    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--max-users", type=int, default=32, help="profiles.max_users (LLM profile cap)")
+    ap.add_argument("--epochs", type=int, default=5, help="train.epochs of a cold run")
+    ap.add_argument(
+        "--warm-start-epochs", type=int, default=None, help="train.warm_start_epochs (default: the config's)"
+    )
     ap.add_argument("--keep", type=Path, default=None, help="keep the workspace here")
     args = ap.parse_args()
 
@@ -76,7 +100,8 @@ def main() -> None:
             "interactions": str(raw / "interactions.csv.gz"),
         },
         "profiles": {"max_users": args.max_users},
-        "train": {"epochs": args.epochs},
+        "train": {"epochs": args.epochs}
+        | ({"warm_start_epochs": args.warm_start_epochs} if args.warm_start_epochs else {}),
     }
     runs = {}
     for label in ("first", "unchanged", "one_percent_new"):
@@ -86,8 +111,12 @@ def main() -> None:
         t0 = time.perf_counter()
         result = nightly_flow(None, overrides)
         total = time.perf_counter() - t0
-        runs[label] = {"total_seconds": round(total, 2), "stage_seconds": result["seconds"]}
-        print(f"{label}: {total:.1f} s {result['seconds']}")
+        runs[label] = {
+            "total_seconds": round(total, 2),
+            "stage_seconds": result["seconds"],
+            "what_ran": what_ran(result["stages"]),
+        }
+        print(f"{label}: {total:.1f} s {result['seconds']} {runs[label]['what_ran']}")
 
     first = runs["first"]["total_seconds"]
     ratios = {k: round(v["total_seconds"] / first, 4) for k, v in runs.items()}
@@ -97,6 +126,9 @@ def main() -> None:
         "dataset": str(args.data),
         "profiles_max_users": args.max_users,
         "epochs": args.epochs,
+        "warm_start_epochs": args.warm_start_epochs,
+        "cpu_count": __import__("os").cpu_count(),
+        "load_average_before": __import__("os").getloadavg(),
         "runs": runs,
         "ratio_to_first": ratios,
         "goals": goals,
