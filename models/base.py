@@ -82,6 +82,10 @@ class Recommender(nn.Module):
         """inputs: [B, L] global ids -> [B, D] the user side of the score for target domain `domain`."""
         raise NotImplementedError
 
+    def user_vectors_all(self, inputs: Tensor) -> list[Tensor]:
+        """inputs: [B, L] -> one [B, D] per domain (the export); models override it to share threads."""
+        return [self.user_vectors(inputs, d) for d in range(self.n_domains)]
+
     def item_vectors(self, domain: int) -> Tensor:
         """[n_d + 1, D] the item side for every local id of `domain` (row 0 = padding)."""
         raise NotImplementedError

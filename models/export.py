@@ -53,19 +53,21 @@ def export_vectors(
     data = SequenceData(catalog, sequences, int(config["settings"]["max_len"]))
     inputs = data.eval_split("export", 0, 0, 1).inputs  # [U, max_len], the whole history
     order = torch.argsort((inputs > 0).sum(1), stable=True)  # similar lengths together (trimmed batches)
+    items = [model.item_vectors(d)[1:].float().cpu().numpy() for d in range(len(catalog.domains))]  # [n_d, D]
+    users = [np.zeros((data.n_users, v.shape[1]), np.float32) for v in items]  # [U, D] per domain
+    for chunk in torch.split(order, batch_size):
+        # one pass over the history for every domain: the threads the domains share run once
+        for d, vectors in enumerate(model.user_vectors_all(inputs[chunk].to(device))):
+            users[d][chunk.numpy()] = vectors.float().cpu().numpy()
     out: dict[str, DomainVectors] = {}
     for d, name in enumerate(catalog.domains):
-        items = model.item_vectors(d)[1:].float().cpu().numpy()  # [n_d, D], drop the padding row
-        users = np.zeros((data.n_users, items.shape[1]), np.float32)
-        for chunk in torch.split(order, batch_size):
-            users[chunk.numpy()] = model.user_vectors(inputs[chunk].to(device), d).float().cpu().numpy()
         indptr, seen = seen_items(catalog, sequences, d)
         out[name] = DomainVectors(
             domain=name,
             user_ids=list(sequences.user_ids),
-            user_vectors=users,
+            user_vectors=users[d],
             item_ids=catalog.domain_item_ids(d),
-            item_vectors=items,
+            item_vectors=items[d],
             seen_indptr=indptr,
             seen_items=seen,
         )

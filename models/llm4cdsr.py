@@ -177,6 +177,18 @@ class LLM4CDSR(Recommender):
         h_dom = self.threads[domain](self.embed_local(sub, domain), sub)[:, -1]  # [B, H] (0 if no item)
         return torch.cat([h_mix, h_dom], dim=-1)  # [B, 2H]
 
+    def user_vectors_all(self, inputs: Tensor) -> list[Tensor]:
+        """The mixed thread once for every domain (it is the longest sequence: most of the export)."""
+        inputs = trim(inputs)  # [B, L]
+        h_mix = self.mixed(self.embed_global(inputs), inputs)[:, -1]  # [B, H]
+        dom, loc = self.domain_of(inputs), self.local(inputs)
+        out = []
+        for d, thread in enumerate(self.threads):
+            sub, _, _ = domain_view(dom, loc, d)  # [B, Ld]
+            h_dom = thread(self.embed_local(sub, d), sub)[:, -1]  # [B, H]
+            out.append(torch.cat([h_mix, h_dom], dim=-1))  # [B, 2H]
+        return out
+
     def item_vectors(self, domain: int) -> Tensor:
         local = torch.arange(self.sizes[domain] + 1, device=self.E_all.device)  # [n_d + 1]
         gids = (local + self.offsets[domain]) * (local > 0)

@@ -188,6 +188,8 @@ def test_user_and_item_vectors_reproduce_the_forward_scores(arch: str, kw: dict)
         forward = model.score(inputs, d, cand)
         exported = model.user_vectors(inputs, d) @ model.item_vectors(d)[1:].T
         assert torch.allclose(forward, exported, atol=1e-5)
+        # the export's one pass for all domains gives the same user vectors
+        assert torch.allclose(model.user_vectors_all(inputs)[d], model.user_vectors(inputs, d), atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["sasrec", "sasrec_domain", "llm4cdsr"])

@@ -7,7 +7,9 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +23,7 @@ from tasks.enrich import items as item_phase
 from tasks.enrich import models
 from tasks.enrich import profiles as profile_phase
 from tasks.enrich.batching import Failed
-from tasks.enrich.engine import EngineSpec, engine_scope, engines_for_run, process_engines
+from tasks.enrich.engine import EnginePool, EngineSpec, engine_scope, engines_for_run, process_engines
 from tasks.enrich.settings import EnrichSettings, ProfileSettings
 
 STAGE = "enrich"
@@ -290,6 +292,18 @@ def _all_items(
     return items, result
 
 
+def _model_factories(
+    pool: EnginePool, plan: EnrichPlan, enrich: EnrichSettings, profiles: ProfileSettings
+) -> dict[str, Callable[[], Any]]:
+    """generator= and embedder= for the profile phase: engines start only when first asked for."""
+    generate = EngineSpec.of("generate", Path(str(plan.llm_dir)), profiles.engine, plan.threads)
+    embed = EngineSpec.of("pooling", Path(plan.embed_dir), enrich.engine, plan.threads)
+    return {
+        "generator": lambda: pool.generator(generate, str(plan.llm_id)),
+        "embedder": lambda: pool.embedder(embed, plan.embed_id, truncate=enrich.truncate),
+    }
+
+
 def _profile_inputs(
     plan: EnrichPlan,
     enrich: EnrichSettings,
@@ -369,15 +383,7 @@ def profile_shard(
         prompts=profile_phase.load_prompts(profiles.prompt_version),
         llm_id=plan.llm_id,
         embed_id=plan.embed_id,
-        generator=lambda: pool.generator(
-            EngineSpec.of("generate", Path(str(plan.llm_dir)), profiles.engine, plan.threads),
-            str(plan.llm_id),
-        ),
-        embedder=lambda: pool.embedder(
-            EngineSpec.of("pooling", Path(plan.embed_dir), enrich.engine, plan.threads),
-            plan.embed_id,
-            truncate=enrich.truncate,
-        ),
+        **_model_factories(pool, plan, enrich, profiles),
         checkpoints=checkpoints,
         label=f"enrich: user profiles, shard {shard.index}",
     )
@@ -434,15 +440,7 @@ def finish_enrich(
                 prompts=profile_phase.load_prompts(profiles.prompt_version),
                 llm_id=plan.llm_id,
                 embed_id=plan.embed_id,
-                generator=lambda: pool.generator(
-                    EngineSpec.of("generate", Path(str(plan.llm_dir)), profiles.engine, plan.threads),
-                    str(plan.llm_id),
-                ),
-                embedder=lambda: pool.embedder(
-                    EngineSpec.of("pooling", Path(plan.embed_dir), enrich.engine, plan.threads),
-                    plan.embed_id,
-                    truncate=enrich.truncate,
-                ),
+                **_model_factories(pool, plan, enrich, profiles),
                 previous=[_previous(workspace, "profiles"), _previous(workspace, "profile_cache")],
                 previous_stats=existing.stats if existing is not None else {},
                 checkpoints=checkpoints,
