@@ -95,6 +95,9 @@ class EngineSpec:
         cls, runner: Literal["pooling", "generate"], model: Path, s: EngineSettings, threads: int
     ) -> EngineSpec:
         bind = s.cpu_threads_bind or (f"0-{threads - 1}" if threads > 1 else "0")
+        chunked = s.enable_chunked_prefill
+        if chunked is None and runner == "generate" and not on_gpu():
+            chunked = False  # seeded sampling breaks on split prompts: EngineSettings.enable_chunked_prefill
         return cls(
             runner=runner,
             model=str(model),
@@ -102,9 +105,7 @@ class EngineSpec:
             max_model_len=s.max_model_len,
             max_num_seqs=s.max_num_seqs,
             max_num_batched_tokens=s.max_num_batched_tokens,
-            enable_chunked_prefill=s.enable_chunked_prefill
-            if s.enable_chunked_prefill is not None or on_gpu()
-            else runner == "pooling",  # see EngineSettings.enable_chunked_prefill
+            enable_chunked_prefill=chunked,
             tensor_parallel_size=s.tensor_parallel_size,
             gpu_memory_utilization=s.gpu_memory_utilization,
             enforce_eager=s.enforce_eager if s.enforce_eager is not None else not on_gpu(),
@@ -137,8 +138,8 @@ def start_engine(spec: EngineSpec) -> Any:
         kwargs["max_num_seqs"] = spec.max_num_seqs
     if spec.max_num_batched_tokens is not None:
         kwargs["max_num_batched_tokens"] = spec.max_num_batched_tokens
-    if spec.enable_chunked_prefill is False:
-        kwargs["enable_chunked_prefill"] = False
+    if spec.enable_chunked_prefill is not None:
+        kwargs["enable_chunked_prefill"] = spec.enable_chunked_prefill
     return LLM(**kwargs)
 
 
