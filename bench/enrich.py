@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -35,19 +34,17 @@ def main() -> None:
     ap.add_argument("--gen-batch", type=int, default=64)
     ap.add_argument("--gen-tokens", type=int, default=64)
     args = ap.parse_args()
-    sys.path.insert(0, str(REPO))
     import numpy as np
-
-    from storage.workspace import Workspace
-    from tasks.enrich import items as item_phase
-    from tasks.enrich.engine import EnginePool, EngineSpec, Sampling, shared_engines
-    from tasks.enrich.models import embedding_model, profile_model
-    from tasks.enrich.profiles import estimate_cost, load_prompts, user_jobs
-    from tasks.enrich.settings import EnrichSettings, ProfileSettings
-    from tasks.enrich.stage import run_enrich
-    from tasks.enrich.texts import item_texts
-    from tasks.ingest.settings import IngestSettings
-    from tasks.ingest.stage import run_ingest
+    from bridgerec.storage.workspace import Workspace
+    from bridgerec.tasks.enrich import items as item_phase
+    from bridgerec.tasks.enrich.engine import EnginePool, EngineSpec, Sampling, shared_engines
+    from bridgerec.tasks.enrich.models import embedding_model, profile_model
+    from bridgerec.tasks.enrich.profiles import estimate_cost, load_prompts, user_jobs
+    from bridgerec.tasks.enrich.settings import EnrichSettings, ProfileSettings
+    from bridgerec.tasks.enrich.stage import run_enrich
+    from bridgerec.tasks.enrich.texts import item_texts
+    from bridgerec.tasks.ingest.settings import IngestSettings
+    from bridgerec.tasks.ingest.stage import run_ingest
 
     ws = Workspace(args.workspace)
     run_ingest(

@@ -13,13 +13,11 @@ import gzip
 import json
 import random
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def add_new_interactions(src: Path, dst: Path, share: float, seed: int = 0) -> int:
@@ -83,7 +81,7 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, default=None, help="keep the workspace here")
     args = ap.parse_args()
 
-    from flows.nightly import nightly_flow
+    from bridgerec.flows.nightly import nightly_flow
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-nightly-"))
     raw = tmp / "raw"

@@ -16,20 +16,18 @@ import os
 import platform
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 GOAL_SECONDS = 60.0
 
 
 def ensure_ingested(workspace: Path, data: Path) -> None:
-    from storage.workspace import Workspace
-    from tasks.ingest.settings import IngestSettings
-    from tasks.ingest.stage import run_ingest
+    from bridgerec.storage.workspace import Workspace
+    from bridgerec.tasks.ingest.settings import IngestSettings
+    from bridgerec.tasks.ingest.stage import run_ingest
 
     if Workspace(workspace).read_manifest("ingest") is None:
         settings = IngestSettings(items=data / "items.csv.gz", interactions=data / "interactions.csv.gz")
@@ -38,9 +36,8 @@ def ensure_ingested(workspace: Path, data: Path) -> None:
 
 def synthetic_vectors(workspace: Path, dim: int, seed: int = 0) -> dict:
     import numpy as np
-
-    from storage.vectors import DomainVectors, seen_from_pairs
-    from storage.workspace import Workspace
+    from bridgerec.storage.vectors import DomainVectors, seen_from_pairs
+    from bridgerec.storage.workspace import Workspace
 
     ws = Workspace(workspace)
     rng = np.random.default_rng(seed)
@@ -98,14 +95,14 @@ def main() -> None:
     import duckdb
     import numpy as np
     import torch
+    from bridgerec.storage import warehouse as wh
+    from bridgerec.storage.index_store import Searcher, build_index, search_topk, set_threads
+    from bridgerec.storage.warehouse import user_recommendations
+    from bridgerec.storage.workspace import Workspace
+    from bridgerec.tasks.publish.settings import PublishSettings
+    from bridgerec.tasks.publish.stage import TrainedRun, export_vectors, resolve_trained_run, run_publish
 
-    from bridgerec import progress
-    from storage import warehouse as wh
-    from storage.index_store import Searcher, build_index, search_topk, set_threads
-    from storage.warehouse import user_recommendations
-    from storage.workspace import Workspace
-    from tasks.publish.settings import PublishSettings
-    from tasks.publish.stage import TrainedRun, export_vectors, resolve_trained_run, run_publish
+    from bridgerec.runtime import progress
 
     progress.set_enabled(False)
     torch.set_num_threads(args.threads)

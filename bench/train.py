@@ -19,17 +19,16 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from tasks.train.settings import MODEL_PRESETS, TrainSettings  # noqa: E402
+from bridgerec.tasks.train.settings import MODEL_PRESETS, TrainSettings  # noqa: E402
 
 CHILD = """
 import json, sys
 from pathlib import Path
-import bridgerec.prefect_env
-from storage.workspace import Workspace
-from tasks.train.settings import TrainSettings
-from tasks.train.stage import run_train
+import bridgerec.runtime.prefect_env
+from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks.train.settings import TrainSettings
+from bridgerec.tasks.train.stage import run_train
 sys.path.insert(0, "bench")
 from train import authors_protocol
 ws = Workspace(sys.argv[2])
@@ -45,11 +44,10 @@ def authors_protocol(run_dir: Path, workspace) -> dict:
     negative's score adds the two. Single-thread models are unaffected (same as our protocol)."""
     import numpy as np
     import torch
-
-    from models.data import SequenceData
-    from models.export import load_run
-    from models.metrics import rank_sampled, summarise
-    from tasks.train.inputs import load_sequences
+    from bridgerec.models.data import SequenceData
+    from bridgerec.models.export import load_run
+    from bridgerec.models.metrics import rank_sampled, summarise
+    from bridgerec.tasks.train.inputs import load_sequences
 
     model, config, catalog = load_run(run_dir, workspace)
     if config["settings"]["architecture"] != "llm4cdsr":

@@ -13,17 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import bridgerec.prefect_env  # noqa: E402, F401
-from storage.workspace import Workspace  # noqa: E402
-from tasks.train.settings import TrainSettings  # noqa: E402
-from tasks.train.stage import TrainSummary, run_train  # noqa: E402
+from bridgerec.storage.workspace import Workspace  # noqa: E402
+from bridgerec.tasks.train.settings import TrainSettings  # noqa: E402
+from bridgerec.tasks.train.stage import TrainSummary, run_train  # noqa: E402
+
+import bridgerec.runtime.prefect_env  # noqa: E402, F401
 
 
 def inputs(src: Path, dst: Path) -> Workspace:

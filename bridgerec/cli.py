@@ -10,9 +10,9 @@ from typing import Annotated, Any
 import typer
 import yaml
 
-import bridgerec.prefect_env  # noqa: F401  (must precede any prefect import)
-from bridgerec import progress
+import bridgerec.runtime.prefect_env  # noqa: F401  (must precede any prefect import)
 from bridgerec.config import ConfigError, Settings, load_settings
+from bridgerec.runtime import progress
 
 app = typer.Typer(
     name="bridgerec",
@@ -123,9 +123,9 @@ def ingest(
     Checks every row: bad rows go to WORKSPACE/ingest/quarantine.parquet with a reason, and every row
     read is accounted for (read = kept + quarantined + filtered). An unchanged rerun is skipped.
     """
-    from flows.ingest import ingest_flow
-    from tasks.ingest.preprocess import IngestError
-    from tasks.ingest.sources import SourceError
+    from bridgerec.flows.ingest import ingest_flow
+    from bridgerec.tasks.ingest.preprocess import IngestError
+    from bridgerec.tasks.ingest.sources import SourceError
 
     reviews_map, meta_map = _parse_domain_paths(reviews, "--reviews"), _parse_domain_paths(meta, "--meta")
     amazon = None
@@ -207,8 +207,8 @@ def enrich(
     changed get a new profile; an unchanged rerun starts no engine. Items or users that fail are in
     WORKSPACE/enrich/errors.parquet with the reason.
     """
-    from flows.enrich import configured_enrich_flow
-    from tasks.enrich.models import ModelError
+    from bridgerec.flows.enrich import configured_enrich_flow
+    from bridgerec.tasks.enrich.models import ModelError
 
     settings = _settings(
         config, workspace=workspace, **{"profiles.max_users": max_users, "profiles.mode": profiles_mode}
@@ -266,7 +266,7 @@ def models_prepare(
 ) -> None:
     """Make the configured models usable offline: convert the packaged SmolLM2 GGUF into a safetensors
     folder (profiles.model, once, ~15 s) and check the embedding model folder."""
-    from tasks.enrich.models import ModelError, embedding_model, model_id, prepare_profile_model
+    from bridgerec.tasks.enrich.models import ModelError, embedding_model, model_id, prepare_profile_model
 
     settings = _settings(config)
     try:
@@ -309,7 +309,7 @@ def train(
     from the target's domain and with full ranking over it. An unchanged rerun is skipped; an interrupted
     one resumes from its last epoch.
     """
-    from flows.train import train_flow
+    from bridgerec.flows.train import train_flow
 
     settings = _settings(config, workspace=workspace, **{"train.model": model, "train.epochs": epochs})
     progress.set_enabled(not as_json)
@@ -388,9 +388,9 @@ def publish(
     Indexes are saved under <warehouse folder>/indexes/<run_id>/.
     Runs beyond `publish.retention_runs` lose their recommendations, profiles and indexes.
     """
-    from flows.publish import publish_flow
-    from storage.warehouse import WarehouseError
-    from tasks.publish.stage import PublishError
+    from bridgerec.flows.publish import publish_flow
+    from bridgerec.storage.warehouse import WarehouseError
+    from bridgerec.tasks.publish.stage import PublishError
 
     settings = _settings(config, workspace=workspace, warehouse=warehouse, **{"publish.k": k})
     progress.set_enabled(not as_json)
@@ -437,7 +437,7 @@ def run(
     Stages whose inputs and config are unchanged are skipped, so a rerun after a crash resumes from the
     finished stages. The same flow is deployed on a schedule from prefect.yaml (see docs/runbook.md).
     """
-    from flows.nightly import nightly_flow
+    from bridgerec.flows.nightly import nightly_flow
 
     settings = _settings(config, workspace=workspace)  # validate early, with readable errors
     progress.set_enabled(not as_json)
@@ -459,7 +459,7 @@ def recs(
     as_json: JsonOpt = False,
 ) -> None:
     """Show a user's top-k recommendations with item titles and their profile (read-only)."""
-    from storage.warehouse import WarehouseError, user_recommendations
+    from bridgerec.storage.warehouse import WarehouseError, user_recommendations
 
     path = warehouse or _settings(config).warehouse
     try:
@@ -499,7 +499,7 @@ def runs_list(
     as_json: JsonOpt = False,
 ) -> None:
     """List the runs in the warehouse, newest first; `retained` runs still have their recommendations."""
-    from storage.warehouse import WarehouseError, list_runs
+    from bridgerec.storage.warehouse import WarehouseError, list_runs
 
     path = warehouse or _settings(config).warehouse
     try:

@@ -21,11 +21,11 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from storage.workspace import hash_json
-from tasks.enrich.settings import EnrichSettings, ProfileSettings
-from tasks.ingest.settings import IngestSettings
-from tasks.publish.settings import PublishSettings
-from tasks.train.settings import TrainSettings
+from bridgerec.storage.workspace import hash_json
+from bridgerec.tasks.enrich.settings import EnrichSettings, ProfileSettings
+from bridgerec.tasks.ingest.settings import IngestSettings
+from bridgerec.tasks.publish.settings import PublishSettings
+from bridgerec.tasks.train.settings import TrainSettings
 
 ENV_PREFIX = "BRIDGEREC_"
 CONFIG_ENV = "BRIDGEREC_CONFIG"

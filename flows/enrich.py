@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import time
 
-from prefect import Flow, flow, task, unmapped
-from prefect.artifacts import create_table_artifact
-from prefect.task_runners import ProcessPoolTaskRunner
-
-from storage.workspace import Workspace
-from tasks.enrich.engine import engine_scope
-from tasks.enrich.models import prepare_profile_model
-from tasks.enrich.settings import EnrichSettings, ProfileSettings
-from tasks.enrich.stage import (
+from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks.enrich.engine import engine_scope
+from bridgerec.tasks.enrich.models import prepare_profile_model
+from bridgerec.tasks.enrich.settings import EnrichSettings, ProfileSettings
+from bridgerec.tasks.enrich.stage import (
     EnrichPlan,
     EnrichSummary,
     ItemShardWork,
@@ -25,6 +21,9 @@ from tasks.enrich.stage import (
     plan_profiles,
     profile_shard,
 )
+from prefect import Flow, flow, task, unmapped
+from prefect.artifacts import create_table_artifact
+from prefect.task_runners import ProcessPoolTaskRunner
 
 
 @task(name="check-inputs")

@@ -17,7 +17,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from bridgerec.config import Settings, load_settings
-from bridgerec.logs import get_logger
+from bridgerec.runtime.logs import get_logger
 
 Stage = Literal["ingest", "enrich", "train", "publish"]
 STAGES: tuple[Stage, ...] = ("ingest", "enrich", "train", "publish")
@@ -55,7 +55,7 @@ def run_stage(stage: Stage, settings: Settings) -> dict:
     """Run one stage's subflow with its own settings section; returns its JSON-able summary."""
     fn = _stage_flow_fn(stage)
     if fn is not None and stage == "enrich":
-        from flows.enrich import configured_enrich_flow
+        from bridgerec.flows.enrich import configured_enrich_flow
 
         fn = configured_enrich_flow(settings.enrich)
     if fn is None:
@@ -98,9 +98,8 @@ def _summary_markdown(settings: Settings, results: dict[str, dict], timings: dic
 
 def _record_failure(settings: Settings, stage: str, exc: Exception, started: datetime) -> None:
     """A failed night leaves the published tables as they were, plus one 'failed' row in `runs`."""
+    from bridgerec.storage.warehouse import record_run_status
     from prefect.runtime import flow_run
-
-    from storage.warehouse import record_run_status
 
     run_id = f"nightly-{flow_run.get_id() or started.strftime('%Y%m%dT%H%M%S')}"
     try:

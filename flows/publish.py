@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bridgerec.storage.warehouse import list_runs
+from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks.publish.settings import PublishSettings
+from bridgerec.tasks.publish.stage import PublishSummary, resolve_trained_run, run_publish
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
-
-from storage.warehouse import list_runs
-from storage.workspace import Workspace
-from tasks.publish.settings import PublishSettings
-from tasks.publish.stage import PublishSummary, resolve_trained_run, run_publish
 
 
 @task(name="check-trained-run")

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks.train.settings import TrainSettings
+from bridgerec.tasks.train.stage import TrainSummary, run_train
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
-
-from storage.workspace import Workspace
-from tasks.train.settings import TrainSettings
-from tasks.train.stage import TrainSummary, run_train
 
 
 @task(name="train", retries=0)

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from bridgerec.models.data import Catalog
 from torch import Tensor, nn
-
-from models.data import Catalog
 
 GLOBAL_IDS = -1  # item_tables(): the table is indexed by global id (all domains)
 

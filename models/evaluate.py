@@ -13,11 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from bridgerec.models.base import Recommender
+from bridgerec.models.data import EvalSplit, _ranges, users_by_domain
+from bridgerec.models.metrics import as_numpy, rank_full, rank_sampled, summarise
 from torch import Tensor
-
-from models.base import Recommender
-from models.data import EvalSplit, _ranges, users_by_domain
-from models.metrics import as_numpy, rank_full, rank_sampled, summarise
 
 
 @dataclass

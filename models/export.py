@@ -11,20 +11,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from models.base import Recommender
-from models.data import Catalog, SequenceData, Sequences
-from models.registry import build_model
-from storage.runs import RunDir
-from storage.vectors import DomainVectors
-from storage.workspace import Workspace
+from bridgerec.models.base import Recommender
+from bridgerec.models.data import Catalog, SequenceData, Sequences
+from bridgerec.models.registry import build_model
+from bridgerec.storage.runs import RunDir
+from bridgerec.storage.vectors import DomainVectors
+from bridgerec.storage.workspace import Workspace
 
 
 def load_run(run_dir: Path, workspace: Workspace, device: str = "cpu") -> tuple[Recommender, dict, Catalog]:
     """Rebuild a run's model with its best weights (from config.json + model.safetensors)."""
+    from bridgerec.tasks.train.inputs import load_catalog
     from safetensors.torch import load_file
-
-    from tasks.train.inputs import load_catalog
 
     run = RunDir(workspace, Path(run_dir).name)
     run.path = Path(run_dir)
@@ -46,7 +44,7 @@ def export_vectors(
     run_dir: Path, workspace: Workspace, device: str = "cpu", batch_size: int = 2048
 ) -> dict[str, DomainVectors]:
     """{domain name: DomainVectors} for every domain, every user, every item of the domain."""
-    from tasks.train.inputs import load_sequences
+    from bridgerec.tasks.train.inputs import load_sequences
 
     model, config, catalog = load_run(run_dir, workspace, device)
     sequences = load_sequences(workspace)

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from bridgerec.models.backbone import SequenceEncoder, domain_view, embed_many, gather_positions, trim
+from bridgerec.models.base import GLOBAL_IDS, Batch, Recommender, next_item_bce
+from bridgerec.models.data import Catalog
 from torch import Tensor, nn
-
-from models.backbone import SequenceEncoder, domain_view, embed_many, gather_positions, trim
-from models.base import GLOBAL_IDS, Batch, Recommender, next_item_bce
-from models.data import Catalog
 
 
 def soft_contrastive(x: Tensor, y: Tensor, tau: float) -> Tensor:

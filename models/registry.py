@@ -6,12 +6,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-from models.base import Recommender
-from models.data import Catalog
-from models.llm4cdsr import LLM4CDSR
-from models.sasrec import SASRec
-from models.sasrec_domain import SASRecDomain
+from bridgerec.models.base import Recommender
+from bridgerec.models.data import Catalog
+from bridgerec.models.llm4cdsr import LLM4CDSR
+from bridgerec.models.sasrec import SASRec
+from bridgerec.models.sasrec_domain import SASRecDomain
 
 ARCHITECTURES: dict[str, type[Recommender]] = {
     "llm4cdsr": LLM4CDSR,

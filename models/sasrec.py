@@ -6,11 +6,10 @@ One Transformer over the whole mixed sequence; item embeddings are shared betwee
 
 from __future__ import annotations
 
+from bridgerec.models.backbone import SequenceEncoder, embed_many, trim
+from bridgerec.models.base import GLOBAL_IDS, Batch, Recommender, next_item_bce
+from bridgerec.models.data import Catalog
 from torch import Tensor, nn
-
-from models.backbone import SequenceEncoder, embed_many, trim
-from models.base import GLOBAL_IDS, Batch, Recommender, next_item_bce
-from models.data import Catalog
 
 
 class SASRec(Recommender):

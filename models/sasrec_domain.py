@@ -6,11 +6,10 @@ the target's domain gets a zero state (every candidate ties; ties count against 
 
 from __future__ import annotations
 
+from bridgerec.models.backbone import SequenceEncoder, domain_view, embed_many
+from bridgerec.models.base import Batch, Recommender, next_item_bce
+from bridgerec.models.data import Catalog
 from torch import Tensor, nn
-
-from models.backbone import SequenceEncoder, domain_view, embed_many
-from models.base import Batch, Recommender, next_item_bce
-from models.data import Catalog
 
 
 class SASRecDomain(Recommender):

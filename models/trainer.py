@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from bridgerec.models.base import Batch, Recommender
+from bridgerec.models.data import EvalSplit, SequenceData
+from bridgerec.models.evaluate import evaluate
+from bridgerec.models.metrics import ndcg
+from bridgerec.models.optim import Optimizer
 
-from bridgerec.progress import advance, progress_bar
-from models.base import Batch, Recommender
-from models.data import EvalSplit, SequenceData
-from models.evaluate import evaluate
-from models.metrics import ndcg
-from models.optim import Optimizer
+from bridgerec.runtime.progress import advance, progress_bar
 
 
 @dataclass

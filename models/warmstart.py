@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from bridgerec.models.base import GLOBAL_IDS, Recommender
+from bridgerec.models.data import Catalog
 from torch import Tensor
-
-from models.base import GLOBAL_IDS, Recommender
-from models.data import Catalog
 
 
 class WarmStartError(ValueError):

@@ -29,8 +29,7 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from tasks.publish.settings import IndexSettings
+from bridgerec.tasks.publish.settings import IndexSettings
 
 INDEX_FORMAT_VERSION = 1
 _GPU_MAX_K = 2048  # faiss GPU indexes answer at most this many neighbours per query

@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-
-from storage import schemas
-from storage.workspace import Workspace, write_json_atomic, write_parquet_atomic
+from bridgerec.storage import schemas
+from bridgerec.storage.workspace import Workspace, write_json_atomic, write_parquet_atomic
 
 RUNS = "runs"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import bridgerec.prefect_env  # noqa: F401  (Prefect env defaults before prefect is imported)
+import bridgerec.runtime.prefect_env  # noqa: F401  (Prefect env defaults before prefect is imported)
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
@@ -29,9 +29,9 @@ def prefect_harness() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def sample_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The bundled sample ingested into a session-wide workspace (read-only for tests)."""
-    from storage.workspace import Workspace
-    from tasks.ingest.settings import IngestSettings
-    from tasks.ingest.stage import run_ingest
+    from bridgerec.storage.workspace import Workspace
+    from bridgerec.tasks.ingest.settings import IngestSettings
+    from bridgerec.tasks.ingest.stage import run_ingest
 
     root = tmp_path_factory.mktemp("sample_ws")
     settings = IngestSettings(items=SAMPLE / "items.csv.gz", interactions=SAMPLE / "interactions.csv.gz")
@@ -46,7 +46,8 @@ def enriched_workspace(sample_workspace: Path, tmp_path_factory: pytest.TempPath
     train without the profile term). Read-only: copy its stage folders to train in it."""
     import shutil
 
-    from storage.workspace import Workspace
+    from bridgerec.storage.workspace import Workspace
+
     from tests.train_data import run_enrich_like_tests
 
     root = tmp_path_factory.mktemp("train_ws")

@@ -6,9 +6,9 @@ import csv
 import gzip
 from pathlib import Path
 
-from storage.workspace import Workspace
-from tasks.ingest.settings import IngestSettings
-from tasks.ingest.stage import run_ingest
+from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks.ingest.settings import IngestSettings
+from bridgerec.tasks.ingest.stage import run_ingest
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 LONG_ITEM = "LONGTITLE01"

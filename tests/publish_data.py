@@ -11,9 +11,8 @@ import re
 from pathlib import Path
 
 import numpy as np
-
-from storage.vectors import DomainVectors, seen_from_pairs
-from storage.workspace import Workspace
+from bridgerec.storage.vectors import DomainVectors, seen_from_pairs
+from bridgerec.storage.workspace import Workspace
 
 
 def workspace_vectors(root: Path | str, dim: int = 16, seed: int = 0) -> dict[str, DomainVectors]:

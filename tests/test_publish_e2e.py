@@ -13,15 +13,15 @@ from pathlib import Path
 
 import duckdb
 import pytest
+from bridgerec.storage.index_store import IndexStore
+from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks.publish.settings import PublishSettings
+from bridgerec.tasks.train.settings import TrainSettings
+from bridgerec.tasks.train.stage import run_train
 from publish_data import doc_queries
 from typer.testing import CliRunner
 
 from bridgerec.cli import app
-from storage.index_store import IndexStore
-from storage.workspace import Workspace
-from tasks.publish.settings import PublishSettings
-from tasks.train.settings import TrainSettings
-from tasks.train.stage import run_train
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def trained_workspace(sample_workspace: Path, tmp_path_factory: pytest.TempPathF
 def test_publish_flow_and_cli_on_a_trained_run(
     prefect_harness: None, trained_workspace: tuple[Path, str], tmp_path: Path
 ) -> None:
-    from flows.publish import publish_flow
+    from bridgerec.flows.publish import publish_flow
 
     root, train_run = trained_workspace
     warehouse = tmp_path / "warehouse.duckdb"

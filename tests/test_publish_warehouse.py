@@ -15,8 +15,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 import pytest
-
-from storage import warehouse as wh
+from bridgerec.storage import warehouse as wh
 
 
 def make_batch(
@@ -236,7 +235,7 @@ KILLED_WRITER = """
 import sys
 sys.path[:0] = sys.argv[3:]
 from test_publish_warehouse import make_batch
-from storage import warehouse as wh
+from bridgerec.storage import warehouse as wh
 wh.publish(sys.argv[1], make_batch(sys.argv[2], users=60_000, k=20), retention_runs=3)
 """
 

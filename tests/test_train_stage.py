@@ -18,10 +18,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks.train.settings import TrainSettings
+from bridgerec.tasks.train.stage import run_train
 
-from storage.workspace import Workspace
-from tasks.train.settings import TrainSettings
-from tasks.train.stage import run_train
 from tests.train_data import FAST
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,9 +58,9 @@ def test_llm4cdsr_learns_and_beats_random(trained) -> None:
 
 def test_profiles_see_only_the_training_prefix(enriched_workspace: Path) -> None:
     """The profile prompts are built from the training prefix: no validation or test title gets in."""
-    from tasks.enrich.profiles import user_jobs
-    from tasks.enrich.settings import ProfileSettings
-    from tasks.enrich.texts import clean_field
+    from bridgerec.tasks.enrich.profiles import user_jobs
+    from bridgerec.tasks.enrich.settings import ProfileSettings
+    from bridgerec.tasks.enrich.texts import clean_field
 
     ws = Workspace(enriched_workspace)
     seqs = ws.read_table("ingest", "sequences")
@@ -102,9 +102,9 @@ def test_run_folder_and_manifest_hold_their_contract(trained, enriched_workspace
 
 
 def test_exported_vectors_reproduce_the_models_scores(trained, enriched_workspace: Path) -> None:
-    from models.data import SequenceData
-    from models.export import export_vectors, load_run
-    from tasks.train.inputs import load_sequences
+    from bridgerec.models.data import SequenceData
+    from bridgerec.models.export import export_vectors, load_run
+    from bridgerec.tasks.train.inputs import load_sequences
 
     _, summary = trained
     ws = Workspace(enriched_workspace)
@@ -134,11 +134,11 @@ def test_a_killed_run_resumes_where_it_stopped(enriched_workspace: Path, tmp_pat
     settings = TrainSettings(model="sasrec", epochs=5, patience=5, **FAST)
     ws_a = _copy_inputs(enriched_workspace, tmp_path / "a")
     script = (
-        "import sys; from storage.workspace import Workspace; from tasks.train.settings import TrainSettings;"
-        "from tasks.train.stage import run_train;"
+        "import sys; from bridgerec.storage.workspace import Workspace; from bridgerec.tasks.train.settings import TrainSettings;"
+        "from bridgerec.tasks.train.stage import run_train;"
         f"run_train(TrainSettings.model_validate_json(sys.argv[1]), Workspace({str(ws_a)!r}))"
     )
-    env = os.environ | {"PYTHONPATH": str(REPO)}
+    env = dict(os.environ)
     proc = subprocess.Popen(
         [sys.executable, "-c", script, settings.model_dump_json()], cwd=REPO, env=env, start_new_session=True
     )
@@ -162,10 +162,10 @@ def test_a_killed_run_resumes_where_it_stopped(enriched_workspace: Path, tmp_pat
 
 
 def test_flow_and_cli_train_the_baselines(prefect_harness, enriched_workspace: Path, tmp_path: Path) -> None:
+    from bridgerec.flows.train import train_flow
     from typer.testing import CliRunner
 
     from bridgerec.cli import app
-    from flows.train import train_flow
 
     ws = _copy_inputs(enriched_workspace, tmp_path / "ws")
     summary = train_flow(TrainSettings(model="sasrec-domain", epochs=2, **FAST), str(ws))

@@ -8,13 +8,12 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from models.backbone import SequenceEncoder, domain_view, trim
-from models.base import Batch
-from models.data import Catalog, SequenceData, Sequences
-from models.metrics import hit_rate, ndcg, rank_full, rank_sampled, summarise
-from models.optim import Optimizer
-from models.registry import ItemTables, build_model
+from bridgerec.models.backbone import SequenceEncoder, domain_view, trim
+from bridgerec.models.base import Batch
+from bridgerec.models.data import Catalog, SequenceData, Sequences
+from bridgerec.models.metrics import hit_rate, ndcg, rank_full, rank_sampled, summarise
+from bridgerec.models.optim import Optimizer
+from bridgerec.models.registry import ItemTables, build_model
 
 # Two domains: "a" has global ids 1..6 (local 1..6), "b" has global ids 7..11 (local 1..5).
 CATALOG = Catalog(
@@ -101,8 +100,8 @@ def test_negatives_come_from_the_targets_domain_and_avoid_the_history() -> None:
 
 
 def test_candidates_are_fixed_distinct_unseen_and_from_the_targets_domain(sample_workspace) -> None:
-    from storage.workspace import Workspace
-    from tasks.train.inputs import load_catalog, load_sequences
+    from bridgerec.storage.workspace import Workspace
+    from bridgerec.tasks.train.inputs import load_catalog, load_sequences
 
     ws = Workspace(sample_workspace)
     catalog, seqs = load_catalog(ws), load_sequences(ws)

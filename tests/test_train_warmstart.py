@@ -15,17 +15,17 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from bridgerec.models.data import SequenceData
+from bridgerec.models.evaluate import evaluate
+from bridgerec.models.metrics import ndcg
+from bridgerec.models.registry import build_model
+from bridgerec.models.warmstart import ItemSpace, warm_state
+from bridgerec.storage.runs import RunDir
+from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks.train.inputs import load_catalog, load_item_tables, load_sequences
+from bridgerec.tasks.train.settings import TrainSettings
+from bridgerec.tasks.train.stage import TrainSummary, run_id_for, run_train
 
-from models.data import SequenceData
-from models.evaluate import evaluate
-from models.metrics import ndcg
-from models.registry import build_model
-from models.warmstart import ItemSpace, warm_state
-from storage.runs import RunDir
-from storage.workspace import Workspace
-from tasks.train.inputs import load_catalog, load_item_tables, load_sequences
-from tasks.train.settings import TrainSettings
-from tasks.train.stage import TrainSummary, run_id_for, run_train
 from tests.train_data import FAST, NEW_ITEMS, next_night, run_enrich_like_tests
 
 MODEL = "llm4cdsr-hybrid"  # LLM tables (frozen, per item) and ID tables (trainable, per item) in every thread
@@ -54,8 +54,8 @@ def _copy(src: Path, dst: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def nights(enriched_workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> Nights:
-    from tasks.ingest.settings import IngestSettings
-    from tasks.ingest.stage import run_ingest
+    from bridgerec.tasks.ingest.settings import IngestSettings
+    from bridgerec.tasks.ingest.stage import run_ingest
 
     root = tmp_path_factory.mktemp("warm")
     ws_path = root / "ws"
@@ -247,17 +247,17 @@ def test_a_killed_warm_run_resumes_as_the_warm_run_it_was(
     """A crash after the first warm epoch leaves its checkpoint; the rerun resumes it (no second warm
     start, even with warm start now switched off: that is a setting for new runs) and ends exactly where
     the uninterrupted warm run ended."""
-    import models.trainer
+    from bridgerec.models import trainer
 
     ws = Workspace(_copy(nights.before_second, tmp_path / "ws"))
-    real_epoch = models.trainer.train_epoch
+    real_epoch = trainer.train_epoch
 
     def crash_in_epoch_two(*args, **kwargs):
         if args[4] == 2:  # train_epoch(model, data, optimizer, cfg, epoch, ...)
             raise Killed("killed in epoch 2")
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(models.trainer, "train_epoch", crash_in_epoch_two)
+    monkeypatch.setattr(trainer, "train_epoch", crash_in_epoch_two)
     with pytest.raises(Killed):
         run_train(SETTINGS, ws)
     monkeypatch.undo()
@@ -274,7 +274,7 @@ def test_a_killed_warm_run_resumes_as_the_warm_run_it_was(
 
 
 def _toy(domains: dict[str, list[str]]):
-    from models.data import Catalog
+    from bridgerec.models.data import Catalog
 
     sizes = np.array([len(v) for v in domains.values()])
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
@@ -283,7 +283,7 @@ def _toy(domains: dict[str, list[str]]):
 
 def test_warm_state_on_a_toy_catalogue_drops_gone_items_and_flags_moved_tables() -> None:
     """No enrich needed: an item gone, items new in both domains, domains renamed, tables replaced."""
-    from models.warmstart import WarmStartError
+    from bridgerec.models.warmstart import WarmStartError
 
     old_cat = _toy({"a": ["x1", "x2", "x3"], "b": ["y1", "y2"]})
     new_cat = _toy({"a": ["x0", "x1", "x3"], "b": ["y1", "y2", "y3"]})  # x2 gone, x0 and y3 new
@@ -294,7 +294,7 @@ def test_warm_state_on_a_toy_catalogue_drops_gone_items_and_flags_moved_tables()
 
     def tables(cat, vec):
         """The LLM tables of `cat` with the vectors `vec` by item id (row 0 = padding)."""
-        from models.registry import ItemTables
+        from bridgerec.models.registry import ItemTables
 
         def rows(ids: list[str]) -> np.ndarray:
             return torch.stack([torch.zeros(8), *(vec[i] for i in ids)]).numpy()

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from bridgerec.logs import get_logger
+from bridgerec.runtime.logs import get_logger
 
 T = TypeVar("T")
 R = TypeVar("R")

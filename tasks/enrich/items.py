@@ -10,16 +10,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from bridgerec.storage import schemas
+from bridgerec.storage.checkpoints import Checkpoints
+from bridgerec.tasks.enrich.batching import Failed, run_resilient
+from bridgerec.tasks.enrich.engine import Embedder
+from bridgerec.tasks.enrich.pca import PCAFit, fit_pca
+from bridgerec.tasks.enrich.settings import EnrichSettings
+from bridgerec.tasks.enrich.texts import item_texts, text_hash
 
-from bridgerec.logs import get_logger
-from bridgerec.progress import advance, progress_bar
-from storage import schemas
-from storage.checkpoints import Checkpoints
-from tasks.enrich.batching import Failed, run_resilient
-from tasks.enrich.engine import Embedder
-from tasks.enrich.pca import PCAFit, fit_pca
-from tasks.enrich.settings import EnrichSettings
-from tasks.enrich.texts import item_texts, text_hash
+from bridgerec.runtime.logs import get_logger
+from bridgerec.runtime.progress import advance, progress_bar
 
 CHECKPOINT_KIND = "items"
 

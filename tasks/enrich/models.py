@@ -17,9 +17,10 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bridgerec.logs import get_logger
-from storage.workspace import hash_file
-from tasks.enrich.settings import EnrichSettings, ProfileSettings
+from bridgerec.storage.workspace import hash_file
+from bridgerec.tasks.enrich.settings import EnrichSettings, ProfileSettings
+
+from bridgerec.runtime.logs import get_logger
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PREPARED_MARKER = "bridgerec-prepared.json"

@@ -19,17 +19,17 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from bridgerec.storage import schemas
+from bridgerec.storage.checkpoints import Checkpoints
+from bridgerec.storage.workspace import Workspace, hash_json
+from bridgerec.tasks.enrich.batching import Failed, run_resilient
+from bridgerec.tasks.enrich.engine import Embedder, Generator, Sampling
+from bridgerec.tasks.enrich.items import ItemResult, fixed_list, to_matrix
+from bridgerec.tasks.enrich.settings import EnrichSettings, ProfileSettings
+from bridgerec.tasks.enrich.texts import clean_field
 
-from bridgerec.logs import get_logger
-from bridgerec.progress import advance, progress_bar
-from storage import schemas
-from storage.checkpoints import Checkpoints
-from storage.workspace import Workspace, hash_json
-from tasks.enrich.batching import Failed, run_resilient
-from tasks.enrich.engine import Embedder, Generator, Sampling
-from tasks.enrich.items import ItemResult, fixed_list, to_matrix
-from tasks.enrich.settings import EnrichSettings, ProfileSettings
-from tasks.enrich.texts import clean_field
+from bridgerec.runtime.logs import get_logger
+from bridgerec.runtime.progress import advance, progress_bar
 
 # -- prompts ----------------------------------------------------------------------------------------------
 
@@ -70,8 +70,8 @@ def _parse_prompt(text: str, name: str) -> Prompt:
 
 
 def load_prompts(version: str) -> Prompts:
-    """bridgerec/prompts/profile_analyzer.<version>.txt and profile_summarizer.<version>.txt."""
-    folder = resources.files("bridgerec") / "prompts"
+    """tasks/enrich/prompts/profile_analyzer.<version>.txt and profile_summarizer.<version>.txt."""
+    folder = resources.files("bridgerec.tasks.enrich") / "prompts"
     texts = {}
     for role in ("analyzer", "summarizer"):
         path = folder / f"profile_{role}.{version}.txt"

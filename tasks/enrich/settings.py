@@ -204,7 +204,9 @@ class ProfileSettings(BaseModel):
             max_model_len=2048, max_num_seqs=64, gpu_memory_utilization=0.7
         )
     )
-    prompt_version: str = Field(default="v1", description="Prompt files bridgerec/prompts/profile_*.<v>.txt.")
+    prompt_version: str = Field(
+        default="v1", description="Prompt files tasks/enrich/prompts/profile_*.<v>.txt."
+    )
     temperature: float = Field(default=0.5, ge=0, description="0.5 as in the paper; 0 = greedy.")
     top_p: float = Field(default=0.95, gt=0, le=1)
     seed: int = Field(default=42, description="Per-request seeds derive from it and the user id.")

@@ -13,18 +13,24 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from bridgerec.storage import schemas
+from bridgerec.storage.checkpoints import Checkpoints
+from bridgerec.storage.workspace import Workspace, hash_file, hash_json
+from bridgerec.tasks.enrich import items as item_phase
+from bridgerec.tasks.enrich import models
+from bridgerec.tasks.enrich import profiles as profile_phase
+from bridgerec.tasks.enrich.batching import Failed
+from bridgerec.tasks.enrich.engine import (
+    EnginePool,
+    EngineSpec,
+    engine_scope,
+    engines_for_run,
+    process_engines,
+)
+from bridgerec.tasks.enrich.settings import EnrichSettings, ProfileSettings
 from pydantic import BaseModel, Field
 
-from bridgerec.logs import get_logger
-from storage import schemas
-from storage.checkpoints import Checkpoints
-from storage.workspace import Workspace, hash_file, hash_json
-from tasks.enrich import items as item_phase
-from tasks.enrich import models
-from tasks.enrich import profiles as profile_phase
-from tasks.enrich.batching import Failed
-from tasks.enrich.engine import EnginePool, EngineSpec, engine_scope, engines_for_run, process_engines
-from tasks.enrich.settings import EnrichSettings, ProfileSettings
+from bridgerec.runtime.logs import get_logger
 
 STAGE = "enrich"
 INGEST_FILES = ("domains", "items", "users", "sequences")

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow.compute as pc
-
-from storage.workspace import Workspace
-from tasks.enrich.items import to_matrix
+from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks.enrich.items import to_matrix
 
 
 def load_item_tables(workspace: Workspace) -> tuple[np.ndarray, dict[int, np.ndarray]]:

@@ -7,8 +7,7 @@ import html
 import re
 
 import pyarrow as pa
-
-from tasks.enrich.settings import TEMPLATE_FIELDS, EnrichSettings
+from bridgerec.tasks.enrich.settings import TEMPLATE_FIELDS, EnrichSettings
 
 _SPACE = re.compile(r"\s+")
 

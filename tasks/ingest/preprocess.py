@@ -13,10 +13,9 @@ from datetime import UTC
 
 import duckdb
 import pyarrow as pa
-
-from storage import schemas
-from tasks.ingest.settings import IngestSettings
-from tasks.ingest.sources import RawSource
+from bridgerec.storage import schemas
+from bridgerec.tasks.ingest.settings import IngestSettings
+from bridgerec.tasks.ingest.sources import RawSource
 
 
 class IngestError(ValueError):

@@ -21,8 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-
-from tasks.ingest.settings import IngestSettings
+from bridgerec.tasks.ingest.settings import IngestSettings
 
 ITEM_COLUMNS = ["item_id", "domain", "title", "brand", "categories", "price", "description", "attributes"]
 INTERACTION_COLUMNS = ["user_id", "item_id", "domain", "timestamp", "position", "rating"]

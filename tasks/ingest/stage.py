@@ -7,15 +7,15 @@ import time
 from pathlib import Path
 
 import pyarrow.compute as pc
+from bridgerec.storage import schemas
+from bridgerec.storage.workspace import Workspace, hash_file, hash_json
+from bridgerec.tasks.ingest.preprocess import IngestTables, preprocess
+from bridgerec.tasks.ingest.settings import IngestSettings
+from bridgerec.tasks.ingest.sources import input_files, read_source
 from pydantic import BaseModel
 
-from bridgerec.logs import get_logger
-from bridgerec.progress import advance, progress_bar
-from storage import schemas
-from storage.workspace import Workspace, hash_file, hash_json
-from tasks.ingest.preprocess import IngestTables, preprocess
-from tasks.ingest.settings import IngestSettings
-from tasks.ingest.sources import input_files, read_source
+from bridgerec.runtime.logs import get_logger
+from bridgerec.runtime.progress import advance, progress_bar
 
 STAGE = "ingest"
 

@@ -13,11 +13,10 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from storage.index_store import Searcher, TopK, build_index, search_topk
-from storage.schemas import RECOMMENDATION_ROWS
-from storage.vectors import DomainVectors
-from tasks.publish.settings import PublishSettings
+from bridgerec.storage.index_store import Searcher, TopK, build_index, search_topk
+from bridgerec.storage.schemas import RECOMMENDATION_ROWS
+from bridgerec.storage.vectors import DomainVectors
+from bridgerec.tasks.publish.settings import PublishSettings
 
 
 @dataclass

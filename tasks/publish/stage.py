@@ -20,17 +20,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from bridgerec.storage import warehouse as wh
+from bridgerec.storage.index_store import IndexStore, check_run_id, set_threads
+from bridgerec.storage.runs import RunDir
+from bridgerec.storage.vectors import DomainVectors
+from bridgerec.storage.workspace import Workspace, hash_file, hash_json
+from bridgerec.tasks.publish.recommend import DomainTopK, recommend_domain, recommendation_rows
+from bridgerec.tasks.publish.settings import PublishSettings
 from pydantic import BaseModel
 
-from bridgerec.logs import get_logger
-from bridgerec.progress import advance, progress_bar
-from storage import warehouse as wh
-from storage.index_store import IndexStore, check_run_id, set_threads
-from storage.runs import RunDir
-from storage.vectors import DomainVectors
-from storage.workspace import Workspace, hash_file, hash_json
-from tasks.publish.recommend import DomainTopK, recommend_domain, recommendation_rows
-from tasks.publish.settings import PublishSettings
+from bridgerec.runtime.logs import get_logger
+from bridgerec.runtime.progress import advance, progress_bar
 
 STAGE = "publish"
 ITEM_COLUMNS = ["item_id", "domain", "title", "brand", "categories", "price"]
@@ -201,7 +201,7 @@ def check_vectors_match_ingest(
 
 
 def export_vectors(trained: TrainedRun, workspace: Workspace) -> dict[str, DomainVectors]:
-    from models.export import export_vectors as export  # the model stage's contract
+    from bridgerec.models.export import export_vectors as export  # the model stage's contract
 
     return export(trained.path, workspace, device="cpu")
 

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
-
-from models.data import Catalog, Sequences
-from models.registry import ItemTables
-from storage.workspace import Workspace, hash_file
+from bridgerec.models.data import Catalog, Sequences
+from bridgerec.models.registry import ItemTables
+from bridgerec.storage.workspace import Workspace, hash_file
 
 
 def load_catalog(workspace: Workspace) -> Catalog:
@@ -40,7 +39,7 @@ def load_sequences(workspace: Workspace) -> Sequences:
 
 
 def load_item_tables(workspace: Workspace) -> ItemTables:
-    from tasks.enrich import load_item_tables as enrich_tables
+    from bridgerec.tasks.enrich import load_item_tables as enrich_tables
 
     global_table, local = enrich_tables(workspace)
     return ItemTables(
@@ -50,7 +49,7 @@ def load_item_tables(workspace: Workspace) -> ItemTables:
 
 def load_profiles(workspace: Workspace, n_users: int) -> tuple[np.ndarray, np.ndarray] | None:
     """(vectors [U, D] with zero rows for users without a profile, has [U] bool), or None if none exist."""
-    from tasks.enrich import load_profile_vectors
+    from bridgerec.tasks.enrich import load_profile_vectors
 
     try:
         user_idx, vectors = load_profile_vectors(workspace)

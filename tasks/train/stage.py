@@ -20,20 +20,17 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import torch
-from pydantic import BaseModel
-
-from bridgerec.logs import get_logger
-from models.base import Recommender
-from models.data import EvalSplit, SequenceData
-from models.evaluate import evaluate, headline, metric_rows
-from models.metrics import ndcg
-from models.optim import Optimizer
-from models.registry import build_model
-from models.trainer import FitConfig, FitState, Profiles, fit, set_seed
-from storage import schemas
-from storage.runs import RunDir
-from storage.workspace import Workspace, hash_json
-from tasks.train.inputs import (
+from bridgerec.models.base import Recommender
+from bridgerec.models.data import EvalSplit, SequenceData
+from bridgerec.models.evaluate import evaluate, headline, metric_rows
+from bridgerec.models.metrics import ndcg
+from bridgerec.models.optim import Optimizer
+from bridgerec.models.registry import build_model
+from bridgerec.models.trainer import FitConfig, FitState, Profiles, fit, set_seed
+from bridgerec.storage import schemas
+from bridgerec.storage.runs import RunDir
+from bridgerec.storage.workspace import Workspace, hash_json
+from bridgerec.tasks.train.inputs import (
     input_files,
     input_hashes,
     load_catalog,
@@ -41,8 +38,11 @@ from tasks.train.inputs import (
     load_profiles,
     load_sequences,
 )
-from tasks.train.settings import TrainSettings
-from tasks.train.warmstart import InitRecord, cold, warm_start
+from bridgerec.tasks.train.settings import TrainSettings
+from bridgerec.tasks.train.warmstart import InitRecord, cold, warm_start
+from pydantic import BaseModel
+
+from bridgerec.runtime.logs import get_logger
 
 STAGE = "train"
 # Fields that change how fast a run goes, not what it learns: left out of the run id.

@@ -10,13 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
+from bridgerec.models.base import Recommender
+from bridgerec.models.data import Catalog
+from bridgerec.models.warmstart import ItemSpace, WarmStartError, warm_state
+from bridgerec.storage.runs import RunDir
+from bridgerec.storage.workspace import Workspace
 from pydantic import BaseModel, Field
-
-from models.base import Recommender
-from models.data import Catalog
-from models.warmstart import ItemSpace, WarmStartError, warm_state
-from storage.runs import RunDir
-from storage.workspace import Workspace
 
 STAGE = "train"
 # What defines the tensors' shapes or what they mean: an earlier run must match on all of them. (lr,
