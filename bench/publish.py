@@ -1,7 +1,7 @@
 """Benchmark: publish the whole food-kitchen: top-k for every user in both domains with FAISS against
 brute-force torch in the same process, DuckDB rows/s, total publish time, warehouse copy cost.
 
-Vectors come from the workspace's trained run when there is one (models.export), otherwise they are
+Vectors come from the workspace's trained run when there is one (TrainOutputs.export_vectors), otherwise they are
 synthetic (random item vectors; a user's vector = the sum of the items they had + noise) with the
 model's shape (--dim, default 256 = two 128-d threads concatenated); the JSON says which.
 Usage: .venv/bin/python bench/publish.py [--workspace /tmp/fk] [--threads 2] [--publishes 3]
@@ -99,8 +99,8 @@ def main() -> None:
     from bridgerec.storage.index_store import Searcher, build_index, search_topk, set_threads
     from bridgerec.storage.warehouse import user_recommendations
     from bridgerec.storage.workspace import Workspace
-    from bridgerec.tasks.publish.settings import PublishSettings
-    from bridgerec.tasks.publish.stage import TrainedRun, export_vectors, resolve_trained_run, run_publish
+    from bridgerec.tasks.publish import PublishSettings, run_publish
+    from bridgerec.tasks.train import TrainedRun, TrainOutputs
 
     from bridgerec.runtime import progress
 
@@ -111,9 +111,11 @@ def main() -> None:
     ws = Workspace(args.workspace)
     trained: TrainedRun | None = None
     if not args.synthetic and ws.read_manifest("train") is not None:
-        trained = resolve_trained_run(ws)
+        trained = TrainOutputs(ws).best_run()
     t0 = time.perf_counter()
-    vectors = export_vectors(trained, ws) if trained else synthetic_vectors(args.workspace, args.dim)
+    vectors = (
+        TrainOutputs(ws).export_vectors(trained) if trained else synthetic_vectors(args.workspace, args.dim)
+    )
     vectors_s = time.perf_counter() - t0
     settings = PublishSettings(k=args.k, threads=args.threads)
 

@@ -45,8 +45,8 @@ def authors_protocol(run_dir: Path, workspace) -> dict:
     import numpy as np
     import torch
     from bridgerec.models.data import SequenceData
-    from bridgerec.models.export import load_run
     from bridgerec.models.metrics import rank_sampled, summarise
+    from bridgerec.tasks.train.export import load_run
     from bridgerec.tasks.train.inputs import load_sequences
 
     model, config, catalog = load_run(run_dir, workspace)

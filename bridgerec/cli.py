@@ -45,34 +45,17 @@ WorkspaceOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (no progress bars).")]
 
 
-class UserError(Exception):
-    """An error the user can fix; printed without a traceback, exit code 2."""
-
-
 def _fail(message: str, code: int = 2) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
 
 def _settings(config: Path | None, **overrides: Any) -> Settings:
+    """Settings from `config` + env + the command's options (dotted keys; None = option not given)."""
     try:
-        settings = load_settings(config)
-        if overrides:
-            merged = settings.model_dump()
-            for key, value in overrides.items():
-                if value is None:
-                    continue
-                node = merged
-                *parents, leaf = key.split(".")
-                for p in parents:
-                    node = node[p]
-                node[leaf] = value
-            settings = Settings.model_validate(merged)
-        return settings
+        return load_settings(config, overrides)
     except ConfigError as exc:
         _fail(str(exc))
-    except Exception as exc:  # pydantic ValidationError from CLI overrides
-        _fail(f"invalid option: {exc}")
     raise AssertionError("unreachable")
 
 
@@ -124,8 +107,7 @@ def ingest(
     read is accounted for (read = kept + quarantined + filtered). An unchanged rerun is skipped.
     """
     from bridgerec.flows.ingest import ingest_flow
-    from bridgerec.tasks.ingest.preprocess import IngestError
-    from bridgerec.tasks.ingest.sources import SourceError
+    from bridgerec.tasks.ingest import IngestError, SourceError
 
     reviews_map, meta_map = _parse_domain_paths(reviews, "--reviews"), _parse_domain_paths(meta, "--meta")
     amazon = None
@@ -179,10 +161,6 @@ def _render_ingest(s: dict) -> None:
     )
     t.add_row("filtered", ", ".join(f"{r}: {n:,}" for r, n in s["filtered_by_reason"].items()) or "0")
     console.print(t)
-
-
-def _not_built(stage: str, issue: str) -> None:
-    _fail(f"`bridgerec {stage}` is not built yet ({issue}).", code=3)
 
 
 @app.command()
@@ -390,7 +368,7 @@ def publish(
     """
     from bridgerec.flows.publish import publish_flow
     from bridgerec.storage.warehouse import WarehouseError
-    from bridgerec.tasks.publish.stage import PublishError
+    from bridgerec.tasks.publish import PublishError
 
     settings = _settings(config, workspace=workspace, warehouse=warehouse, **{"publish.k": k})
     progress.set_enabled(not as_json)

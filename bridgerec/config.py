@@ -9,6 +9,7 @@ Each stage receives its own section, never the whole tree.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,11 +22,10 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from bridgerec.storage.workspace import hash_json
 from bridgerec.tasks.enrich.settings import EnrichSettings, ProfileSettings
-from bridgerec.tasks.ingest.settings import IngestSettings
-from bridgerec.tasks.publish.settings import PublishSettings
-from bridgerec.tasks.train.settings import TrainSettings
+from bridgerec.tasks.ingest import IngestSettings
+from bridgerec.tasks.publish import PublishSettings
+from bridgerec.tasks.train import TrainSettings
 
 ENV_PREFIX = "BRIDGEREC_"
 CONFIG_ENV = "BRIDGEREC_CONFIG"
@@ -76,11 +76,6 @@ class ConfigError(ValueError):
     """A config value is invalid; the message names the key and the value."""
 
 
-def section_hash(section: BaseModel, exclude: set[str] | None = None) -> str:
-    """Hash of one section's effective values, for manifests."""
-    return hash_json(section.model_dump(mode="json", exclude=exclude))
-
-
 def _format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
@@ -92,8 +87,48 @@ def _format_errors(err: ValidationError) -> str:
     return "invalid configuration:\n" + "\n".join(lines)
 
 
-def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
-    """Load the effective settings. `config_file` defaults to $BRIDGEREC_CONFIG, else none."""
+def nest_overrides(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """{"train.epochs": 2, "publish": {"k": 10}, "warehouse": None} -> {"train": {"epochs": 2},
+    "publish": {"k": 10}}: dotted keys become nested mappings, None values (an option not given) drop out."""
+    out: dict[str, Any] = {}
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        if isinstance(value, Mapping) and isinstance(node.get(leaf), dict):
+            node[leaf] = _deep_merge(node[leaf], value)
+        elif isinstance(value, Mapping):
+            node[leaf] = _deep_merge({}, value)
+        else:
+            node[leaf] = value
+    return out
+
+
+def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if value is None:
+            continue
+        if isinstance(value, Mapping):
+            out[key] = _deep_merge(out.get(key) if isinstance(out.get(key), dict) else {}, value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_settings(
+    config_file: Path | str | None = None, overrides: Mapping[str, Any] | None = None
+) -> Settings:
+    """The effective settings: `overrides` > `BRIDGEREC_*` env vars > the YAML file > defaults.
+
+    The one loading path of every entry point (CLI commands, the nightly and stage flows). `config_file`
+    defaults to $BRIDGEREC_CONFIG, else none. `overrides` takes dotted keys (`{"train.epochs": 2}`) or
+    nested mappings (`{"train": {"epochs": 2}}`), merged key by key into the file's and env's values;
+    None values are ignored. Raises ConfigError (naming the key, the value, the YAML key and env var).
+    """
     path = config_file or os.environ.get(CONFIG_ENV)
     yaml_path: Path | None = None
     if path:
@@ -108,7 +143,7 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
             raise ConfigError(f"config file {yaml_path} must hold a mapping at the top level")
     Settings._yaml_file = yaml_path
     try:
-        settings = Settings(**overrides)
+        settings = Settings(**nest_overrides(overrides))
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc)) from None
     finally:

@@ -5,9 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bridgerec.storage.workspace import Workspace
-from bridgerec.tasks.ingest.settings import IngestSettings
-from bridgerec.tasks.ingest.sources import input_files
-from bridgerec.tasks.ingest.stage import IngestSummary, run_ingest
+from bridgerec.tasks.ingest import IngestSettings, IngestSummary, input_files, run_ingest
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 

@@ -8,11 +8,14 @@ run in-process by `bridgerec run`.
 
 from __future__ import annotations
 
-import importlib
 import time
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from bridgerec.flows.enrich import configured_enrich_flow
+from bridgerec.flows.ingest import ingest_flow
+from bridgerec.flows.publish import publish_flow
+from bridgerec.flows.train import train_flow
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
@@ -23,44 +26,19 @@ Stage = Literal["ingest", "enrich", "train", "publish"]
 STAGES: tuple[Stage, ...] = ("ingest", "enrich", "train", "publish")
 
 
-def _deep_merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = (
-            _deep_merge(out[key], value)
-            if isinstance(value, dict) and isinstance(out.get(key), dict)
-            else value
-        )
-    return out
-
-
 def resolve_settings(config_file: str | None, overrides: dict[str, Any] | None) -> Settings:
-    """Config file + env vars, then `overrides` (a nested dict, e.g. {"train": {"epochs": 2}}) on top."""
-    settings = load_settings(config_file or None)
-    if overrides:
-        settings = Settings.model_validate(_deep_merge(settings.model_dump(), overrides))
-    return settings
-
-
-def _stage_flow_fn(stage: Stage) -> Any | None:
-    """The stage's flow function, or None while the stage is not built yet."""
-    try:
-        module = importlib.import_module(f"flows.{stage}")
-    except ModuleNotFoundError:
-        return None
-    return getattr(module, f"{stage}_flow", None)
+    """Config file + env vars, then `overrides` (nested, e.g. {"train": {"epochs": 2}}, or dotted) on top."""
+    return load_settings(config_file or None, overrides)
 
 
 def run_stage(stage: Stage, settings: Settings) -> dict:
     """Run one stage's subflow with its own settings section; returns its JSON-able summary."""
-    fn = _stage_flow_fn(stage)
-    if fn is not None and stage == "enrich":
-        from bridgerec.flows.enrich import configured_enrich_flow
-
-        fn = configured_enrich_flow(settings.enrich)
-    if fn is None:
-        get_logger().warning("stage %s is not built yet: skipped", stage)
-        return {"status": "not built"}
+    fn = {
+        "ingest": ingest_flow,
+        "enrich": configured_enrich_flow(settings.enrich),
+        "train": train_flow,
+        "publish": publish_flow,
+    }[stage]
     threads = settings.runtime.resolved_threads()
     workspace = str(settings.workspace)
     # Transient failures (an engine that fails to start, a full disk freed by ops) get retried; each

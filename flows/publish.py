@@ -6,8 +6,7 @@ from pathlib import Path
 
 from bridgerec.storage.warehouse import list_runs
 from bridgerec.storage.workspace import Workspace
-from bridgerec.tasks.publish.settings import PublishSettings
-from bridgerec.tasks.publish.stage import PublishSummary, resolve_trained_run, run_publish
+from bridgerec.tasks.publish import PublishSettings, PublishSummary, resolve_trained_run, run_publish
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 

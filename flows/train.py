@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from bridgerec.storage.workspace import Workspace
-from bridgerec.tasks.train.settings import TrainSettings
-from bridgerec.tasks.train.stage import TrainSummary, run_train
+from bridgerec.tasks.train import TrainSettings, TrainSummary, run_train
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 

@@ -23,17 +23,33 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from bridgerec.tasks.publish.settings import IndexSettings
+from bridgerec.storage.files import swap_dir
+from pydantic import BaseModel, ConfigDict, Field
 
 INDEX_FORMAT_VERSION = 1
 _GPU_MAX_K = 2048  # faiss GPU indexes answer at most this many neighbours per query
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class IndexSettings(BaseModel):
+    """Which FAISS index serves each domain. `flat` is exact; `ivf` and `hnsw` are for large catalogues."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["flat", "ivf", "hnsw"] = Field(default="flat", description="flat = exact inner product.")
+    ivf_nlist: int = Field(default=1024, ge=1, description="IVF cells (capped at items/39 for training).")
+    ivf_nprobe: int = Field(default=32, ge=1, description="IVF cells visited per query.")
+    hnsw_m: int = Field(default=32, ge=4, description="HNSW neighbours per node.")
+    hnsw_ef_construction: int = Field(default=80, ge=8)
+    hnsw_ef_search: int = Field(default=128, ge=8, description="Raised to k + seen items when smaller.")
+    gpu: Literal["auto", "off"] = Field(
+        default="auto", description="auto = search on the GPU when faiss finds one (faiss-gpu)."
+    )
 
 
 def check_run_id(run_id: str) -> str:
@@ -228,11 +244,7 @@ class IndexStore:
         return target
 
     def _swap_in(self, tmp: Path, target: Path) -> None:
-        trash = self.root / f".old-{target.name}-{uuid.uuid4().hex[:8]}"
-        if target.exists():
-            os.replace(target, trash)
-        os.replace(tmp, target)
-        shutil.rmtree(trash, ignore_errors=True)
+        swap_dir(tmp, target, self.root / f".old-{target.name}-{uuid.uuid4().hex[:8]}")
 
     def manifest(self, run_id: str) -> dict[str, Any]:
         path = self.run_dir(run_id) / "manifest.json"

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 from bridgerec.storage import schemas
-from bridgerec.storage.workspace import Workspace, write_json_atomic, write_parquet_atomic
+from bridgerec.storage.files import temp_sibling, write_json_atomic, write_parquet_atomic
+from bridgerec.storage.workspace import Workspace
 
 RUNS = "runs"
 
@@ -96,11 +96,7 @@ class RunDir:
     def temp_path(self, target: Path) -> Path:
         """A temporary sibling of `target` for writers that take a path (torch, safetensors)."""
         self.path.mkdir(parents=True, exist_ok=True)
-        return target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        return temp_sibling(target)
 
     def commit(self, tmp: Path, target: Path) -> None:
         os.replace(tmp, target)
-
-
-def run_dir_of(workspace: Workspace, run_id: str) -> RunDir:
-    return RunDir(workspace, run_id)

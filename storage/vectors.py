@@ -5,7 +5,7 @@ LLM4CDSR scores an item of domain D as <h_AB, adapter(E_all[i])> + <h_D, e_D(i)>
 [h_AB, h_D] for the user and [adapter(E_all[i]), e_D(i)] for the item turns that sum into one inner
 product, which is what a FAISS inner-product index serves.
 
-`models.export.export_vectors` produces these; `tasks.publish` consumes them. Nothing here knows
+The train stage's export (tasks/train/export.py) produces these; the publish stage consumes them. Nothing here knows
 about torch or the model.
 """
 
@@ -92,9 +92,17 @@ def seen_from_pairs(
     keep = pc.is_valid(irow)
     u = pc.filter(urow, keep).to_numpy().astype(np.int64)
     i = pc.filter(irow, keep).to_numpy().astype(np.int64)
-    n_items = len(items)
-    keys = np.unique(u * n_items + i)  # sorted by user row, then item row; duplicates once
+    return csr_from_pairs(u, i, len(users), len(items))
+
+
+def csr_from_pairs(
+    user_rows: np.ndarray, item_rows: np.ndarray, n_users: int, n_items: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """CSR (indptr int64 [n_users + 1], items int64 [nnz]) of (user row, item row) pairs: each user's
+    items sorted, duplicates kept once."""
+    u = np.asarray(user_rows, np.int64)
+    keys = np.unique(u * n_items + np.asarray(item_rows, np.int64))  # by user row, then item row
     u, i = keys // n_items, keys % n_items
-    indptr = np.zeros(len(users) + 1, dtype=np.int64)
-    np.cumsum(np.bincount(u, minlength=len(users)), out=indptr[1:])
+    indptr = np.zeros(n_users + 1, dtype=np.int64)
+    np.cumsum(np.bincount(u, minlength=n_users), out=indptr[1:])
     return indptr, i

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import shutil
 import uuid
 from collections.abc import Iterator, Mapping
@@ -20,6 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from bridgerec.storage.files import swap_dir, write_json_atomic, write_parquet_atomic
 from pydantic import BaseModel, Field
 
 MANIFEST_NAME = "manifest.json"
@@ -61,29 +61,16 @@ def hash_json(value: Any) -> str:
     return hashlib.blake2b(blob, digest_size=16).hexdigest()
 
 
-def write_parquet_atomic(table: pa.Table, path: Path, schema: pa.Schema | None = None) -> Path:
-    """Write `table` to `path` through a temporary file and a rename; cast to `schema` if given."""
-    if schema is not None:
-        table = table.select(schema.names).cast(schema)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def write_json_atomic(value: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+def config_hash(*sections: BaseModel | None, exclude: Mapping[int, set[str]] | None = None) -> str:
+    """The hash a stage's manifest records for its settings: the effective values of its sections (in
+    order; None for a section that is off), each without the keys in `exclude[position]` (settings that
+    do not change the output, e.g. shard sizes or input paths whose content is hashed separately)."""
+    exclude = exclude or {}
+    dumped = [
+        None if s is None else s.model_dump(mode="json", exclude=exclude.get(i))
+        for i, s in enumerate(sections)
+    ]
+    return hash_json(dumped[0] if len(dumped) == 1 else dumped)
 
 
 class Workspace:
@@ -101,10 +88,19 @@ class Workspace:
             return None
         return Manifest.model_validate_json(path.read_text())
 
-    def is_current(self, manifest: Manifest) -> bool:
-        """True when the stage on disk was built from the same inputs, config and schema."""
-        existing = self.read_manifest(manifest.stage)
-        return existing is not None and existing.same_inputs(manifest)
+    def current(
+        self, stage: str, *, schema_version: int, config_hash: str, input_hashes: Mapping[str, str]
+    ) -> Manifest | None:
+        """The stage's manifest when the stage on disk was built from the same schema, config and
+        inputs (a rerun may skip it), else None. The one skip-if-unchanged check of every stage."""
+        existing = self.read_manifest(stage)
+        wanted = Manifest(
+            stage=stage,
+            schema_version=schema_version,
+            config_hash=config_hash,
+            input_hashes=dict(input_hashes),
+        )
+        return existing if existing is not None and existing.same_inputs(wanted) else None
 
     def read_table(self, stage: str, name: str, columns: list[str] | None = None) -> pa.Table:
         path = self.stage_dir(stage) / f"{name}.parquet"
@@ -131,12 +127,9 @@ class Workspace:
                 (self.root / ".staging").rmdir()
 
     def _swap_in(self, stage: str, staging: Path) -> None:
-        target = self.stage_dir(stage)
-        trash = self.root / ".staging" / f"{stage}-old-{uuid.uuid4().hex[:8]}"
-        if target.exists():
-            os.replace(target, trash)
-        os.replace(staging, target)
-        shutil.rmtree(trash, ignore_errors=True)
+        swap_dir(
+            staging, self.stage_dir(stage), self.root / ".staging" / f"{stage}-old-{uuid.uuid4().hex[:8]}"
+        )
 
 
 class StageBuilder:

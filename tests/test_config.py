@@ -19,7 +19,7 @@ def test_yaml_then_env_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert s.ingest.kcore.user_min == 7  # from YAML, deep-merged with env below
     assert s.ingest.kcore.item_min == 9  # from env
     assert s.ingest.min_interactions == 6  # env beats YAML
-    assert load_settings(cfg, workspace=Path("/x")).workspace == Path("/x")  # init beats all
+    assert load_settings(cfg, {"workspace": Path("/x")}).workspace == Path("/x")  # init beats all
 
 
 def test_config_file_from_env_var(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -29,7 +29,7 @@ def test_config_file_from_env_var(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     s = load_settings()
     assert s.ingest.source == "amazon2018"
     assert s.ingest.kcore_enabled  # on by default for Amazon sources
-    assert not load_settings(None, ingest={"source": "generic"}).ingest.kcore_enabled
+    assert not load_settings(None, {"ingest": {"source": "generic"}}).ingest.kcore_enabled
 
 
 def test_bad_value_names_key_and_value(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -56,4 +56,22 @@ def test_unknown_key_and_bad_file(tmp_path: Path) -> None:
 
 def test_min_interactions_floor() -> None:
     with pytest.raises(ConfigError, match="min_interactions"):
-        load_settings(None, ingest={"min_interactions": 2})
+        load_settings(None, {"ingest.min_interactions": 2})
+
+
+def test_overrides_merge_key_by_key_the_same_for_cli_and_flows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dotted keys (CLI options) and nested mappings (flow parameters) are one path: merged key by key
+    over the file and env, None meaning "not given"."""
+    from bridgerec.flows.nightly import resolve_settings
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  epochs: 7\n  hidden: 32\npublish:\n  k: 5\n")
+    monkeypatch.setenv("BRIDGEREC_TRAIN__LAYERS", "3")
+    dotted = load_settings(cfg, {"train.epochs": 2, "publish.k": None, "warehouse": None})
+    nested = resolve_settings(str(cfg), {"train": {"epochs": 2}})
+    assert dotted == nested
+    assert (dotted.train.epochs, dotted.train.hidden, dotted.train.layers, dotted.publish.k) == (2, 32, 3, 5)
+    with pytest.raises(ConfigError, match=r"train\.epochs"):
+        resolve_settings(str(cfg), {"train": {"epochs": 0}})

@@ -2,7 +2,7 @@
 and the CLI, then the warehouse's tables, metrics and the analysts' SQL of docs/publish.md.
 
 Enrich (vLLM) is not run here: the model is SASRec (item-ID embeddings), which needs only the ingest
-output; the publishing path is the same for every model (models.export -> DomainVectors).
+output; the publishing path is the same for every model (the train stage's export -> DomainVectors).
 """
 
 from __future__ import annotations

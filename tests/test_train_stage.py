@@ -103,7 +103,7 @@ def test_run_folder_and_manifest_hold_their_contract(trained, enriched_workspace
 
 def test_exported_vectors_reproduce_the_models_scores(trained, enriched_workspace: Path) -> None:
     from bridgerec.models.data import SequenceData
-    from bridgerec.models.export import export_vectors, load_run
+    from bridgerec.tasks.train.export import export_vectors, load_run
     from bridgerec.tasks.train.inputs import load_sequences
 
     _, summary = trained

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 from bridgerec.storage import schemas
-from bridgerec.storage.workspace import Workspace, hash_file, hash_json
+from bridgerec.storage.workspace import Workspace, config_hash, hash_file
 from bridgerec.tasks.ingest.preprocess import IngestTables, preprocess
 from bridgerec.tasks.ingest.settings import IngestSettings
 from bridgerec.tasks.ingest.sources import input_files, read_source
@@ -38,9 +38,9 @@ class IngestSummary(BaseModel):
     workspace: str = ""
 
 
-def config_hash(settings: IngestSettings) -> str:
+def settings_hash(settings: IngestSettings) -> str:
     # File paths do not matter, only their content (hashed separately) and the rules.
-    return hash_json(settings.model_dump(mode="json", exclude={"items", "interactions", "amazon"}))
+    return config_hash(settings, exclude={0: {"items", "interactions", "amazon"}})
 
 
 def input_hashes(settings: IngestSettings) -> dict[str, str]:
@@ -80,16 +80,11 @@ def run_ingest(
     log = get_logger()
     started = time.perf_counter()
     hashes = input_hashes(settings)
-    chash = config_hash(settings)
-    existing = workspace.read_manifest(STAGE)
-    if (
-        not force
-        and existing is not None
-        and existing.schema_version == schemas.INGEST_SCHEMA_VERSION
-        and existing.config_hash == chash
-        and existing.input_hashes == hashes
-        and len(hashes) == len(input_files(settings))
-    ):
+    chash = settings_hash(settings)
+    existing = workspace.current(
+        STAGE, schema_version=schemas.INGEST_SCHEMA_VERSION, config_hash=chash, input_hashes=hashes
+    )
+    if not force and existing is not None and len(hashes) == len(input_files(settings)):
         log.info("ingest: inputs and config unchanged, skipping (workspace %s)", workspace.stage_dir(STAGE))
         return IngestSummary(
             **existing.stats,

@@ -7,24 +7,9 @@ The warehouse file itself is the top-level `warehouse` setting; FAISS indexes go
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
+from bridgerec.storage.index_store import IndexSettings
 from pydantic import BaseModel, ConfigDict, Field
-
-
-class IndexSettings(BaseModel):
-    """Which FAISS index serves each domain. `flat` is exact; `ivf` and `hnsw` are for large catalogues."""
-
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["flat", "ivf", "hnsw"] = Field(default="flat", description="flat = exact inner product.")
-    ivf_nlist: int = Field(default=1024, ge=1, description="IVF cells (capped at items/39 for training).")
-    ivf_nprobe: int = Field(default=32, ge=1, description="IVF cells visited per query.")
-    hnsw_m: int = Field(default=32, ge=4, description="HNSW neighbours per node.")
-    hnsw_ef_construction: int = Field(default=80, ge=8)
-    hnsw_ef_search: int = Field(default=128, ge=8, description="Raised to k + seen items when smaller.")
-    gpu: Literal["auto", "off"] = Field(
-        default="auto", description="auto = search on the GPU when faiss finds one (faiss-gpu)."
-    )
 
 
 class PublishSettings(BaseModel):

@@ -10,7 +10,6 @@ import hashlib
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from bridgerec.storage import warehouse as wh
 from bridgerec.storage.index_store import IndexStore, check_run_id, set_threads
-from bridgerec.storage.runs import RunDir
 from bridgerec.storage.vectors import DomainVectors
-from bridgerec.storage.workspace import Workspace, hash_file, hash_json
+from bridgerec.storage.workspace import Workspace, config_hash, hash_json
+from bridgerec.tasks.ingest import IngestMissing, IngestOutputs
 from bridgerec.tasks.publish.recommend import DomainTopK, recommend_domain, recommendation_rows
 from bridgerec.tasks.publish.settings import PublishSettings
+from bridgerec.tasks.train import TrainedRun, TrainMissing, TrainOutputs
 from pydantic import BaseModel
 
 from bridgerec.runtime.logs import get_logger
@@ -62,37 +62,21 @@ class PublishSummary(BaseModel):
     index_dir: str = ""
 
 
-@dataclass
-class TrainedRun:
-    run_id: str
-    model: str | None
-    path: Path
-
-
 def resolve_trained_run(workspace: Workspace) -> TrainedRun:
-    """The best run of the train stage on the current inputs (WORKSPACE/train/manifest.json names it)."""
-    manifest = workspace.read_manifest("train")
-    if manifest is None:
-        raise PublishError(f"no trained model in {workspace.stage_dir('train')}: run `bridgerec train` first")
-    best = manifest.stats.get("best") or {}
-    run_id = best.get("run_id")
-    if not run_id:
-        raise PublishError(f"{workspace.stage_dir('train')}/manifest.json names no best run in its stats")
-    run = RunDir(workspace, str(run_id))
-    if not run.is_complete():
-        raise PublishError(
-            f"the trained run {run_id!r} is incomplete: {run.path} lacks its weights or summary"
-        )
-    return TrainedRun(str(run_id), best.get("model"), run.path)
+    """The best run of the train stage on the current inputs. Raises PublishError when there is none."""
+    try:
+        return TrainOutputs(workspace).best_run()
+    except TrainMissing as exc:
+        raise PublishError(str(exc)) from None
 
 
 def index_root(settings: PublishSettings, warehouse: Path) -> Path:
     return Path(settings.index_dir) if settings.index_dir is not None else warehouse.parent / "indexes"
 
 
-def config_hash(settings: PublishSettings) -> str:
+def settings_hash(settings: PublishSettings) -> str:
     # Threads, batch size and where indexes go change how, not what, is published.
-    return hash_json(settings.model_dump(mode="json", exclude={"threads", "batch_users", "index_dir"}))
+    return config_hash(settings, exclude={0: {"threads", "batch_users", "index_dir"}})
 
 
 def _manifest_key(workspace: Workspace, stage: str) -> dict[str, Any] | None:
@@ -108,16 +92,12 @@ def inputs_hash(
 ) -> str:
     """Everything the published rows depend on; equal hashes mean a rerun would publish the same."""
     parts: dict[str, Any] = {
-        "config": config_hash(settings),
-        "ingest": _manifest_key(workspace, "ingest"),
+        "config": settings_hash(settings),
+        "ingest": IngestOutputs(workspace).key(),
         "enrich": _manifest_key(workspace, "enrich"),
     }
     if trained is not None:
-        summary = trained.path / "summary.json"
-        parts["train"] = {
-            "run_id": trained.run_id,
-            "summary": hash_file(summary) if summary.exists() else None,
-        }
+        parts["train"] = {"run_id": trained.run_id, "summary": TrainOutputs(workspace).fingerprint(trained)}
     if vectors is not None:  # vectors handed in directly: their content is the input
         parts["vectors"] = {
             d: hash_json([v.user_ids, v.item_ids, _array_hash(v.user_vectors), _array_hash(v.item_vectors)])
@@ -130,7 +110,7 @@ def _array_hash(a: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(a).tobytes(), digest_size=16).hexdigest()
 
 
-def load_run_metrics(run_path: Path, model: str | None) -> pa.Table | None:
+def load_run_metrics(workspace: Workspace, trained: TrainedRun) -> pa.Table | None:
     """The final evaluation of a training run, in the warehouse's metrics columns (None if absent).
 
     metrics.parquet (schemas.TRAIN_METRICS) also holds the per-epoch history (protocol 'train', or
@@ -138,12 +118,12 @@ def load_run_metrics(run_path: Path, model: str | None) -> pa.Table | None:
     valid|test, protocol sampled|full, with the users it averages over. Its `group` is 'overall',
     'domain:<name>' or a user group (overlap, single, short, long).
     """
-    path = run_path / "metrics.parquet"
-    if not path.exists():
+    table = TrainOutputs(workspace).metrics(trained)
+    if table is None:
         return None
     con = duckdb.connect()
     try:
-        con.register("m", pq.read_table(path))
+        con.register("m", table)
         return con.sql(
             """
             SELECT ?::VARCHAR AS model, split, protocol,
@@ -156,7 +136,7 @@ def load_run_metrics(run_path: Path, model: str | None) -> pa.Table | None:
               AND value IS NOT NULL AND NOT isnan(value)
             ORDER BY split, protocol, domain, user_group, metric
             """,
-            params=[model or "unknown"],
+            params=[trained.model or "unknown"],
         ).to_arrow_table()
     finally:
         con.close()
@@ -198,12 +178,6 @@ def check_vectors_match_ingest(
                 f"vectors of domain {domain!r} cover {covered} of the {users.num_rows} ingested users "
                 f"(and hold {len(given)}): stale vectors?"
             )
-
-
-def export_vectors(trained: TrainedRun, workspace: Workspace) -> dict[str, DomainVectors]:
-    from bridgerec.models.export import export_vectors as export  # the model stage's contract
-
-    return export(trained.path, workspace, device="cpu")
 
 
 def _already_published(warehouse: Path, run_id: str, ihash: str, index_dir: Path) -> dict[str, Any] | None:
@@ -254,11 +228,11 @@ def run_publish(
     if run_id is None:
         run_id = trained.run_id if trained else f"publish-{started_at:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     check_run_id(run_id)
-    ingest = workspace.read_manifest("ingest")
-    if ingest is None:
-        raise PublishError(
-            f"no ingest output in {workspace.stage_dir('ingest')}: run `bridgerec ingest` first"
-        )
+    ingest = IngestOutputs(workspace)
+    try:
+        stats = ingest.manifest().stats
+    except IngestMissing as exc:
+        raise PublishError(str(exc)) from None
     ihash = inputs_hash(settings, workspace, trained, vectors)
     if not force and (done := _already_published(warehouse, run_id, ihash, store.root)):
         log.info("publish: run %s is already published with the same inputs, skipping", run_id)
@@ -275,14 +249,14 @@ def run_publish(
     if vectors is None:
         assert trained is not None
         t0 = time.perf_counter()
-        vectors = export_vectors(trained, workspace)
+        vectors = TrainOutputs(workspace).export_vectors(trained)
         timings["export_s"] = time.perf_counter() - t0
         log.info("publish: exported vectors of run %s in %.1f s", trained.run_id, timings["export_s"])
     if not vectors:
         raise PublishError("no domain vectors to publish")
     model = model or (trained.model if trained else None)
-    items = workspace.read_table("ingest", "items", columns=ITEM_COLUMNS)
-    check_vectors_match_ingest(vectors, items, workspace.read_table("ingest", "users", columns=["user_id"]))
+    items = ingest.table("items", columns=ITEM_COLUMNS)
+    check_vectors_match_ingest(vectors, items, ingest.table("users", columns=["user_id"]))
     n_users = len(next(iter(vectors.values())).user_ids)
 
     results: dict[str, DomainTopK] = {}
@@ -300,7 +274,7 @@ def run_publish(
             log.warning("publish: %d users have fewer than k=%d eligible items in %s", n, settings.k, d)
 
     profiles = load_profiles(workspace)
-    metrics = load_run_metrics(trained.path, model) if trained else None
+    metrics = load_run_metrics(workspace, trained) if trained else None
 
     t0 = time.perf_counter()
     # The index goes in first, so the warehouse never names a run whose index is missing.
@@ -311,13 +285,12 @@ def run_publish(
         {"model": model, "train_run_id": trained.run_id if trained else None, "index": settings.index.kind},
     )
     timings["index_save_s"] = time.perf_counter() - t0
-    stats = ingest.stats
     record = wh.RunRecord(
         run_id=run_id,
         started_at=started_at,
         model=model,
         train_run_id=trained.run_id if trained else None,
-        config_hash=config_hash(settings),
+        config_hash=settings_hash(settings),
         inputs_hash=ihash,
         k=settings.k,
         n_users=n_users,

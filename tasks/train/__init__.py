@@ -1,1 +1,21 @@
-"""The train stage."""
+"""The train stage: train one model on the ingest and enrich outputs, evaluate it, record the run
+(WORKSPACE/train/ and WORKSPACE/runs/<run_id>/).
+
+Its face: `TrainSettings` (and `MODEL_PRESETS`), `run_train` -> `TrainSummary`, and `TrainOutputs`, the
+reader later stages use (best run, exported vectors, metrics). Nothing outside this package imports its
+other modules.
+"""
+
+from bridgerec.tasks.train.outputs import TrainedRun, TrainMissing, TrainOutputs
+from bridgerec.tasks.train.settings import MODEL_PRESETS, TrainSettings
+from bridgerec.tasks.train.stage import TrainSummary, run_train
+
+__all__ = [
+    "MODEL_PRESETS",
+    "TrainMissing",
+    "TrainOutputs",
+    "TrainSettings",
+    "TrainSummary",
+    "TrainedRun",
+    "run_train",
+]

@@ -10,11 +10,13 @@ import pyarrow.compute as pc
 from bridgerec.models.data import Catalog, Sequences
 from bridgerec.models.registry import ItemTables
 from bridgerec.storage.workspace import Workspace, hash_file
+from bridgerec.tasks.ingest import IngestOutputs
 
 
 def load_catalog(workspace: Workspace) -> Catalog:
-    domains = workspace.read_table("ingest", "domains").sort_by("domain_idx")
-    items = workspace.read_table("ingest", "items", columns=["item_id", "global_id"]).sort_by("global_id")
+    ingest = IngestOutputs(workspace)
+    domains = ingest.table("domains").sort_by("domain_idx")
+    items = ingest.table("items", columns=["item_id", "global_id"]).sort_by("global_id")
     gids = items["global_id"].to_numpy()
     if not np.array_equal(gids, np.arange(1, len(gids) + 1)):
         raise ValueError("ingest items.parquet: global ids are not 1..N")
@@ -27,7 +29,7 @@ def load_catalog(workspace: Workspace) -> Catalog:
 
 
 def load_sequences(workspace: Workspace) -> Sequences:
-    seqs = workspace.read_table("ingest", "sequences", columns=["user_id", "user_idx", "global_ids"])
+    seqs = IngestOutputs(workspace).table("sequences", columns=["user_id", "user_idx", "global_ids"])
     seqs = seqs.sort_by("user_idx")
     if not np.array_equal(seqs["user_idx"].to_numpy(), np.arange(seqs.num_rows)):
         raise ValueError("ingest sequences.parquet: user_idx is not 0..U-1")
@@ -69,10 +71,8 @@ def load_profiles(workspace: Workspace, n_users: int) -> tuple[np.ndarray, np.nd
 
 def input_files(workspace: Workspace, llm: bool, profiles: bool) -> dict[str, Path]:
     """The files a run depends on (their content hashes decide whether a rerun is skipped)."""
-    files = {
-        "ingest/sequences": workspace.stage_dir("ingest") / "sequences.parquet",
-        "ingest/items": workspace.stage_dir("ingest") / "items.parquet",
-    }
+    ingest = IngestOutputs(workspace)
+    files = {"ingest/sequences": ingest.file("sequences"), "ingest/items": ingest.file("items")}
     if llm:
         files["enrich/item_vectors"] = workspace.stage_dir("enrich") / "item_vectors.parquet"
     if profiles:

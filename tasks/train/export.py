@@ -1,4 +1,5 @@
-"""Export a trained run as per-domain user and item vectors for publishing.
+"""Export a trained run as per-domain user and item vectors for publishing (the train stage's side of
+the hand-over in storage/vectors.py; publish reads it through `TrainOutputs.export_vectors`).
 
 For every target domain d: user_vectors[u] . item_vectors[i] equals the model's fused score of item i
 for user u, where the user's state comes from the FULL history (training prefix + validation + test
@@ -15,14 +16,14 @@ from bridgerec.models.base import Recommender
 from bridgerec.models.data import Catalog, SequenceData, Sequences
 from bridgerec.models.registry import build_model
 from bridgerec.storage.runs import RunDir
-from bridgerec.storage.vectors import DomainVectors
+from bridgerec.storage.vectors import DomainVectors, csr_from_pairs
 from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks.train.inputs import load_catalog, load_sequences
+from safetensors.torch import load_file
 
 
 def load_run(run_dir: Path, workspace: Workspace, device: str = "cpu") -> tuple[Recommender, dict, Catalog]:
     """Rebuild a run's model with its best weights (from config.json + model.safetensors)."""
-    from bridgerec.tasks.train.inputs import load_catalog
-    from safetensors.torch import load_file
 
     run = RunDir(workspace, Path(run_dir).name)
     run.path = Path(run_dir)
@@ -44,7 +45,6 @@ def export_vectors(
     run_dir: Path, workspace: Workspace, device: str = "cpu", batch_size: int = 2048
 ) -> dict[str, DomainVectors]:
     """{domain name: DomainVectors} for every domain, every user, every item of the domain."""
-    from bridgerec.tasks.train.inputs import load_sequences
 
     model, config, catalog = load_run(run_dir, workspace, device)
     sequences = load_sequences(workspace)
@@ -77,9 +77,6 @@ def seen_items(catalog: Catalog, sequences: Sequences, domain: int) -> tuple[np.
     users = np.repeat(np.arange(len(sequences.lengths)), sequences.lengths)
     g = sequences.flat
     keep = catalog.item_domain[g] == domain
-    n = int(catalog.sizes[domain])
-    keys = np.unique(users[keep] * n + (catalog.item_local[g[keep]] - 1))
-    u, rows = keys // n, keys % n
-    indptr = np.zeros(len(sequences.lengths) + 1, np.int64)
-    np.cumsum(np.bincount(u, minlength=len(sequences.lengths)), out=indptr[1:])
-    return indptr, rows.astype(np.int64)
+    return csr_from_pairs(
+        users[keep], catalog.item_local[g[keep]] - 1, len(sequences.lengths), int(catalog.sizes[domain])
+    )

@@ -1,0 +1,78 @@
+"""The reader of the train stage's outputs (WORKSPACE/train/ and WORKSPACE/runs/<run_id>/) for later
+stages: which run is best on the current inputs, its exported vectors, its metrics.
+Only this package and storage/runs.py know the layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from bridgerec.storage.runs import RunDir
+from bridgerec.storage.vectors import DomainVectors
+from bridgerec.storage.workspace import Workspace, hash_file
+from bridgerec.tasks.train.export import export_vectors
+
+STAGE = "train"
+
+
+class TrainMissing(FileNotFoundError):
+    """No finished (complete) training run to read; the message says what to run."""
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """A finished run: its id, model preset and folder."""
+
+    run_id: str
+    model: str | None
+    path: Path
+
+
+class TrainOutputs:
+    """Read-only view of the train stage in `workspace`."""
+
+    def __init__(self, workspace: Workspace) -> None:
+        self.workspace = workspace
+
+    def best_run(self) -> TrainedRun:
+        """The best run on the current inputs (the stage manifest names it). Raises TrainMissing."""
+        folder = self.workspace.stage_dir(STAGE)
+        manifest = self.workspace.read_manifest(STAGE)
+        if manifest is None:
+            raise TrainMissing(f"no trained model in {folder}: run `bridgerec train` first")
+        best = manifest.stats.get("best") or {}
+        run_id = best.get("run_id")
+        if not run_id:
+            raise TrainMissing(
+                f"{folder}/manifest.json names no best run in its stats: run `bridgerec train`"
+            )
+        return self.run(str(run_id), best.get("model"))
+
+    def run(self, run_id: str, model: str | None = None) -> TrainedRun:
+        """A finished run by id. Raises TrainMissing when it is absent or incomplete."""
+        run = RunDir(self.workspace, run_id)
+        if not run.is_complete():
+            raise TrainMissing(
+                f"the trained run {run_id!r} is incomplete: {run.path} lacks its weights or summary"
+            )
+        if model is None:
+            model = run.read_summary().get("model")
+        return TrainedRun(run_id, model, run.path)
+
+    def export_vectors(self, run: TrainedRun, device: str = "cpu") -> dict[str, DomainVectors]:
+        """{domain: DomainVectors}: per target domain, user and item vectors whose inner product is the
+        run's score (tasks/train/export.py)."""
+        return export_vectors(run.path, self.workspace, device=device)
+
+    def metrics(self, run: TrainedRun) -> pa.Table | None:
+        """The run's metrics.parquet (storage.schemas.TRAIN_METRICS), or None for a run without one."""
+        path = RunDir(self.workspace, run.run_id).metrics
+        return pq.read_table(path) if path.exists() else None
+
+    def fingerprint(self, run: TrainedRun) -> str | None:
+        """Content hash of the run's summary: changes whenever the run's result changes."""
+        summary = RunDir(self.workspace, run.run_id).summary
+        return hash_file(summary) if summary.exists() else None

@@ -1,0 +1,98 @@
+"""The package's shape: one import name, imports pointing one way, stages seen only through their face.
+
+The import graph is checked by import-linter (the contracts in pyproject.toml, `[tool.importlinter]`)
+on the package laid out as a wheel installs it: the design card's top-level folders (flows/, tasks/,
+models/, storage/) become subpackages of `bridgerec` through setuptools' package-dir mapping, which the
+editable install of the checkout resolves with an import hook that grimp does not walk.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PYPROJECT = REPO / "pyproject.toml"
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
+
+
+def lay_out_package(dest: Path) -> Path:
+    """Copy the package's modules into `dest` as an installed wheel lays them out (per pyproject's
+    `packages` and `package-dir`); returns `dest`."""
+    tool = tomllib.loads(PYPROJECT.read_text())["tool"]["setuptools"]
+    mapping: dict[str, str] = tool.get("package-dir", {})
+    for package in tool["packages"]:
+        # a package's folder: its own mapping, else its parent's folder + its last name, else its dotted path
+        parts = package.split(".")
+        source = None
+        for cut in range(len(parts), 0, -1):
+            prefix = ".".join(parts[:cut])
+            if prefix in mapping:
+                source = REPO / mapping[prefix] / Path(*parts[cut:])
+                break
+        source = source or REPO / Path(*parts)
+        target = dest / Path(*parts)
+        target.mkdir(parents=True, exist_ok=True)
+        for module in source.glob("*.py"):
+            shutil.copy2(module, target / module.name)
+    return dest
+
+
+def lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--config", str(PYPROJECT), "--no-cache", "--no-logo"],
+        cwd=root,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def laid_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return lay_out_package(tmp_path_factory.mktemp("site"))
+
+
+def test_the_package_keeps_every_import_contract(laid_out: Path) -> None:
+    result = lint_imports(laid_out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Contracts: 6 kept, 0 broken." in result.stdout
+
+
+def test_an_upward_import_and_a_stage_internal_import_break_the_contracts(
+    laid_out: Path, tmp_path: Path
+) -> None:
+    """The contracts can fail: storage importing a stage (upward) and publish importing the train stage's
+    internal module are both reported, each by its contract."""
+    root = tmp_path / "site"
+    shutil.copytree(laid_out, root)
+    with open(root / "bridgerec" / "storage" / "files.py", "a") as fh:
+        fh.write("\nfrom bridgerec.tasks.publish import PublishSettings  # noqa\n")
+    with open(root / "bridgerec" / "tasks" / "publish" / "recommend.py", "a") as fh:
+        fh.write("\nfrom bridgerec.tasks.train.stage import run_train  # noqa\n")
+    result = lint_imports(root)
+    assert result.returncode != 0
+    out = " ".join(result.stdout.split())  # import-linter wraps long lines
+    assert (
+        "Imports point one way: cli -> flows -> config -> tasks -> models | storage -> runtime BROKEN" in out
+    )
+    assert "bridgerec.storage.files -> bridgerec.tasks.publish" in out
+    assert "Outside the train stage, only its face (bridgerec.tasks.train) is imported BROKEN" in out
+    assert "bridgerec.tasks.publish.recommend -> bridgerec.tasks.train.stage" in out
+
+
+@pytest.mark.parametrize("name", ["models", "tasks", "storage", "flows"])
+def test_no_generic_top_level_name_is_importable(name: str, tmp_path: Path) -> None:
+    """Only `bridgerec` is installed: the old generic names fail outside the checkout."""
+    code = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({name!r}) is not None)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=tmp_path).returncode == 0
+    found = subprocess.run(
+        [sys.executable, "-c", f"import bridgerec.{name}"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert found.returncode == 0, found.stderr
