@@ -186,7 +186,7 @@ def enrich(
     WORKSPACE/enrich/errors.parquet with the reason.
     """
     from bridgerec.flows.enrich import configured_enrich_flow
-    from bridgerec.tasks.enrich.models import ModelError
+    from bridgerec.tasks.enrich import ModelError
 
     settings = _settings(
         config, workspace=workspace, **{"profiles.max_users": max_users, "profiles.mode": profiles_mode}
@@ -244,7 +244,7 @@ def models_prepare(
 ) -> None:
     """Make the configured models usable offline: convert the packaged SmolLM2 GGUF into a safetensors
     folder (profiles.model, once, ~15 s) and check the embedding model folder."""
-    from bridgerec.tasks.enrich.models import ModelError, embedding_model, model_id, prepare_profile_model
+    from bridgerec.tasks.enrich import ModelError, embedding_model, model_id, prepare_profile_model
 
     settings = _settings(config)
     try:

@@ -5,20 +5,21 @@ from __future__ import annotations
 import time
 
 from bridgerec.storage.workspace import Workspace
-from bridgerec.tasks.enrich.engine import engine_scope
-from bridgerec.tasks.enrich.models import prepare_profile_model
-from bridgerec.tasks.enrich.settings import EnrichSettings, ProfileSettings
-from bridgerec.tasks.enrich.stage import (
+from bridgerec.tasks.enrich import (
     EnrichPlan,
+    EnrichSettings,
     EnrichSummary,
     ItemShardWork,
     ProfilePlan,
+    ProfileSettings,
     ProfileShardWork,
     Shard,
     embed_item_shard,
+    engine_scope,
     finish_enrich,
     plan_enrich,
     plan_profiles,
+    prepare_profile_model,
     profile_shard,
 )
 from prefect import Flow, flow, task, unmapped

@@ -14,6 +14,7 @@ from bridgerec.storage import schemas
 from bridgerec.storage.checkpoints import Checkpoints
 from bridgerec.tasks.enrich.batching import Failed, run_resilient
 from bridgerec.tasks.enrich.engine import Embedder
+from bridgerec.tasks.enrich.outputs import fixed_list, to_matrix
 from bridgerec.tasks.enrich.pca import PCAFit, fit_pca
 from bridgerec.tasks.enrich.settings import EnrichSettings
 from bridgerec.tasks.enrich.texts import item_texts, text_hash
@@ -22,19 +23,6 @@ from bridgerec.runtime.logs import get_logger
 from bridgerec.runtime.progress import advance, progress_bar
 
 CHECKPOINT_KIND = "items"
-
-
-def fixed_list(vectors: np.ndarray) -> pa.FixedSizeListArray:
-    """[n, D] float32 -> Arrow fixed_size_list<float32>[D] (no per-row Python objects)."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    return pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
-
-
-def to_matrix(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
-    """Arrow fixed_size_list<float32>[D] -> [n, D] float32."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks() if column.num_chunks else pa.array([], schemas.vector_type(dim))
-    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
 
 
 class VectorCache:

@@ -24,7 +24,8 @@ from bridgerec.storage.checkpoints import Checkpoints
 from bridgerec.storage.workspace import Workspace, hash_json
 from bridgerec.tasks.enrich.batching import Failed, run_resilient
 from bridgerec.tasks.enrich.engine import Embedder, Generator, Sampling
-from bridgerec.tasks.enrich.items import ItemResult, fixed_list, to_matrix
+from bridgerec.tasks.enrich.items import ItemResult
+from bridgerec.tasks.enrich.outputs import fixed_list, to_matrix
 from bridgerec.tasks.enrich.settings import EnrichSettings, ProfileSettings
 from bridgerec.tasks.enrich.texts import clean_field
 

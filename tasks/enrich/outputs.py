@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
+from bridgerec.storage import schemas
 from bridgerec.storage.workspace import Workspace
-from bridgerec.tasks.enrich.items import to_matrix
+
+
+def fixed_list(vectors: np.ndarray) -> pa.FixedSizeListArray:
+    """[n, D] float32 -> Arrow fixed_size_list<float32>[D] (no per-row Python objects)."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
+
+
+def to_matrix(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
+    """Arrow fixed_size_list<float32>[D] -> [n, D] float32."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks else pa.array([], schemas.vector_type(dim))
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
 
 
 def load_item_tables(workspace: Workspace) -> tuple[np.ndarray, dict[int, np.ndarray]]:
