@@ -2,37 +2,36 @@
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.enrich import (
     EnrichPlan,
     EnrichSettings,
     EnrichSummary,
-    ItemShardWork,
-    ProfilePlan,
     ProfileSettings,
-    ProfileShardWork,
     Shard,
     embed_item_shard,
-    engine_scope,
     finish_enrich,
     plan_enrich,
     plan_profiles,
     prepare_profile_model,
     profile_shard,
+    require_ingest,
+    run_shards,
 )
-from prefect import Flow, flow, task, unmapped
+from prefect import Flow, Task, flow, task, unmapped
 from prefect.artifacts import create_table_artifact
 from prefect.task_runners import ProcessPoolTaskRunner
+
+R = TypeVar("R")
 
 
 @task(name="check-inputs")
 def check_inputs(workspace: str) -> None:
     """Fail fast, before converting or starting any model, if the ingest stage has not finished."""
-    ws = Workspace(workspace)
-    if ws.read_manifest("ingest") is None:
-        raise FileNotFoundError(f"{ws.stage_dir('ingest')} has no finished ingest: run `bridgerec ingest`")
+    require_ingest(Workspace(workspace))
 
 
 @task(name="prepare-models")
@@ -49,42 +48,35 @@ def plan_task(
     return plan_enrich(enrich, profiles, Workspace(workspace), threads=threads, force=force)
 
 
-# A shard is idempotent (finished batches are checkpointed and reused), so a task retry after, say, an
-# engine that failed to start redoes only the unfinished batches. Model calls retry and split inside.
-@task(name="embed-items", task_run_name="embed-items-{shard.index}", retries=1, retry_delay_seconds=10)
-def embed_items_task(plan: EnrichPlan, enrich: EnrichSettings, shard: Shard) -> ItemShardWork:
-    return embed_item_shard(plan, enrich, shard)
+# The stage's shard functions as Prefect tasks. A shard is idempotent (finished batches are checkpointed
+# and reused), so a task retry after, say, an engine that failed to start redoes only the unfinished
+# batches. Model calls retry and split inside.
+SHARD_TASKS: dict[Callable[..., Any], Task] = {
+    embed_item_shard: task(
+        name="embed-items", task_run_name="embed-items-{shard.index}", retries=1, retry_delay_seconds=10
+    )(embed_item_shard),
+    plan_profiles: task(name="plan-profiles")(plan_profiles),
+    profile_shard: task(
+        name="profile-users", task_run_name="profile-users-{shard.index}", retries=1, retry_delay_seconds=10
+    )(profile_shard),
+    finish_enrich: task(name="finish-enrich")(finish_enrich),
+}
 
 
-@task(name="plan-profiles")
-def plan_profiles_task(
-    plan: EnrichPlan, enrich: EnrichSettings, profiles: ProfileSettings, item_work: list[ItemShardWork]
-) -> ProfilePlan:
-    return plan_profiles(plan, enrich, profiles, item_work)
+class TaskRuns:
+    """Runs the stage's shard functions (`run_shards`) as task runs of the current flow: one after another
+    in the flow's thread, or mapped onto the flow's task runner (`in_workers`)."""
 
+    def __init__(self, in_workers: bool) -> None:
+        self.in_workers = in_workers
 
-@task(name="profile-users", task_run_name="profile-users-{shard.index}", retries=1, retry_delay_seconds=10)
-def profile_users_task(
-    plan: EnrichPlan,
-    enrich: EnrichSettings,
-    profiles: ProfileSettings,
-    profile_plan: ProfilePlan,
-    shard: Shard,
-) -> ProfileShardWork:
-    return profile_shard(plan, enrich, profiles, profile_plan, shard)
+    def call(self, fn: Callable[..., R], *args: Any) -> R:
+        return SHARD_TASKS[fn](*args)
 
-
-@task(name="finish-enrich")
-def finish_task(
-    plan: EnrichPlan,
-    enrich: EnrichSettings,
-    profiles: ProfileSettings,
-    item_work: list[ItemShardWork],
-    profile_plan: ProfilePlan | None,
-    profile_work: list[ProfileShardWork],
-    started: float,
-) -> EnrichSummary:
-    return finish_enrich(plan, enrich, profiles, item_work, profile_plan, profile_work, started)
+    def map(self, fn: Callable[..., R], shards: list[Shard], *args: Any) -> list[R]:
+        if self.in_workers:
+            return SHARD_TASKS[fn].map(*(unmapped(a) for a in args), shards).result()
+        return [SHARD_TASKS[fn](*args, shard) for shard in shards]
 
 
 @task(name="enrich-report")
@@ -129,38 +121,12 @@ def enrich_flow(
     engines (an engine runs fastest on the thread that started it); `processes` maps them onto the
     flow's task runner (`configured_enrich_flow`), whose workers start engines of their own.
     """
-    started = time.perf_counter()
     check_inputs(workspace)
     prepare_models(profiles)
     plan = plan_task(enrich, profiles, workspace, threads, force)
-    if plan.skipped is not None:
-        summary = plan.skipped
-    else:
-        with engine_scope():
-            in_workers = enrich.task_runner == "processes"
-            item_work = (
-                embed_items_task.map(unmapped(plan), unmapped(enrich), plan.item_shards).result()
-                if in_workers
-                else [embed_items_task(plan, enrich, shard) for shard in plan.item_shards]
-            )
-            profile_plan, profile_work = None, []
-            if profiles.mode == "llm":
-                profile_plan = plan_profiles_task(plan, enrich, profiles, item_work)
-                profile_work = (
-                    profile_users_task.map(
-                        unmapped(plan),
-                        unmapped(enrich),
-                        unmapped(profiles),
-                        unmapped(profile_plan),
-                        profile_plan.shards,
-                    ).result()
-                    if in_workers
-                    else [
-                        profile_users_task(plan, enrich, profiles, profile_plan, s)
-                        for s in profile_plan.shards
-                    ]
-                )
-            summary = finish_task(plan, enrich, profiles, item_work, profile_plan, profile_work, started)
+    summary = plan.skipped
+    if summary is None:
+        summary = run_shards(plan, TaskRuns(in_workers=enrich.task_runner == "processes"))
     enrich_report(summary)
     return summary
 

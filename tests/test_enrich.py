@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from bridgerec.storage import schemas
 from bridgerec.storage.workspace import Workspace
-from bridgerec.tasks.enrich import load_item_tables, load_profile_vectors
+from bridgerec.tasks.enrich import EnrichOutputs
 from bridgerec.tasks.enrich.engine import Embedder, EnginePool, EngineSpec, shared_engines
 from bridgerec.tasks.enrich.items import to_matrix
 from bridgerec.tasks.enrich.models import embedding_model
@@ -95,7 +95,7 @@ def test_item_stage_writes_the_contract(pool: EnginePool, ws: Workspace) -> None
         assert "global_components" not in pca  # identity
         assert pca["local_0_components"].shape == (8, 384)
 
-    global_table, local = load_item_tables(ws)
+    global_table, local = EnrichOutputs(ws).item_tables()
     assert global_table.shape == (n + 1, 384) and not global_table[0].any()
     domains = ws.read_table("ingest", "domains").to_pylist()
     assert sorted(local) == [d["domain_idx"] for d in domains]
@@ -113,7 +113,7 @@ def test_item_stage_writes_the_contract(pool: EnginePool, ws: Workspace) -> None
     np.testing.assert_allclose(local[d][row["local_id"]], expected, atol=1e-4)
 
     # profiles off: an empty table with the contract's schema
-    user_idx, pv = load_profile_vectors(ws)
+    user_idx, pv = EnrichOutputs(ws).profile_vectors()
     assert user_idx.shape == (0,) and pv.shape == (0, 384)
 
 
@@ -237,7 +237,7 @@ def test_flow_builds_profiles(prefect_harness: None, pool: EnginePool, ws: Works
         assert row["cluster_summaries"] and all(s.strip() for s in row["cluster_summaries"])
         assert row["prompt_version"] == "v1" and row["embed_model_id"] == summary.embed_model_id
 
-    user_idx, pv = load_profile_vectors(ws)
+    user_idx, pv = EnrichOutputs(ws).profile_vectors()
     idx_of = {u["user_id"]: u["user_idx"] for u in users}
     assert user_idx.tolist() == [idx_of[u] for u in prof["user_id"].to_pylist()]
     np.testing.assert_allclose(pv, vectors)
@@ -482,7 +482,7 @@ def test_cli_prints_the_contract(
     off = json.loads(CliRunner().invoke(app, [*args, "--profiles", "none"]).stdout)
     assert off["profile_mode"] == "none" and off["profiles_generated"] == 0
     assert ws.read_table("enrich", "profiles").schema.equals(schemas.profiles_schema(384))
-    assert load_profile_vectors(ws)[0].size == 0
+    assert EnrichOutputs(ws).profile_vectors()[0].size == 0
 
     # back on, uncapped: every profile comes from the profile cache, no model call
     monkeypatch.delenv("BRIDGEREC_PROFILES__MAX_USERS")

@@ -331,16 +331,3 @@ def engine_scope() -> Iterator[EnginePool]:
         return
     with shared_engines() as pool:
         yield pool
-
-
-@contextlib.contextmanager
-def engines_for_run() -> Iterator[EnginePool]:
-    """The shared pool if one is active, else a fresh pool closed when the run ends."""
-    if _shared is not None:
-        yield _shared
-        return
-    pool = EnginePool()
-    try:
-        yield pool
-    finally:
-        pool.close()

@@ -1,12 +1,21 @@
-"""What the train stage reads from the enrich stage, as numpy arrays indexed by the ingest's dense ids."""
+"""WORKSPACE/enrich as the other stages read it: `EnrichOutputs`. Nobody outside this package builds a path
+into the folder; inside it, a rebuild reads the previous output (its caches) through the same reader."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from bridgerec.storage import schemas
-from bridgerec.storage.workspace import Workspace
+from bridgerec.storage.workspace import Manifest, Workspace
+
+from bridgerec.runtime.logs import get_logger
+
+STAGE = "enrich"
 
 
 def fixed_list(vectors: np.ndarray) -> pa.FixedSizeListArray:
@@ -22,52 +31,119 @@ def to_matrix(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
     return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
 
 
-def load_item_tables(workspace: Workspace) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-    """(global_table [n_items+1, Dg] by global_id, {domain_idx: local_table [n_d+1, Dl] by local_id}).
+class EnrichOutputs:
+    """The enrich stage's output folder of one workspace (tables listed in docs/enrich.md).
 
-    Row 0 of every table is zeros (padding). Items are matched by item_id, so the tables always follow the
-    current ingest ids; an ingest item missing from the enrich output is an error (rerun enrich).
+    The train stage reads the item tables and profile vectors as arrays keyed by the ingest's dense ids,
+    and hashes `item_vectors_path` / `profiles_path` as its inputs; the publish stage reads the profile
+    texts. Everything is matched through the source ids (`item_id`, `user_id`), so it always follows the
+    current ingest ids.
     """
-    vec = workspace.read_table("enrich", "item_vectors")
-    items = workspace.read_table(
-        "ingest", "items", columns=["item_id", "global_id", "local_id", "domain_idx"]
-    )
-    domains = workspace.read_table("ingest", "domains", columns=["domain_idx", "n_items"])
-    idx = pc.index_in(items["item_id"], value_set=vec["item_id"])
-    if idx.null_count:
-        raise ValueError(
-            f"enrich item_vectors.parquet lacks {idx.null_count} of {items.num_rows} ingest items: "
-            "the enrich stage is older than the ingest stage, run `bridgerec enrich`"
+
+    def __init__(self, workspace: Workspace) -> None:
+        self.workspace = workspace
+        self.folder = workspace.stage_dir(STAGE)
+
+    def manifest(self) -> Manifest | None:
+        """The finished stage's manifest, None when the stage has not been built."""
+        return self.workspace.read_manifest(STAGE)
+
+    @property
+    def item_vectors_path(self) -> Path:
+        """item_vectors.parquet: the frozen item tables of the model (global and local vectors)."""
+        return self.folder / "item_vectors.parquet"
+
+    @property
+    def profiles_path(self) -> Path:
+        """profiles.parquet: the selected users' profiles (absent before the first build)."""
+        return self.folder / "profiles.parquet"
+
+    def item_tables(self) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        """(global_table [n_items+1, Dg] float32 by global_id, {domain_idx: local_table [n_d+1, Dl] float32
+        by local_id}).
+
+        Row 0 of every table is zeros (padding). An ingest item missing from the enrich output is an error
+        (ValueError: the enrich stage is older than the ingest stage, rerun enrich).
+        """
+        vec = self.workspace.read_table(STAGE, "item_vectors")
+        items = self.workspace.read_table(
+            "ingest", "items", columns=["item_id", "global_id", "local_id", "domain_idx"]
         )
-    rows = idx.to_numpy(zero_copy_only=False).astype(np.int64)
-    dg = vec.schema.field("global_vector").type.list_size
-    dl = vec.schema.field("local_vector").type.list_size
-    g = to_matrix(vec["global_vector"], dg)[rows]  # [n_items, Dg] in ingest row order
-    loc = to_matrix(vec["local_vector"], dl)[rows]
-    gid, lid, dom = (items[c].to_numpy() for c in ("global_id", "local_id", "domain_idx"))
-    global_table = np.zeros((items.num_rows + 1, dg), np.float32)
-    global_table[gid] = g
-    local: dict[int, np.ndarray] = {}
-    for d, n in zip(domains["domain_idx"].to_pylist(), domains["n_items"].to_pylist(), strict=True):
-        table = np.zeros((n + 1, dl), np.float32)
-        mask = dom == d
-        table[lid[mask]] = loc[mask]
-        local[int(d)] = table
-    return global_table, local
+        domains = self.workspace.read_table("ingest", "domains", columns=["domain_idx", "n_items"])
+        idx = pc.index_in(items["item_id"], value_set=vec["item_id"])
+        if idx.null_count:
+            raise ValueError(
+                f"enrich item_vectors.parquet lacks {idx.null_count} of {items.num_rows} ingest items: "
+                "the enrich stage is older than the ingest stage, run `bridgerec enrich`"
+            )
+        rows = idx.to_numpy(zero_copy_only=False).astype(np.int64)
+        dg = vec.schema.field("global_vector").type.list_size
+        dl = vec.schema.field("local_vector").type.list_size
+        g = to_matrix(vec["global_vector"], dg)[rows]  # [n_items, Dg] in ingest row order
+        loc = to_matrix(vec["local_vector"], dl)[rows]  # [n_items, Dl]
+        gid, lid, dom = (items[c].to_numpy() for c in ("global_id", "local_id", "domain_idx"))
+        global_table = np.zeros((items.num_rows + 1, dg), np.float32)
+        global_table[gid] = g
+        local: dict[int, np.ndarray] = {}
+        for d, n in zip(domains["domain_idx"].to_pylist(), domains["n_items"].to_pylist(), strict=True):
+            table = np.zeros((n + 1, dl), np.float32)
+            mask = dom == d
+            table[lid[mask]] = loc[mask]
+            local[int(d)] = table
+        return global_table, local
 
+    def profile_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(user_idx [n] int64, vectors [n, D] float32) of the users that have a profile, keyed through
+        ingest users.parquet by user_id (profiles of users no longer in the ingest are left out).
 
-def load_profile_vectors(workspace: Workspace) -> tuple[np.ndarray, np.ndarray]:
-    """(user_idx [n] int64, vectors [n, D] float32) of the users that have a profile, keyed through ingest
-    users.parquet by user_id (profiles of users no longer in the ingest are left out).
+        Raises FileNotFoundError when the enrich stage has not run; empty arrays when profiles are off.
+        """
+        prof = self.workspace.read_table(STAGE, "profiles", columns=["user_id", "vector"])
+        users = self.workspace.read_table("ingest", "users", columns=["user_id", "user_idx"])
+        dim = prof.schema.field("vector").type.list_size
+        idx = pc.index_in(prof["user_id"], value_set=users["user_id"])
+        keep = pc.is_valid(idx).to_numpy(zero_copy_only=False)
+        rows = idx.drop_null().to_numpy(zero_copy_only=False).astype(np.int64)
+        user_idx = users["user_idx"].to_numpy().astype(np.int64)[rows]
+        vectors = to_matrix(prof["vector"], dim)[keep]
+        return user_idx, np.ascontiguousarray(vectors, np.float32)
 
-    Raises FileNotFoundError when the enrich stage has not run; returns empty arrays when profiles are off.
-    """
-    prof = workspace.read_table("enrich", "profiles", columns=["user_id", "vector"])
-    users = workspace.read_table("ingest", "users", columns=["user_id", "user_idx"])
-    dim = prof.schema.field("vector").type.list_size
-    idx = pc.index_in(prof["user_id"], value_set=users["user_id"])
-    keep = pc.is_valid(idx).to_numpy(zero_copy_only=False)
-    rows = idx.drop_null().to_numpy(zero_copy_only=False).astype(np.int64)
-    user_idx = users["user_idx"].to_numpy().astype(np.int64)[rows]
-    vectors = to_matrix(prof["vector"], dim)[keep]
-    return user_idx, np.ascontiguousarray(vectors, np.float32)
+    def profile_texts(self) -> pa.Table | None:
+        """user_id, profile_text and, when written, cluster_summaries and llm_model_id of every profile;
+        None when the stage has not been built or wrote no profiles. ValueError when the file lacks
+        user_id or profile_text."""
+        path = self.profiles_path
+        if self.manifest() is None or not path.exists():
+            return None
+        names = pq.read_schema(path).names
+        if not {"user_id", "profile_text"} <= set(names):
+            raise ValueError(f"{path} lacks user_id/profile_text columns (has {names})")
+        wanted = ["user_id", "profile_text", "cluster_summaries", "llm_model_id"]
+        return pq.read_table(path, columns=[c for c in wanted if c in names])
+
+    def previous(self, name: str) -> pa.Table | None:
+        """A table of the finished output, for a rebuild to reuse; None on the first build or when it is
+        unreadable (then nothing of it is reused)."""
+        path = self.folder / f"{name}.parquet"
+        if self.manifest() is None or not path.exists():
+            return None
+        try:
+            return pq.read_table(path)
+        except (pa.ArrowException, OSError) as exc:
+            get_logger().warning("enrich: previous %s unreadable (%s): recomputing", name, exc)
+            return None
+
+    def kmeans(self) -> dict | None:
+        """The finished output's K-means: {"centroids": [K, D] float32, "meta": dict}, or None."""
+        path = self.folder / "kmeans.npz"
+        if self.manifest() is None or not path.exists():
+            return None
+        try:
+            with np.load(path) as npz:
+                return {
+                    "centroids": npz["centroids"].astype(np.float32),
+                    "meta": json.loads(str(npz["meta"])),
+                }
+        except (OSError, KeyError, ValueError) as exc:
+            get_logger().warning("enrich: previous kmeans.npz unusable (%s): refitting", exc)
+            return None

@@ -1,5 +1,5 @@
 """PCA reductions of the item vectors, as in the method: one over all domains for the mixed thread, one
-per domain for the domain threads. Fitted once per build and stored with the stage."""
+per domain for the domain threads. Fitted once per build (faiss) and stored with the stage (pca.npz)."""
 
 from __future__ import annotations
 
@@ -46,27 +46,27 @@ class PCAFit:
 
 
 def fit_pca(x: np.ndarray, dim: int) -> PCAFit:
-    """Fit a PCA of [n, D] rows to `dim` components; identity when D <= dim (the method keeps such vectors).
+    """Fit a PCA of [n, D] rows to `dim` components with faiss (`PCAMatrix`: the covariance in float32,
+    its eigenvectors in float64, memory D x D); identity when D <= dim (the method keeps such vectors).
 
     With fewer rows than `dim` only n-1 components exist; the rest of the output is zero.
     Signs are fixed (largest loading positive) so refits on the same data give the same table.
     """
+    import faiss
+
     n, d = x.shape
     if d <= dim:
         return PCAFit(d, d, None, None, 1.0)
-    # Eigenvectors of the covariance, accumulated in chunks: memory D x D instead of a float64 copy of x.
-    mean = x.astype(np.float64).mean(axis=0)
-    cov = np.zeros((d, d), np.float64)
-    for start in range(0, n, 65536):
-        chunk = x[start : start + 65536].astype(np.float64) - mean
-        cov += chunk.T @ chunk
-    eigval, eigvec = np.linalg.eigh(cov)  # ascending
-    order = np.argsort(eigval)[::-1]
-    eigval, eigvec = np.clip(eigval[order], 0, None), eigvec[:, order]
     k = min(dim, max(n - 1, 1))
-    components = eigvec[:, :k].T  # [k, D]
+    pca = faiss.PCAMatrix(d, k)
+    pca.max_points_per_d = -(-n // d)  # fit on every row (faiss subsamples beyond 1,000 rows per dim)
+    pca.train(np.ascontiguousarray(x, np.float32))
+    # PCAMat holds the eigenvectors as rows, by decreasing eigenvalue: [min(n, D), D] or more
+    components = faiss.vector_to_array(pca.PCAMat).reshape(-1, d)[:k].astype(np.float64)  # [k, D]
     signs = np.sign(components[np.arange(k), np.abs(components).argmax(axis=1)])
-    components = components * np.where(signs == 0, 1.0, signs)[:, None]
+    components *= np.where(signs == 0, 1.0, signs)[:, None]
+    eigval = np.clip(faiss.vector_to_array(pca.eigenvalues).astype(np.float64), 0, None)  # [D], decreasing
     total = eigval.sum()
     explained = float(eigval[:k].sum() / total) if total > 0 else 1.0
+    mean = faiss.vector_to_array(pca.mean).astype(np.float64)  # [D]
     return PCAFit(d, dim, mean, components, explained)

@@ -1,11 +1,20 @@
-"""What travels between the enrich stage's shard functions: small pydantic objects that a remote task run
-can take (the plan, a shard, a shard's work) and the stage's summary."""
+"""The enrich run's skeleton. What travels between the shard functions: small pydantic objects that a
+remote task run can take (the plan, a shard, a shard's work, the summary). What a shard function opens from
+the plan in the process that runs it: `EnrichContext` (the workspace's readers, the engines)."""
 
 from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass
+from pathlib import Path
 
+import pyarrow as pa
+from bridgerec.storage.checkpoints import Checkpoints
+from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks.enrich.engine import Embedder, EnginePool, EngineSpec, Generator, process_engines
+from bridgerec.tasks.enrich.outputs import STAGE, EnrichOutputs
+from bridgerec.tasks.enrich.settings import EnrichSettings, ProfileSettings
 from pydantic import BaseModel, Field
 
 
@@ -52,12 +61,16 @@ class Shard(BaseModel):
 
 
 def shards(n: int, size: int) -> list[Shard]:
+    """[0, n) in shards of `size` rows (the last one shorter)."""
     return [Shard(index=i, start=s, stop=min(s + size, n)) for i, s in enumerate(range(0, n, size))]
 
 
 class EnrichPlan(BaseModel):
-    """Decided once per run and passed to every shard task (small, so remote task runs can take it)."""
+    """Decided once per run by `plan_enrich` and passed to every shard function (small, so remote task runs
+    can take it): the settings, the model folders and ids, the input hashes and the item shards."""
 
+    enrich: EnrichSettings
+    profiles: ProfileSettings
     workspace: str
     threads: int
     config_hash: str
@@ -68,7 +81,12 @@ class EnrichPlan(BaseModel):
     llm_id: str | None
     items: int
     item_shards: list[Shard]
+    started_at: float  # wall clock (time.time(), s) when the run began: the summary's `seconds`
     skipped: EnrichSummary | None = None  # set when the inputs are unchanged: nothing else to do
+
+    @property
+    def with_profiles(self) -> bool:
+        return self.profiles.mode == "llm"
 
 
 class ItemShardWork(BaseModel):
@@ -82,11 +100,9 @@ class ItemShardWork(BaseModel):
 
 
 class ProfilePlan(BaseModel):
-    shards: list[Shard]
+    shards: list[Shard]  # of the selected users, by user_idx
     embedding_dim: int
-    users_selected: int
-    to_generate: int
-    estimate: dict
+    estimate: dict  # calls, tokens and minutes of the users to generate (profiles.estimate_cost)
 
 
 class ProfileShardWork(BaseModel):
@@ -97,3 +113,58 @@ class ProfileShardWork(BaseModel):
     errors: list[dict]  # rows of errors.parquet, keyed by user_id
     engines_started: list[dict]
     worker: str = Field(default_factory=worker_name)
+
+
+@dataclass(frozen=True)
+class EnrichContext:
+    """What every shard function reads, opened from the plan in the process that runs the shard: the
+    settings and model ids (through the plan), the workspace, the previous output (the caches), this run's
+    checkpoints and the engines (started on first use, one per model for the process or the run)."""
+
+    plan: EnrichPlan
+    workspace: Workspace
+    outputs: EnrichOutputs  # the finished output of the previous build
+    checkpoints: Checkpoints  # finished batches of this run (and of a crashed one)
+    pool: EnginePool
+    first_start: int  # engines the pool had started before this context opened
+
+    @classmethod
+    def open(cls, plan: EnrichPlan) -> EnrichContext:
+        workspace = Workspace(plan.workspace)
+        pool = process_engines()
+        return cls(
+            plan, workspace, EnrichOutputs(workspace), Checkpoints(workspace, STAGE), pool, len(pool.starts)
+        )
+
+    @property
+    def enrich(self) -> EnrichSettings:
+        return self.plan.enrich
+
+    @property
+    def profiles(self) -> ProfileSettings:
+        return self.plan.profiles
+
+    @property
+    def previous_stats(self) -> dict:
+        """`stats` of the previous build's manifest ({} on the first build)."""
+        manifest = self.outputs.manifest()
+        return manifest.stats if manifest is not None else {}
+
+    def items(self) -> pa.Table:
+        """Ingest items.parquet (every item, in ingest row order)."""
+        return self.workspace.read_table("ingest", "items")
+
+    def embedder(self) -> Embedder:
+        """The item embedding engine (also embeds the profile texts)."""
+        spec = EngineSpec.of("pooling", Path(self.plan.embed_dir), self.enrich.engine, self.plan.threads)
+        return self.pool.embedder(spec, self.plan.embed_id, truncate=self.enrich.truncate)
+
+    def generator(self) -> Generator:
+        """The profile generation engine (profiles.mode: llm only)."""
+        assert self.plan.llm_dir is not None and self.plan.llm_id is not None
+        spec = EngineSpec.of("generate", Path(self.plan.llm_dir), self.profiles.engine, self.plan.threads)
+        return self.pool.generator(spec, self.plan.llm_id)
+
+    def engines_started(self) -> list[dict]:
+        """The engines started since this context opened (runner, model, seconds)."""
+        return self.pool.starts[self.first_start :]

@@ -12,7 +12,6 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -20,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 from bridgerec.storage import schemas
-from bridgerec.storage.checkpoints import Checkpoints
-from bridgerec.storage.workspace import Workspace, hash_json
+from bridgerec.storage.workspace import hash_json
 from bridgerec.tasks.enrich.batching import Failed, run_resilient
 from bridgerec.tasks.enrich.engine import Embedder, Generator, Sampling
 from bridgerec.tasks.enrich.items import ItemResult
 from bridgerec.tasks.enrich.outputs import fixed_list, to_matrix
-from bridgerec.tasks.enrich.settings import EnrichSettings, ProfileSettings
+from bridgerec.tasks.enrich.plan import EnrichContext
+from bridgerec.tasks.enrich.settings import ProfileSettings
 from bridgerec.tasks.enrich.texts import clean_field
 
 from bridgerec.runtime.logs import get_logger
@@ -124,36 +123,39 @@ class Clusters:
     refit: bool
 
 
-def cluster_items(
-    item_result: ItemResult, enrich: EnrichSettings, embed_id: str, previous: dict | None
-) -> Clusters:
-    """Spherical K-means (faiss) over the raw item vectors. Centroids of the previous run are reused while
-    the model and the K-means settings are the same, so new items do not reshuffle every user's clusters
-    (and with them every profile)."""
+def cluster_items(ctx: EnrichContext, item_result: ItemResult) -> Clusters:
+    """Spherical K-means (faiss) over the raw item vectors, each item assigned to its nearest centroid by
+    inner product. Centroids of the previous build are reused while the model and the K-means settings are
+    the same, so new items do not reshuffle every user's clusters (and with them every profile)."""
     import faiss
 
-    x = item_result.vectors[item_result.ok]
+    enrich = ctx.enrich
+    x = np.ascontiguousarray(item_result.vectors[item_result.ok], np.float32)  # [n_ok, D], unit norm
     k = max(1, min(enrich.kmeans_k, len(x)))
     meta = {
-        "model_id": embed_id,
+        "model_id": ctx.plan.embed_id,
         "k": k,
         "iters": enrich.kmeans_iters,
         "seed": enrich.kmeans_seed,
         "dim": item_result.dim,
     }
+    previous = ctx.outputs.kmeans()
     refit = previous is None or previous.get("meta") != meta
     if refit:
         km = faiss.Kmeans(
             item_result.dim, k, niter=enrich.kmeans_iters, seed=enrich.kmeans_seed, spherical=True
         )
-        km.train(np.ascontiguousarray(x, np.float32))
-        centroids = km.centroids.astype(np.float32)
+        km.train(x)
+        centroids = km.centroids.astype(np.float32)  # [K, D], unit norm
     else:
         assert previous is not None
         centroids = previous["centroids"]
     assign = np.full(len(item_result.ok), -1, np.int64)
     if len(x):
-        assign[item_result.ok] = (x @ centroids.T).argmax(axis=1)  # [n_ok, K] -> nearest centroid
+        index = faiss.IndexFlatIP(item_result.dim)
+        index.add(np.ascontiguousarray(centroids, np.float32))
+        _, nearest = index.search(x, 1)  # [n_ok, 1]
+        assign[item_result.ok] = nearest[:, 0]
     return Clusters(assign, centroids, meta, refit)
 
 
@@ -393,16 +395,9 @@ class ProfileResult:
     stats: dict = field(default_factory=dict)
 
 
-def _previous_kmeans(workspace: Workspace) -> dict | None:
-    path = workspace.stage_dir("enrich") / "kmeans.npz"
-    if workspace.read_manifest("enrich") is None or not path.exists():
-        return None
-    try:
-        with np.load(path) as npz:
-            return {"centroids": npz["centroids"].astype(np.float32), "meta": json.loads(str(npz["meta"]))}
-    except (OSError, KeyError, ValueError) as exc:
-        get_logger().warning("enrich: previous kmeans.npz unusable (%s): refitting", exc)
-        return None
+def _checkpoint_kind(gen_key: str) -> str:
+    """Checkpoints of profiles are kept per generation key: a changed key never reads stale ones."""
+    return f"profiles-{gen_key}"
 
 
 @dataclass
@@ -415,10 +410,11 @@ class ProfileInputs:
     cached: dict[str, dict]  # user_id -> profile row (with its vector) of the same generation key
     gen_key: str
     dim: int
+    prompts: Prompts
 
     @property
     def checkpoint_kind(self) -> str:
-        return f"profiles-{self.gen_key}"
+        return _checkpoint_kind(self.gen_key)
 
     def split(self, jobs: list[UserJob]) -> tuple[list[dict], list[UserJob]]:
         """(cached rows, jobs to generate): a cached profile counts only if the history is unchanged."""
@@ -454,43 +450,30 @@ def load_clusters(path: Path) -> Clusters:
         )
 
 
-def profile_inputs(
-    *,
-    workspace: Workspace,
-    items: pa.Table,
-    item_result: ItemResult | None,
-    enrich: EnrichSettings,
-    settings: ProfileSettings,
-    prompts: Prompts,
-    llm_id: str,
-    embed_id: str,
-    dim: int,
-    previous: list[pa.Table | None],
-    previous_stats: dict,
-    checkpoints: Checkpoints | None,
-    clusters: Clusters | None = None,
-) -> ProfileInputs:
-    """Clusters (given, or fitted on `item_result`), jobs and the profile cache."""
-    if clusters is None:
-        assert item_result is not None, "clusters need the item vectors"
-        clusters = cluster_items(item_result, enrich, embed_id, _previous_kmeans(workspace))
-    sequences = workspace.read_table("ingest", "sequences")
+def profile_inputs(ctx: EnrichContext, items: pa.Table, clusters: Clusters, dim: int) -> ProfileInputs:
+    """The selected users' jobs over `clusters` (fixed once per run) and the profile cache of `dim`-d
+    vectors."""
+    settings = ctx.profiles
+    sequences = ctx.workspace.read_table("ingest", "sequences")
     jobs, n_users = user_jobs(sequences, items, clusters.assign, settings)
-    gen_key = generation_key(settings, prompts, llm_id, embed_id)
+    prompts = load_prompts(settings.prompt_version)
+    assert ctx.plan.llm_id is not None
+    gen_key = generation_key(settings, prompts, ctx.plan.llm_id, ctx.plan.embed_id)
     # Cache: the previous profiles and profile cache (when made with the same generation key) and this
     # key's checkpoints. The profile cache keeps users outside the current cap, so lowering
     # profiles.max_users (or turning profiles off) and raising it again costs no model call.
+    sources = []
+    if ctx.previous_stats.get("profile_gen_key") == gen_key:
+        sources = [ctx.outputs.previous("profiles"), ctx.outputs.previous("profile_cache")]
+    sources.append(ctx.checkpoints.read(_checkpoint_kind(gen_key), schemas.profiles_schema(dim)))
     cached: dict[str, dict] = {}
-    sources = list(previous) if previous_stats.get("profile_gen_key") == gen_key else []
-    kind = f"profiles-{gen_key}"
-    sources.append(checkpoints.read(kind, schemas.profiles_schema(dim)) if checkpoints else None)
     for table in sources:
         if table is None or table.num_rows == 0 or table.schema.field("vector").type.list_size != dim:
             continue
         vectors = to_matrix(table["vector"], dim)
         for i, row in enumerate(table.drop_columns(["vector"]).to_pylist()):
             cached[row["user_id"]] = row | {"vector": vectors[i]}
-    return ProfileInputs(clusters, jobs, n_users, cached, gen_key, dim)
+    return ProfileInputs(clusters, jobs, n_users, cached, gen_key, dim, prompts)
 
 
 @dataclass
@@ -502,23 +485,16 @@ class Generation:
 
 
 def generate_profiles(
-    todo: list[UserJob],
-    *,
-    inputs: ProfileInputs,
-    settings: ProfileSettings,
-    prompts: Prompts,
-    llm_id: str,
-    embed_id: str,
-    generator: Callable[[], Generator],
-    embedder: Callable[[], Embedder],
-    checkpoints: Checkpoints | None,
-    label: str = "enrich: user profiles",
+    ctx: EnrichContext, inputs: ProfileInputs, todo: list[UserJob], label: str = "enrich: user profiles"
 ) -> Generation:
-    """Profiles of `todo` in batches of `batch_users` (each checkpointed); failures become error rows."""
+    """Profiles of `todo` in batches of `profiles.batch_users` (each checkpointed); failures become error
+    rows. Starts the engines only when there is something to generate."""
+    settings, prompts = ctx.profiles, inputs.prompts
+    llm_id, embed_id = str(ctx.plan.llm_id), ctx.plan.embed_id
     out = Generation([], [], 0, 0.0)
     if not todo:
         return out
-    gen, emb = generator(), embedder()
+    gen, emb = ctx.generator(), ctx.embedder()
     started = time.perf_counter()
     with progress_bar(label, total=len(todo), unit="users") as bar:
 
@@ -526,8 +502,7 @@ def generate_profiles(
             out.rows.extend(result.rows)
             out.errors.extend(result.invalid)
             out.tokens += result.tokens
-            if checkpoints is not None:
-                checkpoints.write(inputs.checkpoint_kind, rows_table(result.rows, inputs.dim))
+            ctx.checkpoints.write(inputs.checkpoint_kind, rows_table(result.rows, inputs.dim))
             advance(bar, len(batch))
 
         def fail(f: Failed) -> None:
@@ -581,66 +556,25 @@ def log_estimate(inputs: ProfileInputs, n_cached: int, todo: list[UserJob], esti
 
 
 def build_profiles(
-    *,
-    workspace: Workspace,
+    ctx: EnrichContext,
+    inputs: ProfileInputs,
     items: pa.Table,
-    item_result: ItemResult,
-    enrich: EnrichSettings,
-    settings: ProfileSettings,
-    prompts: Prompts,
-    llm_id: str,
-    embed_id: str,
-    generator: Callable[[], Generator],
-    embedder: Callable[[], Embedder],
-    previous: list[pa.Table | None],
-    previous_stats: dict,
-    checkpoints: Checkpoints | None,
-    clusters: Clusters | None = None,
-    failed_before: dict[str, dict] | None = None,
-    estimate: dict | None = None,
+    failed_before: dict[str, dict],
+    estimate: dict,
 ) -> ProfileResult:
-    """Every selected user's profile: cached ones reused, the rest generated. `clusters` and
-    `failed_before` (user_id -> error row) come from this run's profile shards when it ran in shards."""
-    inputs = profile_inputs(
-        workspace=workspace,
-        items=items,
-        item_result=item_result,
-        enrich=enrich,
-        settings=settings,
-        prompts=prompts,
-        llm_id=llm_id,
-        embed_id=embed_id,
-        dim=item_result.dim,
-        previous=previous,
-        previous_stats=previous_stats,
-        checkpoints=checkpoints,
-        clusters=clusters,
-    )
-    failed_before = failed_before or {}
+    """Every selected user's profile: cached ones (this run's shards' included) reused, the rest generated.
+    Users in `failed_before` (user_id -> error row) failed in this run's shards and are reported, not
+    tried again; `estimate` is the plan's cost estimate."""
     rows, todo = inputs.split(inputs.jobs)
     errors = [failed_before[j.user_id] for j in todo if j.user_id in failed_before]
     todo = [j for j in todo if j.user_id not in failed_before]
     n_cached = len(rows)
-    speed = previous_stats.get("generation_tokens_per_s") or settings.estimate_tokens_per_s
-    if estimate is None:
-        estimate = estimate_cost(todo, settings, speed)
-        log_estimate(inputs, n_cached, todo, estimate)
-    gen = generate_profiles(
-        todo,
-        inputs=inputs,
-        settings=settings,
-        prompts=prompts,
-        llm_id=llm_id,
-        embed_id=embed_id,
-        generator=generator,
-        embedder=embedder,
-        checkpoints=checkpoints,
-    )
+    gen = generate_profiles(ctx, inputs, todo)
     rows += gen.rows
     errors += gen.errors
     order = {job.user_id: job.user_idx for job in inputs.jobs}
     rows.sort(key=lambda r: order[r["user_id"]])
-    in_ingest = set(workspace.read_table("ingest", "users")["user_id"].to_pylist())
+    in_ingest = set(ctx.workspace.read_table("ingest", "users")["user_id"].to_pylist())
     kept = [r for u, r in sorted(inputs.cached.items()) if u not in order and u in in_ingest]
     tokens_per_s = round(gen.tokens / gen.seconds, 1) if gen.tokens and gen.seconds else None
     clusters = inputs.clusters
@@ -668,6 +602,6 @@ def build_profiles(
             "kmeans_refit": clusters.refit,
             "kmeans_k": int(clusters.centroids.shape[0]),
             # the speed the next run's estimate uses
-            "generation_tokens_per_s": tokens_per_s or previous_stats.get("generation_tokens_per_s"),
+            "generation_tokens_per_s": tokens_per_s or ctx.previous_stats.get("generation_tokens_per_s"),
         },
     )

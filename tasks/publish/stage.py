@@ -18,11 +18,11 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from bridgerec.storage import warehouse as wh
 from bridgerec.storage.index_store import IndexStore, check_run_id, set_threads
 from bridgerec.storage.vectors import DomainVectors
 from bridgerec.storage.workspace import Workspace, config_hash, hash_json
+from bridgerec.tasks.enrich import EnrichOutputs
 from bridgerec.tasks.ingest import IngestMissing, IngestOutputs
 from bridgerec.tasks.publish.recommend import DomainTopK, recommend_domain, recommendation_rows
 from bridgerec.tasks.publish.settings import PublishSettings
@@ -145,16 +145,10 @@ def load_run_metrics(workspace: Workspace, trained: TrainedRun) -> pa.Table | No
 def load_profiles(workspace: Workspace) -> pa.Table | None:
     """User profiles of the enrich stage (user_id, profile_text and, when written, cluster_summaries and
     llm_model_id), or None when profiles are off."""
-    if workspace.read_manifest("enrich") is None:
-        return None
-    path = workspace.stage_dir("enrich") / "profiles.parquet"
-    if not path.exists():
-        return None
-    names = pq.read_schema(path).names
-    if not {"user_id", "profile_text"} <= set(names):
-        raise PublishError(f"{path} lacks user_id/profile_text columns (has {names})")
-    wanted = ["user_id", "profile_text", "cluster_summaries", "llm_model_id"]
-    return pq.read_table(path, columns=[c for c in wanted if c in names])
+    try:
+        return EnrichOutputs(workspace).profile_texts()
+    except ValueError as exc:
+        raise PublishError(str(exc)) from exc
 
 
 def check_vectors_match_ingest(

@@ -10,6 +10,7 @@ import pyarrow.compute as pc
 from bridgerec.models.data import Catalog, Sequences
 from bridgerec.models.registry import ItemTables
 from bridgerec.storage.workspace import Workspace, hash_file
+from bridgerec.tasks.enrich import EnrichOutputs
 from bridgerec.tasks.ingest import IngestOutputs
 
 
@@ -41,9 +42,7 @@ def load_sequences(workspace: Workspace) -> Sequences:
 
 
 def load_item_tables(workspace: Workspace) -> ItemTables:
-    from bridgerec.tasks.enrich import load_item_tables as enrich_tables
-
-    global_table, local = enrich_tables(workspace)
+    global_table, local = EnrichOutputs(workspace).item_tables()
     return ItemTables(
         np.asarray(global_table, np.float32), [np.asarray(local[d], np.float32) for d in sorted(local)]
     )
@@ -51,10 +50,8 @@ def load_item_tables(workspace: Workspace) -> ItemTables:
 
 def load_profiles(workspace: Workspace, n_users: int) -> tuple[np.ndarray, np.ndarray] | None:
     """(vectors [U, D] with zero rows for users without a profile, has [U] bool), or None if none exist."""
-    from bridgerec.tasks.enrich import load_profile_vectors
-
     try:
-        user_idx, vectors = load_profile_vectors(workspace)
+        user_idx, vectors = EnrichOutputs(workspace).profile_vectors()
     except FileNotFoundError:
         return None
     user_idx = np.asarray(user_idx, np.int64)
@@ -71,14 +68,12 @@ def load_profiles(workspace: Workspace, n_users: int) -> tuple[np.ndarray, np.nd
 
 def input_files(workspace: Workspace, llm: bool, profiles: bool) -> dict[str, Path]:
     """The files a run depends on (their content hashes decide whether a rerun is skipped)."""
-    ingest = IngestOutputs(workspace)
+    ingest, enrich = IngestOutputs(workspace), EnrichOutputs(workspace)
     files = {"ingest/sequences": ingest.file("sequences"), "ingest/items": ingest.file("items")}
     if llm:
-        files["enrich/item_vectors"] = workspace.stage_dir("enrich") / "item_vectors.parquet"
-    if profiles:
-        path = workspace.stage_dir("enrich") / "profiles.parquet"
-        if path.exists():
-            files["enrich/profiles"] = path
+        files["enrich/item_vectors"] = enrich.item_vectors_path
+    if profiles and enrich.profiles_path.exists():
+        files["enrich/profiles"] = enrich.profiles_path
     return files
 
 
