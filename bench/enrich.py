@@ -36,12 +36,19 @@ def main() -> None:
     args = ap.parse_args()
     import numpy as np
     from bridgerec.storage.workspace import Workspace
+    from bridgerec.tasks.enrich import (
+        EnrichOutputs,
+        EnrichSettings,
+        ProfileSettings,
+        embedding_model,
+        run_enrich,
+    )
+
+    # the parts measured on their own: the item phase, the engines, the profile prompts
     from bridgerec.tasks.enrich import items as item_phase
     from bridgerec.tasks.enrich.engine import EnginePool, EngineSpec, Sampling, shared_engines
-    from bridgerec.tasks.enrich.models import embedding_model, profile_model
+    from bridgerec.tasks.enrich.models import profile_model
     from bridgerec.tasks.enrich.profiles import estimate_cost, load_prompts, user_jobs
-    from bridgerec.tasks.enrich.settings import EnrichSettings, ProfileSettings
-    from bridgerec.tasks.enrich.stage import run_enrich
     from bridgerec.tasks.enrich.texts import item_texts
     from bridgerec.tasks.ingest.settings import IngestSettings
     from bridgerec.tasks.ingest.stage import run_ingest
@@ -84,7 +91,7 @@ def main() -> None:
         # 3. the whole item stage, warm engine (fresh enrich folder, no cache)
         import shutil
 
-        shutil.rmtree(ws.stage_dir("enrich"), ignore_errors=True)
+        shutil.rmtree(EnrichOutputs(ws).folder, ignore_errors=True)
         t = time.perf_counter()
         s = run_enrich(enrich, no_profiles, ws, threads=args.threads)
         out |= {
