@@ -166,12 +166,12 @@ class Embedder:
         outs = self.llm.encode(texts, pooling_task="embed", use_tqdm=False, tokenization_kwargs=kwargs)
         return torch.stack([o.outputs.data for o in outs]).float().numpy()  # [n, D]
 
-    def embed(self, texts: list[str], truncate: bool | None = None) -> np.ndarray:
-        """[n] texts -> [n, D] float32, L2-normalised. Raises for the whole call if one text is bad."""
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """[n] texts -> [n, D] float32, L2-normalised; texts over the context are cut to it when
+        `truncate`. Raises for the whole call if one text is bad."""
         if not texts:
             return np.zeros((0, getattr(self, "dim", 0)), np.float32)
-        truncate = self.truncate if truncate is None else truncate
-        kwargs = {"truncate_prompt_tokens": self.max_len} if truncate else None
+        kwargs = {"truncate_prompt_tokens": self.max_len} if self.truncate else None
         vectors = self.call(self._encode, texts, kwargs)  # [n, D]
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
@@ -200,7 +200,6 @@ class Generator:
         self.model_id = model_id
         self.call = call
         self.tokenizer = llm.get_tokenizer()
-        self.max_len: int = llm.llm_engine.model_config.max_model_len
 
     def render(self, messages: list[dict[str, str]]) -> str:
         """The model's chat template applied, ready for `generate`."""
