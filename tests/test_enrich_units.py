@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 from bridgerec.storage.checkpoints import Checkpoints
 from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks.enrich import EnrichOutputs
 from bridgerec.tasks.enrich.batching import Failed, run_resilient
 from bridgerec.tasks.enrich.models import model_fingerprint, model_id
 from bridgerec.tasks.enrich.pca import fit_pca
@@ -72,10 +73,29 @@ def test_pca_matches_numpy_and_skips_when_not_reducing() -> None:
     np.testing.assert_allclose(np.var(y, axis=0) * 300, s[:5] ** 2, rtol=1e-3)  # top-5 variances
     assert 0 < fit.explained < 1
     np.testing.assert_allclose(fit_pca(x, 5).transform(x), y)  # refit: same signs, same table
+    assert fit.components is not None
+    loadings = fit.components[np.arange(5), np.abs(fit.components).argmax(axis=1)]
+    assert (loadings > 0).all()  # the sign convention: each component's largest loading positive
+    np.testing.assert_allclose(fit.components @ fit.components.T, np.eye(5), atol=1e-6)
     same = fit_pca(x, 20)
     assert same.identity and same.out_dim == 20 and np.array_equal(same.transform(x), x)
     few = fit_pca(x[:4], 8)  # 4 rows: 3 components, the rest zero
     assert few.transform(x[:4]).shape == (4, 8) and not few.transform(x[:4])[:, 3:].any()
+
+
+def test_outputs_reader_of_an_unbuilt_and_a_broken_stage(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path)
+    out = EnrichOutputs(ws)
+    assert out.manifest() is None and out.profile_texts() is None
+    assert out.previous("profiles") is None and out.kmeans() is None
+    with pytest.raises(FileNotFoundError, match="enrich"):
+        out.profile_vectors()
+    with ws.building("enrich") as stage:
+        stage.write_table("profiles", pa.table({"user_id": ["u1"], "text": ["x"]}))
+        stage.finish(schema_version=1, config_hash="test", input_hashes={})
+    assert out.previous("profiles") is not None and out.profiles_path.is_file()
+    with pytest.raises(ValueError, match="lacks user_id/profile_text"):
+        out.profile_texts()
 
 
 def test_failing_units_are_isolated_by_splitting() -> None:
