@@ -18,9 +18,9 @@ from bridgerec.tasks.enrich import (
     plan_profiles,
     prepare_profile_model,
     profile_shard,
-    require_ingest,
     run_shards,
 )
+from bridgerec.tasks.ingest import IngestOutputs
 from prefect import Flow, Task, flow, task, unmapped
 from prefect.artifacts import create_table_artifact
 from prefect.task_runners import ProcessPoolTaskRunner
@@ -31,7 +31,7 @@ R = TypeVar("R")
 @task(name="check-inputs")
 def check_inputs(workspace: str) -> None:
     """Fail fast, before converting or starting any model, if the ingest stage has not finished."""
-    require_ingest(Workspace(workspace))
+    IngestOutputs(Workspace(workspace)).manifest()  # raises IngestMissing
 
 
 @task(name="prepare-models")

@@ -93,7 +93,8 @@ def test_outputs_reader_of_an_unbuilt_and_a_broken_stage(tmp_path: Path) -> None
     with ws.building("enrich") as stage:
         stage.write_table("profiles", pa.table({"user_id": ["u1"], "text": ["x"]}))
         stage.finish(schema_version=1, config_hash="test", input_hashes={})
-    assert out.previous("profiles") is not None and out.profiles_path.is_file()
+    assert out.previous("profiles") is not None and out.file("profiles").is_file()
+    assert out.key() == {"config": "test", "inputs": {}, "rows": {"profiles": 1}}
     with pytest.raises(ValueError, match="lacks user_id/profile_text"):
         out.profile_texts()
 

@@ -16,7 +16,6 @@ from bridgerec.tasks.enrich.stage import (
     plan_enrich,
     plan_profiles,
     profile_shard,
-    require_ingest,
     run_enrich,
     run_shards,
 )
@@ -37,7 +36,6 @@ __all__ = [
     "plan_profiles",
     "prepare_profile_model",
     "profile_shard",
-    "require_ingest",
     "run_enrich",
     "run_shards",
 ]

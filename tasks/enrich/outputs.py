@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -12,6 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from bridgerec.storage import schemas
 from bridgerec.storage.workspace import Manifest, Workspace
+from bridgerec.tasks.ingest import IngestOutputs
 
 from bridgerec.runtime.logs import get_logger
 
@@ -35,28 +37,34 @@ class EnrichOutputs:
     """The enrich stage's output folder of one workspace (tables listed in docs/enrich.md).
 
     The train stage reads the item tables and profile vectors as arrays keyed by the ingest's dense ids,
-    and hashes `item_vectors_path` / `profiles_path` as its inputs; the publish stage reads the profile
-    texts. Everything is matched through the source ids (`item_id`, `user_id`), so it always follows the
-    current ingest ids.
+    and hashes the files behind them as its inputs (`file`); the publish stage reads the profile texts
+    and the output's `key`. Everything is matched through the source ids (`item_id`, `user_id`), so it
+    always follows the current ingest ids.
     """
 
     def __init__(self, workspace: Workspace) -> None:
         self.workspace = workspace
-        self.folder = workspace.stage_dir(STAGE)
+        self.ingest = IngestOutputs(workspace)
+
+    @property
+    def folder(self) -> Path:
+        return self.workspace.stage_dir(STAGE)
 
     def manifest(self) -> Manifest | None:
         """The finished stage's manifest, None when the stage has not been built."""
         return self.workspace.read_manifest(STAGE)
 
-    @property
-    def item_vectors_path(self) -> Path:
-        """item_vectors.parquet: the frozen item tables of the model (global and local vectors)."""
-        return self.folder / "item_vectors.parquet"
+    def file(self, name: str) -> Path:
+        """The Parquet file behind table `name` (e.g. "item_vectors", "profiles"), for content hashes of
+        later stages' inputs; it may not exist (profiles before the first build with profiles on)."""
+        return self.folder / f"{name}.parquet"
 
-    @property
-    def profiles_path(self) -> Path:
-        """profiles.parquet: the selected users' profiles (absent before the first build)."""
-        return self.folder / "profiles.parquet"
+    def key(self) -> dict[str, Any] | None:
+        """What identifies this output (config hash, input hashes, row counts); None when absent."""
+        m = self.manifest()
+        return (
+            None if m is None else {"config": m.config_hash, "inputs": m.input_hashes, "rows": m.row_counts}
+        )
 
     def item_tables(self) -> tuple[np.ndarray, dict[int, np.ndarray]]:
         """(global_table [n_items+1, Dg] float32 by global_id, {domain_idx: local_table [n_d+1, Dl] float32
@@ -66,10 +74,8 @@ class EnrichOutputs:
         (ValueError: the enrich stage is older than the ingest stage, rerun enrich).
         """
         vec = self.workspace.read_table(STAGE, "item_vectors")
-        items = self.workspace.read_table(
-            "ingest", "items", columns=["item_id", "global_id", "local_id", "domain_idx"]
-        )
-        domains = self.workspace.read_table("ingest", "domains", columns=["domain_idx", "n_items"])
+        items = self.ingest.table("items", columns=["item_id", "global_id", "local_id", "domain_idx"])
+        domains = self.ingest.table("domains", columns=["domain_idx", "n_items"])
         idx = pc.index_in(items["item_id"], value_set=vec["item_id"])
         if idx.null_count:
             raise ValueError(
@@ -99,7 +105,7 @@ class EnrichOutputs:
         Raises FileNotFoundError when the enrich stage has not run; empty arrays when profiles are off.
         """
         prof = self.workspace.read_table(STAGE, "profiles", columns=["user_id", "vector"])
-        users = self.workspace.read_table("ingest", "users", columns=["user_id", "user_idx"])
+        users = self.ingest.table("users", columns=["user_id", "user_idx"])
         dim = prof.schema.field("vector").type.list_size
         idx = pc.index_in(prof["user_id"], value_set=users["user_id"])
         keep = pc.is_valid(idx).to_numpy(zero_copy_only=False)
@@ -112,7 +118,7 @@ class EnrichOutputs:
         """user_id, profile_text and, when written, cluster_summaries and llm_model_id of every profile;
         None when the stage has not been built or wrote no profiles. ValueError when the file lacks
         user_id or profile_text."""
-        path = self.profiles_path
+        path = self.file("profiles")
         if self.manifest() is None or not path.exists():
             return None
         names = pq.read_schema(path).names
@@ -124,7 +130,7 @@ class EnrichOutputs:
     def previous(self, name: str) -> pa.Table | None:
         """A table of the finished output, for a rebuild to reuse; None on the first build or when it is
         unreadable (then nothing of it is reused)."""
-        path = self.folder / f"{name}.parquet"
+        path = self.file(name)
         if self.manifest() is None or not path.exists():
             return None
         try:

@@ -152,7 +152,7 @@ class EnrichContext:
 
     def items(self) -> pa.Table:
         """Ingest items.parquet (every item, in ingest row order)."""
-        return self.workspace.read_table("ingest", "items")
+        return self.outputs.ingest.table("items")
 
     def embedder(self) -> Embedder:
         """The item embedding engine (also embeds the profile texts)."""

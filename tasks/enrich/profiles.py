@@ -454,7 +454,7 @@ def profile_inputs(ctx: EnrichContext, items: pa.Table, clusters: Clusters, dim:
     """The selected users' jobs over `clusters` (fixed once per run) and the profile cache of `dim`-d
     vectors."""
     settings = ctx.profiles
-    sequences = ctx.workspace.read_table("ingest", "sequences")
+    sequences = ctx.outputs.ingest.table("sequences")
     jobs, n_users = user_jobs(sequences, items, clusters.assign, settings)
     prompts = load_prompts(settings.prompt_version)
     assert ctx.plan.llm_id is not None
@@ -574,7 +574,7 @@ def build_profiles(
     errors += gen.errors
     order = {job.user_id: job.user_idx for job in inputs.jobs}
     rows.sort(key=lambda r: order[r["user_id"]])
-    in_ingest = set(ctx.workspace.read_table("ingest", "users")["user_id"].to_pylist())
+    in_ingest = set(ctx.outputs.ingest.table("users", columns=["user_id"])["user_id"].to_pylist())
     kept = [r for u, r in sorted(inputs.cached.items()) if u not in order and u in in_ingest]
     tokens_per_s = round(gen.tokens / gen.seconds, 1) if gen.tokens and gen.seconds else None
     clusters = inputs.clusters

@@ -17,13 +17,13 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import pyarrow as pa
 from bridgerec.storage import schemas
-from bridgerec.storage.workspace import Workspace, hash_file, hash_json
+from bridgerec.storage.workspace import Workspace, config_hash, hash_file
 from bridgerec.tasks.enrich import items as item_phase
 from bridgerec.tasks.enrich import models
 from bridgerec.tasks.enrich import profiles as profile_phase
 from bridgerec.tasks.enrich.batching import Failed
 from bridgerec.tasks.enrich.engine import engine_scope
-from bridgerec.tasks.enrich.outputs import STAGE, EnrichOutputs
+from bridgerec.tasks.enrich.outputs import STAGE
 from bridgerec.tasks.enrich.plan import (
     EnrichContext,
     EnrichPlan,
@@ -36,6 +36,7 @@ from bridgerec.tasks.enrich.plan import (
 )
 from bridgerec.tasks.enrich.profiles import load_prompts
 from bridgerec.tasks.enrich.settings import EnrichSettings, ProfileSettings
+from bridgerec.tasks.ingest import IngestOutputs
 
 from bridgerec.runtime.logs import get_logger
 
@@ -44,27 +45,17 @@ CLUSTERS_FILE = "clusters.npz"  # fixed by plan_profiles for every profile shard
 R = TypeVar("R")
 
 
-def config_hash(enrich: EnrichSettings, profiles: ProfileSettings) -> str:
+def settings_hash(enrich: EnrichSettings, profiles: ProfileSettings) -> str:
     # Model folders enter through their content fingerprints (input hashes), not their paths; shard
     # sizes only change how the work is split.
-    return hash_json(
-        {
-            "enrich": enrich.model_dump(
-                mode="json", exclude={"model", "items_per_shard", "task_runner", "workers"}
-            ),
-            "profiles": profiles.model_dump(
-                mode="json", exclude={"model", "gguf_source", "auto_prepare", "users_per_shard"}
-            ),
-        }
+    return config_hash(
+        enrich,
+        profiles,
+        exclude={
+            0: {"model", "items_per_shard", "task_runner", "workers"},
+            1: {"model", "gguf_source", "auto_prepare", "users_per_shard"},
+        },
     )
-
-
-def require_ingest(workspace: Workspace) -> None:
-    """FileNotFoundError unless the ingest stage has finished (checked before any model is touched)."""
-    if workspace.read_manifest("ingest") is None:
-        raise FileNotFoundError(
-            f"{workspace.stage_dir('ingest')} has no finished ingest: run `bridgerec ingest`"
-        )
 
 
 def plan_enrich(
@@ -78,20 +69,18 @@ def plan_enrich(
     unchanged (then no engine starts)."""
     log = get_logger()
     started_at, started = time.time(), time.perf_counter()
-    require_ingest(workspace)
+    ingest = IngestOutputs(workspace)
+    ingest.manifest()  # IngestMissing before any model is touched
     embed_dir, embed_id = models.embedding_model(enrich)
     llm_dir, llm_id = models.profile_model(profiles) if profiles.mode == "llm" else (None, None)
     prompts = load_prompts(profiles.prompt_version) if profiles.mode == "llm" else None
-    hashes = {
-        f"ingest/{name}": hash_file(workspace.stage_dir("ingest") / f"{name}.parquet")
-        for name in INGEST_FILES
-    }
+    hashes = {f"ingest/{name}": hash_file(ingest.file(name)) for name in INGEST_FILES}
     hashes["model/embed"] = embed_id
     if llm_id is not None and prompts is not None:
         hashes["model/llm"] = llm_id
         hashes["prompts"] = prompts.digest
-    chash = config_hash(enrich, profiles)
-    n_items = workspace.read_table("ingest", "items").num_rows
+    chash = settings_hash(enrich, profiles)
+    n_items = ingest.table("items", columns=["item_id"]).num_rows
     plan = EnrichPlan(
         enrich=enrich,
         profiles=profiles,
@@ -107,14 +96,10 @@ def plan_enrich(
         item_shards=shards(n_items, enrich.items_per_shard),
         started_at=started_at,
     )
-    existing = EnrichOutputs(workspace).manifest()
-    if (
-        not force
-        and existing is not None
-        and existing.schema_version == schemas.ENRICH_SCHEMA_VERSION
-        and existing.config_hash == chash
-        and existing.input_hashes == hashes
-    ):
+    existing = workspace.current(
+        STAGE, schema_version=schemas.ENRICH_SCHEMA_VERSION, config_hash=chash, input_hashes=hashes
+    )
+    if not force and existing is not None:
         log.info("enrich: inputs, config and models unchanged, skipping (%s)", workspace.stage_dir(STAGE))
         stats = existing.stats
         plan.item_shards = []

@@ -79,11 +79,6 @@ def settings_hash(settings: PublishSettings) -> str:
     return config_hash(settings, exclude={0: {"threads", "batch_users", "index_dir"}})
 
 
-def _manifest_key(workspace: Workspace, stage: str) -> dict[str, Any] | None:
-    m = workspace.read_manifest(stage)
-    return None if m is None else {"config": m.config_hash, "inputs": m.input_hashes, "rows": m.row_counts}
-
-
 def inputs_hash(
     settings: PublishSettings,
     workspace: Workspace,
@@ -94,7 +89,7 @@ def inputs_hash(
     parts: dict[str, Any] = {
         "config": settings_hash(settings),
         "ingest": IngestOutputs(workspace).key(),
-        "enrich": _manifest_key(workspace, "enrich"),
+        "enrich": EnrichOutputs(workspace).key(),
     }
     if trained is not None:
         parts["train"] = {"run_id": trained.run_id, "summary": TrainOutputs(workspace).fingerprint(trained)}

@@ -71,9 +71,9 @@ def input_files(workspace: Workspace, llm: bool, profiles: bool) -> dict[str, Pa
     ingest, enrich = IngestOutputs(workspace), EnrichOutputs(workspace)
     files = {"ingest/sequences": ingest.file("sequences"), "ingest/items": ingest.file("items")}
     if llm:
-        files["enrich/item_vectors"] = enrich.item_vectors_path
-    if profiles and enrich.profiles_path.exists():
-        files["enrich/profiles"] = enrich.profiles_path
+        files["enrich/item_vectors"] = enrich.file("item_vectors")
+    if profiles and enrich.file("profiles").exists():
+        files["enrich/profiles"] = enrich.file("profiles")
     return files
 
 
