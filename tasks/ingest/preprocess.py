@@ -9,17 +9,41 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC
+from datetime import UTC, datetime, timedelta
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 from bridgerec.storage import schemas
 from bridgerec.tasks.ingest.settings import IngestSettings
 from bridgerec.tasks.ingest.sources import RawSource
+from bridgerec.tasks.ingest.text import clean_text_array
+from duckdb.sqltypes import VARCHAR
+
+from bridgerec.runtime.errors import InputError
+
+# Epoch numbers: seconds per unit, and the magnitude bounds `unit: auto` uses (|x| below the bound).
+_EPOCH_DIVISORS = {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}
+_AUTO_UNIT_SQL = (
+    "CASE WHEN abs(ts_num) < 1e11 THEN 1.0 WHEN abs(ts_num) < 1e14 THEN 1e3 "
+    "WHEN abs(ts_num) < 1e17 THEN 1e6 ELSE 1e9 END"
+)
+# Why most rows of a file were quarantined, for the error that stops the run.
+_FILE_HINTS = {
+    "malformed_json": "the file is not JSON lines (nor Python dict literals)",
+    "too_few_fields": "wrong delimiter, or not the file this role expects?",
+    "too_many_fields": "wrong delimiter, or not the file this role expects?",
+    "unknown_item": "its items are not in the catalogue: check the catalogue (meta) file of the same domain",
+    "bad_timestamp": "timestamps in a unit, format or range not understood (see ingest.timestamps)",
+    "unknown_domain": "its domains are not in ingest.domains or the catalogue",
+    "domain_mismatch": "its domains contradict the catalogue's",
+    "invalid_unicode": "text with invalid escapes (lone UTF-16 surrogates) in used fields",
+}
 
 
-class IngestError(ValueError):
-    """The input cannot give a usable dataset (e.g. nothing left after filtering)."""
+class IngestError(InputError):
+    """The input cannot give a usable dataset (e.g. nothing left after filtering, a file whose rows
+    are mostly rejected, a domain left without items); the message names the file or domain."""
 
 
 @dataclass
@@ -77,6 +101,9 @@ def preprocess(
     raw: RawSource, settings: IngestSettings, threads: int, progress: Callable[[str], None] = lambda _: None
 ) -> IngestTables:
     con = duckdb.connect(config={"threads": threads})  # no ICU offline: TIMESTAMPTZ is UTC
+    con.create_function(
+        "clean_text", clean_text_array, [VARCHAR], VARCHAR, type="arrow", null_handling="special"
+    )
     try:
         return _preprocess(con, raw, settings, progress)
     finally:
@@ -103,16 +130,16 @@ def _preprocess(
         con,
         """
         CREATE TEMP TABLE items_checked AS
-        SELECT trim(item_id) AS item_id, trim(domain) AS domain, trim(title) AS title,
-               NULLIF(trim(brand), '') AS brand, NULLIF(trim(categories), '') AS categories,
-               NULLIF(trim(price), '') AS price, NULLIF(trim(description), '') AS description,
+        SELECT trim(item_id) AS item_id, trim(domain) AS domain, clean_text(title) AS title,
+               NULLIF(clean_text(brand), '') AS brand, NULLIF(clean_text(categories), '') AS categories,
+               NULLIF(clean_text(price), '') AS price, NULLIF(clean_text(description), '') AS description,
                NULLIF(attributes, '') AS attributes, _file, _record,
                CASE WHEN item_id IS NULL OR domain IS NULL OR title IS NULL THEN 'too_few_fields'
                     WHEN trim(item_id) = '' THEN 'empty_id'
                     WHEN trim(domain) NOT IN (SELECT domain FROM domain_list) THEN 'unknown_domain'
-                    WHEN trim(title) = '' THEN 'empty_title'
+                    WHEN clean_text(title) = '' THEN 'empty_title'
                END AS reason,
-               to_json(raw_items) AS row
+               to_json(raw_items) AS row  -- the row as read (text not cleaned)
         FROM raw_items
         """,
     )
@@ -134,32 +161,42 @@ def _preprocess(
 
     # ---- interactions: parse and check
     progress("checking interactions")
-    unit = {
-        "auto": "CASE WHEN abs(CAST(ts AS DOUBLE)) > 1e11 THEN 1000.0 ELSE 1.0 END",
-        "s": "1.0",
-        "ms": "1000.0",
-    }[raw.timestamp_unit]
-    ts_check = "WHEN ts_parsed IS NULL THEN 'bad_timestamp'" if raw.has_timestamp else ""
+    ts = settings.timestamps
+    unit = _AUTO_UNIT_SQL if ts.unit == "auto" else repr(_EPOCH_DIVISORS[ts.unit])
+    ts_min = _utc(ts.min)
+    ts_max = _utc(ts.max) if ts.max is not None else datetime.now(UTC) + timedelta(days=1)
+    ts_check = (
+        "WHEN ts_parsed IS NULL OR ts_parsed < $ts_min OR ts_parsed > $ts_max THEN 'bad_timestamp'"
+        if raw.has_timestamp
+        else ""
+    )
     pos_check = "WHEN pos_parsed IS NULL OR pos_parsed < 0 THEN 'bad_position'" if raw.has_position else ""
     missing = (
         ["user_id", "item_id", "domain"]
         + (["ts"] if raw.has_timestamp else [])
         + (["pos"] if raw.has_position else [])
     )
+    # Epoch numbers become instants only inside the plausible range (to_timestamp of a far-off value
+    # fails, and a wrong unit gives dates centuries away); everything else is bad_timestamp below.
     _exec(
         con,
         f"""
         CREATE TEMP TABLE inter_parsed AS
-        SELECT *,
-               CASE WHEN regexp_full_match(trim(ts), '-?[0-9]+(\\.[0-9]+)?')
-                    THEN to_timestamp(CAST(trim(ts) AS DOUBLE) / ({unit}))
-                    ELSE TRY_CAST(trim(ts) AS TIMESTAMPTZ) END AS ts_parsed,
-               TRY_CAST(trim(pos) AS BIGINT) AS pos_parsed,
-               TRY_CAST(trim(rating) AS FLOAT) AS rating_parsed
-        FROM (SELECT trim(user_id) AS user_id, trim(item_id) AS item_id, trim(domain) AS domain,
-                     "timestamp" AS ts, position AS pos, rating, _file, _record, to_json(raw_inter) AS row
-              FROM raw_inter)
+        SELECT * EXCLUDE (ts_num, ts_secs),
+               CASE WHEN ts_num IS NOT NULL
+                    THEN to_timestamp(CASE WHEN isfinite(ts_secs) AND ts_secs BETWEEN $min_s AND $max_s
+                                           THEN ts_secs END)
+                    ELSE TRY_CAST(trim(ts) AS TIMESTAMPTZ) END AS ts_parsed
+        FROM (
+            SELECT *, ts_num / ({unit}) AS ts_secs
+            FROM (SELECT trim(user_id) AS user_id, trim(item_id) AS item_id, trim(domain) AS domain,
+                         "timestamp" AS ts, TRY_CAST(trim("timestamp") AS DOUBLE) AS ts_num,
+                         position AS pos, rating, _file, _record, to_json(raw_inter) AS row,
+                         TRY_CAST(trim(position) AS BIGINT) AS pos_parsed,
+                         TRY_CAST(trim(rating) AS FLOAT) AS rating_parsed
+                  FROM raw_inter))
         """,
+        {"min_s": ts_min.timestamp(), "max_s": ts_max.timestamp()},
     )
     _exec(
         con,
@@ -176,7 +213,9 @@ def _preprocess(
                END AS reason
         FROM inter_parsed p LEFT JOIN items_valid i USING (item_id)
         """,
+        {"ts_min": ts_min, "ts_max": ts_max} if raw.has_timestamp else None,
     )
+    _check_files(con, raw, settings.max_quarantined_fraction)
 
     # ---- interactions: filters (each row removed is counted under its rule)
     progress("filtering interactions")
@@ -197,18 +236,10 @@ def _preprocess(
         params = {}
         if settings.time_window.start is not None:
             conds.append("ts_parsed < $start")
-            params["start"] = (
-                settings.time_window.start.astimezone(UTC)
-                if settings.time_window.start.tzinfo
-                else settings.time_window.start.replace(tzinfo=UTC)
-            )
+            params["start"] = _utc(settings.time_window.start)
         if settings.time_window.end is not None:
             conds.append("ts_parsed >= $end")
-            params["end"] = (
-                settings.time_window.end.astimezone(UTC)
-                if settings.time_window.end.tzinfo
-                else settings.time_window.end.replace(tzinfo=UTC)
-            )
+            params["end"] = _utc(settings.time_window.end)
         _exec(
             con,
             f"UPDATE inter_rule SET rule = 'time_window' WHERE rule IS NULL AND ({' OR '.join(conds)})",
@@ -269,6 +300,7 @@ def _preprocess(
         GROUP BY d.domain, d.domain_idx ORDER BY d.domain_idx
         """,
     )
+    _check_domains(con)
     _exec(
         con,
         """
@@ -380,3 +412,110 @@ def _preprocess(
         interactions_accounting=inter_acc,
         kcore_rounds=rounds,
     )
+
+
+def _utc(value: datetime) -> datetime:
+    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _reasons(counts: dict[str, int]) -> str:
+    return ", ".join(f"{r}: {n}" for r, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _quarantine_by_file(
+    con: duckdb.DuckDBPyConnection, raw: RawSource
+) -> dict[tuple[str, str], dict[str, int]]:
+    """Quarantined rows so far per (table, file) and reason: the checks' and the readers'."""
+    out: dict[tuple[str, str], dict[str, int]] = {}
+    rows = con.execute(
+        """
+        SELECT 'items', _file, reason, count(*) FROM items_checked WHERE reason IS NOT NULL GROUP BY ALL
+        UNION ALL
+        SELECT 'items', _file, 'conflicting_item', count(*) FROM items_ranked
+        WHERE rn > 1 AND content <> first_content GROUP BY ALL
+        UNION ALL
+        SELECT 'interactions', _file, reason, count(*) FROM inter_checked WHERE reason IS NOT NULL GROUP BY ALL
+        """
+    ).fetchall()
+    for table, file, reason, n in rows:
+        by = out.setdefault((table, file), {})
+        by[reason] = by.get(reason, 0) + int(n)
+    for table, rejects in (("items", raw.items.rejects), ("interactions", raw.interactions.rejects)):
+        for r in rejects:
+            by = out.setdefault((table, r["file"]), {})
+            by[r["reason"]] = by.get(r["reason"], 0) + 1
+    return out
+
+
+def _read_by_file(raw: RawSource) -> dict[tuple[str, str], int]:
+    """Rows read per (table, file), reader rejects included."""
+    out: dict[tuple[str, str], int] = {}
+    for table, part in (("items", raw.items), ("interactions", raw.interactions)):
+        if part.table.num_rows:
+            counts = pc.value_counts(part.table["_file"]).to_pylist()
+            for c in counts:
+                out[(table, c["values"])] = out.get((table, c["values"]), 0) + int(c["counts"])
+        for r in part.rejects:
+            out[(table, r["file"])] = out.get((table, r["file"]), 0) + 1
+    return out
+
+
+def _check_files(con: duckdb.DuckDBPyConnection, raw: RawSource, max_fraction: float) -> None:
+    """Stop when a file has more than `max_fraction` of its rows quarantined: such a file is most
+    likely not what it claims to be (another format, the wrong file, a wrong unit), and a run built
+    on what is left of it would silently lose a catalogue or a domain."""
+    if max_fraction >= 1.0:
+        return
+    read = _read_by_file(raw)
+    for (table, file), reasons in sorted(_quarantine_by_file(con, raw).items()):
+        n_read, n_bad = read.get((table, file), 0), sum(reasons.values())
+        if n_read and n_bad / n_read > max_fraction:
+            top = max(reasons, key=lambda r: (reasons[r], r))
+            hint = _FILE_HINTS.get(top)
+            raise IngestError(
+                f"{file}: {n_bad} of {n_read} {table} rows quarantined ({_reasons(reasons)})"
+                + (f": {hint}" if hint else "")
+                + f"; nothing written (the limit is ingest.max_quarantined_fraction = {max_fraction:g})"
+            )
+
+
+def _check_domains(con: duckdb.DuckDBPyConnection) -> None:
+    """Stop when a configured domain is left without items (and so without users): the stages after
+    ingest cannot train or publish it, and would fail far from the cause."""
+    empty = [
+        r[0]
+        for r in con.execute(
+            "SELECT domain FROM domains_final WHERE n_items = 0 ORDER BY domain_idx"
+        ).fetchall()
+    ]
+    if not empty:
+        return
+    parts = []
+    for domain in empty:
+        files = [
+            r[0]
+            for r in con.execute(
+                """
+                SELECT DISTINCT _file FROM (
+                    SELECT _file FROM items_checked WHERE domain = $d
+                    UNION ALL SELECT _file FROM inter_checked WHERE domain = $d)
+                ORDER BY 1
+                """,
+                {"d": domain},
+            ).fetchall()
+        ]
+        inter = dict(
+            con.execute(
+                """
+                SELECT coalesce(reason, rule, 'kept'), count(*) FROM inter_checked c
+                LEFT JOIN inter_rule r USING (_file, _record) WHERE c.domain = $d GROUP BY 1
+                """,
+                {"d": domain},
+            ).fetchall()
+        )
+        where = f"in {', '.join(files)}" if files else "no row names it"
+        parts.append(
+            f"domain {domain!r} has no items or users left ({where}; its interactions: "
+            f"{_reasons(inter) if inter else 'none'})"
+        )
+    raise IngestError("; ".join(parts) + "; nothing written")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -44,6 +44,38 @@ class TimeWindow(BaseModel):
         return self.start is not None or self.end is not None
 
 
+class TimestampSettings(BaseModel):
+    """How epoch numbers are read and which instants are plausible (others: `bad_timestamp`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    unit: Literal["auto", "s", "ms", "us", "ns"] = Field(
+        default="auto",
+        description=(
+            "Unit of epoch numbers; auto = by magnitude (|x| < 1e11: s, < 1e14: ms, < 1e17: us, else ns), "
+            "which is unambiguous for instants between 1973 and 5138."
+        ),
+    )
+    min: datetime = Field(
+        default=datetime(1990, 1, 1, tzinfo=UTC),
+        description="Earliest plausible instant (UTC); earlier ones are quarantined as bad_timestamp.",
+    )
+    max: datetime | None = Field(
+        default=None,
+        description="Latest plausible instant (UTC); None = one day after the ingest runs.",
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TimestampSettings:
+        if self.max is not None and _utc(self.min) >= _utc(self.max):
+            raise ValueError(f"timestamps.min ({self.min}) must be before timestamps.max ({self.max})")
+        return self
+
+
+def _utc(value: datetime) -> datetime:
+    """A naive datetime is UTC; an aware one is converted to UTC."""
+    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+
+
 class IngestSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -60,6 +92,16 @@ class IngestSettings(BaseModel):
     time_window: TimeWindow = Field(default_factory=TimeWindow)
     kcore: KCoreSettings = Field(default_factory=KCoreSettings)
     min_interactions: int = Field(default=3, ge=3, description="Users with fewer interactions are dropped.")
+    timestamps: TimestampSettings = Field(default_factory=TimestampSettings)
+    max_quarantined_fraction: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "A raw file with more than this share of its rows quarantined stops the run with the file "
+            "named (it is probably not what it claims to be); 1.0 = never."
+        ),
+    )
 
     @model_validator(mode="after")
     def _files_match_source(self) -> IngestSettings:

@@ -6,30 +6,41 @@ Standard interaction columns: user_id, item_id, domain, timestamp, position, rat
 Every row carries `_file` (its source path) and `_record` (1-based record number in that file), so a
 quarantined row can be found again. Values are left as strings; parsing and checks happen in SQL
 (see preprocess.py), where they are vectorised.
+
+JSON lines and Parquet go through one path: a Parquet row is serialised to a JSON object (only the
+columns the source maps are read) and both are then read by the same field expressions, so a list
+column is joined the same way whichever format it came in. A line DuckDB cannot parse as a JSON object
+gets a second chance in Python: `json.loads` (which accepts escapes of lone UTF-16 surrogates) and then
+`ast.literal_eval` (Amazon's older metadata files are Python dict literals, not JSON; never `eval`).
 """
 
 from __future__ import annotations
 
+import ast
 import gzip
+import json
+import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 from bridgerec.tasks.ingest.settings import IngestSettings
+
+from bridgerec.runtime.errors import InputError
 
 ITEM_COLUMNS = ["item_id", "domain", "title", "brand", "categories", "price", "description", "attributes"]
 INTERACTION_COLUMNS = ["user_id", "item_id", "domain", "timestamp", "position", "rating"]
-TimestampUnit = Literal["auto", "s", "ms"]
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_MAX_LITERAL_CHARS = 1 << 20  # longer lines are not offered to ast.literal_eval (its parser recurses)
 
 
-class SourceError(ValueError):
-    """A file is not what it claims to be; the message names the file and the problem."""
+class SourceError(InputError):
+    """A file is not what it claims to be; the message names the file (and column) and the problem."""
 
 
 @dataclass
@@ -44,7 +55,6 @@ class RawTable:
 class RawSource:
     items: RawTable
     interactions: RawTable
-    timestamp_unit: TimestampUnit
     has_timestamp: bool
     has_position: bool
     domains_in_catalogue: list[str]
@@ -77,12 +87,19 @@ def read_source(settings: IngestSettings) -> RawSource:
     return _read_amazon(settings)
 
 
+def _unexpected(path: Path, exc: Exception) -> SourceError:
+    """A reader error no check foresaw, as one line naming the file."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return SourceError(f"{path}: cannot read ({type(exc).__name__}: {first})")
+
+
 # ---------------------------------------------------------------- generic
 
 
 def _read_generic(items_path: Path, inter_path: Path) -> RawSource:
-    items = _read_tabular(items_path, required=["item_id", "domain", "title"])
-    inter = _read_tabular(inter_path, required=["user_id", "item_id", "domain"])
+    # Items: every column is used (extra text columns travel in `attributes`); interactions: only theirs.
+    items = _read_tabular(items_path, required=["item_id", "domain", "title"], wanted=None)
+    inter = _read_tabular(inter_path, required=["user_id", "item_id", "domain"], wanted=INTERACTION_COLUMNS)
     names = set(inter.table.column_names)
     has_ts, has_pos = "timestamp" in names, "position" in names
     if not (has_ts or has_pos):
@@ -92,7 +109,7 @@ def _read_generic(items_path: Path, inter_path: Path) -> RawSource:
     items.table = _standardise(items.table, ITEM_COLUMNS, pack_extra_into="attributes")
     inter.table = _standardise(inter.table, INTERACTION_COLUMNS)
     domains = sorted(set(pc.unique(items.table["domain"]).to_pylist()) - {None, ""})
-    return RawSource(items, inter, "auto", has_ts, has_pos, [d.strip() for d in domains])
+    return RawSource(items, inter, has_ts, has_pos, [d.strip() for d in domains])
 
 
 def _standardise(table: pa.Table, columns: list[str], pack_extra_into: str | None = None) -> pa.Table:
@@ -117,19 +134,31 @@ def _standardise(table: pa.Table, columns: list[str], pack_extra_into: str | Non
     return pa.table(out)
 
 
-def _read_tabular(path: Path, required: list[str]) -> RawTable:
+def _read_tabular(path: Path, required: list[str], wanted: list[str] | None) -> RawTable:
+    """A generic file; `wanted` = the columns used (None = all), the others are not read."""
     name = path.name.lower()
-    if name.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz")):
-        raw = _read_csv(path, delimiter="\t" if ".tsv" in name else ",")
-    elif name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".ndjson.gz")):
-        raw = _read_jsonl_flat(path)
-    elif name.endswith(".parquet"):
-        raw = _read_parquet(path)
-    else:
-        raise SourceError(f"{path}: unknown format (expected .csv, .csv.gz, .jsonl, .jsonl.gz or .parquet)")
+    try:
+        if name.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz")):
+            raw = _read_csv(path, delimiter="\t" if ".tsv" in name else ",")
+            found = [c for c in raw.table.column_names if not c.startswith("_")]
+        elif name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".ndjson.gz")):
+            raw = _read_jsonl_flat(path, wanted)
+            found = [c for c in raw.table.column_names if not c.startswith("_")]
+        elif name.endswith(".parquet"):
+            found = _parquet_columns(path)
+            keys = [c for c in found if wanted is None or c in wanted]
+            missing = [c for c in required if c not in found]
+            if missing:
+                raise SourceError(f"{path}: missing required column(s) {missing}; found {found}")
+            raw = _json_fields(_parquet_lines(path, keys), path, _generic_fields(keys), set(keys))
+        else:
+            raise SourceError(
+                f"{path}: unknown format (expected .csv, .csv.gz, .jsonl, .jsonl.gz or .parquet)"
+            )
+    except (duckdb.Error, pa.ArrowException, RecursionError, MemoryError) as exc:
+        raise _unexpected(path, exc) from exc
     missing = [c for c in required if c not in raw.table.column_names]
     if missing:
-        found = [c for c in raw.table.column_names if not c.startswith("_")]
         raise SourceError(f"{path}: missing required column(s) {missing}; found {found}")
     return raw
 
@@ -183,13 +212,56 @@ def _read_csv(path: Path, delimiter: str) -> RawTable:
     return RawTable(_with_provenance(table, path), rejects)
 
 
-def _read_parquet(path: Path) -> RawTable:
+def _parquet_columns(path: Path) -> list[str]:
+    """The top-level column names of a Parquet file (its schema only)."""
+    con = duckdb.connect()
     try:
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise SourceError(f"{path}: not a readable Parquet file ({exc})") from None
-    table = table.cast(pa.schema([pa.field(c, pa.string()) for c in table.column_names]))
-    return RawTable(_with_provenance(table, path))
+        return [r[0] for r in con.execute("DESCRIBE SELECT * FROM read_parquet(?)", [str(path)]).fetchall()]
+    except duckdb.Error as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise SourceError(f"{path}: not a readable Parquet file ({first})") from None
+    finally:
+        con.close()
+
+
+def _parquet_lines(path: Path, keys: list[str]) -> pa.Table:
+    """The `keys` columns of a Parquet file, each row as one JSON object text (`line`) + provenance.
+
+    Only these columns are read. Lists, structs and maps become JSON arrays and objects, numbers JSON
+    numbers, timestamps and dates strings, so the JSON-lines field expressions read them unchanged. A
+    column that cannot be turned into JSON is named in the error.
+    """
+    con = duckdb.connect()
+    try:
+        pairs = ", ".join(f"{_ident(k)} := {_ident(k)}" for k in keys) or "none := NULL"
+        sql = (
+            f"SELECT to_json(struct_pack({pairs}))::VARCHAR AS line, ? AS _file, "
+            "CAST(file_row_number + 1 AS BIGINT) AS _record "
+            "FROM read_parquet(?, file_row_number = true) ORDER BY file_row_number"
+        )
+        try:
+            return con.sql(sql, params=[str(path), str(path)]).to_arrow_table()
+        except duckdb.Error as exc:
+            first = str(exc).strip().splitlines()[0]
+            for k in keys:  # name the column that fails, where one does
+                try:
+                    con.execute(
+                        f"SELECT to_json({_ident(k)})::VARCHAR FROM read_parquet(?)", [str(path)]
+                    ).fetchall()
+                except duckdb.Error as col_exc:
+                    col_first = str(col_exc).strip().splitlines()[0]
+                    raise SourceError(f"{path}: column {k!r} cannot be read ({col_first})") from None
+            raise SourceError(f"{path}: not a readable Parquet file ({first})") from None
+    finally:
+        con.close()
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _sql_string(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 def _with_provenance(table: pa.Table, path: Path) -> pa.Table:
@@ -221,31 +293,135 @@ def _read_lines(path: Path) -> pa.Table:
     return _with_provenance(table, path)
 
 
-def _json_fields(lines: pa.Table, path: Path, fields: dict[str, str]) -> RawTable:
-    """Extract string fields from JSON lines with DuckDB; bad JSON lines become rejects.
+def _parse_object(line: str) -> tuple[dict | None, str]:
+    """Python's second opinion on a line DuckDB could not read as a JSON object: the object and how it
+    was read ('json' or 'python_literal'), or (None, '') when it is neither."""
+    try:
+        value = json.loads(line)
+        if isinstance(value, dict):
+            return value, "json"
+    except (ValueError, RecursionError):
+        pass
+    text = line.strip()
+    if text.startswith("{") and len(text) <= _MAX_LITERAL_CHARS:
+        try:
+            value = ast.literal_eval(text)  # literals only: no names, calls or attribute access
+            if isinstance(value, dict):
+                return value, "python_literal"
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            pass
+    return None, ""
 
-    `fields` maps output column -> SQL expression over the JSON value `j` (a missing key gives NULL).
+
+def _scrub(value: Any) -> tuple[Any, bool]:
+    """`value` with lone UTF-16 surrogates replaced by U+FFFD, and whether there were any."""
+    if isinstance(value, str):
+        if _LONE_SURROGATE.search(value):
+            return _LONE_SURROGATE.sub("\ufffd", value), True
+        return value, False
+    if isinstance(value, dict):
+        out, bad = {}, False
+        for k, v in value.items():
+            v2, b = _scrub(v)
+            out[str(k)], bad = v2, bad or b
+        return out, bad
+    if isinstance(value, list | tuple | set | frozenset):
+        items = [_scrub(v) for v in value]
+        return [v for v, _ in items], any(b for _, b in items)
+    return value, False
+
+
+def _repair_lines(lines: pa.Table, path: Path, used_keys: set[str] | None) -> tuple[pa.Table, list[dict]]:
+    """Give the lines DuckDB cannot read as a JSON object a second chance in Python.
+
+    A Python dict literal is read with `ast.literal_eval`. Text with a lone surrogate escape (valid
+    JSON that Python and DuckDB cannot encode) costs the row only when it is in a key the source uses
+    (`used_keys`; None = every key): then the row is quarantined as `invalid_unicode`; elsewhere it is
+    replaced by U+FFFD. Lines that are neither become `malformed_json` rejects.
     """
     con = duckdb.connect()
     con.register("lines", lines)
-    select = ", ".join(f"{expr} AS {col}" for col, expr in fields.items())
+    bad = con.execute(
+        "SELECT _record, line FROM lines WHERE json_type(TRY_CAST(line AS JSON)) IS DISTINCT FROM 'OBJECT'"
+    ).fetchall()
+    if not bad:
+        con.close()
+        return lines, []
+    fixed_records: list[int] = []
+    fixed_lines: list[str] = []
+    rejects: list[dict] = []
+    for record, line in bad:
+        obj, _ = _parse_object(line)
+        reason = "malformed_json"
+        if obj is not None:
+            bad_keys = {str(k) for k, v in obj.items() if _scrub(v)[1]}
+            if bad_keys and (used_keys is None or bad_keys & used_keys):
+                reason = "invalid_unicode"
+            else:
+                try:
+                    clean = {str(k): _scrub(v)[0] for k, v in obj.items()}
+                    fixed_lines.append(json.dumps(clean, ensure_ascii=False, allow_nan=False, default=str))
+                    fixed_records.append(record)
+                    continue
+                except (ValueError, TypeError, RecursionError):
+                    pass
+        shown = _LONE_SURROGATE.sub("\ufffd", line)
+        rejects.append({"file": str(path), "record": record, "reason": reason, "row": shown})
+    con.register("fixed", pa.table({"_record": pa.array(fixed_records, pa.int64()), "fixed": fixed_lines}))
+    rejected = pa.table({"_record": pa.array([r["record"] for r in rejects], pa.int64())})
+    con.register("rejected", rejected)
+    repaired = con.sql(
+        """
+        SELECT COALESCE(f.fixed, l.line) AS line, l._file, l._record
+        FROM lines l LEFT JOIN fixed f USING (_record)
+        WHERE l._record NOT IN (SELECT _record FROM rejected) ORDER BY l._record
+        """
+    ).to_arrow_table()
+    con.close()
+    return repaired, rejects
+
+
+def _json_fields(lines: pa.Table, path: Path, fields: dict[str, str], used_keys: set[str] | None) -> RawTable:
+    """Extract string fields from JSON lines with DuckDB; unreadable lines become rejects.
+
+    `fields` maps output column -> SQL expression over the JSON value `j` (a missing key gives NULL);
+    `used_keys` are the raw keys those expressions read (None = all).
+    """
+    lines, rejects = _repair_lines(lines, path, used_keys)
+    con = duckdb.connect()
+    con.register("lines", lines)
+    select = ", ".join(f"{expr} AS {_ident(col)}" for col, expr in fields.items())
     table = con.sql(
         f"""
         WITH parsed AS (SELECT _file, _record, TRY_CAST(line AS JSON) AS j FROM lines)
         SELECT {select}, _file, _record FROM parsed WHERE json_type(j) = 'OBJECT' ORDER BY _record
         """
     ).to_arrow_table()
-    bad = con.execute(
-        "SELECT _record, line FROM lines WHERE json_type(TRY_CAST(line AS JSON)) IS DISTINCT FROM 'OBJECT'"
-    ).fetchall()
     con.close()
-    rejects = [{"file": str(path), "record": r, "reason": "malformed_json", "row": line} for r, line in bad]
     return RawTable(table, rejects)
 
 
-def _read_jsonl_flat(path: Path) -> RawTable:
-    """Generic JSON lines: every top-level key becomes a string column (nested values as JSON)."""
-    lines = _read_lines(path)
+def _generic_fields(keys: list[str]) -> dict[str, str]:
+    """Field expressions of a generic JSON object: each key as text; `categories` and `description`
+    lists joined as the Amazon readers join them, other nested values kept as JSON text."""
+    out = {}
+    for k in keys:
+        if k == "categories":
+            out[k] = _list_text(k, " > ")
+        elif k == "description":
+            out[k] = _list_text(k, " ")
+        else:
+            out[k] = f"json_extract_string(j, {_sql_string(_json_path(k))})"
+    return out
+
+
+def _json_path(key: str) -> str:
+    return '$."' + key.replace('"', '\\"') + '"'
+
+
+def _read_jsonl_flat(path: Path, wanted: list[str] | None) -> RawTable:
+    """Generic JSON lines: every top-level key (or the `wanted` ones) becomes a string column."""
+    lines, rejects = _repair_lines(_read_lines(path), path, set(wanted) if wanted is not None else None)
     con = duckdb.connect()
     con.register("lines", lines)
     keys = [
@@ -255,10 +431,12 @@ def _read_jsonl_flat(path: Path) -> RawTable:
         ).fetchall()
     ]
     con.close()
-    fields = {k: f"json_extract_string(j, '$.\"{k}\"')" for k in sorted(keys) if k.isidentifier()}
-    if not fields:
+    keys = sorted(k for k in keys if k.isidentifier() and (wanted is None or k in wanted))
+    if not keys:
         raise SourceError(f"{path}: no JSON objects found")
-    return _json_fields(lines, path, fields)
+    raw = _json_fields(lines, path, _generic_fields(keys), set(keys))
+    raw.rejects = rejects + raw.rejects
+    return raw
 
 
 # ---------------------------------------------------------------- amazon
@@ -266,9 +444,10 @@ def _read_jsonl_flat(path: Path) -> RawTable:
 
 def _list_text(key: str, sep: str) -> str:
     """A JSON list of strings joined by `sep`, or the plain string if it is one."""
+    path = _sql_string(_json_path(key))
     return (
-        f"COALESCE(array_to_string(TRY_CAST(json_extract(j, '$.{key}') AS VARCHAR[]), '{sep}'),"
-        f" json_extract_string(j, '$.{key}'))"
+        f"COALESCE(array_to_string(TRY_CAST(json_extract(j, {path}) AS VARCHAR[]), '{sep}'),"
+        f" json_extract_string(j, {path}))"
     )
 
 
@@ -309,6 +488,14 @@ AMAZON_FIELDS: dict[str, dict[str, dict[str, str]]] = {
 }
 
 
+def mapped_keys(fields: dict[str, str]) -> set[str]:
+    """The raw keys a set of field expressions reads ('$.key' or '$."key"')."""
+    return {
+        m[0] or m[1]
+        for m in re.findall(r"'\$\.(?:\"([^\"]+)\"|([A-Za-z_][A-Za-z0-9_]*))", " ".join(fields.values()))
+    }
+
+
 def _read_amazon(settings: IngestSettings) -> RawSource:
     spec = AMAZON_FIELDS[settings.source]
     item_parts, inter_parts, item_rejects, inter_rejects = [], [], [], []
@@ -318,29 +505,24 @@ def _read_amazon(settings: IngestSettings) -> RawSource:
             ("reviews", pair.reviews, inter_parts, inter_rejects, INTERACTION_COLUMNS),
         ):
             path = Path(path)
-            if path.name.lower().endswith(".parquet"):
-                raw = _read_parquet(path)
-                raw.table = _rename_amazon_parquet(raw.table, spec[kind], path)
-            else:
-                raw = _json_fields(_read_lines(path), path, spec[kind])
+            keys = mapped_keys(spec[kind])
+            try:
+                if path.name.lower().endswith(".parquet"):
+                    found = _parquet_columns(path)
+                    id_key = mapped_keys({"item_id": spec[kind]["item_id"]})
+                    if not id_key & set(found):
+                        raise SourceError(
+                            f"{path}: missing the column that maps to 'item_id' ({sorted(id_key)[0]}); found {found}"
+                        )
+                    lines = _parquet_lines(path, [c for c in found if c in keys])
+                else:
+                    lines = _read_lines(path)
+                raw = _json_fields(lines, path, spec[kind], keys)
+            except (duckdb.Error, pa.ArrowException, RecursionError, MemoryError) as exc:
+                raise _unexpected(path, exc) from exc
             table = raw.table.append_column("domain", pa.array([domain] * raw.table.num_rows, pa.string()))
             parts.append(_standardise(table, columns))
             rejects.extend(raw.rejects)
     items = RawTable(pa.concat_tables(item_parts), item_rejects)
     inter = RawTable(pa.concat_tables(inter_parts), inter_rejects)
-    unit: TimestampUnit = "s" if settings.source == "amazon2018" else "ms"
-    return RawSource(items, inter, unit, True, False, sorted(settings.amazon))
-
-
-def _rename_amazon_parquet(table: pa.Table, fields: dict[str, str], path: Path) -> pa.Table:
-    """Amazon data as Parquet: map its raw column names to the standard ones."""
-    out = {}
-    for col, expr in fields.items():
-        raw_key = expr.split("'$.")[1].split("'")[0] if "'$." in expr else None
-        if raw_key and raw_key in table.column_names:
-            out[col] = table[raw_key]
-    for col in ("item_id",):
-        if col not in out:
-            raise SourceError(f"{path}: missing the column that maps to {col!r}")
-    out["_file"], out["_record"] = table["_file"], table["_record"]
-    return pa.table(out)
+    return RawSource(items, inter, True, False, sorted(settings.amazon))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 from bridgerec.storage import schemas
-from bridgerec.storage.workspace import Workspace, config_hash, hash_file
+from bridgerec.storage.workspace import Workspace, config_hash, hash_file, hash_json
 from bridgerec.tasks.ingest.preprocess import IngestTables, preprocess
 from bridgerec.tasks.ingest.settings import IngestSettings
 from bridgerec.tasks.ingest.sources import input_files, read_source
@@ -18,6 +18,9 @@ from bridgerec.runtime.logs import get_logger
 from bridgerec.runtime.progress import advance, progress_bar
 
 STAGE = "ingest"
+# Bumped when the same files and settings give different outputs (2: catalogue text cleaned at
+# ingest, epoch units by magnitude, Python-literal and Parquet readers), so old stages are rebuilt.
+RULES_VERSION = 2
 
 
 class IngestSummary(BaseModel):
@@ -40,7 +43,8 @@ class IngestSummary(BaseModel):
 
 def settings_hash(settings: IngestSettings) -> str:
     # File paths do not matter, only their content (hashed separately) and the rules.
-    return config_hash(settings, exclude={0: {"items", "interactions", "amazon"}})
+    sections = config_hash(settings, exclude={0: {"items", "interactions", "amazon"}})
+    return hash_json({"settings": sections, "rules_version": RULES_VERSION})
 
 
 def input_hashes(settings: IngestSettings) -> dict[str, str]:
