@@ -13,6 +13,7 @@ import yaml
 import bridgerec.runtime.prefect_env  # noqa: F401  (must precede any prefect import)
 from bridgerec.config import ConfigError, Settings, load_settings
 from bridgerec.runtime import progress
+from bridgerec.runtime.errors import EXIT_FAILURE, EXIT_INPUT, InputError, input_error_in
 
 app = typer.Typer(
     name="bridgerec",
@@ -45,7 +46,7 @@ WorkspaceOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (no progress bars).")]
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str, code: int = EXIT_INPUT) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
@@ -107,7 +108,6 @@ def ingest(
     read is accounted for (read = kept + quarantined + filtered). An unchanged rerun is skipped.
     """
     from bridgerec.flows.ingest import ingest_flow
-    from bridgerec.tasks.ingest import IngestError, SourceError
 
     reviews_map, meta_map = _parse_domain_paths(reviews, "--reviews"), _parse_domain_paths(meta, "--meta")
     amazon = None
@@ -132,7 +132,7 @@ def ingest(
         summary = ingest_flow(
             settings.ingest, str(settings.workspace), settings.runtime.resolved_threads(), force
         )
-    except (SourceError, IngestError, FileNotFoundError) as exc:
+    except (InputError, FileNotFoundError) as exc:  # SourceError, IngestError: the file is named
         _fail(str(exc))
     _emit(summary.model_dump(), as_json, _render_ingest)
 
@@ -423,7 +423,10 @@ def run(
     try:
         result = nightly_flow(str(config) if config else None, overrides)
     except Exception as exc:  # the flow logged the details; give the user the one line that matters
-        _fail(f"nightly run failed: {exc}", code=1)
+        cause = input_error_in(exc)
+        if cause is not None:  # bad input, config or contract: the same line and code as the stage's
+            _fail(str(cause))
+        _fail(f"nightly run failed: {exc}", code=EXIT_FAILURE)
     _emit(result, as_json, lambda r: typer.echo(yaml.safe_dump(r, sort_keys=False)))
 
 

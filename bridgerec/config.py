@@ -22,6 +22,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from bridgerec.runtime.errors import InputError
 from bridgerec.tasks.enrich import EnrichSettings, ProfileSettings
 from bridgerec.tasks.ingest import IngestSettings
 from bridgerec.tasks.publish import PublishSettings
@@ -72,7 +73,7 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config value is invalid; the message names the key and the value."""
 
 

@@ -20,6 +20,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from bridgerec.config import Settings, load_settings
+from bridgerec.runtime.errors import is_transient
 from bridgerec.runtime.logs import get_logger
 
 Stage = Literal["ingest", "enrich", "train", "publish"]
@@ -41,20 +42,43 @@ def run_stage(stage: Stage, settings: Settings) -> dict:
     }[stage]
     threads = settings.runtime.resolved_threads()
     workspace = str(settings.workspace)
-    # Transient failures (an engine that fails to start, a full disk freed by ops) get retried; each
-    # stage is idempotent and atomic, so a retry never sees half of a previous attempt.
-    fn = fn.with_options(
-        retries=settings.runtime.stage_retries, retry_delay_seconds=settings.runtime.retry_delay_seconds
-    )
     if stage == "ingest":
-        result = fn(settings.ingest, workspace, threads)
+        args: tuple = (settings.ingest, workspace, threads)
     elif stage == "enrich":
-        result = fn(settings.enrich, settings.profiles, workspace, threads)
+        args = (settings.enrich, settings.profiles, workspace, threads)
     elif stage == "train":
-        result = fn(settings.train, workspace, threads)
+        args = (settings.train, workspace, threads)
     else:
-        result = fn(settings.publish, workspace, str(settings.warehouse), threads)
+        args = (settings.publish, workspace, str(settings.warehouse), threads)
+    result = call_with_retries(
+        stage, fn, args, settings.runtime.stage_retries, settings.runtime.retry_delay_seconds
+    )
     return result.model_dump(mode="json") if hasattr(result, "model_dump") else dict(result)
+
+
+def call_with_retries(stage: str, fn: Any, args: tuple, retries: int, delay_s: float) -> Any:
+    """Run a stage's subflow; retry only transient failures (an engine that fails to start, an I/O
+    error, a lost worker), each stage being idempotent and atomic so a retry never sees half of a
+    previous attempt. Input, config and contract errors (`InputError`) fail at once: the same file
+    gives the same error after any delay. (Prefect's `retry_condition_fn` exists for tasks only; a
+    flow's `retries` retry every exception, so the condition is applied here.)"""
+    for attempt in range(retries + 1):
+        try:
+            return fn(*args)
+        except Exception as exc:
+            if attempt >= retries or not is_transient(exc):
+                raise
+            get_logger().warning(
+                "nightly: stage %s failed (%s: %s); retry %d of %d in %.0f s",
+                stage,
+                type(exc).__name__,
+                exc,
+                attempt + 1,
+                retries,
+                delay_s,
+            )
+            time.sleep(delay_s)
+    raise AssertionError("unreachable")
 
 
 def _summary_markdown(settings: Settings, results: dict[str, dict], timings: dict[str, float]) -> str:

@@ -35,6 +35,8 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from bridgerec.runtime.errors import InputError
+
 # ---- schema: numbered migrations, applied in order, each recorded in schema_migrations ----------------
 
 
@@ -138,8 +140,9 @@ SCHEMA_VERSION = MIGRATIONS[-1].version
 RUN_STATUSES = ("running", "completed", "failed")
 
 
-class WarehouseError(RuntimeError):
-    """The warehouse cannot be used as asked; the message says why and what to do."""
+class WarehouseError(InputError):
+    """The warehouse cannot be used as asked (missing, held by another process, newer schema); the
+    message says why and what to do."""
 
 
 def schema_version(con: duckdb.DuckDBPyConnection) -> int:

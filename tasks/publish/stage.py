@@ -29,6 +29,7 @@ from bridgerec.tasks.publish.settings import PublishSettings
 from bridgerec.tasks.train import TrainedRun, TrainMissing, TrainOutputs
 from pydantic import BaseModel
 
+from bridgerec.runtime.errors import InputError
 from bridgerec.runtime.logs import get_logger
 from bridgerec.runtime.progress import advance, progress_bar
 
@@ -36,7 +37,7 @@ STAGE = "publish"
 ITEM_COLUMNS = ["item_id", "domain", "title", "brand", "categories", "price"]
 
 
-class PublishError(RuntimeError):
+class PublishError(InputError):
     """Publishing cannot start: a missing or inconsistent input; the message says which."""
 
 
