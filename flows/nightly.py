@@ -106,7 +106,12 @@ def _record_failure(settings: Settings, stage: str, exc: Exception, started: dat
     run_id = f"nightly-{flow_run.get_id() or started.strftime('%Y%m%dT%H%M%S')}"
     try:
         record_run_status(
-            settings.warehouse, run_id, "failed", started_at=started, message=f"stage {stage}: {exc}"[:2000]
+            settings.warehouse,
+            run_id,
+            "failed",
+            started_at=started,
+            message=f"stage {stage}: {exc}"[:2000],
+            storage_compatibility=settings.publish.storage_compatibility,
         )
     except Exception as record_exc:  # never hide the stage's own error behind a bookkeeping one
         get_logger().warning(

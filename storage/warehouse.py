@@ -15,15 +15,27 @@ The price is a copy of the file per change, which is cheap next to building a ru
 for measured figures). Linux/macOS only: Windows cannot rename over a file that a reader holds open.
 
 Analysts must open the warehouse read-only (`duckdb.connect(path, read_only=True)`); anything written
-to the live file by hand is lost at the next publish.
+to the live file by hand is lost at the next publish. A read-write session of another tool (the DuckDB
+CLI, DBeaver and `duckdb --ui` open read-write by default) holds a lock that shuts out every other
+connection, and writes a write-ahead log (`<warehouse>.wal`) that DuckDB finds by name: swapped beside
+a new file, that log would make the new warehouse unreadable. So a writer first checks that no other
+process holds the live file (else it refuses, with the holder's PID, and changes nothing), moves a log
+left by a session that died aside (`<warehouse>.wal.stale-<UTC time>`, reported), checks again just
+before the swap, and opens the result read-only after it.
+
+The file is written in the storage format of `storage_compatibility` (default `v1.0.0`, which every
+DuckDB 1.x and 2.x client reads); a live file in another format is converted in the same swap.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
+import re
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -36,6 +48,12 @@ import duckdb
 import pyarrow as pa
 
 from bridgerec.runtime.errors import InputError
+from bridgerec.runtime.logs import get_logger
+
+# The storage format new warehouse files are written in: v1.0.0 is read by every DuckDB 1.x client
+# (the DuckDB CLI package, DBeaver's driver, older notebooks) and by 2.x; "latest" only by 2.x.
+DEFAULT_STORAGE_COMPATIBILITY = "v1.0.0"
+_HOLDER = re.compile(r"Conflicting lock is held in (?P<exe>.*?) \(PID (?P<pid>\d+)\)")
 
 # ---- schema: numbered migrations, applied in order, each recorded in schema_migrations ----------------
 
@@ -188,12 +206,119 @@ def migrate(con: duckdb.DuckDBPyConnection, upto: int | None = None) -> list[int
 # ---- opening: readers read the live file; writers rewrite a copy and swap it in ----------------------
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def is_lock_conflict(exc: BaseException) -> bool:
+    """Whether a DuckDB error says another process holds the file's lock."""
+    return isinstance(exc, duckdb.Error) and (
+        "Conflicting lock" in str(exc) or "Could not set lock" in str(exc)
+    )
+
+
+def held_read_write(path: Path, exc: BaseException, consequence: str) -> WarehouseError:
+    """The error for a warehouse another process holds read-write: who holds it and what to do."""
+    m = _HOLDER.search(str(exc))
+    holder = f"PID {m['pid']}, {m['exe']}" if m else "another process"
+    return WarehouseError(
+        f"warehouse {path} is open read-write in another process ({holder}), which shuts out every "
+        f"other connection; {consequence}. Close that session, or reopen it read-only "
+        f"(`duckdb -readonly {path}`, `duckdb.connect(path, read_only=True)`, a read-only connection in "
+        "DBeaver), then retry (docs/publish.md, 'Reading the warehouse')"
+    )
+
+
 def connect_reader(path: Path | str) -> duckdb.DuckDBPyConnection:
-    """A read-only connection to the live warehouse (never blocked by a publish)."""
+    """A read-only connection to the live warehouse (never blocked by a publish).
+
+    Raises WarehouseError when the file is missing, held read-write by another process (naming its
+    PID), or not a warehouse this DuckDB can read.
+    """
     path = Path(path)
     if not path.is_file():
         raise WarehouseError(f"warehouse {path} does not exist: run `bridgerec publish` first")
-    return duckdb.connect(str(path), read_only=True)
+    try:
+        return duckdb.connect(str(path), read_only=True)
+    except duckdb.Error as exc:
+        if is_lock_conflict(exc):
+            raise held_read_write(path, exc, "it cannot be read until that session ends") from None
+        raise WarehouseError(f"warehouse {path} cannot be opened: {_first_line(exc)}") from None
+
+
+def _check_no_foreign_writer(path: Path, doing: str) -> None:
+    """Refuse to go on while another process holds `path` read-write (a read-only probe fails then)."""
+    if not path.exists():
+        return
+    try:
+        duckdb.connect(str(path), read_only=True).close()
+    except duckdb.Error as exc:
+        if is_lock_conflict(exc):
+            raise held_read_write(path, exc, f"{doing} did not change it") from None
+        raise WarehouseError(f"warehouse {path} cannot be opened: {_first_line(exc)}") from None
+
+
+def _wal_path(path: Path) -> Path:
+    return path.with_name(path.name + ".wal")
+
+
+def _set_aside_stale_wal(path: Path) -> Path | None:
+    """Move a write-ahead log that no live session owns (a read-write session that died before its
+    checkpoint) out of the way, keeping it for whoever wants its changes back; return its new path.
+    Only called while no other process holds the file."""
+    wal = _wal_path(path)
+    if not wal.exists():
+        return None
+    kept = wal.with_name(f"{wal.name}.stale-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%fZ')}")
+    os.replace(wal, kept)
+    get_logger().warning(
+        "warehouse: %s had a write-ahead log left by a read-write session that did not close cleanly; "
+        "moved it to %s (its uncommitted changes are not in the published warehouse)",
+        path,
+        kept,
+    )
+    return kept
+
+
+def storage_header_version(path: Path) -> int | None:
+    """The storage version number in a DuckDB file's header (64 = v1.0/1.1 format, 65..68 = the
+    v1.2..v1.5 formats); None when the file is not a DuckDB database."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(20)
+    except OSError:
+        return None
+    if len(head) < 20 or head[8:12] != b"DUCK":
+        return None
+    return int.from_bytes(head[12:20], "little")
+
+
+@functools.lru_cache(maxsize=8)
+def _header_version_for(compatibility: str) -> int:
+    """The header version number DuckDB writes for a storage compatibility setting (measured once)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Path(tmp) / "probe.duckdb"
+        con = _connect_writer(probe, compatibility)
+        con.execute("CREATE TABLE t AS SELECT 1 AS a")
+        con.execute("CHECKPOINT")
+        con.close()
+        version = storage_header_version(probe)
+    if version is None:  # pragma: no cover - DuckDB always writes its header
+        raise WarehouseError(f"DuckDB wrote no header for storage compatibility {compatibility!r}")
+    return version
+
+
+def _connect_writer(path: Path, compatibility: str) -> duckdb.DuckDBPyConnection:
+    try:
+        return duckdb.connect(str(path), config={"storage_compatibility_version": compatibility})
+    except duckdb.Error as exc:
+        if "storage" in str(exc).lower() and "version" in str(exc).lower():
+            raise WarehouseError(
+                f"publish.storage_compatibility = {compatibility!r} is not a storage version this DuckDB "
+                f"({duckdb.__version__}) writes: {_first_line(exc)}"
+            ) from None
+        raise
 
 
 def _lock_path(path: Path) -> Path:
@@ -241,15 +366,24 @@ class RewriteTimings:
 
 
 @contextlib.contextmanager
-def rewrite(path: Path | str, threads: int = 1) -> Iterator[tuple[duckdb.DuckDBPyConnection, RewriteTimings]]:
+def rewrite(
+    path: Path | str, threads: int = 1, storage_compatibility: str = DEFAULT_STORAGE_COMPATIBILITY
+) -> Iterator[tuple[duckdb.DuckDBPyConnection, RewriteTimings]]:
     """A read-write connection on a fresh copy of the warehouse (migrated to the current schema).
 
     When the block finishes, the copy is checkpointed, closed, fsynced and renamed over `path`; when it
-    raises, the copy is deleted and `path` is untouched.
+    raises, the copy is deleted and `path` is untouched. The copy is written in the storage format of
+    `storage_compatibility` (a DuckDB version such as "v1.0.0", or "latest"); a live file in another
+    format is converted (COPY FROM DATABASE) instead of copied.
+
+    Raises WarehouseError, changing nothing, when another process holds the live file read-write (at
+    the start or just before the swap). A write-ahead log beside the live file that no session owns is
+    moved aside (logged) before the swap, so it can never be replayed against the new file.
     """
     path = Path(path).expanduser().resolve()
     timings = RewriteTimings()
     with writer_lock(path):
+        _check_no_foreign_writer(path, "this change")
         # Copies left by a writer that was killed mid-way; no other writer is running (we hold the lock).
         for stale in path.parent.glob(f".{path.name}.*.tmp*"):
             stale.unlink(missing_ok=True)
@@ -257,12 +391,17 @@ def rewrite(path: Path | str, threads: int = 1) -> Iterator[tuple[duckdb.DuckDBP
         con: duckdb.DuckDBPyConnection | None = None
         try:
             t0 = time.perf_counter()
-            if path.exists():
+            wanted = _header_version_for(storage_compatibility)
+            convert = path.exists() and storage_header_version(path) != wanted
+            if path.exists() and not convert:
                 shutil.copyfile(path, tmp)
                 timings.bytes_copied = tmp.stat().st_size
+            con = _connect_writer(tmp, storage_compatibility)
+            if convert:
+                _convert_into(con, path)
+                timings.bytes_copied = path.stat().st_size
             timings.copy_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            con = duckdb.connect(str(tmp))
             con.execute(f"SET threads = {max(1, int(threads))}")
             migrate(con)
             yield con, timings
@@ -272,6 +411,8 @@ def rewrite(path: Path | str, threads: int = 1) -> Iterator[tuple[duckdb.DuckDBP
             timings.write_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             _fsync(tmp)
+            _check_no_foreign_writer(path, "this change")  # a session opened meanwhile
+            _set_aside_stale_wal(path)
             os.replace(tmp, path)
             _fsync(path.parent)
             timings.swap_s = time.perf_counter() - t0
@@ -280,6 +421,47 @@ def rewrite(path: Path | str, threads: int = 1) -> Iterator[tuple[duckdb.DuckDBP
                 con.close()
             for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
                 leftover.unlink(missing_ok=True)
+        _verify_readable(path)
+
+
+def _convert_into(con: duckdb.DuckDBPyConnection, live: Path) -> None:
+    """Copy every table, view and constraint of `live` into the (empty) database of `con`."""
+    target = con.execute("SELECT current_database()").fetchall()[0][0]
+    con.execute(f"ATTACH '{str(live).replace(chr(39), chr(39) * 2)}' AS bridgerec_live (READ_ONLY)")
+    try:
+        con.execute(f'COPY FROM DATABASE bridgerec_live TO "{target}"')
+    finally:
+        con.execute("DETACH bridgerec_live")
+    get_logger().info(
+        "warehouse: converted %s into storage format %s",
+        live,
+        con.execute(
+            "SELECT tags['storage_version'] FROM duckdb_databases() WHERE database_name = current_database()"
+        ).fetchall()[0][0],
+    )
+
+
+def _verify_readable(path: Path) -> None:
+    """After a swap: the new file must open read-only and show its schema version. A log written by a
+    session that opened the old file in the last instant is moved aside and the check repeated."""
+    for attempt in range(2):
+        try:
+            con = duckdb.connect(str(path), read_only=True)
+            try:
+                schema_version(con)
+            finally:
+                con.close()
+            return
+        except duckdb.Error as exc:
+            if is_lock_conflict(exc):
+                raise held_read_write(
+                    path, exc, "the new warehouse was swapped in, but that session opened it right after"
+                ) from None
+            if attempt == 0 and _set_aside_stale_wal(path) is not None:
+                continue
+            raise WarehouseError(
+                f"warehouse {path} was swapped in but cannot be read back: {_first_line(exc)}"
+            ) from None
 
 
 # ---- publishing a run -----------------------------------------------------------------------------------
@@ -337,7 +519,13 @@ _RUN_COLUMNS = (
 )
 
 
-def publish(path: Path | str, batch: PublishBatch, retention_runs: int, threads: int = 1) -> PublishResult:
+def publish(
+    path: Path | str,
+    batch: PublishBatch,
+    retention_runs: int,
+    threads: int = 1,
+    storage_compatibility: str = DEFAULT_STORAGE_COMPATIBILITY,
+) -> PublishResult:
     """Add one run to the warehouse atomically and apply retention; return the runs whose data was purged.
 
     A run published again under the same id replaces its earlier rows.
@@ -345,7 +533,7 @@ def publish(path: Path | str, batch: PublishBatch, retention_runs: int, threads:
     if retention_runs < 1:
         raise ValueError("retention_runs must be at least 1")
     run = batch.run
-    with rewrite(path, threads) as (con, timings):
+    with rewrite(path, threads, storage_compatibility) as (con, timings):
         t0 = time.perf_counter()
         con.register("recs_in", batch.recommendations)
         con.register("items_in", batch.items)
@@ -440,6 +628,7 @@ def record_run_status(
     message: str | None = None,
     model: str | None = None,
     threads: int = 1,
+    storage_compatibility: str = DEFAULT_STORAGE_COMPATIBILITY,
 ) -> None:
     """Record a run as 'running' (at its start) or 'failed' (with a message), with the same atomic swap.
 
@@ -449,7 +638,7 @@ def record_run_status(
     if status not in ("running", "failed"):
         raise ValueError(f"status must be 'running' or 'failed' (publish sets 'completed'), got {status!r}")
     now = datetime.now(UTC)
-    with rewrite(path, threads) as (con, _):
+    with rewrite(path, threads, storage_compatibility) as (con, _):
         row = con.execute("SELECT status FROM runs WHERE run_id = ?", [run_id]).fetchall()
         if row and row[0][0] == "completed":
             raise WarehouseError(f"run {run_id!r} is already completed; its status cannot become {status!r}")

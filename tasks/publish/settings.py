@@ -25,3 +25,11 @@ class PublishSettings(BaseModel):
     )
     threads: int = Field(default=0, ge=0, description="FAISS/DuckDB threads; 0 = runtime.threads.")
     batch_users: int = Field(default=8192, ge=1, description="Users searched per FAISS batch.")
+    storage_compatibility: str = Field(
+        default="v1.0.0",
+        pattern=r"^(v\d+\.\d+\.\d+|latest)$",
+        description=(
+            "DuckDB storage format of the warehouse file (DuckDB's storage_compatibility_version): "
+            "v1.0.0 is read by every DuckDB 1.x and 2.x client; latest only by the DuckDB bridgerec runs."
+        ),
+    )

@@ -295,6 +295,7 @@ def run_publish(
             wh.PublishBatch(record, recs, items, metrics, profiles),
             settings.retention_runs,
             threads,
+            settings.storage_compatibility,
         )
     except BaseException:
         if not republish:
