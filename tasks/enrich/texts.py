@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import html
 import re
 
 import pyarrow as pa
@@ -13,11 +12,13 @@ _SPACE = re.compile(r"\s+")
 
 
 def clean_field(value: str | None, cap: int | None, missing: str) -> str:
-    """One field as it goes into a text: HTML entities decoded, whitespace collapsed, cut at a word
-    boundary to `cap` characters, `missing` when empty."""
+    """One field as it goes into a text: whitespace collapsed, cut at a word boundary to `cap`
+    characters, `missing` when empty. The text is the catalogue's as ingest cleaned it (HTML entities
+    decoded, markup removed: tasks/ingest/text.py), the same the warehouse and `bridgerec recs` show;
+    it is not decoded again here."""
     if value is None:
         return missing
-    text = _SPACE.sub(" ", html.unescape(str(value))).strip()
+    text = _SPACE.sub(" ", str(value)).strip()
     if not text:
         return missing
     if cap is not None and len(text) > cap:
