@@ -247,7 +247,7 @@ def connect_reader(path: Path | str) -> duckdb.DuckDBPyConnection:
         raise WarehouseError(f"warehouse {path} cannot be opened: {_first_line(exc)}") from None
 
 
-def _check_no_foreign_writer(path: Path, doing: str) -> None:
+def _check_no_foreign_writer(path: Path) -> None:
     """Refuse to go on while another process holds `path` read-write (a read-only probe fails then)."""
     if not path.exists():
         return
@@ -255,7 +255,7 @@ def _check_no_foreign_writer(path: Path, doing: str) -> None:
         duckdb.connect(str(path), read_only=True).close()
     except duckdb.Error as exc:
         if is_lock_conflict(exc):
-            raise held_read_write(path, exc, f"{doing} did not change it") from None
+            raise held_read_write(path, exc, "it was left as it was (nothing published, no swap)") from None
         raise WarehouseError(f"warehouse {path} cannot be opened: {_first_line(exc)}") from None
 
 
@@ -383,7 +383,7 @@ def rewrite(
     path = Path(path).expanduser().resolve()
     timings = RewriteTimings()
     with writer_lock(path):
-        _check_no_foreign_writer(path, "this change")
+        _check_no_foreign_writer(path)
         # Copies left by a writer that was killed mid-way; no other writer is running (we hold the lock).
         for stale in path.parent.glob(f".{path.name}.*.tmp*"):
             stale.unlink(missing_ok=True)
@@ -411,7 +411,7 @@ def rewrite(
             timings.write_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             _fsync(tmp)
-            _check_no_foreign_writer(path, "this change")  # a session opened meanwhile
+            _check_no_foreign_writer(path)  # a session opened meanwhile
             _set_aside_stale_wal(path)
             os.replace(tmp, path)
             _fsync(path.parent)

@@ -467,7 +467,9 @@ def _check_files(con: duckdb.DuckDBPyConnection, raw: RawSource, max_fraction: f
     if max_fraction >= 1.0:
         return
     read = _read_by_file(raw)
-    for (table, file), reasons in sorted(_quarantine_by_file(con, raw).items()):
+    # Catalogue files first: a bad catalogue makes its interactions `unknown_item`, so it is the cause.
+    by_file = sorted(_quarantine_by_file(con, raw).items(), key=lambda kv: (kv[0][0] != "items", kv[0][1]))
+    for (table, file), reasons in by_file:
         n_read, n_bad = read.get((table, file), 0), sum(reasons.values())
         if n_read and n_bad / n_read > max_fraction:
             top = max(reasons, key=lambda r: (reasons[r], r))
