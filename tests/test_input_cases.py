@@ -423,3 +423,46 @@ def test_only_transient_failures_are_retried() -> None:
     except RuntimeError as wrapped:
         assert not is_transient(wrapped)
     assert is_transient(OSError("disk full"))
+
+
+# ---- the warehouse file format: DuckDB 1.x clients -----------------------------------------------------
+
+DUCKDB1 = Path(__file__).resolve().parents[1] / ".venv" / "duckdb1-client"
+
+
+def _open_with_duckdb1(path: Path) -> subprocess.CompletedProcess:
+    """Open `path` read-only with the DuckDB 1.x client that scripts/setup.sh installs apart
+    (requirements/duckdb1-client.txt), in a Python without the project's site-packages."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import duckdb\n"
+        "con = duckdb.connect(sys.argv[2], read_only=True)\n"
+        "print(duckdb.__version__, con.execute('SELECT count(*) FROM latest_recommendations').fetchall()[0][0],"
+        " con.execute('SELECT max(version) FROM schema_migrations').fetchall()[0][0])\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-S", "-c", code, str(DUCKDB1), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_duckdb1_clients_open_a_published_warehouse(tmp_path: Path) -> None:
+    """A warehouse written in DuckDB 2's own format (what publish wrote before the setting) shuts out
+    1.x clients; the next publish converts it to the default v1.0.0 format, which a real DuckDB 1.5.6
+    opens, views and all."""
+    from tests.test_publish_warehouse import make_batch
+
+    assert (DUCKDB1 / "duckdb").is_dir(), f"{DUCKDB1} is missing: run scripts/setup.sh"
+    path = tmp_path / "warehouse.duckdb"
+    wh.publish(path, make_batch("r1"), retention_runs=3, storage_compatibility="latest")
+    old = _open_with_duckdb1(path)
+    assert old.returncode != 0 and "version number" in old.stderr
+    wh.publish(path, make_batch("r2"), retention_runs=3)  # the default setting
+    assert wh.storage_header_version(path) == 64
+    new = _open_with_duckdb1(path)
+    assert new.returncode == 0, new.stderr
+    version, rows, schema = new.stdout.split()
+    assert version.startswith("1.") and int(rows) == 5 * 2 * 3 and int(schema) == wh.SCHEMA_VERSION
+    with duckdb.connect(str(path), read_only=True) as con:  # both runs survived the conversion
+        assert [r[0] for r in con.execute("SELECT run_id FROM runs ORDER BY seq").fetchall()] == ["r1", "r2"]
