@@ -509,7 +509,7 @@ def _check_domains(con: duckdb.DuckDBPyConnection) -> None:
         inter = dict(
             con.execute(
                 """
-                SELECT coalesce(reason, rule, 'kept'), count(*) FROM inter_checked c
+                SELECT coalesce(c.reason, r.rule, 'kept'), count(*) FROM inter_checked c
                 LEFT JOIN inter_rule r USING (_file, _record) WHERE c.domain = $d GROUP BY 1
                 """,
                 {"d": domain},

@@ -463,7 +463,9 @@ AMAZON_FIELDS: dict[str, dict[str, dict[str, str]]] = {
             "item_id": "json_extract_string(j, '$.asin')",
             "title": "json_extract_string(j, '$.title')",
             "brand": "json_extract_string(j, '$.brand')",
-            "categories": _list_text("category", " > "),
+            # 2018 files: `category` (a list); the older (2014) files: `categories` (a list of lists)
+            "categories": f"COALESCE({_list_text('category', ' > ')}, "
+            "array_to_string(TRY_CAST(json_extract(j, '$.categories[0]') AS VARCHAR[]), ' > '))",
             "price": "json_extract_string(j, '$.price')",
             "description": _list_text("description", " "),
         },
