@@ -3,7 +3,9 @@
 Ingest numbers items afresh on every run (row_number over the sorted item ids of each domain), so one new
 item shifts the rows of every item after it. Every item-indexed tensor (`Recommender.item_tables()`) is
 therefore remapped through the items' string ids: a row of an item both runs know takes the old row, a
-row of an item new in this run keeps the fresh initialisation the model was built with. The frozen LLM
+row of an item new in this run keeps the fresh initialisation the model was built with, except in a
+model with LLM tables (llm4cdsr-hybrid), where a new item's ID row starts at zero: such rows are added to
+the item's LLM embedding, so the new item enters as its LLM-derived representation. The frozen LLM
 tables (`Recommender.frozen_tables()`) always stay as built, i.e. from the current enrich output; the
 old ones only serve to measure how far the enrich tables moved. Every other tensor is copied when its
 name and shape match. Anything else is an incompatibility (`WarmStartError`): the caller starts cold.
@@ -146,7 +148,12 @@ def warm_state(
                     f"{key}: rows of width {tuple(old.shape[1:])}, now {tuple(value.shape[1:])}"
                 )
             new_rows, old_rows, rm = rows(tables[key], value.device)
-            new = value.clone()  # rows of new items (and the padding row) keep their fresh values
+            new = value.clone()  # rows of new items (and the padding row) keep their fresh values...
+            if frozen:
+                # ...except in a model with LLM tables, whose trainable ID rows are added to the LLM
+                # embedding: a new item's row starts at zero, so it enters as its LLM-derived
+                # representation alone, not that plus random noise.
+                new.zero_()
             new[new_rows] = old.to(value)[old_rows]
             out.state[key] = new
             out.remapped[key] = {"kept": len(rm.new_rows), "new": rm.new_items, "dropped": rm.dropped_items}

@@ -112,7 +112,8 @@ def test_the_next_night_warm_starts_from_the_first_run(nights: Nights) -> None:
 
 def test_warm_state_remaps_every_item_row_by_item_id(nights: Nights) -> None:
     """On the real models: shared items take the first run's best rows wherever ingest moved them, new
-    items keep their fresh rows, the frozen LLM tables are the current enrich output, the rest is copied."""
+    items' ID rows start at zero (the hybrid adds them to the LLM embedding: a new item enters as its
+    LLM-derived representation), the frozen LLM tables are the current enrich output, the rest is copied."""
     from safetensors.torch import load_file
 
     ws = Workspace(nights.ws)
@@ -141,10 +142,13 @@ def test_warm_state_remaps_every_item_row_by_item_id(nights: Nights) -> None:
     rows_old = torch.tensor([old_gid[i] for i in shared])
     rows_added = torch.tensor([new_gid[i] for i in added])
     assert torch.equal(new["id_all.weight"][rows_new], old["id_all.weight"][rows_old])
-    assert torch.equal(new["id_all.weight"][rows_added], fresh["id_all.weight"][rows_added])
-    assert not torch.equal(
-        new["id_all.weight"][rows_added], torch.zeros_like(new["id_all.weight"][rows_added])
-    )
+    assert torch.equal(new["id_all.weight"][rows_added], torch.zeros_like(new["id_all.weight"][rows_added]))
+    assert not torch.equal(fresh["id_all.weight"][rows_added], new["id_all.weight"][rows_added])
+    # A new item's embedding in the mixed thread is its adapted LLM embedding alone.
+    with torch.no_grad():
+        assert torch.allclose(
+            model.embed_global(rows_added), model.adapter(model.E_all[rows_added]), atol=1e-6
+        )
     assert torch.equal(new["id_all.weight"][0], torch.zeros(FAST["hidden"]))  # padding
     # Local id spaces, one per domain.
     for d, domain in enumerate(catalog.domains):
@@ -157,7 +161,7 @@ def test_warm_state_remaps_every_item_row_by_item_id(nights: Nights) -> None:
         fresh_rows = torch.tensor([new_lid[i] for i in set(new_lid) - set(old_lid)] or [0])
         key = f"id_local.{d}.weight"
         assert torch.equal(new[key][[new_lid[i] for i in both]], old[key][[old_lid[i] for i in both]]), domain
-        assert torch.equal(new[key][fresh_rows], fresh[key][fresh_rows]), domain
+        assert torch.equal(new[key][fresh_rows], torch.zeros_like(new[key][fresh_rows])), domain
         # Frozen LLM tables: the current enrich output, never the old weights.
         assert torch.equal(new[f"E_local_{d}"], torch.from_numpy(tables.local_tables[d])), domain
     assert torch.equal(new["E_all"], torch.from_numpy(tables.global_table))

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from bridgerec.storage.workspace import Manifest, Workspace
 
 STAGE = "ingest"
@@ -42,6 +43,12 @@ class IngestOutputs:
     def table(self, name: str, columns: list[str] | None = None) -> pa.Table:
         """One of the stage's tables (e.g. "items", "sequences"), optionally only some columns."""
         return self.workspace.read_table(STAGE, name, columns=columns)
+
+    def items_without_interactions(self) -> list[str]:
+        """Item ids of the catalogue that no kept interaction names (new items), in items-table order."""
+        items = self.table("items", columns=["item_id"])["item_id"]
+        used = self.table("interactions", columns=["item_id"])["item_id"]
+        return pc.filter(items, pc.invert(pc.is_in(items, value_set=pc.unique(used)))).to_pylist()
 
     def file(self, name: str) -> Path:
         """The Parquet file behind table `name`, for content hashes of later stages' inputs."""

@@ -50,6 +50,7 @@ class IngestError(InputError):
 class Accounting:
     read: int = 0
     kept: int = 0
+    kept_without_interactions: int = 0  # of `kept`: catalogue items nobody interacted with yet
     quarantined: dict[str, int] = field(default_factory=dict)
     filtered: dict[str, int] = field(default_factory=dict)
 
@@ -64,6 +65,7 @@ class Accounting:
         return {
             "read": self.read,
             "kept": self.kept,
+            "kept_without_interactions": self.kept_without_interactions,
             "quarantined": sum(self.quarantined.values()),
             "quarantined_by_reason": dict(sorted(self.quarantined.items())),
             "filtered": sum(self.filtered.values()),
@@ -284,11 +286,15 @@ def _preprocess(
         """
         CREATE TEMP TABLE items_final AS
         WITH used AS (SELECT DISTINCT item_id FROM inter_rule WHERE rule IS NULL),
+        referenced AS (SELECT DISTINCT item_id FROM inter_rule),
         local AS (
             SELECT v.*, d.domain_idx, CAST(row_number() OVER (PARTITION BY v.domain ORDER BY v.item_id) AS INTEGER) AS local_id
-            FROM items_valid v JOIN used USING (item_id) JOIN domain_list d USING (domain))
+            FROM items_valid v JOIN domain_list d USING (domain)
+            WHERE v.item_id IN (SELECT item_id FROM used)
+               OR ($keep_new AND v.item_id NOT IN (SELECT item_id FROM referenced)))
         SELECT * FROM local
         """,
+        {"keep_new": settings.items_without_interactions == "keep"},
     )
     _exec(
         con,
@@ -378,11 +384,22 @@ def _preprocess(
     dup_items = _scalar(con, "SELECT count(*) FROM items_ranked WHERE rn > 1 AND content = first_content")
     if dup_items:
         items_acc.filtered["duplicate"] = dup_items
-    unused = _scalar(
-        con, "SELECT count(*) FROM items_valid WHERE item_id NOT IN (SELECT item_id FROM items_out)"
+    # Items no kept interaction uses: never interacted with (new: kept, unless the setting drops them),
+    # or every interaction of theirs removed by a rule (k-core, time window, short sequence): filtered.
+    items_acc.kept_without_interactions = _scalar(
+        con,
+        "SELECT count(*) FROM items_out WHERE item_id NOT IN "
+        "(SELECT item_id FROM inter_rule WHERE rule IS NULL)",
     )
-    if unused:
-        items_acc.filtered["no_interactions"] = unused
+    unused = _counts(
+        con,
+        """
+        SELECT CASE WHEN item_id IN (SELECT item_id FROM inter_rule) THEN 'no_kept_interactions'
+                    ELSE 'no_interactions' END, count(*)
+        FROM items_valid WHERE item_id NOT IN (SELECT item_id FROM items_out) GROUP BY 1
+        """,
+    )
+    items_acc.filtered |= unused
     for r in raw.items.rejects:
         items_acc.quarantined[r["reason"]] = items_acc.quarantined.get(r["reason"], 0) + 1
     items_acc.check("items")

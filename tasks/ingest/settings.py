@@ -102,6 +102,14 @@ class IngestSettings(BaseModel):
             "named (it is probably not what it claims to be); 1.0 = never."
         ),
     )
+    items_without_interactions: Literal["keep", "drop"] = Field(
+        default="keep",
+        description=(
+            "Catalogue items no interaction names (new items): keep them (served from their text by the "
+            "LLM models, counted in the accounting as kept without interactions) or drop them (filtered "
+            "as no_interactions). Items whose interactions were all filtered by a rule are dropped either way."
+        ),
+    )
 
     @model_validator(mode="after")
     def _files_match_source(self) -> IngestSettings:

@@ -28,6 +28,7 @@ class IngestSummary(BaseModel):
 
     users: int
     items: int
+    items_without_interactions: int = 0  # of `items`: new catalogue items nobody interacted with yet
     items_per_domain: dict[str, int]
     interactions: int
     overlap_users: int
@@ -67,6 +68,7 @@ def summarise(tables: IngestTables) -> dict:
     return {
         "users": tables.users.num_rows,
         "items": tables.items.num_rows,
+        "items_without_interactions": items.kept_without_interactions,
         "items_per_domain": per_domain,
         "interactions": tables.interactions.num_rows,
         "overlap_users": int(pc.sum(pc.greater(users_by_size, 1)).as_py() or 0),

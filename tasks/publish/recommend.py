@@ -53,6 +53,26 @@ def recommend_domain(
     )
 
 
+def without_items(vectors: DomainVectors, leave_out: set[str]) -> DomainVectors:
+    """The same vectors without the item rows in `leave_out`; the seen-item rows are renumbered
+    (a left-out item must not be a seen one: it is only used for items nobody interacted with)."""
+    drop = np.fromiter((i in leave_out for i in vectors.item_ids), bool, len(vectors.item_ids))
+    if not drop.any():
+        return vectors
+    if drop[vectors.seen_items].any():
+        raise ValueError(f"domain {vectors.domain!r}: an item to leave out was seen by a user")
+    new_row = np.cumsum(~drop) - 1  # old row -> new row, for the rows kept
+    return DomainVectors(
+        vectors.domain,
+        vectors.user_ids,
+        vectors.user_vectors,
+        [i for i, d in zip(vectors.item_ids, drop, strict=True) if not d],
+        vectors.item_vectors[~drop],
+        vectors.seen_indptr,
+        new_row[vectors.seen_items],
+    )
+
+
 def recommendation_rows(results: Mapping[str, DomainTopK]) -> pa.Table:
     """One row per (user, domain, rank), sorted by user_id, domain, rank (fast per-user lookups).
 

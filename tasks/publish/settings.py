@@ -16,6 +16,14 @@ class PublishSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     k: int = Field(default=20, ge=1, le=1000, description="Recommendations per user and domain.")
     exclude_seen: bool = Field(default=True, description="Never recommend an item the user already had.")
+    new_items: bool = Field(
+        default=True,
+        description=(
+            "Recommend catalogue items nobody interacted with yet, when the model scores items from their "
+            "text (the LLM models). ID-only models (sasrec, sasrec-domain, pop) never rank them: their rows "
+            "are untrained; the summary says how many were left out and why."
+        ),
+    )
     index: IndexSettings = Field(default_factory=IndexSettings)
     retention_runs: int = Field(
         default=7, ge=1, description="Completed runs whose recommendations, profiles and indexes are kept."

@@ -24,7 +24,12 @@ from bridgerec.storage.vectors import DomainVectors
 from bridgerec.storage.workspace import Workspace, config_hash, hash_json
 from bridgerec.tasks.enrich import EnrichOutputs
 from bridgerec.tasks.ingest import IngestMissing, IngestOutputs
-from bridgerec.tasks.publish.recommend import DomainTopK, recommend_domain, recommendation_rows
+from bridgerec.tasks.publish.recommend import (
+    DomainTopK,
+    recommend_domain,
+    recommendation_rows,
+    without_items,
+)
 from bridgerec.tasks.publish.settings import PublishSettings
 from bridgerec.tasks.train import TrainedRun, TrainMissing, TrainOutputs
 from pydantic import BaseModel
@@ -52,6 +57,9 @@ class PublishSummary(BaseModel):
     k: int = 0
     rows: int = 0
     users_short: dict[str, int] = {}  # per domain: users with fewer than k eligible items
+    new_items: int = 0  # catalogue items without interactions (ingest)
+    new_items_recommended: bool = False  # whether they were eligible for the top-k
+    new_items_note: str | None = None  # why they were left out
     skipped: bool = False
     seconds: float = 0.0
     timings: dict[str, float] = {}
@@ -128,7 +136,8 @@ def load_run_metrics(workspace: Workspace, trained: TrainedRun) -> pa.Table | No
                         ELSE "group" END AS user_group,
                    metric, value::DOUBLE AS value, users::BIGINT AS users
             FROM m
-            WHERE split IN ('valid', 'test') AND protocol IN ('sampled', 'full') AND users IS NOT NULL
+            WHERE (split IN ('valid', 'test') OR starts_with(split, 'test_'))
+              AND protocol IN ('sampled', 'full') AND users IS NOT NULL
               AND value IS NOT NULL AND NOT isnan(value)
             ORDER BY split, protocol, domain, user_group, metric
             """,
@@ -247,6 +256,17 @@ def run_publish(
     model = model or (trained.model if trained else None)
     items = ingest.table("items", columns=ITEM_COLUMNS)
     check_vectors_match_ingest(vectors, items, ingest.table("users", columns=["user_id"]))
+    new_ids = ingest.items_without_interactions()
+    new_note = None
+    text_scored = trained is None or TrainOutputs(workspace).scores_items_from_text(trained)
+    if new_ids and not (settings.new_items and text_scored):
+        new_note = f"{len(new_ids)} items without interactions left out: " + (
+            "publish.new_items is off"
+            if not settings.new_items
+            else f"model {model} scores items by trained ID rows only and cannot score them"
+        )
+        log.warning("publish: %s", new_note)
+        vectors = {d: without_items(v, set(new_ids)) for d, v in vectors.items()}
     n_users = len(next(iter(vectors.values())).user_ids)
 
     results: dict[str, DomainTopK] = {}
@@ -320,6 +340,9 @@ def run_publish(
         k=settings.k,
         rows=result.rows,
         users_short=short,
+        new_items=len(new_ids),
+        new_items_recommended=bool(new_ids) and new_note is None,
+        new_items_note=new_note,
         seconds=time.perf_counter() - started,
         timings={k: round(v, 4) for k, v in timings.items()},
         rows_per_s=result.rows / insert_s if insert_s else 0.0,

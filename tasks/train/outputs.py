@@ -67,6 +67,15 @@ class TrainOutputs:
         run's score (tasks/train/export.py)."""
         return export_vectors(run.path, self.workspace, device=device)
 
+    def scores_items_from_text(self, run: TrainedRun) -> bool:
+        """Whether the run's model scores an item from its LLM embedding (so also an item without
+        interactions), rather than from a trained ID row only (sasrec, sasrec-domain, pop)."""
+        config = RunDir(self.workspace, run.run_id).read_config()
+        typed = config.get("model_config")  # runs that record a typed model config
+        if typed is not None:
+            return int(typed.get("global_dim", 0)) > 0
+        return int(config.get("settings", {}).get("tables", {}).get("global_dim", 0)) > 0
+
     def metrics(self, run: TrainedRun) -> pa.Table | None:
         """The run's metrics.parquet (storage.schemas.TRAIN_METRICS), or None for a run without one."""
         path = RunDir(self.workspace, run.run_id).metrics

@@ -28,6 +28,29 @@ MODEL_PRESETS: dict[str, tuple[Architecture, dict[str, Any]]] = {
 }
 
 
+class ColdStartSettings(BaseModel):
+    """The two cold-start evaluations (docs/train.md, "Cold start"), reported beside the standard one."""
+
+    model_config = ConfigDict(extra="forbid")
+    new_items: bool = Field(
+        default=False,
+        description=(
+            "Hold out new_items_fraction of each domain's items (latest first appearance where timestamps "
+            "exist, seeded random otherwise), remove every interaction with them from training and "
+            "validation, and score the test targets that are held-out items against the whole domain. "
+            "Changes what the run trains on (a run of its own, always from a random init)."
+        ),
+    )
+    new_items_fraction: float = Field(default=0.05, gt=0.0, lt=1.0)
+    untouched_domain: bool = Field(
+        default=False,
+        description=(
+            "Also score the test target of every user whose history spans two domains with every item of "
+            "the target's domain hidden from the input (a domain the user never shopped in). Evaluation only."
+        ),
+    )
+
+
 class TrainSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -78,6 +101,7 @@ class TrainSettings(BaseModel):
         default=5, ge=1, description="Users with fewer history items than this form the 'short' group."
     )
     full_ranking: bool = Field(default=True, description="Also rank the whole target domain.")
+    cold_start: ColdStartSettings = Field(default_factory=ColdStartSettings)
     seed: int = 42
     deterministic: bool = Field(default=False, description="torch deterministic algorithms.")
     threads: int = Field(default=0, ge=0, description="torch threads; 0 = runtime.threads.")

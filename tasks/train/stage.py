@@ -30,6 +30,7 @@ from bridgerec.models.trainer import FitConfig, FitState, Profiles, fit, set_see
 from bridgerec.storage import schemas
 from bridgerec.storage.runs import RunDir
 from bridgerec.storage.workspace import Workspace, hash_json
+from bridgerec.tasks.train import coldstart
 from bridgerec.tasks.train.inputs import (
     input_files,
     input_hashes,
@@ -38,7 +39,7 @@ from bridgerec.tasks.train.inputs import (
     load_profiles,
     load_sequences,
 )
-from bridgerec.tasks.train.settings import TrainSettings
+from bridgerec.tasks.train.settings import ColdStartSettings, TrainSettings
 from bridgerec.tasks.train.warmstart import InitRecord, cold, warm_start
 from pydantic import BaseModel
 
@@ -74,6 +75,7 @@ class TrainSummary(BaseModel):
     cold_start_reason: str | None = None  # why a run that trained started from a random init
     init_valid_ndcg10: float | None = None  # warm: validation NDCG@10 of the warm init, before training
     warm_start_items: dict[str, int] = {}  # warm: items kept from the earlier run / new / dropped
+    cold_start: dict[str, Any] = {}  # train.cold_start evaluations (tasks/train/coldstart.py)
     skipped: bool = False
     seconds: float = 0.0
     run_dir: str = ""
@@ -82,7 +84,9 @@ class TrainSummary(BaseModel):
 
 
 def config_hash(settings: TrainSettings) -> str:
-    return hash_json(settings.resolved().model_dump(mode="json", exclude=RUNTIME_FIELDS | INIT_FIELDS))
+    # cold_start at its defaults (off) is left out, so the run ids from before it existed stay valid
+    off = {"cold_start"} if settings.cold_start == ColdStartSettings() else set()
+    return hash_json(settings.resolved().model_dump(mode="json", exclude=RUNTIME_FIELDS | INIT_FIELDS | off))
 
 
 def run_id_for(settings: TrainSettings, hashes: dict[str, str]) -> str:
@@ -121,12 +125,16 @@ def run_train(
     set_seed(settings.seed, settings.deterministic)
 
     catalog = load_catalog(workspace)
-    sequences = load_sequences(workspace)
+    sequences, cold_eval = coldstart.prepare(
+        settings.cold_start, catalog, load_sequences(workspace), workspace, settings.seed, log.info
+    )
     data = SequenceData(catalog, sequences, resolved.max_len)
     tables = load_item_tables(workspace) if settings.uses_llm_tables else None
     profiles = None
     if settings.uses_profiles:
-        loaded = load_profiles(workspace, data.n_users)
+        loaded = load_profiles(workspace, cold_eval.source_users)
+        if loaded is not None:
+            loaded = (cold_eval.select_users(loaded[0]), cold_eval.select_users(loaded[1]))
         if loaded is None:
             log.warning("train: no profile vectors in the workspace; training without the profile term")
         else:
@@ -158,6 +166,8 @@ def run_train(
             init = cold("--force")
         elif not settings.warm_start:
             init = cold("train.warm_start is off")
+        elif settings.cold_start.new_items:
+            init = cold("train.cold_start.new_items: earlier weights have seen the held-out items")
         else:
             init = warm_start(
                 model, model_config, catalog, workspace, run.run_id, hashes, log.info, log.warning
@@ -245,6 +255,19 @@ def run_train(
         split_rows = metric_rows(ranks, split, catalog.domains)
         results[split.name] = headline(split_rows, catalog.domains)
         rows += [r | {"run_id": run.run_id, "epoch": state.best_epoch} for r in split_rows]
+    cold_rows, cold_summary = cold_eval.evaluate(
+        model,
+        catalog,
+        sequences,
+        test,
+        ranks,
+        settings.eval_batch_size,
+        settings.full_ranking,
+        device,
+        settings.uses_llm_tables,
+        resolved.max_len,
+    )
+    rows += [r | {"run_id": run.run_id, "epoch": state.best_epoch} for r in cold_rows]
     rows += _history_rows(run.run_id, state.history)
     run.write_metrics(rows)
     _plot_curve(state.history, run.curve, f"{settings.model} ({run.run_id})")
@@ -269,6 +292,7 @@ def run_train(
         cold_start_reason=init.reason,
         init_valid_ndcg10=init_score,
         warm_start_items=init.items,
+        cold_start=cold_summary,
         seconds=time.perf_counter() - started,
         run_dir=str(run.path),
         device=str(device),

@@ -1,0 +1,166 @@
+"""The train stage's side of the cold-start evaluations (models/coldstart.py holds the splits):
+`prepare` holds out the new items before the model sees any data, `ColdStart.evaluate` scores the
+held-out items and the untouched domains with the best weights, as metric rows and the summary's
+`cold_start` object.
+
+Metric rows (metrics.parquet) use their own split names, so the standard `test` rows stay as they were:
+`test_new_items` (test targets that are held-out items), `test_warm_items` (the other test targets of
+the same run: the figure to compare with), `test_untouched` (the untouched-domain inputs); each with
+the usual protocols (sampled, full) and groups (overall, domain:<name>).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from bridgerec.models.base import Recommender
+from bridgerec.models.coldstart import (
+    HeldOut,
+    chance_ndcg,
+    choose_new_items,
+    subset_split,
+    untouched_inputs,
+    untouched_split,
+    without_items,
+)
+from bridgerec.models.data import Catalog, EvalSplit, Sequences
+from bridgerec.models.evaluate import Ranks, evaluate, headline, metric_rows
+from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks.ingest import IngestOutputs
+from bridgerec.tasks.train.settings import ColdStartSettings
+
+
+def first_seen(workspace: Workspace, n_items: int) -> np.ndarray | None:
+    """[N + 1] first interaction time of each global id (epoch seconds, NaN for none), or None when the
+    interactions carry no timestamps."""
+    table = IngestOutputs(workspace).table("interactions", columns=["global_id", "timestamp"])
+    if table["timestamp"].null_count == table.num_rows:
+        return None
+    gids = table["global_id"].to_numpy().astype(np.int64)
+    ts = table["timestamp"].cast("int64").to_numpy(zero_copy_only=False).astype(np.float64) / 1e6
+    out = np.full(n_items + 1, np.inf)
+    np.minimum.at(out, gids, np.nan_to_num(ts, nan=np.inf))
+    out[np.isinf(out)] = np.nan
+    return out
+
+
+@dataclass
+class ColdStart:
+    """What the run holds out and how to evaluate it; a no-op when both switches are off."""
+
+    settings: ColdStartSettings
+    source_users: int  # users in the ingest (profile rows are indexed by them)
+    held: HeldOut | None = None
+    selection: str | None = None  # "first_seen" | "random"
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def select_users(self, rows: np.ndarray) -> np.ndarray:
+        """Rows indexed by the ingest's user_idx -> the rows of the users this run trains on."""
+        return rows if self.held is None else rows[self.held.users]
+
+    def evaluate(
+        self,
+        model: Recommender,
+        catalog: Catalog,
+        sequences: Sequences,
+        test: EvalSplit,
+        test_ranks: Ranks,
+        batch_size: int,
+        full: bool,
+        device: torch.device,
+        scores_text: bool,
+        max_len: int,
+    ) -> tuple[list[dict], dict[str, Any]]:
+        """(metric rows, summary) of the switched-on evaluations, from the best weights."""
+        rows: list[dict] = []
+        summary: dict[str, Any] = {}
+        if not (self.settings.new_items or self.settings.untouched_domain):
+            return rows, summary
+        domains = catalog.domains
+        n_excluded = np.bincount(test.exclude_users, minlength=len(test.target))
+        warm = np.ones(len(test.target), bool)
+        if self.held is not None:
+            new = self.held.held[test.target.numpy()]
+            warm = ~new
+            for name, mask in (("test_new_items", new), ("test_warm_items", warm)):
+                sub = subset_split(test, mask, name)
+                ranks = Ranks(
+                    name, test_ranks.sampled[mask], None if test_ranks.full is None else test_ranks.full[mask]
+                )
+                split_rows = metric_rows(ranks, sub, domains)
+                rows += split_rows
+                key = "new_items" if name == "test_new_items" else "warm_items"
+                summary[key] = headline(split_rows, domains) | {
+                    "users": int(mask.sum()),
+                    "chance_ndcg@10": _chance(sub, catalog, n_excluded[mask], full),
+                }
+            summary["new_items"] |= {
+                "items_held_out": int(self.held.held.sum()),
+                "selection": self.selection,
+                "removed_interactions": self.held.removed_interactions,
+                "dropped_users": self.held.dropped_users,
+            }
+        if self.settings.untouched_domain:
+            chosen, inputs = untouched_inputs(catalog, sequences, max_len)
+            keep = warm[chosen]  # with held-out items: warm targets only (one question at a time)
+            users, inputs = chosen[keep], inputs[torch.from_numpy(keep)]
+            split = untouched_split(test, users, inputs)
+            ranks = evaluate(model, split, batch_size, full, device)
+            split_rows = metric_rows(ranks, split, domains)
+            rows += split_rows
+            summary["untouched_domain"] = headline(split_rows, domains) | {
+                "users": len(users),
+                "chance_ndcg@10": _chance(split, catalog, np.zeros(len(users), np.int64), full),
+            }
+        if not scores_text:
+            summary["note"] = (
+                "this model scores items by trained ID rows only: an item without interactions has an "
+                "untrained row, so its new-item figures are at (or below) chance by construction"
+            )
+        return rows, summary
+
+
+def prepare(
+    settings: ColdStartSettings,
+    catalog: Catalog,
+    sequences: Sequences,
+    workspace: Workspace,
+    seed: int,
+    log: Callable[[str], None] = lambda _: None,
+) -> tuple[Sequences, ColdStart]:
+    """(the sequences to train and evaluate on, the ColdStart of this run). With `new_items` the held-out
+    items' interactions are gone from them (models/coldstart.py)."""
+    cold = ColdStart(settings, source_users=len(sequences.lengths))
+    if not settings.new_items:
+        return sequences, cold
+    seen = first_seen(workspace, catalog.n_items)
+    usable = seen is not None and not np.isnan(seen[np.unique(sequences.flat)]).any()
+    held = choose_new_items(catalog, sequences, settings.new_items_fraction, seed, seen if usable else None)
+    cold.held = without_items(sequences, held)
+    cold.selection = "first_seen" if usable else "random"
+    log(
+        f"train: cold start: {int(held.sum())} items held out as new ({cold.selection}); "
+        f"{cold.held.removed_interactions} interactions removed, {cold.held.dropped_users} users left "
+        "with fewer than 3 interactions are not used"
+    )
+    return cold.held.sequences, cold
+
+
+def _chance(split: EvalSplit, catalog: Catalog, n_excluded: np.ndarray, full: bool) -> dict[str, Any]:
+    """Chance NDCG@10 per protocol, overall and per target domain (a random ranking of the same
+    candidates: 1 + negatives sampled, the domain minus the user's excluded items in full)."""
+    tdom = split.target_domain.numpy()
+    out: dict[str, Any] = {}
+    sampled = np.full(len(tdom), 0 if split.candidates is None else split.candidates.shape[1])
+    protocols = {"sampled": sampled}
+    if full:
+        protocols["full"] = catalog.sizes[tdom] - n_excluded
+    for protocol, m in protocols.items():
+        out[protocol] = {"overall": chance_ndcg(m)} | {
+            name: chance_ndcg(m[tdom == d]) for d, name in enumerate(catalog.domains)
+        }
+    return out
