@@ -1,11 +1,14 @@
 """Benchmark: every model side by side on one workspace (CPU), each in its own process.
 
     python bench/train.py --workspace /tmp/fk [--models llm4cdsr,sasrec] [--epochs 8] [--time-budget 900]
+                          [--cold-start]
 
 The workspace needs the ingest and enrich outputs. Prints a Markdown table (sampled and full-ranking
 HR@10 / NDCG@10 overall and per domain, seconds per epoch, epochs to best, peak RSS) and writes
 bench/results/train.json. Training is capped (epochs, patience, time budget per model): say so when
-quoting the figures.
+quoting the figures. With --cold-start every run holds out 5% of each domain's items as new and adds the
+untouched-domain evaluation (train.cold_start, docs/train.md "Cold start"); a second table shows their
+column groups beside the warm items of the same run, with the chance level of each.
 """
 
 from __future__ import annotations
@@ -112,6 +115,40 @@ def table(results: list[dict], domains: list[str]) -> str:
     return "\n".join(lines)
 
 
+def cold_table(results: list[dict], domains: list[str]) -> str:
+    """Column groups of the cold-start evaluations: NDCG@10 full ranking (sampled in brackets) per domain,
+    new items | warm items of the same run | untouched domain, each with the chance level (full)."""
+    groups = [
+        ("new_items", "new items"),
+        ("warm_items", "warm items"),
+        ("untouched_domain", "untouched domain"),
+    ]
+    cols = ["model"]
+    for _, label in groups:
+        cols += [f"{label}: users"] + [f"{label} {d} NDCG@10 full (sampled)" for d in domains]
+        cols += [f"{label} chance full {'/'.join(domains)}"]
+    cols += ["new / warm full NDCG@10"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in results:
+        cold = r.get("cold_start") or {}
+        cells = [r["model"]]
+        for key, _ in groups:
+            g = cold.get(key)
+            if g is None:
+                cells += ["-"] * (len(domains) + 2)
+                continue
+            cells.append(str(g["users"]))
+            cells += [f"{g['full'][d]['ndcg@10']:.4f} ({g[d]['ndcg@10']:.4f})" for d in domains]
+            cells.append("/".join(f"{g['chance_ndcg@10']['full'][d]:.5f}" for d in domains))
+        new, warm = cold.get("new_items"), cold.get("warm_items")
+        ratio = (
+            new["full"]["overall"]["ndcg@10"] / warm["full"]["overall"]["ndcg@10"] if new and warm else None
+        )
+        cells.append("-" if ratio is None else f"{ratio:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -125,6 +162,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--causal", action="store_true", help="Causal attention in every thread.")
     parser.add_argument("--force", action="store_true", help="Retrain runs that already finished.")
+    parser.add_argument(
+        "--cold-start",
+        action="store_true",
+        help="Both cold-start evaluations in every run (new items held out).",
+    )
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "train.json"))
     args = parser.parse_args()
 
@@ -139,6 +181,7 @@ def main() -> None:
             batch_size=args.batch_size,
             causal=args.causal,
             warm_start=False,  # a comparison of models: every run from a random init, never an earlier run
+            cold_start={"new_items": args.cold_start, "untouched_domain": args.cold_start},
         )
         started = time.perf_counter()
         r = run_one(settings, args.workspace, args.force)
@@ -151,6 +194,8 @@ def main() -> None:
         )
     domains = [k for k in results[0]["test"] if k not in ("overall", "full")]
     print(table(results, domains))
+    if args.cold_start:
+        print(cold_table(results, domains))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
