@@ -229,3 +229,35 @@ def test_ingest_keeps_items_without_interactions_and_still_reconciles(tmp_path: 
     assert acc["kept"] == 5 and acc["kept_without_interactions"] == 0
     assert acc["filtered_by_reason"] == {"no_interactions": 3, "no_kept_interactions": 2}
     assert acc["read"] == acc["kept"] + acc["quarantined"] + acc["filtered"]
+
+
+def test_new_items_by_first_appearance_from_ingest_timestamps(tmp_path: Path) -> None:
+    """With timestamps, the hold-out takes each domain's items that appeared last (here one per domain)."""
+    from bridgerec.tasks.train.coldstart import first_seen, prepare
+    from bridgerec.tasks.train.inputs import load_catalog, load_sequences
+
+    items = [{"item_id": f"{d}{i}", "domain": d, "title": f"{d} {i}"} for d in ("f", "k") for i in range(4)]
+    inter = [
+        {"user_id": u, "item_id": i, "domain": i[0], "timestamp": str(t)}
+        for u, seq in {
+            "u1": [("f0", 10), ("k0", 20), ("f1", 30), ("k3", 95)],
+            "u2": [("k1", 15), ("f2", 25), ("k2", 40), ("f3", 90)],
+            "u3": [("f0", 12), ("k1", 22), ("f1", 35), ("k2", 50)],
+        }.items()
+        for i, t in seq
+    ]
+    ws = Workspace(tmp_path / "ws")
+    run_ingest(
+        IngestSettings(
+            items=_write(tmp_path / "i.csv", items), interactions=_write(tmp_path / "x.csv", inter)
+        ),
+        ws,
+    )
+    catalog = load_catalog(ws)
+    seen = first_seen(ws, catalog.n_items)
+    gid = {item: g for g, item in enumerate(catalog.item_ids, 1)}
+    assert seen[gid["f0"]] == 10 and seen[gid["k1"]] == 15 and seen[gid["f3"]] == 90 and np.isnan(seen[0])
+    sequences, cold = prepare(ColdStartSettings(new_items=True), catalog, load_sequences(ws), ws, seed=0)
+    assert cold.selection == "first_seen"
+    assert sorted(catalog.item_ids[g - 1] for g in np.flatnonzero(cold.held.held)) == ["f3", "k3"]
+    assert cold.held.removed_interactions == 0 and len(sequences.lengths) == 3  # both are last items
