@@ -180,6 +180,17 @@ def _title(item_id: str) -> Callable[[Path], str]:
     return check
 
 
+def _new_item(item_id: str) -> Callable[[Path], str]:
+    def check(ws: Path) -> str:
+        items = pq.read_table(ws / "ingest" / "items.parquet").to_pylist()
+        stats = json.loads((ws / "ingest" / "manifest.json").read_text())["stats"]
+        assert item_id in {r["item_id"] for r in items}
+        n = stats["accounting"]["items"]["kept_without_interactions"]
+        return f"kept as a new item (`kept_without_interactions` {n})"
+
+    return check
+
+
 def _categories(ws: Path) -> str:
     row = pq.read_table(ws / "ingest" / "items.parquet").to_pylist()[0]
     return f"categories stored as `{row['categories']}`"
@@ -274,9 +285,19 @@ FAULTS = [
         filtered={"items.duplicate": 1},
     ),
     Fault(
-        "catalogue item no interaction uses",
+        "catalogue item no interaction uses (a new item)",
         generic(items_extra="F6,food,Rye bread\n"),
+        check=_new_item("F6"),
+    ),
+    Fault(
+        "new item with `items_without_interactions: drop`",
+        generic(items_extra="F6,food,Rye bread\n", items_without_interactions="drop"),
         filtered={"items.no_interactions": 1},
+    ),
+    Fault(
+        "catalogue item whose only interactions are filtered",
+        generic(items_extra="F6,food,Rye bread\n", inter_extra=f"u07,F6,food,{T0}\nu07,F2,food,{T0 + 1}\n"),
+        filtered={"interactions.short_sequence": 2, "items.no_kept_interactions": 1},
     ),
     Fault(
         "HTML entities and tags in a title",
