@@ -238,7 +238,7 @@ def test_new_items_by_first_appearance_from_ingest_timestamps(tmp_path: Path) ->
 
     items = [{"item_id": f"{d}{i}", "domain": d, "title": f"{d} {i}"} for d in ("f", "k") for i in range(4)]
     inter = [
-        {"user_id": u, "item_id": i, "domain": i[0], "timestamp": str(t)}
+        {"user_id": u, "item_id": i, "domain": i[0], "timestamp": str(1_600_000_000 + 3600 * t)}
         for u, seq in {
             "u1": [("f0", 10), ("k0", 20), ("f1", 30), ("k3", 95)],
             "u2": [("k1", 15), ("f2", 25), ("k2", 40), ("f3", 90)],
@@ -256,7 +256,8 @@ def test_new_items_by_first_appearance_from_ingest_timestamps(tmp_path: Path) ->
     catalog = load_catalog(ws)
     seen = first_seen(ws, catalog.n_items)
     gid = {item: g for g, item in enumerate(catalog.item_ids, 1)}
-    assert seen[gid["f0"]] == 10 and seen[gid["k1"]] == 15 and seen[gid["f3"]] == 90 and np.isnan(seen[0])
+    hours = (seen - 1_600_000_000) / 3600
+    assert hours[gid["f0"]] == 10 and hours[gid["k1"]] == 15 and hours[gid["f3"]] == 90 and np.isnan(seen[0])
     sequences, cold = prepare(ColdStartSettings(new_items=True), catalog, load_sequences(ws), ws, seed=0)
     assert cold.selection == "first_seen"
     assert sorted(catalog.item_ids[g - 1] for g in np.flatnonzero(cold.held.held)) == ["f3", "k3"]
