@@ -14,6 +14,7 @@ import bridgerec.runtime.prefect_env  # noqa: F401  (must precede any prefect im
 from bridgerec.config import ConfigError, Settings, load_settings
 from bridgerec.runtime import progress
 from bridgerec.runtime.errors import EXIT_FAILURE, EXIT_INPUT, InputError, input_error_in
+from bridgerec.runtime.logs import hide_input_error_tracebacks
 
 app = typer.Typer(
     name="bridgerec",
@@ -109,6 +110,8 @@ def ingest(
     """
     from bridgerec.flows.ingest import ingest_flow
 
+    hide_input_error_tracebacks()
+
     reviews_map, meta_map = _parse_domain_paths(reviews, "--reviews"), _parse_domain_paths(meta, "--meta")
     amazon = None
     if reviews_map or meta_map:
@@ -186,6 +189,8 @@ def enrich(
     WORKSPACE/enrich/errors.parquet with the reason.
     """
     from bridgerec.flows.enrich import configured_enrich_flow
+
+    hide_input_error_tracebacks()
     from bridgerec.tasks.enrich import ModelError
 
     settings = _settings(
@@ -289,6 +294,8 @@ def train(
     """
     from bridgerec.flows.train import train_flow
 
+    hide_input_error_tracebacks()
+
     settings = _settings(config, workspace=workspace, **{"train.model": model, "train.epochs": epochs})
     progress.set_enabled(not as_json)
     try:
@@ -367,6 +374,8 @@ def publish(
     Runs beyond `publish.retention_runs` lose their recommendations, profiles and indexes.
     """
     from bridgerec.flows.publish import publish_flow
+
+    hide_input_error_tracebacks()
     from bridgerec.storage.warehouse import WarehouseError
     from bridgerec.tasks.publish import PublishError
 
@@ -416,6 +425,8 @@ def run(
     finished stages. The same flow is deployed on a schedule from prefect.yaml (see docs/runbook.md).
     """
     from bridgerec.flows.nightly import nightly_flow
+
+    hide_input_error_tracebacks()
 
     settings = _settings(config, workspace=workspace)  # validate early, with readable errors
     progress.set_enabled(not as_json)

@@ -466,3 +466,39 @@ def test_duckdb1_clients_open_a_published_warehouse(tmp_path: Path) -> None:
     assert version.startswith("1.") and int(rows) == 5 * 2 * 3 and int(schema) == wh.SCHEMA_VERSION
     with duckdb.connect(str(path), read_only=True) as con:  # both runs survived the conversion
         assert [r[0] for r in con.execute("SELECT run_id FROM runs ORDER BY seq").fetchall()] == ["r1", "r2"]
+
+
+def test_cli_logs_show_no_traceback_for_an_input_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """Prefect's engine logs a failed run with its traceback; for a fault the user caused, the command line
+    keeps the message (which names the file) and drops the frames. Other failures keep their traceback."""
+    import logging
+
+    from bridgerec.runtime.logs import hide_input_error_tracebacks
+    from bridgerec.tasks.ingest import SourceError
+
+    hide_input_error_tracebacks()
+    prefect_handlers = logging.getLogger().handlers + logging.getLogger("prefect.flow_runs").handlers
+    assert len(prefect_handlers) >= 2 and all(
+        any(type(f).__name__ == "_HideInputErrorTracebacks" for f in h.filters) for h in prefect_handlers
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    hide_input_error_tracebacks()  # idempotent, and reaches handlers added since
+    logger = logging.getLogger("bridgerec.test.tracebacks")
+    logger.addHandler(handler)
+    hide_input_error_tracebacks()
+    try:
+        for exc in (SourceError("ratings_food.csv: missing required column(s)"), RuntimeError("engine died")):
+            try:
+                try:
+                    raise exc
+                except Exception as inner:
+                    raise RuntimeError("Flow run encountered an exception") from inner
+            except RuntimeError:
+                logger.error("run failed", exc_info=True)
+    finally:
+        logger.removeHandler(handler)
+    err = capsys.readouterr().err
+    first, second = err.split("ERROR run failed")[1:]
+    assert "Traceback" not in first  # the input error: message only
+    assert "Traceback" in second and "engine died" in second  # a crash keeps its frames
