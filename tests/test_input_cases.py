@@ -473,8 +473,9 @@ def test_cli_logs_show_no_traceback_for_an_input_error(capsys: pytest.CaptureFix
     keeps the message (which names the file) and drops the frames. Other failures keep their traceback."""
     import logging
 
-    from bridgerec.runtime.logs import hide_input_error_tracebacks
     from bridgerec.tasks.ingest import SourceError
+
+    from bridgerec.runtime.logs import hide_input_error_tracebacks
 
     hide_input_error_tracebacks()
     prefect_handlers = logging.getLogger().handlers + logging.getLogger("prefect.flow_runs").handlers
