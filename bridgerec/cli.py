@@ -385,7 +385,7 @@ def publish(
         summary = publish_flow(
             settings.publish,
             str(settings.workspace),
-            str(settings.warehouse),
+            str(settings.warehouse_path),
             settings.runtime.resolved_threads(),
             force,
             run_id,
@@ -424,7 +424,7 @@ def run(
     Stages whose inputs and config are unchanged are skipped, so a rerun after a crash resumes from the
     finished stages. The same flow is deployed on a schedule from prefect.yaml (see docs/runbook.md).
     """
-    from bridgerec.flows.nightly import nightly_flow
+    from bridgerec.flows.nightly import NightFailed, nightly_flow, summary_markdown
 
     hide_input_error_tracebacks()
 
@@ -433,12 +433,54 @@ def run(
     overrides = {"workspace": str(settings.workspace)} if workspace else None
     try:
         result = nightly_flow(str(config) if config else None, overrides)
+    except NightFailed as exc:  # a refused or failed night still gets its morning read
+        _emit(exc.summary, as_json, lambda r: typer.echo(summary_markdown(r)))
+        cause = input_error_in(exc)
+        if cause is not None:  # bad input, config or contract: the same line and code as the stage's
+            _fail(str(cause))
+        _fail(f"nightly run failed: {exc}", code=EXIT_FAILURE)
     except Exception as exc:  # the flow logged the details; give the user the one line that matters
         cause = input_error_in(exc)
         if cause is not None:  # bad input, config or contract: the same line and code as the stage's
             _fail(str(cause))
         _fail(f"nightly run failed: {exc}", code=EXIT_FAILURE)
-    _emit(result, as_json, lambda r: typer.echo(yaml.safe_dump(r, sort_keys=False)))
+    _emit(result, as_json, lambda r: typer.echo(summary_markdown(r)))
+
+
+@app.command("deploy-check")
+def deploy_check(
+    what: Annotated[str, typer.Argument(help="home | config: which value to check and print.")],
+) -> None:
+    """Check, when deploying, what a deployment will need when it runs; print it for prefect.yaml.
+
+    `home`: the checkout the worker runs the flows from ($BRIDGEREC_HOME, else the directory the deploy
+    runs in); it must hold flows/nightly.py. `config`: $BRIDGEREC_CONFIG (relative to home), which must
+    exist and be a valid configuration; printed as an absolute path. Any problem stops `prefect deploy`
+    with one `error:` line (prefect.yaml runs both as build steps).
+    """
+    import os
+
+    from bridgerec.config import CONFIG_ENV
+
+    home = Path(os.environ.get("BRIDGEREC_HOME") or Path.cwd()).expanduser().resolve()
+    if what not in ("home", "config"):
+        _fail(f"deploy-check takes 'home' or 'config', got {what!r}")
+    if not (home / "flows" / "nightly.py").is_file():
+        source = "$BRIDGEREC_HOME" if os.environ.get("BRIDGEREC_HOME") else "the deploy's directory"
+        _fail(f"{home} ({source}) is not a bridgerec checkout: it has no flows/nightly.py")
+    if what == "home":
+        typer.echo(str(home))
+        return
+    raw = os.environ.get(CONFIG_ENV)
+    if not raw:
+        _fail(f"${CONFIG_ENV} is not set: set it to the pipeline config the deployments run with")
+    path = Path(raw).expanduser()
+    path = path if path.is_absolute() else home / path
+    try:
+        load_settings(path)
+    except ConfigError as exc:
+        _fail(f"${CONFIG_ENV}={raw}: " + " ".join(line.strip() for line in str(exc).splitlines()))
+    typer.echo(str(path.resolve()))
 
 
 @app.command()
@@ -453,7 +495,7 @@ def recs(
     """Show a user's top-k recommendations with item titles and their profile (read-only)."""
     from bridgerec.storage.warehouse import WarehouseError, user_recommendations
 
-    path = warehouse or _settings(config).warehouse
+    path = warehouse or _settings(config).warehouse_path
     try:
         result = user_recommendations(path, user, domain, run_id)
     except WarehouseError as exc:
@@ -490,10 +532,11 @@ def runs_list(
     limit: Annotated[int | None, typer.Option(help="Show at most this many runs.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List the runs in the warehouse, newest first; `retained` runs still have their recommendations."""
+    """List the runs in the warehouse, newest first: published runs (`retained` ones still have their
+    recommendations) and the nightly flow's nights (status, the quality gate's decision)."""
     from bridgerec.storage.warehouse import WarehouseError, list_runs
 
-    path = warehouse or _settings(config).warehouse
+    path = warehouse or _settings(config).warehouse_path
     try:
         runs = list_runs(path, limit)
     except WarehouseError as exc:
@@ -510,13 +553,15 @@ def _render_runs(result: dict) -> None:
 
     console = Console()
     t = Table(title=f"runs in {result['warehouse']}", title_justify="left")
-    for col in ("run_id", "status", "model", "finished (UTC)", "users", "rows", "retained"):
+    for col in ("run_id", "kind", "status", "gate", "model", "finished (UTC)", "users", "rows", "retained"):
         t.add_column(col)
     for r in result["runs"]:
         finished = r["finished_at"].astimezone(UTC).strftime("%Y-%m-%d %H:%M") if r["finished_at"] else ""
         t.add_row(
             escape(r["run_id"]),
+            r.get("kind") or "publish",
             r["status"],
+            r.get("gate") or "",
             escape(r["model"] or ""),
             finished,
             f"{r['n_users']:,}" if r["n_users"] is not None else "",
@@ -527,6 +572,10 @@ def _render_runs(result: dict) -> None:
     for r in result["runs"]:
         if r["message"]:
             console.print(f"{escape(r['run_id'])} {r['status']}: {escape(r['message'])}", soft_wrap=True)
+        elif r.get("gate_message"):
+            console.print(
+                f"{escape(r['run_id'])} gate {r['gate']}: {escape(r['gate_message'])}", soft_wrap=True
+            )
 
 
 @config_app.command("show")

@@ -26,6 +26,7 @@ from bridgerec.runtime.errors import InputError
 from bridgerec.tasks.enrich import EnrichSettings, ProfileSettings
 from bridgerec.tasks.ingest import IngestSettings
 from bridgerec.tasks.publish import PublishSettings
+from bridgerec.tasks.quality.settings import DataCheckSettings, GateSettings
 from bridgerec.tasks.train import TrainSettings
 
 ENV_PREFIX = "BRIDGEREC_"
@@ -50,13 +51,24 @@ class Settings(BaseSettings):
     _yaml_file: ClassVar[Path | None] = None
 
     workspace: Path = Field(default=Path("workspace"), description="Folder holding every stage's output.")
-    warehouse: Path = Field(default=Path("workspace/warehouse.duckdb"), description="The DuckDB warehouse.")
+    warehouse: Path | None = Field(
+        default=None,
+        description="The DuckDB warehouse; unset = WORKSPACE/warehouse.duckdb (it follows the workspace, and "
+        "the FAISS indexes go beside it). Use `warehouse_path` to read it.",
+    )
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     enrich: EnrichSettings = Field(default_factory=EnrichSettings)
     profiles: ProfileSettings = Field(default_factory=ProfileSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     publish: PublishSettings = Field(default_factory=PublishSettings)
+    checks: DataCheckSettings = Field(default_factory=DataCheckSettings)
+    gate: GateSettings = Field(default_factory=GateSettings)
+
+    @property
+    def warehouse_path(self) -> Path:
+        """The warehouse file: `warehouse` when set, else `workspace/warehouse.duckdb`."""
+        return self.warehouse if self.warehouse is not None else self.workspace / "warehouse.duckdb"
 
     @classmethod
     def settings_customise_sources(

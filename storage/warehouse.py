@@ -152,6 +152,84 @@ MIGRATIONS: tuple[Migration, ...] = (
             SELECT * FROM user_profiles WHERE run_id = (SELECT run_id FROM latest_run);
         """,
     ),
+    Migration(
+        4,
+        "nights in runs",
+        """
+        -- One row per night of the nightly flow (kind 'night', run_id 'night-<Prefect flow run id>') beside
+        -- the published runs (kind 'publish', run_id = the train run id): 'running' when the night starts,
+        -- its final state when it ends, also after a Prefect retry (same flow run, same row).
+        -- Joins: night.flow_run_id = Prefect's flow run id; night.train_run_id = WORKSPACE/runs/<id>;
+        -- night.published_run_id = runs.run_id of the published run serving after the night.
+        ALTER TABLE runs ADD COLUMN kind VARCHAR DEFAULT 'publish';
+        UPDATE runs SET kind = CASE WHEN seq IS NULL AND starts_with(run_id, 'nightly-') THEN 'night'
+                                    ELSE 'publish' END;
+        ALTER TABLE runs ADD COLUMN flow_run_id VARCHAR;       -- the Prefect flow run of a night
+        ALTER TABLE runs ADD COLUMN published_run_id VARCHAR;  -- night: the run serving after it
+        ALTER TABLE runs ADD COLUMN attempts INTEGER;          -- night: starts, retries included
+        -- The quality gate of a night (docs/nightly.md, "Quality gate"): passed | refused | override |
+        -- first (nothing published yet) | unchanged (same train run as published) | off
+        ALTER TABLE runs ADD COLUMN gate VARCHAR;
+        ALTER TABLE runs ADD COLUMN gate_message VARCHAR;
+        -- Full-ranking validation NDCG@10 on the night's validation split: the new run, the published run
+        -- re-scored on the same split, and the popularity floor.
+        ALTER TABLE runs ADD COLUMN valid_ndcg10 DOUBLE;
+        ALTER TABLE runs ADD COLUMN published_valid_ndcg10 DOUBLE;
+        ALTER TABLE runs ADD COLUMN popularity_valid_ndcg10 DOUBLE;
+        CREATE OR REPLACE VIEW latest_run AS
+            SELECT * FROM runs WHERE status = 'completed' AND purged_at IS NULL AND kind = 'publish'
+            ORDER BY seq DESC LIMIT 1;
+        CREATE OR REPLACE VIEW latest_recommendations AS
+            SELECT r.run_id, r.user_id, r.domain, r.rank, r.item_id, r.score, i.title
+            FROM recommendations r LEFT JOIN items i ON i.item_id = r.item_id
+            WHERE r.run_id = (SELECT run_id FROM latest_run);
+        CREATE OR REPLACE VIEW latest_metrics AS
+            SELECT * FROM metrics WHERE run_id = (SELECT run_id FROM latest_run);
+        CREATE OR REPLACE VIEW latest_user_profiles AS
+            SELECT * FROM user_profiles WHERE run_id = (SELECT run_id FROM latest_run);
+        -- The data checks of each night before training (tasks/quality/datachecks.py): per domain and
+        -- entity (interactions | users | items) tonight's count against the last checked night's.
+        CREATE TABLE data_checks (
+            night_id   VARCHAR NOT NULL,     -- runs.run_id of the night
+            checked_at TIMESTAMPTZ NOT NULL,
+            entity     VARCHAR NOT NULL,
+            domain     VARCHAR NOT NULL,
+            count      BIGINT NOT NULL,      -- tonight
+            previous   BIGINT,               -- the last checked night (NULL on the first night)
+            new        BIGINT,               -- keys tonight that were not there
+            gone       BIGINT,               -- keys of the last night that are not there tonight
+            share_new  DOUBLE,               -- new / count
+            share_gone DOUBLE,               -- gone / previous
+            change     DOUBLE,               -- count / previous - 1
+            passed     BOOLEAN NOT NULL      -- false: this night was stopped by the check
+        );
+        -- What a night published, per domain (tasks/quality/stability.py): list churn against the
+        -- previously published run, catalogue coverage, concentration on the most recommended items.
+        CREATE TABLE list_stability (
+            night_id          VARCHAR NOT NULL,
+            run_id            VARCHAR NOT NULL,  -- the published run
+            previous_run_id   VARCHAR,           -- the run published before it (NULL: none)
+            domain            VARCHAR NOT NULL,
+            users             BIGINT NOT NULL,
+            users_compared    BIGINT NOT NULL,   -- users with a list in both runs
+            mean_changed      DOUBLE,            -- mean share of a user's top-k not in their previous top-k
+            p10_changed       DOUBLE,
+            p50_changed       DOUBLE,
+            p90_changed       DOUBLE,
+            distinct_items    BIGINT NOT NULL,
+            catalogue_items   BIGINT,
+            coverage          DOUBLE,            -- distinct_items / catalogue_items
+            top_item_id       VARCHAR,
+            top_item_share    DOUBLE,            -- share of users whose list holds the top item
+            top10_slot_share  DOUBLE             -- share of all slots taken by the 10 most recommended items
+        );
+        CREATE VIEW nights AS
+            SELECT run_id, flow_run_id, status, started_at, finished_at, attempts, model, train_run_id,
+                   published_run_id, gate, gate_message, valid_ndcg10, published_valid_ndcg10,
+                   popularity_valid_ndcg10, message
+            FROM runs WHERE kind = 'night';
+        """,
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
@@ -607,7 +685,7 @@ def _apply_retention(con: duckdb.DuckDBPyConnection, keep: int) -> list[str]:
     old = [
         r[0]
         for r in con.execute(
-            "SELECT run_id FROM runs WHERE status = 'completed' AND purged_at IS NULL "
+            "SELECT run_id FROM runs WHERE status = 'completed' AND purged_at IS NULL AND kind = 'publish' "
             "ORDER BY seq DESC OFFSET ?",
             [keep],
         ).fetchall()
@@ -651,6 +729,152 @@ def record_run_status(
         )
 
 
+# ---- nights of the nightly flow (kind 'night') ----------------------------------------------------------
+
+
+@dataclass
+class NightRecord:
+    """A night's row in `runs`. Times are UTC: `started_at` when the night first started (a retry keeps
+    it), `finished_at` when its last attempt ended; the same meaning as for published runs."""
+
+    run_id: str  # 'night-<Prefect flow run id>'
+    flow_run_id: str | None
+    status: str  # running | completed | failed
+    started_at: datetime
+    finished_at: datetime | None = None
+    model: str | None = None
+    train_run_id: str | None = None
+    published_run_id: str | None = None
+    gate: str | None = None
+    gate_message: str | None = None
+    valid_ndcg10: float | None = None
+    published_valid_ndcg10: float | None = None
+    popularity_valid_ndcg10: float | None = None
+    message: str | None = None
+    # The night's data checks (tasks/quality/datachecks.py rows), written in the same swap.
+    data_checks: list[dict[str, Any]] | None = None
+    data_checks_passed: bool = True
+    # tasks/quality/stability.py rows of the run the night published (with run_id, previous_run_id).
+    list_stability: list[dict[str, Any]] | None = None
+
+
+_STABILITY_COLUMNS = (
+    "run_id",
+    "previous_run_id",
+    "domain",
+    "users",
+    "users_compared",
+    "mean_changed",
+    "p10_changed",
+    "p50_changed",
+    "p90_changed",
+    "distinct_items",
+    "catalogue_items",
+    "coverage",
+    "top_item_id",
+    "top_item_share",
+    "top10_slot_share",
+)
+_DATA_CHECK_COLUMNS = (
+    "entity",
+    "domain",
+    "count",
+    "previous",
+    "new",
+    "gone",
+    "share_new",
+    "share_gone",
+    "change",
+)
+
+_NIGHT_COLUMNS = (
+    "flow_run_id",
+    "status",
+    "finished_at",
+    "model",
+    "train_run_id",
+    "published_run_id",
+    "gate",
+    "gate_message",
+    "valid_ndcg10",
+    "published_valid_ndcg10",
+    "popularity_valid_ndcg10",
+    "message",
+)
+
+
+def record_night(
+    path: Path | str,
+    night: NightRecord,
+    threads: int = 1,
+    storage_compatibility: str = DEFAULT_STORAGE_COMPATIBILITY,
+) -> None:
+    """Write a night's row with the warehouse's atomic swap.
+
+    'running' (at the start of every attempt) counts an attempt and clears the previous attempt's end;
+    a final state ('completed' or 'failed') fills in what the night did. `started_at` is the first
+    attempt's. Raises ValueError for another status or a run id that is a published run's.
+    """
+    if night.status not in RUN_STATUSES:
+        raise ValueError(f"status must be one of {RUN_STATUSES}, got {night.status!r}")
+    with rewrite(path, threads, storage_compatibility) as (con, _):
+        row = con.execute("SELECT kind FROM runs WHERE run_id = ?", [night.run_id]).fetchall()
+        if row and row[0][0] != "night":
+            raise WarehouseError(f"run {night.run_id!r} is a published run, not a night")
+        values = [getattr(night, c) for c in _NIGHT_COLUMNS]
+        if night.status == "running":
+            values[_NIGHT_COLUMNS.index("finished_at")] = None
+        if night.status == "running":  # a new attempt: nothing of the previous attempt's outcome holds
+            updates = (
+                ", ".join(f"{c} = excluded.{c}" for c in _NIGHT_COLUMNS) + ", attempts = runs.attempts + 1"
+            )
+        else:
+            updates = ", ".join(
+                f"{c} = excluded.{c}"
+                if c in ("status", "finished_at")
+                else f"{c} = coalesce(excluded.{c}, runs.{c})"
+                for c in _NIGHT_COLUMNS
+            )
+        con.execute(
+            f"INSERT INTO runs (run_id, kind, started_at, attempts, {', '.join(_NIGHT_COLUMNS)}) "
+            f"VALUES (?, 'night', ?, 1, {', '.join('?' for _ in _NIGHT_COLUMNS)}) "
+            f"ON CONFLICT (run_id) DO UPDATE SET {updates}",
+            [night.run_id, night.started_at, *values],
+        )
+        if night.data_checks:
+            con.execute("DELETE FROM data_checks WHERE night_id = ?", [night.run_id])
+            now = datetime.now(UTC)
+            con.executemany(
+                f"INSERT INTO data_checks (night_id, checked_at, {', '.join(_DATA_CHECK_COLUMNS)}, passed) "
+                f"VALUES (?, ?, {', '.join('?' for _ in _DATA_CHECK_COLUMNS)}, ?)",
+                [
+                    [night.run_id, now, *[r.get(c) for c in _DATA_CHECK_COLUMNS], night.data_checks_passed]
+                    for r in night.data_checks
+                ],
+            )
+        if night.list_stability:
+            con.execute("DELETE FROM list_stability WHERE night_id = ?", [night.run_id])
+            con.executemany(
+                f"INSERT INTO list_stability (night_id, {', '.join(_STABILITY_COLUMNS)}) "
+                f"VALUES (?, {', '.join('?' for _ in _STABILITY_COLUMNS)})",
+                [[night.run_id, *[r.get(c) for c in _STABILITY_COLUMNS]] for r in night.list_stability],
+            )
+
+
+def published_run(path: Path | str) -> dict[str, Any] | None:
+    """The run analysts see now (`latest_run`), or None when the warehouse is missing or empty."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    con = connect_reader(path)
+    try:
+        return latest_run(con)
+    except duckdb.CatalogException:
+        return None
+    finally:
+        con.close()
+
+
 # ---- reading ---------------------------------------------------------------------------------------------
 
 
@@ -664,17 +888,27 @@ def list_runs(path: Path | str, limit: int | None = None) -> list[dict[str, Any]
     """The runs table, newest first (completed runs by publish order, then the others by start)."""
     con = connect_reader(path)
     try:
+        kind = (
+            "kind, flow_run_id, published_run_id, gate, gate_message, valid_ndcg10, "
+            if _has_nights(con)
+            else ""
+        )
         sql = (
-            "SELECT run_id, status, seq, started_at, finished_at, model, train_run_id, k, n_users, n_items, "
-            "n_interactions, n_domains, n_recommendations, purged_at IS NULL AND status = 'completed' AS "
-            "retained, index_path, message FROM runs ORDER BY coalesce(finished_at, started_at) DESC, "
-            "seq DESC NULLS LAST"
+            f"SELECT run_id, {kind}status, seq, started_at, finished_at, model, train_run_id, k, n_users, "
+            "n_items, n_interactions, n_domains, n_recommendations, purged_at IS NULL AND status = 'completed' "
+            "AND seq IS NOT NULL AS retained, index_path, message FROM runs "
+            "ORDER BY coalesce(finished_at, started_at) DESC, seq DESC NULLS LAST"
         )
         if limit is not None:
             sql += " LIMIT ?"
         return _rows(con, sql, [limit] if limit is not None else [])
     finally:
         con.close()
+
+
+def _has_nights(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether the file is at migration 4 or later (readers never migrate: a publish does)."""
+    return schema_version(con) >= 4
 
 
 def latest_run(con: duckdb.DuckDBPyConnection) -> dict[str, Any] | None:

@@ -1,0 +1,1 @@
+"""Checks between training and publishing: the quality gate (tasks/quality/gate.py)."""

@@ -1,0 +1,133 @@
+"""Data checks before training: tonight's ingest output against last night's, per domain.
+
+For interactions, users and items of each domain: tonight's count, last night's, how many are new and
+how many are gone (shares of tonight's and of last night's). A count that fell by more than
+`checks.max_drop` of last night's (a truncated export, a lost domain) stops the night before anything is
+trained or published. "Last night" is the snapshot the previous check kept in `WORKSPACE/quality/`
+(64-bit hashes of the keys: user_id; item_id; user_id + item_id + position for interactions).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks.quality.settings import DataCheckSettings
+from pydantic import BaseModel
+
+ENTITIES = ("interactions", "users", "items")
+
+
+class DataCheckFailed(RuntimeError):
+    """Tonight's data dropped more than allowed; the message names the domains and figures."""
+
+
+class DataChecks(BaseModel):
+    """The figures (one row per entity and domain) and the verdict."""
+
+    rows: list[dict]
+    passed: bool
+    message: str
+
+
+def _snapshot_path(workspace: Workspace) -> Path:
+    return workspace.root / "quality" / "data_snapshot.parquet"
+
+
+def _current(con: duckdb.DuckDBPyConnection, workspace: Workspace) -> None:
+    inter = workspace.stage_dir("ingest") / "interactions.parquet"
+    items = workspace.stage_dir("ingest") / "items.parquet"
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE cur AS
+        WITH dom AS (SELECT DISTINCT domain_idx, domain FROM read_parquet('{items}'))
+        SELECT 'interactions' AS entity, d.domain, hash(x.user_id, x.item_id, x.seq_pos) AS key
+            FROM read_parquet('{inter}') x JOIN dom d USING (domain_idx)
+        UNION ALL
+        SELECT DISTINCT 'users', d.domain, hash(x.user_id)
+            FROM read_parquet('{inter}') x JOIN dom d USING (domain_idx)
+        UNION ALL
+        SELECT 'items', domain, hash(item_id) FROM read_parquet('{items}')
+        """
+    )
+
+
+def check_data(settings: DataCheckSettings, workspace: Workspace) -> DataChecks:
+    """Compare tonight's ingest output with the last checked night's; keep tonight's snapshot when the
+    check passes (so a refused night is compared with the last good one again). Never raises for a drop:
+    the caller decides (the nightly flow raises DataCheckFailed when `passed` is false)."""
+    snap = _snapshot_path(workspace)
+    con = duckdb.connect()
+    try:
+        _current(con, workspace)
+        if snap.exists():
+            con.execute(f"CREATE TEMP TABLE prev AS SELECT * FROM read_parquet('{snap}')")
+        else:
+            con.execute("CREATE TEMP TABLE prev AS SELECT * FROM cur LIMIT 0")
+        first = not snap.exists()
+        cur = con.execute(
+            """
+            WITH c AS (SELECT entity, domain, count(*) AS n FROM cur GROUP BY ALL),
+                 p AS (SELECT entity, domain, count(*) AS n FROM prev GROUP BY ALL),
+                 new AS (SELECT entity, domain, count(*) AS n FROM (SELECT * FROM cur EXCEPT SELECT * FROM prev)
+                         GROUP BY ALL),
+                 gone AS (SELECT entity, domain, count(*) AS n FROM (SELECT * FROM prev EXCEPT SELECT * FROM cur)
+                          GROUP BY ALL)
+            SELECT entity, domain, coalesce(c.n, 0) AS count, p.n AS previous,
+                   coalesce(new.n, 0) AS new, coalesce(gone.n, 0) AS gone
+            FROM c FULL JOIN p USING (entity, domain) LEFT JOIN new USING (entity, domain)
+                 LEFT JOIN gone USING (entity, domain)
+            ORDER BY domain, entity
+            """
+        ).fetchall()
+        rows = []
+        for entity, domain, count, previous, new, gone in cur:
+            rows.append(
+                {
+                    "entity": entity,
+                    "domain": domain,
+                    "count": int(count),
+                    "previous": None if first else int(previous or 0),
+                    "new": None if first else int(new),
+                    "gone": None if first else int(gone),
+                    "share_new": None if first or not count else round(new / count, 6),
+                    "share_gone": None if first or not previous else round(gone / previous, 6),
+                    "change": None if first or not previous else round(count / previous - 1.0, 6),
+                }
+            )
+        drops = [r for r in rows if r["change"] is not None and -r["change"] > settings.max_drop]
+        if drops:
+            message = (
+                "data check: "
+                + "; ".join(
+                    f"{r['domain']} {r['entity']} {r['previous']:,} -> {r['count']:,} ({r['change']:+.1%})"
+                    for r in drops
+                )
+                + f" (more than the {settings.max_drop:.0%} drop allowed by checks.max_drop)"
+            )
+            return DataChecks(rows=rows, passed=False, message=message)
+        snap.parent.mkdir(parents=True, exist_ok=True)
+        tmp = snap.with_name(snap.name + ".tmp")
+        con.execute(f"COPY cur TO '{tmp}' (FORMAT parquet)")
+        tmp.replace(snap)
+        if first:
+            return DataChecks(rows=rows, passed=True, message="data check: first night, no comparison")
+        inter = [r for r in rows if r["entity"] == "interactions"]
+        return DataChecks(
+            rows=rows,
+            passed=True,
+            message="data check: "
+            + ", ".join(
+                f"{r['domain']} interactions {r['count']:,} ({r['change']:+.1%}, {r['share_new']:.1%} new)"
+                for r in inter
+            ),
+        )
+    finally:
+        con.close()
+
+
+def as_table(night_id: str, checks: DataChecks) -> pa.Table:
+    """The rows for the warehouse's `data_checks` table."""
+    return pa.Table.from_pylist([{"night_id": night_id} | r for r in checks.rows])

@@ -1,0 +1,153 @@
+"""The night's record in the warehouse and the quality gate's decision, without training anything: real
+DuckDB files, the gate's pure decision function, and the popularity floor on the ingested sample."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import duckdb
+import pytest
+from bridgerec.storage import warehouse as wh
+from bridgerec.tasks.quality.gate import decide
+from bridgerec.tasks.quality.settings import GateSettings
+
+
+def _night(status: str, **kw: object) -> wh.NightRecord:
+    return wh.NightRecord("night-f1", "f1", status, kw.pop("started_at", datetime.now(UTC)), **kw)  # type: ignore[arg-type]
+
+
+def test_a_night_is_one_row_from_running_to_its_end_also_after_a_retry(tmp_path: Path) -> None:
+    path = tmp_path / "wh.duckdb"
+    t0 = datetime(2026, 11, 29, 2, 0, tzinfo=UTC)
+    wh.record_night(path, _night("running", started_at=t0))
+    with duckdb.connect(str(path), read_only=True) as con:
+        assert con.execute("SELECT status, attempts, finished_at FROM nights").fetchall() == [
+            ("running", 1, None)
+        ]
+    wh.record_night(
+        path,
+        _night("failed", started_at=t0, finished_at=t0 + timedelta(minutes=5), message="stage enrich: boom"),
+    )
+    # `prefect flow-run retry`: same flow run, same row; the retry's outcome replaces the failure.
+    wh.record_night(path, _night("running", started_at=t0 + timedelta(hours=7)))
+    wh.record_night(
+        path,
+        _night(
+            "completed",
+            started_at=t0 + timedelta(hours=7),
+            finished_at=t0 + timedelta(hours=7, minutes=9),
+            train_run_id="llm4cdsr-abc",
+            published_run_id="llm4cdsr-abc",
+            gate="first",
+            valid_ndcg10=0.1,
+            data_checks=[{"entity": "users", "domain": "food", "count": 10, "previous": None}],
+        ),
+    )
+    with duckdb.connect(str(path), read_only=True) as con:
+        rows = con.execute(
+            "SELECT run_id, flow_run_id, status, attempts, started_at, message, gate, train_run_id FROM nights"
+        ).fetchall()
+        latest = con.execute("SELECT count(*) FROM latest_run").fetchall()[0][0]
+    assert rows == [("night-f1", "f1", "completed", 2, t0, None, "first", "llm4cdsr-abc")]
+    assert latest == 0  # a night is not a published run
+    with duckdb.connect(str(path), read_only=True) as con:
+        checks = con.execute(
+            "SELECT night_id, entity, domain, count, previous, passed FROM data_checks"
+        ).fetchall()
+    assert checks == [("night-f1", "users", "food", 10, None, True)]
+    listed = wh.list_runs(path)
+    assert listed[0]["kind"] == "night" and listed[0]["status"] == "completed" and not listed[0]["retained"]
+    with pytest.raises(ValueError, match="status"):
+        wh.record_night(path, _night("skipped"))
+
+
+def test_migration_4_keeps_old_failed_nights_as_nights(tmp_path: Path) -> None:
+    path = tmp_path / "wh.duckdb"
+    con = duckdb.connect(str(path))
+    wh.migrate(con, upto=3)
+    con.execute(
+        "INSERT INTO runs (run_id, status, started_at, message) VALUES ('nightly-x', 'failed', now(), 'stage train: x')"
+    )
+    con.close()
+    with wh.rewrite(path) as (con, _):
+        assert wh.schema_version(con) == wh.SCHEMA_VERSION
+    with duckdb.connect(str(path), read_only=True) as con:
+        assert con.execute("SELECT run_id, status FROM nights").fetchall() == [("nightly-x", "failed")]
+
+
+GATE = GateSettings(max_drop=0.05)
+
+
+def test_gate_decisions() -> None:
+    within = decide(GATE, 0.1150, 0.1203, 0.05, "new", "old")
+    assert within.decision == "passed" and within.publish and "-0.0053" in within.message
+    worse = decide(GATE, 0.1000, 0.1203, 0.05, "new", "old")
+    assert (worse.decision, worse.publish) == ("refused", False)
+    assert "0.0203 (16.9%) below the published run old (0.1203)" in worse.message
+    floor = decide(GATE, 0.04, None, 0.05, "new", None)
+    assert floor.decision == "refused" and "below the popularity floor 0.0500 by 0.0100" in floor.message
+    first = decide(GATE, 0.06, None, 0.05, "new", None)
+    assert (first.decision, first.publish) == ("first", True)
+    no_floor = decide(GateSettings(popularity_floor=False), 0.04, None, 0.05, "new", None)
+    assert no_floor.publish
+
+
+def _publish(path: Path, run_id: str, lists: dict[str, list[str]]) -> None:
+    import pyarrow as pa
+
+    rows = [
+        (u, "kitchen", r + 1, item, 1.0 - r / 10)
+        for u, items in lists.items()
+        for r, item in enumerate(items)
+    ]
+    recs = pa.table(
+        {
+            "user_id": [r[0] for r in rows],
+            "domain": [r[1] for r in rows],
+            "rank": pa.array([r[2] for r in rows], pa.int16()),
+            "item_id": [r[3] for r in rows],
+            "score": pa.array([r[4] for r in rows], pa.float32()),
+        }
+    )
+    names = [f"i{n}" for n in range(10)]
+    items = pa.table(
+        {
+            "item_id": names,
+            "domain": ["kitchen"] * 10,
+            "title": names,
+            "brand": [None] * 10,
+            "categories": [None] * 10,
+            "price": [None] * 10,
+        },
+        schema=pa.schema(
+            [
+                ("item_id", pa.string()),
+                ("domain", pa.string()),
+                ("title", pa.string()),
+                ("brand", pa.string()),
+                ("categories", pa.string()),
+                ("price", pa.string()),
+            ]
+        ),
+    )
+    wh.publish(path, wh.PublishBatch(wh.RunRecord(run_id, datetime.now(UTC)), recs, items), retention_runs=3)
+
+
+def test_list_stability_churn_coverage_and_concentration(tmp_path: Path) -> None:
+    from bridgerec.tasks.quality.stability import describe, list_stability
+
+    path = tmp_path / "wh.duckdb"
+    _publish(path, "a", {"u1": ["i0", "i1", "i2", "i3"], "u2": ["i0", "i1", "i2", "i3"]})
+    _publish(
+        path,
+        "b",
+        {"u1": ["i0", "i1", "i2", "i3"], "u2": ["i0", "i5", "i6", "i7"], "u3": ["i0", "i8", "i1", "i2"]},
+    )
+    (row,) = list_stability(path, "b", "a")
+    assert row["users_compared"] == 2 and row["mean_changed"] == 0.375  # u1 kept all, u2 changed 3 of 4
+    assert (row["p50_changed"], row["distinct_items"], row["catalogue_items"]) == (0.375, 8, 10)
+    assert row["coverage"] == 0.8 and row["top_item_id"] == "i0" and row["top_item_share"] == 1.0
+    assert "38% of each list changed" in describe([row])
+    (first,) = list_stability(path, "a", None)
+    assert first["mean_changed"] is None and first["users_compared"] == 0

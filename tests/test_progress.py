@@ -1,0 +1,42 @@
+"""Progress lines in the run log for long phases: done/total, rate and ETA at least every interval, from a
+timer (a slow step between two advances still gets a line), with bars on or off."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+
+from bridgerec.runtime import progress
+
+
+@pytest.mark.parametrize("bars", [True, False])
+def test_long_phase_logs_rate_and_eta_every_interval(
+    bars: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv(progress.LOG_SECONDS_ENV, "0.2")
+    progress.set_enabled(bars)
+    try:
+        with (
+            caplog.at_level(logging.INFO, logger="bridgerec"),
+            progress.progress_bar("enrich: profiles", total=8, unit="users") as bar,
+        ):
+            for _ in range(4):
+                time.sleep(0.1)
+                progress.advance(bar, 1)
+            time.sleep(0.5)  # one slow step: the timer still reports
+            progress.advance(bar, 4)
+    finally:
+        progress.set_enabled(True)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress: ")]
+    assert len(lines) >= 3, lines
+    assert any("/8 users (" in line and "users/s" in line and "ETA" in line for line in lines[:-1])
+    assert lines[-1].startswith("progress: enrich: profiles: 8/8 users (100%)")
+
+
+def test_short_phase_stays_quiet(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv(progress.LOG_SECONDS_ENV, "60")
+    with caplog.at_level(logging.INFO, logger="bridgerec"), progress.progress_bar("x", total=2) as bar:
+        progress.advance(bar, 2)
+    assert not [r for r in caplog.records if r.getMessage().startswith("progress: ")]
