@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import duckdb
 import pytest
 from bridgerec.flows.nightly import NightFailed, nightly_flow, summary_markdown
-from typer.testing import CliRunner
 
-from bridgerec.cli import app
 from tests.conftest import REPO, SAMPLE
 
 CONFIG = str(REPO / "configs" / "sample.yaml")
@@ -113,11 +114,30 @@ def test_gate_holds_a_worse_run_publishes_a_better_one_and_can_be_overridden(
         "prefect.resource.name": "nightly",
     }
 
-    # The override by hand: publish the refused run anyway.
-    result = CliRunner().invoke(
-        app, ["publish", "--workspace", str(ws), "--warehouse", str(warehouse), "--run-id", weak, "--json"]
+    # The override by hand, as an operator types it: publish the refused run anyway.
+    from prefect.settings import PREFECT_API_URL
+
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("bridgerec")),
+            "publish",
+            "--config",
+            CONFIG,
+            "--workspace",
+            str(ws),
+            "--warehouse",
+            str(warehouse),
+            "--run-id",
+            weak,
+            "--json",
+        ],
+        env=os.environ | {"PREFECT_API_URL": str(PREFECT_API_URL.value())},
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
-    assert result.exit_code == 0, result.output
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout)["run_id"] == weak
     assert _latest(warehouse) == weak
 
     # A better run on the same data passes the gate against the (weak) published run and is published.
