@@ -26,7 +26,7 @@ from bridgerec.runtime.errors import InputError
 from bridgerec.tasks.enrich import EnrichSettings, ProfileSettings
 from bridgerec.tasks.ingest import IngestSettings
 from bridgerec.tasks.publish import PublishSettings
-from bridgerec.tasks.quality.settings import DataCheckSettings, GateSettings
+from bridgerec.tasks.quality import DataCheckSettings, GateSettings
 from bridgerec.tasks.train import TrainSettings
 
 ENV_PREFIX = "BRIDGEREC_"

@@ -220,7 +220,7 @@ def nightly_flow(config_file: str | None = None, overrides: dict[str, Any] | Non
     from bridgerec.storage.warehouse import NightRecord, published_run
     from bridgerec.storage.workspace import Workspace
     from bridgerec.tasks.publish import resolve_trained_run
-    from bridgerec.tasks.quality.gate import run_gate
+    from bridgerec.tasks.quality import run_gate
 
     log = get_logger()
     settings = resolve_settings(config_file, overrides)
@@ -299,7 +299,7 @@ def nightly_flow(config_file: str | None = None, overrides: dict[str, Any] | Non
 
 def _stability(summary: dict, warehouse: Path, previous_run_id: str | None) -> None:
     """Churn, coverage and concentration of the lists just published (tasks/quality/stability.py)."""
-    from bridgerec.tasks.quality.stability import describe, list_stability
+    from bridgerec.tasks.quality import describe_stability, list_stability
 
     run_id = summary["published_run_id"]
     try:
@@ -308,7 +308,7 @@ def _stability(summary: dict, warehouse: Path, previous_run_id: str | None) -> N
         get_logger().warning("nightly: could not compute list stability: %s", exc)
         return
     summary["list_stability"] = [r | {"run_id": run_id, "previous_run_id": previous_run_id} for r in rows]
-    summary["list_stability_text"] = describe(rows)
+    summary["list_stability_text"] = describe_stability(rows)
     get_logger().info("nightly: %s", summary["list_stability_text"])
 
 
@@ -316,7 +316,7 @@ def _data_checks(settings: Settings, summary: dict) -> None:
     """Tonight's ingest output against the last checked night's (tasks/quality/datachecks.py): figures in
     the summary (then the warehouse's `data_checks`) and a table artifact; a large drop stops the night."""
     from bridgerec.storage.workspace import Workspace
-    from bridgerec.tasks.quality.datachecks import DataCheckFailed, check_data
+    from bridgerec.tasks.quality import DataCheckFailed, check_data
     from prefect.artifacts import create_table_artifact
 
     if not settings.checks.enabled:

@@ -14,6 +14,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks.ingest import IngestOutputs
 from bridgerec.tasks.quality.settings import DataCheckSettings
 from pydantic import BaseModel
 
@@ -37,8 +38,8 @@ def _snapshot_path(workspace: Workspace) -> Path:
 
 
 def _current(con: duckdb.DuckDBPyConnection, workspace: Workspace) -> None:
-    inter = workspace.stage_dir("ingest") / "interactions.parquet"
-    items = workspace.stage_dir("ingest") / "items.parquet"
+    ingest = IngestOutputs(workspace)
+    inter, items = ingest.file("interactions"), ingest.file("items")
     con.execute(
         f"""
         CREATE OR REPLACE TEMP TABLE cur AS
