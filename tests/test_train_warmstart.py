@@ -6,6 +6,7 @@ recorded, and a warm run killed mid-way resumes as the warm run it was."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from bridgerec.models.config import ModelConfig
 from bridgerec.models.data import SequenceData
 from bridgerec.models.evaluate import evaluate
 from bridgerec.models.metrics import ndcg
@@ -122,7 +124,9 @@ def test_warm_state_remaps_every_item_row_by_item_id(nights: Nights) -> None:
     catalog = load_catalog(ws)
     tables = load_item_tables(ws)
     torch.manual_seed(SETTINGS.seed)
-    model = build_model(RunDir(ws, nights.second.run_id).read_config()["settings"], catalog, tables)
+    model = build_model(
+        ModelConfig.from_run_config(RunDir(ws, nights.second.run_id).read_config()), catalog, tables
+    )
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
     plan = warm_state(model, old, old_items, ItemSpace.of(catalog))
     model.load_state_dict(plan.state)
@@ -181,7 +185,7 @@ def test_the_warm_init_scores_well_above_a_random_init_before_any_training(night
     valid = SequenceData(catalog, load_sequences(ws), FAST["max_len"]).eval_split(
         "valid", SETTINGS.eval_negatives, SETTINGS.seed, SETTINGS.short_history
     )
-    config = RunDir(ws, nights.second.run_id).read_config()["settings"]
+    config = ModelConfig.from_run_config(RunDir(ws, nights.second.run_id).read_config())
 
     def scores(model: torch.nn.Module) -> tuple[float, float]:
         """(NDCG@10, AUC) of the sampled protocol: AUC = share of the 100 negatives ranked below the target,
@@ -287,8 +291,8 @@ def test_warm_state_on_a_toy_catalogue_drops_gone_items_and_flags_moved_tables()
 
     old_cat = _toy({"a": ["x1", "x2", "x3"], "b": ["y1", "y2"]})
     new_cat = _toy({"a": ["x0", "x1", "x3"], "b": ["y1", "y2", "y3"]})  # x2 gone, x0 and y3 new
-    config = {"architecture": "llm4cdsr", "hidden": 8, "layers": 1, "heads": 1, "dropout": 0.0, "max_len": 5,
-              "causal": False, "id_embeddings": True, "alpha": 0.1, "beta": 0.0, "tau": 1.0}  # fmt: skip
+    config = ModelConfig(architecture="llm4cdsr", hidden=8, layers=1, heads=1, dropout=0.0, max_len=5,
+                         id_embeddings=True, alpha=0.1, beta=0.0, tau=1.0, global_dim=8, local_dim=8)  # fmt: skip
     gen = torch.Generator().manual_seed(0)
     vectors = {i: torch.randn(8, generator=gen) for i in ["x0", "x1", "x2", "x3", "y1", "y2", "y3"]}
 
@@ -328,6 +332,6 @@ def test_warm_state_on_a_toy_catalogue_drops_gone_items_and_flags_moved_tables()
     # Renamed domains, or another hidden size: incompatible.
     with pytest.raises(WarmStartError, match="domains changed"):
         warm_state(model, old, ItemSpace.of(old_cat), ItemSpace.of(_toy({"a": ["x1"], "c": ["y1"]})))
-    wider = build_model(config | {"hidden": 16}, new_cat, tables(new_cat, vectors))
+    wider = build_model(dataclasses.replace(config, hidden=16), new_cat, tables(new_cat, vectors))
     with pytest.raises(WarmStartError, match="shape"):
         warm_state(wider, old, ItemSpace.of(old_cat), ItemSpace.of(new_cat))

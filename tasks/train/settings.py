@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from bridgerec.models.config import Architecture, Objective, Sampling
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-Architecture = Literal["llm4cdsr", "sasrec", "sasrec_domain"]
 
 # name -> (architecture, switches forced by the preset). A preset's switches override the fields below.
 MODEL_PRESETS: dict[str, tuple[Architecture, dict[str, Any]]] = {
@@ -25,6 +24,8 @@ MODEL_PRESETS: dict[str, tuple[Architecture, dict[str, Any]]] = {
     # Baselines: SASRec with item-ID embeddings on the mixed sequence, and one SASRec per domain.
     "sasrec": ("sasrec", {}),
     "sasrec-domain": ("sasrec_domain", {}),
+    # The floor: items of the target's domain by their interaction count (no training).
+    "pop": ("pop", {}),
 }
 
 
@@ -38,8 +39,27 @@ class TrainSettings(BaseModel):
     dropout: float = Field(default=0.5, ge=0.0, lt=1.0)
     max_len: int = Field(default=200, ge=2, description="Most recent items a thread sees.")
     causal: bool = Field(
-        default=False,
-        description="Causal attention mask. Off = bidirectional, as the authors' code (see docs/train.md).",
+        default=True,
+        description=(
+            "Causal attention mask. Off = bidirectional, as the authors' code: with a loss at every position "
+            "each position then sees its own target (docs/train.md)."
+        ),
+    )
+    objective: Objective = Field(
+        default="sampled_softmax",
+        description="Training loss: bce (the paper's) | sampled_softmax | ce (full softmax); docs/train.md.",
+    )
+    negatives: int = Field(default=256, ge=1, description="sampled_softmax: negatives per domain per batch.")
+    sampling: Sampling = Field(
+        default="popularity", description="sampled_softmax: draw negatives uniform | by popularity (logQ)."
+    )
+    select_by: Literal["full", "sampled"] = Field(
+        default="full",
+        description="Validation NDCG@10 that early stopping and the best run use: full ranking or sampled.",
+    )
+    adapter_init: Literal["xavier", "torch"] = Field(
+        default="xavier",
+        description="LLM4CDSR adapter init: Xavier-normal weights, zero biases | torch default.",
     )
     id_embeddings: bool = Field(
         default=False, description="LLM4CDSR: add trainable item-ID embeddings to the LLM embeddings."
