@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from bridgerec.models.config import Architecture, Objective, Sampling
+from bridgerec.models.config import Architecture, ModelConfig, Objective, Sampling
+from bridgerec.models.trainer import FitConfig
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # name -> (architecture, switches forced by the preset). A preset's switches override the fields below.
@@ -117,6 +118,34 @@ class TrainSettings(BaseModel):
     def resolved(self) -> TrainSettings:
         """These settings with the preset's switches applied (what the model is built from)."""
         return self.model_copy(update=MODEL_PRESETS[self.model][1])
+
+    def model_spec(self, global_dim: int = 0, local_dim: int = 0, profile_dim: int = 0) -> ModelConfig:
+        """The typed model config these settings build (preset applied), given the enrich tables' widths."""
+        r = self.resolved()
+        keys = ("hidden", "layers", "heads", "dropout", "max_len", "causal", "id_embeddings", "alpha", "beta",
+                "tau", "adapter_init", "objective", "negatives", "sampling")  # fmt: skip
+        return ModelConfig(
+            architecture=self.architecture,
+            **{k: getattr(r, k) for k in keys},
+            global_dim=global_dim,
+            local_dim=local_dim,
+            profile_dim=profile_dim,
+        )
+
+    def fit_config(self, warm: bool = False) -> FitConfig:
+        """The training loop's config; a warm-started run gets `warm_limits()`."""
+        epochs, patience = self.warm_limits() if warm else (self.epochs, self.patience)
+        return FitConfig(
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            batch_size=self.batch_size,
+            eval_batch_size=self.eval_batch_size,
+            epochs=epochs,
+            patience=patience,
+            seed=self.seed,
+            time_budget_s=self.time_budget_s,
+            select_by=self.select_by if self.full_ranking else "sampled",
+        )
 
     def warm_limits(self) -> tuple[int, int]:
         """(epochs, patience) of a warm-started run. The warm model starts near its optimum: the epochs
