@@ -322,6 +322,25 @@ def select_best(rows: list[dict], select_by: str) -> dict:
     return max(rows, key=value)
 
 
+def _inputs_current(workspace: Workspace, run_id: str, now: dict[str, str | None]) -> bool:
+    """Whether every input file run `run_id` recorded (config.json `inputs`) still has the same content.
+    `now` caches the current hash of each role (None: the file is gone)."""
+    try:
+        recorded = RunDir(workspace, run_id).read_config().get("inputs", {})
+    except (FileNotFoundError, ValueError):
+        return False
+    if not recorded:
+        return False
+    files = input_files(workspace, llm=True, profiles=True)
+    for role, digest in recorded.items():
+        if role not in now:
+            path = files.get(role)
+            now[role] = input_hashes({role: path})[role] if path is not None and path.is_file() else None
+        if now[role] != digest:
+            return False
+    return True
+
+
 def _record(
     workspace: Workspace,
     run: RunDir,
@@ -360,8 +379,16 @@ def _record(
     # Runs whose folder was deleted drop out of the leaderboard.
     previous = [r for r in previous if RunDir(workspace, r["run_id"]).is_complete()]
     board = [*previous, row]
-    # The best run on the *current* inputs (the ingest/enrich outputs of this run), by validation NDCG@10.
-    current = [r for r in board if r["input_hash"] == input_hash or r["run_id"] == summary.run_id]
+    # The best run on the *current* inputs, by validation NDCG@10: a run whose every input file (those it
+    # read: pop and SASRec read no enrich file) is as it is now, so pop competes with the LLM models.
+    now: dict[str, str | None] = dict(hashes)
+    current = [
+        r
+        for r in board
+        if r["input_hash"] == input_hash
+        or r["run_id"] == summary.run_id
+        or _inputs_current(workspace, r["run_id"], now)
+    ]
     best = select_best(current, select_by)
     with workspace.building(STAGE) as stage:
         stage.write_table("runs", pa.Table.from_pylist(board, schema=schemas.TRAIN_RUNS), schemas.TRAIN_RUNS)
