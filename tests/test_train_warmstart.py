@@ -92,7 +92,13 @@ def test_the_next_night_warm_starts_from_the_first_run(nights: Nights) -> None:
     assert 2 <= second.epochs <= 4 and 0 <= second.best_epoch <= second.epochs
     run = Path(second.run_dir)
     history = pq.read_table(run / "metrics.parquet").to_pylist()
-    start = [r for r in history if r["epoch"] == 0 and r["metric"] == "ndcg@10" and r["users"] is None]
+    start = [
+        r
+        for r in history
+        if r["epoch"] == 0 and r["metric"] == "ndcg@10" and r["users"] is None and r["protocol"] == "sampled"
+    ]
+    full_start = [r for r in history if r["epoch"] == 0 and r["users"] is None and r["protocol"] == "full"]
+    assert {r["metric"] for r in full_start} == {"ndcg@10", "hr@10"}  # the selection figure of the init
     assert [r["value"] for r in start] == [pytest.approx(second.init_valid_ndcg10)]
     valid_curve = {r["epoch"]: r["value"] for r in history if r["metric"] == "ndcg@10" and r["users"] is None}
     assert second.valid["overall"]["ndcg@10"] == pytest.approx(max(valid_curve.values()), abs=1e-9)
