@@ -100,8 +100,13 @@ def test_the_next_night_warm_starts_from_the_first_run(nights: Nights) -> None:
     full_start = [r for r in history if r["epoch"] == 0 and r["users"] is None and r["protocol"] == "full"]
     assert {r["metric"] for r in full_start} == {"ndcg@10", "hr@10"}  # the selection figure of the init
     assert [r["value"] for r in start] == [pytest.approx(second.init_valid_ndcg10)]
-    valid_curve = {r["epoch"]: r["value"] for r in history if r["metric"] == "ndcg@10" and r["users"] is None}
-    assert second.valid["overall"]["ndcg@10"] == pytest.approx(max(valid_curve.values()), abs=1e-9)
+    # The best epoch is selected by full-ranking validation (select_by: full).
+    valid_curve = {
+        r["epoch"]: r["value"]
+        for r in history
+        if r["metric"] == "ndcg@10" and r["users"] is None and r["protocol"] == "full"
+    }
+    assert second.valid["full"]["overall"]["ndcg@10"] == pytest.approx(max(valid_curve.values()), abs=1e-9)
     # The record is everywhere a reader looks: summary.json, config.json, the leaderboard, the manifest.
     summary = json.loads((run / "summary.json").read_text())
     assert (summary["init"], summary["warm_start_from"]) == ("warm", first.run_id)

@@ -175,7 +175,7 @@ def run_train(
     test = data.eval_split("test", settings.eval_negatives, settings.seed, settings.short_history)
     log.info("train: evaluation splits built in %.1f s", time.perf_counter() - t0)
 
-    cfg = settings.fit_config(warm=start.how == "warm")
+    cfg = settings.fit_config(warm=init.init == "warm")  # a resumed warm run keeps the warm limits
     state, opt_state = None, None
     if start.checkpoint is not None:
         opt_state, state = start.checkpoint.optimizer, start.checkpoint.state
