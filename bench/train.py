@@ -1,14 +1,16 @@
-"""Benchmark: every model side by side on one workspace (CPU), each in its own process.
+"""Benchmark: every model x objective side by side on one workspace (CPU), each in its own process.
 
-    python bench/train.py --workspace /tmp/fk [--models llm4cdsr,sasrec] [--epochs 8] [--time-budget 900]
-                          [--cold-start]
+    python bench/train.py --workspace /tmp/fk [--runs pop,llm4cdsr:bce,llm4cdsr:sampled_softmax]
+                          [--epochs 10] [--time-budget 900] [--cold-start]
 
-The workspace needs the ingest and enrich outputs. Prints a Markdown table (sampled and full-ranking
-HR@10 / NDCG@10 overall and per domain, seconds per epoch, epochs to best, peak RSS) and writes
-bench/results/train.json. Training is capped (epochs, patience, time budget per model): say so when
-quoting the figures. With --cold-start every run holds out 5% of each domain's items as new and adds the
-untouched-domain evaluation (train.cold_start, docs/train.md "Cold start"); a second table shows their
-column groups beside the warm items of the same run, with the chance level of each.
+`--runs` lists `model[:objective]` (no objective: the settings' default; `pop` has none). The workspace
+needs the ingest and enrich outputs. Prints a Markdown table (sampled and full-ranking HR@10 / NDCG@10
+overall and per domain, top-10 catalogue coverage and the share of the 1% most popular items, seconds
+per epoch, epochs to best, peak RSS) and writes bench/results/train.json. Training is capped (epochs,
+patience, time budget per model): say so when quoting the figures. With --cold-start every run holds out
+5% of each domain's items as new and adds the untouched-domain evaluation (train.cold_start,
+docs/train.md "Cold start"); a second table shows their column groups beside the warm items of the same
+run, with the chance level of each.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def authors_protocol(run_dir: Path, workspace) -> dict:
     from bridgerec.tasks.train.inputs import load_sequences
 
     model, config, catalog = load_run(run_dir, workspace)
-    if config["settings"]["architecture"] != "llm4cdsr":
+    if config["settings"]["architecture"] != "llm4cdsr":  # one thread: the same as our protocol
         return {}
     data = SequenceData(catalog, load_sequences(workspace), config["settings"]["max_len"])
     test = data.eval_split("test", 100, config["settings"]["seed"], 5)
@@ -93,24 +95,29 @@ def run_one(settings: TrainSettings, workspace: str, force: bool) -> dict:
 
 
 def table(results: list[dict], domains: list[str]) -> str:
-    cols = ["model", "epochs (best)", "s/epoch", "eval s", "peak RSS MB"]
+    """One row per run: NDCG@10 / HR@10 (test) sampled and full, overall and per domain; beyond accuracy
+    (full ranking, top-10) per domain; epochs, seconds per epoch, peak RSS."""
+    cols = ["model", "objective"]
     for protocol in ("sampled", "full"):
-        for group in ["overall", *domains]:
-            cols += [f"{protocol} {group} HR@10", f"{protocol} {group} NDCG@10"]
+        cols += [f"{protocol} {g} NDCG@10 / HR@10" for g in ["overall", *domains]]
+    cols += [f"coverage@10 {g}" for g in domains] + [f"top-1% share {g}" for g in domains]
+    cols += ["epochs (best)", "s/epoch", "peak RSS MB"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
-        cells = [
-            r["model"],
-            f"{r['epochs']} ({r['best_epoch']})",
-            f"{r['epoch_seconds']:.1f}",
-            f"{r['eval_seconds']:.1f}",
-            f"{r['peak_rss_mb']:.0f}",
-        ]
+        cells = [r["model"], r.get("objective", "")]
         for protocol in ("sampled", "full"):
             src = r["test"] if protocol == "sampled" else r["test"].get("full", {})
             for group in ["overall", *domains]:
                 m = src.get(group, {})
-                cells += [f"{m.get('hr@10', float('nan')):.4f}", f"{m.get('ndcg@10', float('nan')):.4f}"]
+                cells.append(f"{m.get('ndcg@10', float('nan')):.4f} / {m.get('hr@10', float('nan')):.4f}")
+        full = r["test"].get("full", {})
+        cells += [f"{full.get(g, {}).get('coverage@10', float('nan')):.4f}" for g in domains]
+        cells += [f"{full.get(g, {}).get('top1pct_share@10', float('nan')):.3f}" for g in domains]
+        cells += [
+            f"{r['epochs']} ({r['best_epoch']})",
+            f"{r['epoch_seconds']:.1f}",
+            f"{r['peak_rss_mb']:.0f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -154,13 +161,21 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--workspace", required=True)
-    parser.add_argument("--models", default=",".join(MODEL_PRESETS))
+    parser.add_argument(
+        "--runs",
+        default=",".join(MODEL_PRESETS),
+        help="model[:objective] list, e.g. pop,llm4cdsr:bce,llm4cdsr:sampled_softmax,sasrec:ce",
+    )
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--patience", type=int, default=3)
     parser.add_argument("--time-budget", type=float, default=900.0, help="Seconds of training per model.")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--causal", action="store_true", help="Causal attention in every thread.")
+    parser.add_argument(
+        "--bidirectional", action="store_true", help="Bidirectional attention (the authors' leaky setting)."
+    )
+    parser.add_argument("--adapter-init", default="xavier", choices=["xavier", "torch"])
+    parser.add_argument("--select-by", default="full", choices=["full", "sampled"])
     parser.add_argument("--force", action="store_true", help="Retrain runs that already finished.")
     parser.add_argument(
         "--cold-start",
@@ -171,7 +186,8 @@ def main() -> None:
     args = parser.parse_args()
 
     results = []
-    for name in args.models.split(","):
+    for spec in args.runs.split(","):
+        name, _, objective = spec.partition(":")
         settings = TrainSettings(
             model=name,
             epochs=args.epochs,
@@ -179,13 +195,17 @@ def main() -> None:
             time_budget_s=args.time_budget,
             threads=args.threads,
             batch_size=args.batch_size,
-            causal=args.causal,
+            causal=not args.bidirectional,
+            adapter_init=args.adapter_init,
+            select_by=args.select_by,
             warm_start=False,  # a comparison of models: every run from a random init, never an earlier run
             cold_start={"new_items": args.cold_start, "untouched_domain": args.cold_start},
+            **({"objective": objective} if objective else {}),
         )
         started = time.perf_counter()
         r = run_one(settings, args.workspace, args.force)
         r["wall_seconds"] = time.perf_counter() - started
+        r["objective"] = "" if name == "pop" else settings.objective
         results.append(r)
         print(
             f"{name}: {r['epochs']} epochs (best {r['best_epoch']}), {r['epoch_seconds']:.1f} s/epoch, "

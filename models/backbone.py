@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from bridgerec.models.config import ModelConfig
 from torch import Tensor, nn
 
 
@@ -66,6 +67,8 @@ class SequenceEncoder(nn.Module):
     """Item embeddings in, one hidden state per position out (SASRec: positions, blocks, final LN)."""
 
     def __init__(self, hidden: int, layers: int, heads: int, dropout: float, max_len: int, causal: bool):
+        """causal: a position attends only to itself and earlier positions (required whenever a loss
+        sits at every position: otherwise position t sees the input at t + 1, which is its own target)."""
         super().__init__()
         self.max_len, self.causal = max_len, causal
         self.pos = nn.Embedding(max_len + 1, hidden, padding_idx=0)
@@ -75,6 +78,10 @@ class SequenceEncoder(nn.Module):
         self.drop = Dropout(dropout)
         self.blocks = nn.ModuleList(Block(hidden, heads, dropout) for _ in range(layers))
         self.ln = nn.LayerNorm(hidden, eps=1e-8)
+
+    @classmethod
+    def of(cls, config: ModelConfig) -> SequenceEncoder:
+        return cls(config.hidden, config.layers, config.heads, config.dropout, config.max_len, config.causal)
 
     def forward(self, emb: Tensor, ids: Tensor) -> Tensor:
         # emb: [B, L, H] item embeddings; ids: [B, L] item ids (0 = padding, left-padded)

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from bridgerec.models.data import Catalog
+from bridgerec.models.config import ModelConfig
+from bridgerec.models.data import Catalog, SequenceData
+from bridgerec.models.objectives import SharedNegatives, Targets, objective_loss
 from torch import Tensor, nn
 
 GLOBAL_IDS = -1  # item_tables(): the table is indexed by global id (all domains)
@@ -29,6 +30,7 @@ class Batch:
     users: Tensor  # [B] user_idx
     profile: Tensor | None = None  # [B, Dp] profile vectors (zeros where missing)
     has_profile: Tensor | None = None  # [B] bool
+    shared: SharedNegatives | None = None  # sampled_softmax: K negatives per domain for the whole batch
 
     @property
     def inputs(self) -> Tensor:
@@ -43,9 +45,11 @@ class Recommender(nn.Module):
     """Base class: id maps as buffers, and the interface of every model."""
 
     name = "recommender"
+    trainable = True  # False: fitted by counting (pop), no gradient steps
 
-    def __init__(self, catalog: Catalog) -> None:
+    def __init__(self, catalog: Catalog, config: ModelConfig) -> None:
         super().__init__()
+        self.config = config
         self.domains = list(catalog.domains)
         self.sizes = [int(n) for n in catalog.sizes]
         self.register_buffer("item_domain", torch.from_numpy(catalog.item_domain), persistent=False)
@@ -74,8 +78,18 @@ class Recommender(nn.Module):
     def domain_of(self, gids: Tensor) -> Tensor:
         return self.item_domain[gids]
 
-    def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+    def train_targets(self, batch: Batch) -> list[Targets]:
+        """The training positions of `batch`, grouped by target domain, with their user-side vectors."""
         raise NotImplementedError
+
+    def item_rows(self, domain: int, lids: Tensor) -> Tensor:
+        """[n] local ids of `domain` -> [n, D] their item-side vectors, differentiable (training)."""
+        raise NotImplementedError
+
+    def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        """The training objective (`config.objective`) averaged over the batch's training positions."""
+        rec = objective_loss(self, self.train_targets(batch), batch)
+        return rec, {"rec": float(rec.detach())}
 
     def user_vectors(self, inputs: Tensor, domain: int) -> Tensor:
         """inputs: [B, L] global ids -> [B, D] the user side of the score for target domain `domain`."""
@@ -85,6 +99,10 @@ class Recommender(nn.Module):
         """inputs: [B, L] -> one [B, D] per domain (the export); models override it to share threads."""
         return [self.user_vectors(inputs, d) for d in range(self.n_domains)]
 
+    def serving_update(self, data: SequenceData) -> None:
+        """Called by the export before computing serving vectors from the whole history (pop recounts
+        every known interaction; neural models need nothing)."""
+
     def item_vectors(self, domain: int) -> Tensor:
         """[n_d + 1, D] the item side for every local id of `domain` (row 0 = padding)."""
         raise NotImplementedError
@@ -92,12 +110,3 @@ class Recommender(nn.Module):
     def score(self, inputs: Tensor, domain: int, candidates: Tensor) -> Tensor:
         """inputs: [B, L] global ids, candidates: [B, C] local ids of `domain` -> [B, C] scores."""
         raise NotImplementedError
-
-
-def next_item_bce(pos: Tensor, neg: Tensor, mask: Tensor) -> Tensor:
-    """SASRec's loss: BCE with logits, positive -> 1, negative -> 0, averaged over real targets."""
-    pos, neg, mask = pos[mask], neg[mask], mask.sum().clamp(min=1)
-    return (
-        F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos), reduction="sum")
-        + F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg), reduction="sum")
-    ) / mask

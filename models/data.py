@@ -142,6 +142,18 @@ class SequenceData:
             neg = torch.where(clash, redraw, neg)
         return neg * (targets > 0)
 
+    def item_counts(self, which: str = "train") -> np.ndarray:
+        """[N + 1] interactions per global id: `train` counts the training prefixes only (every item before
+        each user's validation target: what a model may learn from), `all` every known interaction."""
+        seqs = self.sequences
+        ids = seqs.flat
+        if which == "train":
+            pos = np.arange(len(ids)) - np.repeat(seqs.offsets[:-1], seqs.lengths)
+            ids = ids[pos < np.repeat(seqs.lengths - 2, seqs.lengths)]
+        elif which != "all":
+            raise ValueError(f"unknown count {which!r}")
+        return np.bincount(ids, minlength=self.catalog.n_items + 1).astype(np.int64)
+
     # -- evaluation -----------------------------------------------------------------------------------
     def eval_split(self, name: str, n_negatives: int, seed: int, short_history: int) -> EvalSplit:
         """The inputs, targets, candidate sets, exclusions and user groups of one split."""

@@ -5,6 +5,12 @@ Sampled protocol: the target against the split's fixed 100 negatives (seeded, fr
 never items the user interacted with). Full ranking: the target against every item of its domain,
 leaving out the user's earlier items of that domain. Users are grouped by target domain (one item table
 per domain) and sorted by length (trimmed batches).
+
+Beyond accuracy (full ranking, each user's top-10 in the target's domain, earlier items left out), per
+group of users: `coverage@10` = distinct recommended items / items of the domains they target;
+`top1pct_share@10` = share of the recommendations that are among the 1% most popular items of their
+domain; `pop_percentile@10` = mean popularity percentile of the recommended items within their domain
+(100 = the most popular; ties at their mid-rank). Popularity = interactions in the training prefixes.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from bridgerec.models.base import Recommender
-from bridgerec.models.data import EvalSplit, _ranges, users_by_domain
+from bridgerec.models.data import Catalog, EvalSplit, _ranges, users_by_domain
 from bridgerec.models.metrics import as_numpy, rank_full, rank_sampled, summarise
 from torch import Tensor
 
@@ -24,6 +30,10 @@ class Ranks:
     split: str
     sampled: np.ndarray  # [U] rank of the target among the sampled candidates
     full: np.ndarray | None  # [U] rank in the whole target domain, or None
+    top: np.ndarray | None = None  # [U, TOP_K] local ids of each user's full-ranking top-k, or None
+
+
+TOP_K = 10
 
 
 @torch.no_grad()
@@ -34,6 +44,7 @@ def evaluate(
     U = split.inputs.shape[0]
     sampled = np.zeros(U, np.int64)
     full_ranks = np.zeros(U, np.int64) if full else None
+    top = np.zeros((U, TOP_K), np.int64) if full else None
     ex_offsets = np.searchsorted(split.exclude_users, np.arange(U + 1))
     lengths = (split.inputs > 0).sum(1)
     for d, users in enumerate(users_by_domain(split.target_domain, model.n_domains)):
@@ -47,15 +58,17 @@ def evaluate(
             scores = (items[cand] * u.unsqueeze(1)).sum(-1)  # [B, 1 + n]
             sampled[chunk.numpy()] = as_numpy(rank_sampled(scores))
             if full_ranks is not None:
-                full_ranks[chunk.numpy()] = as_numpy(
-                    _full_rank(u, items, cand[:, 0], chunk, split, ex_offsets)
-                )
-    return Ranks(split.name, sampled, full_ranks)
+                rank, best = _full_rank(u, items, cand[:, 0], chunk, split, ex_offsets)
+                full_ranks[chunk.numpy()] = as_numpy(rank)
+                top[chunk.numpy(), : best.shape[1]] = as_numpy(best)
+    return Ranks(split.name, sampled, full_ranks, top)
 
 
 def _full_rank(
     u: Tensor, items: Tensor, target: Tensor, chunk: Tensor, split: EvalSplit, ex_offsets: np.ndarray
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
+    """([B] the target's rank, [B, TOP_K] the local ids of the top-k) over the whole domain, earlier
+    items of the user left out."""
     scores = u @ items.T  # [B, n_d + 1]
     scores[:, 0] = -torch.inf  # padding row
     b = chunk.numpy()
@@ -65,23 +78,69 @@ def _full_rank(
     cols = torch.from_numpy(split.exclude_items[idx]).to(scores.device)
     earlier = cols != target[rows]  # a repeat of the target stays in
     scores[rows[earlier], cols[earlier]] = -torch.inf
-    return rank_full(scores, target)
+    rank = rank_full(scores, target)
+    # The target itself may be recommended (it is unseen); the items seen before it may not.
+    best = torch.topk(scores, min(TOP_K, scores.shape[1] - 1), dim=1).indices
+    return rank, best
 
 
-def metric_rows(ranks: Ranks, split: EvalSplit, domains: list[str]) -> list[dict]:
-    """Long-format rows: protocol x group x metric, for overall, each target domain and user groups."""
+def popularity_tables(counts: np.ndarray, catalog: Catalog) -> tuple[np.ndarray, np.ndarray]:
+    """counts: [N + 1] interactions per global id -> ([N + 1] bool: among the 1% most popular items of its
+    domain (at least one; ties by id), [N + 1] popularity percentile within its domain, mid-rank)."""
+    popular = np.zeros(len(counts), bool)
+    pct = np.zeros(len(counts))
+    for d, n in enumerate(catalog.sizes):
+        g = int(catalog.offsets[d]) + np.arange(1, int(n) + 1)
+        c = counts[g]
+        top = max(1, int(np.ceil(0.01 * n)))
+        popular[g[np.argsort(-c, kind="stable")[:top]]] = True
+        srt = np.sort(c)
+        less, upto = np.searchsorted(srt, c, "left"), np.searchsorted(srt, c, "right")
+        pct[g] = 100.0 * (less + 0.5 * (upto - less)) / n
+    return popular, pct
+
+
+def beyond_accuracy(
+    top: np.ndarray, target_domain: np.ndarray, catalog: Catalog, popular: np.ndarray, pct: np.ndarray
+) -> dict[str, float]:
+    """top: [U, k] local ids recommended to each user in their target domain [U] -> coverage@k,
+    top1pct_share@k, pop_percentile@k (see the module docstring)."""
+    k = top.shape[1]
+    if not len(top):
+        return {}
+    g = top + np.asarray(catalog.offsets)[target_domain][:, None]  # [U, k] global ids
+    g = g[top > 0]
+    catalogue = int(np.asarray(catalog.sizes)[np.unique(target_domain)].sum())
+    return {
+        f"coverage@{k}": len(np.unique(g)) / catalogue,
+        f"top1pct_share@{k}": float(popular[g].mean()),
+        f"pop_percentile@{k}": float(pct[g].mean()),
+    }
+
+
+def metric_rows(
+    ranks: Ranks, split: EvalSplit, catalog: Catalog, counts: np.ndarray | None = None
+) -> list[dict]:
+    """Long-format rows: protocol x group x metric, for overall, each target domain and user groups;
+    with `counts` ([N + 1] training-prefix interactions per global id) and full ranks, the beyond-accuracy
+    figures too (protocol full)."""
+    domains = catalog.domains
     groups: dict[str, np.ndarray] = {"overall": np.ones(len(ranks.sampled), bool)}
     tdom = split.target_domain.numpy()
     for d, name in enumerate(domains):
         groups[f"domain:{name}"] = tdom == d
     for name, mask in split.groups.items():
         groups[name] = mask.numpy()
+    tables = popularity_tables(counts, catalog) if counts is not None else None
     rows = []
     for protocol, r in (("sampled", ranks.sampled), ("full", ranks.full)):
         if r is None:
             continue
         for group, mask in groups.items():
-            for metric, value in summarise(r[mask]).items():
+            figures = summarise(r[mask])
+            if protocol == "full" and ranks.top is not None and counts is not None:
+                figures |= beyond_accuracy(ranks.top[mask], tdom[mask], catalog, *tables)
+            for metric, value in figures.items():
                 rows.append(
                     {
                         "split": ranks.split,
@@ -95,14 +154,18 @@ def metric_rows(ranks: Ranks, split: EvalSplit, domains: list[str]) -> list[dict
     return rows
 
 
+BEYOND = (f"coverage@{TOP_K}", f"top1pct_share@{TOP_K}", f"pop_percentile@{TOP_K}")
+
+
 def headline(rows: list[dict], domains: list[str]) -> dict:
     """The CLI's `test` object: overall and per domain hr@10/ndcg@10, sampled, plus the same under `full`."""
 
     def pick(protocol: str, group: str) -> dict[str, float]:
         found = {r["metric"]: r["value"] for r in rows if r["protocol"] == protocol and r["group"] == group}
-        return {
+        out = {
             k: found.get(k, float("nan")) for k in ("hr@5", "ndcg@5", "hr@10", "ndcg@10", "hr@20", "ndcg@20")
         }
+        return out | {k: found[k] for k in BEYOND if k in found}
 
     out: dict = {"overall": pick("sampled", "overall")}
     for name in domains:

@@ -6,7 +6,8 @@ Per target t (an item of domain d, predicted from the items before it):
 
     s(t, i) = <h_mix[t-1], adapter(E_all[i]) (+ id_all[i])> + <h_d[last d item before t], E_d[i] (+ id_d[i])>
 
-trained with BCE against one negative from domain d, plus alpha * L_reg + beta * L_user. Every thread
+trained with the configured objective (models/objectives.py; the paper: BCE against one negative from
+domain d), plus alpha * L_reg + beta * L_user. Every thread
 is scored on the same items. `id_embeddings` adds trainable ID embeddings to the LLM embeddings in every
 thread (our hybrid); with it off this is the paper's model.
 """
@@ -15,9 +16,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from bridgerec.models.backbone import SequenceEncoder, domain_view, embed_many, gather_positions, trim
-from bridgerec.models.base import GLOBAL_IDS, Batch, Recommender, next_item_bce
+from bridgerec.models.backbone import SequenceEncoder, domain_view, embed_many, trim
+from bridgerec.models.base import GLOBAL_IDS, Batch, Recommender
+from bridgerec.models.config import ModelConfig
 from bridgerec.models.data import Catalog
+from bridgerec.models.objectives import Targets, objective_loss
 from torch import Tensor, nn
 
 
@@ -39,36 +42,36 @@ class LLM4CDSR(Recommender):
     def __init__(
         self,
         catalog: Catalog,
+        config: ModelConfig,
         global_table: Tensor,  # [N + 1, Dg] frozen LLM embeddings by global id (row 0 = zeros)
         local_tables: list[Tensor],  # per domain [n_d + 1, Dl] frozen LLM embeddings by local id
-        profile_dim: int,  # Dp of the profile vectors (0 = no profile guidance)
-        hidden: int,
-        layers: int,
-        heads: int,
-        dropout: float,
-        max_len: int,
-        causal: bool,
-        id_embeddings: bool = False,
-        alpha: float = 0.1,
-        beta: float = 0.1,
-        tau: float = 1.0,
-        **_: object,
     ) -> None:
-        super().__init__(catalog)
-        self.alpha, self.beta, self.tau, self.id_embeddings = alpha, beta, tau, id_embeddings
+        super().__init__(catalog, config)
+        hidden, profile_dim = config.hidden, config.profile_dim
+        self.alpha, self.beta, self.tau, self.id_embeddings = (
+            config.alpha,
+            config.beta,
+            config.tau,
+            config.id_embeddings,
+        )
         self.register_buffer("E_all", global_table.float())
         for d, table in enumerate(local_tables):
             self.register_buffer(f"E_local_{d}", table.float())
         Dg, Dl = global_table.shape[1], local_tables[0].shape[1]
         # The paper's adapter: two linear maps, D -> D/2 -> hidden.
         self.adapter = nn.Sequential(nn.Linear(Dg, Dg // 2), nn.Linear(Dg // 2, hidden))
+        if config.adapter_init == "xavier":
+            # torch's default Linear init (uniform +-1/sqrt(fan_in), bias too) makes the adapted items
+            # nearly identical at the start (the biases dominate the small PCA inputs); Xavier weights and
+            # zero biases keep the items apart.
+            for layer in self.adapter:
+                nn.init.xavier_normal_(layer.weight)
+                nn.init.zeros_(layer.bias)
         # Local tables enter the domain threads frozen; a linear map only if their width differs.
         self.local_proj = nn.Identity() if Dl == hidden else nn.Linear(Dl, hidden, bias=False)
-        self.mixed = SequenceEncoder(hidden, layers, heads, dropout, max_len, causal)
-        self.threads = nn.ModuleList(
-            SequenceEncoder(hidden, layers, heads, dropout, max_len, causal) for _ in self.sizes
-        )
-        if id_embeddings:
+        self.mixed = SequenceEncoder.of(config)
+        self.threads = nn.ModuleList(SequenceEncoder.of(config) for _ in self.sizes)
+        if self.id_embeddings:
             self.id_all = nn.Embedding(catalog.n_items + 1, hidden, padding_idx=0, sparse=True)
             self.id_local = nn.ModuleList(
                 nn.Embedding(n + 1, hidden, padding_idx=0, sparse=True) for n in self.sizes
@@ -78,7 +81,7 @@ class LLM4CDSR(Recommender):
                 e.weight.data[0].zero_()
         self.user_adapter = (
             nn.Sequential(nn.Linear(profile_dim, profile_dim // 2), nn.Linear(profile_dim // 2, hidden))
-            if profile_dim and beta > 0
+            if profile_dim and self.beta > 0
             else None
         )
 
@@ -109,35 +112,45 @@ class LLM4CDSR(Recommender):
         return e
 
     # -- training -------------------------------------------------------------------------------------
-    def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
-        inputs, targets, negatives = batch.inputs, batch.targets, batch.negatives  # [B, L] global ids
+    def _train_forward(self, batch: Batch) -> tuple[list[Targets], Tensor]:
+        """The fused user-side vector [h_mix, h_d] at every training position, grouped by the target's
+        domain d (h_d: the domain thread after the latest item of d up to that position; zero if none).
+        Returns the groups and the mixed thread's states [B, L, H]."""
+        inputs, targets = batch.inputs, batch.targets  # [B, L] global ids
         in_dom, in_loc = self.domain_of(inputs), self.local(inputs)
         tgt_dom = self.domain_of(targets)  # [B, L], -1 where no target
-
-        # Mixed thread over adapted global embeddings (one adapter pass for all ids of the batch).
-        x, e_pos, e_neg = embed_many(self.embed_global, inputs, targets, negatives)  # [B, L, H] each
-        h_mix = self.mixed(x, inputs)  # [B, L, H]
-        pos = (h_mix * e_pos).sum(-1)  # [B, L]
-        neg = (h_mix * e_neg).sum(-1)  # [B, L]
-
-        # Domain threads: run each over its subsequence, then add, at every position whose target is in
-        # that domain, the score of its state after the latest item of that domain (none: no term).
+        h_mix = self.mixed(self.embed_global(inputs), inputs)  # [B, L, H]
+        groups = []
         for d, thread in enumerate(self.threads):
+            rows, cols = torch.nonzero(tgt_dom == d, as_tuple=True)  # [P] positions whose target is in d
             sub, last, has = domain_view(in_dom, in_loc, d)  # [B, Ld], [B, L], [B, L]
-            rows = torch.nonzero(has[:, -1]).flatten()  # [R] users with an item of d (the rest: no term)
-            sub, last, here = sub[rows], last[rows], (tgt_dom[rows] == d) & has[rows]  # [R, Ld], [R, L]
-            x_d, e_pos, e_neg = embed_many(
-                lambda ids, d=d: self.embed_local(ids, d),
-                sub,
-                self.local(targets[rows]) * here,
-                self.local(negatives[rows]) * here,
+            present = torch.nonzero(has[:, -1]).flatten()  # [R] users with an item of d (the rest: zeros)
+            h_r = thread(self.embed_local(sub[present], d), sub[present])  # [R, Ld, H]
+            h_d = h_r.new_zeros(sub.shape[0], *h_r.shape[1:]).index_copy(0, present, h_r)  # [B, Ld, H]
+            h_dom = h_d[rows, last[rows, cols]] * has[rows, cols].unsqueeze(-1)  # [P, H]
+            groups.append(
+                Targets(
+                    domain=d,
+                    users=torch.cat([h_mix[rows, cols], h_dom], -1),  # [P, 2H]
+                    targets=self.local(targets[rows, cols]),
+                    negatives=self.local(batch.negatives[rows, cols]),
+                    rows=rows,
+                    cols=cols,
+                )
             )
-            h_d = gather_positions(thread(x_d, sub), last)  # [R, L, H]
-            pos = pos.index_add(0, rows, (h_d * e_pos).sum(-1) * here)
-            neg = neg.index_add(0, rows, (h_d * e_neg).sum(-1) * here)
-        rec = next_item_bce(pos, neg, targets > 0)
-        total, parts = rec, {"rec": float(rec.detach())}
+        return groups, h_mix
 
+    def train_targets(self, batch: Batch) -> list[Targets]:
+        return self._train_forward(batch)[0]
+
+    def item_rows(self, domain: int, lids: Tensor) -> Tensor:
+        gids = (lids + self.offsets[domain]) * (lids > 0)
+        return torch.cat([self.embed_global(gids), self.embed_local(lids, domain)], -1)  # [n, 2H]
+
+    def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        groups, h_mix = self._train_forward(batch)
+        rec = objective_loss(self, groups, batch)
+        total, parts = rec, {"rec": float(rec.detach())}
         if self.alpha > 0:
             reg = self._adapter_regularisation(batch.prefix)
             if reg is not None:

@@ -1,4 +1,4 @@
-"""Build a model from its config (the dict saved as config.json) and the tables it needs."""
+"""Build a model from its typed config (`ModelConfig`) and the tables it needs."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from bridgerec.models.base import Recommender
+from bridgerec.models.config import ModelConfig
 from bridgerec.models.data import Catalog
 from bridgerec.models.llm4cdsr import LLM4CDSR
+from bridgerec.models.pop import Popularity
 from bridgerec.models.sasrec import SASRec
 from bridgerec.models.sasrec_domain import SASRecDomain
 
@@ -16,6 +18,7 @@ ARCHITECTURES: dict[str, type[Recommender]] = {
     "llm4cdsr": LLM4CDSR,
     "sasrec": SASRec,
     "sasrec_domain": SASRecDomain,
+    "pop": Popularity,
 }
 
 
@@ -39,36 +42,28 @@ class ItemTables:
             raise ValueError("local LLM tables must share one width")
 
 
-def build_model(
-    config: dict, catalog: Catalog, tables: ItemTables | None = None, profile_dim: int = 0
-) -> Recommender:
-    """config: the resolved train settings (`architecture` plus hyper-parameters).
+def build_model(config: ModelConfig, catalog: Catalog, tables: ItemTables | None = None) -> Recommender:
+    """The model of `config.architecture`, freshly initialised from the current torch seed.
 
-    For LLM4CDSR without `tables` (rebuilding from a checkpoint) zero tables of the recorded shapes
-    are made; the checkpoint's buffers then fill them.
-    """
-    arch = config["architecture"]
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}")
-    kwargs = {k: config[k] for k in ("hidden", "layers", "heads", "dropout", "max_len", "causal")}
-    if arch != "llm4cdsr":
-        return ARCHITECTURES[arch](catalog, **kwargs)
+    For LLM4CDSR without `tables` (rebuilding a finished run) zero tables of the widths in `config` are
+    made; the run's weights then fill them."""
+    if config.architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {config.architecture!r}")
+    if config.architecture != "llm4cdsr":
+        return ARCHITECTURES[config.architecture](catalog, config)
     if tables is None:
-        shapes = config["tables"]
-        global_table = torch.zeros(catalog.n_items + 1, shapes["global_dim"])
-        local = [torch.zeros(int(n) + 1, shapes["local_dim"]) for n in catalog.sizes]
+        global_table = torch.zeros(catalog.n_items + 1, config.global_dim)
+        local = [torch.zeros(int(n) + 1, config.local_dim) for n in catalog.sizes]
     else:
         tables.check(catalog)
+        if (
+            tables.global_table.shape[1] != config.global_dim
+            or tables.local_tables[0].shape[1] != config.local_dim
+        ):
+            raise ValueError(
+                f"LLM tables of widths {tables.global_table.shape[1]}/{tables.local_tables[0].shape[1]}, "
+                f"the config says {config.global_dim}/{config.local_dim}"
+            )
         global_table = torch.from_numpy(np.ascontiguousarray(tables.global_table, np.float32))
         local = [torch.from_numpy(np.ascontiguousarray(t, np.float32)) for t in tables.local_tables]
-    return LLM4CDSR(
-        catalog,
-        global_table,
-        local,
-        profile_dim=config.get("tables", {}).get("profile_dim", profile_dim),
-        id_embeddings=config["id_embeddings"],
-        alpha=config["alpha"],
-        beta=config["beta"],
-        tau=config["tau"],
-        **kwargs,
-    )
+    return LLM4CDSR(catalog, config, global_table, local)

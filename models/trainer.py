@@ -1,4 +1,5 @@
-"""The training loop: Adam, early stopping on validation NDCG@10, best weights kept, resumable.
+"""The training loop: Adam, early stopping on validation NDCG@10 (full ranking by default, `select_by`),
+best weights kept, resumable.
 
 Everything random (batch order, negatives) comes from a generator seeded with (seed, epoch), so a run
 resumed after a crash continues exactly as the uninterrupted run would have.
@@ -10,6 +11,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -17,6 +19,7 @@ from bridgerec.models.base import Batch, Recommender
 from bridgerec.models.data import EvalSplit, SequenceData
 from bridgerec.models.evaluate import evaluate
 from bridgerec.models.metrics import ndcg
+from bridgerec.models.objectives import draw_shared_negatives, sampling_probs
 from bridgerec.models.optim import Optimizer
 
 from bridgerec.runtime.progress import advance, progress_bar
@@ -24,6 +27,8 @@ from bridgerec.runtime.progress import advance, progress_bar
 
 @dataclass
 class FitConfig:
+    """The training loop's settings (built by `TrainSettings.fit_config()`)."""
+
     lr: float
     weight_decay: float
     batch_size: int
@@ -32,6 +37,7 @@ class FitConfig:
     patience: int
     seed: int
     time_budget_s: float | None = None
+    select_by: Literal["full", "sampled"] = "full"  # the validation NDCG@10 that selects the best epoch
 
 
 @dataclass
@@ -69,12 +75,22 @@ def train_epoch(
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     totals: dict[str, float] = {}
     n = 0
+    spec = model.config
+    probs = None
+    if spec.objective == "sampled_softmax":
+        counts = torch.from_numpy(data.item_counts("train"))
+        probs = sampling_probs(counts, model.sizes, [int(o) for o in data.catalog.offsets], spec.sampling)
     for users in data.train_batches(cfg.batch_size, gen):
         prefix = data.train_prefix(users)  # [B, L+1]
         if prefix.shape[1] < 2:
             continue  # users with a one-item prefix have no training target
         negatives = data.sample_negatives(prefix[:, 1:], prefix, gen)
         batch = Batch(prefix.to(device), negatives.to(device), users.to(device))
+        if probs is not None:
+            shared = draw_shared_negatives(probs, spec.negatives, gen)
+            batch.shared = type(shared)(
+                [t.to(device) for t in shared.items], [t.to(device) for t in shared.log_expected]
+            )
         if profiles is not None:
             batch.profile = profiles.vectors[users].to(device)
             batch.has_profile = profiles.has[users].to(device)
@@ -128,9 +144,8 @@ def fit(
 
             losses = train_epoch(model, data, optimizer, cfg, epoch, profiles, device, on_batch)
             train_s = time.perf_counter() - started
-            ranks = evaluate(model, valid, cfg.eval_batch_size, full=False, device=device)
+            score, scores = validate(model, valid, cfg, device)
             eval_s = time.perf_counter() - started - train_s
-            score = ndcg(ranks.sampled, 10)
             is_best = score > state.best_valid
             if is_best:
                 state.best_valid, state.best_epoch, state.bad_epochs = score, epoch, 0
@@ -142,20 +157,44 @@ def fit(
                 {
                     "epoch": epoch,
                     **losses,
-                    "valid_ndcg@10": score,
-                    "valid_hr@10": float((ranks.sampled < 10).mean()),
+                    **scores,
                     "train_seconds": train_s,
                     "eval_seconds": eval_s,
                 }
             )
             log(
-                f"epoch {epoch}: loss {losses.get('loss', float('nan')):.4f} valid ndcg@10 {score:.4f} "
+                f"epoch {epoch}: loss {losses.get('loss', float('nan')):.4f} valid ndcg@10 ({cfg.select_by}) "
+                f"{score:.4f} "
                 f"({'best' if is_best else f'best {state.best_valid:.4f} @ {state.best_epoch}'}) "
                 f"train {train_s:.1f} s eval {eval_s:.1f} s"
             )
             if on_epoch is not None:
                 on_epoch(model, optimizer, state, is_best)
     return state
+
+
+def validate(
+    model: Recommender, valid: EvalSplit, cfg: FitConfig, device: torch.device
+) -> tuple[float, dict[str, float]]:
+    """(the selection score: validation NDCG@10 under `cfg.select_by`, the history row's figures)."""
+    ranks = evaluate(model, valid, cfg.eval_batch_size, full=cfg.select_by == "full", device=device)
+    row = {"valid_ndcg@10": ndcg(ranks.sampled, 10), "valid_hr@10": float((ranks.sampled < 10).mean())}
+    if ranks.full is not None:
+        row |= {
+            "valid_full_ndcg@10": ndcg(ranks.full, 10),
+            "valid_full_hr@10": float((ranks.full < 10).mean()),
+        }
+    score = row["valid_full_ndcg@10"] if cfg.select_by == "full" else row["valid_ndcg@10"]
+    return score, row
+
+
+def score_init(model: Recommender, valid: EvalSplit, cfg: FitConfig, device: torch.device) -> FitState:
+    """The loop state before a warm run's first epoch: the warm init, scored as epoch 0, is the best."""
+    started = time.perf_counter()
+    score, row = validate(model, valid, cfg, device)
+    seconds = time.perf_counter() - started
+    history = [{"epoch": 0, **row, "train_seconds": 0.0, "eval_seconds": seconds}]
+    return FitState(best_valid=score, elapsed_s=seconds, history=history)
 
 
 def set_seed(seed: int, deterministic: bool) -> None:

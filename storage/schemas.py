@@ -117,6 +117,7 @@ TRAIN_RUNS = pa.schema(
         pa.field("best_epoch", pa.int32(), nullable=False),
         pa.field("epoch_seconds", pa.float64()),
         pa.field("valid_ndcg10", pa.float64()),
+        pa.field("valid_full_ndcg10", pa.float64()),  # full-ranking validation (selects the best run)
         pa.field("test_hr10", pa.float64()),
         pa.field("test_ndcg10", pa.float64()),
         pa.field("test_full_hr10", pa.float64()),

@@ -11,6 +11,7 @@ import pytest
 import torch
 from bridgerec.models.base import Recommender
 from bridgerec.models.coldstart import chance_ndcg, choose_new_items, untouched_inputs, without_items
+from bridgerec.models.config import ModelConfig
 from bridgerec.models.data import Catalog, SequenceData, Sequences
 from bridgerec.models.evaluate import evaluate
 from bridgerec.storage.workspace import Workspace
@@ -52,7 +53,7 @@ class ThemeModel(Recommender):
     rows are zero: an ID model's rows of items it never trained on."""
 
     def __init__(self, catalog: Catalog, untrained: np.ndarray | None = None) -> None:
-        super().__init__(catalog)
+        super().__init__(catalog, ModelConfig(architecture="pop"))  # a config of no learned weights
         table = np.zeros((catalog.n_items + 1, 10), np.float32)
         table[np.arange(1, catalog.n_items + 1), THEME[1:]] = 1.0
         if untrained is not None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from bridgerec.models.backbone import SequenceEncoder, domain_view, trim
 from bridgerec.models.base import Batch
+from bridgerec.models.config import ModelConfig
 from bridgerec.models.data import Catalog, SequenceData, Sequences
 from bridgerec.models.metrics import hit_rate, ndcg, rank_full, rank_sampled, summarise
 from bridgerec.models.optim import Optimizer
@@ -168,10 +169,11 @@ def _tables(seed: int = 0) -> ItemTables:
     return ItemTables(g, local)
 
 
-def _config(arch: str, **kw) -> dict:
-    base = dict(architecture=arch, hidden=16, layers=2, heads=2, dropout=0.0, max_len=10, causal=False,
-                id_embeddings=False, alpha=0.1, beta=0.1, tau=1.0)  # fmt: skip
-    return base | kw
+def _config(arch: str, **kw) -> ModelConfig:
+    base = dict(architecture=arch, hidden=16, layers=2, heads=2, dropout=0.0, max_len=10, causal=True,
+                id_embeddings=False, alpha=0.1, beta=0.1, tau=1.0, objective="bce",
+                global_dim=24, local_dim=12, profile_dim=8)  # fmt: skip
+    return ModelConfig(**(base | kw))
 
 
 @pytest.mark.parametrize(
@@ -180,7 +182,7 @@ def _config(arch: str, **kw) -> dict:
 )
 def test_user_and_item_vectors_reproduce_the_forward_scores(arch: str, kw: dict) -> None:
     torch.manual_seed(0)
-    model = build_model(_config(arch, **kw), CATALOG, _tables(), profile_dim=8).eval()
+    model = build_model(_config(arch, **kw), CATALOG, _tables()).eval()
     inputs = torch.tensor([[0, 0, 1, 7, 2, 8], [0, 0, 0, 9, 10, 4], [5, 6, 1, 2, 11, 7]])
     for d, n in enumerate(CATALOG.sizes):
         cand = torch.arange(1, n + 1).repeat(3, 1)  # every item of the domain
@@ -195,7 +197,7 @@ def test_user_and_item_vectors_reproduce_the_forward_scores(arch: str, kw: dict)
 def test_every_model_trains_with_and_without_profiles(arch: str) -> None:
     torch.manual_seed(0)
     data = SequenceData(CATALOG, sequences(SEQS * 4), max_len=10)
-    model = build_model(_config(arch), CATALOG, _tables(), profile_dim=8)
+    model = build_model(_config(arch), CATALOG, _tables())
     opt = Optimizer(model, lr=1e-2)
     prefix = data.train_prefix(torch.arange(12))
     neg = data.sample_negatives(prefix[:, 1:], prefix, torch.Generator().manual_seed(0))

@@ -6,6 +6,7 @@ recorded, and a warm run killed mid-way resumes as the warm run it was."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from bridgerec.models.config import ModelConfig
 from bridgerec.models.data import SequenceData
 from bridgerec.models.evaluate import evaluate
 from bridgerec.models.metrics import ndcg
@@ -90,10 +92,21 @@ def test_the_next_night_warm_starts_from_the_first_run(nights: Nights) -> None:
     assert 2 <= second.epochs <= 4 and 0 <= second.best_epoch <= second.epochs
     run = Path(second.run_dir)
     history = pq.read_table(run / "metrics.parquet").to_pylist()
-    start = [r for r in history if r["epoch"] == 0 and r["metric"] == "ndcg@10" and r["users"] is None]
+    start = [
+        r
+        for r in history
+        if r["epoch"] == 0 and r["metric"] == "ndcg@10" and r["users"] is None and r["protocol"] == "sampled"
+    ]
+    full_start = [r for r in history if r["epoch"] == 0 and r["users"] is None and r["protocol"] == "full"]
+    assert {r["metric"] for r in full_start} == {"ndcg@10", "hr@10"}  # the selection figure of the init
     assert [r["value"] for r in start] == [pytest.approx(second.init_valid_ndcg10)]
-    valid_curve = {r["epoch"]: r["value"] for r in history if r["metric"] == "ndcg@10" and r["users"] is None}
-    assert second.valid["overall"]["ndcg@10"] == pytest.approx(max(valid_curve.values()), abs=1e-9)
+    # The best epoch is selected by full-ranking validation (select_by: full).
+    valid_curve = {
+        r["epoch"]: r["value"]
+        for r in history
+        if r["metric"] == "ndcg@10" and r["users"] is None and r["protocol"] == "full"
+    }
+    assert second.valid["full"]["overall"]["ndcg@10"] == pytest.approx(max(valid_curve.values()), abs=1e-9)
     # The record is everywhere a reader looks: summary.json, config.json, the leaderboard, the manifest.
     summary = json.loads((run / "summary.json").read_text())
     assert (summary["init"], summary["warm_start_from"]) == ("warm", first.run_id)
@@ -123,7 +136,9 @@ def test_warm_state_remaps_every_item_row_by_item_id(nights: Nights) -> None:
     catalog = load_catalog(ws)
     tables = load_item_tables(ws)
     torch.manual_seed(SETTINGS.seed)
-    model = build_model(RunDir(ws, nights.second.run_id).read_config()["settings"], catalog, tables)
+    model = build_model(
+        ModelConfig.from_run_config(RunDir(ws, nights.second.run_id).read_config()), catalog, tables
+    )
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
     plan = warm_state(model, old, old_items, ItemSpace.of(catalog))
     model.load_state_dict(plan.state)
@@ -185,7 +200,7 @@ def test_the_warm_init_scores_well_above_a_random_init_before_any_training(night
     valid = SequenceData(catalog, load_sequences(ws), FAST["max_len"]).eval_split(
         "valid", SETTINGS.eval_negatives, SETTINGS.seed, SETTINGS.short_history
     )
-    config = RunDir(ws, nights.second.run_id).read_config()["settings"]
+    config = ModelConfig.from_run_config(RunDir(ws, nights.second.run_id).read_config())
 
     def scores(model: torch.nn.Module) -> tuple[float, float]:
         """(NDCG@10, AUC) of the sampled protocol: AUC = share of the 100 negatives ranked below the target,
@@ -291,8 +306,8 @@ def test_warm_state_on_a_toy_catalogue_drops_gone_items_and_flags_moved_tables()
 
     old_cat = _toy({"a": ["x1", "x2", "x3"], "b": ["y1", "y2"]})
     new_cat = _toy({"a": ["x0", "x1", "x3"], "b": ["y1", "y2", "y3"]})  # x2 gone, x0 and y3 new
-    config = {"architecture": "llm4cdsr", "hidden": 8, "layers": 1, "heads": 1, "dropout": 0.0, "max_len": 5,
-              "causal": False, "id_embeddings": True, "alpha": 0.1, "beta": 0.0, "tau": 1.0}  # fmt: skip
+    config = ModelConfig(architecture="llm4cdsr", hidden=8, layers=1, heads=1, dropout=0.0, max_len=5,
+                         id_embeddings=True, alpha=0.1, beta=0.0, tau=1.0, global_dim=8, local_dim=8)  # fmt: skip
     gen = torch.Generator().manual_seed(0)
     vectors = {i: torch.randn(8, generator=gen) for i in ["x0", "x1", "x2", "x3", "y1", "y2", "y3"]}
 
@@ -334,6 +349,6 @@ def test_warm_state_on_a_toy_catalogue_drops_gone_items_and_flags_moved_tables()
     # Renamed domains, or another hidden size: incompatible.
     with pytest.raises(WarmStartError, match="domains changed"):
         warm_state(model, old, ItemSpace.of(old_cat), ItemSpace.of(_toy({"a": ["x1"], "c": ["y1"]})))
-    wider = build_model(config | {"hidden": 16}, new_cat, tables(new_cat, vectors))
+    wider = build_model(dataclasses.replace(config, hidden=16), new_cat, tables(new_cat, vectors))
     with pytest.raises(WarmStartError, match="shape"):
         warm_state(wider, old, ItemSpace.of(old_cat), ItemSpace.of(new_cat))

@@ -13,19 +13,15 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-import numpy as np
-import torch
-from bridgerec.models.data import Catalog, EvalSplit, SequenceData, Sequences
-from bridgerec.models.evaluate import evaluate
-from bridgerec.models.metrics import ndcg
-from bridgerec.models.registry import build_model
-from bridgerec.models.warmstart import ItemSpace, WarmStartError, warm_state
-from bridgerec.storage.runs import RunDir
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.quality.settings import GateSettings
-from bridgerec.tasks.train.inputs import load_catalog, load_item_tables, load_sequences
-from bridgerec.tasks.train.settings import TrainSettings
-from bridgerec.tasks.train.warmstart import previous_items
+from bridgerec.tasks.train import (
+    Tonight,
+    TrainSettings,
+    WarmStartError,
+    popularity_validation_ndcg10,
+    run_validation_ndcg10,
+)
 from pydantic import BaseModel
 
 Decision = Literal["passed", "refused", "first", "unchanged", "off"]
@@ -43,67 +39,6 @@ class GateResult(BaseModel):
     published_ndcg10: float | None = None
     popularity_ndcg10: float | None = None
     seconds: float = 0.0
-
-
-class _Popularity(torch.nn.Module):
-    """Most popular first: every user scores each item by log(1 + its count in the training prefixes).
-    Shaped like a Recommender for models/evaluate.py (one-dimensional user and item vectors)."""
-
-    def __init__(self, catalog: Catalog, sequences: Sequences) -> None:
-        super().__init__()
-        lengths = sequences.lengths
-        # Training prefixes only: each user's last two items are the validation and test targets.
-        keep = np.ones(len(sequences.flat), bool)
-        ends = sequences.offsets[1:]
-        keep[ends - 1] = False
-        keep[ends[lengths >= 2] - 2] = False
-        counts = np.bincount(sequences.flat[keep], minlength=catalog.n_items + 1).astype(np.float32)
-        local, domain = catalog.item_local, catalog.item_domain
-        self.tables = []
-        for d, size in enumerate(catalog.sizes):
-            table = np.zeros((int(size) + 1, 1), np.float32)
-            ids = np.nonzero(domain == d)[0]
-            table[local[ids], 0] = np.log1p(counts[ids])
-            self.tables.append(torch.from_numpy(table))
-        self.n_domains = len(catalog.domains)
-
-    def item_vectors(self, domain: int) -> torch.Tensor:
-        return self.tables[domain]
-
-    def user_vectors(self, inputs: torch.Tensor, domain: int) -> torch.Tensor:
-        return torch.ones((inputs.shape[0], 1))
-
-
-def popularity_ndcg10(catalog: Catalog, sequences: Sequences, valid: EvalSplit, batch_size: int) -> float:
-    """The floor: full-ranking validation NDCG@10 of recommending the most popular items of the domain.
-
-    A small function on purpose: when the train stage gains a `pop` model, score that run instead."""
-    ranks = evaluate(_Popularity(catalog, sequences), valid, batch_size, full=True)
-    assert ranks.full is not None
-    return ndcg(ranks.full, 10)
-
-
-def score_run(
-    run: RunDir, workspace: Workspace, catalog: Catalog, sequences: Sequences, settings: TrainSettings
-) -> float:
-    """Full-ranking validation NDCG@10 of `run`'s best weights on the workspace's current data.
-
-    Raises WarmStartError when the run cannot be rebuilt on tonight's catalogue (other domains, other
-    table shapes) and FileNotFoundError when its files are gone."""
-    config = run.read_config()
-    model_config = config["settings"]
-    tables = load_item_tables(workspace) if model_config.get("tables", {}).get("global_dim") else None
-    model = build_model(model_config, catalog, tables)
-    from safetensors.torch import load_file
-
-    weights = load_file(str(run.model), device="cpu")
-    plan = warm_state(model, weights, previous_items(run, config, {}, catalog), ItemSpace.of(catalog))
-    model.load_state_dict(plan.state, strict=True)
-    data = SequenceData(catalog, sequences, int(model_config["max_len"]))
-    valid = data.eval_split("valid", settings.eval_negatives, settings.seed, settings.short_history)
-    ranks = evaluate(model, valid, settings.eval_batch_size, full=True)
-    assert ranks.full is not None
-    return ndcg(ranks.full, 10)
 
 
 def _fmt(value: float | None) -> str:
@@ -188,21 +123,18 @@ def run_gate(
             new_run_id=new_run_id,
             published_run_id=published_run_id,
         )
-    catalog, sequences = load_catalog(workspace), load_sequences(workspace)
-    new = score_run(RunDir(workspace, new_run_id), workspace, catalog, sequences, train)
+    tonight = Tonight.load(workspace, train)
+    new = run_validation_ndcg10(workspace, new_run_id, tonight)
     published = None
     if published_run_id is not None:
-        run = RunDir(workspace, published_run_id)
         try:
-            published = score_run(run, workspace, catalog, sequences, train)
+            published = run_validation_ndcg10(workspace, published_run_id, tonight)
         except (WarmStartError, FileNotFoundError, KeyError) as exc:
             # The published run cannot be judged on tonight's data (other domains or shapes, or its
             # folder is gone): only the floor applies, and the message says so.
             if log is not None:
                 log.warning("gate: the published run %s cannot be re-scored: %s", published_run_id, exc)
             published_run_id = None
-    data = SequenceData(catalog, sequences, train.resolved().max_len)
-    valid = data.eval_split("valid", train.eval_negatives, train.seed, train.short_history)
-    popularity = popularity_ndcg10(catalog, sequences, valid, train.eval_batch_size)
+    popularity = popularity_validation_ndcg10(tonight)
     result = decide(settings, new, published, popularity, new_run_id, published_run_id)
     return result.model_copy(update={"seconds": round(time.perf_counter() - started, 2)})

@@ -2,20 +2,27 @@
 (WORKSPACE/train/ and WORKSPACE/runs/<run_id>/).
 
 Its face: `TrainSettings` (and `MODEL_PRESETS`), `run_train` -> `TrainSummary`, and `TrainOutputs`, the
-reader later stages use (best run, exported vectors, metrics). Nothing outside this package imports its
+reader later stages use (best run, exported vectors, metrics), and the scores the nightly quality gate
+compares (`run_validation_ndcg10`, `popularity_validation_ndcg10` on `Tonight`'s validation split). Nothing outside this package imports its
 other modules.
 """
 
+from bridgerec.models.warmstart import WarmStartError
 from bridgerec.tasks.train.outputs import TrainedRun, TrainMissing, TrainOutputs
+from bridgerec.tasks.train.rescore import Tonight, popularity_validation_ndcg10, run_validation_ndcg10
 from bridgerec.tasks.train.settings import MODEL_PRESETS, TrainSettings
 from bridgerec.tasks.train.stage import TrainSummary, run_train
 
 __all__ = [
     "MODEL_PRESETS",
+    "Tonight",
     "TrainMissing",
     "TrainOutputs",
     "TrainSettings",
     "TrainSummary",
     "TrainedRun",
+    "WarmStartError",
+    "popularity_validation_ndcg10",
     "run_train",
+    "run_validation_ndcg10",
 ]

@@ -91,7 +91,7 @@ class ColdStart:
                 ranks = Ranks(
                     name, test_ranks.sampled[mask], None if test_ranks.full is None else test_ranks.full[mask]
                 )
-                split_rows = metric_rows(ranks, sub, domains)
+                split_rows = metric_rows(ranks, sub, catalog)
                 rows += split_rows
                 key = "new_items" if name == "test_new_items" else "warm_items"
                 summary[key] = headline(split_rows, domains) | {
@@ -110,7 +110,7 @@ class ColdStart:
             users, inputs = chosen[keep], inputs[torch.from_numpy(keep)]
             split = untouched_split(test, users, inputs)
             ranks = evaluate(model, split, batch_size, full, device)
-            split_rows = metric_rows(ranks, split, domains)
+            split_rows = metric_rows(ranks, split, catalog)
             rows += split_rows
             summary["untouched_domain"] = headline(split_rows, domains) | {
                 "users": len(users),

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from bridgerec.models.base import Recommender
+from bridgerec.models.config import ModelConfig
 from bridgerec.models.data import Catalog, SequenceData, Sequences
 from bridgerec.models.registry import build_model
 from bridgerec.storage.runs import RunDir
@@ -35,7 +36,7 @@ def load_run(run_dir: Path, workspace: Workspace, device: str = "cpu") -> tuple[
             f"run {run.path.name} was trained on domains {recorded['domains']} with sizes {recorded['sizes']}, "
             f"the workspace has {catalog.domains} / {[int(n) for n in catalog.sizes]}: retrain"
         )
-    model = build_model(config["settings"], catalog)
+    model = build_model(ModelConfig.from_run_config(config), catalog)
     model.load_state_dict(load_file(str(run.model), device=device), strict=True)
     return model.to(device).eval(), config, catalog
 
@@ -49,6 +50,7 @@ def export_vectors(
     model, config, catalog = load_run(run_dir, workspace, device)
     sequences = load_sequences(workspace)
     data = SequenceData(catalog, sequences, int(config["settings"]["max_len"]))
+    model.serving_update(data)  # pop: count every known interaction, not just the training prefixes
     inputs = data.eval_split("export", 0, 0, 1).inputs  # [U, max_len], the whole history
     order = torch.argsort((inputs > 0).sum(1), stable=True)  # similar lengths together (trimmed batches)
     items = [model.item_vectors(d)[1:].float().cpu().numpy() for d in range(len(catalog.domains))]  # [n_d, D]

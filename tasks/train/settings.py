@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from bridgerec.models.config import Architecture, ModelConfig, Objective, Sampling
+from bridgerec.models.trainer import FitConfig
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-Architecture = Literal["llm4cdsr", "sasrec", "sasrec_domain"]
 
 # name -> (architecture, switches forced by the preset). A preset's switches override the fields below.
 MODEL_PRESETS: dict[str, tuple[Architecture, dict[str, Any]]] = {
@@ -25,6 +25,8 @@ MODEL_PRESETS: dict[str, tuple[Architecture, dict[str, Any]]] = {
     # Baselines: SASRec with item-ID embeddings on the mixed sequence, and one SASRec per domain.
     "sasrec": ("sasrec", {}),
     "sasrec-domain": ("sasrec_domain", {}),
+    # The floor: items of the target's domain by their interaction count (no training).
+    "pop": ("pop", {}),
 }
 
 
@@ -61,8 +63,27 @@ class TrainSettings(BaseModel):
     dropout: float = Field(default=0.5, ge=0.0, lt=1.0)
     max_len: int = Field(default=200, ge=2, description="Most recent items a thread sees.")
     causal: bool = Field(
-        default=False,
-        description="Causal attention mask. Off = bidirectional, as the authors' code (see docs/train.md).",
+        default=True,
+        description=(
+            "Causal attention mask. Off = bidirectional, as the authors' code: with a loss at every position "
+            "each position then sees its own target (docs/train.md)."
+        ),
+    )
+    objective: Objective = Field(
+        default="sampled_softmax",
+        description="Training loss: bce (the paper's) | sampled_softmax | ce (full softmax); docs/train.md.",
+    )
+    negatives: int = Field(default=256, ge=1, description="sampled_softmax: negatives per domain per batch.")
+    sampling: Sampling = Field(
+        default="popularity", description="sampled_softmax: draw negatives uniform | by popularity (logQ)."
+    )
+    select_by: Literal["full", "sampled"] = Field(
+        default="full",
+        description="Validation NDCG@10 that early stopping and the best run use: full ranking or sampled.",
+    )
+    adapter_init: Literal["xavier", "torch"] = Field(
+        default="xavier",
+        description="LLM4CDSR adapter init: Xavier-normal weights, zero biases | torch default.",
     )
     id_embeddings: bool = Field(
         default=False, description="LLM4CDSR: add trainable item-ID embeddings to the LLM embeddings."
@@ -121,6 +142,34 @@ class TrainSettings(BaseModel):
     def resolved(self) -> TrainSettings:
         """These settings with the preset's switches applied (what the model is built from)."""
         return self.model_copy(update=MODEL_PRESETS[self.model][1])
+
+    def model_spec(self, global_dim: int = 0, local_dim: int = 0, profile_dim: int = 0) -> ModelConfig:
+        """The typed model config these settings build (preset applied), given the enrich tables' widths."""
+        r = self.resolved()
+        keys = ("hidden", "layers", "heads", "dropout", "max_len", "causal", "id_embeddings", "alpha", "beta",
+                "tau", "adapter_init", "objective", "negatives", "sampling")  # fmt: skip
+        return ModelConfig(
+            architecture=self.architecture,
+            **{k: getattr(r, k) for k in keys},
+            global_dim=global_dim,
+            local_dim=local_dim,
+            profile_dim=profile_dim,
+        )
+
+    def fit_config(self, warm: bool = False) -> FitConfig:
+        """The training loop's config; a warm-started run gets `warm_limits()`."""
+        epochs, patience = self.warm_limits() if warm else (self.epochs, self.patience)
+        return FitConfig(
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            batch_size=self.batch_size,
+            eval_batch_size=self.eval_batch_size,
+            epochs=epochs,
+            patience=patience,
+            seed=self.seed,
+            time_budget_s=self.time_budget_s,
+            select_by=self.select_by if self.full_ranking else "sampled",
+        )
 
     def warm_limits(self) -> tuple[int, int]:
         """(epochs, patience) of a warm-started run. The warm model starts near its optimum: the epochs

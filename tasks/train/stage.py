@@ -21,16 +21,16 @@ import numpy as np
 import pyarrow as pa
 import torch
 from bridgerec.models.base import Recommender
-from bridgerec.models.data import EvalSplit, SequenceData
+from bridgerec.models.data import SequenceData
 from bridgerec.models.evaluate import evaluate, headline, metric_rows
-from bridgerec.models.metrics import ndcg
 from bridgerec.models.optim import Optimizer
 from bridgerec.models.registry import build_model
-from bridgerec.models.trainer import FitConfig, FitState, Profiles, fit, set_seed
+from bridgerec.models.trainer import FitState, Profiles, fit, score_init, set_seed
 from bridgerec.storage import schemas
 from bridgerec.storage.runs import RunDir
 from bridgerec.storage.workspace import Workspace, hash_json
 from bridgerec.tasks.train import coldstart
+from bridgerec.tasks.train.checkpoint import load_weights, save_checkpoint, save_weights
 from bridgerec.tasks.train.inputs import (
     input_files,
     input_hashes,
@@ -40,7 +40,7 @@ from bridgerec.tasks.train.inputs import (
     load_sequences,
 )
 from bridgerec.tasks.train.settings import ColdStartSettings, TrainSettings
-from bridgerec.tasks.train.warmstart import InitRecord, cold, warm_start
+from bridgerec.tasks.train.warmstart import init_from
 from pydantic import BaseModel
 
 from bridgerec.runtime.logs import get_logger
@@ -114,7 +114,7 @@ def run_train(
     if run.is_complete() and not force:
         log.info("train: %s already trained on these inputs, skipping (%s)", run.run_id, run.path)
         summary = TrainSummary(**run.read_summary())
-        _record(workspace, run, summary, hashes, config_hash(settings))
+        _record(workspace, run, summary, hashes, config_hash(settings), settings.select_by)
         return summary.model_copy(update={"skipped": True, "seconds": time.perf_counter() - started})
     if force and run.path.exists():
         shutil.rmtree(run.path)
@@ -140,46 +140,34 @@ def run_train(
         else:
             profiles = Profiles(torch.from_numpy(loaded[0]), torch.from_numpy(loaded[1]))
             log.info("train: %d of %d users have a profile", int(loaded[1].sum()), data.n_users)
-    model_config = resolved.model_dump(mode="json") | {
-        "architecture": settings.architecture,
-        "tables": {
-            "global_dim": int(tables.global_table.shape[1]) if tables else 0,
-            "local_dim": int(tables.local_tables[0].shape[1]) if tables else 0,
-            "profile_dim": int(profiles.vectors.shape[1]) if profiles is not None else 0,
-        },
+    widths = {
+        "global_dim": int(tables.global_table.shape[1]) if tables else 0,
+        "local_dim": int(tables.local_tables[0].shape[1]) if tables else 0,
+        "profile_dim": int(profiles.vectors.shape[1]) if profiles is not None else 0,
     }
-    model = build_model(model_config, catalog, tables).to(device)
+    spec = settings.model_spec(**widths)  # the typed model config the model is built from
+    # The resolved settings as recorded in config.json (`settings`; warm start compares them).
+    model_settings = resolved.model_dump(mode="json") | {
+        "architecture": settings.architecture,
+        "tables": widths,
+    }
+    model = build_model(spec, catalog, tables).to(device)
     run.path.mkdir(parents=True, exist_ok=True)
-
-    # A checkpoint means this very run was interrupted: resume it (with the init it started from). Only
-    # a run that starts afresh may warm-start from an *earlier* run.
-    ckpt = (
-        torch.load(run.checkpoint, map_location=device, weights_only=False)
-        if run.checkpoint.exists()
-        else None
-    )
-    if ckpt is not None:
-        init = InitRecord(**ckpt.get("init", {}))
-    else:
-        run.model.unlink(missing_ok=True)  # best weights of an attempt killed before its first checkpoint
-        if force:
-            init = cold("--force")
-        elif not settings.warm_start:
-            init = cold("train.warm_start is off")
-        elif settings.cold_start.new_items:
-            init = cold("train.cold_start.new_items: earlier weights have seen the held-out items")
-        else:
-            init = warm_start(
-                model, model_config, catalog, workspace, run.run_id, hashes, log.info, log.warning
-            )
-        if init.init == "cold":
-            log.info("train: cold start (random init): %s", init.reason)
+    warm: bool | str = settings.warm_start
+    if settings.cold_start.new_items:
+        warm = "train.cold_start.new_items: earlier weights have seen the held-out items"
+    start = init_from(
+        model, run, model_settings, catalog, workspace, hashes,
+        force=force, warm=warm, device=device, log=log.info, warn=log.warning,
+    )  # fmt: skip
+    init = start.init
     run.write_items(catalog.item_ids)
     run.write_config(
         {
             "run_id": run.run_id,
             "model": settings.model,
-            "settings": model_config,
+            "settings": model_settings,
+            "model_config": spec.to_dict(),
             "catalog": {
                 "domains": catalog.domains,
                 "sizes": [int(n) for n in catalog.sizes],
@@ -198,61 +186,42 @@ def run_train(
     test = data.eval_split("test", settings.eval_negatives, settings.seed, settings.short_history)
     log.info("train: evaluation splits built in %.1f s", time.perf_counter() - t0)
 
+    cfg = settings.fit_config(warm=init.init == "warm")  # a resumed warm run keeps the warm limits
     state, opt_state = None, None
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt_state, state = ckpt["optimizer"], FitState(**ckpt["state"])
-        torch.set_rng_state(ckpt["torch_rng"])
+    if start.checkpoint is not None:
+        opt_state, state = start.checkpoint.optimizer, start.checkpoint.state
         log.info("train: resuming %s after epoch %d (%s start)", run.run_id, state.epoch, init.init)
-        del ckpt
-    elif init.init == "warm":
+        start.checkpoint = None
+    elif start.how == "warm":
         # Epoch 0 = the warm init itself: it is the best to beat, so training can only keep or improve it.
-        state = _score_init(model, valid, settings.eval_batch_size, device)
-        _save_weights(model, run)
+        state = score_init(model, valid, cfg, device)
+        save_weights(model, run)
         log.info("train: the warm init scores validation NDCG@10 %.4f before training", state.best_valid)
     resumed_from = state.epoch if state else 0
     # The warm run's optimizer starts fresh: the earlier run's Adam moments are not kept once it finished.
-    epochs, patience = settings.warm_limits() if init.init == "warm" else (settings.epochs, settings.patience)
 
-    def on_epoch(m: torch.nn.Module, opt: Optimizer, st: FitState, is_best: bool) -> None:
+    def on_epoch(m: Recommender, opt: Optimizer, st: FitState, is_best: bool) -> None:
         if is_best:
-            _save_weights(m, run)
-        tmp = run.temp_path(run.checkpoint)
-        torch.save(
-            {
-                "model": m.state_dict(),
-                "optimizer": opt.state_dict(),
-                "state": st.__dict__,
-                "torch_rng": torch.get_rng_state(),  # dropout draws continue as if never interrupted
-                "init": init.model_dump(mode="json"),
-            },
-            tmp,
-        )
-        run.commit(tmp, run.checkpoint)
+            save_weights(m, run)
+        save_checkpoint(run, m, opt, st, init.model_dump(mode="json"))
 
-    cfg = FitConfig(
-        lr=settings.lr,
-        weight_decay=settings.weight_decay,
-        batch_size=settings.batch_size,
-        eval_batch_size=settings.eval_batch_size,
-        epochs=epochs,
-        patience=patience,
-        seed=settings.seed,
-        time_budget_s=settings.time_budget_s,
-    )
-    state = fit(model, data, valid, cfg, device, profiles, state, opt_state, on_epoch, log=log.info)
+    if model.trainable:
+        state = fit(model, data, valid, cfg, device, profiles, state, opt_state, on_epoch, log=log.info)
+    else:  # pop: fitted by counting the training prefixes; its "epoch 0" is the only one
+        model.fit_counts(data.item_counts("train"))
+        state = score_init(model, valid, cfg, device)
+        save_weights(model, run)
     if not run.model.exists():
         raise RuntimeError("training finished without a single epoch; check train.epochs and the time budget")
 
     # Final evaluation of the best weights, sampled and full ranking, on validation and test.
-    from safetensors.torch import load_file
-
-    model.load_state_dict(load_file(str(run.model), device=str(device)))
+    load_weights(model, run, device)
+    counts = data.item_counts("train")  # popularity for the beyond-accuracy figures
     rows: list[dict] = []
     results = {}
     for split in (valid, test):
         ranks = evaluate(model, split, settings.eval_batch_size, settings.full_ranking, device)
-        split_rows = metric_rows(ranks, split, catalog.domains)
+        split_rows = metric_rows(ranks, split, catalog, counts)
         results[split.name] = headline(split_rows, catalog.domains)
         rows += [r | {"run_id": run.run_id, "epoch": state.best_epoch} for r in split_rows]
     cold_rows, cold_summary = cold_eval.evaluate(
@@ -300,7 +269,7 @@ def run_train(
     )
     run.write_summary(summary.model_dump(mode="json"))
     run.checkpoint.unlink(missing_ok=True)
-    _record(workspace, run, summary, hashes, config_hash(settings))
+    _record(workspace, run, summary, hashes, config_hash(settings), settings.select_by)
     log.info(
         "train: %s (%s start) best epoch %d/%d, test ndcg@10 %.4f (full %.4f), %.1f s/epoch",
         run.run_id,
@@ -314,31 +283,6 @@ def run_train(
     return summary
 
 
-def _score_init(model: Recommender, valid: EvalSplit, batch_size: int, device: torch.device) -> FitState:
-    """The loop state of a warm run before its first epoch: the init's validation score is the best."""
-    started = time.perf_counter()
-    ranks = evaluate(model, valid, batch_size, full=False, device=device)
-    seconds = time.perf_counter() - started
-    score = ndcg(ranks.sampled, 10)
-    row = {
-        "epoch": 0,
-        "valid_ndcg@10": score,
-        "valid_hr@10": float((ranks.sampled < 10).mean()),
-        "train_seconds": 0.0,
-        "eval_seconds": seconds,
-    }
-    return FitState(best_valid=score, elapsed_s=seconds, history=[row])
-
-
-def _save_weights(model: torch.nn.Module, run: RunDir) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = run.temp_path(run.model)
-    save_file(tensors, str(tmp))
-    run.commit(tmp, run.model)
-
-
 def _history_rows(run_id: str, history: list[dict]) -> list[dict]:
     rows = []
     for h in history:
@@ -348,6 +292,8 @@ def _history_rows(run_id: str, history: list[dict]) -> list[dict]:
             split = "valid" if key.startswith("valid_") else "train"
             metric = key.removeprefix("valid_")
             protocol = "sampled" if split == "valid" else "train"
+            if metric.startswith("full_"):  # valid_full_ndcg@10: the full-ranking validation of the epoch
+                protocol, metric = "full", metric.removeprefix("full_")
             rows.append(
                 {
                     "run_id": run_id,
@@ -371,9 +317,13 @@ def _plot_curve(history: list[dict], path: Path, title: str) -> None:
 
     epochs = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(epochs, [h["valid_ndcg@10"] for h in history], "o-", color="tab:blue", label="valid NDCG@10")
+    ax.plot(epochs, [h["valid_ndcg@10"] for h in history], "o-", color="tab:blue", label="sampled")
+    if any("valid_full_ndcg@10" in h for h in history):
+        full = [h.get("valid_full_ndcg@10", np.nan) for h in history]
+        ax.plot(epochs, full, "^-", color="tab:green", label="full ranking")
+        ax.legend(loc="lower right", fontsize=8)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("validation NDCG@10 (sampled)", color="tab:blue")
+    ax.set_ylabel("validation NDCG@10", color="tab:blue")
     ax2 = ax.twinx()
     ax2.plot(epochs, [h.get("loss", np.nan) for h in history], "s--", color="tab:red", label="train loss")
     ax2.set_ylabel("training loss", color="tab:red")
@@ -385,10 +335,47 @@ def _plot_curve(history: list[dict], path: Path, title: str) -> None:
     tmp.replace(path)
 
 
+def select_best(rows: list[dict], select_by: str) -> dict:
+    """The leaderboard row with the highest validation NDCG@10 under `select_by` (full | sampled); a run
+    without that figure (null or NaN) ranks below every run that has it; ties go to the earlier row."""
+    key = "valid_full_ndcg10" if select_by == "full" else "valid_ndcg10"
+
+    def value(r: dict) -> float:
+        v = r.get(key)
+        return v if v is not None and v == v else -1.0
+
+    return max(rows, key=value)
+
+
+def _inputs_current(workspace: Workspace, run_id: str, now: dict[str, str | None]) -> bool:
+    """Whether every input file run `run_id` recorded (config.json `inputs`) still has the same content.
+    `now` caches the current hash of each role (None: the file is gone)."""
+    try:
+        recorded = RunDir(workspace, run_id).read_config().get("inputs", {})
+    except (FileNotFoundError, ValueError):
+        return False
+    if not recorded:
+        return False
+    files = input_files(workspace, llm=True, profiles=True)
+    for role, digest in recorded.items():
+        if role not in now:
+            path = files.get(role)
+            now[role] = input_hashes({role: path})[role] if path is not None and path.is_file() else None
+        if now[role] != digest:
+            return False
+    return True
+
+
 def _record(
-    workspace: Workspace, run: RunDir, summary: TrainSummary, hashes: dict[str, str], chash: str
+    workspace: Workspace,
+    run: RunDir,
+    summary: TrainSummary,
+    hashes: dict[str, str],
+    chash: str,
+    select_by: str = "full",
 ) -> None:
-    """Add the run to the leaderboard and rewrite the stage manifest naming the best current run."""
+    """Add the run to the leaderboard and rewrite the stage manifest naming the best current run: the
+    best validation NDCG@10 under `select_by` (full ranking; runs without a full figure rank last)."""
     input_hash = hash_json(hashes)
     row = {
         "run_id": summary.run_id,
@@ -400,6 +387,7 @@ def _record(
         "best_epoch": summary.best_epoch,
         "epoch_seconds": summary.epoch_seconds,
         "valid_ndcg10": summary.valid["overall"]["ndcg@10"],
+        "valid_full_ndcg10": summary.valid.get("full", {}).get("overall", {}).get("ndcg@10"),
         "test_hr10": summary.test["overall"]["hr@10"],
         "test_ndcg10": summary.test["overall"]["ndcg@10"],
         "test_full_hr10": summary.test.get("full", {}).get("overall", {}).get("hr@10"),
@@ -416,9 +404,17 @@ def _record(
     # Runs whose folder was deleted drop out of the leaderboard.
     previous = [r for r in previous if RunDir(workspace, r["run_id"]).is_complete()]
     board = [*previous, row]
-    # The best run on the *current* inputs (the ingest/enrich outputs of this run), by validation NDCG@10.
-    current = [r for r in board if r["input_hash"] == input_hash or r["run_id"] == summary.run_id]
-    best = max(current, key=lambda r: r["valid_ndcg10"] if r["valid_ndcg10"] == r["valid_ndcg10"] else -1)
+    # The best run on the *current* inputs, by validation NDCG@10: a run whose every input file (those it
+    # read: pop and SASRec read no enrich file) is as it is now, so pop competes with the LLM models.
+    now: dict[str, str | None] = dict(hashes)
+    current = [
+        r
+        for r in board
+        if r["input_hash"] == input_hash
+        or r["run_id"] == summary.run_id
+        or _inputs_current(workspace, r["run_id"], now)
+    ]
+    best = select_best(current, select_by)
     with workspace.building(STAGE) as stage:
         stage.write_table("runs", pa.Table.from_pylist(board, schema=schemas.TRAIN_RUNS), schemas.TRAIN_RUNS)
         stage.finish(
@@ -426,8 +422,11 @@ def _record(
             config_hash=chash,
             input_hashes=hashes,
             stats={
-                "best": {k: best[k] for k in ("run_id", "model", "valid_ndcg10", "test_ndcg10")}
-                | {"run_dir": str(RunDir(workspace, best["run_id"]).path)},
+                "best": {
+                    k: best.get(k)
+                    for k in ("run_id", "model", "valid_ndcg10", "valid_full_ndcg10", "test_ndcg10")
+                }
+                | {"run_dir": str(RunDir(workspace, best["run_id"]).path), "select_by": select_by},
                 "latest": {
                     "run_id": summary.run_id,
                     "model": summary.model,

@@ -1,4 +1,5 @@
-"""Warm start of the train stage: pick the earlier run to start from, check that it fits, load its best
+"""How a run starts (`init_from`, as nanoGPT's): resume its own checkpoint, warm-start from an earlier
+run, or start cold. Warm start: pick the earlier run to start from, check that it fits, load its best
 weights into the new model with the item rows remapped (models/warmstart.py), or say why not.
 
 A warm start must never fail the nightly run: every problem ends in a cold start with the reason logged
@@ -8,13 +9,16 @@ and recorded in the run's summary.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 from bridgerec.models.base import Recommender
 from bridgerec.models.data import Catalog
 from bridgerec.models.warmstart import ItemSpace, WarmStartError, warm_state
 from bridgerec.storage.runs import RunDir
 from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks.train.checkpoint import Checkpoint, load_checkpoint, restore
 from pydantic import BaseModel, Field
 
 STAGE = "train"
@@ -140,3 +144,52 @@ def warm_start(
         items=plan.items,
         table_cosine={k: round(c, 6) for k, c in plan.table_cosine.items()},
     )
+
+
+@dataclass
+class Start:
+    """How a run starts: `resume` (its own checkpoint, with the init it recorded), `warm` or `cold`."""
+
+    how: Literal["resume", "warm", "cold"]
+    init: InitRecord
+    checkpoint: Checkpoint | None = None
+
+
+def init_from(
+    model: Recommender,
+    run: RunDir,
+    model_settings: dict[str, Any],
+    catalog: Catalog,
+    workspace: Workspace,
+    hashes: dict[str, str],
+    *,
+    force: bool,
+    warm: bool | str,
+    device: torch.device | str,
+    log: Callable[..., None],
+    warn: Callable[..., None],
+) -> Start:
+    """The one place that decides how a run starts (model freshly built and seeded).
+
+    A checkpoint in the run's own folder means *this* run was interrupted: it resumes, whatever `warm`
+    says now, with the init it recorded. Only a run that starts afresh may warm-start from an *earlier*
+    run (`warm` True, not `--force`, a model with trained weights); `warm` as a string is the reason it
+    may not (e.g. a cold-start evaluation). Any problem means a cold start, with the reason recorded."""
+    ckpt = load_checkpoint(run, device)
+    if ckpt is not None:
+        restore(model, ckpt)
+        return Start("resume", InitRecord(**ckpt.init), ckpt)
+    run.model.unlink(missing_ok=True)  # best weights of an attempt killed before its first checkpoint
+    if force:
+        init = cold("--force")
+    elif isinstance(warm, str):
+        init = cold(warm)
+    elif not warm:
+        init = cold("train.warm_start is off")
+    elif not model.trainable:
+        init = cold(f"{model_settings['model']} is fitted by counting: nothing to warm-start")
+    else:
+        init = warm_start(model, model_settings, catalog, workspace, run.run_id, hashes, log, warn)
+    if init.init == "cold":
+        log("train: cold start (random init): %s", init.reason)
+    return Start(init.init, init)

@@ -1,0 +1,82 @@
+"""The typed configuration of a model (as nanoGPT's `GPTConfig` -> `GPT(config)`).
+
+A `ModelConfig` holds everything that decides a model's tensors and its training loss; it is built from
+the train settings (`TrainSettings.model_spec()`), saved in the run's config.json under `model_config`,
+and passed whole to the model's constructor by `registry.build_model`. Unknown keys are an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+Architecture = Literal["llm4cdsr", "sasrec", "sasrec_domain", "pop"]
+# Training objectives (the field's names):
+#   bce             - binary cross-entropy against one negative per target, drawn uniformly from the
+#                     target's domain (SASRec's and the LLM4CDSR paper's loss);
+#   sampled_softmax - softmax cross-entropy over the target and K negatives shared by the batch, drawn
+#                     from the target's domain (uniformly or by popularity, with the logQ correction);
+#   ce              - full softmax cross-entropy over every item of the target's domain.
+Objective = Literal["bce", "sampled_softmax", "ce"]
+Sampling = Literal["uniform", "popularity"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: Architecture
+    hidden: int = 128
+    layers: int = 2
+    heads: int = 1
+    dropout: float = 0.5
+    max_len: int = 200
+    causal: bool = True
+    # LLM4CDSR only
+    id_embeddings: bool = False
+    alpha: float = 0.1
+    beta: float = 0.1
+    tau: float = 1.0
+    adapter_init: Literal["xavier", "torch"] = "xavier"
+    global_dim: int = 0  # widths of the enrich tables (0: not an LLM model)
+    local_dim: int = 0
+    profile_dim: int = 0  # 0 = no profile guidance
+    # training loss
+    objective: Objective = "bce"
+    negatives: int = 256  # sampled_softmax: K negatives per domain, shared by the batch
+    sampling: Sampling = "popularity"  # sampled_softmax: how the K negatives are drawn
+
+    def __post_init__(self) -> None:
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden {self.hidden} must be divisible by heads {self.heads}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        """Strict: a key this class does not know is an error (no silent swallowing)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
+        return cls(**values)
+
+    @classmethod
+    def from_run_config(cls, config: dict[str, Any]) -> ModelConfig:
+        """The model config of a run folder's config.json. Runs written before `model_config` existed
+        recorded the resolved settings under `settings` (bidirectional unless `causal`, BCE, the torch
+        default adapter initialisation)."""
+        if "model_config" in config:
+            return cls.from_dict(config["model_config"])
+        s, tables = config["settings"], config["settings"].get("tables", {})
+        keys = ("hidden", "layers", "heads", "dropout", "max_len", "causal", "id_embeddings", "alpha")
+        return cls(
+            architecture=s["architecture"],
+            **{k: s[k] for k in keys},
+            beta=s["beta"],
+            tau=s["tau"],
+            adapter_init="torch",
+            global_dim=int(tables.get("global_dim", 0)),
+            local_dim=int(tables.get("local_dim", 0)),
+            profile_dim=int(tables.get("profile_dim", 0)),
+            objective="bce",
+        )

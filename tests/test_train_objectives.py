@@ -1,0 +1,241 @@
+"""Issue #11: the popularity baseline, the training objectives, no target leakage, beyond-accuracy figures
+and selection by full-ranking validation, each against a hand computation on a tiny fixture (and the
+objectives' losses falling on the bundled sample)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+from bridgerec.models.base import Batch
+from bridgerec.models.config import ModelConfig
+from bridgerec.models.data import Catalog, SequenceData, Sequences
+from bridgerec.models.evaluate import beyond_accuracy, evaluate, popularity_tables
+from bridgerec.models.objectives import draw_shared_negatives, sampling_probs
+from bridgerec.models.optim import Optimizer
+from bridgerec.models.registry import ItemTables, build_model
+from bridgerec.models.trainer import FitConfig, fit
+from bridgerec.tasks.train.settings import TrainSettings
+from bridgerec.tasks.train.stage import select_best
+
+# Two domains: "a" = global ids 1..6 (local 1..6), "b" = global ids 7..11 (local 1..5).
+CATALOG = Catalog(["a", "b"], np.array([6, 5]), np.array([0, 6]), [f"i{g}" for g in range(1, 12)])
+SEQS = [[1, 7, 2, 8, 3], [9, 10, 4], [5, 6, 1, 2, 11, 7, 3], [2, 1, 8, 9, 5]]
+
+
+def _sequences(seqs: list[list[int]]) -> Sequences:
+    lengths = np.array([len(s) for s in seqs])
+    return Sequences(
+        [f"u{i}" for i in range(len(seqs))],
+        np.concatenate(seqs).astype(np.int64),
+        np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+    )
+
+
+def _tables() -> ItemTables:
+    rng = np.random.default_rng(0)
+    g = rng.normal(size=(12, 24)).astype(np.float32)
+    local = [rng.normal(size=(n + 1, 12)).astype(np.float32) for n in CATALOG.sizes]
+    g[0] = 0
+    for t in local:
+        t[0] = 0
+    return ItemTables(g, local)
+
+
+def _spec(arch: str, **kw) -> ModelConfig:
+    """The shipped defaults (TrainSettings), small, dropout off so that forward passes are comparable."""
+    settings = TrainSettings(hidden=16, layers=2, heads=2, dropout=0.0, max_len=10).model_copy(update=kw)
+    return dataclasses.replace(settings.model_spec(24, 12, 0), architecture=arch)
+
+
+# -- pop ---------------------------------------------------------------------------------------------
+def test_pop_ranks_by_training_prefix_counts_leaving_seen_items_out() -> None:
+    data = SequenceData(CATALOG, _sequences(SEQS), max_len=10)
+    # Training prefixes (all but the last two items): [1, 7, 2], [9], [5, 6, 1, 2, 11], [2, 1, 8].
+    counts = data.item_counts("train")
+    assert counts.tolist() == [0, 3, 3, 0, 0, 1, 1, 1, 1, 1, 0, 1]
+    model = build_model(ModelConfig("pop"), CATALOG)
+    model.fit_counts(counts)
+    ranks = evaluate(model, data.eval_split("test", 1, seed=0, short_history=3), 8, full=True)
+    # Hand ranking (ties against the target), each user's earlier items of the target's domain left out:
+    # u0 target 3 (a, count 0); seen 1, 2; others 4:0 5:1 6:1 -> 3 score >= 0 -> rank 3.
+    # u1 target 4 (a, 0); nothing seen in a; 1:3 2:3 3:0 5:1 6:1 -> rank 5.
+    # u2 target 3 (a, 0); seen 5, 6, 1, 2; 4:0 -> rank 1.
+    # u3 target 5 (a, 1); seen 2, 1; 3:0 4:0 6:1 -> rank 1 (6 ties).
+    assert ranks.full.tolist() == [3, 5, 1, 1]
+    # Top lists: the most counted unseen items first; u2 may only get 3 and 4.
+    assert set(ranks.top[2][:2].tolist()) == {3, 4}
+    assert ranks.top[1][:2].tolist() in ([1, 2], [2, 1])
+    # Publishing counts every known interaction; user . item = count, so FAISS ranks as the counts do.
+    model.serving_update(data)
+    assert model.item_vectors(1)[1:, 0].tolist() == [2, 2, 2, 1, 1]  # 7, 8, 9, 10, 11 over all items
+    u = model.user_vectors(torch.zeros(3, 4, dtype=torch.long), 1)
+    assert torch.equal(u @ model.item_vectors(1).T, model.item_vectors(1).T.expand(3, -1))
+
+
+# -- objectives: each loss equals a direct computation -------------------------------------------------
+def _batch(seed: int = 0, k: int = 4) -> tuple[SequenceData, Batch]:
+    data = SequenceData(CATALOG, _sequences(SEQS * 3), max_len=10)
+    gen = torch.Generator().manual_seed(seed)
+    prefix = data.train_prefix(torch.arange(12))
+    batch = Batch(prefix, data.sample_negatives(prefix[:, 1:], prefix, gen), torch.arange(12))
+    probs = sampling_probs(torch.from_numpy(data.item_counts("train")), [6, 5], [0, 6], "popularity")
+    batch.shared = draw_shared_negatives(probs, k, gen)
+    return data, batch
+
+
+def _direct_loss(model, batch: Batch, objective: str) -> torch.Tensor:
+    """Position by position, with the model's own score function (user vector . item vector)."""
+    terms = []
+    for g in model.train_targets(batch):
+        items = model.item_vectors(g.domain)  # [n_d + 1, D]
+        for p in range(len(g.targets)):
+            u, t = g.users[p], int(g.targets[p])
+            if objective == "bce":
+                s_pos, s_neg = u @ items[t], u @ items[int(g.negatives[p])]
+                terms.append(-torch.nn.functional.logsigmoid(s_pos) - torch.nn.functional.logsigmoid(-s_neg))
+            elif objective == "ce":
+                terms.append(-torch.log_softmax(items[1:] @ u, 0)[t - 1])
+            else:
+                negs, logk = batch.shared.items[g.domain].tolist(), batch.shared.log_expected[g.domain]
+                logits = [u @ items[t] - logk[t]] + [u @ items[j] - logk[j] for j in negs if j != t]
+                terms.append(-torch.log_softmax(torch.stack(logits), 0)[0])
+    return torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize("objective", ["bce", "sampled_softmax", "ce"])
+@pytest.mark.parametrize("arch", ["sasrec", "sasrec_domain", "llm4cdsr"])
+def test_each_objective_equals_a_direct_computation(arch: str, objective: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(_spec(arch, objective=objective, alpha=0.0), CATALOG, _tables()).eval()
+    _, batch = _batch()
+    with torch.no_grad():
+        loss = model.loss(batch)[0]
+        assert float(loss) == pytest.approx(float(_direct_loss(model, batch, objective)), rel=1e-5)
+
+
+def test_sampled_softmax_log_q_is_log_of_the_expected_count() -> None:
+    probs = sampling_probs(torch.tensor([0, 3, 1, 0, 5]), [2, 2], [0, 2], "popularity")
+    # domain a: counts 3, 1 -> weights 4, 2; domain b: counts 0, 5 -> weights 1, 6
+    assert probs[0].tolist() == pytest.approx([0, 4 / 6, 2 / 6])
+    assert probs[1].tolist() == pytest.approx([0, 1 / 7, 6 / 7])
+    shared = draw_shared_negatives(probs, 8, torch.Generator().manual_seed(0))
+    assert shared.log_expected[1][2] == pytest.approx(math.log(8 * 6 / 7))
+    assert (shared.items[0] > 0).all() and (shared.items[0] <= 2).all()
+
+
+@pytest.mark.parametrize("objective", ["bce", "sampled_softmax", "ce"])
+def test_each_objective_falls_on_the_sample(sample_workspace, objective: str) -> None:
+    from bridgerec.storage.workspace import Workspace
+    from bridgerec.tasks.train.inputs import load_catalog, load_sequences
+
+    ws = Workspace(sample_workspace)
+    catalog = load_catalog(ws)
+    data = SequenceData(catalog, load_sequences(ws), max_len=20)
+    torch.manual_seed(0)
+    spec = ModelConfig(
+        "sasrec", hidden=16, layers=1, dropout=0.0, max_len=20, objective=objective, negatives=64
+    )
+    model = build_model(spec, catalog)
+    opt = Optimizer(model, lr=5e-3)
+    gen = torch.Generator().manual_seed(0)
+    users = next(data.train_batches(128, gen))
+    prefix = data.train_prefix(users)
+    batch = Batch(prefix, data.sample_negatives(prefix[:, 1:], prefix, gen), users)
+    probs = sampling_probs(
+        torch.from_numpy(data.item_counts()), model.sizes, list(catalog.offsets), "popularity"
+    )
+    losses = []
+    for _ in range(15):
+        batch.shared = draw_shared_negatives(probs, 64, gen)
+        loss = model.loss(batch)[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.9 * losses[0], losses  # softmax over thousands of items falls slower than BCE
+
+
+# -- no target leakage -----------------------------------------------------------------------------------
+def _leaks(model, batch: Batch) -> float:
+    """The largest change of any training position's vector when the items after it (its target included)
+    are replaced by other items of the same domains. Zero iff no position sees its own target."""
+    base = {(g.domain, int(r), int(c)): u for g in model.train_targets(batch) for r, c, u in zip(g.rows, g.cols, g.users, strict=True)}  # fmt: skip
+    worst = 0.0
+    prefix = batch.prefix
+    dom = torch.from_numpy(CATALOG.item_domain)[prefix]
+    for t in range(prefix.shape[1] - 1):
+        changed = prefix.clone()
+        later = (torch.arange(prefix.shape[1]) > t) & (prefix > 0)
+        # another item of the same domain: a -> the next local id cyclically, b likewise
+        size = torch.from_numpy(CATALOG.sizes)[dom.clamp(min=0)]
+        off = torch.from_numpy(CATALOG.offsets)[dom.clamp(min=0)]
+        shifted = off + (prefix - off) % size + 1
+        changed[later] = shifted[later]
+        other = Batch(changed, batch.negatives, batch.users)
+        for g in model.train_targets(other):
+            for r, c, u in zip(g.rows, g.cols, g.users, strict=True):
+                if int(c) <= t:
+                    worst = max(worst, float((u - base[(g.domain, int(r), int(c))]).abs().max()))
+    return worst
+
+
+@pytest.mark.parametrize("arch", ["sasrec", "sasrec_domain", "llm4cdsr"])
+def test_no_training_position_can_attend_to_its_own_target(arch: str) -> None:
+    torch.manual_seed(0)
+    _, batch = _batch()
+    model = build_model(_spec(arch), CATALOG, _tables()).train()  # the shipped default: causal
+    with torch.no_grad():
+        assert _leaks(model, batch) < 1e-5
+        # The check can fail: the authors' bidirectional attention lets positions see their targets.
+        leaky = build_model(_spec(arch, causal=False), CATALOG, _tables()).train()
+        assert _leaks(leaky, batch) > 1e-3
+
+
+# -- beyond accuracy -------------------------------------------------------------------------------------
+def test_coverage_popular_share_and_percentile_match_hand_values() -> None:
+    # 200 items in domain a (the 1% most popular: 2 items), 5 in b (1%: at least 1 item).
+    catalog = Catalog(["a", "b"], np.array([200, 5]), np.array([0, 200]), [f"i{g}" for g in range(1, 206)])
+    counts = np.zeros(206, np.int64)
+    counts[1:201] = np.arange(200)  # a: local l has count l - 1: locals 200 and 199 are the top 1%
+    counts[201:206] = [5, 5, 1, 0, 0]  # b: locals 1 and 2 tie at the top; the first by id is the 1%
+    popular, pct = popularity_tables(counts, catalog)
+    assert np.flatnonzero(popular).tolist() == [199, 200, 201]
+    assert pct[200] == pytest.approx(100 * 199.5 / 200) and pct[201] == pytest.approx(100 * 4 / 5)
+    top = np.array([[200, 199, 1], [200, 5, 0], [1, 2, 3]])  # local ids; 0 = no recommendation
+    tdom = np.array([0, 0, 1])
+    got = beyond_accuracy(top, tdom, catalog, popular, pct)
+    # distinct: a {200, 199, 1, 5}, b {1, 2, 3} -> 7 of 205 items; popular: a200, a199, a200, b1 of 8 recs
+    assert got["coverage@3"] == pytest.approx(7 / 205)
+    assert got["top1pct_share@3"] == pytest.approx(4 / 8)
+    expected = [99.75, 99.25, 0.25, 99.75, 2.25, 80.0, 80.0, 50.0]
+    assert got["pop_percentile@3"] == pytest.approx(np.mean(expected))
+
+
+# -- selection by full-ranking validation ----------------------------------------------------------------
+def test_best_run_is_picked_by_full_ranking_validation() -> None:
+    rows = [
+        {"run_id": "bce", "valid_ndcg10": 0.30, "valid_full_ndcg10": 0.010},
+        {"run_id": "softmax", "valid_ndcg10": 0.25, "valid_full_ndcg10": 0.031},
+        {"run_id": "old", "valid_ndcg10": 0.40, "valid_full_ndcg10": None},  # no full figure: last
+        {"run_id": "pop", "valid_ndcg10": 0.17, "valid_full_ndcg10": 0.005},
+    ]
+    assert select_best(rows, "full")["run_id"] == "softmax"
+    assert select_best(rows, "sampled")["run_id"] == "old"
+
+
+def test_early_stopping_keeps_the_epoch_with_the_best_full_ranking_validation() -> None:
+    torch.manual_seed(0)
+    data = SequenceData(CATALOG, _sequences(SEQS * 8), max_len=10)
+    valid = data.eval_split("valid", 2, seed=0, short_history=3)
+    model = build_model(_spec("sasrec", objective="ce"), CATALOG)
+    cfg = FitConfig(lr=3e-2, weight_decay=0.0, batch_size=8, eval_batch_size=64, epochs=6, patience=6, seed=0)
+    saved = {}
+    state = fit(model, data, valid, cfg, torch.device("cpu"), on_epoch=lambda m, o, s, best: saved.update({s.epoch: best}), log=lambda _: None)  # fmt: skip
+    full = [h["valid_full_ndcg@10"] for h in state.history]
+    first_best = int(np.argmax(full)) + 1  # the hand pick: highest full NDCG@10, the earliest on ties
+    assert state.best_epoch == first_best and state.best_valid == pytest.approx(max(full))
+    assert saved[first_best] is True
