@@ -14,6 +14,7 @@ import argparse
 
 import numpy as np
 import torch
+
 from bridgerec.models.coldstart import choose_new_items, untouched_inputs, without_items
 from bridgerec.models.data import SequenceData
 from bridgerec.models.metrics import ndcg

@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--gen-tokens", type=int, default=64)
     args = ap.parse_args()
     import numpy as np
+
     from bridgerec.storage.workspace import Workspace
     from bridgerec.tasks.enrich import (
         EnrichOutputs,

@@ -36,6 +36,7 @@ def ensure_ingested(workspace: Path, data: Path) -> None:
 
 def synthetic_vectors(workspace: Path, dim: int, seed: int = 0) -> dict:
     import numpy as np
+
     from bridgerec.storage.vectors import DomainVectors, seen_from_pairs
     from bridgerec.storage.workspace import Workspace
 
@@ -95,14 +96,14 @@ def main() -> None:
     import duckdb
     import numpy as np
     import torch
+
+    from bridgerec.runtime import progress
     from bridgerec.storage import warehouse as wh
     from bridgerec.storage.index_store import Searcher, build_index, search_topk, set_threads
     from bridgerec.storage.warehouse import user_recommendations
     from bridgerec.storage.workspace import Workspace
     from bridgerec.tasks.publish import PublishSettings, run_publish
     from bridgerec.tasks.train import TrainedRun, TrainOutputs
-
-    from bridgerec.runtime import progress
 
     progress.set_enabled(False)
     torch.set_num_threads(args.threads)

@@ -49,6 +49,7 @@ def authors_protocol(run_dir: Path, workspace) -> dict:
     negative's score adds the two. Single-thread models are unaffected (same as our protocol)."""
     import numpy as np
     import torch
+
     from bridgerec.models.data import SequenceData
     from bridgerec.models.metrics import rank_sampled, summarise
     from bridgerec.tasks.train.export import load_run

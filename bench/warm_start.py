@@ -18,11 +18,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+import bridgerec.runtime.prefect_env  # noqa: E402, F401
 from bridgerec.storage.workspace import Workspace  # noqa: E402
 from bridgerec.tasks.train.settings import TrainSettings  # noqa: E402
 from bridgerec.tasks.train.stage import TrainSummary, run_train  # noqa: E402
-
-import bridgerec.runtime.prefect_env  # noqa: E402, F401
 
 
 def inputs(src: Path, dst: Path) -> Workspace:

@@ -5,6 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from prefect import Flow, Task, flow, task, unmapped
+from prefect.artifacts import create_table_artifact
+from prefect.task_runners import ProcessPoolTaskRunner
+
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.enrich import (
     EnrichPlan,
@@ -21,9 +25,6 @@ from bridgerec.tasks.enrich import (
     run_shards,
 )
 from bridgerec.tasks.ingest import IngestOutputs
-from prefect import Flow, Task, flow, task, unmapped
-from prefect.artifacts import create_table_artifact
-from prefect.task_runners import ProcessPoolTaskRunner
 
 R = TypeVar("R")
 

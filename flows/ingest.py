@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bridgerec.storage.workspace import Workspace
-from bridgerec.tasks.ingest import IngestSettings, IngestSummary, input_files, run_ingest
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
+
+from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks.ingest import IngestSettings, IngestSummary, input_files, run_ingest
 
 
 @task(name="check-inputs")

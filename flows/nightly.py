@@ -15,14 +15,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from bridgerec.flows.enrich import configured_enrich_flow
-from bridgerec.flows.ingest import ingest_flow
-from bridgerec.flows.publish import publish_flow
-from bridgerec.flows.train import train_flow
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from bridgerec.config import Settings, load_settings
+from bridgerec.flows.enrich import configured_enrich_flow
+from bridgerec.flows.ingest import ingest_flow
+from bridgerec.flows.publish import publish_flow
+from bridgerec.flows.train import train_flow
 from bridgerec.runtime.errors import is_transient
 from bridgerec.runtime.logs import get_logger
 
@@ -315,9 +315,10 @@ def _stability(summary: dict, warehouse: Path, previous_run_id: str | None) -> N
 def _data_checks(settings: Settings, summary: dict) -> None:
     """Tonight's ingest output against the last checked night's (tasks/quality/datachecks.py): figures in
     the summary (then the warehouse's `data_checks`) and a table artifact; a large drop stops the night."""
+    from prefect.artifacts import create_table_artifact
+
     from bridgerec.storage.workspace import Workspace
     from bridgerec.tasks.quality import DataCheckFailed, check_data
-    from prefect.artifacts import create_table_artifact
 
     if not settings.checks.enabled:
         summary["data_checks"] = {"passed": True, "message": "data checks off (checks.enabled)", "rows": []}

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from prefect import flow, task
+from prefect.artifacts import create_table_artifact
+
 from bridgerec.storage.warehouse import list_runs
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.publish import PublishSettings, PublishSummary, resolve_trained_run, run_publish
-from prefect import flow, task
-from prefect.artifacts import create_table_artifact
 
 
 @task(name="check-trained-run")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from bridgerec.storage.workspace import Workspace
-from bridgerec.tasks.train import TrainSettings, TrainSummary, run_train
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
+
+from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks.train import TrainSettings, TrainSummary, run_train
 
 
 @task(name="train", retries=0)

@@ -12,8 +12,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from bridgerec.models.config import ModelConfig
 from torch import Tensor, nn
+
+from bridgerec.models.config import ModelConfig
 
 
 class Dropout(nn.Module):

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import Tensor, nn
+
 from bridgerec.models.config import ModelConfig
 from bridgerec.models.data import Catalog, SequenceData
 from bridgerec.models.objectives import SharedNegatives, Targets, objective_loss
-from torch import Tensor, nn
 
 GLOBAL_IDS = -1  # item_tables(): the table is indexed by global id (all domains)
 

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from bridgerec.models.data import Catalog, EvalSplit, Sequences, _ranges
 from torch import Tensor
+
+from bridgerec.models.data import Catalog, EvalSplit, Sequences, _ranges
 
 
 @dataclass

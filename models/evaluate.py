@@ -19,10 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import Tensor
+
 from bridgerec.models.base import Recommender
 from bridgerec.models.data import Catalog, EvalSplit, _ranges, users_by_domain
 from bridgerec.models.metrics import as_numpy, rank_full, rank_sampled, summarise
-from torch import Tensor
 
 
 @dataclass

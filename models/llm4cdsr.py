@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+
 from bridgerec.models.backbone import SequenceEncoder, domain_view, embed_many, trim
 from bridgerec.models.base import GLOBAL_IDS, Batch, Recommender
 from bridgerec.models.config import ModelConfig
 from bridgerec.models.data import Catalog
 from bridgerec.models.objectives import Targets, objective_loss
-from torch import Tensor, nn
 
 
 def soft_contrastive(x: Tensor, y: Tensor, tau: float) -> Tensor:

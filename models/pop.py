@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import Tensor
+
 from bridgerec.models.base import GLOBAL_IDS, Batch, Recommender
 from bridgerec.models.config import ModelConfig
 from bridgerec.models.data import Catalog, SequenceData
-from torch import Tensor
 
 
 class Popularity(Recommender):

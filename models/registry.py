@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from bridgerec.models.base import Recommender
 from bridgerec.models.config import ModelConfig
 from bridgerec.models.data import Catalog

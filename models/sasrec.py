@@ -8,12 +8,13 @@ the target's domain.
 from __future__ import annotations
 
 import torch
+from torch import Tensor, nn
+
 from bridgerec.models.backbone import SequenceEncoder, trim
 from bridgerec.models.base import GLOBAL_IDS, Batch, Recommender
 from bridgerec.models.config import ModelConfig
 from bridgerec.models.data import Catalog
 from bridgerec.models.objectives import Targets
-from torch import Tensor, nn
 
 
 class SASRec(Recommender):

@@ -8,12 +8,13 @@ on each domain's subsequence: the target of a position is the next item *of that
 from __future__ import annotations
 
 import torch
+from torch import Tensor, nn
+
 from bridgerec.models.backbone import SequenceEncoder, domain_view
 from bridgerec.models.base import Batch, Recommender
 from bridgerec.models.config import ModelConfig
 from bridgerec.models.data import Catalog
 from bridgerec.models.objectives import Targets
-from torch import Tensor, nn
 
 
 class SASRecDomain(Recommender):

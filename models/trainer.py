@@ -15,13 +15,13 @@ from typing import Literal
 
 import numpy as np
 import torch
+
 from bridgerec.models.base import Batch, Recommender
 from bridgerec.models.data import EvalSplit, SequenceData
 from bridgerec.models.evaluate import evaluate
 from bridgerec.models.metrics import ndcg
 from bridgerec.models.objectives import draw_shared_negatives, sampling_probs
 from bridgerec.models.optim import Optimizer
-
 from bridgerec.runtime.progress import advance, progress_bar
 
 

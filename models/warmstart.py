@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import Tensor
+
 from bridgerec.models.base import GLOBAL_IDS, Recommender
 from bridgerec.models.data import Catalog
-from torch import Tensor
 
 
 class WarmStartError(ValueError):

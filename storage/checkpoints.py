@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from bridgerec.storage.workspace import Workspace, write_parquet_atomic
 
 from bridgerec.runtime.logs import get_logger
+from bridgerec.storage.workspace import Workspace, write_parquet_atomic
 
 
 class Checkpoints:

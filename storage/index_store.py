@@ -29,8 +29,9 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from bridgerec.storage.files import swap_dir
 from pydantic import BaseModel, ConfigDict, Field
+
+from bridgerec.storage.files import swap_dir
 
 INDEX_FORMAT_VERSION = 1
 _GPU_MAX_K = 2048  # faiss GPU indexes answer at most this many neighbours per query

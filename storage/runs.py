@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+
 from bridgerec.storage import schemas
 from bridgerec.storage.files import temp_sibling, write_json_atomic, write_parquet_atomic
 from bridgerec.storage.workspace import Workspace

@@ -19,8 +19,9 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from bridgerec.storage.files import swap_dir, write_json_atomic, write_parquet_atomic
 from pydantic import BaseModel, Field
+
+from bridgerec.storage.files import swap_dir, write_json_atomic, write_parquet_atomic
 
 MANIFEST_NAME = "manifest.json"
 _HASH_CHUNK = 1 << 22

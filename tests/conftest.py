@@ -47,7 +47,6 @@ def enriched_workspace(sample_workspace: Path, tmp_path_factory: pytest.TempPath
     import shutil
 
     from bridgerec.storage.workspace import Workspace
-
     from tests.train_data import run_enrich_like_tests
 
     root = tmp_path_factory.mktemp("train_ws")

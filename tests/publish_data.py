@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+
 from bridgerec.storage.vectors import DomainVectors, seen_from_pairs
 from bridgerec.storage.workspace import Workspace
 

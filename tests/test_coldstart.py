@@ -3,12 +3,13 @@ right answer is known, their evaluation end to end, and ingest keeping items wit
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch import Tensor
+
 from bridgerec.models.base import Recommender
 from bridgerec.models.coldstart import chance_ndcg, choose_new_items, untouched_inputs, without_items
 from bridgerec.models.config import ModelConfig
@@ -18,7 +19,7 @@ from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.ingest import IngestOutputs, IngestSettings, run_ingest
 from bridgerec.tasks.train.coldstart import ColdStart
 from bridgerec.tasks.train.settings import ColdStartSettings
-from torch import Tensor
+from tests.train_data import write_csv
 
 # Two domains of ten items, one per theme: a_t = global id t + 1, b_t = global id t + 11 (t = 0..9).
 CATALOG = Catalog(
@@ -183,14 +184,6 @@ def test_chance_ndcg_matches_its_formula() -> None:
     )
 
 
-def _write(path: Path, rows: list[dict[str, str]]) -> Path:
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
 def test_ingest_keeps_items_without_interactions_and_still_reconciles(tmp_path: Path) -> None:
     items = [{"item_id": f"f{i}", "domain": "food", "title": f"food {i}"} for i in range(6)]
     items += [{"item_id": "NEW1", "domain": "food", "title": "a new tea"}]
@@ -206,7 +199,7 @@ def test_ingest_keeps_items_without_interactions_and_still_reconciles(tmp_path: 
         for p, i in enumerate(seq)
         for d in ["kitchen" if i.startswith("k") else "food"]
     ]
-    raw_items, raw_inter = _write(tmp_path / "items.csv", items), _write(tmp_path / "inter.csv", inter)
+    raw_items, raw_inter = write_csv(tmp_path / "items.csv", items), write_csv(tmp_path / "inter.csv", inter)
     ws = Workspace(tmp_path / "ws")
     summary = run_ingest(IngestSettings(items=raw_items, interactions=raw_inter), ws)
     acc = summary.accounting["items"]
@@ -250,7 +243,7 @@ def test_new_items_by_first_appearance_from_ingest_timestamps(tmp_path: Path) ->
     ws = Workspace(tmp_path / "ws")
     run_ingest(
         IngestSettings(
-            items=_write(tmp_path / "i.csv", items), interactions=_write(tmp_path / "x.csv", inter)
+            items=write_csv(tmp_path / "i.csv", items), interactions=write_csv(tmp_path / "x.csv", inter)
         ),
         ws,
     )

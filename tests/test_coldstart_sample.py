@@ -12,13 +12,13 @@ from pathlib import Path
 
 import duckdb
 import pyarrow.parquet as pq
+
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.ingest import IngestSettings, run_ingest
 from bridgerec.tasks.publish.settings import PublishSettings
 from bridgerec.tasks.publish.stage import run_publish
 from bridgerec.tasks.train.settings import ColdStartSettings, TrainSettings
 from bridgerec.tasks.train.stage import run_train
-
 from tests.train_data import FAST, SAMPLE, run_enrich_like_tests
 
 NEW_ITEM = "0NEWITEM01"

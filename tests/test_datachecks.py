@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.quality.datachecks import check_data
 from bridgerec.tasks.quality.settings import DataCheckSettings

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+
 from bridgerec.storage import schemas
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.enrich import EnrichOutputs
@@ -22,7 +23,6 @@ from bridgerec.tasks.enrich.items import to_matrix
 from bridgerec.tasks.enrich.models import embedding_model
 from bridgerec.tasks.enrich.settings import EnrichSettings, ProfileSettings
 from bridgerec.tasks.enrich.stage import run_enrich
-
 from tests.enrich_data import LONG_ITEM, slice_workspace
 
 THREADS = 2
@@ -208,8 +208,9 @@ ENRICH = EnrichSettings(local_dim=8, kmeans_k=4, field_caps=CAPS)
 
 
 def test_flow_builds_profiles(prefect_harness: None, pool: EnginePool, ws: Workspace) -> None:
-    from bridgerec.flows.enrich import enrich_flow
     from prefect.client.orchestration import get_client
+
+    from bridgerec.flows.enrich import enrich_flow
 
     state = enrich_flow(ENRICH, PROFILES, str(ws.root), threads=THREADS, return_state=True)
     assert state.is_completed()
@@ -355,9 +356,10 @@ def test_flow_runs_shards_as_task_runs(
     build of the tests above (temperature 0, per-request seeds), and the counts add up."""
     import asyncio
 
-    from bridgerec.flows.enrich import enrich_flow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter
+
+    from bridgerec.flows.enrich import enrich_flow
 
     sharded = Workspace(tmp_path / "sharded")
     shutil.copytree(ws.stage_dir("ingest"), sharded.stage_dir("ingest"))

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+
+from bridgerec.config import ConfigError, load_settings
 from bridgerec.storage.checkpoints import Checkpoints
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.enrich import EnrichOutputs
@@ -17,8 +19,6 @@ from bridgerec.tasks.enrich.pca import fit_pca
 from bridgerec.tasks.enrich.profiles import clean_generated, estimate_cost, load_prompts, user_jobs
 from bridgerec.tasks.enrich.settings import EnrichSettings, ProfileSettings
 from bridgerec.tasks.enrich.texts import clean_field, item_texts, text_hash
-
-from bridgerec.config import ConfigError, load_settings
 
 
 def test_item_texts_follow_the_domain_templates() -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import duckdb
 import pytest
-from bridgerec.flows.nightly import NightFailed, nightly_flow, summary_markdown
 
+from bridgerec.flows.nightly import NightFailed, nightly_flow, summary_markdown
 from tests.conftest import REPO, SAMPLE
 
 CONFIG = str(REPO / "configs" / "sample.yaml")
@@ -99,8 +99,9 @@ def test_gate_holds_a_worse_run_publishes_a_better_one_and_can_be_overridden(
     # with the gate's message; the runbook's automation for it is accepted by the server.
     from uuid import UUID
 
-    from bridgerec.flows.alerts import FAILED_NIGHT_EVENTS, create_slack_alert
     from prefect import get_client
+
+    from bridgerec.flows.alerts import FAILED_NIGHT_EVENTS, create_slack_alert
 
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(UUID(night["flow_run_id"]))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
+
 from bridgerec.storage import warehouse as wh
 from bridgerec.tasks.quality.gate import decide
 from bridgerec.tasks.quality.settings import GateSettings

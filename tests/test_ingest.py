@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.ingest.preprocess import IngestError
 from bridgerec.tasks.ingest.settings import IngestSettings

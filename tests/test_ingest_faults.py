@@ -18,11 +18,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from bridgerec.runtime.errors import EXIT_INPUT, InputError
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.ingest.settings import AmazonDomainFiles, IngestSettings, TimestampSettings
 from bridgerec.tasks.ingest.stage import run_ingest
-
-from bridgerec.runtime.errors import EXIT_INPUT, InputError
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "ingest.md"
 BEGIN, END = "<!-- fault-table:begin -->", "<!-- fault-table:end -->"

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bridgerec.flows.ingest import ingest_flow
-from bridgerec.tasks.ingest.settings import IngestSettings
 from typer.testing import CliRunner
 
 from bridgerec.cli import app
+from bridgerec.flows.ingest import ingest_flow
+from bridgerec.tasks.ingest.settings import IngestSettings
 from tests.conftest import SAMPLE
 
 REQUIRED_KEYS = {

@@ -22,6 +22,11 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from typer.testing import CliRunner
+
+from bridgerec.cli import app
+from bridgerec.config import load_settings
+from bridgerec.runtime.errors import InputError, is_transient
 from bridgerec.storage import warehouse as wh
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.ingest.preprocess import IngestError
@@ -29,11 +34,6 @@ from bridgerec.tasks.ingest.settings import IngestSettings
 from bridgerec.tasks.ingest.stage import run_ingest
 from bridgerec.tasks.publish.stage import run_publish
 from bridgerec.tasks.train.stage import run_train
-from typer.testing import CliRunner
-
-from bridgerec.cli import app
-from bridgerec.config import load_settings
-from bridgerec.runtime.errors import InputError, is_transient
 
 CASES = Path(__file__).resolve().parent / "cases"
 
@@ -473,9 +473,8 @@ def test_cli_logs_show_no_traceback_for_an_input_error(capsys: pytest.CaptureFix
     keeps the message (which names the file) and drops the frames. Other failures keep their traceback."""
     import logging
 
-    from bridgerec.tasks.ingest import SourceError
-
     from bridgerec.runtime.logs import hide_input_error_tracebacks
+    from bridgerec.tasks.ingest import SourceError
 
     hide_input_error_tracebacks()
     prefect_handlers = logging.getLogger().handlers + logging.getLogger("prefect.flow_runs").handlers

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import duckdb
 import pytest
-from bridgerec.flows.nightly import nightly_flow
 
+from bridgerec.flows.nightly import nightly_flow
 from tests.conftest import REPO, SAMPLE
 
 CONFIG = str(REPO / "configs" / "sample.yaml")

@@ -9,10 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+from publish_data import workspace_vectors
+
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.publish.settings import PublishSettings
 from bridgerec.tasks.publish.stage import run_publish
-from publish_data import workspace_vectors
 
 READER = Path(__file__).with_name("publish_reader.py")
 

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import duckdb
 import pytest
+from publish_data import doc_queries
+from typer.testing import CliRunner
+
+from bridgerec.cli import app
 from bridgerec.storage.index_store import IndexStore
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.publish.settings import PublishSettings
 from bridgerec.tasks.train.settings import TrainSettings
 from bridgerec.tasks.train.stage import run_train
-from publish_data import doc_queries
-from typer.testing import CliRunner
-
-from bridgerec.cli import app
 
 
 @pytest.fixture(scope="module")

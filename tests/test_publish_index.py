@@ -6,11 +6,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from publish_data import random_vectors
+
 from bridgerec.storage.index_store import IndexStore, Searcher, build_index, search_topk
 from bridgerec.storage.vectors import DomainVectors, seen_from_pairs
 from bridgerec.tasks.publish.recommend import recommend_domain, recommendation_rows
 from bridgerec.tasks.publish.settings import IndexSettings, PublishSettings
-from publish_data import random_vectors
 
 
 def torch_topk(v: DomainVectors, k: int, exclude: bool = True) -> tuple[np.ndarray, np.ndarray]:

@@ -12,16 +12,16 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pytest
+from publish_data import doc_queries, workspace_vectors
+from typer.testing import CliRunner
+
+from bridgerec.cli import app
 from bridgerec.storage.index_store import IndexStore
 from bridgerec.storage.vectors import DomainVectors
 from bridgerec.storage.warehouse import record_run_status
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.publish.settings import PublishSettings
 from bridgerec.tasks.publish.stage import PublishError, run_publish
-from publish_data import doc_queries, workspace_vectors
-from typer.testing import CliRunner
-
-from bridgerec.cli import app
 
 
 @pytest.fixture(scope="module")

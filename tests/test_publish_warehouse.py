@@ -15,6 +15,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 import pytest
+
 from bridgerec.storage import warehouse as wh
 
 

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from bridgerec.models.base import Batch
 from bridgerec.models.config import ModelConfig
 from bridgerec.models.data import Catalog, SequenceData, Sequences

@@ -18,10 +18,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.train.settings import TrainSettings
 from bridgerec.tasks.train.stage import run_train
-
 from tests.train_data import FAST
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,10 +162,10 @@ def test_a_killed_run_resumes_where_it_stopped(enriched_workspace: Path, tmp_pat
 
 
 def test_flow_and_cli_train_the_baselines(prefect_harness, enriched_workspace: Path, tmp_path: Path) -> None:
-    from bridgerec.flows.train import train_flow
     from typer.testing import CliRunner
 
     from bridgerec.cli import app
+    from bridgerec.flows.train import train_flow
 
     ws = _copy_inputs(enriched_workspace, tmp_path / "ws")
     summary = train_flow(TrainSettings(model="sasrec-domain", epochs=2, **FAST), str(ws))

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from bridgerec.models.backbone import SequenceEncoder, domain_view, trim
 from bridgerec.models.base import Batch
 from bridgerec.models.config import ModelConfig

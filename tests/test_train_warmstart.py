@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+
 from bridgerec.models.config import ModelConfig
 from bridgerec.models.data import SequenceData
 from bridgerec.models.evaluate import evaluate
@@ -27,7 +28,6 @@ from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.train.inputs import load_catalog, load_item_tables, load_sequences
 from bridgerec.tasks.train.settings import TrainSettings
 from bridgerec.tasks.train.stage import TrainSummary, run_id_for, run_train
-
 from tests.train_data import FAST, NEW_ITEMS, next_night, run_enrich_like_tests
 
 MODEL = "llm4cdsr-hybrid"  # LLM tables (frozen, per item) and ID tables (trainable, per item) in every thread

@@ -38,7 +38,8 @@ def _read(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def _write(path: Path, rows: list[dict[str, str]]) -> Path:
+def write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
+    """Rows (same keys) -> a CSV file with a header; returns `path`."""
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -88,4 +89,6 @@ def next_night(folder: Path, every: int = 20) -> tuple[Path, Path]:
         )
         added += rows
     folder.mkdir(parents=True, exist_ok=True)
-    return _write(folder / "items.csv", items + NEW_ITEMS), _write(folder / "interactions.csv", inter + added)
+    return write_csv(folder / "items.csv", items + NEW_ITEMS), write_csv(
+        folder / "interactions.csv", inter + added
+    )

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import numpy as np
-from bridgerec.tasks.enrich.settings import EngineSettings
 
 from bridgerec.runtime.logs import get_logger
+from bridgerec.tasks.enrich.settings import EngineSettings
 
 # vLLM logs to stdout by default, which would corrupt `--json` output; INFO is also very chatty.
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")

@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from bridgerec.runtime.logs import get_logger
+from bridgerec.runtime.progress import advance, progress_bar
 from bridgerec.storage import schemas
 from bridgerec.storage.checkpoints import Checkpoints
 from bridgerec.tasks.enrich.batching import Failed, run_resilient
@@ -18,9 +21,6 @@ from bridgerec.tasks.enrich.outputs import fixed_list, to_matrix
 from bridgerec.tasks.enrich.pca import PCAFit, fit_pca
 from bridgerec.tasks.enrich.settings import EnrichSettings
 from bridgerec.tasks.enrich.texts import item_texts, text_hash
-
-from bridgerec.runtime.logs import get_logger
-from bridgerec.runtime.progress import advance, progress_bar
 
 CHECKPOINT_KIND = "items"
 

@@ -17,10 +17,9 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bridgerec.runtime.logs import get_logger
 from bridgerec.storage.workspace import hash_file
 from bridgerec.tasks.enrich.settings import EnrichSettings, ProfileSettings
-
-from bridgerec.runtime.logs import get_logger
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PREPARED_MARKER = "bridgerec-prepared.json"

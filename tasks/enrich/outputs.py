@@ -11,11 +11,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from bridgerec.runtime.logs import get_logger
 from bridgerec.storage import schemas
 from bridgerec.storage.workspace import Manifest, Workspace
 from bridgerec.tasks.ingest import IngestOutputs
-
-from bridgerec.runtime.logs import get_logger
 
 STAGE = "enrich"
 

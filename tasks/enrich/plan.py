@@ -10,12 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+from pydantic import BaseModel, Field
+
 from bridgerec.storage.checkpoints import Checkpoints
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.enrich.engine import Embedder, EnginePool, EngineSpec, Generator, process_engines
 from bridgerec.tasks.enrich.outputs import STAGE, EnrichOutputs
 from bridgerec.tasks.enrich.settings import EnrichSettings, ProfileSettings
-from pydantic import BaseModel, Field
 
 
 class EnrichSummary(BaseModel):

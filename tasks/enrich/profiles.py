@@ -18,6 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+
+from bridgerec.runtime.logs import get_logger
+from bridgerec.runtime.progress import advance, progress_bar
 from bridgerec.storage import schemas
 from bridgerec.storage.workspace import hash_json
 from bridgerec.tasks.enrich.batching import Failed, run_resilient
@@ -27,9 +30,6 @@ from bridgerec.tasks.enrich.outputs import fixed_list, to_matrix
 from bridgerec.tasks.enrich.plan import EnrichContext
 from bridgerec.tasks.enrich.settings import ProfileSettings
 from bridgerec.tasks.enrich.texts import clean_field
-
-from bridgerec.runtime.logs import get_logger
-from bridgerec.runtime.progress import advance, progress_bar
 
 # -- prompts ----------------------------------------------------------------------------------------------
 

@@ -16,6 +16,8 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import pyarrow as pa
+
+from bridgerec.runtime.logs import get_logger
 from bridgerec.storage import schemas
 from bridgerec.storage.workspace import Workspace, config_hash, hash_file
 from bridgerec.tasks.enrich import items as item_phase
@@ -37,8 +39,6 @@ from bridgerec.tasks.enrich.plan import (
 from bridgerec.tasks.enrich.profiles import load_prompts
 from bridgerec.tasks.enrich.settings import EnrichSettings, ProfileSettings
 from bridgerec.tasks.ingest import IngestOutputs
-
-from bridgerec.runtime.logs import get_logger
 
 INGEST_FILES = ("domains", "items", "users", "sequences")
 CLUSTERS_FILE = "clusters.npz"  # fixed by plan_profiles for every profile shard of the run

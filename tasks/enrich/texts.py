@@ -6,6 +6,7 @@ import hashlib
 import re
 
 import pyarrow as pa
+
 from bridgerec.tasks.enrich.settings import TEMPLATE_FIELDS, EnrichSettings
 
 _SPACE = re.compile(r"\s+")

@@ -11,6 +11,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from bridgerec.storage.workspace import Manifest, Workspace
 
 STAGE = "ingest"

@@ -14,13 +14,13 @@ from datetime import UTC, datetime, timedelta
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
+from duckdb.sqltypes import VARCHAR
+
+from bridgerec.runtime.errors import InputError
 from bridgerec.storage import schemas
 from bridgerec.tasks.ingest.settings import IngestSettings
 from bridgerec.tasks.ingest.sources import RawSource
 from bridgerec.tasks.ingest.text import clean_text_array
-from duckdb.sqltypes import VARCHAR
-
-from bridgerec.runtime.errors import InputError
 
 # Epoch numbers: seconds per unit, and the magnitude bounds `unit: auto` uses (|x| below the bound).
 _EPOCH_DIVISORS = {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}

@@ -29,9 +29,9 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-from bridgerec.tasks.ingest.settings import IngestSettings
 
 from bridgerec.runtime.errors import InputError
+from bridgerec.tasks.ingest.settings import IngestSettings
 
 ITEM_COLUMNS = ["item_id", "domain", "title", "brand", "categories", "price", "description", "attributes"]
 INTERACTION_COLUMNS = ["user_id", "item_id", "domain", "timestamp", "position", "rating"]

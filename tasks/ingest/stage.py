@@ -7,15 +7,15 @@ import time
 from pathlib import Path
 
 import pyarrow.compute as pc
+from pydantic import BaseModel
+
+from bridgerec.runtime.logs import get_logger
+from bridgerec.runtime.progress import advance, progress_bar
 from bridgerec.storage import schemas
 from bridgerec.storage.workspace import Workspace, config_hash, hash_file, hash_json
 from bridgerec.tasks.ingest.preprocess import IngestTables, preprocess
 from bridgerec.tasks.ingest.settings import IngestSettings
 from bridgerec.tasks.ingest.sources import input_files, read_source
-from pydantic import BaseModel
-
-from bridgerec.runtime.logs import get_logger
-from bridgerec.runtime.progress import advance, progress_bar
 
 STAGE = "ingest"
 # Bumped when the same files and settings give different outputs (2: catalogue text cleaned at

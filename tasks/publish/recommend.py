@@ -13,6 +13,7 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from bridgerec.storage.index_store import Searcher, TopK, build_index, search_topk
 from bridgerec.storage.schemas import RECOMMENDATION_ROWS
 from bridgerec.storage.vectors import DomainVectors

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bridgerec.storage.index_store import IndexSettings
 from pydantic import BaseModel, ConfigDict, Field
+
+from bridgerec.storage.index_store import IndexSettings
 
 
 class PublishSettings(BaseModel):

@@ -18,6 +18,11 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import BaseModel
+
+from bridgerec.runtime.errors import InputError
+from bridgerec.runtime.logs import get_logger
+from bridgerec.runtime.progress import advance, progress_bar
 from bridgerec.storage import warehouse as wh
 from bridgerec.storage.index_store import IndexStore, check_run_id, set_threads
 from bridgerec.storage.vectors import DomainVectors
@@ -32,11 +37,6 @@ from bridgerec.tasks.publish.recommend import (
 )
 from bridgerec.tasks.publish.settings import PublishSettings
 from bridgerec.tasks.train import TrainedRun, TrainMissing, TrainOutputs
-from pydantic import BaseModel
-
-from bridgerec.runtime.errors import InputError
-from bridgerec.runtime.logs import get_logger
-from bridgerec.runtime.progress import advance, progress_bar
 
 STAGE = "publish"
 ITEM_COLUMNS = ["item_id", "domain", "title", "brand", "categories", "price"]

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+from pydantic import BaseModel
+
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.ingest import IngestOutputs
 from bridgerec.tasks.quality.settings import DataCheckSettings
-from pydantic import BaseModel
 
 ENTITIES = ("interactions", "users", "items")
 

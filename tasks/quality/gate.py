@@ -13,6 +13,8 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
+from pydantic import BaseModel
+
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.quality.settings import GateSettings
 from bridgerec.tasks.train import (
@@ -22,7 +24,6 @@ from bridgerec.tasks.train import (
     popularity_validation_ndcg10,
     run_validation_ndcg10,
 )
-from pydantic import BaseModel
 
 Decision = Literal["passed", "refused", "first", "unchanged", "off"]
 

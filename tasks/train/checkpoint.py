@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
 from bridgerec.models.base import Recommender
 from bridgerec.models.optim import Optimizer
 from bridgerec.models.trainer import FitState

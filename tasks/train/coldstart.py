@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from bridgerec.models.base import Recommender
 from bridgerec.models.coldstart import (
     HeldOut,

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
+
 from bridgerec.models.base import Recommender
 from bridgerec.models.config import ModelConfig
 from bridgerec.models.data import Catalog, SequenceData, Sequences
@@ -20,7 +22,6 @@ from bridgerec.storage.runs import RunDir
 from bridgerec.storage.vectors import DomainVectors, csr_from_pairs
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.train.inputs import load_catalog, load_sequences
-from safetensors.torch import load_file
 
 
 def load_run(run_dir: Path, workspace: Workspace, device: str = "cpu") -> tuple[Recommender, dict, Catalog]:

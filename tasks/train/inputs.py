@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
+
 from bridgerec.models.data import Catalog, Sequences
 from bridgerec.models.registry import ItemTables
 from bridgerec.storage.workspace import Workspace, hash_file

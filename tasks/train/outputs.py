@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from bridgerec.storage.runs import RunDir
 from bridgerec.storage.vectors import DomainVectors
 from bridgerec.storage.workspace import Workspace, hash_file

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from safetensors.torch import load_file
+
 from bridgerec.models.config import ModelConfig
 from bridgerec.models.data import Catalog, EvalSplit, SequenceData, Sequences
 from bridgerec.models.evaluate import evaluate
@@ -23,7 +25,6 @@ from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.train.inputs import load_catalog, load_item_tables, load_sequences
 from bridgerec.tasks.train.settings import TrainSettings
 from bridgerec.tasks.train.warmstart import previous_items
-from safetensors.torch import load_file
 
 
 @dataclass

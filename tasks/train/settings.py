@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
 from bridgerec.models.config import Architecture, ModelConfig, Objective, Sampling
 from bridgerec.models.trainer import FitConfig
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # name -> (architecture, switches forced by the preset). A preset's switches override the fields below.
 MODEL_PRESETS: dict[str, tuple[Architecture, dict[str, Any]]] = {

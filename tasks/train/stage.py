@@ -20,12 +20,15 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import torch
+from pydantic import BaseModel
+
 from bridgerec.models.base import Recommender
 from bridgerec.models.data import SequenceData
 from bridgerec.models.evaluate import evaluate, headline, metric_rows
 from bridgerec.models.optim import Optimizer
 from bridgerec.models.registry import build_model
 from bridgerec.models.trainer import FitState, Profiles, fit, score_init, set_seed
+from bridgerec.runtime.logs import get_logger
 from bridgerec.storage import schemas
 from bridgerec.storage.runs import RunDir
 from bridgerec.storage.workspace import Workspace, hash_json
@@ -41,9 +44,6 @@ from bridgerec.tasks.train.inputs import (
 )
 from bridgerec.tasks.train.settings import ColdStartSettings, TrainSettings
 from bridgerec.tasks.train.warmstart import init_from
-from pydantic import BaseModel
-
-from bridgerec.runtime.logs import get_logger
 
 STAGE = "train"
 # Fields that change how fast a run goes, not what it learns: left out of the run id.

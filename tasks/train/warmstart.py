@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, Field
+
 from bridgerec.models.base import Recommender
 from bridgerec.models.data import Catalog
 from bridgerec.models.warmstart import ItemSpace, WarmStartError, warm_state
 from bridgerec.storage.runs import RunDir
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.train.checkpoint import Checkpoint, load_checkpoint, restore
-from pydantic import BaseModel, Field
 
 STAGE = "train"
 # What defines the tensors' shapes or what they mean: an earlier run must match on all of them. (lr,
