@@ -12,14 +12,13 @@ checkpoint.pt      weights + optimizer + loop state after the latest epoch (resu
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from bridgerec.storage import schemas
-from bridgerec.storage.files import temp_sibling, write_json_atomic, write_parquet_atomic
+from bridgerec.storage.files import write_json_atomic, write_parquet_atomic
 from bridgerec.storage.workspace import Workspace
 
 RUNS = "runs"
@@ -93,11 +92,3 @@ class RunDir:
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         table = pa.Table.from_pylist(rows, schema=schemas.TRAIN_METRICS)
         write_parquet_atomic(table, self.metrics, schemas.TRAIN_METRICS)
-
-    def temp_path(self, target: Path) -> Path:
-        """A temporary sibling of `target` for writers that take a path (torch, safetensors)."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        return temp_sibling(target)
-
-    def commit(self, tmp: Path, target: Path) -> None:
-        os.replace(tmp, target)

@@ -12,6 +12,7 @@ import torch
 from bridgerec.models.base import Recommender
 from bridgerec.models.optim import Optimizer
 from bridgerec.models.trainer import FitState
+from bridgerec.storage.files import atomic_path
 from bridgerec.storage.runs import RunDir
 
 
@@ -20,9 +21,8 @@ def save_weights(model: torch.nn.Module, run: RunDir) -> None:
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = run.temp_path(run.model)
-    save_file(tensors, str(tmp))
-    run.commit(tmp, run.model)
+    with atomic_path(run.model) as tmp:
+        save_file(tensors, str(tmp))
 
 
 def load_weights(model: torch.nn.Module, run: RunDir, device: torch.device | str = "cpu") -> None:
@@ -47,18 +47,17 @@ def save_checkpoint(
     run: RunDir, model: Recommender, optimizer: Optimizer, state: FitState, init: dict[str, Any]
 ) -> None:
     """Everything to continue after the latest finished epoch -> checkpoint.pt (atomic)."""
-    tmp = run.temp_path(run.checkpoint)
-    torch.save(
-        {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "state": state.__dict__,
-            "torch_rng": torch.get_rng_state(),  # dropout draws continue as if never interrupted
-            "init": init,
-        },
-        tmp,
-    )
-    run.commit(tmp, run.checkpoint)
+    with atomic_path(run.checkpoint) as tmp:
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "state": state.__dict__,
+                "torch_rng": torch.get_rng_state(),  # dropout draws continue as if never interrupted
+                "init": init,
+            },
+            tmp,
+        )
 
 
 def load_checkpoint(run: RunDir, device: torch.device | str = "cpu") -> Checkpoint | None:
