@@ -33,7 +33,11 @@ def _copy_inputs(src: Path, dst: Path) -> Workspace:
 def test_cold_start_evaluations_on_the_sample(enriched_workspace: Path, tmp_path: Path) -> None:
     ws = _copy_inputs(enriched_workspace, tmp_path / "ws")
     cold = ColdStartSettings(new_items=True, untouched_domain=True)
-    summary = run_train(TrainSettings(model="llm4cdsr", epochs=2, patience=2, cold_start=cold, **FAST), ws)
+    # The paper's objective (bce): with the default sampled softmax (popularity-drawn negatives), 2
+    # epochs on the sample ranked no held-out item in the top 10 (full NDCG@10 0.0 against chance
+    # 0.0015, measured): an open finding of issue #12, not what this test is about.
+    settings = TrainSettings(model="llm4cdsr", objective="bce", epochs=2, patience=2, cold_start=cold, **FAST)
+    summary = run_train(settings, ws)
     assert summary.init == "cold" and "held-out" in (summary.cold_start_reason or "")
     new, warm, untouched = (summary.cold_start[k] for k in ("new_items", "warm_items", "untouched_domain"))
     # The sample has no timestamps: 5% of each domain's items drawn at random, seeded.

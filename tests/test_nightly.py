@@ -53,6 +53,7 @@ def test_nightly_runs_skips_fails_safely_and_resumes(prefect_harness: None, tmp_
         "train": {"epochs": 1},
         "publish": {"k": 5},
         "runtime": {"stage_retries": 0},
+        "gate": {"popularity_floor": False},  # one epoch may sit under popularity: the floor is test_gate's
     }
     first = nightly_flow(CONFIG, overrides)
     stages = first["stages"]
