@@ -125,7 +125,8 @@ def table(results: list[dict], domains: list[str]) -> str:
 
 def cold_table(results: list[dict], domains: list[str]) -> str:
     """Column groups of the cold-start evaluations: NDCG@10 full ranking (sampled in brackets) per domain,
-    new items | warm items of the same run | untouched domain, each with the chance level (full)."""
+    new items | warm items of the same run | untouched domain, each with the chance level (full) and the
+    full-ranking AUC (chance 0.5; readable on groups too small for NDCG@10 to separate from chance)."""
     groups = [
         ("new_items", "new items"),
         ("warm_items", "warm items"),
@@ -134,7 +135,7 @@ def cold_table(results: list[dict], domains: list[str]) -> str:
     cols = ["model"]
     for _, label in groups:
         cols += [f"{label}: users"] + [f"{label} {d} NDCG@10 full (sampled)" for d in domains]
-        cols += [f"{label} chance full {'/'.join(domains)}"]
+        cols += [f"{label} chance full {'/'.join(domains)}", f"{label} AUC full {'/'.join(domains)}"]
     cols += ["new / warm full NDCG@10"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
@@ -143,11 +144,12 @@ def cold_table(results: list[dict], domains: list[str]) -> str:
         for key, _ in groups:
             g = cold.get(key)
             if g is None:
-                cells += ["-"] * (len(domains) + 2)
+                cells += ["-"] * (len(domains) + 3)
                 continue
             cells.append(str(g["users"]))
             cells += [f"{g['full'][d]['ndcg@10']:.4f} ({g[d]['ndcg@10']:.4f})" for d in domains]
             cells.append("/".join(f"{g['chance_ndcg@10']['full'][d]:.5f}" for d in domains))
+            cells.append("/".join(f"{g['auc'][d]:.3f}" for d in domains) if "auc" in g else "-")
         new, warm = cold.get("new_items"), cold.get("warm_items")
         ratio = (
             new["full"]["overall"]["ndcg@10"] / warm["full"]["overall"]["ndcg@10"] if new and warm else None

@@ -135,11 +135,13 @@ def test_new_items_evaluation_known_answers() -> None:
         assert new["users"] == 5 and new["items_held_out"] == 5 and new["removed_interactions"] == 1
         if new_ndcg is not None:
             assert new["full"]["overall"]["ndcg@10"] == 1.0 and new["a"]["ndcg@10"] == 1.0
+            assert new["auc"]["a"] == 1.0  # above all 9 other items of domain a
         else:
             # rank 9 of 10 in the full ranking (all ten items of domain a tie at 0), 3 of 4 sampled
             assert new["full"]["a"]["ndcg@10"] == pytest.approx(1 / np.log2(11))
             assert new["a"]["ndcg@10"] == pytest.approx(1 / np.log2(5))
             assert new["full"]["a"]["ndcg@10"] < new["chance_ndcg@10"]["full"]["a"]
+            assert new["auc"]["a"] == 0.0  # ties count against it: no other item ranked below
         assert new["chance_ndcg@10"]["full"]["a"] == pytest.approx(chance_ndcg(np.array([10])))
         assert new["chance_ndcg@10"]["sampled"]["a"] == pytest.approx(chance_ndcg(np.array([4])))
         assert summary["warm_items"]["users"] == test.target.shape[0] - 5

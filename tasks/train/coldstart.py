@@ -99,6 +99,8 @@ class ColdStart:
                     "users": int(mask.sum()),
                     "chance_ndcg@10": _chance(sub, catalog, n_excluded[mask], full),
                 }
+                if ranks.full is not None:
+                    summary[key]["auc"] = _auc(ranks.full, sub, catalog, n_excluded[mask])
             summary["new_items"] |= {
                 "items_held_out": int(self.held.held.sum()),
                 "selection": self.selection,
@@ -117,6 +119,8 @@ class ColdStart:
                 "users": len(users),
                 "chance_ndcg@10": _chance(split, catalog, np.zeros(len(users), np.int64), full),
             }
+            if ranks.full is not None:
+                summary["untouched_domain"]["auc"] = _auc(ranks.full, split, catalog, np.zeros(len(users), np.int64))
         if not scores_text:
             summary["note"] = (
                 "this model scores items by trained ID rows only: an item without interactions has an "
@@ -149,6 +153,24 @@ def prepare(
         "with fewer than 3 interactions are not used"
     )
     return cold.held.sequences, cold
+
+
+def _auc(full_ranks: np.ndarray, split: EvalSplit, catalog: Catalog, n_excluded: np.ndarray) -> dict[str, float]:
+    """Mean full-ranking AUC, overall and per target domain: per user, the share of the other candidates
+    (the domain minus the user's excluded items) ranked below the target, 1 - rank / (M - 1). Chance is
+    0.5 whatever the domain's size, so it separates "above chance" from "below" on groups far too small
+    for NDCG@10 to (46 users, chance NDCG@10 0.0015: no hit at all is the likely outcome of a fair
+    ranking). Ties count against the target, as in every rank here."""
+    tdom = split.target_domain.numpy()
+    others = np.maximum(catalog.sizes[tdom] - n_excluded - 1, 1)
+    auc = 1.0 - full_ranks / others
+
+    def mean(mask: np.ndarray) -> float:
+        return float(auc[mask].mean()) if mask.any() else float("nan")
+
+    return {"overall": mean(np.ones(len(auc), bool))} | {
+        name: mean(tdom == d) for d, name in enumerate(catalog.domains)
+    }
 
 
 def _chance(split: EvalSplit, catalog: Catalog, n_excluded: np.ndarray, full: bool) -> dict[str, Any]:
