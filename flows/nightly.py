@@ -172,6 +172,9 @@ def summary_markdown(summary: dict) -> str:
         lines.append(f"- {summary['list_stability_text']}")
     if gate:
         lines.append(f"- gate: **{gate['decision']}**: {gate['message']}")
+        if gate.get("churn"):
+            figures = ", ".join(f"{d} {c:.0%}" for d, c in sorted(gate["churn"].items()))
+            lines.append(f"- lists would change by (mean per user): {figures}; {gate.get('churn_note')}")
     if summary.get("message"):
         lines.append(f"- failed: {summary['message']}")
     lines.append(f"- serving: run `{summary.get('published_run_id') or 'none'}`")
@@ -220,7 +223,7 @@ def nightly_flow(config_file: str | None = None, overrides: dict[str, Any] | Non
     from bridgerec.storage.warehouse import NightRecord, published_run
     from bridgerec.storage.workspace import Workspace
     from bridgerec.tasks.publish import resolve_trained_run
-    from bridgerec.tasks.quality import run_gate
+    from bridgerec.tasks.quality import PublishedLists, run_gate
 
     log = get_logger()
     settings = resolve_settings(config_file, overrides)
@@ -263,6 +266,7 @@ def nightly_flow(config_file: str | None = None, overrides: dict[str, Any] | Non
             candidate,
             before["train_run_id"] if before else None,
             log,
+            PublishedLists(warehouse, before["run_id"], settings.publish) if before else None,
         )
         summary["gate"] = gate.model_dump(mode="json")
         timings["gate"] = round(time.perf_counter() - t0, 2)

@@ -10,6 +10,7 @@ import hashlib
 import time
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,79 @@ def _already_published(warehouse: Path, run_id: str, ihash: str, index_dir: Path
     return {"run_id": r[0], "model": r[1], "train_run_id": r[2], "users": r[3], "k": r[4], "rows": r[5]}
 
 
+@dataclass
+class _Lists:
+    """The top-k of every user and domain, before anything is written."""
+
+    vectors: Mapping[str, DomainVectors]
+    results: dict[str, DomainTopK]
+    new_ids: list[str]
+    new_note: str | None
+    model: str | None
+    timings: dict[str, float]
+
+
+def _top_k(
+    settings: PublishSettings,
+    workspace: Workspace,
+    trained: TrainedRun | None,
+    vectors: Mapping[str, DomainVectors] | None,
+    model: str | None,
+    ingest: IngestOutputs,
+) -> _Lists:
+    """Export the run's vectors (unless handed in), leave out the items the run may not rank (items
+    without interactions when `publish.new_items` is off or the model cannot score them), and search every
+    domain's top-k through FAISS."""
+    log = get_logger()
+    timings: dict[str, float] = {}
+    if vectors is None:
+        assert trained is not None
+        t0 = time.perf_counter()
+        vectors = TrainOutputs(workspace).export_vectors(trained)
+        timings["export_s"] = time.perf_counter() - t0
+        log.info("publish: exported vectors of run %s in %.1f s", trained.run_id, timings["export_s"])
+    if not vectors:
+        raise PublishError("no domain vectors to publish")
+    model = model or (trained.model if trained else None)
+    items = ingest.table("items", columns=ITEM_COLUMNS)
+    check_vectors_match_ingest(vectors, items, ingest.table("users", columns=["user_id"]))
+    new_ids = ingest.items_without_interactions()
+    new_note = None
+    text_scored = trained is None or TrainOutputs(workspace).scores_items_from_text(trained)
+    if new_ids and not (settings.new_items and text_scored):
+        new_note = f"{len(new_ids)} items without interactions left out: " + (
+            "publish.new_items is off"
+            if not settings.new_items
+            else f"model {model} scores items by trained ID rows only and cannot score them"
+        )
+        log.warning("publish: %s", new_note)
+        vectors = {d: without_items(v, set(new_ids)) for d, v in vectors.items()}
+    n_users = len(next(iter(vectors.values())).user_ids)
+    results: dict[str, DomainTopK] = {}
+    with progress_bar("publish: top-k", total=n_users * len(vectors), unit="user-domains") as bar:
+        for domain in sorted(vectors):
+            results[domain] = recommend_domain(vectors[domain], settings, lambda n: advance(bar, n))
+    return _Lists(vectors, results, new_ids, new_note, model, timings)
+
+
+def candidate_lists(
+    settings: PublishSettings, workspace: Workspace, run_id: str, threads: int = 1
+) -> pa.Table:
+    """The `recommendations` rows (storage.schemas.RECOMMENDATION_ROWS: user_id, domain, rank, item_id,
+    score) that `run_publish` would write for train run `run_id`, computed the same way and written
+    nowhere: what the quality gate compares with the published lists.
+
+    Raises PublishError when the run or the ingest output is missing or inconsistent."""
+    try:
+        trained = TrainOutputs(workspace).run(run_id)
+    except TrainMissing as exc:
+        raise PublishError(str(exc)) from None
+    set_threads(settings.threads or threads)
+    return recommendation_rows(
+        _top_k(settings, workspace, trained, None, None, IngestOutputs(workspace)).results
+    )
+
+
 def run_publish(
     settings: PublishSettings,
     workspace: Workspace,
@@ -245,34 +319,17 @@ def run_publish(
         )
 
     set_threads(threads)
-    if vectors is None:
-        assert trained is not None
-        t0 = time.perf_counter()
-        vectors = TrainOutputs(workspace).export_vectors(trained)
-        timings["export_s"] = time.perf_counter() - t0
-        log.info("publish: exported vectors of run %s in %.1f s", trained.run_id, timings["export_s"])
-    if not vectors:
-        raise PublishError("no domain vectors to publish")
-    model = model or (trained.model if trained else None)
+    lists = _top_k(settings, workspace, trained, vectors, model, ingest)
+    vectors, results, new_ids, new_note, model = (
+        lists.vectors,
+        lists.results,
+        lists.new_ids,
+        lists.new_note,
+        lists.model,
+    )
+    timings |= lists.timings
     items = ingest.table("items", columns=ITEM_COLUMNS)
-    check_vectors_match_ingest(vectors, items, ingest.table("users", columns=["user_id"]))
-    new_ids = ingest.items_without_interactions()
-    new_note = None
-    text_scored = trained is None or TrainOutputs(workspace).scores_items_from_text(trained)
-    if new_ids and not (settings.new_items and text_scored):
-        new_note = f"{len(new_ids)} items without interactions left out: " + (
-            "publish.new_items is off"
-            if not settings.new_items
-            else f"model {model} scores items by trained ID rows only and cannot score them"
-        )
-        log.warning("publish: %s", new_note)
-        vectors = {d: without_items(v, set(new_ids)) for d, v in vectors.items()}
     n_users = len(next(iter(vectors.values())).user_ids)
-
-    results: dict[str, DomainTopK] = {}
-    with progress_bar("publish: top-k", total=n_users * len(vectors), unit="user-domains") as bar:
-        for domain in sorted(vectors):
-            results[domain] = recommend_domain(vectors[domain], settings, lambda n: advance(bar, n))
     timings["index_build_s"] = sum(r.build_s for r in results.values())
     timings["search_s"] = sum(r.search_s for r in results.values())
     t0 = time.perf_counter()

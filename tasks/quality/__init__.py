@@ -8,7 +8,7 @@ Nothing outside this package imports its other modules.
 
 from bridgerec.tasks.quality.datachecks import DataCheckFailed, DataChecks, check_data
 from bridgerec.tasks.quality.datachecks import as_table as data_checks_table
-from bridgerec.tasks.quality.gate import GateResult, run_gate
+from bridgerec.tasks.quality.gate import GateResult, PublishedLists, run_gate
 from bridgerec.tasks.quality.settings import DataCheckSettings, GateSettings
 from bridgerec.tasks.quality.stability import describe as describe_stability
 from bridgerec.tasks.quality.stability import list_stability
@@ -19,6 +19,7 @@ __all__ = [
     "DataChecks",
     "GateResult",
     "GateSettings",
+    "PublishedLists",
     "check_data",
     "data_checks_table",
     "describe_stability",

@@ -11,14 +11,19 @@ keep their fresh initialisation), so both are judged on the same users and targe
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel
 
 from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks.publish import PublishSettings, candidate_lists
 from bridgerec.tasks.quality.settings import GateSettings
+from bridgerec.tasks.quality.stability import list_stability
 from bridgerec.tasks.train import (
     Tonight,
+    TrainOutputs,
     TrainSettings,
     WarmStartError,
     popularity_validation_ndcg10,
@@ -39,7 +44,19 @@ class GateResult(BaseModel):
     new_ndcg10: float | None = None
     published_ndcg10: float | None = None
     popularity_ndcg10: float | None = None
+    churn: dict[str, float] | None = None  # per domain: mean share of a user's top-k that would change
+    churn_note: str | None = None  # why churn was (not) checked
     seconds: float = 0.0
+
+
+@dataclass
+class PublishedLists:
+    """What the churn bound compares against: the warehouse, the published (warehouse) run id, and the
+    publish settings the new run's lists would be computed with."""
+
+    warehouse: Path
+    run_id: str
+    publish: PublishSettings
 
 
 def _fmt(value: float | None) -> str:
@@ -108,9 +125,11 @@ def run_gate(
     new_run_id: str,
     published_run_id: str | None,
     log: Any = None,
+    lists: PublishedLists | None = None,
 ) -> GateResult:
     """Score the new run, the published one (its train run in this workspace) and popularity on the
-    workspace's validation split, and decide. `published_run_id` None = nothing published yet."""
+    workspace's validation split, and decide. `published_run_id` None = nothing published yet. With
+    `gate.max_churn` set, `lists` (the published lists) bounds the churn on unchanged inputs."""
     started = time.perf_counter()
     if not settings.enabled:
         return GateResult(
@@ -138,4 +157,58 @@ def run_gate(
             published_run_id = None
     popularity = popularity_validation_ndcg10(tonight)
     result = decide(settings, new, published, popularity, new_run_id, published_run_id)
+    if result.publish and settings.max_churn is not None:
+        result = _check_churn(settings.max_churn, result, workspace, lists, log)
     return result.model_copy(update={"seconds": round(time.perf_counter() - started, 2)})
+
+
+def inputs_unchanged(workspace: Workspace, new_run_id: str, published_run_id: str) -> bool:
+    """Whether both runs trained on the same content of every input file they both read (config.json
+    `inputs`: e.g. pop reads no enrich file, so only the ingest files are compared with an LLM run)."""
+    outputs = TrainOutputs(workspace)
+    a, b = outputs.input_hashes(new_run_id), outputs.input_hashes(published_run_id)
+    common = set(a) & set(b)
+    return bool(common) and all(a[role] == b[role] for role in common)
+
+
+def _check_churn(
+    bound: float, result: GateResult, workspace: Workspace, lists: PublishedLists | None, log: Any
+) -> GateResult:
+    """Refuse a run that passed on scores when, on unchanged inputs, its lists would churn more than
+    `bound` (mean share of a user's top-k changed) in some domain."""
+    if lists is None or result.published_run_id is None:
+        return result.model_copy(update={"churn_note": "nothing published to compare lists with"})
+    try:
+        unchanged = inputs_unchanged(workspace, result.new_run_id, result.published_run_id)
+    except (FileNotFoundError, KeyError, ValueError):
+        unchanged = False
+    if not unchanged:
+        return result.model_copy(
+            update={"churn_note": "inputs changed since the published run: churn not bounded"}
+        )
+    rows = list_stability(
+        lists.warehouse, None, lists.run_id, candidate_lists(lists.publish, workspace, result.new_run_id)
+    )
+    churn = {r["domain"]: r["mean_changed"] for r in rows if r["mean_changed"] is not None}
+    over = {d: c for d, c in churn.items() if c > bound}
+    if log is not None:
+        log.info(
+            "gate: on unchanged inputs, lists would change by %s", {d: f"{c:.1%}" for d, c in churn.items()}
+        )
+    if not over:
+        return result.model_copy(
+            update={"churn": churn, "churn_note": f"unchanged inputs: churn within the bound {bound:.0%}"}
+        )
+    worst = max(over, key=over.__getitem__)
+    return result.model_copy(
+        update={
+            "decision": "refused",
+            "publish": False,
+            "churn": churn,
+            "churn_note": "unchanged inputs: churn over the bound",
+            "message": f"run {result.new_run_id} trained on the same inputs as the published run "
+            f"{result.published_run_id} but would change {over[worst]:.1%} of each {worst} list on average "
+            f"(bound {bound:.0%}; {', '.join(f'{d} {c:.1%}' for d, c in sorted(churn.items()))}); scores: "
+            + result.message,
+        }
+    )

@@ -25,6 +25,15 @@ class GateSettings(BaseModel):
     popularity_floor: bool = Field(
         default=True, description="Also refuse a run that scores below recommending the most popular items."
     )
+    max_churn: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="On unchanged inputs (the new run trained on the same input files as the published "
+        "one: a retrain after a settings change or --force), refuse when the mean share of a user's top-k "
+        "that would change exceeds this in any domain (0.5 = half of each list). null = off. Costs one "
+        "export and top-k search of the new run before publishing.",
+    )
 
 
 class DataCheckSettings(BaseModel):

@@ -11,16 +11,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow as pa
+
 from bridgerec.storage.warehouse import connect_reader
 
 
-def list_stability(warehouse: Path | str, run_id: str, previous_run_id: str | None) -> list[dict]:
-    """One row per domain of `run_id` (previous_run_id None or purged: churn figures are None)."""
+def list_stability(
+    warehouse: Path | str, run_id: str | None, previous_run_id: str | None, candidate: pa.Table | None = None
+) -> list[dict]:
+    """One row per domain of `run_id`'s published lists, or of `candidate` (recommendation rows not
+    published yet: user_id, domain, item_id, ...) when given; previous_run_id None or purged: churn
+    figures are None."""
     con = connect_reader(warehouse)
     try:
+        if candidate is not None:
+            con.register("candidate", candidate.select(["user_id", "domain", "item_id"]))
+            source = "SELECT user_id, domain, item_id FROM candidate"
+        else:
+            source = "SELECT user_id, domain, item_id FROM recommendations WHERE run_id = $run"
         cur = con.execute(
-            """
-            WITH cur AS (SELECT user_id, domain, item_id FROM recommendations WHERE run_id = $run),
+            f"""
+            WITH cur AS ({source}),
                  prev AS (SELECT user_id, domain, item_id FROM recommendations WHERE run_id = $prev),
                  per_user AS (
                     SELECT c.domain, c.user_id, 1.0 - count(p.item_id) / count(*) AS changed
@@ -50,7 +61,7 @@ def list_stability(warehouse: Path | str, run_id: str, previous_run_id: str | No
                      ch.p50_changed, ch.p90_changed
             ORDER BY d.domain
             """,
-            {"run": run_id, "prev": previous_run_id or ""},
+            {"prev": previous_run_id or ""} | ({} if candidate is not None else {"run": run_id}),
         )
         names = [c[0] for c in cur.description]
         rows = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]

@@ -120,7 +120,9 @@ class ColdStart:
                 "chance_ndcg@10": _chance(split, catalog, np.zeros(len(users), np.int64), full),
             }
             if ranks.full is not None:
-                summary["untouched_domain"]["auc"] = _auc(ranks.full, split, catalog, np.zeros(len(users), np.int64))
+                summary["untouched_domain"]["auc"] = _auc(
+                    ranks.full, split, catalog, np.zeros(len(users), np.int64)
+                )
         if not scores_text:
             summary["note"] = (
                 "this model scores items by trained ID rows only: an item without interactions has an "
@@ -155,7 +157,9 @@ def prepare(
     return cold.held.sequences, cold
 
 
-def _auc(full_ranks: np.ndarray, split: EvalSplit, catalog: Catalog, n_excluded: np.ndarray) -> dict[str, float]:
+def _auc(
+    full_ranks: np.ndarray, split: EvalSplit, catalog: Catalog, n_excluded: np.ndarray
+) -> dict[str, float]:
     """Mean full-ranking AUC, overall and per target domain: per user, the share of the other candidates
     (the domain minus the user's excluded items) ranked below the target, 1 - rank / (M - 1). Chance is
     0.5 whatever the domain's size, so it separates "above chance" from "below" on groups far too small

@@ -77,6 +77,11 @@ class TrainOutputs:
             return int(typed.get("global_dim", 0)) > 0
         return int(config.get("settings", {}).get("tables", {}).get("global_dim", 0)) > 0
 
+    def input_hashes(self, run_id: str) -> dict[str, str]:
+        """{role: content hash} of every input file the run read (config.json `inputs`); raises
+        FileNotFoundError for a run without a config."""
+        return dict(RunDir(self.workspace, run_id).read_config().get("inputs", {}))
+
     def metrics(self, run: TrainedRun) -> pa.Table | None:
         """The run's metrics.parquet (storage.schemas.TRAIN_METRICS), or None for a run without one."""
         path = RunDir(self.workspace, run.run_id).metrics
