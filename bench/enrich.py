@@ -16,9 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
+
+from bridgerec.runtime.machine import machine_info
 
 REPO = Path(__file__).resolve().parents[1]
 GOALS = {"pipeline_vs_bare": 0.9, "item_stage_seconds": 90.0, "rerun_seconds": 5.0}
@@ -60,7 +61,7 @@ def main() -> None:
     )
     enrich, no_profiles = EnrichSettings(), ProfileSettings(mode="none")
     items = ws.read_table("ingest", "items")
-    out: dict = {"machine": f"{platform.node()} {os.cpu_count()} cpus", "load_avg_start": os.getloadavg()[0]}
+    out: dict = {"machine": machine_info(), "load_avg_start": os.getloadavg()[0]}
 
     with shared_engines(EnginePool()) as pool:
         folder, embed_id = embedding_model(enrich)

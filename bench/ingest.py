@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bridgerec.runtime.machine import machine_info
 
 REPO = Path(__file__).resolve().parents[1]
 GOALS = {"seconds": 30.0, "peak_rss_mb": 2048.0}
@@ -73,7 +74,7 @@ def main() -> None:
     result = {
         "benchmark": "ingest",
         "dataset": str(args.data),
-        "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
+        "machine": machine_info(),
         "threads": args.threads,
         "runs": runs,
         "best": best,

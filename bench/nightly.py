@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bridgerec.runtime.machine import machine_info
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -125,8 +127,7 @@ def main() -> None:
         "profiles_max_users": args.max_users,
         "epochs": args.epochs,
         "warm_start_epochs": args.warm_start_epochs,
-        "cpu_count": __import__("os").cpu_count(),
-        "load_average_before": __import__("os").getloadavg(),
+        "machine": machine_info(),
         "runs": runs,
         "ratio_to_first": ratios,
         "goals": goals,

@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import tempfile
 import time
 from pathlib import Path
+
+from bridgerec.runtime.machine import machine_info
 
 REPO = Path(__file__).resolve().parents[1]
 GOAL_SECONDS = 60.0
@@ -215,11 +216,7 @@ def main() -> None:
         "workspace": str(args.workspace),
         "vectors": f"trained run {trained.run_id}" if trained else f"synthetic, dim {args.dim}",
         "vectors_s": round(vectors_s, 3),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "shared": "other work ran too",
-        },
+        "machine": machine_info(),
         "threads": args.threads,
         "k": args.k,
         "faiss_vs_torch": compare,

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from bridgerec.runtime.machine import machine_info
+
 REPO = Path(__file__).resolve().parents[1]
 
 from bridgerec.tasks.train.settings import MODEL_PRESETS, TrainSettings  # noqa: E402
@@ -226,7 +228,7 @@ def main() -> None:
             {
                 "workspace": args.workspace,
                 "args": vars(args),
-                "machine": {"cpus": os.cpu_count()},
+                "machine": machine_info(),
                 "results": results,
             },
             indent=2,

@@ -16,6 +16,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from bridgerec.runtime.machine import machine_info
+
 REPO = Path(__file__).resolve().parents[1]
 
 import bridgerec.runtime.prefect_env  # noqa: E402, F401
@@ -88,6 +90,7 @@ def main() -> None:
                 "night1": str(args.night1),
                 "night2": str(args.night2),
                 "settings": settings.model_dump(mode="json"),
+                "machine": machine_info(),
                 "runs": rows,
             },
             indent=2,
