@@ -8,6 +8,11 @@ from pathlib import Path
 
 import pytest
 
+# Under pytest-xdist each worker gets a Prefect home of its own (profiles, the ephemeral database), so
+# two workers never share a SQLite file. Set before bridgerec.runtime.prefect_env imports prefect.
+if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("PREFECT_HOME"):
+    os.environ["PREFECT_HOME"] = str(Path(os.environ["PREFECT_HOME"]) / os.environ["PYTEST_XDIST_WORKER"])
+
 import bridgerec.runtime.prefect_env  # noqa: F401  (Prefect env defaults before prefect is imported)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -15,6 +20,13 @@ SAMPLE = REPO / "data" / "sample"
 SHARED_DATA = REPO.parent / "shared" / "data" / "food-kitchen"
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 threads were slower than 1 on 2 shared cores
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `slow` (minutes each) first, in file order otherwise: under pytest-xdist
+    (scripts/test.sh: --dist loadfile --no-loadscope-reorder) the long files start at once on every
+    worker instead of trailing at the end on one of them."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import duckdb
 import pyarrow.parquet as pq
+import pytest
 
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.ingest import IngestSettings, run_ingest
@@ -20,6 +21,8 @@ from bridgerec.tasks.publish.stage import run_publish
 from bridgerec.tasks.train.settings import ColdStartSettings, TrainSettings
 from bridgerec.tasks.train.stage import run_train
 from tests.train_data import FAST, SAMPLE, run_enrich_like_tests
+
+pytestmark = pytest.mark.slow  # minutes: scheduled first (tests/conftest.py)
 
 NEW_ITEM = "0NEWITEM01"
 
@@ -57,6 +60,7 @@ def test_cold_start_evaluations_on_the_sample(enriched_workspace: Path, tmp_path
     for group in (new, warm, untouched):
         assert set(group["auc"]) == {"overall", "food", "kitchen"}
         assert all(0.0 <= v <= 1.0 for v in group["auc"].values())
+
 
 def _read(path: Path) -> list[dict[str, str]]:
     with gzip.open(path, "rt", newline="") as fh:

@@ -22,6 +22,10 @@ import duckdb
 import httpx
 import pytest
 
+from tests.train_data import EMBEDDING_CACHE
+
+pytestmark = pytest.mark.slow  # minutes: scheduled first (tests/conftest.py)
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -152,6 +156,7 @@ def test_scheduled_nightly_runs_on_a_worker(
     worker_env = env | {  # where the worker runs, BRIDGEREC_* settings apply (docs/runbook.md)
         "BRIDGEREC_WORKSPACE": str(workspace),
         "BRIDGEREC_PROFILES__MAX_USERS": "4",
+        "BRIDGEREC_ENRICH__EMBEDDING_CACHE": str(EMBEDDING_CACHE),  # the sample's texts, embedded once
         "BRIDGEREC_TRAIN__EPOCHS": "1",
         # One epoch of the default model can sit just under popularity (measured 0.0016 vs 0.0017), and
         # the gate would then rightly refuse the night; the floor is tested in test_gate*.py, not here.

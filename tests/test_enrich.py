@@ -25,6 +25,8 @@ from bridgerec.tasks.enrich.settings import EnrichSettings, ProfileSettings
 from bridgerec.tasks.enrich.stage import run_enrich
 from tests.enrich_data import LONG_ITEM, slice_workspace
 
+pytestmark = pytest.mark.slow  # minutes: scheduled first (tests/conftest.py)
+
 THREADS = 2
 # Items: titles uncut and no truncation, so the ~4,000-token item fails for real and must land in
 # errors.parquet.
@@ -115,6 +117,33 @@ def test_item_stage_writes_the_contract(pool: EnginePool, ws: Workspace) -> None
     # profiles off: an empty table with the contract's schema
     user_idx, pv = EnrichOutputs(ws).profile_vectors()
     assert user_idx.shape == (0,) and pv.shape == (0, 384)
+
+
+def test_a_shared_embedding_cache_serves_another_workspace(
+    pool: EnginePool, ws: Workspace, tmp_path: Path
+) -> None:
+    """`enrich.embedding_cache`: the first workspace fills it, a second workspace over the same items
+    embeds nothing and gets the same vectors; the stage's output (and its config hash) is unchanged by it."""
+    from bridgerec.storage.embedding_cache import EmbeddingCache
+
+    cache = tmp_path / "cache"
+    first = Workspace(tmp_path / "a")
+    second = Workspace(tmp_path / "b")
+    for target in (first, second):
+        shutil.copytree(ws.stage_dir("ingest"), target.stage_dir("ingest"))
+    cached = ITEMS.model_copy(update={"embedding_cache": cache})
+    a = run_enrich(cached, NO_PROFILES, first, threads=THREADS)
+    n = a.items - 1  # the long item fails
+    assert a.items_embedded == n and a.items_cached == 0
+    stored = EmbeddingCache(cache).read(a.embed_model_id)
+    assert stored is not None and stored.num_rows == n
+    b = run_enrich(cached, NO_PROFILES, second, threads=THREADS)
+    assert b.items_embedded == 0 and b.items_cached == n and b.errors == 1
+    va, vb = (w.read_table("enrich", "item_embeddings") for w in (first, second))
+    assert va["item_id"].to_pylist() == vb["item_id"].to_pylist()
+    np.testing.assert_array_equal(to_matrix(va["vector"], 384), to_matrix(vb["vector"], 384))
+    # The cache is not part of the stage's config: the same workspace without it skips as unchanged.
+    assert run_enrich(ITEMS, NO_PROFILES, second, threads=THREADS).skipped
 
 
 def test_unchanged_rerun_does_no_work(pool: EnginePool, ws: Workspace) -> None:

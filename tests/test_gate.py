@@ -17,6 +17,9 @@ import pytest
 
 from bridgerec.flows.nightly import NightFailed, nightly_flow, summary_markdown
 from tests.conftest import REPO, SAMPLE
+from tests.train_data import EMBEDDING_CACHE
+
+pytestmark = pytest.mark.slow  # minutes: scheduled first (tests/conftest.py)
 
 CONFIG = str(REPO / "configs" / "sample.yaml")
 SMALL = {
@@ -49,7 +52,7 @@ def test_gate_holds_a_worse_run_publishes_a_better_one_and_can_be_overridden(
     base = {
         "workspace": str(ws),
         "ingest": {"items": str(raw / "items.csv.gz"), "interactions": str(raw / "interactions.csv.gz")},
-        "enrich": {"local_dim": 32},
+        "enrich": {"local_dim": 32, "embedding_cache": str(EMBEDDING_CACHE)},
         "profiles": {"mode": "none"},
         "publish": {"k": 5},
         "runtime": {"stage_retries": 0},

@@ -12,6 +12,9 @@ import pytest
 
 from bridgerec.flows.nightly import nightly_flow
 from tests.conftest import REPO, SAMPLE
+from tests.train_data import EMBEDDING_CACHE
+
+pytestmark = pytest.mark.slow  # minutes: scheduled first (tests/conftest.py)
 
 CONFIG = str(REPO / "configs" / "sample.yaml")
 
@@ -49,6 +52,7 @@ def test_nightly_runs_skips_fails_safely_and_resumes(prefect_harness: None, tmp_
         "workspace": str(ws),
         "warehouse": str(warehouse),
         "ingest": {"items": str(raw / "items.csv.gz"), "interactions": str(raw / "interactions.csv.gz")},
+        "enrich": {"embedding_cache": str(EMBEDDING_CACHE)},
         "profiles": {"max_users": 4},
         "train": {"epochs": 1},
         "publish": {"k": 5},

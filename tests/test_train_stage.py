@@ -24,6 +24,8 @@ from bridgerec.tasks.train.settings import TrainSettings
 from bridgerec.tasks.train.stage import run_train
 from tests.train_data import FAST
 
+pytestmark = pytest.mark.slow  # minutes: scheduled first (tests/conftest.py)
+
 REPO = Path(__file__).resolve().parents[1]
 RANDOM_HR10 = 10 / 101  # the positive's rank is uniform among 101 candidates
 RANDOM_NDCG10 = sum(1 / np.log2(r + 2) for r in range(10)) / 101

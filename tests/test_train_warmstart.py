@@ -30,6 +30,8 @@ from bridgerec.tasks.train.settings import TrainSettings
 from bridgerec.tasks.train.stage import TrainSummary, run_id_for, run_train
 from tests.train_data import FAST, NEW_ITEMS, next_night, run_enrich_like_tests
 
+pytestmark = pytest.mark.slow  # minutes: scheduled first (tests/conftest.py)
+
 MODEL = "llm4cdsr-hybrid"  # LLM tables (frozen, per item) and ID tables (trainable, per item) in every thread
 # lr 1e-3: the hybrid learns steadily on the sample for 10 epochs (at 5e-3 it overfits after 2), so the
 # first run is clearly better than a random init. warm_start_epochs 4: warm patience 2, so the second run

@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import csv
 import gzip
+import os
+import tempfile
 from pathlib import Path
 
 from bridgerec.storage.workspace import Workspace
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
+# One embedding cache (enrich.embedding_cache) for the session's runs over the sample: the first run
+# embeds the sample's texts with the real model, the later workspaces read them. scripts/test.sh sets
+# BRIDGEREC_TEST_EMBEDDING_CACHE so every pytest-xdist worker shares one folder.
+EMBEDDING_CACHE = Path(
+    os.environ.get("BRIDGEREC_TEST_EMBEDDING_CACHE") or tempfile.mkdtemp(prefix="bridgerec-embeddings-")
+)
 # Small and quick, but enough to learn on 1,000 users.
 FAST = dict(hidden=32, max_len=50, dropout=0.2, lr=5e-3, batch_size=64, eval_batch_size=512, threads=1)
 # New items whose ids sort before every sample id ("B00..."), so ingest shifts the ids of every other item.
@@ -30,7 +38,12 @@ def run_enrich_like_tests(workspace: Workspace) -> None:
     profiles = ProfileSettings(
         max_users=12, temperature=0, analyzer_max_tokens=16, summarizer_max_tokens=32, titles_per_cluster=5
     )
-    run_enrich(EnrichSettings(local_dim=FAST["hidden"]), profiles, workspace, threads=2)
+    run_enrich(
+        EnrichSettings(local_dim=FAST["hidden"], embedding_cache=EMBEDDING_CACHE),
+        profiles,
+        workspace,
+        threads=2,
+    )
 
 
 def _read(path: Path) -> list[dict[str, str]]:

@@ -15,6 +15,7 @@ from bridgerec.runtime.logs import get_logger
 from bridgerec.runtime.progress import advance, progress_bar
 from bridgerec.storage import schemas
 from bridgerec.storage.checkpoints import Checkpoints
+from bridgerec.storage.embedding_cache import EmbeddingCache
 from bridgerec.tasks.enrich.batching import Failed, run_resilient
 from bridgerec.tasks.enrich.engine import Embedder
 from bridgerec.tasks.enrich.outputs import fixed_list, to_matrix
@@ -87,10 +88,12 @@ def embed_items(
     get_embedder: Callable[[], Embedder],
     checkpoints: Checkpoints | None = None,
     failed_before: dict[str, Failed] | None = None,
+    shared: EmbeddingCache | None = None,
 ) -> ItemResult:
     """Vectors for every item of `items` (ingest items.parquet or a shard of it), computing only texts
     missing from `cache`. Texts in `failed_before` (text_hash -> failure, from this run's shards) are not
-    tried again but reported as errors."""
+    tried again but reported as errors. Every computed batch goes to `checkpoints` and, when given, to
+    the `shared` cache of other workspaces."""
     log = get_logger()
     texts = item_texts(items, settings)
     hashes = [text_hash(t) for t in texts]
@@ -116,17 +119,17 @@ def embed_items(
             def done(batch: list[tuple[str, str]], vectors: np.ndarray) -> None:
                 batch_hashes = [h for h, _ in batch]
                 cache.add(batch_hashes, vectors)
+                rows = pa.table(
+                    {
+                        "text_hash": batch_hashes,
+                        "model_id": [model_id] * len(batch),
+                        "vector": fixed_list(vectors),
+                    }
+                )
                 if checkpoints is not None:
-                    checkpoints.write(
-                        CHECKPOINT_KIND,
-                        pa.table(
-                            {
-                                "text_hash": batch_hashes,
-                                "model_id": [model_id] * len(batch),
-                                "vector": fixed_list(vectors),
-                            }
-                        ),
-                    )
+                    checkpoints.write(CHECKPOINT_KIND, rows)
+                if shared is not None:
+                    shared.write(rows)
                 advance(bar, len(batch))
 
             def fail(f: Failed) -> None:

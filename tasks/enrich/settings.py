@@ -127,6 +127,12 @@ class EnrichSettings(BaseModel):
     batch_size: int = Field(
         default=2048, ge=1, description="Texts per `LLM.embed` call (vLLM batches inside)."
     )
+    embedding_cache: Path | None = Field(
+        default=None,
+        description="A folder of item-text vectors shared across workspaces (storage/embedding_cache.py): "
+        "texts whose vector another workspace already computed with the same model are not embedded "
+        "again, and new vectors are added to it. null = only this workspace's own earlier output.",
+    )
     retries: int = Field(default=2, ge=0, description="Retries of a failing batch before it is split.")
     backoff_s: float = Field(default=2.0, ge=0, description="First retry delay; doubles on every retry.")
     items_per_shard: int = Field(

@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from bridgerec.runtime.logs import get_logger
 from bridgerec.storage import schemas
+from bridgerec.storage.embedding_cache import EmbeddingCache
 from bridgerec.storage.workspace import Workspace, config_hash, hash_file
 from bridgerec.tasks.enrich import items as item_phase
 from bridgerec.tasks.enrich import models
@@ -52,7 +53,7 @@ def settings_hash(enrich: EnrichSettings, profiles: ProfileSettings) -> str:
         enrich,
         profiles,
         exclude={
-            0: {"model", "items_per_shard", "task_runner", "workers"},
+            0: {"model", "items_per_shard", "task_runner", "workers", "embedding_cache"},
             1: {"model", "gguf_source", "auto_prepare", "users_per_shard"},
         },
     )
@@ -129,7 +130,13 @@ def _item_cache(ctx: EnrichContext) -> item_phase.VectorCache:
     cache = item_phase.VectorCache(ctx.plan.embed_id)
     cache.add_table(ctx.outputs.previous("item_embeddings"))
     cache.add_table(ctx.checkpoints.read(item_phase.CHECKPOINT_KIND))
+    if ctx.enrich.embedding_cache is not None:
+        cache.add_table(EmbeddingCache(ctx.enrich.embedding_cache).read(ctx.plan.embed_id))
     return cache
+
+
+def _shared_cache(ctx: EnrichContext) -> EmbeddingCache | None:
+    return None if ctx.enrich.embedding_cache is None else EmbeddingCache(ctx.enrich.embedding_cache)
 
 
 def embed_item_shard(plan: EnrichPlan, shard: Shard) -> ItemShardWork:
@@ -137,7 +144,13 @@ def embed_item_shard(plan: EnrichPlan, shard: Shard) -> ItemShardWork:
     ctx = EnrichContext.open(plan)
     items = ctx.items().slice(shard.start, shard.stop - shard.start)
     result = item_phase.embed_items(
-        items, ctx.enrich, plan.embed_id, _item_cache(ctx), ctx.embedder, ctx.checkpoints
+        items,
+        ctx.enrich,
+        plan.embed_id,
+        _item_cache(ctx),
+        ctx.embedder,
+        ctx.checkpoints,
+        shared=_shared_cache(ctx),
     )
     return ItemShardWork(
         shard=shard,
@@ -161,7 +174,14 @@ def _all_items(ctx: EnrichContext, item_work: list[ItemShardWork]) -> tuple[pa.T
         for f in w.failures
     }
     result = item_phase.embed_items(
-        items, ctx.enrich, ctx.plan.embed_id, _item_cache(ctx), ctx.embedder, ctx.checkpoints, failed
+        items,
+        ctx.enrich,
+        ctx.plan.embed_id,
+        _item_cache(ctx),
+        ctx.embedder,
+        ctx.checkpoints,
+        failed,
+        shared=_shared_cache(ctx),
     )
     if items.num_rows and not result.ok.any():
         raise RuntimeError(f"no item could be embedded; first error: {result.errors[0]['reason']}")
