@@ -100,6 +100,11 @@ class Recommender(nn.Module):
         """inputs: [B, L] -> one [B, D] per domain (the export); models override it to share threads."""
         return [self.user_vectors(inputs, d) for d in range(self.n_domains)]
 
+    def set_trained_items(self, counts: np.ndarray) -> None:
+        """counts: [N + 1] training interactions per global id, given before training. Models whose
+        trainable item rows mean nothing without interactions use it (LLM4CDSR's ID hybrid); a no-op
+        otherwise."""
+
     def serving_update(self, data: SequenceData) -> None:
         """Called by the export before computing serving vectors from the whole history (pop recounts
         every known interaction; neural models need nothing)."""

@@ -14,6 +14,7 @@ thread (our hybrid); with it off this is the paper's model.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -80,6 +81,10 @@ class LLM4CDSR(Recommender):
             for e in [self.id_all, *self.id_local]:
                 nn.init.normal_(e.weight, std=0.02)
                 e.weight.data[0].zero_()
+            # [N + 1] 1.0 for the items with training interactions (set by `set_trained_items`). An item
+            # without any has an ID row that only ever met the loss as a negative (or never): it enters
+            # every score as its LLM-derived representation alone, as a new item does after a warm start.
+            self.register_buffer("id_known", torch.ones(catalog.n_items + 1))
         self.user_adapter = (
             nn.Sequential(nn.Linear(profile_dim, profile_dim // 2), nn.Linear(profile_dim // 2, hidden))
             if profile_dim and self.beta > 0
@@ -90,8 +95,16 @@ class LLM4CDSR(Recommender):
         domains = range(self.n_domains)
         tables = {"E_all": GLOBAL_IDS} | {f"E_local_{d}": d for d in domains}
         if self.id_embeddings:
-            tables |= {"id_all.weight": GLOBAL_IDS} | {f"id_local.{d}.weight": d for d in domains}
+            tables |= {"id_all.weight": GLOBAL_IDS, "id_known": GLOBAL_IDS}
+            tables |= {f"id_local.{d}.weight": d for d in domains}
         return tables
+
+    def set_trained_items(self, counts: np.ndarray) -> None:
+        """counts: [N + 1] training interactions per global id. The ID rows of items without any are
+        left out of every score (their LLM embedding alone represents them)."""
+        if self.id_embeddings:
+            known = torch.as_tensor(np.asarray(counts) > 0, dtype=self.id_known.dtype)
+            self.id_known.copy_(known.to(self.id_known.device))
 
     def frozen_tables(self) -> set[str]:
         return {"E_all", *(f"E_local_{d}" for d in range(self.n_domains))}
@@ -102,14 +115,15 @@ class LLM4CDSR(Recommender):
         uniq, inverse = torch.unique(gids, return_inverse=True)
         table = self.adapter(self.E_all[uniq])  # [n_unique, H]
         if self.id_embeddings:
-            table = table + self.id_all(uniq)
+            table = table + self.id_all(uniq) * self.id_known[uniq].unsqueeze(-1)
         return (table * (uniq > 0).unsqueeze(-1))[inverse]
 
     def embed_local(self, lids: Tensor, domain: int) -> Tensor:
         """[...] local ids of `domain` -> [..., H] (zero for id 0)."""
         e = self.local_proj(getattr(self, f"E_local_{domain}")[lids])
         if self.id_embeddings:
-            e = e + self.id_local[domain](lids)
+            gids = (lids + self.offsets[domain]) * (lids > 0)
+            e = e + self.id_local[domain](lids) * self.id_known[gids].unsqueeze(-1)
         return e
 
     # -- training -------------------------------------------------------------------------------------

@@ -194,6 +194,28 @@ def test_user_and_item_vectors_reproduce_the_forward_scores(arch: str, kw: dict)
         assert torch.allclose(model.user_vectors_all(inputs)[d], model.user_vectors(inputs, d), atol=1e-6)
 
 
+def test_hybrid_items_without_training_interactions_are_their_llm_representation() -> None:
+    """llm4cdsr-hybrid: an item with no training interaction scores through its LLM embedding alone (its
+    ID rows, trained only as a negative if at all, are left out), in every thread; the others keep theirs."""
+    torch.manual_seed(0)
+    hybrid = build_model(_config("llm4cdsr", id_embeddings=True), CATALOG, _tables()).eval()
+    text_only = build_model(_config("llm4cdsr"), CATALOG, _tables()).eval()
+    text_only.load_state_dict({k: v for k, v in hybrid.state_dict().items() if "id_" not in k}, strict=True)
+    counts = np.bincount(np.concatenate(SEQS), minlength=CATALOG.n_items + 1)
+    counts[[3, 9]] = 0  # a_3 (global 3) and b_3 (global 9) never met in training
+    with torch.no_grad():
+        before = [hybrid.item_vectors(d) for d in range(2)]
+        hybrid.set_trained_items(counts)
+        after = [hybrid.item_vectors(d) for d in range(2)]
+        plain = [text_only.item_vectors(d) for d in range(2)]
+    for d, unknown in ((0, 3), (1, 3)):  # local id 3 in both domains
+        assert torch.allclose(after[d][unknown], plain[d][unknown], atol=1e-6)
+        assert not torch.allclose(before[d][unknown], plain[d][unknown], atol=1e-6)
+        known = [i for i in range(1, CATALOG.sizes[d] + 1) if i != unknown]
+        assert torch.allclose(after[d][known], before[d][known], atol=1e-6)
+    assert hybrid.state_dict()["id_known"].tolist() == (counts > 0).astype(float).tolist()
+
+
 @pytest.mark.parametrize("arch", ["sasrec", "sasrec_domain", "llm4cdsr"])
 def test_every_model_trains_with_and_without_profiles(arch: str) -> None:
     torch.manual_seed(0)

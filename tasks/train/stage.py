@@ -205,6 +205,7 @@ def run_train(
             save_weights(m, run)
         save_checkpoint(run, m, opt, st, init.model_dump(mode="json"))
 
+    model.set_trained_items(data.item_counts("train"))
     if model.trainable:
         state = fit(model, data, valid, cfg, device, profiles, state, opt_state, on_epoch, log=log.info)
     else:  # pop: fitted by counting the training prefixes; its "epoch 0" is the only one
