@@ -57,7 +57,7 @@ class ColdStartSettings(BaseModel):
 class TrainSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(default="llm4cdsr", description=f"One of: {', '.join(MODEL_PRESETS)}.")
+    model: str = Field(default="llm4cdsr-hybrid", description=f"One of: {', '.join(MODEL_PRESETS)}.")
     hidden: int = Field(default=128, ge=8, description="Hidden size of every thread.")
     layers: int = Field(default=2, ge=1)
     heads: int = Field(default=1, ge=1)
