@@ -155,7 +155,7 @@ def test_scheduled_nightly_runs_on_a_worker(
     workspace = tmp_path / "ws"
     worker_env = env | {  # where the worker runs, BRIDGEREC_* settings apply (docs/runbook.md)
         "BRIDGEREC_WORKSPACE": str(workspace),
-        "BRIDGEREC_PROFILES__MAX_USERS": "4",
+        "BRIDGEREC_PROFILES__MODE": "none",  # profiles: test_nightly.py; here the schedule, deploy, worker
         "BRIDGEREC_ENRICH__EMBEDDING_CACHE": str(EMBEDDING_CACHE),  # the sample's texts, embedded once
         "BRIDGEREC_TRAIN__EPOCHS": "1",
         # One epoch of the default model can sit just under popularity (measured 0.0016 vs 0.0017), and
