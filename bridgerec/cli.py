@@ -276,7 +276,8 @@ def train(
         typer.Option(
             "--model",
             "-m",
-            help="llm4cdsr | llm4cdsr-hybrid | llm4cdsr-noprofile | llm4cdsr-llmonly | sasrec | sasrec-domain.",
+            help="llm4cdsr-hybrid (the default) | llm4cdsr | llm4cdsr-noprofile | llm4cdsr-llmonly | sasrec | "
+            "sasrec-domain | pop.",
             show_default=False,
         ),
     ] = None,
