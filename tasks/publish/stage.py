@@ -220,6 +220,7 @@ def _top_k(
     vectors: Mapping[str, DomainVectors] | None,
     model: str | None,
     ingest: IngestOutputs,
+    items: pa.Table,
 ) -> _Lists:
     """Export the run's vectors (unless handed in), leave out the items the run may not rank (items
     without interactions when `publish.new_items` is off or the model cannot score them), and search every
@@ -235,7 +236,6 @@ def _top_k(
     if not vectors:
         raise PublishError("no domain vectors to publish")
     model = model or (trained.model if trained else None)
-    items = ingest.table("items", columns=ITEM_COLUMNS)
     check_vectors_match_ingest(vectors, items, ingest.table("users", columns=["user_id"]))
     new_ids = ingest.items_without_interactions()
     new_note = None
@@ -269,9 +269,9 @@ def candidate_lists(
     except TrainMissing as exc:
         raise PublishError(str(exc)) from None
     set_threads(settings.threads or threads)
-    return recommendation_rows(
-        _top_k(settings, workspace, trained, None, None, IngestOutputs(workspace)).results
-    )
+    ingest = IngestOutputs(workspace)
+    items = ingest.table("items", columns=ITEM_COLUMNS)
+    return recommendation_rows(_top_k(settings, workspace, trained, None, None, ingest, items).results)
 
 
 def run_publish(
@@ -319,16 +319,11 @@ def run_publish(
         )
 
     set_threads(threads)
-    lists = _top_k(settings, workspace, trained, vectors, model, ingest)
-    vectors, results, new_ids, new_note, model = (
-        lists.vectors,
-        lists.results,
-        lists.new_ids,
-        lists.new_note,
-        lists.model,
-    )
-    timings |= lists.timings
     items = ingest.table("items", columns=ITEM_COLUMNS)
+    lists = _top_k(settings, workspace, trained, vectors, model, ingest, items)
+    vectors, results, model = lists.vectors, lists.results, lists.model
+    new_ids, new_note = lists.new_ids, lists.new_note
+    timings |= lists.timings
     n_users = len(next(iter(vectors.values())).user_ids)
     timings["index_build_s"] = sum(r.build_s for r in results.values())
     timings["search_s"] = sum(r.search_s for r in results.values())
