@@ -1,7 +1,7 @@
 """Benchmark: every model x objective side by side on one workspace (CPU), each in its own process.
 
     python bench/train.py --workspace /tmp/fk [--runs pop,llm4cdsr:bce,llm4cdsr:sampled_softmax]
-                          [--epochs 10] [--time-budget 900] [--cold-start]
+                          [--epochs 10] [--time-budget 900] [--cold-start] [--set dropout=0.2 ...]
 
 `--runs` lists `model[:objective]` (no objective: the settings' default; `pop` has none). The workspace
 needs the ingest and enrich outputs. Prints a Markdown table (sampled and full-ranking HR@10 / NDCG@10
@@ -10,7 +10,8 @@ per epoch, epochs to best, peak RSS) and writes bench/results/train.json. Traini
 patience, time budget per model): say so when quoting the figures. With --cold-start every run holds out
 5% of each domain's items as new and adds the untouched-domain evaluation (train.cold_start,
 docs/train.md "Cold start"); a second table shows their column groups beside the warm items of the same
-run, with the chance level of each.
+run, with the chance level of each. `--set FIELD=VALUE` (repeatable) overrides any other train setting
+for every run (e.g. `--set dropout=0.2 --set device=cuda`); the overrides are in the JSON's args.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def authors_protocol(run_dir: Path, workspace) -> dict:
 
 
 def run_one(settings: TrainSettings, workspace: str, force: bool) -> dict:
-    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(settings.threads or 1)}
+    path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH", ""), str(REPO)) if p)
+    env = os.environ | {"PYTHONPATH": path, "OMP_NUM_THREADS": str(settings.threads or 1)}
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, settings.model_dump_json(), workspace, "1" if force else "0"],
         cwd=REPO,
@@ -161,6 +163,20 @@ def cold_table(results: list[dict], domains: list[str]) -> str:
     return "\n".join(lines)
 
 
+def parse_overrides(pairs: list[str]) -> dict:
+    """`["dropout=0.2", "device=cuda"]` -> `{"dropout": 0.2, "device": "cuda"}`; unknown fields are an error."""
+    out = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or key not in TrainSettings.model_fields:
+            raise SystemExit(f"error: --set {pair!r}: expected FIELD=VALUE with FIELD a train setting")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -187,8 +203,16 @@ def main() -> None:
         action="store_true",
         help="Both cold-start evaluations in every run (new items held out).",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="Override a train setting for every run (repeatable; VALUE parsed as JSON, else a string).",
+    )
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "train.json"))
     args = parser.parse_args()
+    overrides = parse_overrides(args.set)
 
     results = []
     for spec in args.runs.split(","):
@@ -206,7 +230,8 @@ def main() -> None:
             warm_start=False,  # a comparison of models: every run from a random init, never an earlier run
             cold_start={"new_items": args.cold_start, "untouched_domain": args.cold_start},
             **({"objective": objective} if objective else {}),
-        )
+        ).model_copy(update=overrides)
+        settings = TrainSettings.model_validate(settings.model_dump())  # validate the overrides
         started = time.perf_counter()
         r = run_one(settings, args.workspace, args.force)
         r["wall_seconds"] = time.perf_counter() - started

@@ -32,6 +32,10 @@ class ModelConfig:
     causal: bool = True
     # LLM4CDSR only
     id_embeddings: bool = False
+    # ID dropout (DropoutNet, Volkovs et al. NeurIPS 2017): in training each item's ID row is replaced with
+    # this probability by a row predicted from its LLM embeddings, which items without training
+    # interactions (new items) then use instead of no ID row at all. 0 = no predicted rows.
+    id_dropout: float = 0.0
     alpha: float = 0.1
     beta: float = 0.1
     tau: float = 1.0
@@ -45,6 +49,8 @@ class ModelConfig:
     sampling: Sampling = "popularity"  # sampled_softmax: how the K negatives are drawn
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise ValueError(f"id_dropout {self.id_dropout} must be in [0, 1)")
         if self.hidden % self.heads:
             raise ValueError(f"hidden {self.hidden} must be divisible by heads {self.heads}")
 

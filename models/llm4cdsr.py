@@ -9,7 +9,9 @@ Per target t (an item of domain d, predicted from the items before it):
 trained with the configured objective (models/objectives.py; the paper: BCE against one negative from
 domain d), plus alpha * L_reg + beta * L_user. Every thread
 is scored on the same items. `id_embeddings` adds trainable ID embeddings to the LLM embeddings in every
-thread (our hybrid); with it off this is the paper's model.
+thread (our hybrid); with it off this is the paper's model. `id_dropout` > 0 adds, per thread, an ID row
+predicted from the item's LLM embedding (DropoutNet: it stands in for a random share of ID rows while
+training) and scores items without training interactions with it.
 """
 
 from __future__ import annotations
@@ -85,6 +87,16 @@ class LLM4CDSR(Recommender):
             # without any has an ID row that only ever met the loss as a negative (or never): it enters
             # every score as its LLM-derived representation alone, as a new item does after a warm start.
             self.register_buffer("id_known", torch.ones(catalog.n_items + 1))
+        # ID dropout (DropoutNet): an ID row predicted from the LLM embeddings, per thread. Trained by
+        # standing in for a random id_dropout share of the ID rows; it is the ID row of every item without
+        # training interactions. Zero init: it starts as "no ID row".
+        self.id_dropout = config.id_dropout if self.id_embeddings else 0.0
+        if self.id_dropout > 0:
+            self.id_from_text_all = nn.Linear(Dg, hidden)
+            self.id_from_text_local = nn.ModuleList(nn.Linear(Dl, hidden) for _ in self.sizes)
+            for layer in [self.id_from_text_all, *self.id_from_text_local]:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
         self.user_adapter = (
             nn.Sequential(nn.Linear(profile_dim, profile_dim // 2), nn.Linear(profile_dim // 2, hidden))
             if profile_dim and self.beta > 0
@@ -110,20 +122,39 @@ class LLM4CDSR(Recommender):
         return {"E_all", *(f"E_local_{d}" for d in range(self.n_domains))}
 
     # -- item embeddings of each thread ---------------------------------------------------------------
+    def _id_rows(self, rows: Tensor, gids: Tensor, text: Tensor, generator: nn.Module | None) -> Tensor:
+        """The ID part of items' embeddings. rows: [..., H] their ID rows; gids: [...] global ids; text:
+        [..., D] their LLM embeddings. An item without training interactions has no ID row of its own:
+        zero, or with ID dropout the row `generator(text)` predicts, which also stands in for a random
+        `id_dropout` share of the others while training."""
+        use = self.id_known[gids]  # [...] 1 = the item's own ID row
+        if generator is None:
+            return rows * use.unsqueeze(-1)
+        if self.training:
+            use = use * (torch.rand_like(use) >= self.id_dropout)
+        use = use.unsqueeze(-1)
+        return use * rows + (1 - use) * generator(text)
+
     def embed_global(self, gids: Tensor) -> Tensor:
         """[...] global ids -> [..., H]; the adapter runs once per distinct id of the batch."""
         uniq, inverse = torch.unique(gids, return_inverse=True)
-        table = self.adapter(self.E_all[uniq])  # [n_unique, H]
+        text = self.E_all[uniq]  # [n_unique, Dg]
+        table = self.adapter(text)  # [n_unique, H]
         if self.id_embeddings:
-            table = table + self.id_all(uniq) * self.id_known[uniq].unsqueeze(-1)
+            generator = self.id_from_text_all if self.id_dropout > 0 else None
+            table = table + self._id_rows(self.id_all(uniq), uniq, text, generator)
         return (table * (uniq > 0).unsqueeze(-1))[inverse]
 
     def embed_local(self, lids: Tensor, domain: int) -> Tensor:
         """[...] local ids of `domain` -> [..., H] (zero for id 0)."""
-        e = self.local_proj(getattr(self, f"E_local_{domain}")[lids])
+        text = getattr(self, f"E_local_{domain}")[lids]  # [..., Dl]
+        e = self.local_proj(text)
         if self.id_embeddings:
             gids = (lids + self.offsets[domain]) * (lids > 0)
-            e = e + self.id_local[domain](lids) * self.id_known[gids].unsqueeze(-1)
+            generator = self.id_from_text_local[domain] if self.id_dropout > 0 else None
+            e = e + self._id_rows(self.id_local[domain](lids), gids, text, generator) * (lids > 0).unsqueeze(
+                -1
+            )
         return e
 
     # -- training -------------------------------------------------------------------------------------

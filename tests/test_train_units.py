@@ -179,7 +179,13 @@ def _config(arch: str, **kw) -> ModelConfig:
 
 @pytest.mark.parametrize(
     ("arch", "kw"),
-    [("sasrec", {}), ("sasrec_domain", {}), ("llm4cdsr", {}), ("llm4cdsr", {"id_embeddings": True})],
+    [
+        ("sasrec", {}),
+        ("sasrec_domain", {}),
+        ("llm4cdsr", {}),
+        ("llm4cdsr", {"id_embeddings": True}),
+        ("llm4cdsr", {"id_embeddings": True, "id_dropout": 0.3}),
+    ],
 )
 def test_user_and_item_vectors_reproduce_the_forward_scores(arch: str, kw: dict) -> None:
     torch.manual_seed(0)
@@ -214,6 +220,48 @@ def test_hybrid_items_without_training_interactions_are_their_llm_representation
         known = [i for i in range(1, CATALOG.sizes[d] + 1) if i != unknown]
         assert torch.allclose(after[d][known], before[d][known], atol=1e-6)
     assert hybrid.state_dict()["id_known"].tolist() == (counts > 0).astype(float).tolist()
+
+
+def test_id_dropout_scores_new_items_with_an_id_row_predicted_from_text() -> None:
+    """llm4cdsr-hybrid with id_dropout: an item without training interactions gets the ID row its LLM
+    embedding predicts (per thread: `id_from_text_*`), the others keep their own at inference; in
+    training a random id_dropout share of the known items uses the predicted row too."""
+    torch.manual_seed(0)
+    model = build_model(_config("llm4cdsr", id_embeddings=True, id_dropout=0.5), CATALOG, _tables())
+    with torch.no_grad():
+        for layer in [model.id_from_text_all, *model.id_from_text_local]:  # a non-zero generator
+            layer.weight.normal_()
+            layer.bias.normal_()
+    counts = np.bincount(np.concatenate(SEQS), minlength=CATALOG.n_items + 1)
+    counts[[3, 9]] = 0  # global 3 (a, local 3) and global 9 (b, local 3) never met in training
+    model.set_trained_items(counts)
+    model.eval()
+    with torch.no_grad():
+        vectors = [model.item_vectors(d) for d in range(2)]
+        for d, gid in ((0, 3), (1, 9)):
+            lid, H = gid - int(CATALOG.offsets[d]), 16
+            text_g, text_l = model.E_all[gid], getattr(model, f"E_local_{d}")[lid]
+            mixed = model.adapter(text_g) + model.id_from_text_all(text_g)
+            local = model.local_proj(text_l) + model.id_from_text_local[d](text_l)
+            assert torch.allclose(vectors[d][lid], torch.cat([mixed, local]), atol=1e-5)
+            known = 1 if d == 0 else 2
+            own = (
+                model.adapter(model.E_all[known + int(CATALOG.offsets[d])])
+                + model.id_all.weight[known + int(CATALOG.offsets[d])]
+            )
+            assert torch.allclose(vectors[d][known][:H], own, atol=1e-5)
+        assert torch.all(vectors[0][0] == 0) and torch.all(vectors[1][0] == 0)  # padding stays zero
+        # training: a fresh draw per call replaces about half of the known items' rows
+        model.train()
+        ids = torch.arange(1, 12)
+        own_rows, text_part = model.id_all(ids), model.adapter(model.E_all[ids])
+        replaced = torch.stack(
+            [(model.embed_global(ids) - text_part - own_rows).abs().sum(-1) > 1e-4 for _ in range(400)]
+        )  # [calls, items]
+        known = torch.from_numpy(counts[1:] > 0)
+        share = replaced[:, known].float().mean(0)  # per known item
+        assert bool(((share > 0.4) & (share < 0.6)).all()), share
+        assert bool(replaced[:, ~known].all())  # unknown items: always the predicted row
 
 
 @pytest.mark.parametrize("arch", ["sasrec", "sasrec_domain", "llm4cdsr"])

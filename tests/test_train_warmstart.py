@@ -358,3 +358,18 @@ def test_warm_state_on_a_toy_catalogue_drops_gone_items_and_flags_moved_tables()
     wider = build_model(dataclasses.replace(config, hidden=16), new_cat, tables(new_cat, vectors))
     with pytest.raises(WarmStartError, match="shape"):
         warm_state(wider, old, ItemSpace.of(old_cat), ItemSpace.of(new_cat))
+
+
+def test_a_warm_start_needs_the_id_row_generator_on_both_sides_or_neither() -> None:
+    """ID dropout adds the per-thread ID-row generator (models/llm4cdsr.py): weights without it cannot
+    start a model with it (or back); another id_dropout value on both sides is only a training change."""
+    from bridgerec.tasks.train.warmstart import incompatibility
+
+    base = TrainSettings(model="llm4cdsr-hybrid").resolved().model_dump(mode="json")
+    on, other = base | {"id_dropout": 0.3}, base | {"id_dropout": 0.2}
+    assert incompatibility(base, base) is None
+    assert incompatibility(on, other) is None
+    assert incompatibility(base, on) == "id_dropout 0.0 -> 0.3"
+    assert incompatibility(on, base) == "id_dropout 0.3 -> 0.0"
+    legacy = {k: v for k, v in base.items() if k != "id_dropout"}  # a run from before the setting
+    assert incompatibility(legacy, base) is None and incompatibility(legacy, on) is not None

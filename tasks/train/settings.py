@@ -89,6 +89,16 @@ class TrainSettings(BaseModel):
     id_embeddings: bool = Field(
         default=False, description="LLM4CDSR: add trainable item-ID embeddings to the LLM embeddings."
     )
+    id_dropout: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description=(
+            "LLM4CDSR with id_embeddings: in training, replace each item's ID row with this probability by "
+            "a row predicted from its LLM embeddings (DropoutNet); items without training interactions "
+            "(new items) are scored with the predicted row. 0 = off (docs/train.md, Cold start)."
+        ),
+    )
     alpha: float = Field(default=0.1, ge=0.0, description="Weight of the adapter's contrastive loss.")
     beta: float = Field(default=0.1, ge=0.0, description="Weight of the profile-guidance loss.")
     tau: float = Field(default=1.0, gt=0.0, description="Temperature of both contrastive losses.")
@@ -147,8 +157,8 @@ class TrainSettings(BaseModel):
     def model_spec(self, global_dim: int = 0, local_dim: int = 0, profile_dim: int = 0) -> ModelConfig:
         """The typed model config these settings build (preset applied), given the enrich tables' widths."""
         r = self.resolved()
-        keys = ("hidden", "layers", "heads", "dropout", "max_len", "causal", "id_embeddings", "alpha", "beta",
-                "tau", "adapter_init", "objective", "negatives", "sampling")  # fmt: skip
+        keys = ("hidden", "layers", "heads", "dropout", "max_len", "causal", "id_embeddings", "id_dropout",
+                "alpha", "beta", "tau", "adapter_init", "objective", "negatives", "sampling")  # fmt: skip
         return ModelConfig(
             architecture=self.architecture,
             **{k: getattr(r, k) for k in keys},

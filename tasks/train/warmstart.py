@@ -70,6 +70,9 @@ def incompatibility(previous: dict[str, Any], current: dict[str, Any]) -> str | 
         for k in SHAPE_KEYS
         if previous.get(k) != current.get(k)
     ]
+    had, has = (float(s.get("id_dropout") or 0.0) > 0 for s in (previous, current))
+    if had != has:  # the ID-row generator exists only with ID dropout
+        diffs.append(f"id_dropout {previous.get('id_dropout', 0.0)!r} -> {current.get('id_dropout')!r}")
     old_tables, new_tables = previous.get("tables", {}), current.get("tables", {})
     diffs += [
         f"enrich {k} {old_tables.get(k)} -> {new_tables.get(k)}"
