@@ -27,7 +27,7 @@ class ModelConfig:
     hidden: int = 128
     layers: int = 2
     heads: int = 1
-    dropout: float = 0.5
+    dropout: float = 0.2
     max_len: int = 200
     causal: bool = True
     # LLM4CDSR only
@@ -45,7 +45,7 @@ class ModelConfig:
     profile_dim: int = 0  # 0 = no profile guidance
     # training loss
     objective: Objective = "bce"
-    negatives: int = 256  # sampled_softmax: K negatives per domain, shared by the batch
+    negatives: int = 1024  # sampled_softmax: K negatives per domain, shared by the batch
     sampling: Sampling = "popularity"  # sampled_softmax: how the K negatives are drawn
 
     def __post_init__(self) -> None:
