@@ -36,6 +36,9 @@ class ModelConfig:
     # this probability by a row predicted from its LLM embeddings, which items without training
     # interactions (new items) then use instead of no ID row at all. 0 = no predicted rows.
     id_dropout: float = 0.0
+    # A learned state per domain thread for a target with no earlier item of its domain (instead of no
+    # domain term): what a user who never shopped in the domain is scored with.
+    domain_start: bool = False
     alpha: float = 0.1
     beta: float = 0.1
     tau: float = 1.0

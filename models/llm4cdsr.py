@@ -11,7 +11,8 @@ domain d), plus alpha * L_reg + beta * L_user. Every thread
 is scored on the same items. `id_embeddings` adds trainable ID embeddings to the LLM embeddings in every
 thread (our hybrid); with it off this is the paper's model. `id_dropout` > 0 adds, per thread, an ID row
 predicted from the item's LLM embedding (DropoutNet: it stands in for a random share of ID rows while
-training) and scores items without training interactions with it.
+training) and scores items without training interactions with it. `domain_start` gives each domain thread
+a learned state for users with no earlier item of the domain (else h_d = 0 there).
 """
 
 from __future__ import annotations
@@ -97,6 +98,11 @@ class LLM4CDSR(Recommender):
             for layer in [self.id_from_text_all, *self.id_from_text_local]:
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
+        # Where a user has no earlier item of the target's domain, that thread has no state: with
+        # domain_start it contributes a learned one (zero init: the same as none at the start).
+        self.domain_start = (
+            nn.Parameter(torch.zeros(len(self.sizes), hidden)) if config.domain_start else None
+        )
         self.user_adapter = (
             nn.Sequential(nn.Linear(profile_dim, profile_dim // 2), nn.Linear(profile_dim // 2, hidden))
             if profile_dim and self.beta > 0
@@ -174,6 +180,8 @@ class LLM4CDSR(Recommender):
             h_r = thread(self.embed_local(sub[present], d), sub[present])  # [R, Ld, H]
             h_d = h_r.new_zeros(sub.shape[0], *h_r.shape[1:]).index_copy(0, present, h_r)  # [B, Ld, H]
             h_dom = h_d[rows, last[rows, cols]] * has[rows, cols].unsqueeze(-1)  # [P, H]
+            if self.domain_start is not None:
+                h_dom = torch.where(has[rows, cols].unsqueeze(-1), h_dom, self.domain_start[d])
             groups.append(
                 Targets(
                     domain=d,
@@ -228,11 +236,20 @@ class LLM4CDSR(Recommender):
         return soft_contrastive(x, y, self.tau)
 
     # -- inference: one vector per user and per item, score = dot product ------------------------------
+    def _domain_state(self, h_dom: Tensor, sub: Tensor, domain: int) -> Tensor:
+        """h_dom: [B, H] the domain thread's last state (zero where `sub` [B, Ld] has no item); with
+        domain_start those rows get the learned start state of the domain."""
+        if self.domain_start is None:
+            return h_dom
+        return torch.where((sub > 0).any(1, keepdim=True), h_dom, self.domain_start[domain])
+
     def user_vectors(self, inputs: Tensor, domain: int) -> Tensor:
         inputs = trim(inputs)  # [B, L]
         h_mix = self.mixed(self.embed_global(inputs), inputs)[:, -1]  # [B, H]
         sub, _, _ = domain_view(self.domain_of(inputs), self.local(inputs), domain)  # [B, Ld]
-        h_dom = self.threads[domain](self.embed_local(sub, domain), sub)[:, -1]  # [B, H] (0 if no item)
+        h_dom = self._domain_state(
+            self.threads[domain](self.embed_local(sub, domain), sub)[:, -1], sub, domain
+        )
         return torch.cat([h_mix, h_dom], dim=-1)  # [B, 2H]
 
     def user_vectors_all(self, inputs: Tensor) -> list[Tensor]:
@@ -243,7 +260,7 @@ class LLM4CDSR(Recommender):
         out = []
         for d, thread in enumerate(self.threads):
             sub, _, _ = domain_view(dom, loc, d)  # [B, Ld]
-            h_dom = thread(self.embed_local(sub, d), sub)[:, -1]  # [B, H]
+            h_dom = self._domain_state(thread(self.embed_local(sub, d), sub)[:, -1], sub, d)  # [B, H]
             out.append(torch.cat([h_mix, h_dom], dim=-1))  # [B, 2H]
         return out
 
@@ -257,7 +274,9 @@ class LLM4CDSR(Recommender):
         inputs = trim(inputs)
         h_mix = self.mixed(self.embed_global(inputs), inputs)[:, -1]  # [B, H]
         sub, _, _ = domain_view(self.domain_of(inputs), self.local(inputs), domain)
-        h_dom = self.threads[domain](self.embed_local(sub, domain), sub)[:, -1]  # [B, H]
+        h_dom = self._domain_state(
+            self.threads[domain](self.embed_local(sub, domain), sub)[:, -1], sub, domain
+        )
         gids = (candidates + self.offsets[domain]) * (candidates > 0)  # [B, C]
         mixed = (self.embed_global(gids) * h_mix.unsqueeze(1)).sum(-1)  # [B, C]
         local = (self.embed_local(candidates, domain) * h_dom.unsqueeze(1)).sum(-1)  # [B, C]

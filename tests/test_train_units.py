@@ -185,14 +185,18 @@ def _config(arch: str, **kw) -> ModelConfig:
         ("llm4cdsr", {}),
         ("llm4cdsr", {"id_embeddings": True}),
         ("llm4cdsr", {"id_embeddings": True, "id_dropout": 0.3}),
+        ("llm4cdsr", {"id_embeddings": True, "domain_start": True}),
     ],
 )
 def test_user_and_item_vectors_reproduce_the_forward_scores(arch: str, kw: dict) -> None:
     torch.manual_seed(0)
     model = build_model(_config(arch, **kw), CATALOG, _tables()).eval()
-    inputs = torch.tensor([[0, 0, 1, 7, 2, 8], [0, 0, 0, 9, 10, 4], [5, 6, 1, 2, 11, 7]])
+    if getattr(model, "domain_start", None) is not None:
+        torch.nn.init.normal_(model.domain_start)  # a trained, non-zero start state
+    # the last user has no item of domain b
+    inputs = torch.tensor([[0, 0, 1, 7, 2, 8], [0, 0, 0, 9, 10, 4], [5, 6, 1, 2, 11, 7], [0, 0, 0, 0, 1, 2]])
     for d, n in enumerate(CATALOG.sizes):
-        cand = torch.arange(1, n + 1).repeat(3, 1)  # every item of the domain
+        cand = torch.arange(1, n + 1).repeat(len(inputs), 1)  # every item of the domain
         forward = model.score(inputs, d, cand)
         exported = model.user_vectors(inputs, d) @ model.item_vectors(d)[1:].T
         assert torch.allclose(forward, exported, atol=1e-5)
@@ -262,6 +266,27 @@ def test_id_dropout_scores_new_items_with_an_id_row_predicted_from_text() -> Non
         share = replaced[:, known].float().mean(0)  # per known item
         assert bool(((share > 0.4) & (share < 0.6)).all()), share
         assert bool(replaced[:, ~known].all())  # unknown items: always the predicted row
+
+
+def test_domain_start_is_the_state_of_a_user_without_items_of_the_domain() -> None:
+    """domain_start: a user (or a training position) with no earlier item of the target's domain gets the
+    domain thread's learned start state instead of none, and training reaches it through those positions."""
+    torch.manual_seed(0)
+    model = build_model(_config("llm4cdsr", id_embeddings=True, domain_start=True), CATALOG, _tables())
+    assert torch.all(model.domain_start == 0)  # zero init: the same scores as without it
+    data = SequenceData(CATALOG, sequences(SEQS * 4), max_len=10)
+    prefix = data.train_prefix(torch.arange(12))
+    neg = data.sample_negatives(prefix[:, 1:], prefix, torch.Generator().manual_seed(0))
+    loss, _ = model.loss(Batch(prefix, neg, torch.arange(12)))
+    loss.backward()
+    assert model.domain_start.grad is not None and bool((model.domain_start.grad.abs().sum(1) > 0).all())
+    model.eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(model.domain_start)
+        only_a = torch.tensor([[0, 0, 0, 1, 2, 3]])
+        u = model.user_vectors(only_a, 1)  # domain b: no item
+        assert torch.allclose(u[0, 16:], model.domain_start[1])
+        assert not torch.allclose(model.user_vectors(only_a, 0)[0, 16:], model.domain_start[0])
 
 
 @pytest.mark.parametrize("arch", ["sasrec", "sasrec_domain", "llm4cdsr"])

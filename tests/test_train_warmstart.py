@@ -373,3 +373,5 @@ def test_a_warm_start_needs_the_id_row_generator_on_both_sides_or_neither() -> N
     assert incompatibility(on, base) == "id_dropout 0.3 -> 0.0"
     legacy = {k: v for k, v in base.items() if k != "id_dropout"}  # a run from before the setting
     assert incompatibility(legacy, base) is None and incompatibility(legacy, on) is not None
+    # likewise the learned domain start states
+    assert incompatibility(base, base | {"domain_start": True}) == "domain_start False -> True"

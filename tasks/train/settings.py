@@ -107,6 +107,13 @@ class TrainSettings(BaseModel):
             "(new items) are scored with the predicted row. 0 = off (docs/train.md, Cold start)."
         ),
     )
+    domain_start: bool = Field(
+        default=False,
+        description=(
+            "LLM4CDSR: a learned start state per domain thread, used where a user has no earlier item of "
+            "the target's domain (else that thread adds nothing); docs/train.md, Cold start."
+        ),
+    )
     alpha: float = Field(default=0.1, ge=0.0, description="Weight of the adapter's contrastive loss.")
     beta: float = Field(default=0.1, ge=0.0, description="Weight of the profile-guidance loss.")
     tau: float = Field(default=1.0, gt=0.0, description="Temperature of both contrastive losses.")
@@ -165,7 +172,7 @@ class TrainSettings(BaseModel):
     def model_spec(self, global_dim: int = 0, local_dim: int = 0, profile_dim: int = 0) -> ModelConfig:
         """The typed model config these settings build (preset applied), given the enrich tables' widths."""
         r = self.resolved()
-        keys = ("hidden", "layers", "heads", "dropout", "max_len", "causal", "id_embeddings", "id_dropout",
+        keys = ("hidden", "layers", "heads", "dropout", "max_len", "causal", "id_embeddings", "id_dropout", "domain_start",
                 "alpha", "beta", "tau", "adapter_init", "objective", "negatives", "sampling")  # fmt: skip
         return ModelConfig(
             architecture=self.architecture,
