@@ -141,11 +141,20 @@ class LLM4CDSR(Recommender):
         use = use.unsqueeze(-1)
         return use * rows + (1 - use) * generator(text)
 
+    def adapt(self, x: Tensor) -> Tensor:
+        """The adapter, [n, Dg] -> [n, H]: the paper's two linear maps D -> D/2 -> hidden, applied as their
+        product (W2 W1 x + W2 b1 + b2: the same function and the same gradients for W1, b1, W2, b2, with
+        Dg * H multiply-adds per row instead of Dg * Dg/2 + Dg/2 * H, half at these widths)."""
+        first, second = self.adapter
+        weight = second.weight @ first.weight  # [H, Dg]
+        bias = second.weight @ first.bias + second.bias  # [H]
+        return F.linear(x, weight, bias)
+
     def embed_global(self, gids: Tensor) -> Tensor:
         """[...] global ids -> [..., H]; the adapter runs once per distinct id of the batch."""
         uniq, inverse = torch.unique(gids, return_inverse=True)
         text = self.E_all[uniq]  # [n_unique, Dg]
-        table = self.adapter(text)  # [n_unique, H]
+        table = self.adapt(text)  # [n_unique, H]
         if self.id_embeddings:
             generator = self.id_from_text_all if self.id_dropout > 0 else None
             table = table + self._id_rows(self.id_all(uniq), uniq, text, generator)
