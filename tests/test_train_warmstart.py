@@ -365,7 +365,10 @@ def test_a_warm_start_needs_the_id_row_generator_on_both_sides_or_neither() -> N
     start a model with it (or back); another id_dropout value on both sides is only a training change."""
     from bridgerec.tasks.train.warmstart import incompatibility
 
-    base = TrainSettings(model="llm4cdsr-hybrid").resolved().model_dump(mode="json")
+    # as config.json records them (stage.py: the resolved settings plus the architecture)
+    base = TrainSettings(model="llm4cdsr-hybrid").resolved().model_dump(mode="json") | {
+        "architecture": "llm4cdsr"
+    }
     on, other = base | {"id_dropout": 0.3}, base | {"id_dropout": 0.2}
     assert incompatibility(base, base) is None
     assert incompatibility(on, other) is None
@@ -374,4 +377,7 @@ def test_a_warm_start_needs_the_id_row_generator_on_both_sides_or_neither() -> N
     legacy = {k: v for k, v in base.items() if k != "id_dropout"}  # a run from before the setting
     assert incompatibility(legacy, base) is None and incompatibility(legacy, on) is not None
     # likewise the learned domain start states
-    assert incompatibility(base, base | {"domain_start": True}) == "domain_start False -> True"
+    assert incompatibility(base | {"domain_start": False}, base) == "domain_start False -> True"
+    assert incompatibility({k: v for k, v in base.items() if k != "domain_start"}, base) is not None
+    sasrec = TrainSettings(model="sasrec").resolved().model_dump(mode="json") | {"architecture": "sasrec"}
+    assert incompatibility({k: v for k, v in sasrec.items() if k != "domain_start"}, sasrec) is None

@@ -4,7 +4,8 @@
 other fields are the hyper-parameters, shared by every model. Defaults follow the authors' Amazon
 settings (hidden 128, 2 layers, 1 head, max_len 200, Adam 1e-3, batch 128, patience 20) except where a
 measurement on food-kitchen chose otherwise (docs/train.md, "Benchmark"): dropout 0.2 (theirs 0.5), the
-sampled softmax with 1,024 shared negatives (theirs: BCE), causal attention (theirs leaks the target).
+sampled softmax with 1,024 shared negatives (theirs: BCE), causal attention (theirs leaks the target),
+a learned start state for a domain the user has no item of yet (theirs: none).
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ class TrainSettings(BaseModel):
         ),
     )
     domain_start: bool = Field(
-        default=False,
+        default=True,
         description=(
             "LLM4CDSR: a learned start state per domain thread, used where a user has no earlier item of "
             "the target's domain (else that thread adds nothing); docs/train.md, Cold start."

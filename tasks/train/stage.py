@@ -85,10 +85,10 @@ class TrainSummary(BaseModel):
 
 def config_hash(settings: TrainSettings) -> str:
     # cold_start at its defaults (off) is left out, so the run ids from before it existed stay valid;
-    # id_dropout and domain_start likewise at their defaults (0, off)
+    # id_dropout likewise at its default (0)
     off = {"cold_start"} if settings.cold_start == ColdStartSettings() else set()
     off |= {"id_dropout"} if settings.resolved().id_dropout == 0 else set()
-    off |= {"domain_start"} if not settings.resolved().domain_start else set()
+    off |= {"domain_start"} if settings.architecture != "llm4cdsr" else set()  # only LLM4CDSR has it
     return hash_json(settings.resolved().model_dump(mode="json", exclude=RUNTIME_FIELDS | INIT_FIELDS | off))
 
 

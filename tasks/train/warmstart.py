@@ -73,12 +73,10 @@ def incompatibility(previous: dict[str, Any], current: dict[str, Any]) -> str | 
     had, has = (float(s.get("id_dropout") or 0.0) > 0 for s in (previous, current))
     if had != has:  # the ID-row generator exists only with ID dropout
         diffs.append(f"id_dropout {previous.get('id_dropout', 0.0)!r} -> {current.get('id_dropout')!r}")
-    if bool(previous.get("domain_start")) != bool(
-        current.get("domain_start")
-    ):  # one more tensor, or one less
-        diffs.append(
-            f"domain_start {previous.get('domain_start', False)!r} -> {current.get('domain_start')!r}"
-        )
+    # LLM4CDSR's domain start states: one tensor more or less (no other architecture has them)
+    before, now = bool(previous.get("domain_start")), bool(current.get("domain_start"))
+    if current.get("architecture") == "llm4cdsr" and before != now:
+        diffs.append(f"domain_start {before!r} -> {now!r}")
     old_tables, new_tables = previous.get("tables", {}), current.get("tables", {})
     diffs += [
         f"enrich {k} {old_tables.get(k)} -> {new_tables.get(k)}"
