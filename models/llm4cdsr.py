@@ -167,9 +167,8 @@ class LLM4CDSR(Recommender):
         if self.id_embeddings:
             gids = (lids + self.offsets[domain]) * (lids > 0)
             generator = self.id_from_text_local[domain] if self.id_dropout > 0 else None
-            e = e + self._id_rows(self.id_local[domain](lids), gids, text, generator) * (lids > 0).unsqueeze(
-                -1
-            )
+            real = (lids > 0).unsqueeze(-1)  # padding keeps a zero row (a predicted row has a bias)
+            e = e + self._id_rows(self.id_local[domain](lids), gids, text, generator) * real
         return e
 
     # -- training -------------------------------------------------------------------------------------
