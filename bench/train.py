@@ -217,7 +217,7 @@ def main() -> None:
     results = []
     for spec in args.runs.split(","):
         name, _, objective = spec.partition(":")
-        settings = TrainSettings(
+        fields = dict(
             model=name,
             epochs=args.epochs,
             patience=args.patience,
@@ -230,8 +230,8 @@ def main() -> None:
             warm_start=False,  # a comparison of models: every run from a random init, never an earlier run
             cold_start={"new_items": args.cold_start, "untouched_domain": args.cold_start},
             **({"objective": objective} if objective else {}),
-        ).model_copy(update=overrides)
-        settings = TrainSettings.model_validate(settings.model_dump())  # validate the overrides
+        )
+        settings = TrainSettings(**(fields | overrides))  # --set wins, validated like any setting
         started = time.perf_counter()
         r = run_one(settings, args.workspace, args.force)
         r["wall_seconds"] = time.perf_counter() - started
