@@ -32,6 +32,9 @@ class Batch:
     profile: Tensor | None = None  # [B, Dp] profile vectors (zeros where missing)
     has_profile: Tensor | None = None  # [B] bool
     shared: SharedNegatives | None = None  # sampled_softmax: K negatives per domain for the whole batch
+    # The last `hidden_domain_rows` rows are hidden-domain examples (SequenceData.hidden_domain_examples):
+    # only their last position is a target, and the auxiliary losses (adapter, profile) skip them.
+    hidden_domain_rows: int = 0
 
     @property
     def inputs(self) -> Tensor:
@@ -39,7 +42,18 @@ class Batch:
 
     @property
     def targets(self) -> Tensor:
-        return self.prefix[:, 1:]
+        """[B, L] the target of every position (0 = none)."""
+        targets = self.prefix[:, 1:]
+        if self.hidden_domain_rows:
+            only_last = torch.zeros_like(targets)
+            only_last[:, -1] = targets[:, -1]
+            targets = torch.cat([targets[: self.main_rows], only_last[self.main_rows :]])
+        return targets
+
+    @property
+    def main_rows(self) -> int:
+        """Rows that are users' own training prefixes (the first ones)."""
+        return self.prefix.shape[0] - self.hidden_domain_rows
 
 
 class Recommender(nn.Module):

@@ -125,6 +125,37 @@ class SequenceData:
         for i in torch.randperm(len(batches), generator=generator).tolist():
             yield batches[i]
 
+    def hidden_domain_examples(
+        self, prefix: Tensor, share: float, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
+        """Training examples of a domain the user never shopped in (the untouched-domain case), built from
+        a batch's training prefixes: for a `share` of the rows that have an item with an item of another
+        domain before it, one such item t is drawn uniformly (its domain X), and the example is the row's
+        items of the other domains before t, then t (every item of X hidden). Only t is a target: its
+        state is what a user with no item of X gets.
+
+        prefix: [B, L+1] left-padded global ids -> (src [A] the batch row of each example, rows [A, L+1]
+        left-padded global ids, t in the last column). A = 0 when no row qualifies or none is drawn.
+        """
+        dom = self.item_domain[prefix]  # [B, L+1], -1 = padding
+        real = dom >= 0
+        # seen_other[d, b, c]: items of a domain other than d before column c of row b.
+        other = torch.stack([real & (dom != d) for d in range(len(self.catalog.domains))])
+        seen_other = other.long().cumsum(2) - other.long()
+        eligible = real & (seen_other.gather(0, dom.clamp(min=0).unsqueeze(0)).squeeze(0) > 0)
+        drawn = torch.rand(prefix.shape[0], generator=generator) < share
+        src = torch.nonzero(drawn & eligible.any(1)).flatten()  # [A]
+        if not len(src):
+            return src, prefix[:0]
+        noise = torch.rand(eligible.shape, generator=generator)
+        t = torch.where(eligible, noise, -1.0)[src].argmax(1)  # [A] column of the target
+        hidden = dom[src, t]  # [A] its domain
+        cols = torch.arange(prefix.shape[1]).expand(len(src), -1)  # [A, L+1]
+        keep = (real[src] & (dom[src] != hidden[:, None]) & (cols < t[:, None])) | (cols == t[:, None])
+        order = torch.where(keep, cols, -1).sort(1).values  # kept columns last, in order
+        rows = torch.where(order >= 0, prefix[src].gather(1, order.clamp(min=0)), 0)
+        return src, rows
+
     def sample_negatives(self, targets: Tensor, history: Tensor, generator: torch.Generator) -> Tensor:
         """One negative global id per target, uniform over the *target's* domain, avoiding the user's items.
 

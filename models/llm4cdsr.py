@@ -213,16 +213,17 @@ class LLM4CDSR(Recommender):
         groups, h_mix = self._train_forward(batch)
         rec = objective_loss(self, groups, batch)
         total, parts = rec, {"rec": float(rec.detach())}
+        main = batch.main_rows  # the auxiliary losses see each user's own prefix once
         if self.alpha > 0:
-            reg = self._adapter_regularisation(batch.prefix)
+            reg = self._adapter_regularisation(batch.prefix[:main])
             if reg is not None:
                 total = total + self.alpha * reg
                 parts["reg"] = float(reg.detach())
-        if self.user_adapter is not None and batch.has_profile is not None and batch.has_profile.sum() >= 2:
+        has_profile = batch.has_profile[:main] if batch.has_profile is not None else None
+        if self.user_adapter is not None and has_profile is not None and has_profile.sum() >= 2:
             # Users without a profile (capped or failed) simply have no term here.
-            keep = batch.has_profile
-            u = self.user_adapter(batch.profile[keep])  # [n, H]
-            user = soft_contrastive(u, h_mix[keep, -1], self.tau)
+            u = self.user_adapter(batch.profile[:main][has_profile])  # [n, H]
+            user = soft_contrastive(u, h_mix[:main][has_profile, -1], self.tau)
             total = total + self.beta * user
             parts["user"] = float(user.detach())
         return total, parts

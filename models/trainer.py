@@ -38,6 +38,9 @@ class FitConfig:
     seed: int
     time_budget_s: float | None = None
     select_by: Literal["full", "sampled"] = "full"  # the validation NDCG@10 that selects the best epoch
+    # Share of the batch rows that also train as a hidden-domain example each epoch (0 = off; see
+    # SequenceData.hidden_domain_examples).
+    hide_domain: float = 0.0
 
 
 @dataclass
@@ -84,8 +87,18 @@ def train_epoch(
         prefix = data.train_prefix(users)  # [B, L+1]
         if prefix.shape[1] < 2:
             continue  # users with a one-item prefix have no training target
-        negatives = data.sample_negatives(prefix[:, 1:], prefix, gen)
-        batch = Batch(prefix.to(device), negatives.to(device), users.to(device))
+        history = prefix
+        extra = 0
+        if cfg.hide_domain > 0:
+            src, hidden = data.hidden_domain_examples(prefix, cfg.hide_domain, gen)
+            extra = len(src)
+            prefix, users, history = (
+                torch.cat([prefix, hidden]),
+                torch.cat([users, users[src]]),
+                torch.cat([history, history[src]]),  # negatives still avoid the hidden items
+            )
+        batch = Batch(prefix.to(device), prefix.new_zeros(0), users.to(device), hidden_domain_rows=extra)
+        batch.negatives = data.sample_negatives(batch.targets.cpu(), history, gen).to(device)
         if probs is not None:
             shared = draw_shared_negatives(probs, spec.negatives, gen)
             batch.shared = type(shared)(

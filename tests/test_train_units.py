@@ -101,6 +101,71 @@ def test_negatives_come_from_the_targets_domain_and_avoid_the_history() -> None:
     assert clash.sum() / real.sum() < 0.03
 
 
+def test_hidden_domain_examples_hide_every_item_of_the_targets_domain() -> None:
+    """Each example is a row's items of the other domains before one of its items t, then t; t needs an
+    item of another domain before it. Hand-enumerated: user 0's prefix [1a, 7b, 2a] gives [1, 7] or
+    [7, 2]; user 1's [9] gives none; user 2's [5a, 6a, 1a, 2a, 11b] only [5, 6, 1, 2, 11]."""
+    data = SequenceData(CATALOG, sequences(), max_len=10)
+    prefix = data.train_prefix(torch.arange(3))  # [3, 5]
+    seen: dict[int, set[tuple[int, ...]]] = {0: set(), 1: set(), 2: set()}
+    for seed in range(100):
+        src, rows = data.hidden_domain_examples(prefix, 1.0, torch.Generator().manual_seed(seed))
+        assert rows.shape[1] == prefix.shape[1] and src.tolist() == [0, 2]
+        for u, row in zip(src.tolist(), rows.tolist(), strict=True):
+            seen[u].add(tuple(g for g in row if g))
+    assert seen == {0: {(1, 7), (7, 2)}, 1: set(), 2: {(5, 6, 1, 2, 11)}}
+    assert len(data.hidden_domain_examples(prefix, 0.0, torch.Generator().manual_seed(0))[0]) == 0
+    drawn = [
+        len(data.hidden_domain_examples(prefix, 0.5, torch.Generator().manual_seed(s))[0]) for s in range(400)
+    ]
+    assert 0.9 < np.mean(drawn) < 1.1  # two eligible rows, each drawn with probability 0.5
+
+
+def test_a_hidden_domain_example_trains_only_its_last_position_from_the_start_state() -> None:
+    """In a batch with hidden-domain rows those rows have one target (the last column), and with
+    domain_start its domain thread state is the learned start state: the untouched-domain case."""
+    torch.manual_seed(0)
+    model = build_model(_config("llm4cdsr", id_embeddings=True, domain_start=True), CATALOG, _tables())
+    torch.nn.init.normal_(model.domain_start)
+    data = SequenceData(CATALOG, sequences(), max_len=10)
+    prefix = data.train_prefix(torch.arange(3))
+    src, rows = data.hidden_domain_examples(prefix, 1.0, torch.Generator().manual_seed(0))
+    full = torch.cat([prefix, rows])
+    batch = Batch(full, torch.zeros(len(full), 4, dtype=torch.long), torch.cat([torch.arange(3), src]),
+                  hidden_domain_rows=len(src))  # fmt: skip
+    assert torch.equal(batch.targets[:3], prefix[:, 1:])
+    assert (batch.targets[3:, :-1] == 0).all() and torch.equal(batch.targets[3:, -1], rows[:, -1])
+    model.eval()
+    hidden = 0
+    for g in model.train_targets(batch):
+        for r, c, user in zip(g.rows.tolist(), g.cols.tolist(), g.users, strict=True):
+            if r >= 3:
+                hidden += 1
+                assert c == full.shape[1] - 2 and int(model.domain_of(rows[r - 3, -1])) == g.domain
+                assert torch.allclose(user[16:], model.domain_start[g.domain])
+    assert hidden == len(src) == 2
+
+
+def test_the_training_loop_reaches_a_start_state_only_hidden_domain_examples_train() -> None:
+    """Every user here starts in domain a, so no position of the plain prefixes has a target of a without
+    an earlier item of a: domain a's start state trains only through the hidden-domain examples."""
+    from bridgerec.models.trainer import FitConfig, train_epoch
+
+    seqs = [[1, 7, 2, 8, 3, 9, 4], [2, 9, 3, 10, 5, 6], [4, 11, 5, 7, 6, 1]] * 4
+    data = SequenceData(CATALOG, sequences(seqs), max_len=10)
+    moved = []
+    for share in (0.0, 1.0):
+        torch.manual_seed(0)
+        model = build_model(_config("llm4cdsr", id_embeddings=True, domain_start=True), CATALOG, _tables())
+        cfg = FitConfig(lr=1e-2, weight_decay=0.0, batch_size=4, eval_batch_size=4, epochs=1, patience=1,
+                        seed=0, hide_domain=share)  # fmt: skip
+        losses = train_epoch(model, data, Optimizer(model, cfg.lr), cfg, 1, None, torch.device("cpu"))
+        assert math.isfinite(losses["loss"])
+        moved.append(bool(model.domain_start[0].abs().sum() > 0))
+        assert model.domain_start[1].abs().sum() > 0  # b's start state: every user's first b item
+    assert moved == [False, True]
+
+
 def test_candidates_are_fixed_distinct_unseen_and_from_the_targets_domain(sample_workspace) -> None:
     from bridgerec.storage.workspace import Workspace
     from bridgerec.tasks.train.inputs import load_catalog, load_sequences

@@ -115,6 +115,17 @@ class TrainSettings(BaseModel):
             "the target's domain (else that thread adds nothing); docs/train.md, Cold start."
         ),
     )
+    hide_domain: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Training augmentation for a domain the user never shopped in: each epoch, this share of the "
+            "users whose training prefix spans two domains also trains one example with one domain hidden "
+            "(its item's other-domain history as the input, the item as the target). llm4cdsr and sasrec "
+            "(the models with a mixed thread); 0 = off (docs/train.md, Cold start)."
+        ),
+    )
     alpha: float = Field(default=0.1, ge=0.0, description="Weight of the adapter's contrastive loss.")
     beta: float = Field(default=0.1, ge=0.0, description="Weight of the profile-guidance loss.")
     tau: float = Field(default=1.0, gt=0.0, description="Temperature of both contrastive losses.")
@@ -196,7 +207,14 @@ class TrainSettings(BaseModel):
             seed=self.seed,
             time_budget_s=self.time_budget_s,
             select_by=self.select_by if self.full_ranking else "sampled",
+            hide_domain=self.effective_hide_domain,
         )
+
+    @property
+    def effective_hide_domain(self) -> float:
+        """`hide_domain` where the model has a mixed thread to learn from other domains, else 0 (a model
+        of per-domain threads only, or `pop`, has nothing to learn from the hidden-domain examples)."""
+        return self.hide_domain if self.architecture in ("llm4cdsr", "sasrec") else 0.0
 
     def warm_limits(self) -> tuple[int, int]:
         """(epochs, patience) of a warm-started run. The warm model starts near its optimum: the epochs
