@@ -8,13 +8,14 @@ the batch's trimmed width, so a trimmed batch computes exactly what the untrimme
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bridgerec.models.config import ModelConfig
+from bridgerec.models.config import BlockLayout, ModelConfig
 
 
 class Dropout(nn.Module):
@@ -38,12 +39,23 @@ def embed_many(embed: Callable[[Tensor], Tensor], *ids: Tensor) -> list[Tensor]:
 
 
 class Block(nn.Module):
-    """Pre-LN self-attention + point-wise feed-forward, both with residuals."""
+    """Self-attention + point-wise feed-forward, both with residuals, in one of two layouts:
 
-    def __init__(self, hidden: int, heads: int, dropout: float) -> None:
+    - `pre_ln` (the default): x + Attn(LN1 x), then x + FFN(LN2 x); keys are the real items only.
+    - `sasrec`: the layout of SASRec.pytorch, which the LLM4CDSR authors' code uses: q = LN1 x, keys and
+      values from the raw x, x = q + Attn(q, x, x), x = LN2 x, then x + FFN(x). Their sequences are
+      padded to max_len and the padding is not masked, so every query also attends to identical
+      padding keys (key = the key bias, value = the value bias). One extra "null" key whose logit gets
+      + log(max_len - n) computes that without the padding's cost, n = the real items up to the query:
+      the padding a copy of the inputs ending at the query has, i.e. what inference sees. (Their code
+      counts the whole sequence's padding, which tells a training position how many items follow it;
+      at the last position, what inference uses, the two are the same.)
+    """
+
+    def __init__(self, hidden: int, heads: int, dropout: float, layout: BlockLayout = "pre_ln") -> None:
         super().__init__()
         assert hidden % heads == 0, f"hidden {hidden} must be divisible by heads {heads}"
-        self.heads, self.dropout = heads, dropout
+        self.heads, self.dropout, self.layout = heads, dropout, layout
         self.ln1 = nn.LayerNorm(hidden, eps=1e-8)
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.proj = nn.Linear(hidden, hidden)
@@ -53,50 +65,97 @@ class Block(nn.Module):
         )
         self.drop = Dropout(dropout)
 
-    def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
-        # x: [B, L, H]; allowed: [B, 1, L, L] bool, True where query i may attend to key j
+    def _heads(self, t: Tensor) -> Tensor:
+        B, L, H = t.shape
+        return t.view(B, L, self.heads, H // self.heads).transpose(1, 2)  # [B, heads, L, H/heads]
+
+    def forward(self, x: Tensor, allowed: Tensor, null_logit: Tensor | None = None) -> Tensor:
+        """x: [B, L, H]; allowed: [B, 1, L, L] bool, True where query i may attend to key j; null_logit
+        (layout `sasrec`): [B, 1, L, 1] the extra logit of the padding keys (-inf: none)."""
         B, L, H = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(B, L, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4)
+        p = self.dropout if self.training else 0.0
+        if self.layout == "pre_ln":
+            q, k, v = self.qkv(self.ln1(x)).view(B, L, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)  # [B, heads, L, H/h]
+            x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, L, H)))
+            return x + self.drop(self.ffn(self.ln2(x)))
+        w, b = self.qkv.weight.split(H), self.qkv.bias.split(H)
+        q_in = self.ln1(x)
+        q = self._heads(F.linear(q_in, w[0], b[0]))
+        k = self._heads(F.linear(x, w[1], b[1]))
+        v = self._heads(F.linear(x, w[2], b[2]))
+        null_k = b[1].view(1, self.heads, 1, H // self.heads).expand(B, -1, 1, -1)  # key of a zero input
+        null_v = b[2].view(1, self.heads, 1, H // self.heads).expand(B, -1, 1, -1)
+        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, -torch.inf)
+        if null_logit is None:
+            null_logit = torch.full((B, 1, L, 1), -torch.inf, dtype=x.dtype, device=x.device)
         a = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
-        )  # [B, heads, L, H/heads]
-        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, L, H)))
-        return x + self.drop(self.ffn(self.ln2(x)))
+            q,
+            torch.cat([k, null_k], 2),
+            torch.cat([v, null_v], 2),
+            attn_mask=torch.cat([mask, null_logit.to(x.dtype)], -1),
+            dropout_p=p,
+        )
+        x = self.ln2(q_in + self.drop(self.proj(a.transpose(1, 2).reshape(B, L, H))))
+        return x + self.drop(self.ffn(x))
 
 
 class SequenceEncoder(nn.Module):
     """Item embeddings in, one hidden state per position out (SASRec: positions, blocks, final LN)."""
 
-    def __init__(self, hidden: int, layers: int, heads: int, dropout: float, max_len: int, causal: bool):
+    def __init__(
+        self,
+        hidden: int,
+        layers: int,
+        heads: int,
+        dropout: float,
+        max_len: int,
+        causal: bool,
+        layout: BlockLayout = "pre_ln",
+        input_scale: float = 1.0,
+    ):
         """causal: a position attends only to itself and earlier positions (required whenever a loss
-        sits at every position: otherwise position t sees the input at t + 1, which is its own target)."""
+        sits at every position: otherwise position t sees the input at t + 1, which is its own target).
+        layout: see `Block`; input_scale multiplies the item embeddings before the positions are added
+        (SASRec.pytorch and the authors' code: sqrt of the embedding width)."""
         super().__init__()
-        self.max_len, self.causal = max_len, causal
+        self.max_len, self.causal, self.layout, self.input_scale = max_len, causal, layout, input_scale
         self.pos = nn.Embedding(max_len + 1, hidden, padding_idx=0)
         nn.init.normal_(self.pos.weight, std=0.02)
         with torch.no_grad():
             self.pos.weight[0].zero_()
         self.drop = Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(hidden, heads, dropout) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(hidden, heads, dropout, layout) for _ in range(layers))
         self.ln = nn.LayerNorm(hidden, eps=1e-8)
 
     @classmethod
-    def of(cls, config: ModelConfig) -> SequenceEncoder:
-        return cls(config.hidden, config.layers, config.heads, config.dropout, config.max_len, config.causal)
+    def of(cls, config: ModelConfig, input_width: int | None = None) -> SequenceEncoder:
+        """The encoder of `config`; with layout `sasrec` the inputs are scaled by sqrt(input_width) (the
+        width of the table the items come from; default hidden)."""
+        scale = math.sqrt(input_width or config.hidden) if config.block == "sasrec" else 1.0
+        return cls(
+            config.hidden, config.layers, config.heads, config.dropout, config.max_len, config.causal,
+            config.block, scale,
+        )  # fmt: skip
 
     def forward(self, emb: Tensor, ids: Tensor) -> Tensor:
         # emb: [B, L, H] item embeddings; ids: [B, L] item ids (0 = padding, left-padded)
         L = ids.shape[1]
         keep = ids > 0  # [B, L]
         positions = torch.arange(self.max_len - L + 1, self.max_len + 1, device=ids.device) * keep
-        x = self.drop((emb + self.pos(positions)) * keep.unsqueeze(-1))
+        x = self.drop((emb * self.input_scale + self.pos(positions)) * keep.unsqueeze(-1))
         # A query may attend to real keys (and to itself, so an all-padding row has no empty softmax).
         allowed = keep[:, None, :] | torch.eye(L, dtype=torch.bool, device=ids.device)  # [B, L, L]
         if self.causal:
             allowed = allowed & torch.ones(L, L, dtype=torch.bool, device=ids.device).tril()
         allowed = allowed.unsqueeze(1)  # [B, 1, L, L]
+        null_logit = None
+        if self.layout == "sasrec":
+            # Padding keys a max_len-padded copy of the inputs up to each query would have.
+            pads = (self.max_len - keep.cumsum(1)).clamp(min=0).to(emb.dtype)  # [B, L]
+            null_logit = torch.where(pads > 0, pads.log(), -torch.inf)[:, None, :, None]  # [B, 1, L, 1]
         for block in self.blocks:
-            x = block(x, allowed) * keep.unsqueeze(-1)
+            x = block(x, allowed, null_logit) * keep.unsqueeze(-1)
         return self.ln(x) * keep.unsqueeze(-1)  # [B, L, H], zero at padding
 
 

@@ -19,6 +19,9 @@ Architecture = Literal["llm4cdsr", "sasrec", "sasrec_domain", "pop"]
 #   ce              - full softmax cross-entropy over every item of the target's domain.
 Objective = Literal["bce", "sampled_softmax", "ce"]
 Sampling = Literal["uniform", "popularity"]
+# Transformer block layout (models/backbone.py `Block`): standard pre-LayerNorm, or SASRec.pytorch's (the
+# LLM4CDSR authors' code), with its unmasked padding and sqrt(width) input scaling.
+BlockLayout = Literal["pre_ln", "sasrec"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,7 @@ class ModelConfig:
     dropout: float = 0.2
     max_len: int = 200
     causal: bool = True
+    block: BlockLayout = "pre_ln"
     # LLM4CDSR only
     id_embeddings: bool = False
     # ID dropout (DropoutNet, Volkovs et al. NeurIPS 2017): in training each item's ID row is replaced with

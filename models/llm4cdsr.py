@@ -74,8 +74,8 @@ class LLM4CDSR(Recommender):
                 nn.init.zeros_(layer.bias)
         # Local tables enter the domain threads frozen; a linear map only if their width differs.
         self.local_proj = nn.Identity() if Dl == hidden else nn.Linear(Dl, hidden, bias=False)
-        self.mixed = SequenceEncoder.of(config)
-        self.threads = nn.ModuleList(SequenceEncoder.of(config) for _ in self.sizes)
+        self.mixed = SequenceEncoder.of(config, Dg)
+        self.threads = nn.ModuleList(SequenceEncoder.of(config, Dl) for _ in self.sizes)
         if self.id_embeddings:
             self.id_all = nn.Embedding(catalog.n_items + 1, hidden, padding_idx=0, sparse=True)
             self.id_local = nn.ModuleList(

@@ -212,6 +212,34 @@ def test_trimmed_batches_compute_what_padded_ones_do(causal: bool) -> None:
     assert (full[:, :7] == 0).all()  # padding positions are zero
 
 
+def test_sasrec_layout_computes_what_unmasked_padding_to_max_len_does() -> None:
+    """The `sasrec` block layout (the authors' code) pads to max_len and never masks the padding keys;
+    ours runs on the trimmed batch with one null key whose logit carries log(#padding up to the query).
+    The last position (what inference uses) must match a direct computation on the padded sequence. One
+    layer: with more, earlier positions differ by design (theirs count the whole sequence's padding)."""
+    torch.manual_seed(0)
+    H, M = 8, 12
+    enc = SequenceEncoder(H, layers=1, heads=2, dropout=0.0, max_len=M, causal=False, layout="sasrec",
+                          input_scale=3.0).eval()  # fmt: skip
+    ids = torch.tensor([[0, 0, 4, 2, 9], [3, 1, 5, 7, 2]])  # trimmed: 3 and 5 real items
+    emb = torch.randn(2, 5, H)
+    got = enc(emb, ids)[:, -1]
+    padded = torch.cat([torch.zeros(2, M - 5, dtype=torch.long), ids], 1)  # [2, M]
+    keep = (padded > 0).unsqueeze(-1)
+    pos = torch.arange(1, M + 1) * (padded > 0)
+    x = (torch.cat([torch.zeros(2, M - 5, H), emb], 1) * 3.0 + enc.pos(pos)) * keep
+    for b in enc.blocks:
+        w, bias = b.qkv.weight.split(H), b.qkv.bias.split(H)
+        q_in = b.ln1(x)
+        q, k, v = (b._heads(torch.nn.functional.linear(t, wi, bi)) for t, wi, bi in
+                   zip([q_in, x, x], w, bias, strict=True))  # fmt: skip
+        a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(H // 2), -1) @ v  # every key, padding too
+        x = b.ln2(q_in + b.proj(a.transpose(1, 2).reshape(2, M, H)))
+        x = (x + b.ffn(x)) * keep
+    want = enc.ln(x)[:, -1]
+    assert torch.allclose(got, want, atol=1e-5)
+
+
 def test_causal_switch_hides_the_future() -> None:
     torch.manual_seed(0)
     emb = torch.nn.Embedding(12, 16, padding_idx=0)
@@ -251,6 +279,8 @@ def _config(arch: str, **kw) -> ModelConfig:
         ("llm4cdsr", {"id_embeddings": True}),
         ("llm4cdsr", {"id_embeddings": True, "id_dropout": 0.3}),
         ("llm4cdsr", {"id_embeddings": True, "domain_start": True}),
+        ("llm4cdsr", {"block": "sasrec"}),
+        ("sasrec", {"block": "sasrec"}),
     ],
 )
 def test_user_and_item_vectors_reproduce_the_forward_scores(arch: str, kw: dict) -> None:

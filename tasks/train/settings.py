@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from bridgerec.models.config import Architecture, ModelConfig, Objective, Sampling
+from bridgerec.models.config import Architecture, BlockLayout, ModelConfig, Objective, Sampling
 from bridgerec.models.trainer import FitConfig
 
 # name -> (architecture, switches forced by the preset). A preset's switches override the fields below.
@@ -73,6 +73,14 @@ class TrainSettings(BaseModel):
         description=(
             "Causal attention mask. Off = bidirectional, as the authors' code: with a loss at every position "
             "each position then sees its own target (docs/train.md)."
+        ),
+    )
+    block: BlockLayout = Field(
+        default="pre_ln",
+        description=(
+            "Transformer block layout: pre_ln (standard pre-LayerNorm, keys = real items) | sasrec "
+            "(SASRec.pytorch's and the LLM4CDSR authors' code: queries normalised, keys and values raw, "
+            "inputs scaled by sqrt(width), max_len padding attended as keys); docs/train.md."
         ),
     )
     objective: Objective = Field(
@@ -184,7 +192,7 @@ class TrainSettings(BaseModel):
     def model_spec(self, global_dim: int = 0, local_dim: int = 0, profile_dim: int = 0) -> ModelConfig:
         """The typed model config these settings build (preset applied), given the enrich tables' widths."""
         r = self.resolved()
-        keys = ("hidden", "layers", "heads", "dropout", "max_len", "causal", "id_embeddings", "id_dropout", "domain_start",
+        keys = ("hidden", "layers", "heads", "dropout", "max_len", "causal", "block", "id_embeddings", "id_dropout", "domain_start",
                 "alpha", "beta", "tau", "adapter_init", "objective", "negatives", "sampling")  # fmt: skip
         return ModelConfig(
             architecture=self.architecture,

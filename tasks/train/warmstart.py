@@ -77,6 +77,10 @@ def incompatibility(previous: dict[str, Any], current: dict[str, Any]) -> str | 
     before, now = bool(previous.get("domain_start")), bool(current.get("domain_start"))
     if current.get("architecture") == "llm4cdsr" and before != now:
         diffs.append(f"domain_start {before!r} -> {now!r}")
+    # The block layout changes what the same weights compute (runs before it existed were pre_ln).
+    layouts = [s.get("block") or "pre_ln" for s in (previous, current)]
+    if layouts[0] != layouts[1]:
+        diffs.append(f"block {layouts[0]!r} -> {layouts[1]!r}")
     old_tables, new_tables = previous.get("tables", {}), current.get("tables", {})
     diffs += [
         f"enrich {k} {old_tables.get(k)} -> {new_tables.get(k)}"
