@@ -15,6 +15,7 @@ about as many positions as there are interactions (mean length 8) instead of use
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -126,17 +127,23 @@ class SequenceData:
             yield batches[i]
 
     def hidden_domain_examples(
-        self, prefix: Tensor, share: float, generator: torch.Generator
+        self, prefix: Tensor, per_row: float, generator: torch.Generator
     ) -> tuple[Tensor, Tensor]:
         """Training examples of a domain the user never shopped in (the untouched-domain case), built from
-        a batch's training prefixes: for a `share` of the rows that have an item with an item of another
-        domain before it, one such item t is drawn uniformly (its domain X), and the example is the row's
-        items of the other domains before t, then t (every item of X hidden). Only t is a target: its
-        state is what a user with no item of X gets.
+        a batch's training prefixes. An example of a row: one of its items t that has an item of another
+        domain before it, drawn uniformly (t's domain: X); the row's items of the other domains before t,
+        then t (every item of X hidden). Only t is a target: its state is what a user with no item of X
+        gets. Each row that has such an item gets `per_row` examples, independent draws (a fractional
+        part: one more with that probability).
 
         prefix: [B, L+1] left-padded global ids -> (src [A] the batch row of each example, rows [A, L+1]
         left-padded global ids, t in the last column). A = 0 when no row qualifies or none is drawn.
         """
+        if per_row > 1:
+            shares = [min(1.0, per_row - i) for i in range(math.ceil(per_row))]
+            drawn = [self.hidden_domain_examples(prefix, share, generator) for share in shares]
+            return torch.cat([d[0] for d in drawn]), torch.cat([d[1] for d in drawn])
+        share = per_row
         dom = self.item_domain[prefix]  # [B, L+1], -1 = padding
         real = dom >= 0
         # seen_other[d, b, c]: items of a domain other than d before column c of row b.

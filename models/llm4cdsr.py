@@ -184,7 +184,8 @@ class LLM4CDSR(Recommender):
         for d, thread in enumerate(self.threads):
             rows, cols = torch.nonzero(tgt_dom == d, as_tuple=True)  # [P] positions whose target is in d
             sub, last, has = domain_view(in_dom, in_loc, d)  # [B, Ld], [B, L], [B, L]
-            present = torch.nonzero(has[:, -1]).flatten()  # [R] users with an item of d (the rest: zeros)
+            # [R] the rows with an item of d and a target in d: the thread runs on these only (zeros else)
+            present = torch.nonzero(has[:, -1] & (tgt_dom == d).any(1)).flatten()
             h_r = thread(self.embed_local(sub[present], d), sub[present])  # [R, Ld, H]
             h_d = h_r.new_zeros(sub.shape[0], *h_r.shape[1:]).index_copy(0, present, h_r)  # [B, Ld, H]
             h_dom = h_d[rows, last[rows, cols]] * has[rows, cols].unsqueeze(-1)  # [P, H]

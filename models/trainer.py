@@ -38,8 +38,8 @@ class FitConfig:
     seed: int
     time_budget_s: float | None = None
     select_by: Literal["full", "sampled"] = "full"  # the validation NDCG@10 that selects the best epoch
-    # Share of the batch rows that also train as a hidden-domain example each epoch (0 = off; see
-    # SequenceData.hidden_domain_examples).
+    # Hidden-domain examples per eligible batch row and epoch (0 = off; a fraction is drawn with that
+    # probability; see SequenceData.hidden_domain_examples).
     hide_domain: float = 0.0
 
 

@@ -115,10 +115,17 @@ def test_hidden_domain_examples_hide_every_item_of_the_targets_domain() -> None:
             seen[u].add(tuple(g for g in row if g))
     assert seen == {0: {(1, 7), (7, 2)}, 1: set(), 2: {(5, 6, 1, 2, 11)}}
     assert len(data.hidden_domain_examples(prefix, 0.0, torch.Generator().manual_seed(0))[0]) == 0
-    drawn = [
-        len(data.hidden_domain_examples(prefix, 0.5, torch.Generator().manual_seed(s))[0]) for s in range(400)
-    ]
-    assert 0.9 < np.mean(drawn) < 1.1  # two eligible rows, each drawn with probability 0.5
+
+    def drawn(per_row: float) -> float:
+        return np.mean(
+            [
+                len(data.hidden_domain_examples(prefix, per_row, torch.Generator().manual_seed(s))[0])
+                for s in range(400)
+            ]
+        )
+
+    assert 0.9 < drawn(0.5) < 1.1  # two eligible rows, each drawn with probability 0.5
+    assert drawn(2.0) == 4 and 4.9 < drawn(2.5) < 5.1  # whole examples per row, then the fraction
 
 
 def test_a_hidden_domain_example_trains_only_its_last_position_from_the_start_state() -> None:

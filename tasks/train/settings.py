@@ -126,12 +126,13 @@ class TrainSettings(BaseModel):
     hide_domain: float = Field(
         default=0.0,
         ge=0.0,
-        le=1.0,
+        le=4.0,
         description=(
-            "Training augmentation for a domain the user never shopped in: each epoch, this share of the "
-            "users whose training prefix spans two domains also trains one example with one domain hidden "
-            "(its item's other-domain history as the input, the item as the target). llm4cdsr and sasrec "
-            "(the models with a mixed thread); 0 = off (docs/train.md, Cold start)."
+            "Training augmentation for a domain the user never shopped in: each epoch, every user whose "
+            "training prefix spans two domains also trains this many examples with one domain hidden (an "
+            "item as the only target, the other domains' earlier items as the input; a fraction is drawn "
+            "with that probability). llm4cdsr and sasrec (the models with a mixed thread); 0 = off "
+            "(docs/train.md, Cold start)."
         ),
     )
     alpha: float = Field(default=0.1, ge=0.0, description="Weight of the adapter's contrastive loss.")
