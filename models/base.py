@@ -35,6 +35,10 @@ class Batch:
     # The last `hidden_domain_rows` rows are hidden-domain examples (SequenceData.hidden_domain_examples):
     # only their last position is a target, and the auxiliary losses (adapter, profile) skip them.
     hidden_domain_rows: int = 0
+    # The summed training loss is divided by this (the epoch's mean positions per batch: every position
+    # weighs the same, `loss_norm: global`) instead of by this batch's own positions (None: every batch
+    # weighs the same).
+    position_norm: float | None = None
 
     @property
     def inputs(self) -> Tensor:

@@ -73,7 +73,8 @@ def full_softmax_sum(users: Tensor, items: Tensor, targets: Tensor) -> Tensor:
 
 
 def objective_loss(model: Recommender, groups: list[Targets], batch: Batch) -> Tensor:
-    """The mean per-position loss of `model.config.objective` over the batch's training positions."""
+    """The mean per-position loss of `model.config.objective` over the batch's training positions (or
+    their sum over `batch.position_norm`, see `Batch`)."""
     objective = model.config.objective
     total, count = None, 0
     for g in groups:
@@ -102,7 +103,7 @@ def objective_loss(model: Recommender, groups: list[Targets], batch: Batch) -> T
         count += len(g.targets)
     if total is None:
         return torch.zeros((), device=batch.prefix.device, requires_grad=True)
-    return total / count
+    return total / (batch.position_norm or count)
 
 
 def draw_shared_negatives(probs: list[Tensor], k: int, generator: torch.Generator) -> SharedNegatives:

@@ -41,6 +41,11 @@ class FitConfig:
     # Hidden-domain examples per eligible batch row and epoch (0 = off; a fraction is drawn with that
     # probability; see SequenceData.hidden_domain_examples).
     hide_domain: float = 0.0
+    # "batch": each batch's loss is the mean over its positions, so every batch weighs the same (batches
+    # group users of similar length: a position of a short user weighs more than one of a long user);
+    # "global": the sum over the epoch's mean positions per batch, so every position weighs the same (as
+    # with random batches, the authors' code).
+    loss_norm: Literal["batch", "global"] = "batch"
 
 
 @dataclass
@@ -83,6 +88,10 @@ def train_epoch(
     if spec.objective == "sampled_softmax":
         counts = torch.from_numpy(data.item_counts("train"))
         probs = sampling_probs(counts, model.sizes, [int(o) for o in data.catalog.offsets], spec.sampling)
+    position_norm = None
+    if cfg.loss_norm == "global":
+        n_batches = math.ceil(data.n_users / cfg.batch_size)
+        position_norm = float((data.train_lengths - 1).clamp(min=0).sum()) / n_batches
     for users in data.train_batches(cfg.batch_size, gen):
         prefix = data.train_prefix(users)  # [B, L+1]
         if prefix.shape[1] < 2:
@@ -97,7 +106,8 @@ def train_epoch(
                 torch.cat([users, users[src]]),
                 torch.cat([history, history[src]]),  # negatives still avoid the hidden items
             )
-        batch = Batch(prefix.to(device), prefix.new_zeros(0), users.to(device), hidden_domain_rows=extra)
+        batch = Batch(prefix.to(device), prefix.new_zeros(0), users.to(device), hidden_domain_rows=extra,
+                      position_norm=position_norm)  # fmt: skip
         batch.negatives = data.sample_negatives(batch.targets.cpu(), history, gen).to(device)
         if probs is not None:
             shared = draw_shared_negatives(probs, spec.negatives, gen)

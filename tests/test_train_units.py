@@ -173,6 +173,32 @@ def test_the_training_loop_reaches_a_start_state_only_hidden_domain_examples_tra
     assert moved == [False, True]
 
 
+def test_global_loss_norm_weighs_every_position_the_same() -> None:
+    """loss_norm global: a batch's loss is its summed per-position loss over the epoch's mean positions per
+    batch, so a batch of long sequences weighs more than one of short ones (batch: the same)."""
+    from bridgerec.models.trainer import FitConfig, train_epoch
+
+    torch.manual_seed(0)
+    model = build_model(_config("llm4cdsr", dropout=0.0), CATALOG, _tables())
+    data = SequenceData(CATALOG, sequences(SEQS * 4), max_len=10)
+    prefix = data.train_prefix(torch.arange(12))
+    neg = data.sample_negatives(prefix[:, 1:], prefix, torch.Generator().manual_seed(0))
+    positions = int((prefix[:, 1:] > 0).sum())  # every target is a training position of llm4cdsr
+    with torch.no_grad():
+        mean = model.loss(Batch(prefix, neg, torch.arange(12)))[1]["rec"]
+        summed = model.loss(Batch(prefix, neg, torch.arange(12), position_norm=7.0))[1]["rec"]
+    assert summed == pytest.approx(mean * positions / 7.0, rel=1e-5)
+    # The training loop's norm: the prefixes' targets per batch, over the epoch.
+    cfg = FitConfig(lr=1e-3, weight_decay=0.0, batch_size=5, eval_batch_size=5, epochs=1, patience=1, seed=0,
+                    loss_norm="global")  # fmt: skip
+    seen: list[float | None] = []
+    original = model.loss
+    model.loss = lambda batch: (seen.append(batch.position_norm), original(batch))[1]  # type: ignore[method-assign]
+    train_epoch(model, data, Optimizer(model, 1e-3), cfg, 1, None, torch.device("cpu"))
+    targets = sum(max(len(q) - 3, 0) for q in SEQS * 4)  # prefix = all but the last 2; targets = prefix - 1
+    assert seen and all(n == pytest.approx(targets / 3) for n in seen)  # 12 users in batches of 5: 3
+
+
 def test_candidates_are_fixed_distinct_unseen_and_from_the_targets_domain(sample_workspace) -> None:
     from bridgerec.storage.workspace import Workspace
     from bridgerec.tasks.train.inputs import load_catalog, load_sequences

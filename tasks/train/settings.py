@@ -135,6 +135,15 @@ class TrainSettings(BaseModel):
             "(docs/train.md, Cold start)."
         ),
     )
+    loss_norm: Literal["batch", "global"] = Field(
+        default="batch",
+        description=(
+            "batch: each batch's training loss is its mean per position (every batch weighs the same; "
+            "batches group users of similar length) | global: every training position weighs the same "
+            "(each batch's sum over the epoch's mean positions per batch; what random batches give, as in "
+            "the authors' code); docs/train.md."
+        ),
+    )
     alpha: float = Field(default=0.1, ge=0.0, description="Weight of the adapter's contrastive loss.")
     beta: float = Field(default=0.1, ge=0.0, description="Weight of the profile-guidance loss.")
     tau: float = Field(default=1.0, gt=0.0, description="Temperature of both contrastive losses.")
@@ -217,6 +226,7 @@ class TrainSettings(BaseModel):
             time_budget_s=self.time_budget_s,
             select_by=self.select_by if self.full_ranking else "sampled",
             hide_domain=self.effective_hide_domain,
+            loss_norm=self.loss_norm,
         )
 
     @property
