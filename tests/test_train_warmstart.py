@@ -381,3 +381,8 @@ def test_a_warm_start_needs_the_id_row_generator_on_both_sides_or_neither() -> N
     assert incompatibility({k: v for k, v in base.items() if k != "domain_start"}, base) is not None
     sasrec = TrainSettings(model="sasrec").resolved().model_dump(mode="json") | {"architecture": "sasrec"}
     assert incompatibility({k: v for k, v in sasrec.items() if k != "domain_start"}, sasrec) is None
+    # the block layout: the same tensors, another function of them (runs before it existed: pre_ln)
+    assert incompatibility(base, base | {"block": "sasrec"}) == "block 'pre_ln' -> 'sasrec'"
+    assert incompatibility({k: v for k, v in base.items() if k != "block"}, base) is None
+    # training-only switches keep a warm start
+    assert incompatibility(base, base | {"hide_domain": 1.0, "loss_norm": "global"}) is None
