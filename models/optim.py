@@ -22,7 +22,9 @@ class Optimizer:
         sparse = [p for p in model.parameters() if p.requires_grad and id(p) in sparse_ids]
         self.optimizers: list[torch.optim.Optimizer] = []
         if dense:
-            self.optimizers.append(torch.optim.Adam(dense, lr=lr, weight_decay=weight_decay))
+            # fused: one kernel for all tensors (CPU and CUDA): a step over LLM4CDSR's ~90 small dense
+            # tensors took 10 ms instead of 34 ms with the per-tensor loop (2 loaded CPU cores).
+            self.optimizers.append(torch.optim.Adam(dense, lr=lr, weight_decay=weight_decay, fused=True))
         if sparse:
             self.optimizers.append(torch.optim.SparseAdam(sparse, lr=sparse_lr or lr))
 
