@@ -36,7 +36,12 @@ MODEL = "llm4cdsr-hybrid"  # LLM tables (frozen, per item) and ID tables (traina
 # lr 1e-3: the hybrid learns steadily on the sample for 10 epochs (at 5e-3 it overfits after 2), so the
 # first run is clearly better than a random init. warm_start_epochs 4: warm patience 2, so the second run
 # trains at least 2 epochs (the kill test needs 2).
-SETTINGS = TrainSettings(model=MODEL, epochs=10, patience=10, warm_start_epochs=4, **(FAST | {"lr": 1e-3}))
+# block pre_ln: its random init ranks near chance, so what the warm init carries shows; the default sasrec
+# layout's random init already ranks by text similarity (sampled NDCG@10 0.142 on this sample's validation
+# against 0.157 for the trained first run), too close for the check below to see the carried weights.
+SETTINGS = TrainSettings(
+    model=MODEL, epochs=10, patience=10, warm_start_epochs=4, **(FAST | {"lr": 1e-3, "block": "pre_ln"})
+)
 
 
 class Killed(RuntimeError):
@@ -382,7 +387,10 @@ def test_a_warm_start_needs_the_id_row_generator_on_both_sides_or_neither() -> N
     sasrec = TrainSettings(model="sasrec").resolved().model_dump(mode="json") | {"architecture": "sasrec"}
     assert incompatibility({k: v for k, v in sasrec.items() if k != "domain_start"}, sasrec) is None
     # the block layout: the same tensors, another function of them (runs before it existed: pre_ln)
-    assert incompatibility(base, base | {"block": "sasrec"}) == "block 'pre_ln' -> 'sasrec'"
-    assert incompatibility({k: v for k, v in base.items() if k != "block"}, base) is None
+    assert base["block"] == "sasrec"
+    assert incompatibility(base | {"block": "pre_ln"}, base) == "block 'pre_ln' -> 'sasrec'"
+    legacy = {k: v for k, v in base.items() if k != "block"}
+    assert incompatibility(legacy, base | {"block": "pre_ln"}) is None
+    assert incompatibility(legacy, base) == "block 'pre_ln' -> 'sasrec'"
     # training-only switches keep a warm start
     assert incompatibility(base, base | {"hide_domain": 1.0, "loss_norm": "global"}) is None

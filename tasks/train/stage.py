@@ -90,7 +90,7 @@ def config_hash(settings: TrainSettings) -> str:
     off |= {"id_dropout"} if settings.resolved().id_dropout == 0 else set()
     off |= {"domain_start"} if settings.architecture != "llm4cdsr" else set()  # only LLM4CDSR has it
     off |= {"hide_domain"} if settings.effective_hide_domain == 0 else set()  # off, or not this model's
-    off |= {"block"} if settings.block == "pre_ln" else set()
+    off |= {"block"} if settings.block == "pre_ln" else set()  # runs from before the switch were pre_ln
     off |= {"loss_norm"} if settings.loss_norm == "batch" else set()
     return hash_json(settings.resolved().model_dump(mode="json", exclude=RUNTIME_FIELDS | INIT_FIELDS | off))
 
