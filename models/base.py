@@ -39,6 +39,9 @@ class Batch:
     # weighs the same, `loss_norm: global`) instead of by this batch's own positions (None: every batch
     # weighs the same).
     position_norm: float | None = None
+    # The authors' reduction (`loss_norm: domain`): the sum over target domains of each domain's mean
+    # over the batch's positions, instead of one mean over all of them.
+    domain_means: bool = False
 
     @property
     def inputs(self) -> Tensor:

@@ -74,7 +74,7 @@ def full_softmax_sum(users: Tensor, items: Tensor, targets: Tensor) -> Tensor:
 
 def objective_loss(model: Recommender, groups: list[Targets], batch: Batch) -> Tensor:
     """The mean per-position loss of `model.config.objective` over the batch's training positions (or
-    their sum over `batch.position_norm`, see `Batch`)."""
+    their sum over `batch.position_norm`, or the sum of a mean per target domain: see `Batch`)."""
     objective = model.config.objective
     total, count = None, 0
     for g in groups:
@@ -99,10 +99,14 @@ def objective_loss(model: Recommender, groups: list[Targets], batch: Batch) -> T
             part = full_softmax_sum(g.users, items, g.targets)
         else:
             raise ValueError(f"unknown objective {objective!r}")
+        if batch.domain_means:
+            part = part / len(g.targets)
         total = part if total is None else total + part
         count += len(g.targets)
     if total is None:
         return torch.zeros((), device=batch.prefix.device, requires_grad=True)
+    if batch.domain_means:
+        return total
     return total / (batch.position_norm or count)
 
 

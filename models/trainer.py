@@ -45,7 +45,8 @@ class FitConfig:
     # group users of similar length: a position of a short user weighs more than one of a long user);
     # "global": the sum over the epoch's mean positions per batch, so every position weighs the same (as
     # with random batches, the authors' code).
-    loss_norm: Literal["batch", "global"] = "batch"
+    # "domain": the sum over target domains of each one's mean over the batch (the authors' code).
+    loss_norm: Literal["batch", "global", "domain"] = "batch"
 
 
 @dataclass
@@ -107,7 +108,7 @@ def train_epoch(
                 torch.cat([history, history[src]]),  # negatives still avoid the hidden items
             )
         batch = Batch(prefix.to(device), prefix.new_zeros(0), users.to(device), hidden_domain_rows=extra,
-                      position_norm=position_norm)  # fmt: skip
+                      position_norm=position_norm, domain_means=cfg.loss_norm == "domain")  # fmt: skip
         batch.negatives = data.sample_negatives(batch.targets.cpu(), history, gen).to(device)
         if probs is not None:
             shared = draw_shared_negatives(probs, spec.negatives, gen)

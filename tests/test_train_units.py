@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bridgerec.models.backbone import SequenceEncoder, domain_view, trim
 from bridgerec.models.base import Batch
@@ -188,6 +189,16 @@ def test_global_loss_norm_weighs_every_position_the_same() -> None:
         mean = model.loss(Batch(prefix, neg, torch.arange(12)))[1]["rec"]
         summed = model.loss(Batch(prefix, neg, torch.arange(12), position_norm=7.0))[1]["rec"]
     assert summed == pytest.approx(mean * positions / 7.0, rel=1e-5)
+    # loss_norm domain (the authors'): the sum of each target domain's own mean.
+    with torch.no_grad():
+        groups = model.train_targets(Batch(prefix, neg, torch.arange(12)))
+        means = []
+        for g in groups:  # dropout is off: the same vectors as in model.loss
+            pos, negs = model.item_rows(g.domain, torch.cat([g.targets, g.negatives])).split(len(g.targets))
+            s_pos, s_neg = (g.users * pos).sum(-1), (g.users * negs).sum(-1)
+            means.append(float((F.softplus(-s_pos) + F.softplus(s_neg)).mean()))
+        per_domain = model.loss(Batch(prefix, neg, torch.arange(12), domain_means=True))[1]["rec"]
+    assert len(means) == 2 and per_domain == pytest.approx(sum(means), rel=1e-5)
     # The training loop's norm: the prefixes' targets per batch, over the epoch.
     cfg = FitConfig(lr=1e-3, weight_decay=0.0, batch_size=5, eval_batch_size=5, epochs=1, patience=1, seed=0,
                     loss_norm="global")  # fmt: skip

@@ -136,13 +136,13 @@ class TrainSettings(BaseModel):
             "(docs/train.md, Cold start)."
         ),
     )
-    loss_norm: Literal["batch", "global"] = Field(
+    loss_norm: Literal["batch", "global", "domain"] = Field(
         default="batch",
         description=(
             "batch: each batch's training loss is its mean per position (every batch weighs the same; "
             "batches group users of similar length) | global: every training position weighs the same "
-            "(each batch's sum over the epoch's mean positions per batch; what random batches give, as in "
-            "the authors' code); docs/train.md."
+            "(each batch's sum over the epoch's mean positions per batch, as random batches give) | domain: the sum over target domains of each one's mean over the batch (the "
+            "authors' code: a position of the smaller domain weighs more); docs/train.md."
         ),
     )
     alpha: float = Field(default=0.1, ge=0.0, description="Weight of the adapter's contrastive loss.")
