@@ -6,7 +6,8 @@ settings (hidden 128, 2 layers, 1 head, max_len 200, Adam 1e-3, batch 128, patie
 measurement on food-kitchen chose otherwise (docs/train.md, "Benchmark"): dropout 0.2 (theirs 0.5), the
 sampled softmax with 1,024 shared negatives (theirs: BCE), causal attention (theirs leaks the target),
 a learned start state for a domain the user has no item of yet (theirs: none). The block layout is
-theirs (SASRec.pytorch's), measured better than the standard pre-LN one here.
+theirs (SASRec.pytorch's), measured better than the standard pre-LN one here, and every training
+position weighs the same (`loss_norm: global`, as their random batches give).
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ class TrainSettings(BaseModel):
         ),
     )
     loss_norm: Literal["batch", "global", "domain"] = Field(
-        default="batch",
+        default="global",
         description=(
             "batch: each batch's training loss is its mean per position (every batch weighs the same; "
             "batches group users of similar length) | global: every training position weighs the same "
