@@ -33,7 +33,8 @@ class ModelConfig:
     dropout: float = 0.2
     max_len: int = 200
     causal: bool = True
-    block: BlockLayout = "pre_ln"  # runs recorded before the switch were pre_ln; TrainSettings' default: sasrec
+    # Runs recorded before the switch were pre_ln; TrainSettings' default is sasrec.
+    block: BlockLayout = "pre_ln"
     # LLM4CDSR only
     id_embeddings: bool = False
     # ID dropout (DropoutNet, Volkovs et al. NeurIPS 2017): in training each item's ID row is replaced with
