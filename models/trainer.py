@@ -41,11 +41,11 @@ class FitConfig:
     # Hidden-domain examples per eligible batch row and epoch (0 = off; a fraction is drawn with that
     # probability; see SequenceData.hidden_domain_examples).
     hide_domain: float = 0.0
-    # "batch": each batch's loss is the mean over its positions, so every batch weighs the same (batches
-    # group users of similar length: a position of a short user weighs more than one of a long user);
-    # "global": the sum over the epoch's mean positions per batch, so every position weighs the same (as
-    # with random batches, the authors' code).
-    # "domain": the sum over target domains of each one's mean over the batch (the authors' code).
+    # How a batch's summed per-position loss is reduced (docs/train.md, "How positions are weighed"):
+    # "batch": its mean, so every batch weighs the same (batches group users of similar length, so a
+    # position of a short history weighs more than one of a long history); "global": over the epoch's
+    # mean positions per batch, so every position weighs the same (as random batches give); "domain":
+    # the sum over target domains of each one's mean (the authors' reduction).
     loss_norm: Literal["batch", "global", "domain"] = "batch"
 
 
