@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bridgerec.models.config import BlockLayout, ModelConfig
+from bridgerec.models.config import BlockLayout, ModelConfig, Positions
 
 
 class Dropout(nn.Module):
@@ -113,13 +113,17 @@ class SequenceEncoder(nn.Module):
         causal: bool,
         layout: BlockLayout = "pre_ln",
         input_scale: float = 1.0,
+        positions: Positions = "from_end",
     ):
         """causal: a position attends only to itself and earlier positions (required whenever a loss
         sits at every position: otherwise position t sees the input at t + 1, which is its own target).
         layout: see `Block`; input_scale multiplies the item embeddings before the positions are added
-        (SASRec.pytorch and the authors' code: sqrt of the embedding width)."""
+        (SASRec.pytorch and the authors' code: sqrt of the embedding width). positions: `from_end` gives
+        the latest item position max_len (SASRec.pytorch), `from_start` the first item position 1 (the
+        LLM4CDSR authors' code)."""
         super().__init__()
         self.max_len, self.causal, self.layout, self.input_scale = max_len, causal, layout, input_scale
+        self.positions = positions
         self.pos = nn.Embedding(max_len + 1, hidden, padding_idx=0)
         nn.init.normal_(self.pos.weight, std=0.02)
         with torch.no_grad():
@@ -135,14 +139,17 @@ class SequenceEncoder(nn.Module):
         scale = math.sqrt(input_width or config.hidden) if config.block == "sasrec" else 1.0
         return cls(
             config.hidden, config.layers, config.heads, config.dropout, config.max_len, config.causal,
-            config.block, scale,
+            config.block, scale, config.positions,
         )  # fmt: skip
 
     def forward(self, emb: Tensor, ids: Tensor) -> Tensor:
         # emb: [B, L, H] item embeddings; ids: [B, L] item ids (0 = padding, left-padded)
         L = ids.shape[1]
         keep = ids > 0  # [B, L]
-        positions = torch.arange(self.max_len - L + 1, self.max_len + 1, device=ids.device) * keep
+        if self.positions == "from_start":
+            positions = keep.cumsum(1).clamp(max=self.max_len) * keep  # [B, L] 1 = the first real item
+        else:  # the latest column (the latest item of every row: left-padded) is position max_len
+            positions = torch.arange(self.max_len - L + 1, self.max_len + 1, device=ids.device) * keep
         x = self.drop((emb * self.input_scale + self.pos(positions)) * keep.unsqueeze(-1))
         # A query may attend to real keys (and to itself, so an all-padding row has no empty softmax).
         allowed = keep[:, None, :] | torch.eye(L, dtype=torch.bool, device=ids.device)  # [B, L, L]

@@ -32,6 +32,8 @@ class Batch:
     profile: Tensor | None = None  # [B, Dp] profile vectors (zeros where missing)
     has_profile: Tensor | None = None  # [B] bool
     shared: SharedNegatives | None = None  # sampled_softmax: K negatives per domain for the whole batch
+    # bce_negatives per_thread: [B, L] the mixed thread's own negative global id per target (0 = none)
+    mixed_negatives: Tensor | None = None
     # The last `hidden_domain_rows` rows are hidden-domain examples (SequenceData.hidden_domain_examples):
     # only their last position is a target, and the auxiliary losses (adapter, profile) skip them.
     hidden_domain_rows: int = 0
@@ -107,6 +109,11 @@ class Recommender(nn.Module):
     def item_rows(self, domain: int, lids: Tensor) -> Tensor:
         """[n] local ids of `domain` -> [n, D] their item-side vectors, differentiable (training)."""
         raise NotImplementedError
+
+    def per_thread_rows(self, domain: int, mixed_gids: Tensor, lids: Tensor) -> Tensor:
+        """bce_negatives per_thread: [n] global ids for the mixed thread, [n] local ids of `domain` for the
+        domain thread -> [n, D] the item side of one negative per thread (models with both threads)."""
+        raise NotImplementedError(f"{self.name} has no separate threads to give negatives")
 
     def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         """The training objective (`config.objective`) averaged over the batch's training positions."""

@@ -22,6 +22,11 @@ Sampling = Literal["uniform", "popularity"]
 # Transformer block layout (models/backbone.py `Block`): standard pre-LayerNorm, or SASRec.pytorch's (the
 # LLM4CDSR authors' code), with its unmasked padding and sqrt(width) input scaling.
 BlockLayout = Literal["pre_ln", "sasrec"]
+# Where position embeddings count from (models/backbone.py `SequenceEncoder`): the latest item is position
+# max_len, as in SASRec.pytorch's padded layout, or the first item is position 1, as in the LLM4CDSR
+# authors' code (then a prefix's states do not depend on what follows it).
+Positions = Literal["from_end", "from_start"]
+BceNegatives = Literal["fused", "per_thread"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,7 @@ class ModelConfig:
     causal: bool = True
     # Runs recorded before the switch were pre_ln; TrainSettings' default is sasrec.
     block: BlockLayout = "pre_ln"
+    positions: Positions = "from_end"
     # LLM4CDSR only
     id_embeddings: bool = False
     # ID dropout (DropoutNet, Volkovs et al. NeurIPS 2017): in training each item's ID row is replaced with
@@ -55,6 +61,10 @@ class ModelConfig:
     objective: Objective = "bce"
     negatives: int = 1024  # sampled_softmax: K negatives per domain, shared by the batch
     sampling: Sampling = "popularity"  # sampled_softmax: how the K negatives are drawn
+    # bce with LLM4CDSR: `fused` scores one negative of the target's domain with every thread; `per_thread`
+    # gives the mixed thread a negative of its own, drawn from the domain of the position's input item,
+    # and the domain thread one from the target's domain (the authors' code).
+    bce_negatives: BceNegatives = "fused"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.id_dropout < 1.0:

@@ -163,13 +163,18 @@ class SequenceData:
         rows = torch.where(order >= 0, prefix[src].gather(1, order.clamp(min=0)), 0)
         return src, rows
 
-    def sample_negatives(self, targets: Tensor, history: Tensor, generator: torch.Generator) -> Tensor:
+    def sample_negatives(
+        self, targets: Tensor, history: Tensor, generator: torch.Generator, domain_of: Tensor | None = None
+    ) -> Tensor:
         """One negative global id per target, uniform over the *target's* domain, avoiding the user's items.
 
-        targets: [B, L] global ids (0 = no target); history: [B, H] global ids the user has seen.
+        targets: [B, L] global ids (0 = no target); history: [B, H] global ids the user has seen;
+        domain_of: [B, L] global ids whose domain each negative is drawn from instead (e.g. the inputs;
+        where one is 0, the target's domain).
         Items in the history are redrawn (twice; a leftover clash is as rare as 1 in n_d^3).
         """
-        dom = self.item_domain[targets].clamp(min=0)  # [B, L]
+        source = targets if domain_of is None else torch.where(domain_of > 0, domain_of, targets)
+        dom = self.item_domain[source].clamp(min=0)  # [B, L]
         size, offset = self.sizes[dom], self.offsets[dom]
         neg = offset + 1 + (torch.rand(targets.shape, generator=generator) * size).long()
         for _ in range(2):

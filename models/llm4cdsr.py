@@ -180,6 +180,7 @@ class LLM4CDSR(Recommender):
         in_dom, in_loc = self.domain_of(inputs), self.local(inputs)
         tgt_dom = self.domain_of(targets)  # [B, L], -1 where no target
         h_mix = self.mixed(self.embed_global(inputs), inputs)  # [B, L, H]
+        mixed_neg = batch.mixed_negatives  # [B, L] global ids, or None (bce_negatives fused)
         groups = []
         for d, thread in enumerate(self.threads):
             rows, cols = torch.nonzero(tgt_dom == d, as_tuple=True)  # [P] positions whose target is in d
@@ -199,6 +200,7 @@ class LLM4CDSR(Recommender):
                     negatives=self.local(batch.negatives[rows, cols]),
                     rows=rows,
                     cols=cols,
+                    mixed_negatives=None if mixed_neg is None else mixed_neg[rows, cols],
                 )
             )
         return groups, h_mix
@@ -209,6 +211,9 @@ class LLM4CDSR(Recommender):
     def item_rows(self, domain: int, lids: Tensor) -> Tensor:
         gids = (lids + self.offsets[domain]) * (lids > 0)
         return torch.cat([self.embed_global(gids), self.embed_local(lids, domain)], -1)  # [n, 2H]
+
+    def per_thread_rows(self, domain: int, mixed_gids: Tensor, lids: Tensor) -> Tensor:
+        return torch.cat([self.embed_global(mixed_gids), self.embed_local(lids, domain)], -1)  # [n, 2H]
 
     def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         groups, h_mix = self._train_forward(batch)

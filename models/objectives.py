@@ -39,6 +39,9 @@ class Targets:
     negatives: Tensor  # [P] local ids, one negative per target (bce)
     rows: Tensor  # [P] batch row of each position
     cols: Tensor  # [P] column, in the batch's mixed inputs, of the last input the position may see
+    # bce_negatives per_thread: [P] global ids, the mixed thread's own negatives (`negatives` then feed
+    # the domain thread only; `Recommender.per_thread_rows`)
+    mixed_negatives: Tensor | None = None
 
 
 @dataclass
@@ -80,7 +83,11 @@ def objective_loss(model: Recommender, groups: list[Targets], batch: Batch) -> T
     for g in groups:
         if not len(g.targets):
             continue
-        if objective == "bce":
+        if objective == "bce" and g.mixed_negatives is not None:
+            pos = model.item_rows(g.domain, g.targets)
+            neg = model.per_thread_rows(g.domain, g.mixed_negatives, g.negatives)
+            part = bce_sum(g.users, pos, neg)
+        elif objective == "bce":
             rows = model.item_rows(g.domain, torch.cat([g.targets, g.negatives]))
             pos, neg = rows.split(len(g.targets))
             part = bce_sum(g.users, pos, neg)

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bridgerec.models.base import Batch
 from bridgerec.models.config import ModelConfig
@@ -116,6 +117,32 @@ def test_each_objective_equals_a_direct_computation(arch: str, objective: str) -
     with torch.no_grad():
         loss = model.loss(batch)[0]
         assert float(loss) == pytest.approx(float(_direct_loss(model, batch, objective)), rel=1e-5)
+
+
+def test_bce_per_thread_negatives_equal_a_direct_computation() -> None:
+    """`bce_negatives: per_thread` (the authors' code): the negative's score is the mixed thread's score of
+    its own negative (a global id from the domain of the position's input item) plus the domain thread's
+    score of a negative from the target's domain."""
+    torch.manual_seed(0)
+    model = build_model(_spec("llm4cdsr", objective="bce", alpha=0.0, bce_negatives="per_thread"),
+                        CATALOG, _tables()).eval()  # fmt: skip
+    data, batch = _batch()
+    gen = torch.Generator().manual_seed(5)
+    batch.mixed_negatives = data.sample_negatives(batch.targets, batch.prefix, gen, domain_of=batch.inputs)
+    real = (batch.targets > 0) & (batch.inputs > 0)  # (a first item's negative: the target's domain)
+    input_dom, neg_dom = (data.item_domain[t[real]] for t in (batch.inputs, batch.mixed_negatives))
+    assert torch.equal(input_dom, neg_dom) and (input_dom != data.item_domain[batch.targets[real]]).any()
+    H = model.config.hidden
+    terms = []
+    with torch.no_grad():
+        for g in model.train_targets(batch):
+            items = model.item_vectors(g.domain)  # [n_d + 1, 2H]: [adapted global, local]
+            for p in range(len(g.targets)):
+                u, t = g.users[p], int(g.targets[p])
+                gid = g.mixed_negatives[p : p + 1]
+                s_neg = u[:H] @ model.embed_global(gid)[0] + u[H:] @ items[int(g.negatives[p]), H:]
+                terms.append(-F.logsigmoid(u @ items[t]) - F.logsigmoid(-s_neg))
+        assert float(model.loss(batch)[0]) == pytest.approx(float(torch.stack(terms).mean()), rel=1e-5)
 
 
 def test_sampled_softmax_log_q_is_log_of_the_expected_count() -> None:

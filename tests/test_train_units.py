@@ -284,6 +284,26 @@ def test_sasrec_layout_computes_what_unmasked_padding_to_max_len_does() -> None:
     assert torch.allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["pre_ln", "sasrec"])
+def test_positions_from_start_make_a_prefix_independent_of_what_follows(layout: str) -> None:
+    """`positions: from_start` (the authors' code): the first real item is position 1, whatever the
+    padding; so a causal encoder gives a prefix the states the longer sequence has at those positions.
+    `from_end` (SASRec.pytorch) gives the latest item position max_len: the same prefix's states move."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(12, 16, padding_idx=0)
+    full, prefix = torch.tensor([[0, 3, 1, 4, 1, 5]]), torch.tensor([[0, 0, 0, 3, 1, 4]])
+
+    def states(positions: str) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(1)
+        enc = SequenceEncoder(16, 2, 2, 0.0, 10, causal=True, layout=layout, positions=positions).eval()
+        return enc(emb(full), full)[:, 1:4], enc(emb(prefix), prefix)[:, 3:]
+
+    a, b = states("from_start")
+    assert torch.allclose(a, b, atol=1e-5)
+    a, b = states("from_end")
+    assert not torch.allclose(a, b, atol=1e-3)
+
+
 def test_causal_switch_hides_the_future() -> None:
     torch.manual_seed(0)
     emb = torch.nn.Embedding(12, 16, padding_idx=0)

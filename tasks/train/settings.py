@@ -16,7 +16,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from bridgerec.models.config import Architecture, BlockLayout, ModelConfig, Objective, Sampling
+from bridgerec.models.config import (
+    Architecture,
+    BceNegatives,
+    BlockLayout,
+    ModelConfig,
+    Objective,
+    Positions,
+    Sampling,
+)
 from bridgerec.models.trainer import FitConfig
 
 # name -> (architecture, switches forced by the preset). A preset's switches override the fields below.
@@ -85,9 +93,25 @@ class TrainSettings(BaseModel):
             "inputs scaled by sqrt(width), max_len padding attended as keys); docs/train.md."
         ),
     )
+    positions: Positions = Field(
+        default="from_end",
+        description=(
+            "Where position embeddings count from: from_end (the latest item is position max_len, as "
+            "SASRec.pytorch) | from_start (the first item is position 1, as the LLM4CDSR authors' code); "
+            "docs/train.md."
+        ),
+    )
     objective: Objective = Field(
         default="sampled_softmax",
         description="Training loss: bce (the paper's) | sampled_softmax | ce (full softmax); docs/train.md.",
+    )
+    bce_negatives: BceNegatives = Field(
+        default="fused",
+        description=(
+            "bce with llm4cdsr: fused (one negative of the target's domain, scored by every thread) | "
+            "per_thread (the mixed thread gets its own, from the domain of the position's input item, as "
+            "the authors' code); docs/train.md."
+        ),
     )
     negatives: int = Field(
         default=1024,
@@ -204,8 +228,8 @@ class TrainSettings(BaseModel):
     def model_spec(self, global_dim: int = 0, local_dim: int = 0, profile_dim: int = 0) -> ModelConfig:
         """The typed model config these settings build (preset applied), given the enrich tables' widths."""
         r = self.resolved()
-        keys = ("hidden", "layers", "heads", "dropout", "max_len", "causal", "block", "id_embeddings", "id_dropout", "domain_start",
-                "alpha", "beta", "tau", "adapter_init", "objective", "negatives", "sampling")  # fmt: skip
+        keys = ("hidden", "layers", "heads", "dropout", "max_len", "causal", "block", "positions", "id_embeddings", "id_dropout", "domain_start",
+                "alpha", "beta", "tau", "adapter_init", "objective", "negatives", "sampling", "bce_negatives")  # fmt: skip
         return ModelConfig(
             architecture=self.architecture,
             **{k: getattr(r, k) for k in keys},

@@ -92,6 +92,8 @@ def config_hash(settings: TrainSettings) -> str:
     off |= {"hide_domain"} if settings.effective_hide_domain == 0 else set()  # off, or not this model's
     off |= {"block"} if settings.block == "pre_ln" else set()  # runs from before the switch were pre_ln
     off |= {"loss_norm"} if settings.loss_norm == "batch" else set()
+    off |= {"positions"} if settings.positions == "from_end" else set()
+    off |= {"bce_negatives"} if settings.bce_negatives == "fused" else set()
     return hash_json(settings.resolved().model_dump(mode="json", exclude=RUNTIME_FIELDS | INIT_FIELDS | off))
 
 

@@ -81,6 +81,9 @@ def incompatibility(previous: dict[str, Any], current: dict[str, Any]) -> str | 
     layouts = [s.get("block") or "pre_ln" for s in (previous, current)]
     if layouts[0] != layouts[1]:
         diffs.append(f"block {layouts[0]!r} -> {layouts[1]!r}")
+    origins = [s.get("positions") or "from_end" for s in (previous, current)]  # the same tensors
+    if origins[0] != origins[1]:
+        diffs.append(f"positions {origins[0]!r} -> {origins[1]!r}")
     old_tables, new_tables = previous.get("tables", {}), current.get("tables", {})
     diffs += [
         f"enrich {k} {old_tables.get(k)} -> {new_tables.get(k)}"
