@@ -69,14 +69,24 @@ class Block(nn.Module):
         B, L, H = t.shape
         return t.view(B, L, self.heads, H // self.heads).transpose(1, 2)  # [B, heads, L, H/heads]
 
-    def forward(self, x: Tensor, allowed: Tensor, null_logit: Tensor | None = None) -> Tensor:
-        """x: [B, L, H]; allowed: [B, 1, L, L] bool, True where query i may attend to key j; null_logit
-        (layout `sasrec`): [B, 1, L, 1] the extra logit of the padding keys (-inf: none)."""
+    @staticmethod
+    def attention_bias(allowed: Tensor, null_logit: Tensor, dtype: torch.dtype) -> Tensor:
+        """The `sasrec` layout's additive attention mask, built once per sequence for every block.
+        allowed: [B, 1, L, L] bool; null_logit: [B, 1, L, 1] the padding keys' extra logit (-inf: none)
+        -> [B, 1, L, L + 1] (0 allowed, -inf not; the last column is the null key's)."""
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, -torch.inf
+        )
+        return torch.cat([mask, null_logit.to(dtype)], -1)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """x: [B, L, H]; mask: layout `pre_ln`: [B, 1, L, L] bool, True where query i may attend to key j;
+        layout `sasrec`: [B, 1, L, L + 1] `attention_bias` (the last key is the padding's null key)."""
         B, L, H = x.shape
         p = self.dropout if self.training else 0.0
         if self.layout == "pre_ln":
             q, k, v = self.qkv(self.ln1(x)).view(B, L, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4)
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)  # [B, heads, L, H/h]
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # [B, heads, L, H/h]
             x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, L, H)))
             return x + self.drop(self.ffn(self.ln2(x)))
         w, b = self.qkv.weight.split(H), self.qkv.bias.split(H)
@@ -86,15 +96,8 @@ class Block(nn.Module):
         v = self._heads(F.linear(x, w[2], b[2]))
         null_k = b[1].view(1, self.heads, 1, H // self.heads).expand(B, -1, 1, -1)  # key of a zero input
         null_v = b[2].view(1, self.heads, 1, H // self.heads).expand(B, -1, 1, -1)
-        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, -torch.inf)
-        if null_logit is None:
-            null_logit = torch.full((B, 1, L, 1), -torch.inf, dtype=x.dtype, device=x.device)
         a = F.scaled_dot_product_attention(
-            q,
-            torch.cat([k, null_k], 2),
-            torch.cat([v, null_v], 2),
-            attn_mask=torch.cat([mask, null_logit.to(x.dtype)], -1),
-            dropout_p=p,
+            q, torch.cat([k, null_k], 2), torch.cat([v, null_v], 2), attn_mask=mask, dropout_p=p
         )
         x = self.ln2(q_in + self.drop(self.proj(a.transpose(1, 2).reshape(B, L, H))))
         return x + self.drop(self.ffn(x))
@@ -155,14 +158,14 @@ class SequenceEncoder(nn.Module):
         allowed = keep[:, None, :] | torch.eye(L, dtype=torch.bool, device=ids.device)  # [B, L, L]
         if self.causal:
             allowed = allowed & torch.ones(L, L, dtype=torch.bool, device=ids.device).tril()
-        allowed = allowed.unsqueeze(1)  # [B, 1, L, L]
-        null_logit = None
+        mask = allowed.unsqueeze(1)  # [B, 1, L, L]
         if self.layout == "sasrec":
             # Padding keys a max_len-padded copy of the inputs up to each query would have.
             pads = (self.max_len - keep.cumsum(1)).clamp(min=0).to(emb.dtype)  # [B, L]
             null_logit = torch.where(pads > 0, pads.log(), -torch.inf)[:, None, :, None]  # [B, 1, L, 1]
+            mask = Block.attention_bias(mask, null_logit, x.dtype)  # [B, 1, L, L + 1]
         for block in self.blocks:
-            x = block(x, allowed, null_logit) * keep.unsqueeze(-1)
+            x = block(x, mask) * keep.unsqueeze(-1)
         return self.ln(x) * keep.unsqueeze(-1)  # [B, L, H], zero at padding
 
 
