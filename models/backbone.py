@@ -175,6 +175,18 @@ def trim(ids: Tensor) -> Tensor:
     return ids[:, ids.shape[1] - max(used, 1) :]
 
 
+def encode_rows(encode: Callable[[Tensor], Tensor], ids: Tensor, split: int) -> Tensor:
+    """`encode(ids)` [B, L, H] for a batch whose rows from `split` on are read at their last column only
+    (hidden-domain examples): those rows run as a batch of their own, trimmed to their own longest row
+    (they lack a whole domain, so they are shorter), and come back left-padded with zero states. The last
+    column is what the full batch computes, since a trimmed batch computes what a padded one does."""
+    if split >= ids.shape[0]:
+        return encode(ids)
+    rest = encode(trim(ids[split:]))  # [A, l, H]
+    rest = F.pad(rest, (0, 0, ids.shape[1] - rest.shape[1], 0))  # [A, L, H]
+    return torch.cat([encode(ids[:split]), rest])
+
+
 def domain_view(domains: Tensor, ids: Tensor, domain: int) -> tuple[Tensor, Tensor, Tensor]:
     """The subsequence of one domain, left-padded, and where each position's latest such item sits.
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bridgerec.models.backbone import SequenceEncoder, domain_view, embed_many, trim
+from bridgerec.models.backbone import SequenceEncoder, domain_view, embed_many, encode_rows, trim
 from bridgerec.models.base import GLOBAL_IDS, Batch, Recommender
 from bridgerec.models.config import ModelConfig
 from bridgerec.models.data import Catalog
@@ -179,7 +179,9 @@ class LLM4CDSR(Recommender):
         inputs, targets = batch.inputs, batch.targets  # [B, L] global ids
         in_dom, in_loc = self.domain_of(inputs), self.local(inputs)
         tgt_dom = self.domain_of(targets)  # [B, L], -1 where no target
-        h_mix = self.mixed(self.embed_global(inputs), inputs)  # [B, L, H]
+        h_mix = encode_rows(
+            lambda x: self.mixed(self.embed_global(x), x), inputs, batch.main_rows
+        )  # [B, L, H]
         mixed_neg = batch.mixed_negatives  # [B, L] global ids, or None (bce_negatives fused)
         groups = []
         for d, thread in enumerate(self.threads):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from bridgerec.models.backbone import SequenceEncoder, trim
+from bridgerec.models.backbone import SequenceEncoder, encode_rows, trim
 from bridgerec.models.base import GLOBAL_IDS, Batch, Recommender
 from bridgerec.models.config import ModelConfig
 from bridgerec.models.data import Catalog
@@ -34,7 +34,7 @@ class SASRec(Recommender):
 
     def train_targets(self, batch: Batch) -> list[Targets]:
         inputs, targets, negatives = batch.inputs, batch.targets, batch.negatives  # [B, L] each
-        h = self.encoder(self.emb(inputs), inputs)  # [B, L, H]
+        h = encode_rows(lambda x: self.encoder(self.emb(x), x), inputs, batch.main_rows)  # [B, L, H]
         return mixed_targets(self, h, targets, negatives)
 
     def item_rows(self, domain: int, lids: Tensor) -> Tensor:

@@ -151,6 +151,9 @@ def test_a_hidden_domain_example_trains_only_its_last_position_from_the_start_st
                 hidden += 1
                 assert c == full.shape[1] - 2 and int(model.domain_of(rows[r - 3, -1])) == g.domain
                 assert torch.allclose(user[16:], model.domain_start[g.domain])
+                # the hidden rows run as their own trimmed batch (encode_rows): what inference computes
+                alone = model.user_vectors(rows[r - 3 : r - 2, :-1], g.domain)[0]
+                assert torch.allclose(user, alone, atol=1e-5)
     assert hidden == len(src) == 2
 
 
