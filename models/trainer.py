@@ -110,7 +110,7 @@ def train_epoch(
         batch = Batch(prefix.to(device), prefix.new_zeros(0), users.to(device), hidden_domain_rows=extra,
                       position_norm=position_norm, domain_means=cfg.loss_norm == "domain")  # fmt: skip
         batch.negatives = data.sample_negatives(batch.targets.cpu(), history, gen).to(device)
-        if spec.objective == "bce" and spec.bce_negatives == "per_thread":
+        if spec.objective == "bce" and spec.bce_negatives == "per_thread" and spec.architecture == "llm4cdsr":
             batch.mixed_negatives = data.sample_negatives(
                 batch.targets.cpu(), history, gen, domain_of=batch.inputs.cpu()
             ).to(device)

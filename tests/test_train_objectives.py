@@ -145,6 +145,21 @@ def test_bce_per_thread_negatives_equal_a_direct_computation() -> None:
         assert float(model.loss(batch)[0]) == pytest.approx(float(torch.stack(terms).mean()), rel=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("model", "objective", "applies"),
+    [("llm4cdsr", "bce", True), ("llm4cdsr-hybrid", "sampled_softmax", False), ("sasrec", "bce", False)],
+)
+def test_bce_negatives_is_part_of_the_run_id_only_where_it_applies(
+    model: str, objective: str, applies: bool
+) -> None:
+    from bridgerec.tasks.train.stage import config_hash
+
+    per_thread = TrainSettings(model=model, objective=objective)
+    assert per_thread.bce_negatives == "per_thread" and per_thread.bce_negatives_apply == applies
+    fused = per_thread.model_copy(update={"bce_negatives": "fused"})
+    assert (config_hash(per_thread) != config_hash(fused)) == applies
+
+
 def test_sampled_softmax_log_q_is_log_of_the_expected_count() -> None:
     probs = sampling_probs(torch.tensor([0, 3, 1, 0, 5]), [2, 2], [0, 2], "popularity")
     # domain a: counts 3, 1 -> weights 4, 2; domain b: counts 0, 5 -> weights 1, 6

@@ -392,5 +392,9 @@ def test_a_warm_start_needs_the_id_row_generator_on_both_sides_or_neither() -> N
     legacy = {k: v for k, v in base.items() if k != "block"}
     assert incompatibility(legacy, base | {"block": "pre_ln"}) is None
     assert incompatibility(legacy, base) == "block 'pre_ln' -> 'sasrec'"
+    # the position origin likewise (runs before it existed: from_end)
+    assert incompatibility(base, base | {"positions": "from_start"}) == "positions 'from_end' -> 'from_start'"
+    assert incompatibility({k: v for k, v in base.items() if k != "positions"}, base) is None
     # training-only switches keep a warm start
-    assert incompatibility(base, base | {"hide_domain": 1.0, "loss_norm": "global"}) is None
+    changes = {"hide_domain": 1.0, "loss_norm": "global", "bce_negatives": "fused"}
+    assert incompatibility(base, base | changes) is None

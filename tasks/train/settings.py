@@ -106,11 +106,12 @@ class TrainSettings(BaseModel):
         description="Training loss: bce (the paper's) | sampled_softmax | ce (full softmax); docs/train.md.",
     )
     bce_negatives: BceNegatives = Field(
-        default="fused",
+        default="per_thread",
         description=(
-            "bce with llm4cdsr: fused (one negative of the target's domain, scored by every thread) | "
-            "per_thread (the mixed thread gets its own, from the domain of the position's input item, as "
-            "the authors' code); docs/train.md."
+            "bce with llm4cdsr: per_thread (the mixed thread gets a negative of its own, from the domain of "
+            "the position's input item, the domain thread one from the target's: the authors' code, "
+            "measured better) | fused (one negative of the target's domain, scored by every thread); "
+            "docs/train.md."
         ),
     )
     negatives: int = Field(
@@ -260,6 +261,11 @@ class TrainSettings(BaseModel):
         """`hide_domain` where the model has a mixed thread to learn from other domains, else 0 (a model
         of per-domain threads only, or `pop`, has nothing to learn from the hidden-domain examples)."""
         return self.hide_domain if self.architecture in ("llm4cdsr", "sasrec") else 0.0
+
+    @property
+    def bce_negatives_apply(self) -> bool:
+        """Whether `bce_negatives` changes anything: `bce` with the two-thread LLM4CDSR."""
+        return self.objective == "bce" and self.architecture == "llm4cdsr"
 
     def warm_limits(self) -> tuple[int, int]:
         """(epochs, patience) of a warm-started run. The warm model starts near its optimum: the epochs
