@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bridgerec.models.config import BlockLayout, ModelConfig, Positions
+from bridgerec.models.config import BlockLayout, ModelConfig, Positions, WeightInit
 
 
 class Dropout(nn.Module):
@@ -117,23 +117,32 @@ class SequenceEncoder(nn.Module):
         layout: BlockLayout = "pre_ln",
         input_scale: float = 1.0,
         positions: Positions = "from_end",
+        weight_init: WeightInit = "torch",
     ):
         """causal: a position attends only to itself and earlier positions (required whenever a loss
         sits at every position: otherwise position t sees the input at t + 1, which is its own target).
         layout: see `Block`; input_scale multiplies the item embeddings before the positions are added
         (SASRec.pytorch and the authors' code: sqrt of the embedding width). positions: `from_end` gives
         the latest item position max_len (SASRec.pytorch), `from_start` the first item position 1 (the
-        LLM4CDSR authors' code)."""
+        LLM4CDSR authors' code). weight_init `xavier`: Xavier-normal weights and position table, zero
+        attention biases (the authors' code); `torch`: torch's defaults, positions N(0, 0.02)."""
         super().__init__()
         self.max_len, self.causal, self.layout, self.input_scale = max_len, causal, layout, input_scale
         self.positions = positions
         self.pos = nn.Embedding(max_len + 1, hidden, padding_idx=0)
         nn.init.normal_(self.pos.weight, std=0.02)
-        with torch.no_grad():
-            self.pos.weight[0].zero_()
         self.drop = Dropout(dropout)
         self.blocks = nn.ModuleList(Block(hidden, heads, dropout, layout) for _ in range(layers))
         self.ln = nn.LayerNorm(hidden, eps=1e-8)
+        if weight_init == "xavier":
+            for block in self.blocks:
+                for layer in (block.qkv, block.proj, block.ffn[0], block.ffn[3]):
+                    nn.init.xavier_normal_(layer.weight)
+                nn.init.zeros_(block.qkv.bias)
+                nn.init.zeros_(block.proj.bias)
+            nn.init.xavier_normal_(self.pos.weight)
+        with torch.no_grad():
+            self.pos.weight[0].zero_()
 
     @classmethod
     def of(cls, config: ModelConfig, input_width: int | None = None) -> SequenceEncoder:
@@ -142,7 +151,7 @@ class SequenceEncoder(nn.Module):
         scale = math.sqrt(input_width or config.hidden) if config.block == "sasrec" else 1.0
         return cls(
             config.hidden, config.layers, config.heads, config.dropout, config.max_len, config.causal,
-            config.block, scale, config.positions,
+            config.block, scale, config.positions, config.weight_init,
         )  # fmt: skip
 
     def forward(self, emb: Tensor, ids: Tensor) -> Tensor:

@@ -27,6 +27,10 @@ BlockLayout = Literal["pre_ln", "sasrec"]
 # authors' code (then a prefix's states do not depend on what follows it).
 Positions = Literal["from_end", "from_start"]
 BceNegatives = Literal["fused", "per_thread"]
+# Initialisation of the sequence encoders (models/backbone.py `SequenceEncoder`): torch's defaults
+# (positions N(0, 0.02)), or the authors' code: Xavier-normal for every weight matrix and the position
+# table (their `_init_weights`), zero attention biases (torch's MultiheadAttention), FFN biases torch's.
+WeightInit = Literal["torch", "xavier"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class ModelConfig:
     # Runs recorded before the switch were pre_ln; TrainSettings' default is sasrec.
     block: BlockLayout = "pre_ln"
     positions: Positions = "from_end"
+    weight_init: WeightInit = "torch"
     # LLM4CDSR only
     id_embeddings: bool = False
     # ID dropout (DropoutNet, Volkovs et al. NeurIPS 2017): in training each item's ID row is replaced with

@@ -307,6 +307,25 @@ def test_positions_from_start_make_a_prefix_independent_of_what_follows(layout: 
     assert not torch.allclose(a, b, atol=1e-3)
 
 
+def test_xavier_weight_init_is_the_authors() -> None:
+    """`weight_init: xavier` (the authors' `_init_weights` over torch's MultiheadAttention): Xavier-normal
+    weight matrices and position table, zero attention biases; the padding position stays zero."""
+    torch.manual_seed(0)
+    H = 64
+    enc = SequenceEncoder(
+        H, 2, 1, 0.0, 300, causal=True, layout="sasrec", weight_init="xavier"
+    ).requires_grad_(False)
+    for block in enc.blocks:
+        assert float(block.qkv.weight.std()) == pytest.approx(math.sqrt(2 / (H + 3 * H)), rel=0.05)
+        assert float(block.ffn[0].weight.std()) == pytest.approx(math.sqrt(2 / (2 * H)), rel=0.05)
+        assert (block.qkv.bias == 0).all() and (block.proj.bias == 0).all()
+    assert float(enc.pos.weight[1:].std()) == pytest.approx(math.sqrt(2 / (301 + H)), rel=0.05)
+    assert (enc.pos.weight[0] == 0).all()
+    default = SequenceEncoder(H, 2, 1, 0.0, 300, causal=True).requires_grad_(False)
+    assert float(default.pos.weight[1:].std()) == pytest.approx(0.02, rel=0.05)
+    assert (default.blocks[0].qkv.bias != 0).all()
+
+
 def test_causal_switch_hides_the_future() -> None:
     torch.manual_seed(0)
     emb = torch.nn.Embedding(12, 16, padding_idx=0)

@@ -24,6 +24,7 @@ from bridgerec.models.config import (
     Objective,
     Positions,
     Sampling,
+    WeightInit,
 )
 from bridgerec.models.trainer import FitConfig
 
@@ -104,6 +105,13 @@ class TrainSettings(BaseModel):
     objective: Objective = Field(
         default="sampled_softmax",
         description="Training loss: bce (the paper's) | sampled_softmax | ce (full softmax); docs/train.md.",
+    )
+    weight_init: WeightInit = Field(
+        default="torch",
+        description=(
+            "Sequence encoders' init: torch (torch's defaults, positions N(0, 0.02)) | xavier (Xavier-normal "
+            "weights and position table, zero attention biases: the authors' code); docs/train.md."
+        ),
     )
     bce_negatives: BceNegatives = Field(
         default="per_thread",
@@ -229,7 +237,7 @@ class TrainSettings(BaseModel):
     def model_spec(self, global_dim: int = 0, local_dim: int = 0, profile_dim: int = 0) -> ModelConfig:
         """The typed model config these settings build (preset applied), given the enrich tables' widths."""
         r = self.resolved()
-        keys = ("hidden", "layers", "heads", "dropout", "max_len", "causal", "block", "positions", "id_embeddings", "id_dropout", "domain_start",
+        keys = ("hidden", "layers", "heads", "dropout", "max_len", "causal", "block", "positions", "weight_init", "id_embeddings", "id_dropout", "domain_start",
                 "alpha", "beta", "tau", "adapter_init", "objective", "negatives", "sampling", "bce_negatives")  # fmt: skip
         return ModelConfig(
             architecture=self.architecture,

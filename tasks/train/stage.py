@@ -93,6 +93,7 @@ def config_hash(settings: TrainSettings) -> str:
     off |= {"block"} if settings.block == "pre_ln" else set()  # runs from before the switch were pre_ln
     off |= {"loss_norm"} if settings.loss_norm == "batch" else set()
     off |= {"positions"} if settings.positions == "from_end" else set()
+    off |= {"weight_init"} if settings.weight_init == "torch" else set()
     off |= set() if settings.bce_negatives_apply else {"bce_negatives"}  # (older runs: fused; not bce)
     return hash_json(settings.resolved().model_dump(mode="json", exclude=RUNTIME_FIELDS | INIT_FIELDS | off))
 
