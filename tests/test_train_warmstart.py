@@ -396,5 +396,5 @@ def test_a_warm_start_needs_the_id_row_generator_on_both_sides_or_neither() -> N
     assert incompatibility(base, base | {"positions": "from_start"}) == "positions 'from_end' -> 'from_start'"
     assert incompatibility({k: v for k, v in base.items() if k != "positions"}, base) is None
     # training-only switches keep a warm start
-    changes = {"hide_domain": 1.0, "loss_norm": "global", "bce_negatives": "fused"}
+    changes = {"hide_domain": 2.0, "loss_norm": "global", "bce_negatives": "fused"}
     assert incompatibility(base, base | changes) is None

@@ -5,9 +5,10 @@ other fields are the hyper-parameters, shared by every model. Defaults follow th
 settings (hidden 128, 2 layers, 1 head, max_len 200, Adam 1e-3, batch 128, patience 20) except where a
 measurement on food-kitchen chose otherwise (docs/train.md, "Benchmark"): dropout 0.2 (theirs 0.5), the
 sampled softmax with 1,024 shared negatives (theirs: BCE), causal attention (theirs leaks the target),
-a learned start state for a domain the user has no item of yet (theirs: none). The block layout is
-theirs (SASRec.pytorch's), measured better than the standard pre-LN one here, and every training
-position weighs the same (`loss_norm: global`, as their random batches give).
+a learned start state for a domain the user has no item of yet (theirs: none), and one hidden-domain
+training example per user and epoch (`hide_domain: 1`, theirs: none) for users who never shopped in a
+domain. The block layout is theirs (SASRec.pytorch's), measured better than the standard pre-LN one
+here, and every training position weighs the same (`loss_norm: global`, as their random batches give).
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ class TrainSettings(BaseModel):
         ),
     )
     hide_domain: float = Field(
-        default=0.0,
+        default=1.0,
         ge=0.0,
         le=4.0,
         description=(
