@@ -22,6 +22,18 @@ from bridgerec.models.objectives import SharedNegatives, Targets, objective_loss
 GLOBAL_IDS = -1  # item_tables(): the table is indexed by global id (all domains)
 
 
+def training_targets(prefix: Tensor, hidden_domain_rows: int = 0) -> Tensor:
+    """prefix: [B, L+1] -> [B, L] the target of every position (0 = none): the next item, except in the
+    last `hidden_domain_rows` rows (hidden-domain examples), where only the last position has one."""
+    targets = prefix[:, 1:]
+    if hidden_domain_rows:
+        main = prefix.shape[0] - hidden_domain_rows
+        only_last = torch.zeros_like(targets[main:])
+        only_last[:, -1] = targets[main:, -1]
+        targets = torch.cat([targets[:main], only_last])
+    return targets
+
+
 @dataclass
 class Batch:
     """One training batch (global ids, left-padded, trimmed)."""
@@ -52,12 +64,7 @@ class Batch:
     @property
     def targets(self) -> Tensor:
         """[B, L] the target of every position (0 = none)."""
-        targets = self.prefix[:, 1:]
-        if self.hidden_domain_rows:
-            only_last = torch.zeros_like(targets)
-            only_last[:, -1] = targets[:, -1]
-            targets = torch.cat([targets[: self.main_rows], only_last[self.main_rows :]])
-        return targets
+        return training_targets(self.prefix, self.hidden_domain_rows)
 
     @property
     def main_rows(self) -> int:

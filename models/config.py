@@ -77,6 +77,16 @@ class ModelConfig:
         if self.hidden % self.heads:
             raise ValueError(f"hidden {self.hidden} must be divisible by heads {self.heads}")
 
+    @property
+    def bce_negatives_apply(self) -> bool:
+        """Whether `bce_negatives` changes anything: `bce` with the two-thread LLM4CDSR."""
+        return self.objective == "bce" and self.architecture == "llm4cdsr"
+
+    @property
+    def per_thread_negatives(self) -> bool:
+        """Whether training draws the mixed thread a negative of its own (`Batch.mixed_negatives`)."""
+        return self.bce_negatives_apply and self.bce_negatives == "per_thread"
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

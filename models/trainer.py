@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from bridgerec.models.base import Batch, Recommender
+from bridgerec.models.base import Batch, Recommender, training_targets
 from bridgerec.models.data import EvalSplit, SequenceData
 from bridgerec.models.evaluate import evaluate
 from bridgerec.models.metrics import ndcg
@@ -107,13 +107,16 @@ def train_epoch(
                 torch.cat([users, users[src]]),
                 torch.cat([history, history[src]]),  # negatives still avoid the hidden items
             )
-        batch = Batch(prefix.to(device), prefix.new_zeros(0), users.to(device), hidden_domain_rows=extra,
-                      position_norm=position_norm, domain_means=cfg.loss_norm == "domain")  # fmt: skip
-        batch.negatives = data.sample_negatives(batch.targets.cpu(), history, gen).to(device)
-        if spec.objective == "bce" and spec.bce_negatives == "per_thread" and spec.architecture == "llm4cdsr":
-            batch.mixed_negatives = data.sample_negatives(
-                batch.targets.cpu(), history, gen, domain_of=batch.inputs.cpu()
-            ).to(device)
+        targets = training_targets(prefix, extra)  # [B, L]
+        mixed_negatives = None
+        negatives = data.sample_negatives(targets, history, gen)  # [B, L]
+        if spec.per_thread_negatives:
+            mixed = data.sample_negatives(targets, history, gen, domain_of=prefix[:, :-1])  # [B, L]
+            mixed_negatives = mixed.to(device)
+        batch = Batch(
+            prefix.to(device), negatives.to(device), users.to(device), mixed_negatives=mixed_negatives,
+            hidden_domain_rows=extra, position_norm=position_norm, domain_means=cfg.loss_norm == "domain",
+        )  # fmt: skip
         if probs is not None:
             shared = draw_shared_negatives(probs, spec.negatives, gen)
             batch.shared = type(shared)(

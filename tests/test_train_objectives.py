@@ -158,6 +158,9 @@ def test_bce_negatives_is_part_of_the_run_id_only_where_it_applies(
     assert per_thread.bce_negatives == "per_thread" and per_thread.bce_negatives_apply == applies
     fused = per_thread.model_copy(update={"bce_negatives": "fused"})
     assert (config_hash(per_thread) != config_hash(fused)) == applies
+    # the trainer draws the mixed thread's own negatives exactly where the setting applies
+    assert per_thread.model_spec().per_thread_negatives == applies
+    assert not fused.model_spec().per_thread_negatives
 
 
 def test_sampled_softmax_log_q_is_log_of_the_expected_count() -> None:

@@ -273,8 +273,8 @@ class TrainSettings(BaseModel):
 
     @property
     def bce_negatives_apply(self) -> bool:
-        """Whether `bce_negatives` changes anything: `bce` with the two-thread LLM4CDSR."""
-        return self.objective == "bce" and self.architecture == "llm4cdsr"
+        """Whether `bce_negatives` changes anything (`ModelConfig.bce_negatives_apply`)."""
+        return self.model_spec().bce_negatives_apply
 
     def warm_limits(self) -> tuple[int, int]:
         """(epochs, patience) of a warm-started run. The warm model starts near its optimum: the epochs
