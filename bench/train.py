@@ -2,8 +2,11 @@
 
     python bench/train.py --workspace /tmp/fk [--runs pop,llm4cdsr:bce,llm4cdsr:sampled_softmax]
                           [--epochs 10] [--time-budget 900] [--cold-start] [--set dropout=0.2 ...]
+    python bench/train.py --workspace WS --runs llm4cdsr-hybrid+beta=0,llm4cdsr-hybrid --seeds 42,43,44
 
-`--runs` lists `model[:objective]` (no objective: the settings' default; `pop` has none). The workspace
+`--runs` lists `model[:objective][+FIELD=VALUE...]` (no objective: the settings' default; `pop` has none;
+`+FIELD=VALUE` overrides a train setting for that run only, an ablation). `--seeds` repeats every run
+once per seed and adds a table of the mean and sample standard deviation over the seeds. The workspace
 needs the ingest and enrich outputs. Prints a Markdown table (sampled and full-ranking HR@10 / NDCG@10
 overall and per domain, top-10 catalogue coverage and the share of the 1% most popular items, seconds
 per epoch, epochs to best, peak RSS) and writes bench/results/train.json. Training is capped (epochs,
@@ -109,7 +112,7 @@ def table(results: list[dict], domains: list[str]) -> str:
     cols += ["epochs (best)", "s/epoch", "peak RSS MB"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
-        cells = [r["model"], r.get("objective", "")]
+        cells = [r.get("label", r["model"]), r.get("objective", "")]
         for protocol in ("sampled", "full"):
             src = r["test"] if protocol == "sampled" else r["test"].get("full", {})
             for group in ["overall", *domains]:
@@ -144,7 +147,7 @@ def cold_table(results: list[dict], domains: list[str]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
         cold = r.get("cold_start") or {}
-        cells = [r["model"]]
+        cells = [r.get("label", r["model"])]
         for key, _ in groups:
             g = cold.get(key)
             if g is None:
@@ -159,6 +162,33 @@ def cold_table(results: list[dict], domains: list[str]) -> str:
             new["full"]["overall"]["ndcg@10"] / warm["full"]["overall"]["ndcg@10"] if new and warm else None
         )
         cells.append("-" if ratio is None else f"{ratio:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def seed_table(results: list[dict], domains: list[str]) -> str:
+    """One row per run label (its seeds pooled): mean +- sample standard deviation over the seeds of the
+    test NDCG@10, sampled and full ranking, overall and per domain, and of the best epoch."""
+    import statistics
+
+    def cell(values: list[float], digits: int = 4) -> str:
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.fmean(values):.{digits}f} +- {sd:.{digits}f}"
+
+    labels = list(dict.fromkeys(r["label"] for r in results))
+    cols = ["run", "seeds"]
+    cols += [f"{p} {g} NDCG@10" for p in ("sampled", "full") for g in ["overall", *domains]]
+    cols += ["valid full NDCG@10", "best epoch"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for label in labels:
+        rs = [r for r in results if r["label"] == label]
+        cells = [label, ",".join(str(r["seed"]) for r in rs)]
+        for protocol in ("sampled", "full"):
+            for g in ["overall", *domains]:
+                src = [r["test"] if protocol == "sampled" else r["test"]["full"] for r in rs]
+                cells.append(cell([m[g]["ndcg@10"] for m in src]))
+        cells.append(cell([r["valid"]["full"]["overall"]["ndcg@10"] for r in rs]))
+        cells.append(cell([float(r["best_epoch"]) for r in rs], 1))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -185,7 +215,10 @@ def main() -> None:
     parser.add_argument(
         "--runs",
         default=",".join(MODEL_PRESETS),
-        help="model[:objective] list, e.g. pop,llm4cdsr:bce,llm4cdsr:sampled_softmax,sasrec:ce",
+        help="model[:objective][+FIELD=VALUE...] list, e.g. pop,llm4cdsr:bce,llm4cdsr-hybrid+beta=0",
+    )
+    parser.add_argument(
+        "--seeds", default="", help="Comma-separated seeds: every run once per seed, plus a mean/spread table."
     )
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--patience", type=int, default=3)
@@ -214,9 +247,11 @@ def main() -> None:
     args = parser.parse_args()
     overrides = parse_overrides(args.set)
 
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     results = []
-    for spec in args.runs.split(","):
-        name, _, objective = spec.partition(":")
+    for spec, seed in [(spec, seed) for spec in args.runs.split(",") for seed in seeds or [None]]:
+        head, *extra = spec.split("+")
+        name, _, objective = head.partition(":")
         fields = dict(
             model=name,
             epochs=args.epochs,
@@ -231,19 +266,23 @@ def main() -> None:
             cold_start={"new_items": args.cold_start, "untouched_domain": args.cold_start},
             **({"objective": objective} if objective else {}),
         )
-        settings = TrainSettings(**(fields | overrides))  # --set wins, validated like any setting
+        run_overrides = overrides | parse_overrides(extra) | ({"seed": seed} if seed is not None else {})
+        settings = TrainSettings(**(fields | run_overrides))  # --set and +FIELD win, validated as any setting
         started = time.perf_counter()
         r = run_one(settings, args.workspace, args.force)
         r["wall_seconds"] = time.perf_counter() - started
         r["objective"] = "" if name == "pop" else settings.objective
+        r["label"], r["seed"] = spec, settings.seed
         results.append(r)
         print(
-            f"{name}: {r['epochs']} epochs (best {r['best_epoch']}), {r['epoch_seconds']:.1f} s/epoch, "
+            f"{spec} (seed {settings.seed}): {r['epochs']} epochs (best {r['best_epoch']}), {r['epoch_seconds']:.1f} s/epoch, "
             f"test ndcg@10 {r['test']['overall']['ndcg@10']:.4f}, full {r['test']['full']['overall']['ndcg@10']:.4f}",
             flush=True,
         )
     domains = [k for k in results[0]["test"] if k not in ("overall", "full")]
     print(table(results, domains))
+    if seeds:
+        print(seed_table(results, domains))
     if args.cold_start:
         print(cold_table(results, domains))
     out = Path(args.out)
