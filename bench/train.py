@@ -218,7 +218,9 @@ def main() -> None:
         help="model[:objective][+FIELD=VALUE...] list, e.g. pop,llm4cdsr:bce,llm4cdsr-hybrid+beta=0",
     )
     parser.add_argument(
-        "--seeds", default="", help="Comma-separated seeds: every run once per seed, plus a mean/spread table."
+        "--seeds",
+        default="",
+        help="Comma-separated seeds: every run once per seed, plus a mean/spread table.",
     )
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--patience", type=int, default=3)
