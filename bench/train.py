@@ -208,10 +208,13 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        """The module docstring as written, and every option's default in its help."""
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    parser.add_argument(
+        "--workspace", required=True, help="A workspace with ingest and enrich outputs (runs go to WS/runs)."
     )
-    parser.add_argument("--workspace", required=True)
     parser.add_argument(
         "--runs",
         default=",".join(MODEL_PRESETS),
@@ -222,11 +225,13 @@ def main() -> None:
         default="",
         help="Comma-separated seeds: every run once per seed, plus a mean/spread table.",
     )
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--patience", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=8, help="Epochs at most per run.")
+    parser.add_argument(
+        "--patience", type=int, default=3, help="Early stopping: epochs without a better validation."
+    )
     parser.add_argument("--time-budget", type=float, default=900.0, help="Seconds of training per model.")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads per run.")
+    parser.add_argument("--batch-size", type=int, default=128, help="Users per training batch.")
     parser.add_argument(
         "--bidirectional", action="store_true", help="Bidirectional attention (the authors' leaky setting)."
     )
@@ -245,7 +250,11 @@ def main() -> None:
         metavar="FIELD=VALUE",
         help="Override a train setting for every run (repeatable; VALUE parsed as JSON, else a string).",
     )
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "train.json"))
+    parser.add_argument(
+        "--out",
+        default=str(REPO / "bench" / "results" / "train.json"),
+        help="The JSON to write (the default overwrites the committed results).",
+    )
     args = parser.parse_args()
     overrides = parse_overrides(args.set)
 

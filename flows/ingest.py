@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 
 from bridgerec.storage.workspace import Workspace
-from bridgerec.tasks.ingest import IngestSettings, IngestSummary, input_files, run_ingest
+from bridgerec.tasks.ingest import IngestSettings, IngestSummary, check_input_files, run_ingest
 
 
 @task(name="check-inputs")
 def check_inputs(settings: IngestSettings) -> dict[str, str]:
     """Fail fast, before any work, if a configured file is missing."""
-    files = input_files(settings)
-    missing = [f"{role}: {path}" for role, path in files.items() if not Path(path).is_file()]
-    if missing:
-        raise FileNotFoundError("ingest input files not found: " + "; ".join(missing))
-    return {role: str(p) for role, p in files.items()}
+    return {role: str(p) for role, p in check_input_files(settings).items()}
 
 
 @task(name="ingest", retries=0)

@@ -465,3 +465,29 @@ def test_errors_exit_2_through_the_cli(
         .splitlines()[-1]
         .startswith("error: interactions.csv.gz: 11 of 21 interactions rows quarantined (unknown_item: 11)")
     )
+
+
+def test_a_missing_input_file_is_one_error_line_through_the_cli(
+    prefect_harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A path that does not exist fails the flow's first task with an InputError (exit 2, the file
+    named, no traceback in the logs: runtime/logs.py hides them for InputError only)."""
+    from typer.testing import CliRunner
+
+    from bridgerec.cli import app
+    from bridgerec.tasks.ingest import IngestSettings, SourceError, check_input_files
+
+    monkeypatch.chdir(tmp_path)
+    generic()(tmp_path)
+    settings = IngestSettings(source="generic", items="items.csv", interactions="missing.csv.gz")
+    with pytest.raises(SourceError, match=r"^missing.csv.gz: file not found \(ingest interactions\)$"):
+        check_input_files(settings)
+    result = CliRunner().invoke(
+        app, ["ingest", "--items", "items.csv", "--interactions", "missing.csv.gz", "-w", "ws", "--json"]
+    )
+    assert result.exit_code == EXIT_INPUT
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == "error: missing.csv.gz: file not found (ingest interactions)"
+    )
+    assert not (tmp_path / "ws" / "ingest").exists()

@@ -77,11 +77,17 @@ def input_files(settings: IngestSettings) -> dict[str, Path]:
     return files
 
 
-def read_source(settings: IngestSettings) -> RawSource:
+def check_input_files(settings: IngestSettings) -> dict[str, Path]:
+    """The configured input files by role; `SourceError` (exit 2, no traceback) naming a missing one."""
     files = input_files(settings)
     for role, path in files.items():
         if not Path(path).is_file():
             raise SourceError(f"{path}: file not found (ingest {role})")
+    return files
+
+
+def read_source(settings: IngestSettings) -> RawSource:
+    files = check_input_files(settings)
     if settings.source == "generic":
         return _read_generic(files["items"], files["interactions"])
     return _read_amazon(settings)
