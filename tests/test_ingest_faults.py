@@ -470,8 +470,9 @@ def test_errors_exit_2_through_the_cli(
 def test_a_missing_input_file_is_one_error_line_through_the_cli(
     prefect_harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A path that does not exist fails the flow's first task with an InputError (exit 2, the file
-    named, no traceback in the logs: runtime/logs.py hides them for InputError only)."""
+    """A path that does not exist fails the flow's first task with an InputError, the type whose
+    tracebacks runtime/logs.py keeps out of the console (that filter is tested on its own): the CLI
+    prints one `error:` line naming the file and exits 2, and nothing is written."""
     from typer.testing import CliRunner
 
     from bridgerec.cli import app
