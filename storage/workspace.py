@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -62,15 +62,37 @@ def hash_json(value: Any) -> str:
     return hashlib.blake2b(blob, digest_size=16).hexdigest()
 
 
-def config_hash(*sections: BaseModel | None, exclude: Mapping[int, set[str]] | None = None) -> str:
-    """The hash a stage's manifest records for its settings: the effective values of its sections (in
-    order; None for a section that is off), each without the keys in `exclude[position]` (settings that
-    do not change the output, e.g. shard sizes or input paths whose content is hashed separately)."""
-    exclude = exclude or {}
-    dumped = [
-        None if s is None else s.model_dump(mode="json", exclude=exclude.get(i))
-        for i, s in enumerate(sections)
-    ]
+class StageSettings(BaseModel):
+    """A stage's settings section, declaring which of its fields make up its config hash (`config_hash`).
+
+    Every field changes what the stage writes, and so its hash, unless declared otherwise here; a new
+    field is hashed by default, which can cost a rebuild but never serves a stale output.
+    - `not_hashed`: fields that change how the stage runs, not what it writes (threads, shard sizes, a
+      path whose file content is hashed separately as an input).
+    - `hashed_since`: the migration table of fields added after outputs existed: field -> the value those
+      outputs implicitly had. A field holding that value is left out, so their hashes (and run ids) stay
+      valid; any other value is hashed.
+    - `ignored_fields()`: fields this particular configuration does not use (e.g. a switch of another
+      model), left out so that changing them does not rebuild.
+    """
+
+    not_hashed: ClassVar[frozenset[str]] = frozenset()
+    hashed_since: ClassVar[Mapping[str, Any]] = {}
+
+    def ignored_fields(self) -> set[str]:
+        return set()
+
+    def hashed_values(self) -> dict[str, Any]:
+        """The fields that make up the hash, as JSON values (field name -> value)."""
+        data = self.model_dump(mode="json", exclude=set(self.not_hashed) | self.ignored_fields())
+        since = self.hashed_since
+        return {k: v for k, v in data.items() if not (k in since and v == since[k])}
+
+
+def config_hash(*sections: StageSettings | None) -> str:
+    """The hash a stage's manifest (or run id) records for its settings: the `hashed_values` of its
+    sections, in order (None for a section that is off)."""
+    dumped = [None if s is None else s.hashed_values() for s in sections]
     return hash_json(dumped[0] if len(dumped) == 1 else dumped)
 
 

@@ -75,3 +75,53 @@ def test_overrides_merge_key_by_key_the_same_for_cli_and_flows(
     assert (dotted.train.epochs, dotted.train.hidden, dotted.train.layers, dotted.publish.k) == (2, 32, 3, 5)
     with pytest.raises(ConfigError, match=r"train\.epochs"):
         resolve_settings(str(cfg), {"train": {"epochs": 0}})
+
+
+# A run recorded before the later switches existed, every other field spelled out: its run id must not
+# change when a switch is added (add it to `TrainSettings.hashed_since` at the value these runs had).
+_EARLY_RUN = dict(
+    hidden=128, layers=2, heads=1, dropout=0.2, max_len=200, causal=True, objective="sampled_softmax",
+    negatives=1024, sampling="popularity", select_by="full", adapter_init="xavier", alpha=0.1, beta=0.1,
+    tau=1.0, lr=1e-3, weight_decay=0.0, batch_size=128, epochs=200, patience=20, time_budget_s=None,
+    eval_negatives=100, short_history=5, full_ranking=True, seed=42, deterministic=False,
+    id_embeddings=False, domain_start=True,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ("llm4cdsr-hybrid", "1a6b1bbbcf2c023ae9461740704ba195"),
+        ("sasrec", "c50685f4b475b86bb185a8a0b808c747"),
+        ("pop", "443c407e36475fc5c8a59da315773b2b"),
+    ],
+)
+def test_early_run_ids_survive_new_switches(model: str, expected: str) -> None:
+    from bridgerec.tasks.train import TrainSettings
+    from bridgerec.tasks.train.stage import config_hash
+
+    early = TrainSettings(model=model, **_EARLY_RUN, **dict(TrainSettings.hashed_since))
+    assert config_hash(early) == expected
+    # how a run goes or starts is not part of its id
+    assert config_hash(early.model_copy(update={"threads": 3, "warm_start": False})) == expected
+    # a switch away from its earlier value is
+    assert config_hash(early.model_copy(update={"block": "sasrec"})) != expected
+
+
+def test_declared_hash_fields_are_fields() -> None:
+    """`not_hashed` and `hashed_since` name real fields of every stage's settings (a typo would hash a
+    field that should not be, or fail to keep an old id)."""
+    from bridgerec.config import Settings
+    from bridgerec.storage.workspace import StageSettings
+
+    sections = [f.annotation for f in Settings.model_fields.values()]
+    stages = [s for s in sections if isinstance(s, type) and issubclass(s, StageSettings)]
+    assert {s.__name__ for s in stages} >= {
+        "IngestSettings",
+        "EnrichSettings",
+        "TrainSettings",
+        "PublishSettings",
+    }
+    for section in stages:
+        declared = set(section.not_hashed) | set(section.hashed_since)
+        assert declared <= set(section.model_fields), (section.__name__, declared - set(section.model_fields))

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from bridgerec.storage.workspace import StageSettings
 
 # The item text of the method (llm4cdsr.md), as in the reference run of anchors.md: fields named,
 # "unknown" when missing. {categories} and {description} are available too; on CPU every token costs
@@ -81,8 +83,14 @@ class EngineSettings(BaseModel):
     seed: int = 0
 
 
-class EnrichSettings(BaseModel):
+class EnrichSettings(StageSettings):
     """Section `enrich`: item texts, item embeddings, the PCA tables of the model, the K-means of profiles."""
+
+    # Model folders enter through their content fingerprints (input hashes), not their paths; shard
+    # sizes and runners only change how the work is split.
+    not_hashed: ClassVar[frozenset[str]] = frozenset(
+        {"model", "items_per_shard", "task_runner", "workers", "embedding_cache"}
+    )
 
     model_config = ConfigDict(extra="forbid")
     model: Path | None = Field(
@@ -183,8 +191,12 @@ class EnrichSettings(BaseModel):
         return value
 
 
-class ProfileSettings(BaseModel):
+class ProfileSettings(StageSettings):
     """Section `profiles`: hierarchical LLM user profiles (analyzer per interest cluster, then summarizer)."""
+
+    not_hashed: ClassVar[frozenset[str]] = frozenset(
+        {"model", "gguf_source", "auto_prepare", "users_per_shard"}
+    )
 
     model_config = ConfigDict(extra="forbid")
     mode: Literal["llm", "none"] = Field(default="llm", description="llm, or none (profile guidance off).")

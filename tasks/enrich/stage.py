@@ -47,16 +47,7 @@ R = TypeVar("R")
 
 
 def settings_hash(enrich: EnrichSettings, profiles: ProfileSettings) -> str:
-    # Model folders enter through their content fingerprints (input hashes), not their paths; shard
-    # sizes only change how the work is split.
-    return config_hash(
-        enrich,
-        profiles,
-        exclude={
-            0: {"model", "items_per_shard", "task_runner", "workers", "embedding_cache"},
-            1: {"model", "gguf_source", "auto_prepare", "users_per_shard"},
-        },
-    )
+    return config_hash(enrich, profiles)
 
 
 def plan_enrich(

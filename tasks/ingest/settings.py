@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from bridgerec.storage.workspace import StageSettings
 
 SourceKind = Literal["generic", "amazon2018", "amazon2023"]
 
@@ -76,8 +78,10 @@ def _utc(value: datetime) -> datetime:
     return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-class IngestSettings(BaseModel):
+class IngestSettings(StageSettings):
     model_config = ConfigDict(extra="forbid")
+    # The files' content is hashed as the stage's inputs; their paths do not matter.
+    not_hashed: ClassVar[frozenset[str]] = frozenset({"items", "interactions", "amazon"})
 
     source: SourceKind = "generic"
     items: Path | None = Field(default=None, description="generic: the items file.")

@@ -43,8 +43,7 @@ class IngestSummary(BaseModel):
 
 
 def settings_hash(settings: IngestSettings) -> str:
-    # File paths do not matter, only their content (hashed separately) and the rules.
-    sections = config_hash(settings, exclude={0: {"items", "interactions", "amazon"}})
+    sections = config_hash(settings)
     return hash_json({"settings": sections, "rules_version": RULES_VERSION})
 
 

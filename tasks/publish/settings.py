@@ -7,14 +7,18 @@ The warehouse file itself is the top-level `warehouse` setting; FAISS indexes go
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from bridgerec.storage.index_store import IndexSettings
+from bridgerec.storage.workspace import StageSettings
 
 
-class PublishSettings(BaseModel):
+class PublishSettings(StageSettings):
     model_config = ConfigDict(extra="forbid")
+    # Threads, batch size and where indexes go change how, not what, is published.
+    not_hashed: ClassVar[frozenset[str]] = frozenset({"threads", "batch_users", "index_dir"})
     k: int = Field(default=20, ge=1, le=1000, description="Recommendations per user and domain.")
     exclude_seen: bool = Field(default=True, description="Never recommend an item the user already had.")
     new_items: bool = Field(

@@ -85,8 +85,7 @@ def index_root(settings: PublishSettings, warehouse: Path) -> Path:
 
 
 def settings_hash(settings: PublishSettings) -> str:
-    # Threads, batch size and where indexes go change how, not what, is published.
-    return config_hash(settings, exclude={0: {"threads", "batch_users", "index_dir"}})
+    return config_hash(settings)
 
 
 def inputs_hash(

@@ -13,7 +13,8 @@ here, and every training position weighs the same (`loss_norm: global`, as their
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -28,6 +29,7 @@ from bridgerec.models.config import (
     WeightInit,
 )
 from bridgerec.models.trainer import FitConfig
+from bridgerec.storage.workspace import StageSettings
 
 # name -> (architecture, switches forced by the preset). A preset's switches override the fields below.
 MODEL_PRESETS: dict[str, tuple[Architecture, dict[str, Any]]] = {
@@ -69,8 +71,32 @@ class ColdStartSettings(BaseModel):
     )
 
 
-class TrainSettings(BaseModel):
+class TrainSettings(StageSettings):
     model_config = ConfigDict(extra="forbid")
+    # The run id (storage.workspace.StageSettings): these change how fast a run goes (threads, device,
+    # eval_batch_size) or how it starts (warm from an earlier run's weights, or at random: recorded in the
+    # run's summary, `init`), not which run it is; a cold retrain of the same inputs is `--force`.
+    not_hashed: ClassVar[frozenset[str]] = frozenset(
+        {"threads", "device", "eval_batch_size", "warm_start", "warm_start_epochs"}
+    )
+    # Switches added after runs existed -> the value those runs had: at it, the switch is left out of the
+    # run id, so the earlier run ids stay valid (a warm start or skip still finds them).
+    hashed_since: ClassVar[Mapping[str, Any]] = {
+        "cold_start": ColdStartSettings().model_dump(mode="json"),
+        "id_dropout": 0.0,
+        "hide_domain": 0.0,
+        "block": "pre_ln",
+        "loss_norm": "batch",
+        "positions": "from_end",
+        "weight_init": "torch",
+    }
+
+    def ignored_fields(self) -> set[str]:
+        """Switches the chosen model does not use (left out of the run id): `domain_start` outside
+        LLM4CDSR, `hide_domain` without a mixed thread, `bce_negatives` unless bce with LLM4CDSR."""
+        ignored = set() if self.architecture == "llm4cdsr" else {"domain_start"}
+        ignored |= {"hide_domain"} if self.effective_hide_domain == 0 else set()
+        return ignored | (set() if self.bce_negatives_apply else {"bce_negatives"})
 
     model: str = Field(default="llm4cdsr-hybrid", description=f"One of: {', '.join(MODEL_PRESETS)}.")
     hidden: int = Field(default=128, ge=8, description="Hidden size of every thread.")

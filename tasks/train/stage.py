@@ -32,6 +32,7 @@ from bridgerec.runtime.logs import get_logger
 from bridgerec.storage import schemas
 from bridgerec.storage.runs import RunDir
 from bridgerec.storage.workspace import Workspace, hash_json
+from bridgerec.storage.workspace import config_hash as workspace_config_hash
 from bridgerec.tasks.train import coldstart
 from bridgerec.tasks.train.checkpoint import load_weights, save_checkpoint, save_weights
 from bridgerec.tasks.train.inputs import (
@@ -42,17 +43,10 @@ from bridgerec.tasks.train.inputs import (
     load_profiles,
     load_sequences,
 )
-from bridgerec.tasks.train.settings import ColdStartSettings, TrainSettings
+from bridgerec.tasks.train.settings import TrainSettings
 from bridgerec.tasks.train.warmstart import init_from
 
 STAGE = "train"
-# Fields that change how fast a run goes, not what it learns: left out of the run id.
-RUNTIME_FIELDS = {"threads", "device", "eval_batch_size"}
-# Fields that decide how a run *starts* (from an earlier run's weights or at random), not which run it is:
-# also left out, so switching them never retrains unchanged inputs (a cold retrain of the same inputs is
-# `--force`) and the run ids from before warm start existed stay valid. How each run started is recorded
-# in its summary (`init`, `warm_start_from`), since the earlier weights cannot be part of the id anyway.
-INIT_FIELDS = {"warm_start", "warm_start_epochs"}
 
 
 class TrainSummary(BaseModel):
@@ -84,18 +78,8 @@ class TrainSummary(BaseModel):
 
 
 def config_hash(settings: TrainSettings) -> str:
-    # cold_start at its defaults (off) is left out, so the run ids from before it existed stay valid;
-    # id_dropout likewise at its default (0)
-    off = {"cold_start"} if settings.cold_start == ColdStartSettings() else set()
-    off |= {"id_dropout"} if settings.resolved().id_dropout == 0 else set()
-    off |= {"domain_start"} if settings.architecture != "llm4cdsr" else set()  # only LLM4CDSR has it
-    off |= {"hide_domain"} if settings.effective_hide_domain == 0 else set()  # off, or not this model's
-    off |= {"block"} if settings.block == "pre_ln" else set()  # runs from before the switch were pre_ln
-    off |= {"loss_norm"} if settings.loss_norm == "batch" else set()
-    off |= {"positions"} if settings.positions == "from_end" else set()
-    off |= {"weight_init"} if settings.weight_init == "torch" else set()
-    off |= set() if settings.bce_negatives_apply else {"bce_negatives"}  # (older runs: fused; not bce)
-    return hash_json(settings.resolved().model_dump(mode="json", exclude=RUNTIME_FIELDS | INIT_FIELDS | off))
+    """The run id's settings part: the preset applied, then `TrainSettings`' declared hash fields."""
+    return workspace_config_hash(settings.resolved())
 
 
 def run_id_for(settings: TrainSettings, hashes: dict[str, str]) -> str:
