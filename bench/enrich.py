@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 
 from bridgerec.runtime.machine import machine_info
+from bridgerec.tasks import StageRun
+from bridgerec.tasks.enrich import EnrichSections
 
 REPO = Path(__file__).resolve().parents[1]
 GOALS = {"pipeline_vs_bare": 0.9, "item_stage_seconds": 90.0, "rerun_seconds": 5.0}
@@ -57,7 +59,10 @@ def main() -> None:
 
     ws = Workspace(args.workspace)
     run_ingest(
-        IngestSettings(items=args.data / "items.csv.gz", interactions=args.data / "interactions.csv.gz"), ws
+        StageRun(
+            IngestSettings(items=args.data / "items.csv.gz", interactions=args.data / "interactions.csv.gz"),
+            ws,
+        )
     )
     enrich, no_profiles = EnrichSettings(), ProfileSettings(mode="none")
     items = ws.read_table("ingest", "items")
@@ -95,7 +100,7 @@ def main() -> None:
 
         shutil.rmtree(EnrichOutputs(ws).folder, ignore_errors=True)
         t = time.perf_counter()
-        s = run_enrich(enrich, no_profiles, ws, threads=args.threads)
+        s = run_enrich(StageRun(EnrichSections(enrich, no_profiles), ws, threads=args.threads))
         out |= {
             "items": s.items,
             "item_stage_seconds": round(time.perf_counter() - t, 1),
@@ -109,7 +114,7 @@ def main() -> None:
 
         # 4. rerun, nothing changed
         t = time.perf_counter()
-        again = run_enrich(enrich, no_profiles, ws, threads=args.threads)
+        again = run_enrich(StageRun(EnrichSections(enrich, no_profiles), ws, threads=args.threads))
         out |= {
             "rerun_seconds": round(time.perf_counter() - t, 2),
             "rerun_skipped": again.skipped,

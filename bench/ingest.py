@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from bridgerec.runtime.machine import machine_info
+from bridgerec.tasks import StageRun
 
 REPO = Path(__file__).resolve().parents[1]
 GOALS = {"seconds": 30.0, "peak_rss_mb": 2048.0}
@@ -30,10 +31,10 @@ def one_run(data: Path, threads: int) -> dict:
     settings = IngestSettings(items=data / "items.csv.gz", interactions=data / "interactions.csv.gz")
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        s = run_ingest(settings, Workspace(tmp), threads=threads)
+        s = run_ingest(StageRun(settings, Workspace(tmp), threads=threads))
         seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
-        skipped = run_ingest(settings, Workspace(tmp), threads=threads)
+        skipped = run_ingest(StageRun(settings, Workspace(tmp), threads=threads))
         rerun = time.perf_counter() - t1
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rows = s.accounting["interactions"]["read"] + s.accounting["items"]["read"]

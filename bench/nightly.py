@@ -53,7 +53,7 @@ def add_new_interactions(src: Path, dst: Path, share: float, seed: int = 0) -> i
 
 def what_ran(stages: dict) -> dict:
     """The figures that say what each stage did (skipped? new work? warm or cold? quality)."""
-    ingest, enrich, train, publish = (stages.get(k, {}) for k in ("ingest", "enrich", "train", "publish"))
+    ingest, enrich, train, publish = (stages.get(k) or {} for k in ("ingest", "enrich", "train", "publish"))
     test = train.get("test") or {}
     overall = test.get("overall", test)
     return {
@@ -109,7 +109,7 @@ def main() -> None:
             n = add_new_interactions(args.data / "interactions.csv.gz", raw / "interactions.csv.gz", 0.01)
             print(f"appended {n} new interactions (1% of users)")
         t0 = time.perf_counter()
-        result = nightly_flow(None, overrides)
+        result = nightly_flow(None, overrides).model_dump(mode="json")
         total = time.perf_counter() - t0
         runs[label] = {
             "total_seconds": round(total, 2),

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from bridgerec.runtime.machine import machine_info
+from bridgerec.tasks import StageRun
 
 REPO = Path(__file__).resolve().parents[1]
 GOAL_SECONDS = 60.0
@@ -32,7 +33,7 @@ def ensure_ingested(workspace: Path, data: Path) -> None:
 
     if Workspace(workspace).read_manifest("ingest") is None:
         settings = IngestSettings(items=data / "items.csv.gz", interactions=data / "interactions.csv.gz")
-        run_ingest(settings, Workspace(workspace), threads=2)
+        run_ingest(StageRun(settings, Workspace(workspace), threads=2))
 
 
 def synthetic_vectors(workspace: Path, dim: int, seed: int = 0) -> dict:
@@ -149,10 +150,7 @@ def main() -> None:
         for i in range(args.publishes):
             cpu0 = time.process_time()
             s = run_publish(
-                settings,
-                ws,
-                warehouse,
-                threads=args.threads,
+                StageRun(settings, ws, warehouse=warehouse, threads=args.threads),
                 run_id=f"bench-{i}",
                 vectors=None if trained else vectors,
                 model=None if trained else "synthetic",

@@ -42,8 +42,9 @@ from bridgerec.tasks.train.settings import TrainSettings
 from bridgerec.tasks.train.stage import run_train
 sys.path.insert(0, "bench")
 from train import authors_protocol
+from bridgerec.tasks import StageRun
 ws = Workspace(sys.argv[2])
-s = run_train(TrainSettings.model_validate_json(sys.argv[1]), ws, force=sys.argv[3] == "1")
+s = run_train(StageRun(TrainSettings.model_validate_json(sys.argv[1]), ws, force=sys.argv[3] == "1"))
 out = s.model_dump(mode="json") | {"authors_protocol": authors_protocol(Path(s.run_dir), ws)}
 print("RESULT " + json.dumps(out))
 """

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 import bridgerec.runtime.prefect_env  # noqa: E402, F401
 from bridgerec.storage.workspace import Workspace  # noqa: E402
+from bridgerec.tasks import StageRun  # noqa: E402
 from bridgerec.tasks.train.settings import TrainSettings  # noqa: E402
 from bridgerec.tasks.train.stage import TrainSummary, run_train  # noqa: E402
 
@@ -73,12 +74,14 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-warm-"))
     try:
         ws1 = inputs(args.night1, tmp / "night1")
-        first = run_train(settings, ws1)
+        first = run_train(StageRun(settings, ws1))
         ws_warm = inputs(args.night2, tmp / "warm")
         for folder in ("runs", "train"):  # night 1's run and leaderboard: what a nightly workspace holds
             shutil.copytree(ws1.root / folder, ws_warm.root / folder)
-        warm = run_train(settings, ws_warm)
-        cold = run_train(settings.model_copy(update={"warm_start": False}), inputs(args.night2, tmp / "cold"))
+        warm = run_train(StageRun(settings, ws_warm))
+        cold = run_train(
+            StageRun(settings.model_copy(update={"warm_start": False}), inputs(args.night2, tmp / "cold"))
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rows = [row("night 1 (cold)", first), row("night 2 warm", warm), row("night 2 cold", cold)]

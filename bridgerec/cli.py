@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 import yaml
+from pydantic import BaseModel
 
 import bridgerec.runtime.prefect_env  # noqa: F401  (must precede any prefect import)
 from bridgerec.config import ConfigError, Settings, load_settings
 from bridgerec.runtime import progress
 from bridgerec.runtime.errors import EXIT_FAILURE, EXIT_INPUT, InputError, input_error_in
 from bridgerec.runtime.logs import hide_input_error_tracebacks
+
+if TYPE_CHECKING:
+    from bridgerec.tasks.enrich import EnrichSummary
+    from bridgerec.tasks.ingest import IngestSummary
+    from bridgerec.tasks.publish import PublishSummary
+    from bridgerec.tasks.train import TrainSummary
 
 app = typer.Typer(
     name="bridgerec",
@@ -47,7 +55,7 @@ WorkspaceOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (no progress bars).")]
 
 
-def _fail(message: str, code: int = EXIT_INPUT) -> None:
+def _fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
@@ -61,9 +69,11 @@ def _settings(config: Path | None, **overrides: Any) -> Settings:
     raise AssertionError("unreachable")
 
 
-def _emit(result: dict, as_json: bool, render: Any) -> None:
+def _emit(result: Any, as_json: bool, render: Callable[[Any], None]) -> None:
+    """Print `result` (a typed summary, or a dict) as one JSON object, or through `render`."""
     if as_json:
-        sys.stdout.write(json.dumps(result, default=str) + "\n")
+        data = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
+        sys.stdout.write(json.dumps(data, default=str) + "\n")
     else:
         render(result)
 
@@ -108,7 +118,7 @@ def ingest(
     Checks every row: bad rows go to WORKSPACE/ingest/quarantine.parquet with a reason, and every row
     read is accounted for (read = kept + quarantined + filtered). An unchanged rerun is skipped.
     """
-    from bridgerec.flows.ingest import ingest_flow
+    from bridgerec.flows.stage import run_stage
 
     hide_input_error_tracebacks()
 
@@ -132,37 +142,33 @@ def ingest(
     )
     progress.set_enabled(not as_json)
     try:
-        summary = ingest_flow(
-            settings.ingest, str(settings.workspace), settings.runtime.resolved_threads(), force
-        )
+        summary = run_stage("ingest", settings, force=force)
     except (InputError, FileNotFoundError) as exc:  # SourceError, IngestError: the file is named
         _fail(str(exc))
-    _emit(summary.model_dump(), as_json, _render_ingest)
+    _emit(summary, as_json, _render_ingest)
 
 
-def _render_ingest(s: dict) -> None:
+def _render_ingest(s: IngestSummary) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
     head = (
         "ingest skipped: inputs and config unchanged"
-        if s["skipped"]
-        else f"ingest finished in {s['seconds']:.1f} s"
+        if s.skipped
+        else f"ingest finished in {s.seconds:.1f} s"
     )
-    console.print(f"[bold green]{head}[/] -> {s['workspace']}/ingest")
+    console.print(f"[bold green]{head}[/] -> {s.workspace}/ingest")
     t = Table(show_header=False)
-    t.add_row("users", f"{s['users']:,}")
-    t.add_row("overlapping users", f"{s['overlap_users']:,}")
-    t.add_row(
-        "items", f"{s['items']:,}  " + ", ".join(f"{d}: {n:,}" for d, n in s["items_per_domain"].items())
-    )
-    t.add_row("interactions", f"{s['interactions']:,}")
+    t.add_row("users", f"{s.users:,}")
+    t.add_row("overlapping users", f"{s.overlap_users:,}")
+    t.add_row("items", f"{s.items:,}  " + ", ".join(f"{d}: {n:,}" for d, n in s.items_per_domain.items()))
+    t.add_row("interactions", f"{s.interactions:,}")
     t.add_row(
         "quarantined",
-        f"{s['quarantined']:,}  " + ", ".join(f"{r}: {n:,}" for r, n in s["quarantined_by_reason"].items()),
+        f"{s.quarantined:,}  " + ", ".join(f"{r}: {n:,}" for r, n in s.quarantined_by_reason.items()),
     )
-    t.add_row("filtered", ", ".join(f"{r}: {n:,}" for r, n in s["filtered_by_reason"].items()) or "0")
+    t.add_row("filtered", ", ".join(f"{r}: {n:,}" for r, n in s.filtered_by_reason.items()) or "0")
     console.print(t)
 
 
@@ -188,7 +194,7 @@ def enrich(
     changed get a new profile; an unchanged rerun starts no engine. Items or users that fail are in
     WORKSPACE/enrich/errors.parquet with the reason.
     """
-    from bridgerec.flows.enrich import configured_enrich_flow
+    from bridgerec.flows.stage import run_stage
 
     hide_input_error_tracebacks()
     from bridgerec.tasks.enrich import ModelError
@@ -198,46 +204,40 @@ def enrich(
     )
     progress.set_enabled(not as_json)
     try:
-        summary = configured_enrich_flow(settings.enrich)(
-            settings.enrich,
-            settings.profiles,
-            str(settings.workspace),
-            settings.runtime.resolved_threads(),
-            force,
-        )
+        summary = run_stage("enrich", settings, force=force)
     except (ModelError, FileNotFoundError) as exc:
         _fail(str(exc))
-    _emit(summary.model_dump(mode="json"), as_json, _render_enrich)
+    _emit(summary, as_json, _render_enrich)
 
 
-def _render_enrich(s: dict) -> None:
+def _render_enrich(s: EnrichSummary) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
     head = (
         "enrich skipped: inputs, config and models unchanged"
-        if s["skipped"]
-        else f"enrich finished in {s['seconds']:.1f} s"
+        if s.skipped
+        else f"enrich finished in {s.seconds:.1f} s"
     )
-    console.print(f"[bold green]{head}[/] -> {s['workspace']}/enrich")
+    console.print(f"[bold green]{head}[/] -> {s.workspace}/enrich")
     t = Table(show_header=False)
-    t.add_row("items", f"{s['items']:,}: {s['items_embedded']:,} embedded, {s['items_cached']:,} cached")
+    t.add_row("items", f"{s.items:,}: {s.items_embedded:,} embedded, {s.items_cached:,} cached")
     t.add_row(
         "embeddings",
-        f"{s['embedding_dim']}-d {s['embed_model_id']}; tables {s['global_dim']} / {s['local_dim']}",
+        f"{s.embedding_dim}-d {s.embed_model_id}; tables {s.global_dim} / {s.local_dim}",
     )
-    if s["profile_mode"] == "llm":
+    if s.profile_mode == "llm":
         t.add_row(
             "profiles",
-            f"{s['profile_users']:,} users: {s['profiles_generated']:,} generated, {s['profiles_cached']:,} cached "
-            f"({s['llm_model_id']})",
+            f"{s.profile_users:,} users: {s.profiles_generated:,} generated, {s.profiles_cached:,} cached "
+            f"({s.llm_model_id})",
         )
     else:
         t.add_row("profiles", "off (profiles.mode = none)")
-    t.add_row("errors", f"{s['errors']:,} " + ", ".join(f"{k}: {v}" for k, v in s["errors_by_step"].items()))
-    if s["engines_started"]:
-        t.add_row("engines", ", ".join(f"{e['runner']} {e['seconds']} s" for e in s["engines_started"]))
+    t.add_row("errors", f"{s.errors:,} " + ", ".join(f"{k}: {v}" for k, v in s.errors_by_step.items()))
+    if s.engines_started:
+        t.add_row("engines", ", ".join(f"{e['runner']} {e['seconds']} s" for e in s.engines_started))
     console.print(t)
 
 
@@ -293,47 +293,41 @@ def train(
     from the target's domain and with full ranking over it. An unchanged rerun is skipped; an interrupted
     one resumes from its last epoch.
     """
-    from bridgerec.flows.train import train_flow
+    from bridgerec.flows.stage import run_stage
 
     hide_input_error_tracebacks()
 
     settings = _settings(config, workspace=workspace, **{"train.model": model, "train.epochs": epochs})
     progress.set_enabled(not as_json)
     try:
-        summary = train_flow(
-            settings.train, str(settings.workspace), settings.runtime.resolved_threads(), force
-        )
+        summary = run_stage("train", settings, force=force)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
-    _emit(summary.model_dump(mode="json"), as_json, _render_train)
+    _emit(summary, as_json, _render_train)
 
 
-def _render_train(s: dict) -> None:
+def _render_train(s: TrainSummary) -> None:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
     console = Console()
-    head = (
-        "train skipped: already trained on these inputs"
-        if s["skipped"]
-        else f"trained in {s['seconds']:.0f} s"
-    )
+    head = "train skipped: already trained on these inputs" if s.skipped else f"trained in {s.seconds:.0f} s"
     console.print(
-        f"[bold green]{head}[/]: {s['model']} -> {s['run_dir']}\n"
-        f"best epoch {s['best_epoch']} of {s['epochs']}, {s['epoch_seconds']:.1f} s per epoch"
+        f"[bold green]{head}[/]: {s.model} -> {s.run_dir}\n"
+        f"best epoch {s.best_epoch} of {s.epochs}, {s.epoch_seconds:.1f} s per epoch"
     )
-    if s.get("init") == "warm":
-        start = s.get("init_valid_ndcg10")
+    if s.init == "warm":
+        start = s.init_valid_ndcg10
         console.print(
-            f"warm start from {escape(str(s['warm_start_from']))}"
+            f"warm start from {escape(str(s.warm_start_from))}"
             + (f" (validation NDCG@10 {start:.4f} before training)" if start is not None else "")
         )
-    elif s.get("cold_start_reason"):
-        console.print(f"cold start: {escape(s['cold_start_reason'])}")
+    elif s.cold_start_reason:
+        console.print(f"cold start: {escape(s.cold_start_reason)}")
     t = Table("test", "HR@10", "NDCG@10", "full HR@10", "full NDCG@10")
-    full = s["test"].get("full", {})
-    for group, m in s["test"].items():
+    full = s.test.get("full", {})
+    for group, m in s.test.items():
         if group == "full":
             continue
         f = full.get(group, {})
@@ -374,7 +368,7 @@ def publish(
     Indexes are saved under <warehouse folder>/indexes/<run_id>/.
     Runs beyond `publish.retention_runs` lose their recommendations, profiles and indexes.
     """
-    from bridgerec.flows.publish import publish_flow
+    from bridgerec.flows.stage import run_stage
 
     hide_input_error_tracebacks()
     from bridgerec.storage.warehouse import WarehouseError
@@ -383,35 +377,28 @@ def publish(
     settings = _settings(config, workspace=workspace, warehouse=warehouse, **{"publish.k": k})
     progress.set_enabled(not as_json)
     try:
-        summary = publish_flow(
-            settings.publish,
-            str(settings.workspace),
-            str(settings.warehouse_path),
-            settings.runtime.resolved_threads(),
-            force,
-            run_id,
-        )
+        summary = run_stage("publish", settings, force=force, run_id=run_id)
     except (PublishError, WarehouseError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
-    _emit(summary.model_dump(mode="json"), as_json, _render_publish)
+    _emit(summary, as_json, _render_publish)
 
 
-def _render_publish(s: dict) -> None:
+def _render_publish(s: PublishSummary) -> None:
     from rich.console import Console
 
     console = Console()
-    if s["skipped"]:
-        console.print(f"[bold green]publish skipped[/]: run {s['run_id']} is already in {s['warehouse']}")
+    if s.skipped:
+        console.print(f"[bold green]publish skipped[/]: run {s.run_id} is already in {s.warehouse}")
         return
     console.print(
-        f"[bold green]published run {s['run_id']}[/] ({s['model']}) in {s['seconds']:.1f} s -> {s['warehouse']}"
+        f"[bold green]published run {s.run_id}[/] ({s.model}) in {s.seconds:.1f} s -> {s.warehouse}"
     )
     console.print(
-        f"{s['rows']:,} rows: {s['users']:,} users x {len(s['items_per_domain'])} domains x k={s['k']}; "
-        f"indexes in {s['index_dir']}"
+        f"{s.rows:,} rows: {s.users:,} users x {len(s.items_per_domain)} domains x k={s.k}; "
+        f"indexes in {s.index_dir}"
     )
-    if s["purged_runs"]:
-        console.print(f"retention purged: {', '.join(s['purged_runs'])}")
+    if s.purged_runs:
+        console.print(f"retention purged: {', '.join(s.purged_runs)}")
 
 
 @app.command()

@@ -8,13 +8,14 @@ Each stage receives its own section, never the whole tree.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -36,6 +37,13 @@ CONFIG_ENV = "BRIDGEREC_CONFIG"
 class RuntimeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     threads: int = Field(default=0, ge=0, description="CPU threads for DuckDB/torch/FAISS; 0 = all cores.")
+    runner: Literal["local", "processes"] = Field(
+        default="local",
+        description="Where the flows run a stage's shard task runs (enrich's item and profile shards): local "
+        "(one after another in the flow's process, sharing its engines) or processes (`workers` worker "
+        "processes, each with engines of its own: a machine with several GPUs or many cores).",
+    )
+    workers: int = Field(default=2, ge=1, description="Worker processes for runner: processes.")
     log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
     stage_retries: int = Field(default=1, ge=0, description="Retries of a failed stage in the nightly flow.")
     retry_delay_seconds: float = Field(default=30.0, ge=0, description="Wait before retrying a stage.")
@@ -64,6 +72,26 @@ class Settings(BaseSettings):
     publish: PublishSettings = Field(default_factory=PublishSettings)
     checks: DataCheckSettings = Field(default_factory=DataCheckSettings)
     gate: GateSettings = Field(default_factory=GateSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        """Keys that moved: `enrich.task_runner` (sequential | processes) and `enrich.workers` are
+        `runtime.runner` (local | processes) and `runtime.workers` since the runner serves every stage."""
+        enrich = data.get("enrich") if isinstance(data, dict) else None
+        if not isinstance(enrich, dict) or not {"task_runner", "workers"} & enrich.keys():
+            return data
+        enrich, runtime = dict(enrich), dict(data.get("runtime") or {})
+        if "task_runner" in enrich:
+            old = enrich.pop("task_runner")
+            runtime.setdefault("runner", "local" if old == "sequential" else old)
+        if "workers" in enrich:
+            runtime.setdefault("workers", enrich.pop("workers"))
+        logging.getLogger("bridgerec").warning(
+            "config: enrich.task_runner and enrich.workers are now runtime.runner (local | processes) and "
+            "runtime.workers; please rename them"
+        )
+        return data | {"enrich": enrich, "runtime": runtime}
 
     @property
     def warehouse_path(self) -> Path:
@@ -126,7 +154,8 @@ def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any
         if value is None:
             continue
         if isinstance(value, Mapping):
-            out[key] = _deep_merge(out.get(key) if isinstance(out.get(key), dict) else {}, value)
+            current = out.get(key)
+            out[key] = _deep_merge(current if isinstance(current, dict) else {}, value)
         else:
             out[key] = value
     return out

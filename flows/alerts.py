@@ -8,11 +8,13 @@ gate refused the new run (then the nightly flow run ends Failed with the message
 from __future__ import annotations
 
 import sys
+from typing import cast
 from uuid import UUID
 
 from prefect.automations import Automation
 from prefect.events.actions import SendNotification
 from prefect.events.schemas.automations import EventTrigger, Posture
+from pydantic import SecretStr
 
 AUTOMATION_NAME = "bridgerec: night failed or refused by the gate"
 # The events an automation keys on: the nightly flow run's final state (the flow's name is `nightly`).
@@ -46,13 +48,14 @@ def create_slack_alert(webhook_url: str, block_name: str = "bridgerec-oncall") -
     """Save a Slack webhook block and create (or replace) the automation with it; returns the automation."""
     from prefect.blocks.notifications import SlackWebhook
 
-    block_id = SlackWebhook(url=webhook_url).save(block_name, overwrite=True)
+    # Prefect's block and automation methods are sync in a sync context (typed as sync-or-async).
+    block_id = cast(UUID, SlackWebhook(url=SecretStr(webhook_url)).save(block_name, overwrite=True))
     while True:  # replace an earlier one of the same name
         try:
-            Automation.read(name=AUTOMATION_NAME).delete()
+            cast(Automation, Automation.read(name=AUTOMATION_NAME)).delete()
         except ValueError:
             break
-    return failed_night_automation(block_id).create()
+    return cast(Automation, failed_night_automation(block_id).create())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -171,11 +171,6 @@ class StageBuilder:
         self._rows[name] = table.num_rows
         return path
 
-    def write_json(self, name: str, value: Any) -> Path:
-        path = write_json_atomic(value, self.folder / name)
-        self._files.append(path.name)
-        return path
-
     def path(self, name: str) -> Path:
         """A path inside the stage for files written by other libraries (indexes, checkpoints)."""
         self._files.append(name)

@@ -14,6 +14,7 @@ if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("PREFECT_HOME"):
     os.environ["PREFECT_HOME"] = str(Path(os.environ["PREFECT_HOME"]) / os.environ["PYTEST_XDIST_WORKER"])
 
 import bridgerec.runtime.prefect_env  # noqa: F401  (Prefect env defaults before prefect is imported)
+from bridgerec.tasks import StageRun
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
@@ -47,7 +48,7 @@ def sample_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("sample_ws")
     settings = IngestSettings(items=SAMPLE / "items.csv.gz", interactions=SAMPLE / "interactions.csv.gz")
-    run_ingest(settings, Workspace(root))
+    run_ingest(StageRun(settings, Workspace(root)))
     return root
 
 

@@ -7,6 +7,7 @@ import gzip
 from pathlib import Path
 
 from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks import StageRun
 from bridgerec.tasks.ingest.settings import IngestSettings
 from bridgerec.tasks.ingest.stage import run_ingest
 
@@ -52,5 +53,5 @@ def slice_workspace(root: Path, n_users: int, both_domains: int, long_item: bool
             writer.writeheader()
             writer.writerows(data)
     ws = Workspace(root / "ws")
-    run_ingest(IngestSettings(items=root / "items.csv", interactions=root / "interactions.csv"), ws)
+    run_ingest(StageRun(IngestSettings(items=root / "items.csv", interactions=root / "interactions.csv"), ws))
     return ws

@@ -11,36 +11,14 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.layout import REPO, lay_out_package
+
 PYPROJECT = REPO / "pyproject.toml"
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
-
-
-def lay_out_package(dest: Path) -> Path:
-    """Copy the package's modules into `dest` as an installed wheel lays them out (per pyproject's
-    `packages` and `package-dir`); returns `dest`."""
-    tool = tomllib.loads(PYPROJECT.read_text())["tool"]["setuptools"]
-    mapping: dict[str, str] = tool.get("package-dir", {})
-    for package in tool["packages"]:
-        # a package's folder: its own mapping, else its parent's folder + its last name, else its dotted path
-        parts = package.split(".")
-        source = None
-        for cut in range(len(parts), 0, -1):
-            prefix = ".".join(parts[:cut])
-            if prefix in mapping:
-                source = REPO / mapping[prefix] / Path(*parts[cut:])
-                break
-        source = source or REPO / Path(*parts)
-        target = dest / Path(*parts)
-        target.mkdir(parents=True, exist_ok=True)
-        for module in source.glob("*.py"):
-            shutil.copy2(module, target / module.name)
-    return dest
 
 
 def lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
@@ -80,7 +58,8 @@ def test_an_upward_import_and_a_stage_internal_import_break_the_contracts(
     assert result.returncode != 0
     out = " ".join(result.stdout.split())  # import-linter wraps long lines
     assert (
-        "Imports point one way: cli -> flows -> config -> tasks -> models | storage -> runtime BROKEN" in out
+        "Imports point one way: cli -> flows -> stages -> config -> tasks -> models | storage -> runtime BROKEN"
+        in out
     )
     assert "bridgerec.storage.files -> bridgerec.tasks.publish" in out
     assert "Outside the train stage, only its face (bridgerec.tasks.train) is imported BROKEN" in out

@@ -16,6 +16,7 @@ from bridgerec.models.config import ModelConfig
 from bridgerec.models.data import Catalog, SequenceData, Sequences
 from bridgerec.models.evaluate import evaluate
 from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks import StageRun
 from bridgerec.tasks.ingest import IngestOutputs, IngestSettings, run_ingest
 from bridgerec.tasks.train.coldstart import ColdStart
 from bridgerec.tasks.train.settings import ColdStartSettings
@@ -203,7 +204,7 @@ def test_ingest_keeps_items_without_interactions_and_still_reconciles(tmp_path: 
     ]
     raw_items, raw_inter = write_csv(tmp_path / "items.csv", items), write_csv(tmp_path / "inter.csv", inter)
     ws = Workspace(tmp_path / "ws")
-    summary = run_ingest(IngestSettings(items=raw_items, interactions=raw_inter), ws)
+    summary = run_ingest(StageRun(IngestSettings(items=raw_items, interactions=raw_inter), ws))
     acc = summary.accounting["items"]
     # u3 is a short sequence: f4 and k1 lose their only interactions (filtered); f5, NEW1, NEW2 never had one.
     assert acc["read"] == 11 and acc["kept"] == 8 and acc["kept_without_interactions"] == 3
@@ -218,8 +219,10 @@ def test_ingest_keeps_items_without_interactions_and_still_reconciles(tmp_path: 
     assert sorted(gids) == list(range(1, 9))  # one dense id space, new items included
     # The setting drops them instead, counted as filtered.
     dropped = run_ingest(
-        IngestSettings(items=raw_items, interactions=raw_inter, items_without_interactions="drop"),
-        Workspace(tmp_path / "ws2"),
+        StageRun(
+            IngestSettings(items=raw_items, interactions=raw_inter, items_without_interactions="drop"),
+            Workspace(tmp_path / "ws2"),
+        )
     )
     acc = dropped.accounting["items"]
     assert acc["kept"] == 5 and acc["kept_without_interactions"] == 0
@@ -244,10 +247,12 @@ def test_new_items_by_first_appearance_from_ingest_timestamps(tmp_path: Path) ->
     ]
     ws = Workspace(tmp_path / "ws")
     run_ingest(
-        IngestSettings(
-            items=write_csv(tmp_path / "i.csv", items), interactions=write_csv(tmp_path / "x.csv", inter)
-        ),
-        ws,
+        StageRun(
+            IngestSettings(
+                items=write_csv(tmp_path / "i.csv", items), interactions=write_csv(tmp_path / "x.csv", inter)
+            ),
+            ws,
+        )
     )
     catalog = load_catalog(ws)
     seen = first_seen(ws, catalog.n_items)

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks import StageRun
 from bridgerec.tasks.ingest import IngestSettings, run_ingest
 from bridgerec.tasks.publish.settings import PublishSettings
 from bridgerec.tasks.publish.stage import run_publish
@@ -37,7 +38,7 @@ def test_cold_start_evaluations_on_the_sample(enriched_workspace: Path, tmp_path
     ws = _copy_inputs(enriched_workspace, tmp_path / "ws")
     cold = ColdStartSettings(new_items=True, untouched_domain=True)
     settings = TrainSettings(model="llm4cdsr", epochs=2, patience=2, cold_start=cold, **FAST)
-    summary = run_train(settings, ws)
+    summary = run_train(StageRun(settings, ws))
     assert summary.init == "cold" and "held-out" in (summary.cold_start_reason or "")
     new, warm, untouched = (summary.cold_start[k] for k in ("new_items", "warm_items", "untouched_domain"))
     # The sample has no timestamps: 5% of each domain's items drawn at random, seeded.
@@ -81,9 +82,9 @@ def test_a_new_catalogue_item_is_embedded_published_and_recommended(
     history). An ID-only model publishing the same night leaves it out and says why."""
     ws = _copy_inputs(enriched_workspace, tmp_path / "ws")
     settings = TrainSettings(model="llm4cdsr", epochs=2, patience=2, warm_start_epochs=1, **FAST)
-    run_train(settings, ws)
+    run_train(StageRun(settings, ws))
     night1 = tmp_path / "night1.duckdb"
-    run_publish(PublishSettings(k=20), ws, night1)
+    run_publish(StageRun(PublishSettings(k=20), ws, warehouse=night1))
     user, domain, item = _top(
         night1,
         "SELECT user_id, domain, item_id FROM latest_recommendations WHERE rank = 1 ORDER BY user_id LIMIT 1",
@@ -98,7 +99,7 @@ def test_a_new_catalogue_item_is_embedded_published_and_recommended(
         writer.writeheader()
         writer.writerows([*items, {"item_id": NEW_ITEM, "domain": domain, "title": title}])
     ingested = run_ingest(
-        IngestSettings(items=raw / "items.csv", interactions=SAMPLE / "interactions.csv.gz"), ws
+        StageRun(IngestSettings(items=raw / "items.csv", interactions=SAMPLE / "interactions.csv.gz"), ws)
     )
     assert ingested.items == 6448 and ingested.items_without_interactions == 1
     assert ingested.accounting["items"]["kept_without_interactions"] == 1
@@ -106,13 +107,13 @@ def test_a_new_catalogue_item_is_embedded_published_and_recommended(
     vectors = pq.read_table(ws.stage_dir("enrich") / "item_vectors.parquet", columns=["item_id"])
     assert NEW_ITEM in vectors["item_id"].to_pylist()
     # Night 2, warm from night 1: the new item's representation is its LLM embedding.
-    second = run_train(settings, ws)
+    second = run_train(StageRun(settings, ws))
     assert second.init == "warm" and second.warm_start_items["new"] == 1
     night2 = tmp_path / "night2.duckdb"
-    published = run_publish(PublishSettings(k=20), ws, night2)
+    published = run_publish(StageRun(PublishSettings(k=20), ws, warehouse=night2))
     assert published.new_items == 1 and published.new_items_recommended and published.new_items_note is None
     assert _top(night2, "SELECT domain, title FROM items WHERE item_id = ?", [NEW_ITEM]) == [(domain, title)]
-    off = run_publish(PublishSettings(k=20, new_items=False), ws, tmp_path / "off.duckdb")
+    off = run_publish(StageRun(PublishSettings(k=20, new_items=False), ws, warehouse=tmp_path / "off.duckdb"))
     assert not off.new_items_recommended and "publish.new_items is off" in off.new_items_note
     ranks = _top(
         night2,
@@ -125,9 +126,9 @@ def test_a_new_catalogue_item_is_embedded_published_and_recommended(
     # The same night with an ID-only model: the new item has an untrained row, so it is not ranked.
     ws_id = _copy_inputs(ws.root, tmp_path / "ws_id")
     shutil.rmtree(ws_id.root / "runs", ignore_errors=True)
-    run_train(TrainSettings(model="sasrec", epochs=1, **FAST), ws_id)
+    run_train(StageRun(TrainSettings(model="sasrec", epochs=1, **FAST), ws_id))
     id_night = tmp_path / "id.duckdb"
-    id_published = run_publish(PublishSettings(k=20), ws_id, id_night)
+    id_published = run_publish(StageRun(PublishSettings(k=20), ws_id, warehouse=id_night))
     assert id_published.new_items == 1 and not id_published.new_items_recommended
     assert "sasrec" in id_published.new_items_note and "cannot score" in id_published.new_items_note
     assert _top(id_night, "SELECT count(*) FROM recommendations WHERE item_id = ?", [NEW_ITEM]) == [(0,)]

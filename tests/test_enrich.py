@@ -17,7 +17,8 @@ import pytest
 
 from bridgerec.storage import schemas
 from bridgerec.storage.workspace import Workspace
-from bridgerec.tasks.enrich import EnrichOutputs
+from bridgerec.tasks import StageRun
+from bridgerec.tasks.enrich import EnrichOutputs, EnrichSections
 from bridgerec.tasks.enrich.engine import Embedder, EnginePool, EngineSpec, shared_engines
 from bridgerec.tasks.enrich.items import to_matrix
 from bridgerec.tasks.enrich.models import embedding_model
@@ -69,7 +70,7 @@ def test_embeddings_unit_norm_and_neighbours(embedder: Embedder) -> None:
 
 
 def test_item_stage_writes_the_contract(pool: EnginePool, ws: Workspace) -> None:
-    summary = run_enrich(ITEMS, NO_PROFILES, ws, threads=THREADS)
+    summary = run_enrich(StageRun(EnrichSections(ITEMS, NO_PROFILES), ws, threads=THREADS))
     items = ws.read_table("ingest", "items")
     n = items.num_rows
     assert summary.items == n and summary.embedding_dim == 384
@@ -132,23 +133,23 @@ def test_a_shared_embedding_cache_serves_another_workspace(
     for target in (first, second):
         shutil.copytree(ws.stage_dir("ingest"), target.stage_dir("ingest"))
     cached = ITEMS.model_copy(update={"embedding_cache": cache})
-    a = run_enrich(cached, NO_PROFILES, first, threads=THREADS)
+    a = run_enrich(StageRun(EnrichSections(cached, NO_PROFILES), first, threads=THREADS))
     n = a.items - 1  # the long item fails
     assert a.items_embedded == n and a.items_cached == 0
     stored = EmbeddingCache(cache).read(a.embed_model_id)
     assert stored is not None and stored.num_rows == n
-    b = run_enrich(cached, NO_PROFILES, second, threads=THREADS)
+    b = run_enrich(StageRun(EnrichSections(cached, NO_PROFILES), second, threads=THREADS))
     assert b.items_embedded == 0 and b.items_cached == n and b.errors == 1
     va, vb = (w.read_table("enrich", "item_embeddings") for w in (first, second))
     assert va["item_id"].to_pylist() == vb["item_id"].to_pylist()
     np.testing.assert_array_equal(to_matrix(va["vector"], 384), to_matrix(vb["vector"], 384))
     # The cache is not part of the stage's config: the same workspace without it skips as unchanged.
-    assert run_enrich(ITEMS, NO_PROFILES, second, threads=THREADS).skipped
+    assert run_enrich(StageRun(EnrichSections(ITEMS, NO_PROFILES), second, threads=THREADS)).skipped
 
 
 def test_unchanged_rerun_does_no_work(pool: EnginePool, ws: Workspace) -> None:
     before = (ws.stage_dir("enrich") / "manifest.json").read_text()
-    summary = run_enrich(ITEMS, NO_PROFILES, ws, threads=THREADS)
+    summary = run_enrich(StageRun(EnrichSections(ITEMS, NO_PROFILES), ws, threads=THREADS))
     assert summary.skipped and summary.engines_started == []
     assert summary.items_embedded == 0 and summary.items_cached == summary.items - 1
     assert (ws.stage_dir("enrich") / "manifest.json").read_text() == before
@@ -165,7 +166,7 @@ def test_only_changed_texts_are_embedded(pool: EnginePool, ws: Workspace) -> Non
             "global_dim": 24,
         }
     )
-    summary = run_enrich(changed, NO_PROFILES, ws, threads=THREADS)
+    summary = run_enrich(StageRun(EnrichSections(changed, NO_PROFILES), ws, threads=THREADS))
     assert not summary.skipped and summary.items_embedded == len(kitchen)
     assert summary.items_cached == len(items) - 1 - len(kitchen)
     assert summary.global_dim == 24 and summary.local_dim == 8
@@ -192,7 +193,7 @@ def test_crash_keeps_previous_output_and_finished_batches(pool: EnginePool, ws: 
     crashing = ProfileSettings(max_users=0)  # reads sequences, generates nothing
     try:
         with pytest.raises(Exception, match=r"(?i)parquet"):
-            run_enrich(new_text, crashing, ws, threads=THREADS)
+            run_enrich(StageRun(EnrichSections(new_text, crashing), ws, threads=THREADS))
     finally:
         shutil.copy(backup, sequences)
     assert (ws.stage_dir("enrich") / "manifest.json").read_text() == before
@@ -202,7 +203,7 @@ def test_crash_keeps_previous_output_and_finished_batches(pool: EnginePool, ws: 
         and sum(pq.read_metadata(p).num_rows for p in shards) == ws.read_table("ingest", "items").num_rows - 1
     )
 
-    summary = run_enrich(new_text, NO_PROFILES, ws, threads=THREADS)
+    summary = run_enrich(StageRun(EnrichSections(new_text, NO_PROFILES), ws, threads=THREADS))
     assert summary.items_embedded == 0 and summary.items_cached == summary.items - 1
     assert not (ws.root / ".checkpoints").exists()
     manifest = json.loads((ws.stage_dir("enrich") / "manifest.json").read_text())
@@ -239,9 +240,11 @@ ENRICH = EnrichSettings(local_dim=8, kmeans_k=4, field_caps=CAPS)
 def test_flow_builds_profiles(prefect_harness: None, pool: EnginePool, ws: Workspace) -> None:
     from prefect.client.orchestration import get_client
 
-    from bridgerec.flows.enrich import enrich_flow
+    from bridgerec.flows.stage import flow_for
+    from bridgerec.stages import STAGE
 
-    state = enrich_flow(ENRICH, PROFILES, str(ws.root), threads=THREADS, return_state=True)
+    run = StageRun(EnrichSections(ENRICH, PROFILES), ws, threads=THREADS)
+    state = flow_for(STAGE["enrich"])(run, return_state=True)
     assert state.is_completed()
     summary = state.result()
     users = ws.read_table("ingest", "users").to_pylist()
@@ -369,10 +372,10 @@ def test_seeded_sampling_with_prompts_over_one_engine_step(pool: EnginePool) -> 
 
 
 def test_profile_reruns_do_no_model_work(pool: EnginePool, ws: Workspace) -> None:
-    summary = run_enrich(ENRICH, PROFILES, ws, threads=THREADS)
+    summary = run_enrich(StageRun(EnrichSections(ENRICH, PROFILES), ws, threads=THREADS))
     assert summary.skipped and summary.engines_started == []
     assert summary.profiles_generated == 0 and summary.profiles_cached == summary.profile_users - 1
-    forced = run_enrich(ENRICH, PROFILES, ws, threads=THREADS, force=True)
+    forced = run_enrich(StageRun(EnrichSections(ENRICH, PROFILES), ws, threads=THREADS, force=True))
     assert not forced.skipped and forced.items_embedded == 0 and forced.profiles_generated == 0
     assert forced.profiles_cached == forced.profile_users - 1 and forced.tokens_generated == 0
     assert forced.errors == 1  # the failed user is tried again on every build, and fails again
@@ -388,13 +391,15 @@ def test_flow_runs_shards_as_task_runs(
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter
 
-    from bridgerec.flows.enrich import enrich_flow
+    from bridgerec.flows.stage import flow_for
+    from bridgerec.stages import STAGE
 
     sharded = Workspace(tmp_path / "sharded")
     shutil.copytree(ws.stage_dir("ingest"), sharded.stage_dir("ingest"))
     enrich = ENRICH.model_copy(update={"items_per_shard": 20})
     profiles = PROFILES.model_copy(update={"users_per_shard": 3})
-    state = enrich_flow(enrich, profiles, str(sharded.root), threads=THREADS, return_state=True)
+    run = StageRun(EnrichSections(enrich, profiles), sharded, threads=THREADS)
+    state = flow_for(STAGE["enrich"])(run, return_state=True)
     assert state.is_completed()
     summary = state.result()
     n_items, n_users = ws.read_table("ingest", "items").num_rows, ws.read_table("ingest", "users").num_rows
@@ -445,17 +450,20 @@ def test_flow_runs_shards_as_task_runs(
 def test_process_task_runner_runs_shards_in_worker_processes(
     prefect_harness: None, pool: EnginePool, ws: Workspace, tmp_path: Path
 ) -> None:
-    """`enrich.task_runner: processes`: the shards run in worker processes with engines of their own
+    """`runtime.runner: processes`: the shards run in worker processes with engines of their own
     (what a distributed task runner or several GPU workers do), and the output is the same."""
     import os
 
-    from bridgerec.flows.enrich import configured_enrich_flow
+    from bridgerec.config import RuntimeSettings
+    from bridgerec.flows.stage import flow_for
+    from bridgerec.stages import STAGE
 
     sharded = Workspace(tmp_path / "processes")
     shutil.copytree(ws.stage_dir("ingest"), sharded.stage_dir("ingest"))
-    enrich = ENRICH.model_copy(update={"items_per_shard": 40, "task_runner": "processes", "workers": 2})
+    enrich = ENRICH.model_copy(update={"items_per_shard": 40})
     profiles = PROFILES.model_copy(update={"users_per_shard": 5})
-    summary = configured_enrich_flow(enrich)(enrich, profiles, str(sharded.root), threads=THREADS)
+    processes = flow_for(STAGE["enrich"], RuntimeSettings(runner="processes", workers=2))
+    summary = processes(StageRun(EnrichSections(enrich, profiles), sharded, threads=THREADS))
     assert [(s["kind"], s["start"], s["stop"]) for s in summary.shards] == [
         ("items", 0, 40),
         ("items", 40, summary.items),

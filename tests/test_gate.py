@@ -58,7 +58,7 @@ def test_gate_holds_a_worse_run_publishes_a_better_one_and_can_be_overridden(
         "runtime": {"stage_retries": 0},
         "gate": {"max_drop": 0.05, "popularity_floor": False},
     }
-    first = nightly_flow(CONFIG, base | {"train": STRONG})
+    first = nightly_flow(CONFIG, base | {"train": STRONG}).model_dump(mode="json")
     assert first["gate"]["decision"] == "first" and first["status"] == "completed"
     strong_1 = first["stages"]["train"]["run_id"]
     assert _latest(warehouse) == strong_1  # the warehouse followed the workspace
@@ -73,7 +73,7 @@ def test_gate_holds_a_worse_run_publishes_a_better_one_and_can_be_overridden(
         fh.write(text.rstrip("\n") + f"\n{user},{kitchen},kitchen,{last + 1}\n")
     with pytest.raises(NightFailed) as refused:
         nightly_flow(CONFIG, base | {"train": WEAK})
-    night = refused.value.summary
+    night = refused.value.summary.model_dump(mode="json")
     gate = night["gate"]
     weak = gate["new_run_id"]
     assert gate["decision"] == "refused" and weak != strong_1 and gate["published_run_id"] == strong_1
@@ -82,7 +82,7 @@ def test_gate_holds_a_worse_run_publishes_a_better_one_and_can_be_overridden(
     assert f"{gap:.4f}" in str(refused.value) and "quality gate refused" in str(refused.value)
     assert night["stages"]["publish"] == {"status": "held by the gate"}
     assert _latest(warehouse) == strong_1  # analysts still see last night's lists
-    md = summary_markdown(night)
+    md = summary_markdown(refused.value.summary)
     assert "FAILED" in md and "gate: **refused**" in md and f"bridgerec publish --run-id {weak}" in md
     board = json.loads(
         duckdb.sql(f"SELECT to_json(list(run_id)) FROM '{ws}/train/runs.parquet'").fetchall()[0][0]
@@ -145,7 +145,8 @@ def test_gate_holds_a_worse_run_publishes_a_better_one_and_can_be_overridden(
     assert _latest(warehouse) == weak
 
     # A better run on the same data passes the gate against the (weak) published run and is published.
-    better = nightly_flow(CONFIG, base | {"train": STRONG})
+    night_3 = nightly_flow(CONFIG, base | {"train": STRONG})
+    better = night_3.model_dump(mode="json")
     assert better["gate"]["decision"] == "passed", better["gate"]
     assert better["gate"]["new_ndcg10"] > better["gate"]["published_ndcg10"]
     assert _latest(warehouse) == better["stages"]["train"]["run_id"] != weak
@@ -154,7 +155,7 @@ def test_gate_holds_a_worse_run_publishes_a_better_one_and_can_be_overridden(
     assert all(
         r["previous_run_id"] == weak and r["mean_changed"] is not None for r in better["list_stability"]
     )
-    assert better["data_checks"]["passed"] and "lists: food:" in summary_markdown(better)
+    assert better["data_checks"]["passed"] and "lists: food:" in summary_markdown(night_3)
     with duckdb.connect(str(warehouse), read_only=True) as con:
         stability = con.execute(
             "SELECT count(*) FROM list_stability WHERE night_id = ?", [better["night_id"]]

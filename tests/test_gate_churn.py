@@ -12,6 +12,7 @@ import duckdb
 import pytest
 
 from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks import StageRun
 from bridgerec.tasks.ingest import IngestSettings, run_ingest
 from bridgerec.tasks.publish import PublishSettings, candidate_lists, run_publish
 from bridgerec.tasks.quality import GateSettings, PublishedLists, list_stability, run_gate
@@ -33,8 +34,8 @@ def test_churn_bound_on_unchanged_inputs(sample_workspace: Path, tmp_path: Path)
     shutil.copytree(sample_workspace / "ingest", ws.root / "ingest")
     warehouse = tmp_path / "wh.duckdb"
     train = TrainSettings(model="pop", **FAST)
-    pop = run_train(train, ws).run_id
-    run_publish(PUBLISH, ws, warehouse)
+    pop = run_train(StageRun(train, ws)).run_id
+    run_publish(StageRun(PUBLISH, ws, warehouse=warehouse))
     lists_run, published_train = _published(warehouse)
     assert published_train == pop
     published = PublishedLists(warehouse, lists_run, PUBLISH)
@@ -54,7 +55,7 @@ def test_churn_bound_on_unchanged_inputs(sample_workspace: Path, tmp_path: Path)
     assert {r["domain"]: r["mean_changed"] for r in same} == {"food": 0.0, "kitchen": 0.0}
 
     # A retrain on the same inputs with another model: its lists differ from popularity's.
-    sasrec = run_train(TrainSettings(model="sasrec", epochs=1, **FAST), ws).run_id
+    sasrec = run_train(StageRun(TrainSettings(model="sasrec", epochs=1, **FAST), ws)).run_id
     refused = run_gate(GateSettings(max_churn=0.05, **SCORES_OFF), train, ws, sasrec, pop, None, published)
     assert refused.decision == "refused" and not refused.publish
     assert refused.churn is not None and set(refused.churn) == {"food", "kitchen"}
@@ -74,8 +75,10 @@ def test_churn_bound_on_unchanged_inputs(sample_workspace: Path, tmp_path: Path)
     first = text.splitlines()[1].split(",")
     with gzip.open(raw / "interactions.csv.gz", "wt") as fh:
         fh.write(text.rstrip("\n") + f"\n{first[0]},{first[1]},{first[2]},{int(first[3]) + 10**6}\n")
-    run_ingest(IngestSettings(items=raw / "items.csv.gz", interactions=raw / "interactions.csv.gz"), ws)
-    retrained = run_train(TrainSettings(model="sasrec", epochs=1, **FAST), ws).run_id
+    run_ingest(
+        StageRun(IngestSettings(items=raw / "items.csv.gz", interactions=raw / "interactions.csv.gz"), ws)
+    )
+    retrained = run_train(StageRun(TrainSettings(model="sasrec", epochs=1, **FAST), ws)).run_id
     changed = run_gate(GateSettings(max_churn=0.05, **SCORES_OFF), train, ws, retrained, pop, None, published)
     assert changed.publish and changed.churn is None
     assert changed.churn_note == "inputs changed since the published run: churn not bounded"

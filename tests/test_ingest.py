@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks import StageRun
 from bridgerec.tasks.ingest.preprocess import IngestError
 from bridgerec.tasks.ingest.settings import IngestSettings
 from bridgerec.tasks.ingest.sources import SourceError
@@ -97,7 +98,7 @@ def _check_accounting(summary) -> None:
 
 def test_generic_csv_messy_rows_are_quarantined_with_reasons(tmp_path: Path) -> None:
     ws = Workspace(tmp_path / "ws")
-    s = run_ingest(_generic(tmp_path), ws)
+    s = run_ingest(StageRun(_generic(tmp_path), ws))
     _check_accounting(s)
     inter, items = s.accounting["interactions"], s.accounting["items"]
     assert inter["read"] == 21
@@ -128,7 +129,7 @@ def test_generic_csv_messy_rows_are_quarantined_with_reasons(tmp_path: Path) -> 
 
 def test_ids_sequences_and_leave_one_out_split(tmp_path: Path) -> None:
     ws = Workspace(tmp_path / "ws")
-    run_ingest(_generic(tmp_path), ws)
+    run_ingest(StageRun(_generic(tmp_path), ws))
     items = ws.read_table("ingest", "items").to_pylist()
     domains = ws.read_table("ingest", "domains").to_pylist()
     assert [d["domain"] for d in domains] == ["food", "kitchen"]
@@ -151,7 +152,7 @@ def test_ids_sequences_and_leave_one_out_split(tmp_path: Path) -> None:
 @pytest.mark.parametrize("fmt", ["jsonl", "jsonl.gz", "parquet"])
 def test_other_formats_give_the_same_dataset(tmp_path: Path, fmt: str) -> None:
     base = Workspace(tmp_path / "csv")
-    run_ingest(_generic(tmp_path), base)
+    run_ingest(StageRun(_generic(tmp_path), base))
     clean_items = [
         {"item_id": "i1", "domain": "food", "title": "Apple", "brand": "Orchard"},
         {"item_id": "i2", "domain": "food", "title": "Banana"},
@@ -171,7 +172,7 @@ def test_other_formats_give_the_same_dataset(tmp_path: Path, fmt: str) -> None:
         body = "\n".join(json.dumps(r) for r in clean_inter) + "\n{not json\n"
         inter_path = _write(tmp_path / f"inter.{fmt}", body)
     ws = Workspace(tmp_path / fmt)
-    s = run_ingest(IngestSettings(items=items_path, interactions=inter_path), ws)
+    s = run_ingest(StageRun(IngestSettings(items=items_path, interactions=inter_path), ws))
     _check_accounting(s)
     assert s.quarantined_by_reason == ({} if fmt == "parquet" else {"malformed_json": 1})
     assert ws.read_table("ingest", "sequences").equals(base.read_table("ingest", "sequences"))
@@ -251,7 +252,7 @@ def _amazon2018(tmp_path: Path) -> IngestSettings:
 
 def test_amazon2018_with_iterative_kcore(tmp_path: Path) -> None:
     ws = Workspace(tmp_path / "ws")
-    s = run_ingest(_amazon2018(tmp_path), ws)
+    s = run_ingest(StageRun(_amazon2018(tmp_path), ws))
     _check_accounting(s)
     inter = s.accounting["interactions"]
     assert inter["quarantined_by_reason"] == {"bad_timestamp": 1, "malformed_json": 1, "too_few_fields": 1}
@@ -301,7 +302,7 @@ def test_amazon2023_time_window(tmp_path: Path) -> None:
         }
     )
     ws = Workspace(tmp_path / "ws")
-    s = run_ingest(settings, ws)
+    s = run_ingest(StageRun(settings, ws))
     _check_accounting(s)
     # 2020-09-13 + (10u + k) days: U0 falls wholly before the window start.
     assert s.accounting["interactions"]["filtered_by_reason"] == {"time_window": 4}
@@ -314,13 +315,13 @@ def test_amazon2023_time_window(tmp_path: Path) -> None:
 def test_unchanged_rerun_skips_and_changed_input_rebuilds(tmp_path: Path) -> None:
     settings = _generic(tmp_path)
     ws = Workspace(tmp_path / "ws")
-    first = run_ingest(settings, ws)
-    again = run_ingest(settings, ws)
+    first = run_ingest(StageRun(settings, ws))
+    again = run_ingest(StageRun(settings, ws))
     assert again.skipped and again.users == first.users
     _write(settings.interactions, INTERACTIONS_CSV + "u3,i9,food,2\n")
-    third = run_ingest(settings, ws)
+    third = run_ingest(StageRun(settings, ws))
     assert not third.skipped and third.users == 4
-    changed_rules = run_ingest(settings.model_copy(update={"min_interactions": 4}), ws)
+    changed_rules = run_ingest(StageRun(settings.model_copy(update={"min_interactions": 4}), ws))
     assert not changed_rules.skipped and changed_rules.users == 1
 
 
@@ -344,11 +345,11 @@ def test_bad_files_stop_with_a_named_error_and_leave_the_workspace_alone(
 ) -> None:
     settings = _generic(tmp_path)
     ws = Workspace(tmp_path / "ws")
-    before = run_ingest(settings, ws)
+    before = run_ingest(StageRun(settings, ws))
     manifest = (ws.stage_dir("ingest") / "manifest.json").read_text()
     make(settings.interactions)
     with pytest.raises(SourceError) as err:
-        run_ingest(settings, ws)
+        run_ingest(StageRun(settings, ws))
     assert str(settings.interactions) in str(err.value) and message in str(err.value)
     assert (ws.stage_dir("ingest") / "manifest.json").read_text() == manifest  # previous output intact
     assert not (ws.root / ".staging").exists()
@@ -358,4 +359,4 @@ def test_bad_files_stop_with_a_named_error_and_leave_the_workspace_alone(
 def test_nothing_left_is_a_clear_error(tmp_path: Path) -> None:
     settings = _generic(tmp_path, min_interactions=50)
     with pytest.raises(IngestError, match="no interactions left"):
-        run_ingest(settings, Workspace(tmp_path / "ws"))
+        run_ingest(StageRun(settings, Workspace(tmp_path / "ws")))

@@ -21,6 +21,7 @@ import pytest
 
 from bridgerec.runtime.errors import EXIT_INPUT, InputError
 from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks import StageRun
 from bridgerec.tasks.ingest.settings import AmazonDomainFiles, IngestSettings, TimestampSettings
 from bridgerec.tasks.ingest.stage import run_ingest
 
@@ -396,7 +397,7 @@ def _run(fault: Fault, d: Path) -> tuple[str, int, str, str]:
     try:
         settings = fault.build(d)
         try:
-            summary = run_ingest(settings, Workspace(Path("ws"))).model_dump()
+            summary = run_ingest(StageRun(settings, Workspace(Path("ws")))).model_dump()
         except InputError as exc:
             assert fault.error is not None, f"{fault.kind}: unexpected error {exc}"
             assert str(exc).startswith(fault.error), f"{fault.kind}: {exc}"

@@ -8,7 +8,10 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from bridgerec.cli import app
-from bridgerec.flows.ingest import ingest_flow
+from bridgerec.flows.stage import flow_for
+from bridgerec.stages import STAGE
+from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks import StageRun
 from bridgerec.tasks.ingest.settings import IngestSettings
 from tests.conftest import SAMPLE
 
@@ -28,7 +31,7 @@ def test_ingest_flow_runs_and_reports(prefect_harness: None, tmp_path: Path) -> 
     from prefect.client.orchestration import get_client
 
     settings = IngestSettings(items=SAMPLE / "items.csv.gz", interactions=SAMPLE / "interactions.csv.gz")
-    state = ingest_flow(settings, str(tmp_path / "ws"), threads=1, return_state=True)
+    state = flow_for(STAGE["ingest"])(StageRun(settings, Workspace(tmp_path / "ws")), return_state=True)
     assert state.is_completed()
     summary = state.result()
     assert summary.users == 1000 and summary.overlap_users == 300 and summary.quarantined == 0

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks import StageRun
 from bridgerec.tasks.ingest.settings import IngestSettings
 from bridgerec.tasks.ingest.stage import run_ingest
 from tests.conftest import SAMPLE, SHARED_DATA
@@ -46,8 +47,12 @@ def test_injected_bad_rows_keep_the_clean_counts(tmp_path: Path, dataset: str) -
     src = SAMPLE if dataset == "sample" else FULL
     domains = ["food", "kitchen"]
     clean = run_ingest(
-        IngestSettings(items=src / "items.csv.gz", interactions=src / "interactions.csv.gz", domains=domains),
-        Workspace(tmp_path / "clean"),
+        StageRun(
+            IngestSettings(
+                items=src / "items.csv.gz", interactions=src / "interactions.csv.gz", domains=domains
+            ),
+            Workspace(tmp_path / "clean"),
+        )
     )
     if dataset == "food-kitchen":
         assert (clean.users, clean.items, clean.interactions, clean.overlap_users) == (
@@ -75,10 +80,12 @@ def test_injected_bad_rows_keep_the_clean_counts(tmp_path: Path, dataset: str) -
     _inject(src / "items.csv.gz", tmp_path / "items.csv.gz", bad_items)
 
     dirty = run_ingest(
-        IngestSettings(
-            items=tmp_path / "items.csv.gz", interactions=tmp_path / "inter.csv.gz", domains=domains
-        ),
-        Workspace(tmp_path / "dirty"),
+        StageRun(
+            IngestSettings(
+                items=tmp_path / "items.csv.gz", interactions=tmp_path / "inter.csv.gz", domains=domains
+            ),
+            Workspace(tmp_path / "dirty"),
+        )
     )
     assert (dirty.users, dirty.items, dirty.interactions, dirty.overlap_users) == (
         clean.users,

@@ -29,6 +29,7 @@ from bridgerec.config import load_settings
 from bridgerec.runtime.errors import InputError, is_transient
 from bridgerec.storage import warehouse as wh
 from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks import StageRun
 from bridgerec.tasks.ingest.preprocess import IngestError
 from bridgerec.tasks.ingest.settings import IngestSettings
 from bridgerec.tasks.ingest.stage import run_ingest
@@ -56,7 +57,7 @@ def _reconciles(summary: dict) -> None:
 
 def test_03_amazon2018_python_literal_meta_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _case("03-amazon2018-python-literal-meta", tmp_path, monkeypatch)
-    summary = run_ingest(load_settings("config.yaml").ingest, Workspace(Path("ws"))).model_dump()
+    summary = run_ingest(StageRun(load_settings("config.yaml").ingest, Workspace(Path("ws")))).model_dump()
     assert summary["items_per_domain"] == {"food": 5, "kitchen": 5}
     assert (summary["users"], summary["interactions"], summary["quarantined"]) == (6, 21, 0)
     _reconciles(summary)
@@ -86,7 +87,7 @@ def test_python_literals_are_never_evaluated(tmp_path: Path, monkeypatch: pytest
     marker = tmp_path / "pwned"
     with open(here / "meta_food.json", "a") as fh:
         fh.write(f"{{'asin': 'F9', 'title': __import__('os').system('touch {marker}')}}\n")
-    summary = run_ingest(load_settings("config.yaml").ingest, Workspace(Path("ws"))).model_dump()
+    summary = run_ingest(StageRun(load_settings("config.yaml").ingest, Workspace(Path("ws")))).model_dump()
     assert not marker.exists()
     assert summary["accounting"]["items"]["quarantined_by_reason"] == {"malformed_json": 1}
     _reconciles(summary)
@@ -104,7 +105,7 @@ def test_lone_surrogates_cost_the_row_only_in_used_fields(
         )
     with open(here / "meta_kitchen.json", "a") as fh:
         fh.write('{"asin": "K6", "title": "Broken \\udc00 title", "category": ["Home"]}\n')
-    summary = run_ingest(load_settings("config.yaml").ingest, Workspace(Path("ws"))).model_dump()
+    summary = run_ingest(StageRun(load_settings("config.yaml").ingest, Workspace(Path("ws")))).model_dump()
     assert summary["accounting"]["interactions"]["read"] == 22
     assert summary["accounting"]["interactions"]["kept"] == 22  # the surrogate was in reviewText
     assert summary["accounting"]["items"]["quarantined_by_reason"] == {"invalid_unicode": 1}
@@ -124,7 +125,7 @@ def test_04_epoch_microseconds_are_read_as_the_instants_they_mean(
     settings = IngestSettings(
         source="generic", items=Path("items.csv"), interactions=Path("interactions.csv")
     )
-    summary = run_ingest(settings, Workspace(Path("ws"))).model_dump()
+    summary = run_ingest(StageRun(settings, Workspace(Path("ws")))).model_dump()
     assert (summary["interactions"], summary["quarantined"]) == (21, 0)
     _reconciles(summary)
     rows = pq.read_table("ws/ingest/interactions.parquet").to_pylist()  # raised OverflowError before
@@ -153,7 +154,7 @@ def test_out_of_range_instants_are_quarantined_never_stored(
     settings = IngestSettings(
         source="generic", items=Path("items.csv"), interactions=Path("interactions.csv")
     )
-    summary = run_ingest(settings, Workspace(Path("ws"))).model_dump()
+    summary = run_ingest(StageRun(settings, Workspace(Path("ws")))).model_dump()
     assert summary["accounting"]["interactions"]["quarantined_by_reason"] == {"bad_timestamp": 4}
     assert summary["interactions"] == 24
     _reconciles(summary)
@@ -167,7 +168,7 @@ def test_out_of_range_instants_are_quarantined_never_stored(
 
 def test_06_parquet_list_columns_are_read_and_joined(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _case("06-parquet-list-columns", tmp_path, monkeypatch)
-    summary = run_ingest(load_settings("config.yaml").ingest, Workspace(Path("ws"))).model_dump()
+    summary = run_ingest(StageRun(load_settings("config.yaml").ingest, Workspace(Path("ws")))).model_dump()
     assert summary["items_per_domain"] == {"food": 5, "kitchen": 5}
     assert (summary["users"], summary["interactions"], summary["quarantined"]) == (6, 21, 0)
     _reconciles(summary)
@@ -206,7 +207,7 @@ def test_parquet_reads_only_mapped_columns_of_any_type(tmp_path: Path) -> None:
     pq.write_table(items, tmp_path / "items.parquet")
     pq.write_table(inter, tmp_path / "inter.parquet")
     settings = IngestSettings(items=tmp_path / "items.parquet", interactions=tmp_path / "inter.parquet")
-    summary = run_ingest(settings, Workspace(tmp_path / "ws")).model_dump()
+    summary = run_ingest(StageRun(settings, Workspace(tmp_path / "ws"))).model_dump()
     assert (summary["interactions"], summary["quarantined"]) == (6, 0)
     _reconciles(summary)
     out = {r["item_id"]: r for r in pq.read_table(tmp_path / "ws/ingest/items.parquet").to_pylist()}
@@ -219,7 +220,7 @@ def test_parquet_reads_only_mapped_columns_of_any_type(tmp_path: Path) -> None:
     # a DATE column is read as midnight UTC
     dated = inter.set_column(3, "timestamp", pa.array([18518 + i for i in range(6)], pa.date32()))
     pq.write_table(dated, tmp_path / "inter.parquet")
-    run_ingest(settings, Workspace(tmp_path / "ws2"))
+    run_ingest(StageRun(settings, Workspace(tmp_path / "ws2")))
     first = pq.read_table(tmp_path / "ws2/ingest/interactions.parquet").to_pylist()[0]["timestamp"]
     assert first.isoformat() == "2020-09-13T00:00:00+00:00"
 
@@ -232,9 +233,9 @@ def _ingest_train_publish(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyP
     _case(name, tmp_path, monkeypatch)
     settings = load_settings("config.yaml")
     ws = Workspace(settings.workspace)
-    run_ingest(settings.ingest, ws)
-    run_train(settings.train.model_copy(update={"threads": 1}), ws, threads=1)
-    run_publish(settings.publish, ws, settings.warehouse, threads=1)
+    run_ingest(StageRun(settings.ingest, ws))
+    run_train(StageRun(settings.train.model_copy(update={"threads": 1}), ws, threads=1))
+    run_publish(StageRun(settings.publish, ws, warehouse=settings.warehouse, threads=1))
     return settings.warehouse.resolve()
 
 
@@ -279,8 +280,10 @@ def test_markup_in_catalogue_text_is_removed_by_an_html_parser(tmp_path: Path) -
         + "".join(f"u{u},{i},food,{1600000000 + k}\n" for u in (1, 2) for k, i in enumerate("aba"))
     )
     summary = run_ingest(
-        IngestSettings(items=tmp_path / "items.csv", interactions=tmp_path / "inter.csv"),
-        Workspace(tmp_path / "ws"),
+        StageRun(
+            IngestSettings(items=tmp_path / "items.csv", interactions=tmp_path / "inter.csv"),
+            Workspace(tmp_path / "ws"),
+        )
     ).model_dump()
     assert summary["accounting"]["items"]["quarantined_by_reason"] == {"empty_title": 1}
     _reconciles(summary)
@@ -404,7 +407,7 @@ def test_only_transient_failures_are_retried() -> None:
             raise OSError("engine failed to start")
         return "done"
 
-    assert call_with_retries("enrich", flaky, (), retries=2, delay_s=0) == "done" and len(calls) == 2
+    assert call_with_retries("enrich", flaky, retries=2, delay_s=0) == "done" and len(calls) == 2
 
     def bad_input() -> None:
         calls.append(1)
@@ -412,7 +415,7 @@ def test_only_transient_failures_are_retried() -> None:
 
     calls.clear()
     with pytest.raises(IngestError):
-        call_with_retries("ingest", bad_input, (), retries=3, delay_s=0)
+        call_with_retries("ingest", bad_input, retries=3, delay_s=0)
     assert len(calls) == 1
     # the condition sees through wrapping: an input error raised from another is still an input error
     try:

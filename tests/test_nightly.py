@@ -59,7 +59,7 @@ def test_nightly_runs_skips_fails_safely_and_resumes(prefect_harness: None, tmp_
         "runtime": {"stage_retries": 0},
         "gate": {"popularity_floor": False},  # one epoch may sit under popularity: the floor is test_gate's
     }
-    first = nightly_flow(CONFIG, overrides)
+    first = nightly_flow(CONFIG, overrides).model_dump(mode="json")
     stages = first["stages"]
     assert stages["ingest"]["users"] == users
     assert stages["enrich"]["profiles_generated"] == 4
@@ -67,7 +67,7 @@ def test_nightly_runs_skips_fails_safely_and_resumes(prefect_harness: None, tmp_
     run_1, rows_1 = _latest_run(warehouse)
     assert rows_1 == stages["publish"]["rows"]
 
-    again = nightly_flow(CONFIG, overrides)["stages"]
+    again = nightly_flow(CONFIG, overrides).model_dump(mode="json")["stages"]
     assert again["ingest"]["skipped"] and again["train"]["skipped"] and again["publish"]["skipped"]
     assert again["enrich"]["items_embedded"] == 0 and again["enrich"]["profiles_generated"] == 0
 
@@ -91,7 +91,7 @@ def test_nightly_runs_skips_fails_safely_and_resumes(prefect_harness: None, tmp_
         failed = con.execute("SELECT message FROM runs WHERE status = 'failed'").fetchall()
     assert len(failed) == 1 and failed[0][0].startswith("stage enrich")
 
-    resumed = nightly_flow(CONFIG, overrides)["stages"]
+    resumed = nightly_flow(CONFIG, overrides).model_dump(mode="json")["stages"]
     assert resumed["ingest"]["skipped"]  # finished before the crash: not redone
     assert not resumed["publish"]["skipped"]
     run_2, _ = _latest_run(warehouse)

@@ -12,6 +12,7 @@ from pathlib import Path
 from publish_data import workspace_vectors
 
 from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks import StageRun
 from bridgerec.tasks.publish.settings import PublishSettings
 from bridgerec.tasks.publish.stage import run_publish
 
@@ -24,7 +25,11 @@ def test_reader_process_never_blocked_or_misled_during_publishes(
     warehouse = tmp_path / "warehouse.duckdb"
     settings = PublishSettings(k=20, retention_runs=3)
     ws = Workspace(sample_workspace)
-    run_publish(settings, ws, warehouse, run_id="run-0", vectors=workspace_vectors(sample_workspace, seed=0))
+    run_publish(
+        StageRun(settings, ws, warehouse=warehouse),
+        run_id="run-0",
+        vectors=workspace_vectors(sample_workspace, seed=0),
+    )
     stop = tmp_path / "stop"
     readers = {}
     for mode in ("fresh", "held"):
@@ -46,9 +51,7 @@ def test_reader_process_never_blocked_or_misled_during_publishes(
         published = []
         for i in range(1, 7):
             summary = run_publish(
-                settings,
-                ws,
-                warehouse,
+                StageRun(settings, ws, warehouse=warehouse),
                 run_id=f"run-{i}",
                 vectors=workspace_vectors(sample_workspace, seed=i),
             )

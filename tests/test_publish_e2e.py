@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from bridgerec.cli import app
 from bridgerec.storage.index_store import IndexStore
 from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks import StageRun
 from bridgerec.tasks.publish.settings import PublishSettings
 from bridgerec.tasks.train.settings import TrainSettings
 from bridgerec.tasks.train.stage import run_train
@@ -29,18 +30,21 @@ def trained_workspace(sample_workspace: Path, tmp_path_factory: pytest.TempPathF
     root = tmp_path_factory.mktemp("e2e_ws")
     shutil.copytree(sample_workspace / "ingest", root / "ingest")
     settings = TrainSettings(model="sasrec", epochs=1, hidden=16, layers=1, max_len=20, threads=1)
-    summary = run_train(settings, Workspace(root), threads=1)
+    summary = run_train(StageRun(settings, Workspace(root), threads=1))
     return root, summary.run_id
 
 
 def test_publish_flow_and_cli_on_a_trained_run(
     prefect_harness: None, trained_workspace: tuple[Path, str], tmp_path: Path
 ) -> None:
-    from bridgerec.flows.publish import publish_flow
+    from bridgerec.flows.stage import flow_for
+    from bridgerec.stages import STAGE
 
     root, train_run = trained_workspace
     warehouse = tmp_path / "warehouse.duckdb"
-    summary = publish_flow(PublishSettings(k=10), str(root), str(warehouse), threads=1)
+    summary = flow_for(STAGE["publish"])(
+        StageRun(PublishSettings(k=10), Workspace(root), warehouse=warehouse)
+    )
     assert (summary.run_id, summary.train_run_id, summary.model) == (train_run, train_run, "sasrec")
     assert summary.users == 1000 and summary.rows == 1000 * 2 * 10 and not summary.skipped
     with duckdb.connect(str(warehouse), read_only=True) as con:

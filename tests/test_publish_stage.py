@@ -20,6 +20,7 @@ from bridgerec.storage.index_store import IndexStore
 from bridgerec.storage.vectors import DomainVectors
 from bridgerec.storage.warehouse import record_run_status
 from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks import StageRun
 from bridgerec.tasks.publish.settings import PublishSettings
 from bridgerec.tasks.publish.stage import PublishError, run_publish
 
@@ -53,7 +54,9 @@ def published(profiled_workspace: Path, tmp_path_factory: pytest.TempPathFactory
     warehouse = tmp_path_factory.mktemp("wh") / "warehouse.duckdb"
     vectors = workspace_vectors(profiled_workspace, seed=0)
     summary = run_publish(
-        PublishSettings(k=20), Workspace(profiled_workspace), warehouse, run_id="run-a", vectors=vectors
+        StageRun(PublishSettings(k=20), Workspace(profiled_workspace), warehouse=warehouse),
+        run_id="run-a",
+        vectors=vectors,
     )
     return warehouse, {"summary": summary, "vectors": vectors}
 
@@ -140,9 +143,9 @@ def test_exclusion_matters_and_can_be_turned_off(profiled_workspace: Path, tmp_p
     warehouse = tmp_path / "w.duckdb"
     vectors = workspace_vectors(profiled_workspace, seed=0)
     run_publish(
-        PublishSettings(k=5, exclude_seen=False),
-        Workspace(profiled_workspace),
-        warehouse,
+        StageRun(
+            PublishSettings(k=5, exclude_seen=False), Workspace(profiled_workspace), warehouse=warehouse
+        ),
         run_id="x",
         vectors=vectors,
     )
@@ -167,11 +170,15 @@ def test_rerun_skips_and_changed_settings_republish(profiled_workspace: Path, tm
     warehouse = tmp_path / "w.duckdb"
     ws = Workspace(profiled_workspace)
     vectors = workspace_vectors(profiled_workspace, seed=1)
-    run_publish(PublishSettings(k=3), ws, warehouse, run_id="r", vectors=vectors)
+    run_publish(StageRun(PublishSettings(k=3), ws, warehouse=warehouse), run_id="r", vectors=vectors)
     mtime = warehouse.stat().st_mtime_ns
-    again = run_publish(PublishSettings(k=3, threads=2), ws, warehouse, run_id="r", vectors=vectors)
+    again = run_publish(
+        StageRun(PublishSettings(k=3, threads=2), ws, warehouse=warehouse), run_id="r", vectors=vectors
+    )
     assert again.skipped and again.rows == 1000 * 2 * 3 and warehouse.stat().st_mtime_ns == mtime
-    changed = run_publish(PublishSettings(k=4), ws, warehouse, run_id="r", vectors=vectors)
+    changed = run_publish(
+        StageRun(PublishSettings(k=4), ws, warehouse=warehouse), run_id="r", vectors=vectors
+    )
     assert not changed.skipped and changed.rows == 1000 * 2 * 4
     assert sql(warehouse, "SELECT count(*), max(rank) FROM recommendations") == [(8000, 4)]
 
@@ -184,7 +191,7 @@ def test_retention_drops_old_indexes_and_a_failed_publish_changes_nothing(
     settings = PublishSettings(k=2, retention_runs=2)
     vectors = workspace_vectors(profiled_workspace, seed=2)
     for i in range(3):
-        s = run_publish(settings, ws, warehouse, run_id=f"r{i}", vectors=vectors)
+        s = run_publish(StageRun(settings, ws, warehouse=warehouse), run_id=f"r{i}", vectors=vectors)
     assert s.purged_runs == ["r0"]
     store = IndexStore(tmp_path / "indexes")
     assert store.runs() == ["r1", "r2"]
@@ -201,7 +208,9 @@ def test_retention_drops_old_indexes_and_a_failed_publish_changes_nothing(
         food.seen_items,
     )
     with pytest.raises(PublishError, match="not in its ingested catalogue"):
-        run_publish(settings, ws, warehouse, run_id="r3", vectors={**vectors, "food": stale})
+        run_publish(
+            StageRun(settings, ws, warehouse=warehouse), run_id="r3", vectors={**vectors, "food": stale}
+        )
     # Vectors that miss users: refused too.
     fewer = DomainVectors(
         "food",
@@ -213,7 +222,9 @@ def test_retention_drops_old_indexes_and_a_failed_publish_changes_nothing(
         food.seen_items[: food.seen_indptr[-2]],
     )
     with pytest.raises(PublishError, match="cover 999 of the 1000 ingested users"):
-        run_publish(settings, ws, warehouse, run_id="r3", vectors={**vectors, "food": fewer})
+        run_publish(
+            StageRun(settings, ws, warehouse=warehouse), run_id="r3", vectors={**vectors, "food": fewer}
+        )
     assert warehouse.read_bytes() == before and store.runs() == ["r1", "r2"]
 
 

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks import StageRun
 from bridgerec.tasks.train.settings import TrainSettings
 from bridgerec.tasks.train.stage import run_train
 from tests.train_data import FAST
@@ -40,7 +41,7 @@ def _copy_inputs(src: Path, dst: Path) -> Path:
 @pytest.fixture(scope="session")
 def trained(enriched_workspace: Path):
     settings = TrainSettings(model="llm4cdsr", epochs=10, patience=10, **FAST)
-    return settings, run_train(settings, Workspace(enriched_workspace))
+    return settings, run_train(StageRun(settings, Workspace(enriched_workspace)))
 
 
 def test_llm4cdsr_learns_and_beats_random(trained) -> None:
@@ -99,7 +100,7 @@ def test_run_folder_and_manifest_hold_their_contract(trained, enriched_workspace
     assert manifest.stats["best"]["model"] == "llm4cdsr"
     # Unchanged inputs and settings: nothing is trained again.
     started = time.perf_counter()
-    again = run_train(settings, Workspace(enriched_workspace))
+    again = run_train(StageRun(settings, Workspace(enriched_workspace)))
     assert again.skipped and again.run_id == summary.run_id and time.perf_counter() - started < 10
 
 
@@ -137,8 +138,8 @@ def test_a_killed_run_resumes_where_it_stopped(enriched_workspace: Path, tmp_pat
     ws_a = _copy_inputs(enriched_workspace, tmp_path / "a")
     script = (
         "import sys; from bridgerec.storage.workspace import Workspace; from bridgerec.tasks.train.settings import TrainSettings;"
-        "from bridgerec.tasks.train.stage import run_train;"
-        f"run_train(TrainSettings.model_validate_json(sys.argv[1]), Workspace({str(ws_a)!r}))"
+        "from bridgerec.tasks import StageRun; from bridgerec.tasks.train.stage import run_train;"
+        f"run_train(StageRun(TrainSettings.model_validate_json(sys.argv[1]), Workspace({str(ws_a)!r})))"
     )
     env = dict(os.environ)
     proc = subprocess.Popen(
@@ -154,11 +155,11 @@ def test_a_killed_run_resumes_where_it_stopped(enriched_workspace: Path, tmp_pat
         proc.wait()
     (run,) = (ws_a / "runs").iterdir()
     assert not (run / "summary.json").exists()
-    resumed = run_train(settings, Workspace(ws_a))
+    resumed = run_train(StageRun(settings, Workspace(ws_a)))
     assert resumed.resumed_from_epoch >= 1 and resumed.epochs == 5
     # The resumed run ends exactly where an uninterrupted run ends.
     ws_b = _copy_inputs(enriched_workspace, tmp_path / "b")
-    straight = run_train(settings, Workspace(ws_b))
+    straight = run_train(StageRun(settings, Workspace(ws_b)))
     assert straight.run_id == resumed.run_id
     assert straight.test["overall"] == pytest.approx(resumed.test["overall"], abs=1e-6)
 
@@ -167,10 +168,12 @@ def test_flow_and_cli_train_the_baselines(prefect_harness, enriched_workspace: P
     from typer.testing import CliRunner
 
     from bridgerec.cli import app
-    from bridgerec.flows.train import train_flow
+    from bridgerec.flows.stage import flow_for
+    from bridgerec.stages import STAGE
 
     ws = _copy_inputs(enriched_workspace, tmp_path / "ws")
-    summary = train_flow(TrainSettings(model="sasrec-domain", epochs=2, **FAST), str(ws))
+    settings = TrainSettings(model="sasrec-domain", epochs=2, **FAST)
+    summary = flow_for(STAGE["train"])(StageRun(settings, Workspace(ws)))
     assert summary.model == "sasrec-domain" and summary.epochs == 2
 
     config = tmp_path / "train.yaml"

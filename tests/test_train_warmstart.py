@@ -25,6 +25,7 @@ from bridgerec.models.registry import build_model
 from bridgerec.models.warmstart import ItemSpace, warm_state
 from bridgerec.storage.runs import RunDir
 from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks import StageRun
 from bridgerec.tasks.train.inputs import load_catalog, load_item_tables, load_sequences
 from bridgerec.tasks.train.settings import TrainSettings
 from bridgerec.tasks.train.stage import TrainSummary, run_id_for, run_train
@@ -71,12 +72,12 @@ def nights(enriched_workspace: Path, tmp_path_factory: pytest.TempPathFactory) -
     for stage in ("ingest", "enrich"):
         shutil.copytree(enriched_workspace / stage, ws_path / stage)
     ws = Workspace(ws_path)
-    first = run_train(SETTINGS, ws)
+    first = run_train(StageRun(SETTINGS, ws))
     items, interactions = next_night(root / "raw")
-    run_ingest(IngestSettings(items=items, interactions=interactions), ws)
+    run_ingest(StageRun(IngestSettings(items=items, interactions=interactions), ws))
     run_enrich_like_tests(ws)  # incremental: embeds the new items' texts, keeps the rest
     before_second = _copy(ws_path, root / "before_second")
-    second = run_train(SETTINGS, ws)
+    second = run_train(StageRun(SETTINGS, ws))
     return Nights(ws_path, before_second, first, second)
 
 
@@ -245,7 +246,7 @@ def test_the_warm_init_scores_well_above_a_random_init_before_any_training(night
 def test_an_incompatible_model_starts_cold_with_the_reason(nights: Nights, tmp_path: Path) -> None:
     ws = Workspace(_copy(nights.ws, tmp_path / "ws"))
     smaller = TrainSettings(model=MODEL, epochs=1, patience=1, **(FAST | {"hidden": 16}))
-    summary = run_train(smaller, ws)
+    summary = run_train(StageRun(smaller, ws))
     assert summary.init == "cold" and summary.warm_start_from is None and summary.init_valid_ndcg10 is None
     assert summary.cold_start_reason.startswith(f"run {nights.second.run_id} does not fit this model")
     assert "hidden 32 -> 16" in summary.cold_start_reason
@@ -258,16 +259,16 @@ def test_an_incompatible_model_starts_cold_with_the_reason(nights: Nights, tmp_p
 def test_warm_start_off_or_force_trains_cold(nights: Nights, tmp_path: Path) -> None:
     ws = Workspace(_copy(nights.ws, tmp_path / "ws"))
     off = TrainSettings(model=MODEL, epochs=1, patience=1, warm_start=False, **FAST)
-    summary = run_train(off, ws)
+    summary = run_train(StageRun(off, ws))
     assert (summary.init, summary.warm_start_from) == ("cold", None)
     assert summary.cold_start_reason == "train.warm_start is off"
     # The warm-start fields are not part of the run id: switching them alone retrains nothing...
     on = off.model_copy(update={"warm_start": True, "warm_start_epochs": 2})
     assert run_id_for(on, {"x": "y"}) == run_id_for(off, {"x": "y"})
-    again = run_train(on, ws)
+    again = run_train(StageRun(on, ws))
     assert again.skipped and again.run_id == summary.run_id and again.init == "cold"
     # ...and --force retrains cold, though an earlier compatible run is there.
-    forced = run_train(on, ws, force=True)
+    forced = run_train(StageRun(on, ws, force=True))
     assert (forced.init, forced.cold_start_reason, forced.skipped) == ("cold", "--force", False)
 
 
@@ -289,12 +290,12 @@ def test_a_killed_warm_run_resumes_as_the_warm_run_it_was(
 
     monkeypatch.setattr(trainer, "train_epoch", crash_in_epoch_two)
     with pytest.raises(Killed):
-        run_train(SETTINGS, ws)
+        run_train(StageRun(SETTINGS, ws))
     monkeypatch.undo()
     run = Path(ws.root / "runs" / nights.second.run_id)
     assert (run / "checkpoint.pt").exists() and not (run / "summary.json").exists()
 
-    resumed = run_train(SETTINGS.model_copy(update={"warm_start": False}), ws)
+    resumed = run_train(StageRun(SETTINGS.model_copy(update={"warm_start": False}), ws))
     assert resumed.run_id == nights.second.run_id and resumed.resumed_from_epoch == 1
     assert (resumed.init, resumed.warm_start_from) == ("warm", nights.first.run_id)
     assert resumed.init_valid_ndcg10 == pytest.approx(nights.second.init_valid_ndcg10, abs=1e-9)

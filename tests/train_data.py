@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 
 from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks import StageRun
+from bridgerec.tasks.enrich import EnrichSections
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 # One embedding cache (enrich.embedding_cache) for the session's runs over the sample: the first run
@@ -39,10 +41,13 @@ def run_enrich_like_tests(workspace: Workspace) -> None:
         max_users=12, temperature=0, analyzer_max_tokens=16, summarizer_max_tokens=32, titles_per_cluster=5
     )
     run_enrich(
-        EnrichSettings(local_dim=FAST["hidden"], embedding_cache=EMBEDDING_CACHE),
-        profiles,
-        workspace,
-        threads=2,
+        StageRun(
+            EnrichSections(
+                EnrichSettings(local_dim=FAST["hidden"], embedding_cache=EMBEDDING_CACHE), profiles
+            ),
+            workspace,
+            threads=2,
+        )
     )
 
 

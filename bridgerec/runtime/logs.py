@@ -7,7 +7,7 @@ import logging
 from bridgerec.runtime.errors import input_error_in
 
 
-def get_logger(name: str = "bridgerec") -> logging.Logger | logging.LoggerAdapter:
+def get_logger(name: str = "bridgerec") -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
     try:
         from prefect.context import FlowRunContext, TaskRunContext
         from prefect.logging import get_run_logger

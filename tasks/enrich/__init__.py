@@ -9,7 +9,7 @@ packages import this package only, never its modules.
 from bridgerec.tasks.enrich.models import ModelError, embedding_model, model_id, prepare_profile_model
 from bridgerec.tasks.enrich.outputs import EnrichOutputs
 from bridgerec.tasks.enrich.plan import EnrichPlan, EnrichSummary, Shard
-from bridgerec.tasks.enrich.settings import EnrichSettings, ProfileSettings
+from bridgerec.tasks.enrich.settings import EnrichSections, EnrichSettings, ProfileSettings
 from bridgerec.tasks.enrich.stage import (
     embed_item_shard,
     finish_enrich,
@@ -23,6 +23,7 @@ from bridgerec.tasks.enrich.stage import (
 __all__ = [
     "EnrichOutputs",
     "EnrichPlan",
+    "EnrichSections",
     "EnrichSettings",
     "EnrichSummary",
     "ModelError",

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bridgerec.runtime.logs import get_logger
+from bridgerec.storage.files import move_dir_into_place
 from bridgerec.storage.workspace import hash_file
 from bridgerec.tasks.enrich.settings import EnrichSettings, ProfileSettings
 
@@ -114,7 +115,7 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
         # transformers keeps the GGUF quantizer attached and then refuses to save; the weights are
         # already dequantised, so drop it.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp)
@@ -128,7 +129,7 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
         }
         (tmp / PREPARED_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         try:
-            os.replace(tmp, out)
+            move_dir_into_place(tmp, out)
         except OSError:
             if not (out / "config.json").is_file():  # not a concurrent preparer: a real error
                 raise

@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 from pydantic import BaseModel, Field
 
+from bridgerec.runtime.reports import TableReport
 from bridgerec.storage.checkpoints import Checkpoints
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.enrich.engine import Embedder, EnginePool, EngineSpec, Generator, process_engines
@@ -46,6 +47,32 @@ class EnrichSummary(BaseModel):
     skipped: bool = False
     seconds: float = 0.0
     workspace: str = ""
+
+    def reports(self) -> list[TableReport]:
+        """New work and cached counts, errors by step; one row per shard task run."""
+        rows = [
+            {"what": "items embedded (new)", "count": self.items_embedded},
+            {"what": "items cached", "count": self.items_cached},
+            {"what": "profiles generated (new)", "count": self.profiles_generated},
+            {"what": "profiles cached", "count": self.profiles_cached},
+            {"what": "errors", "count": self.errors},
+        ]
+        rows += [{"what": f"errors: {step}", "count": n} for step, n in self.errors_by_step.items()]
+        description = (
+            f"Enrich: {self.items} items, {self.embedding_dim}-d {self.embed_model_id}; "
+            f"profiles {self.profile_mode} ({self.llm_model_id})"
+            + (" (skipped: inputs unchanged)" if self.skipped else f" in {self.seconds:.0f} s")
+        )
+        reports = [TableReport("enrich-summary", rows, description)]
+        if self.shards:
+            reports.append(
+                TableReport(
+                    "enrich-shards",
+                    self.shards,
+                    "Enrich shards: one task run each (rows [start, stop), new work, seconds, worker)",
+                )
+            )
+        return reports
 
 
 def worker_name() -> str:

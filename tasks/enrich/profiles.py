@@ -22,6 +22,7 @@ import pyarrow as pa
 from bridgerec.runtime.logs import get_logger
 from bridgerec.runtime.progress import advance, progress_bar
 from bridgerec.storage import schemas
+from bridgerec.storage.files import atomic_path
 from bridgerec.storage.workspace import hash_json
 from bridgerec.tasks.enrich.batching import Failed, run_resilient
 from bridgerec.tasks.enrich.engine import Embedder, Generator, Sampling
@@ -146,6 +147,7 @@ def cluster_items(ctx: EnrichContext, item_result: ItemResult) -> Clusters:
             item_result.dim, k, niter=enrich.kmeans_iters, seed=enrich.kmeans_seed, spherical=True
         )
         km.train(x)
+        assert km.centroids is not None
         centroids = km.centroids.astype(np.float32)  # [K, D], unit norm
     else:
         assert previous is not None
@@ -430,14 +432,14 @@ class ProfileInputs:
 
 def save_clusters(clusters: Clusters, path: Path) -> None:
     """The run's clusters, fixed once for all profile shards (a refit per shard could differ)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(
-        path,
-        assign=clusters.assign,
-        centroids=clusters.centroids,
-        meta=np.array(json.dumps(clusters.meta, sort_keys=True)),
-        refit=np.array(clusters.refit),
-    )
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(
+            fh,
+            assign=clusters.assign,
+            centroids=clusters.centroids,
+            meta=np.array(json.dumps(clusters.meta, sort_keys=True)),
+            refit=np.array(clusters.refit),
+        )
 
 
 def load_clusters(path: Path) -> Clusters:

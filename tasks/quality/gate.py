@@ -75,46 +75,49 @@ def decide(
 
     refused: new < published x (1 - max_drop), or (with the floor on) new < popularity.
     first: nothing published yet (only the floor applies). passed: otherwise."""
-    fig = {"new_ndcg10": new, "published_ndcg10": published, "popularity_ndcg10": popularity}
-    ids = {"new_run_id": new_run_id, "published_run_id": published_run_id}
-    if settings.popularity_floor and popularity is not None and new < popularity:
+
+    def result(decision: Decision, publish: bool, message: str) -> GateResult:
         return GateResult(
-            decision="refused",
-            publish=False,
-            message=f"run {new_run_id} scores validation NDCG@10 {new:.4f}, below the popularity floor "
+            decision=decision,
+            publish=publish,
+            message=message,
+            new_run_id=new_run_id,
+            published_run_id=published_run_id,
+            new_ndcg10=new,
+            published_ndcg10=published,
+            popularity_ndcg10=popularity,
+        )
+
+    if settings.popularity_floor and popularity is not None and new < popularity:
+        return result(
+            "refused",
+            False,
+            f"run {new_run_id} scores validation NDCG@10 {new:.4f}, below the popularity floor "
             f"{popularity:.4f} by {popularity - new:.4f} ({(popularity - new) / popularity:.1%})",
-            **fig,
-            **ids,
         )
     if published is None:
-        return GateResult(
-            decision="first",
-            publish=True,
-            message=f"run {new_run_id}: validation NDCG@10 {new:.4f} (popularity {_fmt(popularity)}); no "
+        return result(
+            "first",
+            True,
+            f"run {new_run_id}: validation NDCG@10 {new:.4f} (popularity {_fmt(popularity)}); no "
             "published run to compare with",
-            **fig,
-            **ids,
         )
     bound = published * (1.0 - settings.max_drop)
     drop = published - new
     if new < bound:
-        return GateResult(
-            decision="refused",
-            publish=False,
-            message=f"run {new_run_id} scores validation NDCG@10 {new:.4f}, {drop:.4f} "
+        return result(
+            "refused",
+            False,
+            f"run {new_run_id} scores validation NDCG@10 {new:.4f}, {drop:.4f} "
             f"({drop / published:.1%}) below the published run {published_run_id} ({published:.4f}); "
             f"the gate allows {settings.max_drop:.1%}",
-            **fig,
-            **ids,
         )
     change = f"{-drop:+.4f}" + (f" ({-drop / published:+.1%})" if published else "")
-    return GateResult(
-        decision="passed",
-        publish=True,
-        message=f"run {new_run_id}: validation NDCG@10 {new:.4f}, {change} vs the published run "
+    return result(
+        "passed",
+        True,
+        f"run {new_run_id}: validation NDCG@10 {new:.4f}, {change} vs the published run "
         f"{published_run_id} ({published:.4f}); popularity {_fmt(popularity)}",
-        **fig,
-        **ids,
     )
 
 

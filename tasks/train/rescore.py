@@ -18,6 +18,7 @@ from bridgerec.models.config import ModelConfig
 from bridgerec.models.data import Catalog, EvalSplit, SequenceData, Sequences
 from bridgerec.models.evaluate import evaluate
 from bridgerec.models.metrics import ndcg
+from bridgerec.models.pop import Popularity
 from bridgerec.models.registry import build_model
 from bridgerec.models.warmstart import ItemSpace, warm_state
 from bridgerec.storage.runs import RunDir
@@ -73,6 +74,7 @@ def run_validation_ndcg10(workspace: Workspace, run_id: str, tonight: Tonight) -
 def popularity_validation_ndcg10(tonight: Tonight) -> float:
     """The floor: full-ranking validation NDCG@10 of the `pop` model (training-prefix counts)."""
     model = build_model(ModelConfig(architecture="pop"), tonight.catalog)
+    assert isinstance(model, Popularity)
     data, valid = tonight.split(tonight.settings.resolved().max_len)
     model.fit_counts(data.item_counts("train"))
     ranks = evaluate(model, valid, tonight.settings.eval_batch_size, full=True)

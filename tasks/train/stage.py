@@ -13,6 +13,7 @@ from __future__ import annotations
 import resource
 import shutil
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -23,16 +24,21 @@ import torch
 from pydantic import BaseModel
 
 from bridgerec.models.base import Recommender
-from bridgerec.models.data import SequenceData
+from bridgerec.models.config import ModelConfig
+from bridgerec.models.data import Catalog, EvalSplit, SequenceData, Sequences
 from bridgerec.models.evaluate import evaluate, headline, metric_rows
 from bridgerec.models.optim import Optimizer
-from bridgerec.models.registry import build_model
+from bridgerec.models.pop import Popularity
+from bridgerec.models.registry import ItemTables, build_model
 from bridgerec.models.trainer import FitState, Profiles, fit, score_init, set_seed
-from bridgerec.runtime.logs import get_logger
+from bridgerec.runtime.reports import TableReport
+from bridgerec.runtime.runner import step
 from bridgerec.storage import schemas
+from bridgerec.storage.files import atomic_path
 from bridgerec.storage.runs import RunDir
 from bridgerec.storage.workspace import Workspace, hash_json
 from bridgerec.storage.workspace import config_hash as workspace_config_hash
+from bridgerec.tasks.context import StageRun
 from bridgerec.tasks.train import coldstart
 from bridgerec.tasks.train.checkpoint import load_weights, save_checkpoint, save_weights
 from bridgerec.tasks.train.inputs import (
@@ -44,7 +50,7 @@ from bridgerec.tasks.train.inputs import (
     load_sequences,
 )
 from bridgerec.tasks.train.settings import TrainSettings
-from bridgerec.tasks.train.warmstart import init_from
+from bridgerec.tasks.train.warmstart import InitRecord, init_from
 
 STAGE = "train"
 
@@ -76,6 +82,29 @@ class TrainSummary(BaseModel):
     device: str = "cpu"
     threads: int = 1
 
+    def reports(self) -> list[TableReport]:
+        """The metrics table: HR and NDCG per split, protocol (sampled, full ranking) and user group."""
+        rows = []
+        for split in ("valid", "test"):
+            result = getattr(self, split)
+            groups = {
+                "sampled": {k: v for k, v in result.items() if k != "full"},
+                "full": result.get("full", {}),
+            }
+            for protocol, by_group in groups.items():
+                for group, metrics in by_group.items():
+                    rows.append(
+                        {"split": split, "protocol": protocol, "group": group}
+                        | {k: round(v, 4) for k, v in metrics.items()}
+                    )
+        description = (
+            f"{self.model} ({self.run_id}): best epoch {self.best_epoch} of {self.epochs}, "
+            f"{self.epoch_seconds:.1f} s/epoch"
+            + (f", warm start from {self.warm_start_from}" if self.init == "warm" else "")
+            + (" (skipped: already trained)" if self.skipped else "")
+        )
+        return [TableReport(f"train-metrics-{self.model}", rows, description)]
+
 
 def config_hash(settings: TrainSettings) -> str:
     """The run id's settings part: the preset applied, then `TrainSettings`' declared hash fields."""
@@ -94,70 +123,154 @@ def pick_device(setting: str) -> torch.device:
     return torch.device("cpu")
 
 
-def run_train(
-    settings: TrainSettings, workspace: Workspace, threads: int = 1, force: bool = False
-) -> TrainSummary:
-    """Train `settings.model` on the workspace; skip when the same run already finished."""
-    log = get_logger()
-    started = time.perf_counter()
-    resolved = settings.resolved()
-    files = input_files(workspace, settings.uses_llm_tables, settings.uses_profiles)
-    hashes = input_hashes(files)
-    run = RunDir(workspace, run_id_for(settings, hashes))
-    if run.is_complete() and not force:
-        log.info("train: %s already trained on these inputs, skipping (%s)", run.run_id, run.path)
-        summary = TrainSummary(**run.read_summary())
-        _record(workspace, run, summary, hashes, config_hash(settings), settings.select_by)
-        return summary.model_copy(update={"skipped": True, "seconds": time.perf_counter() - started})
-    if force and run.path.exists():
-        shutil.rmtree(run.path)
+@dataclass
+class _Inputs:
+    """What a run trains on, loaded once: the catalogue, the sequences (after the cold-start hold-out), the
+    LLM tables and profile vectors where the model uses them, and the cold-start evaluation."""
 
-    threads = settings.threads or threads
+    catalog: Catalog
+    sequences: Sequences
+    data: SequenceData
+    tables: ItemTables | None
+    profiles: Profiles | None
+    cold_eval: coldstart.ColdStart
+
+    @property
+    def widths(self) -> dict[str, int]:
+        """The enrich tables' widths the model is built for (0 where unused)."""
+        t = self.tables
+        return {
+            "global_dim": int(t.global_table.shape[1]) if t else 0,
+            "local_dim": int(t.local_tables[0].shape[1]) if t else 0,
+            "profile_dim": int(self.profiles.vectors.shape[1]) if self.profiles is not None else 0,
+        }
+
+
+@step("train")
+def run_train(run: StageRun[TrainSettings]) -> TrainSummary:
+    """Train `settings.model` on the workspace; skip when the same run already finished.
+
+    The run id hashes the settings (`config_hash`) and the input files; a run interrupted earlier resumes
+    from its checkpoint, a new one starts warm or cold (`init_from`)."""
+    settings, workspace, log = run.settings, run.workspace, run.log
+    started = time.perf_counter()
+    hashes = input_hashes(input_files(workspace, settings.uses_llm_tables, settings.uses_profiles))
+    run_dir = RunDir(workspace, run_id_for(settings, hashes))
+    if run_dir.is_complete() and not run.force:
+        log.info("train: %s already trained on these inputs, skipping (%s)", run_dir.run_id, run_dir.path)
+        summary = TrainSummary(**run_dir.read_summary())
+        _record(workspace, run_dir, summary, hashes, config_hash(settings), settings.select_by)
+        return summary.model_copy(update={"skipped": True, "seconds": time.perf_counter() - started})
+    if run.force and run_dir.path.exists():
+        shutil.rmtree(run_dir.path)
+
+    threads = run.threads_for(settings.threads)
     torch.set_num_threads(threads)
     device = pick_device(settings.device)
     set_seed(settings.seed, settings.deterministic)
+    inputs = _load_inputs(run)
+    spec = settings.model_spec(**inputs.widths)  # the typed model config the model is built from
+    model = build_model(spec, inputs.catalog, inputs.tables).to(device)
+    start = _start(run, run_dir, model, spec, inputs, hashes, device)
+    t0 = time.perf_counter()
+    valid, test = (
+        inputs.data.eval_split(name, settings.eval_negatives, settings.seed, settings.short_history)
+        for name in ("valid", "test")
+    )
+    log.info("train: evaluation splits built in %.1f s", time.perf_counter() - t0)
+    state = _fit(run, run_dir, model, inputs, start, valid, device)
+    summary = _evaluate(run, run_dir, model, inputs, state, (valid, test), device)
+    summary = summary.model_copy(
+        update={
+            "resumed_from_epoch": start.resumed_from,
+            "init": start.init.init,
+            "warm_start_from": start.init.warm_start_from,
+            "cold_start_reason": start.init.reason,
+            "warm_start_items": start.init.items,
+            "seconds": time.perf_counter() - started,
+            "device": str(device),
+            "threads": threads,
+        }
+    )
+    run_dir.write_summary(summary.model_dump(mode="json"))
+    run_dir.checkpoint.unlink(missing_ok=True)
+    _record(workspace, run_dir, summary, hashes, config_hash(settings), settings.select_by)
+    log.info(
+        "train: %s (%s start) best epoch %d/%d, test ndcg@10 %.4f (full %.4f), %.1f s/epoch",
+        run_dir.run_id,
+        summary.init,
+        summary.best_epoch,
+        summary.epochs,
+        summary.test["overall"]["ndcg@10"],
+        summary.test.get("full", {}).get("overall", {}).get("ndcg@10", float("nan")),
+        summary.epoch_seconds,
+    )
+    return summary
 
+
+def _load_inputs(run: StageRun[TrainSettings]) -> _Inputs:
+    """The catalogue and sequences (with the cold-start hold-out applied), and the enrich tables and
+    profile vectors where the model uses them."""
+    settings, workspace, log = run.settings, run.workspace, run.log
     catalog = load_catalog(workspace)
     sequences, cold_eval = coldstart.prepare(
         settings.cold_start, catalog, load_sequences(workspace), workspace, settings.seed, log.info
     )
-    data = SequenceData(catalog, sequences, resolved.max_len)
+    data = SequenceData(catalog, sequences, settings.resolved().max_len)
     tables = load_item_tables(workspace) if settings.uses_llm_tables else None
     profiles = None
     if settings.uses_profiles:
         loaded = load_profiles(workspace, cold_eval.source_users)
-        if loaded is not None:
-            loaded = (cold_eval.select_users(loaded[0]), cold_eval.select_users(loaded[1]))
         if loaded is None:
             log.warning("train: no profile vectors in the workspace; training without the profile term")
         else:
-            profiles = Profiles(torch.from_numpy(loaded[0]), torch.from_numpy(loaded[1]))
-            log.info("train: %d of %d users have a profile", int(loaded[1].sum()), data.n_users)
-    widths = {
-        "global_dim": int(tables.global_table.shape[1]) if tables else 0,
-        "local_dim": int(tables.local_tables[0].shape[1]) if tables else 0,
-        "profile_dim": int(profiles.vectors.shape[1]) if profiles is not None else 0,
-    }
-    spec = settings.model_spec(**widths)  # the typed model config the model is built from
+            vectors, has_profile = cold_eval.select_users(loaded[0]), cold_eval.select_users(loaded[1])
+            profiles = Profiles(torch.from_numpy(vectors), torch.from_numpy(has_profile))
+            log.info("train: %d of %d users have a profile", int(has_profile.sum()), data.n_users)
+    return _Inputs(catalog, sequences, data, tables, profiles, cold_eval)
+
+
+@dataclass
+class _Started:
+    """How the run starts: its init record, the fit state to continue (resumed or warm) and the optimizer
+    state of a resumed run."""
+
+    how: Literal["resume", "warm", "cold"]
+    init: InitRecord
+    state: FitState | None
+    opt_state: Any  # the optimizer's state_dict of a resumed run
+    resumed_from: int
+
+
+def _start(
+    run: StageRun[TrainSettings],
+    run_dir: RunDir,
+    model: Recommender,
+    spec: ModelConfig,
+    inputs: _Inputs,
+    hashes: dict[str, str],
+    device: torch.device,
+) -> _Started:
+    """Decide the start (`init_from`: resume, warm or cold), record the run's config.json."""
+    settings, log = run.settings, run.log
     # The resolved settings as recorded in config.json (`settings`; warm start compares them).
-    model_settings = resolved.model_dump(mode="json") | {
+    model_settings = settings.resolved().model_dump(mode="json") | {
         "architecture": settings.architecture,
-        "tables": widths,
+        "tables": inputs.widths,
     }
-    model = build_model(spec, catalog, tables).to(device)
-    run.path.mkdir(parents=True, exist_ok=True)
+    run_dir.path.mkdir(parents=True, exist_ok=True)
     warm: bool | str = settings.warm_start
     if settings.cold_start.new_items:
         warm = "train.cold_start.new_items: earlier weights have seen the held-out items"
     start = init_from(
-        model, run, model_settings, catalog, workspace, hashes,
-        force=force, warm=warm, device=device, log=log.info, warn=log.warning,
+        model, run_dir, model_settings, inputs.catalog, run.workspace, hashes,
+        force=run.force, warm=warm, device=device, log=log.info, warn=log.warning,
     )  # fmt: skip
-    init = start.init
-    run.write_items(catalog.item_ids)
-    run.write_config(
+    run_dir.write_items(inputs.catalog.item_ids)
+    catalog = inputs.catalog
+    run_dir.write_config(
         {
-            "run_id": run.run_id,
+            "run_id": run_dir.run_id,
             "model": settings.model,
             "settings": model_settings,
             "model_config": spec.to_dict(),
@@ -168,77 +281,94 @@ def run_train(
             },
             "inputs": hashes,
             "config_hash": config_hash(settings),
-            "init": init.model_dump(mode="json"),
+            "init": start.init.model_dump(mode="json"),
             "created_at": datetime.now(UTC).isoformat(),
             "torch": torch.__version__,
         }
     )
-
-    t0 = time.perf_counter()
-    valid = data.eval_split("valid", settings.eval_negatives, settings.seed, settings.short_history)
-    test = data.eval_split("test", settings.eval_negatives, settings.seed, settings.short_history)
-    log.info("train: evaluation splits built in %.1f s", time.perf_counter() - t0)
-
-    cfg = settings.fit_config(warm=init.init == "warm")  # a resumed warm run keeps the warm limits
-    state, opt_state = None, None
     if start.checkpoint is not None:
-        opt_state, state = start.checkpoint.optimizer, start.checkpoint.state
-        log.info("train: resuming %s after epoch %d (%s start)", run.run_id, state.epoch, init.init)
-        start.checkpoint = None
-    elif start.how == "warm":
+        state = start.checkpoint.state
+        log.info("train: resuming %s after epoch %d (%s start)", run_dir.run_id, state.epoch, start.init.init)
+        return _Started("resume", start.init, state, start.checkpoint.optimizer, state.epoch)
+    return _Started(start.how, start.init, None, None, 0)
+
+
+def _fit(
+    run: StageRun[TrainSettings],
+    run_dir: RunDir,
+    model: Recommender,
+    inputs: _Inputs,
+    start: _Started,
+    valid: EvalSplit,
+    device: torch.device,
+) -> FitState:
+    """Train until early stopping (or count, for `pop`), keeping the best weights in the run folder."""
+    settings, log = run.settings, run.log
+    cfg = settings.fit_config(warm=start.init.init == "warm")  # a resumed warm run keeps the warm limits
+    state = start.state
+    if start.how == "warm":
         # Epoch 0 = the warm init itself: it is the best to beat, so training can only keep or improve it.
+        # The warm run's optimizer starts fresh: the earlier run's Adam moments are not kept.
         state = score_init(model, valid, cfg, device)
-        save_weights(model, run)
+        save_weights(model, run_dir)
         log.info("train: the warm init scores validation NDCG@10 %.4f before training", state.best_valid)
-    resumed_from = state.epoch if state else 0
-    # The warm run's optimizer starts fresh: the earlier run's Adam moments are not kept once it finished.
 
     def on_epoch(m: Recommender, opt: Optimizer, st: FitState, is_best: bool) -> None:
         if is_best:
-            save_weights(m, run)
-        save_checkpoint(run, m, opt, st, init.model_dump(mode="json"))
+            save_weights(m, run_dir)
+        save_checkpoint(run_dir, m, opt, st, start.init.model_dump(mode="json"))
 
-    model.set_trained_items(data.item_counts("train"))
+    counts = inputs.data.item_counts("train")
+    model.set_trained_items(counts)
     if model.trainable:
-        state = fit(model, data, valid, cfg, device, profiles, state, opt_state, on_epoch, log=log.info)
+        state = fit(
+            model, inputs.data, valid, cfg, device, inputs.profiles, state, start.opt_state, on_epoch,
+            log=log.info,
+        )  # fmt: skip
     else:  # pop: fitted by counting the training prefixes; its "epoch 0" is the only one
-        model.fit_counts(data.item_counts("train"))
+        assert isinstance(model, Popularity)
+        model.fit_counts(counts)
         state = score_init(model, valid, cfg, device)
-        save_weights(model, run)
-    if not run.model.exists():
+        save_weights(model, run_dir)
+    if not run_dir.model.exists():
         raise RuntimeError("training finished without a single epoch; check train.epochs and the time budget")
+    return state
 
-    # Final evaluation of the best weights, sampled and full ranking, on validation and test.
-    load_weights(model, run, device)
+
+def _evaluate(
+    run: StageRun[TrainSettings],
+    run_dir: RunDir,
+    model: Recommender,
+    inputs: _Inputs,
+    state: FitState,
+    splits: tuple[EvalSplit, EvalSplit],
+    device: torch.device,
+) -> TrainSummary:
+    """The best weights on validation and test, sampled and full ranking, plus the cold-start
+    evaluations; writes metrics.parquet and the validation curve."""
+    settings = run.settings
+    data, catalog = inputs.data, inputs.catalog
+    load_weights(model, run_dir, device)
     counts = data.item_counts("train")  # popularity for the beyond-accuracy figures
     rows: list[dict] = []
     results = {}
-    for split in (valid, test):
+    for split in splits:
         ranks = evaluate(model, split, settings.eval_batch_size, settings.full_ranking, device)
         split_rows = metric_rows(ranks, split, catalog, counts)
         results[split.name] = headline(split_rows, catalog.domains)
-        rows += [r | {"run_id": run.run_id, "epoch": state.best_epoch} for r in split_rows]
-    cold_rows, cold_summary = cold_eval.evaluate(
-        model,
-        catalog,
-        sequences,
-        test,
-        ranks,
-        settings.eval_batch_size,
-        settings.full_ranking,
-        device,
-        settings.uses_llm_tables,
-        resolved.max_len,
-    )
-    rows += [r | {"run_id": run.run_id, "epoch": state.best_epoch} for r in cold_rows]
-    rows += _history_rows(run.run_id, state.history)
-    run.write_metrics(rows)
-    _plot_curve(state.history, run.curve, f"{settings.model} ({run.run_id})")
+        rows += [r | {"run_id": run_dir.run_id, "epoch": state.best_epoch} for r in split_rows]
+    cold_rows, cold_summary = inputs.cold_eval.evaluate(
+        model, catalog, inputs.sequences, splits[1], ranks, settings.eval_batch_size,
+        settings.full_ranking, device, settings.uses_llm_tables, settings.resolved().max_len,
+    )  # fmt: skip
+    rows += [r | {"run_id": run_dir.run_id, "epoch": state.best_epoch} for r in cold_rows]
+    rows += _history_rows(run_dir.run_id, state.history)
+    run_dir.write_metrics(rows)
+    _plot_curve(state.history, run_dir.curve, f"{settings.model} ({run_dir.run_id})")
 
     hist = [h for h in state.history if h["epoch"] >= 1]  # epoch 0: the warm init, evaluated only
-    init_score = next((h["valid_ndcg@10"] for h in state.history if h["epoch"] == 0), None)
-    summary = TrainSummary(
-        run_id=run.run_id,
+    return TrainSummary(
+        run_id=run_dir.run_id,
         model=settings.model,
         epochs=state.epoch,
         best_epoch=state.best_epoch,
@@ -249,32 +379,10 @@ def run_train(
         test=results["test"],
         users=data.n_users,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        resumed_from_epoch=resumed_from,
-        init=init.init,
-        warm_start_from=init.warm_start_from,
-        cold_start_reason=init.reason,
-        init_valid_ndcg10=init_score,
-        warm_start_items=init.items,
+        init_valid_ndcg10=next((h["valid_ndcg@10"] for h in state.history if h["epoch"] == 0), None),
         cold_start=cold_summary,
-        seconds=time.perf_counter() - started,
-        run_dir=str(run.path),
-        device=str(device),
-        threads=threads,
+        run_dir=str(run_dir.path),
     )
-    run.write_summary(summary.model_dump(mode="json"))
-    run.checkpoint.unlink(missing_ok=True)
-    _record(workspace, run, summary, hashes, config_hash(settings), settings.select_by)
-    log.info(
-        "train: %s (%s start) best epoch %d/%d, test ndcg@10 %.4f (full %.4f), %.1f s/epoch",
-        run.run_id,
-        init.init,
-        summary.best_epoch,
-        summary.epochs,
-        summary.test["overall"]["ndcg@10"],
-        summary.test.get("full", {}).get("overall", {}).get("ndcg@10", float("nan")),
-        summary.epoch_seconds,
-    )
-    return summary
 
 
 def _history_rows(run_id: str, history: list[dict]) -> list[dict]:
@@ -323,10 +431,9 @@ def _plot_curve(history: list[dict], path: Path, title: str) -> None:
     ax2.set_ylabel("training loss", color="tab:red")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    tmp.replace(path)
 
 
 def select_best(rows: list[dict], select_by: str) -> dict:

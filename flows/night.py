@@ -1,0 +1,160 @@
+"""The night's summary (`NightSummary`): what `bridgerec run` prints (markdown, or `--json`), what the
+nightly-summary artifact shows, and what the warehouse's `runs` row of the night records."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from bridgerec.storage.warehouse import NightRecord
+from bridgerec.tasks.enrich import EnrichSummary
+from bridgerec.tasks.ingest import IngestSummary
+from bridgerec.tasks.publish import PublishSummary
+from bridgerec.tasks.quality import DataChecks, GateResult
+from bridgerec.tasks.train import TrainSummary
+
+
+class Held(BaseModel):
+    """Publish did not run: the gate held the night's run back."""
+
+    status: Literal["held by the gate"] = "held by the gate"
+
+
+class NightStages(BaseModel):
+    """Each stage's summary, for the stages that ran (or skipped themselves) tonight."""
+
+    ingest: IngestSummary | None = None
+    enrich: EnrichSummary | None = None
+    train: TrainSummary | None = None
+    publish: PublishSummary | Held | None = None
+
+
+class NightSummary(BaseModel):
+    """One night: its stages, the data checks, the gate's decision, what serves now. `seconds` holds
+    each step's wall time (ingest, checks, enrich, train, gate, publish)."""
+
+    night_id: str
+    flow_run_id: str | None = None
+    status: Literal["running", "completed", "failed"] = "running"
+    stages: NightStages = Field(default_factory=NightStages)
+    seconds: dict[str, float] = Field(default_factory=dict)
+    data_checks: DataChecks | None = None
+    gate: GateResult | None = None
+    published_run_id: str | None = None
+    list_stability: list[dict[str, Any]] | None = None
+    list_stability_text: str | None = None
+    failed_stage: str | None = None
+    message: str | None = None
+    workspace: str
+    warehouse: str
+
+    def record(self, started: datetime, finished: datetime | None = None) -> NightRecord:
+        """The night's row in the warehouse's `runs`."""
+        gate, train, checks = self.gate, self.stages.train, self.data_checks
+        return NightRecord(
+            run_id=self.night_id,
+            flow_run_id=self.flow_run_id,
+            status=self.status,
+            started_at=started,
+            finished_at=finished,
+            model=train.model if train else None,
+            train_run_id=train.run_id if train else None,
+            published_run_id=self.published_run_id,
+            gate=gate.decision if gate else None,
+            gate_message=gate.message if gate else None,
+            valid_ndcg10=gate.new_ndcg10 if gate else None,
+            published_valid_ndcg10=gate.published_ndcg10 if gate else None,
+            popularity_valid_ndcg10=gate.popularity_ndcg10 if gate else None,
+            message=self.message,
+            data_checks=(checks.rows or None) if checks else None,
+            data_checks_passed=checks.passed if checks else True,
+            list_stability=self.list_stability,
+        )
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _stage_row(summary: NightSummary, stage: str) -> str:
+    """One row of the stages table: what the stage did, its seconds and the one count that says how much
+    it did (or holds, when it skipped)."""
+    seconds = f"{summary.seconds.get(stage, 0):.1f}"
+    r = getattr(summary.stages, stage)
+    if r is None:
+        return f"| {stage} | {'failed' if summary.failed_stage == stage else 'not run'} | {seconds} | |"
+    if isinstance(r, Held):
+        return f"| {stage} | {r.status} | {seconds} | |"
+    rows: int | None = {
+        "ingest": lambda: r.interactions,
+        "enrich": lambda: r.items_embedded + r.profiles_generated,
+        "train": lambda: r.users,
+        "publish": lambda: r.rows,
+    }[stage]()
+    did = "skipped (unchanged)" if r.skipped else "did"
+    return f"| {stage} | {did} | {seconds} | {'' if rows is None else f'{rows:,}'} |"
+
+
+def _headlines(summary: NightSummary) -> list[str]:
+    """The bullets under the table: the run, its metric against the published run and popularity, the
+    checks, list stability, the gate, the failure, what serves now."""
+    gate, train, lines = summary.gate, summary.stages.train, []
+    if train is not None and train.run_id:
+        lines.append(f"- run `{train.run_id}` ({train.model}, {train.init or 'cold'} start)")
+    if gate is not None and gate.new_ndcg10 is not None:
+        new, published = gate.new_ndcg10, gate.published_ndcg10
+        change = (
+            f", {new - published:+.4f} vs the published run ({_fmt(published)})"
+            if published is not None
+            else ""
+        )
+        lines.append(
+            f"- validation NDCG@10 (full ranking) {_fmt(new)}{change}; popularity floor "
+            f"{_fmt(gate.popularity_ndcg10)}"
+        )
+    if summary.data_checks is not None:
+        lines.append(f"- {summary.data_checks.message}")
+    if summary.list_stability_text:
+        lines.append(f"- {summary.list_stability_text}")
+    if gate is not None:
+        lines.append(f"- gate: **{gate.decision}**: {gate.message}")
+        if gate.churn:
+            figures = ", ".join(f"{d} {c:.0%}" for d, c in sorted(gate.churn.items()))
+            lines.append(f"- lists would change by (mean per user): {figures}; {gate.churn_note}")
+    if summary.message:
+        lines.append(f"- failed: {summary.message}")
+    lines.append(f"- serving: run `{summary.published_run_id or 'none'}`")
+    return lines
+
+
+def summary_markdown(summary: NightSummary) -> str:
+    """The morning read: one table of the stages, the headline metric and its change, the gate's
+    decision, where to look next. The nightly-summary artifact and `bridgerec run` print it."""
+    head = "completed" if summary.status == "completed" else "FAILED"
+    lines = [
+        f"# bridgerec nightly run {summary.night_id}: {head}",
+        "",
+        "| stage | did | seconds | rows |",
+        "|---|---|---:|---:|",
+        _stage_row(summary, "ingest"),
+    ]
+    if summary.data_checks is not None:
+        state = "passed" if summary.data_checks.passed else "STOPPED the night"
+        lines.append(f"| data checks | {state} | {summary.seconds.get('checks', 0):.1f} | |")
+    lines += [_stage_row(summary, "enrich"), _stage_row(summary, "train")]
+    if summary.gate is not None:
+        lines.append(f"| quality gate | {summary.gate.decision} | {summary.seconds.get('gate', 0):.1f} | |")
+    lines += [_stage_row(summary, "publish"), "", *_headlines(summary)]
+    lines += [
+        "",
+        f"Next: `bridgerec runs list --warehouse {summary.warehouse}`; Prefect artifacts "
+        f"(data quality, train metrics); workspace `{summary.workspace}`.",
+    ]
+    if summary.gate is not None and summary.gate.decision == "refused":
+        lines.append(
+            f"To publish the refused run anyway: `bridgerec publish --run-id {summary.gate.new_run_id}` "
+            "(with the night's config)."
+        )
+    return "\n".join(lines)
