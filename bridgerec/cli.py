@@ -78,6 +78,23 @@ def _emit(result: Any, as_json: bool, render: Callable[[Any], None]) -> None:
         render(result)
 
 
+def _run_stage(
+    name: str, settings: Settings, force: bool, as_json: bool, render: Callable[[Any], None], **options: Any
+) -> None:
+    """Run stage `name` as its flow and print its summary. A fault the user can fix (bad input or config,
+    a missing earlier stage: `InputError`, `FileNotFoundError`, `ValueError`) is one `error:` line and
+    exit 2; the flow's logs keep the details."""
+    from bridgerec.flows.stage import run_stage
+
+    hide_input_error_tracebacks()
+    progress.set_enabled(not as_json)
+    try:
+        summary = run_stage(name, settings, force=force, **options)
+    except (InputError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    _emit(summary, as_json, render)
+
+
 def _parse_domain_paths(values: list[str] | None, option: str) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for v in values or []:
@@ -118,10 +135,6 @@ def ingest(
     Checks every row: bad rows go to WORKSPACE/ingest/quarantine.parquet with a reason, and every row
     read is accounted for (read = kept + quarantined + filtered). An unchanged rerun is skipped.
     """
-    from bridgerec.flows.stage import run_stage
-
-    hide_input_error_tracebacks()
-
     reviews_map, meta_map = _parse_domain_paths(reviews, "--reviews"), _parse_domain_paths(meta, "--meta")
     amazon = None
     if reviews_map or meta_map:
@@ -140,12 +153,7 @@ def ingest(
             "ingest.amazon": amazon,
         },
     )
-    progress.set_enabled(not as_json)
-    try:
-        summary = run_stage("ingest", settings, force=force)
-    except (InputError, FileNotFoundError) as exc:  # SourceError, IngestError: the file is named
-        _fail(str(exc))
-    _emit(summary, as_json, _render_ingest)
+    _run_stage("ingest", settings, force, as_json, _render_ingest)
 
 
 def _render_ingest(s: IngestSummary) -> None:
@@ -194,20 +202,10 @@ def enrich(
     changed get a new profile; an unchanged rerun starts no engine. Items or users that fail are in
     WORKSPACE/enrich/errors.parquet with the reason.
     """
-    from bridgerec.flows.stage import run_stage
-
-    hide_input_error_tracebacks()
-    from bridgerec.tasks.enrich import ModelError
-
     settings = _settings(
         config, workspace=workspace, **{"profiles.max_users": max_users, "profiles.mode": profiles_mode}
     )
-    progress.set_enabled(not as_json)
-    try:
-        summary = run_stage("enrich", settings, force=force)
-    except (ModelError, FileNotFoundError) as exc:
-        _fail(str(exc))
-    _emit(summary, as_json, _render_enrich)
+    _run_stage("enrich", settings, force, as_json, _render_enrich)
 
 
 def _render_enrich(s: EnrichSummary) -> None:
@@ -293,17 +291,8 @@ def train(
     from the target's domain and with full ranking over it. An unchanged rerun is skipped; an interrupted
     one resumes from its last epoch.
     """
-    from bridgerec.flows.stage import run_stage
-
-    hide_input_error_tracebacks()
-
     settings = _settings(config, workspace=workspace, **{"train.model": model, "train.epochs": epochs})
-    progress.set_enabled(not as_json)
-    try:
-        summary = run_stage("train", settings, force=force)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
-    _emit(summary, as_json, _render_train)
+    _run_stage("train", settings, force, as_json, _render_train)
 
 
 def _render_train(s: TrainSummary) -> None:
@@ -368,19 +357,8 @@ def publish(
     Indexes are saved under <warehouse folder>/indexes/<run_id>/.
     Runs beyond `publish.retention_runs` lose their recommendations, profiles and indexes.
     """
-    from bridgerec.flows.stage import run_stage
-
-    hide_input_error_tracebacks()
-    from bridgerec.storage.warehouse import WarehouseError
-    from bridgerec.tasks.publish import PublishError
-
     settings = _settings(config, workspace=workspace, warehouse=warehouse, **{"publish.k": k})
-    progress.set_enabled(not as_json)
-    try:
-        summary = run_stage("publish", settings, force=force, run_id=run_id)
-    except (PublishError, WarehouseError, FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
-    _emit(summary, as_json, _render_publish)
+    _run_stage("publish", settings, force, as_json, _render_publish, run_id=run_id)
 
 
 def _render_publish(s: PublishSummary) -> None:
