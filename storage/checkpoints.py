@@ -19,7 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bridgerec.runtime.logs import get_logger
-from bridgerec.storage.workspace import Workspace, write_parquet_atomic
+from bridgerec.storage.files import write_parquet_atomic
+from bridgerec.storage.workspace import Workspace
 
 
 class Checkpoints:

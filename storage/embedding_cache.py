@@ -38,7 +38,7 @@ class EmbeddingCache:
         files = sorted(p for p in folder.glob("*.parquet")) if folder.is_dir() else []
         if not files:
             return None
-        tables = []
+        tables: list[pa.Table] = []
         for f in files:
             try:
                 t = ds.dataset(f, format="parquet").to_table(columns=COLUMNS)

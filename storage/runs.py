@@ -63,10 +63,12 @@ class RunDir:
     def read_config(self) -> dict[str, Any]:
         if not self.config.exists():
             raise FileNotFoundError(f"{self.config} does not exist: not a training run folder")
-        return json.loads(self.config.read_text())
+        config: dict[str, Any] = json.loads(self.config.read_text())
+        return config
 
     def read_summary(self) -> dict[str, Any]:
-        return json.loads(self.summary.read_text())
+        summary: dict[str, Any] = json.loads(self.summary.read_text())
+        return summary
 
     def write_config(self, config: dict[str, Any]) -> None:
         write_json_atomic(config, self.config)
@@ -87,7 +89,8 @@ class RunDir:
         import pyarrow.parquet as pq
 
         table = pq.read_table(self.items).sort_by("global_id")
-        return table["item_id"].to_pylist()
+        item_ids: list[str] = table["item_id"].to_pylist()
+        return item_ids
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         table = pa.Table.from_pylist(rows, schema=schemas.TRAIN_METRICS)
