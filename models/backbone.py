@@ -215,8 +215,3 @@ def domain_view(domains: Tensor, ids: Tensor, domain: int) -> tuple[Tensor, Tens
     sub[rows[mask], dest[mask]] = ids[mask]
     has = count > 0
     return sub, dest.clamp(min=0) * has, has
-
-
-def gather_positions(h: Tensor, index: Tensor) -> Tensor:
-    """h: [B, Ld, H], index: [B, L] -> [B, L, H] with out[b, t] = h[b, index[b, t]]."""
-    return h.gather(1, index.unsqueeze(-1).expand(-1, -1, h.shape[-1]))

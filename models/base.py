@@ -1,75 +1,29 @@
 """What every recommender here shares: the id maps, the loss, and the scoring contract.
 
-Scoring contract (evaluation, export and publish rely on it): for a target domain d,
+Each model encodes a sequence with one method (its `encode`), which training, validation, the export and
+publish all go through. The scoring contract (evaluation, export and publish rely on it): for a target
+domain d,
 
     score(user, item) = user_vectors(inputs, d)[user] . item_vectors(d)[local_id(item)]
 
-and `score(inputs, d, candidates)` computes the same numbers thread by thread (the forward pass).
+where `item_vectors(d)` are the rows `item_rows(d, ids)` the training objective scores (the same
+function, every local id of d), and `score(inputs, d, candidates)` is that dot product for some items.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from bridgerec.models.batch import Batch, Targets
 from bridgerec.models.config import ModelConfig
 from bridgerec.models.data import Catalog, SequenceData
-from bridgerec.models.objectives import SharedNegatives, Targets, objective_loss
+from bridgerec.models.objectives import objective_loss
 
 GLOBAL_IDS = -1  # item_tables(): the table is indexed by global id (all domains)
-
-
-def training_targets(prefix: Tensor, hidden_domain_rows: int = 0) -> Tensor:
-    """prefix: [B, L+1] -> [B, L] the target of every position (0 = none): the next item, except in the
-    last `hidden_domain_rows` rows (hidden-domain examples), where only the last position has one."""
-    targets = prefix[:, 1:]
-    if hidden_domain_rows:
-        main = prefix.shape[0] - hidden_domain_rows
-        only_last = torch.zeros_like(targets[main:])
-        only_last[:, -1] = targets[main:, -1]
-        targets = torch.cat([targets[:main], only_last])
-    return targets
-
-
-@dataclass
-class Batch:
-    """One training batch (global ids, left-padded, trimmed)."""
-
-    prefix: Tensor  # [B, L+1] training prefix: inputs = prefix[:, :-1], targets = prefix[:, 1:]
-    negatives: Tensor  # [B, L] one negative global id per target, from the target's domain (0 = none)
-    users: Tensor  # [B] user_idx
-    profile: Tensor | None = None  # [B, Dp] profile vectors (zeros where missing)
-    has_profile: Tensor | None = None  # [B] bool
-    shared: SharedNegatives | None = None  # sampled_softmax: K negatives per domain for the whole batch
-    # bce_negatives per_thread: [B, L] the mixed thread's own negative global id per target (0 = none)
-    mixed_negatives: Tensor | None = None
-    # The last `hidden_domain_rows` rows are hidden-domain examples (SequenceData.hidden_domain_examples):
-    # only their last position is a target, and the auxiliary losses (adapter, profile) skip them.
-    hidden_domain_rows: int = 0
-    # The summed training loss is divided by this (the epoch's mean positions per batch: every position
-    # weighs the same, `loss_norm: global`) instead of by this batch's own positions (None: every batch
-    # weighs the same).
-    position_norm: float | None = None
-    # The authors' reduction (`loss_norm: domain`): the sum over target domains of each domain's mean
-    # over the batch's positions, instead of one mean over all of them.
-    domain_means: bool = False
-
-    @property
-    def inputs(self) -> Tensor:
-        return self.prefix[:, :-1]
-
-    @property
-    def targets(self) -> Tensor:
-        """[B, L] the target of every position (0 = none)."""
-        return training_targets(self.prefix, self.hidden_domain_rows)
-
-    @property
-    def main_rows(self) -> int:
-        """Rows that are users' own training prefixes (the first ones)."""
-        return self.prefix.shape[0] - self.hidden_domain_rows
 
 
 class Recommender(nn.Module):
@@ -110,11 +64,13 @@ class Recommender(nn.Module):
         return self.item_domain[gids]
 
     def train_targets(self, batch: Batch) -> list[Targets]:
-        """The training positions of `batch`, grouped by target domain, with their user-side vectors."""
+        """The training positions of `batch`, grouped by target domain, with their user-side vectors (the
+        model's `encode` at every position)."""
         raise NotImplementedError
 
     def item_rows(self, domain: int, lids: Tensor) -> Tensor:
-        """[n] local ids of `domain` -> [n, D] their item-side vectors, differentiable (training)."""
+        """[...] local ids of `domain` -> [..., D] their item-side vectors, differentiable (training);
+        local id 0 (padding) -> a zero row."""
         raise NotImplementedError
 
     def per_thread_rows(self, domain: int, mixed_gids: Tensor, lids: Tensor) -> Tensor:
@@ -127,13 +83,15 @@ class Recommender(nn.Module):
         rec = objective_loss(self, self.train_targets(batch), batch)
         return rec, {"rec": float(rec.detach())}
 
-    def user_vectors(self, inputs: Tensor, domain: int) -> Tensor:
-        """inputs: [B, L] global ids -> [B, D] the user side of the score for target domain `domain`."""
+    def user_vectors_all(self, inputs: Tensor, domains: Sequence[int] | None = None) -> list[Tensor]:
+        """inputs: [B, L] left-padded global ids -> one [B, D] per domain of `domains` (default: every
+        domain): the user side of the score for that target domain, the state after the last item. One
+        `encode` of the sequence serves every domain asked for (the export asks for all of them)."""
         raise NotImplementedError
 
-    def user_vectors_all(self, inputs: Tensor) -> list[Tensor]:
-        """inputs: [B, L] -> one [B, D] per domain (the export); models override it to share threads."""
-        return [self.user_vectors(inputs, d) for d in range(self.n_domains)]
+    def user_vectors(self, inputs: Tensor, domain: int) -> Tensor:
+        """inputs: [B, L] global ids -> [B, D] the user side of the score for target domain `domain`."""
+        return self.user_vectors_all(inputs, [domain])[0]
 
     def set_trained_items(self, counts: np.ndarray) -> None:
         """counts: [N + 1] training interactions per global id, given before training. Models whose
@@ -144,10 +102,15 @@ class Recommender(nn.Module):
         """Called by the export before computing serving vectors from the whole history (pop recounts
         every known interaction; neural models need nothing)."""
 
+    def global_ids(self, domain: int, lids: Tensor) -> Tensor:
+        """[...] local ids of `domain` -> [...] global ids (0 stays 0, the padding)."""
+        return (lids + self.offsets[domain]) * (lids > 0)
+
     def item_vectors(self, domain: int) -> Tensor:
-        """[n_d + 1, D] the item side for every local id of `domain` (row 0 = padding)."""
-        raise NotImplementedError
+        """[n_d + 1, D] the item side for every local id of `domain` (row 0 = padding, zero)."""
+        return self.item_rows(domain, torch.arange(self.sizes[domain] + 1, device=self.offsets.device))
 
     def score(self, inputs: Tensor, domain: int, candidates: Tensor) -> Tensor:
         """inputs: [B, L] global ids, candidates: [B, C] local ids of `domain` -> [B, C] scores."""
-        raise NotImplementedError
+        users = self.user_vectors(inputs, domain)  # [B, D]
+        return (self.item_rows(domain, candidates) * users.unsqueeze(1)).sum(-1)

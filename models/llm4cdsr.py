@@ -17,16 +17,20 @@ a learned state for users with no earlier item of the domain (else h_d = 0 there
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bridgerec.models.backbone import SequenceEncoder, domain_view, embed_many, encode_rows, trim
-from bridgerec.models.base import GLOBAL_IDS, Batch, Recommender
+from bridgerec.models.base import GLOBAL_IDS, Recommender
+from bridgerec.models.batch import Batch, Targets
 from bridgerec.models.config import ModelConfig
 from bridgerec.models.data import Catalog
-from bridgerec.models.objectives import Targets, objective_loss
+from bridgerec.models.objectives import objective_loss
 
 
 def soft_contrastive(x: Tensor, y: Tensor, tau: float) -> Tensor:
@@ -39,6 +43,23 @@ def soft_contrastive(x: Tensor, y: Tensor, tau: float) -> Tensor:
     row = -(targets * F.log_softmax(logits, dim=-1)).sum(-1)
     col = -(targets * F.log_softmax(logits.T, dim=-1)).sum(-1)
     return (row.mean() + col.mean()) / 2
+
+
+@dataclass
+class DomainThread:
+    """One domain thread's states over a batch (`LLM4CDSR.encode`)."""
+
+    states: Tensor  # [B, Ld, H] the state after each item of the domain's subsequence (zero where not run)
+    last: Tensor  # [B, L] for each mixed position, the column of `states` of the latest domain item
+    has: Tensor  # [B, L] bool, whether the user has an item of the domain at or before that position
+
+
+@dataclass
+class Threads:
+    """Every thread's states over a batch of mixed sequences (`LLM4CDSR.encode`)."""
+
+    mixed: Tensor  # [B, L, H] the mixed thread's state after each position
+    domains: dict[int, DomainThread]
 
 
 class LLM4CDSR(Recommender):
@@ -165,39 +186,66 @@ class LLM4CDSR(Recommender):
         text = getattr(self, f"E_local_{domain}")[lids]  # [..., Dl]
         e = self.local_proj(text)
         if self.id_embeddings:
-            gids = (lids + self.offsets[domain]) * (lids > 0)
+            gids = self.global_ids(domain, lids)
             generator = self.id_from_text_local[domain] if self.id_dropout > 0 else None
             real = (lids > 0).unsqueeze(-1)  # padding keeps a zero row (a predicted row has a bias)
             e = e + self._id_rows(self.id_local[domain](lids), gids, text, generator) * real
         return e
 
+    # -- the sequence encoder: one pass for training, validation, the export and publish ----------------
+    def encode(
+        self,
+        inputs: Tensor,
+        domains: Sequence[int],
+        split: int | None = None,
+        wanted: Tensor | None = None,
+    ) -> Threads:
+        """inputs: [B, L] left-padded global ids -> the mixed thread's states and those of the domain threads
+        in `domains`. Rows from `split` on (hidden-domain examples, read at their last column only) run
+        through the mixed thread as a batch of their own (`encode_rows`). A domain thread runs on the rows
+        with an item of its domain, and of those only the rows where `wanted` [n_domains, B] holds (training:
+        a target in the domain); the other rows keep zero states."""
+        h_mix = encode_rows(
+            lambda x: self.mixed(self.embed_global(x), x), inputs, inputs.shape[0] if split is None else split
+        )  # [B, L, H]
+        dom, loc = self.domain_of(inputs), self.local(inputs)
+        threads = {}
+        for d in domains:
+            sub, last, has = domain_view(dom, loc, d)  # [B, Ld], [B, L], [B, L]
+            run = has[:, -1] if wanted is None else has[:, -1] & wanted[d]
+            present = torch.nonzero(run).flatten()  # [R] the rows the thread runs on
+            h_r = self.threads[d](self.embed_local(sub[present], d), sub[present])  # [R, Ld, H]
+            states = h_r.new_zeros(sub.shape[0], *h_r.shape[1:]).index_copy(0, present, h_r)  # [B, Ld, H]
+            threads[d] = DomainThread(states, last, has)
+        return Threads(h_mix, threads)
+
+    def fused_state(self, threads: Threads, domain: int, rows: Tensor, cols: Tensor) -> Tensor:
+        """rows, cols: [P] positions of the mixed inputs -> [P, 2H] the user side [h_mix, h_d] there, for a
+        target in `domain`: h_d is the domain thread after the latest item of the domain up to that
+        position; where there is none, zero (or with domain_start the domain's learned start state)."""
+        thread = threads.domains[domain]
+        has = thread.has[rows, cols].unsqueeze(-1)  # [P, 1]
+        h_dom = thread.states[rows, thread.last[rows, cols]] * has  # [P, H]
+        if self.domain_start is not None:
+            h_dom = torch.where(has, h_dom, self.domain_start[domain])
+        return torch.cat([threads.mixed[rows, cols], h_dom], -1)  # [P, 2H]
+
     # -- training -------------------------------------------------------------------------------------
     def _train_forward(self, batch: Batch) -> tuple[list[Targets], Tensor]:
-        """The fused user-side vector [h_mix, h_d] at every training position, grouped by the target's
-        domain d (h_d: the domain thread after the latest item of d up to that position; zero if none).
-        Returns the groups and the mixed thread's states [B, L, H]."""
-        inputs, targets = batch.inputs, batch.targets  # [B, L] global ids
-        in_dom, in_loc = self.domain_of(inputs), self.local(inputs)
+        """The fused user-side vector at every training position, grouped by the target's domain. Returns
+        the groups and the mixed thread's states [B, L, H]."""
+        targets = batch.targets  # [B, L] global ids
         tgt_dom = self.domain_of(targets)  # [B, L], -1 where no target
-        h_mix = encode_rows(
-            lambda x: self.mixed(self.embed_global(x), x), inputs, batch.main_rows
-        )  # [B, L, H]
+        wanted = torch.stack([(tgt_dom == d).any(1) for d in range(self.n_domains)])  # [n_domains, B]
+        threads = self.encode(batch.inputs, range(self.n_domains), batch.main_rows, wanted)
         mixed_neg = batch.mixed_negatives  # [B, L] global ids, or None (bce_negatives fused)
         groups = []
-        for d, thread in enumerate(self.threads):
+        for d in range(self.n_domains):
             rows, cols = torch.nonzero(tgt_dom == d, as_tuple=True)  # [P] positions whose target is in d
-            sub, last, has = domain_view(in_dom, in_loc, d)  # [B, Ld], [B, L], [B, L]
-            # [R] the rows with an item of d and a target in d: the thread runs on these only (zeros else)
-            present = torch.nonzero(has[:, -1] & (tgt_dom == d).any(1)).flatten()
-            h_r = thread(self.embed_local(sub[present], d), sub[present])  # [R, Ld, H]
-            h_d = h_r.new_zeros(sub.shape[0], *h_r.shape[1:]).index_copy(0, present, h_r)  # [B, Ld, H]
-            h_dom = h_d[rows, last[rows, cols]] * has[rows, cols].unsqueeze(-1)  # [P, H]
-            if self.domain_start is not None:
-                h_dom = torch.where(has[rows, cols].unsqueeze(-1), h_dom, self.domain_start[d])
             groups.append(
                 Targets(
                     domain=d,
-                    users=torch.cat([h_mix[rows, cols], h_dom], -1),  # [P, 2H]
+                    users=self.fused_state(threads, d, rows, cols),  # [P, 2H]
                     targets=self.local(targets[rows, cols]),
                     negatives=self.local(batch.negatives[rows, cols]),
                     rows=rows,
@@ -205,14 +253,14 @@ class LLM4CDSR(Recommender):
                     mixed_negatives=None if mixed_neg is None else mixed_neg[rows, cols],
                 )
             )
-        return groups, h_mix
+        return groups, threads.mixed
 
     def train_targets(self, batch: Batch) -> list[Targets]:
         return self._train_forward(batch)[0]
 
     def item_rows(self, domain: int, lids: Tensor) -> Tensor:
-        gids = (lids + self.offsets[domain]) * (lids > 0)
-        return torch.cat([self.embed_global(gids), self.embed_local(lids, domain)], -1)  # [n, 2H]
+        gids = self.global_ids(domain, lids)
+        return torch.cat([self.embed_global(gids), self.embed_local(lids, domain)], -1)  # [..., 2H]
 
     def per_thread_rows(self, domain: int, mixed_gids: Tensor, lids: Tensor) -> Tensor:
         return torch.cat([self.embed_global(mixed_gids), self.embed_local(lids, domain)], -1)  # [n, 2H]
@@ -253,48 +301,11 @@ class LLM4CDSR(Recommender):
         return soft_contrastive(x, y, self.tau)
 
     # -- inference: one vector per user and per item, score = dot product ------------------------------
-    def _domain_state(self, h_dom: Tensor, sub: Tensor, domain: int) -> Tensor:
-        """h_dom: [B, H] the domain thread's last state (zero where `sub` [B, Ld] has no item); with
-        domain_start those rows get the learned start state of the domain."""
-        if self.domain_start is None:
-            return h_dom
-        return torch.where((sub > 0).any(1, keepdim=True), h_dom, self.domain_start[domain])
-
-    def user_vectors(self, inputs: Tensor, domain: int) -> Tensor:
+    def user_vectors_all(self, inputs: Tensor, domains: Sequence[int] | None = None) -> list[Tensor]:
+        """The state after the last item, [B, 2H] per domain asked for; the mixed thread runs once."""
         inputs = trim(inputs)  # [B, L]
-        h_mix = self.mixed(self.embed_global(inputs), inputs)[:, -1]  # [B, H]
-        sub, _, _ = domain_view(self.domain_of(inputs), self.local(inputs), domain)  # [B, Ld]
-        h_dom = self._domain_state(
-            self.threads[domain](self.embed_local(sub, domain), sub)[:, -1], sub, domain
-        )
-        return torch.cat([h_mix, h_dom], dim=-1)  # [B, 2H]
-
-    def user_vectors_all(self, inputs: Tensor) -> list[Tensor]:
-        """The mixed thread once for every domain (it is the longest sequence: most of the export)."""
-        inputs = trim(inputs)  # [B, L]
-        h_mix = self.mixed(self.embed_global(inputs), inputs)[:, -1]  # [B, H]
-        dom, loc = self.domain_of(inputs), self.local(inputs)
-        out = []
-        for d, thread in enumerate(self.threads):
-            sub, _, _ = domain_view(dom, loc, d)  # [B, Ld]
-            h_dom = self._domain_state(thread(self.embed_local(sub, d), sub)[:, -1], sub, d)  # [B, H]
-            out.append(torch.cat([h_mix, h_dom], dim=-1))  # [B, 2H]
-        return out
-
-    def item_vectors(self, domain: int) -> Tensor:
-        local = torch.arange(self.sizes[domain] + 1, device=self.E_all.device)  # [n_d + 1]
-        gids = (local + self.offsets[domain]) * (local > 0)
-        return torch.cat([self.embed_global(gids), self.embed_local(local, domain)], dim=-1)  # [n_d+1, 2H]
-
-    def score(self, inputs: Tensor, domain: int, candidates: Tensor) -> Tensor:
-        """The fused score, thread by thread: <h_mix, adapted global> + <h_domain, local>."""
-        inputs = trim(inputs)
-        h_mix = self.mixed(self.embed_global(inputs), inputs)[:, -1]  # [B, H]
-        sub, _, _ = domain_view(self.domain_of(inputs), self.local(inputs), domain)
-        h_dom = self._domain_state(
-            self.threads[domain](self.embed_local(sub, domain), sub)[:, -1], sub, domain
-        )
-        gids = (candidates + self.offsets[domain]) * (candidates > 0)  # [B, C]
-        mixed = (self.embed_global(gids) * h_mix.unsqueeze(1)).sum(-1)  # [B, C]
-        local = (self.embed_local(candidates, domain) * h_dom.unsqueeze(1)).sum(-1)  # [B, C]
-        return mixed + local
+        domains = range(self.n_domains) if domains is None else domains
+        threads = self.encode(inputs, domains)
+        rows = torch.arange(inputs.shape[0], device=inputs.device)  # [B]
+        cols = torch.full_like(rows, inputs.shape[1] - 1)  # [B] the last column
+        return [self.fused_state(threads, d, rows, cols) for d in domains]

@@ -18,38 +18,26 @@ Each returns the *sum* over positions; `objective_loss` divides by the number of
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from bridgerec.models.base import Batch, Recommender
+from bridgerec.models.batch import Batch, SharedNegatives, Targets
+from bridgerec.models.config import ModelConfig
 
 
-@dataclass
-class Targets:
-    """The training positions of a batch whose target is in one domain."""
+class ItemSide(Protocol):
+    """What an objective needs of a model: its config, domain sizes and differentiable item rows
+    (`Recommender` is one)."""
 
-    domain: int
-    users: Tensor  # [P, D] user-side vectors (the state before the target)
-    targets: Tensor  # [P] local ids of the targets
-    negatives: Tensor  # [P] local ids, one negative per target (bce)
-    rows: Tensor  # [P] batch row of each position
-    cols: Tensor  # [P] column, in the batch's mixed inputs, of the last input the position may see
-    # bce_negatives per_thread: [P] global ids, the mixed thread's own negatives (`negatives` then feed
-    # the domain thread only; `Recommender.per_thread_rows`)
-    mixed_negatives: Tensor | None = None
+    config: ModelConfig
+    sizes: list[int]
 
+    def item_rows(self, domain: int, lids: Tensor) -> Tensor: ...
 
-@dataclass
-class SharedNegatives:
-    """Per domain: K negative local ids shared by the batch, and log(K q(i)) for every local id."""
-
-    items: list[Tensor]  # per domain [K] local ids (drawn with replacement)
-    log_expected: list[Tensor]  # per domain [n_d + 1] log of the expected count K q(i) of each item
+    def per_thread_rows(self, domain: int, mixed_gids: Tensor, lids: Tensor) -> Tensor: ...
 
 
 def bce_sum(users: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
@@ -75,7 +63,7 @@ def full_softmax_sum(users: Tensor, items: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(users @ items.T, targets - 1, reduction="sum")
 
 
-def objective_loss(model: Recommender, groups: list[Targets], batch: Batch) -> Tensor:
+def objective_loss(model: ItemSide, groups: list[Targets], batch: Batch) -> Tensor:
     """The mean per-position loss of `model.config.objective` over the batch's training positions (or
     their sum over `batch.position_norm`, or the sum of a mean per target domain: see `Batch`)."""
     objective = model.config.objective

@@ -12,11 +12,14 @@ in float32 up to 2^24.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch import Tensor
 
-from bridgerec.models.base import GLOBAL_IDS, Batch, Recommender
+from bridgerec.models.base import GLOBAL_IDS, Recommender
+from bridgerec.models.batch import Batch
 from bridgerec.models.config import ModelConfig
 from bridgerec.models.data import Catalog, SequenceData
 
@@ -46,14 +49,9 @@ class Popularity(Recommender):
     def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         raise TypeError("the popularity baseline is fitted by counting, not by gradient steps")
 
-    def user_vectors(self, inputs: Tensor, domain: int) -> Tensor:
-        return self.counts.new_ones(inputs.shape[0], 1)  # [B, 1]
+    def user_vectors_all(self, inputs: Tensor, domains: Sequence[int] | None = None) -> list[Tensor]:
+        n = self.n_domains if domains is None else len(domains)
+        return [self.counts.new_ones(inputs.shape[0], 1) for _ in range(n)]  # [B, 1] each
 
-    def item_vectors(self, domain: int) -> Tensor:
-        start = int(self.offsets[domain])
-        v = self.counts[start : start + self.sizes[domain] + 1].clone()  # [n_d + 1]
-        v[0] = 0  # padding row
-        return v.unsqueeze(1)  # [n_d + 1, 1]
-
-    def score(self, inputs: Tensor, domain: int, candidates: Tensor) -> Tensor:
-        return self.item_vectors(domain)[candidates, 0]  # [B, C]
+    def item_rows(self, domain: int, lids: Tensor) -> Tensor:
+        return self.counts[self.global_ids(domain, lids)].unsqueeze(-1)  # [..., 1], row 0 = padding = 0

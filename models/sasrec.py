@@ -7,14 +7,16 @@ the target's domain.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
 from bridgerec.models.backbone import SequenceEncoder, encode_rows, trim
-from bridgerec.models.base import GLOBAL_IDS, Batch, Recommender
+from bridgerec.models.base import GLOBAL_IDS, Recommender
+from bridgerec.models.batch import Batch, Targets
 from bridgerec.models.config import ModelConfig
 from bridgerec.models.data import Catalog
-from bridgerec.models.objectives import Targets
 
 
 class SASRec(Recommender):
@@ -32,32 +34,25 @@ class SASRec(Recommender):
     def item_tables(self) -> dict[str, int]:
         return {"emb.weight": GLOBAL_IDS}
 
+    def encode(self, inputs: Tensor, split: int | None = None) -> Tensor:
+        """The one sequence encoder (training, validation, export): inputs [B, L] left-padded global ids ->
+        [B, L, H] the state after each position. Rows from `split` on run as a batch of their own
+        (hidden-domain examples: `encode_rows`)."""
+        split = inputs.shape[0] if split is None else split
+        return encode_rows(lambda x: self.encoder(self.emb(x), x), inputs, split)
+
     def train_targets(self, batch: Batch) -> list[Targets]:
-        inputs, targets, negatives = batch.inputs, batch.targets, batch.negatives  # [B, L] each
-        h = encode_rows(lambda x: self.encoder(self.emb(x), x), inputs, batch.main_rows)  # [B, L, H]
-        return mixed_targets(self, h, targets, negatives)
+        h = self.encode(batch.inputs, batch.main_rows)  # [B, L, H]
+        return mixed_targets(self, h, batch.targets, batch.negatives)
 
     def item_rows(self, domain: int, lids: Tensor) -> Tensor:
-        return self.emb(lids + self.offsets[domain] * (lids > 0))  # [n, H]
+        return self.emb(self.global_ids(domain, lids))  # [..., H]
 
-    def user_vectors(self, inputs: Tensor, domain: int) -> Tensor:
+    def user_vectors_all(self, inputs: Tensor, domains: Sequence[int] | None = None) -> list[Tensor]:
+        """[B, H] the state after the last item, the same for every target domain."""
         inputs = trim(inputs)
-        return self.encoder(self.emb(inputs), inputs)[:, -1]  # [B, H] the state after the last item
-
-    def item_vectors(self, domain: int) -> Tensor:
-        start = int(self.offsets[domain])
-        return self.emb.weight[start : start + self.sizes[domain] + 1] * self._pad_row(domain)
-
-    def score(self, inputs: Tensor, domain: int, candidates: Tensor) -> Tensor:
-        h = self.user_vectors(inputs, domain)  # [B, H]
-        e = self.emb(candidates + int(self.offsets[domain]) * (candidates > 0))  # [B, C, H]
-        return (e * h.unsqueeze(1)).sum(-1)
-
-    def _pad_row(self, domain: int) -> Tensor:
-        """[n_d + 1, 1] zero for row 0: the slice starts one row early (at global id offset)."""
-        mask = self.emb.weight.new_ones(self.sizes[domain] + 1, 1)
-        mask[0] = 0
-        return mask
+        h = self.encode(inputs)[:, -1]  # [B, H]
+        return [h for _ in (range(self.n_domains) if domains is None else domains)]
 
 
 def mixed_targets(model: Recommender, h: Tensor, targets: Tensor, negatives: Tensor) -> list[Targets]:

@@ -7,14 +7,16 @@ on each domain's subsequence: the target of a position is the next item *of that
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
 from bridgerec.models.backbone import SequenceEncoder, domain_view
-from bridgerec.models.base import Batch, Recommender
+from bridgerec.models.base import Recommender
+from bridgerec.models.batch import Batch, Targets
 from bridgerec.models.config import ModelConfig
 from bridgerec.models.data import Catalog
-from bridgerec.models.objectives import Targets
 
 
 class SASRecDomain(Recommender):
@@ -34,6 +36,11 @@ class SASRecDomain(Recommender):
     def item_tables(self) -> dict[str, int]:
         return {f"emb.{d}.weight": d for d in range(self.n_domains)}
 
+    def encode(self, sub: Tensor, domain: int) -> Tensor:
+        """The one sequence encoder (training, validation, export): sub [B, Ld] left-padded local ids of
+        `domain` (its subsequence, `domain_view`) -> [B, Ld, H] the state after each item."""
+        return self.encoders[domain](self.emb[domain](sub), sub)
+
     def train_targets(self, batch: Batch) -> list[Targets]:
         prefix = batch.prefix  # [B, L+1] global ids
         dom, loc = self.domain_of(prefix), self.local(prefix)
@@ -41,7 +48,7 @@ class SASRecDomain(Recommender):
         neg_loc = self.local(batch.negatives)  # [B, L]
         cols = torch.arange(prefix.shape[1], device=prefix.device).expand_as(prefix)
         out = []
-        for d, (emb, enc) in enumerate(zip(self.emb, self.encoders, strict=True)):
+        for d in range(self.n_domains):
             sub, _, _ = domain_view(dom, loc, d)  # [B, Ld+1] this domain's items of the prefix
             sub_neg, _, _ = domain_view(dom[:, 1:], neg_loc, d)  # negatives of this domain's targets
             src, _, _ = domain_view(dom, cols + 1, d)  # mixed column + 1 of each sub item (0 = padding)
@@ -50,7 +57,7 @@ class SASRecDomain(Recommender):
                 continue
             inputs, targets = sub[:, :-1], sub[:, 1:]  # [B, Ld] each
             negs = sub_neg[:, -targets.shape[1] :]
-            h = enc(emb(inputs), inputs)  # [B, Ld, H]
+            h = self.encode(inputs, d)  # [B, Ld, H]
             rows, c = torch.nonzero((targets > 0) & (inputs > 0), as_tuple=True)
             out.append(Targets(d, h[rows, c], targets[rows, c], negs[rows, c], rows, src[rows, c] - 1))
         return out
@@ -58,16 +65,14 @@ class SASRecDomain(Recommender):
     def item_rows(self, domain: int, lids: Tensor) -> Tensor:
         return self.emb[domain](lids)
 
-    def user_vectors(self, inputs: Tensor, domain: int) -> Tensor:
-        sub, _, _ = domain_view(self.domain_of(inputs), self.local(inputs), domain)  # [B, Ld]
-        return self.encoders[domain](self.emb[domain](sub), sub)[:, -1]  # [B, H], zero if no such item
-
-    def item_vectors(self, domain: int) -> Tensor:
-        return self.emb[domain].weight  # [n_d + 1, H], row 0 is the zero padding row
-
-    def score(self, inputs: Tensor, domain: int, candidates: Tensor) -> Tensor:
-        h = self.user_vectors(inputs, domain)  # [B, H]
-        return (self.emb[domain](candidates) * h.unsqueeze(1)).sum(-1)  # [B, C]
+    def user_vectors_all(self, inputs: Tensor, domains: Sequence[int] | None = None) -> list[Tensor]:
+        """[B, H] per domain: its thread after the user's latest item of it (zero if none)."""
+        dom, loc = self.domain_of(inputs), self.local(inputs)
+        out = []
+        for d in range(self.n_domains) if domains is None else domains:
+            sub, _, _ = domain_view(dom, loc, d)  # [B, Ld]
+            out.append(self.encode(sub, d)[:, -1])
+        return out
 
 
 def _empty(domain: int, like: Tensor, hidden: int) -> Targets:

@@ -16,7 +16,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from bridgerec.models.base import Batch, Recommender, training_targets
+from bridgerec.models.base import Recommender
+from bridgerec.models.batch import Batch, training_targets
 from bridgerec.models.data import EvalSplit, SequenceData
 from bridgerec.models.evaluate import evaluate
 from bridgerec.models.metrics import ndcg

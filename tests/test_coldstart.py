@@ -3,6 +3,7 @@ right answer is known, their evaluation end to end, and ingest keeping items wit
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -62,15 +63,12 @@ class ThemeModel(Recommender):
             table[untrained] = 0.0
         self.register_buffer("table", torch.from_numpy(table))
 
-    def user_vectors(self, inputs: Tensor, domain: int) -> Tensor:
-        return self.table[inputs].sum(1)  # [B, 10]; padding rows are zero
+    def user_vectors_all(self, inputs: Tensor, domains: Sequence[int] | None = None) -> list[Tensor]:
+        user = self.table[inputs].sum(1)  # [B, 10]; padding rows are zero
+        return [user for _ in (range(self.n_domains) if domains is None else domains)]
 
-    def item_vectors(self, domain: int) -> Tensor:
-        start = int(self.offsets[domain])
-        rows = torch.cat(
-            [torch.zeros(1, dtype=torch.long), torch.arange(start + 1, start + self.sizes[domain] + 1)]
-        )
-        return self.table[rows]  # [n_d + 1, 10]
+    def item_rows(self, domain: int, lids: Tensor) -> Tensor:
+        return self.table[self.global_ids(domain, lids)]  # [..., 10], row 0 (padding) is zero
 
 
 # u0..u4: theme t in domain b, then the new item a_t of the same theme as the test target.

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bridgerec.models.base import Batch
+from bridgerec.models.batch import Batch
 from bridgerec.models.config import ModelConfig
 from bridgerec.models.data import Catalog, SequenceData, Sequences
 from bridgerec.models.evaluate import beyond_accuracy, evaluate, popularity_tables

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from bridgerec.models.backbone import SequenceEncoder, domain_view, trim
-from bridgerec.models.base import Batch
+from bridgerec.models.batch import Batch
 from bridgerec.models.config import ModelConfig
 from bridgerec.models.data import Catalog, SequenceData, Sequences
 from bridgerec.models.metrics import hit_rate, ndcg, rank_full, rank_sampled, summarise
