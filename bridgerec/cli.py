@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -14,7 +16,7 @@ from pydantic import BaseModel
 
 import bridgerec.runtime.prefect_env  # noqa: F401  (must precede any prefect import)
 from bridgerec.config import ConfigError, Settings, load_settings
-from bridgerec.runtime import progress
+from bridgerec.runtime import console, progress
 from bridgerec.runtime.errors import EXIT_FAILURE, EXIT_INPUT, InputError, input_error_in
 from bridgerec.runtime.logs import hide_input_error_tracebacks
 
@@ -53,11 +55,48 @@ WorkspaceOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (no progress bars).")]
+VerboseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verbose",
+        "-v",
+        envvar=console.VERBOSE_ENV,
+        help="Show everything on the terminal: Prefect's log, third-party warnings (vLLM, torch), no log "
+        "file. By default they go to WORKSPACE/logs/<time>-<command>.log and the terminal shows "
+        "bridgerec's own lines, bars and the result.",
+    ),
+]
 
 
 def _fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    log = console.log_path()
+    if code != EXIT_INPUT and log is not None:
+        message += f" (details in {log})"
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True, file=console.err())
     raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _console(settings: Settings, command: str, as_json: bool, verbose: bool) -> Iterator[None]:
+    """The command's console session (runtime/console.py): third-party output to the workspace's log
+    file unless --verbose; the file's path is printed once."""
+    with console.session(
+        settings.workspace,
+        command,
+        verbose=verbose,
+        as_json=as_json,
+        keep_logs=settings.runtime.keep_logs,
+    ) as path:
+        if path is not None and not as_json:
+            console.echo(f"log: {path} (third-party messages and details; --verbose shows them here)", "dim")
+        yield
+
+
+def _rich() -> Any:
+    """A rich console on the terminal's stdout (results and summaries)."""
+    from rich.console import Console
+
+    return Console(file=console.out())
 
 
 def _settings(config: Path | None, **overrides: Any) -> Settings:
@@ -72,14 +111,24 @@ def _settings(config: Path | None, **overrides: Any) -> Settings:
 def _emit(result: Any, as_json: bool, render: Callable[[Any], None]) -> None:
     """Print `result` (a typed summary, or a dict) as one JSON object, or through `render`."""
     if as_json:
-        data = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
-        sys.stdout.write(json.dumps(data, default=str) + "\n")
+        data = result.model_dump(mode="json") if isinstance(result, BaseModel) else dict(result)
+        log = console.log_path()
+        if log is not None:
+            data["log_file"] = str(log)
+        console.out().write(json.dumps(data, default=str) + "\n")
+        console.out().flush()
     else:
         render(result)
 
 
 def _run_stage(
-    name: str, settings: Settings, force: bool, as_json: bool, render: Callable[[Any], None], **options: Any
+    name: str,
+    settings: Settings,
+    force: bool,
+    as_json: bool,
+    verbose: bool,
+    render: Callable[[Any], None],
+    **options: Any,
 ) -> None:
     """Run stage `name` as its flow and print its summary. A fault the user can fix (bad input or config,
     a missing earlier stage: `InputError`, `FileNotFoundError`, `ValueError`) is one `error:` line and
@@ -87,12 +136,13 @@ def _run_stage(
     from bridgerec.flows.stage import run_stage
 
     hide_input_error_tracebacks()
-    progress.set_enabled(not as_json)
-    try:
-        summary = run_stage(name, settings, force=force, **options)
-    except (InputError, FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
-    _emit(summary, as_json, render)
+    with _console(settings, name, as_json, verbose):
+        progress.set_enabled(not as_json)
+        try:
+            summary = run_stage(name, settings, force=force, **options)
+        except (InputError, FileNotFoundError, ValueError) as exc:
+            _fail(str(exc))
+        _emit(summary, as_json, render)
 
 
 def _parse_domain_paths(values: list[str] | None, option: str) -> dict[str, Path]:
@@ -129,6 +179,7 @@ def ingest(
     ] = None,
     force: Annotated[bool, typer.Option(help="Rebuild even if inputs and config are unchanged.")] = False,
     as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Read raw interaction logs and item catalogues into clean Parquet in WORKSPACE/ingest.
 
@@ -153,20 +204,19 @@ def ingest(
             "ingest.amazon": amazon,
         },
     )
-    _run_stage("ingest", settings, force, as_json, _render_ingest)
+    _run_stage("ingest", settings, force, as_json, verbose, _render_ingest)
 
 
 def _render_ingest(s: IngestSummary) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    out = _rich()
     head = (
         "ingest skipped: inputs and config unchanged"
         if s.skipped
         else f"ingest finished in {s.seconds:.1f} s"
     )
-    console.print(f"[bold green]{head}[/] -> {s.workspace}/ingest")
+    out.print(f"[bold green]{head}[/] -> {s.workspace}/ingest")
     t = Table(show_header=False)
     t.add_row("users", f"{s.users:,}")
     t.add_row("overlapping users", f"{s.overlap_users:,}")
@@ -177,7 +227,7 @@ def _render_ingest(s: IngestSummary) -> None:
         f"{s.quarantined:,}  " + ", ".join(f"{r}: {n:,}" for r, n in s.quarantined_by_reason.items()),
     )
     t.add_row("filtered", ", ".join(f"{r}: {n:,}" for r, n in s.filtered_by_reason.items()) or "0")
-    console.print(t)
+    out.print(t)
 
 
 @app.command()
@@ -195,6 +245,7 @@ def enrich(
         bool, typer.Option(help="Rebuild even if unchanged (cached vectors/profiles are reused).")
     ] = False,
     as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Embed item texts and write hierarchical LLM user profiles with vLLM into WORKSPACE/enrich.
 
@@ -205,20 +256,19 @@ def enrich(
     settings = _settings(
         config, workspace=workspace, **{"profiles.max_users": max_users, "profiles.mode": profiles_mode}
     )
-    _run_stage("enrich", settings, force, as_json, _render_enrich)
+    _run_stage("enrich", settings, force, as_json, verbose, _render_enrich)
 
 
 def _render_enrich(s: EnrichSummary) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    out = _rich()
     head = (
         "enrich skipped: inputs, config and models unchanged"
         if s.skipped
         else f"enrich finished in {s.seconds:.1f} s"
     )
-    console.print(f"[bold green]{head}[/] -> {s.workspace}/enrich")
+    out.print(f"[bold green]{head}[/] -> {s.workspace}/enrich")
     t = Table(show_header=False)
     t.add_row("items", f"{s.items:,}: {s.items_embedded:,} embedded, {s.items_cached:,} cached")
     t.add_row(
@@ -236,7 +286,7 @@ def _render_enrich(s: EnrichSummary) -> None:
     t.add_row("errors", f"{s.errors:,} " + ", ".join(f"{k}: {v}" for k, v in s.errors_by_step.items()))
     if s.engines_started:
         t.add_row("engines", ", ".join(f"{e['runner']} {e['seconds']} s" for e in s.engines_started))
-    console.print(t)
+    out.print(t)
 
 
 @models_app.command("prepare")
@@ -244,25 +294,28 @@ def models_prepare(
     config: ConfigOpt = None,
     force: Annotated[bool, typer.Option(help="Convert again even if the folder exists.")] = False,
     as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Make the configured models usable offline: convert the packaged SmolLM2 GGUF into a safetensors
     folder (profiles.model, once, ~15 s) and check the embedding model folder."""
     from bridgerec.tasks.enrich import ModelError, embedding_model, model_id, prepare_profile_model
 
     settings = _settings(config)
-    try:
-        embed_dir, embed_id = embedding_model(settings.enrich)
-        result: dict[str, Any] = {"embedding_model": str(embed_dir), "embed_model_id": embed_id}
-        if settings.profiles.mode == "llm":
-            folder, converted = prepare_profile_model(settings.profiles, force=force)
-            result |= {
-                "profile_model": str(folder),
-                "llm_model_id": model_id(folder, settings.profiles.model_name),
-                "converted": converted,
-            }
-    except ModelError as exc:
-        _fail(str(exc))
-    _emit(result, as_json, lambda r: typer.echo(yaml.safe_dump(r, sort_keys=False)))
+    with _console(settings, "models-prepare", as_json, verbose):
+        try:
+            embed_dir, embed_id = embedding_model(settings.enrich)
+            result: dict[str, Any] = {"embedding_model": str(embed_dir), "embed_model_id": embed_id}
+            if settings.profiles.mode == "llm":
+                with progress.status("models: converting the GGUF model (once)"):
+                    folder, converted = prepare_profile_model(settings.profiles, force=force)
+                result |= {
+                    "profile_model": str(folder),
+                    "llm_model_id": model_id(folder, settings.profiles.model_name),
+                    "converted": converted,
+                }
+        except ModelError as exc:
+            _fail(str(exc))
+        _emit(result, as_json, lambda r: typer.echo(yaml.safe_dump(r, sort_keys=False), file=console.out()))
 
 
 @app.command()
@@ -284,6 +337,7 @@ def train(
     ] = None,
     force: Annotated[bool, typer.Option(help="Retrain even if this run already finished.")] = False,
     as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Train and evaluate the LLM4CDSR recommender or a baseline into WORKSPACE/runs/<run_id>.
 
@@ -292,28 +346,27 @@ def train(
     one resumes from its last epoch.
     """
     settings = _settings(config, workspace=workspace, **{"train.model": model, "train.epochs": epochs})
-    _run_stage("train", settings, force, as_json, _render_train)
+    _run_stage("train", settings, force, as_json, verbose, _render_train)
 
 
 def _render_train(s: TrainSummary) -> None:
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    console = Console()
+    out = _rich()
     head = "train skipped: already trained on these inputs" if s.skipped else f"trained in {s.seconds:.0f} s"
-    console.print(
+    out.print(
         f"[bold green]{head}[/]: {s.model} -> {s.run_dir}\n"
         f"best epoch {s.best_epoch} of {s.epochs}, {s.epoch_seconds:.1f} s per epoch"
     )
     if s.init == "warm":
         start = s.init_valid_ndcg10
-        console.print(
+        out.print(
             f"warm start from {escape(str(s.warm_start_from))}"
             + (f" (validation NDCG@10 {start:.4f} before training)" if start is not None else "")
         )
     elif s.cold_start_reason:
-        console.print(f"cold start: {escape(s.cold_start_reason)}")
+        out.print(f"cold start: {escape(s.cold_start_reason)}")
     t = Table("test", "HR@10", "NDCG@10", "full HR@10", "full NDCG@10")
     full = s.test.get("full", {})
     for group, m in s.test.items():
@@ -327,7 +380,7 @@ def _render_train(s: TrainSummary) -> None:
             f"{f.get('hr@10', float('nan')):.4f}",
             f"{f.get('ndcg@10', float('nan')):.4f}",
         )
-    console.print(t)
+    out.print(t)
 
 
 WarehouseOpt = Annotated[
@@ -349,6 +402,7 @@ def publish(
     ] = None,
     force: Annotated[bool, typer.Option(help="Publish again even if this run is already published.")] = False,
     as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Write the latest trained run's top-k per user and domain to the DuckDB warehouse, with FAISS indexes.
 
@@ -358,25 +412,21 @@ def publish(
     Runs beyond `publish.retention_runs` lose their recommendations, profiles and indexes.
     """
     settings = _settings(config, workspace=workspace, warehouse=warehouse, **{"publish.k": k})
-    _run_stage("publish", settings, force, as_json, _render_publish, run_id=run_id)
+    _run_stage("publish", settings, force, as_json, verbose, _render_publish, run_id=run_id)
 
 
 def _render_publish(s: PublishSummary) -> None:
-    from rich.console import Console
-
-    console = Console()
+    out = _rich()
     if s.skipped:
-        console.print(f"[bold green]publish skipped[/]: run {s.run_id} is already in {s.warehouse}")
+        out.print(f"[bold green]publish skipped[/]: run {s.run_id} is already in {s.warehouse}")
         return
-    console.print(
-        f"[bold green]published run {s.run_id}[/] ({s.model}) in {s.seconds:.1f} s -> {s.warehouse}"
-    )
-    console.print(
+    out.print(f"[bold green]published run {s.run_id}[/] ({s.model}) in {s.seconds:.1f} s -> {s.warehouse}")
+    out.print(
         f"{s.rows:,} rows: {s.users:,} users x {len(s.items_per_domain)} domains x k={s.k}; "
         f"indexes in {s.index_dir}"
     )
     if s.purged_runs:
-        console.print(f"retention purged: {', '.join(s.purged_runs)}")
+        out.print(f"retention purged: {', '.join(s.purged_runs)}")
 
 
 @app.command()
@@ -384,6 +434,7 @@ def run(
     config: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
     as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Run the nightly pipeline in-process on Prefect's local API: ingest -> enrich -> train -> publish.
 
@@ -395,22 +446,23 @@ def run(
     hide_input_error_tracebacks()
 
     settings = _settings(config, workspace=workspace)  # validate early, with readable errors
-    progress.set_enabled(not as_json)
-    overrides = {"workspace": str(settings.workspace)} if workspace else None
-    try:
-        result = nightly_flow(str(config) if config else None, overrides)
-    except NightFailed as exc:  # a refused or failed night still gets its morning read
-        _emit(exc.summary, as_json, lambda r: typer.echo(summary_markdown(r)))
-        cause = input_error_in(exc)
-        if cause is not None:  # bad input, config or contract: the same line and code as the stage's
-            _fail(str(cause))
-        _fail(f"nightly run failed: {exc}", code=EXIT_FAILURE)
-    except Exception as exc:  # the flow logged the details; give the user the one line that matters
-        cause = input_error_in(exc)
-        if cause is not None:  # bad input, config or contract: the same line and code as the stage's
-            _fail(str(cause))
-        _fail(f"nightly run failed: {exc}", code=EXIT_FAILURE)
-    _emit(result, as_json, lambda r: typer.echo(summary_markdown(r)))
+    with _console(settings, "run", as_json, verbose):
+        progress.set_enabled(not as_json)
+        overrides = {"workspace": str(settings.workspace)} if workspace else None
+        try:
+            result = nightly_flow(str(config) if config else None, overrides)
+        except NightFailed as exc:  # a refused or failed night still gets its morning read
+            _emit(exc.summary, as_json, lambda r: typer.echo(summary_markdown(r), file=console.out()))
+            cause = input_error_in(exc)
+            if cause is not None:  # bad input, config or contract: the same line and code as the stage's
+                _fail(str(cause))
+            _fail(f"nightly run failed: {exc}", code=EXIT_FAILURE)
+        except Exception as exc:  # the flow logged the details; give the user the one line that matters
+            cause = input_error_in(exc)
+            if cause is not None:  # bad input, config or contract: the same line and code as the stage's
+                _fail(str(cause))
+            _fail(f"nightly run failed: {exc}", code=EXIT_FAILURE)
+        _emit(result, as_json, lambda r: typer.echo(summary_markdown(r), file=console.out()))
 
 
 @app.command("deploy-check")
@@ -470,16 +522,15 @@ def recs(
 
 
 def _render_recs(r: dict) -> None:
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    console = Console()
+    out = _rich()
     # Ids, titles and profiles are data, not rich markup: escape their brackets.
-    console.print(f"[bold]user {escape(r['user_id'])}[/]  run {r['run_id']} ({r['model']})")
-    console.print(f"[italic]profile:[/] {escape(r['profile'] or '(none)')}")
+    out.print(f"[bold]user {escape(r['user_id'])}[/]  run {r['run_id']} ({r['model']})")
+    out.print(f"[italic]profile:[/] {escape(r['profile'] or '(none)')}")
     for interest in r.get("interests") or []:
-        console.print(f"  - {escape(interest)}")
+        out.print(f"  - {escape(interest)}")
     for domain, rows in r["recommendations"].items():
         t = Table(title=domain, title_justify="left")
         for col in ("rank", "item_id", "title", "score"):
@@ -488,7 +539,7 @@ def _render_recs(r: dict) -> None:
             t.add_row(
                 str(row["rank"]), escape(row["item_id"]), escape(row["title"] or ""), f"{row['score']:.4f}"
             )
-        console.print(t)
+        out.print(t)
 
 
 @runs_app.command("list")
@@ -513,11 +564,10 @@ def runs_list(
 def _render_runs(result: dict) -> None:
     from datetime import UTC
 
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    console = Console()
+    out = _rich()
     t = Table(title=f"runs in {result['warehouse']}", title_justify="left")
     for col in ("run_id", "kind", "status", "gate", "model", "finished (UTC)", "users", "rows", "retained"):
         t.add_column(col)
@@ -534,14 +584,12 @@ def _render_runs(result: dict) -> None:
             f"{r['n_recommendations']:,}" if r["n_recommendations"] is not None else "",
             "yes" if r["retained"] else "no",
         )
-    console.print(t)
+    out.print(t)
     for r in result["runs"]:
         if r["message"]:
-            console.print(f"{escape(r['run_id'])} {r['status']}: {escape(r['message'])}", soft_wrap=True)
+            out.print(f"{escape(r['run_id'])} {r['status']}: {escape(r['message'])}", soft_wrap=True)
         elif r.get("gate_message"):
-            console.print(
-                f"{escape(r['run_id'])} gate {r['gate']}: {escape(r['gate_message'])}", soft_wrap=True
-            )
+            out.print(f"{escape(r['run_id'])} gate {r['gate']}: {escape(r['gate_message'])}", soft_wrap=True)
 
 
 @config_app.command("show")
@@ -558,8 +606,21 @@ def config_show(
         typer.echo(yaml.safe_dump(data, sort_keys=False))
 
 
-def main() -> None:  # pragma: no cover
-    app()
+def main() -> None:
+    """The `bridgerec` program: the commands, plus one `error:` line on the terminal for a failure no
+    command expected (its traceback goes to the log file when there is one)."""
+    try:
+        app()
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        log = console.log_path()
+        traceback.print_exc()  # sys.stderr: the log file in a quiet session, else the terminal
+        where = f"; the traceback is in {log}" if log is not None else ""
+        typer.secho(
+            f"error: {type(exc).__name__}: {exc}{where}", fg=typer.colors.RED, err=True, file=console.err()
+        )
+        sys.exit(EXIT_FAILURE)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -47,6 +47,11 @@ class RuntimeSettings(BaseModel):
     log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
     stage_retries: int = Field(default=1, ge=0, description="Retries of a failed stage in the nightly flow.")
     retry_delay_seconds: float = Field(default=30.0, ge=0, description="Wait before retrying a stage.")
+    keep_logs: int = Field(
+        default=30,
+        ge=1,
+        description="Log files of commands kept in WORKSPACE/logs (the newest; each command writes one).",
+    )
 
     def resolved_threads(self) -> int:
         return self.threads or os.cpu_count() or 1

@@ -22,7 +22,7 @@ from bridgerec.config import Settings, load_settings
 from bridgerec.flows.night import Held, NightSummary, summary_markdown
 from bridgerec.flows.stage import run_stage
 from bridgerec.runtime.errors import is_transient
-from bridgerec.runtime.logs import get_logger
+from bridgerec.runtime.logs import DETAIL, get_logger
 from bridgerec.storage.warehouse import published_run, record_night
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.publish import resolve_trained_run
@@ -118,7 +118,7 @@ class Night:
         t0 = time.perf_counter()
         yield
         self.summary.seconds[step] = round(time.perf_counter() - t0, 2)
-        get_logger().info("nightly: %s finished in %.1f s", step, self.summary.seconds[step])
+        get_logger().info("nightly: %s finished in %.1f s", step, self.summary.seconds[step], extra=DETAIL)
 
     def stage(self, name: Stage) -> None:
         """Run a stage's subflow (retrying transient failures) and keep its summary."""
@@ -144,7 +144,7 @@ class Night:
                 return
             checks = check_data(self.settings.checks, self.workspace)
             self.summary.data_checks = checks
-            get_logger().info("nightly: %s", checks.message)
+            get_logger().info("nightly: %s", checks.message, extra=DETAIL)
             _artifact(
                 lambda: create_table_artifact(
                     key="nightly-data-checks", table=list(checks.rows), description=checks.message
@@ -168,7 +168,7 @@ class Night:
                 PublishedLists(self.warehouse, before["run_id"], self.settings.publish) if before else None,
             )
             self.summary.gate = gate
-            get_logger().info("nightly: gate %s: %s", gate.decision, gate.message)
+            get_logger().info("nightly: gate %s: %s", gate.decision, gate.message, extra=DETAIL)
         self.previous_run_id = before["run_id"] if before else None
         if not gate.publish:
             self.summary.stages.publish = Held()
@@ -189,7 +189,7 @@ class Night:
             return
         self.summary.list_stability = [r | {"run_id": run_id, "previous_run_id": previous} for r in rows]
         self.summary.list_stability_text = describe_stability(rows)
-        get_logger().info("nightly: %s", self.summary.list_stability_text)
+        get_logger().info("nightly: %s", self.summary.list_stability_text, extra=DETAIL)
 
     @contextlib.contextmanager
     def failing_on_error(self) -> Iterator[None]:

@@ -23,7 +23,7 @@ from bridgerec.models.evaluate import evaluate
 from bridgerec.models.metrics import ndcg
 from bridgerec.models.objectives import draw_shared_negatives, sampling_probs
 from bridgerec.models.optim import Optimizer
-from bridgerec.runtime.progress import advance, progress_bar
+from bridgerec.runtime.progress import advance, finish, progress_bar
 
 
 @dataclass
@@ -172,7 +172,8 @@ def fit(
             def on_batch(loss: float, epoch: int = epoch, running: dict = running) -> None:
                 running["sum"] += loss
                 running["n"] += 1
-                advance(bar, 1, f"train {model.name} epoch {epoch} loss {running['sum'] / running['n']:.4f}")
+                label = f"train {model.name} epoch {epoch} loss {running['sum'] / running['n']:.4f}"
+                advance(bar, 1, label + (f", best valid {state.best_valid:.4f}" if state.history else ""))
 
             losses = train_epoch(model, data, optimizer, cfg, epoch, profiles, device, on_batch)
             train_s = time.perf_counter() - started
@@ -202,6 +203,7 @@ def fit(
             )
             if on_epoch is not None:
                 on_epoch(model, optimizer, state, is_best)
+        finish(bar)  # stopped early: the bar ends full, at the batches trained
     return state
 
 

@@ -10,12 +10,11 @@ build one from the settings tree (bridgerec/stages.py); a library user or a test
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from bridgerec.runtime.logs import get_logger
+from bridgerec.runtime.logs import BridgerecLogger, get_logger
 from bridgerec.runtime.runner import InProcess, Runner
 from bridgerec.storage.workspace import Workspace
 
@@ -45,7 +44,7 @@ class StageRun(Generic[S]):
         object.__setattr__(self, "warehouse", warehouse)
 
     @property
-    def log(self) -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    def log(self) -> BridgerecLogger:
         """Prefect's run logger inside a flow or task run, the `bridgerec` logger outside."""
         return get_logger()
 

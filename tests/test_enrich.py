@@ -61,7 +61,10 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
 
 
 def test_embeddings_unit_norm_and_neighbours(embedder: Embedder) -> None:
-    v = embedder.embed(["running shoes", "trail running sneakers for men", "espresso coffee machine"])
+    finished: list[tuple[int, int | None]] = []
+    texts = ["running shoes", "trail running sneakers for men", "espresso coffee machine"]
+    v = embedder.embed(texts, lambda n, tokens: finished.append((n, tokens)))
+    assert sum(n for n, _ in finished) == 3 and not any(t for _, t in finished)  # relayed per text
     assert v.shape == (3, 384) and v.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
     assert v[0] @ v[1] > v[0] @ v[2] + 0.2  # measured 0.71 vs 0.12 (offline-models.md)
@@ -365,8 +368,13 @@ def test_seeded_sampling_with_prompts_over_one_engine_step(pool: EnginePool) -> 
     ]
     assert sum(len(generator.tokenizer(p)["input_ids"]) for p in prompts) > 4096
     sampling = [Sampling(0.5, 0.95, 6, 1000 + u) for u in range(12)]
-    out = generator.generate(prompts, sampling)
+    finished: list[tuple[int, int | None]] = []
+    out = generator.generate(prompts, sampling, lambda n, tokens: finished.append((n, tokens)))
     assert len(out) == 12 and all(o.n_tokens > 0 for o in out)
+    # Progress comes request by request during the call (a bar moves before the batch ends), with the
+    # finished requests' output tokens read from vLLM's progress hook: they add up to the outputs' own.
+    assert len(finished) > 1 and sum(n for n, _ in finished) == 12
+    assert sum(t or 0 for _, t in finished) == sum(o.n_tokens for o in out)
     again = generator.generate(prompts[5:7], sampling[5:7])
     assert [o.text for o in again] == [o.text for o in out[5:7]]
 

@@ -1,22 +1,51 @@
-"""Logging that goes through Prefect's run logger inside a flow or task run, and stdlib logging outside."""
+"""Logging that goes through Prefect's run logger inside a flow or task run, and stdlib logging outside;
+in a quiet console session (runtime/console.py) bridgerec's own records are also echoed on the terminal.
+
+Write log messages as sentences with figures (`ingest: 8,896 interactions read, 8,896 kept`), and pass
+`extra=DETAIL` for lines that belong in the log but not on the terminal (per-epoch figures, periodic
+progress lines that a progress bar already shows, timings the summary repeats).
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import Any
 
+from bridgerec.runtime import console
 from bridgerec.runtime.errors import input_error_in
 
+DETAIL: Mapping[str, Any] = {"bridgerec_detail": True}  # extra= of records kept off the terminal
 
-def get_logger(name: str = "bridgerec") -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+
+class BridgerecLogger(logging.LoggerAdapter[Any]):
+    """A logger (or Prefect's run-logger adapter) whose records are also shown by `console.show_record`."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return msg, kwargs  # the wrapped logger's own `extra` handling applies
+
+    def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:
+        self.logger.log(level, msg, *args, **kwargs)
+        if console.quiet():
+            extra = kwargs.get("extra") or {}
+            try:
+                text = str(msg) % args if args else str(msg)
+            except (TypeError, ValueError):
+                text = f"{msg} {args}"
+            console.show_record(level, text, bool(extra.get("bridgerec_detail")))
+
+
+def get_logger(name: str = "bridgerec") -> BridgerecLogger:
+    logger: logging.Logger | logging.LoggerAdapter[Any] = logging.getLogger(name)
     try:
         from prefect.context import FlowRunContext, TaskRunContext
         from prefect.logging import get_run_logger
 
         if TaskRunContext.get() is not None or FlowRunContext.get() is not None:
-            return get_run_logger()
+            logger = get_run_logger()
     except ImportError:  # pragma: no cover - prefect is a hard dependency, but keep tasks importable
         pass
-    return logging.getLogger(name)
+    return BridgerecLogger(logger, {})
 
 
 class _HideInputErrorTracebacks(logging.Filter):

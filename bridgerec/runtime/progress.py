@@ -1,17 +1,21 @@
 """Progress of long work (profile generation, embedding, training epochs, top-k search).
 
-Two outputs of one `progress_bar` block: a rich bar with rate and ETA on stderr (a terminal; off with
-`set_enabled(False)`, e.g. for `--json`), and, whatever the terminal, a progress line through the run
-logger (Prefect's inside a flow or task run: the UI and `prefect flow-run logs` show it) at least every
-`BRIDGEREC_PROGRESS_LOG_SECONDS` (60) while the block runs and once at its end when it ran that long:
-`enrich: profiles: 120/500 users (24%), 0.35 users/s, ETA 18m 06s`. A slow run reads as slow, not hung.
+Two outputs of one `progress_bar` block: a rich bar with rate and ETA on the terminal's stderr
+(`console.err()`; off with `set_enabled(False)`, e.g. for `--json`), and, whatever the terminal, a
+progress line through the run logger (Prefect's inside a flow or task run: the UI and `prefect flow-run
+logs` show it; kept off the terminal, where the bar is) at least every `BRIDGEREC_PROGRESS_LOG_SECONDS`
+(30) while the block runs and once at its end when it ran that long:
+`enrich: user profiles: 12/48 users (25%), 2,816 tokens, 0.10 users/s, 2m 00s elapsed, ETA 6m 00s`.
+A slow run reads as slow, not hung. Counters beside the main count (`counters=("tokens",)`) are shown
+in the bar and the line; `advance(bar, n, tokens=k)` adds to them.
+
+`status(text)` is a spinner for a wait that has no count (an engine starting): on a terminal only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,10 +31,12 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from bridgerec.runtime.logs import get_logger
+from bridgerec.runtime import console
+from bridgerec.runtime.logs import DETAIL, get_logger
 
 _enabled = True
 LOG_SECONDS_ENV = "BRIDGEREC_PROGRESS_LOG_SECONDS"
+DEFAULT_LOG_SECONDS = 30.0
 
 
 def set_enabled(enabled: bool) -> None:
@@ -49,12 +55,20 @@ def _duration(seconds: float) -> str:
 
 
 class ProgressLog:
-    """Counts the steps of one phase and logs done/total, rate and ETA every `interval` seconds (from a
-    timer thread, so a long step between two advances does not silence it)."""
+    """Counts the steps of one phase and logs done/total, counters, rate and ETA every `interval` seconds
+    (from a timer thread, so a long step between two advances does not silence it)."""
 
-    def __init__(self, description: str, total: float | None, unit: str, interval: float) -> None:
+    def __init__(
+        self,
+        description: str,
+        total: float | None,
+        unit: str,
+        interval: float,
+        counters: tuple[str, ...] = (),
+    ) -> None:
         self.description, self.total, self.unit, self.interval = description, total, unit, interval
         self.done = 0.0
+        self.counts = dict.fromkeys(counters, 0.0)
         self.started = time.monotonic()
         self._log = get_logger()  # captured here: the run logger belongs to the flow's context
         self._stop = threading.Event()
@@ -71,11 +85,17 @@ class ProgressLog:
         while not self._stop.wait(self.interval):
             self.emit()
 
-    def advance(self, steps: float, description: str | None) -> None:
+    def advance(self, steps: float, description: str | None, counts: dict[str, float]) -> None:
         with self._lock:
             self.done += steps
+            for name, n in counts.items():
+                self.counts[name] = self.counts.get(name, 0.0) + n
             if description:
                 self.description = description
+
+    def counters_text(self) -> str:
+        with self._lock:
+            return ", ".join(f"{n:,.0f} {name}" for name, n in self.counts.items())
 
     def line(self) -> str:
         with self._lock:
@@ -84,12 +104,14 @@ class ProgressLog:
         rate = done / elapsed
         text = f"{description}: {done:,.0f}"
         if self.total:
-            text += f"/{self.total:,.0f} {self.unit} ({done / self.total:.0%})"
+            text += f"/{self.total:,.0f} {self.unit} ({min(done / self.total, 1.0):.0%})"
         else:
             text += f" {self.unit}"
+        if self.counts:
+            text += ", " + self.counters_text()
         text += f", {rate:,.2f} {self.unit}/s, {_duration(elapsed)} elapsed"
         if self.total and rate > 0:
-            text += f", ETA {_duration((self.total - done) / rate)}"
+            text += f", ETA {_duration(max(self.total - done, 0) / rate)}"
         elif self.total:
             text += ", ETA unknown (no step finished yet)"
         return text
@@ -97,7 +119,7 @@ class ProgressLog:
     def emit(self) -> None:
         self.lines += 1
         with contextlib.suppress(Exception):  # logging must never break the work it reports on
-            self._log.info("progress: %s", self.line())
+            self._log.info("progress: %s", self.line(), extra=DETAIL)
 
     def close(self) -> None:
         self._stop.set()
@@ -116,15 +138,25 @@ class Bar:
 
 def _log_seconds() -> float:
     try:
-        return float(os.environ.get(LOG_SECONDS_ENV, "60"))
+        return float(os.environ.get(LOG_SECONDS_ENV, DEFAULT_LOG_SECONDS))
     except ValueError:
-        return 60.0
+        return DEFAULT_LOG_SECONDS
+
+
+def _terminal() -> Console:
+    """Bars on the terminal's stderr; off a terminal (a CI log, a file) 120 columns wide, not 80, so a
+    finished bar's figures fit on its one line."""
+    stream = console.err()
+    interactive = hasattr(stream, "isatty") and stream.isatty()
+    return Console(file=stream, width=None if interactive else 120)
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, total: float | None = None, unit: str = "steps") -> Iterator[Bar]:
-    """A bar with rate and ETA on stderr (when enabled) plus progress lines in the run's log."""
-    log = ProgressLog(description, total, unit, _log_seconds())
+def progress_bar(
+    description: str, total: float | None = None, unit: str = "steps", counters: tuple[str, ...] = ()
+) -> Iterator[Bar]:
+    """A bar with rate and ETA on the terminal (when enabled) plus progress lines in the run's log."""
+    log = ProgressLog(description, total, unit, _log_seconds(), counters)
     log.start()
     try:
         if not _enabled:
@@ -135,26 +167,31 @@ def progress_bar(description: str, total: float | None = None, unit: str = "step
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn(f"{unit}"),
+            TextColumn("{task.fields[counts]}"),
             TextColumn("{task.fields[rate]}"),
             TimeElapsedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
         ]
-        with Progress(*columns, console=Console(file=sys.stderr), transient=False) as bar:
-            bar.add_task(description, total=total, rate="")
+        with Progress(*columns, console=_terminal(), transient=False) as bar:
+            bar.add_task(description, total=total, rate="", counts=log.counters_text())
             yield Bar(bar, log)
     finally:
         log.close()
 
 
-def advance(bar: Bar | Any | None, steps: float = 1, description: str | None = None) -> None:
+def advance(bar: Bar | Any | None, steps: float = 1, description: str | None = None, **counts: float) -> None:
+    """Add `steps` done (fractions allowed) and `counts` to the bar's counters; optionally relabel it."""
     if bar is None:
         return
     if isinstance(bar, Bar):
-        bar.log.advance(steps, description)
+        bar.log.advance(steps, description, counts)
+        counts_text = bar.log.counters_text()
         bar = bar.rich
         if bar is None:
             return
+    else:
+        counts_text = ""
     task = bar.tasks[0]
     speed = task.speed
     bar.update(
@@ -162,4 +199,58 @@ def advance(bar: Bar | Any | None, steps: float = 1, description: str | None = N
         advance=steps,
         description=description or task.description,
         rate=f"{speed:,.0f}/s" if speed else "",
+        counts=counts_text,
     )
+
+
+def finish(bar: Bar | None) -> None:
+    """Mark the bar's work complete at what was done (a loop that stopped early, e.g. on patience)."""
+    if isinstance(bar, Bar):
+        with bar.log._lock:
+            bar.log.total = bar.log.done
+        if bar.rich is not None:
+            task = bar.rich.tasks[0]
+            bar.rich.update(task.id, total=task.completed)
+
+
+class BatchCredit:
+    """Moves a bar as the requests of a batch finish, and settles it to exactly the batch's size when the
+    batch is done or given up. Each request is worth `per_request` steps (`begin` sets it per batch: a
+    batch of 64 users making 250 model calls moves 64/250 users a call). A retried or split batch credits
+    its requests again; settling takes back whatever the batch was credited beyond its size, so the bar
+    ends at the number of units however often they were tried."""
+
+    def __init__(self, bar: Bar | None) -> None:
+        self.bar = bar
+        self.per_request = 1.0
+        self.steps = 0.0  # credited since the last settle
+        self.counts: dict[str, float] = {}
+
+    def begin(self, per_request: float) -> None:
+        self.per_request = per_request
+
+    def on_request(self, n: int, tokens: int | None = None) -> None:
+        steps = n * self.per_request
+        self.steps += steps
+        counts = {"tokens": float(tokens)} if tokens else {}
+        for name, v in counts.items():
+            self.counts[name] = self.counts.get(name, 0.0) + v
+        advance(self.bar, steps, **counts)
+
+    def settle(self, steps: float, **counts: float) -> None:
+        """The batch's `steps` (and `counts`, e.g. tokens=) are final: advance by what was not credited."""
+        rest = {name: v - self.counts.get(name, 0.0) for name, v in counts.items()}
+        advance(self.bar, steps - self.steps, **rest)
+        self.steps, self.counts = 0.0, {}
+
+
+@contextlib.contextmanager
+def status(text: str) -> Iterator[None]:
+    """A spinner with `text` on the terminal while the block runs (nothing when bars are off or the
+    terminal is not interactive); it leaves no line behind."""
+    terminal = _terminal()
+    if not _enabled or not terminal.is_terminal:
+        yield
+        return
+    with terminal.status(text):
+        yield

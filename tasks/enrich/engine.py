@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
+import io
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +29,8 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 
-from bridgerec.runtime.logs import get_logger
+from bridgerec.runtime.logs import DETAIL, get_logger
+from bridgerec.runtime.progress import status
 from bridgerec.tasks.enrich.settings import EngineSettings
 
 # vLLM logs to stdout by default, which would corrupt `--json` output; INFO is also very chatty.
@@ -35,6 +39,9 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 R = TypeVar("R")
 Call = Callable[..., Any]  # runs a function on the pool's engine thread: call(fn, *args) -> fn(*args)
+# on_progress(requests, output tokens): called inside a generate/encode call as requests finish, with
+# how many finished and their output tokens (0 for pooling requests; None if vLLM stops reporting them)
+OnProgress = Callable[[int, int | None], None]
 
 
 def _direct(fn: Callable[..., R], *args: Any) -> R:
@@ -148,6 +155,46 @@ def shutdown_engine(llm: Any) -> None:
         llm.llm_engine.engine_core.shutdown()
 
 
+def request_progress(on_progress: OnProgress | None) -> Any:
+    """The `use_tqdm` argument of vLLM's `LLM.generate` / `LLM.encode` that reports each finished request
+    to `on_progress` (False, no bar at all, without one). vLLM accepts a callable that makes its progress
+    bar and updates it once per finished request (`LLM.generate`'s documented `use_tqdm`); ours draws
+    nothing and relays the counts, so a long call moves the stage's bar request by request instead of
+    once at its end."""
+    if on_progress is None:
+        return False
+    from tqdm import tqdm
+
+    class RequestRelay(tqdm):
+        # vLLM writes the finished requests' output tokens only as a speed in the bar's postfix,
+        # `output: {total_out_toks / format_dict["elapsed"]} toks/s`; with an elapsed of 1 s that speed is
+        # the total itself. (tests/test_enrich.py checks the relayed total against the outputs' tokens.)
+        _speed = re.compile(r"output: ([0-9.]+) toks/s")
+
+        def __init__(self, iterable: Any = None, *args: Any, **kwargs: Any) -> None:
+            # vLLM also wraps its prompt-rendering loop (an iterable): that one is not a finished request.
+            self.relay = on_progress if iterable is None else None
+            self.tokens = 0
+            kwargs |= {"file": io.StringIO(), "mininterval": 3600.0, "dynamic_ncols": False}
+            super().__init__(iterable, *args, **kwargs)
+
+        @property
+        def format_dict(self) -> dict[str, Any]:
+            return {**super().format_dict, "elapsed": 1.0}
+
+        def update(self, n: float | None = 1) -> bool | None:
+            shown = super().update(n)
+            if self.relay is not None:
+                found = self._speed.search(str(self.postfix or ""))
+                total = round(float(found.group(1))) if found else None
+                new = None if total is None else total - self.tokens
+                self.tokens = total or self.tokens
+                self.relay(int(n or 0), new)
+            return shown
+
+    return functools.partial(RequestRelay)
+
+
 class Embedder:
     """Text -> unit-norm float32 vectors with a pooling engine (`LLM.encode(pooling_task="embed")`)."""
 
@@ -159,20 +206,23 @@ class Embedder:
         self.truncate = truncate
         self.dim = int(self.embed(["dimension probe"]).shape[1])
 
-    def _encode(self, texts: list[str], kwargs: dict | None) -> np.ndarray:
+    def _encode(self, texts: list[str], kwargs: dict | None, on_progress: OnProgress | None) -> np.ndarray:
         import torch
 
         # encode() returns the pooled tensors; embed() would turn each into a Python list first.
-        outs = self.llm.encode(texts, pooling_task="embed", use_tqdm=False, tokenization_kwargs=kwargs)
+        outs = self.llm.encode(
+            texts, pooling_task="embed", use_tqdm=request_progress(on_progress), tokenization_kwargs=kwargs
+        )
         return torch.stack([o.outputs.data for o in outs]).float().numpy()  # [n, D]
 
-    def embed(self, texts: list[str]) -> np.ndarray:
+    def embed(self, texts: list[str], on_progress: OnProgress | None = None) -> np.ndarray:
         """[n] texts -> [n, D] float32, L2-normalised; texts over the context are cut to it when
-        `truncate`. Raises for the whole call if one text is bad."""
+        `truncate`. Raises for the whole call if one text is bad. `on_progress(n, None)` is called as
+        texts finish."""
         if not texts:
             return np.zeros((0, getattr(self, "dim", 0)), np.float32)
         kwargs = {"truncate_prompt_tokens": self.max_len} if self.truncate else None
-        vectors = self.call(self._encode, texts, kwargs)  # [n, D]
+        vectors = self.call(self._encode, texts, kwargs, on_progress)  # [n, D]
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
 
@@ -205,18 +255,27 @@ class Generator:
         """The model's chat template applied, ready for `generate`."""
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def _generate(self, prompts: list[str], params: list[Any]) -> list[Any]:
-        return self.llm.generate(prompts, params, use_tqdm=False)
+    def _generate(self, prompts: list[str], params: list[Any], on_progress: OnProgress | None) -> list[Any]:
+        return self.llm.generate(prompts, params, use_tqdm=request_progress(on_progress))
 
-    def generate(self, prompts: list[str], sampling: list[Sampling]) -> list[Generated]:
+    def generate(
+        self, prompts: list[str], sampling: list[Sampling], on_progress: OnProgress | None = None
+    ) -> list[Generated]:
+        """One `generate` call; `on_progress(n, output tokens so far)` is called as requests finish."""
         from vllm import SamplingParams
 
         params = [SamplingParams(**asdict(s)) for s in sampling]
-        outs = self.call(self._generate, prompts, params)
+        outs = self.call(self._generate, prompts, params, on_progress)
         return [
             Generated(o.outputs[0].text, len(o.outputs[0].token_ids), o.outputs[0].finish_reason)
             for o in outs
         ]
+
+
+def _short(model: str) -> str:
+    """A model folder's readable name (its parent's when the folder is just `model`)."""
+    path = Path(model)
+    return f"{path.parent.name}/{path.name}" if path.name == "model" else path.name
 
 
 class EnginePool:
@@ -238,7 +297,13 @@ class EnginePool:
     def _llm(self, spec: EngineSpec) -> Any:
         if spec not in self._llms:
             log = get_logger()
-            log.info("enrich: starting vLLM %s engine for %s (dtype %s)", spec.runner, spec.model, spec.dtype)
+            log.info(
+                "enrich: starting vLLM %s engine for %s (dtype %s)",
+                spec.runner,
+                spec.model,
+                spec.dtype,
+                extra=DETAIL,
+            )
             started = time.perf_counter()
             if self._restore is None and not spec.multiprocessing:
                 # An in-process CPU engine pins the process's threads and replaces torch.set_num_threads
@@ -249,10 +314,11 @@ class EnginePool:
                     "set_num_threads": torch.set_num_threads,
                     "affinity": os.sched_getaffinity(0),
                 }
-            self._llms[spec] = self.call(start_engine, spec)
+            with status(f"enrich: starting the vLLM {spec.runner} engine ({_short(spec.model)})"):
+                self._llms[spec] = self.call(start_engine, spec)
             seconds = time.perf_counter() - started
             self.starts.append({"runner": spec.runner, "model": spec.model, "seconds": round(seconds, 1)})
-            log.info("enrich: %s engine up in %.1f s", spec.runner, seconds)
+            log.info("enrich: vLLM %s engine for %s up in %.1f s", spec.runner, _short(spec.model), seconds)
         return self._llms[spec]
 
     def embedder(self, spec: EngineSpec, model_id: str, truncate: bool = True) -> Embedder:

@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from bridgerec.runtime.logs import get_logger
-from bridgerec.runtime.progress import advance, progress_bar
+from bridgerec.runtime.logs import DETAIL, get_logger
+from bridgerec.runtime.progress import BatchCredit, progress_bar
 from bridgerec.storage import schemas
 from bridgerec.storage.checkpoints import Checkpoints
 from bridgerec.storage.embedding_cache import EmbeddingCache
@@ -105,7 +105,10 @@ def embed_items(
     seconds = 0.0
     if todo:
         log.info(
-            "enrich: %d of %d item texts to embed (%d cached)", len(todo), len(set(hashes)), len(cache.rows)
+            "enrich: %s of %s item texts to embed (%s cached)",
+            f"{len(todo):,}",
+            f"{len(set(hashes)):,}",
+            f"{len(cache.rows):,}",
         )
         embedder = get_embedder()
         if cache.dim is not None and cache.dim != embedder.dim:
@@ -115,6 +118,7 @@ def embed_items(
         units = list(todo.items())
         started = time.perf_counter()
         with progress_bar("enrich: item embeddings", total=len(units), unit="texts") as bar:
+            credit = BatchCredit(bar)  # the bar moves as texts finish inside a batch
 
             def done(batch: list[tuple[str, str]], vectors: np.ndarray) -> None:
                 batch_hashes = [h for h, _ in batch]
@@ -130,16 +134,16 @@ def embed_items(
                     checkpoints.write(CHECKPOINT_KIND, rows)
                 if shared is not None:
                     shared.write(rows)
-                advance(bar, len(batch))
+                credit.settle(len(batch))
 
             def fail(f: Failed) -> None:
                 failed[f.unit[0]] = f
-                advance(bar, 1)
+                credit.settle(1)
 
             for start in range(0, len(units), settings.batch_size):
                 run_resilient(
                     units[start : start + settings.batch_size],
-                    lambda batch: embedder.embed([t for _, t in batch]),
+                    lambda batch: embedder.embed([t for _, t in batch], credit.on_request),
                     done,
                     fail,
                     retries=settings.retries,
@@ -149,8 +153,8 @@ def embed_items(
         seconds = time.perf_counter() - started
         n_failed = sum(1 for h in todo if h in failed)
         log.info(
-            "enrich: embedded %d texts in %.1f s (%.0f/s), %d failed",
-            len(todo) - n_failed,
+            "enrich: embedded %s texts in %.1f s (%.0f/s), %d failed",
+            f"{len(todo) - n_failed:,}",
             seconds,
             (len(todo) - n_failed) / max(seconds, 1e-9),
             n_failed,
@@ -240,6 +244,7 @@ def reduce_items(items: pa.Table, result: ItemResult, settings: EnrichSettings) 
         if global_fit.identity
         else f"PCA, {global_fit.explained:.1%} var",
         local_dim,
+        extra=DETAIL,
     )
     table = pa.table(
         {

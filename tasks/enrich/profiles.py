@@ -20,12 +20,12 @@ import numpy as np
 import pyarrow as pa
 
 from bridgerec.runtime.logs import get_logger
-from bridgerec.runtime.progress import advance, progress_bar
+from bridgerec.runtime.progress import BatchCredit, progress_bar
 from bridgerec.storage import schemas
 from bridgerec.storage.files import atomic_path
 from bridgerec.storage.workspace import hash_json
 from bridgerec.tasks.enrich.batching import Failed, run_resilient
-from bridgerec.tasks.enrich.engine import Embedder, Generator, Sampling
+from bridgerec.tasks.enrich.engine import Embedder, Generator, OnProgress, Sampling
 from bridgerec.tasks.enrich.items import ItemResult
 from bridgerec.tasks.enrich.outputs import fixed_list, to_matrix
 from bridgerec.tasks.enrich.plan import EnrichContext
@@ -274,9 +274,10 @@ def generate_batch(
     embedder: Embedder,
     llm_id: str,
     embed_id: str,
+    on_progress: OnProgress | None = None,
 ) -> BatchOut:
     """All analyzer prompts of the batch in one `generate` call, then all summarizer prompts, then one
-    `embed` call over the profile texts."""
+    `embed` call over the profile texts. `on_progress(requests, tokens)` follows both calls' requests."""
     tokens = 0
     analyzer_prompts, analyzer_sampling, owners = [], [], []
     for j, job in enumerate(jobs):
@@ -295,7 +296,7 @@ def generate_batch(
             )
             owners.append(j)
     try:
-        outs = generator.generate(analyzer_prompts, analyzer_sampling)
+        outs = generator.generate(analyzer_prompts, analyzer_sampling, on_progress)
     except Exception as exc:
         raise StepError("analyze", exc) from exc
     summaries: list[list[str]] = [[] for _ in jobs]
@@ -328,6 +329,7 @@ def generate_batch(
                 )
                 for j in good
             ],
+            on_progress,
         )
     except Exception as exc:
         raise StepError("summarize", exc) from exc
@@ -498,14 +500,19 @@ def generate_profiles(
         return out
     gen, emb = ctx.generator(), ctx.embedder()
     started = time.perf_counter()
-    with progress_bar(label, total=len(todo), unit="users") as bar:
+    with progress_bar(label, total=len(todo), unit="users", counters=("tokens",)) as bar:
+        credit = BatchCredit(bar)  # the bar moves call by call, not once per batch
+
+        def run(batch: list[UserJob]) -> BatchOut:
+            credit.begin(len(batch) / max(sum(len(j.groups) + 1 for j in batch), 1))  # users per call
+            return generate_batch(batch, settings, prompts, gen, emb, llm_id, embed_id, credit.on_request)
 
         def done(batch: list[UserJob], result: BatchOut) -> None:
             out.rows.extend(result.rows)
             out.errors.extend(result.invalid)
             out.tokens += result.tokens
             ctx.checkpoints.write(inputs.checkpoint_kind, rows_table(result.rows, inputs.dim))
-            advance(bar, len(batch))
+            credit.settle(len(batch), tokens=result.tokens)
 
         def fail(f: Failed) -> None:
             step = getattr(f.error, "step", "generate")
@@ -518,12 +525,12 @@ def generate_profiles(
                     "attempts": f.attempts,
                 }
             )
-            advance(bar, 1)
+            credit.settle(1)
 
         for start in range(0, len(todo), settings.batch_users):
             run_resilient(
                 todo[start : start + settings.batch_users],
-                lambda batch: generate_batch(batch, settings, prompts, gen, emb, llm_id, embed_id),
+                run,
                 done,
                 fail,
                 retries=settings.retries,
@@ -532,10 +539,10 @@ def generate_profiles(
             )
     out.seconds = time.perf_counter() - started
     get_logger().info(
-        "enrich: generated %d profiles in %.1f s (%d tokens, %.0f tokens/s), %d failed",
-        len(out.rows),
+        "enrich: generated %s profiles in %.1f s (%s tokens, %.0f tokens/s), %d failed",
+        f"{len(out.rows):,}",
         out.seconds,
-        out.tokens,
+        f"{out.tokens:,}",
         out.tokens / max(out.seconds, 1e-9),
         len(out.errors),
     )
@@ -544,14 +551,14 @@ def generate_profiles(
 
 def log_estimate(inputs: ProfileInputs, n_cached: int, todo: list[UserJob], estimate: dict) -> None:
     get_logger().info(
-        "enrich: profiles for %d of %d users (%d cached, %d to generate): ~%d calls, <=%d new tokens, "
-        "~%.1f min at %.0f tokens/s",
-        len(inputs.jobs),
-        inputs.n_users,
-        n_cached,
-        len(todo),
-        estimate["calls"],
-        estimate["max_new_tokens"],
+        "enrich: profiles for %s of %s users (%s cached, %s to generate): ~%s model calls, at most %s "
+        "new tokens, ~%.1f min at %.0f tokens/s",
+        f"{len(inputs.jobs):,}",
+        f"{inputs.n_users:,}",
+        f"{n_cached:,}",
+        f"{len(todo):,}",
+        f"{estimate['calls']:,}",
+        f"{estimate['max_new_tokens']:,}",
         estimate["minutes"],
         estimate["tokens_per_s"],
     )

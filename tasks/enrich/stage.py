@@ -252,9 +252,9 @@ def finish_enrich(
     summary.seconds = time.time() - plan.started_at
     if errors:
         get_logger().warning(
-            "enrich: %d items/users failed %s -> %s",
-            len(errors),
-            summary.errors_by_step,
+            "enrich: %s items or users failed (%s); the reasons are in %s",
+            f"{len(errors):,}",
+            ", ".join(f"{step}: {n:,}" for step, n in summary.errors_by_step.items()),
             ctx.outputs.folder / "errors.parquet",
         )
     return summary

@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 from pydantic import BaseModel
 
+from bridgerec.runtime.logs import DETAIL
 from bridgerec.runtime.progress import advance, progress_bar
 from bridgerec.runtime.reports import TableReport
 from bridgerec.runtime.runner import step
@@ -96,6 +97,20 @@ def summarise(tables: IngestTables) -> dict:
     }
 
 
+def accounting_sentence(table: str, acc: dict) -> str:
+    """`8,896 interactions read, 8,896 kept, 0 quarantined, 0 filtered` (+ the reasons) for one table's
+    row accounting (read = kept + quarantined + filtered)."""
+    text = f"{acc['read']:,} {table} read, {acc['kept']:,} kept"
+    if acc.get("kept_without_interactions"):
+        text += f" ({acc['kept_without_interactions']:,} without interactions)"
+    text += f", {acc['quarantined']:,} quarantined, {acc['filtered']:,} filtered"
+    for outcome in ("quarantined", "filtered"):
+        reasons = acc.get(f"{outcome}_by_reason") or {}
+        if reasons:
+            text += f"; {outcome}: " + ", ".join(f"{r} {n:,}" for r, n in reasons.items())
+    return text
+
+
 @step("ingest")
 def run_ingest(run: StageRun[IngestSettings]) -> IngestSummary:
     """Ingest the configured source into `workspace/ingest/`; skip when inputs and config are unchanged."""
@@ -119,11 +134,12 @@ def run_ingest(run: StageRun[IngestSettings]) -> IngestSummary:
         advance(bar, 0, "ingest: reading raw files")
         raw = read_source(settings)
         log.info(
-            "ingest: read %d item rows and %d interaction rows (%d + %d unparseable)",
-            raw.items.table.num_rows,
-            raw.interactions.table.num_rows,
-            len(raw.items.rejects),
-            len(raw.interactions.rejects),
+            "ingest: read %s item rows and %s interaction rows (%s + %s unparseable)",
+            f"{raw.items.table.num_rows:,}",
+            f"{raw.interactions.table.num_rows:,}",
+            f"{len(raw.items.rejects):,}",
+            f"{len(raw.interactions.rejects):,}",
+            extra=DETAIL,
         )
         advance(bar)
         tables = preprocess(raw, settings, threads, progress=lambda step: advance(bar, 1, f"ingest: {step}"))
@@ -143,12 +159,13 @@ def run_ingest(run: StageRun[IngestSettings]) -> IngestSummary:
                 stats=stats | {"kcore_rounds": tables.kcore_rounds},
             )
     for table, acc in stats["accounting"].items():
-        log.info("ingest: %s %s", table, acc)
+        log.info("ingest: %s", accounting_sentence(table, acc))
     if stats["quarantined"]:
+        reasons = ", ".join(f"{r}: {n:,}" for r, n in stats["quarantined_by_reason"].items())
         log.warning(
-            "ingest: %d rows quarantined %s -> %s",
-            stats["quarantined"],
-            stats["quarantined_by_reason"],
+            "ingest: %s rows quarantined (%s); they are in %s",
+            f"{stats['quarantined']:,}",
+            reasons,
             workspace.stage_dir(STAGE) / "quarantine.parquet",
         )
     return IngestSummary(

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel
 
 from bridgerec.runtime.errors import InputError
-from bridgerec.runtime.logs import get_logger
+from bridgerec.runtime.logs import DETAIL, get_logger
 from bridgerec.runtime.progress import advance, progress_bar
 from bridgerec.runtime.reports import TableReport
 from bridgerec.runtime.runner import step
@@ -255,7 +255,9 @@ def _top_k(
         t0 = time.perf_counter()
         vectors = TrainOutputs(workspace).export_vectors(trained)
         timings["export_s"] = time.perf_counter() - t0
-        log.info("publish: exported vectors of run %s in %.1f s", trained.run_id, timings["export_s"])
+        log.info(
+            "publish: exported vectors of run %s in %.1f s", trained.run_id, timings["export_s"], extra=DETAIL
+        )
     if not vectors:
         raise PublishError("no domain vectors to publish")
     model = model or (trained.model if trained else None)
@@ -354,7 +356,9 @@ def run_publish(
     short = {d: int(((r.topk.items >= 0).sum(axis=1) < settings.k).sum()) for d, r in results.items()}
     for d, n in short.items():
         if n:
-            log.warning("publish: %d users have fewer than k=%d eligible items in %s", n, settings.k, d)
+            log.warning(
+                "publish: %s users have fewer than k=%d eligible items in %s", f"{n:,}", settings.k, d
+            )
 
     profiles = load_profiles(workspace)
     metrics = load_run_metrics(workspace, trained) if trained else None
@@ -426,12 +430,12 @@ def run_publish(
         index_dir=str(run_dir),
     )
     log.info(
-        "publish: run %s, %d rows for %d users x %d domains in %.1f s (purged %s)",
+        "publish: run %s, %s rows for %s users x %d domains in %.1f s%s",
         run_id,
-        summary.rows,
-        n_users,
+        f"{summary.rows:,}",
+        f"{n_users:,}",
         len(vectors),
         summary.seconds,
-        result.purged_runs or "none",
+        f"; retention purged {', '.join(result.purged_runs)}" if result.purged_runs else "",
     )
     return summary

@@ -196,7 +196,8 @@ def _check_churn(
     over = {d: c for d, c in churn.items() if c > bound}
     if log is not None:
         log.info(
-            "gate: on unchanged inputs, lists would change by %s", {d: f"{c:.1%}" for d, c in churn.items()}
+            "gate: on unchanged inputs, lists would change by %s",
+            ", ".join(f"{c:.1%} in {d}" for d, c in churn.items()),
         )
     if not over:
         return result.model_copy(

@@ -31,6 +31,7 @@ from bridgerec.models.optim import Optimizer
 from bridgerec.models.pop import Popularity
 from bridgerec.models.registry import ItemTables, build_model
 from bridgerec.models.trainer import FitState, Profiles, fit, score_init, set_seed
+from bridgerec.runtime.logs import DETAIL
 from bridgerec.runtime.reports import TableReport
 from bridgerec.runtime.runner import step
 from bridgerec.storage import schemas
@@ -177,7 +178,7 @@ def run_train(run: StageRun[TrainSettings]) -> TrainSummary:
         inputs.data.eval_split(name, settings.eval_negatives, settings.seed, settings.short_history)
         for name in ("valid", "test")
     )
-    log.info("train: evaluation splits built in %.1f s", time.perf_counter() - t0)
+    log.info("train: evaluation splits built in %.1f s", time.perf_counter() - t0, extra=DETAIL)
     state = _fit(run, run_dir, model, inputs, start, valid, device)
     summary = _evaluate(run, run_dir, model, inputs, state, (valid, test), device)
     summary = summary.model_copy(
@@ -226,7 +227,9 @@ def _load_inputs(run: StageRun[TrainSettings]) -> _Inputs:
         else:
             vectors, has_profile = cold_eval.select_users(loaded[0]), cold_eval.select_users(loaded[1])
             profiles = Profiles(torch.from_numpy(vectors), torch.from_numpy(has_profile))
-            log.info("train: %d of %d users have a profile", int(has_profile.sum()), data.n_users)
+            log.info(
+                "train: %s of %s users have a profile", f"{int(has_profile.sum()):,}", f"{data.n_users:,}"
+            )
     return _Inputs(catalog, sequences, data, tables, profiles, cold_eval)
 
 
@@ -323,7 +326,7 @@ def _fit(
     if model.trainable:
         state = fit(
             model, inputs.data, valid, cfg, device, inputs.profiles, state, start.opt_state, on_epoch,
-            log=log.info,
+            log=lambda message: log.info(message, extra=DETAIL),  # per epoch: in the log; the bar shows it
         )  # fmt: skip
     else:  # pop: fitted by counting the training prefixes; its "epoch 0" is the only one
         assert isinstance(model, Popularity)

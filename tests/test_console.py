@@ -1,0 +1,143 @@
+"""What the terminal shows (bridgerec/runtime/console.py): bridgerec's own sentences and results, while
+third-party output, written by Python code, by C code straight to fd 2 or by child processes, goes to the
+command's log file in the workspace. Run in subprocesses: the session moves the process's descriptors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from bridgerec.runtime import console
+from tests.enrich_data import slice_workspace
+
+SCRIPT = textwrap.dedent(
+    """
+    import ctypes, json, os, subprocess, sys, warnings
+    from pathlib import Path
+    from bridgerec.runtime import console
+    from bridgerec.runtime.logs import DETAIL, get_logger
+
+    with console.session(Path(sys.argv[1]), "demo", verbose=sys.argv[2] == "verbose") as path:
+        log = get_logger()
+        log.info("demo: %s rows read, %s kept", f"{8896:,}", f"{8896:,}")
+        log.info("demo: per-epoch figures", extra=DETAIL)
+        log.warning("demo: 3 users have fewer than k items")
+        warnings.warn("reduce_op is deprecated", FutureWarning)
+        libc = ctypes.CDLL(None)
+        libc.write(2, b"[W utils.cpp:68] NUMA binding notice from C\\n", 44)
+        subprocess.run(["sh", "-c", "echo child process notice >&2; echo child stdout"], check=True)
+        print("a stray print to stdout")
+        console.out().write(json.dumps({"ok": True, "log": str(path)}) + "\\n")
+    """
+)
+
+
+def _run(tmp_path: Path, mode: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != console.VERBOSE_ENV}
+    return subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path / "ws"), mode],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
+def test_quiet_session_keeps_third_party_output_in_the_log_file(tmp_path: Path) -> None:
+    done = _run(tmp_path, "quiet")
+    assert done.returncode == 0, done.stderr
+    # stdout: exactly the result
+    assert done.stdout.count("\n") == 1, done.stdout
+    log = Path(__import__("json").loads(done.stdout)["log"])
+    assert log.parent == tmp_path / "ws" / "logs" and log.name.endswith("-demo.log")
+    # stderr: bridgerec's sentence and warning, nothing else
+    assert done.stderr.splitlines() == [
+        "demo: 8,896 rows read, 8,896 kept",
+        "warning: demo: 3 users have fewer than k items",
+    ]
+    text = log.read_text()
+    for noise in (
+        "FutureWarning: reduce_op is deprecated",
+        "NUMA binding notice from C",
+        "child process notice",
+        "child stdout",
+        "a stray print to stdout",
+        "demo: per-epoch figures",  # details are in the file
+        "demo: 8,896 rows read",
+    ):
+        assert noise in text, noise
+
+
+def test_verbose_session_shows_everything_and_writes_no_file(tmp_path: Path) -> None:
+    done = _run(tmp_path, "verbose")
+    assert done.returncode == 0, done.stderr
+    both = done.stdout + done.stderr
+    for noise in ("FutureWarning", "NUMA binding notice from C", "child process notice", "a stray print"):
+        assert noise in both, noise
+    assert '"log": "None"' in done.stdout
+    assert not (tmp_path / "ws" / "logs").exists()
+
+
+def test_old_log_files_are_pruned(tmp_path: Path) -> None:
+    for i in range(5):
+        (tmp_path / f"2026120{i}T000000Z-run.log").write_text("x")
+    gone = console.prune_logs(tmp_path, keep=2)
+    assert [p.name[:9] for p in gone] == ["20261200T", "20261201T", "20261202T"]
+    assert sorted(p.name[:9] for p in tmp_path.glob("*.log")) == ["20261203T", "20261204T"]
+
+
+THIRD_PARTY = (
+    "WARNING",
+    "Warning",
+    "already registered",
+    "FutureWarning",
+    "NUMA",
+    "set_num_threads",
+    "Triton",
+    "Flow run",
+    "Task run",
+    "prefect",
+    "it/s]",
+)
+
+
+@pytest.mark.slow
+def test_enrich_command_shows_bridgerec_lines_and_keeps_the_rest_in_the_log(tmp_path: Path) -> None:
+    """`bridgerec enrich` as a user runs it (a subprocess, both vLLM engines started): the terminal gets
+    the log file's path, bridgerec's sentences, its bars and the summary, nothing from vLLM, torch or
+    Prefect; the log file holds those."""
+    ws = slice_workspace(tmp_path / "data", n_users=6, both_domains=2)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "enrich: {local_dim: 8, kmeans_k: 4}\n"
+        "profiles: {max_users: 2, analyzer_max_tokens: 16, summarizer_max_tokens: 32, titles_per_cluster: 5}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != console.VERBOSE_ENV}
+    done = subprocess.run(
+        [sys.executable, "-m", "bridgerec.cli", "enrich", "--config", str(config), "-w", str(ws.root)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,  # the terminal: both streams, in order
+        text=True,
+        timeout=900,
+        env=env,
+    )
+    terminal = done.stdout.splitlines()
+    assert done.returncode == 0, "\n".join(terminal)
+    noise = [line for line in terminal if any(word in line for word in THIRD_PARTY)]
+    assert not noise, "\n".join(terminal)
+    bars = [line for line in terminal if "━" in line]
+    assert len(terminal) - len(bars) <= 20, "\n".join(terminal)
+    assert terminal[0].startswith("log: ") and any(
+        "enrich: generated 2 profiles" in line for line in terminal
+    )
+    log = Path(terminal[0].split()[1])
+    assert log.parent == ws.root / "logs"
+    text = log.read_text()
+    assert "Beginning flow run" in text  # Prefect's own log lines
+    assert "set_num_threads" in text or "NUMA" in text  # vLLM's / torch's C++ notices
+    assert "enrich: generated 2 profiles" in text  # bridgerec's lines are in the file too
