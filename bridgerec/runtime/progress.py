@@ -235,12 +235,12 @@ class BatchCredit:
         counts = {"tokens": float(tokens)} if tokens else {}
         for name, v in counts.items():
             self.counts[name] = self.counts.get(name, 0.0) + v
-        advance(self.bar, steps, **counts)
+        advance(self.bar, steps, None, **counts)
 
     def settle(self, steps: float, **counts: float) -> None:
         """The batch's `steps` (and `counts`, e.g. tokens=) are final: advance by what was not credited."""
         rest = {name: v - self.counts.get(name, 0.0) for name, v in counts.items()}
-        advance(self.bar, steps - self.steps, **rest)
+        advance(self.bar, steps - self.steps, None, **rest)
         self.steps, self.counts = 0.0, {}
 
 
