@@ -465,6 +465,37 @@ def run(
         _emit(result, as_json, lambda r: typer.echo(summary_markdown(r), file=console.out()))
 
 
+@app.command()
+def report(
+    config: ConfigOpt = None,
+    workspace: WorkspaceOpt = None,
+    night: Annotated[
+        str | None,
+        typer.Option(
+            "--night", help="The night's id (`bridgerec runs list`); default: the newest.", show_default=False
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Rebuild the night report (an HTML page in WORKSPACE/reports/, opens without network) and print its
+    path: quality against popularity across nights, lists, data checks, costs, example users.
+
+    Every nightly run writes it; this rebuilds it for any night whose record is kept (WORKSPACE/nights/).
+    """
+    from bridgerec.tasks.report import ReportMissing, build_report
+
+    settings = _settings(config, workspace=workspace)
+    try:
+        path = build_report(settings.workspace, night, settings.report).resolve()
+    except ReportMissing as exc:
+        _fail(str(exc))
+    _emit(
+        {"report": str(path), "night_id": path.stem, "url": path.as_uri()},
+        as_json,
+        lambda r: typer.echo(r["report"], file=console.out()),
+    )
+
+
 @app.command("deploy-check")
 def deploy_check(
     what: Annotated[str, typer.Argument(help="home | config: which value to check and print.")],

@@ -28,6 +28,7 @@ from bridgerec.tasks.enrich import EnrichSettings, ProfileSettings
 from bridgerec.tasks.ingest import IngestSettings
 from bridgerec.tasks.publish import PublishSettings
 from bridgerec.tasks.quality import DataCheckSettings, GateSettings
+from bridgerec.tasks.report import ReportSettings
 from bridgerec.tasks.train import TrainSettings
 
 ENV_PREFIX = "BRIDGEREC_"
@@ -77,6 +78,7 @@ class Settings(BaseSettings):
     publish: PublishSettings = Field(default_factory=PublishSettings)
     checks: DataCheckSettings = Field(default_factory=DataCheckSettings)
     gate: GateSettings = Field(default_factory=GateSettings)
+    report: ReportSettings = Field(default_factory=ReportSettings)
 
     @model_validator(mode="before")
     @classmethod

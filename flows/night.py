@@ -4,6 +4,7 @@ nightly-summary artifact shows, and what the warehouse's `runs` row of the night
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -49,6 +50,7 @@ class NightSummary(BaseModel):
     message: str | None = None
     workspace: str
     warehouse: str
+    report: str | None = None  # the night report's HTML page (tasks/report), when written
 
     def record(self, started: datetime, finished: datetime | None = None) -> NightRecord:
         """The night's row in the warehouse's `runs`."""
@@ -126,6 +128,8 @@ def _headlines(summary: NightSummary) -> list[str]:
     if summary.message:
         lines.append(f"- failed: {summary.message}")
     lines.append(f"- serving: run `{summary.published_run_id or 'none'}`")
+    if summary.report:
+        lines.append(f"- night report: [{summary.report}]({Path(summary.report).as_uri()})")
     return lines
 
 

@@ -13,10 +13,11 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from bridgerec.config import Settings, load_settings
 from bridgerec.flows.night import Held, NightSummary, summary_markdown
@@ -36,6 +37,7 @@ from bridgerec.tasks.quality import (
     list_stability,
     run_gate,
 )
+from bridgerec.tasks.report import build_report, collect_night, save_night
 
 Stage = Literal["ingest", "enrich", "train", "publish"]
 T = TypeVar("T")
@@ -218,8 +220,10 @@ class Night:
         return self.summary
 
     def _finish(self) -> None:
-        """The night's final row in `runs` and its nightly-summary artifact (failed nights get one too)."""
+        """The night's final row in `runs`, its report page and its nightly-summary artifact, which links
+        the report (failed nights get all three too)."""
         self._record(datetime.now(UTC))
+        self._report()
         _artifact(
             lambda: create_markdown_artifact(
                 key="nightly-summary",
@@ -227,6 +231,38 @@ class Night:
                 description=f"bridgerec night {self.summary.night_id}: {self.summary.status}",
             )
         )
+        report = self.summary.report
+        if report:
+            _artifact(
+                lambda: create_link_artifact(
+                    key="night-report",
+                    link=Path(report).as_uri(),
+                    link_text=f"night report {self.summary.night_id}",
+                    description="The night's report: quality against popularity across nights, the lists, "
+                    "data checks, costs, example users (a self-contained HTML page in the workspace)",
+                )
+            )
+
+    def _report(self) -> None:
+        """The night's record (WORKSPACE/nights/) and report page (WORKSPACE/reports/; tasks/report); a
+        report never fails a night."""
+        settings = self.settings
+        if not settings.report.enabled:
+            return
+        try:
+            record = collect_night(
+                self.summary.model_dump(mode="json"),
+                self.workspace,
+                self.warehouse,
+                settings.report,
+                settings.train,
+                self.started,
+            )
+            save_night(settings.workspace, record, settings.report.keep)
+            page = build_report(settings.workspace, self.summary.night_id, settings.report)
+            self.summary.report = str(page.resolve())
+        except Exception as exc:
+            get_logger().warning("nightly: could not write the night report: %s", exc)
 
     def _record(self, finished: datetime | None = None) -> None:
         """Write the night's row; a bookkeeping failure never hides the night's own outcome."""

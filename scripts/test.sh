@@ -3,6 +3,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# The night report's browser test loads the page in a real headless Chromium (Debian's package). Install it
+# when it is missing and this runs as root with apt (CI); elsewhere the test skips without it.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing chromium for the report's browser test (once)..." >&2
+  if ! (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core) \
+      >/tmp/bridgerec-apt-chromium.log 2>&1; then
+    echo "could not install chromium (see /tmp/bridgerec-apt-chromium.log)" >&2
+  fi
+fi
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  export BRIDGEREC_BROWSER_REQUIRED=1  # installed (or tried to): the browser test fails rather than skips
+fi
 export PREFECT_HOME="${PREFECT_HOME:-$(mktemp -d)}"  # a private Prefect DB for the test run
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 # The sample's item texts are embedded once per test run (tests/train_data.py: EMBEDDING_CACHE).

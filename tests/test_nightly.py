@@ -5,12 +5,22 @@ resumes from the finished stages."""
 from __future__ import annotations
 
 import gzip
+import json
+import re
+from dataclasses import dataclass
+from html import escape
 from pathlib import Path
 
 import duckdb
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from typer.testing import CliRunner
 
+from bridgerec.cli import app
+from bridgerec.flows.night import NightSummary, summary_markdown
 from bridgerec.flows.nightly import nightly_flow
+from tests.browser import inspect_page
 from tests.conftest import REPO, SAMPLE
 from tests.train_data import EMBEDDING_CACHE
 
@@ -43,7 +53,24 @@ def _slice_sample(out: Path, n_users: int) -> int:
     return len(chosen)
 
 
-def test_nightly_runs_skips_fails_safely_and_resumes(prefect_harness: None, tmp_path: Path) -> None:
+@dataclass
+class Nights:
+    """Four nights on a slice of the sample: a first run, an unchanged rerun, a night that fails in
+    enrich (new data, a broken profile model), and the rerun that resumes it."""
+
+    users: int
+    ws: Path
+    warehouse: Path
+    first: dict
+    again: dict
+    failed: list[tuple[str]]
+    resumed: dict
+    runs: tuple[tuple[str, int], tuple[str, int], tuple[str, int]]  # latest run after 1st, failed, 4th
+
+
+@pytest.fixture(scope="module")
+def nights(prefect_harness: None, tmp_path_factory: pytest.TempPathFactory) -> Nights:
+    tmp_path = tmp_path_factory.mktemp("nightly")
     raw = tmp_path / "raw"
     raw.mkdir()
     users = _slice_sample(raw, n_users=150)  # a slice of the sample keeps the four runs short
@@ -60,16 +87,8 @@ def test_nightly_runs_skips_fails_safely_and_resumes(prefect_harness: None, tmp_
         "gate": {"popularity_floor": False},  # one epoch may sit under popularity: the floor is test_gate's
     }
     first = nightly_flow(CONFIG, overrides).model_dump(mode="json")
-    stages = first["stages"]
-    assert stages["ingest"]["users"] == users
-    assert stages["enrich"]["profiles_generated"] == 4
-    assert stages["publish"]["rows"] > 0
-    run_1, rows_1 = _latest_run(warehouse)
-    assert rows_1 == stages["publish"]["rows"]
-
-    again = nightly_flow(CONFIG, overrides).model_dump(mode="json")["stages"]
-    assert again["ingest"]["skipped"] and again["train"]["skipped"] and again["publish"]["skipped"]
-    assert again["enrich"]["items_embedded"] == 0 and again["enrich"]["profiles_generated"] == 0
+    after_first = _latest_run(warehouse)
+    again = nightly_flow(CONFIG, overrides).model_dump(mode="json")
 
     # New data arrives, and the profile model is misconfigured: enrich fails after ingest finished.
     with gzip.open(raw / "interactions.csv.gz", "rt") as fh:
@@ -86,13 +105,120 @@ def test_nightly_runs_skips_fails_safely_and_resumes(prefect_harness: None, tmp_
     }
     with pytest.raises(Exception):  # noqa: B017  (the stage's own error, re-raised by the flow)
         nightly_flow(CONFIG, broken)
-    assert _latest_run(warehouse) == (run_1, rows_1)  # published tables untouched
+    after_failed = _latest_run(warehouse)
     with duckdb.connect(str(warehouse), read_only=True) as con:
         failed = con.execute("SELECT message FROM runs WHERE status = 'failed'").fetchall()
-    assert len(failed) == 1 and failed[0][0].startswith("stage enrich")
+    resumed = nightly_flow(CONFIG, overrides).model_dump(mode="json")
+    return Nights(
+        users,
+        ws,
+        warehouse,
+        first,
+        again,
+        failed,
+        resumed,
+        (after_first, after_failed, _latest_run(warehouse)),
+    )
 
-    resumed = nightly_flow(CONFIG, overrides).model_dump(mode="json")["stages"]
+
+def test_nightly_runs_skips_fails_safely_and_resumes(nights: Nights) -> None:
+    stages = nights.first["stages"]
+    assert stages["ingest"]["users"] == nights.users
+    assert stages["enrich"]["profiles_generated"] == 4
+    assert stages["publish"]["rows"] > 0
+    run_1, rows_1 = nights.runs[0]
+    assert rows_1 == stages["publish"]["rows"]
+
+    again = nights.again["stages"]
+    assert again["ingest"]["skipped"] and again["train"]["skipped"] and again["publish"]["skipped"]
+    assert again["enrich"]["items_embedded"] == 0 and again["enrich"]["profiles_generated"] == 0
+
+    assert nights.runs[1] == (run_1, rows_1)  # the failed night left the published tables untouched
+    assert len(nights.failed) == 1 and nights.failed[0][0].startswith("stage enrich")
+
+    resumed = nights.resumed["stages"]
     assert resumed["ingest"]["skipped"]  # finished before the crash: not redone
     assert not resumed["publish"]["skipped"]
-    run_2, _ = _latest_run(warehouse)
+    run_2, _ = nights.runs[2]
     assert run_2 != run_1
+
+
+PLOTS = {"plot-quality", "plot-coverage", "plot-concentration", "plot-churn", "plot-data", "plot-costs"}
+
+
+def test_each_night_writes_its_report_and_links_it(nights: Nights) -> None:
+    """Every night, failed ones too, keeps a record and writes a report page that the summary (and so the
+    nightly-summary artifact) links; the last one shows the four nights' trends and the churn since the
+    first published run."""
+    records = sorted(nights.ws.glob("nights/*.json"))
+    pages = sorted(nights.ws.glob("reports/*.html"))
+    assert len(records) == 4 and len(pages) == 4
+    last = nights.resumed
+    assert last["report"] and Path(last["report"]).exists()
+    assert f"night report: [{last['report']}]" in summary_markdown(NightSummary.model_validate(last))
+    with get_client(sync_client=True) as client:  # the night's Prefect artifact links the page
+        links = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["night-report"]))
+        )
+    assert any(Path(last["report"]).as_uri() in str(a.data) for a in links)
+    html = Path(last["report"]).read_text()
+    assert "<script" not in html and not re.search(r'(src|href)="https?:|url\((?!#)', html)  # self-contained
+    assert set(re.findall(r'<figure class="plot" id="(plot-\w+)"', html)) == PLOTS
+    figures = json.loads((nights.ws / "nights" / f"{last['night_id']}.json").read_text())["figures"]
+    assert set(figures["valid_by_domain"]) == {"food", "kitchen", "overall"}
+    for domain in ("food", "kitchen"):
+        v = figures["valid_by_domain"][domain]
+        assert 0 <= v["popularity"] <= 1 and 0 <= v["model"] <= 1
+        assert sum(figures["churn_histogram"][domain]) > 0  # users compared with the first run's lists
+        assert 0 < figures["top_items"][domain][0]["share"] <= 1
+    examples = figures["examples"]
+    assert len(examples) == 3 and all(e["profile"] and e["history"] for e in examples)
+    assert all(len(rows) <= 5 for e in examples for rows in e["recommendations"].values())
+    assert (
+        examples[0]["user_id"] in html and escape(examples[0]["recommendations"]["food"][0]["title"]) in html
+    )
+    failed = [json.loads(p.read_text()) for p in records]
+    assert [r["status"] for r in sorted(failed, key=lambda r: r["started_at"])] == [
+        "completed",
+        "completed",
+        "failed",
+        "completed",
+    ]
+
+
+def test_the_report_draws_every_plot_in_a_real_browser(nights: Nights) -> None:
+    """The page loads in headless Chromium without console messages, fetches nothing, and every plot is
+    laid out with its marks drawn."""
+    page = inspect_page(Path(nights.resumed["report"]))
+    assert page["console"] == [] and page["resources"] == []
+    assert {p["id"] for p in page["plots"]} == PLOTS
+    for p in page["plots"]:
+        assert p["width"] > 300 and p["height"] > 100, p
+        assert p["drawn"] >= 20 and p["drawn"] >= 0.9 * p["shapes"], p
+
+
+def test_the_browser_check_sees_a_broken_page(tmp_path: Path) -> None:
+    """The check above can fail: an empty plot, a script error and a fetched resource are all seen."""
+    page = tmp_path / "broken.html"
+    (tmp_path / "style.css").write_text("body { color: #333; }")
+    page.write_text(
+        '<!DOCTYPE html><html><head><link rel="stylesheet" href="style.css"></head><body>'
+        '<figure class="plot" id="plot-x"><svg width="10" height="10"></svg></figure>'
+        "<script>nothing()</script></body></html>"
+    )
+    seen = inspect_page(page)
+    assert seen["plots"] == [{"id": "plot-x", "width": 10, "height": 10, "shapes": 0, "drawn": 0}]
+    assert any("nothing is not defined" in line for line in seen["console"])
+    assert any(r.endswith("style.css") for r in seen["resources"])
+
+
+def test_report_command_rebuilds_any_kept_night(nights: Nights) -> None:
+    first = nights.first["night_id"]
+    page = nights.ws / "reports" / f"{first}.html"
+    page.unlink()
+    out = CliRunner().invoke(app, ["report", "-w", str(nights.ws), "--night", first])
+    assert out.exit_code == 0 and out.stdout.strip() == str(page.resolve()) and page.exists()
+    newest = CliRunner().invoke(app, ["report", "-w", str(nights.ws), "--json"])
+    assert json.loads(newest.stdout)["night_id"] == nights.resumed["night_id"]
+    missing = CliRunner().invoke(app, ["report", "-w", str(nights.ws), "--night", "night-nope"])
+    assert missing.exit_code == 2 and "error: night 'night-nope' has no record" in missing.stderr

@@ -198,7 +198,7 @@ def advance(bar: Bar | Any | None, steps: float = 1, description: str | None = N
         task.id,
         advance=steps,
         description=description or task.description,
-        rate=f"{speed:,.0f}/s" if speed else "",
+        rate=(f"{speed:,.0f}/s" if speed >= 10 else f"{speed:.2f}/s") if speed else "",
         counts=counts_text,
     )
 

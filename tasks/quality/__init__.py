@@ -10,8 +10,8 @@ from bridgerec.tasks.quality.datachecks import DataCheckFailed, DataChecks, chec
 from bridgerec.tasks.quality.datachecks import as_table as data_checks_table
 from bridgerec.tasks.quality.gate import GateResult, PublishedLists, run_gate
 from bridgerec.tasks.quality.settings import DataCheckSettings, GateSettings
+from bridgerec.tasks.quality.stability import churn_histogram, list_stability, top_items
 from bridgerec.tasks.quality.stability import describe as describe_stability
-from bridgerec.tasks.quality.stability import list_stability
 
 __all__ = [
     "DataCheckFailed",
@@ -21,8 +21,10 @@ __all__ = [
     "GateSettings",
     "PublishedLists",
     "check_data",
+    "churn_histogram",
     "data_checks_table",
     "describe_stability",
     "list_stability",
     "run_gate",
+    "top_items",
 ]

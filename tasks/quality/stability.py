@@ -97,3 +97,64 @@ def describe(rows: list[dict]) -> str:
             f"{r['top_item_share']:.0%} of lists"
         )
     return "lists: " + "; ".join(parts)
+
+
+def churn_histogram(
+    warehouse: Path | str, run_id: str, previous_run_id: str | None, bins: int = 10
+) -> dict[str, list[int]]:
+    """Per domain: users by the share of their top-k changed since `previous_run_id` (the churn of
+    `list_stability`), in `bins` equal bins over [0, 1] (a share of 1 falls in the last bin). Users
+    without a list in the previous run are left out; no previous run: {}."""
+    if previous_run_id is None:
+        return {}
+    con = connect_reader(warehouse)
+    try:
+        rows = con.execute(
+            """
+            WITH cur AS (SELECT user_id, domain, item_id FROM recommendations WHERE run_id = $run),
+                 prev AS (SELECT user_id, domain, item_id FROM recommendations WHERE run_id = $prev),
+                 per_user AS (
+                    SELECT c.domain, c.user_id, 1.0 - count(p.item_id) / count(*) AS changed
+                    FROM cur c LEFT JOIN prev p USING (user_id, domain, item_id)
+                    WHERE (c.user_id, c.domain) IN (SELECT DISTINCT user_id, domain FROM prev)
+                    GROUP BY ALL)
+            SELECT domain, least(floor(changed * $bins)::INTEGER, $bins - 1) AS bin, count(*) AS users
+            FROM per_user GROUP BY ALL ORDER BY domain, bin
+            """,
+            {"run": run_id, "prev": previous_run_id, "bins": bins},
+        ).fetchall()
+    finally:
+        con.close()
+    out: dict[str, list[int]] = {}
+    for domain, b, users in rows:
+        out.setdefault(domain, [0] * bins)[int(b)] = int(users)
+    return out
+
+
+def top_items(warehouse: Path | str, run_id: str, n: int = 10) -> dict[str, list[dict]]:
+    """Per domain, the `n` items in the most lists of `run_id`: item_id, title, users (lists holding
+    it) and share (of the domain's users with a list)."""
+    con = connect_reader(warehouse)
+    try:
+        cur = con.execute(
+            """
+            WITH cur AS (SELECT user_id, domain, item_id FROM recommendations WHERE run_id = $run),
+                 dom AS (SELECT domain, count(DISTINCT user_id) AS users FROM cur GROUP BY domain),
+                 counts AS (SELECT domain, item_id, count(DISTINCT user_id) AS users FROM cur GROUP BY ALL),
+                 ranked AS (SELECT *, row_number() OVER (PARTITION BY domain ORDER BY users DESC, item_id) AS r
+                            FROM counts)
+            SELECT r.domain, r.item_id, i.title, r.users, r.users / d.users AS share
+            FROM ranked r JOIN dom d USING (domain) LEFT JOIN items i USING (item_id)
+            WHERE r.r <= $n ORDER BY r.domain, r.r
+            """,
+            {"run": run_id, "n": n},
+        )
+        rows = cur.fetchall()
+    finally:
+        con.close()
+    out: dict[str, list[dict]] = {}
+    for domain, item_id, title, users, share in rows:
+        out.setdefault(domain, []).append(
+            {"item_id": item_id, "title": title, "users": int(users), "share": round(float(share), 6)}
+        )
+    return out

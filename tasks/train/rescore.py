@@ -73,10 +73,21 @@ def run_validation_ndcg10(workspace: Workspace, run_id: str, tonight: Tonight) -
 
 def popularity_validation_ndcg10(tonight: Tonight) -> float:
     """The floor: full-ranking validation NDCG@10 of the `pop` model (training-prefix counts)."""
+    return popularity_validation_by_domain(tonight)["overall"]
+
+
+def popularity_validation_by_domain(tonight: Tonight) -> dict[str, float]:
+    """The floor per target domain and over all users ("overall"): full-ranking validation NDCG@10 of
+    the `pop` model (training-prefix counts). A domain without validation targets is left out."""
     model = build_model(ModelConfig(architecture="pop"), tonight.catalog)
     assert isinstance(model, Popularity)
     data, valid = tonight.split(tonight.settings.resolved().max_len)
     model.fit_counts(data.item_counts("train"))
     ranks = evaluate(model, valid, tonight.settings.eval_batch_size, full=True)
     assert ranks.full is not None
-    return ndcg(ranks.full, 10)
+    target = valid.target_domain.numpy()
+    out = {"overall": ndcg(ranks.full, 10)}
+    for d, name in enumerate(tonight.catalog.domains):
+        if (target == d).any():
+            out[name] = ndcg(ranks.full[target == d], 10)
+    return out
