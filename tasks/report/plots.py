@@ -20,7 +20,7 @@ DECISION_STYLE = {  # the gate's decision -> marker, colour, label
     "off": ("o", "#6e7781", "gate off"),
     "refused": ("X", "#cf222e", "refused by the gate"),
 }
-RC = {
+RC: Any = {  # matplotlib rcParams for every plot here
     "svg.fonttype": "none",  # text stays text: smaller, selectable, searchable
     "font.size": 9,
     "axes.spines.top": False,

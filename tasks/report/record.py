@@ -72,13 +72,14 @@ def _examples(workspace: Workspace, warehouse: Path, run_id: str, settings: Repo
     if settings.examples == 0:
         return []
     try:
-        profiled = sorted(EnrichOutputs(workspace).profile_texts()["user_id"].to_pylist())
-    except Exception:  # profiles off or unreadable: users without one
-        profiled = []
+        profiles = EnrichOutputs(workspace).profile_texts()
+    except ValueError:  # unreadable profiles: users without one
+        profiles = None
+    profiled = sorted(profiles["user_id"].to_pylist()) if profiles is not None else []
     users = profiled or sorted(
         IngestOutputs(workspace).table("users", columns=["user_id"])["user_id"].to_pylist()
     )
-    out = []
+    out: list[dict[str, Any]] = []
     for user_id in users:
         if len(out) >= settings.examples:
             break
@@ -110,7 +111,8 @@ def collect_night(
     figures: dict[str, Any] = {"missing": {}}
     serving = summary.get("published_run_id")
     published_tonight = (summary["stages"].get("publish") or {}).get("run_id")
-    previous = next(iter(summary.get("list_stability") or []), {}).get("previous_run_id")
+    stability: list[dict[str, Any]] = summary.get("list_stability") or []
+    previous = stability[0].get("previous_run_id") if stability else None
     steps = {
         "valid_by_domain": lambda: (
             _valid_by_domain(summary, workspace, train) if summary["stages"].get("train") else None
