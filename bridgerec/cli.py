@@ -573,6 +573,83 @@ def _render_recs(r: dict) -> None:
         out.print(t)
 
 
+def sql_shell_command(warehouse: Path, duckdb_cli: str | None) -> list[str] | None:
+    """The DuckDB CLI's argv for a read-only session on `warehouse` (`-readonly`: a read-write session
+    would lock every other reader and the next publish out), or None when there is no CLI."""
+    return [duckdb_cli, "-readonly", str(warehouse)] if duckdb_cli else None
+
+
+SQL_BANNER = """bridgerec sql: a read-only DuckDB connection `con` on {path}
+(no `duckdb` CLI on PATH: a Python shell; install the DuckDB CLI to get its shell instead).
+  con.sql("SELECT * FROM latest_recommendations LIMIT 10").show()
+  con.sql("SHOW TABLES").show()          # runs, recommendations, metrics, items, user_profiles, ...
+  con.execute("SELECT ... WHERE user_id = ?", [user_id]).fetchall()
+Example queries: docs/publish.md, "Example SQL for analysts". Ctrl-D leaves."""
+
+
+@app.command()
+def sql(
+    warehouse: WarehouseOpt = None,
+    config: ConfigOpt = None,
+    query: Annotated[
+        str | None,
+        typer.Option("--query", "-q", help="Run this SQL, print the result and leave.", show_default=False),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="With --query: one JSON object (columns, rows) on stdout.")
+    ] = False,
+) -> None:
+    """Open a read-only SQL session on the warehouse: the DuckDB CLI (`duckdb -readonly FILE`) when it is
+    installed, else a Python shell with a read-only DuckDB connection `con`. Read-only, so nobody has to
+    remember `-readonly`: a read-write session would block every reader and the next publish.
+
+    With --query, run one statement and print its result (a table, or --json) instead.
+    """
+    import os
+    import shutil
+
+    import duckdb
+
+    from bridgerec.storage.warehouse import WarehouseError, connect_reader
+
+    path = (warehouse or _settings(config).warehouse_path).expanduser().resolve()
+    try:
+        con = connect_reader(path)  # the same checks (missing, held read-write) for every way in
+    except WarehouseError as exc:
+        _fail(str(exc))
+    if query is not None:
+        try:
+            rel = con.sql(query)
+            columns = list(rel.columns) if rel is not None else []
+            rows = rel.fetchall() if rel is not None else []
+        except duckdb.Error as exc:
+            _fail(f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+        finally:
+            con.close()
+        result = {"warehouse": str(path), "columns": columns, "rows": [list(r) for r in rows]}
+        _emit(result, as_json, _render_sql)
+        return
+    argv = sql_shell_command(path, shutil.which("duckdb"))
+    if argv is not None:
+        con.close()
+        os.execvp(argv[0], argv)  # the DuckDB CLI replaces this process
+    import code
+
+    code.interact(banner=SQL_BANNER.format(path=path), local={"con": con, "duckdb": duckdb}, exitmsg="")
+    con.close()
+
+
+def _render_sql(r: dict) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    t = Table(*[escape(c) for c in r["columns"]])
+    for row in r["rows"]:
+        t.add_row(*[escape("NULL" if v is None else str(v)) for v in row])
+    _rich().print(t)
+    _rich().print(f"{len(r['rows']):,} rows")
+
+
 @runs_app.command("list")
 def runs_list(
     warehouse: WarehouseOpt = None,

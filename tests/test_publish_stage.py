@@ -5,7 +5,10 @@ and the analysts' CLI (`recs`, `runs list`)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import duckdb
@@ -15,7 +18,7 @@ import pytest
 from publish_data import doc_queries, workspace_vectors
 from typer.testing import CliRunner
 
-from bridgerec.cli import app
+from bridgerec.cli import app, sql_shell_command
 from bridgerec.storage.index_store import IndexStore
 from bridgerec.storage.vectors import DomainVectors
 from bridgerec.storage.warehouse import record_run_status
@@ -276,3 +279,55 @@ def test_docs_sql_examples_run_on_a_published_warehouse(
     assert len(results[1]) == 20  # top 10 items in each of the two domains
     assert [r[0] for r in results[2]] == ["food", "kitchen"] and all(0 < r[3] <= 1 for r in results[2])
     assert 0 < results[3][0][0] <= 1000
+
+
+def test_sql_runs_a_query_read_only(published: tuple[Path, dict]) -> None:
+    """`bridgerec sql -q`: one statement on a read-only connection; a write is refused with one line."""
+    warehouse, _ = published
+    before = warehouse.read_bytes()
+    out = CliRunner().invoke(
+        app, ["sql", "--warehouse", str(warehouse), "-q", "SELECT domain, count(*) AS n FROM "
+              "latest_recommendations GROUP BY domain ORDER BY domain", "--json"]
+    )  # fmt: skip
+    assert out.exit_code == 0, out.output
+    result = json.loads(out.stdout)
+    assert result["columns"] == ["domain", "n"] and [r[0] for r in result["rows"]] == ["food", "kitchen"]
+    table = CliRunner().invoke(app, ["sql", "--warehouse", str(warehouse), "-q", "SELECT 41 + 1 AS answer"])
+    assert table.exit_code == 0 and "answer" in table.stdout and "42" in table.stdout
+    refused = CliRunner().invoke(
+        app, ["sql", "--warehouse", str(warehouse), "-q", "CREATE TABLE scratch AS SELECT 1 AS x"]
+    )
+    assert refused.exit_code == 2 and "read-only" in refused.stderr and refused.stderr.startswith("error: ")
+    assert warehouse.read_bytes() == before
+
+
+def test_sql_opens_a_read_only_shell(published: tuple[Path, dict], tmp_path: Path) -> None:
+    """Without the DuckDB CLI, `bridgerec sql` is a Python shell with a read-only connection `con` (here
+    fed on stdin, as a terminal would); with the CLI it would exec `duckdb -readonly FILE`."""
+    warehouse, _ = published
+    env = {k: v for k, v in os.environ.items() if k != "PATH"} | {"PATH": str(tmp_path)}  # no duckdb CLI
+    typed = (
+        "print('rows', con.sql('SELECT count(*) FROM latest_recommendations').fetchall()[0][0])\n"
+        "con.execute('CREATE TABLE scratch AS SELECT 1')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "bridgerec.cli", "sql", "--warehouse", str(warehouse)],
+        input=typed,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "read-only DuckDB connection `con`" in done.stderr  # the banner
+    rows = duckdb.connect(str(warehouse), read_only=True).execute(
+        "SELECT count(*) FROM latest_recommendations"
+    )
+    assert f"rows {rows.fetchone()[0]}" in done.stdout
+    assert "read-only mode" in done.stderr  # the write was refused
+    assert sql_shell_command(warehouse, "/opt/duckdb/duckdb") == [
+        "/opt/duckdb/duckdb",
+        "-readonly",
+        str(warehouse),
+    ]
+    assert sql_shell_command(warehouse, None) is None
