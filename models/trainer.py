@@ -23,7 +23,14 @@ from bridgerec.models.evaluate import evaluate
 from bridgerec.models.metrics import ndcg
 from bridgerec.models.objectives import draw_shared_negatives, sampling_probs
 from bridgerec.models.optim import Optimizer
+from bridgerec.runtime.errors import InputError
 from bridgerec.runtime.progress import advance, progress_bar
+
+
+class TrainingDiverged(InputError):
+    """The training loss or the validation scores stopped being finite (NaN or inf): the model diverged,
+    usually from a learning rate far too high. Training stops at that epoch and the run fails (it never
+    reaches the leaderboard); the same settings diverge again, so it is not retried (exit code 2)."""
 
 
 @dataclass
@@ -127,6 +134,11 @@ def train_epoch(
             batch.profile = profiles.vectors[users].to(device)
             batch.has_profile = profiles.has[users].to(device)
         loss, parts = model.loss(batch)
+        if not torch.isfinite(loss.detach()):
+            raise TrainingDiverged(
+                f"{model.name} diverged in epoch {epoch}: the training loss is {float(loss.detach())} at batch "
+                f"{n + 1}; lower train.lr (now {cfg.lr:g}) or check the inputs"
+            )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -176,7 +188,7 @@ def fit(
 
             losses = train_epoch(model, data, optimizer, cfg, epoch, profiles, device, on_batch)
             train_s = time.perf_counter() - started
-            score, scores = validate(model, valid, cfg, device)
+            score, scores = validate(model, valid, cfg, device, epoch)
             eval_s = time.perf_counter() - started - train_s
             is_best = score > state.best_valid
             if is_best:
@@ -206,9 +218,12 @@ def fit(
 
 
 def validate(
-    model: Recommender, valid: EvalSplit, cfg: FitConfig, device: torch.device
+    model: Recommender, valid: EvalSplit, cfg: FitConfig, device: torch.device, epoch: int = 0
 ) -> tuple[float, dict[str, float]]:
-    """(the selection score: validation NDCG@10 under `cfg.select_by`, the history row's figures)."""
+    """(the selection score: validation NDCG@10 under `cfg.select_by`, the history row's figures).
+
+    Raises TrainingDiverged when a validation score or figure is not finite (`epoch` names it; 0: the
+    initial weights)."""
     ranks = evaluate(model, valid, cfg.eval_batch_size, full=cfg.select_by == "full", device=device)
     row = {"valid_ndcg@10": ndcg(ranks.sampled, 10), "valid_hr@10": float((ranks.sampled < 10).mean())}
     if ranks.full is not None:
@@ -217,6 +232,15 @@ def validate(
             "valid_full_hr@10": float((ranks.full < 10).mean()),
         }
     score = row["valid_full_ndcg@10"] if cfg.select_by == "full" else row["valid_ndcg@10"]
+    where = f"in epoch {epoch}" if epoch else "before training (the initial weights)"
+    if ranks.nonfinite:
+        raise TrainingDiverged(
+            f"{model.name} diverged {where}: its validation scores are NaN or inf for {ranks.nonfinite} of "
+            f"{len(ranks.sampled)} users; lower train.lr (now {cfg.lr:g}) or check the inputs"
+        )
+    bad = {k: v for k, v in row.items() if not math.isfinite(v)}
+    if bad:
+        raise TrainingDiverged(f"{model.name}: validation figures {where} are not finite: {bad}")
     return score, row
 
 
