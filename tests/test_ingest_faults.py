@@ -308,6 +308,27 @@ FAULTS = [
         check=_title("F6"),
     ),
     Fault("title that is only markup", generic(items_extra='F6,food,"<p><br></p>"\n'), {"empty_title": 1}),
+    Fault(
+        "interactions of a quarantined catalogue row",
+        generic(items_extra='F6,food,"<p></p>"\n', inter_extra=f"u01,F6,food,{NEW}\n"),
+        {"empty_title": 1, "item_quarantined": 1},
+    ),
+    Fault(
+        "CSV title with a quote never closed (rows after it follow)",
+        generic(items_extra='F6,food,"Rye bread\nF7,food,Oat milk\n'),
+        {"unterminated_quote": 1},
+        check=_new_item("F7"),
+    ),
+    Fault(
+        "CSV interactions row with a quote never closed",
+        generic(inter_extra=f'u01,"F3,food,{NEW}\nu02,F5,food,{NEW}\n'),
+        {"unterminated_quote": 1},
+    ),
+    Fault(
+        "CSV title with a line break inside quotes",
+        generic(items_extra='F6,food,"Rye\nbread"\n', inter_extra=f"u01,F6,food,{NEW}\n"),
+        check=_title("F6"),
+    ),
     Fault("JSON lines: a line that is not JSON", jsonl_interactions("{oops\n"), {"malformed_json": 1}),
     Fault(
         "JSON lines: a Python dict literal line",

@@ -34,6 +34,9 @@ _FILE_HINTS = {
     "too_few_fields": "wrong delimiter, or not the file this role expects?",
     "too_many_fields": "wrong delimiter, or not the file this role expects?",
     "unknown_item": "its items are not in the catalogue: check the catalogue (meta) file of the same domain",
+    "item_quarantined": "their catalogue rows were quarantined: see the catalogue's reasons in quarantine.parquet",
+    "unterminated_quote": 'a quote opened in a value never closes: double quotes inside quoted values ("") '
+    "or remove the stray quote",
     "bad_timestamp": "timestamps in a unit, format or range not understood (see ingest.timestamps)",
     "unknown_domain": "its domains are not in ingest.domains or the catalogue",
     "domain_mismatch": "its domains contradict the catalogue's",
@@ -200,6 +203,19 @@ def _preprocess(
         """,
         {"min_s": ts_min.timestamp(), "max_s": ts_max.timestamp()},
     )
+    # Ids of catalogue rows that were quarantined (and have no valid row): their interactions are
+    # `item_quarantined`, not `unknown_item`, so the count points at the catalogue's own reasons.
+    rejected_ids = [r.get("item_id") for r in raw.items.rejects if r.get("item_id")]
+    con.register("reader_rejected_ids", pa.table({"item_id": pa.array(rejected_ids, pa.string())}))
+    _exec(
+        con,
+        """
+        CREATE TEMP TABLE items_quarantined AS
+        SELECT item_id FROM items_checked WHERE reason IS NOT NULL AND item_id <> ''
+        UNION SELECT trim(item_id) FROM reader_rejected_ids
+        EXCEPT SELECT item_id FROM items_valid
+        """,
+    )
     _exec(
         con,
         f"""
@@ -210,6 +226,8 @@ def _preprocess(
                     WHEN p.domain NOT IN (SELECT domain FROM domain_list) THEN 'unknown_domain'
                     {ts_check}
                     {pos_check}
+                    WHEN i.item_id IS NULL AND p.item_id IN (SELECT item_id FROM items_quarantined)
+                         THEN 'item_quarantined'
                     WHEN i.item_id IS NULL THEN 'unknown_item'
                     WHEN i.domain <> p.domain THEN 'domain_mismatch'
                END AS reason
