@@ -1,14 +1,22 @@
 """The ingest faults of issue #23 (tests/cases/<folder>, copied from the reports' inputs), each asserting
 its folder's expected result, plus variants of each kind the folders do not hold.
 
-Kinds: a stray quote that swallows the rows after it (20-csv-unescaped-quotes).
+Kinds: a stray quote that swallows the rows after it (20-csv-unescaped-quotes); naive timestamps read
+in the machine's time zone (21-naive-timestamps-machine-tz).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -135,3 +143,144 @@ def test_quoted_values_with_line_breaks_are_still_one_record(tmp_path: Path) -> 
     assert out["c"]["title"] == 'Honey "raw", 1 kg'
     q = pq.read_table(tmp_path / "ws/ingest/quarantine.parquet").to_pylist()
     assert [(r["record"], r["reason"]) for r in q] == [(5, "unknown_item"), (9, "unknown_item")]  # "d"
+
+
+# ---- 21: naive timestamps and the machine's time zone -------------------------------------------------
+
+_INGEST_IN_A_PROCESS = """
+import json, sys
+from pathlib import Path
+import pyarrow.parquet as pq
+from bridgerec.config import load_settings
+from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks.ingest.stage import run_ingest
+out = {}
+for name, job in json.loads(sys.argv[1]).items():
+    settings = load_settings(None, job).ingest
+    ws = Path("ws_" + name)
+    run_ingest(settings, Workspace(ws))
+    rows = pq.read_table(ws / "ingest" / "interactions.parquet").to_pylist()
+    out[name] = {
+        "instants": sorted([r["user_id"], r["item_id"], r["timestamp"].timestamp()] for r in rows),
+        "u001": [r["item_id"] for r in rows if r["user_id"] == "u001"],
+        "config_hash": json.loads((ws / "ingest" / "manifest.json").read_text())["config_hash"],
+    }
+print(json.dumps(out))
+"""
+
+
+def _ingest_under(tz: str, jobs: dict[str, dict]) -> dict[str, dict]:
+    """Ingest each job (settings overrides) in one fresh Python process whose machine time zone is `tz`
+    (TZ is read at start-up), in the working directory; their interactions' instants, u001's sequence
+    and the config hash, by job name."""
+    result = subprocess.run(
+        [sys.executable, "-c", _INGEST_IN_A_PROCESS, json.dumps(jobs)],
+        env={**os.environ, "TZ": tz},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _files(interactions: str = "interactions.csv", **more: str) -> dict:
+    return {"ingest.items": "items.csv", "ingest.interactions": interactions} | more
+
+
+@pytest.fixture(scope="module")
+def tz_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """Case 21's files ingested on a UTC machine and on a Los Angeles one (default naive zone, then
+    `ingest.timestamps.naive_zone` as an offset and as an IANA name), a naive Parquet variant, and the
+    case's epoch-second baseline."""
+    here = tmp_path_factory.mktemp("tz") / "21-naive-timestamps-machine-tz"
+    shutil.copytree(CASES / "21-naive-timestamps-machine-tz", here)
+    ts = pa.array([1_600_000_000_000_000 + i * 3_600_000_000 for i in range(6)], pa.timestamp("us"))
+    users, items = ["u1"] * 3 + ["u2"] * 3, ["F01", "F02", "F03", "F02", "F03", "F04"]
+    pq.write_table(
+        pa.table({"user_id": users, "item_id": items, "domain": ["food"] * 6, "timestamp": ts}),
+        here / "naive.parquet",  # pandas' default: TIMESTAMP without a zone
+    )
+    cwd = os.getcwd()
+    os.chdir(here)
+    try:
+        runs = {f"utc_{k}": v for k, v in _ingest_under("UTC", {"case": _files()}).items()}
+        zone = "ingest.timestamps.naive_zone"
+        la_jobs = {
+            "case": _files(),
+            "baseline": _files("baseline-interactions.csv"),
+            "india": _files(**{zone: "+05:30"}),
+            "new_york": _files(**{zone: "America/New_York"}),
+            "parquet": _files("naive.parquet"),
+        }
+        runs |= {f"la_{k}": v for k, v in _ingest_under("America/Los_Angeles", la_jobs).items()}
+    finally:
+        os.chdir(cwd)
+    runs["rows"] = [line.split(",") for line in (here / "interactions.csv").read_text().splitlines()[1:]]
+    return runs
+
+
+def test_21_naive_timestamps_mean_the_same_instants_on_every_machine(tz_runs: dict) -> None:
+    """The same files under TZ=UTC and TZ=America/Los_Angeles: the same instants (those of the
+    epoch-second baseline, naive = UTC), the same order and targets, the same config hash."""
+    utc, la, baseline = tz_runs["utc_case"], tz_runs["la_case"], tz_runs["la_baseline"]
+    assert la["instants"] == utc["instants"] == baseline["instants"]
+    assert la["u001"] == utc["u001"] == baseline["u001"]
+    assert la["u001"][-2:] == ["F04", "K04"]  # u001's validation and test targets, as in the README
+    assert la["config_hash"] == utc["config_hash"]
+
+
+def test_a_configured_naive_zone_is_applied_and_hashed(tz_runs: dict) -> None:
+    """Variant of 21: `ingest.timestamps.naive_zone` as a fixed offset (+05:30) and as an IANA name, on
+    a Los Angeles machine: naive values are read in the configured zone, values with `Z` keep theirs;
+    each zone has its own config hash."""
+    rows = tz_runs["rows"]
+    assert sum(ts.endswith("Z") for *_, ts in rows) == 27  # the app log's values; the rest are naive
+    zones = {
+        "la_india": timezone(timedelta(hours=5, minutes=30)),
+        "la_new_york": ZoneInfo("America/New_York"),
+    }
+    for run, zone in zones.items():
+        expected = sorted(
+            [
+                u,
+                i,
+                datetime.fromisoformat(ts.replace("Z", "+00:00"))
+                .replace(**({} if ts.endswith("Z") else {"tzinfo": zone}))
+                .timestamp(),
+            ]
+            for u, i, _, ts in rows
+        )
+        assert tz_runs[run]["instants"] == expected
+    hashes = {tz_runs[r]["config_hash"] for r in ("utc_case", "la_india", "la_new_york")}
+    assert len(hashes) == 3
+
+
+def test_naive_parquet_timestamps_are_read_in_the_naive_zone(tz_runs: dict) -> None:
+    """Variant of 21: a Parquet TIMESTAMP column without a zone, read on a Los Angeles machine: UTC
+    instants, as written."""
+    got = sorted(t for *_, t in tz_runs["la_parquet"]["instants"])
+    assert got == [1_600_000_000.0 + 3600 * i for i in range(6)]
+
+
+@pytest.mark.parametrize(
+    ("given", "stored"),
+    [
+        ("z", "UTC"),
+        ("+00:00", "UTC"),
+        ("UTC+0530", "+05:30"),
+        ("-8", "-08:00"),
+        ("Europe/Berlin", "Europe/Berlin"),
+    ],
+)
+def test_naive_zone_spellings(given: str, stored: str) -> None:
+    from bridgerec.config import load_settings
+
+    assert load_settings(None, {"ingest.timestamps.naive_zone": given}).ingest.timestamps.naive_zone == stored
+
+
+def test_an_unknown_naive_zone_is_a_config_error_naming_the_key() -> None:
+    from bridgerec.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match=r"naive_zone.*'Mars/Olympus' is not a time zone"):
+        load_settings(None, {"ingest.timestamps.naive_zone": "Mars/Olympus"})

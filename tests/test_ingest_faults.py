@@ -209,6 +209,15 @@ def _first_instant(user: str) -> Callable[[Path], str]:
     return check
 
 
+def _first_time(user: str) -> Callable[[Path], str]:
+    def check(ws: Path) -> str:
+        rows = pq.read_table(ws / "ingest" / "interactions.parquet").to_pylist()
+        first = min(r["timestamp"] for r in rows if r["user_id"] == user)
+        return f"first stored as {first.isoformat().replace('+00:00', 'Z')} (on any machine)"
+
+    return check
+
+
 NEW = f"{T0 + 500_000}"
 FAULTS = [
     Fault("clean input (the baseline: 10 items, 6 users, 21 interactions)", generic()),
@@ -247,6 +256,25 @@ FAULTS = [
             )
         ),
         check=_first_instant("u07"),
+    ),
+    Fault(
+        "ISO 8601 timestamps without an offset (naive)",
+        generic(
+            inter_extra="".join(
+                f"u07,{i},food,2020-09-1{k} 17:26:40\n" for k, i in enumerate(["F1", "F2", "F3"])
+            )
+        ),
+        check=_first_time("u07"),
+    ),
+    Fault(
+        "naive timestamps with `timestamps.naive_zone: '+05:30'`",
+        generic(
+            inter_extra="".join(
+                f"u07,{i},food,2020-09-1{k} 17:26:40\n" for k, i in enumerate(["F1", "F2", "F3"])
+            ),
+            timestamps=TimestampSettings(naive_zone="+05:30"),
+        ),
+        check=_first_time("u07"),
     ),
     Fault(
         "date far in the future (year 52671)",

@@ -105,7 +105,17 @@ def _counts(con: duckdb.DuckDBPyConnection, sql: str) -> dict[str, int]:
 def preprocess(
     raw: RawSource, settings: IngestSettings, threads: int, progress: Callable[[str], None] = lambda _: None
 ) -> IngestTables:
-    con = duckdb.connect(config={"threads": threads})  # no ICU offline: TIMESTAMPTZ is UTC
+    con = duckdb.connect(config={"threads": threads})
+    # Text without an offset (and dates, and naive Parquet timestamps) is read in this zone, never in
+    # the machine's (DuckDB's default TimeZone is the process's local zone).
+    try:
+        con.execute(f"SET TimeZone = '{settings.timestamps.duckdb_zone}'")
+    except duckdb.Error as exc:
+        con.close()
+        raise IngestError(
+            f"ingest.timestamps.naive_zone {settings.timestamps.naive_zone!r} is not a zone DuckDB knows: "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
     con.create_function(  # type: ignore[call-overload]  # (an Arrow UDF: the stubs know scalar ones)
         "clean_text", clean_text_array, [VARCHAR], VARCHAR, type="arrow", null_handling="special"
     )
