@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks import StageRun
 from bridgerec.tasks.ingest.settings import IngestSettings
 from bridgerec.tasks.ingest.stage import run_ingest
 
@@ -39,7 +40,7 @@ def _ingest(
     items: str = "items.csv", interactions: str = "interactions.csv", ws: str = "ws", **kw: object
 ) -> dict:
     settings = IngestSettings(source="generic", items=Path(items), interactions=Path(interactions), **kw)
-    summary = run_ingest(settings, Workspace(Path(ws))).model_dump()
+    summary = run_ingest(StageRun(settings, Workspace(Path(ws)))).model_dump()
     for acc in summary["accounting"].values():
         assert acc["read"] == acc["kept"] + acc["quarantined"] + acc["filtered"]
     return summary
@@ -130,16 +131,12 @@ def test_quoted_values_with_line_breaks_are_still_one_record(tmp_path: Path) -> 
         "user_id,item_id,domain,timestamp\n"
         + "".join(f"u{u},{i},food,{1600000000 + k}\n" for u in (1, 2) for k, i in enumerate("abcd"))
     )
-    summary = run_ingest(
-        IngestSettings(items=tmp_path / "items.csv", interactions=tmp_path / "inter.csv"),
-        Workspace(tmp_path / "ws"),
-    ).model_dump()
+    settings = IngestSettings(items=tmp_path / "items.csv", interactions=tmp_path / "inter.csv")
+    summary = run_ingest(StageRun(settings, Workspace(tmp_path / "ws"))).model_dump()
     items = summary["accounting"]["items"]
     assert (items["read"], items["kept"], items["quarantined"]) == (3, 3, 0)
     out = {r["item_id"]: r for r in pq.read_table(tmp_path / "ws/ingest/items.parquet").to_pylist()}
-    assert (
-        out["a"]["description"] == "Green tea. Size: 10, 12, 14 g food, kitchen, other"
-    )  # whitespace collapsed
+    assert out["a"]["description"] == "Green tea. Size: 10, 12, 14 g food, kitchen, other"  # spaces collapsed
     assert out["c"]["title"] == 'Honey "raw", 1 kg'
     q = pq.read_table(tmp_path / "ws/ingest/quarantine.parquet").to_pylist()
     assert [(r["record"], r["reason"]) for r in q] == [(5, "unknown_item"), (9, "unknown_item")]  # "d"
@@ -153,12 +150,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from bridgerec.config import load_settings
 from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks import StageRun
 from bridgerec.tasks.ingest.stage import run_ingest
 out = {}
 for name, job in json.loads(sys.argv[1]).items():
     settings = load_settings(None, job).ingest
     ws = Path("ws_" + name)
-    run_ingest(settings, Workspace(ws))
+    run_ingest(StageRun(settings, Workspace(ws)))
     rows = pq.read_table(ws / "ingest" / "interactions.parquet").to_pylist()
     out[name] = {
         "instants": sorted([r["user_id"], r["item_id"], r["timestamp"].timestamp()] for r in rows),

@@ -32,6 +32,7 @@ from bridgerec.models.optim import Optimizer
 from bridgerec.models.registry import build_model
 from bridgerec.models.trainer import FitConfig, TrainingDiverged, train_epoch
 from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks import StageRun
 from bridgerec.tasks.ingest.stage import run_ingest
 from bridgerec.tasks.publish.stage import run_publish
 from bridgerec.tasks.quality.gate import decide
@@ -70,8 +71,10 @@ def deadline(seconds: float) -> Iterator[None]:
 def _train(settings_file: str = "config.yaml", **update: object) -> dict:
     settings = load_settings(settings_file)
     ws = Workspace(settings.workspace)
-    run_ingest(settings.ingest, ws)
-    return run_train(settings.train.model_copy(update={"threads": 1, **update}), ws, threads=1).model_dump()
+    run_ingest(StageRun(settings.ingest, ws))
+    return run_train(
+        StageRun(settings.train.model_copy(update={"threads": 1, **update}), ws, threads=1)
+    ).model_dump()
 
 
 # ---- 22: a small domain or a heavy user and the sampled candidate draw --------------------------------
@@ -188,7 +191,7 @@ def test_23_diverged_training_fails_its_run_and_the_healthy_run_is_published(
     _case("23-diverged-training", tmp_path, monkeypatch)
     settings = load_settings("config.yaml")
     ws = Workspace(settings.workspace)
-    run_ingest(settings.ingest, ws)
+    run_ingest(StageRun(settings.ingest, ws))
     result = CliRunner().invoke(app, ["train", "--config", "config.yaml", "--json"])
     assert result.exit_code == 2, result.output
     line = result.stderr.strip().splitlines()[-1]
@@ -239,7 +242,7 @@ def test_a_non_finite_training_loss_stops_the_epoch_it_happens_in(
     _case("23-diverged-training", tmp_path, monkeypatch)
     settings = load_settings("config.yaml")
     ws = Workspace(settings.workspace)
-    run_ingest(settings.ingest, ws)
+    run_ingest(StageRun(settings.ingest, ws))
     catalog = load_catalog(ws)
     data = SequenceData(catalog, load_sequences(ws), 20)
     model = build_model(settings.train.model_spec(), catalog)
@@ -262,5 +265,5 @@ def test_a_run_that_diverges_later_keeps_no_result(tmp_path: Path, monkeypatch: 
     healthy = _train(lr=1e-3, epochs=1)
     assert ws.read_manifest("train").stats["best"]["run_id"] == healthy["run_id"]
     settings = load_settings("config.yaml")
-    published = run_publish(settings.publish, ws, settings.warehouse_path, threads=1)
+    published = run_publish(StageRun(settings.publish, ws, warehouse=settings.warehouse_path, threads=1))
     assert published.run_id == healthy["run_id"]
