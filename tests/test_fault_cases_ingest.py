@@ -2,7 +2,8 @@
 its folder's expected result, plus variants of each kind the folders do not hold.
 
 Kinds: a stray quote that swallows the rows after it (20-csv-unescaped-quotes); naive timestamps read
-in the machine's time zone (21-naive-timestamps-machine-tz).
+in the machine's time zone (21-naive-timestamps-machine-tz); ids that lost their leading zeros on the
+way (28-leading-zero-ids).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pytest
 
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks import StageRun
+from bridgerec.tasks.ingest.preprocess import IngestError
 from bridgerec.tasks.ingest.settings import IngestSettings
 from bridgerec.tasks.ingest.stage import run_ingest
 
@@ -282,3 +284,122 @@ def test_an_unknown_naive_zone_is_a_config_error_naming_the_key() -> None:
 
     with pytest.raises(ConfigError, match=r"naive_zone.*'Mars/Olympus' is not a time zone"):
         load_settings(None, {"ingest.timestamps.naive_zone": "Mars/Olympus"})
+
+
+# ---- 28: ids that lost their leading zeros -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("items", "interactions", "rows", "example"),
+    [
+        ("items.csv", "interactions_int_ids.parquet", "119 of 224", "'101' for the catalogue's '0101'"),
+        ("items.csv", "interactions_float_ids.csv", "224 of 224", "'101.0' for the catalogue's '0101'"),
+        (
+            "items_mixed.csv",
+            "interactions_mixed_int_ids.parquet",
+            "46 of 224",
+            "'1' for the catalogue's '000001'",
+        ),
+    ],
+)
+def test_28_leading_zero_ids_stop_the_run_naming_the_mismatch(
+    items: str, interactions: str, rows: str, example: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """All three variants, the mixed one (3 of 16 ids lost their zeros, 20 % of the rows) included: exit
+    2's error names the file, the rows, examples of the pairs and what to do; nothing is written."""
+    here = _case("28-leading-zero-ids", tmp_path, monkeypatch)
+    with pytest.raises(IngestError) as info:
+        _ingest(items=items, interactions=interactions)
+    message = str(info.value)
+    assert message.startswith(f"{interactions}: {rows} interactions rows name ")
+    assert "catalogue ids without their leading zeros or with a '.0'" in message and example in message
+    assert "write item ids as text" in message and message.endswith("nothing written")
+    if interactions.endswith(".parquet"):
+        assert f"{interactions} stores item_id as BIGINT" in message
+    assert not (here / "ws" / "ingest").exists()
+
+
+def test_28_leading_zero_ids_through_the_cli(
+    prefect_harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mixed variant, which passed with a warning before: one error: line and exit code 2."""
+    from typer.testing import CliRunner
+
+    from bridgerec.cli import app
+
+    _case("28-leading-zero-ids", tmp_path, monkeypatch)
+    args = ["--items", "items_mixed.csv", "--interactions", "interactions_mixed_int_ids.parquet"]
+    result = CliRunner().invoke(app, ["ingest", "--source", "generic", *args, "-w", "ws3", "--json"])
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(
+        "error: interactions_mixed_int_ids.parquet: 46 of 224 interactions rows name 3 item ids"
+    )
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_float_id_columns_are_read_as_the_integers_they_hold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Variant of 28: a float64 item_id column (pandas turns an int column with a gap into floats)
+    beside a catalogue of plain integer ids: 105.0 is item '105', nothing is lost; JSON lines numbers
+    likewise; and a catalogue whose ids lost their zeros (an int column) beside text ids with zeros
+    stops like the other direction."""
+    monkeypatch.chdir(tmp_path)
+    items = [
+        (str(i), "food" if i < 200 else "kitchen", f"Product {i}") for i in (101, 102, 103, 201, 202, 203)
+    ]
+    (tmp_path / "items.csv").write_text("item_id,domain,title\n" + "".join(",".join(r) + "\n" for r in items))
+    seqs = {"u1": [101, 201, 102, 202], "u2": [103, 203, 101], "u3": [202, 102, 103]}
+    flat = [(u, i, k) for u, seq in seqs.items() for k, i in enumerate(seq)]
+    pq.write_table(
+        pa.table(
+            {
+                "user_id": [u for u, _, _ in flat],
+                "item_id": pa.array([float(i) for _, i, _ in flat], pa.float64()),
+                "domain": ["food" if i < 200 else "kitchen" for _, i, _ in flat],
+                "timestamp": [1_600_000_000 + 3600 * k for *_, k in flat],
+            }
+        ),
+        tmp_path / "inter.parquet",
+    )
+    summary = _ingest(interactions="inter.parquet")
+    assert (summary["interactions"], summary["quarantined"]) == (len(flat), 0)
+    assert {r["item_id"] for r in pq.read_table("ws/ingest/interactions.parquet").to_pylist()} == {
+        str(i) for _, i, _ in flat
+    }
+    (tmp_path / "inter.jsonl").write_text(
+        "".join(
+            json.dumps(
+                {
+                    "user_id": u,
+                    "item_id": float(i),
+                    "domain": "food" if i < 200 else "kitchen",
+                    "timestamp": 1_600_000_000 + 3600 * k,
+                }
+            )
+            + "\n"
+            for u, i, k in flat
+        )
+    )
+    assert _ingest(interactions="inter.jsonl", ws="ws2")["quarantined"] == 0
+    # The other direction: the catalogue lost the zeros (an int column), the interactions kept them.
+    pq.write_table(
+        pa.table(
+            {
+                "item_id": [i for i, _, _ in items],
+                "domain": [d for _, d, _ in items],
+                "title": [t for *_, t in items],
+            }
+        ).set_column(0, "item_id", pa.array([int(i) for i, _, _ in items], pa.int64())),
+        tmp_path / "items.parquet",
+    )
+    zeros = "user_id,item_id,domain,timestamp\n" + "".join(
+        f"{u},0{i},{'food' if i < 200 else 'kitchen'},{1_600_000_000 + 3600 * k}\n" for u, i, k in flat
+    )
+    (tmp_path / "zeros.csv").write_text(zeros)
+    with pytest.raises(
+        IngestError,
+        match=r"^zeros.csv: 10 of 10 interactions rows name 6 item ids .*'0101' for the catalogue's '101'",
+    ):
+        _ingest(items="items.parquet", interactions="zeros.csv", ws="ws3")

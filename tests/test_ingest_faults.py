@@ -146,6 +146,29 @@ def amazon2018_literal_meta(d: Path) -> IngestSettings:
     return IngestSettings(source="amazon2018", amazon=amazon, kcore={"enabled": False})
 
 
+def numeric_ids(zeros: bool, id_type: pa.DataType) -> Callable[[Path], IngestSettings]:
+    """The clean dataset with numeric-looking item ids (food 0101.., kitchen 201.. with `zeros`, else
+    101.., 201..), the interactions in Parquet with the ids in an `id_type` column (as pandas writes)."""
+    number = {i: (100 if d == "food" else 200) + int(i[1:]) for i, d, _ in ITEMS}
+    text = {i: (f"0{n}" if zeros and DOMAIN[i] == "food" else str(n)) for i, n in number.items()}
+
+    def build(d: Path) -> IngestSettings:
+        (d / "items.csv").write_text(_csv([(text[i], dom, t) for i, dom, t in ITEMS], "item_id,domain,title"))
+        rows = _interactions()
+        inter = pa.table(
+            {
+                "user_id": [r[0] for r in rows],
+                "item_id": pa.array([number[r[1]] for r in rows], pa.int64()).cast(id_type),
+                "domain": [r[2] for r in rows],
+                "timestamp": pa.array([int(r[3]) for r in rows], pa.int64()),
+            }
+        )
+        pq.write_table(inter, d / "interactions.parquet")
+        return IngestSettings(items=Path("items.csv"), interactions=Path("interactions.parquet"))
+
+    return build
+
+
 def replace_file(name: str, content: bytes) -> Callable[[Path], IngestSettings]:
     """The clean dataset with one file's bytes replaced (and renamed to `name`)."""
 
@@ -376,6 +399,7 @@ FAULTS = [
         {"invalid_unicode": 1},
     ),
     Fault("Parquet with list columns (and an unused one)", parquet_lists, check=_categories),
+    Fault("item ids in a Parquet float column (105.0 for '105')", numeric_ids(False, pa.float64())),
     Fault("Amazon 2018 meta as Python dict literals", amazon2018_literal_meta, check=_categories),
     Fault(
         "CSV without a header row",
@@ -398,6 +422,12 @@ FAULTS = [
         "interactions of another catalogue (most items unknown)",
         replace_file("interactions.csv", CLEAN_INTERACTIONS.replace(",F", ",G").encode()),
         error="interactions.csv: 11 of 21 interactions rows quarantined (unknown_item: 11)",
+    ),
+    Fault(
+        "item ids that lost their leading zeros (a Parquet int64 column; catalogue '0101')",
+        numeric_ids(True, pa.int64()),
+        error="interactions.parquet: 11 of 21 interactions rows name 5 item ids that are catalogue ids without "
+        "their leading zeros or with a '.0' ('101' for the catalogue's '0101'",
     ),
     Fault(
         "epoch seconds read with `timestamps.unit: ms`",

@@ -245,6 +245,7 @@ def _preprocess(
         """,
         {"ts_min": ts_min, "ts_max": ts_max} if raw.has_timestamp else None,
     )
+    _check_id_formats(con, raw)
     _check_files(con, raw, settings.max_quarantined_fraction)
 
     # ---- interactions: filters (each row removed is counted under its rule)
@@ -524,6 +525,48 @@ def _check_files(con: duckdb.DuckDBPyConnection, raw: RawSource, max_fraction: f
                 + (f": {hint}" if hint else "")
                 + f"; nothing written (the limit is ingest.max_quarantined_fraction = {max_fraction:g})"
             )
+
+
+# An id as a number would write it: without leading zeros and without a trailing ".0" (digits only).
+_NUMBER_FORM = """
+    CASE WHEN regexp_full_match({col}, '[0-9]+(\\.0+)?')
+         THEN coalesce(nullif(ltrim(regexp_replace({col}, '\\.0+$', ''), '0'), ''), '0') END"""
+
+
+def _check_id_formats(con: duckdb.DuckDBPyConnection, raw: RawSource) -> None:
+    """Stop when interactions name item ids that are catalogue ids once both are read as numbers
+    ('105' or '105.0' for '0105'): the ids lost their leading zeros or gained a '.0' on the way (an
+    integer or float column, a spreadsheet, CSV type sniffing), and the rows, or only some of them,
+    would otherwise be quarantined as unknown items while their items counted as new."""
+    rows = con.execute(
+        f"""
+        WITH unknown AS (
+            SELECT _file, item_id, {_NUMBER_FORM.format(col="item_id")} AS n
+            FROM inter_checked WHERE reason = 'unknown_item'),
+        catalogue AS (SELECT item_id, {_NUMBER_FORM.format(col="item_id")} AS n FROM items_valid)
+        SELECT u._file, count(*) AS n_rows, count(DISTINCT u.item_id) AS n_ids,
+               list(DISTINCT [u.item_id, c.item_id] ORDER BY [u.item_id, c.item_id])[:3] AS examples
+        FROM unknown u JOIN catalogue c ON u.n = c.n AND u.item_id <> c.item_id
+        GROUP BY u._file ORDER BY u._file
+        """
+    ).fetchall()
+    if not rows:
+        return
+    read = _read_by_file(raw)
+    parts = []
+    for file, n_rows, n_ids, examples in rows:
+        shown = ", ".join(f"{a!r} for the catalogue's {b!r}" for a, b in examples)
+        kind = raw.interactions.column_types.get("item_id")
+        stored = f"; {file} stores item_id as {kind}" if kind and kind != "VARCHAR" else ""
+        parts.append(
+            f"{file}: {n_rows} of {read.get(('interactions', file), 0)} interactions rows name {n_ids} item "
+            f"ids that are catalogue ids without their leading zeros or with a '.0' ({shown}{stored})"
+        )
+    raise IngestError(
+        "; ".join(parts) + ": the ids were read or written as numbers (an integer or float column, a "
+        "spreadsheet); write item ids as text in both files (pandas: astype(str) before saving, "
+        "dtype=str when reading) and ingest again; nothing written"
+    )
 
 
 def _check_domains(con: duckdb.DuckDBPyConnection) -> None:

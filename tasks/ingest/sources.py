@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from bridgerec.runtime.errors import InputError
+from bridgerec.runtime.logs import get_logger
 from bridgerec.tasks.ingest import csvlines
 from bridgerec.tasks.ingest.settings import IngestSettings
 
@@ -53,6 +54,8 @@ class RawTable:
     table: pa.Table
     # {file, record, reason, row, item_id}: item_id where the reader can tell it (a CSV catalogue row)
     rejects: list[dict] = field(default_factory=list)
+    # The id columns' types where the file has types (Parquet: e.g. {"item_id": "BIGINT"}), for messages.
+    column_types: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -155,12 +158,15 @@ def _read_tabular(path: Path, required: list[str], wanted: list[str] | None) -> 
             raw = _read_jsonl_flat(path, wanted)
             found = [c for c in raw.table.column_names if not c.startswith("_")]
         elif name.endswith(".parquet"):
-            found = _parquet_columns(path)
+            types = _parquet_schema(path)
+            found = list(types)
             keys = [c for c in found if wanted is None or c in wanted]
             missing = [c for c in required if c not in found]
             if missing:
                 raise SourceError(f"{path}: missing required column(s) {missing}; found {found}")
             raw = _json_fields(_parquet_lines(path, keys), path, _generic_fields(keys), set(keys))
+            raw.column_types = {k: types[k] for k in ID_COLUMNS if k in types}
+            _note_numeric_ids(path, raw.column_types)
         else:
             raise SourceError(
                 f"{path}: unknown format (expected .csv, .csv.gz, .jsonl, .jsonl.gz or .parquet)"
@@ -253,9 +259,15 @@ def _any_line_break(table: pa.Table, columns: list[str]) -> pa.ChunkedArray:
 
 def _parquet_columns(path: Path) -> list[str]:
     """The top-level column names of a Parquet file (its schema only)."""
+    return list(_parquet_schema(path))
+
+
+def _parquet_schema(path: Path) -> dict[str, str]:
+    """The top-level columns of a Parquet file and their DuckDB types (its schema only)."""
     con = duckdb.connect()
     try:
-        return [r[0] for r in con.execute("DESCRIBE SELECT * FROM read_parquet(?)", [str(path)]).fetchall()]
+        described = con.execute("DESCRIBE SELECT * FROM read_parquet(?)", [str(path)]).fetchall()
+        return {str(r[0]): str(r[1]) for r in described}
     except duckdb.Error as exc:
         first = str(exc).strip().splitlines()[0]
         raise SourceError(f"{path}: not a readable Parquet file ({first})") from None
@@ -442,12 +454,46 @@ def _json_fields(lines: pa.Table, path: Path, fields: dict[str, str], used_keys:
     return RawTable(table, rejects)
 
 
+def _note_numeric_ids(path: Path, types: dict[str, str]) -> None:
+    """Log an id column stored as numbers: ids that had leading zeros lost them when they were written
+    (preprocess names them when the catalogue still has them); float ids are read as integers."""
+    for column, kind in types.items():
+        if kind in _FLOAT_TYPES:
+            get_logger().warning(
+                "ingest: %s stores %s as %s: integral values are read as integers (105.0 -> '105'); "
+                "ids are safer written as text",
+                path, column, kind,
+            )  # fmt: skip
+        elif kind != "VARCHAR":
+            get_logger().info("ingest: %s stores %s as %s (read as text)", path, column, kind)
+
+
+ID_COLUMNS = ("user_id", "item_id")
+_FLOAT_TYPES = {"FLOAT", "DOUBLE", "REAL"}
+_MAX_EXACT_FLOAT_ID = 2**53  # integers above it are not all exact in a float64
+
+
+def _id_text(key: str) -> str:
+    """An id as text: a JSON number that is an integral float (105.0, what a float column or pandas'
+    NaN-promoted int column writes) as the integer it stands for ('105'); anything else as written."""
+    path = _sql_string(_json_path(key))
+    value = f"TRY_CAST(json_extract(j, {path}) AS DOUBLE)"
+    return (
+        f"CASE WHEN json_type(j, {path}) = 'DOUBLE' AND {value} = round({value}) "
+        f"AND abs({value}) < {_MAX_EXACT_FLOAT_ID} THEN CAST(CAST({value} AS BIGINT) AS VARCHAR) "
+        f"ELSE json_extract_string(j, {path}) END"
+    )
+
+
 def _generic_fields(keys: list[str]) -> dict[str, str]:
-    """Field expressions of a generic JSON object: each key as text; `categories` and `description`
-    lists joined as the Amazon readers join them, other nested values kept as JSON text."""
+    """Field expressions of a generic JSON object: each key as text (ids: `_id_text`); `categories`
+    and `description` lists joined as the Amazon readers join them, other nested values kept as JSON
+    text."""
     out = {}
     for k in keys:
-        if k == "categories":
+        if k in ID_COLUMNS:
+            out[k] = _id_text(k)
+        elif k == "categories":
             out[k] = _list_text(k, " > ")
         elif k == "description":
             out[k] = _list_text(k, " ")
