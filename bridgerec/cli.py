@@ -17,6 +17,7 @@ from bridgerec.config import ConfigError, Settings, load_settings
 from bridgerec.runtime import progress
 from bridgerec.runtime.errors import EXIT_FAILURE, EXIT_INPUT, InputError, input_error_in
 from bridgerec.runtime.logs import hide_input_error_tracebacks
+from bridgerec.runtime.terminal import printable, shown
 
 if TYPE_CHECKING:
     from bridgerec.tasks.enrich import EnrichSummary
@@ -56,7 +57,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on 
 
 
 def _fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    """One `error:` line on stderr (control characters from the data shown as escapes), then exit."""
+    typer.secho(f"error: {printable(message)}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
 
@@ -297,7 +299,6 @@ def train(
 
 def _render_train(s: TrainSummary) -> None:
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
@@ -309,11 +310,11 @@ def _render_train(s: TrainSummary) -> None:
     if s.init == "warm":
         start = s.init_valid_ndcg10
         console.print(
-            f"warm start from {escape(str(s.warm_start_from))}"
+            f"warm start from {shown(str(s.warm_start_from))}"
             + (f" (validation NDCG@10 {start:.4f} before training)" if start is not None else "")
         )
     elif s.cold_start_reason:
-        console.print(f"cold start: {escape(s.cold_start_reason)}")
+        console.print(f"cold start: {shown(s.cold_start_reason)}")
     t = Table("test", "HR@10", "NDCG@10", "full HR@10", "full NDCG@10")
     full = s.test.get("full", {})
     for group, m in s.test.items():
@@ -471,23 +472,21 @@ def recs(
 
 def _render_recs(r: dict) -> None:
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
-    # Ids, titles and profiles are data, not rich markup: escape their brackets.
-    console.print(f"[bold]user {escape(r['user_id'])}[/]  run {r['run_id']} ({r['model']})")
-    console.print(f"[italic]profile:[/] {escape(r['profile'] or '(none)')}")
+    # Ids, titles and profiles are data, neither rich markup nor terminal commands: `shown` escapes
+    # their brackets and any control character left in them (runtime/terminal.py).
+    console.print(f"[bold]user {shown(r['user_id'])}[/]  run {shown(r['run_id'])} ({shown(r['model'])})")
+    console.print(f"[italic]profile:[/] {shown(r['profile'], '(none)')}")
     for interest in r.get("interests") or []:
-        console.print(f"  - {escape(interest)}")
+        console.print(f"  - {shown(interest)}")
     for domain, rows in r["recommendations"].items():
         t = Table(title=domain, title_justify="left")
         for col in ("rank", "item_id", "title", "score"):
             t.add_column(col, justify="right" if col in ("rank", "score") else "left")
         for row in rows:
-            t.add_row(
-                str(row["rank"]), escape(row["item_id"]), escape(row["title"] or ""), f"{row['score']:.4f}"
-            )
+            t.add_row(str(row["rank"]), shown(row["item_id"]), shown(row["title"]), f"{row['score']:.4f}")
         console.print(t)
 
 
@@ -514,21 +513,20 @@ def _render_runs(result: dict) -> None:
     from datetime import UTC
 
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
-    t = Table(title=f"runs in {result['warehouse']}", title_justify="left")
+    t = Table(title=f"runs in {shown(str(result['warehouse']))}", title_justify="left")
     for col in ("run_id", "kind", "status", "gate", "model", "finished (UTC)", "users", "rows", "retained"):
         t.add_column(col)
     for r in result["runs"]:
         finished = r["finished_at"].astimezone(UTC).strftime("%Y-%m-%d %H:%M") if r["finished_at"] else ""
         t.add_row(
-            escape(r["run_id"]),
+            shown(r["run_id"]),
             r.get("kind") or "publish",
             r["status"],
             r.get("gate") or "",
-            escape(r["model"] or ""),
+            shown(r["model"]),
             finished,
             f"{r['n_users']:,}" if r["n_users"] is not None else "",
             f"{r['n_recommendations']:,}" if r["n_recommendations"] is not None else "",
@@ -537,10 +535,10 @@ def _render_runs(result: dict) -> None:
     console.print(t)
     for r in result["runs"]:
         if r["message"]:
-            console.print(f"{escape(r['run_id'])} {r['status']}: {escape(r['message'])}", soft_wrap=True)
+            console.print(f"{shown(r['run_id'])} {r['status']}: {shown(r['message'])}", soft_wrap=True)
         elif r.get("gate_message"):
             console.print(
-                f"{escape(r['run_id'])} gate {r['gate']}: {escape(r['gate_message'])}", soft_wrap=True
+                f"{shown(r['run_id'])} gate {r['gate']}: {shown(r['gate_message'])}", soft_wrap=True
             )
 
 

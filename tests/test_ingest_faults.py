@@ -358,6 +358,14 @@ FAULTS = [
         ),
         check=_title("F6"),
     ),
+    Fault(
+        "terminal escapes and control characters in a title (colour, window title, NUL, backspace)",
+        generic(
+            items_extra='F6,food,"\x1b]0;owned\x07\x1b[31mRye\x1b[0m bread\x00\x08\x08 1 kg"\n',
+            inter_extra=f"u01,F6,food,{NEW}\n",
+        ),
+        check=_title("F6"),
+    ),
     Fault("title that is only markup", generic(items_extra='F6,food,"<p><br></p>"\n'), {"empty_title": 1}),
     Fault(
         "interactions of a quarantined catalogue row",
