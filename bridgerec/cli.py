@@ -17,6 +17,7 @@ from bridgerec.config import ConfigError, Settings, load_settings
 from bridgerec.runtime import progress
 from bridgerec.runtime.errors import EXIT_FAILURE, EXIT_INPUT, InputError, input_error_in
 from bridgerec.runtime.logs import hide_input_error_tracebacks
+from bridgerec.runtime.prefect_api import PrefectUnreachable, check_api, unreachable_in
 from bridgerec.runtime.terminal import printable, shown
 
 if TYPE_CHECKING:
@@ -89,12 +90,25 @@ def _run_stage(
     from bridgerec.flows.stage import run_stage
 
     hide_input_error_tracebacks()
+    _require_prefect_api()
     progress.set_enabled(not as_json)
     try:
         summary = run_stage(name, settings, force=force, **options)
     except (InputError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
+    except RuntimeError as exc:  # the API server went away during the run
+        if (gone := unreachable_in(exc)) is None:
+            raise
+        _fail(str(gone))
     _emit(summary, as_json, render)
+
+
+def _require_prefect_api() -> None:
+    """One `error:` line, exit 2, when PREFECT_API_URL names a server that does not answer."""
+    try:
+        check_api()
+    except PrefectUnreachable as exc:
+        _fail(str(exc))
 
 
 def _parse_domain_paths(values: list[str] | None, option: str) -> dict[str, Path]:
@@ -396,18 +410,19 @@ def run(
     hide_input_error_tracebacks()
 
     settings = _settings(config, workspace=workspace)  # validate early, with readable errors
+    _require_prefect_api()
     progress.set_enabled(not as_json)
     overrides = {"workspace": str(settings.workspace)} if workspace else None
     try:
         result = nightly_flow(str(config) if config else None, overrides)
     except NightFailed as exc:  # a refused or failed night still gets its morning read
         _emit(exc.summary, as_json, lambda r: typer.echo(summary_markdown(r)))
-        cause = input_error_in(exc)
+        cause = input_error_in(exc) or unreachable_in(exc)
         if cause is not None:  # bad input, config or contract: the same line and code as the stage's
             _fail(str(cause))
         _fail(f"nightly run failed: {exc}", code=EXIT_FAILURE)
     except Exception as exc:  # the flow logged the details; give the user the one line that matters
-        cause = input_error_in(exc)
+        cause = input_error_in(exc) or unreachable_in(exc)
         if cause is not None:  # bad input, config or contract: the same line and code as the stage's
             _fail(str(cause))
         _fail(f"nightly run failed: {exc}", code=EXIT_FAILURE)
