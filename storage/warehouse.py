@@ -241,6 +241,39 @@ class WarehouseError(InputError):
     message says why and what to do."""
 
 
+class WarehouseDamaged(WarehouseError):
+    """The warehouse file is damaged (a full disk, a bad sector, a copy cut short): DuckDB finds blocks
+    that fail their checksum or metadata it cannot read. Readers and publish refuse it, changing nothing;
+    the message says how to replace it."""
+
+
+# What DuckDB says about a damaged file: checksums that do not match (data or metadata blocks), a file
+# shorter than its metadata says, metadata it cannot follow, a header that is not a database's.
+_DAMAGE = re.compile(
+    r"Corrupt database file|checksum|Could not read enough bytes|MetadataReader|metadata pointer|"
+    r"not a valid DuckDB database|database file .* is (?:corrupt|truncated)",
+    re.IGNORECASE,
+)
+
+
+def is_damage(exc: BaseException) -> bool:
+    """Whether a DuckDB error says the database file itself is damaged."""
+    return isinstance(exc, duckdb.Error) and _DAMAGE.search(str(exc)) is not None
+
+
+def damaged(path: Path | str, exc: BaseException) -> WarehouseDamaged:
+    """The error for a damaged warehouse file: what DuckDB found, and the way back. bridgerec keeps no
+    earlier copy of the file (each change swaps a new file in and the old one is gone), so the remedy is
+    a new warehouse written from the workspace, or the user's own backup."""
+    return WarehouseDamaged(
+        f"warehouse {path} is damaged ({_first_line(exc)}); it was left as it was. Move it aside "
+        f"(`mv {path} {path}.damaged`) and run `bridgerec publish --force` with the config that built it: "
+        "that writes a new warehouse with the best trained run of the workspace (earlier runs too with "
+        "`--run-id RUN` while WORKSPACE/runs/RUN exists; the nights' history is only in the damaged file). "
+        "Or restore the file from a backup: bridgerec keeps no earlier copy (each publish replaces it)"
+    )
+
+
 def schema_version(con: duckdb.DuckDBPyConnection) -> int:
     """The highest migration applied; 0 for an empty database."""
     has = con.execute(
@@ -322,7 +355,39 @@ def connect_reader(path: Path | str) -> duckdb.DuckDBPyConnection:
     except duckdb.Error as exc:
         if is_lock_conflict(exc):
             raise held_read_write(path, exc, "it cannot be read until that session ends") from None
+        if is_damage(exc):
+            raise damaged(path, exc) from None
         raise WarehouseError(f"warehouse {path} cannot be opened: {_first_line(exc)}") from None
+
+
+@contextlib.contextmanager
+def reading(path: Path | str) -> Iterator[duckdb.DuckDBPyConnection]:
+    """`connect_reader`, closed after the block; a damaged block met by a query in it raises
+    WarehouseDamaged naming the file (a file whose metadata opens can still hold damaged data)."""
+    con = connect_reader(path)
+    try:
+        yield con
+    except duckdb.Error as exc:
+        if is_damage(exc):
+            raise damaged(path, exc) from None
+        raise
+    finally:
+        con.close()
+
+
+def verify_readable(path: Path | str) -> None:
+    """Read every block of the live warehouse once (every column of every table: DuckDB checks each
+    block's checksum as it reads it); WarehouseDamaged when one fails. Publish calls it before any work,
+    so a damaged file is refused before anything is built or written."""
+    path = Path(path)
+    if not path.exists():
+        return
+    with reading(path) as con:
+        tables = con.execute(
+            "SELECT schema_name, table_name FROM duckdb_tables() WHERE database_name = current_database()"
+        ).fetchall()
+        for schema, table in tables:
+            con.execute(f'SELECT count(hash(t)) FROM "{schema}"."{table}" t').fetchall()
 
 
 def _check_no_foreign_writer(path: Path) -> None:
@@ -334,6 +399,8 @@ def _check_no_foreign_writer(path: Path) -> None:
     except duckdb.Error as exc:
         if is_lock_conflict(exc):
             raise held_read_write(path, exc, "it was left as it was (nothing published, no swap)") from None
+        if is_damage(exc):
+            raise damaged(path, exc) from None
         raise WarehouseError(f"warehouse {path} cannot be opened: {_first_line(exc)}") from None
 
 
@@ -494,6 +561,10 @@ def rewrite(
             os.replace(tmp, path)
             _fsync(path.parent)
             timings.swap_s = time.perf_counter() - t0
+        except duckdb.Error as exc:  # the copy of a damaged live file fails where its blocks do
+            if is_damage(exc):
+                raise damaged(path, exc) from None
+            raise
         finally:
             if con is not None:
                 con.close()
@@ -866,13 +937,11 @@ def published_run(path: Path | str) -> dict[str, Any] | None:
     path = Path(path)
     if not path.is_file():
         return None
-    con = connect_reader(path)
-    try:
-        return latest_run(con)
-    except duckdb.CatalogException:
-        return None
-    finally:
-        con.close()
+    with reading(path) as con:
+        try:
+            return latest_run(con)
+        except duckdb.CatalogException:
+            return None
 
 
 # ---- reading ---------------------------------------------------------------------------------------------
@@ -886,8 +955,7 @@ def _rows(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = N
 
 def list_runs(path: Path | str, limit: int | None = None) -> list[dict[str, Any]]:
     """The runs table, newest first (completed runs by publish order, then the others by start)."""
-    con = connect_reader(path)
-    try:
+    with reading(path) as con:
         kind = (
             "kind, flow_run_id, published_run_id, gate, gate_message, valid_ndcg10, "
             if _has_nights(con)
@@ -902,8 +970,6 @@ def list_runs(path: Path | str, limit: int | None = None) -> list[dict[str, Any]
         if limit is not None:
             sql += " LIMIT ?"
         return _rows(con, sql, [limit] if limit is not None else [])
-    finally:
-        con.close()
 
 
 def _has_nights(con: duckdb.DuckDBPyConnection) -> bool:
@@ -920,8 +986,7 @@ def user_recommendations(
     path: Path | str, user_id: str, domain: str | None = None, run_id: str | None = None
 ) -> dict[str, Any]:
     """A user's top-k per domain (with item titles) and profile, from the latest run or `run_id`."""
-    con = connect_reader(path)
-    try:
+    with reading(path) as con:
         if run_id is None:
             run = latest_run(con)
             if run is None:
@@ -971,5 +1036,3 @@ def user_recommendations(
             "interests": (profile[0][1] or []) if profile else [],
             "recommendations": by_domain,
         }
-    finally:
-        con.close()

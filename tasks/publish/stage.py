@@ -206,18 +206,16 @@ def check_vectors_match_ingest(
 def _already_published(warehouse: Path, run_id: str, ihash: str, index_dir: Path) -> dict[str, Any] | None:
     if not warehouse.exists():
         return None
-    con = wh.connect_reader(warehouse)
-    try:
-        cur = con.execute(
-            "SELECT run_id, model, train_run_id, n_users, k, n_recommendations FROM runs WHERE run_id = ? "
-            "AND status = 'completed' AND purged_at IS NULL AND inputs_hash = ?",
-            [run_id, ihash],
-        )
-        rows = cur.fetchall()
-    except duckdb.CatalogException:  # an empty or foreign file: publish will migrate it
-        return None
-    finally:
-        con.close()
+    with wh.reading(warehouse) as con:
+        try:
+            cur = con.execute(
+                "SELECT run_id, model, train_run_id, n_users, k, n_recommendations FROM runs WHERE run_id = ? "
+                "AND status = 'completed' AND purged_at IS NULL AND inputs_hash = ?",
+                [run_id, ihash],
+            )
+            rows = cur.fetchall()
+        except duckdb.CatalogException:  # an empty or foreign file: publish will migrate it
+            return None
     if not rows or not (index_dir / run_id / "manifest.json").exists():
         return None
     r = rows[0]
@@ -322,6 +320,7 @@ def run_publish(
     if run_id is None:
         run_id = trained.run_id if trained else f"publish-{started_at:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     check_run_id(run_id)
+    wh.verify_readable(warehouse)  # a damaged warehouse is refused before any index or row is built
     ingest = IngestOutputs(workspace)
     try:
         stats = ingest.manifest().stats
