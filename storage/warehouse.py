@@ -382,6 +382,7 @@ def verify_readable(path: Path | str) -> None:
     path = Path(path)
     if not path.exists():
         return
+    _check_no_foreign_writer(path)  # a session holding it read-write: the publish's own message
     with reading(path) as con:
         tables = con.execute(
             "SELECT schema_name, table_name FROM duckdb_tables() WHERE database_name = current_database()"
