@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -66,7 +66,7 @@ class FitState:
     best_valid: float = -math.inf
     bad_epochs: int = 0
     elapsed_s: float = 0.0
-    history: list[dict] = field(default_factory=list)  # one row per epoch
+    history: list[dict[str, Any]] = field(default_factory=list)  # one row per epoch
 
 
 @dataclass
@@ -160,7 +160,7 @@ def fit(
     device: torch.device,
     profiles: Profiles | None = None,
     state: FitState | None = None,
-    optimizer_state: dict | None = None,
+    optimizer_state: list[dict[str, Any]] | None = None,
     on_epoch: Callable[[Recommender, Optimizer, FitState, bool], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> FitState:
@@ -181,7 +181,7 @@ def fit(
             started = time.perf_counter()
             running = {"sum": 0.0, "n": 0}
 
-            def on_batch(loss: float, epoch: int = epoch, running: dict = running) -> None:
+            def on_batch(loss: float, epoch: int = epoch, running: dict[str, float] = running) -> None:
                 running["sum"] += loss
                 running["n"] += 1
                 advance(bar, 1, f"train {model.name} epoch {epoch} loss {running['sum'] / running['n']:.4f}")

@@ -75,17 +75,19 @@ def build_index(item_vectors: np.ndarray, settings: IndexSettings) -> faiss.Inde
     x = np.ascontiguousarray(item_vectors, dtype=np.float32)
     n, d = x.shape
     if settings.kind == "flat":
-        index = faiss.IndexFlatIP(d)
+        index: faiss.Index = faiss.IndexFlatIP(d)
     elif settings.kind == "ivf":
         # k-means wants ~39 training points per centroid; small catalogues get fewer cells.
         nlist = max(1, min(settings.ivf_nlist, n // 39))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(x)
-        index.nprobe = min(settings.ivf_nprobe, nlist)
+        ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        ivf.train(x)
+        ivf.nprobe = min(settings.ivf_nprobe, nlist)
+        index = ivf
     elif settings.kind == "hnsw":
-        index = faiss.IndexHNSWFlat(d, settings.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = settings.hnsw_ef_construction
-        index.hnsw.efSearch = settings.hnsw_ef_search
+        hnsw = faiss.IndexHNSWFlat(d, settings.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = settings.hnsw_ef_construction
+        hnsw.hnsw.efSearch = settings.hnsw_ef_search
+        index = hnsw
     else:  # pragma: no cover - pydantic restricts the values
         raise ValueError(f"unknown index kind {settings.kind!r}")
     index.add(x)
@@ -251,7 +253,8 @@ class IndexStore:
         path = self.run_dir(run_id) / "manifest.json"
         if not path.exists():
             raise FileNotFoundError(f"no saved index for run {run_id!r} under {self.root}")
-        return json.loads(path.read_text())
+        manifest: dict[str, Any] = json.loads(path.read_text())
+        return manifest
 
     def load(self, run_id: str, domain: str, mmap: bool = False) -> LoadedIndex:
         meta = self.manifest(run_id)
