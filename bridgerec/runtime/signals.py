@@ -85,11 +85,11 @@ def process_alive(host: str | None, pid: int | None, started_at: datetime | None
         process = psutil.Process(pid)
         if process.status() == psutil.STATUS_ZOMBIE:
             return False
-        created = process.create_time()
+        created = float(process.create_time())
     except psutil.NoSuchProcess:
         return False
     except psutil.Error:
         return None
     if started_at is None:
         return True
-    return abs(created - started_at.timestamp()) < 1.0
+    return bool(abs(created - started_at.timestamp()) < 1.0)
