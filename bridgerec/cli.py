@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -18,6 +20,7 @@ from bridgerec.runtime import progress
 from bridgerec.runtime.errors import EXIT_FAILURE, EXIT_INPUT, InputError, input_error_in
 from bridgerec.runtime.logs import hide_input_error_tracebacks
 from bridgerec.runtime.prefect_api import PrefectUnreachable, check_api, unreachable_in
+from bridgerec.runtime.signals import stop_on_signals, stop_signal
 from bridgerec.runtime.terminal import printable, shown
 
 if TYPE_CHECKING:
@@ -92,15 +95,32 @@ def _run_stage(
     hide_input_error_tracebacks()
     _require_prefect_api()
     progress.set_enabled(not as_json)
-    try:
-        summary = run_stage(name, settings, force=force, **options)
-    except (InputError, FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
-    except RuntimeError as exc:  # the API server went away during the run
-        if (gone := unreachable_in(exc)) is None:
-            raise
-        _fail(str(gone))
+    stopped = f"bridgerec {name} stopped by {{signal}}; what it finished is kept and a rerun resumes from it"
+    with _stoppable(lambda signum, _: stopped.format(signal=signum.name)):
+        try:
+            summary = run_stage(name, settings, force=force, **options)
+        except (InputError, FileNotFoundError, ValueError) as exc:
+            _fail(str(exc))
+        except RuntimeError as exc:  # the API server went away during the run
+            if (gone := unreachable_in(exc)) is None:
+                raise
+            _fail(str(gone))
     _emit(summary, as_json, render)
+
+
+@contextlib.contextmanager
+def _stoppable(message: Callable[[signal.Signals, BaseException], str]) -> Iterator[None]:
+    """SIGTERM and SIGINT end the block as an error (runtime/signals.py): one `error:` line,
+    `message(signal, exception)`, and the exit status 128 + the signal's number; the interpreter then
+    exits normally, so Prefect's temporary API server stops with the command."""
+    with stop_on_signals():
+        try:
+            yield
+        except BaseException as exc:
+            signum = stop_signal(exc)
+            if signum is None or isinstance(exc, typer.Exit):
+                raise
+            _fail(message(signum, exc), code=128 + signum)
 
 
 def _require_prefect_api() -> None:
@@ -413,20 +433,43 @@ def run(
     _require_prefect_api()
     progress.set_enabled(not as_json)
     overrides = {"workspace": str(settings.workspace)} if workspace else None
-    try:
-        result = nightly_flow(str(config) if config else None, overrides)
-    except NightFailed as exc:  # a refused or failed night still gets its morning read
-        _emit(exc.summary, as_json, lambda r: typer.echo(summary_markdown(r)))
-        cause = input_error_in(exc) or unreachable_in(exc)
-        if cause is not None:  # bad input, config or contract: the same line and code as the stage's
-            _fail(str(cause))
-        _fail(f"nightly run failed: {exc}", code=EXIT_FAILURE)
-    except Exception as exc:  # the flow logged the details; give the user the one line that matters
-        cause = input_error_in(exc) or unreachable_in(exc)
-        if cause is not None:  # bad input, config or contract: the same line and code as the stage's
-            _fail(str(cause))
-        _fail(f"nightly run failed: {exc}", code=EXIT_FAILURE)
+
+    def stopped(signum: signal.Signals, exc: BaseException) -> str:
+        night = _night_summary(exc)
+        if night is None:
+            return f"bridgerec run stopped by {signum.name} before the night was recorded; nothing changed"
+        _emit(night, as_json, lambda r: typer.echo(summary_markdown(r)))
+        return (
+            f"bridgerec run stopped by {signum.name} during stage {night.failed_stage}: night {night.night_id} "
+            f"is recorded 'failed' in {night.warehouse}; `bridgerec run` again resumes from the stages it finished"
+        )
+
+    with _stoppable(stopped):
+        try:
+            result = nightly_flow(str(config) if config else None, overrides)
+        except NightFailed as exc:  # a refused or failed night still gets its morning read
+            _emit(exc.summary, as_json, lambda r: typer.echo(summary_markdown(r)))
+            cause = input_error_in(exc) or unreachable_in(exc)
+            if cause is not None:  # bad input, config or contract: the same line and code as the stage's
+                _fail(str(cause))
+            _fail(f"nightly run failed: {exc}", code=EXIT_FAILURE)
+        except Exception as exc:  # the flow logged the details; give the user the one line that matters
+            cause = input_error_in(exc) or unreachable_in(exc)
+            if cause is not None:  # bad input, config or contract: the same line and code as the stage's
+                _fail(str(cause))
+            _fail(f"nightly run failed: {exc}", code=EXIT_FAILURE)
     _emit(result, as_json, lambda r: typer.echo(summary_markdown(r)))
+
+
+def _night_summary(exc: BaseException | None) -> Any:
+    """The night's summary a stop signal carries (`Night.failing_on_error`), along its chain."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if (night := getattr(exc, "night_summary", None)) is not None:
+            return night
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 @app.command("deploy-check")

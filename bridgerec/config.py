@@ -34,6 +34,25 @@ ENV_PREFIX = "BRIDGEREC_"
 CONFIG_ENV = "BRIDGEREC_CONFIG"
 
 
+class StageTimeouts(BaseModel):
+    """Each stage's time budget in seconds (Prefect's `timeout_seconds` on the stage's flow run); past it
+    the stage fails (StageOverBudget) and the night with it. None: no budget. Far above what a healthy
+    stage takes on the data it was sized for: a ceiling against a hang, not a schedule."""
+
+    model_config = ConfigDict(extra="forbid")
+    ingest: float | None = Field(default=2 * 3600.0, gt=0, description="Budget of the ingest stage (s).")
+    enrich: float | None = Field(
+        default=24 * 3600.0, gt=0, description="Budget of the enrich stage (s): embeddings and LLM profiles."
+    )
+    train: float | None = Field(
+        default=24 * 3600.0,
+        gt=0,
+        description="Budget of the train stage (s); train.time_budget_s stops training itself earlier, at an "
+        "epoch boundary, keeping the best epoch.",
+    )
+    publish: float | None = Field(default=2 * 3600.0, gt=0, description="Budget of the publish stage (s).")
+
+
 class RuntimeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     threads: int = Field(default=0, ge=0, description="CPU threads for DuckDB/torch/FAISS; 0 = all cores.")
@@ -47,6 +66,13 @@ class RuntimeSettings(BaseModel):
     log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
     stage_retries: int = Field(default=1, ge=0, description="Retries of a failed stage in the nightly flow.")
     retry_delay_seconds: float = Field(default=30.0, ge=0, description="Wait before retrying a stage.")
+    stage_timeout_seconds: StageTimeouts = Field(default_factory=StageTimeouts)
+    stall_seconds: float | None = Field(
+        default=1800.0,
+        gt=0,
+        description="A stage whose progress (batches, shards, steps) does not move for this long fails with "
+        "a message naming where it is stuck, instead of running on (runtime/watchdog.py); None = off.",
+    )
 
     def resolved_threads(self) -> int:
         return self.threads or os.cpu_count() or 1

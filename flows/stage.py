@@ -17,10 +17,12 @@ from typing import Any, TypeVar
 from prefect import Flow, Task, flow, task, unmapped
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.flow_engine import FlowRunTimeoutError  # (a TimeoutError: what a flow past its timeout raises)
 from prefect.task_runners import ProcessPoolTaskRunner
 
 from bridgerec.config import RuntimeSettings, Settings
 from bridgerec.runtime.runner import Runner, step_of
+from bridgerec.runtime.watchdog import StageOverBudget, Watchdog
 from bridgerec.stages import STAGE, Stage, Summary
 from bridgerec.tasks import StageRun
 
@@ -68,28 +70,35 @@ def report(summary: Summary) -> None:
 
 
 def flow_for(stage: Stage[Any, Any], runtime: RuntimeSettings | None = None) -> Flow[..., Any]:
-    """The Prefect flow of `stage`, its shards placed by `runtime` (default: local)."""
+    """The Prefect flow of `stage`, its shards placed by `runtime` (default: local), its time budget
+    (`runtime.stage_timeout_seconds`) and stall watchdog (`runtime.stall_seconds`) from `runtime`."""
     runtime = runtime or RuntimeSettings()
-    return _flow(stage, runtime.runner, runtime.workers)
+    budget = getattr(runtime.stage_timeout_seconds, stage.name, None)
+    return _flow(stage, runtime.runner, runtime.workers, budget, runtime.stall_seconds)
 
 
 @functools.cache
-def _flow(stage: Stage[Any, Any], runner: str, workers: int) -> Flow[..., Any]:
+def _flow(
+    stage: Stage[Any, Any], runner: str, workers: int, budget_s: float | None, stall_s: float | None
+) -> Flow[..., Any]:
     concurrent = runner == "processes"
 
     def run_stage(run: StageRun[Any], options: dict[str, Any] | None = None) -> Any:
         run = replace(run, runner=TaskRuns(concurrent))
-        if stage.check is not None:
-            run.runner.call(stage.check, run)
-        if stage.sharded:  # its steps are the task runs
-            summary = stage.run(run, **(options or {}))
-        else:
-            summary = run.runner.call(stage.run, run, **(options or {}))
+        with Watchdog(stage.name, stall_s):
+            if stage.check is not None:
+                run.runner.call(stage.check, run)
+            if stage.sharded:  # its steps are the task runs
+                summary = stage.run(run, **(options or {}))
+            else:
+                summary = run.runner.call(stage.run, run, **(options or {}))
         report(summary)
         return summary
 
     run_stage.__doc__ = f"The {stage.name} stage: {stage.about}."
-    fl: Flow[..., Any] = flow(name=stage.name, log_prints=False, validate_parameters=False)(run_stage)
+    fl: Flow[..., Any] = flow(
+        name=stage.name, log_prints=False, validate_parameters=False, timeout_seconds=budget_s
+    )(run_stage)
     if concurrent:
         fl = fl.with_options(task_runner=ProcessPoolTaskRunner(max_workers=workers))  # type: ignore[arg-type]
     return fl
@@ -99,4 +108,12 @@ def run_stage(name: str, settings: Settings, *, force: bool = False, **options: 
     """Run stage `name` as its flow with the settings tree's section; returns its typed summary.
     `options` go to the stage's run function (publish: `run_id`)."""
     stage = STAGE[name]
-    return flow_for(stage, settings.runtime)(stage.stage_run(settings, force=force), options or None)
+    try:
+        return flow_for(stage, settings.runtime)(stage.stage_run(settings, force=force), options or None)
+    except FlowRunTimeoutError:
+        budget = getattr(settings.runtime.stage_timeout_seconds, name)
+        raise StageOverBudget(
+            f"stage {name} ran past its time budget of {budget:g} s (runtime.stage_timeout_seconds.{name}) "
+            "and was stopped; what it finished is kept (a rerun resumes): raise the budget if the data grew, "
+            "else look at the stage's progress in its log for where it slowed"
+        ) from None

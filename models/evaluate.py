@@ -61,7 +61,7 @@ def evaluate(
             u = model.user_vectors(split.inputs[chunk].to(device), d)  # [B, D]
             cand = split.candidates[chunk].to(device)  # [B, 1 + n]
             scores = (items[cand] * u.unsqueeze(1)).sum(-1)  # [B, 1 + n]
-            broken = ~torch.isfinite(scores).all(1)  # [B]
+            broken = ~(torch.isfinite(scores) | (cand == 0)).all(1)  # [B] (padding columns aside)
             scores = scores.masked_fill(cand == 0, -torch.inf)  # fewer unseen items than n (padding)
             sampled[chunk.numpy()] = as_numpy(rank_sampled(scores))
             if full_ranks is not None and top is not None:

@@ -134,15 +134,15 @@ def train_epoch(
             batch.profile = profiles.vectors[users].to(device)
             batch.has_profile = profiles.has[users].to(device)
         loss, parts = model.loss(batch)
-        if not torch.isfinite(loss.detach()):
+        value = float(loss.detach())
+        if not math.isfinite(value):  # before the step: the weights stay those of the last good batch
             raise TrainingDiverged(
-                f"{model.name} diverged in epoch {epoch}: the training loss is {float(loss.detach())} at batch "
-                f"{n + 1}; lower train.lr (now {cfg.lr:g}) or check the inputs"
+                f"{model.name} diverged in epoch {epoch}: the training loss is {value} at batch {n + 1}; "
+                f"lower train.lr (now {cfg.lr:g}) or check the inputs"
             )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        value = float(loss.detach())
         totals["loss"] = totals.get("loss", 0.0) + value
         for k, v in parts.items():
             totals[k] = totals.get(k, 0.0) + v

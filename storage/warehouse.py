@@ -230,10 +230,61 @@ MIGRATIONS: tuple[Migration, ...] = (
             FROM runs WHERE kind = 'night';
         """,
     ),
+    Migration(
+        5,
+        "crashed nights",
+        """
+        -- A night found 'running' by a later night whose process is gone (killed with SIGKILL, a lost
+        -- machine) is marked 'crashed' by that later night; a night stopped by SIGTERM or SIGINT records
+        -- itself 'failed', naming the signal. `host`, `pid` and `process_started_at` name the process
+        -- that ran the night, so a later night can tell whether it is still alive. DuckDB cannot change a
+        -- CHECK constraint in place: the table is rebuilt (the views read it by name).
+        CREATE TABLE runs_v5 (
+            run_id            VARCHAR PRIMARY KEY,
+            seq               BIGINT,
+            status            VARCHAR NOT NULL CHECK (status IN ('running', 'completed', 'failed', 'crashed')),
+            started_at        TIMESTAMPTZ NOT NULL,
+            finished_at       TIMESTAMPTZ,
+            model             VARCHAR,
+            train_run_id      VARCHAR,
+            config_hash       VARCHAR,
+            inputs_hash       VARCHAR,
+            k                 INTEGER,
+            n_users           BIGINT,
+            n_items           BIGINT,
+            n_interactions    BIGINT,
+            n_domains         INTEGER,
+            n_recommendations BIGINT,
+            index_path        VARCHAR,
+            message           VARCHAR,
+            purged_at         TIMESTAMPTZ,
+            kind              VARCHAR DEFAULT 'publish',
+            flow_run_id       VARCHAR,
+            published_run_id  VARCHAR,
+            attempts          INTEGER,
+            gate              VARCHAR,
+            gate_message      VARCHAR,
+            valid_ndcg10      DOUBLE,
+            published_valid_ndcg10  DOUBLE,
+            popularity_valid_ndcg10 DOUBLE,
+            host              VARCHAR,       -- night: the machine whose process ran it
+            pid               INTEGER,       -- night: that process
+            process_started_at TIMESTAMPTZ   -- night: when that process started (a reused PID differs)
+        );
+        INSERT INTO runs_v5 BY NAME SELECT * FROM runs;
+        DROP TABLE runs;
+        ALTER TABLE runs_v5 RENAME TO runs;
+        CREATE OR REPLACE VIEW nights AS
+            SELECT run_id, flow_run_id, status, started_at, finished_at, attempts, model, train_run_id,
+                   published_run_id, gate, gate_message, valid_ndcg10, published_valid_ndcg10,
+                   popularity_valid_ndcg10, message, host, pid, process_started_at
+            FROM runs WHERE kind = 'night';
+        """,
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
-RUN_STATUSES = ("running", "completed", "failed")
+RUN_STATUSES = ("running", "completed", "failed", "crashed")
 
 
 class WarehouseError(InputError):
@@ -828,6 +879,10 @@ class NightRecord:
     data_checks_passed: bool = True
     # tasks/quality/stability.py rows of the run the night published (with run_id, previous_run_id).
     list_stability: list[dict[str, Any]] | None = None
+    # The process that runs the night (a later night marks it 'crashed' when it is gone).
+    host: str | None = None
+    pid: int | None = None
+    process_started_at: datetime | None = None
 
 
 _STABILITY_COLUMNS = (
@@ -872,6 +927,9 @@ _NIGHT_COLUMNS = (
     "published_valid_ndcg10",
     "popularity_valid_ndcg10",
     "message",
+    "host",
+    "pid",
+    "process_started_at",
 )
 
 
@@ -886,6 +944,7 @@ def record_night(
     'running' (at the start of every attempt) counts an attempt and clears the previous attempt's end;
     a final state ('completed' or 'failed') fills in what the night did. `started_at` is the first
     attempt's. Raises ValueError for another status or a run id that is a published run's.
+    ('crashed' is set by `mark_crashed`, by a later night.)
     """
     if night.status not in RUN_STATUSES:
         raise ValueError(f"status must be one of {RUN_STATUSES}, got {night.status!r}")
@@ -931,6 +990,50 @@ def record_night(
                 f"VALUES (?, {', '.join('?' for _ in _STABILITY_COLUMNS)})",
                 [[night.run_id, *[r.get(c) for c in _STABILITY_COLUMNS]] for r in night.list_stability],
             )
+
+
+def running_nights(path: Path | str) -> list[dict[str, Any]]:
+    """The nights recorded 'running' (run_id, flow_run_id, started_at, host, pid, process_started_at);
+    [] when the warehouse is missing or older than the nights (migration 4)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with reading(path) as con:
+        if schema_version(con) < 4:
+            return []
+        process = (
+            "host, pid, process_started_at"
+            if schema_version(con) >= 5
+            else "NULL AS host, NULL AS pid, NULL AS process_started_at"
+        )
+        return _rows(
+            con,
+            f"SELECT run_id, flow_run_id, started_at, {process} FROM runs "
+            "WHERE kind = 'night' AND status = 'running' ORDER BY started_at",
+        )
+
+
+def mark_crashed(
+    path: Path | str,
+    messages: dict[str, str],
+    threads: int = 1,
+    storage_compatibility: str = DEFAULT_STORAGE_COMPATIBILITY,
+) -> list[str]:
+    """Mark nights 'crashed' (run_id -> message saying who found it and why), in one atomic swap; only
+    rows still 'running' change (a night that ended meanwhile keeps its own end). Returns those marked."""
+    if not messages:
+        return []
+    now = datetime.now(UTC)
+    marked: list[str] = []
+    with rewrite(path, threads, storage_compatibility) as (con, _):
+        for run_id, message in messages.items():
+            changed = con.execute(
+                "UPDATE runs SET status = 'crashed', finished_at = ?, message = ? "
+                "WHERE run_id = ? AND kind = 'night' AND status = 'running' RETURNING run_id",
+                [now, message[:2000], run_id],
+            ).fetchall()
+            marked += [r[0] for r in changed]
+    return marked
 
 
 def published_run(path: Path | str) -> dict[str, Any] | None:

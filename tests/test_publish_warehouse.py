@@ -86,6 +86,7 @@ def test_fresh_warehouse_is_migrated_and_published(tmp_path: Path) -> None:
         (2, "latest views"),
         (3, "profile interests"),
         (4, "nights in runs"),
+        (5, "crashed nights"),
     ]
     assert query(path, "SELECT count(*), count(DISTINCT user_id) FROM latest_recommendations") == [(30, 5)]
     assert query(

@@ -281,6 +281,8 @@ def _preprocess(
     if settings.kcore_enabled:
         progress("k-core")
         u, i = settings.kcore.user_min, settings.kcore.item_min
+        # Ends: each round marks at least one more row or stops, so there are at most as many rounds as
+        # rows; the count is in the summary (kcore_rounds).
         while True:
             rounds += 1
             changed = _scalar(
