@@ -188,14 +188,19 @@ def test_retention_drops_old_indexes_and_a_failed_publish_changes_nothing(
 ) -> None:
     warehouse = tmp_path / "w.duckdb"
     ws = Workspace(profiled_workspace)
-    settings = PublishSettings(k=2, retention_runs=2)
+    settings = PublishSettings(k=2, retention_runs=2, retention_grace_hours=0)
     vectors = workspace_vectors(profiled_workspace, seed=2)
     for i in range(3):
         s = run_publish(StageRun(settings, ws, warehouse=warehouse), run_id=f"r{i}", vectors=vectors)
     assert s.purged_runs == ["r0"]
     store = IndexStore(tmp_path / "indexes")
     assert store.runs() == ["r1", "r2"]
+    # r0's parts left the views in the swap and were deleted after it (no grace period here).
+    parts = tmp_path / "w.parts"
+    assert not list(parts.glob("*/run_id=r0/**/*.parquet"))
+    assert {p.name for p in parts.glob("recommendations/*")} == {"run_id=r1", "run_id=r2"}
     before = warehouse.read_bytes()
+    files_before = sorted(parts.rglob("*"))
     # Vectors naming an item the catalogue does not have: refused before the warehouse is touched.
     food = vectors["food"]
     stale = DomainVectors(
@@ -226,6 +231,7 @@ def test_retention_drops_old_indexes_and_a_failed_publish_changes_nothing(
             StageRun(settings, ws, warehouse=warehouse), run_id="r3", vectors={**vectors, "food": fewer}
         )
     assert warehouse.read_bytes() == before and store.runs() == ["r1", "r2"]
+    assert sorted(parts.rglob("*")) == files_before  # no part of the refused runs was written
 
 
 def test_cli_recs_and_runs_list(published: tuple[Path, dict], tmp_path: Path) -> None:
@@ -251,8 +257,9 @@ def test_cli_recs_and_runs_list(published: tuple[Path, dict], tmp_path: Path) ->
     assert [(r["run_id"], r["status"], r["retained"]) for r in runs] == [("run-a", "completed", True)]
     out = runner.invoke(app, ["runs", "list", "--warehouse", str(warehouse)])
     assert out.exit_code == 0 and "run-a" in out.stdout
-    # A failed run's message is shown as written (brackets included), on a copy of the warehouse.
-    copy = tmp_path / "copy.duckdb"
+    # A failed run's message is shown as written (brackets included), on a copy of the warehouse file
+    # (beside it: the copy reads the same parts).
+    copy = warehouse.with_name("copy.duckdb")
     shutil.copyfile(warehouse, copy)
     record_run_status(copy, "nightly-2", "running")
     record_run_status(copy, "nightly-2", "failed", message="[Errno 2] no such file")

@@ -19,6 +19,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import socket
 import time
 import uuid
@@ -43,6 +44,7 @@ class Attempt:
     run_id: str
     write_id: str
     root: str  # the data root as given (relative to the warehouse folder, absolute, or a URI)
+    scratch: Path | None = None  # a folder for the attempt's staged inputs, removed when it ends
 
     @property
     def resolved_root(self) -> str:
@@ -84,13 +86,21 @@ def _exclusive(lock: Path, what: str, timeout_s: float) -> Iterator[None]:
 
 @contextlib.contextmanager
 def publish_attempt(
-    warehouse: Path | str, run_id: str, root: str, timeout_s: float = 6 * 3600
+    warehouse: Path | str,
+    run_id: str,
+    root: str,
+    scratch_parent: Path | None = None,
+    timeout_s: float = 6 * 3600,
 ) -> Iterator[Attempt]:
-    """Hold the publish lock for one attempt: clean the parts of attempts that died, journal this one,
-    and on an exception delete the parts it wrote. The journal entry is removed when the block ends
-    (by then the night is registered, or its parts are gone)."""
+    """Hold the publish lock for one attempt: clean the parts (and scratch folders) of attempts that
+    died, journal this one, and on an exception delete the parts it wrote. With `scratch_parent`, the
+    attempt gets a scratch folder `<scratch_parent>/.stage-<write_id>` (for inputs its shards load),
+    removed when the block ends. The journal entry is removed last (by then the night is registered, or
+    its parts are gone)."""
     warehouse = Path(warehouse).expanduser().resolve()
-    attempt = Attempt(warehouse, run_id, new_write_id(), root)
+    write_id = new_write_id()
+    scratch = Path(scratch_parent).resolve() / f".stage-{write_id}" if scratch_parent is not None else None
+    attempt = Attempt(warehouse, run_id, write_id, root, scratch)
     with _exclusive(
         warehouse.with_name(warehouse.name + ".publish.lock"), f"publishing {warehouse}", timeout_s
     ):
@@ -99,13 +109,18 @@ def publish_attempt(
         journal.parent.mkdir(exist_ok=True)
         entry = {"run_id": run_id, "write_id": attempt.write_id, "root": root, "pid": os.getpid()}
         entry |= {"host": socket.gethostname(), "started_at": datetime.now(UTC).isoformat()}
+        entry["scratch"] = str(scratch) if scratch is not None else None
         journal.write_text(json.dumps(entry))
+        if scratch is not None:
+            scratch.mkdir(parents=True)
         try:
             yield attempt
         except BaseException:
             _delete_attempt(warehouse, entry)
             raise
         finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
             journal.unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 journal.parent.rmdir()  # only when empty
@@ -124,6 +139,8 @@ def clean_dead_attempts(warehouse: Path) -> list[str]:
             entry = json.loads(journal.read_text())
         except (OSError, ValueError):
             entry = None
+        if entry and entry.get("scratch"):
+            shutil.rmtree(entry["scratch"], ignore_errors=True)
         if entry and entry.get("write_id") not in registered:
             n = _delete_attempt(warehouse, entry)
             get_logger().warning(
@@ -138,6 +155,8 @@ def clean_dead_attempts(warehouse: Path) -> list[str]:
 
 
 def _delete_attempt(warehouse: Path, entry: dict) -> int:
+    if entry.get("scratch"):
+        shutil.rmtree(entry["scratch"], ignore_errors=True)
     root = resolve_root(entry["root"], warehouse.parent)
     files = attempt_files(root, entry["run_id"], entry["write_id"])
     return delete_files(root, files)

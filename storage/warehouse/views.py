@@ -22,7 +22,7 @@ import duckdb
 import pyarrow as pa
 
 from bridgerec.storage.warehouse.parts import PART_SCHEMAS, full_path, register_filesystems, resolve_root
-from bridgerec.storage.warehouse.schema import PARTS_VERSION, schema_version
+from bridgerec.storage.warehouse.schema import PARTS_VERSION, WarehouseError, schema_version
 
 _DUCKDB_TYPES = {
     pa.string(): "VARCHAR",
@@ -104,8 +104,14 @@ def refresh_views(con: duckdb.DuckDBPyConnection, catalogue_folder: Path) -> Non
     if schema_version(con) < PARTS_VERSION:
         return
     register_filesystems(con, remote_roots(con, catalogue_folder))
-    for sql in view_statements(con, catalogue_folder):
-        con.execute(sql)
+    try:
+        for sql in view_statements(con, catalogue_folder):
+            con.execute(sql)
+    except duckdb.IOException as exc:
+        raise WarehouseError(
+            f"warehouse in {catalogue_folder}: a part its views read is missing or unreadable "
+            f"({str(exc).strip().splitlines()[0]}); was the warehouse file moved without its parts folder?"
+        ) from None
     con.execute(
         "INSERT INTO warehouse_info VALUES ('catalogue_folder', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         [str(catalogue_folder)],

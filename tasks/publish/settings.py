@@ -1,7 +1,8 @@
 """Settings of the publish stage (section `publish`).
 
-The warehouse file itself is the top-level `warehouse` setting; FAISS indexes go beside it
-(`<warehouse folder>/indexes/<run_id>/`) unless `index_dir` says otherwise.
+The warehouse file itself is the top-level `warehouse` setting; the night's Parquet parts go beside it
+(`<warehouse folder>/<warehouse name>.parts/`) unless `data_dir` says otherwise (a folder or
+s3://bucket/prefix); FAISS indexes go to `<warehouse folder>/indexes/<run_id>/` unless `index_dir` does.
 """
 
 from __future__ import annotations
@@ -32,6 +33,28 @@ class PublishSettings(StageSettings):
     index: IndexSettings = Field(default_factory=IndexSettings)
     retention_runs: int = Field(
         default=7, ge=1, description="Completed runs whose recommendations, profiles and indexes are kept."
+    )
+    retention_grace_hours: float = Field(
+        default=24.0,
+        ge=0,
+        description=(
+            "How long the files of a run that retention (or a republish) took out of the views are kept "
+            "before a publish deletes them: a reader that opened the warehouse before may still read them."
+        ),
+    )
+    data_dir: str | None = Field(
+        default=None,
+        description=(
+            "Where the night's Parquet parts go: a folder (relative = to the warehouse's folder) or "
+            "s3://bucket/prefix (credentials from the AWS environment variables); default "
+            "<warehouse name>.parts beside the warehouse file."
+        ),
+    )
+    users_per_shard: int = Field(
+        default=50_000, ge=1, description="Users scored (and written as one part per domain) by one shard."
+    )
+    row_group_users: int = Field(
+        default=2048, ge=1, description="Users per Parquet row group: a user's lookup reads one row group."
     )
     index_dir: Path | None = Field(
         default=None, description="Where per-run FAISS indexes go; default `<warehouse folder>/indexes`."
