@@ -32,7 +32,13 @@ import duckdb
 
 from bridgerec.runtime.logs import get_logger
 from bridgerec.storage.warehouse.connection import open_read_only
-from bridgerec.storage.warehouse.parts import PartTarget, attempt_files, delete_files, resolve_root
+from bridgerec.storage.warehouse.parts import (
+    PartTarget,
+    attempt_files,
+    delete_files,
+    remove_empty_run_folders,
+    resolve_root,
+)
 from bridgerec.storage.warehouse.schema import WarehouseError, schema_version
 
 
@@ -159,7 +165,9 @@ def _delete_attempt(warehouse: Path, entry: dict) -> int:
         shutil.rmtree(entry["scratch"], ignore_errors=True)
     root = resolve_root(entry["root"], warehouse.parent)
     files = attempt_files(root, entry["run_id"], entry["write_id"])
-    return delete_files(root, files)
+    deleted = delete_files(root, files)
+    remove_empty_run_folders(root, entry["run_id"])  # folders made before the first file was
+    return deleted
 
 
 def _registered_write_ids(warehouse: Path) -> set[str]:

@@ -24,6 +24,7 @@ downloaded at first use and cannot be here.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import urllib.parse
@@ -236,6 +237,25 @@ def _remove_empty_folders(base: Path, folders: set[Path]) -> None:
             except OSError:
                 break
             folder = folder.parent
+
+
+def remove_empty_run_folders(resolved_root: str, run_id: str) -> None:
+    """Remove a run's folders that hold no file (local roots; S3 has no folders)."""
+    if is_remote(resolved_root):
+        return
+    for folder in run_folders(run_id):
+        top = Path(resolved_root, folder)
+        if not top.is_dir():
+            continue
+        for sub in sorted(
+            (p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True
+        ):
+            with contextlib.suppress(OSError):
+                sub.rmdir()
+        with contextlib.suppress(OSError):
+            top.rmdir()
+        with contextlib.suppress(OSError):
+            top.parent.rmdir()
 
 
 def attempt_files(resolved_root: str, run_id: str, write_id: str) -> list[str]:

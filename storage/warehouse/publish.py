@@ -334,6 +334,7 @@ def write_rows(target: PartTarget, shard: int, recs: pa.Table, profiles: pa.Tabl
     serving lists; the profiles of its users (rows without a profile text are left out)."""
     con = duckdb.connect()
     try:
+        con.execute("SET enable_progress_bar = false")
         con.register("recs", recs)
         parts = []
         for (domain,) in con.execute("SELECT DISTINCT domain FROM recs ORDER BY 1").fetchall():
