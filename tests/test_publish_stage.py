@@ -283,3 +283,148 @@ def test_docs_sql_examples_run_on_a_published_warehouse(
     assert len(results[1]) == 20  # top 10 items in each of the two domains
     assert [r[0] for r in results[2]] == ["food", "kitchen"] and all(0 < r[3] <= 1 for r in results[2])
     assert 0 < results[3][0][0] <= 1000
+
+
+class PoolRunner:
+    """Runs the shard function in worker processes, as the Ray runner does across machines: the plan and
+    the shards are pickled, and each worker reads only files (staged inputs, the saved index)."""
+
+    def __init__(self) -> None:
+        self.mapped: list[str] = []
+
+    def call(self, fn, *args):
+        return fn(*args)
+
+    def map(self, fn, shards, *args):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.mapped.append(fn.__name__)
+        with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return list(pool.map(fn, *[[a] * len(shards) for a in args], shards))
+
+
+def test_sharded_publish_in_worker_processes_equals_one_shard(
+    profiled_workspace: Path, tmp_path: Path
+) -> None:
+    ws = Workspace(profiled_workspace)
+    vectors = workspace_vectors(profiled_workspace, seed=3)
+    one = run_publish(PublishSettings(k=5), ws, tmp_path / "one" / "w.duckdb", run_id="r", vectors=vectors)
+    runner = PoolRunner()
+    many = run_publish(
+        PublishSettings(k=5, users_per_shard=300, row_group_users=50),
+        ws,
+        tmp_path / "many" / "w.duckdb",
+        run_id="r",
+        vectors=vectors,
+        runner=runner,
+    )
+    assert runner.mapped == ["score_shard"] and (one.shards, many.shards) == (1, 4)
+    assert many.rows == one.rows == 1000 * 2 * 5 and many.users_short == one.users_short
+    lists = "SELECT user_id, domain, rank, item_id, score FROM recommendations ORDER BY ALL"
+    assert sql(tmp_path / "many" / "w.duckdb", lists) == sql(tmp_path / "one" / "w.duckdb", lists)
+    serving = "SELECT user_id, domain, item_ids, scores FROM latest_serving ORDER BY ALL"
+    assert sql(tmp_path / "many" / "w.duckdb", serving) == sql(tmp_path / "one" / "w.duckdb", serving)
+    profiles = "SELECT * FROM latest_user_profiles ORDER BY user_id"
+    assert sql(tmp_path / "many" / "w.duckdb", profiles) == sql(tmp_path / "one" / "w.duckdb", profiles)
+    # Each shard wrote its own parts: recommendations and serving lists per domain, its users' profiles.
+    parts = sql(
+        tmp_path / "many" / "w.duckdb",
+        "SELECT kind, shard, count(*), sum(rows) FROM parts WHERE dropped_at IS NULL GROUP BY ALL ORDER BY ALL",
+    )
+    by = {(k, sh): (n, rows) for k, sh, n, rows in parts}
+    for shard, users in enumerate([300, 300, 300, 100]):
+        assert by[("recommendations", shard)] == (2, users * 2 * 5)
+        assert by[("serving", shard)] == (2, users * 2)
+    assert sum(by[("user_profiles", sh)][1] for sh in range(4) if ("user_profiles", sh) in by) == 300
+    # A serving row is the user's list, best first: what a key-value store loads.
+    (row,) = sql(
+        tmp_path / "many" / "w.duckdb",
+        "SELECT item_ids, scores FROM latest_serving WHERE user_id = ? AND domain = 'food'",
+        [vectors["food"].user_ids[7]],
+    )
+    ranked = sql(
+        tmp_path / "many" / "w.duckdb",
+        "SELECT item_id, score FROM latest_recommendations WHERE user_id = ? AND domain = 'food' ORDER BY rank",
+        [vectors["food"].user_ids[7]],
+    )
+    assert list(zip(*row, strict=True)) == [(i, pytest.approx(s)) for i, s in ranked]
+
+
+def test_index_kind_auto_by_catalogue_size_reports_recall_and_warns_below_the_floor(
+    profiled_workspace: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from bridgerec.storage.index_store import IndexSettings
+
+    ws = Workspace(profiled_workspace)
+    vectors = workspace_vectors(profiled_workspace, seed=4)
+    # food has 2,217 items (exact search), kitchen 4,230 (above the threshold: IVF, sized by its items:
+    # 4 x sqrt(4230) ~ 256 cells, capped at 4230 / 39 = 108 for k-means).
+    low = IndexSettings(auto_threshold_items=3000, ivf_nprobe=1, recall_sample_users=200, recall_floor=0.999)
+    warehouse = tmp_path / "w.duckdb"
+    s = run_publish(PublishSettings(k=10, index=low), ws, warehouse, run_id="low", vectors=vectors)
+    assert s.index_kinds == {"food": "flat", "kitchen": "ivf(nlist=108, nprobe=1)"}
+    assert list(s.index_recall) == ["kitchen"] and s.index_recall["kitchen"] < 0.999
+    assert s.recall_warning and "kitchen recall@10" in s.recall_warning
+    assert "below publish.index.recall_floor" in caplog.text
+    (run,) = sql(warehouse, "SELECT index_kind, index_recall FROM runs WHERE run_id = 'low'")
+    assert run[0] == "food: flat; kitchen: ivf(nlist=108, nprobe=1)" and run[1] == pytest.approx(
+        s.index_recall["kitchen"], abs=1e-4
+    )
+    # Probing every cell is exact: recall 1, no warning, and the lists equal exact search's.
+    every = IndexSettings(
+        auto_threshold_items=3000, ivf_nprobe=108, recall_sample_users=200, recall_floor=0.999
+    )
+    full = run_publish(PublishSettings(k=10, index=every), ws, warehouse, run_id="every", vectors=vectors)
+    exact = run_publish(
+        PublishSettings(k=10, index=IndexSettings(kind="flat")),
+        ws,
+        warehouse,
+        run_id="exact",
+        vectors=vectors,
+    )
+    assert full.index_recall == {"kitchen": 1.0} and full.recall_warning is None
+    assert exact.index_kinds == {"food": "flat", "kitchen": "flat"} and exact.index_recall == {}
+    lists = "SELECT user_id, domain, rank, item_id FROM recommendations WHERE run_id = ? ORDER BY ALL"
+    assert sql(warehouse, lists, ["every"]) == sql(warehouse, lists, ["exact"])
+
+
+def test_cli_recs_time_travel_and_warehouse_relink(profiled_workspace: Path, tmp_path: Path) -> None:
+    ws = Workspace(profiled_workspace)
+    warehouse = tmp_path / "ws" / "w.duckdb"
+    for i in (1, 2):
+        run_publish(
+            PublishSettings(k=3),
+            ws,
+            warehouse,
+            run_id=f"r{i}",
+            vectors=workspace_vectors(profiled_workspace, seed=10 + i),
+        )
+    user = sql(warehouse, "SELECT min(user_id) FROM latest_recommendations")[0][0]
+    runner = CliRunner()
+
+    def recs(path: Path, *extra: str) -> dict:
+        out = runner.invoke(app, ["recs", "--warehouse", str(path), "--user", user, "--json", *extra])
+        assert out.exit_code == 0, out.output
+        return json.loads(out.stdout)
+
+    latest, older = recs(warehouse), recs(warehouse, "--run-id", "r1")
+    assert (latest["run_id"], older["run_id"]) == ("r2", "r1")
+    want = sql(
+        warehouse,
+        "SELECT domain, item_id FROM recommendations WHERE run_id = 'r1' AND user_id = ? ORDER BY domain, rank",
+        [user],
+    )
+    assert [(d, r["item_id"]) for d, rows in older["recommendations"].items() for r in rows] == want
+    assert latest["recommendations"] != older["recommendations"]
+    out = runner.invoke(app, ["recs", "--warehouse", str(warehouse), "--user", user, "--run-id", "nope"])
+    assert out.exit_code == 2 and "not in the warehouse" in out.output
+    # The workspace moves: `recs` still works; `warehouse relink` makes plain DuckDB work there too.
+    moved = tmp_path / "moved"
+    shutil.move(tmp_path / "ws", moved)
+    assert recs(moved / "w.duckdb", "--run-id", "r1") == older
+    with pytest.raises(duckdb.IOException):
+        sql(moved / "w.duckdb", "SELECT count(*) FROM latest_recommendations")
+    out = runner.invoke(app, ["warehouse", "relink", "--warehouse", str(moved / "w.duckdb")])
+    assert out.exit_code == 0, out.output
+    assert sql(moved / "w.duckdb", "SELECT count(*) FROM latest_recommendations") == [(1000 * 2 * 3,)]
