@@ -17,6 +17,7 @@ docs/publish.md, "The warehouse", describes the layout and the guarantees reader
 
 from bridgerec.storage.warehouse.attempts import Attempt, clean_dead_attempts, publish_attempt
 from bridgerec.storage.warehouse.connection import (
+    NOTHING_PUBLISHED,
     connect,
     connect_reader,
     held_read_write,
@@ -63,6 +64,7 @@ __all__ = [
     "DEFAULT_GRACE_HOURS",
     "DEFAULT_STORAGE_COMPATIBILITY",
     "MIGRATIONS",
+    "NOTHING_PUBLISHED",
     "PARTS_VERSION",
     "PART_SCHEMAS",
     "RUN_STATUSES",

@@ -31,7 +31,7 @@ from pathlib import Path
 import duckdb
 
 from bridgerec.runtime.logs import get_logger
-from bridgerec.storage.warehouse.connection import open_read_only
+from bridgerec.storage.warehouse.connection import NOTHING_PUBLISHED, open_read_only
 from bridgerec.storage.warehouse.parts import (
     PartTarget,
     attempt_files,
@@ -173,7 +173,7 @@ def _delete_attempt(warehouse: Path, entry: dict) -> int:
 def _registered_write_ids(warehouse: Path) -> set[str]:
     if not warehouse.is_file():
         return set()
-    con = open_read_only(warehouse, "it was left as it was (nothing published)")
+    con = open_read_only(warehouse, NOTHING_PUBLISHED)
     try:
         if schema_version(con) < 5:
             return set()

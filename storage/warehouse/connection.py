@@ -14,6 +14,8 @@ import duckdb
 
 from bridgerec.storage.warehouse.schema import WarehouseError
 
+# What a writer refused by another process's read-write session tells the user.
+NOTHING_PUBLISHED = "it was left as it was (nothing published, no swap)"
 _HOLDER = re.compile(r"Conflicting lock is held in (?P<exe>.*?) \(PID (?P<pid>\d+)\)")
 
 

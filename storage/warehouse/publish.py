@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bridgerec.storage.warehouse.attempts import Attempt, publish_attempt
-from bridgerec.storage.warehouse.connection import open_read_only
+from bridgerec.storage.warehouse.connection import NOTHING_PUBLISHED, open_read_only
 from bridgerec.storage.warehouse.legacy import MoveContext
 from bridgerec.storage.warehouse.parts import (
     PartInfo,
@@ -224,7 +224,7 @@ def previous_items(warehouse: Path) -> pa.Table | None:
     """The catalogue the warehouse serves now (None when there is none yet)."""
     if not warehouse.is_file():
         return None
-    con = open_read_only(warehouse, "it was left as it was (nothing published)")
+    con = open_read_only(warehouse, NOTHING_PUBLISHED)
     try:
         version = schema_version(con)
         if version == 0:
@@ -260,7 +260,7 @@ def vacuum(warehouse: Path, cutoff: datetime) -> Vacuumed:
     runs past the cutoff (their index folders may go too)."""
     if not warehouse.is_file():
         return Vacuumed()
-    con = open_read_only(warehouse, "it was left as it was (nothing published)")
+    con = open_read_only(warehouse, NOTHING_PUBLISHED)
     try:
         if schema_version(con) < PARTS_VERSION:
             return Vacuumed()

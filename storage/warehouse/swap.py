@@ -45,7 +45,12 @@ from typing import Any
 import duckdb
 
 from bridgerec.runtime.logs import get_logger
-from bridgerec.storage.warehouse.connection import first_line, held_read_write, is_lock_conflict
+from bridgerec.storage.warehouse.connection import (
+    NOTHING_PUBLISHED,
+    first_line,
+    held_read_write,
+    is_lock_conflict,
+)
 from bridgerec.storage.warehouse.schema import WarehouseError, migrate, schema_version
 from bridgerec.storage.warehouse.views import refresh_views
 
@@ -62,7 +67,7 @@ def _check_no_foreign_writer(path: Path) -> None:
         duckdb.connect(str(path), read_only=True).close()
     except duckdb.Error as exc:
         if is_lock_conflict(exc):
-            raise held_read_write(path, exc, "it was left as it was (nothing published, no swap)") from None
+            raise held_read_write(path, exc, NOTHING_PUBLISHED) from None
         raise WarehouseError(f"warehouse {path} cannot be opened: {first_line(exc)}") from None
 
 

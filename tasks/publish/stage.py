@@ -204,7 +204,7 @@ def check_vectors_match_ingest(
 def _already_published(warehouse: Path, run_id: str, ihash: str, index_dir: Path) -> dict[str, Any] | None:
     if not warehouse.exists():
         return None
-    with wh.reading(warehouse) as con:
+    with wh.reading(warehouse, wh.NOTHING_PUBLISHED) as con:
         try:
             cur = con.execute(
                 "SELECT run_id, model, train_run_id, n_users, k, n_recommendations FROM runs WHERE run_id = ? "
