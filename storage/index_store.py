@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from bridgerec.storage.files import swap_dir
 
 INDEX_FORMAT_VERSION = 1
+IVF_TRAIN_POINTS_PER_CELL = 64  # k-means training sample per IVF cell (FAISS's default 256: 4x the time)
 AUTO_THRESHOLD_ITEMS = 200_000  # bench/publish.py --index-table: see docs/publish.md
 _GPU_MAX_K = 2048  # faiss GPU indexes answer at most this many neighbours per query
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -60,7 +61,7 @@ class IndexSettings(BaseModel):
         default="ivf", description="auto: the index above the threshold."
     )
     ivf_nlist: int | None = Field(
-        default=None, ge=1, description="IVF cells; unset = 4 x sqrt(items) (a power of two, <= items/39)."
+        default=None, ge=1, description="IVF cells; unset = sqrt(items) (a power of two, <= items/39)."
     )
     ivf_nprobe: int | None = Field(
         default=None, ge=1, description="IVF cells visited per query; unset = nlist/16 (at least 16)."
@@ -87,7 +88,7 @@ class IndexSettings(BaseModel):
             kind = "flat" if n_items <= self.auto_threshold_items else self.auto_kind
         update: dict[str, Any] = {"kind": kind}
         if kind == "ivf":
-            nlist = self.ivf_nlist or 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n_items))))
+            nlist = self.ivf_nlist or 2 ** round(math.log2(max(1.0, math.sqrt(n_items))))
             nlist = max(1, min(nlist, n_items // 39))  # k-means wants ~39 training points per centroid
             update |= {"ivf_nlist": nlist, "ivf_nprobe": min(nlist, self.ivf_nprobe or max(16, nlist // 16))}
         return self.model_copy(update=update)
@@ -133,6 +134,7 @@ def build_index(item_vectors: np.ndarray, settings: IndexSettings) -> faiss.Inde
     elif settings.kind == "ivf":
         nlist = settings.ivf_nlist or 1
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.max_points_per_centroid = IVF_TRAIN_POINTS_PER_CELL  # k-means on a sample, not all items
         index.train(x)
         index.nprobe = settings.ivf_nprobe or 1
     elif settings.kind == "hnsw":

@@ -359,21 +359,21 @@ def test_index_kind_auto_by_catalogue_size_reports_recall_and_warns_below_the_fl
     ws = Workspace(profiled_workspace)
     vectors = workspace_vectors(profiled_workspace, seed=4)
     # food has 2,217 items (exact search), kitchen 4,230 (above the threshold: IVF, sized by its items:
-    # 4 x sqrt(4230) ~ 256 cells, capped at 4230 / 39 = 108 for k-means).
+    # sqrt(4230) ~ 64 cells).
     low = IndexSettings(auto_threshold_items=3000, ivf_nprobe=1, recall_sample_users=200, recall_floor=0.999)
     warehouse = tmp_path / "w.duckdb"
     s = run_publish(PublishSettings(k=10, index=low), ws, warehouse, run_id="low", vectors=vectors)
-    assert s.index_kinds == {"food": "flat", "kitchen": "ivf(nlist=108, nprobe=1)"}
+    assert s.index_kinds == {"food": "flat", "kitchen": "ivf(nlist=64, nprobe=1)"}
     assert list(s.index_recall) == ["kitchen"] and s.index_recall["kitchen"] < 0.999
     assert s.recall_warning and "kitchen recall@10" in s.recall_warning
     assert "below publish.index.recall_floor" in caplog.text
     (run,) = sql(warehouse, "SELECT index_kind, index_recall FROM runs WHERE run_id = 'low'")
-    assert run[0] == "food: flat; kitchen: ivf(nlist=108, nprobe=1)" and run[1] == pytest.approx(
+    assert run[0] == "food: flat; kitchen: ivf(nlist=64, nprobe=1)" and run[1] == pytest.approx(
         s.index_recall["kitchen"], abs=1e-4
     )
     # Probing every cell is exact: recall 1, no warning, and the lists equal exact search's.
     every = IndexSettings(
-        auto_threshold_items=3000, ivf_nprobe=108, recall_sample_users=200, recall_floor=0.999
+        auto_threshold_items=3000, ivf_nprobe=64, recall_sample_users=200, recall_floor=0.999
     )
     full = run_publish(PublishSettings(k=10, index=every), ws, warehouse, run_id="every", vectors=vectors)
     exact = run_publish(
