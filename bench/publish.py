@@ -241,7 +241,7 @@ def resampled_workspace(base: Path, data: Path, scale: int, threads: int) -> Pat
                 suffix = "" if copy == 0 else f"~{copy}"
                 out.writelines(f"{u}{suffix},{rest}\n" for u, rest in (r.split(",", 1) for r in rows))
         settings = IngestSettings(items=data / "items.csv.gz", interactions=raw / "interactions.csv.gz")
-        run_ingest(settings, Workspace(root), threads=threads)
+        run_ingest(StageRun(settings, Workspace(root), threads=threads))
     return root
 
 
@@ -294,7 +294,10 @@ def cost_row(args: argparse.Namespace, ws_root: Path, vectors: dict, template: P
         )
         cpu0 = time.process_time()
         s = run_publish(
-            settings, Workspace(ws_root), warehouse, run_id="measured", vectors=vectors, model="synthetic"
+            StageRun(settings, Workspace(ws_root), warehouse=warehouse, threads=args.threads),
+            run_id="measured",
+            vectors=vectors,
+            model="synthetic",
         )
         cpu_s = time.process_time() - cpu0
         t = s.timings
@@ -342,7 +345,10 @@ def cost_table(args: argparse.Namespace) -> None:
             template = Path(tmp) / "template.duckdb"
             settings = PublishSettings(k=args.k, threads=args.threads)
             run_publish(
-                settings, Workspace(root), template, run_id="template", vectors=vectors, model="synthetic"
+                StageRun(settings, Workspace(root), warehouse=template, threads=args.threads),
+                run_id="template",
+                vectors=vectors,
+                model="synthetic",
             )
             for keep in args.retentions:
                 row = {"scale": scale, "users": len(next(iter(vectors.values())).user_ids)}

@@ -398,7 +398,8 @@ def _render_publish(s: PublishSummary) -> None:
     for domain, kind in s.index_kinds.items():
         recall = s.index_recall.get(domain)
         console.print(
-            f"index {domain}: {kind}" + (f", recall@{s.k} {recall:.3f} against exact search" if recall else "")
+            f"index {domain}: {kind}"
+            + (f", recall@{s.k} {recall:.3f} against exact search" if recall else "")
         )
     if s.recall_warning:
         console.print(f"[bold yellow]warning[/]: {s.recall_warning}")

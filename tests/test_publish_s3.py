@@ -19,6 +19,7 @@ from publish_data import workspace_vectors
 from bridgerec.storage import warehouse as wh
 from bridgerec.storage.warehouse import parts as wh_parts
 from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks import StageRun
 from bridgerec.tasks.publish import PublishSettings, run_publish
 
 BUCKET = "bridgerec-test"
@@ -79,7 +80,9 @@ def test_parts_on_s3_written_by_pyarrow_read_by_duckdb(
         k=5, data_dir=s3, retention_runs=1, retention_grace_hours=0, users_per_shard=400
     )
     first = run_publish(
-        settings, ws, warehouse, run_id="r1", vectors=workspace_vectors(sample_workspace, seed=1)
+        StageRun(settings, ws, warehouse=warehouse),
+        run_id="r1",
+        vectors=workspace_vectors(sample_workspace, seed=1),
     )
     assert first.data_root == s3 and first.shards == 3 and first.data_bytes > 0
     assert not (tmp_path / "w.parts").exists()  # nothing local but the small warehouse file
@@ -113,7 +116,9 @@ def test_parts_on_s3_written_by_pyarrow_read_by_duckdb(
     dead.wait()
     assert any("run_id=dead" in o for o in objects(s3))
     second = run_publish(
-        settings, ws, warehouse, run_id="r2", vectors=workspace_vectors(sample_workspace, seed=2)
+        StageRun(settings, ws, warehouse=warehouse),
+        run_id="r2",
+        vectors=workspace_vectors(sample_workspace, seed=2),
     )
     assert second.purged_runs == ["r1"]
     left = objects(s3)

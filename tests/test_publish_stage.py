@@ -16,6 +16,7 @@ from publish_data import doc_queries, workspace_vectors
 from typer.testing import CliRunner
 
 from bridgerec.cli import app
+from bridgerec.runtime.runner import Runner
 from bridgerec.storage.index_store import IndexStore
 from bridgerec.storage.vectors import DomainVectors
 from bridgerec.storage.warehouse import record_run_status
@@ -285,15 +286,17 @@ def test_docs_sql_examples_run_on_a_published_warehouse(
     assert 0 < results[3][0][0] <= 1000
 
 
-class PoolRunner:
-    """Runs the shard function in worker processes, as the Ray runner does across machines: the plan and
+class PoolRunner(Runner):
+    """Runs the shard function in worker processes, as a Ray runner does across machines: the plan and
     the shards are pickled, and each worker reads only files (staged inputs, the saved index)."""
 
     def __init__(self) -> None:
+        self.called: list[str] = []
         self.mapped: list[str] = []
 
-    def call(self, fn, *args):
-        return fn(*args)
+    def call(self, fn, *args, **kwargs):
+        self.called.append(fn.__name__)
+        return fn(*args, **kwargs)
 
     def map(self, fn, shards, *args):
         import multiprocessing
@@ -309,17 +312,24 @@ def test_sharded_publish_in_worker_processes_equals_one_shard(
 ) -> None:
     ws = Workspace(profiled_workspace)
     vectors = workspace_vectors(profiled_workspace, seed=3)
-    one = run_publish(PublishSettings(k=5), ws, tmp_path / "one" / "w.duckdb", run_id="r", vectors=vectors)
-    runner = PoolRunner()
-    many = run_publish(
-        PublishSettings(k=5, users_per_shard=300, row_group_users=50),
-        ws,
-        tmp_path / "many" / "w.duckdb",
+    one = run_publish(
+        StageRun(PublishSettings(k=5), ws, warehouse=tmp_path / "one" / "w.duckdb"),
         run_id="r",
         vectors=vectors,
-        runner=runner,
     )
-    assert runner.mapped == ["score_shard"] and (one.shards, many.shards) == (1, 4)
+    runner = PoolRunner()
+    many = run_publish(
+        StageRun(
+            PublishSettings(k=5, users_per_shard=300, row_group_users=50),
+            ws,
+            warehouse=tmp_path / "many" / "w.duckdb",
+            runner=runner,
+        ),
+        run_id="r",
+        vectors=vectors,
+    )
+    assert runner.called == ["plan_publish", "register_publish"] and runner.mapped == ["score_shard"]
+    assert (one.shards, many.shards) == (1, 4)
     assert many.rows == one.rows == 1000 * 2 * 5 and many.users_short == one.users_short
     lists = "SELECT user_id, domain, rank, item_id, score FROM recommendations ORDER BY ALL"
     assert sql(tmp_path / "many" / "w.duckdb", lists) == sql(tmp_path / "one" / "w.duckdb", lists)
@@ -362,7 +372,9 @@ def test_index_kind_auto_by_catalogue_size_reports_recall_and_warns_below_the_fl
     # sqrt(4230) ~ 64 cells).
     low = IndexSettings(auto_threshold_items=3000, ivf_nprobe=1, recall_sample_users=200, recall_floor=0.999)
     warehouse = tmp_path / "w.duckdb"
-    s = run_publish(PublishSettings(k=10, index=low), ws, warehouse, run_id="low", vectors=vectors)
+    s = run_publish(
+        StageRun(PublishSettings(k=10, index=low), ws, warehouse=warehouse), run_id="low", vectors=vectors
+    )
     assert s.index_kinds == {"food": "flat", "kitchen": "ivf(nlist=64, nprobe=1)"}
     assert list(s.index_recall) == ["kitchen"] and s.index_recall["kitchen"] < 0.999
     assert s.recall_warning and "kitchen recall@10" in s.recall_warning
@@ -375,11 +387,11 @@ def test_index_kind_auto_by_catalogue_size_reports_recall_and_warns_below_the_fl
     every = IndexSettings(
         auto_threshold_items=3000, ivf_nprobe=64, recall_sample_users=200, recall_floor=0.999
     )
-    full = run_publish(PublishSettings(k=10, index=every), ws, warehouse, run_id="every", vectors=vectors)
+    full = run_publish(
+        StageRun(PublishSettings(k=10, index=every), ws, warehouse=warehouse), run_id="every", vectors=vectors
+    )
     exact = run_publish(
-        PublishSettings(k=10, index=IndexSettings(kind="flat")),
-        ws,
-        warehouse,
+        StageRun(PublishSettings(k=10, index=IndexSettings(kind="flat")), ws, warehouse=warehouse),
         run_id="exact",
         vectors=vectors,
     )
@@ -394,9 +406,7 @@ def test_cli_recs_time_travel_and_warehouse_relink(profiled_workspace: Path, tmp
     warehouse = tmp_path / "ws" / "w.duckdb"
     for i in (1, 2):
         run_publish(
-            PublishSettings(k=3),
-            ws,
-            warehouse,
+            StageRun(PublishSettings(k=3), ws, warehouse=warehouse),
             run_id=f"r{i}",
             vectors=workspace_vectors(profiled_workspace, seed=10 + i),
         )

@@ -4,38 +4,35 @@ atomic swap) and per-run indexes.
 
 Its face: `PublishSettings`, `run_publish` -> `PublishSummary`, `PublishError` (a missing or
 inconsistent input), the shard function and its plan (`score_shard`, `ShardPlan`, `PublishShard`,
-`ShardResult`) with the runner protocol they are mapped by (`Runner`, `InProcess`), and
+`ShardResult`) and the other steps the stage's runner calls (`plan_publish`, `register_publish`), and
 `candidate_lists` (the rows a publish would write, written nowhere: for the quality gate). The warehouse
 itself is read through `bridgerec.storage.warehouse`.
 """
 
 from bridgerec.tasks.publish.settings import PublishSettings
-from bridgerec.tasks.publish.shards import (
-    InProcess,
-    PublishShard,
-    Runner,
-    ShardPlan,
-    ShardResult,
-    score_shard,
-)
+from bridgerec.tasks.publish.shards import PublishShard, ShardPlan, ShardResult, score_shard
 from bridgerec.tasks.publish.stage import (
     PublishError,
+    PublishPlan,
     PublishSummary,
     candidate_lists,
+    plan_publish,
+    register_publish,
     resolve_trained_run,
     run_publish,
 )
 
 __all__ = [
-    "InProcess",
     "PublishError",
+    "PublishPlan",
     "PublishSettings",
     "PublishShard",
     "PublishSummary",
-    "Runner",
     "ShardPlan",
     "ShardResult",
     "candidate_lists",
+    "plan_publish",
+    "register_publish",
     "resolve_trained_run",
     "run_publish",
     "score_shard",

@@ -18,8 +18,19 @@ from bridgerec.storage.workspace import StageSettings
 
 class PublishSettings(StageSettings):
     model_config = ConfigDict(extra="forbid")
-    # Threads, batch size and where indexes go change how, not what, is published.
-    not_hashed: ClassVar[frozenset[str]] = frozenset({"threads", "batch_users", "index_dir"})
+    # Threads, batch and shard sizes, row groups, where indexes and parts go, how long dropped files are
+    # kept: they change how, not what, is published.
+    not_hashed: ClassVar[frozenset[str]] = frozenset(
+        {
+            "threads",
+            "batch_users",
+            "index_dir",
+            "data_dir",
+            "users_per_shard",
+            "row_group_users",
+            "retention_grace_hours",
+        }
+    )
     k: int = Field(default=20, ge=1, le=1000, description="Recommendations per user and domain.")
     exclude_seen: bool = Field(default=True, description="Never recommend an item the user already had.")
     new_items: bool = Field(

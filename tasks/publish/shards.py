@@ -7,12 +7,12 @@ slice of the vectors once, searches its users' top-k, and writes its own parts: 
 recommendations (sorted by user, rank) and the serving lists, and its users' profiles. It returns what
 it wrote; nothing is visible until the publish registers the night.
 
-The shard function takes only picklable plain values and reads only files, so a runner can run it
-anywhere that sees the scratch folder, the index folder and the data root (a shared folder or S3):
-`InProcess` (the default) runs the shards one after another here; the Ray runner of the nightly
-(runtime.runner) maps the same function over workers. A runner has `call(fn, *args)` and
-`map(fn, shards, *args)`, which calls `fn(*args, shard)` for each shard (tasks/enrich/stage.py's
-protocol).
+The shard function takes only picklable plain values and reads only files, so a runner
+(bridgerec.runtime.runner: `map(fn, shards, *args)` calls `fn(*args, shard)`) can run it anywhere that
+sees the scratch folder, the index folder and the data root (a shared folder or S3): `InProcess` runs the
+shards one after another here, the flows run each as a task run (`runtime.runner: processes` on worker
+processes), and a Ray runner maps the same function over a cluster. A shard is idempotent (it rewrites
+the same part names), so a retried shard task replaces what a failed attempt of it wrote.
 """
 
 from __future__ import annotations
@@ -21,36 +21,17 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from bridgerec.runtime.progress import advance, progress_bar
+from bridgerec.runtime.runner import step
 from bridgerec.storage.index_store import IndexSettings, IndexStore, Searcher, TopK, search_topk, set_threads
 from bridgerec.storage.vectors import DomainVectors
 from bridgerec.storage.warehouse import PartInfo, PartTarget, profile_rows
-
-R = TypeVar("R")
-
-
-class Runner(Protocol):
-    """Where shard functions run: `call` runs one, `map` runs one per shard (the shard passed last)."""
-
-    def call(self, fn: Callable[..., R], *args: Any) -> R: ...
-
-    def map(self, fn: Callable[..., R], shards: list[Any], *args: Any) -> list[R]: ...
-
-
-class InProcess:
-    """The shard functions one after another in this thread."""
-
-    def call(self, fn: Callable[..., R], *args: Any) -> R:
-        return fn(*args)
-
-    def map(self, fn: Callable[..., R], shards: list[Any], *args: Any) -> list[R]:
-        return [fn(*args, shard) for shard in shards]
 
 
 @dataclass(frozen=True)
@@ -165,37 +146,20 @@ def _stage_profiles(
             pq.write_table(mine, scratch / "profiles" / f"{i:05d}.parquet")
 
 
+@step("score-users", run_name="score-users-{shard.index}", retries=1, retry_delay_s=10)
 def score_shard(plan: ShardPlan, shard: PublishShard) -> ShardResult:
     """Top-k of the shard's users in every domain, written as the shard's parts (see the module doc)."""
     started = time.perf_counter()
     set_threads(plan.threads)
     scratch = Path(plan.scratch)
     users = pq.read_table(scratch / "users" / f"{shard.index:05d}.parquet")["user_id"].combine_chunks()
-    store = IndexStore(plan.index_root)
     result = ShardResult(shard.index, len(users), [], {}, {}, 0.0, 0.0)
-    for domain, settings in plan.indexes:
-        t0 = time.perf_counter()
-        loaded = store.load(plan.run_id, domain)
-        searcher = Searcher.for_index(loaded.index, settings)
-        vectors = np.load(scratch / domain / "user_vectors.npy", mmap_mode="r")[shard.start : shard.stop]
-        indptr, items = None, None
-        if plan.exclude_seen:
-            full = np.load(scratch / domain / "seen_indptr.npy", mmap_mode="r")
-            indptr = np.asarray(full[shard.start : shard.stop + 1])
-            items = np.asarray(
-                np.load(scratch / domain / "seen_items.npy", mmap_mode="r")[indptr[0] : indptr[-1]]
-            )
-            indptr = indptr - indptr[0]
-        topk = search_topk(searcher, np.asarray(vectors), plan.k, indptr, items, plan.batch_users)
-        result.search_s[domain] = time.perf_counter() - t0
-        result.on_gpu |= searcher.on_gpu
-        result.short[domain] = int(((topk.items >= 0).sum(axis=1) < plan.k).sum())
-        t0 = time.perf_counter()
-        recs, serving = domain_rows(plan.run_id, domain, users, topk, pa.array(loaded.item_ids, pa.string()))
-        result.parts.append(plan.target.write(recs, "recommendations", shard.index, domain))
-        result.parts.append(plan.target.write(serving, "serving", shard.index, domain))
-        result.rows += recs.num_rows
-        result.write_s += time.perf_counter() - t0
+    total = len(users) * len(plan.indexes)
+    with progress_bar(
+        f"publish: shard {shard.index + 1}/{len(plan.shards)}", total=total, unit="user-domains"
+    ) as bar:
+        for domain, settings in plan.indexes:
+            _score_domain(plan, shard, scratch, users, domain, settings, result, lambda n: advance(bar, n))
     staged = scratch / "profiles" / f"{shard.index:05d}.parquet"
     if staged.exists():
         t0 = time.perf_counter()
@@ -203,6 +167,41 @@ def score_shard(plan: ShardPlan, shard: PublishShard) -> ShardResult:
         result.write_s += time.perf_counter() - t0
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _score_domain(
+    plan: ShardPlan,
+    shard: PublishShard,
+    scratch: Path,
+    users: pa.Array,
+    domain: str,
+    settings: IndexSettings,
+    result: ShardResult,
+    on_batch: Callable[[int], None],
+) -> None:
+    """One domain of a shard: its index and vector slice loaded once, the top-k searched, two parts."""
+    t0 = time.perf_counter()
+    loaded = IndexStore(plan.index_root).load(plan.run_id, domain)
+    searcher = Searcher.for_index(loaded.index, settings)
+    vectors = np.load(scratch / domain / "user_vectors.npy", mmap_mode="r")[shard.start : shard.stop]
+    indptr, items = None, None
+    if plan.exclude_seen:
+        full = np.load(scratch / domain / "seen_indptr.npy", mmap_mode="r")
+        indptr = np.asarray(full[shard.start : shard.stop + 1])
+        items = np.asarray(
+            np.load(scratch / domain / "seen_items.npy", mmap_mode="r")[indptr[0] : indptr[-1]]
+        )
+        indptr = indptr - indptr[0]
+    topk = search_topk(searcher, np.asarray(vectors), plan.k, indptr, items, plan.batch_users, on_batch)
+    result.search_s[domain] = time.perf_counter() - t0
+    result.on_gpu |= searcher.on_gpu
+    result.short[domain] = int(((topk.items >= 0).sum(axis=1) < plan.k).sum())
+    t0 = time.perf_counter()
+    recs, serving = domain_rows(plan.run_id, domain, users, topk, pa.array(loaded.item_ids, pa.string()))
+    result.parts.append(plan.target.write(recs, "recommendations", shard.index, domain))
+    result.parts.append(plan.target.write(serving, "serving", shard.index, domain))
+    result.rows += recs.num_rows
+    result.write_s += time.perf_counter() - t0
 
 
 def domain_rows(

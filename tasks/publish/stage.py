@@ -27,6 +27,8 @@ from pydantic import BaseModel
 from bridgerec.runtime.errors import InputError
 from bridgerec.runtime.logs import get_logger
 from bridgerec.runtime.progress import advance, progress_bar
+from bridgerec.runtime.reports import TableReport
+from bridgerec.runtime.runner import step
 from bridgerec.storage import warehouse as wh
 from bridgerec.storage.index_store import (
     IndexSettings,
@@ -39,13 +41,12 @@ from bridgerec.storage.index_store import (
 )
 from bridgerec.storage.vectors import DomainVectors
 from bridgerec.storage.workspace import Workspace, config_hash, hash_json
+from bridgerec.tasks.context import StageRun
 from bridgerec.tasks.enrich import EnrichOutputs
 from bridgerec.tasks.ingest import IngestMissing, IngestOutputs
 from bridgerec.tasks.publish.recommend import recommend_domain, recommendation_rows, without_items
 from bridgerec.tasks.publish.settings import PublishSettings
 from bridgerec.tasks.publish.shards import (
-    InProcess,
-    Runner,
     ShardPlan,
     ShardResult,
     score_shard,
@@ -92,6 +93,31 @@ class PublishSummary(BaseModel):
     data_root: str = ""
     index_dir: str = ""
 
+    def reports(self) -> list[TableReport]:
+        """The warehouse's runs after this publish (newest 20): status, rows, retention."""
+        rows = [
+            {
+                "run_id": r["run_id"],
+                "status": r["status"],
+                "model": r["model"],
+                "finished_at": str(r["finished_at"]),
+                "rows": r["n_recommendations"],
+                "retained": r["retained"],
+                "index": r.get("index_kind"),
+                "recall": r.get("index_recall"),
+            }
+            for r in wh.list_runs(self.warehouse, limit=20)
+        ]
+        description = (
+            f"Published run {self.run_id} ({self.model}): {self.rows:,} rows for {self.users:,} "
+            f"users, k={self.k}, in {self.seconds:.1f} s"
+            + (f", {self.shards} shards, {self.data_bytes / 1e6:.1f} MB of parts" if not self.skipped else "")
+            + (" (skipped: already published)" if self.skipped else "")
+            + (f"; purged {', '.join(self.purged_runs)}" if self.purged_runs else "")
+            + (f"; warning: {self.recall_warning}" if self.recall_warning else "")
+        )
+        return [TableReport("publish-runs", rows, description)]
+
 
 def resolve_trained_run(workspace: Workspace) -> TrainedRun:
     """The best run of the train stage on the current inputs. Raises PublishError when there is none."""
@@ -106,8 +132,7 @@ def index_root(settings: PublishSettings, warehouse: Path) -> Path:
 
 
 def settings_hash(settings: PublishSettings) -> str:
-    # Threads, batch size and where indexes go change how, not what, is published.
-    return config_hash(settings, exclude={0: {"threads", "batch_users", "index_dir"}})
+    return config_hash(settings)
 
 
 def inputs_hash(
@@ -263,56 +288,91 @@ class _Index:
     recall: float | None  # approximate kinds: recall@k against exact search on a sample of users
 
 
+@step("publish")
 def run_publish(
-    settings: PublishSettings,
-    workspace: Workspace,
-    warehouse: Path | str,
-    threads: int = 1,
-    force: bool = False,
+    run: StageRun[PublishSettings],
+    *,
     run_id: str | None = None,
     vectors: Mapping[str, DomainVectors] | None = None,
     model: str | None = None,
-    *,
-    runner: Runner | None = None,
 ) -> PublishSummary:
-    """Publish the latest trained run of `workspace` (or the `vectors` handed in) into `warehouse`.
+    """Publish the latest trained run of the workspace (or the `vectors` handed in) into `run.warehouse`.
 
-    `run_id` defaults to the trained run's id (the nightly flow passes its own); `runner` maps the
-    scoring shards (default: one after another in this process).
+    `run_id` defaults to the trained run's id (the nightly flow passes its own, to tie the row it recorded
+    as 'running' to this publish). The plan, every shard and the registration are steps of `run.runner`
+    (task runs in a flow; the shards on worker processes with `runtime.runner: processes`).
     """
-    job = _job(settings, workspace, warehouse, threads, run_id, vectors)
-    if not force and (done := _already_published(job.warehouse, job.run_id, job.inputs_hash, job.store.root)):
+    job = _job(run, run_id, vectors)
+    if not run.force and (
+        done := _already_published(job.warehouse, job.run_id, job.inputs_hash, job.store.root)
+    ):
         return _skipped(job, done)
-    ranked = _ranked_inputs(job, vectors, model)
     republish = (job.store.run_dir(job.run_id) / "manifest.json").exists()
     with wh.publish_attempt(job.warehouse, job.run_id, job.data_root, job.store.root) as attempt:
         try:
-            indexes = _build_and_save_indexes(job, ranked)  # the index goes in before the warehouse names it
-            plan = _plan_shards(job, ranked, indexes, attempt)
-            results = _score(job, plan, runner or InProcess())
-            result = _register(job, ranked, indexes, attempt, results)
+            plan = run.runner.call(plan_publish, job, attempt, vectors, model)
+            results = run.runner.map(score_shard, list(plan.shards.shards), plan.shards)
+            result = run.runner.call(register_publish, job, plan, attempt, results)
         except BaseException:
             if not republish:
                 job.store.remove(job.run_id)  # the warehouse never named this index
             raise
     _drop_old_indexes(job, result)
-    return _summary(job, ranked, indexes, results, result)
+    return _summary(job, plan, results, result)
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """A domain's sizes: all the registration and the summary need once the vectors are staged."""
+
+    users: int
+    items: int
+
+
+@dataclass
+class PublishPlan:
+    """What the plan step hands to the shards and the registration (no vectors: they are staged)."""
+
+    model: str | None
+    new_ids: list[str]
+    new_note: str | None
+    items: pa.Table  # the ingested catalogue (ITEM_COLUMNS)
+    domains: dict[str, _Shape]
+    indexes: dict[str, _Index]
+    shards: ShardPlan
+    timings: dict[str, float]
+
+
+@step("plan-publish")
+def plan_publish(
+    job: _Job, attempt: wh.Attempt, vectors: Mapping[str, DomainVectors] | None, model: str | None
+) -> PublishPlan:
+    """Vectors (exported unless handed in), the indexes built and saved, the shards' inputs staged."""
+    ranked = _ranked_inputs(job, vectors, model)
+    indexes = _build_and_save_indexes(job, ranked)  # the index goes in before the warehouse names it
+    shards = _plan_shards(job, ranked, indexes, attempt)
+    domains = {d: _Shape(len(v.user_ids), len(v.item_ids)) for d, v in sorted(ranked.vectors.items())}
+    return PublishPlan(
+        ranked.model,
+        ranked.new_ids,
+        ranked.new_note,
+        ranked.items,
+        domains,
+        indexes,
+        shards,
+        dict(job.timings),
+    )
 
 
 def _job(
-    settings: PublishSettings,
-    workspace: Workspace,
-    warehouse: Path | str,
-    threads: int,
-    run_id: str | None,
-    vectors: Mapping[str, DomainVectors] | None,
+    run: StageRun[PublishSettings], run_id: str | None, vectors: Mapping[str, DomainVectors] | None
 ) -> _Job:
     """Resolve the trained run, the run id and the inputs' hash; check the ingest output is there."""
+    settings, workspace = run.settings, run.workspace
     trained = resolve_trained_run(workspace) if vectors is None else None
     if run_id is None:
-        run_id = (
-            trained.run_id if trained else f"publish-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-        )
+        stamp = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+        run_id = trained.run_id if trained else f"publish-{stamp}"
     check_run_id(run_id)
     wh.verify_readable(warehouse)  # a damaged warehouse is refused before any index or row is built
     ingest = IngestOutputs(workspace)
@@ -320,12 +380,12 @@ def _job(
         stats = ingest.manifest().stats
     except IngestMissing as exc:
         raise PublishError(str(exc)) from None
-    warehouse = Path(warehouse).expanduser().resolve()
+    warehouse = run.warehouse_path.expanduser().resolve()
     return _Job(
         settings,
         workspace,
         warehouse,
-        settings.threads or threads,
+        run.threads_for(settings.threads),
         run_id,
         trained,
         inputs_hash(settings, workspace, trained, vectors),
@@ -440,62 +500,38 @@ def _plan_shards(job: _Job, ranked: _Ranked, indexes: dict[str, _Index], attempt
     )
 
 
-def _score(job: _Job, plan: ShardPlan, runner: Runner) -> list[ShardResult]:
-    """Map the shard function over the shards (each writes its own parts)."""
-    t0 = time.perf_counter()
-    with progress_bar("publish: shards", total=len(plan.shards), unit="shards") as bar:
-
-        def one(p: ShardPlan, shard: Any) -> ShardResult:
-            result = score_shard(p, shard)
-            advance(bar)
-            return result
-
-        in_process = isinstance(runner, InProcess)
-        results = runner.map(one if in_process else score_shard, list(plan.shards), plan)
-    job.timings["shards_s"] = time.perf_counter() - t0
-    job.timings["search_s"] = sum(sum(r.search_s.values()) for r in results)
-    job.timings["parts_write_s"] = sum(r.write_s for r in results)
-    for domain in sorted({d for r in results for d in r.short}):
+@step("register-night")
+def register_publish(
+    job: _Job, plan: PublishPlan, attempt: wh.Attempt, results: list[ShardResult]
+) -> wh.PublishResult:
+    """The night's parts, metrics and runs row into the warehouse file, in one atomic swap."""
+    for domain in sorted(plan.domains):
         n = sum(r.short.get(domain, 0) for r in results)
         if n:
             get_logger().warning(
-                "publish: %d users have fewer than k=%d eligible items in %s", n, plan.k, domain
+                "publish: %d users have fewer than k=%d eligible items in %s", n, job.settings.k, domain
             )
-    return results
-
-
-def _register(
-    job: _Job, ranked: _Ranked, indexes: dict[str, _Index], attempt: wh.Attempt, results: list[ShardResult]
-) -> wh.PublishResult:
-    """The night's parts, metrics and runs row into the warehouse file, in one atomic swap."""
-    recalls = [i.recall for i in indexes.values() if i.recall is not None]
+    recalls = [i.recall for i in plan.indexes.values() if i.recall is not None]
     record = wh.RunRecord(
         run_id=job.run_id,
         started_at=job.started_at,
-        model=ranked.model,
+        model=plan.model,
         train_run_id=job.trained.run_id if job.trained else None,
         config_hash=settings_hash(job.settings),
         inputs_hash=job.inputs_hash,
         k=job.settings.k,
         n_users=sum(r.users for r in results),
-        n_items=int(job.stats.get("items", ranked.items.num_rows)),
+        n_items=int(job.stats.get("items", plan.items.num_rows)),
         n_interactions=job.stats.get("interactions"),
-        n_domains=len(ranked.vectors),
+        n_domains=len(plan.domains),
         index_path=str(job.store.run_dir(job.run_id)),
-        index_kind="; ".join(f"{d}: {i.settings.label()}" for d, i in sorted(indexes.items())),
+        index_kind="; ".join(f"{d}: {i.settings.label()}" for d, i in sorted(plan.indexes.items())),
         index_recall=min(recalls) if recalls else None,
     )
     metrics = load_run_metrics(job.workspace, job.trained) if job.trained else None
-    night = wh.Night(record, [p for r in results for p in r.parts], ranked.items, metrics)
+    night = wh.Night(record, [p for r in results for p in r.parts], plan.items, metrics)
     retention = wh.Retention(job.settings.retention_runs, job.settings.retention_grace_hours)
-    result = wh.register_night(attempt, night, retention, job.threads, job.settings.storage_compatibility)
-    job.timings |= {
-        "warehouse_copy_s": result.timings.copy_s,
-        "warehouse_write_s": result.timings.write_s,
-        "warehouse_swap_s": result.timings.swap_s,
-        **result.timings.extra,
-    }
-    return result
+    return wh.register_night(attempt, night, retention, job.threads, job.settings.storage_compatibility)
 
 
 def _drop_old_indexes(job: _Job, result: wh.PublishResult) -> None:
@@ -505,44 +541,60 @@ def _drop_old_indexes(job: _Job, result: wh.PublishResult) -> None:
     job.store.clean_temporaries()
 
 
+def _timings(plan: PublishPlan, results: list[ShardResult], result: wh.PublishResult) -> dict[str, float]:
+    """Seconds per phase: the plan's (export, indexes, recall, staging), the shards' (summed over
+    shards: search, writing parts, whole shards), the registration's (items part, copy, write, swap)."""
+    return {
+        **plan.timings,
+        "search_s": sum(sum(r.search_s.values()) for r in results),
+        "parts_write_s": sum(r.write_s for r in results),
+        "shards_s": sum(r.seconds for r in results),
+        "warehouse_copy_s": result.timings.copy_s,
+        "warehouse_write_s": result.timings.write_s,
+        "warehouse_swap_s": result.timings.swap_s,
+        **result.timings.extra,
+    }
+
+
+def _recall_warning(settings: PublishSettings, recall: dict[str, float]) -> str | None:
+    low = {d: r for d, r in recall.items() if r < settings.index.recall_floor}
+    if not low:
+        return None
+    warning = ", ".join(f"{d} recall@{settings.k} {r:.3f}" for d, r in low.items())
+    warning += (
+        f" below publish.index.recall_floor {settings.index.recall_floor}: raise ivf_nprobe / hnsw_ef_search"
+    )
+    get_logger().warning("publish: %s", warning)
+    return warning
+
+
 def _summary(
-    job: _Job,
-    ranked: _Ranked,
-    indexes: dict[str, _Index],
-    results: list[ShardResult],
-    result: wh.PublishResult,
+    job: _Job, plan: PublishPlan, results: list[ShardResult], result: wh.PublishResult
 ) -> PublishSummary:
     s = job.settings
-    recall = {d: round(i.recall, 4) for d, i in sorted(indexes.items()) if i.recall is not None}
-    low = {d: r for d, r in recall.items() if r < s.index.recall_floor}
-    warning = None
-    if low:
-        warning = ", ".join(f"{d} recall@{s.k} {r:.3f}" for d, r in low.items())
-        warning += (
-            f" below publish.index.recall_floor {s.index.recall_floor}: raise ivf_nprobe / hnsw_ef_search"
-        )
-        get_logger().warning("publish: %s", warning)
-    write_s = job.timings.get("parts_write_s", 0.0)
+    recall = {d: round(i.recall, 4) for d, i in sorted(plan.indexes.items()) if i.recall is not None}
+    timings = _timings(plan, results, result)
+    write_s = timings["parts_write_s"]
     summary = PublishSummary(
         run_id=job.run_id,
         train_run_id=job.trained.run_id if job.trained else None,
-        model=ranked.model,
+        model=plan.model,
         users=sum(r.users for r in results),
-        items_per_domain={d: len(v.item_ids) for d, v in sorted(ranked.vectors.items())},
+        items_per_domain={d: shape.items for d, shape in plan.domains.items()},
         k=s.k,
         rows=result.rows,
-        users_short={d: sum(r.short.get(d, 0) for r in results) for d in sorted(ranked.vectors)},
-        new_items=len(ranked.new_ids),
-        new_items_recommended=bool(ranked.new_ids) and ranked.new_note is None,
-        new_items_note=ranked.new_note,
-        index_kinds={d: i.settings.label() for d, i in sorted(indexes.items())},
+        users_short={d: sum(r.short.get(d, 0) for r in results) for d in plan.domains},
+        new_items=len(plan.new_ids),
+        new_items_recommended=bool(plan.new_ids) and plan.new_note is None,
+        new_items_note=plan.new_note,
+        index_kinds={d: i.settings.label() for d, i in sorted(plan.indexes.items())},
         index_recall=recall,
-        recall_warning=warning,
+        recall_warning=_recall_warning(s, recall),
         shards=len(results),
         parts=sum(len(r.parts) for r in results) + 1,
         data_bytes=result.bytes_written,
         seconds=time.perf_counter() - job.started,
-        timings={k: round(v, 4) for k, v in job.timings.items()},
+        timings={k: round(v, 4) for k, v in timings.items()},
         rows_per_s=result.rows / write_s if write_s else 0.0,
         warehouse_bytes=job.warehouse.stat().st_size,
         purged_runs=result.purged_runs,
@@ -551,20 +603,21 @@ def _summary(
         data_root=job.data_root,
         index_dir=str(job.store.run_dir(job.run_id)),
     )
+    kinds = ", ".join(
+        f"{d} {k}" + (f" recall {recall[d]:.3f}" if d in recall else "")
+        for d, k in summary.index_kinds.items()
+    )
     get_logger().info(
         "publish: run %s, %d rows for %d users x %d domains in %d shards, %.1f MB of parts, in %.1f s "
         "(indexes: %s; purged %s)",
         job.run_id,
         summary.rows,
         summary.users,
-        len(ranked.vectors),
+        len(plan.domains),
         summary.shards,
         summary.data_bytes / 1e6,
         summary.seconds,
-        ", ".join(
-            f"{d} {k}" + (f" recall {recall[d]:.3f}" if d in recall else "")
-            for d, k in summary.index_kinds.items()
-        ),
+        kinds,
         result.purged_runs or "none",
     )
     return summary
