@@ -36,7 +36,7 @@ from bridgerec.storage.files import swap_dir
 
 INDEX_FORMAT_VERSION = 1
 IVF_TRAIN_POINTS_PER_CELL = 64  # k-means training sample per IVF cell (FAISS's default 256: 4x the time)
-AUTO_THRESHOLD_ITEMS = 200_000  # bench/publish.py --index-table: see docs/publish.md
+AUTO_THRESHOLD_ITEMS = 100_000  # bench/publish.py --index-table: see docs/publish.md, "Choosing the index"
 _GPU_MAX_K = 2048  # faiss GPU indexes answer at most this many neighbours per query
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -129,18 +129,21 @@ def build_index(item_vectors: np.ndarray, settings: IndexSettings) -> faiss.Inde
     x = np.ascontiguousarray(item_vectors, dtype=np.float32)
     n, d = x.shape
     settings = settings.resolve(n)
+    index: faiss.Index
     if settings.kind == "flat":
         index = faiss.IndexFlatIP(d)
     elif settings.kind == "ivf":
         nlist = settings.ivf_nlist or 1
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.cp.max_points_per_centroid = IVF_TRAIN_POINTS_PER_CELL  # k-means on a sample, not all items
-        index.train(x)
-        index.nprobe = settings.ivf_nprobe or 1
+        ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        ivf.cp.max_points_per_centroid = IVF_TRAIN_POINTS_PER_CELL  # k-means on a sample, not all items
+        ivf.train(x)
+        ivf.nprobe = settings.ivf_nprobe or 1
+        index = ivf
     elif settings.kind == "hnsw":
-        index = faiss.IndexHNSWFlat(d, settings.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = settings.hnsw_ef_construction
-        index.hnsw.efSearch = settings.hnsw_ef_search
+        hnsw = faiss.IndexHNSWFlat(d, settings.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = settings.hnsw_ef_construction
+        hnsw.hnsw.efSearch = settings.hnsw_ef_search
+        index = hnsw
     else:  # pragma: no cover - pydantic restricts the values
         raise ValueError(f"unknown index kind {settings.kind!r}")
     index.add(x)
@@ -326,7 +329,8 @@ class IndexStore:
         path = self.run_dir(run_id) / "manifest.json"
         if not path.exists():
             raise FileNotFoundError(f"no saved index for run {run_id!r} under {self.root}")
-        return json.loads(path.read_text())
+        manifest: dict[str, Any] = json.loads(path.read_text())
+        return manifest
 
     def load(self, run_id: str, domain: str, mmap: bool = False) -> LoadedIndex:
         meta = self.manifest(run_id)

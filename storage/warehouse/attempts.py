@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import duckdb
 
@@ -160,7 +161,7 @@ def clean_dead_attempts(warehouse: Path) -> list[str]:
     return cleaned
 
 
-def _delete_attempt(warehouse: Path, entry: dict) -> int:
+def _delete_attempt(warehouse: Path, entry: dict[str, Any]) -> int:
     if entry.get("scratch"):
         shutil.rmtree(entry["scratch"], ignore_errors=True)
     root = resolve_root(entry["root"], warehouse.parent)

@@ -453,10 +453,15 @@ def _build_and_save_indexes(job: _Job, ranked: _Ranked) -> dict[str, _Index]:
         recall = None
         if resolved.approximate and resolved.recall_sample_users:
             t0 = time.perf_counter()
-            seen = (v.seen_indptr, v.seen_items) if job.settings.exclude_seen else (None, None)
-            searcher = Searcher.for_index(index, resolved)
+            exclude = job.settings.exclude_seen
             recall = recall_at_k(
-                searcher, v.item_vectors, v.user_vectors, job.settings.k, *seen, resolved.recall_sample_users
+                Searcher.for_index(index, resolved),
+                v.item_vectors,
+                v.user_vectors,
+                job.settings.k,
+                v.seen_indptr if exclude else None,
+                v.seen_items if exclude else None,
+                sample=resolved.recall_sample_users,
             )
             job.timings["recall_s"] = job.timings.get("recall_s", 0.0) + time.perf_counter() - t0
             log.info("publish: %s index %s: recall@%d %.4f", domain, resolved.label(), job.settings.k, recall)
