@@ -52,11 +52,12 @@ def night(run_id: str, seed: int):
     )
 
 
-def timed(fn, *args, repeat: int = 1) -> tuple[float, object]:
+def timed(fn, *args, repeat: int = 1, **kwargs) -> tuple[float, object]:
+    """Mean seconds of `repeat` calls of fn(*args, **kwargs), and the last result."""
     t0 = time.perf_counter()
     out = None
     for _ in range(repeat):
-        out = fn(*args)
+        out = fn(*args, **kwargs)
     return (time.perf_counter() - t0) / repeat, out
 
 
