@@ -43,7 +43,9 @@ def held_read_write(path: Path, exc: BaseException, consequence: str) -> Warehou
     )
 
 
-def open_read_only(path: Path | str, consequence: str = "it cannot be read until that session ends"):
+def open_read_only(
+    path: Path | str, consequence: str = "it cannot be read until that session ends"
+) -> duckdb.DuckDBPyConnection:
     """A plain read-only DuckDB connection to the warehouse file (never blocked by a publish).
 
     Raises WarehouseError when the file is missing, held read-write by another process (naming its PID;

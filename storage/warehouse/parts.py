@@ -31,6 +31,7 @@ import urllib.parse
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -135,7 +136,8 @@ def full_path(resolved_root: str, relpath: str) -> str:
 def filesystem(resolved_root: str) -> tuple[pafs.FileSystem, str]:
     """(pyarrow filesystem, base path inside it) for an absolute folder or a URI such as s3://b/p."""
     if is_remote(resolved_root):
-        return pafs.FileSystem.from_uri(resolved_root)
+        fs, base = pafs.FileSystem.from_uri(resolved_root)
+        return fs, str(base)
     return pafs.LocalFileSystem(), resolved_root
 
 
@@ -284,7 +286,7 @@ def register_filesystems(con: duckdb.DuckDBPyConnection, resolved_roots: set[str
 
 
 @functools.lru_cache(maxsize=8)
-def _fsspec_for(scheme: str, root: str):
+def _fsspec_for(scheme: str, root: str) -> Any:  # an fsspec AbstractFileSystem
     from fsspec.implementations.arrow import ArrowFSWrapper
 
     fs, _ = filesystem(root)
