@@ -135,18 +135,13 @@ def iceberg_format(root: Path, nights: list) -> dict:
     import duckdb
     from pyiceberg.catalog.sql import SqlCatalog
     from pyiceberg.expressions import And, EqualTo
-    from pyiceberg.partitioning import PartitionField, PartitionSpec
-    from pyiceberg.transforms import IdentityTransform
 
     catalog = SqlCatalog("bench", uri=f"sqlite:///{root}/iceberg.db", warehouse=f"file://{root}/iceberg")
     catalog.create_namespace("bridgerec")
-    schema = catalog.create_table("bridgerec.tmp", schema=nights[0].schema).schema()
-    catalog.drop_table("bridgerec.tmp")
-    spec = PartitionSpec(
-        PartitionField(schema.find_field("run_id").field_id, 1000, IdentityTransform(), "run_id"),
-        PartitionField(schema.find_field("domain").field_id, 1001, IdentityTransform(), "domain"),
-    )
-    table = catalog.create_table("bridgerec.recommendations", schema=nights[0].schema, partition_spec=spec)
+    table = catalog.create_table("bridgerec.recommendations", schema=nights[0].schema)
+    with table.update_spec() as spec:  # partitioned by run and domain, as the parts are
+        spec.add_identity("run_id")
+        spec.add_identity("domain")
     writes = [timed(table.append, t)[0] for t in nights]
 
     def lookup(run_id: str) -> int:
