@@ -7,16 +7,46 @@ the views re-pointed when the file was moved, and remote roots readable.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
 
-from bridgerec.storage.warehouse.schema import WarehouseError
+from bridgerec.storage.warehouse.schema import WarehouseDamaged, WarehouseError
 
 # What a writer refused by another process's read-write session tells the user.
 NOTHING_PUBLISHED = "it was left as it was (nothing published, no swap)"
 _HOLDER = re.compile(r"Conflicting lock is held in (?P<exe>.*?) \(PID (?P<pid>\d+)\)")
+
+
+# What DuckDB says about a damaged file: checksums that do not match (data or metadata blocks), a file
+# shorter than its metadata says, metadata it cannot follow, a header that is not a database's.
+_DAMAGE = re.compile(
+    r"Corrupt database file|checksum|Could not read enough bytes|MetadataReader|metadata pointer|"
+    r"not a valid DuckDB database|database file .* is (?:corrupt|truncated)",
+    re.IGNORECASE,
+)
+
+
+def is_damage(exc: BaseException) -> bool:
+    """Whether a DuckDB error says the database file itself is damaged."""
+    return isinstance(exc, duckdb.Error) and _DAMAGE.search(str(exc)) is not None
+
+
+def damaged(path: Path | str, exc: BaseException) -> WarehouseDamaged:
+    """The error for a damaged warehouse file: what DuckDB found, and the way back. bridgerec keeps no
+    earlier copy of the file (each change swaps a new file in and the old one is gone), so the remedy is
+    a new warehouse written from the workspace, or the user's own backup. The parts the file named stay
+    where they are; a new warehouse writes its own."""
+    return WarehouseDamaged(
+        f"warehouse {path} is damaged ({first_line(exc)}); it was left as it was. Move it aside "
+        f"(`mv {path} {path}.damaged`) and run `bridgerec publish --force` with the config that built it: "
+        "that writes a new warehouse with the best trained run of the workspace (earlier runs too with "
+        "`--run-id RUN` while WORKSPACE/runs/RUN exists; the nights' history is only in the damaged file). "
+        "Or restore the file from a backup: bridgerec keeps no earlier copy (each publish replaces it)"
+    )
 
 
 def first_line(exc: BaseException) -> str:
@@ -59,6 +89,8 @@ def open_read_only(
     except duckdb.Error as exc:
         if is_lock_conflict(exc):
             raise held_read_write(path, exc, consequence) from None
+        if is_damage(exc):
+            raise damaged(path, exc) from None
         raise WarehouseError(f"warehouse {path} cannot be opened: {first_line(exc)}") from None
 
 
@@ -76,6 +108,8 @@ def connect(path: Path | str) -> duckdb.DuckDBPyConnection:
         prepare_reader(con, path.resolve().parent)
     except duckdb.Error as exc:
         con.close()
+        if is_damage(exc):
+            raise damaged(path, exc) from None
         raise WarehouseError(f"warehouse {path} cannot be read: {first_line(exc)}") from None
     except BaseException:
         con.close()
@@ -85,3 +119,35 @@ def connect(path: Path | str) -> duckdb.DuckDBPyConnection:
 
 # The name every reader used before the parts layout.
 connect_reader = connect
+
+
+@contextlib.contextmanager
+def reading(path: Path | str, consequence: str | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+    """`connect` (or, with `consequence`, the plain `open_read_only` a writer uses to look before it
+    changes anything), closed after the block; a damaged block met by a query in it raises
+    WarehouseDamaged naming the file (a file whose metadata opens can still hold damaged data)."""
+    con = connect(path) if consequence is None else open_read_only(path, consequence)
+    try:
+        yield con
+    except duckdb.Error as exc:
+        if is_damage(exc):
+            raise damaged(path, exc) from None
+        raise
+    finally:
+        con.close()
+
+
+def verify_readable(path: Path | str) -> None:
+    """Read every block of the live warehouse file once (every column of every table: DuckDB checks each
+    block's checksum as it reads it); WarehouseDamaged when one fails. Publish calls it before any work,
+    so a damaged file is refused before anything is built or written. (The rows in parts are not read:
+    their files are checked by Parquet as they are read.)"""
+    path = Path(path)
+    if not path.exists():
+        return
+    with reading(path, NOTHING_PUBLISHED) as con:
+        tables = con.execute(
+            "SELECT schema_name, table_name FROM duckdb_tables() WHERE database_name = current_database()"
+        ).fetchall()
+        for schema, table in tables:
+            con.execute(f'SELECT count(hash(t)) FROM "{schema}"."{table}" t').fetchall()

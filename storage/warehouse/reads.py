@@ -12,7 +12,7 @@ from typing import Any
 
 import duckdb
 
-from bridgerec.storage.warehouse.connection import connect
+from bridgerec.storage.warehouse.connection import reading
 from bridgerec.storage.warehouse.schema import PARTS_VERSION, WarehouseError, schema_version
 from bridgerec.storage.warehouse.views import served_files
 
@@ -33,19 +33,16 @@ def published_run(path: Path | str) -> dict[str, Any] | None:
     path = Path(path)
     if not path.is_file():
         return None
-    con = connect(path)
-    try:
-        return latest_run(con)
-    except duckdb.CatalogException:
-        return None
-    finally:
-        con.close()
+    with reading(path) as con:
+        try:
+            return latest_run(con)
+        except duckdb.CatalogException:
+            return None
 
 
 def list_runs(path: Path | str, limit: int | None = None) -> list[dict[str, Any]]:
     """The runs table, newest first (completed runs by publish order, then the others by start)."""
-    con = connect(path)
-    try:
+    with reading(path) as con:
         version = schema_version(con)
         kind = (
             "kind, flow_run_id, published_run_id, gate, gate_message, valid_ndcg10, " if version >= 4 else ""
@@ -60,8 +57,6 @@ def list_runs(path: Path | str, limit: int | None = None) -> list[dict[str, Any]
         if limit is not None:
             sql += " LIMIT ?"
         return rows(con, sql, [limit] if limit is not None else [])
-    finally:
-        con.close()
 
 
 def _served_run(con: duckdb.DuckDBPyConnection, path: Path | str, run_id: str | None) -> dict[str, Any]:
@@ -100,8 +95,7 @@ def user_recommendations(
     """A user's top-k per domain (with item titles) and profile, from the latest run or any retained
     `run_id` (time travel). Raises WarehouseError naming what is missing."""
     folder = Path(path).expanduser().resolve().parent
-    con = connect(path)
-    try:
+    with reading(path) as con:
         run = _served_run(con, path, run_id)
         rid = run["run_id"]
         recs = rows(
@@ -142,5 +136,3 @@ def user_recommendations(
             "interests": (profile[0][1] or []) if profile else [],
             "recommendations": by_domain,
         }
-    finally:
-        con.close()

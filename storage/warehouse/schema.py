@@ -22,6 +22,12 @@ class WarehouseError(InputError):
     the message says why and what to do."""
 
 
+class WarehouseDamaged(WarehouseError):
+    """The warehouse file is damaged (a full disk, a bad sector, a copy cut short): DuckDB finds blocks
+    that fail their checksum or metadata it cannot read. Readers and publish refuse it, changing nothing;
+    the message says how to replace it."""
+
+
 @dataclass(frozen=True)
 class Migration:
     """One numbered schema change. `move`, when set, runs first in the same transaction: Python that moves

@@ -47,8 +47,10 @@ import duckdb
 from bridgerec.runtime.logs import get_logger
 from bridgerec.storage.warehouse.connection import (
     NOTHING_PUBLISHED,
+    damaged,
     first_line,
     held_read_write,
+    is_damage,
     is_lock_conflict,
 )
 from bridgerec.storage.warehouse.schema import WarehouseError, migrate, schema_version
@@ -68,6 +70,8 @@ def _check_no_foreign_writer(path: Path) -> None:
     except duckdb.Error as exc:
         if is_lock_conflict(exc):
             raise held_read_write(path, exc, NOTHING_PUBLISHED) from None
+        if is_damage(exc):
+            raise damaged(path, exc) from None
         raise WarehouseError(f"warehouse {path} cannot be opened: {first_line(exc)}") from None
 
 
@@ -234,6 +238,10 @@ def rewrite(
             os.replace(tmp, path)
             _fsync(path.parent)
             timings.swap_s = time.perf_counter() - t0
+        except duckdb.Error as exc:  # the copy of a damaged live file fails where its blocks do
+            if is_damage(exc):
+                raise damaged(path, exc) from None
+            raise
         finally:
             if con is not None:
                 con.close()

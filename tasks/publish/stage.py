@@ -374,13 +374,13 @@ def _job(
         stamp = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
         run_id = trained.run_id if trained else f"publish-{stamp}"
     check_run_id(run_id)
-    wh.verify_readable(warehouse)  # a damaged warehouse is refused before any index or row is built
+    warehouse = run.warehouse_path.expanduser().resolve()
+    wh.verify_readable(warehouse)  # a damaged warehouse is refused before any index or part is built
     ingest = IngestOutputs(workspace)
     try:
         stats = ingest.manifest().stats
     except IngestMissing as exc:
         raise PublishError(str(exc)) from None
-    warehouse = run.warehouse_path.expanduser().resolve()
     return _Job(
         settings,
         workspace,
