@@ -24,6 +24,16 @@ import pyarrow as pa
 from bridgerec.storage.warehouse.parts import PART_SCHEMAS, full_path, register_filesystems, resolve_root
 from bridgerec.storage.warehouse.schema import PARTS_VERSION, WarehouseError, schema_version
 
+# The views over parts (written by `view_statements`, in this order).
+PART_VIEWS = (
+    "items",
+    "recommendations",
+    "user_profiles",
+    "serving",
+    "latest_recommendations",
+    "latest_user_profiles",
+    "latest_serving",
+)
 _DUCKDB_TYPES = {
     pa.string(): "VARCHAR",
     pa.int16(): "SMALLINT",
@@ -125,14 +135,21 @@ def remote_roots(con: duckdb.DuckDBPyConnection, catalogue_folder: Path) -> set[
 
 def prepare_reader(con: duckdb.DuckDBPyConnection, catalogue_folder: Path) -> bool:
     """Make a read-only connection's views right where the file is now: register remote roots'
-    filesystems and, when the file was written in another folder, re-point the views with temporary
-    views of the same names. Returns whether the views were re-pointed."""
+    filesystems and, when the file was written in another folder and its parts are there too, re-point
+    the views with temporary views of the same names. Returns whether the views were re-pointed."""
     if schema_version(con) < PARTS_VERSION:
         return False
     register_filesystems(con, remote_roots(con, catalogue_folder))
     recorded = con.execute("SELECT value FROM warehouse_info WHERE key = 'catalogue_folder'").fetchall()
     if recorded and recorded[0][0] == str(catalogue_folder):
         return False
-    for sql in view_statements(con, catalogue_folder, temp=True):
-        con.execute(sql)
+    try:
+        for sql in view_statements(con, catalogue_folder, temp=True):
+            con.execute(sql)
+    except duckdb.IOException:
+        # The parts are not beside the file here (the file alone was copied): keep the views it has,
+        # which name the parts where they were written (immutable files: the same rows, or a loud error).
+        for name in PART_VIEWS:
+            con.execute(f"DROP VIEW IF EXISTS temp.{name}")
+        return False
     return True
