@@ -46,6 +46,8 @@ models_app = typer.Typer(help="Prepare the LLMs for offline use.", no_args_is_he
 app.add_typer(models_app, name="models")
 runs_app = typer.Typer(help="Published runs in the warehouse.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
+warehouse_app = typer.Typer(help="Look after the warehouse file.", no_args_is_help=True)
+app.add_typer(warehouse_app, name="warehouse")
 
 ConfigOpt = Annotated[
     Path | None,
@@ -387,8 +389,10 @@ def publish(
 ) -> None:
     """Write the latest trained run's top-k per user and domain to the DuckDB warehouse, with FAISS indexes.
 
-    The warehouse is replaced atomically: analysts reading it meanwhile see the previous run or the new one.
-    A failed publish leaves the warehouse as it was.
+    Users are scored in shards (`publish.users_per_shard`), each writing its own Parquet parts under
+    `publish.data_dir` (default <warehouse name>.parts beside it; s3://bucket/prefix works too); the night
+    then becomes visible in one atomic swap of the small warehouse file: analysts reading it meanwhile see
+    the previous run or the new one. A failed publish leaves the warehouse as it was.
     Indexes are saved under <warehouse folder>/indexes/<run_id>/.
     Runs beyond `publish.retention_runs` lose their recommendations, profiles and indexes.
     """
@@ -410,6 +414,15 @@ def _render_publish(s: PublishSummary) -> None:
         f"{s.rows:,} rows: {s.users:,} users x {len(s.items_per_domain)} domains x k={s.k}; "
         f"indexes in {s.index_dir}"
     )
+    console.print(f"{s.shards} shards wrote {s.parts} parts, {s.data_bytes / 1e6:.1f} MB, in {s.data_root}")
+    for domain, kind in s.index_kinds.items():
+        recall = s.index_recall.get(domain)
+        console.print(
+            f"index {domain}: {kind}"
+            + (f", recall@{s.k} {recall:.3f} against exact search" if recall else "")
+        )
+    if s.recall_warning:
+        console.print(f"[bold yellow]warning[/]: {s.recall_warning}")
     if s.purged_runs:
         console.print(f"retention purged: {', '.join(s.purged_runs)}")
 
@@ -512,12 +525,16 @@ def deploy_check(
 def recs(
     user: Annotated[str, typer.Option("--user", "-u", help="The user's source id.")],
     domain: Annotated[str | None, typer.Option("--domain", "-d", help="Only this domain.")] = None,
-    run_id: Annotated[str | None, typer.Option("--run", help="A retained run (default: the latest).")] = None,
+    run_id: Annotated[
+        str | None,
+        typer.Option("--run-id", "--run", help="Any retained run (time travel; default: the latest)."),
+    ] = None,
     warehouse: WarehouseOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Show a user's top-k recommendations with item titles and their profile (read-only)."""
+    """Show a user's top-k recommendations with item titles and their profile (read-only), from the
+    latest run or from any retained run (`--run-id`; `bridgerec runs list` shows which are retained)."""
     from bridgerec.storage.warehouse import WarehouseError, user_recommendations
 
     path = warehouse or _settings(config).warehouse_path
@@ -598,6 +615,24 @@ def _render_runs(result: dict) -> None:
             console.print(
                 f"{shown(r['run_id'])} gate {r['gate']}: {shown(r['gate_message'])}", soft_wrap=True
             )
+
+
+@warehouse_app.command("relink")
+def warehouse_relink(
+    warehouse: WarehouseOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Rewrite the warehouse's views for the folder it is in now, after the workspace was moved or is
+    mounted elsewhere, so that plain DuckDB clients read its parts there (one atomic swap, nothing else
+    changes; bridgerec's own readers and `bridgerec.storage.warehouse.connect` need no relink)."""
+    from bridgerec.storage.warehouse import WarehouseError, relink
+
+    path = warehouse or _settings(config).warehouse_path
+    try:
+        relink(path)
+    except WarehouseError as exc:
+        _fail(str(exc))
+    typer.echo(f"relinked {path}: its views read the parts where the file is now")
 
 
 @config_app.command("show")

@@ -214,8 +214,9 @@ def test_27_damaged_warehouse_is_named_with_the_way_back(
 def test_a_damaged_block_in_a_table_a_reader_does_not_touch_still_stops_publish(
     published_case: Path, tmp_path: Path
 ) -> None:
-    """Variant of 27: damage in the blocks of one table only (the recommendations' data, which `runs
-    list` never reads): `runs list` works, but publish reads every block first and refuses."""
+    """Variant of 27: damage in the blocks of one table only (the metrics, which `runs list` never
+    reads; the recommendations are Parquet parts now): `runs list` works, but publish reads every block
+    of the file first and refuses."""
     import duckdb
 
     from bridgerec.storage import warehouse as wh
@@ -227,7 +228,7 @@ def test_a_damaged_block_in_a_table_a_reader_does_not_touch_still_stops_publish(
             {
                 int(r[0])
                 for r in con.execute(
-                    "SELECT block_id FROM pragma_storage_info('recommendations') WHERE block_id >= 0"
+                    "SELECT block_id FROM pragma_storage_info('metrics') WHERE block_id >= 0"
                 ).fetchall()
             }
         )
