@@ -102,6 +102,19 @@ def task_runner(stage: Stage[Any, Any], runtime: RuntimeSettings) -> tuple[TaskR
     return None, TaskRuns(concurrent=False)
 
 
+@contextlib.contextmanager
+def one_cluster(runtime: RuntimeSettings) -> Iterator[None]:
+    """Connect to (or start) the Ray cluster once for everything inside (the nightly flow's stages) instead
+    of once per stage flow; a no-op unless `runtime.runner` is ray."""
+    if runtime.runner != "ray":
+        yield
+        return
+    from bridgerec.flows.cluster import Cluster
+
+    with Cluster(runtime.ray):
+        yield
+
+
 @functools.cache
 def _flow(stage: Stage[Any, Any], runtime_json: str) -> Flow[..., Any]:
     runner, runs = task_runner(stage, RuntimeSettings.model_validate_json(runtime_json))
