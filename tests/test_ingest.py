@@ -367,7 +367,7 @@ def test_a_memory_limit_spills_and_gives_the_same_dataset(sample_workspace: Path
     `ingest.spill_dir` and the dataset is the one built without a limit (same ids, sequences, split)."""
     from tests.conftest import SAMPLE
 
-    spill = tmp_path / "spill"
+    spill = tmp_path / "not-yet" / "spill"  # created by ingest
     settings = IngestSettings(
         items=SAMPLE / "items.csv.gz",
         interactions=SAMPLE / "interactions.csv.gz",

@@ -117,7 +117,7 @@ def test_ddp_weights_equal_one_process_weights(
 def _train(root: Path, **overrides: Any) -> Any:
     from bridgerec.tasks.train.stage import run_train
 
-    settings = TrainSettings(model="sasrec", **(FAST | {"epochs": 4, "patience": 4} | overrides))
+    settings = TrainSettings(model="sasrec", **(FAST | {"epochs": 3, "patience": 3, "dropout": 0.0} | overrides))
     return run_train(StageRun(settings, Workspace(root), threads=1))
 
 
@@ -130,18 +130,20 @@ def test_a_distributed_run_learns_like_one_process_and_its_files_serve(
     ray_cluster: None, sample_workspace: Path, tmp_path: Path
 ) -> None:
     """The train stage with `data_parallel.workers: 2` on Ray Train: its test NDCG@10 lies within the
-    seed-to-seed spread of one-process runs; its best weights evaluate (the stage does it in one process),
-    export for publish, and warm-start the next night's one-process run."""
+    seed-to-seed spread of one-process runs (without dropout it is the one-process figure of its seed:
+    the same global batches, the same gradients); its best weights evaluate (the stage does it in one
+    process), export for publish, and warm-start the next night's one-process run."""
     from bridgerec.storage.runs import RunDir
     from bridgerec.tasks.train.export import export_vectors
 
-    singles = [_train(_copy(sample_workspace, tmp_path / f"one-{s}"), seed=s) for s in (1, 2, 3)]
+    singles = [_train(_copy(sample_workspace, tmp_path / f"one-{s}"), seed=s) for s in (1, 2)]
     ws = _copy(sample_workspace, tmp_path / "ddp")
     dist = _train(ws, seed=1, data_parallel={"workers": 2})
     figures = np.array([r.test["overall"]["ndcg@10"] for r in singles])
     spread = figures.max() - figures.min()
     got = dist.test["overall"]["ndcg@10"]
     assert figures.min() - spread <= got <= figures.max() + spread, (got, figures)
+    assert abs(got - figures[0]) < 1e-4 and dist.best_epoch == singles[0].best_epoch, (got, figures)
     run = RunDir(Workspace(ws), dist.run_id)
     assert run.is_complete() and not list(run.path.glob("dp-*"))  # the hand-over files are gone
 
@@ -151,7 +153,7 @@ def test_a_distributed_run_learns_like_one_process_and_its_files_serve(
         np.isfinite(v.user_vectors).all() and np.isfinite(v.item_vectors).all() for v in vectors.values()
     )
 
-    nxt = _train(ws, seed=1, epochs=5, patience=5)  # another run id: the next night's settings
+    nxt = _train(ws, seed=1, epochs=4, patience=4)  # another run id: the next night's settings
     assert nxt.init == "warm" and nxt.warm_start_from == dist.run_id
 
 
