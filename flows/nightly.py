@@ -21,7 +21,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from bridgerec.config import Settings, load_settings
 from bridgerec.flows.night import Held, NightSummary, summary_markdown
-from bridgerec.flows.stage import run_stage
+from bridgerec.flows.stage import one_cluster, run_stage
 from bridgerec.runtime.errors import is_transient
 from bridgerec.runtime.logs import get_logger
 from bridgerec.runtime.signals import process_alive, stop_signal, this_process
@@ -335,7 +335,7 @@ def nightly_flow(config_file: str | None = None, overrides: dict[str, Any] | Non
     or 'failed' at the end. A stage failure or a refusal by the gate raises NightFailed (the flow run is
     Failed: what automations key on) after writing the row and the nightly-summary artifact."""
     night = Night(resolve_settings(config_file, overrides))
-    with night.failing_on_error():
+    with night.failing_on_error(), one_cluster(night.settings.runtime):  # runtime.runner: ray: one cluster
         night.stage("ingest")
         night.data_checks()
         night.stage("enrich")

@@ -3,14 +3,16 @@ run named after the stage: check its inputs, run it, report.
 
 Every step a stage calls through its runner is a task run of this flow (`TaskRuns`): one per shard, with
 its own state, retries and logs. `runtime.runner` decides, in this one place for every stage, where the
-mapped shards run: `local` (one after another in the flow's thread, sharing its engines) or `processes`
-(`runtime.workers` worker processes, each with engines of its own).
+mapped shards run: `local` (one after another in the flow's thread, sharing its engines), `processes`
+(`runtime.workers` worker processes, each with engines of its own) or `ray` (Ray tasks on the cluster of
+`runtime.ray.address`, each reserving the stage's `runtime.ray.resources`: flows/cluster.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -18,7 +20,7 @@ from prefect import Flow, Task, flow, task, unmapped
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.flow_engine import FlowRunTimeoutError  # (a TimeoutError: what a flow past its timeout raises)
-from prefect.task_runners import ProcessPoolTaskRunner
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner
 
 from bridgerec.config import RuntimeSettings, Settings
 from bridgerec.runtime.runner import Runner, step_of
@@ -47,10 +49,12 @@ def as_task(fn: Callable[..., Any]) -> Task[..., Any]:
 
 class TaskRuns(Runner):
     """A stage's steps as task runs of the current flow: `call` in the flow's thread, `map` in it too
-    (`concurrent` False) or on the flow's task runner (`concurrent`: worker processes)."""
+    (`concurrent` False) or on the flow's task runner (`concurrent`: worker processes, Ray tasks);
+    `options` are the Ray options of each mapped task (flows/cluster.py: `shard_options`)."""
 
-    def __init__(self, concurrent: bool) -> None:
+    def __init__(self, concurrent: bool, options: dict[str, Any] | None = None) -> None:
         self.concurrent = concurrent
+        self.options = options
 
     def call(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         result: R = as_task(fn)(*args, **kwargs)
@@ -58,9 +62,21 @@ class TaskRuns(Runner):
 
     def map(self, fn: Callable[..., R], shards: Sequence[T], *args: Any) -> list[R]:
         if self.concurrent:
-            results: list[R] = as_task(fn).map(*(unmapped(a) for a in args), list(shards)).result()
+            with self._remote_options():
+                futures = as_task(fn).map(*(unmapped(a) for a in args), list(shards))
+            results: list[R] = futures.result()
             return results
         return [self.call(fn, *args, shard) for shard in shards]
+
+    @contextlib.contextmanager
+    def _remote_options(self) -> Iterator[None]:
+        if self.options is None:
+            yield
+            return
+        from prefect_ray.context import remote_options
+
+        with remote_options(**self.options):
+            yield
 
 
 def report(summary: Summary) -> None:
@@ -73,19 +89,44 @@ def flow_for(stage: Stage[Any, Any], runtime: RuntimeSettings | None = None) -> 
     """The Prefect flow of `stage`, its shards placed by `runtime` (default: local), its time budget
     (`runtime.stage_timeout_seconds`) and stall watchdog (`runtime.stall_seconds`) from `runtime`."""
     runtime = runtime or RuntimeSettings()
-    budget = getattr(runtime.stage_timeout_seconds, stage.name, None)
-    return _flow(stage, runtime.runner, runtime.workers, budget, runtime.stall_seconds)
+    return _flow(stage, runtime.model_dump_json())
+
+
+def task_runner(stage: Stage[Any, Any], runtime: RuntimeSettings) -> tuple[TaskRunner[Any] | None, TaskRuns]:
+    """Where `runtime.runner` puts the stage's mapped shards: the flow's task runner (None: Prefect's
+    default, unused since `local` maps in the flow's thread) and the runner the stage calls its steps
+    through. The one place the choice is made, for every stage."""
+    if runtime.runner == "processes":
+        return ProcessPoolTaskRunner(max_workers=runtime.workers), TaskRuns(concurrent=True)
+    if runtime.runner == "ray":
+        from bridgerec.flows.cluster import Cluster, shard_options
+
+        return Cluster(runtime.ray), TaskRuns(True, shard_options(runtime.ray, stage.name))
+    return None, TaskRuns(concurrent=False)
+
+
+@contextlib.contextmanager
+def one_cluster(runtime: RuntimeSettings) -> Iterator[None]:
+    """Connect to (or start) the Ray cluster once for everything inside (the nightly flow's stages) instead
+    of once per stage flow; a no-op unless `runtime.runner` is ray."""
+    if runtime.runner != "ray":
+        yield
+        return
+    from bridgerec.flows.cluster import Cluster
+
+    with Cluster(runtime.ray):
+        yield
 
 
 @functools.cache
-def _flow(
-    stage: Stage[Any, Any], runner: str, workers: int, budget_s: float | None, stall_s: float | None
-) -> Flow[..., Any]:
-    concurrent = runner == "processes"
+def _flow(stage: Stage[Any, Any], runtime_json: str) -> Flow[..., Any]:
+    runtime = RuntimeSettings.model_validate_json(runtime_json)
+    runner, runs = task_runner(stage, runtime)
+    budget_s = getattr(runtime.stage_timeout_seconds, stage.name, None)
 
     def run_stage(run: StageRun[Any], options: dict[str, Any] | None = None) -> Any:
-        run = replace(run, runner=TaskRuns(concurrent))
-        with Watchdog(stage.name, stall_s):
+        run = replace(run, runner=runs)
+        with Watchdog(stage.name, runtime.stall_seconds):
             if stage.check is not None:
                 run.runner.call(stage.check, run)
             if stage.sharded:  # its steps are the task runs
@@ -99,8 +140,8 @@ def _flow(
     fl: Flow[..., Any] = flow(
         name=stage.name, log_prints=False, validate_parameters=False, timeout_seconds=budget_s
     )(run_stage)
-    if concurrent:
-        fl = fl.with_options(task_runner=ProcessPoolTaskRunner(max_workers=workers))  # type: ignore[arg-type]
+    if runner is not None:
+        fl = fl.with_options(task_runner=runner)
     return fl
 
 
