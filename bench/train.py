@@ -67,7 +67,7 @@ def authors_protocol(run_dir: Path, workspace) -> dict:
         return {}
     data = SequenceData(catalog, load_sequences(workspace), config["settings"]["max_len"])
     test = data.eval_split("test", 100, config["settings"]["seed"], 5)
-    other = data._candidates(test.target, 100, config["settings"]["seed"] + 1000)  # the second draw
+    other, _ = data._candidates(test.target, 100, config["settings"]["seed"] + 1000)  # the second draw
     H = config["settings"]["hidden"]
     ranks = np.zeros(data.n_users, np.int64)
     with torch.no_grad():
@@ -78,7 +78,8 @@ def authors_protocol(run_dir: Path, workspace) -> dict:
                 u = model.user_vectors(test.inputs[chunk], d)
                 mixed = (items[test.candidates[chunk]][..., :H] * u[:, None, :H]).sum(-1)
                 local = (items[other[chunk]][..., H:] * u[:, None, H:]).sum(-1)
-                ranks[chunk.numpy()] = rank_sampled(mixed + local).numpy()
+                absent = (test.candidates[chunk] == 0) | (other[chunk] == 0)  # fewer unseen items than 100
+                ranks[chunk.numpy()] = rank_sampled((mixed + local).masked_fill(absent, -torch.inf)).numpy()
     tdom = test.target_domain.numpy()
     out = {"overall": summarise(ranks)}
     for d, name in enumerate(catalog.domains):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -19,6 +20,9 @@ from bridgerec.config import ConfigError, Settings, load_settings
 from bridgerec.runtime import console, progress
 from bridgerec.runtime.errors import EXIT_FAILURE, EXIT_INPUT, InputError, input_error_in
 from bridgerec.runtime.logs import hide_input_error_tracebacks
+from bridgerec.runtime.prefect_api import PrefectUnreachable, check_api, unreachable_in
+from bridgerec.runtime.signals import stop_on_signals, stop_signal
+from bridgerec.runtime.terminal import printable, shown
 
 if TYPE_CHECKING:
     from bridgerec.tasks.enrich import EnrichSummary
@@ -43,6 +47,8 @@ models_app = typer.Typer(help="Prepare the LLMs for offline use.", no_args_is_he
 app.add_typer(models_app, name="models")
 runs_app = typer.Typer(help="Published runs in the warehouse.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
+warehouse_app = typer.Typer(help="Look after the warehouse file.", no_args_is_help=True)
+app.add_typer(warehouse_app, name="warehouse")
 
 ConfigOpt = Annotated[
     Path | None,
@@ -69,10 +75,12 @@ VerboseOpt = Annotated[
 
 
 def _fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
+    """One `error:` line on the terminal's stderr (control characters from the data shown as escapes),
+    then exit with `code`; a failure that is not the user's points at the log file's details."""
     log = console.log_path()
     if code != EXIT_INPUT and log is not None:
         message += f" (details in {log})"
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True, file=console.err())
+    typer.secho(f"error: {printable(message)}", fg=typer.colors.RED, err=True, file=console.err())
     raise typer.Exit(code)
 
 
@@ -138,11 +146,43 @@ def _run_stage(
     hide_input_error_tracebacks()
     with _console(settings, name, as_json, verbose):
         progress.set_enabled(not as_json)
-        try:
-            summary = run_stage(name, settings, force=force, **options)
-        except (InputError, FileNotFoundError, ValueError) as exc:
-            _fail(str(exc))
+        _require_prefect_api()
+        stopped = (
+            f"bridgerec {name} stopped by {{signal}}; what it finished is kept and a rerun resumes from it"
+        )
+        with _stoppable(lambda signum, _: stopped.format(signal=signum.name)):
+            try:
+                summary = run_stage(name, settings, force=force, **options)
+            except (InputError, FileNotFoundError, ValueError) as exc:
+                _fail(str(exc))
+            except RuntimeError as exc:  # the API server went away during the run
+                if (gone := unreachable_in(exc)) is None:
+                    raise
+                _fail(str(gone))
         _emit(summary, as_json, render)
+
+
+@contextlib.contextmanager
+def _stoppable(message: Callable[[signal.Signals, BaseException], str]) -> Iterator[None]:
+    """SIGTERM and SIGINT end the block as an error (runtime/signals.py): one `error:` line,
+    `message(signal, exception)`, and the exit status 128 + the signal's number; the interpreter then
+    exits normally, so Prefect's temporary API server stops with the command."""
+    with stop_on_signals():
+        try:
+            yield
+        except BaseException as exc:
+            signum = stop_signal(exc)
+            if signum is None or isinstance(exc, typer.Exit):
+                raise
+            _fail(message(signum, exc), code=128 + signum)
+
+
+def _require_prefect_api() -> None:
+    """One `error:` line, exit 2, when PREFECT_API_URL names a server that does not answer."""
+    try:
+        check_api()
+    except PrefectUnreachable as exc:
+        _fail(str(exc))
 
 
 def _parse_domain_paths(values: list[str] | None, option: str) -> dict[str, Path]:
@@ -350,7 +390,6 @@ def train(
 
 
 def _render_train(s: TrainSummary) -> None:
-    from rich.markup import escape
     from rich.table import Table
 
     out = _rich()
@@ -362,11 +401,11 @@ def _render_train(s: TrainSummary) -> None:
     if s.init == "warm":
         start = s.init_valid_ndcg10
         out.print(
-            f"warm start from {escape(str(s.warm_start_from))}"
+            f"warm start from {shown(str(s.warm_start_from))}"
             + (f" (validation NDCG@10 {start:.4f} before training)" if start is not None else "")
         )
     elif s.cold_start_reason:
-        out.print(f"cold start: {escape(s.cold_start_reason)}")
+        out.print(f"cold start: {shown(s.cold_start_reason)}")
     t = Table("test", "HR@10", "NDCG@10", "full HR@10", "full NDCG@10")
     full = s.test.get("full", {})
     for group, m in s.test.items():
@@ -406,8 +445,10 @@ def publish(
 ) -> None:
     """Write the latest trained run's top-k per user and domain to the DuckDB warehouse, with FAISS indexes.
 
-    The warehouse is replaced atomically: analysts reading it meanwhile see the previous run or the new one.
-    A failed publish leaves the warehouse as it was.
+    Users are scored in shards (`publish.users_per_shard`), each writing its own Parquet parts under
+    `publish.data_dir` (default <warehouse name>.parts beside it; s3://bucket/prefix works too); the night
+    then becomes visible in one atomic swap of the small warehouse file: analysts reading it meanwhile see
+    the previous run or the new one. A failed publish leaves the warehouse as it was.
     Indexes are saved under <warehouse folder>/indexes/<run_id>/.
     Runs beyond `publish.retention_runs` lose their recommendations, profiles and indexes.
     """
@@ -425,6 +466,15 @@ def _render_publish(s: PublishSummary) -> None:
         f"{s.rows:,} rows: {s.users:,} users x {len(s.items_per_domain)} domains x k={s.k}; "
         f"indexes in {s.index_dir}"
     )
+    out.print(f"{s.shards} shards wrote {s.parts} parts, {s.data_bytes / 1e6:.1f} MB, in {s.data_root}")
+    for domain, kind in s.index_kinds.items():
+        recall = s.index_recall.get(domain)
+        out.print(
+            f"index {domain}: {kind}"
+            + (f", recall@{s.k} {recall:.3f} against exact search" if recall else "")
+        )
+    if s.recall_warning:
+        out.print(f"[bold yellow]warning[/]: {s.recall_warning}")
     if s.purged_runs:
         out.print(f"retention purged: {', '.join(s.purged_runs)}")
 
@@ -448,21 +498,40 @@ def run(
     settings = _settings(config, workspace=workspace)  # validate early, with readable errors
     with _console(settings, "run", as_json, verbose):
         progress.set_enabled(not as_json)
+        _require_prefect_api()
         overrides = {"workspace": str(settings.workspace)} if workspace else None
-        try:
-            result = nightly_flow(str(config) if config else None, overrides)
-        except NightFailed as exc:  # a refused or failed night still gets its morning read
-            _emit(exc.summary, as_json, lambda r: typer.echo(summary_markdown(r), file=console.out()))
-            cause = input_error_in(exc)
-            if cause is not None:  # bad input, config or contract: the same line and code as the stage's
-                _fail(str(cause))
-            _fail(f"nightly run failed: {exc}", code=EXIT_FAILURE)
-        except Exception as exc:  # the flow logged the details; give the user the one line that matters
-            cause = input_error_in(exc)
-            if cause is not None:  # bad input, config or contract: the same line and code as the stage's
-                _fail(str(cause))
-            _fail(f"nightly run failed: {exc}", code=EXIT_FAILURE)
-        _emit(result, as_json, lambda r: typer.echo(summary_markdown(r), file=console.out()))
+
+        def morning_read(r: Any) -> None:
+            typer.echo(summary_markdown(r), file=console.out())
+
+        def stopped(signum: signal.Signals, exc: BaseException) -> str:
+            night = _night_summary(exc)
+            if night is None:
+                return (
+                    f"bridgerec run stopped by {signum.name} before the night was recorded; nothing changed"
+                )
+            _emit(night, as_json, morning_read)
+            return (
+                f"bridgerec run stopped by {signum.name} during stage {night.failed_stage}: night "
+                f"{night.night_id} is recorded 'failed' in {night.warehouse}; `bridgerec run` again resumes "
+                "from the stages it finished"
+            )
+
+        with _stoppable(stopped):
+            try:
+                result = nightly_flow(str(config) if config else None, overrides)
+            except NightFailed as exc:  # a refused or failed night still gets its morning read
+                _emit(exc.summary, as_json, morning_read)
+                cause = input_error_in(exc) or unreachable_in(exc)
+                if cause is not None:  # bad input, config or contract: the same line and code as the stage's
+                    _fail(str(cause))
+                _fail(f"nightly run failed: {exc}", code=EXIT_FAILURE)
+            except Exception as exc:  # the flow logged the details; give the user the one line that matters
+                cause = input_error_in(exc) or unreachable_in(exc)
+                if cause is not None:  # bad input, config or contract: the same line and code as the stage's
+                    _fail(str(cause))
+                _fail(f"nightly run failed: {exc}", code=EXIT_FAILURE)
+        _emit(result, as_json, morning_read)
 
 
 @app.command()
@@ -494,6 +563,17 @@ def report(
         as_json,
         lambda r: typer.echo(r["report"], file=console.out()),
     )
+
+
+def _night_summary(exc: BaseException | None) -> Any:
+    """The night's summary a stop signal carries (`Night.failing_on_error`), along its chain."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if (night := getattr(exc, "night_summary", None)) is not None:
+            return night
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 @app.command("deploy-check")
@@ -536,12 +616,16 @@ def deploy_check(
 def recs(
     user: Annotated[str, typer.Option("--user", "-u", help="The user's source id.")],
     domain: Annotated[str | None, typer.Option("--domain", "-d", help="Only this domain.")] = None,
-    run_id: Annotated[str | None, typer.Option("--run", help="A retained run (default: the latest).")] = None,
+    run_id: Annotated[
+        str | None,
+        typer.Option("--run-id", "--run", help="Any retained run (time travel; default: the latest)."),
+    ] = None,
     warehouse: WarehouseOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Show a user's top-k recommendations with item titles and their profile (read-only)."""
+    """Show a user's top-k recommendations with item titles and their profile (read-only), from the
+    latest run or from any retained run (`--run-id`; `bridgerec runs list` shows which are retained)."""
     from bridgerec.storage.warehouse import WarehouseError, user_recommendations
 
     path = warehouse or _settings(config).warehouse_path
@@ -553,23 +637,21 @@ def recs(
 
 
 def _render_recs(r: dict) -> None:
-    from rich.markup import escape
     from rich.table import Table
 
     out = _rich()
-    # Ids, titles and profiles are data, not rich markup: escape their brackets.
-    out.print(f"[bold]user {escape(r['user_id'])}[/]  run {r['run_id']} ({r['model']})")
-    out.print(f"[italic]profile:[/] {escape(r['profile'] or '(none)')}")
+    # Ids, titles and profiles are data, neither rich markup nor terminal commands: `shown` escapes
+    # their brackets and any control character left in them (runtime/terminal.py).
+    out.print(f"[bold]user {shown(r['user_id'])}[/]  run {shown(r['run_id'])} ({shown(r['model'])})")
+    out.print(f"[italic]profile:[/] {shown(r['profile'], '(none)')}")
     for interest in r.get("interests") or []:
-        out.print(f"  - {escape(interest)}")
+        out.print(f"  - {shown(interest)}")
     for domain, rows in r["recommendations"].items():
         t = Table(title=domain, title_justify="left")
         for col in ("rank", "item_id", "title", "score"):
             t.add_column(col, justify="right" if col in ("rank", "score") else "left")
         for row in rows:
-            t.add_row(
-                str(row["rank"]), escape(row["item_id"]), escape(row["title"] or ""), f"{row['score']:.4f}"
-            )
+            t.add_row(str(row["rank"]), shown(row["item_id"]), shown(row["title"]), f"{row['score']:.4f}")
         out.print(t)
 
 
@@ -640,12 +722,11 @@ def sql(
 
 
 def _render_sql(r: dict) -> None:
-    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(*[escape(c) for c in r["columns"]])
+    t = Table(*[shown(c) for c in r["columns"]])
     for row in r["rows"]:
-        t.add_row(*[escape("NULL" if v is None else str(v)) for v in row])
+        t.add_row(*[shown("NULL" if v is None else str(v)) for v in row])
     _rich().print(t)
     _rich().print(f"{len(r['rows']):,} rows")
 
@@ -672,21 +753,20 @@ def runs_list(
 def _render_runs(result: dict) -> None:
     from datetime import UTC
 
-    from rich.markup import escape
     from rich.table import Table
 
     out = _rich()
-    t = Table(title=f"runs in {result['warehouse']}", title_justify="left")
+    t = Table(title=f"runs in {shown(str(result['warehouse']))}", title_justify="left")
     for col in ("run_id", "kind", "status", "gate", "model", "finished (UTC)", "users", "rows", "retained"):
         t.add_column(col)
     for r in result["runs"]:
         finished = r["finished_at"].astimezone(UTC).strftime("%Y-%m-%d %H:%M") if r["finished_at"] else ""
         t.add_row(
-            escape(r["run_id"]),
+            shown(r["run_id"]),
             r.get("kind") or "publish",
             r["status"],
             r.get("gate") or "",
-            escape(r["model"] or ""),
+            shown(r["model"]),
             finished,
             f"{r['n_users']:,}" if r["n_users"] is not None else "",
             f"{r['n_recommendations']:,}" if r["n_recommendations"] is not None else "",
@@ -695,9 +775,27 @@ def _render_runs(result: dict) -> None:
     out.print(t)
     for r in result["runs"]:
         if r["message"]:
-            out.print(f"{escape(r['run_id'])} {r['status']}: {escape(r['message'])}", soft_wrap=True)
+            out.print(f"{shown(r['run_id'])} {r['status']}: {shown(r['message'])}", soft_wrap=True)
         elif r.get("gate_message"):
-            out.print(f"{escape(r['run_id'])} gate {r['gate']}: {escape(r['gate_message'])}", soft_wrap=True)
+            out.print(f"{shown(r['run_id'])} gate {r['gate']}: {shown(r['gate_message'])}", soft_wrap=True)
+
+
+@warehouse_app.command("relink")
+def warehouse_relink(
+    warehouse: WarehouseOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Rewrite the warehouse's views for the folder it is in now, after the workspace was moved or is
+    mounted elsewhere, so that plain DuckDB clients read its parts there (one atomic swap, nothing else
+    changes; bridgerec's own readers and `bridgerec.storage.warehouse.connect` need no relink)."""
+    from bridgerec.storage.warehouse import WarehouseError, relink
+
+    path = warehouse or _settings(config).warehouse_path
+    try:
+        relink(path)
+    except WarehouseError as exc:
+        _fail(str(exc))
+    typer.echo(f"relinked {path}: its views read the parts where the file is now")
 
 
 @config_app.command("show")

@@ -24,6 +24,10 @@ import torch
 from torch import Tensor
 
 SPLITS = ("valid", "test", "export")
+# Rounds of the vectorised candidate draw before the rows still short get an exact draw (a permutation of
+# their unseen items): rows of a domain much larger than the user's history finish in the first round;
+# a small domain, or a user who has seen most of it, finishes exactly instead of drawing for ever.
+_CANDIDATE_ROUNDS = 16
 
 
 @dataclass
@@ -75,7 +79,10 @@ class EvalSplit:
     inputs: Tensor  # [U, max_len] left-padded global ids the model sees
     target: Tensor  # [U] global id of the target (0 for the export split)
     target_domain: Tensor  # [U] domain of the target
-    candidates: Tensor | None = None  # [U, 1 + n_neg] local ids, column 0 = the target
+    candidates: Tensor | None = None  # [U, 1 + n_neg] local ids, column 0 = the target, 0 = no candidate
+    # [U] unseen items of the target's domain per user: fewer than n_neg means the user's sampled
+    # candidates are all of them (the row padded with 0); see SequenceData._candidates.
+    unseen: np.ndarray | None = None
     # Items to leave out of the full ranking: (user, local id) pairs of the user's earlier items in the
     # target's domain, sorted by user.
     exclude_users: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -141,8 +148,8 @@ class SequenceData:
         """
         if per_row > 1:
             shares = [min(1.0, per_row - i) for i in range(math.ceil(per_row))]
-            drawn = [self.hidden_domain_examples(prefix, share, generator) for share in shares]
-            return torch.cat([d[0] for d in drawn]), torch.cat([d[1] for d in drawn])
+            parts = [self.hidden_domain_examples(prefix, share, generator) for share in shares]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         share = per_row
         dom = self.item_domain[prefix]  # [B, L+1], -1 = padding
         real = dom >= 0
@@ -211,7 +218,9 @@ class SequenceData:
         target = self.padded[:, end]
         tdom = self.item_domain[target]
         split = EvalSplit(name, inputs, target, tdom)
-        split.candidates = self._candidates(target, n_negatives, seed + (0 if name == "valid" else 1))
+        split.candidates, split.unseen = self._candidates(
+            target, n_negatives, seed + (0 if name == "valid" else 1)
+        )
         split.exclude_users, split.exclude_items = self._earlier_items(name, tdom.numpy())
         n_prior = self.sequences.lengths - (2 if name == "valid" else 1)
         dom_counts = self._prior_domain_counts(name)
@@ -219,6 +228,20 @@ class SequenceData:
         short = torch.from_numpy(n_prior < short_history)
         split.groups = {"overlap": overlap, "single": ~overlap, "short": short, "long": ~short}
         return split
+
+    def short_candidate_users(self, split: EvalSplit, n_negatives: int) -> dict[str, list[str]]:
+        """Per target domain, the users (source ids, in user order) whose sampled candidates are all their
+        unseen items of that domain because they have fewer than `n_negatives` (see `_candidates`)."""
+        if split.unseen is None:
+            return {}
+        short = split.unseen < n_negatives
+        tdom = split.target_domain.numpy()
+        out: dict[str, list[str]] = {}
+        for d, name in enumerate(self.catalog.domains):
+            users = np.flatnonzero(short & (tdom == d))
+            if len(users):
+                out[name] = [self.sequences.user_ids[u] for u in users]
+        return out
 
     def _prior_domain_counts(self, name: str) -> np.ndarray:
         """[U, n_domains] how many items of each domain precede the split's target."""
@@ -241,10 +264,20 @@ class SequenceData:
         keep = (pos < seqs.lengths[users] - cut) & (self.catalog.item_domain[g] == target_domain[users])
         return users[keep], self.catalog.item_local[g[keep]]
 
-    def _candidates(self, target: Tensor, n_negatives: int, seed: int) -> Tensor:
-        """[U, 1 + n] local ids: the target, then n distinct negatives from its domain never interacted with.
+    def _candidates(self, target: Tensor, n_negatives: int, seed: int) -> tuple[Tensor, np.ndarray]:
+        """([U, 1 + n] local ids: the target, then n distinct negatives from its domain the user never
+        interacted with; [U] how many unseen items each user's target domain holds for them).
 
-        Drawn once per split from `seed`, so every model and every thread sees the same candidates.
+        A user with fewer than n unseen items in the target's domain (a domain smaller than n, or a heavy
+        user such as a crawler who has seen most of it) gets all of them, the rest of the row padded with
+        0, which `evaluate` scores as absent: the sampled protocol then ranks the target against every
+        unseen item, as the full ranking does. Drawn once per split from `seed`, so every model and every
+        thread sees the same candidates.
+
+        The draw: up to `_CANDIDATE_ROUNDS` rounds of n + 32 uniform ids per row (rows keep their first n
+        distinct unseen ids; a domain far larger than the user's history needs one round), then an exact
+        draw (a random permutation of the row's unseen items) for the rows still short, so the draw always
+        ends: after at most that many rounds plus one permutation per remaining row.
         """
         rng = np.random.default_rng(seed)
         tgt = target.numpy()
@@ -254,14 +287,13 @@ class SequenceData:
         N1 = self.catalog.n_items + 1
         seen_dom = self.catalog.item_domain[seen % N1]
         seen_in_target = np.bincount((seen // N1)[seen_dom == dom[seen // N1]], minlength=len(tgt))
-        if (sizes - seen_in_target < n_negatives).any():
-            raise ValueError(
-                f"a user's target domain has fewer than {n_negatives} unseen items; lower eval_negatives"
-            )
+        unseen = sizes - seen_in_target
         U = len(tgt)
         out = np.zeros((U, n_negatives), np.int64)
-        todo = np.arange(U)
-        while len(todo):
+        todo = np.flatnonzero(unseen > n_negatives)  # the others take all their unseen items, below
+        for _ in range(_CANDIDATE_ROUNDS):
+            if not len(todo):
+                break
             draws = n_negatives + 32  # enough for almost every row; short rows draw again
             loc = (rng.random((len(todo), draws)) * sizes[todo, None]).astype(np.int64) + 1
             glob = loc + self.catalog.offsets[dom[todo], None]
@@ -281,8 +313,33 @@ class SequenceData:
             pick = np.argsort(~ok[rows], axis=1, kind="stable")[:, :n_negatives]
             out[todo[rows]] = np.take_along_axis(loc[rows], pick, 1)
             todo = todo[~enough]
+        exact = np.union1d(todo, np.flatnonzero(unseen <= n_negatives))
+        out[exact] = self._unseen_permutation(exact, dom[exact], n_negatives, seen, rng)
         local_target = self.catalog.item_local[tgt]
-        return torch.from_numpy(np.concatenate([local_target[:, None], out], 1))
+        return torch.from_numpy(np.concatenate([local_target[:, None], out], 1)), unseen
+
+    def _unseen_permutation(
+        self, users: np.ndarray, dom: np.ndarray, n: int, seen: np.ndarray, rng: np.random.Generator
+    ) -> np.ndarray:
+        """[len(users), n] local ids: the first n of a random permutation of each user's unseen items of
+        domain `dom` (one per user), 0 where the user has fewer than n. Vectorised per domain, in chunks
+        of at most ~4M cells."""
+        out = np.zeros((len(users), n), np.int64)
+        N1 = self.catalog.n_items + 1
+        for d in np.unique(dom):
+            size, offset = int(self.catalog.sizes[d]), int(self.catalog.offsets[d])
+            idx = np.flatnonzero(dom == d)
+            step = max(1, (1 << 22) // max(size, 1))
+            for start in range(0, len(idx), step):
+                part = idx[start : start + step]
+                keys = users[part, None] * N1 + offset + np.arange(1, size + 1)[None, :]  # [R, size]
+                was_seen = seen[np.minimum(np.searchsorted(seen, keys), len(seen) - 1)] == keys
+                noise = np.where(was_seen, np.inf, rng.random(keys.shape))
+                take = min(n, size)
+                order = np.argsort(noise, axis=1, kind="stable")[:, :take]  # unseen first, in random order
+                local = np.where(np.take_along_axis(noise, order, 1) < np.inf, order + 1, 0)
+                out[part, :take] = local
+        return out
 
     def _seen_keys(self) -> np.ndarray:
         seqs = self.sequences
@@ -293,7 +350,8 @@ class SequenceData:
 def _ranges(counts: np.ndarray) -> np.ndarray:
     """Concatenated aranges: [3, 2] -> [0, 1, 2, 0, 1]."""
     ends = np.cumsum(counts)
-    return np.arange(ends[-1] if len(ends) else 0) - np.repeat(ends - counts, counts)
+    out: np.ndarray = np.arange(ends[-1] if len(ends) else 0) - np.repeat(ends - counts, counts)
+    return out
 
 
 def users_by_domain(target_domain: Tensor, n_domains: int) -> list[Tensor]:

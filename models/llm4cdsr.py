@@ -64,6 +64,8 @@ class Threads:
 
 class LLM4CDSR(Recommender):
     name = "llm4cdsr"
+    E_all: Tensor  # buffer: [N + 1, Dg] the global LLM table (the local ones: `E_local_<d>`)
+    id_known: Tensor  # buffer: [N + 1] 1.0 for items with training interactions (with id_embeddings)
 
     def __init__(
         self,
@@ -91,6 +93,7 @@ class LLM4CDSR(Recommender):
             # nearly identical at the start (the biases dominate the small PCA inputs); Xavier weights and
             # zero biases keep the items apart.
             for layer in self.adapter:
+                assert isinstance(layer, nn.Linear)
                 nn.init.xavier_normal_(layer.weight)
                 nn.init.zeros_(layer.bias)
         # Local tables enter the domain threads frozen; a linear map only if their width differs.
@@ -160,13 +163,15 @@ class LLM4CDSR(Recommender):
         if self.training:
             use = use * (torch.rand_like(use) >= self.id_dropout)
         use = use.unsqueeze(-1)
-        return use * rows + (1 - use) * generator(text)
+        mixed: Tensor = use * rows + (1 - use) * generator(text)
+        return mixed
 
     def adapt(self, x: Tensor) -> Tensor:
         """The adapter, [n, Dg] -> [n, H]: the paper's two linear maps D -> D/2 -> hidden, applied as their
         product (W2 W1 x + W2 b1 + b2: the same function and the same gradients for W1, b1, W2, b2, with
         Dg * H multiply-adds per row instead of Dg * Dg/2 + Dg/2 * H, half at these widths)."""
         first, second = self.adapter
+        assert isinstance(first, nn.Linear) and isinstance(second, nn.Linear)
         weight = second.weight @ first.weight  # [H, Dg]
         bias = second.weight @ first.bias + second.bias  # [H]
         return F.linear(x, weight, bias)
@@ -179,12 +184,13 @@ class LLM4CDSR(Recommender):
         if self.id_embeddings:
             generator = self.id_from_text_all if self.id_dropout > 0 else None
             table = table + self._id_rows(self.id_all(uniq), uniq, text, generator)
-        return (table * (uniq > 0).unsqueeze(-1))[inverse]
+        rows: Tensor = (table * (uniq > 0).unsqueeze(-1))[inverse]
+        return rows
 
     def embed_local(self, lids: Tensor, domain: int) -> Tensor:
         """[...] local ids of `domain` -> [..., H] (zero for id 0)."""
         text = getattr(self, f"E_local_{domain}")[lids]  # [..., Dl]
-        e = self.local_proj(text)
+        e: Tensor = self.local_proj(text)
         if self.id_embeddings:
             gids = self.global_ids(domain, lids)
             generator = self.id_from_text_local[domain] if self.id_dropout > 0 else None
@@ -276,7 +282,12 @@ class LLM4CDSR(Recommender):
                 total = total + self.alpha * reg
                 parts["reg"] = float(reg.detach())
         has_profile = batch.has_profile[:main] if batch.has_profile is not None else None
-        if self.user_adapter is not None and has_profile is not None and has_profile.sum() >= 2:
+        if (
+            self.user_adapter is not None
+            and batch.profile is not None
+            and has_profile is not None
+            and has_profile.sum() >= 2
+        ):
             # Users without a profile (capped or failed) simply have no term here.
             u = self.user_adapter(batch.profile[:main][has_profile])  # [n, H]
             user = soft_contrastive(u, h_mix[:main][has_profile, -1], self.tau)

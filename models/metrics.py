@@ -1,5 +1,8 @@
 """Ranking metrics. A rank is 0-based: the number of competing items scored at least as high as the
-positive (ties count against the positive, so a model that scores everything equal gets no credit)."""
+positive (ties count against the positive, so a model that scores everything equal gets no credit).
+A NaN score counts against the positive too (a NaN positive ranks last), so a rank is never negative
+and no metric of a broken model is better than chance; `evaluate` also counts the users whose scores
+were not finite, which the trainer treats as divergence."""
 
 from __future__ import annotations
 
@@ -10,15 +13,21 @@ from torch import Tensor
 CUTOFFS = (5, 10, 20)
 
 
+def _at_least(scores: Tensor, positive: Tensor) -> Tensor:
+    """[B, n] whether each score competes with the positive [B, 1]: >= it, or either is NaN."""
+    return (scores >= positive) | scores.isnan() | positive.isnan()
+
+
 def rank_sampled(scores: Tensor) -> Tensor:
-    """scores: [B, 1 + n], column 0 the positive -> [B] its rank among the n negatives."""
-    return (scores[:, 1:] >= scores[:, :1]).sum(1)
+    """scores: [B, 1 + n], column 0 the positive, absent candidates -inf -> [B] its rank among the
+    negatives."""
+    return (_at_least(scores[:, 1:], scores[:, :1]) & (scores[:, 1:] > -torch.inf)).sum(1)
 
 
 def rank_full(scores: Tensor, target: Tensor) -> Tensor:
     """scores: [B, n] over every item (excluded ones set to -inf), target: [B] column -> [B] rank."""
     t = scores.gather(1, target[:, None])  # [B, 1]
-    return (scores >= t).sum(1) - 1  # minus the target itself
+    return _at_least(scores, t).sum(1) - 1  # minus the target itself
 
 
 def hit_rate(ranks: np.ndarray, k: int) -> float:

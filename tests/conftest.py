@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,12 @@ if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("PREFECT_HOME"):
 
 import bridgerec.runtime.prefect_env  # noqa: F401  (Prefect env defaults before prefect is imported)
 from bridgerec.tasks import StageRun
+
+# Prefect configures its console log handler when its main module is first imported (`from prefect
+# import flow`), bound to the sys.stderr of that moment. Imported here (after prefect_env), that is the
+# session's; first imported inside a CliRunner invocation, it would be that invocation's stream, closed
+# when it returns ("--- Logging error ---" in every later test of the worker).
+importlib.import_module("prefect.main")
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"

@@ -252,3 +252,17 @@ def test_cli_enrich_fails_cleanly_without_ingest(prefect_harness: None, tmp_path
     assert "run `bridgerec ingest`" in result.output
     result = CliRunner().invoke(app, ["models", "--help"])
     assert result.exit_code == 0 and "prepare" in result.output
+
+
+def test_a_model_over_several_gpus_runs_on_vllms_ray_executor() -> None:
+    """`tensor_parallel_size` > 1: the engine's GPU workers are Ray actors (vLLM's Ray executor) on the
+    run's cluster; one GPU: vLLM's own in-process executor (no `distributed_executor_backend`)."""
+    from bridgerec.tasks.enrich.engine import EngineSpec, engine_kwargs
+    from bridgerec.tasks.enrich.settings import EngineSettings
+
+    one = engine_kwargs(EngineSpec.of("generate", Path("m"), EngineSettings(), threads=2))
+    assert "distributed_executor_backend" not in one and one["tensor_parallel_size"] == 1
+    four = engine_kwargs(
+        EngineSpec.of("generate", Path("m"), EngineSettings(tensor_parallel_size=4), threads=2)
+    )
+    assert four["distributed_executor_backend"] == "ray" and four["tensor_parallel_size"] == 4

@@ -146,6 +146,29 @@ def amazon2018_literal_meta(d: Path) -> IngestSettings:
     return IngestSettings(source="amazon2018", amazon=amazon, kcore={"enabled": False})
 
 
+def numeric_ids(zeros: bool, id_type: pa.DataType) -> Callable[[Path], IngestSettings]:
+    """The clean dataset with numeric-looking item ids (food 0101.., kitchen 201.. with `zeros`, else
+    101.., 201..), the interactions in Parquet with the ids in an `id_type` column (as pandas writes)."""
+    number = {i: (100 if d == "food" else 200) + int(i[1:]) for i, d, _ in ITEMS}
+    text = {i: (f"0{n}" if zeros and DOMAIN[i] == "food" else str(n)) for i, n in number.items()}
+
+    def build(d: Path) -> IngestSettings:
+        (d / "items.csv").write_text(_csv([(text[i], dom, t) for i, dom, t in ITEMS], "item_id,domain,title"))
+        rows = _interactions()
+        inter = pa.table(
+            {
+                "user_id": [r[0] for r in rows],
+                "item_id": pa.array([number[r[1]] for r in rows], pa.int64()).cast(id_type),
+                "domain": [r[2] for r in rows],
+                "timestamp": pa.array([int(r[3]) for r in rows], pa.int64()),
+            }
+        )
+        pq.write_table(inter, d / "interactions.parquet")
+        return IngestSettings(items=Path("items.csv"), interactions=Path("interactions.parquet"))
+
+    return build
+
+
 def replace_file(name: str, content: bytes) -> Callable[[Path], IngestSettings]:
     """The clean dataset with one file's bytes replaced (and renamed to `name`)."""
 
@@ -209,6 +232,15 @@ def _first_instant(user: str) -> Callable[[Path], str]:
     return check
 
 
+def _first_time(user: str) -> Callable[[Path], str]:
+    def check(ws: Path) -> str:
+        rows = pq.read_table(ws / "ingest" / "interactions.parquet").to_pylist()
+        first = min(r["timestamp"] for r in rows if r["user_id"] == user)
+        return f"first stored as {first.isoformat().replace('+00:00', 'Z')} (on any machine)"
+
+    return check
+
+
 NEW = f"{T0 + 500_000}"
 FAULTS = [
     Fault("clean input (the baseline: 10 items, 6 users, 21 interactions)", generic()),
@@ -247,6 +279,25 @@ FAULTS = [
             )
         ),
         check=_first_instant("u07"),
+    ),
+    Fault(
+        "ISO 8601 timestamps without an offset (naive)",
+        generic(
+            inter_extra="".join(
+                f"u07,{i},food,2020-09-1{k} 17:26:40\n" for k, i in enumerate(["F1", "F2", "F3"])
+            )
+        ),
+        check=_first_time("u07"),
+    ),
+    Fault(
+        "naive timestamps with `timestamps.naive_zone: '+05:30'`",
+        generic(
+            inter_extra="".join(
+                f"u07,{i},food,2020-09-1{k} 17:26:40\n" for k, i in enumerate(["F1", "F2", "F3"])
+            ),
+            timestamps=TimestampSettings(naive_zone="+05:30"),
+        ),
+        check=_first_time("u07"),
     ),
     Fault(
         "date far in the future (year 52671)",
@@ -307,7 +358,36 @@ FAULTS = [
         ),
         check=_title("F6"),
     ),
+    Fault(
+        "terminal escapes and control characters in a title (colour, window title, NUL, backspace)",
+        generic(
+            items_extra='F6,food,"\x1b]0;owned\x07\x1b[31mRye\x1b[0m bread\x00\x08\x08 1 kg"\n',
+            inter_extra=f"u01,F6,food,{NEW}\n",
+        ),
+        check=_title("F6"),
+    ),
     Fault("title that is only markup", generic(items_extra='F6,food,"<p><br></p>"\n'), {"empty_title": 1}),
+    Fault(
+        "interactions of a quarantined catalogue row",
+        generic(items_extra='F6,food,"<p></p>"\n', inter_extra=f"u01,F6,food,{NEW}\n"),
+        {"empty_title": 1, "item_quarantined": 1},
+    ),
+    Fault(
+        "CSV title with a quote never closed (rows after it follow)",
+        generic(items_extra='F6,food,"Rye bread\nF7,food,Oat milk\n'),
+        {"unterminated_quote": 1},
+        check=_new_item("F7"),
+    ),
+    Fault(
+        "CSV interactions row with a quote never closed",
+        generic(inter_extra=f'u01,"F3,food,{NEW}\nu02,F5,food,{NEW}\n'),
+        {"unterminated_quote": 1},
+    ),
+    Fault(
+        "CSV title with a line break inside quotes",
+        generic(items_extra='F6,food,"Rye\nbread"\n', inter_extra=f"u01,F6,food,{NEW}\n"),
+        check=_title("F6"),
+    ),
     Fault("JSON lines: a line that is not JSON", jsonl_interactions("{oops\n"), {"malformed_json": 1}),
     Fault(
         "JSON lines: a Python dict literal line",
@@ -327,6 +407,7 @@ FAULTS = [
         {"invalid_unicode": 1},
     ),
     Fault("Parquet with list columns (and an unused one)", parquet_lists, check=_categories),
+    Fault("item ids in a Parquet float column (105.0 for '105')", numeric_ids(False, pa.float64())),
     Fault("Amazon 2018 meta as Python dict literals", amazon2018_literal_meta, check=_categories),
     Fault(
         "CSV without a header row",
@@ -349,6 +430,12 @@ FAULTS = [
         "interactions of another catalogue (most items unknown)",
         replace_file("interactions.csv", CLEAN_INTERACTIONS.replace(",F", ",G").encode()),
         error="interactions.csv: 11 of 21 interactions rows quarantined (unknown_item: 11)",
+    ),
+    Fault(
+        "item ids that lost their leading zeros (a Parquet int64 column; catalogue '0101')",
+        numeric_ids(True, pa.int64()),
+        error="interactions.parquet: 11 of 21 interactions rows name 5 item ids that are catalogue ids without "
+        "their leading zeros or with a '.0' ('101' for the catalogue's '0101'",
     ),
     Fault(
         "epoch seconds read with `timestamps.unit: ms`",

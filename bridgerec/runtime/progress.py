@@ -10,6 +10,10 @@ A slow run reads as slow, not hung. Counters beside the main count (`counters=("
 in the bar and the line; `advance(bar, n, tokens=k)` adds to them.
 
 `status(text)` is a spinner for a wait that has no count (an engine starting): on a terminal only.
+
+Every step also feeds the stall watchdog (runtime/watchdog.py): `beat()` notes the time of the latest
+progress, in this process and, when the watchdog set `BRIDGEREC_HEARTBEAT_FILE`, as that file's
+modification time (at most once a second), so steps in worker processes count too.
 """
 
 from __future__ import annotations
@@ -37,6 +41,34 @@ from bridgerec.runtime.logs import DETAIL, get_logger
 _enabled = True
 LOG_SECONDS_ENV = "BRIDGEREC_PROGRESS_LOG_SECONDS"
 DEFAULT_LOG_SECONDS = 30.0
+HEARTBEAT_ENV = "BRIDGEREC_HEARTBEAT_FILE"
+
+
+class _Heartbeat:
+    """The time (monotonic, this process) and description of the latest progress step."""
+
+    def __init__(self) -> None:
+        self.at = time.monotonic()
+        self.what = ""
+        self._touched = 0.0
+
+    def beat(self, what: str | None = None) -> None:
+        self.at = time.monotonic()
+        if what:
+            self.what = what
+        path = os.environ.get(HEARTBEAT_ENV)
+        if path and self.at - self._touched >= 1.0:
+            self._touched = self.at
+            with contextlib.suppress(OSError):  # a heartbeat must never break the work
+                os.utime(path)
+
+
+heartbeat = _Heartbeat()
+
+
+def beat(what: str | None = None) -> None:
+    """Note that the work moved on (`what`: what it is doing now); progress bars call it on every step."""
+    heartbeat.beat(what)
 
 
 def set_enabled(enabled: bool) -> None:
@@ -77,6 +109,7 @@ class ProgressLog:
         self.lines = 0
 
     def start(self) -> None:
+        beat(self.description)
         if self.interval > 0:
             self._timer = threading.Thread(target=self._run, name="progress-log", daemon=True)
             self._timer.start()
@@ -92,6 +125,7 @@ class ProgressLog:
                 self.counts[name] = self.counts.get(name, 0.0) + n
             if description:
                 self.description = description
+        beat(self.description)
 
     def counters_text(self) -> str:
         with self._lock:
@@ -191,6 +225,7 @@ def advance(bar: Bar | Any | None, steps: float = 1, description: str | None = N
         if bar is None:
             return
     else:
+        beat(description)
         counts_text = ""
     task = bar.tasks[0]
     speed = task.speed
@@ -248,6 +283,7 @@ class BatchCredit:
 def status(text: str) -> Iterator[None]:
     """A spinner with `text` on the terminal while the block runs (nothing when bars are off or the
     terminal is not interactive); it leaves no line behind."""
+    beat(text)
     terminal = _terminal()
     if not _enabled or not terminal.is_terminal:
         yield

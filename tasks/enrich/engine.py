@@ -19,6 +19,7 @@ import functools
 import io
 import os
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -42,6 +43,11 @@ Call = Callable[..., Any]  # runs a function on the pool's engine thread: call(f
 # on_progress(requests, output tokens): called inside a generate/encode call as requests finish, with
 # how many finished and their output tokens (0 for pooling requests; None if vLLM stops reporting them)
 OnProgress = Callable[[int, int | None], None]
+
+
+def _worker() -> str:
+    """host:pid of this process (where an engine started)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _direct(fn: Callable[..., R], *args: Any) -> R:
@@ -123,13 +129,11 @@ class EngineSpec:
         )
 
 
-def start_engine(spec: EngineSpec) -> Any:
-    """A vLLM `LLM`; the CPU knobs are env vars that vLLM reads when an engine starts."""
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = spec.cpu_threads_bind
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(spec.cpu_kvcache_gib)
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if spec.multiprocessing else "0"
-    from vllm import LLM
-
+def engine_kwargs(spec: EngineSpec) -> dict[str, Any]:
+    """The `vllm.LLM` arguments of `spec`. A model split over several GPUs (`tensor_parallel_size` > 1)
+    runs on vLLM's Ray executor (`distributed_executor_backend="ray"`): its GPU workers are Ray actors
+    placed on the cluster the run belongs to (the shard's own Ray cluster under `runtime.runner: ray`, or
+    a local Ray), so a model bigger than one GPU (or one node) runs on the same cluster as the shards."""
     kwargs: dict[str, Any] = {
         "model": spec.model,
         "runner": spec.runner,
@@ -139,6 +143,8 @@ def start_engine(spec: EngineSpec) -> Any:
         "enforce_eager": spec.enforce_eager,
         "seed": spec.seed,
     }
+    if spec.tensor_parallel_size > 1:
+        kwargs["distributed_executor_backend"] = "ray"
     if spec.max_model_len is not None:
         kwargs["max_model_len"] = spec.max_model_len
     if spec.max_num_seqs is not None:
@@ -147,7 +153,17 @@ def start_engine(spec: EngineSpec) -> Any:
         kwargs["max_num_batched_tokens"] = spec.max_num_batched_tokens
     if spec.enable_chunked_prefill is not None:
         kwargs["enable_chunked_prefill"] = spec.enable_chunked_prefill
-    return LLM(**kwargs)
+    return kwargs
+
+
+def start_engine(spec: EngineSpec) -> Any:
+    """A vLLM `LLM`; the CPU knobs are env vars that vLLM reads when an engine starts."""
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = spec.cpu_threads_bind
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(spec.cpu_kvcache_gib)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if spec.multiprocessing else "0"
+    from vllm import LLM
+
+    return LLM(**engine_kwargs(spec))
 
 
 def shutdown_engine(llm: Any) -> None:
@@ -317,7 +333,14 @@ class EnginePool:
             with status(f"enrich: starting the vLLM {spec.runner} engine ({_short(spec.model)})"):
                 self._llms[spec] = self.call(start_engine, spec)
             seconds = time.perf_counter() - started
-            self.starts.append({"runner": spec.runner, "model": spec.model, "seconds": round(seconds, 1)})
+            self.starts.append(
+                {
+                    "runner": spec.runner,
+                    "model": spec.model,
+                    "seconds": round(seconds, 1),
+                    "worker": _worker(),
+                }
+            )
             log.info("enrich: vLLM %s engine for %s up in %.1f s", spec.runner, _short(spec.model), seconds)
         return self._llms[spec]
 

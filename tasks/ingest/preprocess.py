@@ -7,6 +7,7 @@ read = kept + quarantined + filtered holds for items and for interactions, by re
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -34,6 +35,9 @@ _FILE_HINTS = {
     "too_few_fields": "wrong delimiter, or not the file this role expects?",
     "too_many_fields": "wrong delimiter, or not the file this role expects?",
     "unknown_item": "its items are not in the catalogue: check the catalogue (meta) file of the same domain",
+    "item_quarantined": "their catalogue rows were quarantined: see the catalogue's reasons in quarantine.parquet",
+    "unterminated_quote": 'a quote opened in a value never closes: double quotes inside quoted values ("") '
+    "or remove the stray quote",
     "bad_timestamp": "timestamps in a unit, format or range not understood (see ingest.timestamps)",
     "unknown_domain": "its domains are not in ingest.domains or the catalogue",
     "domain_mismatch": "its domains contradict the catalogue's",
@@ -102,14 +106,39 @@ def _counts(con: duckdb.DuckDBPyConnection, sql: str) -> dict[str, int]:
 def preprocess(
     raw: RawSource, settings: IngestSettings, threads: int, progress: Callable[[str], None] = lambda _: None
 ) -> IngestTables:
-    con = duckdb.connect(config={"threads": threads})  # no ICU offline: TIMESTAMPTZ is UTC
+    """The kept, quarantined and filtered rows in one DuckDB session; within `settings.memory_limit`, its
+    joins, sorts and aggregates (the k-core rounds, the id maps, the splits) spill to `settings.spill_dir`."""
+    with tempfile.TemporaryDirectory(prefix="bridgerec-ingest-spill-") as spill:
+        if settings.spill_dir is not None:
+            settings.spill_dir.mkdir(parents=True, exist_ok=True)  # DuckDB creates the last level only
+        config: dict[str, str | bool | int | float | list[str]] = {
+            "threads": threads,
+            "temp_directory": str(settings.spill_dir or spill),
+        }
+        if settings.memory_limit is not None:
+            config["memory_limit"] = settings.memory_limit
+        con = duckdb.connect(config=config)
+        try:
+            return _preprocess(_session(con, settings), raw, settings, progress)
+        finally:
+            con.close()
+
+
+def _session(con: duckdb.DuckDBPyConnection, settings: IngestSettings) -> duckdb.DuckDBPyConnection:
+    """The session's time zone and the text-cleaning function."""
+    # Text without an offset (and dates, and naive Parquet timestamps) is read in this zone, never in
+    # the machine's (DuckDB's default TimeZone is the process's local zone).
+    try:
+        con.execute(f"SET TimeZone = '{settings.timestamps.duckdb_zone}'")
+    except duckdb.Error as exc:
+        raise IngestError(
+            f"ingest.timestamps.naive_zone {settings.timestamps.naive_zone!r} is not a zone DuckDB knows: "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
     con.create_function(  # type: ignore[call-overload]  # (an Arrow UDF: the stubs know scalar ones)
         "clean_text", clean_text_array, [VARCHAR], VARCHAR, type="arrow", null_handling="special"
     )
-    try:
-        return _preprocess(con, raw, settings, progress)
-    finally:
-        con.close()
+    return con
 
 
 def _preprocess(
@@ -200,6 +229,19 @@ def _preprocess(
         """,
         {"min_s": ts_min.timestamp(), "max_s": ts_max.timestamp()},
     )
+    # Ids of catalogue rows that were quarantined (and have no valid row): their interactions are
+    # `item_quarantined`, not `unknown_item`, so the count points at the catalogue's own reasons.
+    rejected_ids = [r.get("item_id") for r in raw.items.rejects if r.get("item_id")]
+    con.register("reader_rejected_ids", pa.table({"item_id": pa.array(rejected_ids, pa.string())}))
+    _exec(
+        con,
+        """
+        CREATE TEMP TABLE items_quarantined AS
+        SELECT item_id FROM items_checked WHERE reason IS NOT NULL AND item_id <> ''
+        UNION SELECT trim(item_id) FROM reader_rejected_ids
+        EXCEPT SELECT item_id FROM items_valid
+        """,
+    )
     _exec(
         con,
         f"""
@@ -210,6 +252,8 @@ def _preprocess(
                     WHEN p.domain NOT IN (SELECT domain FROM domain_list) THEN 'unknown_domain'
                     {ts_check}
                     {pos_check}
+                    WHEN i.item_id IS NULL AND p.item_id IN (SELECT item_id FROM items_quarantined)
+                         THEN 'item_quarantined'
                     WHEN i.item_id IS NULL THEN 'unknown_item'
                     WHEN i.domain <> p.domain THEN 'domain_mismatch'
                END AS reason
@@ -217,6 +261,7 @@ def _preprocess(
         """,
         {"ts_min": ts_min, "ts_max": ts_max} if raw.has_timestamp else None,
     )
+    _check_id_formats(con, raw)
     _check_files(con, raw, settings.max_quarantined_fraction)
 
     # ---- interactions: filters (each row removed is counted under its rule)
@@ -252,6 +297,8 @@ def _preprocess(
     if settings.kcore_enabled:
         progress("k-core")
         u, i = settings.kcore.user_min, settings.kcore.item_min
+        # Ends: each round marks at least one more row or stops, so there are at most as many rounds as
+        # rows; the count is in the summary (kcore_rounds).
         while True:
             rounds += 1
             changed = _scalar(
@@ -496,6 +543,48 @@ def _check_files(con: duckdb.DuckDBPyConnection, raw: RawSource, max_fraction: f
                 + (f": {hint}" if hint else "")
                 + f"; nothing written (the limit is ingest.max_quarantined_fraction = {max_fraction:g})"
             )
+
+
+# An id as a number would write it: without leading zeros and without a trailing ".0" (digits only).
+_NUMBER_FORM = """
+    CASE WHEN regexp_full_match({col}, '[0-9]+(\\.0+)?')
+         THEN coalesce(nullif(ltrim(regexp_replace({col}, '\\.0+$', ''), '0'), ''), '0') END"""
+
+
+def _check_id_formats(con: duckdb.DuckDBPyConnection, raw: RawSource) -> None:
+    """Stop when interactions name item ids that are catalogue ids once both are read as numbers
+    ('105' or '105.0' for '0105'): the ids lost their leading zeros or gained a '.0' on the way (an
+    integer or float column, a spreadsheet, CSV type sniffing), and the rows, or only some of them,
+    would otherwise be quarantined as unknown items while their items counted as new."""
+    rows = con.execute(
+        f"""
+        WITH unknown AS (
+            SELECT _file, item_id, {_NUMBER_FORM.format(col="item_id")} AS n
+            FROM inter_checked WHERE reason = 'unknown_item'),
+        catalogue AS (SELECT item_id, {_NUMBER_FORM.format(col="item_id")} AS n FROM items_valid)
+        SELECT u._file, count(*) AS n_rows, count(DISTINCT u.item_id) AS n_ids,
+               list(DISTINCT [u.item_id, c.item_id] ORDER BY [u.item_id, c.item_id])[:3] AS examples
+        FROM unknown u JOIN catalogue c ON u.n = c.n AND u.item_id <> c.item_id
+        GROUP BY u._file ORDER BY u._file
+        """
+    ).fetchall()
+    if not rows:
+        return
+    read = _read_by_file(raw)
+    parts = []
+    for file, n_rows, n_ids, examples in rows:
+        shown = ", ".join(f"{a!r} for the catalogue's {b!r}" for a, b in examples)
+        kind = raw.interactions.column_types.get("item_id")
+        stored = f"; {file} stores item_id as {kind}" if kind and kind != "VARCHAR" else ""
+        parts.append(
+            f"{file}: {n_rows} of {read.get(('interactions', file), 0)} interactions rows name {n_ids} item "
+            f"ids that are catalogue ids without their leading zeros or with a '.0' ({shown}{stored})"
+        )
+    raise IngestError(
+        "; ".join(parts) + ": the ids were read or written as numbers (an integer or float column, a "
+        "spreadsheet); write item ids as text in both files (pandas: astype(str) before saving, "
+        "dtype=str when reading) and ingest again; nothing written"
+    )
 
 
 def _check_domains(con: duckdb.DuckDBPyConnection) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+import zoneinfo
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from bridgerec.storage.workspace import StageSettings
 
@@ -66,11 +68,56 @@ class TimestampSettings(BaseModel):
         description="Latest plausible instant (UTC); None = one day after the ingest runs.",
     )
 
+    naive_zone: str = Field(
+        default="UTC",
+        description=(
+            "Time zone of timestamps written without one (ISO text without an offset such as "
+            "'2020-09-14 16:13:20', dates, Parquet TIMESTAMP columns without a zone): an IANA name "
+            "('Europe/Berlin') or a fixed offset ('+05:30'). UTC unless set, whatever the machine's zone "
+            "(TZ): the same files give the same instants on every machine. Values with an offset or 'Z' "
+            "keep theirs; epoch numbers are instants."
+        ),
+    )
+
+    @field_validator("naive_zone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        return normalise_zone(value)
+
+    @property
+    def duckdb_zone(self) -> str:
+        """The zone as DuckDB's (ICU's) TimeZone setting names it: offsets as 'GMT+05:30'."""
+        return f"GMT{self.naive_zone}" if self.naive_zone[0] in "+-" else self.naive_zone
+
     @model_validator(mode="after")
     def _ordered(self) -> TimestampSettings:
         if self.max is not None and _utc(self.min) >= _utc(self.max):
             raise ValueError(f"timestamps.min ({self.min}) must be before timestamps.max ({self.max})")
         return self
+
+
+_OFFSET = re.compile(r"(?:UTC|GMT)?([+-])(\d{1,2})(?::?(\d{2}))?", re.IGNORECASE)
+
+
+def normalise_zone(value: str) -> str:
+    """'UTC' for UTC (also 'Z', 'utc', '+00:00'); a fixed offset as '+HH:MM'; an IANA name as given,
+    checked against the time zone database. Raises ValueError naming the value otherwise."""
+    text = value.strip()
+    if text.upper() in ("UTC", "Z", "GMT", "ETC/UTC"):
+        return "UTC"
+    if m := _OFFSET.fullmatch(text):
+        sign, hours, minutes = m[1], int(m[2]), int(m[3] or 0)
+        if hours > 14 or minutes > 59:
+            raise ValueError(f"naive_zone {value!r}: an offset is at most +/-14:00")
+        return "UTC" if hours == minutes == 0 else f"{sign}{hours:02d}:{minutes:02d}"
+    try:
+        zoneinfo.ZoneInfo(text)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"naive_zone {value!r} is not a time zone: use an IANA name (e.g. 'Europe/Berlin'), an offset "
+            "(e.g. '+05:30') or 'UTC'"
+        ) from None
+    return text
 
 
 def _utc(value: datetime) -> datetime:
@@ -81,7 +128,9 @@ def _utc(value: datetime) -> datetime:
 class IngestSettings(StageSettings):
     model_config = ConfigDict(extra="forbid")
     # The files' content is hashed as the stage's inputs; their paths do not matter.
-    not_hashed: ClassVar[frozenset[str]] = frozenset({"items", "interactions", "amazon"})
+    not_hashed: ClassVar[frozenset[str]] = frozenset(
+        {"items", "interactions", "amazon", "memory_limit", "spill_dir"}
+    )
 
     source: SourceKind = "generic"
     items: Path | None = Field(default=None, description="generic: the items file.")
@@ -113,6 +162,18 @@ class IngestSettings(StageSettings):
             "LLM models, counted in the accounting as kept without interactions) or drop them (filtered "
             "as no_interactions). Items whose interactions were all filtered by a rule are dropped either way."
         ),
+    )
+
+    memory_limit: str | None = Field(
+        default=None,
+        pattern=r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$",
+        description="DuckDB's memory for the checks, the k-core, the id maps and the splits (e.g. '2GB'); "
+        "past it DuckDB spills to `spill_dir` instead of failing. None = DuckDB's default (80% of RAM).",
+    )
+    spill_dir: Path | None = Field(
+        default=None,
+        description="Where DuckDB spills past `memory_limit` (its temp_directory); None = a temporary "
+        "folder, removed after the run.",
     )
 
     @model_validator(mode="after")

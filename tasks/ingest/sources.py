@@ -3,8 +3,9 @@ standard column names, plus the rows the reader itself could not parse.
 
 Standard item columns: item_id, domain, title, brand, categories, price, description, attributes.
 Standard interaction columns: user_id, item_id, domain, timestamp, position, rating.
-Every row carries `_file` (its source path) and `_record` (1-based record number in that file), so a
-quarantined row can be found again. Values are left as strings; parsing and checks happen in SQL
+Every row carries `_file` (its source path) and `_record` (where it is in that file: the line a CSV
+record starts on, the header being line 1; the line of a JSON line; the row of a Parquet file, from 1),
+so a quarantined row can be found again. Values are left as strings; parsing and checks happen in SQL
 (see preprocess.py), where they are vectorised.
 
 JSON lines and Parquet go through one path: a Parquet row is serialised to a JSON object (only the
@@ -26,11 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from bridgerec.runtime.errors import InputError
+from bridgerec.runtime.logs import get_logger
+from bridgerec.tasks.ingest import csvlines
 from bridgerec.tasks.ingest.settings import IngestSettings
 
 ITEM_COLUMNS = ["item_id", "domain", "title", "brand", "categories", "price", "description", "attributes"]
@@ -48,7 +52,10 @@ class RawTable:
     """Rows read from one or more files, all values as strings, plus reader-level rejects."""
 
     table: pa.Table
-    rejects: list[dict] = field(default_factory=list)  # {file, record, reason, row}
+    # {file, record, reason, row, item_id}: item_id where the reader can tell it (a CSV catalogue row)
+    rejects: list[dict] = field(default_factory=list)
+    # The id columns' types where the file has types (Parquet: e.g. {"item_id": "BIGINT"}), for messages.
+    column_types: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -151,12 +158,15 @@ def _read_tabular(path: Path, required: list[str], wanted: list[str] | None) -> 
             raw = _read_jsonl_flat(path, wanted)
             found = [c for c in raw.table.column_names if not c.startswith("_")]
         elif name.endswith(".parquet"):
-            found = _parquet_columns(path)
+            types = _parquet_schema(path)
+            found = list(types)
             keys = [c for c in found if wanted is None or c in wanted]
             missing = [c for c in required if c not in found]
             if missing:
                 raise SourceError(f"{path}: missing required column(s) {missing}; found {found}")
             raw = _json_fields(_parquet_lines(path, keys), path, _generic_fields(keys), set(keys))
+            raw.column_types = {k: types[k] for k in ID_COLUMNS if k in types}
+            _note_numeric_ids(path, raw.column_types)
         else:
             raise SourceError(
                 f"{path}: unknown format (expected .csv, .csv.gz, .jsonl, .jsonl.gz or .parquet)"
@@ -188,7 +198,10 @@ def _read_csv(path: Path, delimiter: str) -> RawTable:
 
     def on_invalid(row: pacsv.InvalidRow) -> str:
         reason = "too_few_fields" if row.actual_columns < row.expected_columns else "too_many_fields"
-        rejects.append({"file": str(path), "record": row.number, "reason": reason, "row": row.text})
+        item_id = csvlines.field_of(row.text, delimiter, header, "item_id")
+        rejects.append(
+            {"file": str(path), "record": row.number, "reason": reason, "row": row.text, "item_id": item_id}
+        )
         return "skip"
 
     try:
@@ -215,14 +228,46 @@ def _read_csv(path: Path, delimiter: str) -> RawTable:
         msg = str(exc)
         hint = " (not UTF-8: wrong encoding?)" if "UTF8" in msg or "utf-8" in msg.lower() else ""
         raise SourceError(f"{path}: cannot parse as CSV{hint}: {msg.splitlines()[0]}") from None
-    return RawTable(_with_provenance(table, path), rejects)
+    lines = csvlines.count_lines(path)
+    if lines == 1 + table.num_rows + len(rejects):
+        # One record per line: number the records by line (the rejects already are: pyarrow's row number).
+        taken = np.array([r["record"] for r in rejects], np.int64)
+        numbers = np.setdiff1d(np.arange(2, lines + 1, dtype=np.int64), taken)
+        return RawTable(_with_provenance(table, path, numbers), rejects)
+    # Fewer records than lines: quoted values span lines (or blank lines sit between rows). Read it by
+    # lines, so an unterminated quote cannot swallow the rows after it (tasks/ingest/csvlines.py).
+    one_line = pc.invert(_any_line_break(table, header))
+    known = (
+        set(pc.utf8_trim_whitespace(table.filter(one_line)["domain"]).to_pylist())
+        if "domain" in header
+        else set()
+    )
+    try:
+        table, rejects = csvlines.read_by_lines(path, delimiter, header, known)
+    except UnicodeDecodeError as exc:
+        raise SourceError(f"{path}: cannot parse as CSV (not UTF-8: wrong encoding?): {exc}") from None
+    return RawTable(table, rejects)
+
+
+def _any_line_break(table: pa.Table, columns: list[str]) -> pa.ChunkedArray:
+    """[rows] bool: whether any of the row's values holds a line break (a value that spanned lines)."""
+    found = pa.chunked_array([pa.array([False] * table.num_rows, pa.bool_())])
+    for c in columns:
+        found = pc.or_(found, pc.match_substring_regex(table[c], "[\\r\\n]"))
+    return found
 
 
 def _parquet_columns(path: Path) -> list[str]:
     """The top-level column names of a Parquet file (its schema only)."""
+    return list(_parquet_schema(path))
+
+
+def _parquet_schema(path: Path) -> dict[str, str]:
+    """The top-level columns of a Parquet file and their DuckDB types (its schema only)."""
     con = duckdb.connect()
     try:
-        return [r[0] for r in con.execute("DESCRIBE SELECT * FROM read_parquet(?)", [str(path)]).fetchall()]
+        described = con.execute("DESCRIBE SELECT * FROM read_parquet(?)", [str(path)]).fetchall()
+        return {str(r[0]): str(r[1]) for r in described}
     except duckdb.Error as exc:
         first = str(exc).strip().splitlines()[0]
         raise SourceError(f"{path}: not a readable Parquet file ({first})") from None
@@ -270,12 +315,14 @@ def _sql_string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _with_provenance(table: pa.Table, path: Path) -> pa.Table:
+def _with_provenance(table: pa.Table, path: Path, records: np.ndarray | None = None) -> pa.Table:
+    """`_file` and `_record` columns: the record numbers given (a CSV's line numbers), else 1..n."""
     n = table.num_rows
     table = table.append_column(
         "_file", pa.array([str(path)] * n, pa.string()) if n else pa.array([], pa.string())
     )
-    return table.append_column("_record", pa.array(range(1, n + 1), pa.int64()))
+    numbers = pa.array(records if records is not None else range(1, n + 1), pa.int64())
+    return table.append_column("_record", numbers)
 
 
 def _read_lines(path: Path) -> pa.Table:
@@ -407,12 +454,46 @@ def _json_fields(lines: pa.Table, path: Path, fields: dict[str, str], used_keys:
     return RawTable(table, rejects)
 
 
+def _note_numeric_ids(path: Path, types: dict[str, str]) -> None:
+    """Log an id column stored as numbers: ids that had leading zeros lost them when they were written
+    (preprocess names them when the catalogue still has them); float ids are read as integers."""
+    for column, kind in types.items():
+        if kind in _FLOAT_TYPES:
+            get_logger().warning(
+                "ingest: %s stores %s as %s: integral values are read as integers (105.0 -> '105'); "
+                "ids are safer written as text",
+                path, column, kind,
+            )  # fmt: skip
+        elif kind != "VARCHAR":
+            get_logger().info("ingest: %s stores %s as %s (read as text)", path, column, kind)
+
+
+ID_COLUMNS = ("user_id", "item_id")
+_FLOAT_TYPES = {"FLOAT", "DOUBLE", "REAL"}
+_MAX_EXACT_FLOAT_ID = 2**53  # integers above it are not all exact in a float64
+
+
+def _id_text(key: str) -> str:
+    """An id as text: a JSON number that is an integral float (105.0, what a float column or pandas'
+    NaN-promoted int column writes) as the integer it stands for ('105'); anything else as written."""
+    path = _sql_string(_json_path(key))
+    value = f"TRY_CAST(json_extract(j, {path}) AS DOUBLE)"
+    return (
+        f"CASE WHEN json_type(j, {path}) = 'DOUBLE' AND {value} = round({value}) "
+        f"AND abs({value}) < {_MAX_EXACT_FLOAT_ID} THEN CAST(CAST({value} AS BIGINT) AS VARCHAR) "
+        f"ELSE json_extract_string(j, {path}) END"
+    )
+
+
 def _generic_fields(keys: list[str]) -> dict[str, str]:
-    """Field expressions of a generic JSON object: each key as text; `categories` and `description`
-    lists joined as the Amazon readers join them, other nested values kept as JSON text."""
+    """Field expressions of a generic JSON object: each key as text (ids: `_id_text`); `categories`
+    and `description` lists joined as the Amazon readers join them, other nested values kept as JSON
+    text."""
     out = {}
     for k in keys:
-        if k == "categories":
+        if k in ID_COLUMNS:
+            out[k] = _id_text(k)
+        elif k == "categories":
             out[k] = _list_text(k, " > ")
         elif k == "description":
             out[k] = _list_text(k, " ")

@@ -22,8 +22,10 @@ from bridgerec.tasks.ingest.sources import input_files, read_source
 
 STAGE = "ingest"
 # Bumped when the same files and settings give different outputs (2: catalogue text cleaned at
-# ingest, epoch units by magnitude, Python-literal and Parquet readers), so old stages are rebuilt.
-RULES_VERSION = 2
+# ingest, epoch units by magnitude, Python-literal and Parquet readers; 3: a CSV whose quotes span lines
+# read by lines, CSV records numbered by line, item_quarantined, naive times in timestamps.naive_zone
+# rather than the machine's zone), so old stages are rebuilt.
+RULES_VERSION = 3
 
 
 class IngestSummary(BaseModel):

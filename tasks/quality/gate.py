@@ -10,6 +10,7 @@ keep their fresh initialisation), so both are judged on the same users and targe
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,21 +74,36 @@ def decide(
 ) -> GateResult:
     """The decision from the three scores (pure: what the tests pin down).
 
-    refused: new < published x (1 - max_drop), or (with the floor on) new < popularity.
-    first: nothing published yet (only the floor applies). passed: otherwise."""
+    refused: new is not finite (NaN or inf: a diverged model), new < published x (1 - max_drop), or
+    (with the floor on) new < popularity. first: nothing published yet (only the floor applies).
+    passed: otherwise. A published or popularity figure that is not finite is not compared with (as if
+    absent), so a broken figure can never make a run look better or worse than it is."""
+    note = ""
+    if published is not None and not math.isfinite(published):
+        note = f"; the published run {published_run_id} scores a non-finite {published} and is not compared"
+        published, published_run_id = None, None
+    if popularity is not None and not math.isfinite(popularity):
+        popularity = None
 
     def result(decision: Decision, publish: bool, message: str) -> GateResult:
         return GateResult(
             decision=decision,
             publish=publish,
-            message=message,
+            message=message + note,
             new_run_id=new_run_id,
             published_run_id=published_run_id,
-            new_ndcg10=new,
+            new_ndcg10=new if math.isfinite(new) else None,
             published_ndcg10=published,
             popularity_ndcg10=popularity,
         )
 
+    if not math.isfinite(new):
+        return result(
+            "refused",
+            False,
+            f"run {new_run_id} scores validation NDCG@10 {new} (not finite): the model diverged; retrain "
+            "it (e.g. with a lower train.lr)",
+        )
     if settings.popularity_floor and popularity is not None and new < popularity:
         return result(
             "refused",

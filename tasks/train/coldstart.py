@@ -182,7 +182,8 @@ def _chance(split: EvalSplit, catalog: Catalog, n_excluded: np.ndarray, full: bo
     candidates: 1 + negatives sampled, the domain minus the user's excluded items in full)."""
     tdom = split.target_domain.numpy()
     out: dict[str, Any] = {}
-    sampled = np.full(len(tdom), 0 if split.candidates is None else split.candidates.shape[1])
+    # 1 + the user's negatives (fewer than eval_negatives where the domain holds fewer unseen items)
+    sampled = np.zeros(len(tdom)) if split.candidates is None else (split.candidates > 0).sum(1).numpy()
     protocols = {"sampled": sampled}
     if full:
         protocols["full"] = catalog.sizes[tdom] - n_excluded

@@ -51,7 +51,8 @@ class Tonight:
 
 
 def run_validation_ndcg10(workspace: Workspace, run_id: str, tonight: Tonight) -> float:
-    """Full-ranking validation NDCG@10 of run `run_id`'s best weights on tonight's data.
+    """Full-ranking validation NDCG@10 of run `run_id`'s best weights on tonight's data; NaN when any of
+    its scores is not finite (a diverged model, which the gate refuses).
 
     Raises WarmStartError when the run cannot be rebuilt on tonight's catalogue (other domains, other
     table shapes) and FileNotFoundError when its files are gone."""
@@ -68,7 +69,7 @@ def run_validation_ndcg10(workspace: Workspace, run_id: str, tonight: Tonight) -
     _, valid = tonight.split(spec.max_len)
     ranks = evaluate(model, valid, tonight.settings.eval_batch_size, full=True)
     assert ranks.full is not None
-    return ndcg(ranks.full, 10)
+    return float("nan") if ranks.nonfinite else ndcg(ranks.full, 10)
 
 
 def popularity_validation_ndcg10(tonight: Tonight) -> float:

@@ -10,6 +10,7 @@ runs (runs.parquet) and a manifest whose stats name the best run on the current 
 
 from __future__ import annotations
 
+import math
 import resource
 import shutil
 import time
@@ -30,7 +31,7 @@ from bridgerec.models.evaluate import evaluate, headline, metric_rows
 from bridgerec.models.optim import Optimizer
 from bridgerec.models.pop import Popularity
 from bridgerec.models.registry import ItemTables, build_model
-from bridgerec.models.trainer import FitState, Profiles, fit, score_init, set_seed
+from bridgerec.models.trainer import FitState, Profiles, TrainingDiverged, fit, score_init, set_seed
 from bridgerec.runtime.logs import DETAIL
 from bridgerec.runtime.reports import TableReport
 from bridgerec.runtime.runner import step
@@ -77,6 +78,9 @@ class TrainSummary(BaseModel):
     init_valid_ndcg10: float | None = None  # warm: validation NDCG@10 of the warm init, before training
     warm_start_items: dict[str, int] = {}  # warm: items kept from the earlier run / new / dropped
     cold_start: dict[str, Any] = {}  # train.cold_start evaluations (tasks/train/coldstart.py)
+    # split -> domain -> users with fewer unseen items than eval_negatives: their sampled candidates are
+    # all of those items (a small domain, or a heavy user such as a crawler)
+    sampled_short_users: dict[str, dict[str, int]] = {}
     skipped: bool = False
     seconds: float = 0.0
     run_dir: str = ""
@@ -179,10 +183,12 @@ def run_train(run: StageRun[TrainSettings]) -> TrainSummary:
         for name in ("valid", "test")
     )
     log.info("train: evaluation splits built in %.1f s", time.perf_counter() - t0, extra=DETAIL)
+    short = {sp.name: _report_short(inputs.data, sp, settings.eval_negatives, log) for sp in (valid, test)}
     state = _fit(run, run_dir, model, inputs, start, valid, device)
     summary = _evaluate(run, run_dir, model, inputs, state, (valid, test), device)
     summary = summary.model_copy(
         update={
+            "sampled_short_users": {k: {d: len(u) for d, u in v.items()} for k, v in short.items() if v},
             "resumed_from_epoch": start.resumed_from,
             "init": start.init.init,
             "warm_start_from": start.init.warm_start_from,
@@ -323,11 +329,27 @@ def _fit(
 
     counts = inputs.data.item_counts("train")
     model.set_trained_items(counts)
-    if model.trainable:
-        state = fit(
-            model, inputs.data, valid, cfg, device, inputs.profiles, state, start.opt_state, on_epoch,
-            log=lambda message: log.info(message, extra=DETAIL),  # per epoch: in the log; the bar shows it
+    if model.trainable and settings.data_parallel.workers > 1:
+        from bridgerec.tasks.train.distributed import DataParallelJob, launch
+
+        dp = settings.data_parallel
+        log.info("train: data-parallel over %d workers (%s)", dp.workers, dp.launcher)
+        job = DataParallelJob(
+            settings=settings, workspace=str(run.workspace.root), run_id=run_dir.run_id,
+            threads=max(1, int(dp.cpus_per_worker)), warm=start.init.init == "warm",
+            init=start.init.model_dump(mode="json"),
         )  # fmt: skip
+        state = launch(job, model, state, start.opt_state)
+    elif model.trainable:
+        try:
+            state = fit(
+                model, inputs.data, valid, cfg, device, inputs.profiles, state, start.opt_state, on_epoch,
+                log=lambda message: log.info(message, extra=DETAIL),  # per epoch: in the log; the bar shows it
+            )  # fmt: skip
+        except TrainingDiverged as exc:
+            raise TrainingDiverged(
+                f"train: run {run_dir.run_id} failed: {exc}; it is not on the leaderboard"
+            ) from exc
     else:  # pop: fitted by counting the training prefixes; its "epoch 0" is the only one
         assert isinstance(model, Popularity)
         model.fit_counts(counts)
@@ -357,6 +379,11 @@ def _evaluate(
     results = {}
     for split in splits:
         ranks = evaluate(model, split, settings.eval_batch_size, settings.full_ranking, device)
+        if ranks.nonfinite:  # e.g. a warm init that scored finite but whose test scores are not
+            raise TrainingDiverged(
+                f"train: run {run_dir.run_id} failed: its best weights give NaN or inf scores for "
+                f"{ranks.nonfinite} {split.name} users; lower train.lr (now {settings.lr:g}) or check the inputs"
+            )
         split_rows = metric_rows(ranks, split, catalog, counts)
         results[split.name] = headline(split_rows, catalog.domains)
         rows += [r | {"run_id": run_dir.run_id, "epoch": state.best_epoch} for r in split_rows]
@@ -386,6 +413,19 @@ def _evaluate(
         cold_start=cold_summary,
         run_dir=str(run_dir.path),
     )
+
+
+def _report_short(data: SequenceData, split: EvalSplit, n: int, log: Any) -> dict[str, list[str]]:
+    """Log the users whose sampled candidates are fewer than `n` (all their unseen items), per domain."""
+    short = data.short_candidate_users(split, n)
+    for domain, users in short.items():
+        d = data.catalog.domains.index(domain)
+        log.warning(
+            "train: %s split: %d user(s) of domain %r (%d items) have fewer than %d unseen items there; their "
+            "sampled candidates are all of them (e.g. %s); full ranking is unaffected",
+            split.name, len(users), domain, int(data.catalog.sizes[d]), n, ", ".join(users[:5]),
+        )  # fmt: skip
+    return short
 
 
 def _history_rows(run_id: str, history: list[dict]) -> list[dict]:
@@ -441,12 +481,13 @@ def _plot_curve(history: list[dict], path: Path, title: str) -> None:
 
 def select_best(rows: list[dict], select_by: str) -> dict:
     """The leaderboard row with the highest validation NDCG@10 under `select_by` (full | sampled); a run
-    without that figure (null or NaN) ranks below every run that has it; ties go to the earlier row."""
+    without a finite figure (null, NaN or inf: a diverged run recorded before training checked for it)
+    ranks below every run that has one; ties go to the earlier row."""
     key = "valid_full_ndcg10" if select_by == "full" else "valid_ndcg10"
 
     def value(r: dict) -> float:
         v = r.get(key)
-        return v if v is not None and v == v else -1.0
+        return v if v is not None and math.isfinite(v) else -1.0
 
     return max(rows, key=value)
 
