@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
+import click
 import typer
 import yaml
 from pydantic import BaseModel
@@ -60,7 +61,61 @@ WorkspaceOpt = Annotated[
         "--workspace", "-w", help="Workspace folder (overrides config `workspace`).", show_default=False
     ),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (no progress bars).")]
+
+
+class _Answer:
+    """What a command owes a script that asked for `--json`: exactly one JSON object on stdout, whatever
+    happens. A success answers with its result (`_emit`, plus `"ok": true`); a failure, expected
+    (`_fail`) or not (`main`), with `{"ok": false, "error", "exit_code", "command"}` plus what the command
+    finished before it failed (`done`, e.g. the night's summary with its completed stages) and the log
+    file. The `--json` option's callback arms it, once per invocation."""
+
+    current: _Answer | None = None  # the invocation's, for `main` (the command's context is gone by then)
+
+    def __init__(self, command: str, as_json: bool) -> None:
+        self.command, self.as_json = command, as_json
+        self.done: dict[str, Any] = {}
+        self.answered = False
+
+    def write(self, data: dict[str, Any]) -> None:
+        if self.answered:
+            return
+        self.answered = True
+        log = console.log_path()
+        if log is not None:
+            data["log_file"] = str(log)
+        console.out().write(json.dumps(data, default=str) + "\n")
+        console.out().flush()
+
+    def failure(self, message: str, code: int) -> None:
+        if self.as_json:
+            self.write(
+                {"ok": False, "error": message, "exit_code": code, "command": self.command} | self.done
+            )
+
+
+def _json_mode(ctx: typer.Context, value: bool) -> bool:
+    """The `--json` option's callback (click calls it for every command that has the option, given or
+    not): this invocation's `_Answer`."""
+    names, c = [], ctx
+    while c.parent is not None:  # the command's names below the program's (`runs list`)
+        names.append(c.info_name or "")
+        c = c.parent
+    answer = _Answer(" ".join(reversed(names)), value)
+    ctx.meta["bridgerec.answer"] = _Answer.current = answer
+    return value
+
+
+def _answer() -> _Answer | None:
+    ctx = click.get_current_context(silent=True)
+    return ctx.meta.get("bridgerec.answer") if ctx is not None else _Answer.current
+
+
+def _json_opt(help: str) -> Any:
+    return typer.Option("--json", help=help, callback=_json_mode)
+
+
+JsonOpt = Annotated[bool, _json_opt("Print one JSON object on stdout (no progress bars), also on failure.")]
 VerboseOpt = Annotated[
     bool,
     typer.Option(
@@ -76,11 +131,14 @@ VerboseOpt = Annotated[
 
 def _fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
     """One `error:` line on the terminal's stderr (control characters from the data shown as escapes),
-    then exit with `code`; a failure that is not the user's points at the log file's details."""
+    under `--json` also the failure's JSON object on stdout (`_Answer`), then exit with `code`; a failure
+    that is not the user's points at the log file's details. Every failure a command expects ends here."""
     log = console.log_path()
     if code != EXIT_INPUT and log is not None:
         message += f" (details in {log})"
     typer.secho(f"error: {printable(message)}", fg=typer.colors.RED, err=True, file=console.err())
+    if (answer := _answer()) is not None:
+        answer.failure(message, code)  # --json: the failure as the command's one JSON object
     raise typer.Exit(code)
 
 
@@ -116,17 +174,19 @@ def _settings(config: Path | None, **overrides: Any) -> Settings:
     raise AssertionError("unreachable")
 
 
-def _emit(result: Any, as_json: bool, render: Callable[[Any], None]) -> None:
-    """Print `result` (a typed summary, or a dict) as one JSON object, or through `render`."""
-    if as_json:
-        data = result.model_dump(mode="json") if isinstance(result, BaseModel) else dict(result)
-        log = console.log_path()
-        if log is not None:
-            data["log_file"] = str(log)
-        console.out().write(json.dumps(data, default=str) + "\n")
-        console.out().flush()
-    else:
+def _emit(result: Any, as_json: bool, render: Callable[[Any], None], failing: bool = False) -> None:
+    """Print `result` (a typed summary, or a dict) as one JSON object, or through `render`. `failing`:
+    what a command finished before the failure it goes on to `_fail` with; under --json it becomes part
+    of the failure's object instead of an object of its own."""
+    if not as_json:
         render(result)
+        return
+    data = result.model_dump(mode="json") if isinstance(result, BaseModel) else dict(result)
+    answer = _answer() or _Answer("", True)
+    if failing:
+        answer.done = data
+    else:
+        answer.write({"ok": True} | data)
 
 
 def _run_stage(
@@ -144,9 +204,9 @@ def _run_stage(
     from bridgerec.flows.stage import run_stage
 
     hide_input_error_tracebacks()
+    _require_prefect_api()  # before the session: an unreachable API leaves no log file behind
     with _console(settings, name, as_json, verbose):
         progress.set_enabled(not as_json)
-        _require_prefect_api()
         stopped = (
             f"bridgerec {name} stopped by {{signal}}; what it finished is kept and a rerun resumes from it"
         )
@@ -496,9 +556,9 @@ def run(
     hide_input_error_tracebacks()
 
     settings = _settings(config, workspace=workspace)  # validate early, with readable errors
+    _require_prefect_api()  # before the session: an unreachable API leaves no log file behind
     with _console(settings, "run", as_json, verbose):
         progress.set_enabled(not as_json)
-        _require_prefect_api()
         overrides = {"workspace": str(settings.workspace)} if workspace else None
 
         def morning_read(r: Any) -> None:
@@ -510,7 +570,7 @@ def run(
                 return (
                     f"bridgerec run stopped by {signum.name} before the night was recorded; nothing changed"
                 )
-            _emit(night, as_json, morning_read)
+            _emit(night, as_json, morning_read, failing=True)
             return (
                 f"bridgerec run stopped by {signum.name} during stage {night.failed_stage}: night "
                 f"{night.night_id} is recorded 'failed' in {night.warehouse}; `bridgerec run` again resumes "
@@ -521,7 +581,7 @@ def run(
             try:
                 result = nightly_flow(str(config) if config else None, overrides)
             except NightFailed as exc:  # a refused or failed night still gets its morning read
-                _emit(exc.summary, as_json, morning_read)
+                _emit(exc.summary, as_json, morning_read, failing=True)
                 cause = input_error_in(exc) or unreachable_in(exc)
                 if cause is not None:  # bad input, config or contract: the same line and code as the stage's
                     _fail(str(cause))
@@ -678,7 +738,7 @@ def sql(
         typer.Option("--query", "-q", help="Run this SQL, print the result and leave.", show_default=False),
     ] = None,
     as_json: Annotated[
-        bool, typer.Option("--json", help="With --query: one JSON object (columns, rows) on stdout.")
+        bool, _json_opt("With --query: one JSON object (ok, columns, rows) on stdout, also on failure.")
     ] = False,
 ) -> None:
     """Open a read-only SQL session on the warehouse: the DuckDB CLI (`duckdb -readonly FILE`) when it is
@@ -801,7 +861,9 @@ def warehouse_relink(
 @config_app.command("show")
 def config_show(
     config: ConfigOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of YAML.")] = False,
+    as_json: Annotated[
+        bool, _json_opt("JSON instead of YAML (a failure is one JSON object with ok, error, exit_code).")
+    ] = False,
 ) -> None:
     """Print the effective configuration (file + env vars + defaults)."""
     settings = _settings(config)
@@ -814,10 +876,18 @@ def config_show(
 
 def main() -> None:
     """The `bridgerec` program: the commands, plus one `error:` line on the terminal for a failure no
-    command expected (its traceback goes to the log file when there is one)."""
+    command expected (its traceback goes to the log file when there is one) and, under --json, the
+    failure's JSON object on stdout, also when the command line itself was not understood."""
+    _Answer.current = None
     try:
         app()
-    except (SystemExit, KeyboardInterrupt):
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_FAILURE)
+        answer = _Answer.current or _Answer(" ".join(a for a in sys.argv[1:2]), "--json" in sys.argv[1:])
+        if code != 0:  # a usage error click reported on stderr; a command's own failure has answered
+            answer.failure("the command line was not understood (the message is on stderr)", code)
+        raise
+    except KeyboardInterrupt:
         raise
     except Exception as exc:
         log = console.log_path()
@@ -826,6 +896,8 @@ def main() -> None:
         typer.secho(
             f"error: {type(exc).__name__}: {exc}{where}", fg=typer.colors.RED, err=True, file=console.err()
         )
+        if _Answer.current is not None:
+            _Answer.current.failure(f"{type(exc).__name__}: {exc}", EXIT_FAILURE)
         sys.exit(EXIT_FAILURE)
 
 

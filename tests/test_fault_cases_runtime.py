@@ -8,6 +8,7 @@ Kinds: a Prefect API that is not there (26-prefect-api-unreachable); a damaged w
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -73,7 +74,8 @@ def test_26_prefect_api_unreachable_is_one_error_line(
     )
     assert time.monotonic() - started < 120  # mostly the imports; the probe itself waits 5 s at most
     assert result.returncode == 2, result.stderr
-    assert result.stdout == ""
+    answer = json.loads(result.stdout)  # --json: the failure as one object, nothing else
+    assert (answer["ok"], answer["exit_code"], answer["command"]) == (False, 2, "ingest")
     (line,) = result.stderr.strip().splitlines()  # nothing else: no traceback, no Prefect log
     assert line == (
         f"error: the Prefect API at {url} (PREFECT_API_URL, from the environment) is unreachable (ConnectError: "
@@ -101,7 +103,8 @@ def test_every_flow_command_checks_the_api_first(
     assert line.startswith(
         f"error: the Prefect API at {url} (PREFECT_API_URL, from the environment) is unreachable"
     )
-    assert result.stdout == "" and not (here / "ws").exists()
+    assert json.loads(result.stdout)["error"] == line.removeprefix("error: ")  # --json: one object
+    assert not (here / "ws").exists()
 
 
 def test_an_api_url_from_the_profile_says_how_to_remove_it(tmp_path: Path) -> None:
@@ -247,7 +250,8 @@ def test_a_damaged_block_in_a_table_a_reader_does_not_touch_still_stops_publish(
 
 
 class _Night:
-    """`bridgerec run` of case 24 in a real process of its own (stderr in a file, to wait on its log)."""
+    """`bridgerec run` of case 24 in a real process of its own (stderr in a file, to wait on its log:
+    verbose, so Prefect's log lines are there, not in the command's log file in the workspace)."""
 
     def __init__(self, here: Path, name: str, **env: str) -> None:
         self.log = here / f"{name}.err"
@@ -258,7 +262,7 @@ class _Night:
                 cwd=here,
                 stdout=out,
                 stderr=err,
-                env={**os.environ, **env},
+                env={**os.environ, "BRIDGEREC_VERBOSE": "1", **env},
             )
 
     def wait_for(self, text: str, timeout_s: float = 300) -> None:

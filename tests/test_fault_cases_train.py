@@ -198,7 +198,9 @@ def test_23_diverged_training_fails_its_run_and_the_healthy_run_is_published(
     assert line.startswith("error: train: run sasrec-") and "diverged in epoch 1" in line
     assert "lower train.lr (now 1e+06)" in line and "not on the leaderboard" in line
     assert "Traceback" not in result.stderr
-    assert result.stdout == ""  # no summary of a failed run
+    answer = json.loads(result.stdout)  # no summary of a failed run: the failure's object
+    assert (answer["ok"], answer["exit_code"], answer["command"]) == (False, 2, "train")
+    assert "run_id" not in answer
     assert not (ws.root / "train" / "runs.parquet").exists()
     pop = CliRunner().invoke(app, ["train", "--config", "config.yaml", "--model", "pop", "--json"])
     assert pop.exit_code == 0, pop.output

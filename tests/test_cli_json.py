@@ -1,0 +1,156 @@
+"""`--json` always answers: every command that takes --json prints exactly one JSON object on stdout, also
+when it fails (`ok`, `error`, `exit_code`, `command`, and what it finished before the failure), while
+the `error:` line still goes to stderr and the exit code is unchanged."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from bridgerec.cli import app
+from tests.conftest import REPO, SAMPLE
+
+
+def _bad_config(tmp: Path) -> Path:
+    path = tmp / "bad.yaml"
+    path.write_text("train:\n  epochs: -1\n")
+    return path
+
+
+# command -> (argv on a failing input under tmp, a word of the expected error)
+FAILING: dict[str, Callable[[Path], tuple[list[str], str]]] = {
+    "ingest": lambda t: (
+        [
+            "ingest",
+            "--source",
+            "generic",
+            "--items",
+            str(t / "no-items.csv"),
+            "--interactions",
+            str(t / "no-interactions.csv"),
+            "-w",
+            str(t / "ws"),
+        ],
+        "no-items.csv",
+    ),
+    "enrich": lambda t: (["enrich", "-w", str(t / "empty")], "ingest"),
+    "train": lambda t: (["train", "-w", str(t / "empty")], "ingest"),
+    "publish": lambda t: (["publish", "-w", str(t / "empty"), "--warehouse", str(t / "w.duckdb")], "train"),
+    "run": lambda t: (["run", "--config", str(_bad_config(t))], "epochs"),
+    "report": lambda t: (["report", "-w", str(t / "empty")], "night"),
+    "recs": lambda t: (["recs", "--user", "u1", "--warehouse", str(t / "none.duckdb")], "none.duckdb"),
+    "sql": lambda t: (["sql", "--warehouse", str(t / "none.duckdb"), "-q", "SELECT 1"], "none.duckdb"),
+    "runs list": lambda t: (["runs", "list", "--warehouse", str(t / "none.duckdb")], "none.duckdb"),
+    "models prepare": lambda t: (["models", "prepare", "--config", str(_bad_config(t))], "epochs"),
+    "config show": lambda t: (["config", "show", "--config", str(_bad_config(t))], "epochs"),
+}
+
+
+def _one_object(stdout: str) -> dict:
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, stdout
+    return json.loads(lines[0])
+
+
+@pytest.mark.parametrize("command", sorted(FAILING))
+def test_every_json_command_answers_its_failure_with_one_object(
+    command: str, prefect_harness: None, tmp_path: Path
+) -> None:
+    (tmp_path / "empty").mkdir()
+    argv, word = FAILING[command](tmp_path)
+    out = CliRunner().invoke(app, [*argv, "--json"])
+    assert out.exit_code == 2, out.output
+    assert out.stderr.startswith("error: ") and word in out.stderr
+    answer = _one_object(out.stdout)
+    assert answer["ok"] is False and answer["exit_code"] == out.exit_code == 2
+    assert answer["command"] == command
+    assert answer["error"] == out.stderr.removeprefix("error: ").strip()
+    # Without --json: the same error line and code, nothing on stdout.
+    plain = CliRunner().invoke(app, argv)
+    assert (plain.exit_code, plain.stderr, plain.stdout) == (2, out.stderr, "")
+
+
+def test_every_command_with_json_is_covered() -> None:
+    """A new command with --json must join FAILING."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+
+    def commands(cmd, path=()):  # type: ignore[no-untyped-def]
+        subs = getattr(cmd, "commands", None)
+        if subs:
+            for name, sub in subs.items():
+                yield from commands(sub, (*path, name))
+        elif any("--json" in p.opts for p in cmd.params):
+            yield " ".join(path)
+
+    assert set(commands(group)) == set(FAILING)
+
+
+def test_a_successful_answer_says_ok(tmp_path: Path) -> None:
+    import duckdb
+
+    duckdb.connect(str(tmp_path / "w.duckdb")).close()
+    out = CliRunner().invoke(
+        app, ["sql", "--warehouse", str(tmp_path / "w.duckdb"), "-q", "SELECT 41 + 1 AS a", "--json"]
+    )
+    assert out.exit_code == 0, out.output
+    answer = _one_object(out.stdout)
+    assert (answer["ok"], answer["columns"], answer["rows"]) == (True, ["a"], [[42]])
+
+
+def _slice(out: Path, n_users: int) -> tuple[Path, Path]:
+    with gzip.open(SAMPLE / "interactions.csv.gz", "rt") as fh:
+        header, *rows = fh.read().splitlines()
+    users = sorted({r.split(",")[0] for r in rows})[:n_users]
+    kept = [r for r in rows if r.split(",")[0] in set(users)]
+    items = {r.split(",")[1] for r in kept}
+    with gzip.open(SAMPLE / "items.csv.gz", "rt") as fh:
+        item_header, *item_rows = fh.read().splitlines()
+    paths = out / "items.csv.gz", out / "interactions.csv.gz"
+    with gzip.open(paths[0], "wt") as fh:
+        fh.write("\n".join([item_header, *[r for r in item_rows if r.split(",")[0] in items]]) + "\n")
+    with gzip.open(paths[1], "wt") as fh:
+        fh.write("\n".join([header, *kept]) + "\n")
+    return paths
+
+
+def test_a_failed_night_answers_with_what_it_finished(prefect_harness: None, tmp_path: Path) -> None:
+    """Ingest completes, enrich fails on a missing embedding model: one object, `ok` false, the night's
+    summary (its record, as a successful night prints it) with the completed ingest stage and the failed
+    stage named."""
+    items, interactions = _slice(tmp_path, 30)
+    config = yaml.safe_load((REPO / "configs" / "sample.yaml").read_text())
+    config |= {
+        "workspace": str(tmp_path / "ws"),
+        "ingest": {"source": "generic", "items": str(items), "interactions": str(interactions)},
+        "enrich": {"model": str(tmp_path / "no-such-model")},
+        "runtime": {"stage_retries": 0},
+    }
+    path = tmp_path / "night.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = CliRunner().invoke(app, ["run", "--config", str(path), "--json"])
+    assert out.exit_code == 1, out.output  # a failed night (the model setting is no input file's fault)
+    answer = _one_object(out.stdout)
+    assert answer["ok"] is False and answer["exit_code"] == 1 and answer["command"] == "run"
+    assert "no-such-model" in answer["error"] and out.stderr.startswith("error: nightly run failed")
+    assert answer["status"] == "failed" and answer["failed_stage"] == "enrich"
+    assert answer["stages"]["ingest"]["users"] > 0 and answer["stages"]["enrich"] is None
+
+
+def test_a_usage_error_answers_too(tmp_path: Path) -> None:
+    """Outside any command's own checks (a required option missing), `bridgerec` still answers --json."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bridgerec.cli", "recs", "--json"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2 and "--user" in done.stderr
+    answer = _one_object(done.stdout)
+    assert answer["ok"] is False and answer["exit_code"] == 2 and answer["command"] == "recs"
