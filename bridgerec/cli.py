@@ -97,7 +97,8 @@ class _Answer:
 def _json_mode(ctx: typer.Context, value: bool) -> bool:
     """The `--json` option's callback (click calls it for every command that has the option, given or
     not): this invocation's `_Answer`."""
-    names, c = [], ctx
+    names: list[str] = []
+    c = ctx
     while c.parent is not None:  # the command's names below the program's (`runs list`)
         names.append(c.info_name or "")
         c = c.parent
@@ -108,7 +109,8 @@ def _json_mode(ctx: typer.Context, value: bool) -> bool:
 
 def _answer() -> _Answer | None:
     ctx = click.get_current_context(silent=True)
-    return ctx.meta.get("bridgerec.answer") if ctx is not None else _Answer.current
+    answer = ctx.meta.get("bridgerec.answer") if ctx is not None else _Answer.current
+    return answer if isinstance(answer, _Answer) else None
 
 
 def _json_opt(help: str) -> Any:
@@ -706,13 +708,31 @@ def _render_recs(r: dict) -> None:
     out.print(f"[italic]profile:[/] {shown(r['profile'], '(none)')}")
     for interest in r.get("interests") or []:
         out.print(f"  - {shown(interest)}")
+    explained = any(row.get("because_item_id") for rows in r["recommendations"].values() for row in rows)
     for domain, rows in r["recommendations"].items():
         t = Table(title=domain, title_justify="left")
-        for col in ("rank", "item_id", "title", "score"):
+        for col in ("rank", "item_id", "title", "score", *(["because you had"] if explained else [])):
             t.add_column(col, justify="right" if col in ("rank", "score") else "left")
         for row in rows:
-            t.add_row(str(row["rank"]), shown(row["item_id"]), shown(row["title"]), f"{row['score']:.4f}")
+            cells = [str(row["rank"]), shown(row["item_id"]), shown(row["title"]), f"{row['score']:.4f}"]
+            if explained:
+                cells.append(_because_text(row))
+            t.add_row(*cells)
         out.print(t)
+    if not explained:
+        out.print(
+            "[dim]no explanations: the most popular items, popularity is their reason[/]"
+            if r["model"] == "pop"
+            else "[dim]no explanations in this run (a model without a text space, or publish.explain off)[/]"
+        )
+
+
+def _because_text(row: dict[str, Any]) -> str:
+    """'<title> (0.83)': the user's history item closest to the recommended one, and that cosine."""
+    if not row.get("because_item_id"):
+        return ""
+    title = row.get("because_title") or row["because_item_id"]
+    return f"{shown(title)} ({row['because_score']:.2f})"
 
 
 def sql_shell_command(warehouse: Path, duckdb_cli: str | None) -> list[str] | None:

@@ -106,3 +106,39 @@ def csr_from_pairs(
     indptr = np.zeros(n_users + 1, dtype=np.int64)
     np.cumsum(np.bincount(u, minlength=n_users), out=indptr[1:])
     return indptr, i
+
+
+@dataclass
+class TextSpace:
+    """The text space a model scores items in (LLM4CDSR's frozen LLM item table `E_all`), with every
+    user's history, for the explanations beside published items: the history item closest to each
+    recommended one by cosine similarity.
+
+    Rows of `vectors` are items by global row (global id - 1), L2-normalised; an item whose embedding
+    failed (a zero row) stays zero and `has_text` is False for it. The history of user row u is
+    `history_items[history_indptr[u]:history_indptr[u + 1]]` (global rows, every domain, deduplicated).
+    """
+
+    item_ids: list[str]  # [N] by global row
+    vectors: np.ndarray  # float32 [N, d], unit rows (zero where has_text is False)
+    has_text: np.ndarray  # bool [N]
+    user_ids: list[str]  # [U]
+    history_indptr: np.ndarray  # int64 [U + 1]
+    history_items: np.ndarray  # int64 [nnz], global rows
+
+    @classmethod
+    def from_table(
+        cls,
+        item_ids: list[str],
+        table: np.ndarray,
+        user_ids: list[str],
+        history_indptr: np.ndarray,
+        history_items: np.ndarray,
+    ) -> TextSpace:
+        """From a raw item table [N, d] (any norms): rows normalised here."""
+        table = np.asarray(table, np.float32)
+        norms = np.linalg.norm(table, axis=1)
+        has_text = norms > 0
+        vectors = np.zeros_like(table)
+        vectors[has_text] = table[has_text] / norms[has_text, None]
+        return cls(item_ids, vectors, has_text, user_ids, history_indptr, history_items)

@@ -177,6 +177,11 @@ def test_each_night_writes_its_report_and_links_it(nights: Nights) -> None:
     assert (
         examples[0]["user_id"] in html and escape(examples[0]["recommendations"]["food"][0]["title"]) in html
     )
+    # Each example item with the history item that explains it (the sample's model has a text space).
+    first = examples[0]["recommendations"]["food"][0]
+    assert first["because_item_id"] and -1 <= first["because_score"] <= 1
+    assert "because you had (cosine)" in html
+    assert f"{escape(first['because_title'])} ({first['because_score']:.2f})" in html
     failed = [json.loads(p.read_text()) for p in records]
     assert [r["status"] for r in sorted(failed, key=lambda r: r["started_at"])] == [
         "completed",

@@ -47,7 +47,16 @@ _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # The columns of each kind of part (a new column is appended here; views read parts with
 # union_by_name, so older parts show it as NULL).
 PART_SCHEMAS: dict[str, pa.Schema] = {
-    "recommendations": pa.schema([pa.field("run_id", pa.string(), nullable=False), *RECOMMENDATION_ROWS]),
+    "recommendations": pa.schema(
+        [
+            pa.field("run_id", pa.string(), nullable=False),
+            *RECOMMENDATION_ROWS,
+            # The user's history item closest to this one in the model's text space and that cosine
+            # (tasks/publish/explain.py); NULL for models without one (pop: popularity is its reason).
+            pa.field("because_item_id", pa.string()),
+            pa.field("because_score", pa.float32()),
+        ]
+    ),
     "serving": pa.schema(
         [
             pa.field("run_id", pa.string(), nullable=False),

@@ -14,7 +14,7 @@ import duckdb
 
 from bridgerec.storage.warehouse.connection import reading
 from bridgerec.storage.warehouse.schema import PARTS_VERSION, WarehouseError, schema_version
-from bridgerec.storage.warehouse.views import served_files
+from bridgerec.storage.warehouse.views import scan_parts, served_files, typed_empty
 
 
 def rows(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
@@ -81,12 +81,8 @@ def run_source(con: duckdb.DuckDBPyConnection, folder: Path, run_id: str, kind: 
     its parts, or (a file not moved to parts yet) its table."""
     if schema_version(con) < PARTS_VERSION:
         quoted = run_id.replace("'", "''")
-        return f"(SELECT * FROM {kind} WHERE run_id = '{quoted}')"
-    files = served_files(con, folder).get((kind, run_id), [])
-    if not files:
-        return f"(SELECT * FROM {kind} WHERE false)"
-    paths = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-    return f"read_parquet([{paths}], union_by_name = true)"
+        return f"({typed_empty(kind)} UNION ALL BY NAME SELECT * FROM {kind} WHERE run_id = '{quoted}')"
+    return f"({scan_parts(kind, served_files(con, folder).get((kind, run_id), []))})"
 
 
 def user_recommendations(
@@ -100,21 +96,23 @@ def user_recommendations(
         rid = run["run_id"]
         recs = rows(
             con,
-            f"SELECT domain, rank, item_id, score FROM {run_source(con, folder, rid, 'recommendations')} "
-            "WHERE user_id = ? ORDER BY domain, rank",
+            "SELECT domain, rank, item_id, score, because_item_id, because_score "
+            f"FROM {run_source(con, folder, rid, 'recommendations')} WHERE user_id = ? ORDER BY domain, rank",
             [user_id],
         )
         if not recs:
             raise WarehouseError(f"user {user_id!r} has no recommendations in run {rid!r}")
         # Titles of just these items (a join would scan the whole catalogue part: 4x slower measured).
+        wanted = {r["item_id"] for r in recs} | {r["because_item_id"] for r in recs if r["because_item_id"]}
         titles = dict(
             con.execute(
                 "SELECT item_id, title FROM items WHERE item_id IN (SELECT unnest(?::VARCHAR[]))",
-                [[r["item_id"] for r in recs]],
+                [sorted(wanted)],
             ).fetchall()
         )
         for r in recs:
             r["title"] = titles.get(r["item_id"])
+            r["because_title"] = titles.get(r["because_item_id"]) if r["because_item_id"] else None
         domains = sorted({r["domain"] for r in recs})
         if domain is not None:
             recs = [r for r in recs if r["domain"] == domain]

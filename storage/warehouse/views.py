@@ -54,14 +54,22 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _scan(kind: str, files: list[str]) -> str:
-    """A SELECT over the parts `files` of `kind` (an empty, typed SELECT when there are none)."""
+def typed_empty(kind: str) -> str:
+    """An empty SELECT with every column of `kind`'s parts (PART_SCHEMAS), typed."""
+    cols = ", ".join(f"NULL::{_sql_type(f.type)} AS {f.name}" for f in PART_SCHEMAS[kind])
+    return f"SELECT {cols} WHERE false"
+
+
+def scan_parts(kind: str, files: list[str]) -> str:
+    """A SELECT over the parts `files` of `kind` with every column of PART_SCHEMAS[kind], in its order:
+    a column that parts written before it was added lack reads as NULL (the empty typed SELECT unioned
+    by name supplies it, also when no listed part has it)."""
     if not files:
-        schema = PART_SCHEMAS[kind]
-        cols = ", ".join(f"NULL::{_sql_type(f.type)} AS {f.name}" for f in schema)
-        return f"SELECT {cols} WHERE false"
+        return typed_empty(kind)
     paths = ", ".join(_literal(f) for f in files)
-    return f"SELECT * FROM read_parquet([{paths}], union_by_name = true)"
+    return (
+        f"{typed_empty(kind)} UNION ALL BY NAME SELECT * FROM read_parquet([{paths}], union_by_name = true)"
+    )
 
 
 def served_files(con: duckdb.DuckDBPyConnection, catalogue_folder: Path) -> dict[tuple[str, str], list[str]]:
@@ -94,18 +102,18 @@ def view_statements(con: duckdb.DuckDBPyConnection, catalogue_folder: Path, temp
         return files.get((kind, run_id), []) if run_id is not None else []
 
     create = "CREATE OR REPLACE TEMP VIEW" if temp else "CREATE OR REPLACE VIEW"
-    items = _scan("items", of_run("items", items_run))
+    items = scan_parts("items", of_run("items", items_run))
     return [
         f"{create} items AS SELECT item_id, domain, title, brand, categories, price, updated_run_id "
         f"FROM ({items})",
-        f"{create} recommendations AS {_scan('recommendations', every('recommendations'))}",
-        f"{create} user_profiles AS {_scan('user_profiles', every('user_profiles'))}",
-        f"{create} serving AS {_scan('serving', every('serving'))}",
+        f"{create} recommendations AS {scan_parts('recommendations', every('recommendations'))}",
+        f"{create} user_profiles AS {scan_parts('user_profiles', every('user_profiles'))}",
+        f"{create} serving AS {scan_parts('serving', every('serving'))}",
         f"{create} latest_recommendations AS SELECT r.*, i.title "
-        f"FROM ({_scan('recommendations', of_run('recommendations', latest_id))}) r "
+        f"FROM ({scan_parts('recommendations', of_run('recommendations', latest_id))}) r "
         "LEFT JOIN items i ON i.item_id = r.item_id",
-        f"{create} latest_user_profiles AS {_scan('user_profiles', of_run('user_profiles', latest_id))}",
-        f"{create} latest_serving AS {_scan('serving', of_run('serving', latest_id))}",
+        f"{create} latest_user_profiles AS {scan_parts('user_profiles', of_run('user_profiles', latest_id))}",
+        f"{create} latest_serving AS {scan_parts('serving', of_run('serving', latest_id))}",
     ]
 
 

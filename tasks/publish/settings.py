@@ -33,6 +33,16 @@ class PublishSettings(StageSettings):
     )
     k: int = Field(default=20, ge=1, le=1000, description="Recommendations per user and domain.")
     exclude_seen: bool = Field(default=True, description="Never recommend an item the user already had.")
+    explain: bool = Field(
+        default=True,
+        description=(
+            "Beside each recommended item, the item of the user's own history closest to it in the model's "
+            "text space (its LLM item embeddings, cosine) and that similarity: the because_item_id and "
+            "because_score columns (tasks/publish/explain.py). NULL for models without a text space (pop: "
+            "its reason is popularity; sasrec). Off: both columns NULL, and publish saves its cost "
+            "(docs/publish.md)."
+        ),
+    )
     new_items: bool = Field(
         default=True,
         description=(

@@ -30,8 +30,9 @@ import pyarrow.parquet as pq
 from bridgerec.runtime.progress import advance, progress_bar
 from bridgerec.runtime.runner import step
 from bridgerec.storage.index_store import IndexSettings, IndexStore, Searcher, TopK, search_topk, set_threads
-from bridgerec.storage.vectors import DomainVectors
+from bridgerec.storage.vectors import DomainVectors, TextSpace
 from bridgerec.storage.warehouse import PartInfo, PartTarget, profile_rows
+from bridgerec.tasks.publish.explain import closest_in_history
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class ShardPlan:
     threads: int
     shards: tuple[PublishShard, ...]
     n_users: int
+    explain: bool = False  # the text space is staged (text/): fill because_item_id / because_score
 
 
 @dataclass
@@ -71,6 +73,7 @@ class ShardResult:
     seconds: float
     on_gpu: bool = False
     rows: int = field(default=0)
+    explain_s: dict[str, float] = field(default_factory=dict)  # per domain: finding the because items
 
 
 def _sorted_order(user_ids: list[str]) -> np.ndarray:
@@ -92,12 +95,16 @@ def stage_shards(
     profiles: pa.Table | None,
     run_id: str,
     users_per_shard: int,
+    text: TextSpace | None = None,
 ) -> tuple[tuple[PublishShard, ...], int]:
     """Write the shards' inputs under `scratch`; return the shards and the number of users.
 
     Per domain: user_vectors.npy (float32 [U, d]), seen_indptr.npy, seen_items.npy, rows in user_id
     order; users/<shard>.parquet (user_id); profiles/<shard>.parquet (profile part rows) when profiles
-    are given. Every domain must cover the same users (publish checks this against the ingest output).
+    are given. With a text space (explanations, tasks/publish/explain.py): text/vectors.npy,
+    text/has_text.npy, text/item_ids.parquet (by global row), text/history_indptr.npy and
+    text/history_items.npy (user_id order), and per domain text_rows.npy (index row -> global row).
+    Every domain must cover the same users (publish checks this against the ingest output).
     """
     first = next(iter(vectors.values()))
     order = _sorted_order(first.user_ids)
@@ -122,7 +129,28 @@ def stage_shards(
         )
     if profiles is not None and profiles.num_rows:
         _stage_profiles(scratch, profiles, run_id, users, users_per_shard, len(shards))
+    if text is not None:
+        _stage_text(scratch, text, vectors, users)
     return shards, n
+
+
+def _stage_text(
+    scratch: Path, text: TextSpace, vectors: Mapping[str, DomainVectors], users: pa.Array
+) -> None:
+    folder = scratch / "text"
+    folder.mkdir()
+    np.save(folder / "vectors.npy", text.vectors)
+    np.save(folder / "has_text.npy", text.has_text)
+    pq.write_table(pa.table({"item_id": pa.array(text.item_ids, pa.string())}), folder / "item_ids.parquet")
+    indptr, items = _permute_csr(text.history_indptr, text.history_items, _align(users, text.user_ids))
+    np.save(folder / "history_indptr.npy", indptr)
+    np.save(folder / "history_items.npy", items)
+    everything = pa.array(text.item_ids, pa.string())
+    for domain, v in vectors.items():
+        rows = pc.index_in(pa.array(v.item_ids, pa.string()), value_set=everything)
+        if rows.null_count:
+            raise ValueError(f"{rows.null_count} items of domain {domain!r} are not in the run's text space")
+        np.save(scratch / domain / "text_rows.npy", np.asarray(rows).astype(np.int64))
 
 
 def _align(users: pa.Array, user_ids: list[str]) -> np.ndarray:
@@ -196,20 +224,53 @@ def _score_domain(
     result.search_s[domain] = time.perf_counter() - t0
     result.on_gpu |= searcher.on_gpu
     result.short[domain] = int(((topk.items >= 0).sum(axis=1) < plan.k).sum())
+    because = None
+    if plan.explain:
+        t0 = time.perf_counter()
+        because = _because(scratch, shard, domain, topk)
+        result.explain_s[domain] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    recs, serving = domain_rows(plan.run_id, domain, users, topk, pa.array(loaded.item_ids, pa.string()))
+    recs, serving = domain_rows(
+        plan.run_id, domain, users, topk, pa.array(loaded.item_ids, pa.string()), because
+    )
     result.parts.append(plan.target.write(recs, "recommendations", shard.index, domain))
     result.parts.append(plan.target.write(serving, "serving", shard.index, domain))
     result.rows += recs.num_rows
     result.write_s += time.perf_counter() - t0
 
 
+def _because(scratch: Path, shard: PublishShard, domain: str, topk: TopK) -> Because:
+    """The shard's explanations in `domain` (tasks/publish/explain.py) from the staged text space."""
+    text = scratch / "text"
+    vectors = np.load(text / "vectors.npy", mmap_mode="r")
+    has_text = np.load(text / "has_text.npy")
+    full = np.load(text / "history_indptr.npy", mmap_mode="r")
+    indptr = np.asarray(full[shard.start : shard.stop + 1])
+    items = np.asarray(np.load(text / "history_items.npy", mmap_mode="r")[indptr[0] : indptr[-1]])
+    text_rows = np.load(scratch / domain / "text_rows.npy")
+    rec_rows = np.where(topk.items >= 0, text_rows[np.maximum(topk.items, 0)], -1)
+    rows, scores = closest_in_history(rec_rows, indptr - indptr[0], items, np.asarray(vectors), has_text)
+    item_ids = pq.read_table(text / "item_ids.parquet")["item_id"].combine_chunks()
+    return Because(rows, scores, item_ids)
+
+
+@dataclass(frozen=True)
+class Because:
+    """Explanations of one domain's top-k: global rows [U, k] (-1 none) and cosines [U, k] (NaN none)
+    of the closest history items, and the item ids by global row."""
+
+    rows: np.ndarray
+    scores: np.ndarray
+    item_ids: pa.Array
+
+
 def domain_rows(
-    run_id: str, domain: str, users: pa.Array, topk: TopK, item_ids: pa.Array
+    run_id: str, domain: str, users: pa.Array, topk: TopK, item_ids: pa.Array, because: Because | None = None
 ) -> tuple[pa.Table, pa.Table]:
     """(recommendation rows, serving rows) of one domain: rows in user order then rank (users given
     sorted); the serving row of a user holds their item ids and scores best first. A user with fewer
-    than k eligible items gets fewer rows (and shorter lists)."""
+    than k eligible items gets fewer rows (and shorter lists). `because`: the explanation columns
+    (NULL without)."""
     valid = topk.items >= 0  # [U, k]; search_topk puts the missing ones last
     counts = valid.sum(axis=1)
     k = topk.items.shape[1]
@@ -224,6 +285,7 @@ def domain_rows(
             "rank": pa.array(np.tile(np.arange(1, k + 1, dtype=np.int16), len(users))[valid.ravel()]),
             "item_id": flat_items,
             "score": flat_scores,
+            **_because_columns(because, valid, n),
         }
     )
     offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
@@ -237,6 +299,17 @@ def domain_rows(
         }
     )
     return recs, serving
+
+
+def _because_columns(because: Because | None, valid: np.ndarray, n: int) -> dict[str, pa.Array]:
+    if because is None:
+        return {"because_item_id": pa.nulls(n, pa.string()), "because_score": pa.nulls(n, pa.float32())}
+    rows, scores = because.rows[valid], because.scores[valid]
+    missing = rows < 0
+    return {
+        "because_item_id": because.item_ids.take(pa.array(np.maximum(rows, 0), mask=missing)),
+        "because_score": pa.array(scores, pa.float32(), mask=missing),
+    }
 
 
 def _repeat(value: str, n: int) -> pa.Array:

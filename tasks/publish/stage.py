@@ -498,8 +498,11 @@ def _plan_shards(job: _Job, ranked: _Ranked, indexes: dict[str, _Index], attempt
     t0 = time.perf_counter()
     assert attempt.scratch is not None
     profiles = load_profiles(job.workspace)
+    text = None
+    if job.settings.explain and job.trained is not None:
+        text = TrainOutputs(job.workspace).text_space(job.trained)  # None: the model has no text space
     shards, n_users = stage_shards(
-        attempt.scratch, ranked.vectors, profiles, job.run_id, job.settings.users_per_shard
+        attempt.scratch, ranked.vectors, profiles, job.run_id, job.settings.users_per_shard, text
     )
     job.timings["stage_s"] = time.perf_counter() - t0
     return ShardPlan(
@@ -514,6 +517,7 @@ def _plan_shards(job: _Job, ranked: _Ranked, indexes: dict[str, _Index], attempt
         threads=job.threads,
         shards=shards,
         n_users=n_users,
+        explain=text is not None,
     )
 
 
@@ -564,6 +568,7 @@ def _timings(plan: PublishPlan, results: list[ShardResult], result: wh.PublishRe
     return {
         **plan.timings,
         "search_s": sum(sum(r.search_s.values()) for r in results),
+        "explain_s": sum(sum(r.explain_s.values()) for r in results),
         "parts_write_s": sum(r.write_s for r in results),
         "shards_s": sum(r.seconds for r in results),
         "warehouse_copy_s": result.timings.copy_s,

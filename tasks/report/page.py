@@ -226,6 +226,13 @@ def _costs_section(record: dict, trend: list[dict]) -> str:
     return "\n".join(parts)
 
 
+def _because(r: dict) -> str:
+    """The history item closest to a recommended one in the model's text space, and that cosine."""
+    if not r.get("because_item_id"):
+        return ""
+    return f"{escape(r.get('because_title') or r['because_item_id'])} ({r['because_score']:.2f})"
+
+
 def _examples_section(record: dict) -> str:
     figures = record.get("figures") or {}
     examples = figures.get("examples")
@@ -251,14 +258,34 @@ def _examples_section(record: dict) -> str:
                 + "</p>"
             )
         parts.append('<div class="lists">')
+        explained = any(r.get("because_item_id") for rows in u["recommendations"].values() for r in rows)
         for domain, rows in u["recommendations"].items():
             table = _table(
-                ["#", "item", "score"],
-                [[_n(r["rank"]), escape(r.get("title") or r["item_id"]), f"{r['score']:.3f}"] for r in rows],
+                ["#", "item", "score", *(["because you had (cosine)"] if explained else [])],
+                [
+                    [
+                        _n(r["rank"]),
+                        escape(r.get("title") or r["item_id"]),
+                        f"{r['score']:.3f}",
+                        *([_because(r)] if explained else []),
+                    ]
+                    for r in rows
+                ],
                 {0, 2},
             )
             parts.append(f"<div><b>{escape(domain)}</b>{table}</div>")
-        parts.append("</div></div>")
+        parts.append("</div>")
+        if not explained:
+            parts.append(
+                "<p class='muted'>No explanations: "
+                + (
+                    "pop lists the most popular items; popularity is their reason."
+                    if u.get("model") == "pop"
+                    else "this run's model has no text space (or publish.explain is off)."
+                )
+                + "</p>"
+            )
+        parts.append("</div>")
     return "\n".join(parts)
 
 

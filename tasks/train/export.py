@@ -19,7 +19,7 @@ from bridgerec.models.config import ModelConfig
 from bridgerec.models.data import Catalog, SequenceData, Sequences
 from bridgerec.models.registry import build_model
 from bridgerec.storage.runs import RunDir
-from bridgerec.storage.vectors import DomainVectors, csr_from_pairs
+from bridgerec.storage.vectors import DomainVectors, TextSpace, csr_from_pairs
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.train.inputs import load_catalog, load_sequences
 
@@ -83,3 +83,23 @@ def seen_items(catalog: Catalog, sequences: Sequences, domain: int) -> tuple[np.
     return csr_from_pairs(
         users[keep], catalog.item_local[g[keep]] - 1, len(sequences.lengths), int(catalog.sizes[domain])
     )
+
+
+def export_text_space(run_dir: Path, workspace: Workspace) -> TextSpace | None:
+    """The run's text space (storage.vectors.TextSpace): its frozen LLM item table `E_all` as saved
+    with its weights (what the model scored with, not a later enrich), and every user's whole history;
+    None for a model without one (pop, sasrec, sasrec-domain)."""
+    from safetensors import safe_open
+
+    run = RunDir(workspace, Path(run_dir).name)
+    run.path = Path(run_dir)
+    with safe_open(str(run.model), framework="numpy") as weights:
+        if "E_all" not in weights.keys():  # noqa: SIM118  (safe_open has no __contains__)
+            return None
+        table = weights.get_tensor("E_all")[1:]  # [N, Dg]; row 0 is padding
+    catalog = load_catalog(workspace)
+    sequences = load_sequences(workspace)
+    n_users = len(sequences.lengths)
+    users = np.repeat(np.arange(n_users), sequences.lengths)
+    indptr, items = csr_from_pairs(users, sequences.flat - 1, n_users, len(catalog.item_ids))
+    return TextSpace.from_table(list(catalog.item_ids), table, list(sequences.user_ids), indptr, items)

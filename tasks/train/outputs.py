@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bridgerec.storage.runs import RunDir
-from bridgerec.storage.vectors import DomainVectors
+from bridgerec.storage.vectors import DomainVectors, TextSpace
 from bridgerec.storage.workspace import Workspace, hash_file
-from bridgerec.tasks.train.export import export_vectors
+from bridgerec.tasks.train.export import export_text_space, export_vectors
 
 STAGE = "train"
 
@@ -67,6 +67,11 @@ class TrainOutputs:
         """{domain: DomainVectors}: per target domain, user and item vectors whose inner product is the
         run's score (tasks/train/export.py)."""
         return export_vectors(run.path, self.workspace, device=device)
+
+    def text_space(self, run: TrainedRun) -> TextSpace | None:
+        """The run's text space and users' histories, for explaining its lists (tasks/train/export.py);
+        None for a model that scores no text (pop, sasrec, sasrec-domain)."""
+        return export_text_space(run.path, self.workspace)
 
     def scores_items_from_text(self, run: TrainedRun) -> bool:
         """Whether the run's model scores an item from its LLM embedding (so also an item without
