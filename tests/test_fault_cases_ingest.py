@@ -337,7 +337,8 @@ def test_28_leading_zero_ids_through_the_cli(
     )
     assert "Traceback" not in result.stderr
     answer = json.loads(result.stdout)  # --json: the failure as one object
-    assert (answer["ok"], answer["exit_code"]) == (False, 2) and answer["error"] == line.removeprefix("error: ")
+    assert (answer["ok"], answer["exit_code"]) == (False, 2)
+    assert answer["error"] == line.removeprefix("error: ")
 
 
 def test_float_id_columns_are_read_as_the_integers_they_hold(
