@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
-import click
 import typer
 import yaml
 from pydantic import BaseModel
@@ -51,6 +50,14 @@ app.add_typer(runs_app, name="runs")
 warehouse_app = typer.Typer(help="Look after the warehouse file.", no_args_is_help=True)
 app.add_typer(warehouse_app, name="warehouse")
 
+
+@app.callback()
+def _invocation() -> None:
+    # Runs before every command (its options are parsed after): no answer is owed until a --json
+    # option's callback says so (several invocations share a process in tests and embedders).
+    _Answer.current = None
+
+
 ConfigOpt = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="YAML config file (default: $BRIDGEREC_CONFIG).", show_default=False),
@@ -70,7 +77,7 @@ class _Answer:
     finished before it failed (`done`, e.g. the night's summary with its completed stages) and the log
     file. The `--json` option's callback arms it, once per invocation."""
 
-    current: _Answer | None = None  # the invocation's, for `main` (the command's context is gone by then)
+    current: _Answer | None = None  # this invocation's (reset by `_invocation` before each command)
 
     def __init__(self, command: str, as_json: bool) -> None:
         self.command, self.as_json = command, as_json
@@ -95,22 +102,19 @@ class _Answer:
 
 
 def _json_mode(ctx: typer.Context, value: bool) -> bool:
-    """The `--json` option's callback (click calls it for every command that has the option, given or
-    not): this invocation's `_Answer`."""
+    """The `--json` option's callback (called for every command that has the option, given or not):
+    this invocation's `_Answer`."""
     names: list[str] = []
-    c = ctx
+    c: Any = ctx
     while c.parent is not None:  # the command's names below the program's (`runs list`)
         names.append(c.info_name or "")
         c = c.parent
-    answer = _Answer(" ".join(reversed(names)), value)
-    ctx.meta["bridgerec.answer"] = _Answer.current = answer
+    _Answer.current = _Answer(" ".join(reversed(names)), value)
     return value
 
 
 def _answer() -> _Answer | None:
-    ctx = click.get_current_context(silent=True)
-    answer = ctx.meta.get("bridgerec.answer") if ctx is not None else _Answer.current
-    return answer if isinstance(answer, _Answer) else None
+    return _Answer.current
 
 
 def _json_opt(help: str) -> Any:
