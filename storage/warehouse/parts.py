@@ -190,6 +190,9 @@ class PartTarget:
         target = f"{base.rstrip('/')}/{relpath}"
         fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
         schema = PART_SCHEMAS[kind]
+        for f in schema:  # a nullable column the writer does not fill (e.g. no explanations): NULL
+            if f.nullable and f.name not in table.column_names:
+                table = table.append_column(f, pa.nulls(table.num_rows, f.type))
         extra = [f for f in table.schema if f.name not in schema.names]  # columns a later version added
         table = table.select([*schema.names, *(f.name for f in extra)]).cast(pa.schema([*schema, *extra]))
         per_user = 1
