@@ -117,7 +117,9 @@ def test_ddp_weights_equal_one_process_weights(
 def _train(root: Path, **overrides: Any) -> Any:
     from bridgerec.tasks.train.stage import run_train
 
-    settings = TrainSettings(model="sasrec", **(FAST | {"epochs": 3, "patience": 3, "dropout": 0.0} | overrides))
+    settings = TrainSettings(
+        model="sasrec", **(FAST | {"epochs": 3, "patience": 3, "dropout": 0.0} | overrides)
+    )
     return run_train(StageRun(settings, Workspace(root), threads=1))
 
 
