@@ -27,6 +27,14 @@ BlockLayout = Literal["pre_ln", "sasrec"]
 # authors' code (then a prefix's states do not depend on what follows it).
 Positions = Literal["from_end", "from_start"]
 BceNegatives = Literal["fused", "per_thread"]
+# Which positions of a training prefix are targets (docs/train.md, "Training tasks"):
+#   next  - every position predicts the next item (SASRec; the causal mask keeps each target out of view);
+#   last  - only the prefix's last item is a target, predicted from every item before it (one target per
+#           user and epoch; attention may then look both ways without seeing the target);
+#   cloze - masked-item prediction (BERT4Rec, Sun et al., CIKM 2019): a share `mask_prob` of the items,
+#           and always the last one, are replaced by a learned mask token and predicted, attention looking
+#           both ways; at inference a mask token after the history is what the user vector reads.
+Task = Literal["next", "last", "cloze"]
 # Initialisation of the sequence encoders (models/backbone.py `SequenceEncoder`): torch's defaults
 # (positions N(0, 0.02)), or the authors' code: Xavier-normal for every weight matrix and the position
 # table (their `_init_weights`), zero attention biases (torch's MultiheadAttention), FFN biases torch's.
@@ -46,6 +54,8 @@ class ModelConfig:
     block: BlockLayout = "pre_ln"
     positions: Positions = "from_end"
     weight_init: WeightInit = "torch"
+    task: Task = "next"
+    mask_prob: float = 0.2  # cloze: the share of a prefix's items masked (besides its last item)
     # LLM4CDSR only
     id_embeddings: bool = False
     # ID dropout (DropoutNet, Volkovs et al. NeurIPS 2017): in training each item's ID row is replaced with
@@ -76,6 +86,20 @@ class ModelConfig:
             raise ValueError(f"id_dropout {self.id_dropout} must be in [0, 1)")
         if self.hidden % self.heads:
             raise ValueError(f"hidden {self.hidden} must be divisible by heads {self.heads}")
+        if not 0.0 <= self.mask_prob < 1.0:
+            raise ValueError(f"mask_prob {self.mask_prob} must be in [0, 1)")
+        built = {"next": ("llm4cdsr", "sasrec", "sasrec_domain", "pop"), "last": ("llm4cdsr", "sasrec"),
+                 "cloze": ("llm4cdsr",)}  # fmt: skip
+        if self.architecture not in built[self.task]:
+            raise ValueError(
+                f"task {self.task!r} is built for {', '.join(built[self.task])}, not {self.architecture}"
+            )
+
+    @property
+    def bidirectional(self) -> bool:
+        """Whether attention looks both ways: `causal` off, or the cloze task (whose masked positions keep
+        the targets out of view)."""
+        return not self.causal or self.task == "cloze"
 
     @property
     def bce_negatives_apply(self) -> bool:

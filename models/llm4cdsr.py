@@ -122,8 +122,13 @@ class LLM4CDSR(Recommender):
         # Where a user has no earlier item of the target's domain, that thread has no state: with
         # domain_start it contributes a learned one (zero init: the same as none at the start).
         self.domain_start = (
-            nn.Parameter(torch.zeros(len(self.sizes), hidden)) if config.domain_start else None
+            nn.Parameter(torch.zeros(len(self.sizes), hidden))
+            if config.domain_start and config.task != "cloze"  # cloze: every thread has its mask token
+            else None
         )
+        if config.task == "cloze":  # the mask token of each thread's input (BERT4Rec's [mask])
+            self.mask_mixed = nn.Parameter(torch.zeros(hidden))
+            self.mask_local = nn.Parameter(torch.zeros(len(self.sizes), hidden))
         self.user_adapter = (
             nn.Sequential(nn.Linear(profile_dim, profile_dim // 2), nn.Linear(profile_dim // 2, hidden))
             if profile_dim and self.beta > 0
@@ -199,25 +204,58 @@ class LLM4CDSR(Recommender):
         domains: Sequence[int],
         split: int | None = None,
         wanted: Tensor | None = None,
+        masked: Tensor | None = None,
+        append_mask: bool = False,
     ) -> Threads:
         """inputs: [B, L] left-padded global ids -> the mixed thread's states and those of the domain threads
         in `domains`. Rows from `split` on (hidden-domain examples, read at their last column only) run
         through the mixed thread as a batch of their own (`encode_rows`). A domain thread runs on the rows
         with an item of its domain, and of those only the rows where `wanted` [n_domains, B] holds (training:
-        a target in the domain); the other rows keep zero states."""
-        h_mix = encode_rows(
-            lambda x: self.mixed(self.embed_global(x), x), inputs, inputs.shape[0] if split is None else split
-        )  # [B, L, H]
-        dom, loc = self.domain_of(inputs), self.local(inputs)
+        a target in the domain); the other rows keep zero states. masked: [B, L] bool (task cloze), the
+        items each thread reads as its mask token. append_mask (cloze inference): a masked item after the
+        history, of the domain each thread is asked for (the last max_len - 1 items kept), so the last
+        column is the state a cloze model predicts the next item from; the states are then [B, L + 1, H]."""
+        split = inputs.shape[0] if split is None else split
+        per_domain = {d: inputs for d in domains}
+        if append_mask:
+            inputs = inputs[:, -(self.config.max_len - 1) :]
+            for d in domains:  # a placeholder item of domain d, masked: its identity is never read
+                placeholder = inputs.new_full((inputs.shape[0], 1), int(self.offsets[d]) + 1)
+                per_domain[d] = torch.cat([inputs, placeholder], 1)  # [B, L + 1]
+            masked = torch.zeros_like(per_domain[domains[0]], dtype=torch.bool)
+            masked[:, -1] = True
+        aligned = () if masked is None else (masked,)
+        h_mix = encode_rows(self._mixed_thread, per_domain[domains[0]], split, *aligned)  # [B, L, H]
         threads = {}
         for d in domains:
-            sub, last, has = domain_view(dom, loc, d)  # [B, Ld], [B, L], [B, L]
-            run = has[:, -1] if wanted is None else has[:, -1] & wanted[d]
-            present = torch.nonzero(run).flatten()  # [R] the rows the thread runs on
-            h_r = self.threads[d](self.embed_local(sub[present], d), sub[present])  # [R, Ld, H]
-            states = h_r.new_zeros(sub.shape[0], *h_r.shape[1:]).index_copy(0, present, h_r)  # [B, Ld, H]
-            threads[d] = DomainThread(states, last, has)
+            threads[d] = self._domain_thread(per_domain[d], d, None if wanted is None else wanted[d], masked)
         return Threads(h_mix, threads)
+
+    def _mixed_thread(self, ids: Tensor, masked: Tensor | None = None) -> Tensor:
+        """ids: [B, L] global ids -> [B, L, H] the mixed thread's states (masked items: the mask token)."""
+        emb = self.embed_global(ids)  # [B, L, H]
+        if masked is not None:
+            emb = torch.where(masked.unsqueeze(-1), self.mask_mixed, emb)
+        return self.mixed(emb, ids)
+
+    def _domain_thread(
+        self, ids: Tensor, d: int, wanted: Tensor | None, masked: Tensor | None
+    ) -> DomainThread:
+        """ids: [B, L] mixed global ids -> domain d's thread over its subsequence, run on the rows with an
+        item of d (and `wanted` [B]); masked [B, L]: the items read as the thread's mask token."""
+        dom = self.domain_of(ids)  # [B, L]
+        sub, last, has = domain_view(dom, self.local(ids), d)  # [B, Ld], [B, L], [B, L]
+        run = has[:, -1] if wanted is None else has[:, -1] & wanted
+        present = torch.nonzero(run).flatten()  # [R] the rows the thread runs on
+        emb = self.embed_local(sub[present], d)  # [R, Ld, H]
+        if masked is not None:
+            cols = torch.arange(1, ids.shape[1] + 1, device=ids.device).expand_as(ids)
+            src, _, _ = domain_view(dom, cols, d)  # [B, Ld] mixed column + 1 of each item of sub
+            sub_masked = (src > 0) & masked.gather(1, (src - 1).clamp(min=0))  # [B, Ld]
+            emb = torch.where(sub_masked[present].unsqueeze(-1), self.mask_local[d], emb)
+        h_r = self.threads[d](emb, sub[present])  # [R, Ld, H]
+        states = h_r.new_zeros(sub.shape[0], *h_r.shape[1:]).index_copy(0, present, h_r)  # [B, Ld, H]
+        return DomainThread(states, last, has)
 
     def fused_state(self, threads: Threads, domain: int, rows: Tensor, cols: Tensor) -> Tensor:
         """rows, cols: [P] positions of the mixed inputs -> [P, 2H] the user side [h_mix, h_d] there, for a
@@ -237,7 +275,7 @@ class LLM4CDSR(Recommender):
         targets = batch.targets  # [B, L] global ids
         tgt_dom = self.domain_of(targets)  # [B, L], -1 where no target
         wanted = torch.stack([(tgt_dom == d).any(1) for d in range(self.n_domains)])  # [n_domains, B]
-        threads = self.encode(batch.inputs, range(self.n_domains), batch.main_rows, wanted)
+        threads = self.encode(batch.inputs, range(self.n_domains), batch.main_rows, wanted, batch.cloze)
         mixed_neg = batch.mixed_negatives  # [B, L] global ids, or None (bce_negatives fused)
         groups = []
         for d in range(self.n_domains):
@@ -305,7 +343,7 @@ class LLM4CDSR(Recommender):
         """The state after the last item, [B, 2H] per domain asked for; the mixed thread runs once."""
         inputs = trim(inputs)  # [B, L]
         domains = range(self.n_domains) if domains is None else domains
-        threads = self.encode(inputs, domains)
+        threads = self.encode(inputs, domains, append_mask=self.config.task == "cloze")
         rows = torch.arange(inputs.shape[0], device=inputs.device)  # [B]
-        cols = torch.full_like(rows, inputs.shape[1] - 1)  # [B] the last column
+        cols = torch.full_like(rows, threads.mixed.shape[1] - 1)  # [B] the last column
         return [self.fused_state(threads, d, rows, cols) for d in domains]

@@ -26,6 +26,7 @@ from bridgerec.models.config import (
     Objective,
     Positions,
     Sampling,
+    Task,
     WeightInit,
 )
 from bridgerec.models.trainer import FitConfig
@@ -89,12 +90,15 @@ class TrainSettings(StageSettings):
         "loss_norm": "batch",
         "positions": "from_end",
         "weight_init": "torch",
+        "task": "next",
+        "mask_prob": 0.2,
     }
 
     def ignored_fields(self) -> set[str]:
         """Switches the chosen model does not use (left out of the run id): `domain_start` outside
         LLM4CDSR, `hide_domain` without a mixed thread, `bce_negatives` unless bce with LLM4CDSR."""
         ignored = set() if self.architecture == "llm4cdsr" else {"domain_start"}
+        ignored |= set() if self.task == "cloze" else {"mask_prob"}
         ignored |= {"hide_domain"} if self.effective_hide_domain == 0 else set()
         return ignored | (set() if self.bce_negatives_apply else {"bce_negatives"})
 
@@ -132,6 +136,21 @@ class TrainSettings(StageSettings):
     objective: Objective = Field(
         default="sampled_softmax",
         description="Training loss: bce (the paper's) | sampled_softmax | ce (full softmax); docs/train.md.",
+    )
+    task: Task = Field(
+        default="next",
+        description=(
+            "Training task: next (every position predicts the next item, causal) | last (only each prefix's "
+            "last item is a target; attention may look both ways) | cloze (BERT4Rec's masked items: "
+            "mask_prob of the items and always the last one masked and predicted, attention both ways); "
+            "docs/train.md, Training tasks."
+        ),
+    )
+    mask_prob: float = Field(
+        default=0.2,
+        ge=0.0,
+        lt=1.0,
+        description="task cloze: the share of a prefix's items masked besides its last.",
     )
     weight_init: WeightInit = Field(
         default="torch",
@@ -264,7 +283,7 @@ class TrainSettings(StageSettings):
     def model_spec(self, global_dim: int = 0, local_dim: int = 0, profile_dim: int = 0) -> ModelConfig:
         """The typed model config these settings build (preset applied), given the enrich tables' widths."""
         r = self.resolved()
-        keys = ("hidden", "layers", "heads", "dropout", "max_len", "causal", "block", "positions", "weight_init", "id_embeddings", "id_dropout", "domain_start",
+        keys = ("hidden", "layers", "heads", "dropout", "max_len", "causal", "block", "positions", "weight_init", "task", "mask_prob", "id_embeddings", "id_dropout", "domain_start",
                 "alpha", "beta", "tau", "adapter_init", "objective", "negatives", "sampling", "bce_negatives")  # fmt: skip
         return ModelConfig(
             architecture=self.architecture,
