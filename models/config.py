@@ -62,6 +62,11 @@ class ModelConfig:
     # this probability by a row predicted from its LLM embeddings, which items without training
     # interactions (new items) then use instead of no ID row at all. 0 = no predicted rows.
     id_dropout: float = 0.0
+    # A mapping fitted on warm items: after every epoch, the ID-row generators (as for id_dropout) are
+    # fitted in closed form, a ridge regression from each item's LLM embedding to its learned ID row over
+    # the items with training interactions (weighted by them; the ridge strength chosen on a held-out
+    # fifth of those items), instead of by gradient steps; items without interactions use the predicted row.
+    id_text_fit: bool = False
     # A learned state per domain thread for a target with no earlier item of its domain (instead of no
     # domain term): what a user who never shopped in the domain is scored with.
     domain_start: bool = False
@@ -86,6 +91,8 @@ class ModelConfig:
             raise ValueError(f"id_dropout {self.id_dropout} must be in [0, 1)")
         if self.hidden % self.heads:
             raise ValueError(f"hidden {self.hidden} must be divisible by heads {self.heads}")
+        if self.id_text_fit and self.id_dropout > 0:
+            raise ValueError("id_text_fit and id_dropout both set the ID-row generators: choose one")
         if not 0.0 <= self.mask_prob < 1.0:
             raise ValueError(f"mask_prob {self.mask_prob} must be in [0, 1)")
         built = {"next": ("llm4cdsr", "sasrec", "sasrec_domain", "pop"), "last": ("llm4cdsr", "sasrec"),

@@ -62,6 +62,39 @@ class Threads:
     domains: dict[int, DomainThread]
 
 
+def ridge_map(
+    layer: nn.Linear, x: Tensor, y: Tensor, weights: Tensor, grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
+) -> None:
+    """Set `layer` (x -> y) to the weighted ridge regression of y [n, H] on x [n, D] over the rows with
+    weight > 0 (the bias unpenalised), in float64. The penalty is lambda times the mean feature variance,
+    lambda from `grid` by the weighted squared error on a held-out fifth of the rows (every fifth row),
+    then refitted on all of them."""
+    keep = torch.nonzero(weights > 0).flatten()
+    if len(keep) < 5:  # too few items to fit and check a map: the generator stays as it is
+        return
+    X = torch.cat([x[keep].double(), x.new_ones(len(keep), 1, dtype=torch.float64)], 1)  # [n, D + 1]
+    Y, w = y[keep].double(), weights[keep].double()  # [n, H], [n]
+    held = torch.arange(len(keep), device=x.device) % 5 == 4
+
+    def solve(rows: Tensor, lam: float) -> Tensor:
+        A = X[rows].T @ (X[rows] * w[rows, None]) / w[rows].sum()  # [D + 1, D + 1]
+        B = X[rows].T @ (Y[rows] * w[rows, None]) / w[rows].sum()  # [D + 1, H]
+        penalty = (
+            torch.diag(A).clone()[:-1].mean() * lam * torch.ones(A.shape[0], dtype=A.dtype, device=A.device)
+        )
+        penalty[-1] = 0.0  # the bias
+        return torch.linalg.solve(A + torch.diag(penalty), B)
+
+    def error(beta: Tensor) -> float:
+        residual = ((X[held] @ beta - Y[held]) ** 2).sum(1)
+        return float((residual * w[held]).sum() / w[held].sum())
+
+    best = min(grid, key=lambda lam: error(solve(~held, lam)))
+    beta = solve(torch.ones_like(held), best)  # [D + 1, H]
+    layer.weight.copy_(beta[:-1].T.to(layer.weight.dtype))
+    layer.bias.copy_(beta[-1].to(layer.bias.dtype))
+
+
 class LLM4CDSR(Recommender):
     name = "llm4cdsr"
 
@@ -112,13 +145,17 @@ class LLM4CDSR(Recommender):
         # ID dropout (DropoutNet): an ID row predicted from the LLM embeddings, per thread. Trained by
         # standing in for a random id_dropout share of the ID rows; it is the ID row of every item without
         # training interactions. Zero init: it starts as "no ID row".
+        # With id_text_fit the same generators are fitted in closed form after each epoch (`end_epoch`).
         self.id_dropout = config.id_dropout if self.id_embeddings else 0.0
-        if self.id_dropout > 0:
+        self.text_rows = self.id_embeddings and (self.id_dropout > 0 or config.id_text_fit)
+        if self.text_rows:
             self.id_from_text_all = nn.Linear(Dg, hidden)
             self.id_from_text_local = nn.ModuleList(nn.Linear(Dl, hidden) for _ in self.sizes)
             for layer in [self.id_from_text_all, *self.id_from_text_local]:
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
+                layer.requires_grad_(not config.id_text_fit)
+        self.train_counts: Tensor | None = None  # [N + 1] training interactions (`set_trained_items`)
         # Where a user has no earlier item of the target's domain, that thread has no state: with
         # domain_start it contributes a learned one (zero init: the same as none at the start).
         self.domain_start = (
@@ -149,6 +186,21 @@ class LLM4CDSR(Recommender):
         if self.id_embeddings:
             known = torch.as_tensor(np.asarray(counts) > 0, dtype=self.id_known.dtype)
             self.id_known.copy_(known.to(self.id_known.device))
+            self.train_counts = torch.as_tensor(np.asarray(counts), dtype=torch.float64)
+
+    @torch.no_grad()
+    def end_epoch(self) -> None:
+        """id_text_fit: fit each thread's ID-row generator to the ID rows of the items with training
+        interactions (`ridge_map`); what an item without interactions is scored with."""
+        if not (self.config.id_text_fit and self.text_rows and self.train_counts is not None):
+            return
+        counts = self.train_counts
+        ridge_map(self.id_from_text_all, self.E_all[1:], self.id_all.weight[1:], counts[1:])
+        for d, size in enumerate(self.sizes):
+            start = int(self.offsets[d]) + 1
+            text = getattr(self, f"E_local_{d}")[1:]  # [n_d, Dl]
+            weights = counts[start : start + size]
+            ridge_map(self.id_from_text_local[d], text, self.id_local[d].weight[1:], weights)
 
     def frozen_tables(self) -> set[str]:
         return {"E_all", *(f"E_local_{d}" for d in range(self.n_domains))}
@@ -162,7 +214,7 @@ class LLM4CDSR(Recommender):
         use = self.id_known[gids]  # [...] 1 = the item's own ID row
         if generator is None:
             return rows * use.unsqueeze(-1)
-        if self.training:
+        if self.training and self.id_dropout > 0:
             use = use * (torch.rand_like(use) >= self.id_dropout)
         use = use.unsqueeze(-1)
         return use * rows + (1 - use) * generator(text)
@@ -182,7 +234,7 @@ class LLM4CDSR(Recommender):
         text = self.E_all[uniq]  # [n_unique, Dg]
         table = self.adapt(text)  # [n_unique, H]
         if self.id_embeddings:
-            generator = self.id_from_text_all if self.id_dropout > 0 else None
+            generator = self.id_from_text_all if self.text_rows else None
             table = table + self._id_rows(self.id_all(uniq), uniq, text, generator)
         return (table * (uniq > 0).unsqueeze(-1))[inverse]
 
@@ -192,7 +244,7 @@ class LLM4CDSR(Recommender):
         e = self.local_proj(text)
         if self.id_embeddings:
             gids = self.global_ids(domain, lids)
-            generator = self.id_from_text_local[domain] if self.id_dropout > 0 else None
+            generator = self.id_from_text_local[domain] if self.text_rows else None
             real = (lids > 0).unsqueeze(-1)  # padding keeps a zero row (a predicted row has a bias)
             e = e + self._id_rows(self.id_local[domain](lids), gids, text, generator) * real
         return e

@@ -217,6 +217,7 @@ def fit(
                 advance(bar, 1, f"train {model.name} epoch {epoch} loss {running['sum'] / running['n']:.4f}")
 
             losses = train_epoch(model, data, optimizer, cfg, epoch, profiles, device, on_batch)
+            model.end_epoch()
             train_s = time.perf_counter() - started
             score, scores = validate(model, valid, cfg, device, epoch)
             eval_s = time.perf_counter() - started - train_s

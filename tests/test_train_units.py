@@ -364,6 +364,8 @@ def _config(arch: str, **kw) -> ModelConfig:
         ("llm4cdsr", {}),
         ("llm4cdsr", {"id_embeddings": True}),
         ("llm4cdsr", {"id_embeddings": True, "id_dropout": 0.3}),
+        ("llm4cdsr", {"id_embeddings": True, "id_text_fit": True}),
+        ("llm4cdsr", {"id_embeddings": True, "task": "cloze"}),
         ("llm4cdsr", {"id_embeddings": True, "domain_start": True}),
         ("llm4cdsr", {"block": "sasrec"}),
         ("sasrec", {"block": "sasrec"}),
@@ -405,6 +407,58 @@ def test_hybrid_items_without_training_interactions_are_their_llm_representation
         known = [i for i in range(1, CATALOG.sizes[d] + 1) if i != unknown]
         assert torch.allclose(after[d][known], before[d][known], atol=1e-6)
     assert hybrid.state_dict()["id_known"].tolist() == (counts > 0).astype(float).tolist()
+
+
+def test_ridge_map_recovers_a_linear_map_from_the_weighted_rows_only() -> None:
+    from bridgerec.models.llm4cdsr import ridge_map
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 6, generator=g)
+    true_w, true_b = torch.randn(3, 6, generator=g), torch.randn(3, generator=g)
+    y = x @ true_w.T + true_b
+    weights = torch.rand(400, generator=g) + 0.5
+    weights[:50] = 0.0  # rows without interactions: not fitted on
+    y[:50] = 100.0  # (their rows say nothing)
+    layer = torch.nn.Linear(6, 3)
+    with torch.no_grad():
+        ridge_map(layer, x, y, weights)
+    # noise-free rows: the held-out fifth picks the weakest penalty, near the exact map
+    assert torch.allclose(layer.weight, true_w, atol=0.05) and torch.allclose(layer.bias, true_b, atol=0.05)
+    noisy = y + 3.0 * torch.randn(400, 3, generator=g)
+    strong = torch.nn.Linear(6, 3)
+    with torch.no_grad():
+        ridge_map(strong, x, noisy, weights, grid=(100.0,))  # a strong penalty shrinks towards the mean
+        assert float(strong.weight.norm()) < 0.5 * float(true_w.norm())
+        assert torch.allclose(strong.bias, noisy[50:].mean(0), atol=0.7)
+
+
+def test_id_text_fit_scores_new_items_with_the_map_fitted_on_warm_items() -> None:
+    """llm4cdsr-hybrid with id_text_fit: training is unchanged (no predicted row while training, the
+    generators take no gradient); after each epoch the generators are the ridge map from the items' LLM
+    embeddings to their own ID rows, and an item without training interactions is scored with it."""
+    torch.manual_seed(0)
+    model = build_model(_config("llm4cdsr", id_embeddings=True, id_text_fit=True), CATALOG, _tables())
+    assert not any(p.requires_grad for p in model.id_from_text_all.parameters())
+    counts = np.bincount(np.concatenate(SEQS * 5), minlength=CATALOG.n_items + 1)
+    counts[[3, 9]] = 0
+    model.set_trained_items(counts)
+    with torch.no_grad():
+        before = model.id_from_text_all.weight.clone()
+        model.end_epoch()
+        assert not torch.equal(before, model.id_from_text_all.weight)
+        known = torch.from_numpy(counts > 0)
+        known[0] = False
+        predicted = model.id_from_text_all(model.E_all[known])
+        # 24 text dims for 9 known items: the fit reproduces their rows closely
+        assert float((predicted - model.id_all.weight[known]).abs().max()) < 0.05
+        model.train()
+        ids = torch.arange(1, 12)
+        own = model.adapter(model.E_all[ids]) + model.id_all(ids) * torch.from_numpy(counts[1:] > 0)[:, None]
+        unknown = torch.from_numpy(counts[1:] == 0)
+        got = model.embed_global(ids)
+        assert torch.allclose(got[~unknown], own[~unknown], atol=1e-6)  # no replacement while training
+        text = model.E_all[ids[unknown]]
+        assert torch.allclose(got[unknown], model.adapter(text) + model.id_from_text_all(text), atol=1e-6)
 
 
 def test_id_dropout_scores_new_items_with_an_id_row_predicted_from_text() -> None:

@@ -367,8 +367,9 @@ def test_warm_state_on_a_toy_catalogue_drops_gone_items_and_flags_moved_tables()
 
 
 def test_a_warm_start_needs_the_id_row_generator_on_both_sides_or_neither() -> None:
-    """ID dropout adds the per-thread ID-row generator (models/llm4cdsr.py): weights without it cannot
-    start a model with it (or back); another id_dropout value on both sides is only a training change."""
+    """ID dropout (or the fitted map, id_text_fit) adds the per-thread ID-row generator
+    (models/llm4cdsr.py): weights without it cannot start a model with it (or back); another id_dropout
+    value on both sides is only a training change. Another training task starts cold."""
     from bridgerec.tasks.train.warmstart import incompatibility
 
     # as config.json records them (stage.py: the resolved settings plus the architecture)
@@ -382,6 +383,13 @@ def test_a_warm_start_needs_the_id_row_generator_on_both_sides_or_neither() -> N
     assert incompatibility(on, base) == "id_dropout 0.3 -> 0.0"
     legacy = {k: v for k, v in base.items() if k != "id_dropout"}  # a run from before the setting
     assert incompatibility(legacy, base) is None and incompatibility(legacy, on) is not None
+    # the fitted map (id_text_fit) has the same generators: dropout weights can start it, none cannot
+    fitted = base | {"id_text_fit": True}
+    assert incompatibility(on, fitted) is None
+    assert incompatibility(base, fitted) == "id_text_fit False -> True"
+    # the training task: cloze adds mask tokens, and every task reads the states another way
+    assert incompatibility(base, base | {"task": "cloze"}) == "task 'next' -> 'cloze'"
+    assert incompatibility({k: v for k, v in base.items() if k != "task"}, base) is None
     # likewise the learned domain start states
     assert incompatibility(base | {"domain_start": False}, base) == "domain_start False -> True"
     assert incompatibility({k: v for k, v in base.items() if k != "domain_start"}, base) is not None

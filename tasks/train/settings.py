@@ -91,6 +91,7 @@ class TrainSettings(StageSettings):
         "positions": "from_end",
         "weight_init": "torch",
         "task": "next",
+        "id_text_fit": False,
         "mask_prob": 0.2,
     }
 
@@ -197,6 +198,15 @@ class TrainSettings(StageSettings):
             "(new items) are scored with the predicted row. 0 = off (docs/train.md, Cold start)."
         ),
     )
+    id_text_fit: bool = Field(
+        default=False,
+        description=(
+            "LLM4CDSR with id_embeddings: after every epoch, fit a map from each item's LLM embeddings to its "
+            "learned ID rows over the items with training interactions (ridge regression, weighted by them); "
+            "items without interactions (new items) are scored with the predicted rows. Training is "
+            "unchanged (docs/train.md, Cold start)."
+        ),
+    )
     domain_start: bool = Field(
         default=True,
         description=(
@@ -283,7 +293,7 @@ class TrainSettings(StageSettings):
     def model_spec(self, global_dim: int = 0, local_dim: int = 0, profile_dim: int = 0) -> ModelConfig:
         """The typed model config these settings build (preset applied), given the enrich tables' widths."""
         r = self.resolved()
-        keys = ("hidden", "layers", "heads", "dropout", "max_len", "causal", "block", "positions", "weight_init", "task", "mask_prob", "id_embeddings", "id_dropout", "domain_start",
+        keys = ("hidden", "layers", "heads", "dropout", "max_len", "causal", "block", "positions", "weight_init", "task", "mask_prob", "id_embeddings", "id_dropout", "id_text_fit", "domain_start",
                 "alpha", "beta", "tau", "adapter_init", "objective", "negatives", "sampling", "bce_negatives")  # fmt: skip
         return ModelConfig(
             architecture=self.architecture,
