@@ -70,6 +70,9 @@ class ModelConfig:
     # A learned state per domain thread for a target with no earlier item of its domain (instead of no
     # domain term): what a user who never shopped in the domain is scored with.
     domain_start: bool = False
+    # Per-domain adapters (after LLM-EDT's domain-specific adapters): the mixed thread's item input is the
+    # shared adapter's output plus a linear map of the item's domain (zero-initialised).
+    adapter_per_domain: bool = False
     alpha: float = 0.1
     beta: float = 0.1
     tau: float = 1.0

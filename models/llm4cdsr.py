@@ -126,6 +126,13 @@ class LLM4CDSR(Recommender):
             for layer in self.adapter:
                 nn.init.xavier_normal_(layer.weight)
                 nn.init.zeros_(layer.bias)
+        # adapter_per_domain: plus a linear map of the item's own domain, zero at the start.
+        self.domain_adapters = None
+        if config.adapter_per_domain:
+            self.domain_adapters = nn.ModuleList(nn.Linear(Dg, hidden) for _ in self.sizes)
+            for layer in self.domain_adapters:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
         # Local tables enter the domain threads frozen; a linear map only if their width differs.
         self.local_proj = nn.Identity() if Dl == hidden else nn.Linear(Dl, hidden, bias=False)
         self.mixed = SequenceEncoder.of(config, Dg)
@@ -233,6 +240,11 @@ class LLM4CDSR(Recommender):
         uniq, inverse = torch.unique(gids, return_inverse=True)
         text = self.E_all[uniq]  # [n_unique, Dg]
         table = self.adapt(text)  # [n_unique, H]
+        if self.domain_adapters is not None:
+            dom = self.domain_of(uniq)  # [n_unique], -1 for the padding
+            for d, layer in enumerate(self.domain_adapters):
+                rows = torch.nonzero(dom == d).flatten()
+                table = table.index_add(0, rows, layer(text[rows]))
         if self.id_embeddings:
             generator = self.id_from_text_all if self.text_rows else None
             table = table + self._id_rows(self.id_all(uniq), uniq, text, generator)

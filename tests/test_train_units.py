@@ -366,6 +366,7 @@ def _config(arch: str, **kw) -> ModelConfig:
         ("llm4cdsr", {"id_embeddings": True, "id_dropout": 0.3}),
         ("llm4cdsr", {"id_embeddings": True, "id_text_fit": True}),
         ("llm4cdsr", {"id_embeddings": True, "task": "cloze"}),
+        ("llm4cdsr", {"id_embeddings": True, "adapter_per_domain": True}),
         ("llm4cdsr", {"id_embeddings": True, "domain_start": True}),
         ("llm4cdsr", {"block": "sasrec"}),
         ("sasrec", {"block": "sasrec"}),
@@ -407,6 +408,22 @@ def test_hybrid_items_without_training_interactions_are_their_llm_representation
         known = [i for i in range(1, CATALOG.sizes[d] + 1) if i != unknown]
         assert torch.allclose(after[d][known], before[d][known], atol=1e-6)
     assert hybrid.state_dict()["id_known"].tolist() == (counts > 0).astype(float).tolist()
+
+
+def test_per_domain_adapters_add_a_map_of_the_items_own_domain() -> None:
+    torch.manual_seed(0)
+    model = build_model(_config("llm4cdsr", adapter_per_domain=True), CATALOG, _tables()).eval()
+    ids = torch.tensor([0, 2, 8])  # padding, an item of a, one of b
+    with torch.no_grad():
+        shared = model.adapter(model.E_all[ids])
+        assert torch.allclose(model.embed_global(ids)[1:], shared[1:], atol=1e-6)  # zero-initialised
+        for layer in model.domain_adapters:
+            layer.weight.normal_()
+            layer.bias.normal_()
+        got = model.embed_global(ids)
+        assert torch.all(got[0] == 0)
+        assert torch.allclose(got[1], shared[1] + model.domain_adapters[0](model.E_all[2]), atol=1e-5)
+        assert torch.allclose(got[2], shared[2] + model.domain_adapters[1](model.E_all[8]), atol=1e-5)
 
 
 def test_ridge_map_recovers_a_linear_map_from_the_weighted_rows_only() -> None:

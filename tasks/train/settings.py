@@ -92,6 +92,7 @@ class TrainSettings(StageSettings):
         "weight_init": "torch",
         "task": "next",
         "id_text_fit": False,
+        "adapter_per_domain": False,
         "mask_prob": 0.2,
     }
 
@@ -184,6 +185,13 @@ class TrainSettings(StageSettings):
     adapter_init: Literal["xavier", "torch"] = Field(
         default="xavier",
         description="LLM4CDSR adapter init: Xavier-normal weights, zero biases | torch default.",
+    )
+    adapter_per_domain: bool = Field(
+        default=False,
+        description=(
+            "LLM4CDSR: the mixed thread's item input adds a linear map of the item's own domain to the shared "
+            "adapter's output (zero-initialised; after LLM-EDT's domain-specific adapters)."
+        ),
     )
     id_embeddings: bool = Field(
         default=False, description="LLM4CDSR: add trainable item-ID embeddings to the LLM embeddings."
@@ -294,7 +302,7 @@ class TrainSettings(StageSettings):
         """The typed model config these settings build (preset applied), given the enrich tables' widths."""
         r = self.resolved()
         keys = ("hidden", "layers", "heads", "dropout", "max_len", "causal", "block", "positions", "weight_init", "task", "mask_prob", "id_embeddings", "id_dropout", "id_text_fit", "domain_start",
-                "alpha", "beta", "tau", "adapter_init", "objective", "negatives", "sampling", "bce_negatives")  # fmt: skip
+                "alpha", "beta", "tau", "adapter_init", "adapter_per_domain", "objective", "negatives", "sampling", "bce_negatives")  # fmt: skip
         return ModelConfig(
             architecture=self.architecture,
             **{k: getattr(r, k) for k in keys},
