@@ -35,6 +35,7 @@ BceNegatives = Literal["fused", "per_thread"]
 #           and always the last one, are replaced by a learned mask token and predicted, attention looking
 #           both ways; at inference a mask token after the history is what the user vector reads.
 Task = Literal["next", "last", "cloze"]
+Fusion = Literal["add", "null_space"]
 # Initialisation of the sequence encoders (models/backbone.py `SequenceEncoder`): torch's defaults
 # (positions N(0, 0.02)), or the authors' code: Xavier-normal for every weight matrix and the position
 # table (their `_init_weights`), zero attention biases (torch's MultiheadAttention), FFN biases torch's.
@@ -73,6 +74,11 @@ class ModelConfig:
     # Per-domain adapters (after LLM-EDT's domain-specific adapters): the mixed thread's item input is the
     # shared adapter's output plus a linear map of the item's domain (zero-initialised).
     adapter_per_domain: bool = False
+    # How LLM4CDSR's item inputs combine the LLM table and the ID rows: `add` (the paper's adapter, plus the
+    # ID rows in the hybrid) or `null_space` (AlphaFuse: the frozen, whitened LLM embedding in the first
+    # `semantic_dims` coordinates, the ID rows in the rest; needs id_embeddings).
+    fusion: Fusion = "add"
+    semantic_dims: int = 64
     alpha: float = 0.1
     beta: float = 0.1
     tau: float = 1.0
@@ -94,6 +100,8 @@ class ModelConfig:
             raise ValueError(f"id_dropout {self.id_dropout} must be in [0, 1)")
         if self.hidden % self.heads:
             raise ValueError(f"hidden {self.hidden} must be divisible by heads {self.heads}")
+        if self.fusion == "null_space" and not (self.id_embeddings and 0 < self.semantic_dims < self.hidden):
+            raise ValueError("fusion null_space needs id_embeddings and 0 < semantic_dims < hidden")
         if self.id_text_fit and self.id_dropout > 0:
             raise ValueError("id_text_fit and id_dropout both set the ID-row generators: choose one")
         if not 0.0 <= self.mask_prob < 1.0:

@@ -17,6 +17,7 @@ a learned state for users with no earlier item of the domain (else h_d = 0 there
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -95,6 +96,26 @@ def ridge_map(
     layer.bias.copy_(beta[-1].to(layer.bias.dtype))
 
 
+def whitened_pca(table: Tensor, k: int) -> Tensor:
+    """table: [n + 1, D] (row 0 = padding) -> [n + 1, k] the rows' coordinates along the k leading
+    principal directions of the non-zero rows, each standardised to unit variance and scaled by
+    1 / sqrt(k) (rows of about unit norm); each direction's sign fixed (largest loading positive), row 0
+    and all-zero rows zero. AlphaFuse's semantic-anchored part (the standardised row space)."""
+    real = table.abs().sum(1) > 0  # [n + 1]
+    x = table[real].double()
+    if len(x) < 2:
+        return table.new_zeros(table.shape[0], k)
+    centred = x - x.mean(0)
+    vh = torch.linalg.svd(centred, full_matrices=False)[2]  # vh: [min(n, D), D]
+    basis = vh[:k]  # [k', D] (k' = min(k, rank))
+    flip = torch.sign(basis.gather(1, basis.abs().argmax(1, keepdim=True)))
+    coords = centred @ (basis * flip).T  # [n, k']
+    coords = coords / coords.std(0).clamp(min=1e-12) / math.sqrt(k)
+    out = table.new_zeros(table.shape[0], k)
+    out[real, : coords.shape[1]] = coords.to(table.dtype)
+    return out
+
+
 class LLM4CDSR(Recommender):
     name = "llm4cdsr"
 
@@ -117,51 +138,14 @@ class LLM4CDSR(Recommender):
         for d, table in enumerate(local_tables):
             self.register_buffer(f"E_local_{d}", table.float())
         Dg, Dl = global_table.shape[1], local_tables[0].shape[1]
-        # The paper's adapter: two linear maps, D -> D/2 -> hidden.
-        self.adapter = nn.Sequential(nn.Linear(Dg, Dg // 2), nn.Linear(Dg // 2, hidden))
-        if config.adapter_init == "xavier":
-            # torch's default Linear init (uniform +-1/sqrt(fan_in), bias too) makes the adapted items
-            # nearly identical at the start (the biases dominate the small PCA inputs); Xavier weights and
-            # zero biases keep the items apart.
-            for layer in self.adapter:
-                nn.init.xavier_normal_(layer.weight)
-                nn.init.zeros_(layer.bias)
-        # adapter_per_domain: plus a linear map of the item's own domain, zero at the start.
-        self.domain_adapters = None
-        if config.adapter_per_domain:
-            self.domain_adapters = nn.ModuleList(nn.Linear(Dg, hidden) for _ in self.sizes)
-            for layer in self.domain_adapters:
-                nn.init.zeros_(layer.weight)
-                nn.init.zeros_(layer.bias)
-        # Local tables enter the domain threads frozen; a linear map only if their width differs.
-        self.local_proj = nn.Identity() if Dl == hidden else nn.Linear(Dl, hidden, bias=False)
+        self.fusion = config.fusion
+        if self.fusion == "null_space":
+            self._build_null_space(config.semantic_dims)
+        else:
+            self._build_adapters(config, Dg, Dl)
         self.mixed = SequenceEncoder.of(config, Dg)
         self.threads = nn.ModuleList(SequenceEncoder.of(config, Dl) for _ in self.sizes)
-        if self.id_embeddings:
-            self.id_all = nn.Embedding(catalog.n_items + 1, hidden, padding_idx=0, sparse=True)
-            self.id_local = nn.ModuleList(
-                nn.Embedding(n + 1, hidden, padding_idx=0, sparse=True) for n in self.sizes
-            )
-            for e in [self.id_all, *self.id_local]:
-                nn.init.normal_(e.weight, std=0.02)
-                e.weight.data[0].zero_()
-            # [N + 1] 1.0 for the items with training interactions (set by `set_trained_items`). An item
-            # without any has an ID row that only ever met the loss as a negative (or never): it enters
-            # every score as its LLM-derived representation alone, as a new item does after a warm start.
-            self.register_buffer("id_known", torch.ones(catalog.n_items + 1))
-        # ID dropout (DropoutNet): an ID row predicted from the LLM embeddings, per thread. Trained by
-        # standing in for a random id_dropout share of the ID rows; it is the ID row of every item without
-        # training interactions. Zero init: it starts as "no ID row".
-        # With id_text_fit the same generators are fitted in closed form after each epoch (`end_epoch`).
-        self.id_dropout = config.id_dropout if self.id_embeddings else 0.0
-        self.text_rows = self.id_embeddings and (self.id_dropout > 0 or config.id_text_fit)
-        if self.text_rows:
-            self.id_from_text_all = nn.Linear(Dg, hidden)
-            self.id_from_text_local = nn.ModuleList(nn.Linear(Dl, hidden) for _ in self.sizes)
-            for layer in [self.id_from_text_all, *self.id_from_text_local]:
-                nn.init.zeros_(layer.weight)
-                nn.init.zeros_(layer.bias)
-                layer.requires_grad_(not config.id_text_fit)
+        self._build_id_rows(config, catalog.n_items, Dg, Dl)
         self.train_counts: Tensor | None = None  # [N + 1] training interactions (`set_trained_items`)
         # Where a user has no earlier item of the target's domain, that thread has no state: with
         # domain_start it contributes a learned one (zero init: the same as none at the start).
@@ -179,9 +163,71 @@ class LLM4CDSR(Recommender):
             else None
         )
 
+    def _build_adapters(self, config: ModelConfig, Dg: int, Dl: int) -> None:
+        """fusion add: the paper's adapter (two linear maps, D -> D/2 -> hidden) for the mixed thread,
+        with adapter_per_domain a zero-initialised linear map of the item's own domain added; the local
+        tables enter the domain threads frozen (a linear map only if their width differs from hidden)."""
+        hidden = config.hidden
+        self.adapter = nn.Sequential(nn.Linear(Dg, Dg // 2), nn.Linear(Dg // 2, hidden))
+        if config.adapter_init == "xavier":
+            # torch's default Linear init (uniform +-1/sqrt(fan_in), bias too) makes the adapted items
+            # nearly identical at the start (the biases dominate the small PCA inputs); Xavier weights and
+            # zero biases keep the items apart.
+            for layer in self.adapter:
+                nn.init.xavier_normal_(layer.weight)
+                nn.init.zeros_(layer.bias)
+        self.domain_adapters = None
+        if config.adapter_per_domain:
+            self.domain_adapters = nn.ModuleList(nn.Linear(Dg, hidden) for _ in self.sizes)
+            for layer in self.domain_adapters:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+        self.local_proj = nn.Identity() if Dl == hidden else nn.Linear(Dl, hidden, bias=False)
+
+    def _build_null_space(self, k: int) -> None:
+        """fusion null_space (AlphaFuse, Hu et al., SIGIR 2025): each thread's item input is the item's
+        LLM embedding in the first k coordinates, whitened along its k leading principal directions and
+        frozen (`whitened_pca`), and its ID row in the other hidden - k coordinates, the directions the
+        language table leaves empty; no adapter."""
+        self.register_buffer("S_all", whitened_pca(self.E_all, k))  # [N + 1, k]
+        for d in range(len(self.sizes)):
+            self.register_buffer(f"S_local_{d}", whitened_pca(getattr(self, f"E_local_{d}"), k))
+
+    def _build_id_rows(self, config: ModelConfig, n_items: int, Dg: int, Dl: int) -> None:
+        """id_embeddings: trainable ID rows per thread (hidden wide; hidden - semantic_dims with fusion
+        null_space), and with id_dropout or id_text_fit their generators from the LLM embeddings."""
+        width = config.hidden - (config.semantic_dims if self.fusion == "null_space" else 0)
+        if self.id_embeddings:
+            self.id_all = nn.Embedding(n_items + 1, width, padding_idx=0, sparse=True)
+            self.id_local = nn.ModuleList(
+                nn.Embedding(n + 1, width, padding_idx=0, sparse=True) for n in self.sizes
+            )
+            for e in [self.id_all, *self.id_local]:
+                nn.init.normal_(e.weight, std=0.02)
+                e.weight.data[0].zero_()
+            # [N + 1] 1.0 for the items with training interactions (set by `set_trained_items`). An item
+            # without any has an ID row that only ever met the loss as a negative (or never): it enters
+            # every score as its LLM-derived representation alone, as a new item does after a warm start.
+            self.register_buffer("id_known", torch.ones(n_items + 1))
+        # ID dropout (DropoutNet): an ID row predicted from the LLM embeddings, per thread. Trained by
+        # standing in for a random id_dropout share of the ID rows; it is the ID row of every item without
+        # training interactions. Zero init: it starts as "no ID row".
+        # With id_text_fit the same generators are fitted in closed form after each epoch (`end_epoch`).
+        self.id_dropout = config.id_dropout if self.id_embeddings else 0.0
+        self.text_rows = self.id_embeddings and (self.id_dropout > 0 or config.id_text_fit)
+        if self.text_rows:
+            self.id_from_text_all = nn.Linear(Dg, width)
+            self.id_from_text_local = nn.ModuleList(nn.Linear(Dl, width) for _ in self.sizes)
+            for layer in [self.id_from_text_all, *self.id_from_text_local]:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+                layer.requires_grad_(not config.id_text_fit)
+
     def item_tables(self) -> dict[str, int]:
         domains = range(self.n_domains)
         tables = {"E_all": GLOBAL_IDS} | {f"E_local_{d}": d for d in domains}
+        if self.fusion == "null_space":
+            tables |= {"S_all": GLOBAL_IDS} | {f"S_local_{d}": d for d in domains}
         if self.id_embeddings:
             tables |= {"id_all.weight": GLOBAL_IDS, "id_known": GLOBAL_IDS}
             tables |= {f"id_local.{d}.weight": d for d in domains}
@@ -210,7 +256,10 @@ class LLM4CDSR(Recommender):
             ridge_map(self.id_from_text_local[d], text, self.id_local[d].weight[1:], weights)
 
     def frozen_tables(self) -> set[str]:
-        return {"E_all", *(f"E_local_{d}" for d in range(self.n_domains))}
+        tables = {"E_all", *(f"E_local_{d}" for d in range(self.n_domains))}
+        if self.fusion == "null_space":
+            tables |= {"S_all", *(f"S_local_{d}" for d in range(self.n_domains))}
+        return tables
 
     # -- item embeddings of each thread ---------------------------------------------------------------
     def _id_rows(self, rows: Tensor, gids: Tensor, text: Tensor, generator: nn.Module | None) -> Tensor:
@@ -226,6 +275,12 @@ class LLM4CDSR(Recommender):
         use = use.unsqueeze(-1)
         return use * rows + (1 - use) * generator(text)
 
+    def _generator(self, domain: int | None = None) -> nn.Module | None:
+        """The ID-row generator of the mixed thread (domain None) or of a domain thread, if any."""
+        if not self.text_rows:
+            return None
+        return self.id_from_text_all if domain is None else self.id_from_text_local[domain]
+
     def adapt(self, x: Tensor) -> Tensor:
         """The adapter, [n, Dg] -> [n, H]: the paper's two linear maps D -> D/2 -> hidden, applied as their
         product (W2 W1 x + W2 b1 + b2: the same function and the same gradients for W1, b1, W2, b2, with
@@ -239,6 +294,12 @@ class LLM4CDSR(Recommender):
         """[...] global ids -> [..., H]; the adapter runs once per distinct id of the batch."""
         uniq, inverse = torch.unique(gids, return_inverse=True)
         text = self.E_all[uniq]  # [n_unique, Dg]
+        if self.fusion == "null_space":  # [semantic k | ID hidden - k]
+            return (
+                torch.cat(
+                    [self.S_all[uniq], self._id_rows(self.id_all(uniq), uniq, text, self._generator())], -1
+                )
+            )[inverse]
         table = self.adapt(text)  # [n_unique, H]
         if self.domain_adapters is not None:
             dom = self.domain_of(uniq)  # [n_unique], -1 for the padding
@@ -246,19 +307,21 @@ class LLM4CDSR(Recommender):
                 rows = torch.nonzero(dom == d).flatten()
                 table = table.index_add(0, rows, layer(text[rows]))
         if self.id_embeddings:
-            generator = self.id_from_text_all if self.text_rows else None
-            table = table + self._id_rows(self.id_all(uniq), uniq, text, generator)
+            table = table + self._id_rows(self.id_all(uniq), uniq, text, self._generator())
         return (table * (uniq > 0).unsqueeze(-1))[inverse]
 
     def embed_local(self, lids: Tensor, domain: int) -> Tensor:
         """[...] local ids of `domain` -> [..., H] (zero for id 0)."""
         text = getattr(self, f"E_local_{domain}")[lids]  # [..., Dl]
+        if self.fusion == "null_space":  # [semantic k | ID hidden - k], zero for id 0
+            gids = self.global_ids(domain, lids)
+            ids = self._id_rows(self.id_local[domain](lids), gids, text, self._generator(domain))
+            return torch.cat([getattr(self, f"S_local_{domain}")[lids], ids * (lids > 0).unsqueeze(-1)], -1)
         e = self.local_proj(text)
         if self.id_embeddings:
             gids = self.global_ids(domain, lids)
-            generator = self.id_from_text_local[domain] if self.text_rows else None
             real = (lids > 0).unsqueeze(-1)  # padding keeps a zero row (a predicted row has a bias)
-            e = e + self._id_rows(self.id_local[domain](lids), gids, text, generator) * real
+            e = e + self._id_rows(self.id_local[domain](lids), gids, text, self._generator(domain)) * real
         return e
 
     # -- the sequence encoder: one pass for training, validation, the export and publish ----------------

@@ -367,6 +367,11 @@ def _config(arch: str, **kw) -> ModelConfig:
         ("llm4cdsr", {"id_embeddings": True, "id_text_fit": True}),
         ("llm4cdsr", {"id_embeddings": True, "task": "cloze"}),
         ("llm4cdsr", {"id_embeddings": True, "adapter_per_domain": True}),
+        ("llm4cdsr", {"id_embeddings": True, "fusion": "null_space", "semantic_dims": 6}),
+        (
+            "llm4cdsr",
+            {"id_embeddings": True, "fusion": "null_space", "semantic_dims": 6, "id_text_fit": True},
+        ),
         ("llm4cdsr", {"id_embeddings": True, "domain_start": True}),
         ("llm4cdsr", {"block": "sasrec"}),
         ("sasrec", {"block": "sasrec"}),
@@ -424,6 +429,54 @@ def test_per_domain_adapters_add_a_map_of_the_items_own_domain() -> None:
         assert torch.all(got[0] == 0)
         assert torch.allclose(got[1], shared[1] + model.domain_adapters[0](model.E_all[2]), atol=1e-5)
         assert torch.allclose(got[2], shared[2] + model.domain_adapters[1](model.E_all[8]), atol=1e-5)
+
+
+def test_whitened_pca_gives_standardised_leading_principal_coordinates() -> None:
+    from bridgerec.models.llm4cdsr import whitened_pca
+
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(301, 10, generator=g) @ torch.diag(torch.arange(10, 0, -1).float())
+    table[0] = 0.0
+    table[7] = 0.0  # an item without a vector stays zero
+    out = whitened_pca(table, 4)
+    assert out.shape == (301, 4) and torch.all(out[0] == 0) and torch.all(out[7] == 0)
+    real = out[table.abs().sum(1) > 0].double()
+    assert torch.allclose(real.std(0) * 2.0, torch.ones(4, dtype=torch.float64), atol=1e-4)  # 1 / sqrt(k)
+    cov = (real - real.mean(0)).T @ (real - real.mean(0)) / (len(real) - 1)
+    assert torch.allclose(cov, torch.eye(4, dtype=torch.float64) / 4, atol=1e-4)  # uncorrelated
+    # the leading directions: the columns with the largest scale, in order
+    top = torch.linalg.svd(table[table.abs().sum(1) > 0] - table[table.abs().sum(1) > 0].mean(0))[2][:4]
+    assert (top.abs().argmax(1) == torch.arange(4)).all()
+    assert torch.equal(whitened_pca(table, 4), out)  # signs fixed: the same on every call
+
+
+def test_null_space_fusion_puts_the_llm_embedding_and_the_id_rows_in_separate_coordinates() -> None:
+    """fusion null_space (AlphaFuse): an item's input and output vector in each thread is [its whitened
+    LLM embedding (k, frozen) | its ID row (hidden - k)]; an item without training interactions keeps
+    the semantic part whole and has no ID part."""
+    torch.manual_seed(0)
+    model = build_model(
+        _config("llm4cdsr", id_embeddings=True, fusion="null_space", semantic_dims=6), CATALOG, _tables()
+    )
+    assert not hasattr(model, "adapter") and model.id_all.weight.shape == (12, 10)
+    counts = np.bincount(np.concatenate(SEQS), minlength=CATALOG.n_items + 1)
+    counts[[3, 9]] = 0
+    model.set_trained_items(counts)
+    model.eval()
+    with torch.no_grad():
+        v = model.item_vectors(1)  # [6, 32]: mixed [S 6 | id 10], local [S 6 | id 10]
+        assert torch.all(v[0] == 0)
+        assert torch.allclose(v[1, :6], model.S_all[7]) and torch.allclose(v[1, 6:16], model.id_all.weight[7])
+        assert torch.allclose(v[1, 16:22], model.S_local_1[1]) and torch.allclose(
+            v[1, 22:], model.id_local[1].weight[1]
+        )
+        assert (
+            torch.allclose(v[3, :6], model.S_all[9])
+            and torch.all(v[3, 6:16] == 0)
+            and torch.all(v[3, 22:] == 0)
+        )
+    assert {"S_all", "S_local_0", "S_local_1"} <= model.frozen_tables()
+    assert set(model.frozen_tables()) <= set(model.item_tables())
 
 
 def test_ridge_map_recovers_a_linear_map_from_the_weighted_rows_only() -> None:

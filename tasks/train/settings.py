@@ -22,6 +22,7 @@ from bridgerec.models.config import (
     Architecture,
     BceNegatives,
     BlockLayout,
+    Fusion,
     ModelConfig,
     Objective,
     Positions,
@@ -93,6 +94,8 @@ class TrainSettings(StageSettings):
         "task": "next",
         "id_text_fit": False,
         "adapter_per_domain": False,
+        "fusion": "add",
+        "semantic_dims": 64,
         "mask_prob": 0.2,
     }
 
@@ -101,6 +104,7 @@ class TrainSettings(StageSettings):
         LLM4CDSR, `hide_domain` without a mixed thread, `bce_negatives` unless bce with LLM4CDSR."""
         ignored = set() if self.architecture == "llm4cdsr" else {"domain_start"}
         ignored |= set() if self.task == "cloze" else {"mask_prob"}
+        ignored |= set() if self.fusion == "null_space" else {"semantic_dims"}
         ignored |= {"hide_domain"} if self.effective_hide_domain == 0 else set()
         return ignored | (set() if self.bce_negatives_apply else {"bce_negatives"})
 
@@ -185,6 +189,19 @@ class TrainSettings(StageSettings):
     adapter_init: Literal["xavier", "torch"] = Field(
         default="xavier",
         description="LLM4CDSR adapter init: Xavier-normal weights, zero biases | torch default.",
+    )
+    fusion: Fusion = Field(
+        default="add",
+        description=(
+            "LLM4CDSR: how an item's LLM embedding and ID rows combine: add (the paper's adapter, plus the ID "
+            "rows in the hybrid) | null_space (AlphaFuse, SIGIR 2025: the frozen, whitened LLM embedding in "
+            "semantic_dims coordinates, the ID rows in the others; needs id_embeddings); docs/train.md."
+        ),
+    )
+    semantic_dims: int = Field(
+        default=64,
+        ge=1,
+        description="fusion null_space: coordinates of the LLM embedding (the rest: ID rows).",
     )
     adapter_per_domain: bool = Field(
         default=False,
@@ -302,7 +319,7 @@ class TrainSettings(StageSettings):
         """The typed model config these settings build (preset applied), given the enrich tables' widths."""
         r = self.resolved()
         keys = ("hidden", "layers", "heads", "dropout", "max_len", "causal", "block", "positions", "weight_init", "task", "mask_prob", "id_embeddings", "id_dropout", "id_text_fit", "domain_start",
-                "alpha", "beta", "tau", "adapter_init", "adapter_per_domain", "objective", "negatives", "sampling", "bce_negatives")  # fmt: skip
+                "alpha", "beta", "tau", "adapter_init", "adapter_per_domain", "fusion", "semantic_dims", "objective", "negatives", "sampling", "bce_negatives")  # fmt: skip
         return ModelConfig(
             architecture=self.architecture,
             **{k: getattr(r, k) for k in keys},
