@@ -63,6 +63,10 @@ class ModelConfig:
     # this probability by a row predicted from its LLM embeddings, which items without training
     # interactions (new items) then use instead of no ID row at all. 0 = no predicted rows.
     id_dropout: float = 0.0
+    # A learned bias per item added to every score (the user side gets a constant 1): what an item's
+    # popularity adds whoever the user is; an item without training interactions gets the mean bias of its
+    # domain's items with them. Needs id_embeddings.
+    item_bias: bool = False
     # A mapping fitted on warm items: after every epoch, the ID-row generators (as for id_dropout) are
     # fitted in closed form, a ridge regression from each item's LLM embedding to its learned ID row over
     # the items with training interactions (weighted by them; the ridge strength chosen on a held-out
@@ -102,6 +106,8 @@ class ModelConfig:
             raise ValueError(f"hidden {self.hidden} must be divisible by heads {self.heads}")
         if self.fusion == "null_space" and not (self.id_embeddings and 0 < self.semantic_dims < self.hidden):
             raise ValueError("fusion null_space needs id_embeddings and 0 < semantic_dims < hidden")
+        if self.item_bias and not self.id_embeddings:
+            raise ValueError("item_bias is an ID feature: it needs id_embeddings")
         if self.id_text_fit and self.id_dropout > 0:
             raise ValueError("id_text_fit and id_dropout both set the ID-row generators: choose one")
         if not 0.0 <= self.mask_prob < 1.0:

@@ -209,6 +209,10 @@ class LLM4CDSR(Recommender):
             # without any has an ID row that only ever met the loss as a negative (or never): it enters
             # every score as its LLM-derived representation alone, as a new item does after a warm start.
             self.register_buffer("id_known", torch.ones(n_items + 1))
+        self.bias = None
+        if config.item_bias:  # one learned score offset per item (zero at the start)
+            self.bias = nn.Embedding(n_items + 1, 1, padding_idx=0, sparse=True)
+            nn.init.zeros_(self.bias.weight)
         # ID dropout (DropoutNet): an ID row predicted from the LLM embeddings, per thread. Trained by
         # standing in for a random id_dropout share of the ID rows; it is the ID row of every item without
         # training interactions. Zero init: it starts as "no ID row".
@@ -228,6 +232,8 @@ class LLM4CDSR(Recommender):
         tables = {"E_all": GLOBAL_IDS} | {f"E_local_{d}": d for d in domains}
         if self.fusion == "null_space":
             tables |= {"S_all": GLOBAL_IDS} | {f"S_local_{d}": d for d in domains}
+        if self.bias is not None:
+            tables |= {"bias.weight": GLOBAL_IDS}
         if self.id_embeddings:
             tables |= {"id_all.weight": GLOBAL_IDS, "id_known": GLOBAL_IDS}
             tables |= {f"id_local.{d}.weight": d for d in domains}
@@ -393,7 +399,10 @@ class LLM4CDSR(Recommender):
         h_dom = thread.states[rows, thread.last[rows, cols]] * has  # [P, H]
         if self.domain_start is not None:
             h_dom = torch.where(has, h_dom, self.domain_start[domain])
-        return torch.cat([threads.mixed[rows, cols], h_dom], -1)  # [P, 2H]
+        user = [threads.mixed[rows, cols], h_dom]
+        if self.bias is not None:  # the item bias enters every score once
+            user.append(h_dom.new_ones(len(rows), 1))
+        return torch.cat(user, -1)  # [P, 2H (+ 1)]
 
     # -- training -------------------------------------------------------------------------------------
     def _train_forward(self, batch: Batch) -> tuple[list[Targets], Tensor]:
@@ -425,10 +434,27 @@ class LLM4CDSR(Recommender):
 
     def item_rows(self, domain: int, lids: Tensor) -> Tensor:
         gids = self.global_ids(domain, lids)
-        return torch.cat([self.embed_global(gids), self.embed_local(lids, domain)], -1)  # [..., 2H]
+        rows = [self.embed_global(gids), self.embed_local(lids, domain)]
+        if self.bias is not None:
+            rows.append(self.item_bias(domain, lids))
+        return torch.cat(rows, -1)  # [..., 2H (+ 1)]
 
     def per_thread_rows(self, domain: int, mixed_gids: Tensor, lids: Tensor) -> Tensor:
-        return torch.cat([self.embed_global(mixed_gids), self.embed_local(lids, domain)], -1)  # [n, 2H]
+        rows = [self.embed_global(mixed_gids), self.embed_local(lids, domain)]
+        if self.bias is not None:  # the domain thread's negative is the target domain's item
+            rows.append(self.item_bias(domain, lids))
+        return torch.cat(rows, -1)  # [n, 2H (+ 1)]
+
+    def item_bias(self, domain: int, lids: Tensor) -> Tensor:
+        """[...] local ids of `domain` -> [..., 1] their learned biases; an item without training
+        interactions gets the mean bias of the domain's items with them (held fixed), padding zero."""
+        assert self.bias is not None
+        gids = self.global_ids(domain, lids)
+        start, n = int(self.offsets[domain]) + 1, self.sizes[domain]
+        known = self.id_known[start : start + n]  # [n_d]
+        mean = ((self.bias.weight[start : start + n, 0] * known).sum() / known.sum().clamp(min=1)).detach()
+        use = self.id_known[gids].unsqueeze(-1)
+        return (use * self.bias(gids) + (1 - use) * mean) * (lids > 0).unsqueeze(-1)
 
     def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         groups, h_mix = self._train_forward(batch)

@@ -367,6 +367,7 @@ def _config(arch: str, **kw) -> ModelConfig:
         ("llm4cdsr", {"id_embeddings": True, "id_text_fit": True}),
         ("llm4cdsr", {"id_embeddings": True, "task": "cloze"}),
         ("llm4cdsr", {"id_embeddings": True, "adapter_per_domain": True}),
+        ("llm4cdsr", {"id_embeddings": True, "item_bias": True, "domain_start": True}),
         ("llm4cdsr", {"id_embeddings": True, "fusion": "null_space", "semantic_dims": 6}),
         (
             "llm4cdsr",
@@ -477,6 +478,29 @@ def test_null_space_fusion_puts_the_llm_embedding_and_the_id_rows_in_separate_co
         )
     assert {"S_all", "S_local_0", "S_local_1"} <= model.frozen_tables()
     assert set(model.frozen_tables()) <= set(model.item_tables())
+
+
+def test_item_bias_adds_one_learned_offset_per_item_and_the_domain_mean_for_new_items() -> None:
+    torch.manual_seed(0)
+    model = build_model(_config("llm4cdsr", id_embeddings=True, item_bias=True), CATALOG, _tables()).eval()
+    counts = np.bincount(np.concatenate(SEQS), minlength=CATALOG.n_items + 1)
+    counts[[3, 9]] = 0  # a_3 and b_3: no training interactions
+    model.set_trained_items(counts)
+    with torch.no_grad():
+        model.bias.weight[1:, 0] = torch.arange(1, 12, dtype=torch.float32)
+        inputs = torch.tensor([[0, 1, 7, 2], [0, 0, 9, 10]])
+        for d, known in ((0, [1, 2, 4, 5, 6]), (1, [7, 8, 10, 11])):
+            v = model.item_vectors(d)  # [n_d + 1, 2H + 1]
+            u = model.user_vectors(inputs, d)
+            assert torch.all(u[:, -1] == 1) and v[0, -1] == 0
+            offset = int(CATALOG.offsets[d])
+            mean = float(np.mean(known))  # the bias of global id g is g
+            for lid in range(1, CATALOG.sizes[d] + 1):
+                g = lid + offset
+                assert float(v[lid, -1]) == pytest.approx(g if counts[g] else mean)
+            # the score is the threads' dot product plus the bias
+            scores = model.score(inputs, d, torch.arange(1, CATALOG.sizes[d] + 1).repeat(2, 1))
+            assert torch.allclose(scores, u[:, :-1] @ v[1:, :-1].T + v[1:, -1], atol=1e-5)
 
 
 def test_ridge_map_recovers_a_linear_map_from_the_weighted_rows_only() -> None:

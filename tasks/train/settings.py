@@ -93,6 +93,7 @@ class TrainSettings(StageSettings):
         "weight_init": "torch",
         "task": "next",
         "id_text_fit": False,
+        "item_bias": False,
         "adapter_per_domain": False,
         "fusion": "add",
         "semantic_dims": 64,
@@ -223,6 +224,13 @@ class TrainSettings(StageSettings):
             "(new items) are scored with the predicted row. 0 = off (docs/train.md, Cold start)."
         ),
     )
+    item_bias: bool = Field(
+        default=False,
+        description=(
+            "LLM4CDSR with id_embeddings: a learned bias per item added to every score (its popularity whoever "
+            "the user is); items without training interactions get their domain's mean (docs/train.md)."
+        ),
+    )
     id_text_fit: bool = Field(
         default=False,
         description=(
@@ -318,7 +326,7 @@ class TrainSettings(StageSettings):
     def model_spec(self, global_dim: int = 0, local_dim: int = 0, profile_dim: int = 0) -> ModelConfig:
         """The typed model config these settings build (preset applied), given the enrich tables' widths."""
         r = self.resolved()
-        keys = ("hidden", "layers", "heads", "dropout", "max_len", "causal", "block", "positions", "weight_init", "task", "mask_prob", "id_embeddings", "id_dropout", "id_text_fit", "domain_start",
+        keys = ("hidden", "layers", "heads", "dropout", "max_len", "causal", "block", "positions", "weight_init", "task", "mask_prob", "id_embeddings", "id_dropout", "id_text_fit", "item_bias", "domain_start",
                 "alpha", "beta", "tau", "adapter_init", "adapter_per_domain", "fusion", "semantic_dims", "objective", "negatives", "sampling", "bce_negatives")  # fmt: skip
         return ModelConfig(
             architecture=self.architecture,
