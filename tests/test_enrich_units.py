@@ -211,9 +211,13 @@ def test_histories_use_the_training_prefix_and_change_with_it() -> None:
     assert again[0].history_hash == jobs[0].history_hash and again[1].history_hash != jobs[1].history_hash
     capped, _ = user_jobs(seqs, items, clusters, ProfileSettings(max_users=1))
     assert [j.user_id for j in capped] == ["u0"]
-    cost = estimate_cost(jobs, settings, tokens_per_s=100)
+    paper = ProfileSettings(analyzer_max_tokens=80, summarizer_max_tokens=160, summarize_single_cluster=True)
+    cost = estimate_cost(jobs, paper, tokens_per_s=100)
     assert cost["calls"] == 3 + 2 and cost["max_new_tokens"] == 3 * 80 + 2 * 160
     assert cost["minutes"] == round(cost["max_new_tokens"] / 100 / 60, 1)
+    # the default: u0's one cluster summary is its profile (no summarizer call)
+    cost = estimate_cost(jobs, ProfileSettings(), tokens_per_s=100)
+    assert cost["summarizer_calls"] == 1 and cost["max_new_tokens"] == 3 * 48 + 1 * 96
 
 
 def test_model_ids_name_the_weights(tmp_path: Path) -> None:

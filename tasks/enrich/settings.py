@@ -219,16 +219,31 @@ class ProfileSettings(StageSettings):
     temperature: float = Field(default=0.5, ge=0, description="0.5 as in the paper; 0 = greedy.")
     top_p: float = Field(default=0.95, gt=0, le=1)
     seed: int = Field(default=42, description="Per-request seeds derive from it and the user id.")
-    analyzer_max_tokens: int = Field(default=80, ge=1, description="New tokens per cluster summary.")
-    summarizer_max_tokens: int = Field(default=160, ge=1, description="New tokens per profile.")
+    analyzer_max_tokens: int = Field(
+        default=48, ge=1, description="New tokens per cluster summary (80 until 2026-12-03: docs/enrich.md)."
+    )
+    summarizer_max_tokens: int = Field(
+        default=96, ge=1, description="New tokens per profile (160 until 2026-12-03)."
+    )
     analyzer_max_words: int = Field(
-        default=50, ge=1, description="Asked for in the analyzer prompt; longer summaries are cut to it."
+        default=30,
+        ge=1,
+        description="Asked for in the analyzer prompt; longer summaries are cut to it (50 until 2026-12-03).",
     )
     profile_max_words: int = Field(
-        default=100, ge=1, description="Asked for in the summarizer prompt; longer profiles are cut to it."
+        default=60,
+        ge=1,
+        description="Asked for in the summarizer prompt; longer profiles are cut to it (100 until 2026-12-03).",
+    )
+    summarize_single_cluster: bool = Field(
+        default=False,
+        description=(
+            "A user whose history falls in one interest cluster: false takes that cluster's summary as the "
+            "profile (no summarizer call); true asks the summarizer as for any user (the paper's pipeline)."
+        ),
     )
     titles_per_cluster: int = Field(
-        default=15, ge=1, description="Most recent titles per cluster in a prompt."
+        default=8, ge=1, description="Most recent titles per cluster in a prompt (15 until 2026-12-03)."
     )
     title_chars: int = Field(
         default=120, ge=1, description="Titles are cut to this many characters in prompts."
