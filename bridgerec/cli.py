@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -18,6 +20,7 @@ from bridgerec.runtime import progress
 from bridgerec.runtime.errors import EXIT_FAILURE, EXIT_INPUT, InputError, input_error_in
 from bridgerec.runtime.logs import hide_input_error_tracebacks
 from bridgerec.runtime.prefect_api import PrefectUnreachable, check_api, unreachable_in
+from bridgerec.runtime.signals import stop_on_signals, stop_signal
 from bridgerec.runtime.terminal import printable, shown
 
 if TYPE_CHECKING:
@@ -43,6 +46,8 @@ models_app = typer.Typer(help="Prepare the LLMs for offline use.", no_args_is_he
 app.add_typer(models_app, name="models")
 runs_app = typer.Typer(help="Published runs in the warehouse.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
+warehouse_app = typer.Typer(help="Look after the warehouse file.", no_args_is_help=True)
+app.add_typer(warehouse_app, name="warehouse")
 
 ConfigOpt = Annotated[
     Path | None,
@@ -92,15 +97,32 @@ def _run_stage(
     hide_input_error_tracebacks()
     _require_prefect_api()
     progress.set_enabled(not as_json)
-    try:
-        summary = run_stage(name, settings, force=force, **options)
-    except (InputError, FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
-    except RuntimeError as exc:  # the API server went away during the run
-        if (gone := unreachable_in(exc)) is None:
-            raise
-        _fail(str(gone))
+    stopped = f"bridgerec {name} stopped by {{signal}}; what it finished is kept and a rerun resumes from it"
+    with _stoppable(lambda signum, _: stopped.format(signal=signum.name)):
+        try:
+            summary = run_stage(name, settings, force=force, **options)
+        except (InputError, FileNotFoundError, ValueError) as exc:
+            _fail(str(exc))
+        except RuntimeError as exc:  # the API server went away during the run
+            if (gone := unreachable_in(exc)) is None:
+                raise
+            _fail(str(gone))
     _emit(summary, as_json, render)
+
+
+@contextlib.contextmanager
+def _stoppable(message: Callable[[signal.Signals, BaseException], str]) -> Iterator[None]:
+    """SIGTERM and SIGINT end the block as an error (runtime/signals.py): one `error:` line,
+    `message(signal, exception)`, and the exit status 128 + the signal's number; the interpreter then
+    exits normally, so Prefect's temporary API server stops with the command."""
+    with stop_on_signals():
+        try:
+            yield
+        except BaseException as exc:
+            signum = stop_signal(exc)
+            if signum is None or isinstance(exc, typer.Exit):
+                raise
+            _fail(message(signum, exc), code=128 + signum)
 
 
 def _require_prefect_api() -> None:
@@ -367,8 +389,10 @@ def publish(
 ) -> None:
     """Write the latest trained run's top-k per user and domain to the DuckDB warehouse, with FAISS indexes.
 
-    The warehouse is replaced atomically: analysts reading it meanwhile see the previous run or the new one.
-    A failed publish leaves the warehouse as it was.
+    Users are scored in shards (`publish.users_per_shard`), each writing its own Parquet parts under
+    `publish.data_dir` (default <warehouse name>.parts beside it; s3://bucket/prefix works too); the night
+    then becomes visible in one atomic swap of the small warehouse file: analysts reading it meanwhile see
+    the previous run or the new one. A failed publish leaves the warehouse as it was.
     Indexes are saved under <warehouse folder>/indexes/<run_id>/.
     Runs beyond `publish.retention_runs` lose their recommendations, profiles and indexes.
     """
@@ -390,6 +414,15 @@ def _render_publish(s: PublishSummary) -> None:
         f"{s.rows:,} rows: {s.users:,} users x {len(s.items_per_domain)} domains x k={s.k}; "
         f"indexes in {s.index_dir}"
     )
+    console.print(f"{s.shards} shards wrote {s.parts} parts, {s.data_bytes / 1e6:.1f} MB, in {s.data_root}")
+    for domain, kind in s.index_kinds.items():
+        recall = s.index_recall.get(domain)
+        console.print(
+            f"index {domain}: {kind}"
+            + (f", recall@{s.k} {recall:.3f} against exact search" if recall else "")
+        )
+    if s.recall_warning:
+        console.print(f"[bold yellow]warning[/]: {s.recall_warning}")
     if s.purged_runs:
         console.print(f"retention purged: {', '.join(s.purged_runs)}")
 
@@ -413,20 +446,43 @@ def run(
     _require_prefect_api()
     progress.set_enabled(not as_json)
     overrides = {"workspace": str(settings.workspace)} if workspace else None
-    try:
-        result = nightly_flow(str(config) if config else None, overrides)
-    except NightFailed as exc:  # a refused or failed night still gets its morning read
-        _emit(exc.summary, as_json, lambda r: typer.echo(summary_markdown(r)))
-        cause = input_error_in(exc) or unreachable_in(exc)
-        if cause is not None:  # bad input, config or contract: the same line and code as the stage's
-            _fail(str(cause))
-        _fail(f"nightly run failed: {exc}", code=EXIT_FAILURE)
-    except Exception as exc:  # the flow logged the details; give the user the one line that matters
-        cause = input_error_in(exc) or unreachable_in(exc)
-        if cause is not None:  # bad input, config or contract: the same line and code as the stage's
-            _fail(str(cause))
-        _fail(f"nightly run failed: {exc}", code=EXIT_FAILURE)
+
+    def stopped(signum: signal.Signals, exc: BaseException) -> str:
+        night = _night_summary(exc)
+        if night is None:
+            return f"bridgerec run stopped by {signum.name} before the night was recorded; nothing changed"
+        _emit(night, as_json, lambda r: typer.echo(summary_markdown(r)))
+        return (
+            f"bridgerec run stopped by {signum.name} during stage {night.failed_stage}: night {night.night_id} "
+            f"is recorded 'failed' in {night.warehouse}; `bridgerec run` again resumes from the stages it finished"
+        )
+
+    with _stoppable(stopped):
+        try:
+            result = nightly_flow(str(config) if config else None, overrides)
+        except NightFailed as exc:  # a refused or failed night still gets its morning read
+            _emit(exc.summary, as_json, lambda r: typer.echo(summary_markdown(r)))
+            cause = input_error_in(exc) or unreachable_in(exc)
+            if cause is not None:  # bad input, config or contract: the same line and code as the stage's
+                _fail(str(cause))
+            _fail(f"nightly run failed: {exc}", code=EXIT_FAILURE)
+        except Exception as exc:  # the flow logged the details; give the user the one line that matters
+            cause = input_error_in(exc) or unreachable_in(exc)
+            if cause is not None:  # bad input, config or contract: the same line and code as the stage's
+                _fail(str(cause))
+            _fail(f"nightly run failed: {exc}", code=EXIT_FAILURE)
     _emit(result, as_json, lambda r: typer.echo(summary_markdown(r)))
+
+
+def _night_summary(exc: BaseException | None) -> Any:
+    """The night's summary a stop signal carries (`Night.failing_on_error`), along its chain."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if (night := getattr(exc, "night_summary", None)) is not None:
+            return night
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 @app.command("deploy-check")
@@ -469,12 +525,16 @@ def deploy_check(
 def recs(
     user: Annotated[str, typer.Option("--user", "-u", help="The user's source id.")],
     domain: Annotated[str | None, typer.Option("--domain", "-d", help="Only this domain.")] = None,
-    run_id: Annotated[str | None, typer.Option("--run", help="A retained run (default: the latest).")] = None,
+    run_id: Annotated[
+        str | None,
+        typer.Option("--run-id", "--run", help="Any retained run (time travel; default: the latest)."),
+    ] = None,
     warehouse: WarehouseOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Show a user's top-k recommendations with item titles and their profile (read-only)."""
+    """Show a user's top-k recommendations with item titles and their profile (read-only), from the
+    latest run or from any retained run (`--run-id`; `bridgerec runs list` shows which are retained)."""
     from bridgerec.storage.warehouse import WarehouseError, user_recommendations
 
     path = warehouse or _settings(config).warehouse_path
@@ -555,6 +615,24 @@ def _render_runs(result: dict) -> None:
             console.print(
                 f"{shown(r['run_id'])} gate {r['gate']}: {shown(r['gate_message'])}", soft_wrap=True
             )
+
+
+@warehouse_app.command("relink")
+def warehouse_relink(
+    warehouse: WarehouseOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Rewrite the warehouse's views for the folder it is in now, after the workspace was moved or is
+    mounted elsewhere, so that plain DuckDB clients read its parts there (one atomic swap, nothing else
+    changes; bridgerec's own readers and `bridgerec.storage.warehouse.connect` need no relink)."""
+    from bridgerec.storage.warehouse import WarehouseError, relink
+
+    path = warehouse or _settings(config).warehouse_path
+    try:
+        relink(path)
+    except WarehouseError as exc:
+        _fail(str(exc))
+    typer.echo(f"relinked {path}: its views read the parts where the file is now")
 
 
 @config_app.command("show")

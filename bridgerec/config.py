@@ -34,19 +34,97 @@ ENV_PREFIX = "BRIDGEREC_"
 CONFIG_ENV = "BRIDGEREC_CONFIG"
 
 
+class StageTimeouts(BaseModel):
+    """Each stage's time budget in seconds (Prefect's `timeout_seconds` on the stage's flow run); past it
+    the stage fails (StageOverBudget) and the night with it. None: no budget. Far above what a healthy
+    stage takes on the data it was sized for: a ceiling against a hang, not a schedule."""
+
+    model_config = ConfigDict(extra="forbid")
+    ingest: float | None = Field(default=2 * 3600.0, gt=0, description="Budget of the ingest stage (s).")
+    enrich: float | None = Field(
+        default=24 * 3600.0, gt=0, description="Budget of the enrich stage (s): embeddings and LLM profiles."
+    )
+    train: float | None = Field(
+        default=24 * 3600.0,
+        gt=0,
+        description="Budget of the train stage (s); train.time_budget_s stops training itself earlier, at an "
+        "epoch boundary, keeping the best epoch.",
+    )
+    publish: float | None = Field(default=2 * 3600.0, gt=0, description="Budget of the publish stage (s).")
+
+
+StageName = Literal["ingest", "enrich", "train", "publish"]
+
+
+class ShardResources(BaseModel):
+    """What one shard task of a stage asks Ray for (`ray.remote(num_cpus=..., num_gpus=...)`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    num_cpus: float = Field(default=1.0, ge=0, description="CPUs a shard task reserves on its node.")
+    num_gpus: float = Field(
+        default=0.0,
+        ge=0,
+        description="GPUs a shard task reserves (a fraction shares one GPU). Ray picks the GPU and sets "
+        "CUDA_VISIBLE_DEVICES for the task itself: never set it by hand.",
+    )
+
+
+class RaySettings(BaseModel):
+    """The Ray cluster of `runtime.runner: ray` (prefect-ray's `RayTaskRunner`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    address: str = Field(
+        default="",
+        description="Empty: start a local Ray for this run (and stop it after); 'auto': the cluster this "
+        "machine belongs to (`ray start`); 'ray://HOST:10001': a remote cluster through Ray Client; "
+        "'HOST:6379': a cluster's head (GCS) address, from a machine of the cluster.",
+    )
+    num_cpus: int | None = Field(
+        default=None, ge=1, description="CPUs of a local Ray started for the run; None = all cores."
+    )
+    num_gpus: int | None = Field(
+        default=None, ge=0, description="GPUs of a local Ray started for the run; None = all it finds."
+    )
+    dashboard: bool = Field(
+        default=False,
+        description="Start the Ray dashboard with a local Ray (a cluster started by `ray start` has its own).",
+    )
+    connect_timeout_s: float = Field(
+        default=5.0, gt=0, description="How long to wait for a cluster address to answer before failing."
+    )
+    resources: dict[StageName, ShardResources] = Field(
+        default_factory=dict,
+        description="Per stage (ingest, enrich, train, publish), what each of its shard tasks reserves; a "
+        "stage not named reserves 1 CPU and no GPU.",
+    )
+
+    def shard_resources(self, stage: str) -> ShardResources:
+        return self.resources.get(stage, ShardResources())  # type: ignore[call-overload]
+
+
 class RuntimeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     threads: int = Field(default=0, ge=0, description="CPU threads for DuckDB/torch/FAISS; 0 = all cores.")
-    runner: Literal["local", "processes"] = Field(
+    runner: Literal["local", "processes", "ray"] = Field(
         default="local",
         description="Where the flows run a stage's shard task runs (enrich's item and profile shards): local "
-        "(one after another in the flow's process, sharing its engines) or processes (`workers` worker "
-        "processes, each with engines of its own: a machine with several GPUs or many cores).",
+        "(one after another in the flow's process, sharing its engines), processes (`workers` worker "
+        "processes, each with engines of its own: a machine with several GPUs or many cores) or ray (Ray "
+        "tasks on the cluster of `ray.address`, each reserving `ray.resources`; one worker process keeps "
+        "its engines for the whole night).",
     )
     workers: int = Field(default=2, ge=1, description="Worker processes for runner: processes.")
+    ray: RaySettings = Field(default_factory=RaySettings)
     log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
     stage_retries: int = Field(default=1, ge=0, description="Retries of a failed stage in the nightly flow.")
     retry_delay_seconds: float = Field(default=30.0, ge=0, description="Wait before retrying a stage.")
+    stage_timeout_seconds: StageTimeouts = Field(default_factory=StageTimeouts)
+    stall_seconds: float | None = Field(
+        default=1800.0,
+        gt=0,
+        description="A stage whose progress (batches, shards, steps) does not move for this long fails with "
+        "a message naming where it is stuck, instead of running on (runtime/watchdog.py); None = off.",
+    )
 
     def resolved_threads(self) -> int:
         return self.threads or os.cpu_count() or 1

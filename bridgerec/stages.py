@@ -120,7 +120,8 @@ STAGES: tuple[Stage[Any, Any], ...] = (
         PublishSummary,
         lambda run: published_run(run.warehouse_path),
         check=_check_train_run,
-        about="top-k per user and domain -> the DuckDB warehouse and FAISS indexes",
+        sharded=True,
+        about="top-k per user and domain, scored in user shards -> Parquet parts + the DuckDB warehouse, FAISS indexes",
     ),
 )
 STAGE: dict[str, Stage[Any, Any]] = {s.name: s for s in STAGES}

@@ -50,12 +50,20 @@ def create_slack_alert(webhook_url: str, block_name: str = "bridgerec-oncall") -
 
     # Prefect's block and automation methods are sync in a sync context (typed as sync-or-async).
     block_id = cast(UUID, SlackWebhook(url=SecretStr(webhook_url)).save(block_name, overwrite=True))
-    while True:  # replace an earlier one of the same name
+    for _ in range(_MAX_OLD_AUTOMATIONS):  # replace earlier ones of the same name
         try:
             cast(Automation, Automation.read(name=AUTOMATION_NAME)).delete()
-        except ValueError:
+        except ValueError:  # none left
             break
+    else:
+        raise RuntimeError(
+            f"more than {_MAX_OLD_AUTOMATIONS} automations named {AUTOMATION_NAME!r} would not go away; "
+            "delete them in the Prefect UI (Automations) and run this again"
+        )
     return cast(Automation, failed_night_automation(block_id).create())
+
+
+_MAX_OLD_AUTOMATIONS = 100  # the loop deletes one per pass: bounded, and says why it stopped
 
 
 if __name__ == "__main__":  # pragma: no cover

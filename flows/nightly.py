@@ -10,6 +10,7 @@ run in-process by `bridgerec run`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -20,10 +21,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from bridgerec.config import Settings, load_settings
 from bridgerec.flows.night import Held, NightSummary, summary_markdown
-from bridgerec.flows.stage import run_stage
+from bridgerec.flows.stage import one_cluster, run_stage
 from bridgerec.runtime.errors import is_transient
 from bridgerec.runtime.logs import get_logger
-from bridgerec.storage.warehouse import published_run, record_night
+from bridgerec.runtime.signals import process_alive, stop_signal, this_process
+from bridgerec.storage.warehouse import mark_crashed, published_run, record_night, running_nights
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.publish import resolve_trained_run
 from bridgerec.tasks.quality import (
@@ -110,6 +112,8 @@ class Night:
         self.started = datetime.now(UTC)
         self.step = "ingest"
         self.previous_run_id: str | None = None  # the published run before tonight's gate
+        self.process = this_process()
+        self._mark_crashed()
         self._record()  # 'running'
 
     @contextlib.contextmanager
@@ -194,17 +198,32 @@ class Night:
     @contextlib.contextmanager
     def failing_on_error(self) -> Iterator[None]:
         """A step that raises fails the night: its row and artifact say which step and why, the serving
-        run is read back, and `NightFailed` carries the summary."""
+        run is read back, and `NightFailed` carries the summary. A stop signal (SIGTERM, SIGINT) fails
+        it too, naming the signal, and goes on unwinding (Prefect marks the flow run Crashed); the
+        exception carries the summary as `night_summary`."""
         try:
             yield
         except Exception as exc:
-            self.summary.status, self.summary.failed_stage = "failed", self.step
-            self.summary.message = f"stage {self.step}: {exc}"[:2000]
-            with contextlib.suppress(Exception):  # the stage's own error is what matters
-                serving = published_run(self.warehouse)
-                self.summary.published_run_id = serving["run_id"] if serving else None
-            self._finish()
-            raise NightFailed(self.summary.message, self.summary) from exc
+            self._fail(f"stage {self.step}: {exc}")
+            raise NightFailed(self.summary.message or "", self.summary) from exc
+        except BaseException as exc:
+            signum = stop_signal(exc)
+            if signum is None:
+                raise
+            self._fail(
+                f"stopped by {signum.name} during stage {self.step}; the stages it finished are kept and "
+                "the next run resumes from them"
+            )
+            exc.night_summary = self.summary  # type: ignore[attr-defined]  # for the command line
+            raise
+
+    def _fail(self, message: str) -> None:
+        self.summary.status, self.summary.failed_stage = "failed", self.step
+        self.summary.message = message[:2000]
+        with contextlib.suppress(Exception):  # the stage's own error is what matters
+            serving = published_run(self.warehouse)
+            self.summary.published_run_id = serving["run_id"] if serving else None
+        self._finish()
 
     def finish(self) -> NightSummary:
         """Completed, or failed when the gate refused the night's run (`NightFailed`)."""
@@ -230,14 +249,74 @@ class Night:
 
     def _record(self, finished: datetime | None = None) -> None:
         """Write the night's row; a bookkeeping failure never hides the night's own outcome."""
+        host, pid, process_started = self.process
+        record = dataclasses.replace(
+            self.summary.record(self.started, finished),
+            host=host,
+            pid=pid,
+            process_started_at=process_started,
+        )
         try:
             record_night(
-                self.warehouse,
-                self.summary.record(self.started, finished),
-                storage_compatibility=self.settings.publish.storage_compatibility,
+                self.warehouse, record, storage_compatibility=self.settings.publish.storage_compatibility
             )
         except Exception as exc:
             get_logger().warning("nightly: could not record the night in %s: %s", self.warehouse, exc)
+
+    def _mark_crashed(self) -> None:
+        """Earlier nights still recorded 'running' whose process is gone (killed with SIGKILL, a machine
+        lost) or whose Prefect flow run has ended: marked 'crashed', saying who found them and why. A
+        night whose process may still run (on another machine, say, with no ended flow run) is left."""
+        try:
+            stale = [n for n in running_nights(self.warehouse) if n["run_id"] != self.summary.night_id]
+        except Exception as exc:  # an unreadable warehouse fails the night later, where it is used
+            get_logger().warning("nightly: could not look for crashed nights in %s: %s", self.warehouse, exc)
+            return
+        found = f"found still 'running' by night {self.summary.night_id} at {self.started:%Y-%m-%d %H:%M} UTC"
+        messages = {}
+        for night in stale:
+            why = _why_gone(night)
+            if why is not None:
+                messages[night["run_id"]] = (
+                    f"{why}; {found}. The stages it finished are kept; later nights resume from them"
+                )
+        if not messages:
+            return
+        try:
+            marked = mark_crashed(
+                self.warehouse, messages, storage_compatibility=self.settings.publish.storage_compatibility
+            )
+        except Exception as exc:
+            get_logger().warning("nightly: could not mark crashed nights in %s: %s", self.warehouse, exc)
+            return
+        for run_id in marked:
+            get_logger().warning("nightly: night %s %s", run_id, messages[run_id])
+
+
+def _why_gone(night: dict[str, Any]) -> str | None:
+    """Why a night recorded 'running' is not running any more, or None when it may still be."""
+    alive = process_alive(night.get("host"), night.get("pid"), night.get("process_started_at"))
+    if alive is False:
+        return f"its process (PID {night['pid']} on {night['host']}) is gone"
+    if alive is True or not night.get("flow_run_id"):
+        return None
+    state = _flow_run_state(night["flow_run_id"])
+    if state is not None and state.is_final():
+        return f"its Prefect flow run {night['flow_run_id']} is {state.name}"
+    return None
+
+
+def _flow_run_state(flow_run_id: str) -> Any:
+    """The state of a flow run on the current Prefect API, or None when it is not there to ask."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            return client.read_flow_run(UUID(flow_run_id)).state
+    except Exception:  # not on this API (another server, a temporary one since gone), or unreachable
+        return None
 
 
 def _artifact(create: Callable[[], object]) -> None:
@@ -256,7 +335,7 @@ def nightly_flow(config_file: str | None = None, overrides: dict[str, Any] | Non
     or 'failed' at the end. A stage failure or a refusal by the gate raises NightFailed (the flow run is
     Failed: what automations key on) after writing the row and the nightly-summary artifact."""
     night = Night(resolve_settings(config_file, overrides))
-    with night.failing_on_error():
+    with night.failing_on_error(), one_cluster(night.settings.runtime):  # runtime.runner: ray: one cluster
         night.stage("ingest")
         night.data_checks()
         night.stage("enrich")

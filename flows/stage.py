@@ -3,24 +3,28 @@ run named after the stage: check its inputs, run it, report.
 
 Every step a stage calls through its runner is a task run of this flow (`TaskRuns`): one per shard, with
 its own state, retries and logs. `runtime.runner` decides, in this one place for every stage, where the
-mapped shards run: `local` (one after another in the flow's thread, sharing its engines) or `processes`
-(`runtime.workers` worker processes, each with engines of its own).
+mapped shards run: `local` (one after another in the flow's thread, sharing its engines), `processes`
+(`runtime.workers` worker processes, each with engines of its own) or `ray` (Ray tasks on the cluster of
+`runtime.ray.address`, each reserving the stage's `runtime.ray.resources`: flows/cluster.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
 from prefect import Flow, Task, flow, task, unmapped
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.task_runners import ProcessPoolTaskRunner
+from prefect.flow_engine import FlowRunTimeoutError  # (a TimeoutError: what a flow past its timeout raises)
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner
 
 from bridgerec.config import RuntimeSettings, Settings
 from bridgerec.runtime.runner import Runner, step_of
+from bridgerec.runtime.watchdog import StageOverBudget, Watchdog
 from bridgerec.stages import STAGE, Stage, Summary
 from bridgerec.tasks import StageRun
 
@@ -45,10 +49,12 @@ def as_task(fn: Callable[..., Any]) -> Task[..., Any]:
 
 class TaskRuns(Runner):
     """A stage's steps as task runs of the current flow: `call` in the flow's thread, `map` in it too
-    (`concurrent` False) or on the flow's task runner (`concurrent`: worker processes)."""
+    (`concurrent` False) or on the flow's task runner (`concurrent`: worker processes, Ray tasks);
+    `options` are the Ray options of each mapped task (flows/cluster.py: `shard_options`)."""
 
-    def __init__(self, concurrent: bool) -> None:
+    def __init__(self, concurrent: bool, options: dict[str, Any] | None = None) -> None:
         self.concurrent = concurrent
+        self.options = options
 
     def call(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         result: R = as_task(fn)(*args, **kwargs)
@@ -56,9 +62,21 @@ class TaskRuns(Runner):
 
     def map(self, fn: Callable[..., R], shards: Sequence[T], *args: Any) -> list[R]:
         if self.concurrent:
-            results: list[R] = as_task(fn).map(*(unmapped(a) for a in args), list(shards)).result()
+            with self._remote_options():
+                futures = as_task(fn).map(*(unmapped(a) for a in args), list(shards))
+            results: list[R] = futures.result()
             return results
         return [self.call(fn, *args, shard) for shard in shards]
+
+    @contextlib.contextmanager
+    def _remote_options(self) -> Iterator[None]:
+        if self.options is None:
+            yield
+            return
+        from prefect_ray.context import remote_options
+
+        with remote_options(**self.options):
+            yield
 
 
 def report(summary: Summary) -> None:
@@ -68,30 +86,62 @@ def report(summary: Summary) -> None:
 
 
 def flow_for(stage: Stage[Any, Any], runtime: RuntimeSettings | None = None) -> Flow[..., Any]:
-    """The Prefect flow of `stage`, its shards placed by `runtime` (default: local)."""
+    """The Prefect flow of `stage`, its shards placed by `runtime` (default: local), its time budget
+    (`runtime.stage_timeout_seconds`) and stall watchdog (`runtime.stall_seconds`) from `runtime`."""
     runtime = runtime or RuntimeSettings()
-    return _flow(stage, runtime.runner, runtime.workers)
+    return _flow(stage, runtime.model_dump_json())
+
+
+def task_runner(stage: Stage[Any, Any], runtime: RuntimeSettings) -> tuple[TaskRunner[Any] | None, TaskRuns]:
+    """Where `runtime.runner` puts the stage's mapped shards: the flow's task runner (None: Prefect's
+    default, unused since `local` maps in the flow's thread) and the runner the stage calls its steps
+    through. The one place the choice is made, for every stage."""
+    if runtime.runner == "processes":
+        return ProcessPoolTaskRunner(max_workers=runtime.workers), TaskRuns(concurrent=True)
+    if runtime.runner == "ray":
+        from bridgerec.flows.cluster import Cluster, shard_options
+
+        return Cluster(runtime.ray), TaskRuns(True, shard_options(runtime.ray, stage.name))
+    return None, TaskRuns(concurrent=False)
+
+
+@contextlib.contextmanager
+def one_cluster(runtime: RuntimeSettings) -> Iterator[None]:
+    """Connect to (or start) the Ray cluster once for everything inside (the nightly flow's stages) instead
+    of once per stage flow; a no-op unless `runtime.runner` is ray."""
+    if runtime.runner != "ray":
+        yield
+        return
+    from bridgerec.flows.cluster import Cluster
+
+    with Cluster(runtime.ray):
+        yield
 
 
 @functools.cache
-def _flow(stage: Stage[Any, Any], runner: str, workers: int) -> Flow[..., Any]:
-    concurrent = runner == "processes"
+def _flow(stage: Stage[Any, Any], runtime_json: str) -> Flow[..., Any]:
+    runtime = RuntimeSettings.model_validate_json(runtime_json)
+    runner, runs = task_runner(stage, runtime)
+    budget_s = getattr(runtime.stage_timeout_seconds, stage.name, None)
 
     def run_stage(run: StageRun[Any], options: dict[str, Any] | None = None) -> Any:
-        run = replace(run, runner=TaskRuns(concurrent))
-        if stage.check is not None:
-            run.runner.call(stage.check, run)
-        if stage.sharded:  # its steps are the task runs
-            summary = stage.run(run, **(options or {}))
-        else:
-            summary = run.runner.call(stage.run, run, **(options or {}))
+        run = replace(run, runner=runs)
+        with Watchdog(stage.name, runtime.stall_seconds):
+            if stage.check is not None:
+                run.runner.call(stage.check, run)
+            if stage.sharded:  # its steps are the task runs
+                summary = stage.run(run, **(options or {}))
+            else:
+                summary = run.runner.call(stage.run, run, **(options or {}))
         report(summary)
         return summary
 
     run_stage.__doc__ = f"The {stage.name} stage: {stage.about}."
-    fl: Flow[..., Any] = flow(name=stage.name, log_prints=False, validate_parameters=False)(run_stage)
-    if concurrent:
-        fl = fl.with_options(task_runner=ProcessPoolTaskRunner(max_workers=workers))  # type: ignore[arg-type]
+    fl: Flow[..., Any] = flow(
+        name=stage.name, log_prints=False, validate_parameters=False, timeout_seconds=budget_s
+    )(run_stage)
+    if runner is not None:
+        fl = fl.with_options(task_runner=runner)
     return fl
 
 
@@ -99,4 +149,12 @@ def run_stage(name: str, settings: Settings, *, force: bool = False, **options: 
     """Run stage `name` as its flow with the settings tree's section; returns its typed summary.
     `options` go to the stage's run function (publish: `run_id`)."""
     stage = STAGE[name]
-    return flow_for(stage, settings.runtime)(stage.stage_run(settings, force=force), options or None)
+    try:
+        return flow_for(stage, settings.runtime)(stage.stage_run(settings, force=force), options or None)
+    except FlowRunTimeoutError:
+        budget = getattr(settings.runtime.stage_timeout_seconds, name)
+        raise StageOverBudget(
+            f"stage {name} ran past its time budget of {budget:g} s (runtime.stage_timeout_seconds.{name}) "
+            "and was stopped; what it finished is kept (a rerun resumes): raise the budget if the data grew, "
+            "else look at the stage's progress in its log for where it slowed"
+        ) from None

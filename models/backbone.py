@@ -88,7 +88,8 @@ class Block(nn.Module):
             q, k, v = self.qkv(self.ln1(x)).view(B, L, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4)
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # [B, heads, L, H/h]
             x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, L, H)))
-            return x + self.drop(self.ffn(self.ln2(x)))
+            out: Tensor = x + self.drop(self.ffn(self.ln2(x)))
+            return out
         w, b = self.qkv.weight.split(H), self.qkv.bias.split(H)
         q_in = self.ln1(x)
         q = self._heads(F.linear(q_in, w[0], b[0]))
@@ -100,7 +101,8 @@ class Block(nn.Module):
             q, torch.cat([k, null_k], 2), torch.cat([v, null_v], 2), attn_mask=mask, dropout_p=p
         )
         x = self.ln2(q_in + self.drop(self.proj(a.transpose(1, 2).reshape(B, L, H))))
-        return x + self.drop(self.ffn(x))
+        y: Tensor = x + self.drop(self.ffn(x))
+        return y
 
 
 class SequenceEncoder(nn.Module):
@@ -136,7 +138,9 @@ class SequenceEncoder(nn.Module):
         self.ln = nn.LayerNorm(hidden, eps=1e-8)
         if weight_init == "xavier":
             for block in self.blocks:
+                assert isinstance(block, Block)
                 for layer in (block.qkv, block.proj, block.ffn[0], block.ffn[3]):
+                    assert isinstance(layer, nn.Linear)
                     nn.init.xavier_normal_(layer.weight)
                 nn.init.zeros_(block.qkv.bias)
                 nn.init.zeros_(block.proj.bias)
@@ -175,7 +179,8 @@ class SequenceEncoder(nn.Module):
             mask = Block.attention_bias(mask, null_logit, x.dtype)  # [B, 1, L, L + 1]
         for block in self.blocks:
             x = block(x, mask) * keep.unsqueeze(-1)
-        return self.ln(x) * keep.unsqueeze(-1)  # [B, L, H], zero at padding
+        out: Tensor = self.ln(x) * keep.unsqueeze(-1)  # [B, L, H], zero at padding
+        return out
 
 
 def trim(ids: Tensor) -> Tensor:

@@ -31,6 +31,10 @@ class Recommender(nn.Module):
 
     name = "recommender"
     trainable = True  # False: fitted by counting (pop), no gradient steps
+    # buffers (register_buffer), by global id: [N + 1] domain and local id of each item; [D] offsets
+    item_domain: Tensor
+    item_local: Tensor
+    offsets: Tensor
 
     def __init__(self, catalog: Catalog, config: ModelConfig) -> None:
         super().__init__()

@@ -148,8 +148,8 @@ class SequenceData:
         """
         if per_row > 1:
             shares = [min(1.0, per_row - i) for i in range(math.ceil(per_row))]
-            drawn = [self.hidden_domain_examples(prefix, share, generator) for share in shares]
-            return torch.cat([d[0] for d in drawn]), torch.cat([d[1] for d in drawn])
+            parts = [self.hidden_domain_examples(prefix, share, generator) for share in shares]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         share = per_row
         dom = self.item_domain[prefix]  # [B, L+1], -1 = padding
         real = dom >= 0
@@ -350,7 +350,8 @@ class SequenceData:
 def _ranges(counts: np.ndarray) -> np.ndarray:
     """Concatenated aranges: [3, 2] -> [0, 1, 2, 0, 1]."""
     ends = np.cumsum(counts)
-    return np.arange(ends[-1] if len(ends) else 0) - np.repeat(ends - counts, counts)
+    out: np.ndarray = np.arange(ends[-1] if len(ends) else 0) - np.repeat(ends - counts, counts)
+    return out
 
 
 def users_by_domain(target_domain: Tensor, n_domains: int) -> list[Tensor]:

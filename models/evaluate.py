@@ -16,6 +16,7 @@ domain; `pop_percentile@10` = mean popularity percentile of the recommended item
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,6 +50,7 @@ def evaluate(
     top = np.zeros((U, TOP_K), np.int64) if full else None
     ex_offsets = np.searchsorted(split.exclude_users, np.arange(U + 1))
     lengths = (split.inputs > 0).sum(1)
+    assert split.candidates is not None, f"split {split.name} has no sampled candidates"
     nonfinite = 0
     for d, users in enumerate(users_by_domain(split.target_domain, model.n_domains)):
         if not len(users):
@@ -59,10 +61,10 @@ def evaluate(
             u = model.user_vectors(split.inputs[chunk].to(device), d)  # [B, D]
             cand = split.candidates[chunk].to(device)  # [B, 1 + n]
             scores = (items[cand] * u.unsqueeze(1)).sum(-1)  # [B, 1 + n]
-            broken = ~torch.isfinite(scores).all(1)  # [B]
+            broken = ~(torch.isfinite(scores) | (cand == 0)).all(1)  # [B] (padding columns aside)
             scores = scores.masked_fill(cand == 0, -torch.inf)  # fewer unseen items than n (padding)
             sampled[chunk.numpy()] = as_numpy(rank_sampled(scores))
-            if full_ranks is not None:
+            if full_ranks is not None and top is not None:
                 rank, best, full_broken = _full_rank(u, items, cand[:, 0], chunk, split, ex_offsets)
                 broken |= full_broken
                 full_ranks[chunk.numpy()] = as_numpy(rank)
@@ -128,7 +130,7 @@ def beyond_accuracy(
 
 def metric_rows(
     ranks: Ranks, split: EvalSplit, catalog: Catalog, counts: np.ndarray | None = None
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     """Long-format rows: protocol x group x metric, for overall, each target domain and user groups;
     with `counts` ([N + 1] training-prefix interactions per global id) and full ranks, the beyond-accuracy
     figures too (protocol full)."""
@@ -137,16 +139,16 @@ def metric_rows(
     tdom = split.target_domain.numpy()
     for d, name in enumerate(domains):
         groups[f"domain:{name}"] = tdom == d
-    for name, mask in split.groups.items():
-        groups[name] = mask.numpy()
+    for name, group_mask in split.groups.items():
+        groups[name] = group_mask.numpy()
     tables = popularity_tables(counts, catalog) if counts is not None else None
-    rows = []
+    rows: list[dict[str, Any]] = []
     for protocol, r in (("sampled", ranks.sampled), ("full", ranks.full)):
         if r is None:
             continue
         for group, mask in groups.items():
             figures = summarise(r[mask])
-            if protocol == "full" and ranks.top is not None and counts is not None:
+            if protocol == "full" and ranks.top is not None and tables is not None:
                 figures |= beyond_accuracy(ranks.top[mask], tdom[mask], catalog, *tables)
             for metric, value in figures.items():
                 rows.append(
@@ -165,7 +167,7 @@ def metric_rows(
 BEYOND = (f"coverage@{TOP_K}", f"top1pct_share@{TOP_K}", f"pop_percentile@{TOP_K}")
 
 
-def headline(rows: list[dict], domains: list[str]) -> dict:
+def headline(rows: list[dict[str, Any]], domains: list[str]) -> dict[str, Any]:
     """The CLI's `test` object: overall and per domain hr@10/ndcg@10, sampled, plus the same under `full`."""
 
     def pick(protocol: str, group: str) -> dict[str, float]:
@@ -175,7 +177,7 @@ def headline(rows: list[dict], domains: list[str]) -> dict:
         }
         return out | {k: found[k] for k in BEYOND if k in found}
 
-    out: dict = {"overall": pick("sampled", "overall")}
+    out: dict[str, Any] = {"overall": pick("sampled", "overall")}
     for name in domains:
         out[name] = pick("sampled", f"domain:{name}")
     if any(r["protocol"] == "full" for r in rows):

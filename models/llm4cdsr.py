@@ -84,7 +84,8 @@ def ridge_map(
             torch.diag(A).clone()[:-1].mean() * lam * torch.ones(A.shape[0], dtype=A.dtype, device=A.device)
         )
         penalty[-1] = 0.0  # the bias
-        return torch.linalg.solve(A + torch.diag(penalty), B)
+        solution: Tensor = torch.linalg.solve(A + torch.diag(penalty), B)  # [D + 1, H]
+        return solution
 
     def error(beta: Tensor) -> float:
         residual = ((X[held] @ beta - Y[held]) ** 2).sum(1)
@@ -118,6 +119,9 @@ def whitened_pca(table: Tensor, k: int) -> Tensor:
 
 class LLM4CDSR(Recommender):
     name = "llm4cdsr"
+    E_all: Tensor  # buffer: [N + 1, Dg] the global LLM table (the local ones: `E_local_<d>`)
+    id_known: Tensor  # buffer: [N + 1] 1.0 for items with training interactions (with id_embeddings)
+    S_all: Tensor  # buffer, fusion null_space: [N + 1, semantic_dims] (the local ones: `S_local_<d>`)
 
     def __init__(
         self,
@@ -174,12 +178,14 @@ class LLM4CDSR(Recommender):
             # nearly identical at the start (the biases dominate the small PCA inputs); Xavier weights and
             # zero biases keep the items apart.
             for layer in self.adapter:
+                assert isinstance(layer, nn.Linear)
                 nn.init.xavier_normal_(layer.weight)
                 nn.init.zeros_(layer.bias)
         self.domain_adapters = None
         if config.adapter_per_domain:
             self.domain_adapters = nn.ModuleList(nn.Linear(Dg, hidden) for _ in self.sizes)
             for layer in self.domain_adapters:
+                assert isinstance(layer, nn.Linear)
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
         self.local_proj = nn.Identity() if Dl == hidden else nn.Linear(Dl, hidden, bias=False)
@@ -259,7 +265,9 @@ class LLM4CDSR(Recommender):
             start = int(self.offsets[d]) + 1
             text = getattr(self, f"E_local_{d}")[1:]  # [n_d, Dl]
             weights = counts[start : start + size]
-            ridge_map(self.id_from_text_local[d], text, self.id_local[d].weight[1:], weights)
+            generator, rows = self.id_from_text_local[d], self.id_local[d]
+            assert isinstance(generator, nn.Linear) and isinstance(rows, nn.Embedding)
+            ridge_map(generator, text, rows.weight[1:], weights)
 
     def frozen_tables(self) -> set[str]:
         tables = {"E_all", *(f"E_local_{d}" for d in range(self.n_domains))}
@@ -279,7 +287,8 @@ class LLM4CDSR(Recommender):
         if self.training and self.id_dropout > 0:
             use = use * (torch.rand_like(use) >= self.id_dropout)
         use = use.unsqueeze(-1)
-        return use * rows + (1 - use) * generator(text)
+        mixed: Tensor = use * rows + (1 - use) * generator(text)
+        return mixed
 
     def _generator(self, domain: int | None = None) -> nn.Module | None:
         """The ID-row generator of the mixed thread (domain None) or of a domain thread, if any."""
@@ -292,6 +301,7 @@ class LLM4CDSR(Recommender):
         product (W2 W1 x + W2 b1 + b2: the same function and the same gradients for W1, b1, W2, b2, with
         Dg * H multiply-adds per row instead of Dg * Dg/2 + Dg/2 * H, half at these widths)."""
         first, second = self.adapter
+        assert isinstance(first, nn.Linear) and isinstance(second, nn.Linear)
         weight = second.weight @ first.weight  # [H, Dg]
         bias = second.weight @ first.bias + second.bias  # [H]
         return F.linear(x, weight, bias)
@@ -310,11 +320,12 @@ class LLM4CDSR(Recommender):
         if self.domain_adapters is not None:
             dom = self.domain_of(uniq)  # [n_unique], -1 for the padding
             for d, layer in enumerate(self.domain_adapters):
-                rows = torch.nonzero(dom == d).flatten()
-                table = table.index_add(0, rows, layer(text[rows]))
+                members = torch.nonzero(dom == d).flatten()
+                table = table.index_add(0, members, layer(text[members]))
         if self.id_embeddings:
             table = table + self._id_rows(self.id_all(uniq), uniq, text, self._generator())
-        return (table * (uniq > 0).unsqueeze(-1))[inverse]
+        rows: Tensor = (table * (uniq > 0).unsqueeze(-1))[inverse]
+        return rows
 
     def embed_local(self, lids: Tensor, domain: int) -> Tensor:
         """[...] local ids of `domain` -> [..., H] (zero for id 0)."""
@@ -323,7 +334,7 @@ class LLM4CDSR(Recommender):
             gids = self.global_ids(domain, lids)
             ids = self._id_rows(self.id_local[domain](lids), gids, text, self._generator(domain))
             return torch.cat([getattr(self, f"S_local_{domain}")[lids], ids * (lids > 0).unsqueeze(-1)], -1)
-        e = self.local_proj(text)
+        e: Tensor = self.local_proj(text)
         if self.id_embeddings:
             gids = self.global_ids(domain, lids)
             real = (lids > 0).unsqueeze(-1)  # padding keeps a zero row (a predicted row has a bias)
@@ -369,7 +380,8 @@ class LLM4CDSR(Recommender):
         emb = self.embed_global(ids)  # [B, L, H]
         if masked is not None:
             emb = torch.where(masked.unsqueeze(-1), self.mask_mixed, emb)
-        return self.mixed(emb, ids)
+        states: Tensor = self.mixed(emb, ids)
+        return states
 
     def _domain_thread(
         self, ids: Tensor, d: int, wanted: Tensor | None, masked: Tensor | None
@@ -454,7 +466,8 @@ class LLM4CDSR(Recommender):
         known = self.id_known[start : start + n]  # [n_d]
         mean = ((self.bias.weight[start : start + n, 0] * known).sum() / known.sum().clamp(min=1)).detach()
         use = self.id_known[gids].unsqueeze(-1)
-        return (use * self.bias(gids) + (1 - use) * mean) * (lids > 0).unsqueeze(-1)
+        bias: Tensor = (use * self.bias(gids) + (1 - use) * mean) * (lids > 0).unsqueeze(-1)
+        return bias
 
     def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         groups, h_mix = self._train_forward(batch)
@@ -467,7 +480,12 @@ class LLM4CDSR(Recommender):
                 total = total + self.alpha * reg
                 parts["reg"] = float(reg.detach())
         has_profile = batch.has_profile[:main] if batch.has_profile is not None else None
-        if self.user_adapter is not None and has_profile is not None and has_profile.sum() >= 2:
+        if (
+            self.user_adapter is not None
+            and batch.profile is not None
+            and has_profile is not None
+            and has_profile.sum() >= 2
+        ):
             # Users without a profile (capped or failed) simply have no term here.
             u = self.user_adapter(batch.profile[:main][has_profile])  # [n, H]
             user = soft_contrastive(u, h_mix[:main][has_profile, -1], self.tau)

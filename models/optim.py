@@ -7,6 +7,8 @@ the Transformer itself. Sparse tables update only the rows they touched (moments
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -36,9 +38,9 @@ class Optimizer:
         for opt in self.optimizers:
             opt.step()
 
-    def state_dict(self) -> list[dict]:
+    def state_dict(self) -> list[dict[str, Any]]:
         return [opt.state_dict() for opt in self.optimizers]
 
-    def load_state_dict(self, states: list[dict]) -> None:
+    def load_state_dict(self, states: list[dict[str, Any]]) -> None:
         for opt, state in zip(self.optimizers, states, strict=True):
             opt.load_state_dict(state)

@@ -27,6 +27,7 @@ from bridgerec.models.data import Catalog, SequenceData
 class Popularity(Recommender):
     name = "pop"
     trainable = False
+    counts: Tensor  # buffer: [N + 1] training interactions by global id
 
     def __init__(self, catalog: Catalog, config: ModelConfig) -> None:
         super().__init__(catalog, config)

@@ -46,7 +46,8 @@ class SASRec(Recommender):
         return mixed_targets(self, h, batch.targets, batch.negatives)
 
     def item_rows(self, domain: int, lids: Tensor) -> Tensor:
-        return self.emb(self.global_ids(domain, lids))  # [..., H]
+        rows: Tensor = self.emb(self.global_ids(domain, lids))  # [..., H]
+        return rows
 
     def user_vectors_all(self, inputs: Tensor, domains: Sequence[int] | None = None) -> list[Tensor]:
         """[B, H] the state after the last item, the same for every target domain."""

@@ -29,6 +29,7 @@ class SASRecDomain(Recommender):
             nn.Embedding(n + 1, hidden, padding_idx=0, sparse=True) for n in self.sizes
         )  # local ids, sparse gradients
         for e in self.emb:
+            assert isinstance(e, nn.Embedding)
             nn.init.normal_(e.weight, std=hidden**-0.5)
             e.weight.data[0].zero_()
         self.encoders = nn.ModuleList(SequenceEncoder.of(config) for _ in self.sizes)
@@ -39,7 +40,8 @@ class SASRecDomain(Recommender):
     def encode(self, sub: Tensor, domain: int) -> Tensor:
         """The one sequence encoder (training, validation, export): sub [B, Ld] left-padded local ids of
         `domain` (its subsequence, `domain_view`) -> [B, Ld, H] the state after each item."""
-        return self.encoders[domain](self.emb[domain](sub), sub)
+        states: Tensor = self.encoders[domain](self.emb[domain](sub), sub)
+        return states
 
     def train_targets(self, batch: Batch) -> list[Targets]:
         prefix = batch.prefix  # [B, L+1] global ids
@@ -63,7 +65,8 @@ class SASRecDomain(Recommender):
         return out
 
     def item_rows(self, domain: int, lids: Tensor) -> Tensor:
-        return self.emb[domain](lids)
+        rows: Tensor = self.emb[domain](lids)
+        return rows
 
     def user_vectors_all(self, inputs: Tensor, domains: Sequence[int] | None = None) -> list[Tensor]:
         """[B, H] per domain: its thread after the user's latest item of it (zero if none)."""

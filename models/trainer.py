@@ -3,6 +3,13 @@ best weights kept, resumable.
 
 Everything random (batch order, negatives) comes from a generator seeded with (seed, epoch), so a run
 resumed after a crash continues exactly as the uninterrupted run would have.
+
+Data-parallel training (`Ranks`, torch DistributedDataParallel): every rank draws the whole global batch
+from the same generator, as one process would, and trains on its contiguous share of the rows; each rank's
+loss is normalised by the global batch's positions over the world size, so DDP's mean of the gradients is
+the one-process gradient of the global batch (exact for the recommendation loss under `loss_norm` global or
+batch; the auxiliary contrastive terms see each rank's share). Rank 0 validates and decides early
+stopping for all ranks.
 """
 
 from __future__ import annotations
@@ -11,10 +18,11 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
+from torch import nn
 
 from bridgerec.models.base import Recommender
 from bridgerec.models.batch import Batch, cloze_mask
@@ -26,6 +34,8 @@ from bridgerec.models.objectives import draw_shared_negatives, sampling_probs
 from bridgerec.models.optim import Optimizer
 from bridgerec.runtime.errors import InputError
 from bridgerec.runtime.progress import advance, progress_bar
+
+T = TypeVar("T")
 
 
 class TrainingDiverged(InputError):
@@ -67,7 +77,66 @@ class FitState:
     best_valid: float = -math.inf
     bad_epochs: int = 0
     elapsed_s: float = 0.0
-    history: list[dict] = field(default_factory=list)  # one row per epoch
+    history: list[dict[str, Any]] = field(default_factory=list)  # one row per epoch
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a data-parallel group: rank r of `world` trains rows [r/world, (r+1)/world)
+    of every global batch; `ddp` is the DistributedDataParallel wrapper the training step goes through."""
+
+    rank: int = 0
+    world: int = 1
+    ddp: nn.Module | None = None
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+
+ONE_PROCESS = Ranks()
+
+
+class LossStep(nn.Module):
+    """`model.loss(batch)` as a module's forward, so DistributedDataParallel can wrap it: DDP syncs the
+    gradients of the parameters a forward used."""
+
+    def __init__(self, model: Recommender) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.model.loss(batch)
+
+
+def rank_share(batch: Batch, ranks: Ranks) -> Batch:
+    """This rank's contiguous rows of a global batch (hidden-domain rows stay last), its loss normalised
+    by the global batch's positions / world size (or the epoch's per-batch norm / world size)."""
+    if ranks.world == 1:
+        return batch
+    rows = batch.prefix.shape[0]
+    lo, hi = rows * ranks.rank // ranks.world, rows * (ranks.rank + 1) // ranks.world
+    main = batch.main_rows
+    norm = batch.position_norm or float((batch.targets > 0).sum())
+
+    def part(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[lo:hi]
+
+    share = Batch(
+        batch.prefix[lo:hi],
+        batch.negatives[lo:hi],
+        batch.users[lo:hi],
+        profile=part(batch.profile),
+        has_profile=part(batch.has_profile),
+        shared=batch.shared,
+        mixed_negatives=part(batch.mixed_negatives),
+        hidden_domain_rows=max(0, hi - max(lo, main)),
+        position_norm=norm / ranks.world,
+        domain_means=batch.domain_means,
+        task=batch.task,
+        cloze=part(batch.cloze),
+    )
+    return share
 
 
 @dataclass
@@ -87,8 +156,10 @@ def train_epoch(
     profiles: Profiles | None,
     device: torch.device,
     on_batch: Callable[[float], None] | None = None,
+    ranks: Ranks = ONE_PROCESS,
 ) -> dict[str, float]:
-    """One pass over every user's training prefix; returns mean losses."""
+    """One pass over every user's training prefix (this rank's share of each batch); returns mean losses
+    (over all ranks)."""
     model.train()
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     totals: dict[str, float] = {}
@@ -110,17 +181,19 @@ def train_epoch(
         if profiles is not None:
             batch.profile = profiles.vectors[batch.users]
             batch.has_profile = profiles.has[batch.users]
-        batch = batch.to(device)
-        loss, parts = model.loss(batch)
-        if not torch.isfinite(loss.detach()):
+        batch = rank_share(batch.to(device), ranks)
+        loss, parts = model.loss(batch) if ranks.ddp is None else ranks.ddp(batch)
+        # The global batch's loss, so every rank sees a non-finite loss together and stops together;
+        # checked before the step: the weights stay those of the last good batch.
+        value = _mean_over_ranks(float(loss.detach()), ranks)
+        if not math.isfinite(value):
             raise TrainingDiverged(
-                f"{model.name} diverged in epoch {epoch}: the training loss is {float(loss.detach())} at batch "
-                f"{n + 1}; lower train.lr (now {cfg.lr:g}) or check the inputs"
+                f"{model.name} diverged in epoch {epoch}: the training loss is {value} at batch {n + 1}; "
+                f"lower train.lr (now {cfg.lr:g}) or check the inputs"
             )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        value = float(loss.detach())
         totals["loss"] = totals.get("loss", 0.0) + value
         for k, v in parts.items():
             totals[k] = totals.get(k, 0.0) + v
@@ -182,6 +255,28 @@ def epoch_positions(train_lengths: torch.Tensor, spec: ModelConfig) -> float:
     return float((lengths - 1).clamp(min=0).sum())
 
 
+def _mean_over_ranks(value: float, ranks: Ranks) -> float:
+    """A rank's loss (its rows' sum over the global norm / world) -> the global batch's loss."""
+    if ranks.world == 1:
+        return value
+    import torch.distributed as dist
+
+    total = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(total)
+    return float(total) / ranks.world
+
+
+def _from_leader(value: T, ranks: Ranks) -> T:
+    """Rank 0's `value` on every rank (a no-op in one process)."""
+    if ranks.world == 1:
+        return value
+    import torch.distributed as dist
+
+    box: list[object] = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]  # type: ignore[return-value]
+
+
 def fit(
     model: Recommender,
     data: SequenceData,
@@ -190,12 +285,14 @@ def fit(
     device: torch.device,
     profiles: Profiles | None = None,
     state: FitState | None = None,
-    optimizer_state: dict | None = None,
+    optimizer_state: list[dict[str, Any]] | None = None,
     on_epoch: Callable[[Recommender, Optimizer, FitState, bool], None] | None = None,
     log: Callable[[str], None] = print,
+    ranks: Ranks = ONE_PROCESS,
 ) -> FitState:
     """Train until patience, `epochs` or the time budget runs out. `on_epoch(model, opt, state, is_best)`
-    persists the checkpoint (and the best weights); `state`/`optimizer_state` resume a run."""
+    persists the checkpoint (and the best weights); `state`/`optimizer_state` resume a run. With `ranks`,
+    this process is one rank of a data-parallel group (`on_epoch` and logging belong on rank 0)."""
     optimizer = Optimizer(model, cfg.lr, cfg.weight_decay)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
@@ -211,15 +308,18 @@ def fit(
             started = time.perf_counter()
             running = {"sum": 0.0, "n": 0}
 
-            def on_batch(loss: float, epoch: int = epoch, running: dict = running) -> None:
+            def on_batch(loss: float, epoch: int = epoch, running: dict[str, float] = running) -> None:
                 running["sum"] += loss
                 running["n"] += 1
                 advance(bar, 1, f"train {model.name} epoch {epoch} loss {running['sum'] / running['n']:.4f}")
 
-            losses = train_epoch(model, data, optimizer, cfg, epoch, profiles, device, on_batch)
+            losses = train_epoch(model, data, optimizer, cfg, epoch, profiles, device, on_batch, ranks)
             model.end_epoch()
             train_s = time.perf_counter() - started
-            score, scores = validate(model, valid, cfg, device, epoch)
+            # Rank 0 validates; every rank takes its score and clock, so all stop at the same epoch.
+            score, scores = _from_leader(
+                validate(model, valid, cfg, device, epoch) if ranks.leader else (0.0, {}), ranks
+            )
             eval_s = time.perf_counter() - started - train_s
             is_best = score > state.best_valid
             if is_best:
@@ -227,7 +327,7 @@ def fit(
             else:
                 state.bad_epochs += 1
             state.epoch = epoch
-            state.elapsed_s += train_s + eval_s
+            state.elapsed_s = _from_leader(state.elapsed_s + train_s + eval_s, ranks)
             state.history.append(
                 {
                     "epoch": epoch,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -34,23 +35,75 @@ from pydantic import BaseModel, ConfigDict, Field
 from bridgerec.storage.files import swap_dir
 
 INDEX_FORMAT_VERSION = 1
+IVF_TRAIN_POINTS_PER_CELL = 64  # k-means training sample per IVF cell (FAISS's default 256: 4x the time)
+AUTO_THRESHOLD_ITEMS = 100_000  # bench/publish.py --index-table: see docs/publish.md, "Choosing the index"
 _GPU_MAX_K = 2048  # faiss GPU indexes answer at most this many neighbours per query
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class IndexSettings(BaseModel):
-    """Which FAISS index serves each domain. `flat` is exact; `ivf` and `hnsw` are for large catalogues."""
+    """Which FAISS index serves each domain. `auto` (the default) searches exactly up to
+    `auto_threshold_items` items in a domain and with `auto_kind`, sized by the number of items, above;
+    `flat` is always exact; `ivf` and `hnsw` are approximate. Every publish with an approximate index
+    measures its recall@k against exact search on `recall_sample_users` users and warns below
+    `recall_floor` (docs/publish.md, "Choosing the index")."""
 
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["flat", "ivf", "hnsw"] = Field(default="flat", description="flat = exact inner product.")
-    ivf_nlist: int = Field(default=1024, ge=1, description="IVF cells (capped at items/39 for training).")
-    ivf_nprobe: int = Field(default=32, ge=1, description="IVF cells visited per query.")
+    kind: Literal["auto", "flat", "ivf", "hnsw"] = Field(
+        default="auto", description="auto = flat up to auto_threshold_items items, auto_kind above."
+    )
+    auto_threshold_items: int = Field(
+        default=AUTO_THRESHOLD_ITEMS,
+        ge=1,
+        description="auto: the largest domain (in items) searched exactly (bench/publish.py --index-table).",
+    )
+    auto_kind: Literal["ivf", "hnsw"] = Field(
+        default="ivf", description="auto: the index above the threshold."
+    )
+    ivf_nlist: int | None = Field(
+        default=None, ge=1, description="IVF cells; unset = sqrt(items) (a power of two, <= items/39)."
+    )
+    ivf_nprobe: int | None = Field(
+        default=None, ge=1, description="IVF cells visited per query; unset = nlist/16 (at least 16)."
+    )
     hnsw_m: int = Field(default=32, ge=4, description="HNSW neighbours per node.")
     hnsw_ef_construction: int = Field(default=80, ge=8)
     hnsw_ef_search: int = Field(default=128, ge=8, description="Raised to k + seen items when smaller.")
+    recall_sample_users: int = Field(
+        default=1000,
+        ge=0,
+        description="Users whose approximate top-k is checked against exact search (0 = off).",
+    )
+    recall_floor: float = Field(
+        default=0.95, ge=0, le=1, description="Warn when an approximate index's recall@k falls below this."
+    )
     gpu: Literal["auto", "off"] = Field(
         default="auto", description="auto = search on the GPU when faiss finds one (faiss-gpu)."
     )
+
+    def resolve(self, n_items: int) -> IndexSettings:
+        """The concrete index for a domain of `n_items` items: `auto` decided, IVF sizes filled in."""
+        kind = self.kind
+        if kind == "auto":
+            kind = "flat" if n_items <= self.auto_threshold_items else self.auto_kind
+        update: dict[str, Any] = {"kind": kind}
+        if kind == "ivf":
+            nlist = self.ivf_nlist or 2 ** round(math.log2(max(1.0, math.sqrt(n_items))))
+            nlist = max(1, min(nlist, n_items // 39))  # k-means wants ~39 training points per centroid
+            update |= {"ivf_nlist": nlist, "ivf_nprobe": min(nlist, self.ivf_nprobe or max(16, nlist // 16))}
+        return self.model_copy(update=update)
+
+    @property
+    def approximate(self) -> bool:
+        return self.kind in ("ivf", "hnsw")
+
+    def label(self) -> str:
+        """How the runs table and the summary name a resolved index."""
+        if self.kind == "ivf":
+            return f"ivf(nlist={self.ivf_nlist}, nprobe={self.ivf_nprobe})"
+        if self.kind == "hnsw":
+            return f"hnsw(M={self.hnsw_m}, efSearch={self.hnsw_ef_search})"
+        return self.kind
 
 
 def check_run_id(run_id: str) -> str:
@@ -71,21 +124,26 @@ def gpu_count() -> int:
 
 
 def build_index(item_vectors: np.ndarray, settings: IndexSettings) -> faiss.Index:
-    """An inner-product index over `item_vectors` (float32 [n, d]); FAISS id = row."""
+    """An inner-product index over `item_vectors` (float32 [n, d]); FAISS id = row. `settings` is resolved
+    for the number of items first (`auto`, IVF sizes)."""
     x = np.ascontiguousarray(item_vectors, dtype=np.float32)
     n, d = x.shape
+    settings = settings.resolve(n)
+    index: faiss.Index
     if settings.kind == "flat":
         index = faiss.IndexFlatIP(d)
     elif settings.kind == "ivf":
-        # k-means wants ~39 training points per centroid; small catalogues get fewer cells.
-        nlist = max(1, min(settings.ivf_nlist, n // 39))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(x)
-        index.nprobe = min(settings.ivf_nprobe, nlist)
+        nlist = settings.ivf_nlist or 1
+        ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        ivf.cp.max_points_per_centroid = IVF_TRAIN_POINTS_PER_CELL  # k-means on a sample, not all items
+        ivf.train(x)
+        ivf.nprobe = settings.ivf_nprobe or 1
+        index = ivf
     elif settings.kind == "hnsw":
-        index = faiss.IndexHNSWFlat(d, settings.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = settings.hnsw_ef_construction
-        index.hnsw.efSearch = settings.hnsw_ef_search
+        hnsw = faiss.IndexHNSWFlat(d, settings.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = settings.hnsw_ef_construction
+        hnsw.hnsw.efSearch = settings.hnsw_ef_search
+        index = hnsw
     else:  # pragma: no cover - pydantic restricts the values
         raise ValueError(f"unknown index kind {settings.kind!r}")
     index.add(x)
@@ -108,12 +166,32 @@ class Searcher:
             return cls(index, faiss.index_cpu_to_all_gpus(index), True, settings)
         return cls(index, index, False, settings)
 
+    @property
+    def ntotal(self) -> int:
+        return int(self.cpu.ntotal)
+
     def search(self, queries: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores float32 [b, kk], item rows int64 [b, kk]); -1 rows when fewer than kk items exist."""
         index = self.device if self.on_gpu and kk <= _GPU_MAX_K else self.cpu
         if isinstance(index, faiss.IndexHNSW):
             index.hnsw.efSearch = max(self.settings.hnsw_ef_search, kk)
         return index.search(np.ascontiguousarray(queries, dtype=np.float32), kk)
+
+
+@dataclass
+class ExactSearcher:
+    """Exact inner-product search straight over the item vectors (faiss.knn, no index built, no copy):
+    the reference an approximate index's recall is measured against."""
+
+    item_vectors: np.ndarray  # float32 [n, d]
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.item_vectors.shape[0])
+
+    def search(self, queries: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        return faiss.knn(q, self.item_vectors, kk, metric=faiss.METRIC_INNER_PRODUCT)
 
 
 @dataclass
@@ -125,7 +203,7 @@ class TopK:
 
 
 def search_topk(
-    searcher: Searcher,
+    searcher: Searcher | ExactSearcher,
     user_vectors: np.ndarray,
     k: int,
     seen_indptr: np.ndarray | None = None,
@@ -140,7 +218,7 @@ def search_topk(
     few heavy users do not inflate every query. Filtering is vectorised over the batch.
     """
     n_users = user_vectors.shape[0]
-    n_items = searcher.cpu.ntotal
+    n_items = searcher.ntotal
     out_items = np.full((n_users, k), -1, dtype=np.int64)
     out_scores = np.full((n_users, k), np.nan, dtype=np.float32)
     if seen_indptr is None or seen_items is None:
@@ -251,7 +329,8 @@ class IndexStore:
         path = self.run_dir(run_id) / "manifest.json"
         if not path.exists():
             raise FileNotFoundError(f"no saved index for run {run_id!r} under {self.root}")
-        return json.loads(path.read_text())
+        manifest: dict[str, Any] = json.loads(path.read_text())
+        return manifest
 
     def load(self, run_id: str, domain: str, mmap: bool = False) -> LoadedIndex:
         meta = self.manifest(run_id)
@@ -291,3 +370,38 @@ class IndexStore:
                         shutil.rmtree(p)
                         removed.append(p.name)
         return removed
+
+
+def recall_at_k(
+    searcher: Searcher,
+    item_vectors: np.ndarray,
+    user_vectors: np.ndarray,
+    k: int,
+    seen_indptr: np.ndarray | None = None,
+    seen_items: np.ndarray | None = None,
+    sample: int = 1000,
+    seed: int = 0,
+) -> float:
+    """Mean recall@k of `searcher` against exact search over `item_vectors`, on `sample` users drawn with
+    `seed` (seen items excluded on both sides): |approximate top-k ∩ exact top-k| / |exact top-k|."""
+    n_users = user_vectors.shape[0]
+    rows = np.sort(np.random.default_rng(seed).choice(n_users, size=min(sample, n_users), replace=False))
+    indptr, items = None, None
+    if seen_indptr is not None and seen_items is not None:
+        counts = np.diff(seen_indptr)[rows]
+        indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        items = np.concatenate(
+            [seen_items[seen_indptr[r] : seen_indptr[r + 1]] for r in rows] or [np.zeros(0)]
+        )
+        items = items.astype(np.int64)
+    queries = np.ascontiguousarray(user_vectors[rows], dtype=np.float32)
+    got = search_topk(searcher, queries, k, indptr, items).items
+    want = search_topk(
+        ExactSearcher(np.ascontiguousarray(item_vectors, np.float32)), queries, k, indptr, items
+    ).items
+    hits = total = 0
+    for g, w in zip(got, want, strict=True):
+        exact = set(w[w >= 0].tolist())
+        hits += len(exact & set(g[g >= 0].tolist()))
+        total += len(exact)
+    return hits / total if total else 1.0

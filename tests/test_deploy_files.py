@@ -17,12 +17,22 @@ def test_compose_file_is_valid_and_complete() -> None:
     from compose_spec import PyCompose
 
     compose = PyCompose.from_yaml((REPO / "docker" / "compose.yaml").read_text())  # raises if invalid
-    assert set(compose.service_names()) == {"postgres", "prefect-server", "cpu-worker", "gpu-worker"}
+    assert set(compose.service_names()) == {
+        "postgres", "prefect-server", "cpu-worker", "gpu-worker", "ray-head", "ray-worker", "cpu-worker-image",
+    }  # fmt: skip
     raw = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())
     server = raw["services"]["prefect-server"]
     assert server["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://")
     assert server["image"].startswith("prefecthq/prefect:3.7.7")
     assert raw["services"]["gpu-worker"]["profiles"] == ["gpu"]
+    ray = raw["services"]
+    assert (
+        ray["ray-head"]["command"][:3] == ["ray", "start", "--head"]
+        and "8265:8265" in ray["ray-head"]["ports"]
+    )
+    assert "--address=ray-head:6379" in ray["ray-worker"]["command"]
+    assert ray["cpu-worker"]["environment"]["BRIDGEREC_RUNTIME__RAY__ADDRESS"] == "ray://ray-head:10001"
+    assert all(ray[s]["image"] == "bridgerec-cpu:latest" for s in ("ray-head", "ray-worker", "cpu-worker"))
     for worker in ("cpu-worker", "gpu-worker"):
         dockerfile = REPO / "docker" / Path(raw["services"][worker]["build"]["dockerfile"]).name
         assert dockerfile.exists()

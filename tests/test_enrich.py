@@ -7,6 +7,7 @@ here goes through the shared pool. Tests run in file order and build on the same
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -492,6 +493,79 @@ def test_process_task_runner_runs_shards_in_worker_processes(
     theirs = {r["user_id"]: r["profile_text"] for r in ws.read_table("enrich", "profiles").to_pylist()}
     mine = {r["user_id"]: r["profile_text"] for r in sharded.read_table("enrich", "profiles").to_pylist()}
     assert mine == theirs  # greedy decoding: the same text in another process
+
+
+def _kill_first_item_shard_after_a_batch(root: Path, killed: list[int]) -> None:
+    """`kill -9` the Ray worker running an item shard once a batch of it is checkpointed (mid-shard)."""
+    import signal
+    import time
+
+    import psutil
+
+    batches = root / ".checkpoints" / "enrich" / "items"
+    for _ in range(3000):
+        if batches.is_dir() and any(batches.glob("*.parquet")):
+            for proc in psutil.process_iter(["cmdline"]):
+                if (proc.info["cmdline"] or [""])[0].startswith("ray::embed-items"):
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed.append(proc.pid)
+                    return
+        time.sleep(0.1)
+
+
+def test_ray_runner_runs_shards_as_ray_tasks_and_survives_a_killed_worker(
+    prefect_harness: None, pool: EnginePool, ws: Workspace, tmp_path: Path
+) -> None:
+    """`runtime.runner: ray` on a local Ray of 2 CPUs: the item and profile shards run as Ray tasks (one
+    Prefect task run each) in worker processes that start each engine at most once; the worker of an item
+    shard is killed (`kill -9`) after its first batch, Ray runs the shard again elsewhere, and the output
+    is the one-pass build's (same vectors, clusters and greedy profile texts)."""
+    import threading
+    from collections import Counter
+
+    import ray
+    from prefect.settings import PREFECT_API_URL
+
+    from bridgerec.config import RuntimeSettings
+    from bridgerec.flows.stage import flow_for
+    from bridgerec.stages import STAGE
+
+    env = {"PREFECT_API_URL": PREFECT_API_URL.value(), "OMP_NUM_THREADS": "1"}
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
+    try:
+        sharded = Workspace(tmp_path / "ray")
+        shutil.copytree(ws.stage_dir("ingest"), sharded.stage_dir("ingest"))
+        enrich = ENRICH.model_copy(update={"items_per_shard": 40, "batch_size": 10})
+        profiles = PROFILES.model_copy(update={"users_per_shard": 5})
+        killed: list[int] = []
+        killer = threading.Thread(target=_kill_first_item_shard_after_a_batch, args=(sharded.root, killed))
+        killer.start()
+        on_ray = flow_for(STAGE["enrich"], RuntimeSettings(runner="ray"))
+        summary = on_ray(StageRun(EnrichSections(enrich, profiles), sharded, threads=THREADS))
+        killer.join()
+    finally:
+        ray.shutdown()
+    assert killed, "no item shard was running"
+    pids = {int(s["worker"].rsplit(":", 1)[1]) for s in summary.shards}
+    assert os.getpid() not in pids and killed[0] not in pids  # Ray workers; the killed one returned nothing
+    starts = Counter((e["runner"], e["worker"]) for e in summary.engines_started)
+    assert {runner for runner, _ in starts} == {"pooling", "generate"}
+    assert max(starts.values()) == 1  # at most one engine per model and worker process
+    assert (
+        summary.items_embedded + summary.items_cached == summary.items
+    )  # batches done before the kill: cached
+    assert summary.profiles_generated == summary.profile_users - 1
+    one_pass, got = (
+        ws.read_table("enrich", "item_embeddings"),
+        sharded.read_table("enrich", "item_embeddings"),
+    )
+    assert got["item_id"].to_pylist() == one_pass["item_id"].to_pylist()
+    np.testing.assert_allclose(to_matrix(got["vector"], 384), to_matrix(one_pass["vector"], 384), atol=1e-4)
+    assert sharded.read_table("enrich", "item_clusters").equals(ws.read_table("enrich", "item_clusters"))
+    theirs = {r["user_id"]: r["profile_text"] for r in ws.read_table("enrich", "profiles").to_pylist()}
+    mine = {r["user_id"]: r["profile_text"] for r in sharded.read_table("enrich", "profiles").to_pylist()}
+    assert mine == theirs  # greedy decoding: the same text in another process
+    assert not (sharded.root / ".checkpoints").exists()
 
 
 def _config(tmp_path: Path) -> Path:

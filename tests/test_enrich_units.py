@@ -296,3 +296,17 @@ def test_a_model_split_into_zip_parts_is_assembled_into_the_same_folder(tmp_path
     except metadata.PackageNotFoundError:
         with pytest.raises(ModelError, match=r"requirements/embedders\.txt"):
             prepare("all-mpnet-base-v2")
+
+
+def test_a_model_over_several_gpus_runs_on_vllms_ray_executor() -> None:
+    """`tensor_parallel_size` > 1: the engine's GPU workers are Ray actors (vLLM's Ray executor) on the
+    run's cluster; one GPU: vLLM's own in-process executor (no `distributed_executor_backend`)."""
+    from bridgerec.tasks.enrich.engine import EngineSpec, engine_kwargs
+    from bridgerec.tasks.enrich.settings import EngineSettings
+
+    one = engine_kwargs(EngineSpec.of("generate", Path("m"), EngineSettings(), threads=2))
+    assert "distributed_executor_backend" not in one and one["tensor_parallel_size"] == 1
+    four = engine_kwargs(
+        EngineSpec.of("generate", Path("m"), EngineSettings(tensor_parallel_size=4), threads=2)
+    )
+    assert four["distributed_executor_backend"] == "ray" and four["tensor_parallel_size"] == 4

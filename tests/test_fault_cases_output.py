@@ -29,8 +29,8 @@ from bridgerec.tasks.publish.stage import run_publish
 from bridgerec.tasks.train.stage import run_train
 
 CASES = Path(__file__).resolve().parent / "cases"
-# What a terminal obeys: C0 controls but newline, DEL, C1 controls, bidirectional overrides and isolates.
-TERMINAL_COMMANDS = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# What a terminal obeys: C0 controls but tab and newline, DEL, C1 controls, bidirectional overrides and isolates.
+TERMINAL_COMMANDS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 def _case(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

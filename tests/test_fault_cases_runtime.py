@@ -2,14 +2,16 @@
 its folder's expected result, plus variants of each kind the folders do not hold.
 
 Kinds: a Prefect API that is not there (26-prefect-api-unreachable); a damaged warehouse file
-(27-damaged-warehouse).
+(27-damaged-warehouse); a night stopped by a signal (24-sigterm-during-night).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from typer.testing import CliRunner
 
@@ -211,8 +214,9 @@ def test_27_damaged_warehouse_is_named_with_the_way_back(
 def test_a_damaged_block_in_a_table_a_reader_does_not_touch_still_stops_publish(
     published_case: Path, tmp_path: Path
 ) -> None:
-    """Variant of 27: damage in the blocks of one table only (the recommendations' data, which `runs
-    list` never reads): `runs list` works, but publish reads every block first and refuses."""
+    """Variant of 27: damage in the blocks of one table only (the metrics, which `runs list` never
+    reads; the recommendations are Parquet parts now): `runs list` works, but publish reads every block
+    of the file first and refuses."""
     import duckdb
 
     from bridgerec.storage import warehouse as wh
@@ -224,7 +228,7 @@ def test_a_damaged_block_in_a_table_a_reader_does_not_touch_still_stops_publish(
             {
                 int(r[0])
                 for r in con.execute(
-                    "SELECT block_id FROM pragma_storage_info('recommendations') WHERE block_id >= 0"
+                    "SELECT block_id FROM pragma_storage_info('metrics') WHERE block_id >= 0"
                 ).fetchall()
             }
         )
@@ -237,3 +241,158 @@ def test_a_damaged_block_in_a_table_a_reader_does_not_touch_still_stops_publish(
     assert wh.list_runs(path)  # the runs table's blocks are intact
     with pytest.raises(wh.WarehouseDamaged, match=r"is damaged .*Corrupt database file"):
         wh.verify_readable(path)
+
+
+# ---- 24: a night stopped by a signal -------------------------------------------------------------------
+
+
+class _Night:
+    """`bridgerec run` of case 24 in a real process of its own (stderr in a file, to wait on its log)."""
+
+    def __init__(self, here: Path, name: str, **env: str) -> None:
+        self.log = here / f"{name}.err"
+        self.out = here / f"{name}.out"
+        with open(self.log, "w") as err, open(self.out, "w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bridgerec.cli", "run", "--config", "config.yaml", "--json"],
+                cwd=here,
+                stdout=out,
+                stderr=err,
+                env={**os.environ, **env},
+            )
+
+    def wait_for(self, text: str, timeout_s: float = 300) -> None:
+        deadline = time.monotonic() + timeout_s
+        while text not in self.log.read_text():
+            assert self.proc.poll() is None, (
+                f"exited {self.proc.returncode} before {text!r}: {self.log.read_text()}"
+            )
+            assert time.monotonic() < deadline, f"no {text!r} after {timeout_s} s"
+            time.sleep(0.5)
+
+    def children(self) -> list[psutil.Process]:
+        return psutil.Process(self.proc.pid).children(recursive=True)
+
+    def stop(self, signum: int, timeout_s: float = 120) -> int:
+        self.proc.send_signal(signum)
+        return self.proc.wait(timeout_s)
+
+    def error_line(self) -> str:
+        return [line for line in self.log.read_text().splitlines() if line.startswith("error:")][-1]
+
+
+def _nights(warehouse: Path) -> dict[str, dict]:
+    from bridgerec.storage import warehouse as wh
+
+    return {r["run_id"]: r for r in wh.list_runs(warehouse) if r.get("kind") == "night"}
+
+
+def _gone(processes: list[psutil.Process], timeout_s: float = 15) -> bool:
+    _, alive = psutil.wait_procs(processes, timeout=timeout_s)
+    return not alive
+
+
+@pytest.mark.slow
+def test_24_sigterm_during_night_is_recorded_and_leaves_no_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The case's sequence with real processes and real signals. SIGTERM during training: exit 143, the
+    night's row 'failed' naming SIGTERM, Prefect's temporary API server (the command's child) gone with
+    it. SIGINT during the next night (which resumes training): the same, exit 130. SIGKILL during the
+    third: nothing can run in the process, so the fourth night finds it 'running', sees its process is
+    gone and marks it 'crashed'; that night completes and publishes."""
+    here = _case("24-sigterm-during-night", tmp_path, monkeypatch)
+    warehouse = here / "ws" / "warehouse.duckdb"
+    env = {
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "BRIDGEREC_GATE__POPULARITY_FLOOR": "false",  # (the case's third night sets it)
+        "BRIDGEREC_TRAIN__EPOCHS": "8",  # the case's 40 make a long window for a person; 8 suffice here
+        "BRIDGEREC_TRAIN__PATIENCE": "8",
+    }
+
+    first = _Night(here, "night1", **env)
+    first.wait_for("epoch 1: loss")  # a checkpoint to resume from
+    servers = [p for p in first.children() if "uvicorn" in " ".join(p.cmdline())]
+    assert len(servers) == 1  # Prefect's temporary API server
+    assert first.stop(signal.SIGTERM) == 128 + signal.SIGTERM
+    assert _gone(servers), "the temporary API server outlived the command"
+    line = first.error_line()
+    assert line.startswith("error: bridgerec run stopped by SIGTERM during stage train: night night-")
+    assert "is recorded 'failed'" in line and "resumes from the stages it finished" in line
+    (night1,) = _nights(warehouse).values()
+    assert night1["status"] == "failed" and night1["finished_at"] is not None
+    assert night1["message"].startswith("stopped by SIGTERM during stage train")
+
+    second = _Night(here, "night2", **env)
+    second.wait_for("train: resuming")  # the first night's epochs are kept
+    servers = [p for p in second.children() if "uvicorn" in " ".join(p.cmdline())]
+    assert second.stop(signal.SIGINT) == 128 + signal.SIGINT
+    assert _gone(servers)
+    assert second.error_line().startswith("error: bridgerec run stopped by SIGINT during stage train")
+
+    third = _Night(here, "night3", **env)
+    third.wait_for("train: resuming")
+    orphans = third.children()
+    assert third.stop(signal.SIGKILL) == -signal.SIGKILL
+    for p in orphans:  # SIGKILL leaves the temporary server behind (no code runs): ours to end here
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    psutil.wait_procs(orphans, timeout=15)
+    stuck = [r for r in _nights(warehouse).values() if r["status"] == "running"]
+    assert len(stuck) == 1
+
+    fourth = _Night(here, "night4", **env)
+    assert fourth.proc.wait(600) == 0, fourth.log.read_text()[-3000:]
+    nights = _nights(warehouse)
+    assert sorted(r["status"] for r in nights.values()) == ["completed", "crashed", "failed", "failed"]
+    crashed = nights[stuck[0]["run_id"]]
+    assert (
+        crashed["message"].startswith(f"its process (PID {third.proc.pid} on ")
+        and "is gone" in crashed["message"]
+    )
+    assert "found still 'running' by night night-" in crashed["message"]
+    assert "train: resuming" in fourth.log.read_text()
+
+
+def test_a_running_night_whose_flow_run_ended_is_crashed(prefect_harness: None) -> None:
+    """Variant of 24: a night row from another machine (or from before rows named their process) is
+    judged by its Prefect flow run: a flow run in a final state means the night is not running."""
+    from prefect import flow
+
+    from bridgerec.flows.nightly import _why_gone
+
+    @flow(name="a-night-that-failed")
+    def failing() -> None:
+        raise RuntimeError("lost worker")
+
+    state = failing(return_state=True)
+    assert state.is_failed()
+    row = {"host": "another-machine", "pid": 4242, "process_started_at": None}
+    assert _why_gone(row | {"flow_run_id": str(state.state_details.flow_run_id)}) == (
+        f"its Prefect flow run {state.state_details.flow_run_id} is Failed"
+    )
+    assert _why_gone(row | {"flow_run_id": None}) is None  # nothing to judge by: left as it is
+    me = psutil.Process()
+    alive = {"host": socket.gethostname(), "pid": me.pid, "flow_run_id": None}
+    from datetime import UTC, datetime
+
+    assert _why_gone(alive | {"process_started_at": datetime.fromtimestamp(me.create_time(), UTC)}) is None
+    reused = alive | {"process_started_at": datetime(2020, 1, 1, tzinfo=UTC)}  # the PID is someone else's now
+    assert _why_gone(reused) == f"its process (PID {me.pid} on {socket.gethostname()}) is gone"
+
+
+def test_stop_signals_are_told_apart_from_errors() -> None:
+    from prefect.exceptions import TerminationSignal
+
+    from bridgerec.runtime.signals import Stopped, stop_signal
+
+    assert stop_signal(TerminationSignal(signal.SIGTERM)) == signal.SIGTERM
+    assert stop_signal(KeyboardInterrupt()) == signal.SIGINT
+    try:
+        try:
+            raise TerminationSignal(signal.SIGTERM)
+        except TerminationSignal:
+            raise Stopped(signal.SIGTERM) from None
+    except Stopped as exc:
+        assert stop_signal(exc) == signal.SIGTERM
+    assert stop_signal(RuntimeError("x")) is None and stop_signal(SystemExit(1)) is None

@@ -360,3 +360,25 @@ def test_nothing_left_is_a_clear_error(tmp_path: Path) -> None:
     settings = _generic(tmp_path, min_interactions=50)
     with pytest.raises(IngestError, match="no interactions left"):
         run_ingest(StageRun(settings, Workspace(tmp_path / "ws")))
+
+
+def test_a_memory_limit_spills_and_gives_the_same_dataset(sample_workspace: Path, tmp_path: Path) -> None:
+    """`ingest.memory_limit` far below the k-core's and the splits' working set: DuckDB spills to
+    `ingest.spill_dir` and the dataset is the one built without a limit (same ids, sequences, split)."""
+    from tests.conftest import SAMPLE
+
+    spill = tmp_path / "not-yet" / "spill"  # created by ingest
+    settings = IngestSettings(
+        items=SAMPLE / "items.csv.gz",
+        interactions=SAMPLE / "interactions.csv.gz",
+        kcore={"enabled": True, "user_min": 3, "item_min": 2},
+        memory_limit="16MB",
+        spill_dir=spill,
+    )
+    limited = Workspace(tmp_path / "limited")
+    unlimited = Workspace(tmp_path / "unlimited")
+    run_ingest(StageRun(settings, limited))
+    run_ingest(StageRun(settings.model_copy(update={"memory_limit": None, "spill_dir": None}), unlimited))
+    for name in ("items", "users", "sequences", "interactions"):
+        assert limited.read_table("ingest", name).equals(unlimited.read_table("ingest", name)), name
+    assert not list(spill.rglob("*"))  # DuckDB's spill files are gone with the session

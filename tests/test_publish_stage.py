@@ -16,6 +16,7 @@ from publish_data import doc_queries, workspace_vectors
 from typer.testing import CliRunner
 
 from bridgerec.cli import app
+from bridgerec.runtime.runner import Runner
 from bridgerec.storage.index_store import IndexStore
 from bridgerec.storage.vectors import DomainVectors
 from bridgerec.storage.warehouse import record_run_status
@@ -188,14 +189,19 @@ def test_retention_drops_old_indexes_and_a_failed_publish_changes_nothing(
 ) -> None:
     warehouse = tmp_path / "w.duckdb"
     ws = Workspace(profiled_workspace)
-    settings = PublishSettings(k=2, retention_runs=2)
+    settings = PublishSettings(k=2, retention_runs=2, retention_grace_hours=0)
     vectors = workspace_vectors(profiled_workspace, seed=2)
     for i in range(3):
         s = run_publish(StageRun(settings, ws, warehouse=warehouse), run_id=f"r{i}", vectors=vectors)
     assert s.purged_runs == ["r0"]
     store = IndexStore(tmp_path / "indexes")
     assert store.runs() == ["r1", "r2"]
+    # r0's parts left the views in the swap and were deleted after it (no grace period here).
+    parts = tmp_path / "w.parts"
+    assert not list(parts.glob("*/run_id=r0/**/*.parquet"))
+    assert {p.name for p in parts.glob("recommendations/*")} == {"run_id=r1", "run_id=r2"}
     before = warehouse.read_bytes()
+    files_before = sorted(parts.rglob("*"))
     # Vectors naming an item the catalogue does not have: refused before the warehouse is touched.
     food = vectors["food"]
     stale = DomainVectors(
@@ -226,6 +232,7 @@ def test_retention_drops_old_indexes_and_a_failed_publish_changes_nothing(
             StageRun(settings, ws, warehouse=warehouse), run_id="r3", vectors={**vectors, "food": fewer}
         )
     assert warehouse.read_bytes() == before and store.runs() == ["r1", "r2"]
+    assert sorted(parts.rglob("*")) == files_before  # no part of the refused runs was written
 
 
 def test_cli_recs_and_runs_list(published: tuple[Path, dict], tmp_path: Path) -> None:
@@ -251,8 +258,9 @@ def test_cli_recs_and_runs_list(published: tuple[Path, dict], tmp_path: Path) ->
     assert [(r["run_id"], r["status"], r["retained"]) for r in runs] == [("run-a", "completed", True)]
     out = runner.invoke(app, ["runs", "list", "--warehouse", str(warehouse)])
     assert out.exit_code == 0 and "run-a" in out.stdout
-    # A failed run's message is shown as written (brackets included), on a copy of the warehouse.
-    copy = tmp_path / "copy.duckdb"
+    # A failed run's message is shown as written (brackets included), on a copy of the warehouse file
+    # (beside it: the copy reads the same parts).
+    copy = warehouse.with_name("copy.duckdb")
     shutil.copyfile(warehouse, copy)
     record_run_status(copy, "nightly-2", "running")
     record_run_status(copy, "nightly-2", "failed", message="[Errno 2] no such file")
@@ -276,3 +284,157 @@ def test_docs_sql_examples_run_on_a_published_warehouse(
     assert len(results[1]) == 20  # top 10 items in each of the two domains
     assert [r[0] for r in results[2]] == ["food", "kitchen"] and all(0 < r[3] <= 1 for r in results[2])
     assert 0 < results[3][0][0] <= 1000
+
+
+class PoolRunner(Runner):
+    """Runs the shard function in worker processes, as a Ray runner does across machines: the plan and
+    the shards are pickled, and each worker reads only files (staged inputs, the saved index)."""
+
+    def __init__(self) -> None:
+        self.called: list[str] = []
+        self.mapped: list[str] = []
+
+    def call(self, fn, *args, **kwargs):
+        self.called.append(fn.__name__)
+        return fn(*args, **kwargs)
+
+    def map(self, fn, shards, *args):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.mapped.append(fn.__name__)
+        with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return list(pool.map(fn, *[[a] * len(shards) for a in args], shards))
+
+
+def test_sharded_publish_in_worker_processes_equals_one_shard(
+    profiled_workspace: Path, tmp_path: Path
+) -> None:
+    ws = Workspace(profiled_workspace)
+    vectors = workspace_vectors(profiled_workspace, seed=3)
+    one = run_publish(
+        StageRun(PublishSettings(k=5), ws, warehouse=tmp_path / "one" / "w.duckdb"),
+        run_id="r",
+        vectors=vectors,
+    )
+    runner = PoolRunner()
+    many = run_publish(
+        StageRun(
+            PublishSettings(k=5, users_per_shard=300, row_group_users=50),
+            ws,
+            warehouse=tmp_path / "many" / "w.duckdb",
+            runner=runner,
+        ),
+        run_id="r",
+        vectors=vectors,
+    )
+    assert runner.called == ["plan_publish", "register_publish"] and runner.mapped == ["score_shard"]
+    assert (one.shards, many.shards) == (1, 4)
+    assert many.rows == one.rows == 1000 * 2 * 5 and many.users_short == one.users_short
+    lists = "SELECT user_id, domain, rank, item_id, score FROM recommendations ORDER BY ALL"
+    assert sql(tmp_path / "many" / "w.duckdb", lists) == sql(tmp_path / "one" / "w.duckdb", lists)
+    serving = "SELECT user_id, domain, item_ids, scores FROM latest_serving ORDER BY ALL"
+    assert sql(tmp_path / "many" / "w.duckdb", serving) == sql(tmp_path / "one" / "w.duckdb", serving)
+    profiles = "SELECT * FROM latest_user_profiles ORDER BY user_id"
+    assert sql(tmp_path / "many" / "w.duckdb", profiles) == sql(tmp_path / "one" / "w.duckdb", profiles)
+    # Each shard wrote its own parts: recommendations and serving lists per domain, its users' profiles.
+    parts = sql(
+        tmp_path / "many" / "w.duckdb",
+        "SELECT kind, shard, count(*), sum(rows) FROM parts WHERE dropped_at IS NULL GROUP BY ALL ORDER BY ALL",
+    )
+    by = {(k, sh): (n, rows) for k, sh, n, rows in parts}
+    for shard, users in enumerate([300, 300, 300, 100]):
+        assert by[("recommendations", shard)] == (2, users * 2 * 5)
+        assert by[("serving", shard)] == (2, users * 2)
+    assert sum(by[("user_profiles", sh)][1] for sh in range(4) if ("user_profiles", sh) in by) == 300
+    # A serving row is the user's list, best first: what a key-value store loads.
+    (row,) = sql(
+        tmp_path / "many" / "w.duckdb",
+        "SELECT item_ids, scores FROM latest_serving WHERE user_id = ? AND domain = 'food'",
+        [vectors["food"].user_ids[7]],
+    )
+    ranked = sql(
+        tmp_path / "many" / "w.duckdb",
+        "SELECT item_id, score FROM latest_recommendations WHERE user_id = ? AND domain = 'food' ORDER BY rank",
+        [vectors["food"].user_ids[7]],
+    )
+    assert list(zip(*row, strict=True)) == [(i, pytest.approx(s)) for i, s in ranked]
+
+
+def test_index_kind_auto_by_catalogue_size_reports_recall_and_warns_below_the_floor(
+    profiled_workspace: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from bridgerec.storage.index_store import IndexSettings
+
+    ws = Workspace(profiled_workspace)
+    vectors = workspace_vectors(profiled_workspace, seed=4)
+    # food has 2,217 items (exact search), kitchen 4,230 (above the threshold: IVF, sized by its items:
+    # sqrt(4230) ~ 64 cells).
+    low = IndexSettings(auto_threshold_items=3000, ivf_nprobe=1, recall_sample_users=200, recall_floor=0.999)
+    warehouse = tmp_path / "w.duckdb"
+    s = run_publish(
+        StageRun(PublishSettings(k=10, index=low), ws, warehouse=warehouse), run_id="low", vectors=vectors
+    )
+    assert s.index_kinds == {"food": "flat", "kitchen": "ivf(nlist=64, nprobe=1)"}
+    assert list(s.index_recall) == ["kitchen"] and s.index_recall["kitchen"] < 0.999
+    assert s.recall_warning and "kitchen recall@10" in s.recall_warning
+    assert "below publish.index.recall_floor" in caplog.text
+    (run,) = sql(warehouse, "SELECT index_kind, index_recall FROM runs WHERE run_id = 'low'")
+    assert run[0] == "food: flat; kitchen: ivf(nlist=64, nprobe=1)" and run[1] == pytest.approx(
+        s.index_recall["kitchen"], abs=1e-4
+    )
+    # Probing every cell is exact: recall 1, no warning, and the lists equal exact search's.
+    every = IndexSettings(
+        auto_threshold_items=3000, ivf_nprobe=64, recall_sample_users=200, recall_floor=0.999
+    )
+    full = run_publish(
+        StageRun(PublishSettings(k=10, index=every), ws, warehouse=warehouse), run_id="every", vectors=vectors
+    )
+    exact = run_publish(
+        StageRun(PublishSettings(k=10, index=IndexSettings(kind="flat")), ws, warehouse=warehouse),
+        run_id="exact",
+        vectors=vectors,
+    )
+    assert full.index_recall == {"kitchen": 1.0} and full.recall_warning is None
+    assert exact.index_kinds == {"food": "flat", "kitchen": "flat"} and exact.index_recall == {}
+    lists = "SELECT user_id, domain, rank, item_id FROM recommendations WHERE run_id = ? ORDER BY ALL"
+    assert sql(warehouse, lists, ["every"]) == sql(warehouse, lists, ["exact"])
+
+
+def test_cli_recs_time_travel_and_warehouse_relink(profiled_workspace: Path, tmp_path: Path) -> None:
+    ws = Workspace(profiled_workspace)
+    warehouse = tmp_path / "ws" / "w.duckdb"
+    for i in (1, 2):
+        run_publish(
+            StageRun(PublishSettings(k=3), ws, warehouse=warehouse),
+            run_id=f"r{i}",
+            vectors=workspace_vectors(profiled_workspace, seed=10 + i),
+        )
+    user = sql(warehouse, "SELECT min(user_id) FROM latest_recommendations")[0][0]
+    runner = CliRunner()
+
+    def recs(path: Path, *extra: str) -> dict:
+        out = runner.invoke(app, ["recs", "--warehouse", str(path), "--user", user, "--json", *extra])
+        assert out.exit_code == 0, out.output
+        return json.loads(out.stdout)
+
+    latest, older = recs(warehouse), recs(warehouse, "--run-id", "r1")
+    assert (latest["run_id"], older["run_id"]) == ("r2", "r1")
+    want = sql(
+        warehouse,
+        "SELECT domain, item_id FROM recommendations WHERE run_id = 'r1' AND user_id = ? ORDER BY domain, rank",
+        [user],
+    )
+    assert [(d, r["item_id"]) for d, rows in older["recommendations"].items() for r in rows] == want
+    assert latest["recommendations"] != older["recommendations"]
+    out = runner.invoke(app, ["recs", "--warehouse", str(warehouse), "--user", user, "--run-id", "nope"])
+    assert out.exit_code == 2 and "not in the warehouse" in out.output
+    # The workspace moves: `recs` still works; `warehouse relink` makes plain DuckDB work there too.
+    moved = tmp_path / "moved"
+    shutil.move(tmp_path / "ws", moved)
+    assert recs(moved / "w.duckdb", "--run-id", "r1") == older
+    with pytest.raises(duckdb.IOException):
+        sql(moved / "w.duckdb", "SELECT count(*) FROM latest_recommendations")
+    out = runner.invoke(app, ["warehouse", "relink", "--warehouse", str(moved / "w.duckdb")])
+    assert out.exit_code == 0, out.output
+    assert sql(moved / "w.duckdb", "SELECT count(*) FROM latest_recommendations") == [(1000 * 2 * 3,)]

@@ -5,6 +5,10 @@ Two outputs of one `progress_bar` block: a rich bar with rate and ETA on stderr 
 logger (Prefect's inside a flow or task run: the UI and `prefect flow-run logs` show it) at least every
 `BRIDGEREC_PROGRESS_LOG_SECONDS` (60) while the block runs and once at its end when it ran that long:
 `enrich: profiles: 120/500 users (24%), 0.35 users/s, ETA 18m 06s`. A slow run reads as slow, not hung.
+
+Every step also feeds the stall watchdog (runtime/watchdog.py): `beat()` notes the time of the latest
+progress, in this process and, when the watchdog set `BRIDGEREC_HEARTBEAT_FILE`, as that file's
+modification time (at most once a second), so steps in worker processes count too.
 """
 
 from __future__ import annotations
@@ -31,6 +35,34 @@ from bridgerec.runtime.logs import get_logger
 
 _enabled = True
 LOG_SECONDS_ENV = "BRIDGEREC_PROGRESS_LOG_SECONDS"
+HEARTBEAT_ENV = "BRIDGEREC_HEARTBEAT_FILE"
+
+
+class _Heartbeat:
+    """The time (monotonic, this process) and description of the latest progress step."""
+
+    def __init__(self) -> None:
+        self.at = time.monotonic()
+        self.what = ""
+        self._touched = 0.0
+
+    def beat(self, what: str | None = None) -> None:
+        self.at = time.monotonic()
+        if what:
+            self.what = what
+        path = os.environ.get(HEARTBEAT_ENV)
+        if path and self.at - self._touched >= 1.0:
+            self._touched = self.at
+            with contextlib.suppress(OSError):  # a heartbeat must never break the work
+                os.utime(path)
+
+
+heartbeat = _Heartbeat()
+
+
+def beat(what: str | None = None) -> None:
+    """Note that the work moved on (`what`: what it is doing now); progress bars call it on every step."""
+    heartbeat.beat(what)
 
 
 def set_enabled(enabled: bool) -> None:
@@ -63,6 +95,7 @@ class ProgressLog:
         self.lines = 0
 
     def start(self) -> None:
+        beat(self.description)
         if self.interval > 0:
             self._timer = threading.Thread(target=self._run, name="progress-log", daemon=True)
             self._timer.start()
@@ -76,6 +109,7 @@ class ProgressLog:
             self.done += steps
             if description:
                 self.description = description
+        beat(self.description)
 
     def line(self) -> str:
         with self._lock:

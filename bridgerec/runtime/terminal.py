@@ -14,7 +14,8 @@ import re
 
 from rich.markup import escape
 
-_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# Every C0 control but tab and newline (which only lay text out), DEL, C1, bidirectional overrides.
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 def _visible(match: re.Match[str]) -> str:
@@ -23,7 +24,8 @@ def _visible(match: re.Match[str]) -> str:
 
 
 def printable(text: str) -> str:
-    """`text` with control characters, DEL and bidirectional controls written as escapes (`\\x1b`)."""
+    """`text` with control characters (but tab and newline), DEL and bidirectional controls written as
+    escapes (`\\x1b`)."""
     return _CONTROLS.sub(_visible, text)
 
 

@@ -15,7 +15,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 # Exceptions after which every further call fails too: stop the stage (its checkpoints keep the work).
-FATAL = {"EngineDeadError", "EngineGenerateError", "MemoryError"}
+# StageStalled: the stall watchdog stopping the stage (runtime/watchdog.py), never a batch's fault.
+FATAL = {"EngineDeadError", "EngineGenerateError", "MemoryError", "StageStalled"}
 # The request itself is bad (e.g. a prompt longer than the context): retrying cannot help, split at once.
 PERMANENT = {"VLLMClientError", "ValueError", "TypeError"}
 

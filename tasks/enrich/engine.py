@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +36,11 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 R = TypeVar("R")
 Call = Callable[..., Any]  # runs a function on the pool's engine thread: call(fn, *args) -> fn(*args)
+
+
+def _worker() -> str:
+    """host:pid of this process (where an engine started)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _direct(fn: Callable[..., R], *args: Any) -> R:
@@ -116,13 +122,11 @@ class EngineSpec:
         )
 
 
-def start_engine(spec: EngineSpec) -> Any:
-    """A vLLM `LLM`; the CPU knobs are env vars that vLLM reads when an engine starts."""
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = spec.cpu_threads_bind
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(spec.cpu_kvcache_gib)
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if spec.multiprocessing else "0"
-    from vllm import LLM
-
+def engine_kwargs(spec: EngineSpec) -> dict[str, Any]:
+    """The `vllm.LLM` arguments of `spec`. A model split over several GPUs (`tensor_parallel_size` > 1)
+    runs on vLLM's Ray executor (`distributed_executor_backend="ray"`): its GPU workers are Ray actors
+    placed on the cluster the run belongs to (the shard's own Ray cluster under `runtime.runner: ray`, or
+    a local Ray), so a model bigger than one GPU (or one node) runs on the same cluster as the shards."""
     kwargs: dict[str, Any] = {
         "model": spec.model,
         "runner": spec.runner,
@@ -132,6 +136,8 @@ def start_engine(spec: EngineSpec) -> Any:
         "enforce_eager": spec.enforce_eager,
         "seed": spec.seed,
     }
+    if spec.tensor_parallel_size > 1:
+        kwargs["distributed_executor_backend"] = "ray"
     if spec.max_model_len is not None:
         kwargs["max_model_len"] = spec.max_model_len
     if spec.max_num_seqs is not None:
@@ -140,7 +146,17 @@ def start_engine(spec: EngineSpec) -> Any:
         kwargs["max_num_batched_tokens"] = spec.max_num_batched_tokens
     if spec.enable_chunked_prefill is not None:
         kwargs["enable_chunked_prefill"] = spec.enable_chunked_prefill
-    return LLM(**kwargs)
+    return kwargs
+
+
+def start_engine(spec: EngineSpec) -> Any:
+    """A vLLM `LLM`; the CPU knobs are env vars that vLLM reads when an engine starts."""
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = spec.cpu_threads_bind
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(spec.cpu_kvcache_gib)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if spec.multiprocessing else "0"
+    from vllm import LLM
+
+    return LLM(**engine_kwargs(spec))
 
 
 def shutdown_engine(llm: Any) -> None:
@@ -251,7 +267,14 @@ class EnginePool:
                 }
             self._llms[spec] = self.call(start_engine, spec)
             seconds = time.perf_counter() - started
-            self.starts.append({"runner": spec.runner, "model": spec.model, "seconds": round(seconds, 1)})
+            self.starts.append(
+                {
+                    "runner": spec.runner,
+                    "model": spec.model,
+                    "seconds": round(seconds, 1),
+                    "worker": _worker(),
+                }
+            )
             log.info("enrich: %s engine up in %.1f s", spec.runner, seconds)
         return self._llms[spec]
 

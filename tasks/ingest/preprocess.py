@@ -7,6 +7,7 @@ read = kept + quarantined + filtered holds for items and for interactions, by re
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -105,13 +106,31 @@ def _counts(con: duckdb.DuckDBPyConnection, sql: str) -> dict[str, int]:
 def preprocess(
     raw: RawSource, settings: IngestSettings, threads: int, progress: Callable[[str], None] = lambda _: None
 ) -> IngestTables:
-    con = duckdb.connect(config={"threads": threads})
+    """The kept, quarantined and filtered rows in one DuckDB session; within `settings.memory_limit`, its
+    joins, sorts and aggregates (the k-core rounds, the id maps, the splits) spill to `settings.spill_dir`."""
+    with tempfile.TemporaryDirectory(prefix="bridgerec-ingest-spill-") as spill:
+        if settings.spill_dir is not None:
+            settings.spill_dir.mkdir(parents=True, exist_ok=True)  # DuckDB creates the last level only
+        config: dict[str, str | bool | int | float | list[str]] = {
+            "threads": threads,
+            "temp_directory": str(settings.spill_dir or spill),
+        }
+        if settings.memory_limit is not None:
+            config["memory_limit"] = settings.memory_limit
+        con = duckdb.connect(config=config)
+        try:
+            return _preprocess(_session(con, settings), raw, settings, progress)
+        finally:
+            con.close()
+
+
+def _session(con: duckdb.DuckDBPyConnection, settings: IngestSettings) -> duckdb.DuckDBPyConnection:
+    """The session's time zone and the text-cleaning function."""
     # Text without an offset (and dates, and naive Parquet timestamps) is read in this zone, never in
     # the machine's (DuckDB's default TimeZone is the process's local zone).
     try:
         con.execute(f"SET TimeZone = '{settings.timestamps.duckdb_zone}'")
     except duckdb.Error as exc:
-        con.close()
         raise IngestError(
             f"ingest.timestamps.naive_zone {settings.timestamps.naive_zone!r} is not a zone DuckDB knows: "
             f"{str(exc).splitlines()[0]}"
@@ -119,10 +138,7 @@ def preprocess(
     con.create_function(  # type: ignore[call-overload]  # (an Arrow UDF: the stubs know scalar ones)
         "clean_text", clean_text_array, [VARCHAR], VARCHAR, type="arrow", null_handling="special"
     )
-    try:
-        return _preprocess(con, raw, settings, progress)
-    finally:
-        con.close()
+    return con
 
 
 def _preprocess(
@@ -281,6 +297,8 @@ def _preprocess(
     if settings.kcore_enabled:
         progress("k-core")
         u, i = settings.kcore.user_min, settings.kcore.item_min
+        # Ends: each round marks at least one more row or stops, so there are at most as many rounds as
+        # rows; the count is in the summary (kcore_rounds).
         while True:
             rounds += 1
             changed = _scalar(

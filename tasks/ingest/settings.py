@@ -128,7 +128,9 @@ def _utc(value: datetime) -> datetime:
 class IngestSettings(StageSettings):
     model_config = ConfigDict(extra="forbid")
     # The files' content is hashed as the stage's inputs; their paths do not matter.
-    not_hashed: ClassVar[frozenset[str]] = frozenset({"items", "interactions", "amazon"})
+    not_hashed: ClassVar[frozenset[str]] = frozenset(
+        {"items", "interactions", "amazon", "memory_limit", "spill_dir"}
+    )
 
     source: SourceKind = "generic"
     items: Path | None = Field(default=None, description="generic: the items file.")
@@ -160,6 +162,18 @@ class IngestSettings(StageSettings):
             "LLM models, counted in the accounting as kept without interactions) or drop them (filtered "
             "as no_interactions). Items whose interactions were all filtered by a rule are dropped either way."
         ),
+    )
+
+    memory_limit: str | None = Field(
+        default=None,
+        pattern=r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$",
+        description="DuckDB's memory for the checks, the k-core, the id maps and the splits (e.g. '2GB'); "
+        "past it DuckDB spills to `spill_dir` instead of failing. None = DuckDB's default (80% of RAM).",
+    )
+    spill_dir: Path | None = Field(
+        default=None,
+        description="Where DuckDB spills past `memory_limit` (its temp_directory); None = a temporary "
+        "folder, removed after the run.",
     )
 
     @model_validator(mode="after")

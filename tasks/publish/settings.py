@@ -1,7 +1,8 @@
 """Settings of the publish stage (section `publish`).
 
-The warehouse file itself is the top-level `warehouse` setting; FAISS indexes go beside it
-(`<warehouse folder>/indexes/<run_id>/`) unless `index_dir` says otherwise.
+The warehouse file itself is the top-level `warehouse` setting; the night's Parquet parts go beside it
+(`<warehouse folder>/<warehouse name>.parts/`) unless `data_dir` says otherwise (a folder or
+s3://bucket/prefix); FAISS indexes go to `<warehouse folder>/indexes/<run_id>/` unless `index_dir` does.
 """
 
 from __future__ import annotations
@@ -17,8 +18,19 @@ from bridgerec.storage.workspace import StageSettings
 
 class PublishSettings(StageSettings):
     model_config = ConfigDict(extra="forbid")
-    # Threads, batch size and where indexes go change how, not what, is published.
-    not_hashed: ClassVar[frozenset[str]] = frozenset({"threads", "batch_users", "index_dir"})
+    # Threads, batch and shard sizes, row groups, where indexes and parts go, how long dropped files are
+    # kept: they change how, not what, is published.
+    not_hashed: ClassVar[frozenset[str]] = frozenset(
+        {
+            "threads",
+            "batch_users",
+            "index_dir",
+            "data_dir",
+            "users_per_shard",
+            "row_group_users",
+            "retention_grace_hours",
+        }
+    )
     k: int = Field(default=20, ge=1, le=1000, description="Recommendations per user and domain.")
     exclude_seen: bool = Field(default=True, description="Never recommend an item the user already had.")
     new_items: bool = Field(
@@ -32,6 +44,28 @@ class PublishSettings(StageSettings):
     index: IndexSettings = Field(default_factory=IndexSettings)
     retention_runs: int = Field(
         default=7, ge=1, description="Completed runs whose recommendations, profiles and indexes are kept."
+    )
+    retention_grace_hours: float = Field(
+        default=24.0,
+        ge=0,
+        description=(
+            "How long the files of a run that retention (or a republish) took out of the views are kept "
+            "before a publish deletes them: a reader that opened the warehouse before may still read them."
+        ),
+    )
+    data_dir: str | None = Field(
+        default=None,
+        description=(
+            "Where the night's Parquet parts go: a folder (relative = to the warehouse's folder) or "
+            "s3://bucket/prefix (credentials from the AWS environment variables); default "
+            "<warehouse name>.parts beside the warehouse file."
+        ),
+    )
+    users_per_shard: int = Field(
+        default=50_000, ge=1, description="Users scored (and written as one part per domain) by one shard."
+    )
+    row_group_users: int = Field(
+        default=2048, ge=1, description="Users per Parquet row group: a user's lookup reads one row group."
     )
     index_dir: Path | None = Field(
         default=None, description="Where per-run FAISS indexes go; default `<warehouse folder>/indexes`."

@@ -1,7 +1,10 @@
-"""The publish stage end to end: the trained run's vectors -> FAISS top-k per user and domain ->
-indexes saved per run -> one atomic swap of the DuckDB warehouse (+ retention).
+"""The publish stage end to end: the trained run's vectors -> FAISS indexes saved per run -> user shards
+that score and write their own Parquet parts -> the night registered in one small atomic swap of the
+warehouse file (+ retention).
 
-An unchanged rerun (same run id, same inputs and settings, still retained) does no work.
+`run_publish` reads as the night's table of contents; the shard function is tasks/publish/shards.py's
+`score_shard`, mapped by a runner (in-process by default). An unchanged rerun (same run id, same inputs
+and settings, still retained) does no work.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import hashlib
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,19 +30,28 @@ from bridgerec.runtime.progress import advance, progress_bar
 from bridgerec.runtime.reports import TableReport
 from bridgerec.runtime.runner import step
 from bridgerec.storage import warehouse as wh
-from bridgerec.storage.index_store import IndexStore, check_run_id, set_threads
+from bridgerec.storage.index_store import (
+    IndexSettings,
+    IndexStore,
+    Searcher,
+    build_index,
+    check_run_id,
+    recall_at_k,
+    set_threads,
+)
 from bridgerec.storage.vectors import DomainVectors
 from bridgerec.storage.workspace import Workspace, config_hash, hash_json
 from bridgerec.tasks.context import StageRun
 from bridgerec.tasks.enrich import EnrichOutputs
 from bridgerec.tasks.ingest import IngestMissing, IngestOutputs
-from bridgerec.tasks.publish.recommend import (
-    DomainTopK,
-    recommend_domain,
-    recommendation_rows,
-    without_items,
-)
+from bridgerec.tasks.publish.recommend import recommend_domain, recommendation_rows, without_items
 from bridgerec.tasks.publish.settings import PublishSettings
+from bridgerec.tasks.publish.shards import (
+    ShardPlan,
+    ShardResult,
+    score_shard,
+    stage_shards,
+)
 from bridgerec.tasks.train import TrainedRun, TrainMissing, TrainOutputs
 
 STAGE = "publish"
@@ -64,14 +76,21 @@ class PublishSummary(BaseModel):
     new_items: int = 0  # catalogue items without interactions (ingest)
     new_items_recommended: bool = False  # whether they were eligible for the top-k
     new_items_note: str | None = None  # why they were left out
+    index_kinds: dict[str, str] = {}  # per domain: the index searched (publish.index.kind auto decides)
+    index_recall: dict[str, float] = {}  # per approximate domain: recall@k against exact search
+    recall_warning: str | None = None  # set when a recall fell below publish.index.recall_floor
+    shards: int = 0
+    parts: int = 0
+    data_bytes: int = 0  # the night's Parquet parts
     skipped: bool = False
     seconds: float = 0.0
     timings: dict[str, float] = {}
-    rows_per_s: float = 0.0  # DuckDB insert rate of the recommendations
-    warehouse_bytes: int = 0
+    rows_per_s: float = 0.0  # rows written as parts per second of writing
+    warehouse_bytes: int = 0  # the warehouse file (small: the rows are in parts)
     purged_runs: list[str] = []
     on_gpu: bool = False
     warehouse: str = ""
+    data_root: str = ""
     index_dir: str = ""
 
     def reports(self) -> list[TableReport]:
@@ -84,14 +103,18 @@ class PublishSummary(BaseModel):
                 "finished_at": str(r["finished_at"]),
                 "rows": r["n_recommendations"],
                 "retained": r["retained"],
+                "index": r.get("index_kind"),
+                "recall": r.get("index_recall"),
             }
             for r in wh.list_runs(self.warehouse, limit=20)
         ]
         description = (
             f"Published run {self.run_id} ({self.model}): {self.rows:,} rows for {self.users:,} "
             f"users, k={self.k}, in {self.seconds:.1f} s"
+            + (f", {self.shards} shards, {self.data_bytes / 1e6:.1f} MB of parts" if not self.skipped else "")
             + (" (skipped: already published)" if self.skipped else "")
             + (f"; purged {', '.join(self.purged_runs)}" if self.purged_runs else "")
+            + (f"; warning: {self.recall_warning}" if self.recall_warning else "")
         )
         return [TableReport("publish-runs", rows, description)]
 
@@ -206,7 +229,7 @@ def check_vectors_match_ingest(
 def _already_published(warehouse: Path, run_id: str, ihash: str, index_dir: Path) -> dict[str, Any] | None:
     if not warehouse.exists():
         return None
-    with wh.reading(warehouse) as con:
+    with wh.reading(warehouse, wh.NOTHING_PUBLISHED) as con:
         try:
             cur = con.execute(
                 "SELECT run_id, model, train_run_id, n_users, k, n_recommendations FROM runs WHERE run_id = ? "
@@ -223,76 +246,46 @@ def _already_published(warehouse: Path, run_id: str, ihash: str, index_dir: Path
 
 
 @dataclass
-class _Lists:
-    """The top-k of every user and domain, before anything is written."""
+class _Job:
+    """One publish: what it reads, where it writes, under which run id."""
+
+    settings: PublishSettings
+    workspace: Workspace
+    warehouse: Path
+    threads: int
+    run_id: str
+    trained: TrainedRun | None
+    inputs_hash: str
+    store: IndexStore
+    ingest: IngestOutputs
+    stats: dict[str, Any]
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    started: float = field(default_factory=time.perf_counter)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def data_root(self) -> str:
+        return self.settings.data_dir or wh.default_root(self.warehouse)
+
+
+@dataclass
+class _Ranked:
+    """The vectors to rank (items the run may not rank left out) and what was left out."""
 
     vectors: Mapping[str, DomainVectors]
-    results: dict[str, DomainTopK]
+    model: str | None
     new_ids: list[str]
     new_note: str | None
-    model: str | None
-    timings: dict[str, float]
+    items: pa.Table  # the ingested catalogue (ITEM_COLUMNS)
 
 
-def _top_k(
-    settings: PublishSettings,
-    workspace: Workspace,
-    trained: TrainedRun | None,
-    vectors: Mapping[str, DomainVectors] | None,
-    model: str | None,
-    ingest: IngestOutputs,
-    items: pa.Table,
-) -> _Lists:
-    """Export the run's vectors (unless handed in), leave out the items the run may not rank (items
-    without interactions when `publish.new_items` is off or the model cannot score them), and search every
-    domain's top-k through FAISS."""
-    log = get_logger()
-    timings: dict[str, float] = {}
-    if vectors is None:
-        assert trained is not None
-        t0 = time.perf_counter()
-        vectors = TrainOutputs(workspace).export_vectors(trained)
-        timings["export_s"] = time.perf_counter() - t0
-        log.info("publish: exported vectors of run %s in %.1f s", trained.run_id, timings["export_s"])
-    if not vectors:
-        raise PublishError("no domain vectors to publish")
-    model = model or (trained.model if trained else None)
-    check_vectors_match_ingest(vectors, items, ingest.table("users", columns=["user_id"]))
-    new_ids = ingest.items_without_interactions()
-    new_note = None
-    text_scored = trained is None or TrainOutputs(workspace).scores_items_from_text(trained)
-    if new_ids and not (settings.new_items and text_scored):
-        new_note = f"{len(new_ids)} items without interactions left out: " + (
-            "publish.new_items is off"
-            if not settings.new_items
-            else f"model {model} scores items by trained ID rows only and cannot score them"
-        )
-        log.warning("publish: %s", new_note)
-        vectors = {d: without_items(v, set(new_ids)) for d, v in vectors.items()}
-    n_users = len(next(iter(vectors.values())).user_ids)
-    results: dict[str, DomainTopK] = {}
-    with progress_bar("publish: top-k", total=n_users * len(vectors), unit="user-domains") as bar:
-        for domain in sorted(vectors):
-            results[domain] = recommend_domain(vectors[domain], settings, lambda n: advance(bar, n))
-    return _Lists(vectors, results, new_ids, new_note, model, timings)
+@dataclass
+class _Index:
+    """One domain's index, saved with the run before any shard reads it."""
 
-
-def candidate_lists(
-    settings: PublishSettings, workspace: Workspace, run_id: str, threads: int = 1
-) -> pa.Table:
-    """The `recommendations` rows (storage.schemas.RECOMMENDATION_ROWS: user_id, domain, rank, item_id,
-    score) that `run_publish` would write for train run `run_id`, computed the same way and written
-    nowhere: what the quality gate compares with the published lists.
-
-    Raises PublishError when the run or the ingest output is missing or inconsistent."""
-    try:
-        trained = TrainOutputs(workspace).run(run_id)
-    except TrainMissing as exc:
-        raise PublishError(str(exc)) from None
-    set_threads(settings.threads or threads)
-    ingest = IngestOutputs(workspace)
-    items = ingest.table("items", columns=ITEM_COLUMNS)
-    return recommendation_rows(_top_k(settings, workspace, trained, None, None, ingest, items).results)
+    settings: IndexSettings  # resolved: the kind auto chose, IVF sizes
+    build_s: float
+    recall: float | None  # approximate kinds: recall@k against exact search on a sample of users
 
 
 @step("publish")
@@ -305,132 +298,364 @@ def run_publish(
 ) -> PublishSummary:
     """Publish the latest trained run of the workspace (or the `vectors` handed in) into `run.warehouse`.
 
-    `run_id` defaults to the trained run's id; the nightly flow passes its own to tie the row it
-    recorded as 'running' to this publish.
+    `run_id` defaults to the trained run's id (the nightly flow passes its own, to tie the row it recorded
+    as 'running' to this publish). The plan, every shard and the registration are steps of `run.runner`
+    (task runs in a flow; the shards on worker processes with `runtime.runner: processes`).
     """
-    settings, workspace, force, log = run.settings, run.workspace, run.force, run.log
-    started = time.perf_counter()
-    started_at = datetime.now(UTC)
-    warehouse = run.warehouse_path.expanduser().resolve()
-    threads = run.threads_for(settings.threads)
-    store = IndexStore(index_root(settings, warehouse))
-    timings: dict[str, float] = {}
+    job = _job(run, run_id, vectors)
+    if not run.force and (
+        done := _already_published(job.warehouse, job.run_id, job.inputs_hash, job.store.root)
+    ):
+        return _skipped(job, done)
+    republish = (job.store.run_dir(job.run_id) / "manifest.json").exists()
+    with wh.publish_attempt(job.warehouse, job.run_id, job.data_root, job.store.root) as attempt:
+        try:
+            plan = run.runner.call(plan_publish, job, attempt, vectors, model)
+            results = run.runner.map(score_shard, list(plan.shards.shards), plan.shards)
+            result = run.runner.call(register_publish, job, plan, attempt, results)
+        except BaseException:
+            if not republish:
+                job.store.remove(job.run_id)  # the warehouse never named this index
+            raise
+    _drop_old_indexes(job, result)
+    return _summary(job, plan, results, result)
 
+
+@dataclass(frozen=True)
+class _Shape:
+    """A domain's sizes: all the registration and the summary need once the vectors are staged."""
+
+    users: int
+    items: int
+
+
+@dataclass
+class PublishPlan:
+    """What the plan step hands to the shards and the registration (no vectors: they are staged)."""
+
+    model: str | None
+    new_ids: list[str]
+    new_note: str | None
+    items: pa.Table  # the ingested catalogue (ITEM_COLUMNS)
+    domains: dict[str, _Shape]
+    indexes: dict[str, _Index]
+    shards: ShardPlan
+    timings: dict[str, float]
+
+
+@step("plan-publish")
+def plan_publish(
+    job: _Job, attempt: wh.Attempt, vectors: Mapping[str, DomainVectors] | None, model: str | None
+) -> PublishPlan:
+    """Vectors (exported unless handed in), the indexes built and saved, the shards' inputs staged."""
+    ranked = _ranked_inputs(job, vectors, model)
+    indexes = _build_and_save_indexes(job, ranked)  # the index goes in before the warehouse names it
+    shards = _plan_shards(job, ranked, indexes, attempt)
+    domains = {d: _Shape(len(v.user_ids), len(v.item_ids)) for d, v in sorted(ranked.vectors.items())}
+    return PublishPlan(
+        ranked.model,
+        ranked.new_ids,
+        ranked.new_note,
+        ranked.items,
+        domains,
+        indexes,
+        shards,
+        dict(job.timings),
+    )
+
+
+def _job(
+    run: StageRun[PublishSettings], run_id: str | None, vectors: Mapping[str, DomainVectors] | None
+) -> _Job:
+    """Resolve the trained run, the run id and the inputs' hash; check the ingest output is there."""
+    settings, workspace = run.settings, run.workspace
     trained = resolve_trained_run(workspace) if vectors is None else None
     if run_id is None:
-        run_id = trained.run_id if trained else f"publish-{started_at:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+        stamp = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+        run_id = trained.run_id if trained else f"publish-{stamp}"
     check_run_id(run_id)
-    wh.verify_readable(warehouse)  # a damaged warehouse is refused before any index or row is built
+    warehouse = run.warehouse_path.expanduser().resolve()
+    wh.verify_readable(warehouse)  # a damaged warehouse is refused before any index or part is built
     ingest = IngestOutputs(workspace)
     try:
         stats = ingest.manifest().stats
     except IngestMissing as exc:
         raise PublishError(str(exc)) from None
-    ihash = inputs_hash(settings, workspace, trained, vectors)
-    if not force and (done := _already_published(warehouse, run_id, ihash, store.root)):
-        log.info("publish: run %s is already published with the same inputs, skipping", run_id)
-        return PublishSummary(
-            **{k: v for k, v in done.items() if k != "k"},
-            k=done["k"] or settings.k,
-            skipped=True,
-            seconds=time.perf_counter() - started,
-            warehouse=str(warehouse),
-            index_dir=str(store.run_dir(run_id)),
-        )
-
-    set_threads(threads)
-    items = ingest.table("items", columns=ITEM_COLUMNS)
-    lists = _top_k(settings, workspace, trained, vectors, model, ingest, items)
-    vectors, results, model = lists.vectors, lists.results, lists.model
-    new_ids, new_note = lists.new_ids, lists.new_note
-    timings |= lists.timings
-    n_users = len(next(iter(vectors.values())).user_ids)
-    timings["index_build_s"] = sum(r.build_s for r in results.values())
-    timings["search_s"] = sum(r.search_s for r in results.values())
-    t0 = time.perf_counter()
-    recs = recommendation_rows(results)
-    timings["rows_s"] = time.perf_counter() - t0
-    short = {d: int(((r.topk.items >= 0).sum(axis=1) < settings.k).sum()) for d, r in results.items()}
-    for d, n in short.items():
-        if n:
-            log.warning("publish: %d users have fewer than k=%d eligible items in %s", n, settings.k, d)
-
-    profiles = load_profiles(workspace)
-    metrics = load_run_metrics(workspace, trained) if trained else None
-
-    t0 = time.perf_counter()
-    # The index goes in first, so the warehouse never names a run whose index is missing.
-    republish = (store.run_dir(run_id) / "manifest.json").exists()
-    run_dir = store.save_run(
+    return _Job(
+        settings,
+        workspace,
+        warehouse,
+        run.threads_for(settings.threads),
         run_id,
-        {d: (r.index, r.vectors.item_ids) for d, r in results.items()},
-        {"model": model, "train_run_id": trained.run_id if trained else None, "index": settings.index.kind},
+        trained,
+        inputs_hash(settings, workspace, trained, vectors),
+        IndexStore(index_root(settings, warehouse)),
+        ingest,
+        stats,
     )
-    timings["index_save_s"] = time.perf_counter() - t0
-    record = wh.RunRecord(
-        run_id=run_id,
-        started_at=started_at,
-        model=model,
-        train_run_id=trained.run_id if trained else None,
-        config_hash=settings_hash(settings),
-        inputs_hash=ihash,
-        k=settings.k,
-        n_users=n_users,
-        n_items=int(stats.get("items", items.num_rows)),
-        n_interactions=stats.get("interactions"),
-        n_domains=len(vectors),
-        index_path=str(run_dir),
+
+
+def _skipped(job: _Job, done: dict[str, Any]) -> PublishSummary:
+    get_logger().info("publish: run %s is already published with the same inputs, skipping", job.run_id)
+    return PublishSummary(
+        **{k: v for k, v in done.items() if k != "k"},
+        k=done["k"] or job.settings.k,
+        skipped=True,
+        seconds=time.perf_counter() - job.started,
+        warehouse=str(job.warehouse),
+        data_root=job.data_root,
+        index_dir=str(job.store.run_dir(job.run_id)),
     )
-    try:
-        result = wh.publish(
-            warehouse,
-            wh.PublishBatch(record, recs, items, metrics, profiles),
-            settings.retention_runs,
-            threads,
-            settings.storage_compatibility,
+
+
+def _ranked_inputs(job: _Job, vectors: Mapping[str, DomainVectors] | None, model: str | None) -> _Ranked:
+    """Export the run's vectors (unless handed in), check them against the ingest output, and leave out
+    the items the run may not rank (items without interactions when `publish.new_items` is off or the
+    model cannot score them)."""
+    log = get_logger()
+    set_threads(job.threads)
+    if vectors is None:
+        assert job.trained is not None
+        t0 = time.perf_counter()
+        vectors = TrainOutputs(job.workspace).export_vectors(job.trained)
+        job.timings["export_s"] = time.perf_counter() - t0
+        log.info("publish: exported vectors of run %s in %.1f s", job.trained.run_id, job.timings["export_s"])
+    if not vectors:
+        raise PublishError("no domain vectors to publish")
+    model = model or (job.trained.model if job.trained else None)
+    items = job.ingest.table("items", columns=ITEM_COLUMNS)
+    check_vectors_match_ingest(vectors, items, job.ingest.table("users", columns=["user_id"]))
+    new_ids = job.ingest.items_without_interactions()
+    new_note = None
+    text_scored = job.trained is None or TrainOutputs(job.workspace).scores_items_from_text(job.trained)
+    if new_ids and not (job.settings.new_items and text_scored):
+        new_note = f"{len(new_ids)} items without interactions left out: " + (
+            "publish.new_items is off"
+            if not job.settings.new_items
+            else f"model {model} scores items by trained ID rows only and cannot score them"
         )
-    except BaseException:
-        if not republish:
-            store.remove(run_id)  # the warehouse never named this index
-        raise
-    for old in result.purged_runs:
-        store.remove(old)
-    store.clean_temporaries()
-    timings |= {
+        log.warning("publish: %s", new_note)
+        vectors = {d: without_items(v, set(new_ids)) for d, v in vectors.items()}
+    return _Ranked(vectors, model, new_ids, new_note, items)
+
+
+def _build_and_save_indexes(job: _Job, ranked: _Ranked) -> dict[str, _Index]:
+    """Per domain: the index `publish.index` chooses for its size, built and (approximate kinds) checked
+    against exact search on a sample of users; then all saved with the run, whole."""
+    log = get_logger()
+    built, out = {}, {}
+    for domain in sorted(ranked.vectors):
+        v = ranked.vectors[domain]
+        resolved = job.settings.index.resolve(len(v.item_ids))
+        t0 = time.perf_counter()
+        index = build_index(v.item_vectors, resolved)
+        build_s = time.perf_counter() - t0
+        recall = None
+        if resolved.approximate and resolved.recall_sample_users:
+            t0 = time.perf_counter()
+            exclude = job.settings.exclude_seen
+            recall = recall_at_k(
+                Searcher.for_index(index, resolved),
+                v.item_vectors,
+                v.user_vectors,
+                job.settings.k,
+                v.seen_indptr if exclude else None,
+                v.seen_items if exclude else None,
+                sample=resolved.recall_sample_users,
+            )
+            job.timings["recall_s"] = job.timings.get("recall_s", 0.0) + time.perf_counter() - t0
+            log.info("publish: %s index %s: recall@%d %.4f", domain, resolved.label(), job.settings.k, recall)
+        built[domain] = (index, v.item_ids)
+        out[domain] = _Index(resolved, build_s, recall)
+    t0 = time.perf_counter()
+    kinds = {d: i.settings.label() for d, i in out.items()}
+    meta = {
+        "model": ranked.model,
+        "train_run_id": job.trained.run_id if job.trained else None,
+        "index": kinds,
+    }
+    job.store.save_run(job.run_id, built, meta)
+    job.timings["index_build_s"] = sum(i.build_s for i in out.values())
+    job.timings["index_save_s"] = time.perf_counter() - t0
+    return out
+
+
+def _plan_shards(job: _Job, ranked: _Ranked, indexes: dict[str, _Index], attempt: wh.Attempt) -> ShardPlan:
+    """Stage what the shards load (vectors in user order, their users and profiles) in the attempt's
+    scratch folder, and cut the users into shards of `publish.users_per_shard`."""
+    t0 = time.perf_counter()
+    assert attempt.scratch is not None
+    profiles = load_profiles(job.workspace)
+    shards, n_users = stage_shards(
+        attempt.scratch, ranked.vectors, profiles, job.run_id, job.settings.users_per_shard
+    )
+    job.timings["stage_s"] = time.perf_counter() - t0
+    return ShardPlan(
+        run_id=job.run_id,
+        target=attempt.target(job.settings.row_group_users),
+        scratch=str(attempt.scratch),
+        index_root=str(job.store.root),
+        indexes=tuple((d, i.settings) for d, i in sorted(indexes.items())),
+        k=job.settings.k,
+        exclude_seen=job.settings.exclude_seen,
+        batch_users=job.settings.batch_users,
+        threads=job.threads,
+        shards=shards,
+        n_users=n_users,
+    )
+
+
+@step("register-night")
+def register_publish(
+    job: _Job, plan: PublishPlan, attempt: wh.Attempt, results: list[ShardResult]
+) -> wh.PublishResult:
+    """The night's parts, metrics and runs row into the warehouse file, in one atomic swap."""
+    for domain in sorted(plan.domains):
+        n = sum(r.short.get(domain, 0) for r in results)
+        if n:
+            get_logger().warning(
+                "publish: %d users have fewer than k=%d eligible items in %s", n, job.settings.k, domain
+            )
+    recalls = [i.recall for i in plan.indexes.values() if i.recall is not None]
+    record = wh.RunRecord(
+        run_id=job.run_id,
+        started_at=job.started_at,
+        model=plan.model,
+        train_run_id=job.trained.run_id if job.trained else None,
+        config_hash=settings_hash(job.settings),
+        inputs_hash=job.inputs_hash,
+        k=job.settings.k,
+        n_users=sum(r.users for r in results),
+        n_items=int(job.stats.get("items", plan.items.num_rows)),
+        n_interactions=job.stats.get("interactions"),
+        n_domains=len(plan.domains),
+        index_path=str(job.store.run_dir(job.run_id)),
+        index_kind="; ".join(f"{d}: {i.settings.label()}" for d, i in sorted(plan.indexes.items())),
+        index_recall=min(recalls) if recalls else None,
+    )
+    metrics = load_run_metrics(job.workspace, job.trained) if job.trained else None
+    night = wh.Night(record, [p for r in results for p in r.parts], plan.items, metrics)
+    retention = wh.Retention(job.settings.retention_runs, job.settings.retention_grace_hours)
+    return wh.register_night(attempt, night, retention, job.threads, job.settings.storage_compatibility)
+
+
+def _drop_old_indexes(job: _Job, result: wh.PublishResult) -> None:
+    """Index folders of purged runs go with their parts (after the grace period); crashed saves too."""
+    for old in result.vacuumed_runs:
+        job.store.remove(old)
+    job.store.clean_temporaries()
+
+
+def _timings(plan: PublishPlan, results: list[ShardResult], result: wh.PublishResult) -> dict[str, float]:
+    """Seconds per phase: the plan's (export, indexes, recall, staging), the shards' (summed over
+    shards: search, writing parts, whole shards), the registration's (items part, copy, write, swap)."""
+    return {
+        **plan.timings,
+        "search_s": sum(sum(r.search_s.values()) for r in results),
+        "parts_write_s": sum(r.write_s for r in results),
+        "shards_s": sum(r.seconds for r in results),
         "warehouse_copy_s": result.timings.copy_s,
         "warehouse_write_s": result.timings.write_s,
         "warehouse_swap_s": result.timings.swap_s,
         **result.timings.extra,
     }
-    insert_s = result.timings.extra.get("insert_recommendations_s", 0.0)
-    summary = PublishSummary(
-        run_id=run_id,
-        train_run_id=record.train_run_id,
-        model=model,
-        users=n_users,
-        items_per_domain={d: len(v.item_ids) for d, v in sorted(vectors.items())},
-        k=settings.k,
-        rows=result.rows,
-        users_short=short,
-        new_items=len(new_ids),
-        new_items_recommended=bool(new_ids) and new_note is None,
-        new_items_note=new_note,
-        seconds=time.perf_counter() - started,
-        timings={k: round(v, 4) for k, v in timings.items()},
-        rows_per_s=result.rows / insert_s if insert_s else 0.0,
-        warehouse_bytes=warehouse.stat().st_size,
-        purged_runs=result.purged_runs,
-        on_gpu=any(r.on_gpu for r in results.values()),
-        warehouse=str(warehouse),
-        index_dir=str(run_dir),
+
+
+def _recall_warning(settings: PublishSettings, recall: dict[str, float]) -> str | None:
+    low = {d: r for d, r in recall.items() if r < settings.index.recall_floor}
+    if not low:
+        return None
+    warning = ", ".join(f"{d} recall@{settings.k} {r:.3f}" for d, r in low.items())
+    warning += (
+        f" below publish.index.recall_floor {settings.index.recall_floor}: raise ivf_nprobe / hnsw_ef_search"
     )
-    log.info(
-        "publish: run %s, %d rows for %d users x %d domains in %.1f s (purged %s)",
-        run_id,
+    get_logger().warning("publish: %s", warning)
+    return warning
+
+
+def _summary(
+    job: _Job, plan: PublishPlan, results: list[ShardResult], result: wh.PublishResult
+) -> PublishSummary:
+    s = job.settings
+    recall = {d: round(i.recall, 4) for d, i in sorted(plan.indexes.items()) if i.recall is not None}
+    timings = _timings(plan, results, result)
+    write_s = timings["parts_write_s"]
+    summary = PublishSummary(
+        run_id=job.run_id,
+        train_run_id=job.trained.run_id if job.trained else None,
+        model=plan.model,
+        users=sum(r.users for r in results),
+        items_per_domain={d: shape.items for d, shape in plan.domains.items()},
+        k=s.k,
+        rows=result.rows,
+        users_short={d: sum(r.short.get(d, 0) for r in results) for d in plan.domains},
+        new_items=len(plan.new_ids),
+        new_items_recommended=bool(plan.new_ids) and plan.new_note is None,
+        new_items_note=plan.new_note,
+        index_kinds={d: i.settings.label() for d, i in sorted(plan.indexes.items())},
+        index_recall=recall,
+        recall_warning=_recall_warning(s, recall),
+        shards=len(results),
+        parts=sum(len(r.parts) for r in results) + 1,
+        data_bytes=result.bytes_written,
+        seconds=time.perf_counter() - job.started,
+        timings={k: round(v, 4) for k, v in timings.items()},
+        rows_per_s=result.rows / write_s if write_s else 0.0,
+        warehouse_bytes=job.warehouse.stat().st_size,
+        purged_runs=result.purged_runs,
+        on_gpu=any(r.on_gpu for r in results),
+        warehouse=str(job.warehouse),
+        data_root=job.data_root,
+        index_dir=str(job.store.run_dir(job.run_id)),
+    )
+    kinds = ", ".join(
+        f"{d} {k}" + (f" recall {recall[d]:.3f}" if d in recall else "")
+        for d, k in summary.index_kinds.items()
+    )
+    get_logger().info(
+        "publish: run %s, %d rows for %d users x %d domains in %d shards, %.1f MB of parts, in %.1f s "
+        "(indexes: %s; purged %s)",
+        job.run_id,
         summary.rows,
-        n_users,
-        len(vectors),
+        summary.users,
+        len(plan.domains),
+        summary.shards,
+        summary.data_bytes / 1e6,
         summary.seconds,
+        kinds,
         result.purged_runs or "none",
     )
     return summary
+
+
+def candidate_lists(
+    settings: PublishSettings, workspace: Workspace, run_id: str, threads: int = 1
+) -> pa.Table:
+    """The `recommendations` rows (storage.schemas.RECOMMENDATION_ROWS: user_id, domain, rank, item_id,
+    score) that `run_publish` would write for train run `run_id`, computed the same way in this process
+    and written nowhere: what the quality gate compares with the published lists.
+
+    Raises PublishError when the run or the ingest output is missing or inconsistent."""
+    try:
+        trained = TrainOutputs(workspace).run(run_id)
+    except TrainMissing as exc:
+        raise PublishError(str(exc)) from None
+    job = _Job(
+        settings,
+        workspace,
+        Path("."),
+        settings.threads or threads,
+        run_id,
+        trained,
+        "",
+        IndexStore(Path(".")),
+        IngestOutputs(workspace),
+        {},
+    )
+    ranked = _ranked_inputs(job, None, None)
+    n_users = len(next(iter(ranked.vectors.values())).user_ids)
+    results = {}
+    with progress_bar("publish: top-k", total=n_users * len(ranked.vectors), unit="user-domains") as bar:
+        for domain in sorted(ranked.vectors):
+            results[domain] = recommend_domain(ranked.vectors[domain], settings, lambda n: advance(bar, n))
+    return recommendation_rows(results)

@@ -73,13 +73,33 @@ class ColdStartSettings(BaseModel):
     )
 
 
+class DataParallelSettings(BaseModel):
+    """Data-parallel training: DistributedDataParallel over `workers` processes (tasks/train/distributed.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    workers: int = Field(
+        default=1,
+        ge=1,
+        description="Training processes; 1 = one process (no torch.distributed). Each trains a share of every "
+        "batch of `batch_size` users (the global batch stays the same, so the run is the same run).",
+    )
+    launcher: Literal["ray", "torchrun"] = Field(
+        default="ray",
+        description="ray: Ray Train's TorchTrainer on the run's Ray cluster (runtime.ray.address; a local "
+        "Ray when there is none); torchrun: worker processes on this machine, without Ray.",
+    )
+    cpus_per_worker: float = Field(
+        default=1.0, gt=0, description="CPUs each Ray Train worker reserves (a GPU each on GPU nodes)."
+    )
+
+
 class TrainSettings(StageSettings):
     model_config = ConfigDict(extra="forbid")
     # The run id (storage.workspace.StageSettings): these change how fast a run goes (threads, device,
     # eval_batch_size) or how it starts (warm from an earlier run's weights, or at random: recorded in the
     # run's summary, `init`), not which run it is; a cold retrain of the same inputs is `--force`.
     not_hashed: ClassVar[frozenset[str]] = frozenset(
-        {"threads", "device", "eval_batch_size", "warm_start", "warm_start_epochs"}
+        {"threads", "device", "eval_batch_size", "warm_start", "warm_start_epochs", "data_parallel"}
     )
     # Switches added after runs existed -> the value those runs had: at it, the switch is left out of the
     # run id, so the earlier run ids stay valid (a warm start or skip still finds them).
@@ -307,6 +327,7 @@ class TrainSettings(StageSettings):
     deterministic: bool = Field(default=False, description="torch deterministic algorithms.")
     threads: int = Field(default=0, ge=0, description="torch threads; 0 = runtime.threads.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    data_parallel: DataParallelSettings = Field(default_factory=DataParallelSettings)
 
     @field_validator("model")
     @classmethod

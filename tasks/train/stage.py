@@ -326,7 +326,18 @@ def _fit(
 
     counts = inputs.data.item_counts("train")
     model.set_trained_items(counts)
-    if model.trainable:
+    if model.trainable and settings.data_parallel.workers > 1:
+        from bridgerec.tasks.train.distributed import DataParallelJob, launch
+
+        dp = settings.data_parallel
+        log.info("train: data-parallel over %d workers (%s)", dp.workers, dp.launcher)
+        job = DataParallelJob(
+            settings=settings, workspace=str(run.workspace.root), run_id=run_dir.run_id,
+            threads=max(1, int(dp.cpus_per_worker)), warm=start.init.init == "warm",
+            init=start.init.model_dump(mode="json"),
+        )  # fmt: skip
+        state = launch(job, model, state, start.opt_state)
+    elif model.trainable:
         try:
             state = fit(
                 model, inputs.data, valid, cfg, device, inputs.profiles, state, start.opt_state, on_epoch,

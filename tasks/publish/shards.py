@@ -1,0 +1,243 @@
+"""Publish scoring in user shards: plain functions that a runner maps over workers.
+
+The plan (`stage_shards`) writes what every shard loads into the attempt's scratch folder: per domain the
+user vectors and seen items in one user order (sorted by user_id), and per shard its user ids and
+profiles. `score_shard(plan, shard)` then loads each domain's FAISS index (saved with the run) and its
+slice of the vectors once, searches its users' top-k, and writes its own parts: per domain the
+recommendations (sorted by user, rank) and the serving lists, and its users' profiles. It returns what
+it wrote; nothing is visible until the publish registers the night.
+
+The shard function takes only picklable plain values and reads only files, so a runner
+(bridgerec.runtime.runner: `map(fn, shards, *args)` calls `fn(*args, shard)`) can run it anywhere that
+sees the scratch folder, the index folder and the data root (a shared folder or S3): `InProcess` runs the
+shards one after another here, the flows run each as a task run (`runtime.runner: processes` on worker
+processes), and a Ray runner maps the same function over a cluster. A shard is idempotent (it rewrites
+the same part names), so a retried shard task replaces what a failed attempt of it wrote.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from bridgerec.runtime.progress import advance, progress_bar
+from bridgerec.runtime.runner import step
+from bridgerec.storage.index_store import IndexSettings, IndexStore, Searcher, TopK, search_topk, set_threads
+from bridgerec.storage.vectors import DomainVectors
+from bridgerec.storage.warehouse import PartInfo, PartTarget, profile_rows
+
+
+@dataclass(frozen=True)
+class PublishShard:
+    """Users [start, stop) of the night's users sorted by user_id."""
+
+    index: int
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Everything a shard needs, as plain values (sent to workers as is)."""
+
+    run_id: str
+    target: PartTarget  # where parts go (data root, run, attempt)
+    scratch: str  # staged inputs (stage_shards)
+    index_root: str  # IndexStore root holding the run's saved indexes
+    indexes: tuple[tuple[str, IndexSettings], ...]  # per domain, the resolved index settings
+    k: int
+    exclude_seen: bool
+    batch_users: int
+    threads: int
+    shards: tuple[PublishShard, ...]
+    n_users: int
+
+
+@dataclass
+class ShardResult:
+    shard: int
+    users: int
+    parts: list[PartInfo]
+    short: dict[str, int]  # per domain: users with fewer than k eligible items
+    search_s: dict[str, float]
+    write_s: float
+    seconds: float
+    on_gpu: bool = False
+    rows: int = field(default=0)
+
+
+def _sorted_order(user_ids: list[str]) -> np.ndarray:
+    return np.asarray(pc.sort_indices(pa.array(user_ids, pa.string())))
+
+
+def _permute_csr(indptr: np.ndarray, items: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The CSR rows in `order` (new row r = old row order[r])."""
+    counts = np.diff(indptr)[order]
+    new_indptr = np.zeros(len(order) + 1, dtype=np.int64)
+    np.cumsum(counts, out=new_indptr[1:])
+    gather = np.repeat(indptr[:-1][order] - new_indptr[:-1], counts) + np.arange(new_indptr[-1])
+    return new_indptr, items[gather]
+
+
+def stage_shards(
+    scratch: Path,
+    vectors: Mapping[str, DomainVectors],
+    profiles: pa.Table | None,
+    run_id: str,
+    users_per_shard: int,
+) -> tuple[tuple[PublishShard, ...], int]:
+    """Write the shards' inputs under `scratch`; return the shards and the number of users.
+
+    Per domain: user_vectors.npy (float32 [U, d]), seen_indptr.npy, seen_items.npy, rows in user_id
+    order; users/<shard>.parquet (user_id); profiles/<shard>.parquet (profile part rows) when profiles
+    are given. Every domain must cover the same users (publish checks this against the ingest output).
+    """
+    first = next(iter(vectors.values()))
+    order = _sorted_order(first.user_ids)
+    users = pa.array(first.user_ids, pa.string()).take(pa.array(order))
+    for domain, v in vectors.items():
+        own = order if v.user_ids is first.user_ids else _align(users, v.user_ids)
+        folder = scratch / domain
+        folder.mkdir(parents=True)
+        np.save(folder / "user_vectors.npy", np.ascontiguousarray(v.user_vectors[own]))
+        indptr, items = _permute_csr(v.seen_indptr, v.seen_items, own)
+        np.save(folder / "seen_indptr.npy", indptr)
+        np.save(folder / "seen_items.npy", items)
+    n = len(users)
+    shards = tuple(
+        PublishShard(i, start, min(start + users_per_shard, n))
+        for i, start in enumerate(range(0, n, users_per_shard))
+    )
+    (scratch / "users").mkdir()
+    for s in shards:
+        pq.write_table(
+            pa.table({"user_id": users[s.start : s.stop]}), scratch / "users" / f"{s.index:05d}.parquet"
+        )
+    if profiles is not None and profiles.num_rows:
+        _stage_profiles(scratch, profiles, run_id, users, users_per_shard, len(shards))
+    return shards, n
+
+
+def _align(users: pa.Array, user_ids: list[str]) -> np.ndarray:
+    pos = pc.index_in(users, value_set=pa.array(user_ids, pa.string()))
+    if pos.null_count:
+        raise ValueError(f"{pos.null_count} users lack vectors in a domain")
+    return np.asarray(pos)
+
+
+def _stage_profiles(
+    scratch: Path, profiles: pa.Table, run_id: str, users: pa.Array, per_shard: int, n_shards: int
+) -> None:
+    rows = profile_rows(run_id, profiles)
+    position = pc.index_in(rows["user_id"], value_set=users)
+    rows = rows.filter(pc.is_valid(position))  # profiles of users no longer in the data: not published
+    shard_of = np.asarray(pc.drop_null(position)) // per_shard
+    (scratch / "profiles").mkdir()
+    for i in range(n_shards):
+        mine = rows.filter(pa.array(shard_of == i))
+        if mine.num_rows:
+            pq.write_table(mine, scratch / "profiles" / f"{i:05d}.parquet")
+
+
+@step("score-users", run_name="score-users-{shard.index}", retries=1, retry_delay_s=10)
+def score_shard(plan: ShardPlan, shard: PublishShard) -> ShardResult:
+    """Top-k of the shard's users in every domain, written as the shard's parts (see the module doc)."""
+    started = time.perf_counter()
+    set_threads(plan.threads)
+    scratch = Path(plan.scratch)
+    users = pq.read_table(scratch / "users" / f"{shard.index:05d}.parquet")["user_id"].combine_chunks()
+    result = ShardResult(shard.index, len(users), [], {}, {}, 0.0, 0.0)
+    total = len(users) * len(plan.indexes)
+    with progress_bar(
+        f"publish: shard {shard.index + 1}/{len(plan.shards)}", total=total, unit="user-domains"
+    ) as bar:
+        for domain, settings in plan.indexes:
+            _score_domain(plan, shard, scratch, users, domain, settings, result, lambda n: advance(bar, n))
+    staged = scratch / "profiles" / f"{shard.index:05d}.parquet"
+    if staged.exists():
+        t0 = time.perf_counter()
+        result.parts.append(plan.target.write(pq.read_table(staged), "user_profiles", shard.index))
+        result.write_s += time.perf_counter() - t0
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _score_domain(
+    plan: ShardPlan,
+    shard: PublishShard,
+    scratch: Path,
+    users: pa.Array,
+    domain: str,
+    settings: IndexSettings,
+    result: ShardResult,
+    on_batch: Callable[[int], None],
+) -> None:
+    """One domain of a shard: its index and vector slice loaded once, the top-k searched, two parts."""
+    t0 = time.perf_counter()
+    loaded = IndexStore(plan.index_root).load(plan.run_id, domain)
+    searcher = Searcher.for_index(loaded.index, settings)
+    vectors = np.load(scratch / domain / "user_vectors.npy", mmap_mode="r")[shard.start : shard.stop]
+    indptr, items = None, None
+    if plan.exclude_seen:
+        full = np.load(scratch / domain / "seen_indptr.npy", mmap_mode="r")
+        indptr = np.asarray(full[shard.start : shard.stop + 1])
+        items = np.asarray(
+            np.load(scratch / domain / "seen_items.npy", mmap_mode="r")[indptr[0] : indptr[-1]]
+        )
+        indptr = indptr - indptr[0]
+    topk = search_topk(searcher, np.asarray(vectors), plan.k, indptr, items, plan.batch_users, on_batch)
+    result.search_s[domain] = time.perf_counter() - t0
+    result.on_gpu |= searcher.on_gpu
+    result.short[domain] = int(((topk.items >= 0).sum(axis=1) < plan.k).sum())
+    t0 = time.perf_counter()
+    recs, serving = domain_rows(plan.run_id, domain, users, topk, pa.array(loaded.item_ids, pa.string()))
+    result.parts.append(plan.target.write(recs, "recommendations", shard.index, domain))
+    result.parts.append(plan.target.write(serving, "serving", shard.index, domain))
+    result.rows += recs.num_rows
+    result.write_s += time.perf_counter() - t0
+
+
+def domain_rows(
+    run_id: str, domain: str, users: pa.Array, topk: TopK, item_ids: pa.Array
+) -> tuple[pa.Table, pa.Table]:
+    """(recommendation rows, serving rows) of one domain: rows in user order then rank (users given
+    sorted); the serving row of a user holds their item ids and scores best first. A user with fewer
+    than k eligible items gets fewer rows (and shorter lists)."""
+    valid = topk.items >= 0  # [U, k]; search_topk puts the missing ones last
+    counts = valid.sum(axis=1)
+    k = topk.items.shape[1]
+    flat_items = item_ids.take(pa.array(topk.items[valid]))
+    flat_scores = pa.array(topk.scores[valid], pa.float32())
+    n = int(counts.sum())
+    recs = pa.table(
+        {
+            "run_id": _repeat(run_id, n),
+            "user_id": users.take(pa.array(np.repeat(np.arange(len(users)), counts))),
+            "domain": _repeat(domain, n),
+            "rank": pa.array(np.tile(np.arange(1, k + 1, dtype=np.int16), len(users))[valid.ravel()]),
+            "item_id": flat_items,
+            "score": flat_scores,
+        }
+    )
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    serving = pa.table(
+        {
+            "run_id": _repeat(run_id, len(users)),
+            "user_id": users,
+            "domain": _repeat(domain, len(users)),
+            "item_ids": pa.ListArray.from_arrays(offsets, flat_items),
+            "scores": pa.ListArray.from_arrays(offsets, flat_scores),
+        }
+    )
+    return recs, serving
+
+
+def _repeat(value: str, n: int) -> pa.Array:
+    return pa.array([value], pa.string()).take(pa.array(np.zeros(n, dtype=np.int32)))

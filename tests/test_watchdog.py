@@ -1,0 +1,157 @@
+"""No stage can hang without end: the stall watchdog (runtime/watchdog.py) fed by the progress reporting
+(runtime/progress.py), and the stages' time budgets (Prefect's timeout_seconds on the stage's flow run,
+flows/stage.py). Real stalled functions, real threads and processes, a real Prefect flow run."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from bridgerec.config import RuntimeSettings, StageTimeouts, load_settings
+from bridgerec.runtime.progress import advance, progress_bar
+from bridgerec.runtime.watchdog import StageOverBudget, StageStalled, Watchdog
+
+
+def wait_for_a_lock_nobody_releases() -> None:
+    """A step that starts, reports one step of progress, then waits for ever (a lock never released,
+    as a dead peer or a deadlock leaves it)."""
+    with progress_bar("loading shards", total=10, unit="shards") as bar:
+        advance(bar, 1)
+        never = threading.Lock()
+        never.acquire()
+        never.acquire()  # blocks: nobody releases it
+
+
+def slow_but_moving(seconds: float, every: float) -> int:
+    steps = 0
+    with progress_bar("slow steps", total=None) as bar:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            time.sleep(every)
+            advance(bar, 1)
+            steps += 1
+    return steps
+
+
+@pytest.fixture(autouse=True)
+def warm() -> None:
+    """The progress bars' imports done before a watchdog of a second times them (a loaded machine
+    takes longer than that to import rich's renderers the first time)."""
+    slow_but_moving(0.05, every=0.01)
+
+
+def test_a_stalled_step_fails_with_where_it_is_stuck() -> None:
+    started = time.monotonic()
+    with pytest.raises(StageStalled) as info, Watchdog("demo", stall_s=1.0, check_s=0.1):
+        wait_for_a_lock_nobody_releases()
+    assert time.monotonic() - started < 10
+    message = str(info.value)
+    assert message.startswith("stage demo made no progress for ") and "runtime.stall_seconds = 1" in message
+    assert "last: loading shards" in message
+    assert "in wait_for_a_lock_nobody_releases" in message  # where the stack was
+    assert "raise runtime.stall_seconds" in message
+
+
+def test_slow_progress_is_not_a_stall() -> None:
+    with Watchdog("demo", stall_s=1.0, check_s=0.1):
+        assert slow_but_moving(3.0, every=0.3) >= 5  # 3 s of work, never 1 s without a step
+
+
+def test_the_watchdog_is_off_without_a_limit_and_leaves_no_trace() -> None:
+    import os
+    import signal
+
+    before = signal.getsignal(signal.SIGUSR1)
+    with Watchdog("demo", stall_s=None):
+        time.sleep(0.2)
+    with Watchdog("demo", stall_s=5.0, check_s=0.1):
+        assert Path(os.environ["BRIDGEREC_HEARTBEAT_FILE"]).exists()
+    assert "BRIDGEREC_HEARTBEAT_FILE" not in os.environ and signal.getsignal(signal.SIGUSR1) == before
+
+
+def _worker(seconds: float) -> None:
+    slow_but_moving(seconds, every=0.3)
+
+
+def _stalled_worker() -> None:
+    with progress_bar("worker", total=2) as bar:
+        advance(bar, 1)
+        time.sleep(60)
+
+
+def test_progress_in_a_worker_process_counts() -> None:
+    """`runtime.runner: processes`: the steps run in worker processes, the stage's thread only waits on
+    them; their progress reaches the watchdog through the heartbeat file."""
+    ctx = multiprocessing.get_context("fork")  # (spawn would spend the stall limit importing)
+    with Watchdog("demo", stall_s=1.5, check_s=0.1):
+        proc = ctx.Process(target=_worker, args=(4.0,))
+        proc.start()
+        proc.join()
+    assert proc.exitcode == 0
+    with pytest.raises(StageStalled), Watchdog("demo", stall_s=1.5, check_s=0.1):
+        stuck = ctx.Process(target=_stalled_worker)
+        stuck.start()
+        try:
+            stuck.join()
+        finally:
+            stuck.kill()
+            stuck.join()
+
+
+def test_a_stalled_stage_fails_its_flow_run(prefect_harness: None) -> None:
+    """A stage row whose run stalls, as a real Prefect flow run of the stage flow: the flow fails with
+    StageStalled, and the message reaches the caller."""
+    from bridgerec.flows.stage import flow_for
+    from bridgerec.stages import STAGE, Stage
+    from bridgerec.storage.workspace import Workspace
+    from bridgerec.tasks import StageRun
+
+    def stalls(run: StageRun[object]) -> object:
+        wait_for_a_lock_nobody_releases()
+        raise AssertionError("unreachable")
+
+    stage = Stage(
+        "stalls", lambda s: s.ingest, stalls, STAGE["ingest"].summary, lambda run: None, about="a test"
+    )
+    flow = flow_for(stage, RuntimeSettings(stall_seconds=1.0))
+    started = time.monotonic()
+    with pytest.raises(StageStalled, match="stage stalls made no progress"):
+        flow(StageRun(object(), Workspace(Path("unused"))), None)
+    assert time.monotonic() - started < 60
+
+
+def test_a_stage_past_its_budget_fails_naming_the_budget(
+    prefect_harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ingest stage with a budget of 50 ms (no flow run finishes that fast): Prefect stops the flow
+    run, the caller gets StageOverBudget naming the stage, the budget and its key."""
+    from bridgerec.flows.stage import run_stage
+
+    cases = Path(__file__).resolve().parent / "cases" / "23-diverged-training"
+    settings = load_settings(
+        None,
+        {
+            "workspace": str(tmp_path / "ws"),
+            "ingest.items": str(cases / "items.csv"),
+            "ingest.interactions": str(cases / "interactions.csv"),
+            "runtime.stage_timeout_seconds.ingest": 0.05,
+        },
+    )
+    with pytest.raises(StageOverBudget) as info:
+        run_stage("ingest", settings)
+    assert str(info.value).startswith(
+        "stage ingest ran past its time budget of 0.05 s (runtime.stage_timeout_seconds.ingest)"
+    )
+    assert not (tmp_path / "ws" / "ingest").exists()  # nothing half-written
+
+
+def test_budgets_and_stall_limit_come_from_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BRIDGEREC_RUNTIME__STAGE_TIMEOUT_SECONDS__TRAIN", "600")
+    monkeypatch.setenv("BRIDGEREC_RUNTIME__STALL_SECONDS", "120")
+    runtime = load_settings(None).runtime
+    assert runtime.stage_timeout_seconds.train == 600 and runtime.stall_seconds == 120
+    assert StageTimeouts().enrich == 24 * 3600
