@@ -19,7 +19,7 @@ from bridgerec.models.evaluate import beyond_accuracy, evaluate, popularity_tabl
 from bridgerec.models.objectives import draw_shared_negatives, sampling_probs
 from bridgerec.models.optim import Optimizer
 from bridgerec.models.registry import ItemTables, build_model
-from bridgerec.models.trainer import FitConfig, fit, train_epoch
+from bridgerec.models.trainer import FitConfig, Ranks, fit, rank_share, train_epoch
 from bridgerec.tasks.train.settings import TrainSettings
 from bridgerec.tasks.train.stage import select_best
 
@@ -142,7 +142,7 @@ def test_bce_per_thread_negatives_equal_a_direct_computation() -> None:
                 gid = g.mixed_negatives[p : p + 1]
                 s_neg = u[:H] @ model.embed_global(gid)[0] + u[H:] @ items[int(g.negatives[p]), H:]
                 terms.append(-F.logsigmoid(u @ items[t]) - F.logsigmoid(-s_neg))
-        assert float(model.loss(batch)[0]) == pytest.approx(float(torch.stack(terms).mean()), rel=1e-5)
+        assert float(model.loss(batch)[0].detach()) == pytest.approx(float(torch.stack(terms).mean()), rel=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -369,6 +369,26 @@ def test_each_task_trains_through_the_loop_and_its_loss_falls(task: str) -> None
     assert losses[-1] < 0.8 * losses[0], losses
     valid = data.eval_split("valid", 2, seed=0, short_history=3)
     assert evaluate(model, valid, 64, full=True).full.shape == (32,)
+
+
+@pytest.mark.parametrize("task", ["last", "cloze"])
+def test_data_parallel_shares_of_a_task_batch_add_up_to_its_loss(task: str) -> None:
+    """Each DDP rank trains its rows of the global batch (`rank_share`): with task last or cloze the
+    shares keep the task and their rows of the cloze mask, so the ranks' targets are the batch's and the
+    mean of their recommendation losses is the one-process loss (adapter and profile terms off: those
+    see each rank's share, docs/train.md)."""
+    model = build_model(
+        _spec("llm4cdsr", task=task, causal=False, id_embeddings=True, objective="bce", alpha=0.0, beta=0.0),
+        CATALOG,
+        _tables(),
+    )
+    batch = _task_batch(task, seed=3)
+    whole = float(model.loss(batch)[0].detach())
+    shares = [rank_share(batch, Ranks(rank=r, world=2)) for r in range(2)]
+    assert all(s.task == task for s in shares)
+    assert torch.equal(torch.cat([s.targets for s in shares]), batch.targets)
+    assert sum(s.hidden_domain_rows for s in shares) == batch.hidden_domain_rows
+    assert np.mean([float(model.loss(s)[0].detach()) for s in shares]) == pytest.approx(whole, rel=1e-5)
 
 
 # -- beyond accuracy -------------------------------------------------------------------------------------
