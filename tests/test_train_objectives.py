@@ -142,7 +142,9 @@ def test_bce_per_thread_negatives_equal_a_direct_computation() -> None:
                 gid = g.mixed_negatives[p : p + 1]
                 s_neg = u[:H] @ model.embed_global(gid)[0] + u[H:] @ items[int(g.negatives[p]), H:]
                 terms.append(-F.logsigmoid(u @ items[t]) - F.logsigmoid(-s_neg))
-        assert float(model.loss(batch)[0].detach()) == pytest.approx(float(torch.stack(terms).mean()), rel=1e-5)
+        assert float(model.loss(batch)[0].detach()) == pytest.approx(
+            float(torch.stack(terms).mean()), rel=1e-5
+        )
 
 
 @pytest.mark.parametrize(
