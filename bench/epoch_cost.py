@@ -7,8 +7,10 @@ interleaved, so a busy machine slows every spec alike and the ratios hold.
 For each spec (as in bench/train.py: `model[+FIELD=VALUE...]`) it builds the model on the workspace's
 ingest and enrich outputs and times forward, backward and optimizer step on `--batches` training
 batches of one epoch's order (seeded, the same users for every spec), `--rounds` times, the specs in
-turn. Prints ms per batch (median over rounds), the ratio to the first spec and the epoch it implies
-(ms per batch x batches per epoch; without validation); writes JSON with the machine block.
+turn, each round followed by the model's end-of-epoch work (`end_epoch`: id_text_fit's ridge fit), timed
+apart. Prints ms per batch (median over rounds), the ratio to the first spec, the end-of-epoch seconds
+and the epoch it implies (ms per batch x batches per epoch + end of epoch; without validation) with its
+ratio to the first spec's; writes JSON with the machine block.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ def main() -> None:
     # every spec trains on the same users, a spread of batch lengths (the order is random)
     chosen = order[: args.batches]
     times: dict[str, list[float]] = {s[0]: [] for s in setups}
+    fits: dict[str, list[float]] = {s[0]: [] for s in setups}  # seconds of the end-of-epoch work
     for r in range(args.rounds):
         for spec, data, model, opt, cfg, probs, norm, _ in setups if r % 2 == 0 else reversed(setups):
             model.train()
@@ -97,17 +100,29 @@ def main() -> None:
                 loss.backward()
                 opt.step()
             times[spec].append(1000 * (time.perf_counter() - started) / len(chosen))
+            started = time.perf_counter()
+            model.end_epoch()  # once per epoch: id_text_fit's ridge fit, else nothing
+            fits[spec].append(time.perf_counter() - started)
             print(f"round {r}: {spec}: {times[spec][-1]:.0f} ms a batch", flush=True)
     base = statistics.median(times[specs[0]])
+    base_epoch = base * setups[0][-1] / 1000 + statistics.median(fits[specs[0]])
     rows = []
     for spec, *_, n_batches in setups:
-        ms = statistics.median(times[spec])
+        ms, fit = statistics.median(times[spec]), statistics.median(fits[spec])
+        epoch = ms * n_batches / 1000 + fit
         rows.append({"run": spec, "ms_per_batch": round(ms, 1), "ratio": round(ms / base, 3),
-                     "batches_per_epoch": n_batches, "epoch_seconds_implied": round(ms * n_batches / 1000, 1),
+                     "batches_per_epoch": n_batches, "end_epoch_seconds": round(fit, 2),
+                     "epoch_seconds_implied": round(epoch, 1), "epoch_ratio": round(epoch / base_epoch, 3),
                      "rounds_ms": [round(t, 1) for t in times[spec]]})  # fmt: skip
-    print("\n| run | ms / batch (median) | x first | implied epoch s (training) |\n|---|---|---|---|")
+    print(
+        "\n| run | ms / batch (median) | x first | end of epoch s | implied epoch s (training) | epoch x first |"
+        "\n|---|---|---|---|---|---|"
+    )
     for row in rows:
-        print(f"| {row['run']} | {row['ms_per_batch']} | {row['ratio']} | {row['epoch_seconds_implied']} |")
+        print(
+            f"| {row['run']} | {row['ms_per_batch']} | {row['ratio']} | {row['end_epoch_seconds']} "
+            f"| {row['epoch_seconds_implied']} | {row['epoch_ratio']} |"
+        )
     out = {"machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
            "load_avg": list(np.round(__import__("os").getloadavg(), 1))}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)

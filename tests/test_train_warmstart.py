@@ -133,8 +133,9 @@ def test_the_next_night_warm_starts_from_the_first_run(nights: Nights) -> None:
 
 def test_warm_state_remaps_every_item_row_by_item_id(nights: Nights) -> None:
     """On the real models: shared items take the first run's best rows wherever ingest moved them, new
-    items' ID rows start at zero (the hybrid adds them to the LLM embedding: a new item enters as its
-    LLM-derived representation), the frozen LLM tables are the current enrich output, the rest is copied."""
+    items' ID rows start at zero and unknown (a new item enters as its LLM-derived representation: the
+    adapted embedding plus the row the fitted map predicts from it), the frozen LLM tables are the current
+    enrich output, the rest is copied."""
     from safetensors.torch import load_file
 
     ws = Workspace(nights.ws)
@@ -167,10 +168,13 @@ def test_warm_state_remaps_every_item_row_by_item_id(nights: Nights) -> None:
     assert torch.equal(new["id_all.weight"][rows_new], old["id_all.weight"][rows_old])
     assert torch.equal(new["id_all.weight"][rows_added], torch.zeros_like(new["id_all.weight"][rows_added]))
     assert not torch.equal(fresh["id_all.weight"][rows_added], new["id_all.weight"][rows_added])
-    # A new item's embedding in the mixed thread is its adapted LLM embedding alone.
+    # A new item's embedding in the mixed thread is its adapted LLM embedding plus the ID row the first
+    # run's fitted map (id_text_fit, the default) predicts from that embedding, copied with the rest.
+    assert model.text_rows and torch.equal(new["id_from_text_all.weight"], old["id_from_text_all.weight"])
     with torch.no_grad():
+        text = model.E_all[rows_added]
         assert torch.allclose(
-            model.embed_global(rows_added), model.adapter(model.E_all[rows_added]), atol=1e-6
+            model.embed_global(rows_added), model.adapter(text) + model.id_from_text_all(text), atol=1e-6
         )
     assert torch.equal(new["id_all.weight"][0], torch.zeros(FAST["hidden"]))  # padding
     # Local id spaces, one per domain.
@@ -373,7 +377,7 @@ def test_a_warm_start_needs_the_id_row_generator_on_both_sides_or_neither() -> N
     from bridgerec.tasks.train.warmstart import incompatibility
 
     # as config.json records them (stage.py: the resolved settings plus the architecture)
-    base = TrainSettings(model="llm4cdsr-hybrid").resolved().model_dump(mode="json") | {
+    base = TrainSettings(model="llm4cdsr-hybrid", id_text_fit=False).resolved().model_dump(mode="json") | {
         "architecture": "llm4cdsr"
     }
     on, other = base | {"id_dropout": 0.3}, base | {"id_dropout": 0.2}
@@ -387,6 +391,11 @@ def test_a_warm_start_needs_the_id_row_generator_on_both_sides_or_neither() -> N
     fitted = base | {"id_text_fit": True}
     assert incompatibility(on, fitted) is None
     assert incompatibility(base, fitted) == "id_text_fit False -> True"
+    # the default since 2026-12-03: a night trained before it (no id_text_fit recorded) starts cold, once
+    default = TrainSettings(model="llm4cdsr-hybrid").resolved().model_dump(mode="json")
+    assert default["id_text_fit"] is True
+    before = {k: v for k, v in base.items() if k != "id_text_fit"}
+    assert incompatibility(before, default | {"architecture": "llm4cdsr"}) == "id_text_fit False -> True"
     # the training task: cloze adds mask tokens, and every task reads the states another way
     assert incompatibility(base, base | {"task": "cloze"}) == "task 'next' -> 'cloze'"
     assert incompatibility({k: v for k, v in base.items() if k != "task"}, base) is None
