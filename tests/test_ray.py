@@ -188,3 +188,62 @@ def test_ray_settings_are_validated() -> None:
         load_settings(overrides={"runtime.runner": "dask"})
     s = load_settings(overrides={"runtime.runner": "ray", "runtime.ray.address": "auto"})
     assert s.runtime.ray.shard_resources("publish") == ShardResources(num_cpus=1, num_gpus=0)
+
+
+def test_publish_shards_on_ray_equal_one_process(
+    ray_cluster: None, sample_workspace: Path, tmp_path: Path
+) -> None:
+    """Publish scoring on Ray: the user shards run as Ray tasks (one Prefect task run each), each loads
+    the staged vectors and the saved FAISS index and writes its own parts; the lists, serving rows and
+    parts equal one process's."""
+    import shutil
+
+    import duckdb
+    from prefect import flow
+    from publish_data import workspace_vectors
+
+    from bridgerec.flows.stage import task_runner
+    from bridgerec.stages import STAGE
+    from bridgerec.tasks.publish.settings import PublishSettings
+    from bridgerec.tasks.publish.stage import run_publish
+
+    shutil.copytree(sample_workspace / "ingest", tmp_path / "ws" / "ingest")
+    ws = Workspace(tmp_path / "ws")
+    vectors = workspace_vectors(ws.root, seed=5)
+    one = run_publish(
+        StageRun(PublishSettings(k=5), ws, warehouse=tmp_path / "one" / "w.duckdb"),
+        run_id="r",
+        vectors=vectors,
+    )
+    runner, runs = task_runner(STAGE["publish"], RuntimeSettings(runner="ray"))
+    assert runner is not None
+
+    @flow(task_runner=runner)
+    def publish_on_ray() -> Any:
+        sharded = PublishSettings(k=5, users_per_shard=300, row_group_users=50)
+        return run_publish(
+            StageRun(sharded, ws, warehouse=tmp_path / "ray" / "w.duckdb", runner=runs),
+            run_id="r",
+            vectors=vectors,
+        )
+
+    state = publish_on_ray(return_state=True)
+    assert state.is_completed()
+    many = state.result()
+    assert (one.shards, many.shards) == (1, 4) and many.rows == one.rows == 1000 * 2 * 5
+    names = sorted(r.name for r in _task_runs(state.state_details.flow_run_id))
+    assert [n for n in names if n.startswith("score")] == [f"score-users-{i}" for i in range(4)], names
+
+    def rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
+        with duckdb.connect(str(path), read_only=True) as con:
+            return con.execute(sql).fetchall()
+
+    for sql in (
+        "SELECT user_id, domain, rank, item_id, score FROM latest_recommendations ORDER BY ALL",
+        "SELECT user_id, domain, item_ids, scores FROM latest_serving ORDER BY ALL",
+    ):
+        assert rows(tmp_path / "ray" / "w.duckdb", sql) == rows(tmp_path / "one" / "w.duckdb", sql)
+    parts = (
+        "SELECT kind, shard, sum(rows) FROM parts WHERE kind = 'recommendations' GROUP BY ALL ORDER BY ALL"
+    )
+    assert [r[2] for r in rows(tmp_path / "ray" / "w.duckdb", parts)] == [3000, 3000, 3000, 1000]

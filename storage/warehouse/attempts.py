@@ -16,12 +16,10 @@ and registers the night.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
 import socket
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,7 +30,7 @@ from typing import Any
 import duckdb
 
 from bridgerec.runtime.logs import get_logger
-from bridgerec.storage.warehouse.connection import NOTHING_PUBLISHED, open_read_only
+from bridgerec.storage.warehouse.connection import NOTHING_PUBLISHED, exclusive_lock, open_read_only
 from bridgerec.storage.warehouse.parts import (
     PartTarget,
     attempt_files,
@@ -40,7 +38,7 @@ from bridgerec.storage.warehouse.parts import (
     remove_empty_run_folders,
     resolve_root,
 )
-from bridgerec.storage.warehouse.schema import WarehouseError, schema_version
+from bridgerec.storage.warehouse.schema import schema_version
 
 
 @dataclass(frozen=True)
@@ -71,27 +69,6 @@ def new_write_id() -> str:
 
 
 @contextlib.contextmanager
-def _exclusive(lock: Path, what: str, timeout_s: float) -> Iterator[None]:
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a+") as fh:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise WarehouseError(
-                        f"another process has been {what} for over {timeout_s:.0f} s (lock {lock})"
-                    ) from None
-                time.sleep(0.1)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
 def publish_attempt(
     warehouse: Path | str,
     run_id: str,
@@ -108,7 +85,7 @@ def publish_attempt(
     write_id = new_write_id()
     scratch = Path(scratch_parent).resolve() / f".stage-{write_id}" if scratch_parent is not None else None
     attempt = Attempt(warehouse, run_id, write_id, root, scratch)
-    with _exclusive(
+    with exclusive_lock(
         warehouse.with_name(warehouse.name + ".publish.lock"), f"publishing {warehouse}", timeout_s
     ):
         clean_dead_attempts(warehouse)

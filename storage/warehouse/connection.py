@@ -8,7 +8,9 @@ the views re-pointed when the file was moved, and remote roots readable.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -151,3 +153,27 @@ def verify_readable(path: Path | str) -> None:
         ).fetchall()
         for schema, table in tables:
             con.execute(f'SELECT count(hash(t)) FROM "{schema}"."{table}" t').fetchall()
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock: Path, what: str, timeout_s: float, poll_s: float = 0.1) -> Iterator[None]:
+    """An exclusive advisory lock on the file `lock` (created with its folder), waited for up to
+    `timeout_s` seconds (polled every `poll_s`); WarehouseError "another process has been <what> ..."
+    past it. Released when the block ends, or by the kernel when the holder dies."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as fh:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise WarehouseError(
+                        f"another process has been {what} for over {timeout_s:.0f} s (lock {lock})"
+                    ) from None
+                time.sleep(poll_s)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -29,7 +29,6 @@ the same swap.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import os
 import shutil
@@ -45,13 +44,16 @@ from typing import Any
 import duckdb
 
 from bridgerec.runtime.logs import get_logger
+from bridgerec.storage.files import fsync_path
 from bridgerec.storage.warehouse.connection import (
     NOTHING_PUBLISHED,
     damaged,
+    exclusive_lock,
     first_line,
     held_read_write,
     is_damage,
     is_lock_conflict,
+    open_read_only,
 )
 from bridgerec.storage.warehouse.schema import WarehouseError, migrate, schema_version
 from bridgerec.storage.warehouse.views import refresh_views
@@ -63,16 +65,8 @@ DEFAULT_STORAGE_COMPATIBILITY = "v1.0.0"
 
 def _check_no_foreign_writer(path: Path) -> None:
     """Refuse to go on while another process holds `path` read-write (a read-only probe fails then)."""
-    if not path.exists():
-        return
-    try:
-        duckdb.connect(str(path), read_only=True).close()
-    except duckdb.Error as exc:
-        if is_lock_conflict(exc):
-            raise held_read_write(path, exc, NOTHING_PUBLISHED) from None
-        if is_damage(exc):
-            raise damaged(path, exc) from None
-        raise WarehouseError(f"warehouse {path} cannot be opened: {first_line(exc)}") from None
+    if path.exists():
+        open_read_only(path, NOTHING_PUBLISHED).close()
 
 
 def _wal_path(path: Path) -> Path:
@@ -144,32 +138,8 @@ def _lock_path(path: Path) -> Path:
 @contextlib.contextmanager
 def writer_lock(path: Path, timeout_s: float = 900.0) -> Iterator[None]:
     """Exclusive advisory lock that serialises writers of one warehouse (readers never take it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(_lock_path(path), "a+") as fh:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise WarehouseError(
-                        f"another process has been writing {path} for over {timeout_s:.0f} s "
-                        f"(lock {_lock_path(path)})"
-                    ) from None
-                time.sleep(0.05)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with exclusive_lock(_lock_path(path), f"writing {path}", timeout_s, poll_s=0.05):
+        yield
 
 
 @dataclass
@@ -232,11 +202,11 @@ def rewrite(
             con = None
             timings.write_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            _fsync(tmp)
+            fsync_path(tmp)
             _check_no_foreign_writer(path)  # a session opened meanwhile
             _set_aside_stale_wal(path)
             os.replace(tmp, path)
-            _fsync(path.parent)
+            fsync_path(path.parent)
             timings.swap_s = time.perf_counter() - t0
         except duckdb.Error as exc:  # the copy of a damaged live file fails where its blocks do
             if is_damage(exc):

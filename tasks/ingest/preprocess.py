@@ -144,6 +144,9 @@ def _session(con: duckdb.DuckDBPyConnection, settings: IngestSettings) -> duckdb
 def _preprocess(
     con: duckdb.DuckDBPyConnection, raw: RawSource, settings: IngestSettings, progress: Callable[[str], None]
 ) -> IngestTables:
+    """The ingest steps on one DuckDB connection, in order (each a function below, each reading the temp
+    tables the one before made): check items, check interactions, filter, build the id maps and the
+    leave-one-out sequences, collect the quarantine, reconcile the counts."""
     domains = settings.domains if settings.domains is not None else raw.domains_in_catalogue
     if not domains:
         raise IngestError("no domains: the catalogue names none and ingest.domains is not set")
@@ -154,8 +157,30 @@ def _preprocess(
         "CREATE TEMP TABLE domain_list AS SELECT unnest($d) AS domain, generate_subscripts($d, 1) - 1 AS domain_idx",
         {"d": domains},
     )
+    _check_items(con, progress)
+    _check_interactions(con, raw, settings, progress)
+    rounds = _filter_interactions(con, raw, settings, progress)
+    users, sequences = _build_ids_and_sequences(con, settings, progress)
+    quarantine = _quarantine(con, raw, progress)
+    items_acc, inter_acc = _accounting(con, raw)
+    return IngestTables(
+        domains=con.sql("SELECT * FROM domains_final ORDER BY domain_idx")
+        .to_arrow_table()
+        .cast(schemas.DOMAINS),
+        items=con.sql("SELECT * FROM items_out").to_arrow_table(),
+        users=users,
+        interactions=con.sql("SELECT * FROM inter_out").to_arrow_table(),
+        sequences=sequences,
+        quarantine=quarantine,
+        items_accounting=items_acc,
+        interactions_accounting=inter_acc,
+        kcore_rounds=rounds,
+    )
 
-    # ---- items: check, then de-duplicate by id (first record wins)
+
+def _check_items(con: duckdb.DuckDBPyConnection, progress: Callable[[str], None]) -> None:
+    """Items: each row checked (a quarantine reason or NULL, in `items_checked`), then de-duplicated by id,
+    the first record winning (`items_ranked`, `items_valid`)."""
     progress("checking items")
     _exec(
         con,
@@ -190,7 +215,13 @@ def _preprocess(
         "CREATE TEMP TABLE items_valid AS SELECT * EXCLUDE (rn, first_content, content) FROM items_ranked WHERE rn = 1",
     )
 
-    # ---- interactions: parse and check
+
+def _check_interactions(
+    con: duckdb.DuckDBPyConnection, raw: RawSource, settings: IngestSettings, progress: Callable[[str], None]
+) -> None:
+    """Interactions: timestamps, positions and ratings parsed (`inter_parsed`), each row checked against the
+    catalogue (`inter_checked`: a quarantine reason or NULL); stops with IngestError when the ids look
+    mangled or a file has more quarantined rows than `max_quarantined_fraction`."""
     progress("checking interactions")
     ts = settings.timestamps
     unit = _AUTO_UNIT_SQL if ts.unit == "auto" else repr(_EPOCH_DIVISORS[ts.unit])
@@ -264,7 +295,12 @@ def _preprocess(
     _check_id_formats(con, raw)
     _check_files(con, raw, settings.max_quarantined_fraction)
 
-    # ---- interactions: filters (each row removed is counted under its rule)
+
+def _filter_interactions(
+    con: duckdb.DuckDBPyConnection, raw: RawSource, settings: IngestSettings, progress: Callable[[str], None]
+) -> int:
+    """The filters (`inter_rule.rule`: duplicate, time_window, k_core, short_sequence), each row removed counted
+    under its rule; returns the k-core's rounds. IngestError when no interaction is left."""
     progress("filtering interactions")
     _exec(
         con,
@@ -325,8 +361,15 @@ def _preprocess(
         raise IngestError(
             "no interactions left after checks and filters: see the quarantine and filtered counts"
         )
+    return rounds
 
-    # ---- id maps: one global id space (domains in order), one local space per domain; 0 = padding
+
+def _build_ids_and_sequences(
+    con: duckdb.DuckDBPyConnection, settings: IngestSettings, progress: Callable[[str], None]
+) -> tuple[pa.Table, pa.Table]:
+    """One global id space (domains in order) and one local space per domain, 0 = padding (`items_out`,
+    `domains_final`); interactions in sequence order with their leave-one-out split (`inter_out`).
+    Returns (users, sequences)."""
     progress("building id maps and sequences")
     _exec(
         con,
@@ -397,8 +440,11 @@ def _preprocess(
         FROM inter_out GROUP BY user_id, user_idx ORDER BY user_idx
         """
     ).to_arrow_table()
+    return users, sequences
 
-    # ---- quarantine and accounting
+
+def _quarantine(con: duckdb.DuckDBPyConnection, raw: RawSource, progress: Callable[[str], None]) -> pa.Table:
+    """Every quarantined row (the checks' and the readers'), sorted by table, file and record."""
     progress("accounting")
     quarantine_rows = con.sql(
         """
@@ -419,7 +465,12 @@ def _preprocess(
             pa.Table.from_pylist(reader_rejects, schema=schemas.QUARANTINE),
         ]
     ).sort_by([("table", "ascending"), ("file", "ascending"), ("record", "ascending")])
+    return quarantine
 
+
+def _accounting(con: duckdb.DuckDBPyConnection, raw: RawSource) -> tuple[Accounting, Accounting]:
+    """Rows read = kept + quarantined + filtered, for items and for interactions (`Accounting.check` raises
+    when they do not reconcile)."""
     items_acc = Accounting(read=raw.items.table.num_rows + len(raw.items.rejects))
     items_acc.kept = _scalar(con, "SELECT count(*) FROM items_out")
     items_acc.quarantined = _counts(
@@ -462,20 +513,7 @@ def _preprocess(
         con, "SELECT rule, count(*) FROM inter_rule WHERE rule IS NOT NULL GROUP BY 1"
     )
     inter_acc.check("interactions")
-
-    return IngestTables(
-        domains=con.sql("SELECT * FROM domains_final ORDER BY domain_idx")
-        .to_arrow_table()
-        .cast(schemas.DOMAINS),
-        items=con.sql("SELECT * FROM items_out").to_arrow_table(),
-        users=users,
-        interactions=con.sql("SELECT * FROM inter_out").to_arrow_table(),
-        sequences=sequences,
-        quarantine=quarantine,
-        items_accounting=items_acc,
-        interactions_accounting=inter_acc,
-        kcore_rounds=rounds,
-    )
+    return items_acc, inter_acc
 
 
 def _utc(value: datetime) -> datetime:
