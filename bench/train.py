@@ -3,6 +3,7 @@
     python bench/train.py --workspace /tmp/fk [--runs pop,llm4cdsr:bce,llm4cdsr:sampled_softmax]
                           [--epochs 10] [--time-budget 900] [--cold-start] [--set dropout=0.2 ...]
     python bench/train.py --workspace WS --runs llm4cdsr-hybrid+beta=0,llm4cdsr-hybrid --seeds 42,43,44
+    python bench/train.py --workspace WS --from-json bench/results/screen/*.json   # tables only
 
 `--runs` lists `model[:objective][+FIELD=VALUE...]` (no objective: the settings' default; `pop` has none;
 `+FIELD=VALUE` overrides a train setting for that run only, an ablation). `--seeds` repeats every run
@@ -15,6 +16,9 @@ patience, time budget per model): say so when quoting the figures. With --cold-s
 docs/train.md "Cold start"); a second table shows their column groups beside the warm items of the same
 run, with the chance level of each. `--set FIELD=VALUE` (repeatable) overrides any other train setting
 for every run (e.g. `--set dropout=0.2 --set device=cuda`); the overrides are in the JSON's args.
+Every run also gets a compact row of the figures issue #28 sets goals on (full ranking in multiples of
+`pop`, sampled, new items, warm items, untouched domain, short histories, seconds per epoch);
+`--from-json` prints those tables for earlier result files together.
 """
 
 from __future__ import annotations
@@ -168,6 +172,73 @@ def cold_table(results: list[dict], domains: list[str]) -> str:
     return "\n".join(lines)
 
 
+def short_history_ndcg(run_dir: str) -> float:
+    """Test full-ranking NDCG@10 of the users with the shortest histories (group `short`), from the run's
+    metrics.parquet (nan when the run folder is gone)."""
+    import pyarrow.parquet as pq
+
+    path = Path(run_dir) / "metrics.parquet"
+    if not path.is_file():
+        return float("nan")
+    rows = pq.read_table(path).to_pylist()
+    found = [
+        r["value"]
+        for r in rows
+        if r["split"] == "test"
+        and r["protocol"] == "full"
+        and r["group"] == "short"
+        and r["metric"] == "ndcg@10"
+    ]
+    return found[0] if found else float("nan")
+
+
+def compact_table(results: list[dict], domains: list[str]) -> str:
+    """One row per run, the figures issue #28 sets goals on: full-ranking test NDCG@10 overall and per
+    domain (in multiples of `pop`'s when a `pop` run is among the results), sampled NDCG@10, new items
+    (full, per domain), warm items of the same run, the untouched domain, the short-history users,
+    validation, epochs and seconds per epoch (training only)."""
+    pop = next((r for r in results if r["model"] == "pop"), None)
+
+    def full(r: dict, g: str) -> float:
+        return float(r["test"]["full"][g]["ndcg@10"])
+
+    cols = ["run", "seed", "epochs (best)", "valid full", "test full overall"]
+    cols += [f"{d} (x pop)" for d in domains] + ["sampled overall", *[f"sampled {d}" for d in domains]]
+    cols += [
+        "new items full overall / " + " / ".join(domains),
+        "warm items full",
+        "untouched " + " / ".join(domains),
+    ]
+    cols += ["short-history full", "s / epoch"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in results:
+        cells = [r.get("label", r["model"]), str(r.get("seed", "")), f"{r['epochs']} ({r['best_epoch']})"]
+        cells.append(
+            f"{r['valid']['full']['overall']['ndcg@10']:.4f}" if r.get("valid", {}).get("full") else "-"
+        )
+        cells.append(f"{full(r, 'overall'):.4f}")
+        for d in domains:
+            times = f" ({full(r, d) / full(pop, d):.1f}x)" if pop and full(pop, d) > 0 else ""
+            cells.append(f"{full(r, d):.4f}{times}")
+        cells += [
+            f"{r['test']['overall']['ndcg@10']:.4f}",
+            *[f"{r['test'][d]['ndcg@10']:.4f}" for d in domains],
+        ]
+        cold = r.get("cold_start") or {}
+        new, warm, untouched = cold.get("new_items"), cold.get("warm_items"), cold.get("untouched_domain")
+        cells.append(
+            " / ".join(f"{new['full'][g]['ndcg@10']:.4f}" for g in ["overall", *domains]) if new else "-"
+        )
+        cells.append(f"{warm['full']['overall']['ndcg@10']:.4f}" if warm else "-")
+        cells.append(
+            " / ".join(f"{untouched['full'][d]['ndcg@10']:.4f}" for d in domains) if untouched else "-"
+        )
+        cells.append(f"{short_history_ndcg(r['run_dir']):.4f}" if r.get("run_dir") else "-")
+        cells.append(f"{r['epoch_seconds']:.1f}" if r["model"] != "pop" else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def seed_table(results: list[dict], domains: list[str]) -> str:
     """One row per run label (its seeds pooled): mean +- sample standard deviation over the seeds of the
     test NDCG@10, sampled and full ranking, overall and per domain, and of the best epoch."""
@@ -257,7 +328,21 @@ def main() -> None:
         default=str(REPO / "bench" / "results" / "train.json"),
         help="The JSON to write (the default overwrites the committed results).",
     )
+    parser.add_argument(
+        "--from-json",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="Train nothing: print the tables of earlier result files (their runs together), then exit.",
+    )
     args = parser.parse_args()
+    if args.from_json:
+        results = [r for path in args.from_json for r in json.loads(Path(path).read_text())["results"]]
+        domains = [k for k in results[0]["test"] if k not in ("overall", "full")]
+        print(compact_table(results, domains))
+        if len({r.get("seed") for r in results}) > 1:
+            print(seed_table([r for r in results if r["model"] != "pop"], domains))
+        return
     overrides = parse_overrides(args.set)
 
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
@@ -294,6 +379,7 @@ def main() -> None:
         )
     domains = [k for k in results[0]["test"] if k not in ("overall", "full")]
     print(table(results, domains))
+    print(compact_table(results, domains))
     if seeds:
         print(seed_table(results, domains))
     if args.cold_start:

@@ -154,7 +154,7 @@ class SequenceEncoder(nn.Module):
         width of the table the items come from; default hidden)."""
         scale = math.sqrt(input_width or config.hidden) if config.block == "sasrec" else 1.0
         return cls(
-            config.hidden, config.layers, config.heads, config.dropout, config.max_len, config.causal,
+            config.hidden, config.layers, config.heads, config.dropout, config.max_len, not config.bidirectional,
             config.block, scale, config.positions, config.weight_init,
         )  # fmt: skip
 
@@ -189,16 +189,19 @@ def trim(ids: Tensor) -> Tensor:
     return ids[:, ids.shape[1] - max(used, 1) :]
 
 
-def encode_rows(encode: Callable[[Tensor], Tensor], ids: Tensor, split: int) -> Tensor:
-    """`encode(ids)` [B, L, H] for a batch whose rows from `split` on are read at their last column only
-    (hidden-domain examples): those rows run as a batch of their own, trimmed to their own longest row
-    (they lack a whole domain, so they are shorter), and come back left-padded with zero states. The last
-    column is what the full batch computes, since a trimmed batch computes what a padded one does."""
+def encode_rows(encode: Callable[..., Tensor], ids: Tensor, split: int, *aligned: Tensor) -> Tensor:
+    """`encode(ids, *aligned)` [B, L, H] for a batch whose rows from `split` on are read at their last
+    column only (hidden-domain examples): those rows run as a batch of their own, trimmed to their own
+    longest row (they lack a whole domain, so they are shorter), and come back left-padded with zero
+    states. The last column is what the full batch computes, since a trimmed batch computes what a padded
+    one does. `aligned`: tensors [B, L, ...] cut the same way as `ids` (e.g. the cloze mask)."""
     if split >= ids.shape[0]:
-        return encode(ids)
-    rest = encode(trim(ids[split:]))  # [A, l, H]
+        return encode(ids, *aligned)
+    rest_ids = trim(ids[split:])  # [A, l]
+    width = rest_ids.shape[1]
+    rest = encode(rest_ids, *(a[split:, ids.shape[1] - width :] for a in aligned))  # [A, l, H]
     rest = F.pad(rest, (0, 0, ids.shape[1] - rest.shape[1], 0))  # [A, L, H]
-    return torch.cat([encode(ids[:split]), rest])
+    return torch.cat([encode(ids[:split], *(a[:split] for a in aligned)), rest])
 
 
 def domain_view(domains: Tensor, ids: Tensor, domain: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -102,6 +102,10 @@ class Recommender(nn.Module):
         trainable item rows mean nothing without interactions use it (LLM4CDSR's ID hybrid); a no-op
         otherwise."""
 
+    def end_epoch(self) -> None:
+        """Called by the training loop after every epoch, before validation: parts fitted in closed form
+        rather than by gradient steps (LLM4CDSR's `id_text_fit`); a no-op otherwise."""
+
     def serving_update(self, data: SequenceData) -> None:
         """Called by the export before computing serving vectors from the whole history (pop recounts
         every known interaction; neural models need nothing)."""

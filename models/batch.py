@@ -5,22 +5,51 @@ the objectives (models/objectives.py). Plain data: this module imports no model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 
+from bridgerec.models.config import Task
 
-def training_targets(prefix: Tensor, hidden_domain_rows: int = 0) -> Tensor:
-    """prefix: [B, L+1] -> [B, L] the target of every position (0 = none): the next item, except in the
-    last `hidden_domain_rows` rows (hidden-domain examples), where only the last position has one."""
+
+def training_targets(
+    prefix: Tensor, hidden_domain_rows: int = 0, task: Task = "next", cloze: Tensor | None = None
+) -> Tensor:
+    """The target of every input position (0 = none), by the training task (`ModelConfig.task`):
+
+    - next: prefix [B, L+1] -> [B, L], the next item at every position, except in the last
+      `hidden_domain_rows` rows (hidden-domain examples), where only the last position has one;
+    - last: -> [B, L], only the last position of every row has one (the prefix's last item);
+    - cloze: -> [B, L+1], the masked items (`cloze` [B, L+1] bool) at their own positions: the inputs are
+      the whole prefix, each masked item replaced by the mask token.
+    """
+    if task == "cloze":
+        if cloze is None:
+            raise ValueError("the cloze task needs the batch's mask")
+        return prefix * cloze
     targets = prefix[:, 1:]
-    if hidden_domain_rows:
-        main = prefix.shape[0] - hidden_domain_rows
+    only = prefix.shape[0] if task == "last" else hidden_domain_rows
+    if only:
+        main = prefix.shape[0] - only
         only_last = torch.zeros_like(targets[main:])
         only_last[:, -1] = targets[main:, -1]
         targets = torch.cat([targets[:main], only_last])
     return targets
+
+
+def cloze_mask(
+    prefix: Tensor, share: float, generator: torch.Generator, hidden_domain_rows: int = 0
+) -> Tensor:
+    """prefix: [B, L+1] left-padded global ids -> [B, L+1] bool, the items the cloze task masks and
+    predicts: every row's last item, and each other item with probability `share` (the last
+    `hidden_domain_rows` rows, hidden-domain examples, only their last item)."""
+    real = prefix > 0
+    mask = (torch.rand(prefix.shape, generator=generator) < share) & real
+    if hidden_domain_rows:
+        mask[prefix.shape[0] - hidden_domain_rows :] = False
+    mask[:, -1] = real[:, -1]
+    return mask
 
 
 @dataclass
@@ -35,8 +64,8 @@ class SharedNegatives:
 class Batch:
     """One training batch (global ids, left-padded, trimmed)."""
 
-    prefix: Tensor  # [B, L+1] training prefix: inputs = prefix[:, :-1], targets = prefix[:, 1:]
-    negatives: Tensor  # [B, L] one negative global id per target, from the target's domain (0 = none)
+    prefix: Tensor  # [B, L+1] training prefix: inputs = prefix[:, :-1], targets = prefix[:, 1:] (task next)
+    negatives: Tensor  # one negative global id per target (the shape of `targets`), its domain's (0 = none)
     users: Tensor  # [B] user_idx
     profile: Tensor | None = None  # [B, Dp] profile vectors (zeros where missing)
     has_profile: Tensor | None = None  # [B] bool
@@ -53,20 +82,35 @@ class Batch:
     # The authors' reduction (`loss_norm: domain`): the sum over target domains of each domain's mean
     # over the batch's positions, instead of one mean over all of them.
     domain_means: bool = False
+    task: Task = "next"  # which positions are targets (`training_targets`)
+    cloze: Tensor | None = None  # task cloze: [B, L+1] bool, the masked items (`cloze_mask`)
 
     @property
     def inputs(self) -> Tensor:
-        return self.prefix[:, :-1]
+        """[B, L] the items the model reads ([B, L+1], the whole prefix, for the cloze task)."""
+        return self.prefix if self.task == "cloze" else self.prefix[:, :-1]
 
     @property
     def targets(self) -> Tensor:
-        """[B, L] the target of every position (0 = none)."""
-        return training_targets(self.prefix, self.hidden_domain_rows)
+        """The target of every input position, the shape of `inputs` (0 = none)."""
+        return training_targets(self.prefix, self.hidden_domain_rows, self.task, self.cloze)
 
     @property
     def main_rows(self) -> int:
         """Rows that are users' own training prefixes (the first ones)."""
         return self.prefix.shape[0] - self.hidden_domain_rows
+
+    def to(self, device: torch.device | str) -> Batch:
+        """This batch with every tensor on `device`."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, Tensor):
+                moved[name] = value.to(device)
+        if self.shared is not None:
+            moved["shared"] = SharedNegatives(
+                [t.to(device) for t in self.shared.items], [t.to(device) for t in self.shared.log_expected]
+            )
+        return Batch(**moved)
 
 
 @dataclass
@@ -78,7 +122,7 @@ class Targets:
     targets: Tensor  # [P] local ids of the targets
     negatives: Tensor  # [P] local ids, one negative per target (bce)
     rows: Tensor  # [P] batch row of each position
-    cols: Tensor  # [P] column, in the batch's mixed inputs, of the last input the position may see
+    cols: Tensor  # [P] column, in the batch's mixed inputs, of the position (task next: its last input)
     # bce_negatives per_thread: [P] global ids, the mixed thread's own negatives (`negatives` then feed
     # the domain thread only; `Recommender.per_thread_rows`)
     mixed_negatives: Tensor | None = None

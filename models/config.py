@@ -27,6 +27,15 @@ BlockLayout = Literal["pre_ln", "sasrec"]
 # authors' code (then a prefix's states do not depend on what follows it).
 Positions = Literal["from_end", "from_start"]
 BceNegatives = Literal["fused", "per_thread"]
+# Which positions of a training prefix are targets (docs/train.md, "Training tasks"):
+#   next  - every position predicts the next item (SASRec; the causal mask keeps each target out of view);
+#   last  - only the prefix's last item is a target, predicted from every item before it (one target per
+#           user and epoch; attention may then look both ways without seeing the target);
+#   cloze - masked-item prediction (BERT4Rec, Sun et al., CIKM 2019): a share `mask_prob` of the items,
+#           and always the last one, are replaced by a learned mask token and predicted, attention looking
+#           both ways; at inference a mask token after the history is what the user vector reads.
+Task = Literal["next", "last", "cloze"]
+Fusion = Literal["add", "null_space"]
 # Initialisation of the sequence encoders (models/backbone.py `SequenceEncoder`): torch's defaults
 # (positions N(0, 0.02)), or the authors' code: Xavier-normal for every weight matrix and the position
 # table (their `_init_weights`), zero attention biases (torch's MultiheadAttention), FFN biases torch's.
@@ -46,15 +55,34 @@ class ModelConfig:
     block: BlockLayout = "pre_ln"
     positions: Positions = "from_end"
     weight_init: WeightInit = "torch"
+    task: Task = "next"
+    mask_prob: float = 0.2  # cloze: the share of a prefix's items masked (besides its last item)
     # LLM4CDSR only
     id_embeddings: bool = False
     # ID dropout (DropoutNet, Volkovs et al. NeurIPS 2017): in training each item's ID row is replaced with
     # this probability by a row predicted from its LLM embeddings, which items without training
     # interactions (new items) then use instead of no ID row at all. 0 = no predicted rows.
     id_dropout: float = 0.0
+    # A learned bias per item added to every score (the user side gets a constant 1): what an item's
+    # popularity adds whoever the user is; an item without training interactions gets the mean bias of its
+    # domain's items with them. Needs id_embeddings.
+    item_bias: bool = False
+    # A mapping fitted on warm items: after every epoch, the ID-row generators (as for id_dropout) are
+    # fitted in closed form, a ridge regression from each item's LLM embedding to its learned ID row over
+    # the items with training interactions (weighted by them; the ridge strength chosen on a held-out
+    # fifth of those items), instead of by gradient steps; items without interactions use the predicted row.
+    id_text_fit: bool = False
     # A learned state per domain thread for a target with no earlier item of its domain (instead of no
     # domain term): what a user who never shopped in the domain is scored with.
     domain_start: bool = False
+    # Per-domain adapters (after LLM-EDT's domain-specific adapters): the mixed thread's item input is the
+    # shared adapter's output plus a linear map of the item's domain (zero-initialised).
+    adapter_per_domain: bool = False
+    # How LLM4CDSR's item inputs combine the LLM table and the ID rows: `add` (the paper's adapter, plus the
+    # ID rows in the hybrid) or `null_space` (AlphaFuse: the frozen, whitened LLM embedding in the first
+    # `semantic_dims` coordinates, the ID rows in the rest; needs id_embeddings).
+    fusion: Fusion = "add"
+    semantic_dims: int = 64
     alpha: float = 0.1
     beta: float = 0.1
     tau: float = 1.0
@@ -76,6 +104,26 @@ class ModelConfig:
             raise ValueError(f"id_dropout {self.id_dropout} must be in [0, 1)")
         if self.hidden % self.heads:
             raise ValueError(f"hidden {self.hidden} must be divisible by heads {self.heads}")
+        if self.fusion == "null_space" and not (self.id_embeddings and 0 < self.semantic_dims < self.hidden):
+            raise ValueError("fusion null_space needs id_embeddings and 0 < semantic_dims < hidden")
+        if self.item_bias and not self.id_embeddings:
+            raise ValueError("item_bias is an ID feature: it needs id_embeddings")
+        if self.id_text_fit and self.id_dropout > 0:
+            raise ValueError("id_text_fit and id_dropout both set the ID-row generators: choose one")
+        if not 0.0 <= self.mask_prob < 1.0:
+            raise ValueError(f"mask_prob {self.mask_prob} must be in [0, 1)")
+        built = {"next": ("llm4cdsr", "sasrec", "sasrec_domain", "pop"), "last": ("llm4cdsr", "sasrec"),
+                 "cloze": ("llm4cdsr",)}  # fmt: skip
+        if self.architecture not in built[self.task]:
+            raise ValueError(
+                f"task {self.task!r} is built for {', '.join(built[self.task])}, not {self.architecture}"
+            )
+
+    @property
+    def bidirectional(self) -> bool:
+        """Whether attention looks both ways: `causal` off, or the cloze task (whose masked positions keep
+        the targets out of view)."""
+        return not self.causal or self.task == "cloze"
 
     @property
     def bce_negatives_apply(self) -> bool:

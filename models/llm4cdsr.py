@@ -17,6 +17,7 @@ a learned state for users with no earlier item of the domain (else h_d = 0 there
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -62,10 +63,65 @@ class Threads:
     domains: dict[int, DomainThread]
 
 
+def ridge_map(
+    layer: nn.Linear, x: Tensor, y: Tensor, weights: Tensor, grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
+) -> None:
+    """Set `layer` (x -> y) to the weighted ridge regression of y [n, H] on x [n, D] over the rows with
+    weight > 0 (the bias unpenalised), in float64. The penalty is lambda times the mean feature variance,
+    lambda from `grid` by the weighted squared error on a held-out fifth of the rows (every fifth row),
+    then refitted on all of them."""
+    keep = torch.nonzero(weights > 0).flatten()
+    if len(keep) < 5:  # too few items to fit and check a map: the generator stays as it is
+        return
+    X = torch.cat([x[keep].double(), x.new_ones(len(keep), 1, dtype=torch.float64)], 1)  # [n, D + 1]
+    Y, w = y[keep].double(), weights[keep].double()  # [n, H], [n]
+    held = torch.arange(len(keep), device=x.device) % 5 == 4
+
+    def solve(rows: Tensor, lam: float) -> Tensor:
+        A = X[rows].T @ (X[rows] * w[rows, None]) / w[rows].sum()  # [D + 1, D + 1]
+        B = X[rows].T @ (Y[rows] * w[rows, None]) / w[rows].sum()  # [D + 1, H]
+        penalty = (
+            torch.diag(A).clone()[:-1].mean() * lam * torch.ones(A.shape[0], dtype=A.dtype, device=A.device)
+        )
+        penalty[-1] = 0.0  # the bias
+        solution: Tensor = torch.linalg.solve(A + torch.diag(penalty), B)  # [D + 1, H]
+        return solution
+
+    def error(beta: Tensor) -> float:
+        residual = ((X[held] @ beta - Y[held]) ** 2).sum(1)
+        return float((residual * w[held]).sum() / w[held].sum())
+
+    best = min(grid, key=lambda lam: error(solve(~held, lam)))
+    beta = solve(torch.ones_like(held), best)  # [D + 1, H]
+    layer.weight.copy_(beta[:-1].T.to(layer.weight.dtype))
+    layer.bias.copy_(beta[-1].to(layer.bias.dtype))
+
+
+def whitened_pca(table: Tensor, k: int) -> Tensor:
+    """table: [n + 1, D] (row 0 = padding) -> [n + 1, k] the rows' coordinates along the k leading
+    principal directions of the non-zero rows, each standardised to unit variance and scaled by
+    1 / sqrt(k) (rows of about unit norm); each direction's sign fixed (largest loading positive), row 0
+    and all-zero rows zero. AlphaFuse's semantic-anchored part (the standardised row space)."""
+    real = table.abs().sum(1) > 0  # [n + 1]
+    x = table[real].double()
+    if len(x) < 2:
+        return table.new_zeros(table.shape[0], k)
+    centred = x - x.mean(0)
+    vh = torch.linalg.svd(centred, full_matrices=False)[2]  # vh: [min(n, D), D]
+    basis = vh[:k]  # [k', D] (k' = min(k, rank))
+    flip = torch.sign(basis.gather(1, basis.abs().argmax(1, keepdim=True)))
+    coords = centred @ (basis * flip).T  # [n, k']
+    coords = coords / coords.std(0).clamp(min=1e-12) / math.sqrt(k)
+    out = table.new_zeros(table.shape[0], k)
+    out[real, : coords.shape[1]] = coords.to(table.dtype)
+    return out
+
+
 class LLM4CDSR(Recommender):
     name = "llm4cdsr"
     E_all: Tensor  # buffer: [N + 1, Dg] the global LLM table (the local ones: `E_local_<d>`)
     id_known: Tensor  # buffer: [N + 1] 1.0 for items with training interactions (with id_embeddings)
+    S_all: Tensor  # buffer, fusion null_space: [N + 1, semantic_dims] (the local ones: `S_local_<d>`)
 
     def __init__(
         self,
@@ -86,7 +142,36 @@ class LLM4CDSR(Recommender):
         for d, table in enumerate(local_tables):
             self.register_buffer(f"E_local_{d}", table.float())
         Dg, Dl = global_table.shape[1], local_tables[0].shape[1]
-        # The paper's adapter: two linear maps, D -> D/2 -> hidden.
+        self.fusion = config.fusion
+        if self.fusion == "null_space":
+            self._build_null_space(config.semantic_dims)
+        else:
+            self._build_adapters(config, Dg, Dl)
+        self.mixed = SequenceEncoder.of(config, Dg)
+        self.threads = nn.ModuleList(SequenceEncoder.of(config, Dl) for _ in self.sizes)
+        self._build_id_rows(config, catalog.n_items, Dg, Dl)
+        self.train_counts: Tensor | None = None  # [N + 1] training interactions (`set_trained_items`)
+        # Where a user has no earlier item of the target's domain, that thread has no state: with
+        # domain_start it contributes a learned one (zero init: the same as none at the start).
+        self.domain_start = (
+            nn.Parameter(torch.zeros(len(self.sizes), hidden))
+            if config.domain_start and config.task != "cloze"  # cloze: every thread has its mask token
+            else None
+        )
+        if config.task == "cloze":  # the mask token of each thread's input (BERT4Rec's [mask])
+            self.mask_mixed = nn.Parameter(torch.zeros(hidden))
+            self.mask_local = nn.Parameter(torch.zeros(len(self.sizes), hidden))
+        self.user_adapter = (
+            nn.Sequential(nn.Linear(profile_dim, profile_dim // 2), nn.Linear(profile_dim // 2, hidden))
+            if profile_dim and self.beta > 0
+            else None
+        )
+
+    def _build_adapters(self, config: ModelConfig, Dg: int, Dl: int) -> None:
+        """fusion add: the paper's adapter (two linear maps, D -> D/2 -> hidden) for the mixed thread,
+        with adapter_per_domain a zero-initialised linear map of the item's own domain added; the local
+        tables enter the domain threads frozen (a linear map only if their width differs from hidden)."""
+        hidden = config.hidden
         self.adapter = nn.Sequential(nn.Linear(Dg, Dg // 2), nn.Linear(Dg // 2, hidden))
         if config.adapter_init == "xavier":
             # torch's default Linear init (uniform +-1/sqrt(fan_in), bias too) makes the adapted items
@@ -96,14 +181,32 @@ class LLM4CDSR(Recommender):
                 assert isinstance(layer, nn.Linear)
                 nn.init.xavier_normal_(layer.weight)
                 nn.init.zeros_(layer.bias)
-        # Local tables enter the domain threads frozen; a linear map only if their width differs.
+        self.domain_adapters = None
+        if config.adapter_per_domain:
+            self.domain_adapters = nn.ModuleList(nn.Linear(Dg, hidden) for _ in self.sizes)
+            for layer in self.domain_adapters:
+                assert isinstance(layer, nn.Linear)
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
         self.local_proj = nn.Identity() if Dl == hidden else nn.Linear(Dl, hidden, bias=False)
-        self.mixed = SequenceEncoder.of(config, Dg)
-        self.threads = nn.ModuleList(SequenceEncoder.of(config, Dl) for _ in self.sizes)
+
+    def _build_null_space(self, k: int) -> None:
+        """fusion null_space (AlphaFuse, Hu et al., SIGIR 2025): each thread's item input is the item's
+        LLM embedding in the first k coordinates, whitened along its k leading principal directions and
+        frozen (`whitened_pca`), and its ID row in the other hidden - k coordinates, the directions the
+        language table leaves empty; no adapter."""
+        self.register_buffer("S_all", whitened_pca(self.E_all, k))  # [N + 1, k]
+        for d in range(len(self.sizes)):
+            self.register_buffer(f"S_local_{d}", whitened_pca(getattr(self, f"E_local_{d}"), k))
+
+    def _build_id_rows(self, config: ModelConfig, n_items: int, Dg: int, Dl: int) -> None:
+        """id_embeddings: trainable ID rows per thread (hidden wide; hidden - semantic_dims with fusion
+        null_space), and with id_dropout or id_text_fit their generators from the LLM embeddings."""
+        width = config.hidden - (config.semantic_dims if self.fusion == "null_space" else 0)
         if self.id_embeddings:
-            self.id_all = nn.Embedding(catalog.n_items + 1, hidden, padding_idx=0, sparse=True)
+            self.id_all = nn.Embedding(n_items + 1, width, padding_idx=0, sparse=True)
             self.id_local = nn.ModuleList(
-                nn.Embedding(n + 1, hidden, padding_idx=0, sparse=True) for n in self.sizes
+                nn.Embedding(n + 1, width, padding_idx=0, sparse=True) for n in self.sizes
             )
             for e in [self.id_all, *self.id_local]:
                 nn.init.normal_(e.weight, std=0.02)
@@ -111,31 +214,32 @@ class LLM4CDSR(Recommender):
             # [N + 1] 1.0 for the items with training interactions (set by `set_trained_items`). An item
             # without any has an ID row that only ever met the loss as a negative (or never): it enters
             # every score as its LLM-derived representation alone, as a new item does after a warm start.
-            self.register_buffer("id_known", torch.ones(catalog.n_items + 1))
+            self.register_buffer("id_known", torch.ones(n_items + 1))
+        self.bias = None
+        if config.item_bias:  # one learned score offset per item (zero at the start)
+            self.bias = nn.Embedding(n_items + 1, 1, padding_idx=0, sparse=True)
+            nn.init.zeros_(self.bias.weight)
         # ID dropout (DropoutNet): an ID row predicted from the LLM embeddings, per thread. Trained by
         # standing in for a random id_dropout share of the ID rows; it is the ID row of every item without
         # training interactions. Zero init: it starts as "no ID row".
+        # With id_text_fit the same generators are fitted in closed form after each epoch (`end_epoch`).
         self.id_dropout = config.id_dropout if self.id_embeddings else 0.0
-        if self.id_dropout > 0:
-            self.id_from_text_all = nn.Linear(Dg, hidden)
-            self.id_from_text_local = nn.ModuleList(nn.Linear(Dl, hidden) for _ in self.sizes)
+        self.text_rows = self.id_embeddings and (self.id_dropout > 0 or config.id_text_fit)
+        if self.text_rows:
+            self.id_from_text_all = nn.Linear(Dg, width)
+            self.id_from_text_local = nn.ModuleList(nn.Linear(Dl, width) for _ in self.sizes)
             for layer in [self.id_from_text_all, *self.id_from_text_local]:
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
-        # Where a user has no earlier item of the target's domain, that thread has no state: with
-        # domain_start it contributes a learned one (zero init: the same as none at the start).
-        self.domain_start = (
-            nn.Parameter(torch.zeros(len(self.sizes), hidden)) if config.domain_start else None
-        )
-        self.user_adapter = (
-            nn.Sequential(nn.Linear(profile_dim, profile_dim // 2), nn.Linear(profile_dim // 2, hidden))
-            if profile_dim and self.beta > 0
-            else None
-        )
+                layer.requires_grad_(not config.id_text_fit)
 
     def item_tables(self) -> dict[str, int]:
         domains = range(self.n_domains)
         tables = {"E_all": GLOBAL_IDS} | {f"E_local_{d}": d for d in domains}
+        if self.fusion == "null_space":
+            tables |= {"S_all": GLOBAL_IDS} | {f"S_local_{d}": d for d in domains}
+        if self.bias is not None:
+            tables |= {"bias.weight": GLOBAL_IDS}
         if self.id_embeddings:
             tables |= {"id_all.weight": GLOBAL_IDS, "id_known": GLOBAL_IDS}
             tables |= {f"id_local.{d}.weight": d for d in domains}
@@ -147,9 +251,29 @@ class LLM4CDSR(Recommender):
         if self.id_embeddings:
             known = torch.as_tensor(np.asarray(counts) > 0, dtype=self.id_known.dtype)
             self.id_known.copy_(known.to(self.id_known.device))
+            self.train_counts = torch.as_tensor(np.asarray(counts), dtype=torch.float64)
+
+    @torch.no_grad()
+    def end_epoch(self) -> None:
+        """id_text_fit: fit each thread's ID-row generator to the ID rows of the items with training
+        interactions (`ridge_map`); what an item without interactions is scored with."""
+        if not (self.config.id_text_fit and self.text_rows and self.train_counts is not None):
+            return
+        counts = self.train_counts
+        ridge_map(self.id_from_text_all, self.E_all[1:], self.id_all.weight[1:], counts[1:])
+        for d, size in enumerate(self.sizes):
+            start = int(self.offsets[d]) + 1
+            text = getattr(self, f"E_local_{d}")[1:]  # [n_d, Dl]
+            weights = counts[start : start + size]
+            generator, rows = self.id_from_text_local[d], self.id_local[d]
+            assert isinstance(generator, nn.Linear) and isinstance(rows, nn.Embedding)
+            ridge_map(generator, text, rows.weight[1:], weights)
 
     def frozen_tables(self) -> set[str]:
-        return {"E_all", *(f"E_local_{d}" for d in range(self.n_domains))}
+        tables = {"E_all", *(f"E_local_{d}" for d in range(self.n_domains))}
+        if self.fusion == "null_space":
+            tables |= {"S_all", *(f"S_local_{d}" for d in range(self.n_domains))}
+        return tables
 
     # -- item embeddings of each thread ---------------------------------------------------------------
     def _id_rows(self, rows: Tensor, gids: Tensor, text: Tensor, generator: nn.Module | None) -> Tensor:
@@ -160,11 +284,17 @@ class LLM4CDSR(Recommender):
         use = self.id_known[gids]  # [...] 1 = the item's own ID row
         if generator is None:
             return rows * use.unsqueeze(-1)
-        if self.training:
+        if self.training and self.id_dropout > 0:
             use = use * (torch.rand_like(use) >= self.id_dropout)
         use = use.unsqueeze(-1)
         mixed: Tensor = use * rows + (1 - use) * generator(text)
         return mixed
+
+    def _generator(self, domain: int | None = None) -> nn.Module | None:
+        """The ID-row generator of the mixed thread (domain None) or of a domain thread, if any."""
+        if not self.text_rows:
+            return None
+        return self.id_from_text_all if domain is None else self.id_from_text_local[domain]
 
     def adapt(self, x: Tensor) -> Tensor:
         """The adapter, [n, Dg] -> [n, H]: the paper's two linear maps D -> D/2 -> hidden, applied as their
@@ -180,22 +310,35 @@ class LLM4CDSR(Recommender):
         """[...] global ids -> [..., H]; the adapter runs once per distinct id of the batch."""
         uniq, inverse = torch.unique(gids, return_inverse=True)
         text = self.E_all[uniq]  # [n_unique, Dg]
+        if self.fusion == "null_space":  # [semantic k | ID hidden - k]
+            return (
+                torch.cat(
+                    [self.S_all[uniq], self._id_rows(self.id_all(uniq), uniq, text, self._generator())], -1
+                )
+            )[inverse]
         table = self.adapt(text)  # [n_unique, H]
+        if self.domain_adapters is not None:
+            dom = self.domain_of(uniq)  # [n_unique], -1 for the padding
+            for d, layer in enumerate(self.domain_adapters):
+                members = torch.nonzero(dom == d).flatten()
+                table = table.index_add(0, members, layer(text[members]))
         if self.id_embeddings:
-            generator = self.id_from_text_all if self.id_dropout > 0 else None
-            table = table + self._id_rows(self.id_all(uniq), uniq, text, generator)
+            table = table + self._id_rows(self.id_all(uniq), uniq, text, self._generator())
         rows: Tensor = (table * (uniq > 0).unsqueeze(-1))[inverse]
         return rows
 
     def embed_local(self, lids: Tensor, domain: int) -> Tensor:
         """[...] local ids of `domain` -> [..., H] (zero for id 0)."""
         text = getattr(self, f"E_local_{domain}")[lids]  # [..., Dl]
+        if self.fusion == "null_space":  # [semantic k | ID hidden - k], zero for id 0
+            gids = self.global_ids(domain, lids)
+            ids = self._id_rows(self.id_local[domain](lids), gids, text, self._generator(domain))
+            return torch.cat([getattr(self, f"S_local_{domain}")[lids], ids * (lids > 0).unsqueeze(-1)], -1)
         e: Tensor = self.local_proj(text)
         if self.id_embeddings:
             gids = self.global_ids(domain, lids)
-            generator = self.id_from_text_local[domain] if self.id_dropout > 0 else None
             real = (lids > 0).unsqueeze(-1)  # padding keeps a zero row (a predicted row has a bias)
-            e = e + self._id_rows(self.id_local[domain](lids), gids, text, generator) * real
+            e = e + self._id_rows(self.id_local[domain](lids), gids, text, self._generator(domain)) * real
         return e
 
     # -- the sequence encoder: one pass for training, validation, the export and publish ----------------
@@ -205,25 +348,59 @@ class LLM4CDSR(Recommender):
         domains: Sequence[int],
         split: int | None = None,
         wanted: Tensor | None = None,
+        masked: Tensor | None = None,
+        append_mask: bool = False,
     ) -> Threads:
         """inputs: [B, L] left-padded global ids -> the mixed thread's states and those of the domain threads
         in `domains`. Rows from `split` on (hidden-domain examples, read at their last column only) run
         through the mixed thread as a batch of their own (`encode_rows`). A domain thread runs on the rows
         with an item of its domain, and of those only the rows where `wanted` [n_domains, B] holds (training:
-        a target in the domain); the other rows keep zero states."""
-        h_mix = encode_rows(
-            lambda x: self.mixed(self.embed_global(x), x), inputs, inputs.shape[0] if split is None else split
-        )  # [B, L, H]
-        dom, loc = self.domain_of(inputs), self.local(inputs)
+        a target in the domain); the other rows keep zero states. masked: [B, L] bool (task cloze), the
+        items each thread reads as its mask token. append_mask (cloze inference): a masked item after the
+        history, of the domain each thread is asked for (the last max_len - 1 items kept), so the last
+        column is the state a cloze model predicts the next item from; the states are then [B, L + 1, H]."""
+        split = inputs.shape[0] if split is None else split
+        per_domain = {d: inputs for d in domains}
+        if append_mask:
+            inputs = inputs[:, -(self.config.max_len - 1) :]
+            for d in domains:  # a placeholder item of domain d, masked: its identity is never read
+                placeholder = inputs.new_full((inputs.shape[0], 1), int(self.offsets[d]) + 1)
+                per_domain[d] = torch.cat([inputs, placeholder], 1)  # [B, L + 1]
+            masked = torch.zeros_like(per_domain[domains[0]], dtype=torch.bool)
+            masked[:, -1] = True
+        aligned = () if masked is None else (masked,)
+        h_mix = encode_rows(self._mixed_thread, per_domain[domains[0]], split, *aligned)  # [B, L, H]
         threads = {}
         for d in domains:
-            sub, last, has = domain_view(dom, loc, d)  # [B, Ld], [B, L], [B, L]
-            run = has[:, -1] if wanted is None else has[:, -1] & wanted[d]
-            present = torch.nonzero(run).flatten()  # [R] the rows the thread runs on
-            h_r = self.threads[d](self.embed_local(sub[present], d), sub[present])  # [R, Ld, H]
-            states = h_r.new_zeros(sub.shape[0], *h_r.shape[1:]).index_copy(0, present, h_r)  # [B, Ld, H]
-            threads[d] = DomainThread(states, last, has)
+            threads[d] = self._domain_thread(per_domain[d], d, None if wanted is None else wanted[d], masked)
         return Threads(h_mix, threads)
+
+    def _mixed_thread(self, ids: Tensor, masked: Tensor | None = None) -> Tensor:
+        """ids: [B, L] global ids -> [B, L, H] the mixed thread's states (masked items: the mask token)."""
+        emb = self.embed_global(ids)  # [B, L, H]
+        if masked is not None:
+            emb = torch.where(masked.unsqueeze(-1), self.mask_mixed, emb)
+        states: Tensor = self.mixed(emb, ids)
+        return states
+
+    def _domain_thread(
+        self, ids: Tensor, d: int, wanted: Tensor | None, masked: Tensor | None
+    ) -> DomainThread:
+        """ids: [B, L] mixed global ids -> domain d's thread over its subsequence, run on the rows with an
+        item of d (and `wanted` [B]); masked [B, L]: the items read as the thread's mask token."""
+        dom = self.domain_of(ids)  # [B, L]
+        sub, last, has = domain_view(dom, self.local(ids), d)  # [B, Ld], [B, L], [B, L]
+        run = has[:, -1] if wanted is None else has[:, -1] & wanted
+        present = torch.nonzero(run).flatten()  # [R] the rows the thread runs on
+        emb = self.embed_local(sub[present], d)  # [R, Ld, H]
+        if masked is not None:
+            cols = torch.arange(1, ids.shape[1] + 1, device=ids.device).expand_as(ids)
+            src, _, _ = domain_view(dom, cols, d)  # [B, Ld] mixed column + 1 of each item of sub
+            sub_masked = (src > 0) & masked.gather(1, (src - 1).clamp(min=0))  # [B, Ld]
+            emb = torch.where(sub_masked[present].unsqueeze(-1), self.mask_local[d], emb)
+        h_r = self.threads[d](emb, sub[present])  # [R, Ld, H]
+        states = h_r.new_zeros(sub.shape[0], *h_r.shape[1:]).index_copy(0, present, h_r)  # [B, Ld, H]
+        return DomainThread(states, last, has)
 
     def fused_state(self, threads: Threads, domain: int, rows: Tensor, cols: Tensor) -> Tensor:
         """rows, cols: [P] positions of the mixed inputs -> [P, 2H] the user side [h_mix, h_d] there, for a
@@ -234,7 +411,10 @@ class LLM4CDSR(Recommender):
         h_dom = thread.states[rows, thread.last[rows, cols]] * has  # [P, H]
         if self.domain_start is not None:
             h_dom = torch.where(has, h_dom, self.domain_start[domain])
-        return torch.cat([threads.mixed[rows, cols], h_dom], -1)  # [P, 2H]
+        user = [threads.mixed[rows, cols], h_dom]
+        if self.bias is not None:  # the item bias enters every score once
+            user.append(h_dom.new_ones(len(rows), 1))
+        return torch.cat(user, -1)  # [P, 2H (+ 1)]
 
     # -- training -------------------------------------------------------------------------------------
     def _train_forward(self, batch: Batch) -> tuple[list[Targets], Tensor]:
@@ -243,7 +423,7 @@ class LLM4CDSR(Recommender):
         targets = batch.targets  # [B, L] global ids
         tgt_dom = self.domain_of(targets)  # [B, L], -1 where no target
         wanted = torch.stack([(tgt_dom == d).any(1) for d in range(self.n_domains)])  # [n_domains, B]
-        threads = self.encode(batch.inputs, range(self.n_domains), batch.main_rows, wanted)
+        threads = self.encode(batch.inputs, range(self.n_domains), batch.main_rows, wanted, batch.cloze)
         mixed_neg = batch.mixed_negatives  # [B, L] global ids, or None (bce_negatives fused)
         groups = []
         for d in range(self.n_domains):
@@ -266,10 +446,28 @@ class LLM4CDSR(Recommender):
 
     def item_rows(self, domain: int, lids: Tensor) -> Tensor:
         gids = self.global_ids(domain, lids)
-        return torch.cat([self.embed_global(gids), self.embed_local(lids, domain)], -1)  # [..., 2H]
+        rows = [self.embed_global(gids), self.embed_local(lids, domain)]
+        if self.bias is not None:
+            rows.append(self.item_bias(domain, lids))
+        return torch.cat(rows, -1)  # [..., 2H (+ 1)]
 
     def per_thread_rows(self, domain: int, mixed_gids: Tensor, lids: Tensor) -> Tensor:
-        return torch.cat([self.embed_global(mixed_gids), self.embed_local(lids, domain)], -1)  # [n, 2H]
+        rows = [self.embed_global(mixed_gids), self.embed_local(lids, domain)]
+        if self.bias is not None:  # the domain thread's negative is the target domain's item
+            rows.append(self.item_bias(domain, lids))
+        return torch.cat(rows, -1)  # [n, 2H (+ 1)]
+
+    def item_bias(self, domain: int, lids: Tensor) -> Tensor:
+        """[...] local ids of `domain` -> [..., 1] their learned biases; an item without training
+        interactions gets the mean bias of the domain's items with them (held fixed), padding zero."""
+        assert self.bias is not None
+        gids = self.global_ids(domain, lids)
+        start, n = int(self.offsets[domain]) + 1, self.sizes[domain]
+        known = self.id_known[start : start + n]  # [n_d]
+        mean = ((self.bias.weight[start : start + n, 0] * known).sum() / known.sum().clamp(min=1)).detach()
+        use = self.id_known[gids].unsqueeze(-1)
+        bias: Tensor = (use * self.bias(gids) + (1 - use) * mean) * (lids > 0).unsqueeze(-1)
+        return bias
 
     def loss(self, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         groups, h_mix = self._train_forward(batch)
@@ -316,7 +514,7 @@ class LLM4CDSR(Recommender):
         """The state after the last item, [B, 2H] per domain asked for; the mixed thread runs once."""
         inputs = trim(inputs)  # [B, L]
         domains = range(self.n_domains) if domains is None else domains
-        threads = self.encode(inputs, domains)
+        threads = self.encode(inputs, domains, append_mask=self.config.task == "cloze")
         rows = torch.arange(inputs.shape[0], device=inputs.device)  # [B]
-        cols = torch.full_like(rows, inputs.shape[1] - 1)  # [B] the last column
+        cols = torch.full_like(rows, threads.mixed.shape[1] - 1)  # [B] the last column
         return [self.fused_state(threads, d, rows, cols) for d in domains]

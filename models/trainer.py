@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from bridgerec.models.base import Recommender
-from bridgerec.models.batch import Batch, training_targets
+from bridgerec.models.batch import Batch, cloze_mask
+from bridgerec.models.config import ModelConfig
 from bridgerec.models.data import EvalSplit, SequenceData
 from bridgerec.models.evaluate import evaluate
 from bridgerec.models.metrics import ndcg
@@ -132,6 +133,8 @@ def rank_share(batch: Batch, ranks: Ranks) -> Batch:
         hidden_domain_rows=max(0, hi - max(lo, main)),
         position_norm=norm / ranks.world,
         domain_means=batch.domain_means,
+        task=batch.task,
+        cloze=part(batch.cloze),
     )
     return share
 
@@ -169,40 +172,16 @@ def train_epoch(
     position_norm = None
     if cfg.loss_norm == "global":
         n_batches = math.ceil(data.n_users / cfg.batch_size)
-        position_norm = float((data.train_lengths - 1).clamp(min=0).sum()) / n_batches
+        position_norm = epoch_positions(data.train_lengths, spec) / n_batches
     for users in data.train_batches(cfg.batch_size, gen):
         prefix = data.train_prefix(users)  # [B, L+1]
         if prefix.shape[1] < 2:
             continue  # users with a one-item prefix have no training target
-        history = prefix
-        extra = 0
-        if cfg.hide_domain > 0:
-            src, hidden = data.hidden_domain_examples(prefix, cfg.hide_domain, gen)
-            extra = len(src)
-            prefix, users, history = (
-                torch.cat([prefix, hidden]),
-                torch.cat([users, users[src]]),
-                torch.cat([history, history[src]]),  # negatives still avoid the hidden items
-            )
-        targets = training_targets(prefix, extra)  # [B, L]
-        mixed_negatives = None
-        negatives = data.sample_negatives(targets, history, gen)  # [B, L]
-        if spec.per_thread_negatives:
-            mixed = data.sample_negatives(targets, history, gen, domain_of=prefix[:, :-1])  # [B, L]
-            mixed_negatives = mixed.to(device)
-        batch = Batch(
-            prefix.to(device), negatives.to(device), users.to(device), mixed_negatives=mixed_negatives,
-            hidden_domain_rows=extra, position_norm=position_norm, domain_means=cfg.loss_norm == "domain",
-        )  # fmt: skip
-        if probs is not None:
-            shared = draw_shared_negatives(probs, spec.negatives, gen)
-            batch.shared = type(shared)(
-                [t.to(device) for t in shared.items], [t.to(device) for t in shared.log_expected]
-            )
+        batch = training_batch(data, prefix, users, spec, cfg, gen, probs, position_norm)
         if profiles is not None:
-            batch.profile = profiles.vectors[users].to(device)
-            batch.has_profile = profiles.has[users].to(device)
-        batch = rank_share(batch, ranks)
+            batch.profile = profiles.vectors[batch.users]
+            batch.has_profile = profiles.has[batch.users]
+        batch = rank_share(batch.to(device), ranks)
         loss, parts = model.loss(batch) if ranks.ddp is None else ranks.ddp(batch)
         # The global batch's loss, so every rank sees a non-finite loss together and stops together;
         # checked before the step: the weights stay those of the last good batch.
@@ -222,6 +201,58 @@ def train_epoch(
         if on_batch is not None:
             on_batch(value)
     return {k: v / max(n, 1) for k, v in totals.items()}
+
+
+def training_batch(
+    data: SequenceData,
+    prefix: torch.Tensor,
+    users: torch.Tensor,
+    spec: ModelConfig,
+    cfg: FitConfig,
+    gen: torch.Generator,
+    probs: list[torch.Tensor] | None,
+    position_norm: float | None,
+) -> Batch:
+    """One training batch from the users' prefixes [B, L+1]: the hidden-domain examples appended
+    (`cfg.hide_domain`), the cloze mask (task cloze), one negative per target (two with per-thread bce
+    negatives) and the shared negatives (`probs`: sampled_softmax), drawn from `gen` in that order."""
+    if spec.task == "cloze":
+        prefix = prefix[:, -spec.max_len :]  # the inputs are the whole prefix: max_len items at most
+    history = prefix
+    extra = 0
+    if cfg.hide_domain > 0:
+        src, hidden = data.hidden_domain_examples(prefix, cfg.hide_domain, gen)
+        extra = len(src)
+        prefix, users, history = (
+            torch.cat([prefix, hidden]),
+            torch.cat([users, users[src]]),
+            torch.cat([history, history[src]]),  # negatives still avoid the hidden items
+        )
+    cloze = cloze_mask(prefix, spec.mask_prob, gen, extra) if spec.task == "cloze" else None
+    batch = Batch(
+        prefix, prefix[:0], users, hidden_domain_rows=extra, position_norm=position_norm,
+        domain_means=cfg.loss_norm == "domain", task=spec.task, cloze=cloze,
+    )  # fmt: skip
+    targets = batch.targets
+    batch.negatives = data.sample_negatives(targets, history, gen)  # the shape of targets
+    if spec.per_thread_negatives:
+        batch.mixed_negatives = data.sample_negatives(targets, history, gen, domain_of=batch.inputs)
+    if probs is not None:
+        batch.shared = draw_shared_negatives(probs, spec.negatives, gen)
+    return batch
+
+
+def epoch_positions(train_lengths: torch.Tensor, spec: ModelConfig) -> float:
+    """The training positions of an epoch's users' own prefixes (train_lengths [U]: prefix lengths
+    including the first input), by task: next, every position but the first; last, one per user with
+    two items or more; cloze, the last item and the expected share `mask_prob` of the others."""
+    lengths = train_lengths.double()
+    if spec.task == "last":
+        return float((lengths >= 2).sum())
+    if spec.task == "cloze":
+        kept = lengths.clamp(max=spec.max_len)
+        return float((1 + spec.mask_prob * (kept - 1)).sum())
+    return float((lengths - 1).clamp(min=0).sum())
 
 
 def _mean_over_ranks(value: float, ranks: Ranks) -> float:
@@ -284,6 +315,7 @@ def fit(
                 advance(bar, 1, label + (f", best valid {state.best_valid:.4f}" if state.history else ""))
 
             losses = train_epoch(model, data, optimizer, cfg, epoch, profiles, device, on_batch, ranks)
+            model.end_epoch()
             train_s = time.perf_counter() - started
             # Rank 0 validates; every rank takes its score and clock, so all stop at the same epoch.
             score, scores = _from_leader(

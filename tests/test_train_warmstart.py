@@ -133,8 +133,9 @@ def test_the_next_night_warm_starts_from_the_first_run(nights: Nights) -> None:
 
 def test_warm_state_remaps_every_item_row_by_item_id(nights: Nights) -> None:
     """On the real models: shared items take the first run's best rows wherever ingest moved them, new
-    items' ID rows start at zero (the hybrid adds them to the LLM embedding: a new item enters as its
-    LLM-derived representation), the frozen LLM tables are the current enrich output, the rest is copied."""
+    items' ID rows start at zero and unknown (a new item enters as its LLM-derived representation: the
+    adapted embedding plus the row the fitted map predicts from it), the frozen LLM tables are the current
+    enrich output, the rest is copied."""
     from safetensors.torch import load_file
 
     ws = Workspace(nights.ws)
@@ -167,10 +168,13 @@ def test_warm_state_remaps_every_item_row_by_item_id(nights: Nights) -> None:
     assert torch.equal(new["id_all.weight"][rows_new], old["id_all.weight"][rows_old])
     assert torch.equal(new["id_all.weight"][rows_added], torch.zeros_like(new["id_all.weight"][rows_added]))
     assert not torch.equal(fresh["id_all.weight"][rows_added], new["id_all.weight"][rows_added])
-    # A new item's embedding in the mixed thread is its adapted LLM embedding alone.
+    # A new item's embedding in the mixed thread is its adapted LLM embedding plus the ID row the first
+    # run's fitted map (id_text_fit, the default) predicts from that embedding, copied with the rest.
+    assert model.text_rows and torch.equal(new["id_from_text_all.weight"], old["id_from_text_all.weight"])
     with torch.no_grad():
+        text = model.E_all[rows_added]
         assert torch.allclose(
-            model.embed_global(rows_added), model.adapter(model.E_all[rows_added]), atol=1e-6
+            model.embed_global(rows_added), model.adapter(text) + model.id_from_text_all(text), atol=1e-6
         )
     assert torch.equal(new["id_all.weight"][0], torch.zeros(FAST["hidden"]))  # padding
     # Local id spaces, one per domain.
@@ -367,12 +371,13 @@ def test_warm_state_on_a_toy_catalogue_drops_gone_items_and_flags_moved_tables()
 
 
 def test_a_warm_start_needs_the_id_row_generator_on_both_sides_or_neither() -> None:
-    """ID dropout adds the per-thread ID-row generator (models/llm4cdsr.py): weights without it cannot
-    start a model with it (or back); another id_dropout value on both sides is only a training change."""
+    """ID dropout (or the fitted map, id_text_fit) adds the per-thread ID-row generator
+    (models/llm4cdsr.py): weights without it cannot start a model with it (or back); another id_dropout
+    value on both sides is only a training change. Another training task starts cold."""
     from bridgerec.tasks.train.warmstart import incompatibility
 
     # as config.json records them (stage.py: the resolved settings plus the architecture)
-    base = TrainSettings(model="llm4cdsr-hybrid").resolved().model_dump(mode="json") | {
+    base = TrainSettings(model="llm4cdsr-hybrid", id_text_fit=False).resolved().model_dump(mode="json") | {
         "architecture": "llm4cdsr"
     }
     on, other = base | {"id_dropout": 0.3}, base | {"id_dropout": 0.2}
@@ -382,6 +387,18 @@ def test_a_warm_start_needs_the_id_row_generator_on_both_sides_or_neither() -> N
     assert incompatibility(on, base) == "id_dropout 0.3 -> 0.0"
     legacy = {k: v for k, v in base.items() if k != "id_dropout"}  # a run from before the setting
     assert incompatibility(legacy, base) is None and incompatibility(legacy, on) is not None
+    # the fitted map (id_text_fit) has the same generators: dropout weights can start it, none cannot
+    fitted = base | {"id_text_fit": True}
+    assert incompatibility(on, fitted) is None
+    assert incompatibility(base, fitted) == "id_text_fit False -> True"
+    # the default since 2026-12-03: a night trained before it (no id_text_fit recorded) starts cold, once
+    default = TrainSettings(model="llm4cdsr-hybrid").resolved().model_dump(mode="json")
+    assert default["id_text_fit"] is True
+    before = {k: v for k, v in base.items() if k != "id_text_fit"}
+    assert incompatibility(before, default | {"architecture": "llm4cdsr"}) == "id_text_fit False -> True"
+    # the training task: cloze adds mask tokens, and every task reads the states another way
+    assert incompatibility(base, base | {"task": "cloze"}) == "task 'next' -> 'cloze'"
+    assert incompatibility({k: v for k, v in base.items() if k != "task"}, base) is None
     # likewise the learned domain start states
     assert incompatibility(base | {"domain_start": False}, base) == "domain_start False -> True"
     assert incompatibility({k: v for k, v in base.items() if k != "domain_start"}, base) is not None

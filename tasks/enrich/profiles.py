@@ -214,6 +214,7 @@ def generation_key(settings: ProfileSettings, prompts: Prompts, llm_id: str, emb
                     "summarizer_max_tokens",
                     "analyzer_max_words",
                     "profile_max_words",
+                    "summarize_single_cluster",
                 },
             ),
         }
@@ -229,18 +230,23 @@ def _seed(base: int, *parts: object) -> int:
 def estimate_cost(jobs: list[UserJob], settings: ProfileSettings, tokens_per_s: float) -> dict:
     """Calls and tokens of generating `jobs`, and minutes at `tokens_per_s` (new tokens, upper bound)."""
     analyzer_calls = sum(len(j.groups) for j in jobs)
+    summarizer_calls = sum(1 for j in jobs if len(j.groups) > 1 or settings.summarize_single_cluster)
     # ~4 characters a token for English; template and chat boilerplate ~90 tokens a call; a summarizer
     # prompt holds the user's cluster summaries.
     title_chars = sum(len(t) for j in jobs for _, ts in j.groups for t in ts)
     prompt_tokens = (
-        title_chars // 4 + 90 * (analyzer_calls + len(jobs)) + analyzer_calls * settings.analyzer_max_tokens
+        title_chars // 4
+        + 90 * (analyzer_calls + summarizer_calls)
+        + analyzer_calls * settings.analyzer_max_tokens
     )
-    new_tokens = analyzer_calls * settings.analyzer_max_tokens + len(jobs) * settings.summarizer_max_tokens
+    new_tokens = (
+        analyzer_calls * settings.analyzer_max_tokens + summarizer_calls * settings.summarizer_max_tokens
+    )
     return {
         "users": len(jobs),
-        "calls": analyzer_calls + len(jobs),
+        "calls": analyzer_calls + summarizer_calls,
         "analyzer_calls": analyzer_calls,
-        "summarizer_calls": len(jobs),
+        "summarizer_calls": summarizer_calls,
         "prompt_tokens": prompt_tokens,
         "max_new_tokens": new_tokens,
         "tokens_per_s": round(tokens_per_s, 1),
@@ -276,71 +282,11 @@ def generate_batch(
     embed_id: str,
     on_progress: OnProgress | None = None,
 ) -> BatchOut:
-    """All analyzer prompts of the batch in one `generate` call, then all summarizer prompts, then one
-    `embed` call over the profile texts. `on_progress(requests, tokens)` follows both calls' requests."""
-    tokens = 0
-    analyzer_prompts, analyzer_sampling, owners = [], [], []
-    for j, job in enumerate(jobs):
-        for cluster, titles in job.groups:
-            messages = prompts.analyzer.messages(
-                items="\n".join(titles), max_words=settings.analyzer_max_words
-            )
-            analyzer_prompts.append(generator.render(messages))
-            analyzer_sampling.append(
-                Sampling(
-                    settings.temperature,
-                    settings.top_p,
-                    settings.analyzer_max_tokens,
-                    _seed(settings.seed, job.user_id, "a", cluster),
-                )
-            )
-            owners.append(j)
-    try:
-        outs = generator.generate(analyzer_prompts, analyzer_sampling, on_progress)
-    except Exception as exc:
-        raise StepError("analyze", exc) from exc
-    summaries: list[list[str]] = [[] for _ in jobs]
-    bad: dict[int, str] = {}
-    for j, out in zip(owners, outs, strict=True):
-        tokens += out.n_tokens
-        text, reason = clean_generated(out.text, settings.analyzer_max_words)
-        if text is None:
-            bad.setdefault(j, f"analyzer output invalid: {reason}")
-        else:
-            summaries[j].append(text)
-    good = [j for j in range(len(jobs)) if j not in bad]
-    try:
-        outs = generator.generate(
-            [
-                generator.render(
-                    prompts.summarizer.messages(
-                        summaries="\n".join(f"- {s}" for s in summaries[j]),
-                        max_words=settings.profile_max_words,
-                    )
-                )
-                for j in good
-            ],
-            [
-                Sampling(
-                    settings.temperature,
-                    settings.top_p,
-                    settings.summarizer_max_tokens,
-                    _seed(settings.seed, jobs[j].user_id, "s"),
-                )
-                for j in good
-            ],
-            on_progress,
-        )
-    except Exception as exc:
-        raise StepError("summarize", exc) from exc
-    profiles: dict[int, str] = {}
-    for j, out in zip(good, outs, strict=True):
-        tokens += out.n_tokens
-        text, reason = clean_generated(out.text, settings.profile_max_words)
-        if text is None:
-            bad[j] = f"summarizer output invalid: {reason}"
-        else:
-            profiles[j] = text
+    """All analyzer prompts of the batch in one `generate` call, then all summarizer prompts (users with
+    one cluster: none unless `summarize_single_cluster`, their profile is that cluster's summary), then
+    one `embed` call over the profile texts. `on_progress(requests, tokens)` follows both calls' requests."""
+    summaries, bad, analyzed = _analyze(jobs, settings, prompts, generator, on_progress)
+    profiles, summarized = _summarize(jobs, summaries, bad, settings, prompts, generator, on_progress)
     done = sorted(profiles)
     try:
         vectors = (
@@ -371,7 +317,104 @@ def generate_batch(
         }
         for j, reason in sorted(bad.items())
     ]
-    return BatchOut(rows, invalid, tokens)
+    return BatchOut(rows, invalid, analyzed + summarized)
+
+
+def _analyze(
+    jobs: list[UserJob],
+    settings: ProfileSettings,
+    prompts: Prompts,
+    generator: Generator,
+    on_progress: OnProgress | None = None,
+) -> tuple[list[list[str]], dict[int, str], int]:
+    """One analyzer call per (user, cluster), all in one `generate` call -> (each user's cluster summaries,
+    {job index: reason} for users with an invalid summary, new tokens)."""
+    analyzer_prompts, analyzer_sampling, owners = [], [], []
+    for j, job in enumerate(jobs):
+        for cluster, titles in job.groups:
+            messages = prompts.analyzer.messages(
+                items="\n".join(titles), max_words=settings.analyzer_max_words
+            )
+            analyzer_prompts.append(generator.render(messages))
+            seed = _seed(settings.seed, job.user_id, "a", cluster)
+            analyzer_sampling.append(
+                Sampling(settings.temperature, settings.top_p, settings.analyzer_max_tokens, seed)
+            )
+            owners.append(j)
+    try:
+        outs = generator.generate(analyzer_prompts, analyzer_sampling, on_progress)
+    except Exception as exc:
+        raise StepError("analyze", exc) from exc
+    summaries: list[list[str]] = [[] for _ in jobs]
+    bad: dict[int, str] = {}
+    tokens = 0
+    for j, out in zip(owners, outs, strict=True):
+        tokens += out.n_tokens
+        text, reason = clean_generated(out.text, settings.analyzer_max_words)
+        if text is None:
+            bad.setdefault(j, f"analyzer output invalid: {reason}")
+        else:
+            summaries[j].append(text)
+    return summaries, bad, tokens
+
+
+def _summarizer_calls(job: UserJob, settings: ProfileSettings) -> int:
+    """1 when the user's profile needs a summarizer call, 0 when its one cluster summary is the profile."""
+    return int(len(job.groups) != 1 or settings.summarize_single_cluster)
+
+
+def _summarize(
+    jobs: list[UserJob],
+    summaries: list[list[str]],
+    bad: dict[int, str],
+    settings: ProfileSettings,
+    prompts: Prompts,
+    generator: Generator,
+    on_progress: OnProgress | None = None,
+) -> tuple[dict[int, str], int]:
+    """The profile of every user without an invalid summary -> ({job index: profile text}, new tokens);
+    an invalid profile adds its reason to `bad`. A user with one cluster summary keeps it as the profile
+    (no call) unless `summarize_single_cluster`."""
+    good = [j for j in range(len(jobs)) if j not in bad]
+    profiles = {j: summaries[j][0] for j in good if not _summarizer_calls(jobs[j], settings)}
+    ask = [j for j in good if j not in profiles]
+    try:
+        outs = (
+            generator.generate(
+                [
+                    generator.render(
+                        prompts.summarizer.messages(
+                            summaries="\n".join(f"- {s}" for s in summaries[j]),
+                            max_words=settings.profile_max_words,
+                        )
+                    )
+                    for j in ask
+                ],
+                [
+                    Sampling(
+                        settings.temperature,
+                        settings.top_p,
+                        settings.summarizer_max_tokens,
+                        _seed(settings.seed, jobs[j].user_id, "s"),
+                    )
+                    for j in ask
+                ],
+                on_progress,
+            )
+            if ask
+            else []
+        )
+    except Exception as exc:
+        raise StepError("summarize", exc) from exc
+    tokens = 0
+    for j, out in zip(ask, outs, strict=True):
+        tokens += out.n_tokens
+        text, reason = clean_generated(out.text, settings.profile_max_words)
+        if text is None:
+            bad[j] = f"summarizer output invalid: {reason}"
+        else:
+            profiles[j] = text
+    return profiles, tokens
 
 
 def rows_table(rows: list[dict], dim: int) -> pa.Table:
@@ -504,7 +547,8 @@ def generate_profiles(
         credit = BatchCredit(bar)  # the bar moves call by call, not once per batch
 
         def run(batch: list[UserJob]) -> BatchOut:
-            credit.begin(len(batch) / max(sum(len(j.groups) + 1 for j in batch), 1))  # users per call
+            calls = sum(len(j.groups) + _summarizer_calls(j, settings) for j in batch)
+            credit.begin(len(batch) / max(calls, 1))  # users per call
             return generate_batch(batch, settings, prompts, gen, emb, llm_id, embed_id, credit.on_request)
 
         def done(batch: list[UserJob], result: BatchOut) -> None:

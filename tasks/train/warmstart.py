@@ -70,9 +70,16 @@ def incompatibility(previous: dict[str, Any], current: dict[str, Any]) -> str | 
         for k in SHAPE_KEYS
         if previous.get(k) != current.get(k)
     ]
-    had, has = (float(s.get("id_dropout") or 0.0) > 0 for s in (previous, current))
-    if had != has:  # the ID-row generator exists only with ID dropout
-        diffs.append(f"id_dropout {previous.get('id_dropout', 0.0)!r} -> {current.get('id_dropout')!r}")
+    had, has = (
+        float(s.get("id_dropout") or 0.0) > 0 or bool(s.get("id_text_fit")) for s in (previous, current)
+    )
+    if had != has:  # the ID-row generators exist only with ID dropout or the fitted map
+        fit = [bool(s.get("id_text_fit")) for s in (previous, current)]
+        key, default = ("id_text_fit", False) if fit[0] != fit[1] else ("id_dropout", 0.0)
+        diffs.append(f"{key} {previous.get(key, default)!r} -> {current.get(key, default)!r}")
+    tasks = [s.get("task") or "next" for s in (previous, current)]  # the tensors and what they compute
+    if tasks[0] != tasks[1]:
+        diffs.append(f"task {tasks[0]!r} -> {tasks[1]!r}")
     # LLM4CDSR's domain start states: one tensor more or less (no other architecture has them)
     before, now = bool(previous.get("domain_start")), bool(current.get("domain_start"))
     if current.get("architecture") == "llm4cdsr" and before != now:
