@@ -20,22 +20,13 @@ from zoneinfo import ZoneInfo
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from case_files import CASES, copy_case
 
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks import StageRun
 from bridgerec.tasks.ingest.preprocess import IngestError
 from bridgerec.tasks.ingest.settings import IngestSettings
 from bridgerec.tasks.ingest.stage import run_ingest
-
-CASES = Path(__file__).resolve().parent / "cases"
-
-
-def _case(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A writable copy of tests/cases/<name>, made the working directory (file names as typed)."""
-    here = tmp_path / name
-    shutil.copytree(CASES / name, here)
-    monkeypatch.chdir(here)
-    return here
 
 
 def _ingest(
@@ -63,7 +54,7 @@ def _titles(ws: str = "ws") -> dict[str, str]:
 def test_20_csv_unescaped_quotes_swallow_no_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every one of the 16 catalogue rows is read or quarantined with its line; K05's open quote no
     longer swallows K06..K08; the interactions of the two quarantined items say so."""
-    _case("20-csv-unescaped-quotes", tmp_path, monkeypatch)
+    copy_case("20-csv-unescaped-quotes", tmp_path, monkeypatch)
     summary = _ingest()
     items = summary["accounting"]["items"]
     assert (items["read"], items["kept"], items["quarantined"]) == (16, 14, 2)
@@ -90,7 +81,7 @@ def test_a_stray_quote_in_the_interactions_file_costs_its_row_only(
 ) -> None:
     """Variant of 20: a quote opened in an interactions row (never closed): that row is quarantined with
     its line, the rows after it are read."""
-    here = _case("20-csv-unescaped-quotes", tmp_path, monkeypatch)
+    here = copy_case("20-csv-unescaped-quotes", tmp_path, monkeypatch)
     lines = (here / "interactions.csv").read_text().splitlines(keepends=True)
     lines[6] = lines[6].replace(",K", ',"K', 1)  # line 7: u001,"K04,kitchen,1600118000
     (here / "interactions.csv").write_text("".join(lines))
@@ -108,7 +99,7 @@ def test_a_quote_closed_rows_later_by_another_stray_quote_still_swallows_nothing
 ) -> None:
     """Variant of 20: the open quote of K05 is closed by the inch mark of K07's title two lines later
     (RFC 4180 would read K05..K07 as one row): the lines between read as rows of their own."""
-    here = _case("20-csv-unescaped-quotes", tmp_path, monkeypatch)
+    here = copy_case("20-csv-unescaped-quotes", tmp_path, monkeypatch)
     text = (
         (here / "items.csv").read_text().replace("K07,kitchen,Kitchen product 7", 'K07,kitchen,Pan 10" deep')
     )
@@ -307,7 +298,7 @@ def test_28_leading_zero_ids_stop_the_run_naming_the_mismatch(
 ) -> None:
     """All three variants, the mixed one (3 of 16 ids lost their zeros, 20 % of the rows) included: exit
     2's error names the file, the rows, examples of the pairs and what to do; nothing is written."""
-    here = _case("28-leading-zero-ids", tmp_path, monkeypatch)
+    here = copy_case("28-leading-zero-ids", tmp_path, monkeypatch)
     with pytest.raises(IngestError) as info:
         _ingest(items=items, interactions=interactions)
     message = str(info.value)
@@ -327,7 +318,7 @@ def test_28_leading_zero_ids_through_the_cli(
 
     from bridgerec.cli import app
 
-    _case("28-leading-zero-ids", tmp_path, monkeypatch)
+    copy_case("28-leading-zero-ids", tmp_path, monkeypatch)
     args = ["--items", "items_mixed.csv", "--interactions", "interactions_mixed_int_ids.parquet"]
     result = CliRunner().invoke(app, ["ingest", "--source", "generic", *args, "-w", "ws3", "--json"])
     assert result.exit_code == 2, result.output

@@ -8,13 +8,13 @@ Kinds: control characters in catalogue text reaching the warehouse and the termi
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from case_files import copy_case
 from typer.testing import CliRunner
 
 from bridgerec.cli import app
@@ -28,16 +28,8 @@ from bridgerec.tasks.ingest.text import clean_text
 from bridgerec.tasks.publish.stage import run_publish
 from bridgerec.tasks.train.stage import run_train
 
-CASES = Path(__file__).resolve().parent / "cases"
 # What a terminal obeys: C0 controls but tab and newline, DEL, C1 controls, bidirectional overrides and isolates.
 TERMINAL_COMMANDS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-
-
-def _case(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    here = tmp_path / name
-    shutil.copytree(CASES / name, here)
-    monkeypatch.chdir(here)
-    return here
 
 
 def _ingest_train_publish() -> Path:
@@ -63,7 +55,7 @@ CLEAN = {
 def test_25_control_chars_in_titles_are_removed_at_ingest_and_escaped_on_output(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _case("25-control-chars-in-titles", tmp_path, monkeypatch)
+    copy_case("25-control-chars-in-titles", tmp_path, monkeypatch)
     warehouse = _ingest_train_publish()
     items = {r["item_id"]: r["title"] for r in pq.read_table("ws/ingest/items.parquet").to_pylist()}
     assert {k: items[k] for k in CLEAN} == CLEAN

@@ -22,20 +22,11 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from case_files import CASES, copy_case
 from typer.testing import CliRunner
 
 from bridgerec.cli import app
 from bridgerec.runtime.prefect_api import PrefectUnreachable, check_api, unreachable_in
-
-CASES = Path(__file__).resolve().parent / "cases"
-
-
-def _case(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A writable copy of tests/cases/<name>, made the working directory (configs use relative paths)."""
-    here = tmp_path / name
-    shutil.copytree(CASES / name, here)
-    monkeypatch.chdir(here)
-    return here
 
 
 def closed_local_port() -> int:
@@ -62,7 +53,7 @@ def test_26_prefect_api_unreachable_is_one_error_line(
     """The case's command in a fresh process (Prefect reads PREFECT_API_URL at start-up), the URL at a
     closed port of this machine: one `error:` line naming the URL and what to do, exit 2, no traceback,
     nothing written, no hang."""
-    here = _case("26-prefect-api-unreachable", tmp_path, monkeypatch)
+    here = copy_case("26-prefect-api-unreachable", tmp_path, monkeypatch)
     url = f"http://127.0.0.1:{closed_local_port()}/api"
     started = time.monotonic()
     result = subprocess.run(
@@ -93,7 +84,7 @@ def test_every_flow_command_checks_the_api_first(
     settings and in the environment, as a shell export gives both)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    here = _case("26-prefect-api-unreachable", tmp_path, monkeypatch)
+    here = copy_case("26-prefect-api-unreachable", tmp_path, monkeypatch)
     url = f"http://127.0.0.1:{closed_local_port()}/api"
     monkeypatch.setenv("PREFECT_API_URL", url)
     with temporary_settings({PREFECT_API_URL: url}):
@@ -305,7 +296,7 @@ def test_24_sigterm_during_night_is_recorded_and_leaves_no_process(
     it. SIGINT during the next night (which resumes training): the same, exit 130. SIGKILL during the
     third: nothing can run in the process, so the fourth night finds it 'running', sees its process is
     gone and marks it 'crashed'; that night completes and publishes."""
-    here = _case("24-sigterm-during-night", tmp_path, monkeypatch)
+    here = copy_case("24-sigterm-during-night", tmp_path, monkeypatch)
     warehouse = here / "ws" / "warehouse.duckdb"
     env = {
         "PREFECT_HOME": str(tmp_path / "prefect"),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from case_files import copy_case
 from typer.testing import CliRunner
 
 from bridgerec.cli import app
@@ -36,16 +36,6 @@ from bridgerec.tasks.ingest.stage import run_ingest
 from bridgerec.tasks.publish.stage import run_publish
 from bridgerec.tasks.train.stage import run_train
 
-CASES = Path(__file__).resolve().parent / "cases"
-
-
-def _case(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A writable copy of tests/cases/<name>, made the working directory (configs use relative paths)."""
-    here = tmp_path / name
-    shutil.copytree(CASES / name, here)
-    monkeypatch.chdir(here)
-    return here
-
 
 def _reconciles(summary: dict) -> None:
     for acc in summary["accounting"].values():
@@ -56,7 +46,7 @@ def _reconciles(summary: dict) -> None:
 
 
 def test_03_amazon2018_python_literal_meta_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _case("03-amazon2018-python-literal-meta", tmp_path, monkeypatch)
+    copy_case("03-amazon2018-python-literal-meta", tmp_path, monkeypatch)
     summary = run_ingest(StageRun(load_settings("config.yaml").ingest, Workspace(Path("ws")))).model_dump()
     assert summary["items_per_domain"] == {"food": 5, "kitchen": 5}
     assert (summary["users"], summary["interactions"], summary["quarantined"]) == (6, 21, 0)
@@ -71,7 +61,7 @@ def test_file_that_is_not_json_lines_stops_the_run_with_the_file_named(
 ) -> None:
     """Variant of 03: a meta file in which no line parses (here CSV text) is not '100 % bad rows' of a
     domain that then vanishes: the run stops at ingest, naming the file, exit code 2, nothing written."""
-    here = _case("03-amazon2018-python-literal-meta", tmp_path, monkeypatch)
+    here = copy_case("03-amazon2018-python-literal-meta", tmp_path, monkeypatch)
     (here / "meta_food.json").write_text("asin,title\nF1,Green tea\nF2,Coffee\nF3,Crackers\n")
     result = CliRunner().invoke(app, ["ingest", "--config", "config.yaml", "-w", "ws", "--json"])
     assert result.exit_code == 2, result.output
@@ -83,7 +73,7 @@ def test_file_that_is_not_json_lines_stops_the_run_with_the_file_named(
 
 def test_python_literals_are_never_evaluated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """ast.literal_eval reads literals only: a line with a call is a malformed row, not code run."""
-    here = _case("03-amazon2018-python-literal-meta", tmp_path, monkeypatch)
+    here = copy_case("03-amazon2018-python-literal-meta", tmp_path, monkeypatch)
     marker = tmp_path / "pwned"
     with open(here / "meta_food.json", "a") as fh:
         fh.write(f"{{'asin': 'F9', 'title': __import__('os').system('touch {marker}')}}\n")
@@ -98,7 +88,7 @@ def test_lone_surrogates_cost_the_row_only_in_used_fields(
 ) -> None:
     """Valid JSON with half a surrogate pair: kept when the bad text is in a field the pipeline does
     not read (reviewText), its own reason when it is (title)."""
-    here = _case("03-amazon2018-python-literal-meta", tmp_path, monkeypatch)
+    here = copy_case("03-amazon2018-python-literal-meta", tmp_path, monkeypatch)
     with open(here / "kitchen.json", "a") as fh:
         fh.write(
             '{"reviewerID": "u05", "asin": "K5", "unixReviewTime": 1600500000, "reviewText": "ok \\ud800"}\n'
@@ -121,7 +111,7 @@ def test_lone_surrogates_cost_the_row_only_in_used_fields(
 def test_04_epoch_microseconds_are_read_as_the_instants_they_mean(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _case("04-epoch-microseconds", tmp_path, monkeypatch)
+    copy_case("04-epoch-microseconds", tmp_path, monkeypatch)
     settings = IngestSettings(
         source="generic", items=Path("items.csv"), interactions=Path("interactions.csv")
     )
@@ -144,7 +134,7 @@ def test_out_of_range_instants_are_quarantined_never_stored(
 ) -> None:
     """Variant of 04: nanoseconds are read; a year-52671 ISO date, an epoch beyond any unit, a date
     before the plausible range and infinity are quarantined as bad_timestamp, with no traceback."""
-    here = _case("04-epoch-microseconds", tmp_path, monkeypatch)
+    here = copy_case("04-epoch-microseconds", tmp_path, monkeypatch)
     with open(here / "interactions.csv", "a") as fh:
         fh.write(
             "u07,F1,food,1600000000000000000\nu07,F2,food,1600086400000000000\nu07,K1,kitchen,1600172800000000000\n"
@@ -167,7 +157,7 @@ def test_out_of_range_instants_are_quarantined_never_stored(
 
 
 def test_06_parquet_list_columns_are_read_and_joined(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _case("06-parquet-list-columns", tmp_path, monkeypatch)
+    copy_case("06-parquet-list-columns", tmp_path, monkeypatch)
     summary = run_ingest(StageRun(load_settings("config.yaml").ingest, Workspace(Path("ws")))).model_dump()
     assert summary["items_per_domain"] == {"food": 5, "kitchen": 5}
     assert (summary["users"], summary["interactions"], summary["quarantined"]) == (6, 21, 0)
@@ -230,7 +220,7 @@ def test_parquet_reads_only_mapped_columns_of_any_type(tmp_path: Path) -> None:
 
 def _ingest_train_publish(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The case's three commands (ingest, train, publish) on its config; returns the warehouse path."""
-    _case(name, tmp_path, monkeypatch)
+    copy_case(name, tmp_path, monkeypatch)
     settings = load_settings("config.yaml")
     ws = Workspace(settings.workspace)
     run_ingest(StageRun(settings.ingest, ws))
@@ -380,7 +370,7 @@ def test_stale_write_ahead_log_is_set_aside_and_the_warehouse_stays_readable(
 def test_16_nightly_does_not_retry_a_bad_input_file_and_exits_2(
     prefect_harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _case("16-nightly-retries-deterministic-error", tmp_path, monkeypatch)
+    copy_case("16-nightly-retries-deterministic-error", tmp_path, monkeypatch)
     monkeypatch.setenv("BRIDGEREC_RUNTIME__STAGE_RETRIES", "1")
     monkeypatch.setenv("BRIDGEREC_RUNTIME__RETRY_DELAY_SECONDS", "600")  # a retry would show in the time
     started = time.monotonic()

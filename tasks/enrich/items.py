@@ -94,7 +94,6 @@ def embed_items(
     missing from `cache`. Texts in `failed_before` (text_hash -> failure, from this run's shards) are not
     tried again but reported as errors. Every computed batch goes to `checkpoints` and, when given, to
     the `shared` cache of other workspaces."""
-    log = get_logger()
     texts = item_texts(items, settings)
     hashes = [text_hash(t) for t in texts]
     failed: dict[str, Failed] = dict(failed_before or {})
@@ -104,61 +103,98 @@ def embed_items(
             todo[h] = t
     seconds = 0.0
     if todo:
-        log.info(
+        get_logger().info(
             "enrich: %s of %s item texts to embed (%s cached)",
             f"{len(todo):,}",
             f"{len(set(hashes)):,}",
             f"{len(cache.rows):,}",
         )
-        embedder = get_embedder()
-        if cache.dim is not None and cache.dim != embedder.dim:
-            raise ValueError(
-                f"model {model_id} gives {embedder.dim}-d vectors, the cache holds {cache.dim}-d"
-            )
-        units = list(todo.items())
-        started = time.perf_counter()
-        with progress_bar("enrich: item embeddings", total=len(units), unit="texts") as bar:
-            credit = BatchCredit(bar)  # the bar moves as texts finish inside a batch
+        sink = _BatchSink(cache, model_id, checkpoints, shared)
+        seconds = _embed_missing(todo, settings, model_id, get_embedder(), sink, failed)
+    return _item_result(items, hashes, cache, model_id, todo, failed, seconds)
 
-            def done(batch: list[tuple[str, str]], vectors: np.ndarray) -> None:
-                batch_hashes = [h for h, _ in batch]
-                cache.add(batch_hashes, vectors)
-                rows = pa.table(
-                    {
-                        "text_hash": batch_hashes,
-                        "model_id": [model_id] * len(batch),
-                        "vector": fixed_list(vectors),
-                    }
-                )
-                if checkpoints is not None:
-                    checkpoints.write(CHECKPOINT_KIND, rows)
-                if shared is not None:
-                    shared.write(rows)
-                credit.settle(len(batch))
 
-            def fail(f: Failed) -> None:
-                failed[f.unit[0]] = f
-                credit.settle(1)
+@dataclass
+class _BatchSink:
+    """Where a computed batch of vectors goes: the run's cache, its checkpoints, the shared cache."""
 
-            for start in range(0, len(units), settings.batch_size):
-                run_resilient(
-                    units[start : start + settings.batch_size],
-                    lambda batch: embedder.embed([t for _, t in batch], credit.on_request),
-                    done,
-                    fail,
-                    retries=settings.retries,
-                    backoff_s=settings.backoff_s,
-                    what="embedding batch",
-                )
-        seconds = time.perf_counter() - started
-        n_failed = sum(1 for h in todo if h in failed)
-        log.info(
-            "enrich: embedded %s texts in %.1f s (%.0f/s), %d failed",
-            f"{len(todo) - n_failed:,}",
-            seconds,
-            (len(todo) - n_failed) / max(seconds, 1e-9),
-            n_failed,
+    cache: VectorCache
+    model_id: str
+    checkpoints: Checkpoints | None
+    shared: EmbeddingCache | None
+
+    def write(self, hashes: list[str], vectors: np.ndarray) -> None:
+        self.cache.add(hashes, vectors)
+        rows = pa.table(
+            {"text_hash": hashes, "model_id": [self.model_id] * len(hashes), "vector": fixed_list(vectors)}
         )
+        if self.checkpoints is not None:
+            self.checkpoints.write(CHECKPOINT_KIND, rows)
+        if self.shared is not None:
+            self.shared.write(rows)
+
+
+def _embed_missing(
+    todo: dict[str, str],
+    settings: EnrichSettings,
+    model_id: str,
+    embedder: Embedder,
+    sink: _BatchSink,
+    failed: dict[str, Failed],
+) -> float:
+    """Embed `todo` (text_hash -> text) in batches of `settings.batch_size`, retried per
+    `settings.retries`; each batch goes to `sink`, each text that keeps failing into `failed`.
+    Returns the seconds spent. Raises ValueError when the model's dimension differs from the cache's."""
+    if sink.cache.dim is not None and sink.cache.dim != embedder.dim:
+        raise ValueError(
+            f"model {model_id} gives {embedder.dim}-d vectors, the cache holds {sink.cache.dim}-d"
+        )
+    units = list(todo.items())
+    started = time.perf_counter()
+    with progress_bar("enrich: item embeddings", total=len(units), unit="texts") as bar:
+        credit = BatchCredit(bar)  # the bar moves as texts finish inside a batch
+
+        def done(batch: list[tuple[str, str]], vectors: np.ndarray) -> None:
+            sink.write([h for h, _ in batch], vectors)
+            credit.settle(len(batch))
+
+        def fail(f: Failed) -> None:
+            failed[f.unit[0]] = f
+            credit.settle(1)
+
+        for start in range(0, len(units), settings.batch_size):
+            run_resilient(
+                units[start : start + settings.batch_size],
+                lambda batch: embedder.embed([t for _, t in batch], credit.on_request),
+                done,
+                fail,
+                retries=settings.retries,
+                backoff_s=settings.backoff_s,
+                what="embedding batch",
+            )
+    seconds = time.perf_counter() - started
+    n_failed = sum(1 for h in todo if h in failed)
+    get_logger().info(
+        "enrich: embedded %s texts in %.1f s (%.0f/s), %d failed",
+        f"{len(todo) - n_failed:,}",
+        seconds,
+        (len(todo) - n_failed) / max(seconds, 1e-9),
+        n_failed,
+    )
+    return seconds
+
+
+def _item_result(
+    items: pa.Table,
+    hashes: list[str],
+    cache: VectorCache,
+    model_id: str,
+    todo: dict[str, str],
+    failed: dict[str, Failed],
+    seconds: float,
+) -> ItemResult:
+    """The embeddings table of the items whose text has a vector in `cache` (rows in item order), the
+    [n_items, dim] float32 matrix (zero rows where missing) and an error row per item whose text failed."""
     dim = cache.dim if cache.dim is not None else 0
     matrix = cache.matrix()
     ok = np.array([h in cache for h in hashes], dtype=bool)
