@@ -118,6 +118,8 @@ def test_enrich_command_shows_bridgerec_lines_and_keeps_the_rest_in_the_log(tmp_
         "profiles: {max_users: 2, analyzer_max_tokens: 16, summarizer_max_tokens: 32, titles_per_cluster: 5}\n"
     )
     env = {k: v for k, v in os.environ.items() if k != console.VERBOSE_ENV}
+    # A wide terminal: the count is of the lines written, not of pytest's long paths wrapped at 80.
+    env["COLUMNS"] = "160"
     done = subprocess.run(
         [sys.executable, "-m", "bridgerec.cli", "enrich", "--config", str(config), "-w", str(ws.root)],
         stdout=subprocess.PIPE,
@@ -131,7 +133,10 @@ def test_enrich_command_shows_bridgerec_lines_and_keeps_the_rest_in_the_log(tmp_
     noise = [line for line in terminal if any(word in line for word in THIRD_PARTY)]
     assert not noise, "\n".join(terminal)
     bars = [line for line in terminal if "━" in line]
-    assert len(terminal) - len(bars) <= 20, "\n".join(terminal)
+    # The packaged LLM's one-time conversion (first use on a machine, as in CI's fresh clone) says so in
+    # up to three `models:` lines; they are bridgerec's, but not part of every run.
+    once = [line for line in terminal if line.startswith("models: ")]
+    assert len(terminal) - len(bars) - len(once) <= 20, "\n".join(terminal)
     assert terminal[0].startswith("log: ") and any(
         "enrich: generated 2 profiles" in line for line in terminal
     )
