@@ -220,6 +220,11 @@ def _categories(ws: Path) -> str:
     return f"categories stored as `{row['categories']}`"
 
 
+def _u07_rows(stamp: Callable[[int], str]) -> str:
+    """Interaction rows of user u07 buying F1, F2, F3 in that order, the k-th at `stamp(k)`."""
+    return "".join(f"u07,{item},food,{stamp(k)}\n" for k, item in enumerate(["F1", "F2", "F3"]))
+
+
 def _first_instant(user: str) -> Callable[[Path], str]:
     def check(ws: Path) -> str:
         rows = [
@@ -255,46 +260,28 @@ FAULTS = [
     Fault("unparseable timestamp", generic(inter_extra="u01,F3,food,yesterday\n"), {"bad_timestamp": 1}),
     Fault(
         "epoch timestamps in microseconds",
-        generic(
-            inter_extra="".join(
-                f"u07,{i},food,{(T0 + k) * 10**6}\n" for k, i in enumerate(["F1", "F2", "F3"])
-            )
-        ),
+        generic(inter_extra=_u07_rows(lambda k: f"{(T0 + k) * 10**6}")),
         check=_first_instant("u07"),
     ),
     Fault(
         "epoch timestamps in nanoseconds",
-        generic(
-            inter_extra="".join(
-                f"u07,{i},food,{(T0 + k) * 10**9}\n" for k, i in enumerate(["F1", "F2", "F3"])
-            )
-        ),
+        generic(inter_extra=_u07_rows(lambda k: f"{(T0 + k) * 10**9}")),
         check=_first_instant("u07"),
     ),
     Fault(
         "ISO 8601 timestamps with an offset",
-        generic(
-            inter_extra="".join(
-                f"u07,{i},food,2020-09-1{k}T17:26:40+05:00\n" for k, i in enumerate(["F1", "F2", "F3"])
-            )
-        ),
+        generic(inter_extra=_u07_rows(lambda k: f"2020-09-1{k}T17:26:40+05:00")),
         check=_first_instant("u07"),
     ),
     Fault(
         "ISO 8601 timestamps without an offset (naive)",
-        generic(
-            inter_extra="".join(
-                f"u07,{i},food,2020-09-1{k} 17:26:40\n" for k, i in enumerate(["F1", "F2", "F3"])
-            )
-        ),
+        generic(inter_extra=_u07_rows(lambda k: f"2020-09-1{k} 17:26:40")),
         check=_first_time("u07"),
     ),
     Fault(
         "naive timestamps with `timestamps.naive_zone: '+05:30'`",
         generic(
-            inter_extra="".join(
-                f"u07,{i},food,2020-09-1{k} 17:26:40\n" for k, i in enumerate(["F1", "F2", "F3"])
-            ),
+            inter_extra=_u07_rows(lambda k: f"2020-09-1{k} 17:26:40"),
             timestamps=TimestampSettings(naive_zone="+05:30"),
         ),
         check=_first_time("u07"),
