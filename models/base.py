@@ -8,6 +8,8 @@ domain d,
 
 where `item_vectors(d)` are the rows `item_rows(d, ids)` the training objective scores (the same
 function, every local id of d), and `score(inputs, d, candidates)` is that dot product for some items.
+At inference a model may append columns to both sides that training does not score (`serving_rows`:
+LLM4CDSR's text prior, w * cos(history text, item text), fitted after training).
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ class Recommender(nn.Module):
 
     name = "recommender"
     trainable = True  # False: fitted by counting (pop), no gradient steps
+    # The text prior's width (LLM4CDSR's `text_prior`): the last `prior_dims` columns of the user and item
+    # vectors (inference only: the training objective scores `item_rows`) are w * the history's text and
+    # the item's text, so the score adds w * their cosine; 0 = no prior. `set_text_prior(w)` sets w (`models/evaluate.py: fit_text_prior`).
+    prior_dims = 0
     # buffers (register_buffer), by global id: [N + 1] domain and local id of each item; [D] offsets
     item_domain: Tensor
     item_local: Tensor
@@ -106,6 +112,10 @@ class Recommender(nn.Module):
         """Called by the training loop after every epoch, before validation: parts fitted in closed form
         rather than by gradient steps (LLM4CDSR's `id_text_fit`); a no-op otherwise."""
 
+    def set_text_prior(self, weight: float) -> None:
+        """Set the text prior's weight w (models with `prior_dims` > 0)."""
+        raise NotImplementedError(f"{self.name} has no text prior")
+
     def serving_update(self, data: SequenceData) -> None:
         """Called by the export before computing serving vectors from the whole history (pop recounts
         every known interaction; neural models need nothing)."""
@@ -116,9 +126,14 @@ class Recommender(nn.Module):
 
     def item_vectors(self, domain: int) -> Tensor:
         """[n_d + 1, D] the item side for every local id of `domain` (row 0 = padding, zero)."""
-        return self.item_rows(domain, torch.arange(self.sizes[domain] + 1, device=self.offsets.device))
+        return self.serving_rows(domain, torch.arange(self.sizes[domain] + 1, device=self.offsets.device))
+
+    def serving_rows(self, domain: int, lids: Tensor) -> Tensor:
+        """[...] local ids of `domain` -> [..., D'] the item side of the score at inference: `item_rows`
+        and what only inference adds (LLM4CDSR's text prior: `prior_dims` more columns)."""
+        return self.item_rows(domain, lids)
 
     def score(self, inputs: Tensor, domain: int, candidates: Tensor) -> Tensor:
         """inputs: [B, L] global ids, candidates: [B, C] local ids of `domain` -> [B, C] scores."""
         users = self.user_vectors(inputs, domain)  # [B, D]
-        return (self.item_rows(domain, candidates) * users.unsqueeze(1)).sum(-1)
+        return (self.serving_rows(domain, candidates) * users.unsqueeze(1)).sum(-1)

@@ -72,6 +72,14 @@ class ModelConfig:
     # the items with training interactions (weighted by them; the ridge strength chosen on a held-out
     # fifth of those items), instead of by gradient steps; items without interactions use the predicted row.
     id_text_fit: bool = False
+    # The text prior: every score gets w * cos(history text, item text), the cosine of the item's LLM
+    # embedding with the unit-norm sum of the history's (what raw text similarity ranks by, untrained);
+    # the user vector carries w * that sum, the item vector the item's unit-norm embedding (the scoring
+    # contract holds). Off while training; w is fitted on validation after it (`fit_text_prior`).
+    text_prior: bool = False
+    # The prior's weight on items without training interactions (`id_known` 0: new catalogue items) is
+    # w * text_prior_new_items: how much of their text similarity new items may bring to the score.
+    text_prior_new_items: float = 1.0
     # A learned state per domain thread for a target with no earlier item of its domain (instead of no
     # domain term): what a user who never shopped in the domain is scored with.
     domain_start: bool = False

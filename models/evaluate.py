@@ -24,7 +24,7 @@ from torch import Tensor
 
 from bridgerec.models.base import Recommender
 from bridgerec.models.data import Catalog, EvalSplit, _ranges, users_by_domain
-from bridgerec.models.metrics import as_numpy, rank_full, rank_sampled, summarise
+from bridgerec.models.metrics import as_numpy, ndcg, rank_full, rank_sampled, summarise
 
 
 @dataclass
@@ -80,18 +80,82 @@ def _full_rank(
     finite) over the whole domain, earlier items of the user left out."""
     scores = u @ items.T  # [B, n_d + 1]
     broken = ~torch.isfinite(scores[:, 1:]).all(1)
+    rows, cols = left_out(target, chunk, split, ex_offsets)
     scores[:, 0] = -torch.inf  # padding row
-    b = chunk.numpy()
-    counts = ex_offsets[b + 1] - ex_offsets[b]
-    idx = np.repeat(ex_offsets[b], counts) + _ranges(counts)
-    rows = torch.from_numpy(np.repeat(np.arange(len(b)), counts)).to(scores.device)
-    cols = torch.from_numpy(split.exclude_items[idx]).to(scores.device)
-    earlier = cols != target[rows]  # a repeat of the target stays in
-    scores[rows[earlier], cols[earlier]] = -torch.inf
+    scores[rows, cols] = -torch.inf
     rank = rank_full(scores, target)
     # The target itself may be recommended (it is unseen); the items seen before it may not.
     best = torch.topk(scores, min(TOP_K, scores.shape[1] - 1), dim=1).indices
     return rank, best, broken
+
+
+def left_out(
+    target: Tensor, chunk: Tensor, split: EvalSplit, ex_offsets: np.ndarray
+) -> tuple[Tensor, Tensor]:
+    """(rows, cols): the scores a full ranking leaves out for the users `chunk` ([B] rows of `split`;
+    `target` [B] their local target ids): each user's earlier items of the target's domain, except a
+    repeat of the target, as rows of the chunk and local ids. `ex_offsets` [U + 1]:
+    `np.searchsorted(split.exclude_users, np.arange(U + 1))`, each user's slice of the exclusions."""
+    b = chunk.numpy()
+    counts = ex_offsets[b + 1] - ex_offsets[b]
+    idx = np.repeat(ex_offsets[b], counts) + _ranges(counts)
+    rows = torch.from_numpy(np.repeat(np.arange(len(b)), counts)).to(target.device)
+    cols = torch.from_numpy(split.exclude_items[idx]).to(target.device)
+    earlier = cols != target[rows]  # a repeat of the target stays in
+    return rows[earlier], cols[earlier]
+
+
+@torch.no_grad()
+def fit_text_prior(
+    model: Recommender,
+    split: EvalSplit,
+    grid: list[float],
+    batch_size: int,
+    device: torch.device | str = "cpu",
+) -> tuple[float, dict[float, float]]:
+    """Choose the text prior's weight w (`model.prior_dims` > 0) on `split`: full-ranking NDCG@10 of
+    score + w * cos(history text, item text) for each w of `grid`, over every user of the split; sets the
+    best (ties: the smaller w) and returns (it, {w: NDCG@10}).
+
+    Score-level fusion of a collaborative and a content score with a weight tuned on validation, as
+    hybrid recommenders do. One pass of the model per user: the two parts' margins over the target are
+    kept apart and combined per w (the same ranks as `evaluate` with w set, up to floating-point
+    rounding of near ties; a model with non-finite scores is caught by `evaluate` after the fit)."""
+    if not model.prior_dims:
+        raise ValueError(f"{model.name} has no text prior to fit")
+    model.eval()
+    model.set_text_prior(1.0)  # the prior's columns unscaled: the score's two parts can be split
+    p = model.prior_dims
+    U = split.inputs.shape[0]
+    ranks = {w: np.zeros(U, np.int64) for w in grid}
+    ex_offsets = np.searchsorted(split.exclude_users, np.arange(U + 1))
+    assert split.candidates is not None
+    for d, users in enumerate(users_by_domain(split.target_domain, model.n_domains)):
+        if not len(users):
+            continue
+        items = model.item_vectors(d)  # [n_d + 1, D + p]
+        for chunk in torch.split(users, batch_size):
+            u = model.user_vectors(split.inputs[chunk].to(device), d)  # [B, D + p]
+            target = split.candidates[chunk, 0].to(device)[:, None]  # [B, 1] local ids
+            # Each part's margin over the target's: an item competes at w where learned + w * text >= 0
+            # (ties against the target, as rank_full; the target itself counts once, hence - 1).
+            learned = u[:, :-p] @ items[:, :-p].T  # [B, n_d + 1]
+            learned -= learned.gather(1, target)
+            text = u[:, -p:] @ items[:, -p:].T  # [B, n_d + 1] the cosines
+            text -= text.gather(1, target)
+            rows, cols = left_out(target[:, 0], chunk, split, ex_offsets)
+            learned[:, 0] = -torch.inf  # the padding and the user's earlier items never compete
+            learned[rows, cols] = -torch.inf
+            combined = torch.empty_like(learned)  # reused per w: no new [B, n_d + 1] buffers
+            competes = torch.empty_like(learned, dtype=torch.bool)
+            for w in grid:
+                torch.add(learned, text, alpha=w, out=combined)
+                torch.ge(combined, 0, out=competes)
+                ranks[w][chunk.numpy()] = as_numpy(competes.sum(1, dtype=torch.int32) - 1)  # [B]
+    figures = {w: ndcg(r, 10) for w, r in ranks.items()}
+    best = max(sorted(grid), key=lambda w: figures[w])  # max keeps the first (smallest) of equals
+    model.set_text_prior(best)
+    return best, figures
 
 
 def popularity_tables(counts: np.ndarray, catalog: Catalog) -> tuple[np.ndarray, np.ndarray]:

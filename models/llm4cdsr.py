@@ -122,6 +122,7 @@ class LLM4CDSR(Recommender):
     E_all: Tensor  # buffer: [N + 1, Dg] the global LLM table (the local ones: `E_local_<d>`)
     id_known: Tensor  # buffer: [N + 1] 1.0 for items with training interactions (with id_embeddings)
     S_all: Tensor  # buffer, fusion null_space: [N + 1, semantic_dims] (the local ones: `S_local_<d>`)
+    text_prior_weight: Tensor  # buffer, text_prior: [1] the weight w of the prior's cosine
 
     def __init__(
         self,
@@ -166,6 +167,9 @@ class LLM4CDSR(Recommender):
             if profile_dim and self.beta > 0
             else None
         )
+        self.prior_dims = Dg if config.text_prior else 0
+        if config.text_prior:  # the text prior's weight w (0 until `fit_text_prior` sets it)
+            self.register_buffer("text_prior_weight", torch.zeros(1))
 
     def _build_adapters(self, config: ModelConfig, Dg: int, Dl: int) -> None:
         """fusion add: the paper's adapter (two linear maps, D -> D/2 -> hidden) for the mixed thread,
@@ -451,6 +455,17 @@ class LLM4CDSR(Recommender):
             rows.append(self.item_bias(domain, lids))
         return torch.cat(rows, -1)  # [..., 2H (+ 1)]
 
+    def serving_rows(self, domain: int, lids: Tensor) -> Tensor:
+        rows = self.item_rows(domain, lids)  # [..., 2H (+ 1)]
+        if not self.prior_dims:
+            return rows
+        gids = self.global_ids(domain, lids)
+        prior = self.prior_items(gids)  # [..., Dg]
+        boost = self.config.text_prior_new_items
+        if boost != 1.0 and self.id_embeddings:  # items without training interactions: w * boost
+            prior = prior * (1.0 + (boost - 1.0) * (1.0 - self.id_known[gids])).unsqueeze(-1)
+        return torch.cat([rows, prior], -1)  # [..., 2H (+ 1) + Dg]
+
     def per_thread_rows(self, domain: int, mixed_gids: Tensor, lids: Tensor) -> Tensor:
         rows = [self.embed_global(mixed_gids), self.embed_local(lids, domain)]
         if self.bias is not None:  # the domain thread's negative is the target domain's item
@@ -517,4 +532,21 @@ class LLM4CDSR(Recommender):
         threads = self.encode(inputs, domains, append_mask=self.config.task == "cloze")
         rows = torch.arange(inputs.shape[0], device=inputs.device)  # [B]
         cols = torch.full_like(rows, threads.mixed.shape[1] - 1)  # [B] the last column
-        return [self.fused_state(threads, d, rows, cols) for d in domains]
+        users = [self.fused_state(threads, d, rows, cols) for d in domains]
+        if self.prior_dims:
+            prior = self.text_prior_weight * self.prior_users(inputs)  # [B, Dg]
+            users = [torch.cat([u, prior], -1) for u in users]
+        return users
+
+    # -- the text prior: w * cos(history text, item text) added to every score at inference -----------
+    def prior_items(self, gids: Tensor) -> Tensor:
+        """[...] global ids -> [..., Dg] the items' unit-norm LLM embeddings (zero for the padding)."""
+        return F.normalize(self.E_all[gids], dim=-1)
+
+    def prior_users(self, inputs: Tensor) -> Tensor:
+        """inputs: [B, L] global ids -> [B, Dg] the unit-norm sum of the history's unit-norm LLM embeddings:
+        the user of the text-only bound (bench/coldstart_text.py), so that prior . item is its cosine."""
+        return F.normalize(self.prior_items(inputs).sum(1), dim=-1)
+
+    def set_text_prior(self, weight: float) -> None:
+        self.text_prior_weight.fill_(weight)

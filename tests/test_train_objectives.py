@@ -93,7 +93,8 @@ def _direct_loss(model, batch: Batch, objective: str) -> torch.Tensor:
     """Position by position, with the model's own score function (user vector . item vector)."""
     terms = []
     for g in model.train_targets(batch):
-        items = model.item_vectors(g.domain)  # [n_d + 1, D]
+        # the rows the objective scores: the inference vectors less the text prior's columns (not trained)
+        items = model.item_vectors(g.domain)[:, : g.users.shape[1]]  # [n_d + 1, D]
         for p in range(len(g.targets)):
             u, t = g.users[p], int(g.targets[p])
             if objective == "bce":
@@ -136,7 +137,7 @@ def test_bce_per_thread_negatives_equal_a_direct_computation() -> None:
     terms = []
     with torch.no_grad():
         for g in model.train_targets(batch):
-            items = model.item_vectors(g.domain)  # [n_d + 1, 2H]: [adapted global, local]
+            items = model.item_vectors(g.domain)[:, : 2 * H]  # [n_d + 1, 2H]: [adapted global, local]
             for p in range(len(g.targets)):
                 u, t = g.users[p], int(g.targets[p])
                 gid = g.mixed_negatives[p : p + 1]
@@ -342,7 +343,7 @@ def test_cloze_inference_is_the_training_state_of_a_masked_last_item(block: str)
         trained = _vectors(model, batch)
         inputs = batch.prefix[:main, :-1]
         for d in range(2):
-            served = model.user_vectors(inputs, d)
+            served = model.user_vectors(inputs, d)[:, : 2 * model.config.hidden]  # the prior aside
             for r in range(main):
                 key = (d, r, batch.prefix.shape[1] - 1)
                 if key in trained:

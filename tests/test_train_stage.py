@@ -115,10 +115,18 @@ def test_exported_vectors_reproduce_the_models_scores(trained, enriched_workspac
     model, config, catalog = load_run(Path(summary.run_dir), ws)
     seqs = load_sequences(ws)
     full_history = SequenceData(catalog, seqs, config["settings"]["max_len"]).eval_split("export", 0, 0, 1)
+    # train.text_prior (on by default): the weight chosen on validation is what the saved model scores with
+    grid = config["settings"]["text_prior_grid"]
+    assert summary.text_prior["weight"] in grid and set(summary.text_prior["valid_ndcg@10"]) == {
+        str(w) for w in grid
+    }
+    assert float(model.text_prior_weight) == summary.text_prior["weight"]
     for d, name in enumerate(catalog.domains):
         dv = vectors[name]
         assert dv.user_ids == seqs.user_ids and len(dv.item_ids) == catalog.sizes[d]
-        assert dv.user_vectors.dtype == np.float32 and dv.user_vectors.shape[1] == 2 * 32
+        # two threads of 32, and the text prior's columns (the global LLM table's width)
+        width = 2 * 32 + config["model_config"]["global_dim"]
+        assert dv.user_vectors.dtype == np.float32 and dv.user_vectors.shape[1] == width
         users = torch.arange(0, len(seqs.user_ids), 97)
         cand = torch.arange(1, catalog.sizes[d] + 1).repeat(len(users), 1)
         with torch.no_grad():

@@ -365,6 +365,8 @@ def _config(arch: str, **kw) -> ModelConfig:
         ("llm4cdsr", {"id_embeddings": True}),
         ("llm4cdsr", {"id_embeddings": True, "id_dropout": 0.3}),
         ("llm4cdsr", {"id_embeddings": True, "id_text_fit": True}),
+        ("llm4cdsr", {"id_embeddings": True, "id_text_fit": True, "text_prior": True}),
+        ("llm4cdsr", {"text_prior": True, "task": "cloze"}),
         ("llm4cdsr", {"id_embeddings": True, "task": "cloze"}),
         ("llm4cdsr", {"id_embeddings": True, "adapter_per_domain": True}),
         ("llm4cdsr", {"id_embeddings": True, "item_bias": True, "domain_start": True}),
@@ -383,6 +385,8 @@ def test_user_and_item_vectors_reproduce_the_forward_scores(arch: str, kw: dict)
     model = build_model(_config(arch, **kw), CATALOG, _tables()).eval()
     if getattr(model, "domain_start", None) is not None:
         torch.nn.init.normal_(model.domain_start)  # a trained, non-zero start state
+    if model.prior_dims:
+        model.set_text_prior(2.5)  # a fitted, non-zero text prior weight
     # the last user has no item of domain b
     inputs = torch.tensor([[0, 0, 1, 7, 2, 8], [0, 0, 0, 9, 10, 4], [5, 6, 1, 2, 11, 7], [0, 0, 0, 0, 1, 2]])
     for d, n in enumerate(CATALOG.sizes):
@@ -553,6 +557,99 @@ def test_id_text_fit_scores_new_items_with_the_map_fitted_on_warm_items() -> Non
         assert torch.allclose(got[~unknown], own[~unknown], atol=1e-6)  # no replacement while training
         text = model.E_all[ids[unknown]]
         assert torch.allclose(got[unknown], model.adapter(text) + model.id_from_text_all(text), atol=1e-6)
+
+
+def test_text_prior_adds_the_cosine_of_history_and_item_texts_outside_training() -> None:
+    """text_prior: at inference every score gains w * cos(unit-norm sum of the history's unit-norm LLM
+    embeddings, the item's unit-norm LLM embedding), computed here by hand; the rest of the score is
+    the model's own (w = 0 gives it back exactly). The training objective scores without the prior's
+    columns, and the prior reads only the inputs (a later item cannot change it: no leak)."""
+    torch.manual_seed(0)
+    model = build_model(_config("llm4cdsr", id_embeddings=True, text_prior=True), CATALOG, _tables()).eval()
+    plain = build_model(_config("llm4cdsr", id_embeddings=True), CATALOG, _tables()).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "text_prior_weight"})
+    assert model.prior_dims == 24 and float(model.text_prior_weight) == 0.0
+    inputs = torch.tensor([[0, 0, 1, 7, 2, 8], [0, 0, 0, 9, 10, 4], [0, 0, 0, 0, 1, 2]])
+    E = F.normalize(model.E_all, dim=1)
+    history = F.normalize(E[inputs].sum(1), dim=1)  # [B, 24]
+    with torch.no_grad():
+        for d, n in enumerate(CATALOG.sizes):
+            cand = torch.arange(1, n + 1).repeat(len(inputs), 1)
+            base = plain.score(inputs, d, cand)
+            assert torch.allclose(model.score(inputs, d, cand), base, atol=1e-6)  # w = 0
+            model.set_text_prior(3.0)
+            cosine = history @ E[torch.arange(1, n + 1) + int(CATALOG.offsets[d])].T  # [B, n]
+            assert torch.allclose(model.score(inputs, d, cand), base + 3.0 * cosine, atol=1e-5)
+            model.set_text_prior(0.0)
+        model.set_text_prior(3.0)
+        later = inputs.clone()
+        later[:, -1] = torch.tensor([3, 11, 5])  # another last item: the prior follows the inputs only
+        assert not torch.allclose(
+            model.user_vectors(later, 0)[:, -24:], model.user_vectors(inputs, 0)[:, -24:]
+        )
+        assert torch.allclose(model.user_vectors(inputs, 0)[:, -24:], 3.0 * history, atol=1e-6)
+        # the training objective scores item_rows: no prior while training
+        assert model.item_rows(0, torch.arange(1, 7)).shape[-1] == model.item_vectors(0).shape[-1] - 24
+
+
+def test_text_prior_new_items_scales_the_prior_of_items_without_training_interactions_only() -> None:
+    """text_prior_new_items = c: an item without training interactions (`set_trained_items` count 0)
+    scores learned + c * w * cosine, every other item learned + w * cosine, computed against the same
+    model at c = 1; the user side and the training rows are unchanged."""
+    torch.manual_seed(0)
+    boosted = build_model(
+        _config("llm4cdsr", id_embeddings=True, text_prior=True, text_prior_new_items=2.5), CATALOG, _tables()
+    ).eval()
+    model = build_model(_config("llm4cdsr", id_embeddings=True, text_prior=True), CATALOG, _tables()).eval()
+    model.load_state_dict(boosted.state_dict())
+    counts = np.ones(CATALOG.n_items + 1)
+    counts[[0, 2, 9]] = 0  # global ids 2 (domain 0) and 9 (domain 1) are new
+    for m in (boosted, model):
+        m.set_trained_items(counts)
+        m.set_text_prior(3.0)
+    inputs = torch.tensor([[0, 0, 1, 7, 3, 8], [0, 0, 0, 10, 11, 4]])
+    E = F.normalize(model.E_all, dim=1)
+    history = F.normalize(E[inputs].sum(1), dim=1)  # [B, 24]
+    with torch.no_grad():
+        for d, n in enumerate(CATALOG.sizes):
+            cand = torch.arange(1, n + 1).repeat(len(inputs), 1)
+            gids = torch.arange(1, n + 1) + int(CATALOG.offsets[d])
+            cosine = history @ E[gids].T  # [B, n]
+            extra = 1.5 * 3.0 * cosine * torch.from_numpy(counts[gids.numpy()] == 0)  # (c - 1) * w * cos
+            got, plain = boosted.score(inputs, d, cand), model.score(inputs, d, cand)
+            assert torch.allclose(got, plain + extra, atol=1e-5)
+            assert (counts[gids.numpy()] == 0).any()  # each domain has a new item here
+            assert torch.equal(boosted.user_vectors(inputs, d), model.user_vectors(inputs, d))
+            assert torch.equal(boosted.item_rows(d, cand[0]), model.item_rows(d, cand[0]))
+
+
+def test_the_text_prior_weight_fitted_on_validation_is_the_best_of_its_grid() -> None:
+    """fit_text_prior: for each weight of the grid its NDCG@10 is what `evaluate` gives with that weight
+    set (full ranking, earlier items left out); it leaves the model at the best (the smaller of equals)."""
+    from bridgerec.models.evaluate import evaluate, fit_text_prior
+
+    torch.manual_seed(0)
+    model = build_model(_config("llm4cdsr", id_embeddings=True, text_prior=True), CATALOG, _tables()).eval()
+    seqs = [
+        [1, 7, 2, 8, 3, 9],
+        [9, 10, 4, 5, 11],
+        [5, 6, 1, 2, 11, 7, 3],
+        [7, 8, 9, 1, 10, 2],
+        [2, 3, 4, 5, 6],
+    ]
+    split = SequenceData(CATALOG, sequences(seqs), 10).eval_split("valid", 3, 0, 3)
+    grid = [0.0, 1.0, 4.0, 1000.0]
+    best, figures = fit_text_prior(model, split, grid, batch_size=2)
+    assert set(figures) == set(grid) and float(model.text_prior_weight) == best
+    assert figures[best] == max(figures.values()) and best == min(
+        w for w in grid if figures[w] == figures[best]
+    )
+    for w in grid:
+        model.set_text_prior(w)
+        full = evaluate(model, split, batch_size=2, full=True).full
+        assert full is not None and math.isclose(ndcg(full, 10), figures[w], abs_tol=1e-12)
+    with pytest.raises(ValueError, match="no text prior"):
+        fit_text_prior(build_model(_config("sasrec"), CATALOG, None), split, grid, 2)
 
 
 def test_id_dropout_scores_new_items_with_an_id_row_predicted_from_text() -> None:

@@ -396,6 +396,13 @@ def test_a_warm_start_needs_the_id_row_generator_on_both_sides_or_neither() -> N
     assert default["id_text_fit"] is True
     before = {k: v for k, v in base.items() if k != "id_text_fit"}
     assert incompatibility(before, default | {"architecture": "llm4cdsr"}) == "id_text_fit False -> True"
+    # text_prior (default since 2026-12-03) adds its weight: a night from before it starts cold, once;
+    # another grid only changes the fit after training
+    current = default | {"architecture": "llm4cdsr"}
+    assert default["text_prior"] is True
+    no_prior = {k: v for k, v in current.items() if k != "text_prior"}
+    assert incompatibility(no_prior, current) == "text_prior False -> True"
+    assert incompatibility(current, current | {"text_prior_grid": [0.0, 4.0]}) is None
     # the training task: cloze adds mask tokens, and every task reads the states another way
     assert incompatibility(base, base | {"task": "cloze"}) == "task 'next' -> 'cloze'"
     assert incompatibility({k: v for k, v in base.items() if k != "task"}, base) is None

@@ -118,6 +118,9 @@ class TrainSettings(StageSettings):
         "fusion": "add",
         "semantic_dims": 64,
         "mask_prob": 0.2,
+        "text_prior": False,
+        "text_prior_grid": [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
+        "text_prior_new_items": 1.0,
     }
 
     def ignored_fields(self) -> set[str]:
@@ -129,6 +132,12 @@ class TrainSettings(StageSettings):
         ignored |= set() if self.fusion == "null_space" else {"semantic_dims"}
         ignored |= set() if self.resolved().id_embeddings else {"id_text_fit"}  # no ID rows to predict
         ignored |= {"hide_domain"} if self.effective_hide_domain == 0 else set()
+        if self.architecture != "llm4cdsr":
+            ignored |= {"text_prior", "text_prior_grid", "text_prior_new_items"}  # no LLM table
+        elif not self.text_prior:
+            ignored |= {"text_prior_grid", "text_prior_new_items"}
+        elif not self.resolved().id_embeddings:  # every item is scored by its text: none is "new"
+            ignored |= {"text_prior_new_items"}
         return ignored | (set() if self.bce_negatives_apply else {"bce_negatives"})
 
     model: str = Field(default="llm4cdsr-hybrid", description=f"One of: {', '.join(MODEL_PRESETS)}.")
@@ -263,6 +272,32 @@ class TrainSettings(StageSettings):
             "(one seed; docs/train.md, issue #28 benchmark). Ignored without id_embeddings."
         ),
     )
+    text_prior: bool = Field(
+        default=True,
+        description=(
+            "LLM4CDSR: add w * cos(history text, item text) to every score, the cosine of the item's LLM "
+            "embedding with the unit-norm sum of the history's (raw text similarity), w chosen after "
+            "training on full-ranking validation NDCG@10 from text_prior_grid (0 = no prior). The user and "
+            "item vectors get the LLM table's width more columns. On by default since 2026-12-03 "
+            "(docs/train.md, issue #28 benchmark)."
+        ),
+    )
+    text_prior_grid: list[float] = Field(
+        default_factory=lambda: [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
+        min_length=1,
+        description="The weights text_prior tries on validation (the scores' own scale: the learned "
+        "part's dot products).",
+    )
+    text_prior_new_items: float = Field(
+        default=1.0,
+        ge=0.0,
+        description=(
+            "LLM4CDSR with text_prior and id_embeddings: the prior's weight on items without training "
+            "interactions (new catalogue items) is w times this, how much their text similarity to the "
+            "history counts; 1 = as for every item. It cannot be chosen on validation (no validation "
+            "target is a new item): a policy for new items' exposure, measured in docs/train.md."
+        ),
+    )
     domain_start: bool = Field(
         default=True,
         description=(
@@ -355,6 +390,8 @@ class TrainSettings(StageSettings):
         return ModelConfig(
             architecture=self.architecture,
             **{k: getattr(r, k) for k in keys},
+            text_prior=r.text_prior and self.architecture == "llm4cdsr",
+            text_prior_new_items=r.text_prior_new_items,
             global_dim=global_dim,
             local_dim=local_dim,
             profile_dim=profile_dim,

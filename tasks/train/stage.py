@@ -27,7 +27,7 @@ from pydantic import BaseModel
 from bridgerec.models.base import Recommender
 from bridgerec.models.config import ModelConfig
 from bridgerec.models.data import Catalog, EvalSplit, SequenceData, Sequences
-from bridgerec.models.evaluate import evaluate, headline, metric_rows
+from bridgerec.models.evaluate import evaluate, fit_text_prior, headline, metric_rows
 from bridgerec.models.optim import Optimizer
 from bridgerec.models.pop import Popularity
 from bridgerec.models.registry import ItemTables, build_model
@@ -78,6 +78,8 @@ class TrainSummary(BaseModel):
     init_valid_ndcg10: float | None = None  # warm: validation NDCG@10 of the warm init, before training
     warm_start_items: dict[str, int] = {}  # warm: items kept from the earlier run / new / dropped
     cold_start: dict[str, Any] = {}  # train.cold_start evaluations (tasks/train/coldstart.py)
+    # train.text_prior: the weight chosen and validation full-ranking NDCG@10 at each weight tried
+    text_prior: dict[str, Any] = {}
     # split -> domain -> users with fewer unseen items than eval_negatives: their sampled candidates are
     # all of those items (a small domain, or a heavy user such as a crawler)
     sampled_short_users: dict[str, dict[str, int]] = {}
@@ -374,6 +376,7 @@ def _evaluate(
     settings = run.settings
     data, catalog = inputs.data, inputs.catalog
     load_weights(model, run_dir, device)
+    prior = _fit_text_prior(run, run_dir, model, splits[0], device)
     counts = data.item_counts("train")  # popularity for the beyond-accuracy figures
     rows: list[dict] = []
     results = {}
@@ -411,8 +414,28 @@ def _evaluate(
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         init_valid_ndcg10=next((h["valid_ndcg@10"] for h in state.history if h["epoch"] == 0), None),
         cold_start=cold_summary,
+        text_prior=prior,
         run_dir=str(run_dir.path),
     )
+
+
+def _fit_text_prior(
+    run: StageRun[TrainSettings], run_dir: RunDir, model: Recommender, valid: EvalSplit, device: torch.device
+) -> dict[str, Any]:
+    """train.text_prior: choose the prior's weight on validation (full ranking) for the best weights and
+    save them with it (publish scores with what the test figures measured). {} without a prior."""
+    if not model.prior_dims:
+        return {}
+    started = time.perf_counter()
+    grid = run.settings.text_prior_grid
+    weight, figures = fit_text_prior(model, valid, grid, run.settings.eval_batch_size, device)
+    save_weights(model, run_dir)
+    seconds = time.perf_counter() - started
+    run.log.info(
+        "train: text prior weight %g (validation full NDCG@10 %.4f, %.4f without), fitted in %.1f s",
+        weight, figures[weight], figures.get(0.0, float("nan")), seconds,
+    )  # fmt: skip
+    return {"weight": weight, "valid_ndcg@10": {str(w): f for w, f in figures.items()}, "seconds": seconds}
 
 
 def _report_short(data: SequenceData, split: EvalSplit, n: int, log: Any) -> dict[str, list[str]]:

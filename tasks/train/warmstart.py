@@ -84,6 +84,9 @@ def incompatibility(previous: dict[str, Any], current: dict[str, Any]) -> str | 
     before, now = bool(previous.get("domain_start")), bool(current.get("domain_start"))
     if current.get("architecture") == "llm4cdsr" and before != now:
         diffs.append(f"domain_start {before!r} -> {now!r}")
+    priors = [bool(s.get("text_prior")) for s in (previous, current)]  # its weight: one tensor more or less
+    if current.get("architecture") == "llm4cdsr" and priors[0] != priors[1]:
+        diffs.append(f"text_prior {priors[0]!r} -> {priors[1]!r}")
     # The block layout changes what the same weights compute (runs before it existed were pre_ln).
     layouts = [s.get("block") or "pre_ln" for s in (previous, current)]
     if layouts[0] != layouts[1]:
