@@ -4,7 +4,11 @@
 
 A user's vector is the sum of the unit-normalised global LLM embeddings (enrich's PCA table) of the input
 items; items are ranked by the inner product with their unit-normalised embedding, over the whole target
-domain (full ranking, ties against the target, nothing excluded). The splits are the train stage's
+domain (full ranking, ties against the target). New items: the user's earlier items of the target's
+domain are left out of the ranking, as the train stage's full ranking leaves them out
+(`models.evaluate.left_out`), so the bound and the model are ranked alike; `--no-exclude` keeps them in
+(the protocol of issue #28's 0.0059, where a user's own earlier items crowd the top 10). Untouched
+domain: nothing to leave out (the user has no earlier item of the domain in that scenario). The splits are the train stage's
 (`train.cold_start`, same fraction and seed: the same held-out items, users and inputs): new items (test
 targets that are held-out items, the history as input) and untouched domain (warm targets, every item of
 the target's domain hidden). Prints full-ranking NDCG@10 overall and per domain.
@@ -17,6 +21,7 @@ import torch
 
 from bridgerec.models.coldstart import choose_new_items, untouched_inputs, without_items
 from bridgerec.models.data import SequenceData
+from bridgerec.models.evaluate import left_out
 from bridgerec.models.metrics import ndcg
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.train.inputs import load_catalog, load_item_tables, load_sequences
@@ -26,6 +31,11 @@ parser.add_argument("--workspace", required=True)
 parser.add_argument("--fraction", type=float, default=0.05)
 parser.add_argument("--seed", type=int, default=42)
 parser.add_argument("--max-len", type=int, default=200)
+parser.add_argument(
+    "--no-exclude",
+    action="store_true",
+    help="rank new items among the user's earlier items too (issue #28's bound)",
+)
 args = parser.parse_args()
 torch.set_num_threads(1)
 ws = Workspace(args.workspace)
@@ -39,17 +49,28 @@ data = SequenceData(cat, out.sequences, args.max_len)
 test = data.eval_split("test", 1, args.seed, 5)
 
 
-def ranks(inputs: torch.Tensor, target: torch.Tensor, tdom: torch.Tensor) -> np.ndarray:
-    """[U] 0-based full-ranking rank of each target in its domain."""
+ex_offsets = np.searchsorted(test.exclude_users, np.arange(len(test.target) + 1))
+
+
+def ranks(
+    inputs: torch.Tensor, rows: torch.Tensor | None, target: torch.Tensor, tdom: torch.Tensor
+) -> np.ndarray:
+    """[U] 0-based full-ranking rank of each target in its domain; `rows`: the users' rows of the test
+    split, whose earlier items of the domain are left out (None: nothing left out)."""
     r = np.zeros(len(target), np.int64)
     for d in range(2):
         idx = torch.nonzero(tdom == d).flatten()
         off, n = int(cat.offsets[d]), int(cat.sizes[d])
-        items = E[off + 1 : off + n + 1]
+        items = E[off : off + n + 1].clone()  # [n + 1, Dg]: column = local id
+        items[0] = 0  # the padding
         for ch in torch.split(idx, 2048):
             u = E[inputs[ch]].sum(1)
-            s = u @ items.T
-            t = target[ch] - off - 1
+            s = u @ items.T  # [B, n + 1]
+            t = target[ch] - off  # [B] local ids
+            s[:, 0] = -torch.inf
+            if rows is not None:
+                r_, c_ = left_out(t, rows[ch], test, ex_offsets)
+                s[r_, c_] = -torch.inf
             ts = s.gather(1, t[:, None])
             r[ch.numpy()] = ((s >= ts).sum(1) - 1).numpy()
     return r
@@ -58,11 +79,11 @@ def ranks(inputs: torch.Tensor, target: torch.Tensor, tdom: torch.Tensor) -> np.
 users, inp = untouched_inputs(cat, out.sequences, args.max_len)
 keep = ~held[test.target.numpy()][users]  # warm targets only, as the train stage with new items held out
 users, inp = users[keep], inp[torch.from_numpy(keep)]
-cases = {"untouched domain": (inp, torch.from_numpy(users))}
+cases = {"untouched domain": (inp, torch.from_numpy(users), False)}
 new = torch.from_numpy(np.flatnonzero(held[test.target.numpy()]))
-cases["new items"] = (test.inputs[new], new)
-for name, (inputs, idx) in cases.items():
-    r = ranks(inputs, test.target[idx], test.target_domain[idx])
+cases["new items"] = (test.inputs[new], new, not args.no_exclude)
+for name, (inputs, idx, exclude) in cases.items():
+    r = ranks(inputs, idx if exclude else None, test.target[idx], test.target_domain[idx])
     td = test.target_domain[idx].numpy()
     figures = " ".join(f"{d} {ndcg(r[td == i], 10):.4f}" for i, d in enumerate(cat.domains))
     print(f"{name}: {len(idx)} users, full NDCG@10 overall {ndcg(r, 10):.4f} {figures}")

@@ -196,7 +196,8 @@ def compact_table(results: list[dict], domains: list[str]) -> str:
     """One row per run, the figures issue #28 sets goals on: full-ranking test NDCG@10 overall and per
     domain (in multiples of `pop`'s when a `pop` run is among the results), sampled NDCG@10, new items
     (full, per domain), warm items of the same run, the untouched domain, the short-history users,
-    validation, epochs and seconds per epoch (training only)."""
+    validation, the text prior's weight (with the validation figure at w = 0: the one the weight was
+    not chosen on), epochs and seconds per epoch (training only)."""
     pop = next((r for r in results if r["model"] == "pop"), None)
 
     def full(r: dict, g: str) -> float:
@@ -209,7 +210,7 @@ def compact_table(results: list[dict], domains: list[str]) -> str:
         "warm items full",
         "untouched " + " / ".join(domains),
     ]
-    cols += ["short-history full", "s / epoch"]
+    cols += ["short-history full", "text prior w (valid full at w = 0)", "s / epoch"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
         cells = [r.get("label", r["model"]), str(r.get("seed", "")), f"{r['epochs']} ({r['best_epoch']})"]
@@ -234,6 +235,9 @@ def compact_table(results: list[dict], domains: list[str]) -> str:
             " / ".join(f"{untouched['full'][d]['ndcg@10']:.4f}" for d in domains) if untouched else "-"
         )
         cells.append(f"{short_history_ndcg(r['run_dir']):.4f}" if r.get("run_dir") else "-")
+        prior = r.get("text_prior") or {}
+        at_zero = (prior.get("valid_ndcg@10") or {}).get("0.0")
+        cells.append(f"{prior['weight']:g} ({at_zero:.4f})" if prior and at_zero is not None else "-")
         cells.append(f"{r['epoch_seconds']:.1f}" if r["model"] != "pop" else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -248,14 +252,28 @@ def seed_table(results: list[dict], domains: list[str]) -> str:
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.fmean(values):.{digits}f} +- {sd:.{digits}f}"
 
-    labels = list(dict.fromkeys(r["label"] for r in results))
+    def group(r: dict) -> str:
+        """A label names a run relative to the defaults of its day, so runs are pooled by their settings
+        (seed aside); files written before the settings were kept tell the 2026-12-03 default (the text
+        prior on) from the one before by the prior's summary."""
+        if "settings" in r:
+            return r["label"] + "\0" + json.dumps(r["settings"], sort_keys=True)
+        return r["label"] + ("\0text prior" if r.get("text_prior") else "")
+
+    keys = list(dict.fromkeys(group(r) for r in results))
+    base = {k: k.split("\0")[0] for k in keys}
+    names = dict(base)
+    for k in keys:  # the same label with other settings: told apart by a number
+        twins = [j for j in keys if base[j] == base[k]]
+        if len(twins) > 1:
+            names[k] += f" (settings {twins.index(k) + 1} of {len(twins)})"
     cols = ["run", "seeds"]
     cols += [f"{p} {g} NDCG@10" for p in ("sampled", "full") for g in ["overall", *domains]]
     cols += ["valid full NDCG@10", "best epoch"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for label in labels:
-        rs = [r for r in results if r["label"] == label]
-        cells = [label, ",".join(str(r["seed"]) for r in rs)]
+    for key in keys:
+        rs = [r for r in results if group(r) == key]
+        cells = [names[key], ",".join(str(r["seed"]) for r in rs)]
         for protocol in ("sampled", "full"):
             for g in ["overall", *domains]:
                 src = [r["test"] if protocol == "sampled" else r["test"]["full"] for r in rs]
@@ -337,7 +355,13 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.from_json:
-        results = [r for path in args.from_json for r in json.loads(Path(path).read_text())["results"]]
+        results = []
+        for path in args.from_json:
+            found = json.loads(Path(path).read_text()).get("results")
+            if found is None:  # another bench's JSON beside these (bench/epoch_cost.py's): not a run
+                print(f"skipped {path}: no training results in it", file=sys.stderr)
+                continue
+            results += found
         domains = [k for k in results[0]["test"] if k not in ("overall", "full")]
         print(compact_table(results, domains))
         if len({r.get("seed") for r in results}) > 1:
@@ -371,6 +395,7 @@ def main() -> None:
         r["wall_seconds"] = time.perf_counter() - started
         r["objective"] = "" if name == "pop" else settings.objective
         r["label"], r["seed"] = spec, settings.seed
+        r["settings"] = settings.model_dump(mode="json", exclude={"seed"})  # a label means "the default then"
         results.append(r)
         print(
             f"{spec} (seed {settings.seed}): {r['epochs']} epochs (best {r['best_epoch']}), {r['epoch_seconds']:.1f} s/epoch, "

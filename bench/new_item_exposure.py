@@ -1,0 +1,95 @@
+"""New items against their exposure: `train.text_prior_new_items` on a trained cold-start run.
+
+    python bench/new_item_exposure.py --workspace WS --run WS/runs/RUN_ID [--values 1,1.1,1.25,1.5]
+
+The run must have been trained with `cold_start.new_items` (bench/train.py --cold-start) and
+`text_prior`. For each value c the saved model scores with the prior's weight on items without training
+interactions set to c * w (the setting's own code path: `LLM4CDSR.serving_rows`), and the whole test
+split is ranked by `models.evaluate.evaluate` (full ranking, earlier items left out), then read for the
+new-item targets, the warm targets and everyone: a boost for new items also lifts them above warm
+targets, so the three move together. Validation cannot choose c (no validation target is a new item);
+this is the measurement a data team sets it from (docs/train.md, "New items against their exposure").
+Prints a table and writes bench/results/new_item_exposure_<run id>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from bridgerec.models.evaluate import evaluate
+from bridgerec.models.metrics import ndcg
+from bridgerec.runtime.machine import machine_info
+from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks import StageRun
+from bridgerec.tasks.train.export import load_run
+from bridgerec.tasks.train.settings import TrainSettings
+from bridgerec.tasks.train.stage import _load_inputs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workspace", type=Path, required=True)
+    ap.add_argument("--run", type=Path, required=True, help="a run folder (WS/runs/RUN_ID)")
+    ap.add_argument("--values", default="1,1.1,1.25,1.5", help="values of text_prior_new_items to rank with")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    ws = Workspace(args.workspace)
+    model, config, catalog = load_run(args.run, ws)
+    saved = config["settings"]
+    settings = TrainSettings(**{k: v for k, v in saved.items() if k in TrainSettings.model_fields})
+    if not (settings.cold_start.new_items and getattr(model, "prior_dims", 0)):
+        raise SystemExit(
+            "error: the run needs cold_start.new_items and text_prior (bench/train.py --cold-start)"
+        )
+    inputs = _load_inputs(StageRun(settings, ws))  # the same held-out items (seeded by the run's seed)
+    test = inputs.data.eval_split("test", settings.eval_negatives, settings.seed, settings.short_history)
+    assert inputs.cold_eval.held is not None
+    new = inputs.cold_eval.held.held[test.target.numpy()]
+    domain = test.target_domain.numpy()
+
+    rows = []
+    for c in [float(x) for x in args.values.split(",")]:
+        model.config = dataclasses.replace(model.config, text_prior_new_items=c)
+        started = time.perf_counter()
+        full = evaluate(model, test, settings.eval_batch_size, True).full
+        assert full is not None
+        row = {"text_prior_new_items": c, "overall": ndcg(full, 10), "new_items": ndcg(full[new], 10)}
+        row |= {"warm_items": ndcg(full[~new], 10), "seconds": time.perf_counter() - started}
+        row |= {f"new_items_{d}": ndcg(full[new & (domain == i)], 10) for i, d in enumerate(catalog.domains)}
+        rows.append(row)
+        print(
+            f"c {c:g}: overall {row['overall']:.4f}, new items {row['new_items']:.4f}, "
+            f"warm items {row['warm_items']:.4f} ({row['seconds']:.0f} s)",
+            flush=True,
+        )
+    print("| text_prior_new_items | overall | new items | warm items |\n|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['text_prior_new_items']:g} | {r['overall']:.4f} | {r['new_items']:.4f} | {r['warm_items']:.4f} |"
+        )
+    out = REPO / "bench" / "results" / f"new_item_exposure_{config['run_id']}.json"
+    record = {
+        "run": str(args.run),
+        "seed": settings.seed,
+        "text_prior_weight": float(model.text_prior_weight),
+        "test_users": len(new),
+        "new_item_targets": int(new.sum()),
+        "machine": machine_info(),
+        "rows": rows,
+    }
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
