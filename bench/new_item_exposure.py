@@ -7,15 +7,16 @@ The run must have been trained with `cold_start.new_items` (bench/train.py --col
 interactions set to c * w (the setting's own code path: `LLM4CDSR.serving_rows`), and the whole test
 split is ranked by `models.evaluate.evaluate` (full ranking, earlier items left out), then read for the
 new-item targets, the warm targets and everyone: a boost for new items also lifts them above warm
-targets, so the three move together. Validation cannot choose c (no validation target is a new item);
-this is the measurement a data team sets it from (docs/train.md, "New items against their exposure").
+targets, so the three move together. The run itself chose c on validation (train.text_prior_new_items
+unset), where its validation targets include items first bought there; this bench shows the trade on
+the test split's held-out new items around that choice (docs/train.md, "New items against their
+exposure").
 Prints a table and writes bench/results/new_item_exposure_<run id>.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks import StageRun
 from bridgerec.tasks.train.export import load_run
 from bridgerec.tasks.train.settings import TrainSettings
-from bridgerec.tasks.train.stage import _load_inputs
+from bridgerec.tasks.train.stage import load_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,15 +52,17 @@ def main() -> None:
         raise SystemExit(
             "error: the run needs cold_start.new_items and text_prior (bench/train.py --cold-start)"
         )
-    inputs = _load_inputs(StageRun(settings, ws))  # the same held-out items (seeded by the run's seed)
+    inputs = load_inputs(StageRun(settings, ws))  # the same held-out items (seeded by the run's seed)
     test = inputs.data.eval_split("test", settings.eval_negatives, settings.seed, settings.short_history)
     assert inputs.cold_eval.held is not None
     new = inputs.cold_eval.held.held[test.target.numpy()]
     domain = test.target_domain.numpy()
 
+    w = float(model.text_prior_weight)
+    fitted = float(model.text_prior_new_scale)  # what the run chose (or was set to)
     rows = []
     for c in [float(x) for x in args.values.split(",")]:
-        model.config = dataclasses.replace(model.config, text_prior_new_items=c)
+        model.set_text_prior(w, c)
         started = time.perf_counter()
         full = evaluate(model, test, settings.eval_batch_size, True).full
         assert full is not None
@@ -81,7 +84,8 @@ def main() -> None:
     record = {
         "run": str(args.run),
         "seed": settings.seed,
-        "text_prior_weight": float(model.text_prior_weight),
+        "text_prior_weight": w,
+        "text_prior_new_items_of_the_run": fitted,
         "test_users": len(new),
         "new_item_targets": int(new.sum()),
         "machine": machine_info(),

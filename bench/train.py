@@ -210,7 +210,7 @@ def compact_table(results: list[dict], domains: list[str]) -> str:
         "warm items full",
         "untouched " + " / ".join(domains),
     ]
-    cols += ["short-history full", "text prior w (valid full at w = 0)", "s / epoch"]
+    cols += ["short-history full", "text prior w, c on new items (valid full at w = 0)", "s / epoch"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
         cells = [r.get("label", r["model"]), str(r.get("seed", "")), f"{r['epochs']} ({r['best_epoch']})"]
@@ -237,7 +237,8 @@ def compact_table(results: list[dict], domains: list[str]) -> str:
         cells.append(f"{short_history_ndcg(r['run_dir']):.4f}" if r.get("run_dir") else "-")
         prior = r.get("text_prior") or {}
         at_zero = (prior.get("valid_ndcg@10") or {}).get("0.0")
-        cells.append(f"{prior['weight']:g} ({at_zero:.4f})" if prior and at_zero is not None else "-")
+        c = f", x{prior['new_items']:g}" if "new_items" in prior else ""  # c: since 2026-12-04
+        cells.append(f"{prior['weight']:g}{c} ({at_zero:.4f})" if prior and at_zero is not None else "-")
         cells.append(f"{r['epoch_seconds']:.1f}" if r["model"] != "pop" else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

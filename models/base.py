@@ -112,9 +112,15 @@ class Recommender(nn.Module):
         """Called by the training loop after every epoch, before validation: parts fitted in closed form
         rather than by gradient steps (LLM4CDSR's `id_text_fit`); a no-op otherwise."""
 
-    def set_text_prior(self, weight: float) -> None:
-        """Set the text prior's weight w (models with `prior_dims` > 0)."""
+    def set_text_prior(self, weight: float, new_items: float | None = None) -> None:
+        """Set the text prior's weight w and, given, its scale c on items without training interactions
+        (their prior weighs w * c; models with `prior_dims` > 0)."""
         raise NotImplementedError(f"{self.name} has no text prior")
+
+    def prior_new_items(self, domain: int) -> Tensor | None:
+        """[n_d + 1] bool by local id of `domain`: the items whose prior weighs w * c (no training
+        interactions; the padding row False), or None where no item is treated apart."""
+        return None
 
     def serving_update(self, data: SequenceData) -> None:
         """Called by the export before computing serving vectors from the whole history (pop recounts

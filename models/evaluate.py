@@ -105,6 +105,17 @@ def left_out(
     return rows[earlier], cols[earlier]
 
 
+@dataclass
+class PriorFit:
+    """What `fit_text_prior` chose: w, c and validation full-ranking NDCG@10 at every pair tried."""
+
+    weight: float  # w: the prior's weight on every item
+    new_items: float  # c: its scale on items without training interactions (w * c)
+    ndcg10: dict[tuple[float, float], float]  # (w, c) -> validation full-ranking NDCG@10
+    new_targets: int  # validation targets that are items without training interactions
+    fitted_new_items: bool  # False: c was not chosen here (too few such targets, or none to treat apart)
+
+
 @torch.no_grad()
 def fit_text_prior(
     model: Recommender,
@@ -112,50 +123,86 @@ def fit_text_prior(
     grid: list[float],
     batch_size: int,
     device: torch.device | str = "cpu",
-) -> tuple[float, dict[float, float]]:
+    new_items_grid: list[float] | None = None,
+    min_new_targets: int = 100,
+) -> PriorFit:
     """Choose the text prior's weight w (`model.prior_dims` > 0) on `split`: full-ranking NDCG@10 of
-    score + w * cos(history text, item text) for each w of `grid`, over every user of the split; sets the
-    best (ties: the smaller w) and returns (it, {w: NDCG@10}).
+    score + w * cos(history text, item text) for each w of `grid`, over every user of the split; and,
+    with `new_items_grid`, its scale c on the items without training interactions (their prior weighs
+    w * c) from that grid, jointly with w, when at least `min_new_targets` targets of the split are
+    such items (new catalogue items reach validation as targets only; with fewer, c stays the model's).
+    Sets the best pair (ties: the smaller w, then the smaller c) and returns the fit.
 
     Score-level fusion of a collaborative and a content score with a weight tuned on validation, as
-    hybrid recommenders do. One pass of the model per user: the two parts' margins over the target are
-    kept apart and combined per w (the same ranks as `evaluate` with w set, up to floating-point
-    rounding of near ties; a model with non-finite scores is caught by `evaluate` after the fit)."""
+    hybrid recommenders do. One pass of the model per user: the two parts' scores are kept apart and
+    combined per (w, c), the columns of new items (a few percent of a domain) apart from the others, so
+    the grid of c costs little more than w's (the same ranks as `evaluate` with (w, c) set, up to
+    floating-point rounding of near ties; a model with non-finite scores is caught by `evaluate` after
+    the fit)."""
     if not model.prior_dims:
         raise ValueError(f"{model.name} has no text prior to fit")
     model.eval()
-    model.set_text_prior(1.0)  # the prior's columns unscaled: the score's two parts can be split
     p = model.prior_dims
     U = split.inputs.shape[0]
-    ranks = {w: np.zeros(U, np.int64) for w in grid}
-    ex_offsets = np.searchsorted(split.exclude_users, np.arange(U + 1))
     assert split.candidates is not None
-    for d, users in enumerate(users_by_domain(split.target_domain, model.n_domains)):
+    new_of: list[Tensor] = []  # [n_d + 1] bool by local id: the items whose prior weighs w * c
+    for d in range(model.n_domains):
+        marked = model.prior_new_items(d)
+        n_cols = model.sizes[d] + 1
+        new_of.append(torch.zeros(n_cols, dtype=torch.bool) if marked is None else marked.cpu())
+    by_domain = users_by_domain(split.target_domain, model.n_domains)
+    new_targets = sum(int(new_of[d][split.candidates[users, 0]].sum()) for d, users in enumerate(by_domain))
+    current = float(getattr(model, "text_prior_new_scale", torch.ones(1)).item())
+    fit_c = bool(new_items_grid) and new_targets >= min_new_targets
+    cs = sorted(set(new_items_grid or [])) if fit_c else [current]
+    model.set_text_prior(1.0, 1.0)  # the prior's columns unscaled: the score's parts can be split
+    ranks = {(w, c): np.zeros(U, np.int64) for w in grid for c in cs}
+    ex_offsets = np.searchsorted(split.exclude_users, np.arange(U + 1))
+    for d, users in enumerate(by_domain):
         if not len(users):
             continue
         items = model.item_vectors(d)  # [n_d + 1, D + p]
+        new = new_of[d].to(device)
+        old_cols, new_cols = torch.nonzero(~new)[:, 0], torch.nonzero(new)[:, 0]
         for chunk in torch.split(users, batch_size):
             u = model.user_vectors(split.inputs[chunk].to(device), d)  # [B, D + p]
             target = split.candidates[chunk, 0].to(device)[:, None]  # [B, 1] local ids
-            # Each part's margin over the target's: an item competes at w where learned + w * text >= 0
-            # (ties against the target, as rank_full; the target itself counts once, hence - 1).
             learned = u[:, :-p] @ items[:, :-p].T  # [B, n_d + 1]
-            learned -= learned.gather(1, target)
             text = u[:, -p:] @ items[:, -p:].T  # [B, n_d + 1] the cosines
-            text -= text.gather(1, target)
             rows, cols = left_out(target[:, 0], chunk, split, ex_offsets)
             learned[:, 0] = -torch.inf  # the padding and the user's earlier items never compete
             learned[rows, cols] = -torch.inf
-            combined = torch.empty_like(learned)  # reused per w: no new [B, n_d + 1] buffers
-            competes = torch.empty_like(learned, dtype=torch.bool)
+            # Margins over the target's score (exactly 0 in its own column): an item competes where its
+            # margin is >= 0 (ties against the target, as rank_full; the target counts once, hence - 1).
+            learned -= learned.gather(1, target)
+            tt = text.gather(1, target)  # [B, 1] the target's cosine
+            t_new = new[target[:, 0]]  # [B] targets that are new items themselves
+            rn = torch.nonzero(t_new)[:, 0]
+            l_new, x_new = learned[:, new_cols], text[:, new_cols]  # [B, n_new]
+            if len(new_cols):  # [B, n_old] the other columns (copies: the matrices go)
+                l_old, x_old = learned[:, old_cols], text[:, old_cols]
+                del learned, text
+            else:
+                l_old, x_old = learned, text
+            x_margin = x_old - tt  # the text margins of the other items over a target that is not new
+            combined = torch.empty_like(l_old)  # reused per w: no new [B, n_d + 1] buffers
+            competes = torch.empty_like(l_old, dtype=torch.bool)
             for w in grid:
-                torch.add(learned, text, alpha=w, out=combined)
+                torch.add(l_old, x_margin, alpha=w, out=combined)
                 torch.ge(combined, 0, out=competes)
-                ranks[w][chunk.numpy()] = as_numpy(competes.sum(1, dtype=torch.int32) - 1)  # [B]
-    figures = {w: ndcg(r, 10) for w, r in ranks.items()}
-    best = max(sorted(grid), key=lambda w: figures[w])  # max keeps the first (smallest) of equals
-    model.set_text_prior(best)
-    return best, figures
+                old_count = competes.sum(1, dtype=torch.int32)  # [B] right for targets that are not new
+                for c in cs:
+                    t_text = tt * torch.where(t_new[:, None], c, 1.0)  # [B, 1] the target's prior: c * tt
+                    count = old_count.clone()
+                    if len(rn):  # a new target's own prior moves with c: recount the others for it
+                        m = l_old[rn] + w * (x_old[rn] - t_text[rn])
+                        count[rn] = (m >= 0).sum(1, dtype=torch.int32)
+                    count += ((l_new + w * (c * x_new - t_text)) >= 0).sum(1, dtype=torch.int32)
+                    ranks[(w, c)][chunk.numpy()] = as_numpy(count - 1)  # [B]
+    figures = {key: ndcg(r, 10) for key, r in ranks.items()}
+    best = max(sorted(figures), key=lambda key: figures[key])  # max keeps the first (smallest) of equals
+    model.set_text_prior(*best)
+    return PriorFit(best[0], best[1], figures, new_targets, fit_c)
 
 
 def popularity_tables(counts: np.ndarray, catalog: Catalog) -> tuple[np.ndarray, np.ndarray]:

@@ -123,6 +123,7 @@ class LLM4CDSR(Recommender):
     id_known: Tensor  # buffer: [N + 1] 1.0 for items with training interactions (with id_embeddings)
     S_all: Tensor  # buffer, fusion null_space: [N + 1, semantic_dims] (the local ones: `S_local_<d>`)
     text_prior_weight: Tensor  # buffer, text_prior: [1] the weight w of the prior's cosine
+    text_prior_new_scale: Tensor  # buffer, text_prior: [1] c, w * c on items without training interactions
 
     def __init__(
         self,
@@ -168,8 +169,9 @@ class LLM4CDSR(Recommender):
             else None
         )
         self.prior_dims = Dg if config.text_prior else 0
-        if config.text_prior:  # the text prior's weight w (0 until `fit_text_prior` sets it)
+        if config.text_prior:  # the text prior's weight w (0 until `fit_text_prior` sets it) and c
             self.register_buffer("text_prior_weight", torch.zeros(1))
+            self.register_buffer("text_prior_new_scale", torch.full((1,), float(config.text_prior_new_items)))
 
     def _build_adapters(self, config: ModelConfig, Dg: int, Dl: int) -> None:
         """fusion add: the paper's adapter (two linear maps, D -> D/2 -> hidden) for the mixed thread,
@@ -461,9 +463,9 @@ class LLM4CDSR(Recommender):
             return rows
         gids = self.global_ids(domain, lids)
         prior = self.prior_items(gids)  # [..., Dg]
-        boost = self.config.text_prior_new_items
-        if boost != 1.0 and self.id_embeddings:  # items without training interactions: w * boost
-            prior = prior * (1.0 + (boost - 1.0) * (1.0 - self.id_known[gids])).unsqueeze(-1)
+        if self.id_embeddings:  # items without training interactions: w * c
+            c = self.text_prior_new_scale
+            prior = prior * (1.0 + (c - 1.0) * (1.0 - self.id_known[gids])).unsqueeze(-1)
         return torch.cat([rows, prior], -1)  # [..., 2H (+ 1) + Dg]
 
     def per_thread_rows(self, domain: int, mixed_gids: Tensor, lids: Tensor) -> Tensor:
@@ -548,5 +550,15 @@ class LLM4CDSR(Recommender):
         the user of the text-only bound (bench/coldstart_text.py), so that prior . item is its cosine."""
         return F.normalize(self.prior_items(inputs).sum(1), dim=-1)
 
-    def set_text_prior(self, weight: float) -> None:
+    def set_text_prior(self, weight: float, new_items: float | None = None) -> None:
         self.text_prior_weight.fill_(weight)
+        if new_items is not None:
+            self.text_prior_new_scale.fill_(new_items)
+
+    def prior_new_items(self, domain: int) -> Tensor | None:
+        if not (self.prior_dims and self.id_embeddings):
+            return None
+        start = int(self.offsets[domain])
+        new = self.id_known[start : start + self.sizes[domain] + 1] == 0  # [n_d + 1], from local id 0
+        new[0] = False  # the padding row
+        return new

@@ -121,6 +121,14 @@ def test_exported_vectors_reproduce_the_models_scores(trained, enriched_workspac
         str(w) for w in grid
     }
     assert float(model.text_prior_weight) == summary.text_prior["weight"]
+    # and its scale on new items: chosen with it where validation has enough new-item targets, else 1
+    prior = summary.text_prior
+    assert float(model.text_prior_new_scale) == prior["new_items"]
+    if prior["new_items_chosen"]:
+        assert prior["new_items"] in config["settings"]["text_prior_new_items_grid"]
+        assert prior["valid_new_item_targets"] >= 100
+    else:
+        assert prior["new_items"] == 1.0 and prior["valid_new_item_targets"] < 100
     for d, name in enumerate(catalog.domains):
         dv = vectors[name]
         assert dv.user_ids == seqs.user_ids and len(dv.item_ids) == catalog.sizes[d]

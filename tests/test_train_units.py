@@ -567,7 +567,8 @@ def test_text_prior_adds_the_cosine_of_history_and_item_texts_outside_training()
     torch.manual_seed(0)
     model = build_model(_config("llm4cdsr", id_embeddings=True, text_prior=True), CATALOG, _tables()).eval()
     plain = build_model(_config("llm4cdsr", id_embeddings=True), CATALOG, _tables()).eval()
-    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "text_prior_weight"})
+    prior = {"text_prior_weight", "text_prior_new_scale"}
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k not in prior})
     assert model.prior_dims == 24 and float(model.text_prior_weight) == 0.0
     inputs = torch.tensor([[0, 0, 1, 7, 2, 8], [0, 0, 0, 9, 10, 4], [0, 0, 0, 0, 1, 2]])
     E = F.normalize(model.E_all, dim=1)
@@ -601,12 +602,14 @@ def test_text_prior_new_items_scales_the_prior_of_items_without_training_interac
         _config("llm4cdsr", id_embeddings=True, text_prior=True, text_prior_new_items=2.5), CATALOG, _tables()
     ).eval()
     model = build_model(_config("llm4cdsr", id_embeddings=True, text_prior=True), CATALOG, _tables()).eval()
-    model.load_state_dict(boosted.state_dict())
+    model.load_state_dict(boosted.state_dict())  # c is a buffer of the weights: 2.5 came with them
+    assert float(model.text_prior_new_scale) == 2.5
     counts = np.ones(CATALOG.n_items + 1)
     counts[[0, 2, 9]] = 0  # global ids 2 (domain 0) and 9 (domain 1) are new
     for m in (boosted, model):
         m.set_trained_items(counts)
         m.set_text_prior(3.0)
+    model.set_text_prior(3.0, 1.0)
     inputs = torch.tensor([[0, 0, 1, 7, 3, 8], [0, 0, 0, 10, 11, 4]])
     E = F.normalize(model.E_all, dim=1)
     history = F.normalize(E[inputs].sum(1), dim=1)  # [B, 24]
@@ -624,8 +627,10 @@ def test_text_prior_new_items_scales_the_prior_of_items_without_training_interac
 
 
 def test_the_text_prior_weight_fitted_on_validation_is_the_best_of_its_grid() -> None:
-    """fit_text_prior: for each weight of the grid its NDCG@10 is what `evaluate` gives with that weight
-    set (full ranking, earlier items left out); it leaves the model at the best (the smaller of equals)."""
+    """fit_text_prior: for each pair (w, c) of the grids its NDCG@10 is what `evaluate` gives with that
+    pair set (full ranking, earlier items left out; c scales the prior of items without training
+    interactions, validation targets among them); it leaves the model at the best (the smaller of
+    equals). c is chosen only with enough validation targets that are new items; else it stays."""
     from bridgerec.models.evaluate import evaluate, fit_text_prior
 
     torch.manual_seed(0)
@@ -638,16 +643,25 @@ def test_the_text_prior_weight_fitted_on_validation_is_the_best_of_its_grid() ->
         [2, 3, 4, 5, 6],
     ]
     split = SequenceData(CATALOG, sequences(seqs), 10).eval_split("valid", 3, 0, 3)
-    grid = [0.0, 1.0, 4.0, 1000.0]
-    best, figures = fit_text_prior(model, split, grid, batch_size=2)
-    assert set(figures) == set(grid) and float(model.text_prior_weight) == best
-    assert figures[best] == max(figures.values()) and best == min(
-        w for w in grid if figures[w] == figures[best]
-    )
-    for w in grid:
-        model.set_text_prior(w)
+    counts = np.ones(CATALOG.n_items + 1)
+    counts[[0, 3, 5, 9, 10]] = 0  # new items: 3, 5 and 10 are validation targets (4 of 5), 9 competes
+    model.set_trained_items(counts)
+    grid, c_grid = [0.0, 1.0, 4.0, 1000.0], [1.0, 0.5, 3.0]
+    fit = fit_text_prior(model, split, grid, batch_size=2, new_items_grid=c_grid, min_new_targets=4)
+    assert fit.new_targets == 4 and fit.fitted_new_items
+    assert set(fit.ndcg10) == {(w, c) for w in grid for c in c_grid}
+    assert (float(model.text_prior_weight), float(model.text_prior_new_scale)) == (fit.weight, fit.new_items)
+    best = fit.ndcg10[(fit.weight, fit.new_items)]
+    assert best == max(fit.ndcg10.values())
+    assert (fit.weight, fit.new_items) == min(k for k, f in fit.ndcg10.items() if f == best)
+    assert any(fit.ndcg10[(w, 3.0)] != fit.ndcg10[(w, 1.0)] for w in grid)  # c changes ranks here
+    for (w, c), figure in fit.ndcg10.items():
+        model.set_text_prior(w, c)
         full = evaluate(model, split, batch_size=2, full=True).full
-        assert full is not None and math.isclose(ndcg(full, 10), figures[w], abs_tol=1e-12)
+        assert full is not None and math.isclose(ndcg(full, 10), figure, abs_tol=1e-12), (w, c)
+    model.set_text_prior(0.0, 1.5)
+    few = fit_text_prior(model, split, grid, batch_size=2, new_items_grid=c_grid, min_new_targets=5)
+    assert not few.fitted_new_items and {c for _, c in few.ndcg10} == {1.5} and few.new_items == 1.5
     with pytest.raises(ValueError, match="no text prior"):
         fit_text_prior(build_model(_config("sasrec"), CATALOG, None), split, grid, 2)
 

@@ -67,7 +67,7 @@ def fit_worker(job: DataParallelJob) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from bridgerec.tasks.train.stage import _load_inputs
+    from bridgerec.tasks.train.stage import load_inputs
 
     settings = job.settings
     device = _device(settings)
@@ -77,7 +77,7 @@ def fit_worker(job: DataParallelJob) -> None:
     torch.set_num_threads(job.threads)
     set_seed(settings.seed, settings.deterministic)
     run = StageRun(settings, Workspace(job.workspace), threads=job.threads)
-    inputs = _load_inputs(run)
+    inputs = load_inputs(run)
     model = build_model(settings.model_spec(**inputs.widths), inputs.catalog, inputs.tables).to(device)
     run_dir = job.run_dir
     start = torch.load(run_dir.path / START_FILE, map_location=device, weights_only=False)

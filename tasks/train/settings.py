@@ -93,6 +93,11 @@ class DataParallelSettings(BaseModel):
     )
 
 
+# The settings of the text prior's scale on new items (ignored together where no item is "new").
+NEW_ITEMS = frozenset({"text_prior_new_items", "text_prior_new_items_grid"})
+MIN_NEW_TARGETS = 100  # validation targets that are new items, at least, for c to be chosen on them
+
+
 class TrainSettings(StageSettings):
     model_config = ConfigDict(extra="forbid")
     # The run id (storage.workspace.StageSettings): these change how fast a run goes (threads, device,
@@ -121,6 +126,7 @@ class TrainSettings(StageSettings):
         "text_prior": False,
         "text_prior_grid": [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
         "text_prior_new_items": 1.0,
+        "text_prior_new_items_grid": [1.0],
     }
 
     def ignored_fields(self) -> set[str]:
@@ -133,11 +139,13 @@ class TrainSettings(StageSettings):
         ignored |= set() if self.resolved().id_embeddings else {"id_text_fit"}  # no ID rows to predict
         ignored |= {"hide_domain"} if self.effective_hide_domain == 0 else set()
         if self.architecture != "llm4cdsr":
-            ignored |= {"text_prior", "text_prior_grid", "text_prior_new_items"}  # no LLM table
+            ignored |= {"text_prior", "text_prior_grid"} | NEW_ITEMS  # no LLM table
         elif not self.text_prior:
-            ignored |= {"text_prior_grid", "text_prior_new_items"}
+            ignored |= {"text_prior_grid"} | NEW_ITEMS
         elif not self.resolved().id_embeddings:  # every item is scored by its text: none is "new"
-            ignored |= {"text_prior_new_items"}
+            ignored |= NEW_ITEMS
+        elif self.text_prior_new_items is not None:  # fixed: no grid
+            ignored |= {"text_prior_new_items_grid"}
         return ignored | (set() if self.bce_negatives_apply else {"bce_negatives"})
 
     model: str = Field(default="llm4cdsr-hybrid", description=f"One of: {', '.join(MODEL_PRESETS)}.")
@@ -288,15 +296,23 @@ class TrainSettings(StageSettings):
         description="The weights text_prior tries on validation (the scores' own scale: the learned "
         "part's dot products).",
     )
-    text_prior_new_items: float = Field(
-        default=1.0,
+    text_prior_new_items: float | None = Field(
+        default=None,
         ge=0.0,
         description=(
             "LLM4CDSR with text_prior and id_embeddings: the prior's weight on items without training "
-            "interactions (new catalogue items) is w times this, how much their text similarity to the "
-            "history counts; 1 = as for every item. It cannot be chosen on validation (no validation "
-            "target is a new item): a policy for new items' exposure, measured in docs/train.md."
+            "interactions (new catalogue items) is w times this c, how much their text similarity to the "
+            "history counts; 1 = as for every item. Unset (the default): chosen with w on full-ranking "
+            "validation from text_prior_new_items_grid, where at least "
+            f"{MIN_NEW_TARGETS} validation targets are such items (items first bought at a user's "
+            "validation position), else 1. A number fixes it: a policy for new items' exposure "
+            "(docs/train.md, 'New items against their exposure')."
         ),
+    )
+    text_prior_new_items_grid: list[float] = Field(
+        default_factory=lambda: [1.0, 1.1, 1.25, 1.5, 2.0],
+        min_length=1,
+        description="The values of c text_prior_new_items tries on validation when unset.",
     )
     domain_start: bool = Field(
         default=True,
@@ -391,7 +407,7 @@ class TrainSettings(StageSettings):
             architecture=self.architecture,
             **{k: getattr(r, k) for k in keys},
             text_prior=r.text_prior and self.architecture == "llm4cdsr",
-            text_prior_new_items=r.text_prior_new_items,
+            text_prior_new_items=1.0 if r.text_prior_new_items is None else r.text_prior_new_items,
             global_dim=global_dim,
             local_dim=local_dim,
             profile_dim=profile_dim,

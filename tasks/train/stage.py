@@ -51,7 +51,7 @@ from bridgerec.tasks.train.inputs import (
     load_profiles,
     load_sequences,
 )
-from bridgerec.tasks.train.settings import TrainSettings
+from bridgerec.tasks.train.settings import MIN_NEW_TARGETS, TrainSettings
 from bridgerec.tasks.train.warmstart import InitRecord, init_from
 
 STAGE = "train"
@@ -78,7 +78,7 @@ class TrainSummary(BaseModel):
     init_valid_ndcg10: float | None = None  # warm: validation NDCG@10 of the warm init, before training
     warm_start_items: dict[str, int] = {}  # warm: items kept from the earlier run / new / dropped
     cold_start: dict[str, Any] = {}  # train.cold_start evaluations (tasks/train/coldstart.py)
-    # train.text_prior: the weight chosen and validation full-ranking NDCG@10 at each weight tried
+    # train.text_prior: w and c chosen (`_fit_text_prior`), validation full-ranking NDCG@10 at each tried
     text_prior: dict[str, Any] = {}
     # split -> domain -> users with fewer unseen items than eval_negatives: their sampled candidates are
     # all of those items (a small domain, or a heavy user such as a crawler)
@@ -131,7 +131,7 @@ def pick_device(setting: str) -> torch.device:
 
 
 @dataclass
-class _Inputs:
+class TrainInputs:
     """What a run trains on, loaded once: the catalogue, the sequences (after the cold-start hold-out), the
     LLM tables and profile vectors where the model uses them, and the cold-start evaluation."""
 
@@ -175,7 +175,7 @@ def run_train(run: StageRun[TrainSettings]) -> TrainSummary:
     torch.set_num_threads(threads)
     device = pick_device(settings.device)
     set_seed(settings.seed, settings.deterministic)
-    inputs = _load_inputs(run)
+    inputs = load_inputs(run)
     spec = settings.model_spec(**inputs.widths)  # the typed model config the model is built from
     model = build_model(spec, inputs.catalog, inputs.tables).to(device)
     start = _start(run, run_dir, model, spec, inputs, hashes, device)
@@ -217,7 +217,7 @@ def run_train(run: StageRun[TrainSettings]) -> TrainSummary:
     return summary
 
 
-def _load_inputs(run: StageRun[TrainSettings]) -> _Inputs:
+def load_inputs(run: StageRun[TrainSettings]) -> TrainInputs:
     """The catalogue and sequences (with the cold-start hold-out applied), and the enrich tables and
     profile vectors where the model uses them."""
     settings, workspace, log = run.settings, run.workspace, run.log
@@ -238,7 +238,7 @@ def _load_inputs(run: StageRun[TrainSettings]) -> _Inputs:
             log.info(
                 "train: %s of %s users have a profile", f"{int(has_profile.sum()):,}", f"{data.n_users:,}"
             )
-    return _Inputs(catalog, sequences, data, tables, profiles, cold_eval)
+    return TrainInputs(catalog, sequences, data, tables, profiles, cold_eval)
 
 
 @dataclass
@@ -258,7 +258,7 @@ def _start(
     run_dir: RunDir,
     model: Recommender,
     spec: ModelConfig,
-    inputs: _Inputs,
+    inputs: TrainInputs,
     hashes: dict[str, str],
     device: torch.device,
 ) -> _Started:
@@ -277,6 +277,8 @@ def _start(
         model, run_dir, model_settings, inputs.catalog, run.workspace, hashes,
         force=run.force, warm=warm, device=device, log=log.info, warn=log.warning,
     )  # fmt: skip
+    if model.prior_dims:  # off while training, whatever the loaded weights brought (a warm start: w, c)
+        model.set_text_prior(0.0, spec.text_prior_new_items)
     run_dir.write_items(inputs.catalog.item_ids)
     catalog = inputs.catalog
     run_dir.write_config(
@@ -308,7 +310,7 @@ def _fit(
     run: StageRun[TrainSettings],
     run_dir: RunDir,
     model: Recommender,
-    inputs: _Inputs,
+    inputs: TrainInputs,
     start: _Started,
     valid: EvalSplit,
     device: torch.device,
@@ -366,7 +368,7 @@ def _evaluate(
     run: StageRun[TrainSettings],
     run_dir: RunDir,
     model: Recommender,
-    inputs: _Inputs,
+    inputs: TrainInputs,
     state: FitState,
     splits: tuple[EvalSplit, EvalSplit],
     device: torch.device,
@@ -422,20 +424,42 @@ def _evaluate(
 def _fit_text_prior(
     run: StageRun[TrainSettings], run_dir: RunDir, model: Recommender, valid: EvalSplit, device: torch.device
 ) -> dict[str, Any]:
-    """train.text_prior: choose the prior's weight on validation (full ranking) for the best weights and
-    save them with it (publish scores with what the test figures measured). {} without a prior."""
+    """train.text_prior: choose the prior's weight w (and, unless fixed, its scale c on new items) on
+    validation (full ranking) for the best weights and save them with it (publish scores with what the
+    test figures measured). {} without a prior."""
     if not model.prior_dims:
         return {}
     started = time.perf_counter()
-    grid = run.settings.text_prior_grid
-    weight, figures = fit_text_prior(model, valid, grid, run.settings.eval_batch_size, device)
+    settings = run.settings
+    fixed = settings.text_prior_new_items is not None
+    fit = fit_text_prior(
+        model, valid, settings.text_prior_grid, settings.eval_batch_size, device,
+        new_items_grid=None if fixed else settings.text_prior_new_items_grid, min_new_targets=MIN_NEW_TARGETS,
+    )  # fmt: skip
     save_weights(model, run_dir)
     seconds = time.perf_counter() - started
+    w, c = fit.weight, fit.new_items
+    how = (
+        "chosen"
+        if fit.fitted_new_items
+        else "fixed"
+        if fixed
+        else f"1: fewer than {MIN_NEW_TARGETS} such targets"
+    )
     run.log.info(
-        "train: text prior weight %g (validation full NDCG@10 %.4f, %.4f without), fitted in %.1f s",
-        weight, figures[weight], figures.get(0.0, float("nan")), seconds,
+        "train: text prior weight %g, x%g on new items (%s; %d validation targets are new items); "
+        "validation full NDCG@10 %.4f, %.4f without the prior; fitted in %.1f s",
+        w, c, how, fit.new_targets, fit.ndcg10[(w, c)], fit.ndcg10.get((0.0, c), float("nan")), seconds,
     )  # fmt: skip
-    return {"weight": weight, "valid_ndcg@10": {str(w): f for w, f in figures.items()}, "seconds": seconds}
+    return {
+        "weight": w,
+        "new_items": c,
+        "new_items_chosen": fit.fitted_new_items,
+        "valid_new_item_targets": fit.new_targets,
+        "valid_ndcg@10": {str(x): f for (x, y), f in fit.ndcg10.items() if y == c},  # by w, at the chosen c
+        "valid_ndcg@10_new_items": {str(y): f for (x, y), f in fit.ndcg10.items() if x == w},  # by c, at w
+        "seconds": seconds,
+    }
 
 
 def _report_short(data: SequenceData, split: EvalSplit, n: int, log: Any) -> dict[str, list[str]]:
