@@ -36,6 +36,11 @@ parser.add_argument(
     action="store_true",
     help="rank new items among the user's earlier items too (issue #28's bound)",
 )
+parser.add_argument(
+    "--new-items-in-validation",
+    action="store_true",
+    help="the split of train.cold_start.new_items_in_validation (held-out validation targets kept)",
+)
 args = parser.parse_args()
 torch.set_num_threads(1)
 ws = Workspace(args.workspace)
@@ -44,7 +49,7 @@ E = torch.from_numpy(load_item_tables(ws).global_table)
 E = torch.nn.functional.normalize(E, dim=1)
 E[0] = 0
 held = choose_new_items(cat, seqs, args.fraction, args.seed, None)  # random: as without timestamps
-out = without_items(seqs, held)
+out = without_items(seqs, held, keep_validation=args.new_items_in_validation)
 data = SequenceData(cat, out.sequences, args.max_len)
 test = data.eval_split("test", 1, args.seed, 5)
 

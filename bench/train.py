@@ -336,6 +336,12 @@ def main() -> None:
         help="Both cold-start evaluations in every run (new items held out).",
     )
     parser.add_argument(
+        "--new-items-in-validation",
+        action="store_true",
+        help="With --cold-start: held-out items stay where they are validation targets (removed from "
+        "training only; train.cold_start.new_items_in_validation).",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -386,7 +392,11 @@ def main() -> None:
             adapter_init=args.adapter_init,
             select_by=args.select_by,
             warm_start=False,  # a comparison of models: every run from a random init, never an earlier run
-            cold_start={"new_items": args.cold_start, "untouched_domain": args.cold_start},
+            cold_start={
+                "new_items": args.cold_start,
+                "untouched_domain": args.cold_start,
+                "new_items_in_validation": args.cold_start and args.new_items_in_validation,
+            },
             **({"objective": objective} if objective else {}),
         )
         run_overrides = overrides | parse_overrides(extra) | ({"seed": seed} if seed is not None else {})

@@ -72,13 +72,19 @@ def choose_new_items(
     return held
 
 
-def without_items(sequences: Sequences, held: np.ndarray, min_length: int = 3) -> HeldOut:
+def without_items(
+    sequences: Sequences, held: np.ndarray, min_length: int = 3, keep_validation: bool = False
+) -> HeldOut:
     """Remove every interaction with a `held` item from each sequence, except the sequence's last item
-    (the test target); keep the users left with at least `min_length` interactions."""
+    (the test target) and, with `keep_validation`, the one before it (the validation target: new items
+    are then validation targets where they fall, as items first bought there are); keep the users left
+    with at least `min_length` interactions."""
     lengths = sequences.lengths
     users = np.repeat(np.arange(len(lengths)), lengths)
     last = np.zeros(len(sequences.flat), bool)
     last[sequences.offsets[1:][lengths > 0] - 1] = True
+    if keep_validation:
+        last[sequences.offsets[1:][lengths > 1] - 2] = True
     keep = ~held[sequences.flat] | last
     new_lengths = np.bincount(users[keep], minlength=len(lengths))
     kept_users = np.flatnonzero(new_lengths >= min_length)

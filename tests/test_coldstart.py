@@ -114,6 +114,21 @@ def test_held_out_items_leave_every_input_and_training_target() -> None:
     data = SequenceData(CATALOG, out.sequences, max_len=5)
     assert not held[data.train_prefix(torch.arange(data.n_users))].any()
     assert not held[data.eval_split("valid", 3, 0, 1).target].any()
+    # new_items_in_validation: a held-out validation target stays, out of training still
+    held = held.copy()
+    held[b(6)] = True  # v0's and u6's validation item (u6 has it earlier too: that one goes)
+    both = without_items(sequences(SEQS), held, keep_validation=True)
+    data = SequenceData(CATALOG, both.sequences, max_len=5)
+    assert not held[data.train_prefix(torch.arange(data.n_users))].any()
+    offsets, flat = both.sequences.offsets, both.sequences.flat
+    for row, u in enumerate(both.users.tolist()):
+        seq, original = flat[offsets[row] : offsets[row + 1]].tolist(), SEQS[u]
+        assert seq[-1] == original[-1] and not held[seq[:-2]].any()  # held: only in the last two places
+        if held[original[-2]]:
+            assert seq[-2] == original[-2]  # kept as the validation target
+    assert any(held[SEQS[u][-2]] for u in both.users.tolist())  # the case occurs here
+    valid = SequenceData(CATALOG, both.sequences, max_len=5).eval_split("valid", 3, 0, 1)
+    assert held[valid.target].any()
 
 
 def test_new_items_evaluation_known_answers() -> None:

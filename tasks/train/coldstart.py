@@ -147,7 +147,7 @@ def prepare(
     seen = first_seen(workspace, catalog.n_items)
     usable = seen is not None and not np.isnan(seen[np.unique(sequences.flat)]).any()
     held = choose_new_items(catalog, sequences, settings.new_items_fraction, seed, seen if usable else None)
-    cold.held = without_items(sequences, held)
+    cold.held = without_items(sequences, held, keep_validation=settings.new_items_in_validation)
     cold.selection = "first_seen" if usable else "random"
     log(
         f"train: cold start: {int(held.sum())} items held out as new ({cold.selection}); "

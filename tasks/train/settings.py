@@ -64,6 +64,15 @@ class ColdStartSettings(BaseModel):
         ),
     )
     new_items_fraction: float = Field(default=0.05, gt=0.0, lt=1.0)
+    new_items_in_validation: bool = Field(
+        default=False,
+        description=(
+            "With new_items: keep a held-out item where it is a user's validation target (removed from "
+            "training only), so validation sees new items as targets in the proportion test does and "
+            "what is chosen on validation (the text prior's c) can see them; off: the held-out items are "
+            "only ever test targets (the issue #28 protocol)."
+        ),
+    )
     untouched_domain: bool = Field(
         default=False,
         description=(
