@@ -163,7 +163,6 @@ def fit_text_prior(
             continue
         items = model.item_vectors(d)  # [n_d + 1, D + p]
         new = new_of[d].to(device)
-        old_cols, new_cols = torch.nonzero(~new)[:, 0], torch.nonzero(new)[:, 0]
         for chunk in torch.split(users, batch_size):
             u = model.user_vectors(split.inputs[chunk].to(device), d)  # [B, D + p]
             target = split.candidates[chunk, 0].to(device)[:, None]  # [B, 1] local ids
@@ -172,37 +171,51 @@ def fit_text_prior(
             rows, cols = left_out(target[:, 0], chunk, split, ex_offsets)
             learned[:, 0] = -torch.inf  # the padding and the user's earlier items never compete
             learned[rows, cols] = -torch.inf
-            # Margins over the target's score (exactly 0 in its own column): an item competes where its
-            # margin is >= 0 (ties against the target, as rank_full; the target counts once, hence - 1).
-            learned -= learned.gather(1, target)
-            tt = text.gather(1, target)  # [B, 1] the target's cosine
-            t_new = new[target[:, 0]]  # [B] targets that are new items themselves
-            rn = torch.nonzero(t_new)[:, 0]
-            l_new, x_new = learned[:, new_cols], text[:, new_cols]  # [B, n_new]
-            if len(new_cols):  # [B, n_old] the other columns (copies: the matrices go)
-                l_old, x_old = learned[:, old_cols], text[:, old_cols]
-                del learned, text
-            else:
-                l_old, x_old = learned, text
-            x_margin = x_old - tt  # the text margins of the other items over a target that is not new
-            combined = torch.empty_like(l_old)  # reused per w: no new [B, n_d + 1] buffers
-            competes = torch.empty_like(l_old, dtype=torch.bool)
-            for w in grid:
-                torch.add(l_old, x_margin, alpha=w, out=combined)
-                torch.ge(combined, 0, out=competes)
-                old_count = competes.sum(1, dtype=torch.int32)  # [B] right for targets that are not new
-                for c in cs:
-                    t_text = tt * torch.where(t_new[:, None], c, 1.0)  # [B, 1] the target's prior: c * tt
-                    count = old_count.clone()
-                    if len(rn):  # a new target's own prior moves with c: recount the others for it
-                        m = l_old[rn] + w * (x_old[rn] - t_text[rn])
-                        count[rn] = (m >= 0).sum(1, dtype=torch.int32)
-                    count += ((l_new + w * (c * x_new - t_text)) >= 0).sum(1, dtype=torch.int32)
-                    ranks[(w, c)][chunk.numpy()] = as_numpy(count - 1)  # [B]
+            for key, rank in _prior_ranks(learned, text, target, new, grid, cs).items():
+                ranks[key][chunk.numpy()] = as_numpy(rank)
     figures = {key: ndcg(r, 10) for key, r in ranks.items()}
     best = max(sorted(figures), key=lambda key: figures[key])  # max keeps the first (smallest) of equals
     model.set_text_prior(*best)
     return PriorFit(best[0], best[1], figures, new_targets, fit_c)
+
+
+def _prior_ranks(
+    learned: Tensor, text: Tensor, target: Tensor, new: Tensor, grid: list[float], cs: list[float]
+) -> dict[tuple[float, float], Tensor]:
+    """`fit_text_prior`'s ranks for a batch: learned [B, n_d + 1] the learned part's scores (-inf where an
+    item may not compete; overwritten), text [B, n_d + 1] the cosines, target [B, 1] local ids, new [n_d + 1] the items
+    whose prior weighs w * c -> {(w, c): [B] 0-based full-ranking rank of the target}.
+
+    Margins over the target's score (exactly 0 in its own column): an item competes where its margin is
+    >= 0 (ties against the target, as rank_full; the target counts once, hence - 1). The new items'
+    columns are combined per c apart from the others, whose count per w serves every c unless the
+    target is a new item itself (its own prior moves with c: those few users are recounted)."""
+    old_cols, new_cols = torch.nonzero(~new)[:, 0], torch.nonzero(new)[:, 0]
+    learned -= learned.gather(1, target)  # in place: the caller's matrix is spent
+    tt = text.gather(1, target)  # [B, 1] the target's cosine
+    t_new = new[target[:, 0]]  # [B] targets that are new items themselves
+    rn = torch.nonzero(t_new)[:, 0]
+    l_new, x_new = learned[:, new_cols], text[:, new_cols]  # [B, n_new]
+    if len(new_cols):  # [B, n_old] the other columns (copies)
+        l_old, x_old = learned[:, old_cols], text[:, old_cols]
+    else:
+        l_old, x_old = learned, text
+    x_margin = x_old - tt  # the text margins of the other items over a target that is not new
+    combined = torch.empty_like(l_old)  # reused per w: no new [B, n_d + 1] buffers
+    competes = torch.empty_like(l_old, dtype=torch.bool)
+    out: dict[tuple[float, float], Tensor] = {}
+    for w in grid:
+        torch.add(l_old, x_margin, alpha=w, out=combined)
+        torch.ge(combined, 0, out=competes)
+        old_count = competes.sum(1, dtype=torch.int32)  # [B] right for targets that are not new
+        for c in cs:
+            t_text = tt * torch.where(t_new[:, None], c, 1.0)  # [B, 1] the target's prior: c * tt
+            count = old_count.clone()
+            if len(rn):
+                count[rn] = ((l_old[rn] + w * (x_old[rn] - t_text[rn])) >= 0).sum(1, dtype=torch.int32)
+            count += ((l_new + w * (c * x_new - t_text)) >= 0).sum(1, dtype=torch.int32)
+            out[(w, c)] = count - 1
+    return out
 
 
 def popularity_tables(counts: np.ndarray, catalog: Catalog) -> tuple[np.ndarray, np.ndarray]:
