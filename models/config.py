@@ -100,7 +100,7 @@ class ModelConfig:
     profile_dim: int = 0  # 0 = no profile guidance
     # training loss
     objective: Objective = "bce"
-    negatives: int = 1024  # sampled_softmax: K negatives per domain, shared by the batch
+    negatives: int = 2048  # sampled_softmax: K negatives per domain, shared by the batch
     sampling: Sampling = "popularity"  # sampled_softmax: how the K negatives are drawn
     # bce with LLM4CDSR: `fused` scores one negative of the target's domain with every thread; `per_thread`
     # gives the mixed thread a negative of its own, drawn from the domain of the position's input item,
