@@ -228,7 +228,7 @@ class TrainSettings(StageSettings):
         ge=1,
         description=(
             "sampled_softmax: negatives per domain per batch, shared by the batch (2,048 since 2026-12-04: "
-            "+2.5 % full-ranking validation over 1,024 for 1.2x a training step; docs/train.md)."
+            "+2.5 % full-ranking validation over 1,024 for 1.2x a training step, 1.4x an epoch; docs/train.md)."
         ),
     )
     sampling: Sampling = Field(
