@@ -82,7 +82,11 @@ SQUARES: Stage[Any, Any] = Stage(  # named as a stage, for its `runtime.ray.reso
 )
 
 
-def _task_runs(flow_run_id: Any) -> list[Any]:
+def _task_runs(flow_run_id: Any, settle_s: float = 60.0) -> list[Any]:
+    """The flow run's task runs as the API has them, read again (every 0.5 s, at most `settle_s`) until
+    every one is in a final state: a Ray worker reports its task run's states to the API as events, which
+    the server records a moment later, so the flow can return before the last shard's Completed is
+    stored (seen under CI's load after a killed worker's retry)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter
 
@@ -93,7 +97,12 @@ def _task_runs(flow_run_id: Any) -> list[Any]:
                 task_run_filter=TaskRunFilter(),
             )
 
-    return asyncio.run(read())
+    deadline = time.monotonic() + settle_s
+    runs = asyncio.run(read())
+    while not all(r.state and r.state.is_final() for r in runs) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        runs = asyncio.run(read())
+    return runs
 
 
 def _parts(root: Path) -> dict[str, str]:
