@@ -338,14 +338,14 @@ def fit(
                     "eval_seconds": eval_s,
                 }
             )
+            if on_epoch is not None:  # the checkpoint first: a logged epoch is a kept epoch
+                on_epoch(model, optimizer, state, is_best)
             log(
                 f"epoch {epoch}: loss {losses.get('loss', float('nan')):.4f} valid ndcg@10 ({cfg.select_by}) "
                 f"{score:.4f} "
                 f"({'best' if is_best else f'best {state.best_valid:.4f} @ {state.best_epoch}'}) "
                 f"train {train_s:.1f} s eval {eval_s:.1f} s"
             )
-            if on_epoch is not None:
-                on_epoch(model, optimizer, state, is_best)
         finish(bar)  # stopped early: the bar ends full, at the batches trained
     return state
 

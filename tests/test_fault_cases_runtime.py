@@ -310,10 +310,10 @@ def test_24_sigterm_during_night_is_recorded_and_leaves_no_process(
     }
 
     first = _Night(here, "night1", **env)
-    # Epoch 1 is logged before its checkpoint is written, so a SIGTERM sent on that line could land
-    # before the checkpoint (CI, 2026-12-04: night 2 cold-started and finished); epoch 2's line comes
-    # after epoch 1's checkpoint.
-    first.wait_for("epoch 2: loss")  # a checkpoint to resume from
+    # An epoch's line is logged after its checkpoint is written (models/trainer.py), so the first night
+    # has something to resume from once the line shows (CI, 2026-12-04: the line came first then, and a
+    # SIGTERM between the two left night 2 nothing to resume).
+    first.wait_for("epoch 1: loss")  # a checkpoint to resume from
     servers = [p for p in first.children() if "uvicorn" in " ".join(p.cmdline())]
     assert len(servers) == 1  # Prefect's temporary API server
     assert first.stop(signal.SIGTERM) == 128 + signal.SIGTERM
