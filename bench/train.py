@@ -45,11 +45,15 @@ from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.train.settings import TrainSettings
 from bridgerec.tasks.train.stage import run_train
 sys.path.insert(0, "bench")
-from train import authors_protocol
+from train import authors_protocol, epoch_history, short_history_ndcg
 from bridgerec.tasks import StageRun
 ws = Workspace(sys.argv[2])
 s = run_train(StageRun(TrainSettings.model_validate_json(sys.argv[1]), ws, force=sys.argv[3] == "1"))
-out = s.model_dump(mode="json") | {"authors_protocol": authors_protocol(Path(s.run_dir), ws)}
+out = s.model_dump(mode="json") | {
+    "authors_protocol": authors_protocol(Path(s.run_dir), ws),
+    "history": epoch_history(s.run_dir),
+    "short_history_ndcg@10": short_history_ndcg(s.run_dir),
+}
 print("RESULT " + json.dumps(out))
 """
 
@@ -172,15 +176,35 @@ def cold_table(results: list[dict], domains: list[str]) -> str:
     return "\n".join(lines)
 
 
-def short_history_ndcg(run_dir: str) -> float:
-    """Test full-ranking NDCG@10 of the users with the shortest histories (group `short`), from the run's
-    metrics.parquet (nan when the run folder is gone)."""
+def _metric_rows(run_dir: str) -> list[dict]:
+    """The run's metrics.parquet as rows (empty when the run folder is gone)."""
     import pyarrow.parquet as pq
 
     path = Path(run_dir) / "metrics.parquet"
-    if not path.is_file():
-        return float("nan")
-    rows = pq.read_table(path).to_pylist()
+    return pq.read_table(path).to_pylist() if path.is_file() else []
+
+
+def epoch_history(run_dir: str) -> list[dict]:
+    """Per epoch: the full-ranking (or sampled) validation NDCG@10, the training loss and the learning rate
+    (`lr_decay`), from the run's metrics.parquet, so the result file keeps the curve after the run folder
+    is gone."""
+    epochs: dict[int, dict] = {}
+    for r in _metric_rows(run_dir):
+        if r["users"] is not None or r["split"] not in ("valid", "train"):  # the final evaluation has users
+            continue
+        if r["split"] == "valid" and r["metric"] != "ndcg@10":
+            continue
+        key = f"valid_{r['protocol']}_ndcg@10" if r["split"] == "valid" else r["metric"]
+        if r["split"] == "train" and key not in ("loss", "lr"):
+            continue
+        epochs.setdefault(int(r["epoch"]), {"epoch": int(r["epoch"])})[key] = r["value"]
+    return [epochs[e] for e in sorted(epochs)]
+
+
+def short_history_ndcg(run_dir: str) -> float:
+    """Test full-ranking NDCG@10 of the users with the shortest histories (group `short`), from the run's
+    metrics.parquet (nan when the run folder is gone)."""
+    rows = _metric_rows(run_dir)
     found = [
         r["value"]
         for r in rows
@@ -234,7 +258,10 @@ def compact_table(results: list[dict], domains: list[str]) -> str:
         cells.append(
             " / ".join(f"{untouched['full'][d]['ndcg@10']:.4f}" for d in domains) if untouched else "-"
         )
-        cells.append(f"{short_history_ndcg(r['run_dir']):.4f}" if r.get("run_dir") else "-")
+        short = r.get("short_history_ndcg@10")
+        if short is None:  # result files from before it was kept: the run folder, if it is still there
+            short = short_history_ndcg(r["run_dir"]) if r.get("run_dir") else float("nan")
+        cells.append(f"{short:.4f}")
         prior = r.get("text_prior") or {}
         at_zero = (prior.get("valid_ndcg@10") or {}).get("0.0")
         c = f", x{prior['new_items']:g}" if "new_items" in prior else ""  # c: since 2026-12-04

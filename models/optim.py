@@ -38,6 +38,12 @@ class Optimizer:
         for opt in self.optimizers:
             opt.step()
 
+    def set_lr(self, lr: float) -> None:
+        """Set the learning rate of every parameter group (dense and sparse alike)."""
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr
+
     def state_dict(self) -> list[dict[str, Any]]:
         return [opt.state_dict() for opt in self.optimizers]
 

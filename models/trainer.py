@@ -1,5 +1,5 @@
 """The training loop: Adam, early stopping on validation NDCG@10 (full ranking by default, `select_by`),
-best weights kept, resumable.
+best weights kept, the learning rate decayed on a plateau from the best weights (`lr_decay`), resumable.
 
 Everything random (batch order, negatives) comes from a generator seeded with (seed, epoch), so a run
 resumed after a crash continues exactly as the uninterrupted run would have.
@@ -14,6 +14,7 @@ stopping for all ranks.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -66,6 +67,10 @@ class FitConfig:
     # mean positions per batch, so every position weighs the same (as random batches give); "domain":
     # the sum over target domains of each one's mean (the authors' reduction).
     loss_norm: Literal["batch", "global", "domain"] = "batch"
+    # Learning rate on a plateau: after an epoch no better than the best, training goes on from the best
+    # epoch's weights and Adam moments at `lr_decay` times the learning rate (1 = off: the epoch's
+    # weights, the same rate). Keras's ReduceLROnPlateau (patience 0) with its best weights restored.
+    lr_decay: float = 1.0
 
 
 @dataclass
@@ -78,6 +83,24 @@ class FitState:
     bad_epochs: int = 0
     elapsed_s: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)  # one row per epoch
+    lr_scale: float = 1.0  # the learning rate now, as a multiple of FitConfig.lr (lr_decay's product)
+
+
+@dataclass
+class _Snapshot:
+    """The best epoch's weights and optimizer state, in memory, for `lr_decay` to go back to."""
+
+    model: dict[str, torch.Tensor]
+    optimizer: list[dict[str, Any]]
+
+    @classmethod
+    def take(cls, model: nn.Module, optimizer: Optimizer) -> _Snapshot:
+        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return cls(weights, copy.deepcopy(optimizer.state_dict()))
+
+    def restore(self, model: nn.Module, optimizer: Optimizer) -> None:
+        model.load_state_dict(self.model)
+        optimizer.load_state_dict(copy.deepcopy(self.optimizer))
 
 
 @dataclass(frozen=True)
@@ -297,6 +320,11 @@ def fit(
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     state = state or FitState()
+    optimizer.set_lr(cfg.lr * state.lr_scale)
+    # lr_decay's way back to the best epoch. Under lr_decay a resumed run's checkpoint holds the best
+    # weights (after a worse epoch they were restored before it was written), and a warm start's epoch 0
+    # is its init: either way the state now is the best so far.
+    best = _Snapshot.take(model, optimizer) if cfg.lr_decay < 1 and state.history else None
     n_batches = math.ceil(data.n_users / cfg.batch_size)
     remaining = cfg.epochs - state.epoch
     with progress_bar(f"train {model.name}", total=remaining * n_batches, unit="batches") as bar:
@@ -334,17 +362,30 @@ def fit(
                     "epoch": epoch,
                     **losses,
                     **scores,
+                    "lr": cfg.lr * state.lr_scale,
                     "train_seconds": train_s,
                     "eval_seconds": eval_s,
                 }
             )
+            decayed = ""
+            if cfg.lr_decay < 1:
+                if is_best:
+                    best = _Snapshot.take(model, optimizer)
+                else:  # a plateau: on from the best epoch, at a lower rate (the checkpoint keeps both)
+                    if best is not None:
+                        best.restore(model, optimizer)
+                    state.lr_scale *= cfg.lr_decay
+                    optimizer.set_lr(cfg.lr * state.lr_scale)
+                    decayed = (
+                        f"; on from epoch {state.best_epoch}'s weights at lr {cfg.lr * state.lr_scale:.3g}"
+                    )
             if on_epoch is not None:  # the checkpoint first: a logged epoch is a kept epoch
                 on_epoch(model, optimizer, state, is_best)
             log(
                 f"epoch {epoch}: loss {losses.get('loss', float('nan')):.4f} valid ndcg@10 ({cfg.select_by}) "
                 f"{score:.4f} "
                 f"({'best' if is_best else f'best {state.best_valid:.4f} @ {state.best_epoch}'}) "
-                f"train {train_s:.1f} s eval {eval_s:.1f} s"
+                f"train {train_s:.1f} s eval {eval_s:.1f} s{decayed}"
             )
         finish(bar)  # stopped early: the bar ends full, at the batches trained
     return state

@@ -4,6 +4,7 @@ objectives' losses falling on the bundled sample)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -19,7 +20,7 @@ from bridgerec.models.evaluate import beyond_accuracy, evaluate, popularity_tabl
 from bridgerec.models.objectives import draw_shared_negatives, sampling_probs
 from bridgerec.models.optim import Optimizer
 from bridgerec.models.registry import ItemTables, build_model
-from bridgerec.models.trainer import FitConfig, Ranks, fit, rank_share, train_epoch
+from bridgerec.models.trainer import FitConfig, FitState, Ranks, fit, rank_share, train_epoch
 from bridgerec.tasks.train.settings import TrainSettings
 from bridgerec.tasks.train.stage import select_best
 
@@ -438,3 +439,64 @@ def test_early_stopping_keeps_the_epoch_with_the_best_full_ranking_validation() 
     first_best = int(np.argmax(full)) + 1  # the hand pick: highest full NDCG@10, the earliest on ties
     assert state.best_epoch == first_best and state.best_valid == pytest.approx(max(full))
     assert saved[first_best] is True
+
+
+def test_lr_decay_goes_on_from_the_best_epoch_at_a_lower_rate_and_resumes_the_same() -> None:
+    """`lr_decay`: after an epoch no better than the best, the weights and Adam moments are the best
+    epoch's again and the rate is lr_decay times lower; a run stopped and resumed from its checkpoint
+    (weights, optimizer, FitState) trains exactly as the uninterrupted run."""
+    data = SequenceData(CATALOG, _sequences(SEQS * 8), max_len=10)
+    valid = data.eval_split("valid", 2, seed=0, short_history=3)
+    cfg = FitConfig(
+        lr=1e-1,
+        weight_decay=0.0,
+        batch_size=8,
+        eval_batch_size=64,
+        epochs=8,
+        patience=8,
+        seed=0,
+        lr_decay=0.5,
+    )
+
+    def weights(m: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+    def run(
+        epochs: int, start: tuple[torch.nn.Module, FitState, list] | None = None
+    ) -> tuple[torch.nn.Module, FitState, list, dict[int, dict[str, torch.Tensor]]]:
+        if start is None:
+            torch.manual_seed(0)
+            model, state, opt_state = build_model(_spec("sasrec", objective="ce"), CATALOG), None, None
+        else:
+            model, state, opt_state = start
+        after: dict[int, dict[str, torch.Tensor]] = {}
+        kept: list = []
+
+        def on_epoch(m, o, s, best) -> None:  # what a checkpoint would hold
+            after[s.epoch] = weights(m)
+            kept[:] = [o.state_dict()]
+
+        state = fit(
+            model, data, valid, dataclasses.replace(cfg, epochs=epochs), torch.device("cpu"), None,
+            state, opt_state, on_epoch, log=lambda _: None,
+        )  # fmt: skip
+        return model, state, copy.deepcopy(kept[0]), after
+
+    _, whole, _, after = run(8)
+    lrs = [h["lr"] for h in whole.history]
+    scores = [h["valid_full_ndcg@10"] for h in whole.history]
+    best_so_far, best_epoch, scale = -math.inf, 0, 1.0
+    for epoch, (score, lr) in enumerate(zip(scores, lrs, strict=True), start=1):
+        assert lr == pytest.approx(cfg.lr * scale)
+        if score > best_so_far:
+            best_so_far, best_epoch = score, epoch
+        else:  # a plateau: back to the best epoch's weights, half the rate from the next epoch on
+            scale *= 0.5
+            assert all(torch.equal(after[epoch][k], after[best_epoch][k]) for k in after[epoch])
+    assert scale < 1, "the fixture's rate is high enough for at least one plateau"
+    assert whole.lr_scale == scale and whole.best_epoch == best_epoch
+
+    model, half, opt_state, _ = run(4)
+    _, resumed, _, _ = run(8, (model, copy.deepcopy(half), opt_state))
+    assert [h["lr"] for h in resumed.history] == lrs
+    assert [h["valid_full_ndcg@10"] for h in resumed.history] == pytest.approx(scores)

@@ -136,6 +136,7 @@ class TrainSettings(StageSettings):
         "text_prior_grid": [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
         "text_prior_new_items": 1.0,
         "text_prior_new_items_grid": [1.0],
+        "lr_decay": 1.0,
     }
 
     def ignored_fields(self) -> set[str]:
@@ -358,6 +359,16 @@ class TrainSettings(StageSettings):
     beta: float = Field(default=0.1, ge=0.0, description="Weight of the profile-guidance loss.")
     tau: float = Field(default=1.0, gt=0.0, description="Temperature of both contrastive losses.")
     lr: float = Field(default=1e-3, gt=0.0)
+    lr_decay: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=1.0,
+        description=(
+            "On a plateau (an epoch no better on validation than the best), go on from the best epoch's "
+            "weights and Adam moments at lr_decay times the learning rate; 1 = off (the epoch's own weights, "
+            "the same rate). Patience still counts the epochs that were no better (docs/train.md)."
+        ),
+    )
     weight_decay: float = Field(default=0.0, ge=0.0)
     batch_size: int = Field(default=128, ge=2)
     eval_batch_size: int = Field(default=1024, ge=1)
@@ -440,6 +451,7 @@ class TrainSettings(StageSettings):
             select_by=self.select_by if self.full_ranking else "sampled",
             hide_domain=self.effective_hide_domain,
             loss_norm=self.loss_norm,
+            lr_decay=self.lr_decay,
         )
 
     @property
