@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -503,15 +504,17 @@ def test_process_task_runner_runs_shards_in_worker_processes(
     assert mine == theirs  # greedy decoding: the same text in another process
 
 
-def _kill_first_item_shard_after_a_batch(root: Path, killed: list[int]) -> None:
-    """`kill -9` the Ray worker running an item shard once a batch of it is checkpointed (mid-shard)."""
+def _kill_first_item_shard_after_a_batch(root: Path, killed: list[int], done: threading.Event) -> None:
+    """`kill -9` the Ray worker running an item shard once a batch of it is checkpointed (mid-shard).
+    Watches until the flow is `done`, not for a fixed time: on loaded cores the engine's start in the
+    worker can take minutes (CI rehearsal, 2026-12-04: a 300 s watch ended before the first batch)."""
     import signal
     import time
 
     import psutil
 
     batches = root / ".checkpoints" / "enrich" / "items"
-    for _ in range(3000):
+    while not done.is_set():
         if batches.is_dir() and any(batches.glob("*.parquet")):
             for proc in psutil.process_iter(["cmdline"]):
                 if (proc.info["cmdline"] or [""])[0].startswith("ray::embed-items"):
@@ -528,7 +531,6 @@ def test_ray_runner_runs_shards_as_ray_tasks_and_survives_a_killed_worker(
     Prefect task run each) in worker processes that start each engine at most once; the worker of an item
     shard is killed (`kill -9`) after its first batch, Ray runs the shard again elsewhere, and the output
     is the one-pass build's (same vectors, clusters and greedy profile texts)."""
-    import threading
     from collections import Counter
 
     import ray
@@ -546,11 +548,17 @@ def test_ray_runner_runs_shards_as_ray_tasks_and_survives_a_killed_worker(
         enrich = ENRICH.model_copy(update={"items_per_shard": 40, "batch_size": 10})
         profiles = PROFILES.model_copy(update={"users_per_shard": 5})
         killed: list[int] = []
-        killer = threading.Thread(target=_kill_first_item_shard_after_a_batch, args=(sharded.root, killed))
+        done = threading.Event()
+        killer = threading.Thread(
+            target=_kill_first_item_shard_after_a_batch, args=(sharded.root, killed, done), daemon=True
+        )
         killer.start()
         on_ray = flow_for(STAGE["enrich"], RuntimeSettings(runner="ray"))
-        summary = on_ray(StageRun(EnrichSections(enrich, profiles), sharded, threads=THREADS))
-        killer.join()
+        try:
+            summary = on_ray(StageRun(EnrichSections(enrich, profiles), sharded, threads=THREADS))
+        finally:
+            done.set()
+            killer.join()
     finally:
         ray.shutdown()
     assert killed, "no item shard was running"
