@@ -18,7 +18,9 @@ run, with the chance level of each. `--set FIELD=VALUE` (repeatable) overrides a
 for every run (e.g. `--set dropout=0.2 --set device=cuda`); the overrides are in the JSON's args.
 Every run also gets a compact row of the figures issue #28 sets goals on (full ranking in multiples of
 `pop`, sampled, new items, warm items, untouched domain, short histories, seconds per epoch);
-`--from-json` prints those tables for earlier result files together.
+`--from-json` prints those tables for earlier result files together. Each run's entry in the JSON also
+keeps its epoch curve (`history`: validation NDCG@10, training loss and learning rate per epoch) and its
+short-history figure, which outlive the run folder.
 """
 
 from __future__ import annotations
