@@ -103,6 +103,38 @@ class _Snapshot:
         optimizer.load_state_dict(copy.deepcopy(self.optimizer))
 
 
+@dataclass
+class _LrOnPlateau:
+    """`lr_decay` across a run: the best epoch's snapshot, and after an epoch no better than it the way
+    back to it at `lr_decay` times the rate (`FitState.lr_scale` keeps the product for a resume)."""
+
+    cfg: FitConfig
+    best: _Snapshot | None = None
+
+    @classmethod
+    def start(cls, cfg: FitConfig, model: nn.Module, optimizer: Optimizer, state: FitState) -> _LrOnPlateau:
+        """Set the run's current rate. Under lr_decay a resumed run's checkpoint holds the best weights
+        (after a worse epoch they were restored before it was written), and a warm start's epoch 0 is its
+        init: either way the state now is the best so far."""
+        optimizer.set_lr(cfg.lr * state.lr_scale)
+        on = cfg.lr_decay < 1 and bool(state.history)
+        return cls(cfg, _Snapshot.take(model, optimizer) if on else None)
+
+    def epoch_end(self, model: nn.Module, optimizer: Optimizer, state: FitState, is_best: bool) -> str:
+        """Snapshot a best epoch; after a worse one restore the best and lower the rate. Returns what the
+        epoch's log line adds ("" when nothing changed)."""
+        if self.cfg.lr_decay >= 1:
+            return ""
+        if is_best:
+            self.best = _Snapshot.take(model, optimizer)
+            return ""
+        if self.best is not None:
+            self.best.restore(model, optimizer)
+        state.lr_scale *= self.cfg.lr_decay
+        optimizer.set_lr(self.cfg.lr * state.lr_scale)
+        return f"; on from epoch {state.best_epoch}'s weights at lr {self.cfg.lr * state.lr_scale:.3g}"
+
+
 @dataclass(frozen=True)
 class Ranks:
     """This process's place in a data-parallel group: rank r of `world` trains rows [r/world, (r+1)/world)
@@ -320,11 +352,7 @@ def fit(
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     state = state or FitState()
-    optimizer.set_lr(cfg.lr * state.lr_scale)
-    # lr_decay's way back to the best epoch. Under lr_decay a resumed run's checkpoint holds the best
-    # weights (after a worse epoch they were restored before it was written), and a warm start's epoch 0
-    # is its init: either way the state now is the best so far.
-    best = _Snapshot.take(model, optimizer) if cfg.lr_decay < 1 and state.history else None
+    plateau = _LrOnPlateau.start(cfg, model, optimizer, state)
     n_batches = math.ceil(data.n_users / cfg.batch_size)
     remaining = cfg.epochs - state.epoch
     with progress_bar(f"train {model.name}", total=remaining * n_batches, unit="batches") as bar:
@@ -367,18 +395,7 @@ def fit(
                     "eval_seconds": eval_s,
                 }
             )
-            decayed = ""
-            if cfg.lr_decay < 1:
-                if is_best:
-                    best = _Snapshot.take(model, optimizer)
-                else:  # a plateau: on from the best epoch, at a lower rate (the checkpoint keeps both)
-                    if best is not None:
-                        best.restore(model, optimizer)
-                    state.lr_scale *= cfg.lr_decay
-                    optimizer.set_lr(cfg.lr * state.lr_scale)
-                    decayed = (
-                        f"; on from epoch {state.best_epoch}'s weights at lr {cfg.lr * state.lr_scale:.3g}"
-                    )
+            decayed = plateau.epoch_end(model, optimizer, state, is_best)  # before the checkpoint keeps it
             if on_epoch is not None:  # the checkpoint first: a logged epoch is a kept epoch
                 on_epoch(model, optimizer, state, is_best)
             log(
