@@ -447,16 +447,8 @@ def test_lr_decay_goes_on_from_the_best_epoch_at_a_lower_rate_and_resumes_the_sa
     (weights, optimizer, FitState) trains exactly as the uninterrupted run."""
     data = SequenceData(CATALOG, _sequences(SEQS * 8), max_len=10)
     valid = data.eval_split("valid", 2, seed=0, short_history=3)
-    cfg = FitConfig(
-        lr=1e-1,
-        weight_decay=0.0,
-        batch_size=8,
-        eval_batch_size=64,
-        epochs=8,
-        patience=8,
-        seed=0,
-        lr_decay=0.5,
-    )
+    cfg = FitConfig(lr=1e-1, weight_decay=0.0, batch_size=8, eval_batch_size=64, epochs=8, patience=8, seed=0,
+                    lr_decay=0.5)  # fmt: skip
 
     def weights(m: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in m.state_dict().items()}
