@@ -1,16 +1,17 @@
 """New items against their exposure: `train.text_prior_new_items` on a trained cold-start run.
 
     python bench/new_item_exposure.py --workspace WS --run WS/runs/RUN_ID [--values 1,1.1,1.25,1.5]
+                                      [--weight W]
 
 The run must have been trained with `cold_start.new_items` (bench/train.py --cold-start) and
 `text_prior`. For each value c the saved model scores with the prior's weight on items without training
 interactions set to c * w (the setting's own code path: `LLM4CDSR.serving_rows`), and the whole test
 split is ranked by `models.evaluate.evaluate` (full ranking, earlier items left out), then read for the
 new-item targets, the warm targets and everyone: a boost for new items also lifts them above warm
-targets, so the three move together. The run itself chose c on validation (train.text_prior_new_items
-unset), where its validation targets include items first bought there; this bench shows the trade on
-the test split's held-out new items around that choice (docs/train.md, "New items against their
-exposure").
+targets, so the three move together. The run itself scored with its own c (fixed, 1.25 by default, or
+chosen on validation with `train.text_prior_new_items: validation`); this bench shows the trade on the
+test split's held-out new items around it, at the run's prior weight w or at `--weight` (docs/train.md,
+"New items against their exposure").
 Prints a table and writes bench/results/new_item_exposure_<run id>.json.
 """
 
@@ -40,6 +41,9 @@ def main() -> None:
     ap.add_argument("--workspace", type=Path, required=True)
     ap.add_argument("--run", type=Path, required=True, help="a run folder (WS/runs/RUN_ID)")
     ap.add_argument("--values", default="1,1.1,1.25,1.5", help="values of text_prior_new_items to rank with")
+    ap.add_argument(
+        "--weight", type=float, default=None, help="the prior's weight w to rank with (default: the run's own)"
+    )
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -58,7 +62,7 @@ def main() -> None:
     new = inputs.cold_eval.held.held[test.target.numpy()]
     domain = test.target_domain.numpy()
 
-    w = float(model.text_prior_weight)
+    w = float(model.text_prior_weight) if args.weight is None else args.weight
     fitted = float(model.text_prior_new_scale)  # what the run chose (or was set to)
     rows = []
     for c in [float(x) for x in args.values.split(",")]:
@@ -80,7 +84,8 @@ def main() -> None:
         print(
             f"| {r['text_prior_new_items']:g} | {r['overall']:.4f} | {r['new_items']:.4f} | {r['warm_items']:.4f} |"
         )
-    out = REPO / "bench" / "results" / f"new_item_exposure_{config['run_id']}.json"
+    suffix = "" if args.weight is None else f"_w_{w:g}"
+    out = REPO / "bench" / "results" / f"new_item_exposure_{config['run_id']}{suffix}.json"
     record = {
         "run": str(args.run),
         "seed": settings.seed,

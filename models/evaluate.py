@@ -112,6 +112,8 @@ class PriorFit:
     weight: float  # w: the prior's weight on every item
     new_items: float  # c: its scale on items without training interactions (w * c)
     ndcg10: dict[tuple[float, float], float]  # (w, c) -> validation full-ranking NDCG@10
+    ndcg10_new: dict[tuple[float, float], float]  # (w, c) -> the same over the targets that are new items
+    ndcg10_warm: dict[tuple[float, float], float]  # (w, c) -> ... over the other targets
     new_targets: int  # validation targets that are items without training interactions
     fitted_new_items: bool  # False: c was not chosen here (too few such targets, or none to treat apart)
 
@@ -131,7 +133,8 @@ def fit_text_prior(
     with `new_items_grid`, its scale c on the items without training interactions (their prior weighs
     w * c) from that grid, jointly with w, when at least `min_new_targets` targets of the split are
     such items (new catalogue items reach validation as targets only; with fewer, c stays the model's).
-    Sets the best pair (ties: the smaller w, then the smaller c) and returns the fit.
+    Sets the best pair (ties: the smaller w, then the smaller c) and returns the fit, with each pair's
+    figure also over the targets that are new items and over the others apart.
 
     Score-level fusion of a collaborative and a content score with a weight tuned on validation, as
     hybrid recommenders do. One pass of the model per user: the two parts' scores are kept apart and
@@ -151,7 +154,10 @@ def fit_text_prior(
         n_cols = model.sizes[d] + 1
         new_of.append(torch.zeros(n_cols, dtype=torch.bool) if marked is None else marked.cpu())
     by_domain = users_by_domain(split.target_domain, model.n_domains)
-    new_targets = sum(int(new_of[d][split.candidates[users, 0]].sum()) for d, users in enumerate(by_domain))
+    is_new = np.zeros(U, bool)  # [U] the user's target is an item without training interactions
+    for d, users in enumerate(by_domain):
+        is_new[users.numpy()] = new_of[d][split.candidates[users, 0]].numpy()
+    new_targets = int(is_new.sum())
     current = float(getattr(model, "text_prior_new_scale", torch.ones(1)).item())
     fit_c = bool(new_items_grid) and new_targets >= min_new_targets
     cs = sorted(set(new_items_grid or [])) if fit_c else [current]
@@ -174,9 +180,11 @@ def fit_text_prior(
             for key, rank in _prior_ranks(learned, text, target, new, grid, cs).items():
                 ranks[key][chunk.numpy()] = as_numpy(rank)
     figures = {key: ndcg(r, 10) for key, r in ranks.items()}
+    on_new = {key: ndcg(r[is_new], 10) for key, r in ranks.items()}  # NaN without such targets
+    on_warm = {key: ndcg(r[~is_new], 10) for key, r in ranks.items()}
     best = max(sorted(figures), key=lambda key: figures[key])  # max keeps the first (smallest) of equals
     model.set_text_prior(*best)
-    return PriorFit(best[0], best[1], figures, new_targets, fit_c)
+    return PriorFit(best[0], best[1], figures, on_new, on_warm, new_targets, fit_c)
 
 
 def _prior_ranks(

@@ -71,6 +71,9 @@ class FitConfig:
     # epoch's weights and Adam moments at `lr_decay` times the learning rate (1 = off: the epoch's
     # weights, the same rate). Keras's ReduceLROnPlateau (patience 0) with its best weights restored.
     lr_decay: float = 1.0
+    # Under lr_decay, a plateau that would take the rate below `lr_min` ends the run there instead, on
+    # the best epoch's weights (fairseq's --stop-min-lr); 0 = never (patience and `epochs` end it).
+    lr_min: float = 0.0
 
 
 @dataclass
@@ -84,6 +87,7 @@ class FitState:
     elapsed_s: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)  # one row per epoch
     lr_scale: float = 1.0  # the learning rate now, as a multiple of FitConfig.lr (lr_decay's product)
+    stopped: str = ""  # why the run ended before patience or `epochs` did ("lr_min"), "" while it may go on
 
 
 @dataclass
@@ -130,9 +134,13 @@ class _LrOnPlateau:
             return ""
         if self.best is not None:
             self.best.restore(model, optimizer)
+        lr = self.cfg.lr * state.lr_scale * self.cfg.lr_decay
+        if lr < self.cfg.lr_min:
+            state.stopped = "lr_min"
+            return f"; stopped: the next rate, {lr:.3g}, would be under lr_min {self.cfg.lr_min:g}"
         state.lr_scale *= self.cfg.lr_decay
-        optimizer.set_lr(self.cfg.lr * state.lr_scale)
-        return f"; on from epoch {state.best_epoch}'s weights at lr {self.cfg.lr * state.lr_scale:.3g}"
+        optimizer.set_lr(lr)
+        return f"; on from epoch {state.best_epoch}'s weights at lr {lr:.3g}"
 
 
 @dataclass(frozen=True)
@@ -356,7 +364,7 @@ def fit(
     n_batches = math.ceil(data.n_users / cfg.batch_size)
     remaining = cfg.epochs - state.epoch
     with progress_bar(f"train {model.name}", total=remaining * n_batches, unit="batches") as bar:
-        while state.epoch < cfg.epochs and state.bad_epochs < cfg.patience:
+        while state.epoch < cfg.epochs and state.bad_epochs < cfg.patience and not state.stopped:
             if cfg.time_budget_s is not None and state.elapsed_s >= cfg.time_budget_s:
                 log(f"time budget of {cfg.time_budget_s:.0f} s reached after {state.epoch} epochs")
                 break

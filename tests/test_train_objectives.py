@@ -20,7 +20,7 @@ from bridgerec.models.evaluate import beyond_accuracy, evaluate, popularity_tabl
 from bridgerec.models.objectives import draw_shared_negatives, sampling_probs
 from bridgerec.models.optim import Optimizer
 from bridgerec.models.registry import ItemTables, build_model
-from bridgerec.models.trainer import FitConfig, FitState, Ranks, fit, rank_share, train_epoch
+from bridgerec.models.trainer import FitConfig, FitState, Ranks, fit, rank_share, train_epoch, validate
 from bridgerec.tasks.train.settings import TrainSettings
 from bridgerec.tasks.train.stage import select_best
 
@@ -492,3 +492,40 @@ def test_lr_decay_goes_on_from_the_best_epoch_at_a_lower_rate_and_resumes_the_sa
     _, resumed, _, _ = run(8, (model, copy.deepcopy(half), opt_state))
     assert [h["lr"] for h in resumed.history] == lrs
     assert [h["valid_full_ndcg@10"] for h in resumed.history] == pytest.approx(scores)
+
+
+def test_lr_min_ends_the_run_at_the_plateau_that_would_go_below_it() -> None:
+    """`lr_min` under `lr_decay`: the run trains as without it until a plateau would set a rate below
+    lr_min; that plateau ends it (`FitState.stopped`), on the best epoch's weights, and a resumed run
+    that had stopped there trains no further."""
+    data = SequenceData(CATALOG, _sequences(SEQS * 8), max_len=10)
+    valid = data.eval_split("valid", 2, seed=0, short_history=3)
+    cfg = FitConfig(lr=1e-1, weight_decay=0.0, batch_size=8, eval_batch_size=64, epochs=12, patience=12, seed=0,
+                    lr_decay=0.5)  # fmt: skip
+
+    def run(lr_min: float) -> tuple[torch.nn.Module, FitState]:
+        torch.manual_seed(0)
+        model = build_model(_spec("sasrec", objective="ce"), CATALOG)
+        state = fit(
+            model, data, valid, dataclasses.replace(cfg, lr_min=lr_min), torch.device("cpu"), log=lambda _: None
+        )  # fmt: skip
+        return model, state
+
+    _, free = run(0.0)
+    lrs = [h["lr"] for h in free.history]
+    drops = sorted({lr for lr in lrs if lr < cfg.lr}, reverse=True)
+    assert len(drops) >= 2, "the fixture plateaus at least twice in 12 epochs"
+    floor = drops[0]  # the first drop is allowed, the second would go below the floor
+    model, stopped = run(floor)
+    ended = lrs.index(drops[1])  # 0-based index of the first epoch at the second drop's rate
+    assert stopped.stopped == "lr_min" and stopped.epoch == ended  # that epoch never trained
+    assert [h["lr"] for h in stopped.history] == lrs[:ended]
+    assert [h["valid_full_ndcg@10"] for h in stopped.history] == pytest.approx(
+        [h["valid_full_ndcg@10"] for h in free.history[:ended]]
+    )
+    assert stopped.lr_scale == pytest.approx(floor / cfg.lr)
+    score, _ = validate(model, valid, cfg, torch.device("cpu"))
+    assert score == pytest.approx(stopped.best_valid)  # the best epoch's weights, restored
+    again = fit(model, data, valid, dataclasses.replace(cfg, lr_min=floor), torch.device("cpu"), None,
+                copy.deepcopy(stopped), log=lambda _: None)  # fmt: skip
+    assert again.epoch == stopped.epoch

@@ -659,6 +659,9 @@ def test_the_text_prior_weight_fitted_on_validation_is_the_best_of_its_grid() ->
         model.set_text_prior(w, c)
         full = evaluate(model, split, batch_size=2, full=True).full
         assert full is not None and math.isclose(ndcg(full, 10), figure, abs_tol=1e-12), (w, c)
+        new = torch.from_numpy(counts == 0)[split.target].numpy()  # [U] the target is a new item
+        assert math.isclose(ndcg(full[new], 10), fit.ndcg10_new[(w, c)], abs_tol=1e-12), (w, c)
+        assert math.isclose(ndcg(full[~new], 10), fit.ndcg10_warm[(w, c)], abs_tol=1e-12), (w, c)
     model.set_text_prior(0.0, 1.5)
     few = fit_text_prior(model, split, grid, batch_size=2, new_items_grid=c_grid, min_new_targets=5)
     assert not few.fitted_new_items and {c for _, c in few.ndcg10} == {1.5} and few.new_items == 1.5

@@ -3,7 +3,9 @@
 `model` names a preset (an architecture plus the switches that define it, see `MODEL_PRESETS`); the
 other fields are the hyper-parameters, shared by every model. Defaults follow the authors' Amazon
 settings (hidden 128, 2 layers, 1 head, max_len 200, Adam 1e-3, batch 128, patience 20) except where a
-measurement on food-kitchen chose otherwise (docs/train.md, "Benchmark"): dropout 0.2 (theirs 0.5), the
+measurement on food-kitchen chose otherwise (docs/train.md, "Benchmark"): the rate cut to a fifth from
+the best epoch's weights on each plateau until it would fall below 1e-5 (theirs: constant until
+patience runs out), new items' text similarity weighing 1.25x (`text_prior_new_items`), dropout 0.2 (theirs 0.5), the
 sampled softmax with 2,048 shared negatives (theirs: BCE), causal attention (theirs leaks the target),
 a learned start state for a domain the user has no item of yet (theirs: none), and one hidden-domain
 training example per user and epoch (`hide_domain: 1`, theirs: none) for users who never shopped in a
@@ -137,16 +139,18 @@ class TrainSettings(StageSettings):
         "text_prior_new_items": 1.0,
         "text_prior_new_items_grid": [1.0],
         "lr_decay": 1.0,
+        "lr_min": 0.0,
     }
 
     def ignored_fields(self) -> set[str]:
         """Switches the chosen model does not use (left out of the run id): `domain_start` outside
         LLM4CDSR, `hide_domain` without a mixed thread, `bce_negatives` unless bce with LLM4CDSR,
-        `id_text_fit` without ID embeddings."""
+        `id_text_fit` without ID embeddings, `lr_min` without `lr_decay`."""
         ignored = set() if self.architecture == "llm4cdsr" else {"domain_start"}
         ignored |= set() if self.task == "cloze" else {"mask_prob"}
         ignored |= set() if self.fusion == "null_space" else {"semantic_dims"}
         ignored |= set() if self.resolved().id_embeddings else {"id_text_fit"}  # no ID rows to predict
+        ignored |= set() if self.lr_decay < 1 else {"lr_min"}  # the rate never drops
         ignored |= {"hide_domain"} if self.effective_hide_domain == 0 else set()
         if self.architecture != "llm4cdsr":
             ignored |= {"text_prior", "text_prior_grid"} | NEW_ITEMS  # no LLM table
@@ -310,22 +314,22 @@ class TrainSettings(StageSettings):
         "part's dot products).",
     )
     text_prior_new_items: float | None = Field(
-        default=None,
+        default=1.25,
         ge=0.0,
         description=(
             "LLM4CDSR with text_prior and id_embeddings: the prior's weight on items without training "
             "interactions (new catalogue items) is w times this c, how much their text similarity to the "
-            "history counts; 1 = as for every item. Unset (the default): chosen with w on full-ranking "
-            "validation from text_prior_new_items_grid, where at least "
-            f"{MIN_NEW_TARGETS} validation targets are such items (items first bought at a user's "
-            "validation position), else 1. A number fixes it: a policy for new items' exposure "
-            "(docs/train.md, 'New items against their exposure')."
+            "history counts; 1 = as for every item. A number fixes it, a policy for new items' exposure: "
+            "1.25 by default since 2026-12-04 (docs/train.md, 'New items against their exposure'). "
+            "'validation' (or null): chosen with w on full-ranking validation from "
+            f"text_prior_new_items_grid, where at least {MIN_NEW_TARGETS} validation targets are such "
+            "items (items first bought at a user's validation position), else 1."
         ),
     )
     text_prior_new_items_grid: list[float] = Field(
         default_factory=lambda: [1.0, 1.1, 1.25, 1.5, 2.0],
         min_length=1,
-        description="The values of c text_prior_new_items tries on validation when unset.",
+        description="The values of c text_prior_new_items tries on validation when set to 'validation'.",
     )
     domain_start: bool = Field(
         default=True,
@@ -360,13 +364,22 @@ class TrainSettings(StageSettings):
     tau: float = Field(default=1.0, gt=0.0, description="Temperature of both contrastive losses.")
     lr: float = Field(default=1e-3, gt=0.0)
     lr_decay: float = Field(
-        default=1.0,
+        default=0.2,
         gt=0.0,
         le=1.0,
         description=(
             "On a plateau (an epoch no better on validation than the best), go on from the best epoch's "
             "weights and Adam moments at lr_decay times the learning rate; 1 = off (the epoch's own weights, "
-            "the same rate). Patience still counts the epochs that were no better (docs/train.md)."
+            "the same rate). Patience still counts the epochs that were no better. 0.2 by default since "
+            "2026-12-04 (docs/train.md, 'Learning rate on a plateau')."
+        ),
+    )
+    lr_min: float = Field(
+        default=1e-5,
+        ge=0.0,
+        description=(
+            "With lr_decay below 1: a plateau that would take the learning rate below lr_min ends the run "
+            "instead, on the best epoch's weights (fairseq's --stop-min-lr); 0 = never."
         ),
     )
     weight_decay: float = Field(default=0.0, ge=0.0)
@@ -405,6 +418,12 @@ class TrainSettings(StageSettings):
     threads: int = Field(default=0, ge=0, description="torch threads; 0 = runtime.threads.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data_parallel: DataParallelSettings = Field(default_factory=DataParallelSettings)
+
+    @field_validator("text_prior_new_items", mode="before")
+    @classmethod
+    def _new_items_on_validation(cls, value: Any) -> Any:
+        """'validation' (a config file's or env var's word for it) is None: c chosen on validation."""
+        return None if value == "validation" else value
 
     @field_validator("model")
     @classmethod
@@ -452,6 +471,7 @@ class TrainSettings(StageSettings):
             hide_domain=self.effective_hide_domain,
             loss_norm=self.loss_norm,
             lr_decay=self.lr_decay,
+            lr_min=self.lr_min,
         )
 
     @property

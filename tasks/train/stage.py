@@ -458,6 +458,9 @@ def _fit_text_prior(
         "valid_new_item_targets": fit.new_targets,
         "valid_ndcg@10": {str(x): f for (x, y), f in fit.ndcg10.items() if y == c},  # by w, at the chosen c
         "valid_ndcg@10_new_items": {str(y): f for (x, y), f in fit.ndcg10.items() if x == w},  # by c, at w
+        # at the chosen (w, c), over the validation targets that are new items (NaN: none) and the others
+        "valid_ndcg@10_new_item_targets": fit.ndcg10_new[(w, c)],
+        "valid_ndcg@10_warm_targets": fit.ndcg10_warm[(w, c)],
         "seconds": seconds,
     }
 
