@@ -7,8 +7,8 @@ The run must have been trained with `cold_start.new_items` (bench/train.py --col
 `text_prior`. For each value c the saved model scores with the prior's weight on items without training
 interactions set to c * w (the setting's own code path: `LLM4CDSR.serving_rows`), and the whole test
 split is ranked by `models.evaluate.evaluate` (full ranking, earlier items left out), then read for the
-new-item targets, the warm targets and everyone: a boost for new items also lifts them above warm
-targets, so the three move together. The run itself scored with its own c (fixed, 1.25 by default, or
+new-item targets, the warm targets, everyone and each domain (and sampled NDCG@10 for everyone): a
+boost for new items also lifts them above warm targets, so the three move together. The run itself scored with its own c (fixed, 1.25 by default, or
 chosen on validation with `train.text_prior_new_items: validation`); this bench shows the trade on the
 test split's held-out new items around it, at the run's prior weight w or at `--weight` (docs/train.md,
 "New items against their exposure").
@@ -42,7 +42,10 @@ def main() -> None:
     ap.add_argument("--run", type=Path, required=True, help="a run folder (WS/runs/RUN_ID)")
     ap.add_argument("--values", default="1,1.1,1.25,1.5", help="values of text_prior_new_items to rank with")
     ap.add_argument(
-        "--weight", type=float, default=None, help="the prior's weight w to rank with (default: the run's own)"
+        "--weight",
+        type=float,
+        default=None,
+        help="the prior's weight w to rank with (default: the run's own)",
     )
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -68,11 +71,14 @@ def main() -> None:
     for c in [float(x) for x in args.values.split(",")]:
         model.set_text_prior(w, c)
         started = time.perf_counter()
-        full = evaluate(model, test, settings.eval_batch_size, True).full
+        ranks = evaluate(model, test, settings.eval_batch_size, True)
+        full = ranks.full
         assert full is not None
         row = {"text_prior_new_items": c, "overall": ndcg(full, 10), "new_items": ndcg(full[new], 10)}
         row |= {"warm_items": ndcg(full[~new], 10), "seconds": time.perf_counter() - started}
         row |= {f"new_items_{d}": ndcg(full[new & (domain == i)], 10) for i, d in enumerate(catalog.domains)}
+        row |= {f"overall_{d}": ndcg(full[domain == i], 10) for i, d in enumerate(catalog.domains)}
+        row |= {"sampled": ndcg(ranks.sampled, 10)}  # sampled NDCG@10 (the split's 100 negatives)
         rows.append(row)
         print(
             f"c {c:g}: overall {row['overall']:.4f}, new items {row['new_items']:.4f}, "

@@ -127,21 +127,23 @@ def test_declared_hash_fields_are_fields() -> None:
         assert declared <= set(section.model_fields), (section.__name__, declared - set(section.model_fields))
 
 
-def test_new_items_scale_is_fixed_by_default_and_chosen_on_validation_by_word(
+def test_new_items_scale_is_chosen_on_validation_by_default_and_by_word(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """train.text_prior_new_items: 1.25 by default; "validation" (file or env) or null: chosen on
-    validation (None); a number fixes it; a word that is neither names the key."""
-    assert load_settings(None).train.text_prior_new_items == 1.25
+    """train.text_prior_new_items: chosen on validation (None) by default, from a grid whose floor is
+    1.25, where the model starts; "validation" (file or env) or null say the same; a number fixes it; a
+    word that is neither names the key."""
+    train = load_settings(None).train
+    assert train.text_prior_new_items is None and min(train.text_prior_new_items_grid) == 1.25
+    assert train.model_spec().text_prior_new_items == 1.25  # the floor until validation chooses
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("train:\n  text_prior_new_items: validation\n")
-    assert load_settings(cfg).train.text_prior_new_items is None
-    cfg.write_text("train:\n  text_prior_new_items: null\n")
-    assert load_settings(cfg).train.text_prior_new_items is None
+    cfg.write_text("train:\n  text_prior_new_items: validation\n  text_prior_new_items_grid: [1.1, 2]\n")
+    train = load_settings(cfg).train
+    assert train.text_prior_new_items is None and train.model_spec().text_prior_new_items == 1.1
+    cfg.write_text("train:\n  text_prior_new_items: 1.5\n")
+    assert load_settings(cfg).train.model_spec().text_prior_new_items == 1.5
     monkeypatch.setenv("BRIDGEREC_TRAIN__TEXT_PRIOR_NEW_ITEMS", "validation")
-    assert load_settings(None).train.text_prior_new_items is None
-    monkeypatch.setenv("BRIDGEREC_TRAIN__TEXT_PRIOR_NEW_ITEMS", "1.5")
-    assert load_settings(None).train.text_prior_new_items == 1.5
+    assert load_settings(cfg).train.text_prior_new_items is None  # env beats the file
     monkeypatch.setenv("BRIDGEREC_TRAIN__TEXT_PRIOR_NEW_ITEMS", "often")
     with pytest.raises(ConfigError, match=r"train\.text_prior_new_items"):
         load_settings(None)

@@ -121,18 +121,15 @@ def test_exported_vectors_reproduce_the_models_scores(trained, enriched_workspac
         str(w) for w in grid
     }
     assert float(model.text_prior_weight) == summary.text_prior["weight"]
-    # and its scale on new items: fixed by the setting (1.25 by default), or with "validation" chosen
-    # with w where validation has enough new-item targets, else 1
+    # and its scale on new items: chosen with it where validation has enough new-item targets, else the
+    # grid's smallest (its floor)
     prior = summary.text_prior
     assert float(model.text_prior_new_scale) == prior["new_items"]
-    fixed = config["settings"]["text_prior_new_items"]
+    c_grid = config["settings"]["text_prior_new_items_grid"]
     if prior["new_items_chosen"]:
-        assert fixed is None and prior["new_items"] in config["settings"]["text_prior_new_items_grid"]
-        assert prior["valid_new_item_targets"] >= 100
-    elif fixed is not None:
-        assert prior["new_items"] == fixed
+        assert prior["new_items"] in c_grid and prior["valid_new_item_targets"] >= 100
     else:
-        assert prior["new_items"] == 1.0 and prior["valid_new_item_targets"] < 100
+        assert prior["new_items"] == min(c_grid) and prior["valid_new_item_targets"] < 100
     for d, name in enumerate(catalog.domains):
         dv = vectors[name]
         assert dv.user_ids == seqs.user_ids and len(dv.item_ids) == catalog.sizes[d]

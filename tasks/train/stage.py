@@ -444,7 +444,7 @@ def _fit_text_prior(
         if fit.fitted_new_items
         else "fixed"
         if fixed
-        else f"1: fewer than {MIN_NEW_TARGETS} such targets"
+        else f"the grid's floor: fewer than {MIN_NEW_TARGETS} such targets"
     )
     run.log.info(
         "train: text prior weight %g, x%g on new items (%s; %d validation targets are new items); "

@@ -1,0 +1,100 @@
+"""How validation sees the text prior's scale on new items: every (w, c) on a saved cold-start run.
+
+    python bench/prior_fit_validation.py --workspace WS --run WS/runs/RUN_ID [--values 1,1.1,1.25,1.5,2]
+
+Scores the run's validation split again with `models.evaluate.fit_text_prior` over the run's
+`text_prior_grid` and the values of c given, and reports each pair's full-ranking NDCG@10 over every
+target, over the targets that are new items (no training interactions) and over the others. Beside the
+choice the train stage makes (the best overall figure) it prints the choice when the new-item targets
+are reweighted to the share of the catalogue's items that are new: (1 - s) * warm + s * new, an
+importance weight for the shift between validation's new-item targets and the catalogue's new items
+(exact where new items are a random draw of the catalogue, as `cold_start.new_items` draws them).
+docs/train.md, "New items against their exposure", compares both with the test figures of
+`bench/new_item_exposure.py` on the same runs. Writes bench/results/screen/prior_fit_validation_<run id>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from bridgerec.models.evaluate import fit_text_prior
+from bridgerec.runtime.machine import machine_info
+from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks import StageRun
+from bridgerec.tasks.train.export import load_run
+from bridgerec.tasks.train.settings import MIN_NEW_TARGETS, TrainSettings
+from bridgerec.tasks.train.stage import load_inputs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workspace", type=Path, required=True)
+    ap.add_argument("--run", type=Path, required=True, help="a run folder (WS/runs/RUN_ID)")
+    ap.add_argument("--values", default="1,1.1,1.25,1.5,2", help="values of c (text_prior_new_items) to try")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    ws = Workspace(args.workspace)
+    model, config, _ = load_run(args.run, ws)
+    saved = config["settings"]
+    settings = TrainSettings(**{k: v for k, v in saved.items() if k in TrainSettings.model_fields})
+    if not getattr(model, "prior_dims", 0):
+        raise SystemExit("error: the run has no text prior (train.text_prior)")
+    inputs = load_inputs(StageRun(settings, ws))  # the same split (seeded by the run's seed)
+    valid = inputs.data.eval_split("valid", settings.eval_negatives, settings.seed, settings.short_history)
+    new_items = sum(int(model.prior_new_items(d).sum()) for d in range(model.n_domains))
+    share = new_items / sum(int(n) for n in model.sizes)  # s: the catalogue's share of new items
+    started = time.perf_counter()
+    fit = fit_text_prior(
+        model, valid, settings.text_prior_grid, settings.eval_batch_size, "cpu",
+        new_items_grid=[float(x) for x in args.values.split(",")], min_new_targets=MIN_NEW_TARGETS,
+    )  # fmt: skip
+    rows = [
+        {"w": w, "c": c, "all": f, "new": fit.ndcg10_new[(w, c)], "warm": fit.ndcg10_warm[(w, c)]}
+        for (w, c), f in sorted(fit.ndcg10.items())
+    ]
+    reweighted = max(rows, key=lambda r: (1 - share) * r["warm"] + share * r["new"])  # first of equals
+    users = int(valid.inputs.shape[0])
+    print(
+        f"validation: {users} users, {fit.new_targets} targets are new items ({fit.new_targets / users:.1%});"
+    )
+    print(f"catalogue: {new_items} new items ({share:.1%}); fitted in {time.perf_counter() - started:.0f} s")
+    print("| w | c | all targets | new-item targets | the others | reweighted to the catalogue's share |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        mixed = (1 - share) * r["warm"] + share * r["new"]
+        print(
+            f"| {r['w']:g} | {r['c']:g} | {r['all']:.5f} | {r['new']:.5f} | {r['warm']:.5f} | {mixed:.5f} |"
+        )
+    print(
+        f"chosen: plain ({fit.weight:g}, {fit.new_items:g}); reweighted ({reweighted['w']:g}, {reweighted['c']:g})"
+    )
+    record = {
+        "run": str(args.run),
+        "seed": settings.seed,
+        "new_items_in_validation": settings.cold_start.new_items_in_validation,
+        "users": users,
+        "new_targets": fit.new_targets,
+        "new_items": new_items,
+        "items": sum(int(n) for n in model.sizes),
+        "chosen": [fit.weight, fit.new_items],
+        "chosen_reweighted": [reweighted["w"], reweighted["c"]],
+        "seconds": time.perf_counter() - started,
+        "machine": machine_info(),
+        "rows": rows,
+    }
+    out = REPO / "bench" / "results" / "screen" / f"prior_fit_validation_{config['run_id']}.json"
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
