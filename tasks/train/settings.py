@@ -4,10 +4,10 @@
 other fields are the hyper-parameters, shared by every model. Defaults follow the authors' Amazon
 settings (hidden 128, 2 layers, 1 head, max_len 200, Adam 1e-3, batch 128, patience 20) except where a
 measurement on food-kitchen chose otherwise (docs/train.md, "Benchmark"): the rate cut to a fifth from
-the best epoch's weights on each plateau until it would fall below 1e-5 (theirs: constant until
-patience runs out), new items' text similarity weighing at least 1.25x (`text_prior_new_items_grid`),
-dropout 0.2 (theirs 0.5), the
-sampled softmax with 2,048 shared negatives (theirs: BCE), causal attention (theirs leaks the target),
+the best epoch's weights on a plateau, once, and the next plateau ends the run (`lr_decay` 0.2,
+`lr_min` 1e-4; theirs: a constant rate until patience runs out), new items' text similarity weighing
+at least 1.25x (`text_prior_new_items_grid`), dropout 0.2 (theirs 0.5), the sampled softmax with 2,048
+shared negatives (theirs: BCE), causal attention (theirs leaks the target),
 a learned start state for a domain the user has no item of yet (theirs: none), and one hidden-domain
 training example per user and epoch (`hide_domain: 1`, theirs: none) for users who never shopped in a
 domain. The block layout is theirs (SASRec.pytorch's), measured better than the standard pre-LN one
@@ -380,11 +380,13 @@ class TrainSettings(StageSettings):
         ),
     )
     lr_min: float = Field(
-        default=1e-5,
+        default=1e-4,
         ge=0.0,
         description=(
             "With lr_decay below 1: a plateau that would take the learning rate below lr_min ends the run "
-            "instead, on the best epoch's weights (fairseq's --stop-min-lr); 0 = never."
+            "instead, on the best epoch's weights (fairseq's --stop-min-lr); 0 = never. 1e-4 by default: "
+            "with lr 1e-3 and lr_decay 0.2 one drop, to 2e-4, and the next plateau ends the run (a second "
+            "drop cost new items more than it gained: docs/train.md)."
         ),
     )
     weight_decay: float = Field(default=0.0, ge=0.0)
