@@ -17,29 +17,21 @@ Prints a table and writes bench/results/new_item_exposure_<run id>.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
-import torch
+from saved_run import open_run, run_arguments
 
 from bridgerec.models.evaluate import evaluate
 from bridgerec.models.metrics import ndcg
 from bridgerec.runtime.machine import machine_info
-from bridgerec.storage.workspace import Workspace
-from bridgerec.tasks import StageRun
-from bridgerec.tasks.train.export import load_run
-from bridgerec.tasks.train.settings import TrainSettings
-from bridgerec.tasks.train.stage import load_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workspace", type=Path, required=True)
-    ap.add_argument("--run", type=Path, required=True, help="a run folder (WS/runs/RUN_ID)")
+    ap = run_arguments(__doc__)
     ap.add_argument("--values", default="1,1.1,1.25,1.5", help="values of text_prior_new_items to rank with")
     ap.add_argument(
         "--weight",
@@ -47,19 +39,13 @@ def main() -> None:
         default=None,
         help="the prior's weight w to rank with (default: the run's own)",
     )
-    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-
-    ws = Workspace(args.workspace)
-    model, config, catalog = load_run(args.run, ws)
-    saved = config["settings"]
-    settings = TrainSettings(**{k: v for k, v in saved.items() if k in TrainSettings.model_fields})
+    run = open_run(args.workspace, args.run, args.threads)
+    model, config, catalog, settings, inputs = run.model, run.config, run.catalog, run.settings, run.inputs
     if not (settings.cold_start.new_items and getattr(model, "prior_dims", 0)):
         raise SystemExit(
             "error: the run needs cold_start.new_items and text_prior (bench/train.py --cold-start)"
         )
-    inputs = load_inputs(StageRun(settings, ws))  # the same held-out items (seeded by the run's seed)
     test = inputs.data.eval_split("test", settings.eval_negatives, settings.seed, settings.short_history)
     assert inputs.cold_eval.held is not None
     new = inputs.cold_eval.held.held[test.target.numpy()]

@@ -15,40 +15,27 @@ docs/train.md, "New items against their exposure", compares both with the test f
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
-import torch
+from saved_run import open_run, run_arguments
 
 from bridgerec.models.evaluate import fit_text_prior
 from bridgerec.runtime.machine import machine_info
-from bridgerec.storage.workspace import Workspace
-from bridgerec.tasks import StageRun
-from bridgerec.tasks.train.export import load_run
-from bridgerec.tasks.train.settings import MIN_NEW_TARGETS, TrainSettings
-from bridgerec.tasks.train.stage import load_inputs
+from bridgerec.tasks.train.settings import MIN_NEW_TARGETS
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workspace", type=Path, required=True)
-    ap.add_argument("--run", type=Path, required=True, help="a run folder (WS/runs/RUN_ID)")
+    ap = run_arguments(__doc__)
     ap.add_argument("--values", default="1,1.1,1.25,1.5,2", help="values of c (text_prior_new_items) to try")
-    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-
-    ws = Workspace(args.workspace)
-    model, config, _ = load_run(args.run, ws)
-    saved = config["settings"]
-    settings = TrainSettings(**{k: v for k, v in saved.items() if k in TrainSettings.model_fields})
+    run = open_run(args.workspace, args.run, args.threads)
+    model, config, settings, inputs = run.model, run.config, run.settings, run.inputs
     if not getattr(model, "prior_dims", 0):
         raise SystemExit("error: the run has no text prior (train.text_prior)")
-    inputs = load_inputs(StageRun(settings, ws))  # the same split (seeded by the run's seed)
     valid = inputs.data.eval_split("valid", settings.eval_negatives, settings.seed, settings.short_history)
     new_items = sum(int(model.prior_new_items(d).sum()) for d in range(model.n_domains))
     share = new_items / sum(int(n) for n in model.sizes)  # s: the catalogue's share of new items

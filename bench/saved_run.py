@@ -1,0 +1,51 @@
+"""A saved train run reopened for a benchmark: its model, settings and the inputs it was trained on.
+
+Shared by the benchmarks that score a finished run again (`new_item_exposure.py`,
+`prior_fit_validation.py`); they run as `python bench/NAME.py`, so this folder is on `sys.path`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bridgerec.models.base import Recommender
+from bridgerec.models.data import Catalog
+from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks import StageRun
+from bridgerec.tasks.train.export import load_run
+from bridgerec.tasks.train.settings import TrainSettings
+from bridgerec.tasks.train.stage import TrainInputs, load_inputs
+
+
+def run_arguments(description: str | None) -> argparse.ArgumentParser:
+    """The arguments every such benchmark takes: --workspace, --run and --threads."""
+    ap = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--workspace", type=Path, required=True)
+    ap.add_argument("--run", type=Path, required=True, help="a run folder (WS/runs/RUN_ID)")
+    ap.add_argument("--threads", type=int, default=1)
+    return ap
+
+
+@dataclass
+class SavedRun:
+    model: Recommender
+    config: dict[str, Any]  # the run's config.json
+    catalog: Catalog
+    settings: TrainSettings  # the settings it was trained with
+    inputs: TrainInputs  # its splits again (the same held-out items: seeded by the run's seed)
+
+
+def open_run(workspace: Path, run: Path, threads: int) -> SavedRun:
+    torch.set_num_threads(threads)
+    ws = Workspace(workspace)
+    model, config, catalog = load_run(run, ws)
+    saved = config["settings"]
+    settings = TrainSettings(**{k: v for k, v in saved.items() if k in TrainSettings.model_fields})
+    return SavedRun(model, config, catalog, settings, load_inputs(StageRun(settings, ws)))
