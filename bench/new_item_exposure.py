@@ -12,7 +12,8 @@ boost for new items also lifts them above warm targets, so the three move togeth
 chosen on validation with `train.text_prior_new_items: validation`); this bench shows the trade on the
 test split's held-out new items around it, at the run's prior weight w or at `--weight` (docs/train.md,
 "New items against their exposure").
-Prints a table and writes bench/results/new_item_exposure_<run id>.json.
+Prints a table and writes bench/results/new_item_exposure_<run id>[_w_W].json; rows that file already
+holds at other values of c are kept (each row's `seconds` is from the call that measured it).
 """
 
 from __future__ import annotations
@@ -88,6 +89,10 @@ def main() -> None:
         "machine": machine_info(),
         "rows": rows,
     }
+    if out.exists():  # an earlier call's rows at other values of c are kept (ranks do not depend on the machine)
+        ours = {r["text_prior_new_items"] for r in rows}
+        earlier = [r for r in json.loads(out.read_text())["rows"] if r["text_prior_new_items"] not in ours]
+        record["rows"] = sorted(earlier + rows, key=lambda r: r["text_prior_new_items"])
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
 
