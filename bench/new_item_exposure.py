@@ -89,7 +89,8 @@ def main() -> None:
         "machine": machine_info(),
         "rows": rows,
     }
-    if out.exists():  # an earlier call's rows at other values of c are kept (ranks do not depend on the machine)
+    # An earlier call's rows at other values of c are kept (ranks do not depend on the machine).
+    if out.exists():
         ours = {r["text_prior_new_items"] for r in rows}
         earlier = [r for r in json.loads(out.read_text())["rows"] if r["text_prior_new_items"] not in ours]
         record["rows"] = sorted(earlier + rows, key=lambda r: r["text_prior_new_items"])
