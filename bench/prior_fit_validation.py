@@ -10,7 +10,8 @@ are reweighted to the share of the catalogue's items that are new: (1 - s) * war
 importance weight for the shift between validation's new-item targets and the catalogue's new items
 (exact where new items are a random draw of the catalogue, as `cold_start.new_items` draws them).
 docs/train.md, "New items against their exposure", compares both with the test figures of
-`bench/new_item_exposure.py` on the same runs. Writes bench/results/screen/prior_fit_validation_<run id>.json.
+`bench/new_item_exposure.py` on the same runs. Writes bench/results/screen/prior_fit_validation_<run id>.json
+(with other --values: ..._<run id>_c_<values>.json, e.g. _c_1.375-1.5-2 for today's default grid).
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ from bridgerec.runtime.machine import machine_info
 from bridgerec.tasks.train.settings import MIN_NEW_TARGETS
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_VALUES = "1,1.1,1.25,1.5,2"
 
 
 def main() -> None:
     ap = run_arguments(__doc__)
-    ap.add_argument("--values", default="1,1.1,1.25,1.5,2", help="values of c (text_prior_new_items) to try")
+    ap.add_argument("--values", default=DEFAULT_VALUES, help="values of c (text_prior_new_items) to try")
     args = ap.parse_args()
     run = open_run(args.workspace, args.run, args.threads)
     model, config, settings, inputs = run.model, run.config, run.settings, run.inputs
@@ -78,7 +80,8 @@ def main() -> None:
         "machine": machine_info(),
         "rows": rows,
     }
-    out = REPO / "bench" / "results" / "screen" / f"prior_fit_validation_{config['run_id']}.json"
+    suffix = "" if args.values == DEFAULT_VALUES else "_c_" + args.values.replace(",", "-")
+    out = REPO / "bench" / "results" / "screen" / f"prior_fit_validation_{config['run_id']}{suffix}.json"
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {out}")
 

@@ -131,11 +131,11 @@ def test_new_items_scale_is_chosen_on_validation_by_default_and_by_word(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """train.text_prior_new_items: chosen on validation (None) by default, from a grid whose floor is
-    1.375, where the model starts; "validation" (file or env) or null say the same; a number fixes it; a
+    1.25, where the model starts; "validation" (file or env) or null say the same; a number fixes it; a
     word that is neither names the key."""
     train = load_settings(None).train
-    assert train.text_prior_new_items is None and min(train.text_prior_new_items_grid) == 1.375
-    assert train.model_spec().text_prior_new_items == 1.375  # the floor until validation chooses
+    assert train.text_prior_new_items is None and min(train.text_prior_new_items_grid) == 1.25
+    assert train.model_spec().text_prior_new_items == 1.25  # the floor until validation chooses
     cfg = tmp_path / "c.yaml"
     cfg.write_text("train:\n  text_prior_new_items: validation\n  text_prior_new_items_grid: [1.1, 2]\n")
     train = load_settings(cfg).train
