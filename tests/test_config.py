@@ -147,3 +147,11 @@ def test_new_items_scale_is_chosen_on_validation_by_default_and_by_word(
     monkeypatch.setenv("BRIDGEREC_TRAIN__TEXT_PRIOR_NEW_ITEMS", "often")
     with pytest.raises(ConfigError, match=r"train\.text_prior_new_items"):
         load_settings(None)
+    monkeypatch.delenv("BRIDGEREC_TRAIN__TEXT_PRIOR_NEW_ITEMS")
+    # The new-item targets weigh as many as they are in the choice, or the catalogue's share when told.
+    assert load_settings(None).train.text_prior_new_items_share == "validation"
+    monkeypatch.setenv("BRIDGEREC_TRAIN__TEXT_PRIOR_NEW_ITEMS_SHARE", "catalogue")
+    assert load_settings(None).train.text_prior_new_items_share == "catalogue"
+    monkeypatch.setenv("BRIDGEREC_TRAIN__TEXT_PRIOR_NEW_ITEMS_SHARE", "test")
+    with pytest.raises(ConfigError, match=r"train\.text_prior_new_items_share"):
+        load_settings(None)

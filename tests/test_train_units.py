@@ -630,7 +630,9 @@ def test_the_text_prior_weight_fitted_on_validation_is_the_best_of_its_grid() ->
     """fit_text_prior: for each pair (w, c) of the grids its NDCG@10 is what `evaluate` gives with that
     pair set (full ranking, earlier items left out; c scales the prior of items without training
     interactions, validation targets among them); it leaves the model at the best (the smaller of
-    equals). c is chosen only with enough validation targets that are new items; else it stays."""
+    equals), or with `catalogue_share` at the best of the stratified figure that weighs the new-item
+    targets as the catalogue's share of new items. c is chosen only with enough validation targets that
+    are new items; else it stays (and nothing is reweighted)."""
     from bridgerec.models.evaluate import evaluate, fit_text_prior
 
     torch.manual_seed(0)
@@ -662,9 +664,30 @@ def test_the_text_prior_weight_fitted_on_validation_is_the_best_of_its_grid() ->
         new = torch.from_numpy(counts == 0)[split.target].numpy()  # [U] the target is a new item
         assert math.isclose(ndcg(full[new], 10), fit.ndcg10_new[(w, c)], abs_tol=1e-12), (w, c)
         assert math.isclose(ndcg(full[~new], 10), fit.ndcg10_warm[(w, c)], abs_tol=1e-12), (w, c)
+    # Weighed to the catalogue: the new-item targets count as the share of items that are new (4 of the
+    # catalogue's items: 3, 5, 9, 10), not as the 4 of 5 targets they are.
+    weighed = fit_text_prior(
+        model, split, grid, batch_size=2, new_items_grid=c_grid, min_new_targets=4, catalogue_share=True
+    )
+    s = 4 / CATALOG.n_items
+    assert fit.share is None and weighed.share is not None and math.isclose(weighed.share, s)
+    assert weighed.ndcg10 == fit.ndcg10 and weighed.ndcg10_new == fit.ndcg10_new  # the same ranks
+    stratified = {k: (1 - s) * fit.ndcg10_warm[k] + s * fit.ndcg10_new[k] for k in fit.ndcg10}
+    top = max(stratified.values())
+    assert (weighed.weight, weighed.new_items) == min(
+        k for k, f in stratified.items() if math.isclose(f, top)
+    )
+    assert math.isclose(weighed.chosen_on((weighed.weight, weighed.new_items)), top)
+    assert (float(model.text_prior_weight), float(model.text_prior_new_scale)) == (
+        weighed.weight,
+        weighed.new_items,
+    )
     model.set_text_prior(0.0, 1.5)
-    few = fit_text_prior(model, split, grid, batch_size=2, new_items_grid=c_grid, min_new_targets=5)
+    few = fit_text_prior(
+        model, split, grid, batch_size=2, new_items_grid=c_grid, min_new_targets=5, catalogue_share=True
+    )
     assert not few.fitted_new_items and {c for _, c in few.ndcg10} == {1.5} and few.new_items == 1.5
+    assert few.share is None  # too few new-item targets to weigh: the plain figure chooses w
     with pytest.raises(ValueError, match="no text prior"):
         fit_text_prior(build_model(_config("sasrec"), CATALOG, None), split, grid, 2)
 

@@ -435,6 +435,7 @@ def _fit_text_prior(
     fit = fit_text_prior(
         model, valid, settings.text_prior_grid, settings.eval_batch_size, device,
         new_items_grid=None if fixed else settings.text_prior_new_items_grid, min_new_targets=MIN_NEW_TARGETS,
+        catalogue_share=settings.text_prior_new_items_share == "catalogue",
     )  # fmt: skip
     save_weights(model, run_dir)
     seconds = time.perf_counter() - started
@@ -446,6 +447,8 @@ def _fit_text_prior(
         if fixed
         else f"the grid's floor: fewer than {MIN_NEW_TARGETS} such targets"
     )
+    if fit.share is not None:
+        how += f", they weigh the catalogue's share of new items, {fit.share:.1%}"
     run.log.info(
         "train: text prior weight %g, x%g on new items (%s; %d validation targets are new items); "
         "validation full NDCG@10 %.4f, %.4f without the prior; fitted in %.1f s",
@@ -461,6 +464,9 @@ def _fit_text_prior(
         # at the chosen (w, c), over the validation targets that are new items (NaN: none) and the others
         "valid_ndcg@10_new_item_targets": fit.ndcg10_new[(w, c)],
         "valid_ndcg@10_warm_targets": fit.ndcg10_warm[(w, c)],
+        # the weight of new-item targets in the choice (None: as many as they are) and the figure chosen on
+        "new_item_targets_share": fit.share,
+        "valid_chosen_on": fit.chosen_on((w, c)),
         "seconds": seconds,
     }
 
