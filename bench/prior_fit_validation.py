@@ -6,18 +6,20 @@ Scores the run's validation split again with `models.evaluate.fit_text_prior` ov
 `text_prior_grid` and the values of c given, and reports each pair's full-ranking NDCG@10 over every
 target, over the targets that are new items (no training interactions) and over the others. Beside the
 choice the train stage makes (the best overall figure) it prints the choice when the new-item targets
-are reweighted to the share of the catalogue's items that are new: (1 - s) * warm + s * new, an
+are reweighted to the share of the catalogue's items that are new: (1 - s) * warm + s * new (what
+`train.text_prior_new_items_share: catalogue` chooses on, `PriorFit.chosen_on`), an
 importance weight for the shift between validation's new-item targets and the catalogue's new items
 (exact where new items are a random draw of the catalogue, as `cold_start.new_items` draws them).
 docs/train.md, "New items against their exposure", compares both with the test figures of
 `bench/new_item_exposure.py` on the same runs. Writes bench/results/screen/prior_fit_validation_<run id>.json
-(with other --values: ..._<run id>_c_<values>.json, e.g. _c_1.375-1.5-2 for today's default grid).
+(with other --values: ..._<run id>_c_<values>.json, e.g. _c_1.25-1.375-1.5-2 for the default grid).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from saved_run import open_run, run_arguments
@@ -46,11 +48,13 @@ def main() -> None:
         model, valid, settings.text_prior_grid, settings.eval_batch_size, "cpu",
         new_items_grid=[float(x) for x in args.values.split(",")], min_new_targets=MIN_NEW_TARGETS,
     )  # fmt: skip
+    weighed = replace(fit, share=share)  # the figure `text_prior_new_items_share: catalogue` chooses on
     rows = [
         {"w": w, "c": c, "all": f, "new": fit.ndcg10_new[(w, c)], "warm": fit.ndcg10_warm[(w, c)]}
+        | {"reweighted": weighed.chosen_on((w, c))}
         for (w, c), f in sorted(fit.ndcg10.items())
     ]
-    reweighted = max(rows, key=lambda r: (1 - share) * r["warm"] + share * r["new"])  # first of equals
+    reweighted = max(rows, key=lambda r: r["reweighted"])  # max keeps the first (smallest) of equals
     users = int(valid.inputs.shape[0])
     print(
         f"validation: {users} users, {fit.new_targets} targets are new items ({fit.new_targets / users:.1%});"
@@ -59,9 +63,8 @@ def main() -> None:
     print("| w | c | all targets | new-item targets | the others | reweighted to the catalogue's share |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        mixed = (1 - share) * r["warm"] + share * r["new"]
         print(
-            f"| {r['w']:g} | {r['c']:g} | {r['all']:.5f} | {r['new']:.5f} | {r['warm']:.5f} | {mixed:.5f} |"
+            f"| {r['w']:g} | {r['c']:g} | {r['all']:.5f} | {r['new']:.5f} | {r['warm']:.5f} | {r['reweighted']:.5f} |"
         )
     print(
         f"chosen: plain ({fit.weight:g}, {fit.new_items:g}); reweighted ({reweighted['w']:g}, {reweighted['c']:g})"
