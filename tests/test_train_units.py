@@ -678,6 +678,7 @@ def test_the_text_prior_weight_fitted_on_validation_is_the_best_of_its_grid() ->
         k for k, f in stratified.items() if math.isclose(f, top)
     )
     assert math.isclose(weighed.chosen_on((weighed.weight, weighed.new_items)), top)
+    assert (weighed.weight, weighed.new_items) != (fit.weight, fit.new_items)  # the weighing decides here
     assert (float(model.text_prior_weight), float(model.text_prior_new_scale)) == (
         weighed.weight,
         weighed.new_items,
