@@ -168,15 +168,8 @@ def fit_text_prior(
     p = model.prior_dims
     U = split.inputs.shape[0]
     assert split.candidates is not None
-    new_of: list[Tensor] = []  # [n_d + 1] bool by local id: the items whose prior weighs w * c
-    for d in range(model.n_domains):
-        marked = model.prior_new_items(d)
-        n_cols = model.sizes[d] + 1
-        new_of.append(torch.zeros(n_cols, dtype=torch.bool) if marked is None else marked.cpu())
     by_domain = users_by_domain(split.target_domain, model.n_domains)
-    is_new = np.zeros(U, bool)  # [U] the user's target is an item without training interactions
-    for d, users in enumerate(by_domain):
-        is_new[users.numpy()] = new_of[d][split.candidates[users, 0]].numpy()
+    new_of, is_new = _new_items(model, split, by_domain)
     new_targets = int(is_new.sum())
     current = float(getattr(model, "text_prior_new_scale", torch.ones(1)).item())
     fit_c = bool(new_items_grid) and new_targets >= min_new_targets
@@ -210,6 +203,22 @@ def fit_text_prior(
     model.set_text_prior(*best)
     fit.weight, fit.new_items = best
     return fit
+
+
+def _new_items(
+    model: Recommender, split: EvalSplit, by_domain: list[Tensor]
+) -> tuple[list[Tensor], np.ndarray]:
+    """The items whose text prior weighs w * c (no training interactions): per domain [n_d + 1] bool by
+    local id (padding False), and [U] bool: the split's user has such an item as target."""
+    assert split.candidates is not None
+    new_of = []
+    for d in range(model.n_domains):
+        marked = model.prior_new_items(d)
+        new_of.append(torch.zeros(model.sizes[d] + 1, dtype=torch.bool) if marked is None else marked.cpu())
+    is_new = np.zeros(split.inputs.shape[0], bool)
+    for d, users in enumerate(by_domain):
+        is_new[users.numpy()] = new_of[d][split.candidates[users, 0]].numpy()
+    return new_of, is_new
 
 
 def _prior_ranks(
