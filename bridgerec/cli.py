@@ -472,18 +472,21 @@ def _render_train(s: TrainSummary) -> None:
         )
     elif s.cold_start_reason:
         out.print(f"cold start: {shown(s.cold_start_reason)}")
-    t = Table("test", "HR@10", "NDCG@10", "full HR@10", "full NDCG@10")
+    # new items' share of the full-ranking top 10: items without training interactions (their exposure)
+    t = Table("test", "HR@10", "NDCG@10", "full HR@10", "full NDCG@10", "new items in top 10")
     full = s.test.get("full", {})
     for group, m in s.test.items():
         if group == "full":
             continue
         f = full.get(group, {})
+        share = f.get("new_item_share@10")
         t.add_row(
             group,
             f"{m['hr@10']:.4f}",
             f"{m['ndcg@10']:.4f}",
             f"{f.get('hr@10', float('nan')):.4f}",
             f"{f.get('ndcg@10', float('nan')):.4f}",
+            "-" if share is None else f"{share:.1%}",
         )
     out.print(t)
 

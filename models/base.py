@@ -112,6 +112,11 @@ class Recommender(nn.Module):
         """Called by the training loop after every epoch, before validation: parts fitted in closed form
         rather than by gradient steps (LLM4CDSR's `id_text_fit`); a no-op otherwise."""
 
+    def set_serving(self, on: bool) -> None:
+        """Parts that score only once training is over (LLM4CDSR's id_text_knn rows): off while `fit`
+        trains and validates each epoch (they see what the epochs fit), on for the final evaluation, the
+        export and publish (as a model starts when built); a no-op otherwise."""
+
     def set_text_prior(self, weight: float, new_items: float | None = None) -> None:
         """Set the text prior's weight w and, given, its scale c on items without training interactions
         (their prior weighs w * c; models with `prior_dims` > 0)."""

@@ -72,6 +72,11 @@ class ModelConfig:
     # the items with training interactions (weighted by them; the ridge strength chosen on a held-out
     # fifth of those items), instead of by gradient steps; items without interactions use the predicted row.
     id_text_fit: bool = False
+    # With id_text_fit and id_embeddings, k > 0: once training is over, an item without training
+    # interactions takes the mean ID row of its k text-nearest items with them (cosine of each thread's
+    # LLM embeddings; a domain thread's neighbours are of its domain) instead of the ridge map's
+    # prediction, which still scores it while training. 0 = the ridge map; ignored otherwise.
+    id_text_knn: int = 0
     # The text prior: every score gets w * cos(history text, item text), the cosine of the item's LLM
     # embedding with the unit-norm sum of the history's (what raw text similarity ranks by, untrained);
     # the user vector carries w * that sum, the item vector the item's unit-norm embedding (the scoring
@@ -118,6 +123,8 @@ class ModelConfig:
             raise ValueError("item_bias is an ID feature: it needs id_embeddings")
         if self.id_text_fit and self.id_dropout > 0:
             raise ValueError("id_text_fit and id_dropout both set the ID-row generators: choose one")
+        if self.id_text_knn < 0:
+            raise ValueError(f"id_text_knn {self.id_text_knn} must be >= 0")
         if not 0.0 <= self.mask_prob < 1.0:
             raise ValueError(f"mask_prob {self.mask_prob} must be in [0, 1)")
         built = {"next": ("llm4cdsr", "sasrec", "sasrec_domain", "pop"), "last": ("llm4cdsr", "sasrec"),

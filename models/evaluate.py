@@ -10,13 +10,16 @@ Beyond accuracy (full ranking, each user's top-10 in the target's domain, earlie
 group of users: `coverage@10` = distinct recommended items / items of the domains they target;
 `top1pct_share@10` = share of the recommendations that are among the 1% most popular items of their
 domain; `pop_percentile@10` = mean popularity percentile of the recommended items within their domain
-(100 = the most popular; ties at their mid-rank). Popularity = interactions in the training prefixes.
+(100 = the most popular; ties at their mid-rank); `new_item_share@10` = share of the recommendations that
+are items without training interactions (new catalogue items: their exposure, to read against their share
+among the group's targets). Popularity = interactions in the training prefixes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -89,6 +92,45 @@ def _full_rank(
     return rank, best, broken
 
 
+@torch.no_grad()
+def rank_among(
+    model: Recommender,
+    split: EvalSplit,
+    members: Tensor,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """[U] 0-based rank of each user's target among the items of its domain that are `members` ([N + 1]
+    bool by global id; every target must be one), the user's earlier items left out as in full ranking,
+    ties against the target. The item cold-start protocol of DropoutNet (Volkovs et al., NeurIPS 2017):
+    new items ranked against new items only, which reads how well a model orders them apart from how
+    much room it gives them among the warm ones (their exposure).
+
+    Raises ValueError when a target is not a member."""
+    model.eval()
+    assert split.candidates is not None, f"split {split.name} has no candidates (column 0: the target)"
+    if not members[split.target].all():
+        raise ValueError(f"rank_among: a target of split {split.name} is not among the members")
+    U = split.inputs.shape[0]
+    out = np.zeros(U, np.int64)
+    ex_offsets = np.searchsorted(split.exclude_users, np.arange(U + 1))
+    for d, users in enumerate(users_by_domain(split.target_domain, model.n_domains)):
+        if not len(users):
+            continue
+        local = members[int(model.offsets[d]) : int(model.offsets[d]) + model.sizes[d] + 1].clone()
+        local[0] = False  # [n_d + 1] by local id: the padding never competes
+        items = model.item_vectors(d)  # [n_d + 1, D]
+        for chunk in torch.split(users, batch_size):
+            u = model.user_vectors(split.inputs[chunk].to(device), d)  # [B, D]
+            target = split.candidates[chunk, 0].to(device)  # [B] local ids
+            scores = u @ items.T  # [B, n_d + 1]
+            rows, cols = left_out(target, chunk, split, ex_offsets)
+            scores[rows, cols] = -torch.inf
+            scores[:, ~local.to(device)] = -torch.inf
+            out[chunk.numpy()] = as_numpy(rank_full(scores, target))
+    return out
+
+
 def left_out(
     target: Tensor, chunk: Tensor, split: EvalSplit, ex_offsets: np.ndarray
 ) -> tuple[Tensor, Tensor]:
@@ -121,11 +163,29 @@ class PriorFit:
     share: float | None = None
 
     def chosen_on(self, key: tuple[float, float]) -> float:
-        """The figure the pair (w, c) was chosen on: `ndcg10[key]`, or with `share` s the stratified
-        (1 - s) * ndcg10_warm[key] + s * ndcg10_new[key]."""
-        if self.share is None:
-            return self.ndcg10[key]
-        return (1 - self.share) * self.ndcg10_warm[key] + self.share * self.ndcg10_new[key]
+        """The figure the pair (w, c) was chosen on (`_choice_figure`)."""
+        return _choice_figure(self.ndcg10, self.ndcg10_new, self.ndcg10_warm, self.share, key)
+
+
+def _choice_figure(
+    figures: dict[tuple[float, float], float],
+    on_new: dict[tuple[float, float], float],
+    on_warm: dict[tuple[float, float], float],
+    share: float | None,
+    key: tuple[float, float],
+) -> float:
+    """What `fit_text_prior` maximises over (w, c) = key: the plain figure `figures[key]`, or with a
+    share s the stratified (1 - s) * on_warm[key] + s * on_new[key]."""
+    if share is None:
+        return figures[key]
+    return (1 - share) * on_warm[key] + share * on_new[key]
+
+
+def catalogue_new_share(model: Recommender) -> float:
+    """The share of the catalogue's items whose text prior weighs w * c (no training interactions):
+    what `fit_text_prior(catalogue_share=True)` weighs the new-item targets with."""
+    marked = [model.prior_new_items(d) for d in range(model.n_domains)]
+    return sum(0 if m is None else int(m[1:].sum()) for m in marked) / sum(model.sizes)
 
 
 @torch.no_grad()
@@ -195,14 +255,12 @@ def fit_text_prior(
     figures = {key: ndcg(r, 10) for key, r in ranks.items()}
     on_new = {key: ndcg(r[is_new], 10) for key, r in ranks.items()}  # NaN without such targets
     on_warm = {key: ndcg(r[~is_new], 10) for key, r in ranks.items()}
-    share = None
-    if catalogue_share and fit_c:  # the items without training interactions among all (padding aside)
-        share = float(sum(int(m[1:].sum()) for m in new_of)) / sum(len(m) - 1 for m in new_of)
-    fit = PriorFit(0.0, 0.0, figures, on_new, on_warm, new_targets, fit_c, share)
-    best = max(sorted(figures), key=fit.chosen_on)  # max keeps the first (smallest) of equals
+    share = catalogue_new_share(model) if catalogue_share and fit_c else None
+    best = max(
+        sorted(figures), key=partial(_choice_figure, figures, on_new, on_warm, share)
+    )  # first of equals
     model.set_text_prior(*best)
-    fit.weight, fit.new_items = best
-    return fit
+    return PriorFit(*best, figures, on_new, on_warm, new_targets, fit_c, share)
 
 
 def _new_items(
@@ -260,9 +318,17 @@ def _prior_ranks(
     return out
 
 
-def popularity_tables(counts: np.ndarray, catalog: Catalog) -> tuple[np.ndarray, np.ndarray]:
-    """counts: [N + 1] interactions per global id -> ([N + 1] bool: among the 1% most popular items of its
-    domain (at least one; ties by id), [N + 1] popularity percentile within its domain, mid-rank)."""
+class Popularity(NamedTuple):
+    """Per global id [N + 1], from the training prefixes' interaction counts (`popularity_tables`)."""
+
+    popular: np.ndarray  # bool: among the 1% most popular items of its domain (at least one; ties by id)
+    percentile: np.ndarray  # popularity percentile within its domain (100 = the most popular; mid-rank)
+    new: np.ndarray  # bool: no training interactions (padding False)
+
+
+def popularity_tables(counts: np.ndarray, catalog: Catalog) -> Popularity:
+    """counts: [N + 1] interactions per global id -> the `Popularity` tables of the beyond-accuracy
+    figures."""
     popular = np.zeros(len(counts), bool)
     pct = np.zeros(len(counts))
     for d, n in enumerate(catalog.sizes):
@@ -273,14 +339,16 @@ def popularity_tables(counts: np.ndarray, catalog: Catalog) -> tuple[np.ndarray,
         srt = np.sort(c)
         less, upto = np.searchsorted(srt, c, "left"), np.searchsorted(srt, c, "right")
         pct[g] = 100.0 * (less + 0.5 * (upto - less)) / n
-    return popular, pct
+    new = np.asarray(counts) == 0
+    new[0] = False
+    return Popularity(popular, pct, new)
 
 
 def beyond_accuracy(
-    top: np.ndarray, target_domain: np.ndarray, catalog: Catalog, popular: np.ndarray, pct: np.ndarray
+    top: np.ndarray, target_domain: np.ndarray, catalog: Catalog, tables: Popularity
 ) -> dict[str, float]:
-    """top: [U, k] local ids recommended to each user in their target domain [U] -> coverage@k,
-    top1pct_share@k, pop_percentile@k (see the module docstring)."""
+    """top: [U, k] local ids recommended to each user in their target domain [U] (0: none) ->
+    coverage@k, top1pct_share@k, pop_percentile@k, new_item_share@k (see the module docstring)."""
     k = top.shape[1]
     if not len(top):
         return {}
@@ -289,8 +357,9 @@ def beyond_accuracy(
     catalogue = int(np.asarray(catalog.sizes)[np.unique(target_domain)].sum())
     return {
         f"coverage@{k}": len(np.unique(g)) / catalogue,
-        f"top1pct_share@{k}": float(popular[g].mean()),
-        f"pop_percentile@{k}": float(pct[g].mean()),
+        f"top1pct_share@{k}": float(tables.popular[g].mean()),
+        f"pop_percentile@{k}": float(tables.percentile[g].mean()),
+        f"new_item_share@{k}": float(tables.new[g].mean()),
     }
 
 
@@ -315,7 +384,7 @@ def metric_rows(
         for group, mask in groups.items():
             figures = summarise(r[mask])
             if protocol == "full" and ranks.top is not None and tables is not None:
-                figures |= beyond_accuracy(ranks.top[mask], tdom[mask], catalog, *tables)
+                figures |= beyond_accuracy(ranks.top[mask], tdom[mask], catalog, tables)
             for metric, value in figures.items():
                 rows.append(
                     {
@@ -330,7 +399,7 @@ def metric_rows(
     return rows
 
 
-BEYOND = (f"coverage@{TOP_K}", f"top1pct_share@{TOP_K}", f"pop_percentile@{TOP_K}")
+BEYOND = tuple(f"{m}@{TOP_K}" for m in ("coverage", "top1pct_share", "pop_percentile", "new_item_share"))
 
 
 def headline(rows: list[dict[str, Any]], domains: list[str]) -> dict[str, Any]:

@@ -97,6 +97,30 @@ def ridge_map(
     layer.bias.copy_(beta[-1].to(layer.bias.dtype))
 
 
+def knn_rows(text: Tensor, rows: Tensor, known: Tensor, k: int, chunk: int = 1024) -> Tensor:
+    """text [n, D] LLM embeddings, rows [n, H] ID rows, known [n] bool -> [n, H]: each item that is not
+    `known` (row 0 aside) gets the mean of the rows of the k `known` items nearest to it by cosine of
+    `text` (k-nearest-neighbour regression; all of them when fewer than k), the others zero. The cost
+    is (unknown x known) dot products of width D, in chunks of `chunk` unknown items."""
+    out = torch.zeros_like(rows)
+    keys = torch.nonzero(known).flatten()
+    queries = torch.nonzero(~known).flatten()
+    queries = queries[queries > 0]
+    if not len(keys) or not len(queries):
+        return out
+    unit = F.normalize(text.float(), dim=1)
+    key_text, key_rows = unit[keys].T, rows[keys]  # [D, n_known], [n_known, H]
+    for q in torch.split(queries, chunk):
+        nearest = (unit[q] @ key_text).topk(min(k, len(keys)), dim=1).indices  # [b, k]
+        out[q] = key_rows[nearest].mean(1).to(out.dtype)
+    return out
+
+
+def _knn_stale(module: nn.Module, _: object) -> None:
+    """After weights are loaded, the id_text_knn tables no longer match the ID rows: refit on first use."""
+    setattr(module, "knn_current", False)  # noqa: B010 (an LLM4CDSR; the hook's type says Module)
+
+
 def whitened_pca(table: Tensor, k: int) -> Tensor:
     """table: [n + 1, D] (row 0 = padding) -> [n + 1, k] the rows' coordinates along the k leading
     principal directions of the non-zero rows, each standardised to unit variance and scaled by
@@ -124,6 +148,7 @@ class LLM4CDSR(Recommender):
     S_all: Tensor  # buffer, fusion null_space: [N + 1, semantic_dims] (the local ones: `S_local_<d>`)
     text_prior_weight: Tensor  # buffer, text_prior: [1] the weight w of the prior's cosine
     text_prior_new_scale: Tensor  # buffer, text_prior: [1] c, w * c on items without training interactions
+    knn_all: Tensor  # buffer, id_text_knn (not saved): [N + 1, width] (the local ones: `knn_local_<d>`)
 
     def __init__(
         self,
@@ -238,6 +263,15 @@ class LLM4CDSR(Recommender):
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
                 layer.requires_grad_(not config.id_text_fit)
+        # id_text_knn: outside training (`set_serving`), instead of the fitted map, an item without
+        # training interactions takes the mean ID row of its k text-nearest items with them (`knn_rows`),
+        # per thread, by id: [N + 1, width] for the mixed thread, [n_d + 1, width] per domain thread.
+        # Derived from the weights, so not saved: refitted on first use after the weights are loaded,
+        # the trained items change or training ends (zero at the start, as the generators are).
+        self.knn, self.knn_current = 0, True
+        if self.text_rows and config.id_text_fit and config.id_text_knn:
+            self.set_id_text_knn(config.id_text_knn)
+            self.knn_current = True  # zero tables: what the zero-initialised generators predict
 
     def item_tables(self) -> dict[str, int]:
         domains = range(self.n_domains)
@@ -258,11 +292,16 @@ class LLM4CDSR(Recommender):
             known = torch.as_tensor(np.asarray(counts) > 0, dtype=self.id_known.dtype)
             self.id_known.copy_(known.to(self.id_known.device))
             self.train_counts = torch.as_tensor(np.asarray(counts), dtype=torch.float64)
+            self.knn_current = False  # the neighbours are other items now
 
     @torch.no_grad()
     def end_epoch(self) -> None:
         """id_text_fit: fit each thread's ID-row generator to the ID rows of the items with training
-        interactions (`ridge_map`); what an item without interactions is scored with."""
+        interactions (`ridge_map`), or with id_text_knn their nearest neighbours' mean (`fit_knn`); what an
+        item without interactions is scored with."""
+        if self.knn:
+            self.fit_knn()
+            return
         if not (self.config.id_text_fit and self.text_rows and self.train_counts is not None):
             return
         counts = self.train_counts
@@ -275,6 +314,46 @@ class LLM4CDSR(Recommender):
             assert isinstance(generator, nn.Linear) and isinstance(rows, nn.Embedding)
             ridge_map(generator, text, rows.weight[1:], weights)
 
+    def set_serving(self, on: bool) -> None:
+        """id_text_knn's rows score new items once training is over; while it trains and validates each
+        epoch, the ridge map does (its per-epoch validation is what `fit` stops and selects on)."""
+        if self.text_rows and self.config.id_text_fit:
+            self.set_id_text_knn(self.config.id_text_knn if on else 0)
+
+    def set_id_text_knn(self, k: int) -> None:
+        """Score items without training interactions with the mean ID row of their k text-nearest items
+        with them (k > 0; tables refitted on first use) or with the ridge map (0); the same weights serve
+        both, so a saved run can be scored either way. Needs id_text_fit and ID embeddings."""
+        if not (self.text_rows and self.config.id_text_fit):
+            raise ValueError("id_text_knn needs id_text_fit and id_embeddings")
+        if k and not hasattr(self, "knn_all"):
+            width = self.id_all.weight.shape[1]
+            self.register_buffer(
+                "knn_all", self.id_all.weight.new_zeros(self.id_all.weight.shape), persistent=False
+            )
+            for d, n in enumerate(self.sizes):
+                self.register_buffer(f"knn_local_{d}", self.E_all.new_zeros(n + 1, width), persistent=False)
+            self.register_load_state_dict_post_hook(_knn_stale)  # type: ignore[no-untyped-call]
+        self.knn, self.knn_current = k, False
+
+    @torch.no_grad()
+    def fit_knn(self) -> None:
+        """id_text_knn: each thread's rows of the items without training interactions (`id_known` 0), the
+        mean of the ID rows of their k nearest items with them by the cosine of the thread's LLM
+        embeddings (the mixed thread over all domains, a domain thread over its domain)."""
+        known = self.id_known.bool().clone()  # [N + 1]
+        known[0] = False
+        self.knn_all.copy_(knn_rows(self.E_all, self.id_all.weight, known, self.knn))
+        for d, size in enumerate(self.sizes):
+            start = int(self.offsets[d])
+            mine = known[start : start + size + 1].clone()  # [n_d + 1] by local id
+            mine[0] = False
+            rows = self.id_local[d]
+            assert isinstance(rows, nn.Embedding)
+            table = knn_rows(getattr(self, f"E_local_{d}"), rows.weight, mine, self.knn)
+            getattr(self, f"knn_local_{d}").copy_(table)
+        self.knn_current = True
+
     def frozen_tables(self) -> set[str]:
         tables = {"E_all", *(f"E_local_{d}" for d in range(self.n_domains))}
         if self.fusion == "null_space":
@@ -282,19 +361,36 @@ class LLM4CDSR(Recommender):
         return tables
 
     # -- item embeddings of each thread ---------------------------------------------------------------
-    def _id_rows(self, rows: Tensor, gids: Tensor, text: Tensor, generator: nn.Module | None) -> Tensor:
-        """The ID part of items' embeddings. rows: [..., H] their ID rows; gids: [...] global ids; text:
-        [..., D] their LLM embeddings. An item without training interactions has no ID row of its own:
-        zero, or with ID dropout the row `generator(text)` predicts, which also stands in for a random
-        `id_dropout` share of the others while training."""
+    def _id_rows(self, rows: Tensor, gids: Tensor, text: Tensor, domain: int | None = None) -> Tensor:
+        """The ID part of items' embeddings in the mixed thread (domain None) or a domain thread. rows:
+        [..., H] their ID rows; gids: [...] global ids; text: [..., D] their LLM embeddings. An item
+        without training interactions has no ID row of its own: zero, or with ID dropout or id_text_fit
+        the row predicted from its text (`_predicted_rows`), which with ID dropout also stands in for a
+        random `id_dropout` share of the others while training."""
         use = self.id_known[gids]  # [...] 1 = the item's own ID row
-        if generator is None:
+        if not self.text_rows:
             return rows * use.unsqueeze(-1)
         if self.training and self.id_dropout > 0:
             use = use * (torch.rand_like(use) >= self.id_dropout)
         use = use.unsqueeze(-1)
-        mixed: Tensor = use * rows + (1 - use) * generator(text)
+        mixed: Tensor = use * rows + (1 - use) * self._predicted_rows(gids, text, domain)
         return mixed
+
+    def _predicted_rows(self, gids: Tensor, text: Tensor, domain: int | None) -> Tensor:
+        """[...] global ids, [..., D] their LLM embeddings -> [..., H] the ID rows their text predicts: the
+        thread's generator, or with id_text_knn its nearest-neighbour table (refitted first if stale)."""
+        if not self.knn:
+            generator = self._generator(domain)
+            assert generator is not None
+            predicted: Tensor = generator(text)
+            return predicted
+        if not self.knn_current:
+            self.fit_knn()
+        if domain is None:
+            return self.knn_all[gids]
+        lids = (gids - self.offsets[domain]).clamp(min=0)  # the padding (gid 0) reads row 0
+        table: Tensor = getattr(self, f"knn_local_{domain}")
+        return table[lids]
 
     def _generator(self, domain: int | None = None) -> nn.Module | None:
         """The ID-row generator of the mixed thread (domain None) or of a domain thread, if any."""
@@ -317,11 +413,7 @@ class LLM4CDSR(Recommender):
         uniq, inverse = torch.unique(gids, return_inverse=True)
         text = self.E_all[uniq]  # [n_unique, Dg]
         if self.fusion == "null_space":  # [semantic k | ID hidden - k]
-            return (
-                torch.cat(
-                    [self.S_all[uniq], self._id_rows(self.id_all(uniq), uniq, text, self._generator())], -1
-                )
-            )[inverse]
+            return (torch.cat([self.S_all[uniq], self._id_rows(self.id_all(uniq), uniq, text)], -1))[inverse]
         table = self.adapt(text)  # [n_unique, H]
         if self.domain_adapters is not None:
             dom = self.domain_of(uniq)  # [n_unique], -1 for the padding
@@ -329,7 +421,7 @@ class LLM4CDSR(Recommender):
                 members = torch.nonzero(dom == d).flatten()
                 table = table.index_add(0, members, layer(text[members]))
         if self.id_embeddings:
-            table = table + self._id_rows(self.id_all(uniq), uniq, text, self._generator())
+            table = table + self._id_rows(self.id_all(uniq), uniq, text)
         rows: Tensor = (table * (uniq > 0).unsqueeze(-1))[inverse]
         return rows
 
@@ -338,13 +430,13 @@ class LLM4CDSR(Recommender):
         text = getattr(self, f"E_local_{domain}")[lids]  # [..., Dl]
         if self.fusion == "null_space":  # [semantic k | ID hidden - k], zero for id 0
             gids = self.global_ids(domain, lids)
-            ids = self._id_rows(self.id_local[domain](lids), gids, text, self._generator(domain))
+            ids = self._id_rows(self.id_local[domain](lids), gids, text, domain)
             return torch.cat([getattr(self, f"S_local_{domain}")[lids], ids * (lids > 0).unsqueeze(-1)], -1)
         e: Tensor = self.local_proj(text)
         if self.id_embeddings:
             gids = self.global_ids(domain, lids)
             real = (lids > 0).unsqueeze(-1)  # padding keeps a zero row (a predicted row has a bias)
-            e = e + self._id_rows(self.id_local[domain](lids), gids, text, self._generator(domain)) * real
+            e = e + self._id_rows(self.id_local[domain](lids), gids, text, domain) * real
         return e
 
     # -- the sequence encoder: one pass for training, validation, the export and publish ----------------

@@ -356,6 +356,27 @@ def fit(
     """Train until patience, `epochs` or the time budget runs out. `on_epoch(model, opt, state, is_best)`
     persists the checkpoint (and the best weights); `state`/`optimizer_state` resume a run. With `ranks`,
     this process is one rank of a data-parallel group (`on_epoch` and logging belong on rank 0)."""
+    model.set_serving(False)  # the epochs' own fits score new items until training is over
+    try:
+        return _fit(model, data, valid, cfg, device, profiles, state, optimizer_state, on_epoch, log, ranks)
+    finally:
+        model.set_serving(True)
+
+
+def _fit(
+    model: Recommender,
+    data: SequenceData,
+    valid: EvalSplit,
+    cfg: FitConfig,
+    device: torch.device,
+    profiles: Profiles | None,
+    state: FitState | None,
+    optimizer_state: list[dict[str, Any]] | None,
+    on_epoch: Callable[[Recommender, Optimizer, FitState, bool], None] | None,
+    log: Callable[[str], None],
+    ranks: Ranks,
+) -> FitState:
+    """`fit`'s loop."""
     optimizer = Optimizer(model, cfg.lr, cfg.weight_decay)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)

@@ -12,10 +12,16 @@ import torch
 from torch import Tensor
 
 from bridgerec.models.base import Recommender
-from bridgerec.models.coldstart import chance_ndcg, choose_new_items, untouched_inputs, without_items
+from bridgerec.models.coldstart import (
+    chance_ndcg,
+    choose_new_items,
+    subset_split,
+    untouched_inputs,
+    without_items,
+)
 from bridgerec.models.config import ModelConfig
 from bridgerec.models.data import Catalog, SequenceData, Sequences
-from bridgerec.models.evaluate import evaluate
+from bridgerec.models.evaluate import evaluate, rank_among
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks import StageRun
 from bridgerec.tasks.ingest import IngestOutputs, IngestSettings, run_ingest
@@ -147,10 +153,19 @@ def test_new_items_evaluation_known_answers() -> None:
         rows, summary = cold.evaluate(model, CATALOG, data.sequences, test, ranks, 64, True, "cpu", True, 5)
         new = summary["new_items"]
         assert new["users"] == 5 and new["items_held_out"] == 5 and new["removed_interactions"] == 1
+        among = new["among_new_items"]  # the target against the 5 held-out items of domain a only
+        assert among["candidates"] == {"a": 5, "b": 0}
+        assert among["chance_ndcg@10"] == pytest.approx(chance_ndcg(np.array([5])))
+        among_rows = [r for r in rows if r["protocol"] == "among_new_items"]
+        assert {r["split"] for r in among_rows} == {"test_new_items"}
+        assert {r["users"] for r in among_rows if r["group"] == "overall"} == {5}
         if new_ndcg is not None:
             assert new["full"]["overall"]["ndcg@10"] == 1.0 and new["a"]["ndcg@10"] == 1.0
             assert new["auc"]["a"] == 1.0  # above all 9 other items of domain a
+            assert among["overall"]["ndcg@10"] == 1.0 and among["a"]["hr@10"] == 1.0
         else:
+            # all five held-out rows are zero: the target ties with the other four, rank 4 of 5
+            assert among["a"]["ndcg@10"] == pytest.approx(1 / np.log2(6))
             # rank 9 of 10 in the full ranking (all ten items of domain a tie at 0), 3 of 4 sampled
             assert new["full"]["a"]["ndcg@10"] == pytest.approx(1 / np.log2(11))
             assert new["a"]["ndcg@10"] == pytest.approx(1 / np.log2(5))
@@ -162,6 +177,25 @@ def test_new_items_evaluation_known_answers() -> None:
         splits = {r["split"] for r in rows}
         assert splits == {"test_new_items", "test_warm_items"}
         assert {r["users"] for r in rows if r["split"] == "test_new_items" and r["group"] == "overall"} == {5}
+
+
+def test_rank_among_is_the_full_ranking_restricted_to_the_members() -> None:
+    data = SequenceData(CATALOG, sequences(SEQS[:10]), max_len=5)
+    test = data.eval_split("test", 3, seed=0, short_history=1)
+    model = ThemeModel(CATALOG, untrained=np.array([a(0), a(2), a(7)]))  # ties at zero for some targets
+    full = evaluate(model, test, 64, full=True).full
+    assert full is not None
+    everything = torch.ones(CATALOG.n_items + 1, dtype=torch.bool)
+    assert rank_among(model, test, everything, 4).tolist() == full.tolist()  # the same exclusions and ties
+    members = torch.zeros(CATALOG.n_items + 1, dtype=torch.bool)
+    members[[a(0), a(2), a(5), a(7), a(9)]] = True
+    mask = members[test.target].numpy()
+    sub = subset_split(test, mask, "test_members")
+    among = rank_among(model, sub, members, 4)
+    assert (among <= full[mask]).all() and (among < 5).all()  # fewer competitors, five at most
+    assert among.tolist() == [4, 4, 0, 4, 0]  # a0, a2, a7 zero rows tie with the other two; a5, a9 first
+    with pytest.raises(ValueError, match="not among the members"):
+        rank_among(model, test, members, 4)
 
 
 def test_untouched_domain_hides_the_target_domain_and_text_bridges_it() -> None:

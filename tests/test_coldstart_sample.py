@@ -52,6 +52,11 @@ def test_cold_start_evaluations_on_the_sample(enriched_workspace: Path, tmp_path
             assert 0 < group["chance_ndcg@10"][protocol]["overall"] < 0.1
         assert 0 <= group["full"]["overall"]["ndcg@10"] <= 1
     assert untouched["users"] > 0 and "note" not in summary.cold_start
+    # Among the held-out items only, each new-item target has fewer competitors than in the full ranking.
+    among = new["among_new_items"]
+    assert sum(among["candidates"].values()) == expected
+    assert among["overall"]["ndcg@10"] >= new["full"]["overall"]["ndcg@10"]
+    assert 0 < among["chance_ndcg@10"] < 1
     rows = pq.read_table(Path(summary.run_dir) / "metrics.parquet").to_pylist()
     splits = {r["split"] for r in rows if r["users"] is not None}
     assert {"valid", "test", "test_new_items", "test_warm_items", "test_untouched"} <= splits

@@ -155,3 +155,21 @@ def test_new_items_scale_is_chosen_on_validation_by_default_and_by_word(
     monkeypatch.setenv("BRIDGEREC_TRAIN__TEXT_PRIOR_NEW_ITEMS_SHARE", "test")
     with pytest.raises(ConfigError, match=r"train\.text_prior_new_items_share"):
         load_settings(None)
+
+
+def test_id_text_knn_default_env_and_where_it_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """id_text_knn: 10 by default (the hybrid's new items take their text neighbours' rows), 0 for the
+    ridge map, set by env; a negative k is refused naming the key; without id_text_fit it changes
+    nothing, so it is left out of the run id."""
+    from bridgerec.tasks.train.stage import config_hash
+
+    train = load_settings(None).train
+    assert train.id_text_knn == 10 and train.model_spec().id_text_knn == 10
+    monkeypatch.setenv("BRIDGEREC_TRAIN__ID_TEXT_KNN", "0")
+    assert load_settings(None).train.model_spec().id_text_knn == 0
+    assert config_hash(load_settings(None).train) != config_hash(train)
+    monkeypatch.setenv("BRIDGEREC_TRAIN__ID_TEXT_KNN", "-1")
+    with pytest.raises(ConfigError, match=r"train\.id_text_knn"):
+        load_settings(None)
+    ridge_less = train.model_copy(update={"id_text_fit": False})
+    assert config_hash(ridge_less) == config_hash(ridge_less.model_copy(update={"id_text_knn": 3}))

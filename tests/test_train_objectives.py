@@ -402,17 +402,20 @@ def test_coverage_popular_share_and_percentile_match_hand_values() -> None:
     counts = np.zeros(206, np.int64)
     counts[1:201] = np.arange(200)  # a: local l has count l - 1: locals 200 and 199 are the top 1%
     counts[201:206] = [5, 5, 1, 0, 0]  # b: locals 1 and 2 tie at the top; the first by id is the 1%
-    popular, pct = popularity_tables(counts, catalog)
+    tables = popularity_tables(counts, catalog)
+    popular, pct = tables.popular, tables.percentile
     assert np.flatnonzero(popular).tolist() == [199, 200, 201]
     assert pct[200] == pytest.approx(100 * 199.5 / 200) and pct[201] == pytest.approx(100 * 4 / 5)
-    top = np.array([[200, 199, 1], [200, 5, 0], [1, 2, 3]])  # local ids; 0 = no recommendation
+    assert np.flatnonzero(tables.new).tolist() == [1, 204, 205]  # count 0: a's local 1, b's 4 and 5
+    top = np.array([[200, 199, 1], [200, 5, 0], [1, 2, 4]])  # local ids; 0 = no recommendation
     tdom = np.array([0, 0, 1])
-    got = beyond_accuracy(top, tdom, catalog, popular, pct)
-    # distinct: a {200, 199, 1, 5}, b {1, 2, 3} -> 7 of 205 items; popular: a200, a199, a200, b1 of 8 recs
+    got = beyond_accuracy(top, tdom, catalog, tables)
+    # distinct: a {200, 199, 1, 5}, b {1, 2, 4} -> 7 of 205 items; popular: a200, a199, a200, b1 of 8 recs
     assert got["coverage@3"] == pytest.approx(7 / 205)
     assert got["top1pct_share@3"] == pytest.approx(4 / 8)
-    expected = [99.75, 99.25, 0.25, 99.75, 2.25, 80.0, 80.0, 50.0]
+    expected = [99.75, 99.25, 0.25, 99.75, 2.25, 80.0, 80.0, 20.0]
     assert got["pop_percentile@3"] == pytest.approx(np.mean(expected))
+    assert got["new_item_share@3"] == pytest.approx(2 / 8)  # a1 and b4: no training interactions
 
 
 # -- selection by full-ranking validation ----------------------------------------------------------------
@@ -439,6 +442,33 @@ def test_early_stopping_keeps_the_epoch_with_the_best_full_ranking_validation() 
     first_best = int(np.argmax(full)) + 1  # the hand pick: highest full NDCG@10, the earliest on ties
     assert state.best_epoch == first_best and state.best_valid == pytest.approx(max(full))
     assert saved[first_best] is True
+
+
+def test_fit_scores_new_items_by_the_epochs_map_then_hands_back_their_neighbours_rows() -> None:
+    """id_text_knn (on by default): `fit` trains and validates every epoch with the ridge map's rows
+    for items without training interactions, and returns a model that scores them with the mean ID row
+    of their k text-nearest items with them."""
+    from bridgerec.models.llm4cdsr import knn_rows
+
+    torch.manual_seed(0)
+    data = SequenceData(CATALOG, _sequences(SEQS * 8), max_len=10)
+    valid = data.eval_split("valid", 2, seed=0, short_history=3)
+    model = build_model(_spec("llm4cdsr", id_text_knn=2), CATALOG, _tables())
+    counts = data.item_counts("train")
+    assert (counts[1:] == 0).sum() >= 2  # items first seen at validation or test: no training row
+    model.set_trained_items(counts)
+    cfg = FitConfig(lr=3e-2, weight_decay=0.0, batch_size=8, eval_batch_size=64, epochs=2, patience=2, seed=0)
+    during: list[int] = []
+    fit(model, data, valid, cfg, torch.device("cpu"), on_epoch=lambda m, o, s, best: during.append(m.knn), log=lambda _: None)  # fmt: skip
+    assert during == [0, 0] and model.knn == 2
+    assert float(model.id_from_text_all.weight.abs().sum()) > 0  # the epochs fitted the ridge map
+    known = torch.from_numpy(counts > 0)
+    known[0] = False
+    new = torch.nonzero(~known[1:]).flatten() + 1
+    with torch.no_grad():
+        model.eval()
+        rows = knn_rows(model.E_all, model.id_all.weight, known, 2)[new]
+        assert torch.allclose(model.embed_global(new), model.adapter(model.E_all[new]) + rows, atol=1e-6)
 
 
 def test_lr_decay_goes_on_from_the_best_epoch_at_a_lower_rate_and_resumes_the_same() -> None:

@@ -366,6 +366,7 @@ def _config(arch: str, **kw) -> ModelConfig:
         ("llm4cdsr", {"id_embeddings": True, "id_dropout": 0.3}),
         ("llm4cdsr", {"id_embeddings": True, "id_text_fit": True}),
         ("llm4cdsr", {"id_embeddings": True, "id_text_fit": True, "text_prior": True}),
+        ("llm4cdsr", {"id_embeddings": True, "id_text_fit": True, "id_text_knn": 2, "text_prior": True}),
         ("llm4cdsr", {"text_prior": True, "task": "cloze"}),
         ("llm4cdsr", {"id_embeddings": True, "task": "cloze"}),
         ("llm4cdsr", {"id_embeddings": True, "adapter_per_domain": True}),
@@ -557,6 +558,65 @@ def test_id_text_fit_scores_new_items_with_the_map_fitted_on_warm_items() -> Non
         assert torch.allclose(got[~unknown], own[~unknown], atol=1e-6)  # no replacement while training
         text = model.E_all[ids[unknown]]
         assert torch.allclose(got[unknown], model.adapter(text) + model.id_from_text_all(text), atol=1e-6)
+
+
+def test_knn_rows_average_the_rows_of_the_nearest_known_items() -> None:
+    from bridgerec.models.llm4cdsr import knn_rows
+
+    # row 0 padding; 1-4 known, 5-6 unknown. Texts on a circle: 5 sits between 1 and 2, 6 next to 4.
+    angle = torch.tensor([0.0, 0.0, 0.5, 2.0, 3.0, 0.2, 3.1])
+    text = torch.stack([torch.cos(angle), torch.sin(angle)], 1) * torch.arange(1, 8)[:, None]  # norms differ
+    rows = torch.arange(7 * 2, dtype=torch.float32).reshape(7, 2)
+    known = torch.tensor([False, True, True, True, True, False, False])
+    got = knn_rows(text, rows, known, 2)
+    assert torch.equal(got[[0, 1, 2, 3, 4]], torch.zeros(5, 2))  # the padding and known items: zero
+    assert torch.allclose(got[5], (rows[1] + rows[2]) / 2)  # cosine: 0.2 is nearest to 0 and 0.5
+    assert torch.allclose(got[6], (rows[4] + rows[3]) / 2)  # 3.1: nearest 3.0, then 2.0
+    assert torch.allclose(knn_rows(text, rows, known, 10)[5], rows[1:5].mean(0))  # k > known: all of them
+    assert torch.equal(knn_rows(text, rows, torch.zeros(7, dtype=torch.bool), 2), torch.zeros(7, 2))
+
+
+def test_id_text_knn_scores_new_items_with_their_text_neighbours_rows() -> None:
+    """id_text_knn: after each epoch an item without training interactions takes, in every thread, the
+    mean ID row of its k text-nearest items with them (the ridge generators stay unused); the tables are
+    not saved, and a model that loads the weights refits them to the same rows."""
+    from bridgerec.models.llm4cdsr import knn_rows
+
+    torch.manual_seed(0)
+    config = _config("llm4cdsr", id_embeddings=True, id_text_fit=True, id_text_knn=2)
+    model = build_model(config, CATALOG, _tables())
+    counts = np.bincount(np.concatenate(SEQS * 5), minlength=CATALOG.n_items + 1)
+    counts[[3, 9]] = 0
+    model.set_trained_items(counts)
+    with torch.no_grad():
+        model.end_epoch()
+        assert float(model.id_from_text_all.weight.abs().sum()) == 0.0  # no ridge fit
+        known = torch.from_numpy(counts > 0)
+        known[0] = False
+        ids = torch.arange(1, CATALOG.n_items + 1)
+        unknown = ~known[1:]
+        expected = knn_rows(model.E_all, model.id_all.weight, known, 2)
+        model.eval()
+        got = model.embed_global(ids)
+        text = model.E_all[ids[unknown]]
+        assert torch.allclose(got[unknown], model.adapter(text) + expected[ids[unknown]], atol=1e-6)
+        own = model.adapter(model.E_all[ids]) + model.id_all(ids)
+        assert torch.allclose(got[~unknown], own[~unknown], atol=1e-6)
+        for d, n in enumerate(CATALOG.sizes):  # each domain thread: neighbours of its own domain
+            start = int(CATALOG.offsets[d])
+            mine = known[start : start + n + 1].clone()
+            mine[0] = False
+            lids = torch.nonzero(~mine[1:]).flatten() + 1
+            local = knn_rows(getattr(model, f"E_local_{d}"), model.id_local[d].weight, mine, 2)
+            rows = model.embed_local(lids, d) - model.local_proj(getattr(model, f"E_local_{d}")[lids])
+            assert torch.allclose(rows, local[lids], atol=1e-6)
+        state = model.state_dict()
+        assert not any(k.startswith("knn_") for k in state)
+        torch.manual_seed(1)
+        other = build_model(config, CATALOG, _tables()).eval()
+        other.load_state_dict(state)
+        for d in range(len(CATALOG.sizes)):
+            assert torch.allclose(other.item_vectors(d), model.item_vectors(d), atol=1e-6)
 
 
 def test_text_prior_adds_the_cosine_of_history_and_item_texts_outside_training() -> None:

@@ -20,6 +20,7 @@ import torch
 from bridgerec.models.config import ModelConfig
 from bridgerec.models.data import SequenceData
 from bridgerec.models.evaluate import evaluate
+from bridgerec.models.llm4cdsr import knn_rows
 from bridgerec.models.metrics import ndcg
 from bridgerec.models.registry import build_model
 from bridgerec.models.warmstart import ItemSpace, warm_state
@@ -114,10 +115,22 @@ def test_the_next_night_warm_starts_from_the_first_run(nights: Nights) -> None:
         for r in history
         if r["metric"] == "ndcg@10" and r["users"] is None and r["protocol"] == "full"
     }
-    # The curve is the learned part alone (the text prior is fitted after training): its figure at w = 0
-    # is the best epoch's; the summary's validation is the one at the prior's chosen (w, c).
+    # The curve is the learned part alone with the epochs' ridge map for items without training
+    # interactions (the text prior and their k-NN rows come after training): the saved best weights
+    # scored so give the curve's best figure; the summary's validation is the one at the prior's
+    # chosen (w, c), with the k-NN rows.
+    from bridgerec.tasks.train.export import load_run
+
+    ws = Workspace(nights.ws)
+    model, _, catalog = load_run(run, ws)
+    model.set_id_text_knn(0)
+    model.set_text_prior(0.0)
+    valid = SequenceData(catalog, load_sequences(ws), FAST["max_len"]).eval_split(
+        "valid", SETTINGS.eval_negatives, SETTINGS.seed, SETTINGS.short_history
+    )
+    full = evaluate(model, valid, 512, full=True).full
+    assert full is not None and ndcg(full, 10) == pytest.approx(max(valid_curve.values()), abs=1e-6)
     prior = second.text_prior
-    assert prior["valid_ndcg@10"]["0.0"] == pytest.approx(max(valid_curve.values()), abs=1e-6)
     chosen = prior["valid_ndcg@10"][str(prior["weight"])]
     assert second.valid["full"]["overall"]["ndcg@10"] == pytest.approx(chosen, abs=1e-6)
     assert chosen >= prior["valid_ndcg@10"]["0.0"]
@@ -174,14 +187,19 @@ def test_warm_state_remaps_every_item_row_by_item_id(nights: Nights) -> None:
     assert torch.equal(new["id_all.weight"][rows_new], old["id_all.weight"][rows_old])
     assert torch.equal(new["id_all.weight"][rows_added], torch.zeros_like(new["id_all.weight"][rows_added]))
     assert not torch.equal(fresh["id_all.weight"][rows_added], new["id_all.weight"][rows_added])
-    # A new item's embedding in the mixed thread is its adapted LLM embedding plus the ID row the first
-    # run's fitted map (id_text_fit, the default) predicts from that embedding, copied with the rest.
+    # A new item's embedding in the mixed thread is its adapted LLM embedding plus the ID row its text
+    # predicts from the copied rows (id_text_fit, the default): since 2026-12-04 the mean row of its
+    # id_text_knn text-nearest known items, refitted after the load (the tables are not saved).
     assert model.text_rows and torch.equal(new["id_from_text_all.weight"], old["id_from_text_all.weight"])
+    assert model.knn == TrainSettings().id_text_knn > 0 and not any(k.startswith("knn_") for k in new)
     with torch.no_grad():
         text = model.E_all[rows_added]
-        assert torch.allclose(
-            model.embed_global(rows_added), model.adapter(text) + model.id_from_text_all(text), atol=1e-6
-        )
+        known = model.id_known.bool().clone()
+        known[0] = False
+        assert not known[rows_added].any()  # new items: unknown until a night trains on them
+        predicted = knn_rows(model.E_all, model.id_all.weight, known, model.knn)[rows_added]
+        assert predicted.abs().sum() > 0
+        assert torch.allclose(model.embed_global(rows_added), model.adapter(text) + predicted, atol=1e-6)
     assert torch.equal(new["id_all.weight"][0], torch.zeros(FAST["hidden"]))  # padding
     # Local id spaces, one per domain.
     for d, domain in enumerate(catalog.domains):

@@ -6,7 +6,8 @@ held-out items and the untouched domains with the best weights, as metric rows a
 Metric rows (metrics.parquet) use their own split names, so the standard `test` rows stay as they were:
 `test_new_items` (test targets that are held-out items), `test_warm_items` (the other test targets of
 the same run: the figure to compare with), `test_untouched` (the untouched-domain inputs); each with
-the usual protocols (sampled, full) and groups (overall, domain:<name>).
+the usual protocols (sampled, full) and groups (overall, domain:<name>); `test_new_items` also with
+protocol `among_new_items` (full ranking, the held-out items of the domain the only candidates).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from bridgerec.models.coldstart import (
     without_items,
 )
 from bridgerec.models.data import Catalog, EvalSplit, Sequences
-from bridgerec.models.evaluate import Ranks, evaluate, headline, metric_rows
+from bridgerec.models.evaluate import Ranks, evaluate, headline, metric_rows, rank_among
+from bridgerec.models.metrics import summarise
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.ingest import IngestOutputs
 from bridgerec.tasks.train.settings import ColdStartSettings
@@ -101,6 +103,11 @@ class ColdStart:
                 }
                 if ranks.full is not None:
                     summary[key]["auc"] = _auc(ranks.full, sub, catalog, n_excluded[mask])
+                if ranks.full is not None and name == "test_new_items":
+                    among_rows, summary[key]["among_new_items"] = self._among_new_items(
+                        model, catalog, sub, batch_size, device
+                    )
+                    rows += among_rows
             summary["new_items"] |= {
                 "items_held_out": int(self.held.held.sum()),
                 "selection": self.selection,
@@ -128,6 +135,39 @@ class ColdStart:
                 "this model scores items by trained ID rows only: an item without interactions has an "
                 "untrained row, so its new-item figures are at (or below) chance by construction"
             )
+        return rows, summary
+
+    def _among_new_items(
+        self, model: Recommender, catalog: Catalog, sub: EvalSplit, batch_size: int, device: torch.device
+    ) -> tuple[list[dict], dict[str, Any]]:
+        """The new-item targets ranked among the held-out items of their domain only (`rank_among`: the
+        item cold-start protocol, the order of new items apart from their exposure among warm ones):
+        metric rows (split test_new_items, protocol among_new_items) and the summary's figures with their
+        chance level and the candidates per domain. Held-out items never stay in a history before its
+        last item, so there is nothing to leave out."""
+        assert self.held is not None
+        held = torch.from_numpy(self.held.held)
+        ranks = rank_among(model, sub, held, batch_size, device)
+        tdom = sub.target_domain.numpy()
+        per_domain = [
+            int(self.held.held[int(catalog.offsets[d]) + 1 :][: int(n)].sum())
+            for d, n in enumerate(catalog.sizes)
+        ]
+        groups = {"overall": np.ones(len(ranks), bool)} | {
+            f"domain:{name}": tdom == d for d, name in enumerate(catalog.domains)
+        }
+        rows = [
+            {"split": sub.name, "protocol": "among_new_items", "group": group, "metric": metric,
+             "value": value, "users": int(mask.sum())}
+            for group, mask in groups.items()
+            for metric, value in summarise(ranks[mask]).items()
+        ]  # fmt: skip
+        candidates = np.asarray(per_domain)[tdom]
+        summary = {
+            "overall": summarise(ranks, (10,)),
+            "chance_ndcg@10": chance_ndcg(candidates),
+            "candidates": dict(zip(catalog.domains, per_domain, strict=True)),
+        } | {name: summarise(ranks[tdom == d], (10,)) for d, name in enumerate(catalog.domains)}
         return rows, summary
 
 
