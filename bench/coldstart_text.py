@@ -11,7 +11,8 @@ domain are left out of the ranking, as the train stage's full ranking leaves the
 domain: nothing to leave out (the user has no earlier item of the domain in that scenario). The splits are the train stage's
 (`train.cold_start`, same fraction and seed: the same held-out items, users and inputs): new items (test
 targets that are held-out items, the history as input) and untouched domain (warm targets, every item of
-the target's domain hidden). Prints full-ranking NDCG@10 overall and per domain.
+the target's domain hidden), and the new items ranked among the held-out items only (the train stage's
+`among_new_items`). Prints full-ranking NDCG@10 overall and per domain.
 """
 
 import argparse
@@ -58,10 +59,15 @@ ex_offsets = np.searchsorted(test.exclude_users, np.arange(len(test.target) + 1)
 
 
 def ranks(
-    inputs: torch.Tensor, rows: torch.Tensor | None, target: torch.Tensor, tdom: torch.Tensor
+    inputs: torch.Tensor,
+    rows: torch.Tensor | None,
+    target: torch.Tensor,
+    tdom: torch.Tensor,
+    members: np.ndarray | None = None,
 ) -> np.ndarray:
     """[U] 0-based full-ranking rank of each target in its domain; `rows`: the users' rows of the test
-    split, whose earlier items of the domain are left out (None: nothing left out)."""
+    split, whose earlier items of the domain are left out (None: nothing left out); `members` ([N + 1]
+    bool by global id): only those items compete (the train stage's `among_new_items`)."""
     r = np.zeros(len(target), np.int64)
     for d in range(2):
         idx = torch.nonzero(tdom == d).flatten()
@@ -73,6 +79,8 @@ def ranks(
             s = u @ items.T  # [B, n + 1]
             t = target[ch] - off  # [B] local ids
             s[:, 0] = -torch.inf
+            if members is not None:
+                s[:, ~torch.from_numpy(members[off : off + n + 1])] = -torch.inf
             if rows is not None:
                 r_, c_ = left_out(t, rows[ch], test, ex_offsets)
                 s[r_, c_] = -torch.inf
@@ -87,8 +95,10 @@ users, inp = users[keep], inp[torch.from_numpy(keep)]
 cases = {"untouched domain": (inp, torch.from_numpy(users), False)}
 new = torch.from_numpy(np.flatnonzero(held[test.target.numpy()]))
 cases["new items"] = (test.inputs[new], new, not args.no_exclude)
+cases["new items among the held-out items"] = (test.inputs[new], new, not args.no_exclude)
 for name, (inputs, idx, exclude) in cases.items():
-    r = ranks(inputs, idx if exclude else None, test.target[idx], test.target_domain[idx])
+    among = held if name.endswith("held-out items") else None
+    r = ranks(inputs, idx if exclude else None, test.target[idx], test.target_domain[idx], among)
     td = test.target_domain[idx].numpy()
     figures = " ".join(f"{d} {ndcg(r[td == i], 10):.4f}" for i, d in enumerate(cat.domains))
     print(f"{name}: {len(idx)} users, full NDCG@10 overall {ndcg(r, 10):.4f} {figures}")

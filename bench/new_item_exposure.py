@@ -8,7 +8,11 @@ The run must have been trained with `cold_start.new_items` (bench/train.py --col
 interactions set to c * w (the setting's own code path: `LLM4CDSR.serving_rows`), and the whole test
 split is ranked by `models.evaluate.evaluate` (full ranking, earlier items left out), then read for the
 new-item targets, the warm targets, everyone and each domain (and sampled NDCG@10 for everyone): a
-boost for new items also lifts them above warm targets, so the three move together. The run itself scored with its own c (fixed, 1.25 by default, or
+boost for new items also lifts them above warm targets, so the three move together. Each row also has
+the new items' exposure: their share of the top-10 lists (`new_item_share@10`: items without training
+interactions), to read against their share among the test targets (`new_item_targets_share`), and the
+new-item targets ranked among the held-out items only (`among_new_items`, `models.evaluate.rank_among`:
+the item cold-start protocol, their order apart from their exposure). The run itself scored with its own c (fixed, 1.25 by default, or
 chosen on validation with `train.text_prior_new_items: validation`); this bench shows the trade on the
 test split's held-out new items around it, at the run's prior weight w or at `--weight` (docs/train.md,
 "New items against their exposure").
@@ -18,17 +22,39 @@ holds at other values of c are kept (each row's `seconds` is from the call that 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
-from saved_run import open_run, run_arguments
+import numpy as np
+import torch
+from saved_run import SavedRun, open_run, run_arguments, write_merged
 
-from bridgerec.models.evaluate import evaluate
+from bridgerec.models.coldstart import subset_split
+from bridgerec.models.data import EvalSplit
+from bridgerec.models.evaluate import Popularity, beyond_accuracy, evaluate, popularity_tables, rank_among
 from bridgerec.models.metrics import ndcg
 from bridgerec.runtime.machine import machine_info
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def figures(run: SavedRun, test: EvalSplit, new: np.ndarray, tables: Popularity) -> dict[str, float]:
+    """The run's model as it is set, on the test split: full-ranking NDCG@10 overall, on the new-item
+    targets (`new`: [U] bool), the warm ones and per domain, sampled NDCG@10, the new items' share of
+    the top-10 lists and the new-item targets ranked among the held-out items."""
+    model, catalog, settings = run.model, run.catalog, run.settings
+    assert run.inputs.cold_eval.held is not None
+    ranks = evaluate(model, test, settings.eval_batch_size, True)
+    full, top, domain = ranks.full, ranks.top, test.target_domain.numpy()
+    assert full is not None and top is not None
+    held = torch.from_numpy(run.inputs.cold_eval.held.held)
+    among = rank_among(model, subset_split(test, new, "test_new_items"), held, settings.eval_batch_size)
+    row = {"overall": ndcg(full, 10), "new_items": ndcg(full[new], 10), "warm_items": ndcg(full[~new], 10)}
+    row |= {"new_item_share@10": beyond_accuracy(top, domain, catalog, tables)["new_item_share@10"]}
+    row |= {"among_new_items": ndcg(among, 10)}
+    row |= {f"new_items_{d}": ndcg(full[new & (domain == i)], 10) for i, d in enumerate(catalog.domains)}
+    row |= {f"overall_{d}": ndcg(full[domain == i], 10) for i, d in enumerate(catalog.domains)}
+    return row | {"sampled": ndcg(ranks.sampled, 10)}  # sampled NDCG@10 (the split's 100 negatives)
 
 
 def main() -> None:
@@ -50,7 +76,7 @@ def main() -> None:
     test = inputs.data.eval_split("test", settings.eval_negatives, settings.seed, settings.short_history)
     assert inputs.cold_eval.held is not None
     new = inputs.cold_eval.held.held[test.target.numpy()]
-    domain = test.target_domain.numpy()
+    tables = popularity_tables(inputs.data.item_counts("train"), catalog)  # `new`: what the share counts
 
     w = float(model.text_prior_weight) if args.weight is None else args.weight
     fitted = float(model.text_prior_new_scale)  # what the run chose (or was set to)
@@ -58,24 +84,23 @@ def main() -> None:
     for c in [float(x) for x in args.values.split(",")]:
         model.set_text_prior(w, c)
         started = time.perf_counter()
-        ranks = evaluate(model, test, settings.eval_batch_size, True)
-        full = ranks.full
-        assert full is not None
-        row = {"text_prior_new_items": c, "overall": ndcg(full, 10), "new_items": ndcg(full[new], 10)}
-        row |= {"warm_items": ndcg(full[~new], 10), "seconds": time.perf_counter() - started}
-        row |= {f"new_items_{d}": ndcg(full[new & (domain == i)], 10) for i, d in enumerate(catalog.domains)}
-        row |= {f"overall_{d}": ndcg(full[domain == i], 10) for i, d in enumerate(catalog.domains)}
-        row |= {"sampled": ndcg(ranks.sampled, 10)}  # sampled NDCG@10 (the split's 100 negatives)
-        rows.append(row)
+        row = {"text_prior_new_items": c} | figures(run, test, new, tables)
+        rows.append(row | {"seconds": time.perf_counter() - started})
         print(
             f"c {c:g}: overall {row['overall']:.4f}, new items {row['new_items']:.4f}, "
-            f"warm items {row['warm_items']:.4f} ({row['seconds']:.0f} s)",
+            f"warm items {row['warm_items']:.4f}, new items' share of the top 10 {row['new_item_share@10']:.1%}, "
+            f"new items among new items {row['among_new_items']:.4f} ({rows[-1]['seconds']:.0f} s)",
             flush=True,
         )
-    print("| text_prior_new_items | overall | new items | warm items |\n|---|---|---|---|")
+    print(f"new items are {new.mean():.1%} of the test targets")
+    print(
+        "| text_prior_new_items | overall | new items | warm items | new_item_share@10 | among new items |\n"
+        "|---|---|---|---|---|---|"
+    )
     for r in rows:
         print(
-            f"| {r['text_prior_new_items']:g} | {r['overall']:.4f} | {r['new_items']:.4f} | {r['warm_items']:.4f} |"
+            f"| {r['text_prior_new_items']:g} | {r['overall']:.4f} | {r['new_items']:.4f} | "
+            f"{r['warm_items']:.4f} | {r['new_item_share@10']:.4f} | {r['among_new_items']:.4f} |"
         )
     suffix = "" if args.weight is None else f"_w_{w:g}"
     out = REPO / "bench" / "results" / f"new_item_exposure_{config['run_id']}{suffix}.json"
@@ -86,16 +111,11 @@ def main() -> None:
         "text_prior_new_items_of_the_run": fitted,
         "test_users": len(new),
         "new_item_targets": int(new.sum()),
+        "new_item_targets_share": float(new.mean()),
         "machine": machine_info(),
         "rows": rows,
     }
-    # An earlier call's rows at other values of c are kept (ranks do not depend on the machine).
-    if out.exists():
-        ours = {r["text_prior_new_items"] for r in rows}
-        earlier = [r for r in json.loads(out.read_text())["rows"] if r["text_prior_new_items"] not in ours]
-        record["rows"] = sorted(earlier + rows, key=lambda r: r["text_prior_new_items"])
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_merged(out, record, "text_prior_new_items")  # earlier rows at other values of c kept
 
 
 if __name__ == "__main__":

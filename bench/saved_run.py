@@ -7,6 +7,7 @@ Shared by the benchmarks that score a finished run again (`new_item_exposure.py`
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,3 +50,14 @@ def open_run(workspace: Path, run: Path, threads: int) -> SavedRun:
     saved = config["settings"]
     settings = TrainSettings(**{k: v for k, v in saved.items() if k in TrainSettings.model_fields})
     return SavedRun(model, config, catalog, settings, load_inputs(StageRun(settings, ws)))
+
+
+def write_merged(out: Path, record: dict[str, Any], key: str) -> None:
+    """Write `record` as JSON to `out`, keeping the rows (`record["rows"]`) an earlier call wrote there at
+    other values of `key` (ranks of a saved run do not depend on the machine), sorted by `key`."""
+    if out.exists():
+        ours = {r[key] for r in record["rows"]}
+        earlier = [r for r in json.loads(out.read_text())["rows"] if r[key] not in ours]
+        record["rows"] = sorted(earlier + record["rows"], key=lambda r: r[key])
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}")

@@ -145,7 +145,9 @@ def table(results: list[dict], domains: list[str]) -> str:
 def cold_table(results: list[dict], domains: list[str]) -> str:
     """Column groups of the cold-start evaluations: NDCG@10 full ranking (sampled in brackets) per domain,
     new items | warm items of the same run | untouched domain, each with the chance level (full) and the
-    full-ranking AUC (chance 0.5; readable on groups too small for NDCG@10 to separate from chance)."""
+    full-ranking AUC (chance 0.5; readable on groups too small for NDCG@10 to separate from chance); then
+    the new-item targets ranked among the held-out items only and the new items' share of the test top-10
+    lists (their order, and their exposure)."""
     groups = [
         ("new_items", "new items"),
         ("warm_items", "warm items"),
@@ -155,7 +157,7 @@ def cold_table(results: list[dict], domains: list[str]) -> str:
     for _, label in groups:
         cols += [f"{label}: users"] + [f"{label} {d} NDCG@10 full (sampled)" for d in domains]
         cols += [f"{label} chance full {'/'.join(domains)}", f"{label} AUC full {'/'.join(domains)}"]
-    cols += ["new / warm full NDCG@10"]
+    cols += ["new / warm full NDCG@10", "new items among new items NDCG@10 (chance)", "new_item_share@10"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
         cold = r.get("cold_start") or {}
@@ -174,6 +176,10 @@ def cold_table(results: list[dict], domains: list[str]) -> str:
             new["full"]["overall"]["ndcg@10"] / warm["full"]["overall"]["ndcg@10"] if new and warm else None
         )
         cells.append("-" if ratio is None else f"{ratio:.2f}")
+        among = (new or {}).get("among_new_items")  # results from before 2026-12-04 night lack it
+        cells.append(f"{among['overall']['ndcg@10']:.4f} ({among['chance_ndcg@10']:.4f})" if among else "-")
+        share = r["test"].get("full", {}).get("overall", {}).get("new_item_share@10")
+        cells.append("-" if share is None else f"{share:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
