@@ -24,7 +24,7 @@ from pathlib import Path
 
 from saved_run import open_run, run_arguments
 
-from bridgerec.models.evaluate import catalogue_new_share, fit_text_prior
+from bridgerec.models.evaluate import catalogue_new_items, catalogue_new_share, fit_text_prior
 from bridgerec.runtime.machine import machine_info
 from bridgerec.tasks.train.settings import MIN_NEW_TARGETS
 
@@ -42,7 +42,7 @@ def main() -> None:
         raise SystemExit("error: the run has no text prior (train.text_prior)")
     valid = inputs.data.eval_split("valid", settings.eval_negatives, settings.seed, settings.short_history)
     share = catalogue_new_share(model)  # s: the catalogue's share of new items
-    new_items = round(share * sum(model.sizes))
+    new_items = catalogue_new_items(model)
     started = time.perf_counter()
     fit = fit_text_prior(
         model, valid, settings.text_prior_grid, settings.eval_batch_size, "cpu",

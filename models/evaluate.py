@@ -17,6 +17,7 @@ among the group's targets). Popularity = interactions in the training prefixes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple
@@ -77,15 +78,24 @@ def evaluate(
 
 
 def _full_rank(
-    u: Tensor, items: Tensor, target: Tensor, chunk: Tensor, split: EvalSplit, ex_offsets: np.ndarray
+    u: Tensor,
+    items: Tensor,
+    target: Tensor,
+    chunk: Tensor,
+    split: EvalSplit,
+    ex_offsets: np.ndarray,
+    outside: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """([B] the target's rank, [B, TOP_K] the local ids of the top-k, [B] whether a score was not
-    finite) over the whole domain, earlier items of the user left out."""
+    finite) over the whole domain, earlier items of the user left out; with `outside` ([n_d + 1] bool by
+    local id), those items left out too (`rank_among`)."""
     scores = u @ items.T  # [B, n_d + 1]
     broken = ~torch.isfinite(scores[:, 1:]).all(1)
     rows, cols = left_out(target, chunk, split, ex_offsets)
     scores[:, 0] = -torch.inf  # padding row
     scores[rows, cols] = -torch.inf
+    if outside is not None:
+        scores[:, outside] = -torch.inf
     rank = rank_full(scores, target)
     # The target itself may be recommended (it is unseen); the items seen before it may not.
     best = torch.topk(scores, min(TOP_K, scores.shape[1] - 1), dim=1).indices
@@ -117,17 +127,14 @@ def rank_among(
     for d, users in enumerate(users_by_domain(split.target_domain, model.n_domains)):
         if not len(users):
             continue
-        local = members[int(model.offsets[d]) : int(model.offsets[d]) + model.sizes[d] + 1].clone()
-        local[0] = False  # [n_d + 1] by local id: the padding never competes
+        start = int(model.offsets[d])
+        outside = ~members[start : start + model.sizes[d] + 1].to(device)  # [n_d + 1] by local id
         items = model.item_vectors(d)  # [n_d + 1, D]
         for chunk in torch.split(users, batch_size):
             u = model.user_vectors(split.inputs[chunk].to(device), d)  # [B, D]
             target = split.candidates[chunk, 0].to(device)  # [B] local ids
-            scores = u @ items.T  # [B, n_d + 1]
-            rows, cols = left_out(target, chunk, split, ex_offsets)
-            scores[rows, cols] = -torch.inf
-            scores[:, ~local.to(device)] = -torch.inf
-            out[chunk.numpy()] = as_numpy(rank_full(scores, target))
+            rank, _, _ = _full_rank(u, items, target, chunk, split, ex_offsets, outside)
+            out[chunk.numpy()] = as_numpy(rank)
     return out
 
 
@@ -181,11 +188,16 @@ def _choice_figure(
     return (1 - share) * on_warm[key] + share * on_new[key]
 
 
-def catalogue_new_share(model: Recommender) -> float:
-    """The share of the catalogue's items whose text prior weighs w * c (no training interactions):
-    what `fit_text_prior(catalogue_share=True)` weighs the new-item targets with."""
+def catalogue_new_items(model: Recommender) -> int:
+    """The catalogue's items whose text prior weighs w * c (no training interactions)."""
     marked = [model.prior_new_items(d) for d in range(model.n_domains)]
-    return sum(0 if m is None else int(m[1:].sum()) for m in marked) / sum(model.sizes)
+    return sum(0 if m is None else int(m[1:].sum()) for m in marked)
+
+
+def catalogue_new_share(model: Recommender) -> float:
+    """The share of the catalogue's items that are new (`catalogue_new_items`): what
+    `fit_text_prior(catalogue_share=True)` weighs the new-item targets with."""
+    return catalogue_new_items(model) / sum(model.sizes)
 
 
 @torch.no_grad()
@@ -363,40 +375,51 @@ def beyond_accuracy(
     }
 
 
+def user_groups(split: EvalSplit, catalog: Catalog) -> dict[str, np.ndarray]:
+    """[U] bool masks by group name: `overall`, `domain:<name>` (the target's domain) and the split's own
+    user groups."""
+    tdom = split.target_domain.numpy()
+    groups: dict[str, np.ndarray] = {"overall": np.ones(len(tdom), bool)}
+    groups |= {f"domain:{name}": tdom == d for d, name in enumerate(catalog.domains)}
+    return groups | {name: mask.numpy() for name, mask in split.groups.items()}
+
+
+def protocol_rows(
+    split: str,
+    protocol: str,
+    ranks: np.ndarray,
+    groups: dict[str, np.ndarray],
+    extra: Callable[[np.ndarray], dict[str, float]] | None = None,
+) -> list[dict[str, Any]]:
+    """Long-format rows (split, protocol, group, metric, value, users) of `ranks` ([U] 0-based) per group
+    (`user_groups`); `extra(mask)` adds figures of its own to a group's (beyond accuracy)."""
+    rows: list[dict[str, Any]] = []
+    for group, mask in groups.items():
+        figures = summarise(ranks[mask]) | (extra(mask) if extra is not None else {})
+        rows += [
+            {"split": split, "protocol": protocol, "group": group, "metric": metric, "value": value,
+             "users": int(mask.sum())}
+            for metric, value in figures.items()
+        ]  # fmt: skip
+    return rows
+
+
 def metric_rows(
     ranks: Ranks, split: EvalSplit, catalog: Catalog, counts: np.ndarray | None = None
 ) -> list[dict[str, Any]]:
     """Long-format rows: protocol x group x metric, for overall, each target domain and user groups;
     with `counts` ([N + 1] training-prefix interactions per global id) and full ranks, the beyond-accuracy
     figures too (protocol full)."""
-    domains = catalog.domains
-    groups: dict[str, np.ndarray] = {"overall": np.ones(len(ranks.sampled), bool)}
-    tdom = split.target_domain.numpy()
-    for d, name in enumerate(domains):
-        groups[f"domain:{name}"] = tdom == d
-    for name, group_mask in split.groups.items():
-        groups[name] = group_mask.numpy()
-    tables = popularity_tables(counts, catalog) if counts is not None else None
-    rows: list[dict[str, Any]] = []
-    for protocol, r in (("sampled", ranks.sampled), ("full", ranks.full)):
-        if r is None:
-            continue
-        for group, mask in groups.items():
-            figures = summarise(r[mask])
-            if protocol == "full" and ranks.top is not None and tables is not None:
-                figures |= beyond_accuracy(ranks.top[mask], tdom[mask], catalog, tables)
-            for metric, value in figures.items():
-                rows.append(
-                    {
-                        "split": ranks.split,
-                        "protocol": protocol,
-                        "group": group,
-                        "metric": metric,
-                        "value": value,
-                        "users": int(mask.sum()),
-                    }
-                )
-    return rows
+    groups = user_groups(split, catalog)
+    rows = protocol_rows(ranks.split, "sampled", ranks.sampled, groups)
+    if ranks.full is None:
+        return rows
+    if ranks.top is None or counts is None:
+        return rows + protocol_rows(ranks.split, "full", ranks.full, groups)
+    top, tdom, tables = ranks.top, split.target_domain.numpy(), popularity_tables(counts, catalog)
+    return rows + protocol_rows(
+        ranks.split, "full", ranks.full, groups, lambda g: beyond_accuracy(top[g], tdom[g], catalog, tables)
+    )
 
 
 BEYOND = tuple(f"{m}@{TOP_K}" for m in ("coverage", "top1pct_share", "pop_percentile", "new_item_share"))

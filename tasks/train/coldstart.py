@@ -30,7 +30,15 @@ from bridgerec.models.coldstart import (
     without_items,
 )
 from bridgerec.models.data import Catalog, EvalSplit, Sequences
-from bridgerec.models.evaluate import Ranks, evaluate, headline, metric_rows, rank_among
+from bridgerec.models.evaluate import (
+    Ranks,
+    evaluate,
+    headline,
+    metric_rows,
+    protocol_rows,
+    rank_among,
+    user_groups,
+)
 from bridgerec.models.metrics import summarise
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.ingest import IngestOutputs
@@ -153,15 +161,7 @@ class ColdStart:
             int(self.held.held[int(catalog.offsets[d]) + 1 :][: int(n)].sum())
             for d, n in enumerate(catalog.sizes)
         ]
-        groups = {"overall": np.ones(len(ranks), bool)} | {
-            f"domain:{name}": tdom == d for d, name in enumerate(catalog.domains)
-        }
-        rows = [
-            {"split": sub.name, "protocol": "among_new_items", "group": group, "metric": metric,
-             "value": value, "users": int(mask.sum())}
-            for group, mask in groups.items()
-            for metric, value in summarise(ranks[mask]).items()
-        ]  # fmt: skip
+        rows = protocol_rows(sub.name, "among_new_items", ranks, user_groups(sub, catalog))
         candidates = np.asarray(per_domain)[tdom]
         summary = {
             "overall": summarise(ranks, (10,)),
