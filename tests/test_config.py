@@ -173,3 +173,21 @@ def test_id_text_knn_default_env_and_where_it_counts(monkeypatch: pytest.MonkeyP
         load_settings(None)
     ridge_less = train.model_copy(update={"id_text_fit": False})
     assert config_hash(ridge_less) == config_hash(ridge_less.model_copy(update={"id_text_knn": 3}))
+
+
+def test_profiles_select_by_env_and_where_it_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """profiles.select: first by default and left out of the hash there (earlier enrich outputs keep
+    theirs), shortest by env changes it with a cap only (without max_users every user is profiled); an
+    unknown value is refused naming the key."""
+    from bridgerec.storage.workspace import config_hash
+
+    profiles = load_settings(None).profiles
+    assert profiles.select == "first" and "select" not in profiles.hashed_values()
+    monkeypatch.setenv("BRIDGEREC_PROFILES__SELECT", "shortest")
+    shortest = load_settings(None).profiles
+    assert shortest.select == "shortest" and config_hash(shortest) == config_hash(profiles)
+    capped = profiles.model_copy(update={"max_users": 100})
+    assert config_hash(shortest.model_copy(update={"max_users": 100})) != config_hash(capped)
+    monkeypatch.setenv("BRIDGEREC_PROFILES__SELECT", "longest")
+    with pytest.raises(ConfigError, match=r"profiles\.select"):
+        load_settings(None)

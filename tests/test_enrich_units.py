@@ -211,6 +211,13 @@ def test_histories_use_the_training_prefix_and_change_with_it() -> None:
     assert again[0].history_hash == jobs[0].history_hash and again[1].history_hash != jobs[1].history_hash
     capped, _ = user_jobs(seqs, items, clusters, ProfileSettings(max_users=1))
     assert [j.user_id for j in capped] == ["u0"]
+    # the shortest histories: u1's (prefix [6]) against u0's (prefix [1, 2, 3, 4]); user_idx order kept
+    flipped = seqs.set_column(2, "global_ids", pa.array([[6, 1, 2], [1, 2, 3, 4, 5, 6]]))
+    for select, kept in (("first", ["u0"]), ("shortest", ["u1"])):
+        capped, _ = user_jobs(flipped, items, clusters, ProfileSettings(max_users=1, select=select))
+        assert [j.user_id for j in capped] == kept
+    capped, _ = user_jobs(flipped, items, clusters, ProfileSettings(max_users=2, select="shortest"))
+    assert [j.user_id for j in capped] == ["u0", "u1"]
     paper = ProfileSettings(analyzer_max_tokens=80, summarizer_max_tokens=160, summarize_single_cluster=True)
     cost = estimate_cost(jobs, paper, tokens_per_s=100)
     assert cost["calls"] == 3 + 2 and cost["max_new_tokens"] == 3 * 80 + 2 * 160

@@ -27,7 +27,7 @@ class EnrichSummary(BaseModel):
     items_embedded: int = 0
     items_cached: int = 0
     texts_embedded: int = 0
-    profile_users: int = 0  # users selected for a profile (all, or the first profiles.max_users)
+    profile_users: int = 0  # users selected for a profile (all, or profiles.max_users of them)
     profiles_generated: int = 0
     profiles_cached: int = 0
     errors: int = 0

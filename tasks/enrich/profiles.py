@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from bridgerec.runtime.logs import get_logger
 from bridgerec.runtime.progress import BatchCredit, progress_bar
@@ -177,7 +178,7 @@ def user_jobs(
     seqs = sequences.select(["user_id", "user_idx", "global_ids"]).sort_by("user_idx")
     n_users = seqs.num_rows
     if settings.max_users is not None:
-        seqs = seqs.slice(0, settings.max_users)
+        seqs = selected_users(seqs, settings.max_users, settings.select)
     # global_id -> row of `items`
     gids = items["global_id"].to_numpy()
     row_of = np.zeros(int(gids.max()) + 1 if len(gids) else 1, np.int64)
@@ -194,6 +195,17 @@ def user_jobs(
         groups = tuple((c, tuple(ts[-settings.titles_per_cluster :])) for c, ts in sorted(by_cluster.items()))
         jobs.append(UserJob(user_id, int(user_idx), groups, hash_json([[c, list(t)] for c, t in groups])))
     return jobs, n_users
+
+
+def selected_users(seqs: pa.Table, n: int, select: str) -> pa.Table:
+    """The `n` users `profiles.max_users` keeps of `seqs` (sorted by user_idx; column global_ids), in
+    user_idx order: the first n (`select` first), or the n with the shortest histories (shortest: ties
+    by user_idx; a history's training prefix is its length minus the two held-out targets, so the order
+    is the same)."""
+    if select == "first":
+        return seqs.slice(0, n)
+    lengths = pc.list_value_length(seqs["global_ids"]).to_numpy(zero_copy_only=False)
+    return seqs.take(np.sort(np.argsort(lengths, kind="stable")[:n]))
 
 
 def generation_key(settings: ProfileSettings, prompts: Prompts, llm_id: str, embed_id: str) -> str:
@@ -452,12 +464,17 @@ class ProfileInputs:
     """What generating any subset of the users needs: clusters, the selected users' jobs, the cache."""
 
     clusters: Clusters
-    jobs: list[UserJob]  # the selected users (all, or the first profiles.max_users), by user_idx
+    jobs: list[
+        UserJob
+    ]  # the selected users (all, or profiles.max_users of them: `selected_users`), by user_idx
     n_users: int  # users in the ingest
     cached: dict[str, dict]  # user_id -> profile row (with its vector) of the same generation key
     gen_key: str
     dim: int
     prompts: Prompts
+    selection: str = (
+        ""  # how the cap chose them, for the log: "", " (the first)", " (the shortest histories)"
+    )
 
     @property
     def checkpoint_kind(self) -> str:
@@ -520,7 +537,10 @@ def profile_inputs(ctx: EnrichContext, items: pa.Table, clusters: Clusters, dim:
         vectors = to_matrix(table["vector"], dim)
         for i, row in enumerate(table.drop_columns(["vector"]).to_pylist()):
             cached[row["user_id"]] = row | {"vector": vectors[i]}
-    return ProfileInputs(clusters, jobs, n_users, cached, gen_key, dim, prompts)
+    selection = ""
+    if settings.max_users is not None and len(jobs) < n_users:
+        selection = " (the shortest histories)" if settings.select == "shortest" else " (the first)"
+    return ProfileInputs(clusters, jobs, n_users, cached, gen_key, dim, prompts, selection)
 
 
 @dataclass
@@ -595,10 +615,11 @@ def generate_profiles(
 
 def log_estimate(inputs: ProfileInputs, n_cached: int, todo: list[UserJob], estimate: dict) -> None:
     get_logger().info(
-        "enrich: profiles for %s of %s users (%s cached, %s to generate): ~%s model calls, at most %s "
+        "enrich: profiles for %s of %s users%s (%s cached, %s to generate): ~%s model calls, at most %s "
         "new tokens, ~%.1f min at %.0f tokens/s",
         f"{len(inputs.jobs):,}",
         f"{inputs.n_users:,}",
+        inputs.selection,
         f"{n_cached:,}",
         f"{len(todo):,}",
         f"{estimate['calls']:,}",

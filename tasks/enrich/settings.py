@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import string
+from collections.abc import Mapping
 from pathlib import Path
-from typing import ClassVar, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -198,11 +199,21 @@ class ProfileSettings(StageSettings):
     not_hashed: ClassVar[frozenset[str]] = frozenset(
         {"model", "gguf_source", "auto_prepare", "users_per_shard"}
     )
+    hashed_since: ClassVar[Mapping[str, Any]] = {"select": "first"}  # added 2026-12-05
+
+    def ignored_fields(self) -> set[str]:
+        return set() if self.max_users is not None else {"select"}
 
     model_config = ConfigDict(extra="forbid")
     mode: Literal["llm", "none"] = Field(default="llm", description="llm, or none (profile guidance off).")
     max_users: int | None = Field(
-        default=None, ge=0, description="Profile at most this many users (the first by user_idx); None = all."
+        default=None, ge=0, description="Profile at most this many users (which: `select`); None = all."
+    )
+    select: Literal["first", "shortest"] = Field(
+        default="first",
+        description="The users max_users keeps: first (by user_idx) or shortest (the shortest training "
+        "histories, ties by user_idx: where the method expects a profile to matter most). Unused without "
+        "max_users.",
     )
     model: Path = Field(
         default=Path(".cache/models/smollm2-135m-instruct"),
