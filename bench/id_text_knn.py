@@ -8,8 +8,8 @@ mean ID row of their k text-nearest items with them (`LLM4CDSR.set_id_text_knn`;
 same weights carry), then does what the train stage does after training: (w, c) fitted on validation
 (`fit_text_prior`: the run's grid of w, today's default grid of c), and the test split ranked (`bench/new_item_exposure.py`'s figures:
 overall, new-item and warm targets, new items' share of the top 10, new items among new items, sampled).
-The k-NN tables are refitted after every epoch in training; the held-out items met as sampled
-negatives saw the run's own rows, so a run trained with the other k may differ from this by that.
+Training never uses the k-NN rows (`Recommender.set_serving`: the ridge map scores new items while
+the epochs run), so the same weights scored with another k are what a run trained with that k gives.
 Prints a table and writes bench/results/id_text_knn_<run id>.json (rows at other values of k that the
 file already holds are kept; ranks do not depend on the machine).
 """
