@@ -199,7 +199,7 @@ class ProfileSettings(StageSettings):
     not_hashed: ClassVar[frozenset[str]] = frozenset(
         {"model", "gguf_source", "auto_prepare", "users_per_shard"}
     )
-    hashed_since: ClassVar[Mapping[str, Any]] = {"select": "first"}  # added 2026-12-05
+    hashed_since: ClassVar[Mapping[str, Any]] = {"select": "first"}  # added 2026-12-04
 
     def ignored_fields(self) -> set[str]:
         return set() if self.max_users is not None else {"select"}
