@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -159,3 +161,47 @@ def test_budgets_and_stall_limit_come_from_config(monkeypatch: pytest.MonkeyPatc
     runtime = load_settings(None).runtime
     assert runtime.stage_timeout_seconds.train == 600 and runtime.stall_seconds == 120
     assert StageTimeouts().enrich == 24 * 3600
+
+
+# Reading another thread's frame while the collector frees a threading.local: on CPython 3.11 this
+# deadlocks inside sys._current_frames() (python/cpython#106883), which hung a CI run's watchdog test
+# for good on a loaded machine. A subprocess, so that a deadlock fails the test instead of hanging it.
+FRAMES_UNDER_GC = """
+import gc, sys, threading
+from bridgerec.runtime.watchdog import current_frame
+
+def read(ident):
+    return sys._current_frames().get(ident) if sys.argv[1] == "raw" else current_frame(ident)
+
+def garbage_local():
+    local = threading.local()
+    local.me = local  # a cycle: only a collection frees it
+
+def watcher(target):
+    for _ in range(2000):
+        garbage_local()
+        assert read(target) is not None
+
+gc.set_threshold(1)  # a collection at nearly every allocation, inside the frame reading too
+thread = threading.Thread(target=watcher, args=(threading.main_thread().ident,))
+thread.start()
+thread.join()
+print("read 2000 frames")
+"""
+
+
+def _read_frames_under_gc(how: str, timeout: float) -> subprocess.CompletedProcess[str] | None:
+    try:
+        return subprocess.run(
+            [sys.executable, "-c", FRAMES_UNDER_GC, how], capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return None  # deadlocked
+
+
+def test_reading_where_a_thread_is_does_not_deadlock_with_the_collector() -> None:
+    done = _read_frames_under_gc("watchdog", timeout=120)
+    assert done is not None, "current_frame deadlocked"
+    assert done.returncode == 0 and "read 2000 frames" in done.stdout, done.stderr
+    if sys.version_info < (3, 12):  # the interpreter's bug the watchdog steps around is still there
+        assert _read_frames_under_gc("raw", timeout=20) is None

@@ -19,6 +19,7 @@ The stage's time budget is separate: Prefect's `timeout_seconds` on the stage's 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -43,6 +44,21 @@ class StageStalled(InputError):
 
 class StageOverBudget(InputError):
     """A stage ran longer than its time budget (`runtime.stage_timeout_seconds`). Not retried."""
+
+
+def current_frame(ident: int | None) -> FrameType | None:
+    """The frame thread `ident` is running now (None: no such thread), read with the garbage collector
+    paused. On CPython 3.11 `sys._current_frames()` holds the runtime's thread-list lock while it
+    allocates; a collection that starts there and frees a `threading.local` takes that lock again and the
+    calling thread deadlocks for good, with every thread that starts or ends after it
+    (python/cpython#106883, fixed in 3.12; the same pause is the fix proposed for 3.11)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return sys._current_frames().get(ident or -1)
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _where(frame: FrameType | None, depth: int = 3) -> str:
@@ -91,7 +107,7 @@ class Watchdog:
                 continue
             if stalled_at is None:
                 stalled_at = time.monotonic()
-                frame = sys._current_frames().get(self._target.ident or -1)
+                frame = current_frame(self._target.ident)
                 doing = f", last: {heartbeat.what}" if heartbeat.what else ""
                 self.message = (
                     f"stage {self.stage} made no progress for {_duration(idle)} (runtime.stall_seconds = "
