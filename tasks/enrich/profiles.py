@@ -464,17 +464,15 @@ class ProfileInputs:
     """What generating any subset of the users needs: clusters, the selected users' jobs, the cache."""
 
     clusters: Clusters
-    jobs: list[
-        UserJob
-    ]  # the selected users (all, or profiles.max_users of them: `selected_users`), by user_idx
+    # the selected users (all, or profiles.max_users of them: `selected_users`), by user_idx
+    jobs: list[UserJob]
     n_users: int  # users in the ingest
     cached: dict[str, dict]  # user_id -> profile row (with its vector) of the same generation key
     gen_key: str
     dim: int
     prompts: Prompts
-    selection: str = (
-        ""  # how the cap chose them, for the log: "", " (the first)", " (the shortest histories)"
-    )
+    # how the cap chose them, for the log: "", " (the first)" or " (the shortest histories)"
+    selection: str = ""
 
     @property
     def checkpoint_kind(self) -> str:
