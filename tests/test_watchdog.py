@@ -205,3 +205,42 @@ def test_reading_where_a_thread_is_does_not_deadlock_with_the_collector() -> Non
     assert done.returncode == 0 and "read 2000 frames" in done.stdout, done.stderr
     if sys.version_info < (3, 12):  # the interpreter's bug the watchdog steps around is still there
         assert _read_frames_under_gc("raw", timeout=20) is None
+
+
+HUNG_TEST = """
+import threading
+
+
+def test_hangs():
+    never = threading.Lock()
+    never.acquire()
+    never.acquire()  # blocks in C: no signal handler runs here
+"""
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_hung_test_is_ended_by_the_suite_s_timeout(tmp_path: Path, workers: int) -> None:
+    """The suite's own guard (pyproject.toml: faulthandler's stack dump, then pytest-timeout's `thread`
+    method): a test blocked in C on a lock nobody releases ends with every thread's stack in the output,
+    not when CI's limit kills the job; under xdist (as scripts/test.sh runs it) once, the test named, not
+    once per replacement worker. The project's pytest configuration with 2 and 4 s instead of 870 and
+    900 s."""
+    (tmp_path / "test_hung.py").write_text(HUNG_TEST)
+    (tmp_path / "test_fine.py").write_text("def test_fine():\n    pass\n")
+    config = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    xdist = ["-n", str(workers), "--dist", "loadfile"] if workers else []
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-c", str(config), "--rootdir", str(tmp_path), "-p", "no:cacheprovider",
+         "-o", "faulthandler_timeout=2", "-o", "timeout=4", *xdist, str(tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output
+    assert "Timeout (0:00:02)!" in output and "in test_hangs" in output, output  # the stack dump
+    if workers:
+        assert "crashed while running 'test_hung.py::test_hangs'" in output, output
+        assert "1 failed, 1 passed" in output, output  # not started again on a replacement worker
+    else:
+        assert "1 failed, 1 passed" not in output  # without xdist the process itself ends: no summary
+    assert time.monotonic() - started < 60
