@@ -34,7 +34,9 @@ def main() -> None:
     ap = run_arguments(__doc__)
     ap.add_argument("--values", default="0,10,20", help="values of k (0: the ridge map)")
     args = ap.parse_args()
-    run = open_run(args.workspace, args.run, args.threads)
+    run = open_run(
+        args.workspace, args.run, args.threads, weights="selected"
+    )  # (w, c) refitted on validation
     model, settings, inputs = run.model, run.settings, run.inputs
     if not (isinstance(model, LLM4CDSR) and model.prior_dims and settings.cold_start.new_items):
         raise SystemExit("error: the run needs LLM4CDSR with text_prior and cold_start.new_items")

@@ -36,7 +36,7 @@ def main() -> None:
     ap = run_arguments(__doc__)
     ap.add_argument("--values", default=DEFAULT_VALUES, help="values of c (text_prior_new_items) to try")
     args = ap.parse_args()
-    run = open_run(args.workspace, args.run, args.threads)
+    run = open_run(args.workspace, args.run, args.threads, weights="selected")  # fitted on validation
     model, config, settings, inputs = run.model, run.config, run.settings, run.inputs
     if not getattr(model, "prior_dims", 0):
         raise SystemExit("error: the run has no text prior (train.text_prior)")

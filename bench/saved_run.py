@@ -10,7 +10,7 @@ import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -43,10 +43,14 @@ class SavedRun:
     inputs: TrainInputs  # its splits again (the same held-out items: seeded by the run's seed)
 
 
-def open_run(workspace: Path, run: Path, threads: int) -> SavedRun:
+def open_run(
+    workspace: Path, run: Path, threads: int, weights: Literal["served", "selected"] = "served"
+) -> SavedRun:
+    """The run rebuilt with its `weights` (`load_run`): `served` (the refit's where the run has one, what
+    its test figures measured) or `selected` (the best on validation, what its validation figures did)."""
     torch.set_num_threads(threads)
     ws = Workspace(workspace)
-    model, config, catalog = load_run(run, ws)
+    model, config, catalog = load_run(run, ws, weights=weights)
     saved = config["settings"]
     settings = TrainSettings(**{k: v for k, v in saved.items() if k in TrainSettings.model_fields})
     return SavedRun(model, config, catalog, settings, load_inputs(StageRun(settings, ws)))

@@ -4,7 +4,9 @@ Every user's whole mixed sequence is stored once, left-padded to `max_len + 3` g
 splits are column slices shared by every row (leave-one-out: the last column is the test target, the
 one before it the validation target):
 
-    training prefix  = columns [0, W-2)   (inputs = prefix[:-1], targets = prefix[1:])
+    training prefix  = columns [0, W-2)   (inputs = prefix[:-1], targets = prefix[1:]); with
+                       `holdout` 1 (the refit, `through_validation`) columns [0, W-1): the validation
+                       target is a training target too, the test target never is
     validation       = input: the last max_len columns of [0, W-2), target: column W-2
     test             = input: the last max_len columns of [0, W-1), target: column W-1
     export (serving) = input: the last max_len columns, predicting the item after the test target
@@ -91,10 +93,26 @@ class EvalSplit:
 
 
 class SequenceData:
-    """Padded tensors for one workspace, plus samplers. Build once, reuse every epoch."""
+    """Padded tensors for one workspace, plus samplers. Build once, reuse every epoch.
 
-    def __init__(self, catalog: Catalog, sequences: Sequences, max_len: int) -> None:
-        self.catalog, self.sequences, self.max_len = catalog, sequences, max_len
+    holdout: the last items of each sequence that are never training targets: 2 (validation and test:
+    what a model is selected on and measured on) or 1 (test only: the refit after selection,
+    `through_validation`). unseen: [N + 1] bool, items that must stay without training interactions
+    (the cold-start evaluation's held-out items) where they are a validation target under holdout 1.
+    """
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        sequences: Sequences,
+        max_len: int,
+        holdout: int = 2,
+        unseen: np.ndarray | None = None,
+    ) -> None:
+        if holdout not in (1, 2):
+            raise ValueError(f"holdout {holdout}: 2 (validation and test) or 1 (test only)")
+        self.catalog, self.sequences, self.max_len, self.holdout = catalog, sequences, max_len, holdout
+        self.unseen = None if unseen is None or holdout == 2 else torch.from_numpy(np.asarray(unseen, bool))
         self.width = max_len + 3
         lengths = sequences.lengths
         if lengths.min(initial=3) < 3:
@@ -112,7 +130,14 @@ class SequenceData:
         src = np.repeat(sequences.offsets[1:] - keep, keep) + _ranges(keep)
         padded[rows, cols] = sequences.flat[src]
         self.padded = torch.from_numpy(padded)
-        self.train_lengths = torch.from_numpy(np.minimum(lengths - 2, max_len + 1))  # prefix incl. 1st input
+        # prefix incl. its first input
+        self.train_lengths = torch.from_numpy(np.minimum(lengths - holdout, max_len + 1))
+
+    def through_validation(self, unseen: np.ndarray | None = None) -> SequenceData:
+        """The same sequences with each user's validation target a training target too (holdout 1): what
+        the refit after model selection trains on (`models.trainer.train_schedule`). `unseen` items stay
+        out of training where they are a validation target (they are the test's new items)."""
+        return SequenceData(self.catalog, self.sequences, self.max_len, holdout=1, unseen=unseen)
 
     @property
     def n_users(self) -> int:
@@ -121,9 +146,13 @@ class SequenceData:
     # -- training -------------------------------------------------------------------------------------
     def train_prefix(self, users: Tensor) -> Tensor:
         """[B, L+1] the training prefixes of `users`, trimmed to the longest (inputs + one more target)."""
-        W = self.width
+        end = self.width - self.holdout
         longest = int(self.train_lengths[users].max())
-        return self.padded[users, W - 2 - longest : W - 2]
+        prefix = self.padded[users, end - longest : end]
+        if self.unseen is not None:  # holdout 1: the last column is each user's validation target
+            last = prefix[:, -1]
+            prefix = torch.cat([prefix[:, :-1], torch.where(self.unseen[last], 0, last)[:, None]], 1)
+        return prefix
 
     def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
         """User batches of similar length, in random order; every user once per epoch."""
@@ -194,15 +223,19 @@ class SequenceData:
 
     def item_counts(self, which: str = "train") -> np.ndarray:
         """[N + 1] interactions per global id: `train` counts the training prefixes only (every item before
-        each user's validation target: what a model may learn from), `all` every known interaction."""
+        each user's validation target, or under holdout 1 before the test target, `unseen` items left
+        out: what a model may learn from), `all` every known interaction."""
         seqs = self.sequences
         ids = seqs.flat
         if which == "train":
             pos = np.arange(len(ids)) - np.repeat(seqs.offsets[:-1], seqs.lengths)
-            ids = ids[pos < np.repeat(seqs.lengths - 2, seqs.lengths)]
+            ids = ids[pos < np.repeat(seqs.lengths - self.holdout, seqs.lengths)]
         elif which != "all":
             raise ValueError(f"unknown count {which!r}")
-        return np.bincount(ids, minlength=self.catalog.n_items + 1).astype(np.int64)
+        counts = np.bincount(ids, minlength=self.catalog.n_items + 1).astype(np.int64)
+        if which == "train" and self.unseen is not None:
+            counts[self.unseen.numpy()] = 0
+        return counts
 
     # -- evaluation -----------------------------------------------------------------------------------
     def eval_split(self, name: str, n_negatives: int, seed: int, short_history: int) -> EvalSplit:

@@ -4,6 +4,11 @@ best weights kept, the learning rate decayed on a plateau from the best weights 
 Everything random (batch order, negatives) comes from a generator seeded with (seed, epoch), so a run
 resumed after a crash continues exactly as the uninterrupted run would have.
 
+The refit (`kept_rates`, `train_schedule`): once a run has chosen its epochs on validation, a fresh model
+can retrain on the prefixes through each user's validation target (`SequenceData.through_validation`)
+along the path the best weights took (the kept epochs and their rates), with no validation and no early
+stopping: the selection is the first run's, the test target is still never a training target.
+
 Data-parallel training (`Ranks`, torch DistributedDataParallel): every rank draws the whole global batch
 from the same generator, as one process would, and trains on its contiguous share of the rows; each rank's
 loss is normalised by the global batch's positions over the world size, so DDP's mean of the gradients is
@@ -435,6 +440,63 @@ def _fit(
             )
         finish(bar)  # stopped early: the bar ends full, at the batches trained
     return state
+
+
+def kept_rates(state: FitState, cfg: FitConfig) -> list[float]:
+    """The learning rate of each epoch the best weights went through, in order: what `train_schedule`
+    replays. An epoch counts when it was the best so far (its weights went on); one that was not counts
+    only at a constant rate (`lr_decay` 1: training went on from its weights), not under `lr_decay` (the
+    best weights were restored after it); none after the best epoch. A warm run's epoch 0 (its init) is
+    the first best and no epoch; [] when the init was never beaten."""
+    key = "valid_full_ndcg@10" if cfg.select_by == "full" else "valid_ndcg@10"
+    best, rates = -math.inf, []
+    for row in state.history:
+        epoch, score = row["epoch"], row.get(key, -math.inf)
+        if epoch > state.best_epoch:
+            break
+        better = score > best
+        best = max(best, score)
+        if epoch >= 1 and (better or cfg.lr_decay >= 1):
+            rates.append(float(row.get("lr", cfg.lr)))
+    return rates
+
+
+def train_schedule(
+    model: Recommender,
+    data: SequenceData,
+    rates: list[float],
+    cfg: FitConfig,
+    device: torch.device,
+    profiles: Profiles | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, float]]:
+    """Train one epoch per rate in `rates` (fresh Adam, each epoch at its rate, the ID-row fits after every
+    epoch as in `fit`), with no validation: the refit. Epoch e draws its batches and negatives from the
+    same seeded generator as epoch e of `fit`. Returns each epoch's mean losses."""
+    optimizer = Optimizer(model, cfg.lr, cfg.weight_decay)
+    n_batches = math.ceil(data.n_users / cfg.batch_size)
+    history: list[dict[str, float]] = []
+    model.set_serving(False)
+    try:
+        with progress_bar(f"refit {model.name}", total=len(rates) * n_batches, unit="batches") as bar:
+            for epoch, lr in enumerate(rates, 1):
+                optimizer.set_lr(lr)
+                started = time.perf_counter()
+                label = f"refit {model.name} epoch {epoch}/{len(rates)}"
+
+                def on_batch(_: float, label: str = label) -> None:
+                    advance(bar, 1, label)
+
+                losses = train_epoch(model, data, optimizer, cfg, epoch, profiles, device, on_batch)
+                model.end_epoch()
+                history.append(losses | {"lr": lr, "train_seconds": time.perf_counter() - started})
+                log(
+                    f"refit epoch {epoch}/{len(rates)}: loss {losses.get('loss', float('nan')):.4f} at lr {lr:g}"
+                )
+            finish(bar)
+    finally:
+        model.set_serving(True)
+    return history
 
 
 def validate(

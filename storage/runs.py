@@ -1,6 +1,7 @@
 """The layout of one training run, WORKSPACE/runs/<run_id>/, and its atomic writes.
 
 model.safetensors  best weights (frozen LLM tables included, so the run rebuilds on its own)
+refit.safetensors  train.refit: the same model retrained through the validation targets (test, publish)
 config.json        everything needed to rebuild the model (settings, id spaces, table shapes, inputs)
 items.parquet      the item id of every global id this run was trained on (warm start remaps by it)
 metrics.parquet    per-epoch training history and the final evaluation (schemas.TRAIN_METRICS)
@@ -31,7 +32,18 @@ class RunDir:
 
     @property
     def model(self) -> Path:
+        """The selected weights (best on validation): what the quality gate and warm starts read."""
         return self.path / "model.safetensors"
+
+    @property
+    def refit(self) -> Path:
+        """train.refit's weights (retrained through the validation targets), when the run has them."""
+        return self.path / "refit.safetensors"
+
+    @property
+    def served(self) -> Path:
+        """The weights publish serves and the test figures measured: the refit's, else the selected."""
+        return self.refit if self.refit.exists() else self.model
 
     @property
     def config(self) -> Path:

@@ -104,6 +104,45 @@ def test_run_folder_and_manifest_hold_their_contract(trained, enriched_workspace
     assert again.skipped and again.run_id == summary.run_id and time.perf_counter() - started < 10
 
 
+def test_the_refit_is_tested_and_served_while_validation_keeps_the_selected_weights(
+    trained, enriched_workspace: Path
+) -> None:
+    """train.refit (on by default): a second model, retrained through the validation targets on the
+    selected epochs' rates, is what the test figures measured and what load_run serves; the validation
+    figures are the selected weights' (model.safetensors), and both score with the same prior."""
+    from bridgerec.models.data import SequenceData
+    from bridgerec.models.evaluate import evaluate
+    from bridgerec.models.metrics import ndcg
+    from bridgerec.tasks.train.export import load_run
+    from bridgerec.tasks.train.inputs import load_sequences
+
+    settings, summary = trained
+    run = Path(summary.run_dir)
+    assert (run / "refit.safetensors").stat().st_size > 0
+    refit = summary.refit
+    assert 1 <= refit["epochs"] <= summary.best_epoch and len(refit["rates"]) == refit["epochs"]
+    assert all(0 < r <= settings.lr for r in refit["rates"]) and len(refit["loss"]) == refit["epochs"]
+    ws = Workspace(enriched_workspace)
+    served, config, catalog = load_run(run, ws)
+    selected, _, _ = load_run(run, ws, weights="selected")
+    data = SequenceData(catalog, load_sequences(ws), config["settings"]["max_len"])
+    for model, name, figures in ((selected, "valid", summary.valid), (served, "test", summary.test)):
+        split = data.eval_split(name, settings.eval_negatives, settings.seed, settings.short_history)
+        full = evaluate(model, split, 512, full=True).full
+        assert full is not None
+        assert ndcg(full, 10) == pytest.approx(figures["full"]["overall"]["ndcg@10"], abs=1e-6), name
+    assert (
+        float(served.text_prior_weight) == float(selected.text_prior_weight) == summary.text_prior["weight"]
+    )
+    weights, best = served.state_dict(), selected.state_dict()
+    assert any(not torch.equal(weights[k], best[k]) for k in weights)  # another model
+    # the quality gate rescores validation with the selected weights: the refit has trained on its targets
+    from bridgerec.tasks.train import Tonight, run_validation_ndcg10
+
+    gate = run_validation_ndcg10(ws, summary.run_id, Tonight.load(ws, settings))
+    assert gate == pytest.approx(summary.valid["full"]["overall"]["ndcg@10"], abs=1e-6)
+
+
 def test_exported_vectors_reproduce_the_models_scores(trained, enriched_workspace: Path) -> None:
     from bridgerec.models.data import SequenceData
     from bridgerec.tasks.train.export import export_vectors, load_run

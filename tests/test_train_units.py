@@ -17,6 +17,7 @@ from bridgerec.models.data import Catalog, SequenceData, Sequences
 from bridgerec.models.metrics import hit_rate, ndcg, rank_full, rank_sampled, summarise
 from bridgerec.models.optim import Optimizer
 from bridgerec.models.registry import ItemTables, build_model
+from bridgerec.models.trainer import FitConfig, FitState, kept_rates
 
 # Two domains: "a" has global ids 1..6 (local 1..6), "b" has global ids 7..11 (local 1..5).
 CATALOG = Catalog(
@@ -74,6 +75,64 @@ def test_padded_splits_are_leave_one_out_and_never_leak() -> None:
         assert prefix[u].tolist()[-1] == s[-3]
     export = data.eval_split("export", 0, 0, 1)
     assert [x for x in export.inputs[2].tolist() if x] == SEQS[2][-4:]
+
+
+def test_the_refit_trains_through_the_validation_target_never_the_test_target() -> None:
+    data = SequenceData(CATALOG, sequences(), max_len=4)
+    refit = data.through_validation()
+    prefix = refit.train_prefix(torch.arange(3))
+    for u, s in enumerate(SEQS):
+        # everything before the test target (max_len + 1 items): the validation target is the last target
+        assert [x for x in prefix[u].tolist() if x] == s[:-1][-5:]
+        assert prefix[u].tolist()[-1] == s[-2]
+    assert refit.train_lengths.tolist() == [min(len(s) - 1, 5) for s in SEQS]
+    assert data.train_lengths.tolist() == [min(len(s) - 2, 5) for s in SEQS]
+    # counts: one more interaction per user (its validation target); the test targets never count
+    expected = np.bincount(np.concatenate([s[:-1] for s in SEQS]), minlength=12)
+    assert refit.item_counts("train").tolist() == expected.tolist()
+    assert (refit.item_counts("train") - data.item_counts("train")).sum() == len(SEQS)
+
+
+def test_items_held_out_as_new_stay_out_of_the_refit() -> None:
+    """A held-out (new) item that is a validation target is no target of the refit and is not counted:
+    the test still meets it without training interactions. Elsewhere in the prefix it is kept as is."""
+    unseen = np.zeros(12, bool)
+    unseen[[8, 11]] = True  # 8: user 0's validation target; 11: user 2's input (kept as an input)
+    refit = SequenceData(CATALOG, sequences(), max_len=10).through_validation(unseen)
+    prefix = refit.train_prefix(torch.arange(3))
+    assert prefix[0].tolist()[-1] == 0 and [x for x in prefix[0].tolist() if x] == [1, 7, 2]
+    assert prefix[1].tolist()[-1] == 10 and prefix[2].tolist()[-1] == 7
+    assert refit.item_counts("train")[[8, 11]].tolist() == [0, 0]
+    with pytest.raises(ValueError, match="holdout"):
+        SequenceData(CATALOG, sequences(), max_len=10, holdout=0)
+
+
+def _history(*rows: tuple[int, float, float]) -> FitState:
+    """A loop state from (epoch, validation full NDCG@10, lr) rows, best epoch as the loop would keep."""
+    state = FitState(history=[{"epoch": e, "valid_full_ndcg@10": v, "lr": lr} for e, v, lr in rows])
+    best = max(state.history, key=lambda r: (r["valid_full_ndcg@10"], -r["epoch"]))
+    state.best_epoch = best["epoch"]
+    return state
+
+
+def test_kept_rates_are_the_path_of_the_best_weights() -> None:
+    cfg = FitConfig(lr=1e-3, weight_decay=0.0, batch_size=8, eval_batch_size=8, epochs=9, patience=9, seed=0,
+                    lr_decay=0.2, lr_min=1e-4)  # fmt: skip
+    # the default's path on food-kitchen (seed 42): epoch 4 no better, undone; the rate dropped; 5 best
+    state = _history((1, 0.025, 1e-3), (2, 0.035, 1e-3), (3, 0.039, 1e-3), (4, 0.038, 1e-3), (5, 0.042, 2e-4))
+    assert kept_rates(state, cfg) == [1e-3, 1e-3, 1e-3, 2e-4]
+    # the epochs after the best are undone too
+    state = _history((1, 0.02, 1e-3), (2, 0.03, 1e-3), (3, 0.029, 1e-3), (4, 0.028, 2e-4))
+    assert kept_rates(state, cfg) == [1e-3, 1e-3]
+    # at a constant rate a worse epoch's weights went on: it is on the path up to the best
+    constant = FitConfig(lr=1e-3, weight_decay=0.0, batch_size=8, eval_batch_size=8, epochs=9, patience=9,
+                         seed=0)  # fmt: skip
+    state = _history((1, 0.02, 1e-3), (2, 0.019, 1e-3), (3, 0.03, 1e-3), (4, 0.01, 1e-3))
+    assert kept_rates(state, constant) == [1e-3, 1e-3, 1e-3]
+    # a warm run: epoch 0 is the init; an epoch under it is undone, one above it kept
+    state = _history((0, 0.04, 0.0), (1, 0.039, 1e-3), (2, 0.041, 2e-4))
+    assert kept_rates(state, cfg) == [2e-4]
+    assert kept_rates(_history((0, 0.04, 0.0), (1, 0.03, 1e-3)), cfg) == []  # the init was never beaten
 
 
 def test_training_batches_cover_every_user_once_and_trim_padding() -> None:

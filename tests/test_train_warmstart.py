@@ -122,7 +122,7 @@ def test_the_next_night_warm_starts_from_the_first_run(nights: Nights) -> None:
     from bridgerec.tasks.train.export import load_run
 
     ws = Workspace(nights.ws)
-    model, _, catalog = load_run(run, ws)
+    model, _, catalog = load_run(run, ws, weights="selected")  # the weights the curve selected
     model.set_id_text_knn(0)
     model.set_text_prior(0.0)
     valid = SequenceData(catalog, load_sequences(ws), FAST["max_len"]).eval_split(

@@ -1,10 +1,12 @@
 """A run's saved state, written and read in one place (as RecBole's trainer does): the best weights
-(model.safetensors, what publish and warm starts use) and the resumable checkpoint (checkpoint.pt:
-weights, optimizer, loop state, torch RNG and the run's init record, after the latest epoch)."""
+(model.safetensors, what warm starts and the quality gate use, and publish unless the run has the
+refit's, refit.safetensors) and the resumable checkpoint (checkpoint.pt: weights, optimizer, loop state,
+torch RNG and the run's init record, after the latest epoch)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,12 +18,12 @@ from bridgerec.storage.files import atomic_path
 from bridgerec.storage.runs import RunDir
 
 
-def save_weights(model: torch.nn.Module, run: RunDir) -> None:
-    """The best weights so far -> model.safetensors (atomic)."""
+def save_weights(model: torch.nn.Module, run: RunDir, path: Path | None = None) -> None:
+    """The best weights so far -> model.safetensors, or to `path` (the refit's), atomically."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(run.model) as tmp:
+    with atomic_path(path or run.model) as tmp:
         save_file(tensors, str(tmp))
 
 

@@ -1,14 +1,16 @@
 """Export a trained run as per-domain user and item vectors for publishing (the train stage's side of
 the hand-over in storage/vectors.py; publish reads it through `TrainOutputs.export_vectors`).
 
-For every target domain d: user_vectors[u] . item_vectors[i] equals the model's fused score of item i
-for user u, where the user's state comes from the FULL history (training prefix + validation + test
-items), i.e. the representation that recommends the next, unseen item.
+The served weights (`RunDir.served`: the refit's where the run has them). For every target domain d:
+user_vectors[u] . item_vectors[i] equals the model's fused score of item i for user u, where the user's
+state comes from the FULL history (training prefix + validation + test items), i.e. the representation
+that recommends the next, unseen item.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -24,8 +26,15 @@ from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.train.inputs import load_catalog, load_sequences
 
 
-def load_run(run_dir: Path, workspace: Workspace, device: str = "cpu") -> tuple[Recommender, dict, Catalog]:
-    """Rebuild a run's model with its best weights (from config.json + model.safetensors)."""
+def load_run(
+    run_dir: Path,
+    workspace: Workspace,
+    device: str = "cpu",
+    weights: Literal["served", "selected"] = "served",
+) -> tuple[Recommender, dict, Catalog]:
+    """Rebuild a run's model from config.json and its weights: `served`, what publish serves and the test
+    figures measured (the refit's, refit.safetensors, where the run has them, else the best), or
+    `selected`, the best on validation (model.safetensors: what validation figures measured)."""
 
     run = RunDir(workspace, Path(run_dir).name)
     run.path = Path(run_dir)
@@ -38,7 +47,8 @@ def load_run(run_dir: Path, workspace: Workspace, device: str = "cpu") -> tuple[
             f"the workspace has {catalog.domains} / {[int(n) for n in catalog.sizes]}: retrain"
         )
     model = build_model(ModelConfig.from_run_config(config), catalog)
-    model.load_state_dict(load_file(str(run.model), device=device), strict=True)
+    path = run.served if weights == "served" else run.model
+    model.load_state_dict(load_file(str(path), device=device), strict=True)
     return model.to(device).eval(), config, catalog
 
 

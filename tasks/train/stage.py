@@ -32,6 +32,7 @@ from bridgerec.models.optim import Optimizer
 from bridgerec.models.pop import Popularity
 from bridgerec.models.registry import ItemTables, build_model
 from bridgerec.models.trainer import FitState, Profiles, TrainingDiverged, fit, score_init, set_seed
+from bridgerec.models.warmstart import WarmStartError
 from bridgerec.runtime.logs import DETAIL
 from bridgerec.runtime.reports import TableReport
 from bridgerec.runtime.runner import step
@@ -51,6 +52,7 @@ from bridgerec.tasks.train.inputs import (
     load_profiles,
     load_sequences,
 )
+from bridgerec.tasks.train.refit import refit
 from bridgerec.tasks.train.settings import MIN_NEW_TARGETS, TrainSettings
 from bridgerec.tasks.train.warmstart import InitRecord, init_from
 
@@ -80,6 +82,8 @@ class TrainSummary(BaseModel):
     cold_start: dict[str, Any] = {}  # train.cold_start evaluations (tasks/train/coldstart.py)
     # train.text_prior: w and c chosen (`_fit_text_prior`), validation full-ranking NDCG@10 at each tried
     text_prior: dict[str, Any] = {}
+    # train.refit: the epochs replayed through the validation targets (their rates), seconds, or why not
+    refit: dict[str, Any] = {}
     # split -> domain -> users with fewer unseen items than eval_negatives: their sampled candidates are
     # all of those items (a small domain, or a heavy user such as a crawler)
     sampled_short_users: dict[str, dict[str, int]] = {}
@@ -187,7 +191,7 @@ def run_train(run: StageRun[TrainSettings]) -> TrainSummary:
     log.info("train: evaluation splits built in %.1f s", time.perf_counter() - t0, extra=DETAIL)
     short = {sp.name: _report_short(inputs.data, sp, settings.eval_negatives, log) for sp in (valid, test)}
     state = _fit(run, run_dir, model, inputs, start, valid, device)
-    summary = _evaluate(run, run_dir, model, inputs, state, (valid, test), device)
+    summary = _evaluate(run, run_dir, model, inputs, state, (valid, test), hashes, device)
     summary = summary.model_copy(
         update={
             "sampled_short_users": {k: {d: len(u) for d, u in v.items()} for k, v in short.items() if v},
@@ -371,29 +375,39 @@ def _evaluate(
     inputs: TrainInputs,
     state: FitState,
     splits: tuple[EvalSplit, EvalSplit],
+    hashes: dict[str, str],
     device: torch.device,
 ) -> TrainSummary:
-    """The best weights on validation and test, sampled and full ranking, plus the cold-start
-    evaluations; writes metrics.parquet and the validation curve."""
+    """The best weights on validation; the refit (`train.refit`, tasks/train/refit.py) or else the best
+    weights on test, sampled and full ranking, plus the cold-start evaluations; writes metrics.parquet
+    and the validation curve."""
     settings = run.settings
     data, catalog = inputs.data, inputs.catalog
     load_weights(model, run_dir, device)
     prior = _fit_text_prior(run, run_dir, model, splits[0], device)
-    counts = data.item_counts("train")  # popularity for the beyond-accuracy figures
     rows: list[dict] = []
     results = {}
+    scorer, refit_record = model, {}
     for split in splits:
-        ranks = evaluate(model, split, settings.eval_batch_size, settings.full_ranking, device)
+        if split.name == "test" and settings.refit:
+            try:
+                refitted = refit(run, run_dir, model, inputs, state, hashes, device)
+                scorer, data, refit_record = refitted.model, refitted.data, refitted.record
+            except WarmStartError as exc:  # the warm init cannot be rebuilt: test the selected weights
+                run.log.warning("train: no refit, the test figures are the selected weights': %s", exc)
+                refit_record = {"skipped": str(exc)}
+        ranks = evaluate(scorer, split, settings.eval_batch_size, settings.full_ranking, device)
         if ranks.nonfinite:  # e.g. a warm init that scored finite but whose test scores are not
             raise TrainingDiverged(
                 f"train: run {run_dir.run_id} failed: its best weights give NaN or inf scores for "
                 f"{ranks.nonfinite} {split.name} users; lower train.lr (now {settings.lr:g}) or check the inputs"
             )
-        split_rows = metric_rows(ranks, split, catalog, counts)
+        # popularity for the beyond-accuracy figures: what the scoring model trained on
+        split_rows = metric_rows(ranks, split, catalog, data.item_counts("train"))
         results[split.name] = headline(split_rows, catalog.domains)
         rows += [r | {"run_id": run_dir.run_id, "epoch": state.best_epoch} for r in split_rows]
     cold_rows, cold_summary = inputs.cold_eval.evaluate(
-        model, catalog, inputs.sequences, splits[1], ranks, settings.eval_batch_size,
+        scorer, catalog, inputs.sequences, splits[1], ranks, settings.eval_batch_size,
         settings.full_ranking, device, settings.uses_llm_tables, settings.resolved().max_len,
     )  # fmt: skip
     rows += [r | {"run_id": run_dir.run_id, "epoch": state.best_epoch} for r in cold_rows]
@@ -417,6 +431,7 @@ def _evaluate(
         init_valid_ndcg10=next((h["valid_ndcg@10"] for h in state.history if h["epoch"] == 0), None),
         cold_start=cold_summary,
         text_prior=prior,
+        refit=refit_record,
         run_dir=str(run_dir.path),
     )
 

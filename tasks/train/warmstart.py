@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 
 from bridgerec.models.base import Recommender
 from bridgerec.models.data import Catalog
-from bridgerec.models.warmstart import ItemSpace, WarmStartError, warm_state
+from bridgerec.models.warmstart import ItemSpace, WarmStart, WarmStartError, warm_state
 from bridgerec.storage.runs import RunDir
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.train.checkpoint import Checkpoint, load_checkpoint, restore
@@ -122,6 +122,18 @@ def previous_items(
     return ItemSpace(item_ids, list(recorded["domains"]), list(recorded["offsets"]), list(recorded["sizes"]))
 
 
+def warm_plan(
+    model: Recommender, previous: RunDir, config: dict[str, Any], catalog: Catalog, hashes: dict[str, str]
+) -> WarmStart:
+    """`previous`'s best weights remapped onto `model`'s items (not loaded yet). Raises WarmStartError
+    when they do not fit; `config` is `previous`'s config.json."""
+    from safetensors.torch import load_file
+
+    items = previous_items(previous, config, hashes, catalog)
+    weights = load_file(str(previous.model), device="cpu")
+    return warm_state(model, weights, items, ItemSpace.of(catalog))
+
+
 def warm_start(
     model: Recommender,
     model_config: dict[str, Any],
@@ -144,11 +156,7 @@ def warm_start(
         why = incompatibility(config["settings"], model_config)
         if why:
             return cold(f"run {previous.run_id} does not fit this model: {why}")
-        items = previous_items(previous, config, hashes, catalog)
-        from safetensors.torch import load_file
-
-        weights = load_file(str(previous.model), device="cpu")
-        plan = warm_state(model, weights, items, ItemSpace.of(catalog))
+        plan = warm_plan(model, previous, config, catalog, hashes)
         moved = {k: round(c, 4) for k, c in plan.table_cosine.items() if c < MIN_TABLE_COSINE}
         if moved:
             return cold(
@@ -205,6 +213,7 @@ def init_from(
         restore(model, ckpt)
         return Start("resume", InitRecord(**ckpt.init), ckpt)
     run.model.unlink(missing_ok=True)  # best weights of an attempt killed before its first checkpoint
+    run.refit.unlink(missing_ok=True)
     if force:
         init = cold("--force")
     elif isinstance(warm, str):
