@@ -469,10 +469,12 @@ def train_schedule(
     device: torch.device,
     profiles: Profiles | None = None,
     log: Callable[[str], None] = print,
+    ranks: Ranks = ONE_PROCESS,
 ) -> list[dict[str, float]]:
     """Train one epoch per rate in `rates` (fresh Adam, each epoch at its rate, the ID-row fits after every
     epoch as in `fit`), with no validation: the refit. Epoch e draws its batches and negatives from the
-    same seeded generator as epoch e of `fit`. Returns each epoch's mean losses."""
+    same seeded generator as epoch e of `fit`; with `ranks`, this process trains its share of each global
+    batch as in `fit`. Returns each epoch's mean losses."""
     optimizer = Optimizer(model, cfg.lr, cfg.weight_decay)
     n_batches = math.ceil(data.n_users / cfg.batch_size)
     history: list[dict[str, float]] = []
@@ -487,7 +489,7 @@ def train_schedule(
                 def on_batch(_: float, label: str = label) -> None:
                     advance(bar, 1, label)
 
-                losses = train_epoch(model, data, optimizer, cfg, epoch, profiles, device, on_batch)
+                losses = train_epoch(model, data, optimizer, cfg, epoch, profiles, device, on_batch, ranks)
                 model.end_epoch()
                 history.append(losses | {"lr": lr, "train_seconds": time.perf_counter() - started})
                 log(

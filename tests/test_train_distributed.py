@@ -146,6 +146,8 @@ def test_a_distributed_run_learns_like_one_process_and_its_files_serve(
     got = dist.test["overall"]["ndcg@10"]
     assert figures.min() - spread <= got <= figures.max() + spread, (got, figures)
     assert abs(got - figures[0]) < 1e-4 and dist.best_epoch == singles[0].best_epoch, (got, figures)
+    # the test figures are the refit's (train.refit), trained data-parallel too, as the one process's
+    assert dist.refit["workers"] == 2 and dist.refit["rates"] == singles[0].refit["rates"]
     run = RunDir(Workspace(ws), dist.run_id)
     assert run.is_complete() and not list(run.path.glob("dp-*"))  # the hand-over files are gone
 
@@ -164,3 +166,5 @@ def test_torchrun_launches_the_same_workers_without_ray(sample_workspace: Path, 
     ws = _copy(sample_workspace, tmp_path / "torchrun")
     summary = _train(ws, seed=1, epochs=1, patience=1, data_parallel={"workers": 2, "launcher": "torchrun"})
     assert summary.epochs == 1 and summary.test["overall"]["ndcg@10"] > 0
+    assert summary.refit["workers"] == 2 and summary.refit["epochs"] == 1  # the refit too
+    assert (Path(summary.run_dir) / "refit.safetensors").exists()

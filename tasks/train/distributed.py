@@ -7,7 +7,9 @@ folder (`dp-start.pt`: weights, loop state, optimizer state) and launches the wo
 the run's inputs from the workspace (which every worker must see), builds the same model, takes the start
 weights and trains its share of every global batch (models/trainer.py: `Ranks`). Rank 0 validates, keeps
 the best weights and the checkpoint in the run folder as a one-process run does, and writes the final loop
-state (`dp-result.pt`); the driver then evaluates the best weights in one process. So evaluation, export,
+state (`dp-result.pt`); the driver then evaluates the best weights in one process. The refit
+(`train.refit`, tasks/train/refit.py) goes the same way with `refit_rates` set: the workers train those
+epochs through the validation targets and rank 0 hands the weights back in `dp-result.pt`. So evaluation, export,
 resume and the next night's warm start read a distributed run's files like any other's.
 
 Under torchrun directly: `torchrun --standalone --nproc-per-node=2 -m bridgerec.tasks.train.distributed JOB.json`
@@ -27,7 +29,7 @@ import torch
 from pydantic import BaseModel
 
 from bridgerec.models.registry import build_model
-from bridgerec.models.trainer import FitState, LossStep, Ranks, fit, set_seed
+from bridgerec.models.trainer import FitState, LossStep, Ranks, fit, set_seed, train_schedule
 from bridgerec.storage.runs import RunDir
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.context import StageRun
@@ -50,6 +52,9 @@ class DataParallelJob(BaseModel):
     threads: int  # torch threads per worker
     warm: bool  # the warm limits apply (settings.fit_config(warm=...))
     init: dict[str, Any]  # the run's init record, kept in every checkpoint
+    # train.refit: train these epochs' rates through the validation targets (tasks/train/refit.py)
+    # instead of the selection loop; rank 0 hands the weights back in dp-result.pt.
+    refit_rates: list[float] | None = None
 
     @property
     def run_dir(self) -> RunDir:
@@ -83,11 +88,24 @@ def fit_worker(job: DataParallelJob) -> None:
     start = torch.load(run_dir.path / START_FILE, map_location=device, weights_only=False)
     model.load_state_dict(start["model"])
     torch.manual_seed(settings.seed * 1_000 + ranks.rank)  # each rank's rows draw their own dropout masks
-    model.set_trained_items(inputs.data.item_counts("train"))
-    valid = inputs.data.eval_split("valid", settings.eval_negatives, settings.seed, settings.short_history)
+    data = inputs.data
+    if job.refit_rates is not None:  # held-out new items stay out of the refit's targets
+        data = data.through_validation(inputs.cold_eval.held.held if inputs.cold_eval.held else None)
+    model.set_trained_items(data.item_counts("train"))
     ids = [device.index] if device.type == "cuda" else None
     ddp = DistributedDataParallel(LossStep(model), device_ids=ids, find_unused_parameters=True)
     ranks = dataclasses.replace(ranks, ddp=ddp)
+    if job.refit_rates is not None:
+        cfg = settings.fit_config(warm=job.warm)
+        log = run.log.info if ranks.leader else (lambda _: None)
+        train_schedule(model, data, job.refit_rates, cfg, device, inputs.profiles, log, ranks)
+        if ranks.leader:
+            torch.save(
+                {k: v.detach().cpu() for k, v in model.state_dict().items()}, run_dir.path / RESULT_FILE
+            )
+        dist.barrier()
+        return
+    valid = data.eval_split("valid", settings.eval_negatives, settings.seed, settings.short_history)
 
     def on_epoch(m: Any, opt: Any, st: FitState, is_best: bool) -> None:
         if is_best:
@@ -96,7 +114,7 @@ def fit_worker(job: DataParallelJob) -> None:
 
     state = start["state"]
     state = fit(
-        model, inputs.data, valid, settings.fit_config(warm=job.warm), device, inputs.profiles,
+        model, data, valid, settings.fit_config(warm=job.warm), device, inputs.profiles,
         FitState(**state) if state is not None else None, start["optimizer"],
         on_epoch if ranks.leader else None, log=run.log.info if ranks.leader else lambda _: None, ranks=ranks,
     )  # fmt: skip
@@ -132,6 +150,23 @@ def launch(job: DataParallelJob, model: Any, state: FitState | None, optimizer: 
     return FitState(**result)
 
 
+def launch_refit(job: DataParallelJob, model: Any) -> None:
+    """Train the refit of `model` (its start weights; `job.refit_rates` set) data-parallel; its weights
+    are loaded back into `model`."""
+    run_dir, dp = job.run_dir, job.settings.data_parallel
+    torch.save({"model": model.state_dict(), "state": None, "optimizer": None}, run_dir.path / START_FILE)
+    (run_dir.path / RESULT_FILE).unlink(missing_ok=True)
+    try:
+        if dp.launcher == "torchrun":
+            _torchrun(job, dp.workers)
+        else:
+            _ray_train(job, dp.workers, dp.cpus_per_worker)
+        model.load_state_dict(torch.load(run_dir.path / RESULT_FILE, weights_only=True))
+    finally:
+        (run_dir.path / START_FILE).unlink(missing_ok=True)
+        (run_dir.path / RESULT_FILE).unlink(missing_ok=True)
+
+
 def _torchrun(job: DataParallelJob, workers: int) -> None:
     path = job.run_dir.path / JOB_FILE
     path.write_text(job.model_dump_json())
@@ -154,7 +189,10 @@ def _ray_train(job: DataParallelJob, workers: int, cpus: float) -> None:
         train_loop_config={"job": job.model_dump_json()},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker={"CPU": cpus}),
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-        run_config=RunConfig(name=f"train-{job.run_id}", storage_path=str(job.run_dir.path / "ray-train")),
+        run_config=RunConfig(
+            name=f"{'refit' if job.refit_rates is not None else 'train'}-{job.run_id}",
+            storage_path=str(job.run_dir.path / "ray-train"),
+        ),
     )
     try:
         trainer.fit()

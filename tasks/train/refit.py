@@ -89,14 +89,35 @@ def refit(
     rates = kept_rates(state, cfg)
     model = _fresh_model(run, selected, inputs, init, hashes, device)
     model.set_trained_items(counts)
-    where = "" if settings.data_parallel.workers == 1 else " (in this process, not data-parallel)"
+    workers = settings.data_parallel.workers
     log.info(
         "train: refit through the validation targets: %d epochs at %s%s",
-        len(rates), ", ".join(f"{r:g}" for r in rates) or "-", where,
+        len(rates), ", ".join(f"{r:g}" for r in rates) or "-",
+        f", data-parallel over {workers} workers" if workers > 1 else "",
     )  # fmt: skip
-    history = train_schedule(
-        model, data, rates, cfg, device, inputs.profiles, log=lambda m: log.info("train: " + m, extra=DETAIL)
-    )
+    losses: list[float] = []
+    if workers > 1 and rates:
+        from bridgerec.tasks.train.distributed import DataParallelJob, launch_refit
+
+        dp = settings.data_parallel
+        job = DataParallelJob(
+            settings=settings, workspace=str(run.workspace.root), run_id=run_dir.run_id,
+            threads=max(1, int(dp.cpus_per_worker)), warm=init.init == "warm", init=init.model_dump(mode="json"),
+            refit_rates=rates,
+        )  # fmt: skip
+        launch_refit(job, model)
+        model.set_serving(True)  # the rows of items without interactions from the trained weights
+    else:
+        history = train_schedule(
+            model,
+            data,
+            rates,
+            cfg,
+            device,
+            inputs.profiles,
+            log=lambda m: log.info("train: " + m, extra=DETAIL),
+        )
+        losses = [h["loss"] for h in history]
     selected_state = selected.state_dict()
     with torch.no_grad():
         for name, buffer in model.named_buffers():
@@ -106,7 +127,8 @@ def refit(
     record = {
         "epochs": len(rates),
         "rates": rates,
-        "loss": [h["loss"] for h in history],
+        "loss": losses,  # per epoch (one process; a data-parallel refit's are in the workers' log)
+        "workers": workers if rates else 1,
         "seconds": time.perf_counter() - started,
         "users": int((data.train_lengths >= 2).sum()),
     }

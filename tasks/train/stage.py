@@ -112,6 +112,11 @@ class TrainSummary(BaseModel):
             f"{self.model} ({self.run_id}): best epoch {self.best_epoch} of {self.epochs}, "
             f"{self.epoch_seconds:.1f} s/epoch"
             + (f", warm start from {self.warm_start_from}" if self.init == "warm" else "")
+            + (
+                f"; test: refit through the validation targets ({self.refit['epochs']} epochs)"
+                if "epochs" in self.refit
+                else ""
+            )
             + (" (skipped: already trained)" if self.skipped else "")
         )
         return [TableReport(f"train-metrics-{self.model}", rows, description)]
