@@ -6,6 +6,7 @@ of the refit, side by side, with the popularity baseline counted both ways.
 The run's epoch curve (metrics.parquet) gives the path of its best weights (`kept_rates`), and the train
 stage's own `tasks.train.refit.refit` trains the fresh model through the validation targets along it and
 writes refit.safetensors into the run folder, as the stage would have (from then on the run serves it).
+A run trained with `train.refit` on already has one: it is scored as it is (`--retrain` trains it again).
 Test split, full ranking (earlier items of the domain left out) and sampled (100 negatives); with
 `cold_start.new_items`, also the new-item and warm targets and the new items among the held-out items
 (`bench/new_item_exposure.py`'s figures). `--control` also trains the selected weights one more epoch
@@ -76,6 +77,7 @@ def figures(
 def main() -> None:
     ap = run_arguments(__doc__)
     ap.add_argument("--control", action="store_true", help="also one more epoch on the training prefixes")
+    ap.add_argument("--retrain", action="store_true", help="refit again where the run already has one")
     args = ap.parse_args()
     run = open_run(args.workspace, args.run, args.threads, weights="selected")
     settings, inputs, model = run.settings, run.inputs, run.model
@@ -97,8 +99,13 @@ def main() -> None:
     stage = StageRun(settings, Workspace(args.workspace), threads=args.threads)
     run_dir = RunDir(Workspace(args.workspace), args.run.name)
     started = time.perf_counter()
-    refitted = refit(stage, run_dir, model, inputs, state, {}, torch.device("cpu"))
-    rows["refit"] = figures(run, refitted.model, test, new) | {"seconds": time.perf_counter() - started}
+    if run_dir.refit.exists() and not args.retrain:  # trained with train.refit: its own refit
+        served = open_run(args.workspace, args.run, args.threads, weights="served").model
+        record = json.loads((args.run / "summary.json").read_text())["refit"] | {"from": "the run's own"}
+    else:
+        refitted = refit(stage, run_dir, model, inputs, state, {}, torch.device("cpu"))
+        served, record = refitted.model, refitted.record
+    rows["refit"] = figures(run, served, test, new) | {"seconds": time.perf_counter() - started}
     print("refit:", {k: round(v, 5) for k, v in rows["refit"].items()}, flush=True)
     if args.control:  # the selected weights, one more epoch at the last rate, training prefixes only
         cfg, rate = settings.fit_config(), kept_rates(state, settings.fit_config())[-1]
@@ -119,8 +126,8 @@ def main() -> None:
     record = {
         "run": str(args.run),
         "seed": settings.seed,
-        "rates": refitted.record.get("rates"),
-        "refit": refitted.record,
+        "rates": record.get("rates"),
+        "refit": record,
         "new_item_targets": None if new is None else int(new.sum()),
         "machine": machine_info(),
         "rows": rows,
