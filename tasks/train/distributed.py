@@ -130,12 +130,20 @@ def _ray_worker(config: dict[str, Any]) -> None:
 def launch(job: DataParallelJob, model: Any, state: FitState | None, optimizer: Any) -> FitState:
     """Train `model` (its start weights) data-parallel as `job.settings.data_parallel` says; the final
     loop state. The best weights and the checkpoint are in the run folder, as after `fit`."""
+    start = {"model": model.state_dict(), "state": dataclasses.asdict(state) if state is not None else None}
+    return FitState(**_run_workers(job, start | {"optimizer": optimizer}))
+
+
+def launch_refit(job: DataParallelJob, model: Any) -> None:
+    """Train the refit of `model` (its start weights; `job.refit_rates` set) data-parallel; its weights
+    are loaded back into `model`."""
+    model.load_state_dict(_run_workers(job, {"model": model.state_dict(), "state": None, "optimizer": None}))
+
+
+def _run_workers(job: DataParallelJob, start: dict[str, Any]) -> Any:
+    """Hand `start` to the workers (dp-start.pt), run them with the job's launcher and return what rank 0
+    handed back (dp-result.pt); neither file is left behind."""
     run_dir, dp = job.run_dir, job.settings.data_parallel
-    start = {
-        "model": model.state_dict(),
-        "state": dataclasses.asdict(state) if state is not None else None,
-        "optimizer": optimizer,
-    }
     torch.save(start, run_dir.path / START_FILE)
     (run_dir.path / RESULT_FILE).unlink(missing_ok=True)
     try:
@@ -143,25 +151,7 @@ def launch(job: DataParallelJob, model: Any, state: FitState | None, optimizer: 
             _torchrun(job, dp.workers)
         else:
             _ray_train(job, dp.workers, dp.cpus_per_worker)
-        result = torch.load(run_dir.path / RESULT_FILE, weights_only=False)
-    finally:
-        (run_dir.path / START_FILE).unlink(missing_ok=True)
-    (run_dir.path / RESULT_FILE).unlink(missing_ok=True)
-    return FitState(**result)
-
-
-def launch_refit(job: DataParallelJob, model: Any) -> None:
-    """Train the refit of `model` (its start weights; `job.refit_rates` set) data-parallel; its weights
-    are loaded back into `model`."""
-    run_dir, dp = job.run_dir, job.settings.data_parallel
-    torch.save({"model": model.state_dict(), "state": None, "optimizer": None}, run_dir.path / START_FILE)
-    (run_dir.path / RESULT_FILE).unlink(missing_ok=True)
-    try:
-        if dp.launcher == "torchrun":
-            _torchrun(job, dp.workers)
-        else:
-            _ray_train(job, dp.workers, dp.cpus_per_worker)
-        model.load_state_dict(torch.load(run_dir.path / RESULT_FILE, weights_only=True))
+        return torch.load(run_dir.path / RESULT_FILE, weights_only=False)
     finally:
         (run_dir.path / START_FILE).unlink(missing_ok=True)
         (run_dir.path / RESULT_FILE).unlink(missing_ok=True)
