@@ -447,9 +447,10 @@ def train(
 ) -> None:
     """Train and evaluate the LLM4CDSR recommender or a baseline into WORKSPACE/runs/<run_id>.
 
-    Early stopping on validation NDCG@10; test figures for the best epoch, with 100 sampled negatives
-    from the target's domain and with full ranking over it. An unchanged rerun is skipped; an interrupted
-    one resumes from its last epoch.
+    Early stopping on validation NDCG@10; then (train.refit, on by default) the best epoch's path is
+    trained again with each user's validation item as a target too, and that model is tested and
+    published. Test figures with 100 sampled negatives from the target's domain and with full ranking
+    over it. An unchanged rerun is skipped; an interrupted one resumes from its last epoch.
     """
     settings = _settings(config, workspace=workspace, **{"train.model": model, "train.epochs": epochs})
     _run_stage("train", settings, force, as_json, verbose, _render_train)
