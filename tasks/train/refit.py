@@ -70,8 +70,10 @@ def refit(
     device: torch.device,
 ) -> Refitted:
     """Train the refit of a finished run (`selected`: its best weights, prior fitted) and save it to
-    refit.safetensors. Raises WarmStartError when a warm run's init can no longer be rebuilt (its
-    earlier run's folder is gone): the caller then scores with the selected weights."""
+    refit.safetensors. A warm run starts its refit from the earlier run's served weights; where no epoch
+    beat its init, that is the whole refit. Raises WarmStartError when a warm run's
+    init can no longer be rebuilt (its earlier run's folder is gone): the caller then scores with the
+    selected weights."""
     settings, log = run.settings, run.log
     started = time.perf_counter()
     held = inputs.cold_eval.held.held if inputs.cold_eval.held is not None else None
@@ -88,15 +90,18 @@ def refit(
     cfg = settings.fit_config(warm=init.init == "warm")
     rates = kept_rates(state, cfg)
     model = _fresh_model(run, selected, inputs, init, hashes, device)
-    model.set_trained_items(counts)
     workers = settings.data_parallel.workers
     log.info(
         "train: refit through the validation targets: %d epochs at %s%s",
-        len(rates), ", ".join(f"{r:g}" for r in rates) or "-",
-        f", data-parallel over {workers} workers" if workers > 1 else "",
+        len(rates), ", ".join(f"{r:g}" for r in rates) or "- (no epoch beat the warm init: the earlier run's refit)",
+        f", data-parallel over {workers} workers" if workers > 1 and rates else "",
     )  # fmt: skip
+    # An item is known where the refit trains on it: with no epoch, as the warm init had it.
+    model.set_trained_items(counts if rates else inputs.data.item_counts("train"))
     losses: list[float] = []
-    if workers > 1 and rates:
+    if not rates:
+        model.set_serving(True)
+    elif workers > 1:
         from bridgerec.tasks.train.distributed import DataParallelJob, launch_refit
 
         dp = settings.data_parallel
@@ -128,7 +133,7 @@ def refit(
         "epochs": len(rates),
         "rates": rates,
         "loss": losses,  # per epoch (one process; a data-parallel refit's are in the workers' log)
-        "workers": workers if rates else 1,
+        "workers": workers,
         "seconds": time.perf_counter() - started,
         "users": int((data.train_lengths >= 2).sum()),
     }
@@ -145,7 +150,8 @@ def _fresh_model(
     device: torch.device,
 ) -> Recommender:
     """The model as the run started: built from the run's seed, then (a warm run) the same earlier run's
-    weights remapped onto it; the text prior off while it trains."""
+    weights remapped onto it, the ones it serves (its own refit's where it has one: they have seen the
+    earlier validation targets, never a test target of tonight's); the text prior off while it trains."""
     settings = run.settings
     set_seed(settings.seed, settings.deterministic)
     model = build_model(selected.config, inputs.catalog, inputs.tables)
@@ -153,7 +159,7 @@ def _fresh_model(
         previous = RunDir(run.workspace, init.warm_start_from)
         if not previous.model.exists():
             raise WarmStartError(f"the warm init's run {init.warm_start_from} is gone")
-        plan = warm_plan(model, previous, previous.read_config(), inputs.catalog, hashes)
+        plan = warm_plan(model, previous, previous.read_config(), inputs.catalog, hashes, served=True)
         model.load_state_dict(plan.state, strict=True)
     if model.prior_dims:
         model.set_text_prior(0.0, selected.config.text_prior_new_items)

@@ -114,7 +114,7 @@ class TrainSummary(BaseModel):
             + (f", warm start from {self.warm_start_from}" if self.init == "warm" else "")
             + (
                 f"; test: refit through the validation targets ({self.refit['epochs']} epochs)"
-                if "epochs" in self.refit
+                if self.refit.get("epochs")
                 else ""
             )
             + (" (skipped: already trained)" if self.skipped else "")

@@ -123,14 +123,20 @@ def previous_items(
 
 
 def warm_plan(
-    model: Recommender, previous: RunDir, config: dict[str, Any], catalog: Catalog, hashes: dict[str, str]
+    model: Recommender,
+    previous: RunDir,
+    config: dict[str, Any],
+    catalog: Catalog,
+    hashes: dict[str, str],
+    served: bool = False,
 ) -> WarmStart:
-    """`previous`'s best weights remapped onto `model`'s items (not loaded yet). Raises WarmStartError
-    when they do not fit; `config` is `previous`'s config.json."""
+    """`previous`'s best weights (or with `served` the ones it serves: its refit's where it has one)
+    remapped onto `model`'s items (not loaded yet). Raises WarmStartError when they do not fit; `config`
+    is `previous`'s config.json."""
     from safetensors.torch import load_file
 
     items = previous_items(previous, config, hashes, catalog)
-    weights = load_file(str(previous.model), device="cpu")
+    weights = load_file(str(previous.served if served else previous.model), device="cpu")
     return warm_state(model, weights, items, ItemSpace.of(catalog))
 
 
