@@ -12,8 +12,8 @@ Measured on food-kitchen (docs/train.md, "The refit"): test full-ranking NDCG@10
 
 The replayed path (`models.trainer.kept_rates`): the epochs the best weights went through, each at its
 rate (under `lr_decay` the epochs no better than the best were undone and are left out). The fresh model
-starts as the run did: from the run's seed (a cold run) or from the same earlier run's weights (a warm
-run). Items the cold-start evaluation holds out stay without training interactions. `pop` is "refitted"
+starts as the run did: from the run's seed (a cold run) or from the same earlier run (a warm run), from
+the weights that run serves (its own refit where it has one). Items the cold-start evaluation holds out stay without training interactions. `pop` is "refitted"
 by counting through the validation targets, so its test row is measured as the models' are.
 
 The selected weights stay in model.safetensors (validation figures, the quality gate's rescoring and
