@@ -334,6 +334,63 @@ def test_a_killed_warm_run_resumes_as_the_warm_run_it_was(
     assert np.isfinite(resumed.valid["overall"]["ndcg@10"])
 
 
+def test_a_warm_refit_with_no_epoch_to_replay_serves_the_earlier_runs_refit(
+    nights: Nights, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where no epoch beat the warm init there is nothing to replay: the refit is the init itself, the
+    earlier run's served (refitted) weights remapped onto tonight's items, not its selected ones."""
+    from safetensors.torch import load_file
+
+    from bridgerec.tasks.train import refit as refit_module
+
+    ws = Workspace(_copy(nights.before_second, tmp_path / "ws"))
+    monkeypatch.setattr(refit_module, "kept_rates", lambda state, cfg: [])
+    summary = run_train(StageRun(SETTINGS, ws))
+    assert summary.init == "warm" and summary.refit["epochs"] == 0 and summary.refit["rates"] == []
+    first = RunDir(ws, nights.first.run_id)
+    served, earlier = load_file(str(RunDir(ws, summary.run_id).refit)), load_file(str(first.refit))
+    selected = load_file(str(first.model))
+    # the weights that do not depend on the catalogue (the blocks, the adapters) are the earlier refit's;
+    # the text prior's (w, c) are tonight's, chosen on tonight's validation
+    shared = [
+        k
+        for k in served
+        if k in earlier and served[k].shape == earlier[k].shape and not k.startswith("text_prior")
+    ]
+    assert shared and all(torch.equal(served[k], earlier[k]) for k in shared)
+    assert any(not torch.equal(earlier[k], selected[k]) for k in shared)  # the two differ: the test can fail
+
+
+def test_a_refit_that_cannot_rebuild_its_warm_init_serves_the_selected_weights(
+    nights: Nights, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A warm run killed after its refit was saved, rerun once the earlier run's folder is gone: the refit
+    cannot start again, so the test figures and publish use the selected weights, and the first
+    attempt's refit.safetensors (of the same run) is not left to be served."""
+    from bridgerec.tasks.train import stage
+
+    ws = Workspace(_copy(nights.before_second, tmp_path / "ws"))
+    real_rows = stage.metric_rows
+
+    def crash_on_test(ranks, split, *args, **kwargs):
+        if split.name == "test":
+            raise Killed("killed while writing the test figures")
+        return real_rows(ranks, split, *args, **kwargs)
+
+    monkeypatch.setattr(stage, "metric_rows", crash_on_test)
+    with pytest.raises(Killed):
+        run_train(StageRun(SETTINGS, ws))
+    monkeypatch.undo()
+    run = RunDir(ws, nights.second.run_id)
+    assert run.refit.exists() and not (run.path / "summary.json").exists()
+    shutil.rmtree(RunDir(ws, nights.first.run_id).path)
+
+    resumed = run_train(StageRun(SETTINGS, ws))
+    assert resumed.run_id == nights.second.run_id and "gone" in resumed.refit["skipped"]
+    assert not run.refit.exists() and run.served == run.model
+    assert resumed.valid["overall"] == pytest.approx(nights.second.valid["overall"], abs=1e-6)
+
+
 def _toy(domains: dict[str, list[str]]):
     from bridgerec.models.data import Catalog
 

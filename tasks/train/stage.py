@@ -401,6 +401,7 @@ def _evaluate(
             except WarmStartError as exc:  # the warm init cannot be rebuilt: test the selected weights
                 run.log.warning("train: no refit, the test figures are the selected weights': %s", exc)
                 refit_record = {"skipped": str(exc)}
+                run_dir.refit.unlink(missing_ok=True)  # an earlier attempt's refit: served would prefer it
         ranks = evaluate(scorer, split, settings.eval_batch_size, settings.full_ranking, device)
         if ranks.nonfinite:  # e.g. a warm init that scored finite but whose test scores are not
             raise TrainingDiverged(
