@@ -8,6 +8,7 @@ Each stage receives its own section, never the whole tree.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from collections.abc import Mapping
@@ -209,8 +210,36 @@ def _format_errors(err: ValidationError) -> str:
         env = ENV_PREFIX + "__".join(str(p) for p in e["loc"]).upper()
         value = e.get("input")
         shown = "" if isinstance(value, dict) else f" = {value!r}"
-        lines.append(f"  {key}{shown}: {e['msg']} (YAML key '{key}' or env {env})")
+        msg = "no such setting" + _did_you_mean(e["loc"]) if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {key}{shown}: {msg} (YAML key '{key}' or env {env})")
     return "invalid configuration:\n" + "\n".join(lines)
+
+
+def _did_you_mean(loc: tuple[int | str, ...]) -> str:
+    """The hint for an unknown key at `loc`: ", did you mean 'train.model'?" where a setting of its section
+    is close to it (difflib's ratio >= 0.6), else ""."""
+    model: type[BaseModel] | None = Settings
+    for part in loc[:-1]:  # down to the section the unknown key sits in
+        field = model.model_fields.get(str(part)) if model is not None else None
+        kind = field.annotation if field is not None else None
+        model = kind if isinstance(kind, type) and issubclass(kind, BaseModel) else None
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f", did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
+
+
+def _yaml_error(path: Path, exc: yaml.YAMLError) -> str:
+    """One line for a YAML parse error: the file, where (1-based line and column) and what."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
+        if exc.context and exc.context_mark is not None:
+            where += (
+                f" ({exc.context} at line {exc.context_mark.line + 1}, column {exc.context_mark.column + 1})"
+            )
+        return f"config file {path} is not valid YAML: {where}"
+    return f"config file {path} is not valid YAML: " + " ".join(str(exc).split())
 
 
 def nest_overrides(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -265,7 +294,7 @@ def load_settings(
         try:
             loaded = yaml.safe_load(yaml_path.read_text())
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {yaml_path} is not valid YAML: {exc}") from exc
+            raise ConfigError(_yaml_error(yaml_path, exc)) from exc
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {yaml_path} must hold a mapping at the top level")
     Settings._yaml_file = yaml_path

@@ -79,6 +79,9 @@ class FitConfig:
     # Under lr_decay, a plateau that would take the rate below `lr_min` ends the run there instead, on
     # the best epoch's weights (fairseq's --stop-min-lr); 0 = never (patience and `epochs` end it).
     lr_min: float = 0.0
+    # What progress bars and error messages call the model: the preset trained (`llm4cdsr-hybrid`);
+    # empty: the model's architecture name (`llm4cdsr`)
+    label: str = ""
 
 
 @dataclass
@@ -215,6 +218,11 @@ class Profiles:
     has: torch.Tensor  # [U] bool
 
 
+def _called(model: Recommender, cfg: FitConfig) -> str:
+    """What the progress bars and errors call the model: the preset (`cfg.label`), else its architecture."""
+    return cfg.label or model.name
+
+
 def train_epoch(
     model: Recommender,
     data: SequenceData,
@@ -256,7 +264,7 @@ def train_epoch(
         value = _mean_over_ranks(float(loss.detach()), ranks)
         if not math.isfinite(value):
             raise TrainingDiverged(
-                f"{model.name} diverged in epoch {epoch}: the training loss is {value} at batch {n + 1}; "
+                f"{_called(model, cfg)} diverged in epoch {epoch}: the training loss is {value} at batch {n + 1}; "
                 f"lower train.lr (now {cfg.lr:g}) or check the inputs"
             )
         optimizer.zero_grad()
@@ -389,7 +397,7 @@ def _fit(
     plateau = _LrOnPlateau.start(cfg, model, optimizer, state)
     n_batches = math.ceil(data.n_users / cfg.batch_size)
     remaining = cfg.epochs - state.epoch
-    with progress_bar(f"train {model.name}", total=remaining * n_batches, unit="batches") as bar:
+    with progress_bar(f"train {_called(model, cfg)}", total=remaining * n_batches, unit="batches") as bar:
         while state.epoch < cfg.epochs and state.bad_epochs < cfg.patience and not state.stopped:
             if cfg.time_budget_s is not None and state.elapsed_s >= cfg.time_budget_s:
                 log(f"time budget of {cfg.time_budget_s:.0f} s reached after {state.epoch} epochs")
@@ -401,7 +409,7 @@ def _fit(
             def on_batch(loss: float, epoch: int = epoch, running: dict[str, float] = running) -> None:
                 running["sum"] += loss
                 running["n"] += 1
-                label = f"train {model.name} epoch {epoch} loss {running['sum'] / running['n']:.4f}"
+                label = f"train {_called(model, cfg)} epoch {epoch} loss {running['sum'] / running['n']:.4f}"
                 advance(bar, 1, label + (f", best valid {state.best_valid:.4f}" if state.history else ""))
 
             losses = train_epoch(model, data, optimizer, cfg, epoch, profiles, device, on_batch, ranks)
@@ -480,11 +488,13 @@ def train_schedule(
     history: list[dict[str, float]] = []
     model.set_serving(False)
     try:
-        with progress_bar(f"refit {model.name}", total=len(rates) * n_batches, unit="batches") as bar:
+        with progress_bar(
+            f"refit {_called(model, cfg)}", total=len(rates) * n_batches, unit="batches"
+        ) as bar:
             for epoch, lr in enumerate(rates, 1):
                 optimizer.set_lr(lr)
                 started = time.perf_counter()
-                label = f"refit {model.name} epoch {epoch}/{len(rates)}"
+                label = f"refit {_called(model, cfg)} epoch {epoch}/{len(rates)}"
 
                 def on_batch(_: float, label: str = label) -> None:
                     advance(bar, 1, label)
@@ -519,12 +529,12 @@ def validate(
     where = f"in epoch {epoch}" if epoch else "before training (the initial weights)"
     if ranks.nonfinite:
         raise TrainingDiverged(
-            f"{model.name} diverged {where}: its validation scores are NaN or inf for {ranks.nonfinite} of "
+            f"{_called(model, cfg)} diverged {where}: its validation scores are NaN or inf for {ranks.nonfinite} of "
             f"{len(ranks.sampled)} users; lower train.lr (now {cfg.lr:g}) or check the inputs"
         )
     bad = {k: v for k, v in row.items() if not math.isfinite(v)}
     if bad:
-        raise TrainingDiverged(f"{model.name}: validation figures {where} are not finite: {bad}")
+        raise TrainingDiverged(f"{_called(model, cfg)}: validation figures {where} are not finite: {bad}")
     return score, row
 
 

@@ -44,14 +44,24 @@ def test_bad_value_names_key_and_value(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_unknown_key_and_bad_file(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("ingest:\n  min_interaction: 4\n")  # typo
-    with pytest.raises(ConfigError, match=r"ingest\.min_interaction"):
+    with pytest.raises(
+        ConfigError, match=r"ingest\.min_interaction.*did you mean 'ingest\.min_interactions'"
+    ):
         load_settings(cfg)
+    cfg.write_text("trian:\n  epochs: 4\nxyzzy: 1\n")  # a misspelt section; a key like no setting
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg)
+    assert "trian: no such setting, did you mean 'train'?" in str(err.value)
+    assert "xyzzy = 1: no such setting (YAML key" in str(err.value)
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
-    bad.write_text("ingest: [unclosed\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    bad.write_text("train:\n  model: [unclosed\n  epochs: 3\n")
+    with pytest.raises(ConfigError) as err:
         load_settings(bad)
+    # one line: the file, where and what (not PyYAML's several lines about "<unicode string>")
+    assert str(err.value).startswith(f"config file {bad} is not valid YAML: line 3, column 9: ")
+    assert "\n" not in str(err.value) and "unicode" not in str(err.value)
 
 
 def test_min_interactions_floor() -> None:

@@ -97,11 +97,14 @@ def load_prompts(version: str) -> Prompts:
 _ARTEFACTS = re.compile(r"<\|[^|<>]{0,40}\|>|</?s>|\[/?INST\]|</?(?:assistant|user|system)>", re.IGNORECASE)
 _ROLE_PREFIX = re.compile(r"^\s*(?:assistant|user|system)\s*(?::|\n)\s*", re.IGNORECASE)
 _SPACE = re.compile(r"\s+")
+# The end of a sentence: ".", "!" or "?", a closing quote or bracket may follow, then a space or the end.
+_SENTENCE_END = re.compile(r"""[.!?]["')\]]?(?=\s|$)""")
 
 
 def clean_generated(text: str, max_words: int) -> tuple[str | None, str | None]:
     """(clean text, None) or (None, reason): chat artefacts and role labels stripped, whitespace collapsed,
-    cut to `max_words` words; text without a letter is rejected."""
+    cut to `max_words` words and then to its last whole sentence where it ends mid-sentence (the word cap
+    or the engine's token limit cut it) and has one; text without a letter is rejected."""
     out = _ARTEFACTS.sub(" ", text)
     while (m := _ROLE_PREFIX.match(out)) is not None:
         out = out[m.end() :]
@@ -111,6 +114,9 @@ def clean_generated(text: str, max_words: int) -> tuple[str | None, str | None]:
     words = out.split(" ")
     if len(words) > max_words:
         out = " ".join(words[:max_words])
+    if not _SENTENCE_END.search(out[-2:]):  # ends mid-sentence: keep the sentences that are whole
+        ends = [m.end() for m in _SENTENCE_END.finditer(out)]
+        out = out[: ends[-1]] if ends else out
     return out, None
 
 

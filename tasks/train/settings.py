@@ -522,6 +522,7 @@ class TrainSettings(StageSettings):
             loss_norm=self.loss_norm,
             lr_decay=self.lr_decay,
             lr_min=self.lr_min,
+            label=self.model,
         )
 
     @property
