@@ -13,8 +13,9 @@ Measured on food-kitchen (docs/train.md, "The refit"): test full-ranking NDCG@10
 The replayed path (`models.trainer.kept_rates`): the epochs the best weights went through, each at its
 rate (under `lr_decay` the epochs no better than the best were undone and are left out). The fresh model
 starts as the run did: from the run's seed (a cold run) or from the same earlier run (a warm run), from
-the weights that run serves (its own refit where it has one). Items the cold-start evaluation holds out stay without training interactions. `pop` is "refitted"
-by counting through the validation targets, so its test row is measured as the models' are.
+the weights that run serves (its own refit where it has one). Items the cold-start evaluation holds out
+stay without training interactions. `pop` is "refitted" by counting through the validation targets, so
+its test row is measured as the models' are.
 
 The selected weights stay in model.safetensors (validation figures, the quality gate's rescoring and
 the next night's warm start read them: the refit has seen the validation targets); the refit's go to
@@ -71,9 +72,9 @@ def refit(
 ) -> Refitted:
     """Train the refit of a finished run (`selected`: its best weights, prior fitted) and save it to
     refit.safetensors. A warm run starts its refit from the earlier run's served weights; where no epoch
-    beat its init, that is the whole refit. Raises WarmStartError when a warm run's
-    init can no longer be rebuilt (its earlier run's folder is gone): the caller then scores with the
-    selected weights."""
+    beat its init, that is the whole refit. Raises WarmStartError when a warm run's init can no longer be
+    rebuilt (its earlier run's folder is gone): the caller then scores with the selected weights and
+    removes a refit.safetensors an earlier attempt left."""
     settings, log = run.settings, run.log
     started = time.perf_counter()
     held = inputs.cold_eval.held.held if inputs.cold_eval.held is not None else None
