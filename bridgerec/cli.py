@@ -208,8 +208,14 @@ def _run_stage(
     a missing earlier stage: `InputError`, `FileNotFoundError`, `ValueError`) is one `error:` line and
     exit 2; the flow's logs keep the details."""
     from bridgerec.flows.stage import run_stage
+    from bridgerec.stages import STAGE
 
     hide_input_error_tracebacks()
+    if (check := STAGE[name].check) is not None:  # a missing input (a mistyped -w) fails in seconds,
+        try:  # before Prefect starts and before a log folder is made in the workspace
+            check(STAGE[name].stage_run(settings, force=force))
+        except (InputError, FileNotFoundError, ValueError) as exc:
+            _fail(str(exc))
     _require_prefect_api()  # before the session: an unreachable API leaves no log file behind
     with _console(settings, name, as_json, verbose):
         progress.set_enabled(not as_json)

@@ -24,7 +24,7 @@ from bridgerec.tasks.enrich import (
 )
 from bridgerec.tasks.ingest import IngestOutputs, IngestSummary, check_input_files, run_ingest
 from bridgerec.tasks.publish import PublishSummary, resolve_trained_run, run_publish
-from bridgerec.tasks.train import TrainOutputs, TrainSummary, run_train
+from bridgerec.tasks.train import TrainOutputs, TrainSummary, check_train_inputs, run_train
 
 
 class Summary(Protocol):
@@ -80,6 +80,11 @@ def _check_enrich(run: StageRun[Any]) -> None:
     IngestOutputs(run.workspace).manifest()  # raises IngestMissing
 
 
+@step("check-inputs")
+def _check_train(run: StageRun[Any]) -> dict[str, str]:
+    return check_train_inputs(run)
+
+
 @step("check-trained-run")
 def _check_train_run(run: StageRun[Any]) -> str:
     return resolve_trained_run(run.workspace).run_id
@@ -111,6 +116,7 @@ STAGES: tuple[Stage[Any, Any], ...] = (
         run_train,
         TrainSummary,
         lambda run: TrainOutputs(run.workspace),
+        check=_check_train,
         about="the recommender, trained and evaluated -> WORKSPACE/runs/<run_id>",
     ),
     Stage(

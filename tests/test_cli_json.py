@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -76,6 +77,28 @@ def test_every_json_command_answers_its_failure_with_one_object(
     # Without --json: the same error line and code, nothing on stdout.
     plain = CliRunner().invoke(app, argv)
     assert (plain.exit_code, plain.stderr, plain.stdout) == (2, out.stderr, "")
+
+
+@pytest.mark.parametrize(
+    ("command", "word"), [("enrich", "ingest"), ("train", "ingest"), ("publish", "train")]
+)
+def test_a_stage_on_a_mistyped_workspace_fails_at_once_and_makes_no_folder(
+    command: str, word: str, tmp_path: Path
+) -> None:
+    """A stage whose earlier stage has not run there (here: -w names no folder at all) fails on its input
+    check before Prefect starts and before its console session would make WORKSPACE/logs/ (a real
+    process, whose real descriptors get a log file): a typo leaves nothing behind, and the one line
+    names the missing stage."""
+    ws = tmp_path / "typo"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    done = subprocess.run(
+        [sys.executable, "-m", "bridgerec.cli", command, "-w", str(ws)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: ") and word in done.stderr and str(ws) in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr  # no Prefect server was started
+    assert not ws.exists()
 
 
 def test_every_command_with_json_is_covered() -> None:

@@ -78,8 +78,15 @@ def input_files(workspace: Workspace, llm: bool, profiles: bool) -> dict[str, Pa
     return files
 
 
-def input_hashes(files: dict[str, Path]) -> dict[str, str]:
+def check_files(files: dict[str, Path]) -> dict[str, Path]:
+    """`files` (role -> path) when every one is a file. Raises FileNotFoundError naming each missing one
+    and the stage that writes it."""
     missing = [f"{role}: {p}" for role, p in files.items() if not p.is_file()]
     if missing:
         raise FileNotFoundError("train inputs not found (run ingest/enrich first): " + "; ".join(missing))
-    return {role: hash_file(p) for role, p in files.items()}
+    return files
+
+
+def input_hashes(files: dict[str, Path]) -> dict[str, str]:
+    """role -> content hash of each of `files`; raises FileNotFoundError as `check_files`."""
+    return {role: hash_file(p) for role, p in check_files(files).items()}

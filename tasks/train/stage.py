@@ -45,6 +45,7 @@ from bridgerec.tasks.context import StageRun
 from bridgerec.tasks.train import coldstart
 from bridgerec.tasks.train.checkpoint import load_weights, save_checkpoint, save_weights
 from bridgerec.tasks.train.inputs import (
+    check_files,
     input_files,
     input_hashes,
     load_catalog,
@@ -160,6 +161,15 @@ class TrainInputs:
             "local_dim": int(t.local_tables[0].shape[1]) if t else 0,
             "profile_dim": int(self.profiles.vectors.shape[1]) if self.profiles is not None else 0,
         }
+
+
+def check_train_inputs(run: StageRun[TrainSettings]) -> dict[str, str]:
+    """role -> path of each file the run would read (the ingest's sequences and items, the enrich's item
+    vectors for a model on the LLM tables, its profiles where used). Raises FileNotFoundError naming each
+    missing file and the stage that writes it, before any work (the stage table's `check`)."""
+    settings = run.settings
+    files = input_files(run.workspace, settings.uses_llm_tables, settings.uses_profiles)
+    return {role: str(p) for role, p in check_files(files).items()}
 
 
 @step("train")
