@@ -30,7 +30,7 @@ def lay_out_package(dest: Path) -> Path:
         source = source or REPO / Path(*parts)
         target = dest / Path(*parts)
         target.mkdir(parents=True, exist_ok=True)
-        for module in source.glob("*.py"):
+        for module in [*source.glob("*.py"), *source.glob("*.pyi")]:  # .pyi: the lazy faces' stubs
             shutil.copy2(module, target / module.name)
     return dest
 

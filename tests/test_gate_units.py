@@ -139,7 +139,7 @@ def _publish(path: Path, run_id: str, lists: dict[str, list[str]]) -> None:
 
 
 def test_list_stability_churn_coverage_and_concentration(tmp_path: Path) -> None:
-    from bridgerec.tasks.quality.stability import describe, list_stability
+    from bridgerec.tasks.quality.stability import describe_stability, list_stability
 
     path = tmp_path / "wh.duckdb"
     _publish(path, "a", {"u1": ["i0", "i1", "i2", "i3"], "u2": ["i0", "i1", "i2", "i3"]})
@@ -152,6 +152,6 @@ def test_list_stability_churn_coverage_and_concentration(tmp_path: Path) -> None
     assert row["users_compared"] == 2 and row["mean_changed"] == 0.375  # u1 kept all, u2 changed 3 of 4
     assert (row["p50_changed"], row["distinct_items"], row["catalogue_items"]) == (0.375, 8, 10)
     assert row["coverage"] == 0.8 and row["top_item_id"] == "i0" and row["top_item_share"] == 1.0
-    assert "38% of each list changed" in describe([row])
+    assert "38% of each list changed" in describe_stability([row])
     (first,) = list_stability(path, "a", None)
     assert first["mean_changed"] is None and first["users_compared"] == 0

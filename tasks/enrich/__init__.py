@@ -6,37 +6,9 @@ flow runs as task runs (`plan_enrich`, `run_shards`), and the model helpers of `
 packages import this package only, never its modules.
 """
 
-from bridgerec.tasks.enrich.models import ModelError, embedding_model, model_id, prepare_profile_model
-from bridgerec.tasks.enrich.outputs import EnrichOutputs
-from bridgerec.tasks.enrich.plan import EnrichPlan, EnrichSummary, Shard
-from bridgerec.tasks.enrich.settings import EnrichSections, EnrichSettings, ProfileSettings
-from bridgerec.tasks.enrich.stage import (
-    embed_item_shard,
-    finish_enrich,
-    plan_enrich,
-    plan_profiles,
-    profile_shard,
-    run_enrich,
-    run_shards,
-)
+# The face loads lazily (SPEC 1, `lazy_loader`): a name's module is imported on first use, so that
+# `import bridgerec.config` (every command, `--help` included) reads the settings without torch, faiss,
+# vLLM or matplotlib. The names and their modules are in __init__.pyi, which type checkers read.
+import lazy_loader
 
-__all__ = [
-    "EnrichOutputs",
-    "EnrichPlan",
-    "EnrichSections",
-    "EnrichSettings",
-    "EnrichSummary",
-    "ModelError",
-    "ProfileSettings",
-    "Shard",
-    "embed_item_shard",
-    "embedding_model",
-    "finish_enrich",
-    "model_id",
-    "plan_enrich",
-    "plan_profiles",
-    "prepare_profile_model",
-    "profile_shard",
-    "run_enrich",
-    "run_shards",
-]
+__getattr__, __dir__, __all__ = lazy_loader.attach_stub(__name__, __file__)

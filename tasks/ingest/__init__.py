@@ -6,20 +6,9 @@ Its face: `IngestSettings`, `run_ingest` -> `IngestSummary`, the errors a bad in
 reader later stages use. Nothing outside this package imports its other modules.
 """
 
-from bridgerec.tasks.ingest.outputs import IngestMissing, IngestOutputs
-from bridgerec.tasks.ingest.preprocess import IngestError
-from bridgerec.tasks.ingest.settings import IngestSettings
-from bridgerec.tasks.ingest.sources import SourceError, check_input_files, input_files
-from bridgerec.tasks.ingest.stage import IngestSummary, run_ingest
+# The face loads lazily (SPEC 1, `lazy_loader`): a name's module is imported on first use, so that
+# `import bridgerec.config` (every command, `--help` included) reads the settings without torch, faiss,
+# vLLM or matplotlib. The names and their modules are in __init__.pyi, which type checkers read.
+import lazy_loader
 
-__all__ = [
-    "IngestError",
-    "IngestMissing",
-    "IngestOutputs",
-    "IngestSettings",
-    "IngestSummary",
-    "SourceError",
-    "check_input_files",
-    "input_files",
-    "run_ingest",
-]
+__getattr__, __dir__, __all__ = lazy_loader.attach_stub(__name__, __file__)

@@ -9,31 +9,9 @@ inconsistent input), the shard function and its plan (`score_shard`, `ShardPlan`
 itself is read through `bridgerec.storage.warehouse`.
 """
 
-from bridgerec.tasks.publish.settings import PublishSettings
-from bridgerec.tasks.publish.shards import PublishShard, ShardPlan, ShardResult, score_shard
-from bridgerec.tasks.publish.stage import (
-    PublishError,
-    PublishPlan,
-    PublishSummary,
-    candidate_lists,
-    plan_publish,
-    register_publish,
-    resolve_trained_run,
-    run_publish,
-)
+# The face loads lazily (SPEC 1, `lazy_loader`): a name's module is imported on first use, so that
+# `import bridgerec.config` (every command, `--help` included) reads the settings without torch, faiss,
+# vLLM or matplotlib. The names and their modules are in __init__.pyi, which type checkers read.
+import lazy_loader
 
-__all__ = [
-    "PublishError",
-    "PublishPlan",
-    "PublishSettings",
-    "PublishShard",
-    "PublishSummary",
-    "ShardPlan",
-    "ShardResult",
-    "candidate_lists",
-    "plan_publish",
-    "register_publish",
-    "resolve_trained_run",
-    "run_publish",
-    "score_shard",
-]
+__getattr__, __dir__, __all__ = lazy_loader.attach_stub(__name__, __file__)

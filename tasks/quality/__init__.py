@@ -6,25 +6,9 @@ Its face: the settings (`DataCheckSettings`, `GateSettings`), those functions an
 Nothing outside this package imports its other modules.
 """
 
-from bridgerec.tasks.quality.datachecks import DataCheckFailed, DataChecks, check_data
-from bridgerec.tasks.quality.datachecks import as_table as data_checks_table
-from bridgerec.tasks.quality.gate import GateResult, PublishedLists, run_gate
-from bridgerec.tasks.quality.settings import DataCheckSettings, GateSettings
-from bridgerec.tasks.quality.stability import churn_histogram, list_stability, top_items
-from bridgerec.tasks.quality.stability import describe as describe_stability
+# The face loads lazily (SPEC 1, `lazy_loader`): a name's module is imported on first use, so that
+# `import bridgerec.config` (every command, `--help` included) reads the settings without torch, faiss,
+# vLLM or matplotlib. The names and their modules are in __init__.pyi, which type checkers read.
+import lazy_loader
 
-__all__ = [
-    "DataCheckFailed",
-    "DataCheckSettings",
-    "DataChecks",
-    "GateResult",
-    "GateSettings",
-    "PublishedLists",
-    "check_data",
-    "churn_histogram",
-    "data_checks_table",
-    "describe_stability",
-    "list_stability",
-    "run_gate",
-    "top_items",
-]
+__getattr__, __dir__, __all__ = lazy_loader.attach_stub(__name__, __file__)

@@ -130,6 +130,6 @@ def check_data(settings: DataCheckSettings, workspace: Workspace) -> DataChecks:
         con.close()
 
 
-def as_table(night_id: str, checks: DataChecks) -> pa.Table:
+def data_checks_table(night_id: str, checks: DataChecks) -> pa.Table:
     """The rows for the warehouse's `data_checks` table."""
     return pa.Table.from_pylist([{"night_id": night_id} | r for r in checks.rows])

@@ -83,7 +83,7 @@ def list_stability(
     return rows
 
 
-def describe(rows: list[dict]) -> str:
+def describe_stability(rows: list[dict]) -> str:
     """One line for the night's summary."""
     parts = []
     for r in rows:

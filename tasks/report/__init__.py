@@ -6,16 +6,9 @@ Its face: `ReportSettings`, `collect_night` (the record, from the nightly flow's
 its other modules.
 """
 
-from bridgerec.tasks.report.page import build_report, report_path
-from bridgerec.tasks.report.record import ReportMissing, collect_night, load_nights, save_night
-from bridgerec.tasks.report.settings import ReportSettings
+# The face loads lazily (SPEC 1, `lazy_loader`): a name's module is imported on first use, so that
+# `import bridgerec.config` (every command, `--help` included) reads the settings without torch, faiss,
+# vLLM or matplotlib. The names and their modules are in __init__.pyi, which type checkers read.
+import lazy_loader
 
-__all__ = [
-    "ReportMissing",
-    "ReportSettings",
-    "build_report",
-    "collect_night",
-    "load_nights",
-    "report_path",
-    "save_night",
-]
+__getattr__, __dir__, __all__ = lazy_loader.attach_stub(__name__, __file__)

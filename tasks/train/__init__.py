@@ -8,29 +8,9 @@ validation split; `popularity_validation_by_domain` for the night report). Nothi
 imports its other modules.
 """
 
-from bridgerec.models.warmstart import WarmStartError
-from bridgerec.tasks.train.outputs import TrainedRun, TrainMissing, TrainOutputs
-from bridgerec.tasks.train.rescore import (
-    Tonight,
-    popularity_validation_by_domain,
-    popularity_validation_ndcg10,
-    run_validation_ndcg10,
-)
-from bridgerec.tasks.train.settings import MODEL_PRESETS, TrainSettings
-from bridgerec.tasks.train.stage import TrainSummary, check_train_inputs, run_train
+# The face loads lazily (SPEC 1, `lazy_loader`): a name's module is imported on first use, so that
+# `import bridgerec.config` (every command, `--help` included) reads the settings without torch, faiss,
+# vLLM or matplotlib. The names and their modules are in __init__.pyi, which type checkers read.
+import lazy_loader
 
-__all__ = [
-    "MODEL_PRESETS",
-    "Tonight",
-    "TrainMissing",
-    "TrainOutputs",
-    "TrainSettings",
-    "TrainSummary",
-    "TrainedRun",
-    "WarmStartError",
-    "check_train_inputs",
-    "popularity_validation_by_domain",
-    "popularity_validation_ndcg10",
-    "run_train",
-    "run_validation_ndcg10",
-]
+__getattr__, __dir__, __all__ = lazy_loader.attach_stub(__name__, __file__)

@@ -17,7 +17,7 @@ here, and every training position weighs the same (`loss_norm: global`, as their
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -33,8 +33,10 @@ from bridgerec.models.config import (
     Task,
     WeightInit,
 )
-from bridgerec.models.trainer import FitConfig
 from bridgerec.storage.workspace import StageSettings
+
+if TYPE_CHECKING:  # the training loop's module imports torch: not needed to read the settings
+    from bridgerec.models.trainer import FitConfig
 
 # name -> (architecture, switches forced by the preset). A preset's switches override the fields below.
 MODEL_PRESETS: dict[str, tuple[Architecture, dict[str, Any]]] = {
@@ -507,6 +509,8 @@ class TrainSettings(StageSettings):
 
     def fit_config(self, warm: bool = False) -> FitConfig:
         """The training loop's config; a warm-started run gets `warm_limits()`."""
+        from bridgerec.models.trainer import FitConfig
+
         epochs, patience = self.warm_limits() if warm else (self.epochs, self.patience)
         return FitConfig(
             lr=self.lr,

@@ -1,0 +1,20 @@
+from .datachecks import DataCheckFailed, DataChecks, check_data, data_checks_table
+from .gate import GateResult, PublishedLists, run_gate
+from .settings import DataCheckSettings, GateSettings
+from .stability import churn_histogram, describe_stability, list_stability, top_items
+
+__all__ = [
+    "DataCheckFailed",
+    "DataCheckSettings",
+    "DataChecks",
+    "GateResult",
+    "GateSettings",
+    "PublishedLists",
+    "check_data",
+    "churn_histogram",
+    "data_checks_table",
+    "describe_stability",
+    "list_stability",
+    "run_gate",
+    "top_items",
+]
