@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import sys
 import traceback
@@ -121,6 +122,8 @@ def _json_opt(help: str) -> Any:
     return typer.Option("--json", help=help, callback=_json_mode)
 
 
+PIPED_WIDTH = 1000  # columns of a result written to a pipe or a file: wide enough for any table here
+
 JsonOpt = Annotated[bool, _json_opt("Print one JSON object on stdout (no progress bars), also on failure.")]
 VerboseOpt = Annotated[
     bool,
@@ -165,10 +168,14 @@ def _console(settings: Settings, command: str, as_json: bool, verbose: bool) -> 
 
 
 def _rich() -> Any:
-    """A rich console on the terminal's stdout (results and summaries)."""
+    """A rich console on the terminal's stdout (results and summaries). Piped or redirected (`| grep`,
+    `> runs.txt`), tables are as wide as their content instead of rich's 80 columns, so that no id or
+    title is cut (unless COLUMNS says how wide); on a terminal they fit its width."""
     from rich.console import Console
 
-    return Console(file=console.out())
+    stream = console.out()
+    sized = (hasattr(stream, "isatty") and stream.isatty()) or "COLUMNS" in os.environ  # COLUMNS: yours
+    return Console(file=stream, width=None if sized else PIPED_WIDTH)
 
 
 def _settings(config: Path | None, **overrides: Any) -> Settings:
@@ -852,7 +859,7 @@ def _render_runs(result: dict) -> None:
     out = _rich()
     t = Table(title=f"runs in {shown(str(result['warehouse']))}", title_justify="left")
     for col in ("run_id", "kind", "status", "gate", "model", "finished (UTC)", "users", "rows", "retained"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")  # a narrow terminal wraps an id, never cuts it
     for r in result["runs"]:
         finished = r["finished_at"].astimezone(UTC).strftime("%Y-%m-%d %H:%M") if r["finished_at"] else ""
         t.add_row(

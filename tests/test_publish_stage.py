@@ -265,10 +265,13 @@ def test_cli_recs_and_runs_list(published: tuple[Path, dict], tmp_path: Path) ->
     # (beside it: the copy reads the same parts).
     copy = warehouse.with_name("copy.duckdb")
     shutil.copyfile(warehouse, copy)
-    record_run_status(copy, "nightly-2", "running")
-    record_run_status(copy, "nightly-2", "failed", message="[Errno 2] no such file")
+    night = "night-35366a3d-17e9-4794-8476-4a82f5b0bb7f"  # as long as the nightly flow's ids
+    record_run_status(copy, night, "running")
+    record_run_status(copy, night, "failed", message="[Errno 2] no such file")
     out = runner.invoke(app, ["runs", "list", "--warehouse", str(copy)])
     assert out.exit_code == 0 and "[Errno 2]" in out.stdout and "failed" in out.stdout
+    # Piped (not a terminal, no COLUMNS), the table is as wide as its cells: the id whole in its row.
+    assert f"│ {night} │" in out.stdout, out.stdout
 
 
 def test_docs_sql_examples_run_on_a_published_warehouse(
