@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import signal
@@ -913,6 +914,24 @@ def config_show(
         typer.echo(json.dumps(data, indent=2))
     else:
         typer.echo(yaml.safe_dump(data, sort_keys=False))
+
+
+def _reflow(doc: str) -> str:
+    """A docstring as `--help` shows it: its paragraphs (blank-line separated) each one line, which the
+    help screen wraps to the terminal. Typer 0.29's rich help keeps a docstring's own line breaks, so a
+    paragraph written at 110 columns came out broken mid-sentence on an 80-column terminal."""
+    return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(doc).split("\n\n"))
+
+
+def _reflow_helps(*typers: typer.Typer) -> None:
+    """Give every command without an explicit `help` its docstring reflowed (`_reflow`)."""
+    for t in typers:
+        for command in t.registered_commands:
+            if command.help is None and command.callback is not None and command.callback.__doc__:
+                command.help = _reflow(command.callback.__doc__)
+
+
+_reflow_helps(app, config_app, models_app, runs_app, warehouse_app)
 
 
 def main() -> None:

@@ -177,3 +177,37 @@ def test_a_usage_error_answers_too(tmp_path: Path) -> None:
     assert done.returncode == 2 and "--user" in done.stderr
     answer = _one_object(done.stdout)
     assert answer["ok"] is False and answer["exit_code"] == 2 and answer["command"] == "recs"
+
+
+def _command_paths() -> list[list[str]]:
+    import typer.main
+
+    def walk(cmd, path):  # type: ignore[no-untyped-def]
+        subs = getattr(cmd, "commands", None)
+        if subs:
+            for name, sub in subs.items():
+                yield from walk(sub, [*path, name])
+        else:
+            yield path
+
+    return list(walk(typer.main.get_command(app), []))
+
+
+def test_help_paragraphs_wrap_to_the_terminal_not_to_the_source() -> None:
+    """On an 80-column terminal every command's description reads as wrapped paragraphs: no line of a
+    paragraph but its last is cut short by a line break of the docstring's source (Typer 0.29 kept
+    them: "the best epoch's path is" / "trained again ...")."""
+    for path in _command_paths():
+        out = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "80"})
+        assert out.exit_code == 0, out.output
+        lines = out.stdout.splitlines()
+        start = next(i for i, line in enumerate(lines) if "Usage:" in line) + 1
+        end = next(i for i, line in enumerate(lines) if line.startswith("╭"))
+        paragraph: list[str] = []
+        for line in [*(x.strip() for x in lines[start:end]), ""]:
+            if line:
+                paragraph.append(line)
+                continue
+            short = [x for x in paragraph[:-1] if len(x) < 45]
+            assert not short, (path, paragraph)
+            paragraph = []
