@@ -567,17 +567,30 @@ def _render_publish(s: PublishSummary) -> None:
 def run(
     config: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
+    force: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--force",
+            metavar="STAGE",
+            help="Rebuild this stage even if its inputs are unchanged (repeat for several: --force train "
+            "--force publish). A forced train starts cold: the periodic cold retrain that warm starts need.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run the nightly pipeline in-process on Prefect's local API: ingest -> enrich -> train -> publish.
 
     Stages whose inputs and config are unchanged are skipped, so a rerun after a crash resumes from the
-    finished stages. The same flow is deployed on a schedule from prefect.yaml (see docs/runbook.md).
+    finished stages; `--force STAGE` rebuilds one anyway, and the stages after it rerun where its output
+    changed. The same flow is deployed on a schedule from prefect.yaml (see docs/runbook.md).
     """
     from bridgerec.flows.nightly import NightFailed, nightly_flow, summary_markdown
+    from bridgerec.stages import STAGE
 
     hide_input_error_tracebacks()
+    if unknown := sorted(set(force or ()) - set(STAGE)):
+        _fail(f"--force names no stage: {', '.join(unknown)} (the stages: {', '.join(STAGE)})")
 
     settings = _settings(config, workspace=workspace)  # validate early, with readable errors
     _require_prefect_api()  # before the session: an unreachable API leaves no log file behind
@@ -603,7 +616,9 @@ def run(
 
         with _stoppable(stopped):
             try:
-                result = nightly_flow(str(config) if config else None, overrides)
+                result = nightly_flow(
+                    str(config) if config else None, overrides, force
+                )  # names checked above
             except NightFailed as exc:  # a refused or failed night still gets its morning read
                 _emit(exc.summary, as_json, morning_read, failing=True)
                 cause = input_error_in(exc) or unreachable_in(exc)

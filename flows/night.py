@@ -51,6 +51,7 @@ class NightSummary(BaseModel):
     workspace: str
     warehouse: str
     report: str | None = None  # the night report's HTML page (tasks/report), when written
+    forced: list[str] = Field(default_factory=list)  # stages rebuilt on unchanged inputs (`force`)
 
     def record(self, started: datetime, finished: datetime | None = None) -> NightRecord:
         """The night's row in the warehouse's `runs`."""
@@ -95,7 +96,7 @@ def _stage_row(summary: NightSummary, stage: str) -> str:
         "train": lambda: r.users,
         "publish": lambda: r.rows,
     }[stage]()
-    did = "skipped (unchanged)" if r.skipped else "did"
+    did = "skipped (unchanged)" if r.skipped else ("did (forced)" if stage in summary.forced else "did")
     return f"| {stage} | {did} | {seconds} | {'' if rows is None else f'{rows:,}'} |"
 
 

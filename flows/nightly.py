@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -26,6 +26,7 @@ from bridgerec.flows.stage import one_cluster, run_stage
 from bridgerec.runtime.errors import is_transient
 from bridgerec.runtime.logs import DETAIL, get_logger
 from bridgerec.runtime.signals import process_alive, stop_signal, this_process
+from bridgerec.stages import STAGE
 from bridgerec.storage.warehouse import mark_crashed, published_run, record_night, running_nights
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.publish import resolve_trained_run
@@ -100,8 +101,9 @@ class Night:
     """One night's steps and its summary; every step is timed into `summary.seconds`, and the step that
     raises is the night's `failed_stage`."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, force: Sequence[Stage] = ()) -> None:
         self.settings = settings
+        self.force = frozenset(force)
         self.warehouse = settings.warehouse_path
         self.workspace = Workspace(settings.workspace)
         night_id, flow_run_id = _night_id()
@@ -110,6 +112,7 @@ class Night:
             flow_run_id=flow_run_id,
             workspace=str(settings.workspace),
             warehouse=str(self.warehouse),
+            forced=[stage for stage in STAGE if stage in self.force],  # the night's order
         )
         self.started = datetime.now(UTC)
         self.step = "ingest"
@@ -132,7 +135,7 @@ class Night:
         with self.timed(name):
             result = call_with_retries(
                 name,
-                lambda: run_stage(name, self.settings),
+                lambda: run_stage(name, self.settings, force=name in self.force),
                 runtime.stage_retries,
                 runtime.retry_delay_seconds,
             )
@@ -364,13 +367,23 @@ def _artifact(create: Callable[[], object]) -> None:
 
 
 @flow(name="nightly", log_prints=False)
-def nightly_flow(config_file: str | None = None, overrides: dict[str, Any] | None = None) -> NightSummary:
+def nightly_flow(
+    config_file: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    force: list[Stage] | None = None,
+) -> NightSummary:
     """ingest -> data checks -> enrich -> train -> quality gate -> publish; unchanged stages skip themselves.
+
+    `force` names stages rebuilt even on unchanged inputs (`bridgerec run --force train`; a deployment's
+    parameter, e.g. a weekly run with `force: [train]`: a forced train starts cold, the periodic cold
+    retrain that warm starts need). The stages after a forced one rerun where its output changed; the
+    quality gate still decides whether the result is published. Prefect checks the names against
+    `Stage` before the flow starts (ParameterTypeError: "force.0: Input should be 'ingest', ...").
 
     The night is one row of the warehouse's `runs` (kind 'night'): 'running' at the start, 'completed'
     or 'failed' at the end. A stage failure or a refusal by the gate raises NightFailed (the flow run is
     Failed: what automations key on) after writing the row and the nightly-summary artifact."""
-    night = Night(resolve_settings(config_file, overrides))
+    night = Night(resolve_settings(config_file, overrides), force or ())
     with night.failing_on_error(), one_cluster(night.settings.runtime):  # runtime.runner: ray: one cluster
         night.stage("ingest")
         night.data_checks()
@@ -383,6 +396,9 @@ def nightly_flow(config_file: str | None = None, overrides: dict[str, Any] | Non
 
 
 @flow(name="stage", log_prints=False)
-def stage_flow(stage: Stage, config_file: str | None = None, overrides: dict[str, Any] | None = None) -> Any:
-    """Run a single stage ad hoc (e.g. republish, or a backfill with other settings)."""
-    return run_stage(stage, resolve_settings(config_file, overrides))
+def stage_flow(
+    stage: Stage, config_file: str | None = None, overrides: dict[str, Any] | None = None, force: bool = False
+) -> Any:
+    """Run a single stage ad hoc (e.g. republish, or a backfill with other settings); `force` rebuilds it
+    on unchanged inputs (a train starts cold)."""
+    return run_stage(stage, resolve_settings(config_file, overrides), force=force)

@@ -56,7 +56,9 @@ def test_prefect_yaml_points_at_real_flows() -> None:
     deployments = {d["name"]: d for d in spec["deployments"]}
     assert set(deployments) == {"nightly", "ingest", "enrich", "train", "publish"}
     nightly = deployments["nightly"]
-    assert nightly["schedules"][0] == {"cron": "0 2 * * *", "timezone": "UTC", "active": True}
+    warm, cold = nightly["schedules"]  # six warm nights, and the weekly cold retrain on Sunday
+    assert warm == {"cron": "0 2 * * 1-6", "timezone": "UTC", "active": True}
+    assert cold["cron"] == "0 2 * * 0" and cold["parameters"] == {"force": ["train"]}
     assert nightly["concurrency_limit"] == 1
     for d in deployments.values():
         path, name = d["entrypoint"].split(":")
@@ -64,5 +66,5 @@ def test_prefect_yaml_points_at_real_flows() -> None:
         fn = getattr(module, name)
         assert hasattr(fn, "deploy"), f"{d['entrypoint']} is not a Prefect flow"
         assert d["work_pool"]["name"] == "bridgerec-process"
-        params = set(d["parameters"])
+        params = set(d["parameters"]).union(*(s.get("parameters", {}) for s in d.get("schedules", [])))
         assert params <= set(fn.parameters.properties), (d["name"], params)

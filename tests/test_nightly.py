@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
@@ -15,6 +16,7 @@ import duckdb
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.exceptions import ParameterTypeError
 from typer.testing import CliRunner
 
 from bridgerec.cli import app
@@ -68,14 +70,8 @@ class Nights:
     runs: tuple[tuple[str, int], tuple[str, int], tuple[str, int]]  # latest run after 1st, failed, 4th
 
 
-@pytest.fixture(scope="module")
-def nights(prefect_harness: None, tmp_path_factory: pytest.TempPathFactory) -> Nights:
-    tmp_path = tmp_path_factory.mktemp("nightly")
-    raw = tmp_path / "raw"
-    raw.mkdir()
-    users = _slice_sample(raw, n_users=150)  # a slice of the sample keeps the four runs short
-    ws, warehouse = tmp_path / "ws", tmp_path / "warehouse.duckdb"
-    overrides = {
+def _overrides(raw: Path, ws: Path, warehouse: Path) -> dict:
+    return {
         "workspace": str(ws),
         "warehouse": str(warehouse),
         "ingest": {"items": str(raw / "items.csv.gz"), "interactions": str(raw / "interactions.csv.gz")},
@@ -86,6 +82,16 @@ def nights(prefect_harness: None, tmp_path_factory: pytest.TempPathFactory) -> N
         "runtime": {"stage_retries": 0},
         "gate": {"popularity_floor": False},  # one epoch may sit under popularity: the floor is test_gate's
     }
+
+
+@pytest.fixture(scope="module")
+def nights(prefect_harness: None, tmp_path_factory: pytest.TempPathFactory) -> Nights:
+    tmp_path = tmp_path_factory.mktemp("nightly")
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    users = _slice_sample(raw, n_users=150)  # a slice of the sample keeps the four runs short
+    ws, warehouse = tmp_path / "ws", tmp_path / "warehouse.duckdb"
+    overrides = _overrides(raw, ws, warehouse)
     first = nightly_flow(CONFIG, overrides).model_dump(mode="json")
     after_first = _latest_run(warehouse)
     again = nightly_flow(CONFIG, overrides).model_dump(mode="json")
@@ -141,6 +147,27 @@ def test_nightly_runs_skips_fails_safely_and_resumes(nights: Nights) -> None:
     assert not resumed["publish"]["skipped"]
     run_2, _ = nights.runs[2]
     assert run_2 != run_1
+
+
+def test_a_forced_stage_is_rebuilt_on_unchanged_inputs(nights: Nights, tmp_path: Path) -> None:
+    """`force` (`bridgerec run --force train`, or a deployment's parameter) rebuilds a stage whose inputs
+    did not change: train trains again, cold, while ingest and enrich skip, and the morning read says
+    so. On a copy of the nights' workspace (the fixture's own stays as its other tests read it), into a
+    warehouse of its own."""
+    ws = tmp_path / "ws"
+    shutil.copytree(nights.ws, ws)
+    overrides = _overrides(nights.ws.parent / "raw", ws, tmp_path / "warehouse.duckdb")
+    with pytest.raises(ParameterTypeError, match=r"force\.0: Input should be 'ingest'"):
+        nightly_flow(CONFIG, overrides, ["trian"])  # type: ignore[list-item]
+    night = nightly_flow(CONFIG, overrides, ["train"])
+    stages = night.stages
+    assert stages.ingest is not None and stages.ingest.skipped
+    assert stages.enrich is not None and stages.enrich.items_embedded == stages.enrich.profiles_generated == 0
+    assert stages.train is not None and not stages.train.skipped and stages.train.init == "cold"
+    assert night.forced == ["train"] and night.status == "completed"
+    assert "| train | did (forced) |" in summary_markdown(night)
+    unforced = nightly_flow(CONFIG, overrides)  # and the next night skips it again
+    assert unforced.stages.train is not None and unforced.stages.train.skipped and unforced.forced == []
 
 
 PLOTS = {"plot-quality", "plot-coverage", "plot-concentration", "plot-churn", "plot-data", "plot-costs"}
