@@ -22,7 +22,12 @@ from bridgerec.config import ConfigError, Settings, load_settings
 from bridgerec.runtime import console, progress
 from bridgerec.runtime.errors import EXIT_FAILURE, EXIT_INPUT, InputError, input_error_in
 from bridgerec.runtime.logs import hide_input_error_tracebacks
-from bridgerec.runtime.prefect_api import PrefectUnreachable, check_api, unreachable_in
+from bridgerec.runtime.prefect_api import (
+    PrefectUnreachable,
+    check_api,
+    detach_temporary_server,
+    unreachable_in,
+)
 from bridgerec.runtime.signals import stop_on_signals, stop_signal
 from bridgerec.runtime.terminal import printable, shown
 
@@ -258,11 +263,13 @@ def _stoppable(message: Callable[[signal.Signals, BaseException], str]) -> Itera
 
 
 def _require_prefect_api() -> None:
-    """One `error:` line, exit 2, when PREFECT_API_URL names a server that does not answer."""
+    """One `error:` line, exit 2, when PREFECT_API_URL names a server that does not answer; without one,
+    the temporary server Prefect starts will be out of reach of a Ctrl-C (`detach_temporary_server`)."""
     try:
         check_api()
     except PrefectUnreachable as exc:
         _fail(str(exc))
+    detach_temporary_server()
 
 
 def _parse_domain_paths(values: list[str] | None, option: str) -> dict[str, Path]:

@@ -5,11 +5,21 @@ exit). With PREFECT_API_URL set (in the environment or the active Prefect profil
 recorded on that server, so when nothing answers there every command would fail inside Prefect's
 engine with a hundred lines of connection tracebacks. `check_api` asks first, once, with a short
 timeout, and turns a server that is not there into one line that says what to do.
+
+The temporary server is Prefect's child process, and by default in the command's process group, which is
+where a terminal's Ctrl-C goes (the whole foreground group): it died with the command's own
+KeyboardInterrupt, so the engine could not record the stop, the night's retry saw a connection error,
+and `bridgerec run` went on for minutes before failing with "Connection refused" (a new user's trial,
+2026-12-05). `detach_temporary_server` starts it in a session of its own: a Ctrl-C reaches the command
+only, which stops, records the night and stops the server at exit, as a signal to its PID always did.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import types
+from typing import Any
 
 from bridgerec.runtime.errors import InputError
 
@@ -71,3 +81,30 @@ def unreachable_in(exc: BaseException) -> PrefectUnreachable | None:
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return None
+
+
+class _OwnSession(subprocess.Popen):  # type: ignore[type-arg]
+    """subprocess.Popen that starts its child in a new session (its own process group)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("start_new_session", True)
+        super().__init__(*args, **kwargs)
+
+
+def detach_temporary_server() -> None:
+    """Make the temporary API server Prefect starts for this process (when no PREFECT_API_URL is set)
+    start in a session of its own, out of reach of a Ctrl-C meant for the command (the module's doc).
+    Prefect 3.7 starts it with `subprocess.Popen` in `prefect.server.api.server`
+    (`SubprocessASGIServer._run_uvicorn_command`); that module's `subprocess` becomes a copy whose Popen
+    is `_OwnSession`. Call before the first flow run; a no-op with a configured server or when done."""
+    url, _ = configured_api_url()
+    if url:
+        return
+    from prefect.server.api import server
+
+    if getattr(server.subprocess, "Popen", None) is _OwnSession:
+        return
+    shim = types.ModuleType("subprocess")
+    shim.__dict__.update(vars(subprocess))
+    shim.Popen = _OwnSession  # type: ignore[attr-defined]
+    server.subprocess = shim

@@ -1,6 +1,7 @@
 """Signals that stop a command, and the process a night runs in.
 
-SIGTERM (a scheduler, `kill`, a container stop) and SIGINT (Ctrl-C) end a command early. Inside a flow
+SIGTERM (a scheduler, `kill`, a container stop), SIGINT (Ctrl-C) and SIGHUP (the terminal closed) end
+a command early. Inside a flow
 run, Prefect turns SIGTERM into its `TerminationSignal` (a `BaseException`), marks the runs Crashed and
 then delivers the signal again to the handler that was there before it; with Python's default handler
 that kills the process on the spot, so nothing after it runs: not the night's own record, not the
@@ -57,17 +58,18 @@ def _raise_stopped(signum: int, frame: FrameType | None) -> None:
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """While the block runs, SIGTERM raises `Stopped` in the main thread (SIGINT raises
-    KeyboardInterrupt, Python's default). The previous handler comes back afterwards."""
+    """While the block runs, SIGTERM and SIGHUP (the terminal closed) raise `Stopped` in the main thread
+    (SIGINT raises KeyboardInterrupt, Python's default). The previous handlers come back afterwards."""
     try:
-        previous = signal.signal(signal.SIGTERM, _raise_stopped)
+        previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGHUP)}
     except ValueError:  # not the main thread: signals cannot be handled here
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def this_process() -> tuple[str, int, datetime]:
