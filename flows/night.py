@@ -52,6 +52,11 @@ class NightSummary(BaseModel):
     warehouse: str
     report: str | None = None  # the night report's HTML page (tasks/report), when written
     forced: list[str] = Field(default_factory=list)  # stages rebuilt on unchanged inputs (`force`)
+    # The train stage's best run on tonight's inputs (what the gate judges and publish publishes), with its
+    # validation NDCG@10 from the leaderboard: not tonight's run where an earlier one on the same inputs
+    # scored higher.
+    best_run_id: str | None = None
+    best_valid_ndcg10: float | None = None
 
     def record(self, started: datetime, finished: datetime | None = None) -> NightRecord:
         """The night's row in the warehouse's `runs`."""
@@ -106,6 +111,13 @@ def _headlines(summary: NightSummary) -> list[str]:
     gate, train, lines = summary.gate, summary.stages.train, []
     if train is not None and train.run_id:
         lines.append(f"- run `{train.run_id}` ({train.model}, {train.init or 'cold'} start)")
+        if summary.best_run_id and summary.best_run_id != train.run_id:
+            tonight = train.valid.get("full", train.valid).get("overall", {}).get("ndcg@10")
+            lines.append(
+                f"- it is not the best run on these inputs: `{summary.best_run_id}`, trained earlier on the "
+                f"same inputs, scored {_fmt(summary.best_valid_ndcg10)} on validation against its "
+                f"{_fmt(tonight)}; the gate judges and publish publishes `{summary.best_run_id}`"
+            )
     if gate is not None and gate.new_ndcg10 is not None:
         new, published = gate.new_ndcg10, gate.published_ndcg10
         change = (

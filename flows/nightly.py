@@ -167,11 +167,13 @@ class Night:
         run and popularity; a refused run is held back (`Held`)."""
         with self.timed("gate"):
             before = published_run(self.warehouse)
+            best = resolve_trained_run(self.workspace)
+            self.summary.best_run_id, self.summary.best_valid_ndcg10 = best.run_id, best.valid_ndcg10
             gate = run_gate(
                 self.settings.gate,
                 self.settings.train,
                 self.workspace,
-                resolve_trained_run(self.workspace).run_id,
+                best.run_id,
                 before["train_run_id"] if before else None,
                 get_logger(),
                 PublishedLists(self.warehouse, before["run_id"], self.settings.publish) if before else None,

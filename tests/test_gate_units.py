@@ -155,3 +155,25 @@ def test_list_stability_churn_coverage_and_concentration(tmp_path: Path) -> None
     assert "38% of each list changed" in describe_stability([row])
     (first,) = list_stability(path, "a", None)
     assert first["mean_changed"] is None and first["users_compared"] == 0
+
+
+def test_the_morning_read_says_when_tonights_run_is_not_the_one_judged() -> None:
+    """The train stage picks the best run on tonight's inputs; where an earlier run on the same inputs
+    scored higher than tonight's (a rerun with other settings), the summary says which run the gate judged
+    and publish published, with both validation figures, instead of naming tonight's run alone."""
+    from bridgerec.flows.night import NightSummary, summary_markdown
+    from bridgerec.tasks.train import TrainSummary
+
+    train = TrainSummary(
+        run_id="tonight", model="llm4cdsr-hybrid", epochs=4, best_epoch=4, epoch_seconds=1.0,
+        eval_seconds=1.0, train_seconds=8.0, valid={"full": {"overall": {"ndcg@10": 0.0582}}}, test={},
+        users=10, peak_rss_mb=1.0,
+    )  # fmt: skip
+    night = NightSummary(night_id="n", workspace="ws", warehouse="w.duckdb", status="completed")
+    night.stages.train = train
+    night.best_run_id, night.best_valid_ndcg10 = "earlier", 0.0621
+    md = summary_markdown(night)
+    assert "- it is not the best run on these inputs: `earlier`" in md
+    assert "scored 0.0621 on validation against its 0.0582" in md
+    night.best_run_id = "tonight"
+    assert "not the best run" not in summary_markdown(night)

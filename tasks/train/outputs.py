@@ -5,6 +5,7 @@ Only this package and storage/runs.py know the layout.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,11 +26,13 @@ class TrainMissing(FileNotFoundError):
 
 @dataclass(frozen=True)
 class TrainedRun:
-    """A finished run: its id, model preset and folder."""
+    """A finished run: its id, model preset and folder; for the best run, its validation NDCG@10 as the
+    leaderboard chose it (full ranking or sampled: `train.select_by`)."""
 
     run_id: str
     model: str | None
     path: Path
+    valid_ndcg10: float | None = None
 
 
 class TrainOutputs:
@@ -50,7 +53,8 @@ class TrainOutputs:
             raise TrainMissing(
                 f"{folder}/manifest.json names no best run in its stats: run `bridgerec train`"
             )
-        return self.run(str(run_id), best.get("model"))
+        key = "valid_ndcg10" if best.get("select_by") == "sampled" else "valid_full_ndcg10"
+        return dataclasses.replace(self.run(str(run_id), best.get("model")), valid_ndcg10=best.get(key))
 
     def run(self, run_id: str, model: str | None = None) -> TrainedRun:
         """A finished run by id. Raises TrainMissing when it is absent or incomplete."""
