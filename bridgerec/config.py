@@ -215,6 +215,25 @@ def _format_errors(err: ValidationError) -> str:
     return "invalid configuration:\n" + "\n".join(lines)
 
 
+def _check_env_sections(environ: Mapping[str, str]) -> None:
+    """Raise ConfigError for a nested `BRIDGEREC_<SECTION>__<KEY>` variable whose section does not exist
+    (`BRIDGEREC_TRIAN__EPOCHS`): pydantic-settings reads only the variables of known fields and would
+    ignore it without a word. (A known section's unknown key is refused by validation itself; variables
+    without `__`, such as BRIDGEREC_CONFIG or BRIDGEREC_VERBOSE, are not settings of a section.)"""
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, rest = name[len(ENV_PREFIX) :].split("__", 1)
+        if section.lower() in Settings.model_fields:
+            continue
+        close = difflib.get_close_matches(section.lower(), list(Settings.model_fields), n=1)
+        hint = f", did you mean {ENV_PREFIX}{close[0].upper()}__{rest}?" if close else ""
+        raise ConfigError(
+            f"environment variable {name}: no such setting section {section.lower()!r}{hint} "
+            f"(sections: {', '.join(Settings.model_fields)})"
+        )
+
+
 def _did_you_mean(loc: tuple[int | str, ...]) -> str:
     """The hint for an unknown key at `loc`: ", did you mean 'train.model'?" where a setting of its section
     is close to it (difflib's ratio >= 0.6), else ""."""
@@ -297,6 +316,7 @@ def load_settings(
             raise ConfigError(_yaml_error(yaml_path, exc)) from exc
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {yaml_path} must hold a mapping at the top level")
+    _check_env_sections(os.environ)
     Settings._yaml_file = yaml_path
     try:
         settings = Settings(**nest_overrides(overrides))

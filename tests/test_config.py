@@ -201,3 +201,19 @@ def test_profiles_select_by_env_and_where_it_counts(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("BRIDGEREC_PROFILES__SELECT", "longest")
     with pytest.raises(ConfigError, match=r"profiles\.select"):
         load_settings(None)
+
+
+def test_a_misspelled_section_in_an_env_var_is_refused_with_a_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pydantic-settings reads only the variables of known fields: BRIDGEREC_TRIAN__EPOCHS would be
+    ignored without a word (a new user's trial), so it is refused, naming the variable and the one meant.
+    Variables without `__` (BRIDGEREC_CONFIG, BRIDGEREC_VERBOSE) are not section settings and pass."""
+    monkeypatch.setenv("BRIDGEREC_VERBOSE", "1")
+    monkeypatch.setenv("BRIDGEREC_TRIAN__EPOCHS", "2")
+    with pytest.raises(
+        ConfigError,
+        match=r"BRIDGEREC_TRIAN__EPOCHS: no such setting section 'trian', did you mean BRIDGEREC_TRAIN__EPOCHS\?",
+    ):
+        load_settings()
+    monkeypatch.delenv("BRIDGEREC_TRIAN__EPOCHS")
+    monkeypatch.setenv("BRIDGEREC_TRAIN__EPOCHS", "2")
+    assert load_settings().train.epochs == 2
