@@ -5,13 +5,12 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
-import os
 import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, cast
 
 import typer
 import yaml
@@ -32,6 +31,7 @@ from bridgerec.runtime.signals import stop_on_signals, stop_signal
 from bridgerec.runtime.terminal import printable, shown
 
 if TYPE_CHECKING:
+    from bridgerec.flows.nightly import Stage
     from bridgerec.tasks.enrich import EnrichSummary
     from bridgerec.tasks.ingest import IngestSummary
     from bridgerec.tasks.publish import PublishSummary
@@ -176,12 +176,13 @@ def _console(settings: Settings, command: str, as_json: bool, verbose: bool) -> 
 def _rich() -> Any:
     """A rich console on the terminal's stdout (results and summaries). Piped or redirected (`| grep`,
     `> runs.txt`), tables are as wide as their content instead of rich's 80 columns, so that no id or
-    title is cut (unless COLUMNS says how wide); on a terminal they fit its width."""
+    title is cut (COLUMNS is not read there: CI runners and pytest-xdist export 80); on a terminal they
+    fit its width."""
     from rich.console import Console
 
     stream = console.out()
-    sized = (hasattr(stream, "isatty") and stream.isatty()) or "COLUMNS" in os.environ  # COLUMNS: yours
-    return Console(file=stream, width=None if sized else PIPED_WIDTH)
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    return Console(file=stream, width=None if tty else PIPED_WIDTH)
 
 
 def _settings(config: Path | None, **overrides: Any) -> Settings:
@@ -224,12 +225,12 @@ def _run_stage(
     from bridgerec.stages import STAGE
 
     hide_input_error_tracebacks()
+    _require_prefect_api()  # before the session: an unreachable API leaves no log file behind
     if (check := STAGE[name].check) is not None:  # a missing input (a mistyped -w) fails in seconds,
-        try:  # before Prefect starts and before a log folder is made in the workspace
+        try:  # before a flow starts and before a log folder is made in the workspace
             check(STAGE[name].stage_run(settings, force=force))
         except (InputError, FileNotFoundError, ValueError) as exc:
             _fail(str(exc))
-    _require_prefect_api()  # before the session: an unreachable API leaves no log file behind
     with _console(settings, name, as_json, verbose):
         progress.set_enabled(not as_json)
         stopped = (
@@ -623,9 +624,8 @@ def run(
 
         with _stoppable(stopped):
             try:
-                result = nightly_flow(
-                    str(config) if config else None, overrides, force
-                )  # names checked above
+                stages = cast("list[Stage] | None", force)  # names checked above
+                result = nightly_flow(str(config) if config else None, overrides, stages)
             except NightFailed as exc:  # a refused or failed night still gets its morning read
                 _emit(exc.summary, as_json, morning_read, failing=True)
                 cause = input_error_in(exc) or unreachable_in(exc)

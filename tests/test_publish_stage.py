@@ -270,7 +270,8 @@ def test_cli_recs_and_runs_list(published: tuple[Path, dict], tmp_path: Path) ->
     record_run_status(copy, night, "failed", message="[Errno 2] no such file")
     out = runner.invoke(app, ["runs", "list", "--warehouse", str(copy)])
     assert out.exit_code == 0 and "[Errno 2]" in out.stdout and "failed" in out.stdout
-    # Piped (not a terminal, no COLUMNS), the table is as wide as its cells: the id whole in its row.
+    # Piped (not a terminal; COLUMNS, 80 under pytest-xdist, is not read then), the table is as wide as
+    # its cells: the id whole in its row.
     assert f"│ {night} │" in out.stdout, out.stdout
 
 

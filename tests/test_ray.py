@@ -168,7 +168,8 @@ def test_a_worker_killed_mid_shard_is_retried_and_the_output_is_whole(
 
 
 def test_an_unreachable_cluster_is_one_error_line(prefect_harness: None, tmp_path: Path) -> None:
-    """A closed port on this machine: `error:` naming the address, exit 2, in seconds."""
+    """A closed port on this machine: `error:` naming the address, exit 2, in seconds. (Ingest of the
+    sample: a stage whose inputs are there, since a missing input is reported before any flow starts.)"""
     import socket
 
     from typer.testing import CliRunner
@@ -181,7 +182,15 @@ def test_an_unreachable_cluster_is_one_error_line(prefect_harness: None, tmp_pat
     address = f"ray://127.0.0.1:{port}"
     env = {"BRIDGEREC_RUNTIME__RUNNER": "ray", "BRIDGEREC_RUNTIME__RAY__ADDRESS": address}
     started = time.perf_counter()
-    result = CliRunner().invoke(app, ["enrich", "--workspace", str(tmp_path), "--json"], env=env)
+    args = [
+        "ingest",
+        "--config",
+        str(REPO / "configs" / "sample.yaml"),
+        "--workspace",
+        str(tmp_path),
+        "--json",
+    ]
+    result = CliRunner().invoke(app, args, env=env)
     assert result.exit_code == 2, result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and address in errors[0] and "Traceback" not in result.stderr
