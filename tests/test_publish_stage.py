@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks import StageRun
 from bridgerec.tasks.publish.settings import PublishSettings
 from bridgerec.tasks.publish.stage import PublishError, run_publish
+from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")
@@ -281,6 +283,11 @@ def test_docs_sql_examples_run_on_a_published_warehouse(
     warehouse, ctx = published
     queries = doc_queries()
     assert len(queries) >= 8
+    # Each block runs on its own (`bridgerec sql -q` is a session per call): a variable it reads, it sets.
+    text = (REPO / "docs" / "publish.md").read_text()
+    for block in re.findall(r"```sql\n(.*?)```", text, flags=re.S):
+        for name in set(re.findall(r"getvariable\('(\w+)'\)", block)):
+            assert f"SET VARIABLE {name} =" in block, block
     user = ctx["vectors"]["food"].user_ids[0]
     with duckdb.connect(str(warehouse), read_only=True) as con:
         con.execute("SET VARIABLE user_id = ?", [user])
