@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import os
 import signal
 import sys
 import traceback
@@ -17,7 +18,7 @@ import yaml
 from pydantic import BaseModel
 
 import bridgerec.runtime.prefect_env  # noqa: F401  (must precede any prefect import)
-from bridgerec.config import ConfigError, Settings, load_settings
+from bridgerec.config import CONFIG_ENV, ENV_PREFIX, ConfigError, Settings, load_settings
 from bridgerec.runtime import console, progress
 from bridgerec.runtime.errors import EXIT_FAILURE, EXIT_INPUT, InputError, input_error_in
 from bridgerec.runtime.logs import hide_input_error_tracebacks
@@ -192,6 +193,24 @@ def _settings(config: Path | None, **overrides: Any) -> Settings:
     except ConfigError as exc:
         _fail(str(exc))
     raise AssertionError("unreachable")
+
+
+def _warehouse(warehouse: Path | None, config: Path | None) -> Path:
+    """The warehouse a reading command opens: `--warehouse`, else the settings'. Where that file does not
+    exist and nothing said where the pipeline ran (no --config, $BRIDGEREC_CONFIG, $BRIDGEREC_WORKSPACE or
+    $BRIDGEREC_WAREHOUSE), the likely cause is the missing config, not a missing publish: the `error:`
+    line says so (a new user's trial: "run `bridgerec publish` first" right after a run)."""
+    if warehouse is not None:
+        return warehouse
+    path = _settings(config).warehouse_path
+    told = [CONFIG_ENV, f"{ENV_PREFIX}WORKSPACE", f"{ENV_PREFIX}WAREHOUSE"]  # where else it could come from
+    if not path.exists() and config is None and not any(os.environ.get(name) for name in told):
+        _fail(
+            f"warehouse {path} does not exist: that is the default workspace's, since no config was given; "
+            "pass the config the pipeline ran with (--config FILE or $BRIDGEREC_CONFIG) or --warehouse FILE "
+            "(or run `bridgerec publish` first)"
+        )
+    return path
 
 
 def _emit(result: Any, as_json: bool, render: Callable[[Any], None], failing: bool = False) -> None:
@@ -693,10 +712,6 @@ def deploy_check(
     exist and be a valid configuration; printed as an absolute path. Any problem stops `prefect deploy`
     with one `error:` line (prefect.yaml runs both as build steps).
     """
-    import os
-
-    from bridgerec.config import CONFIG_ENV
-
     home = Path(os.environ.get("BRIDGEREC_HOME") or Path.cwd()).expanduser().resolve()
     if what not in ("home", "config"):
         _fail(f"deploy-check takes 'home' or 'config', got {what!r}")
@@ -734,7 +749,7 @@ def recs(
     latest run or from any retained run (`--run-id`; `bridgerec runs list` shows which are retained)."""
     from bridgerec.storage.warehouse import WarehouseError, user_recommendations
 
-    path = warehouse or _settings(config).warehouse_path
+    path = _warehouse(warehouse, config)
     try:
         result = user_recommendations(path, user, domain, run_id)
     except WarehouseError as exc:
@@ -818,7 +833,7 @@ def sql(
 
     from bridgerec.storage.warehouse import WarehouseError, connect_reader
 
-    path = (warehouse or _settings(config).warehouse_path).expanduser().resolve()
+    path = _warehouse(warehouse, config).expanduser().resolve()
     try:
         con = connect_reader(path)  # the same checks (missing, held read-write) for every way in
     except WarehouseError as exc:
@@ -866,7 +881,7 @@ def runs_list(
     recommendations) and the nightly flow's nights (status, the quality gate's decision)."""
     from bridgerec.storage.warehouse import WarehouseError, list_runs
 
-    path = warehouse or _settings(config).warehouse_path
+    path = _warehouse(warehouse, config)
     try:
         runs = list_runs(path, limit)
     except WarehouseError as exc:
@@ -914,7 +929,7 @@ def warehouse_relink(
     changes; bridgerec's own readers and `bridgerec.storage.warehouse.connect` need no relink)."""
     from bridgerec.storage.warehouse import WarehouseError, relink
 
-    path = warehouse or _settings(config).warehouse_path
+    path = _warehouse(warehouse, config)
     try:
         relink(path)
     except WarehouseError as exc:

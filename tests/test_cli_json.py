@@ -211,3 +211,18 @@ def test_help_paragraphs_wrap_to_the_terminal_not_to_the_source() -> None:
             short = [x for x in paragraph[:-1] if len(x) < 45]
             assert not short, (path, paragraph)
             paragraph = []
+
+
+@pytest.mark.parametrize("argv", [["runs", "list"], ["recs", "--user", "u1"], ["sql", "-q", "SELECT 1"]])
+def test_a_reader_without_a_config_says_the_config_is_what_is_missing(
+    argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Right after `bridgerec run --config FILE`, a reading command without the config looks in the default
+    workspace: the line says to pass the config (it said "run `bridgerec publish` first")."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("BRIDGEREC_CONFIG", "BRIDGEREC_WORKSPACE", "BRIDGEREC_WAREHOUSE"):
+        monkeypatch.delenv(name, raising=False)
+    out = CliRunner().invoke(app, argv)
+    assert out.exit_code == 2, out.output
+    assert "no config was given" in out.stderr and "--config FILE" in out.stderr
+    assert not (tmp_path / "workspace").exists()

@@ -275,6 +275,18 @@ def test_cli_recs_and_runs_list(published: tuple[Path, dict], tmp_path: Path) ->
     # Piped (not a terminal; COLUMNS, 80 under pytest-xdist, is not read then), the table is as wide as
     # its cells: the id whole in its row.
     assert f"│ {night} │" in out.stdout, out.stdout
+    # A night's id (listed beside the runs) stands for the run it left serving; one that left none says so.
+    from datetime import UTC, datetime
+
+    from bridgerec.storage.warehouse import NightRecord, record_night
+
+    now = datetime.now(UTC)
+    record_night(copy, NightRecord("night-b", None, "completed", now, now, published_run_id="run-a"))
+    record_night(copy, NightRecord("night-c", None, "failed", now, now))
+    by_night = runner.invoke(app, ["recs", "--warehouse", str(copy), "--user", user, "--run-id", "night-b"])
+    assert by_night.exit_code == 0 and "run run-a" in by_night.stdout, by_night.output
+    none = runner.invoke(app, ["recs", "--warehouse", str(copy), "--user", user, "--run-id", "night-c"])
+    assert none.exit_code == 2 and "'night-c' is a night, and it left no published run" in none.stderr
 
 
 def test_docs_sql_examples_run_on_a_published_warehouse(

@@ -60,7 +60,8 @@ def list_runs(path: Path | str, limit: int | None = None) -> list[dict[str, Any]
 
 
 def _served_run(con: duckdb.DuckDBPyConnection, path: Path | str, run_id: str | None) -> dict[str, Any]:
-    """The `runs` row of `run_id` (default: the latest), which must still have its rows."""
+    """The `runs` row of `run_id` (default: the latest), which must still have its rows; a night's id
+    stands for the run that night left serving (its `published_run_id`)."""
     if run_id is None:
         run = latest_run(con)
         if run is None:
@@ -70,6 +71,13 @@ def _served_run(con: duckdb.DuckDBPyConnection, path: Path | str, run_id: str | 
     if not found:
         raise WarehouseError(f"run {run_id!r} is not in the warehouse (see `bridgerec runs list`)")
     run = found[0]
+    if run.get("kind") == "night":  # a night's id (listed beside the runs): the run it left serving
+        if run.get("published_run_id") in (None, run_id):
+            raise WarehouseError(
+                f"{run_id!r} is a night, and it left no published run (status {run['status']}): give a "
+                "run id (`bridgerec runs list`, kind publish)"
+            )
+        return _served_run(con, path, str(run["published_run_id"]))
     if run["status"] != "completed" or run["purged_at"] is not None:
         state = "purged by retention" if run["purged_at"] is not None else f"status {run['status']}"
         raise WarehouseError(f"run {run_id!r} has no recommendations ({state}; see `bridgerec runs list`)")
