@@ -739,7 +739,11 @@ def recs(
     domain: Annotated[str | None, typer.Option("--domain", "-d", help="Only this domain.")] = None,
     run_id: Annotated[
         str | None,
-        typer.Option("--run-id", "--run", help="Any retained run (time travel; default: the latest)."),
+        typer.Option(
+            "--run-id",
+            "--run",
+            help="Any retained run, or a night (the run it left serving): time travel; default: the latest.",
+        ),
     ] = None,
     warehouse: WarehouseOpt = None,
     config: ConfigOpt = None,
