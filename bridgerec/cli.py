@@ -847,11 +847,13 @@ def sql(
             rel = con.sql(query)
             columns = list(rel.columns) if rel is not None else []
             rows = rel.fetchall() if rel is not None else []
+            single = [str(t).startswith("FLOAT") for t in rel.types] if rel is not None else []
         except duckdb.Error as exc:
             _fail(f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
         finally:
             con.close()
-        result = {"warehouse": str(path), "columns": columns, "rows": [list(r) for r in rows]}
+        shown_rows = [[_float32(v) if f else v for v, f in zip(r, single, strict=True)] for r in rows]
+        result = {"warehouse": str(path), "columns": columns, "rows": shown_rows}
         _emit(result, as_json, _render_sql)
         return
     argv = sql_shell_command(path, shutil.which("duckdb"))
@@ -862,6 +864,18 @@ def sql(
 
     code.interact(banner=SQL_BANNER.format(path=path), local={"con": con, "duckdb": duckdb}, exitmsg="")
     con.close()
+
+
+def _float32(value: Any) -> Any:
+    """A FLOAT (float32) value, or a FLOAT[] list, as the shortest decimal that reads back to the same
+    float32 (what DuckDB's own shell prints: 12.953, not the double 12.95300006866455); None stays."""
+    import numpy as np
+
+    if isinstance(value, list):
+        return [_float32(v) for v in value]
+    if value is None:
+        return None
+    return float(np.format_float_positional(np.float32(value), unique=True, trim="-"))
 
 
 def _render_sql(r: dict) -> None:
@@ -913,7 +927,7 @@ def _render_runs(result: dict) -> None:
             finished,
             f"{r['n_users']:,}" if r["n_users"] is not None else "",
             f"{r['n_recommendations']:,}" if r["n_recommendations"] is not None else "",
-            "yes" if r["retained"] else "no",
+            "" if r.get("kind") == "night" else ("yes" if r["retained"] else "no"),  # a night holds no rows
         )
     out.print(t)
     for r in result["runs"]:
@@ -952,7 +966,7 @@ def config_show(
     settings = _settings(config)
     data = settings.model_dump(mode="json")
     if as_json:
-        typer.echo(json.dumps(data, indent=2))
+        typer.echo(json.dumps({"ok": True} | data, indent=2))
     else:
         typer.echo(yaml.safe_dump(data, sort_keys=False))
 

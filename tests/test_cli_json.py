@@ -128,6 +128,8 @@ def test_a_successful_answer_says_ok(tmp_path: Path) -> None:
     assert out.exit_code == 0, out.output
     answer = _one_object(out.stdout)
     assert (answer["ok"], answer["columns"], answer["rows"]) == (True, ["a"], [[42]])
+    shown = CliRunner().invoke(app, ["config", "show", "--json"])  # (indented: one object, several lines)
+    assert shown.exit_code == 0 and json.loads(shown.stdout)["ok"] is True
 
 
 def _slice(out: Path, n_users: int) -> tuple[Path, Path]:

@@ -326,6 +326,10 @@ def test_sql_runs_a_query_read_only(published: tuple[Path, dict]) -> None:
     assert result["columns"] == ["domain", "n"] and [r[0] for r in result["rows"]] == ["food", "kitchen"]
     table = CliRunner().invoke(app, ["sql", "--warehouse", str(warehouse), "-q", "SELECT 41 + 1 AS answer"])
     assert table.exit_code == 0 and "answer" in table.stdout and "42" in table.stdout
+    # FLOAT (float32) values as DuckDB's shell prints them, not as the doubles they widen to.
+    query = "SELECT round(0.123456::FLOAT, 3) AS x, [1.1::FLOAT, NULL] AS l, 0.1::DOUBLE + 0.2 AS d"
+    floats = CliRunner().invoke(app, ["sql", "--warehouse", str(warehouse), "-q", query, "--json"])
+    assert json.loads(floats.stdout)["rows"] == [[0.123, [1.1, None], 0.30000000000000004]]
     refused = CliRunner().invoke(
         app, ["sql", "--warehouse", str(warehouse), "-q", "CREATE TABLE scratch AS SELECT 1 AS x"]
     )

@@ -72,8 +72,9 @@ class MoveContext:
                 "data_bytes = (SELECT sum(bytes) FROM parts WHERE run_id = ?) WHERE run_id = ?",
                 [self.target.write_id, run_id, run_id, run_id],
             )
-        get_logger().info(
-            "warehouse: moved the rows of %d runs into %d Parquet parts (the single-file layout ends here)",
-            len(runs),
-            len(parts),
-        )
+        if runs:  # a new warehouse has nothing to move: nothing to say
+            get_logger().info(
+                "warehouse: moved the rows of %d runs into %d Parquet parts (the single-file layout ends here)",
+                len(runs),
+                len(parts),
+            )

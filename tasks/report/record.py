@@ -179,6 +179,8 @@ def select_nights(workspace: Path, night_id: str | None, n: int) -> tuple[dict, 
         i = ids.index(night_id)
     else:
         raise ReportMissing(
-            f"night {night_id!r} has no record in {Path(workspace) / NIGHTS_DIR}; kept: {', '.join(ids[-5:])}"
+            f"night {night_id!r} has no record in {Path(workspace) / NIGHTS_DIR}; "
+            + (f"the newest 5 of the {len(ids)} kept: " if len(ids) > 5 else "kept: ")
+            + ", ".join(ids[-5:])
         )
     return records[i], records[max(0, i + 1 - n) : i + 1]
