@@ -13,7 +13,7 @@ from bridgerec.storage.warehouse import NightRecord
 from bridgerec.tasks.enrich import EnrichSummary
 from bridgerec.tasks.ingest import IngestSummary
 from bridgerec.tasks.publish import PublishSummary
-from bridgerec.tasks.quality import DataChecks, GateResult
+from bridgerec.tasks.quality import DataChecks, GateResult, change_text
 from bridgerec.tasks.train import TrainSummary
 
 
@@ -121,7 +121,7 @@ def _headlines(summary: NightSummary) -> list[str]:
     if gate is not None and gate.new_ndcg10 is not None:
         new, published = gate.new_ndcg10, gate.published_ndcg10
         change = (
-            f", {new - published:+.4f} vs the published run ({_fmt(published)})"
+            f", {change_text(new, published)} against the published run ({_fmt(published)})"
             if published is not None
             else ""
         )

@@ -177,3 +177,11 @@ def test_the_morning_read_says_when_tonights_run_is_not_the_one_judged() -> None
     assert "scored 0.0621 on validation against its 0.0582" in md
     night.best_run_id = "tonight"
     assert "not the best run" not in summary_markdown(night)
+
+
+def test_a_change_that_rounds_to_nothing_says_so() -> None:
+    from bridgerec.tasks.quality import change_text
+
+    assert change_text(0.04123, 0.04) == "+0.0012 (+3.1%)"
+    assert change_text(0.0621, 0.06212) == "the same to 4 digits"  # not "-0.0000 (-0.0%)"
+    assert change_text(0.05, None) == "n/a"

@@ -1,5 +1,5 @@
 from .datachecks import DataCheckFailed, DataChecks, check_data, data_checks_table
-from .gate import GateResult, PublishedLists, run_gate
+from .gate import GateResult, PublishedLists, change_text, run_gate
 from .settings import DataCheckSettings, GateSettings
 from .stability import churn_histogram, describe_stability, list_stability, top_items
 
@@ -10,6 +10,7 @@ __all__ = [
     "GateResult",
     "GateSettings",
     "PublishedLists",
+    "change_text",
     "check_data",
     "churn_histogram",
     "data_checks_table",

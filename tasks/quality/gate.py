@@ -128,13 +128,23 @@ def decide(
             f"({drop / published:.1%}) below the published run {published_run_id} ({published:.4f}); "
             f"the gate allows {settings.max_drop:.1%}",
         )
-    change = f"{-drop:+.4f}" + (f" ({-drop / published:+.1%})" if published else "")
+    change = change_text(new, published)
     return result(
         "passed",
         True,
-        f"run {new_run_id}: validation NDCG@10 {new:.4f}, {change} vs the published run "
+        f"run {new_run_id}: validation NDCG@10 {new:.4f}, {change} against the published run "
         f"{published_run_id} ({published:.4f}); popularity {_fmt(popularity)}",
     )
+
+
+def change_text(new: float, old: float | None) -> str:
+    """`new` against `old` as the summaries show it: "+0.0012 (+2.9%)", or "the same to 4 digits" where
+    the difference rounds to zero (not "-0.0000 (-0.0%)")."""
+    if old is None:
+        return "n/a"
+    if round(new - old, 4) == 0:
+        return "the same to 4 digits"
+    return f"{new - old:+.4f}" + (f" ({(new - old) / old:+.1%})" if old else "")
 
 
 def run_gate(
