@@ -37,6 +37,7 @@ from bridgerec.tasks.quality import (
     PublishedLists,
     check_data,
     describe_stability,
+    keep_data_snapshot,
     list_stability,
     run_gate,
 )
@@ -240,6 +241,7 @@ class Night:
             self._finish()
             raise NightFailed(self.summary.message, self.summary)
         self.summary.status = "completed"
+        keep_data_snapshot(self.workspace)  # tonight's data becomes the next night's "last night"
         self._finish()
         return self.summary
 

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bridgerec.storage.workspace import Workspace
-from bridgerec.tasks.quality.datachecks import check_data
+from bridgerec.tasks.quality.datachecks import check_data, keep_data_snapshot
 from bridgerec.tasks.quality.settings import DataCheckSettings
 
 
@@ -52,6 +52,7 @@ def test_data_checks_compare_with_the_last_good_night_and_stop_a_large_drop(tmp_
     settings = DataCheckSettings(max_drop=0.2)
     first = check_data(settings, _night(tmp_path, {"food": 100, "kitchen": 100}))
     assert first.passed and "first night" in first.message
+    assert keep_data_snapshot(Workspace(tmp_path))  # the night completed: its data is the reference
     assert {(r["entity"], r["domain"]): r["count"] for r in first.rows}[("interactions", "kitchen")] == 300
 
     second = check_data(settings, _night(tmp_path, {"food": 100, "kitchen": 100}, extra_kitchen=30))
@@ -65,6 +66,7 @@ def test_data_checks_compare_with_the_last_good_night_and_stop_a_large_drop(tmp_
     )
     assert abs(kitchen["share_new"] - 30 / 330) < 1e-6 and abs(kitchen["change"] - 0.1) < 1e-6
     assert rows[("users", "food")]["change"] == 0.0 and rows[("items", "food")]["share_gone"] == 0.0
+    assert keep_data_snapshot(Workspace(tmp_path))
 
     # A truncated export: half of the food users are missing.
     dropped = check_data(settings, _night(tmp_path, {"food": 50, "kitchen": 100}, extra_kitchen=30))
@@ -78,3 +80,12 @@ def test_data_checks_compare_with_the_last_good_night_and_stop_a_large_drop(tmp_
     # The refused night did not become the reference: the full export compares with the second night.
     again = check_data(settings, _night(tmp_path, {"food": 100, "kitchen": 100}, extra_kitchen=30))
     assert again.passed and all(r["change"] == 0.0 for r in again.rows)
+    assert keep_data_snapshot(Workspace(tmp_path))
+
+    # A night that passes its checks and then fails (a stage, or the gate) keeps nothing: its rerun, with
+    # more data still, is compared with the last completed night and shows everything new since then.
+    passed = check_data(settings, _night(tmp_path, {"food": 100, "kitchen": 100}, extra_kitchen=40))
+    assert passed.passed  # ... and the night fails after its checks: keep_data_snapshot is not called
+    rerun = check_data(settings, _night(tmp_path, {"food": 100, "kitchen": 100}, extra_kitchen=50))
+    kitchen = {(r["entity"], r["domain"]): r for r in rerun.rows}[("interactions", "kitchen")]
+    assert (kitchen["count"], kitchen["previous"], kitchen["new"]) == (350, 330, 20)

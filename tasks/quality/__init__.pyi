@@ -1,4 +1,4 @@
-from .datachecks import DataCheckFailed, DataChecks, check_data, data_checks_table
+from .datachecks import DataCheckFailed, DataChecks, check_data, data_checks_table, keep_data_snapshot
 from .gate import GateResult, PublishedLists, change_text, run_gate
 from .settings import DataCheckSettings, GateSettings
 from .stability import churn_histogram, describe_stability, list_stability, top_items
@@ -15,6 +15,7 @@ __all__ = [
     "churn_histogram",
     "data_checks_table",
     "describe_stability",
+    "keep_data_snapshot",
     "list_stability",
     "run_gate",
     "top_items",

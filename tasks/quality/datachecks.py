@@ -3,8 +3,11 @@
 For interactions, users and items of each domain: tonight's count, last night's, how many are new and
 how many are gone (shares of tonight's and of last night's). A count that fell by more than
 `checks.max_drop` of last night's (a truncated export, a lost domain) stops the night before anything is
-trained or published. "Last night" is the snapshot the previous check kept in `WORKSPACE/quality/`
-(64-bit hashes of the keys: user_id; item_id; user_id + item_id + position for interactions).
+trained or published. "Last night" is the last *completed* night's snapshot in `WORKSPACE/quality/`
+(64-bit hashes of the keys: user_id; item_id; user_id + item_id + position for interactions): a passing
+check keeps tonight's as pending, and the nightly flow makes it the reference when the night completes
+(`keep_data_snapshot`), so a night that passed its checks and then failed (or was refused by the gate)
+is not what its rerun is compared with: the rerun still shows what is new since the last good night.
 """
 
 from __future__ import annotations
@@ -35,7 +38,23 @@ class DataChecks(BaseModel):
 
 
 def _snapshot_path(workspace: Workspace) -> Path:
+    """The reference: the last completed night's snapshot."""
     return workspace.root / "quality" / "data_snapshot.parquet"
+
+
+def _pending_path(workspace: Workspace) -> Path:
+    """Tonight's snapshot once its check passed, until the night completes."""
+    return workspace.root / "quality" / "data_snapshot.pending.parquet"
+
+
+def keep_data_snapshot(workspace: Workspace) -> bool:
+    """Make the pending snapshot (tonight's, its check passed) the reference, once the night completed;
+    False when there is none (checks off, or already kept). One atomic rename."""
+    pending = _pending_path(workspace)
+    if not pending.exists():
+        return False
+    pending.replace(_snapshot_path(workspace))
+    return True
 
 
 def _current(con: duckdb.DuckDBPyConnection, workspace: Workspace) -> None:
@@ -57,9 +76,10 @@ def _current(con: duckdb.DuckDBPyConnection, workspace: Workspace) -> None:
 
 
 def check_data(settings: DataCheckSettings, workspace: Workspace) -> DataChecks:
-    """Compare tonight's ingest output with the last checked night's; keep tonight's snapshot when the
-    check passes (so a refused night is compared with the last good one again). Never raises for a drop:
-    the caller decides (the nightly flow raises DataCheckFailed when `passed` is false)."""
+    """Compare tonight's ingest output with the last completed night's; keep tonight's snapshot as
+    pending when the check passes (`keep_data_snapshot` makes it the reference once the night completes).
+    Never raises for a drop: the caller decides (the nightly flow raises DataCheckFailed when `passed` is
+    false)."""
     snap = _snapshot_path(workspace)
     con = duckdb.connect()
     try:
@@ -110,10 +130,11 @@ def check_data(settings: DataCheckSettings, workspace: Workspace) -> DataChecks:
                 + f" (more than the {settings.max_drop:.0%} drop allowed by checks.max_drop)"
             )
             return DataChecks(rows=rows, passed=False, message=message)
-        snap.parent.mkdir(parents=True, exist_ok=True)
-        tmp = snap.with_name(snap.name + ".tmp")
+        pending = _pending_path(workspace)
+        pending.parent.mkdir(parents=True, exist_ok=True)
+        tmp = pending.with_name(pending.name + ".tmp")
         con.execute(f"COPY cur TO '{tmp}' (FORMAT parquet)")
-        tmp.replace(snap)
+        tmp.replace(pending)
         if first:
             return DataChecks(rows=rows, passed=True, message="data check: first night, no comparison")
         inter = [r for r in rows if r["entity"] == "interactions"]
