@@ -14,7 +14,7 @@ extra=()
 if [ -n "${BRIDGEREC_TORCH_INDEX:-}" ]; then extra=(--extra-index-url "$BRIDGEREC_TORCH_INDEX"); fi
 
 if [ ! -f "$deps_stamp" ] || [ "$(cat "$deps_stamp")" != "$want_deps" ]; then
-  echo "setting up .venv (first time: a few minutes, ~4 GB)..." >&2
+  echo "setting up .venv (first time: a few minutes, ~5 GB)..." >&2
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade "pip>=24"
   .venv/bin/python -m pip install -q --no-deps "${extra[@]}" -r requirements/cpu.lock.txt
