@@ -87,22 +87,22 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 
 def _stage_row(summary: NightSummary, stage: str) -> str:
-    """One row of the stages table: what the stage did, its seconds and the one count that says how much
-    it did (or holds, when it skipped)."""
+    """One row of the stages table: what the stage did, its seconds and the count that says how much it
+    made or holds, with what it counts (enrich counts tonight's work, the others what they hold)."""
     seconds = f"{summary.seconds.get(stage, 0):.1f}"
     r = getattr(summary.stages, stage)
     if r is None:
         return f"| {stage} | {'failed' if summary.failed_stage == stage else 'not run'} | {seconds} | |"
     if isinstance(r, Held):
         return f"| {stage} | {r.status} | {seconds} | |"
-    rows: int | None = {
-        "ingest": lambda: r.interactions,
-        "enrich": lambda: r.items_embedded + r.profiles_generated,
-        "train": lambda: r.users,
-        "publish": lambda: r.rows,
+    count: str = {
+        "ingest": lambda: f"{r.interactions:,} interactions",
+        "enrich": lambda: f"{r.items_embedded:,} items embedded, {r.profiles_generated:,} profiles written",
+        "train": lambda: f"{r.users:,} users",
+        "publish": lambda: f"{r.rows:,} rows",
     }[stage]()
     did = "skipped (unchanged)" if r.skipped else ("did (forced)" if stage in summary.forced else "did")
-    return f"| {stage} | {did} | {seconds} | {'' if rows is None else f'{rows:,}'} |"
+    return f"| {stage} | {did} | {seconds} | {count} |"
 
 
 def _headlines(summary: NightSummary) -> list[str]:
@@ -153,8 +153,8 @@ def summary_markdown(summary: NightSummary) -> str:
     lines = [
         f"# bridgerec nightly run {summary.night_id}: {head}",
         "",
-        "| stage | did | seconds | rows |",
-        "|---|---|---:|---:|",
+        "| stage | did | seconds | count |",
+        "|---|---|---:|---|",
         _stage_row(summary, "ingest"),
     ]
     if summary.data_checks is not None:

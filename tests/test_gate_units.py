@@ -175,6 +175,7 @@ def test_the_morning_read_says_when_tonights_run_is_not_the_one_judged() -> None
     md = summary_markdown(night)
     assert "- it is not the best run on these inputs: `earlier`" in md
     assert "scored 0.0621 on validation against its 0.0582" in md
+    assert "| train | did | 0.0 | 10 users |" in md  # each count says what it counts
     night.best_run_id = "tonight"
     assert "not the best run" not in summary_markdown(night)
 
