@@ -26,9 +26,14 @@ RUNS = "runs"
 
 
 class RunDir:
-    def __init__(self, workspace: Workspace, run_id: str) -> None:
+    """WORKSPACE/runs/<run_id>/, or with `folder` another folder of runs/ holding the same run while it is
+    built (a forced retrain trains in `forced_folder(run_id)` and replaces the run's folder when it is
+    complete, so the earlier complete run stays whole until then)."""
+
+    def __init__(self, workspace: Workspace, run_id: str, folder: str | None = None) -> None:
         self.run_id = run_id
-        self.path = workspace.root / RUNS / run_id
+        self.folder = folder
+        self.path = workspace.root / RUNS / (folder or run_id)
 
     @property
     def model(self) -> Path:
@@ -68,6 +73,11 @@ class RunDir:
     @property
     def checkpoint(self) -> Path:
         return self.path / "checkpoint.pt"
+
+    @staticmethod
+    def forced_folder(run_id: str) -> str:
+        """The folder of runs/ where a forced retrain of `run_id` is built (hidden, beside the run's own)."""
+        return f".{run_id}.forced"
 
     def is_complete(self) -> bool:
         return self.summary.exists() and self.model.exists()

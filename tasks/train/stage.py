@@ -37,7 +37,7 @@ from bridgerec.runtime.logs import DETAIL
 from bridgerec.runtime.reports import TableReport
 from bridgerec.runtime.runner import step
 from bridgerec.storage import schemas
-from bridgerec.storage.files import atomic_path
+from bridgerec.storage.files import atomic_path, swap_dir
 from bridgerec.storage.runs import RunDir
 from bridgerec.storage.workspace import Workspace, hash_json
 from bridgerec.storage.workspace import config_hash as workspace_config_hash
@@ -181,14 +181,27 @@ def run_train(run: StageRun[TrainSettings]) -> TrainSummary:
     settings, workspace, log = run.settings, run.workspace, run.log
     started = time.perf_counter()
     hashes = input_hashes(input_files(workspace, settings.uses_llm_tables, settings.uses_profiles))
-    run_dir = RunDir(workspace, run_id_for(settings, hashes))
-    if run_dir.is_complete() and not run.force:
-        log.info("train: %s already trained on these inputs, skipping (%s)", run_dir.run_id, run_dir.path)
-        summary = TrainSummary(**run_dir.read_summary())
-        _record(workspace, run_dir, summary, hashes, config_hash(settings), settings.select_by)
+    final = RunDir(workspace, run_id_for(settings, hashes))
+    forced = RunDir(workspace, final.run_id, RunDir.forced_folder(final.run_id))
+    if forced.is_complete():  # a forced retrain killed while it replaced the run's folder: finish that
+        _replace_run(final, forced)
+    if final.is_complete() and not run.force:
+        log.info("train: %s already trained on these inputs, skipping (%s)", final.run_id, final.path)
+        summary = TrainSummary(**final.read_summary())
+        _record(workspace, final, summary, hashes, config_hash(settings), settings.select_by)
         return summary.model_copy(update={"skipped": True, "seconds": time.perf_counter() - started})
-    if run.force and run_dir.path.exists():
-        shutil.rmtree(run_dir.path)
+    run_dir = final
+    if run.force and final.is_complete():
+        # Retrained beside the complete run, which stays whole (served, rescored, warm-started from)
+        # until the new one is: killed, the rerun resumes the forced run from its own checkpoint there.
+        run_dir = forced
+        log.info(
+            "train: --force: retraining %s in %s; the complete run stays until then",
+            final.run_id,
+            forced.path,
+        )
+    elif run.force and final.path.exists():  # an unfinished attempt: nothing complete to keep
+        shutil.rmtree(final.path)
 
     threads = run.threads_for(settings.threads)
     torch.set_num_threads(threads)
@@ -220,9 +233,12 @@ def run_train(run: StageRun[TrainSettings]) -> TrainSummary:
             "threads": threads,
         }
     )
+    summary = summary.model_copy(update={"run_dir": str(final.path)})
     run_dir.write_summary(summary.model_dump(mode="json"))
     run_dir.checkpoint.unlink(missing_ok=True)
-    _record(workspace, run_dir, summary, hashes, config_hash(settings), settings.select_by)
+    if run_dir is forced:  # the forced run is complete: it replaces the earlier one, whole
+        _replace_run(final, forced)
+    _record(workspace, final, summary, hashes, config_hash(settings), settings.select_by)
     log.info(
         "train: %s (%s start) best epoch %d/%d, test ndcg@10 %.4f (full %.4f), %.1f s/epoch",
         run_dir.run_id,
@@ -234,6 +250,14 @@ def run_train(run: StageRun[TrainSettings]) -> TrainSummary:
         summary.epoch_seconds,
     )
     return summary
+
+
+def _replace_run(final: RunDir, forced: RunDir) -> None:
+    """Put the complete forced retrain in place of the run's folder (readers see the old run or the new,
+    whole); the old folder is deleted."""
+    trash = final.path.with_name(f".{final.run_id}.replaced")
+    shutil.rmtree(trash, ignore_errors=True)  # left by a kill during an earlier replacement's delete
+    swap_dir(forced.path, final.path, trash)
 
 
 def load_inputs(run: StageRun[TrainSettings]) -> TrainInputs:
@@ -358,7 +382,7 @@ def _fit(
         dp = settings.data_parallel
         log.info("train: data-parallel over %d workers (%s)", dp.workers, dp.launcher)
         job = DataParallelJob(
-            settings=settings, workspace=str(run.workspace.root), run_id=run_dir.run_id,
+            settings=settings, workspace=str(run.workspace.root), run_id=run_dir.run_id, folder=run_dir.folder,
             threads=max(1, int(dp.cpus_per_worker)), warm=start.init.init == "warm",
             init=start.init.model_dump(mode="json"),
         )  # fmt: skip
