@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, cast
 import typer
 import yaml
 from pydantic import BaseModel
+from typer._click.core import Context as ClickContext  # Typer 0.29 vendors click, re-exporting neither
+from typer._click.exceptions import UsageError
+from typer.core import TyperGroup
 
 import bridgerec.runtime.prefect_env  # noqa: F401  (must precede any prefect import)
 from bridgerec.config import CONFIG_ENV, ENV_PREFIX, ConfigError, Settings, load_settings
@@ -38,7 +41,30 @@ if TYPE_CHECKING:
     from bridgerec.tasks.publish import PublishSummary
     from bridgerec.tasks.train import TrainSummary
 
+
+class _Program(TyperGroup):
+    """The program's command group: keeps the message of a command-line error (an unknown command or
+    option, a missing or bad value; click prints it on stderr) for the `--json` answer `main` gives."""
+
+    usage_error: str | None = None
+
+    def make_context(self, *args: Any, **kwargs: Any) -> ClickContext:
+        try:
+            return super().make_context(*args, **kwargs)
+        except UsageError as exc:  # an option of the program itself
+            _Program.usage_error = exc.format_message()
+            raise
+
+    def invoke(self, ctx: ClickContext) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UsageError as exc:  # a command's (its name, options, values), at any depth
+            _Program.usage_error = exc.format_message()
+            raise
+
+
 app = typer.Typer(
+    cls=_Program,
     name="bridgerec",
     help=(
         "Cross-domain next-item recommendations bridged by LLMs (LLM4CDSR), as a nightly batch pipeline.\n\n"
@@ -993,14 +1019,16 @@ def main() -> None:
     """The `bridgerec` program: the commands, plus one `error:` line on the terminal for a failure no
     command expected (its traceback goes to the log file when there is one) and, under --json, the
     failure's JSON object on stdout, also when the command line itself was not understood."""
-    _Answer.current = None
+    _Answer.current, _Program.usage_error = None, None
     try:
         app()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_FAILURE)
         answer = _Answer.current or _Answer(" ".join(a for a in sys.argv[1:2]), "--json" in sys.argv[1:])
         if code != 0:  # a usage error click reported on stderr; a command's own failure has answered
-            answer.failure("the command line was not understood (the message is on stderr)", code)
+            answer.failure(
+                f"the command line was not understood: {_Program.usage_error or 'see stderr'}", code
+            )
         raise
     except KeyboardInterrupt:
         raise

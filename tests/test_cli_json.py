@@ -179,6 +179,17 @@ def test_a_usage_error_answers_too(tmp_path: Path) -> None:
     assert done.returncode == 2 and "--user" in done.stderr
     answer = _one_object(done.stdout)
     assert answer["ok"] is False and answer["exit_code"] == 2 and answer["command"] == "recs"
+    assert answer["error"] == "the command line was not understood: Missing option '--user' / '-u'."
+    # The answer says what click said: a mistyped option of a command, a command of a group.
+    for argv, said in (
+        (["train", "--epoch", "3", "--json"], "No such option: --epoch (Possible options: --epochs)"),
+        (["runs", "lst", "--json"], "No such command 'lst'. Did you mean 'list'?"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "bridgerec.cli", *argv], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 2 and said in done.stderr
+        assert _one_object(done.stdout)["error"] == f"the command line was not understood: {said}"
 
 
 def _command_paths() -> list[list[str]]:
