@@ -55,12 +55,33 @@ class _Program(TyperGroup):
             _Program.usage_error = exc.format_message()
             raise
 
+    def get_help_option(self, ctx: ClickContext) -> Any:
+        option = super().get_help_option(ctx)  # `bridgerec --help`'s own (the commands': `_unlabel_flags`)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    def resolve_command(self, ctx: ClickContext, args: list[str]) -> tuple[str | None, Any, list[str]]:
+        name, command, rest = super().resolve_command(ctx, args)
+        _unlabel_flags(command, ctx)
+        return name, command, rest
+
     def invoke(self, ctx: ClickContext) -> Any:
         try:
             return super().invoke(ctx)
         except UsageError as exc:  # a command's (its name, options, values), at any depth
             _Program.usage_error = exc.format_message()
             raise
+
+
+def _unlabel_flags(command: Any, ctx: ClickContext) -> None:
+    """No type label after a flag in `--help` (Typer 0.29 shows `--json <bool>`, `--help <bool>`, as if
+    they took a value): the flags of `command` and of every command under it, its help option too."""
+    for sub in getattr(command, "commands", {}).values():
+        _unlabel_flags(sub, ctx)
+    for param in [*getattr(command, "params", []), command.get_help_option(ctx) if command else None]:
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
 
 
 app = typer.Typer(

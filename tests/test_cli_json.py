@@ -209,10 +209,12 @@ def _command_paths() -> list[list[str]]:
 def test_help_paragraphs_wrap_to_the_terminal_not_to_the_source() -> None:
     """On an 80-column terminal every command's description reads as wrapped paragraphs: no line of a
     paragraph but its last is cut short by a line break of the docstring's source (Typer 0.29 kept
-    them: "the best epoch's path is" / "trained again ...")."""
-    for path in _command_paths():
+    them: "the best epoch's path is" / "trained again ...") and no flag is labelled as taking a value
+    (Typer 0.29 showed `--json <bool>`)."""
+    for path in [[], *_command_paths()]:
         out = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "80"})
         assert out.exit_code == 0, out.output
+        assert "<bool>" not in out.stdout and "--help" in out.stdout, (path, out.stdout)
         lines = out.stdout.splitlines()
         start = next(i for i, line in enumerate(lines) if "Usage:" in line) + 1
         end = next(i for i, line in enumerate(lines) if line.startswith("╭"))
