@@ -595,13 +595,18 @@ def publish(
     warehouse: WarehouseOpt = None,
     k: Annotated[int | None, typer.Option("--k", help="Recommendations per user and domain.")] = None,
     run_id: Annotated[
-        str | None, typer.Option("--run-id", help="Id of the published run (default: the trained run's).")
+        str | None,
+        typer.Option(
+            "--run-id",
+            help="The trained run to publish (WORKSPACE/runs/RUN_ID, trained on the current catalogue: a run "
+            "the quality gate refused, or an earlier one); default: the best on the current inputs.",
+        ),
     ] = None,
     force: Annotated[bool, typer.Option(help="Publish again even if this run is already published.")] = False,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Write the latest trained run's top-k per user and domain to the DuckDB warehouse, with FAISS indexes.
+    """Write the best trained run's (or --run-id's) top-k per user and domain to the DuckDB warehouse, with FAISS indexes.
 
     Users are scored in shards (`publish.users_per_shard`), each writing its own Parquet parts under
     `publish.data_dir` (default <warehouse name>.parts beside it; s3://bucket/prefix works too); the night

@@ -104,3 +104,26 @@ def test_publish_flow_and_cli_on_a_trained_run(
         app, ["publish", "--workspace", str(tmp_path / "empty"), "--warehouse", str(warehouse)]
     )
     assert out.exit_code == 2 and "run `bridgerec train` first" in out.output
+
+    # --run-id chooses the trained run to publish (a run the gate refused, an earlier one): it must be
+    # there, complete and of today's catalogue; a typo is refused, not published under its name.
+    def publish(run_id: str) -> tuple[int, dict]:
+        argv = ["publish", "-w", str(root), "--warehouse", str(warehouse), "--k", "10", "--run-id", run_id]
+        out = CliRunner().invoke(app, [*argv, "--json"])
+        return out.exit_code, json.loads(out.stdout.strip().splitlines()[-1])
+
+    code, answer = publish(train_run)
+    assert code == 0 and (answer["run_id"], answer["train_run_id"], answer["skipped"]) == (train_run,) * 2 + (
+        True,
+    )
+    code, answer = publish("bogus")
+    assert code == 2 and answer["error"].startswith("no trained run 'bogus'")
+    other = root / "runs" / "sasrec-othercatalogue"
+    shutil.copytree(root / "runs" / train_run, other)
+    config = json.loads((other / "config.json").read_text())
+    config["catalog"]["sizes"] = [n + 1 for n in config["catalog"]["sizes"]]
+    (other / "config.json").write_text(json.dumps(config))
+    code, answer = publish(other.name)
+    assert code == 2 and "trained on another catalogue" in answer["error"]
+    with duckdb.connect(str(warehouse), read_only=True) as con:
+        assert con.execute("SELECT run_id FROM latest_run").fetchall() == [(train_run,)]

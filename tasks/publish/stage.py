@@ -119,12 +119,23 @@ class PublishSummary(BaseModel):
         return [TableReport("publish-runs", rows, description)]
 
 
-def resolve_trained_run(workspace: Workspace) -> TrainedRun:
-    """The best run of the train stage on the current inputs. Raises PublishError when there is none."""
+def resolve_trained_run(workspace: Workspace, run_id: str | None = None) -> TrainedRun:
+    """The trained run `run_id` (WORKSPACE/runs/<run_id>), or by default the best run of the train stage
+    on the current inputs. Raises PublishError when there is none, when it is not complete, or when it
+    was trained on another catalogue (it cannot score today's items)."""
+    outputs = TrainOutputs(workspace)
     try:
-        return TrainOutputs(workspace).best_run()
+        if run_id is None:
+            return outputs.best_run()
+        trained = outputs.run(check_run_id(run_id))
     except TrainMissing as exc:
-        raise PublishError(str(exc)) from None
+        where = "" if run_id is None else f" (the trained runs: {workspace.stage_dir('train')}/runs.parquet)"
+        raise PublishError(f"{exc}{where}") from None
+    except ValueError as exc:  # not an id a run folder can have
+        raise PublishError(f"--run-id: {exc}") from None
+    if (mismatch := outputs.catalogue_mismatch(trained)) is not None:
+        raise PublishError(f"{mismatch}: it cannot score today's items; publish a run trained on them")
+    return trained
 
 
 def index_root(settings: PublishSettings, warehouse: Path) -> Path:
@@ -298,8 +309,11 @@ def run_publish(
 ) -> PublishSummary:
     """Publish the latest trained run of the workspace (or the `vectors` handed in) into `run.warehouse`.
 
-    `run_id` defaults to the trained run's id (the nightly flow passes its own, to tie the row it recorded
-    as 'running' to this publish). The plan, every shard and the registration are steps of `run.runner`
+    `run_id` chooses the trained run (`WORKSPACE/runs/<run_id>`, complete, trained on the current
+    catalogue: `bridgerec publish --run-id`, e.g. a run the quality gate refused or an earlier one); by
+    default the best run on the current inputs. The published run keeps the trained run's id. With
+    `vectors` handed in there is no trained run and `run_id` names the published run (default
+    `publish-<time>-<hex>`). Raises PublishError for a run that is not there or not complete. The plan, every shard and the registration are steps of `run.runner`
     (task runs in a flow; the shards on worker processes with `runtime.runner: processes`).
     """
     job = _job(run, run_id, vectors)
@@ -369,10 +383,11 @@ def _job(
 ) -> _Job:
     """Resolve the trained run, the run id and the inputs' hash; check the ingest output is there."""
     settings, workspace = run.settings, run.workspace
-    trained = resolve_trained_run(workspace) if vectors is None else None
-    if run_id is None:
-        stamp = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-        run_id = trained.run_id if trained else f"publish-{stamp}"
+    trained = resolve_trained_run(workspace, run_id) if vectors is None else None
+    if trained is not None:
+        run_id = trained.run_id
+    elif run_id is None:
+        run_id = f"publish-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     check_run_id(run_id)
     warehouse = run.warehouse_path.expanduser().resolve()
     wh.verify_readable(warehouse)  # a damaged warehouse is refused before any index or part is built

@@ -16,6 +16,7 @@ from bridgerec.storage.runs import RunDir
 from bridgerec.storage.vectors import DomainVectors, TextSpace
 from bridgerec.storage.workspace import Workspace, hash_file
 from bridgerec.tasks.train.export import export_text_space, export_vectors
+from bridgerec.tasks.train.inputs import load_catalog
 
 STAGE = "train"
 
@@ -59,6 +60,8 @@ class TrainOutputs:
     def run(self, run_id: str, model: str | None = None) -> TrainedRun:
         """A finished run by id. Raises TrainMissing when it is absent or incomplete."""
         run = RunDir(self.workspace, run_id)
+        if not run.path.is_dir():
+            raise TrainMissing(f"no trained run {run_id!r} in {run.path.parent}")
         if not run.is_complete():
             raise TrainMissing(
                 f"the trained run {run_id!r} is incomplete: {run.path} lacks its weights or summary"
@@ -66,6 +69,19 @@ class TrainOutputs:
         if model is None:
             model = run.read_summary().get("model")
         return TrainedRun(run_id, model, run.path)
+
+    def catalogue_mismatch(self, run: TrainedRun) -> str | None:
+        """Why `run` cannot score the workspace's current catalogue (trained on other domains or item
+        counts: its rows would not be today's items), or None when it can."""
+        recorded = RunDir(self.workspace, run.run_id).read_config()["catalog"]
+        catalog = load_catalog(self.workspace)
+        sizes = [int(n) for n in catalog.sizes]
+        if recorded["domains"] == catalog.domains and recorded["sizes"] == sizes:
+            return None
+        return (
+            f"run {run.run_id} was trained on another catalogue ({recorded['domains']}, "
+            f"{recorded['sizes']} items; the workspace has {catalog.domains}, {sizes})"
+        )
 
     def export_vectors(self, run: TrainedRun, device: str = "cpu") -> dict[str, DomainVectors]:
         """{domain: DomainVectors}: per target domain, user and item vectors whose inner product is the
