@@ -527,7 +527,7 @@ def train(
         ),
     ] = None,
     epochs: Annotated[
-        int | None, typer.Option("--epochs", help="Upper bound on epochs.", show_default=False)
+        int | None, typer.Option("--epochs", min=1, help="Upper bound on epochs.", show_default=False)
     ] = None,
     force: Annotated[bool, typer.Option(help="Retrain even if this run already finished.")] = False,
     as_json: JsonOpt = False,
@@ -593,7 +593,7 @@ def publish(
     config: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
     warehouse: WarehouseOpt = None,
-    k: Annotated[int | None, typer.Option("--k", help="Recommendations per user and domain.")] = None,
+    k: Annotated[int | None, typer.Option("--k", min=1, help="Recommendations per user and domain.")] = None,
     run_id: Annotated[
         str | None,
         typer.Option(
@@ -944,7 +944,7 @@ def _render_sql(r: dict) -> None:
 def runs_list(
     warehouse: WarehouseOpt = None,
     config: ConfigOpt = None,
-    limit: Annotated[int | None, typer.Option(help="Show at most this many runs.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Show at most this many runs.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """List the runs in the warehouse, newest first: published runs (`retained` ones still have their

@@ -66,7 +66,40 @@ def create_slack_alert(webhook_url: str, block_name: str = "bridgerec-oncall") -
 _MAX_OLD_AUTOMATIONS = 100  # the loop deletes one per pass: bounded, and says why it stopped
 
 
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bridgerec.flows.alerts URL`: the automation with a Slack webhook, on the Prefect server
+    PREFECT_API_URL names. Refused (exit 2, one `error:` line) without that server, where it would go to
+    a temporary one that is gone at exit, and for a URL that is not https."""
+    import argparse
+    from urllib.parse import urlparse
+
+    from prefect.settings import PREFECT_API_URL
+
+    parser = argparse.ArgumentParser(
+        prog="python -m bridgerec.flows.alerts",
+        description=f"Create (or replace) the Prefect automation {AUTOMATION_NAME!r}: a message to a Slack "
+        "webhook when a nightly run fails or the quality gate refuses its run. Runs once, against the "
+        "Prefect server PREFECT_API_URL names (docs/runbook.md, section 7).",
+    )
+    parser.add_argument(
+        "webhook_url", help="the Slack incoming webhook (https://hooks.slack.com/services/...)"
+    )
+    parser.add_argument("--block-name", default="bridgerec-oncall", help="the notification block's name")
+    args = parser.parse_args(argv)
+    if urlparse(args.webhook_url).scheme != "https":
+        print(f"error: {args.webhook_url!r} is not an https webhook URL", file=sys.stderr)
+        return 2
+    if not PREFECT_API_URL.value():
+        print(
+            "error: PREFECT_API_URL is not set: the automation would be saved in a temporary Prefect server "
+            "that is gone when this ends; set it to the server the nightly deployment runs on",
+            file=sys.stderr,
+        )
+        return 2
+    automation = create_slack_alert(args.webhook_url, args.block_name)
+    print(f"created automation {automation.name!r} ({automation.id}) with block {args.block_name!r}")
+    return 0
+
+
 if __name__ == "__main__":  # pragma: no cover
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m bridgerec.flows.alerts SLACK_WEBHOOK_URL")
-    print(create_slack_alert(sys.argv[1]).id)
+    sys.exit(main())

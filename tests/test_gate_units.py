@@ -186,3 +186,23 @@ def test_a_change_that_rounds_to_nothing_says_so() -> None:
     assert change_text(0.04123, 0.04) == "+0.0012 (+3.1%)"
     assert change_text(0.0621, 0.06212) == "the same to 4 digits"  # not "-0.0000 (-0.0%)"
     assert change_text(0.05, None) == "n/a"
+
+
+def test_the_alert_command_explains_itself_and_refuses_what_would_be_lost(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`python -m bridgerec.flows.alerts --help` prints its usage and saves nothing (it took "--help" for
+    the webhook URL and created the block and automation on a temporary server); without a Prefect
+    server (PREFECT_API_URL) or with a URL that is not https it says so on one line, exit 2."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from bridgerec.flows.alerts import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0 and "PREFECT_API_URL" in capsys.readouterr().out
+    assert main(["http://hooks.example/x"]) == 2
+    assert capsys.readouterr().err.startswith("error: 'http://hooks.example/x' is not an https webhook URL")
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert main(["https://hooks.slack.com/services/T000/B000/XXXX"]) == 2
+    assert capsys.readouterr().err.startswith("error: PREFECT_API_URL is not set")

@@ -71,7 +71,7 @@ def held_read_write(path: Path, exc: BaseException, consequence: str) -> Warehou
         f"warehouse {path} is open read-write in another process ({holder}), which shuts out every "
         f"other connection; {consequence}. Close that session, or reopen it read-only "
         f"(`duckdb -readonly {path}`, `duckdb.connect(path, read_only=True)`, a read-only connection in "
-        "DBeaver), then retry (docs/publish.md, 'Reading the warehouse')"
+        "DBeaver), then retry (docs/publish.md, 'Things to know as a reader')"
     )
 
 
