@@ -166,7 +166,12 @@ def test_generated_text_is_validated() -> None:
     text, reason = clean_generated("<|im_end|> \n ", 50)
     assert text is None and "empty" in reason
     capped, _ = clean_generated(" ".join(["word"] * 80), 50)
-    assert capped is not None and len(capped.split()) == 50  # no whole sentence to cut back to
+    assert capped is not None and len(capped.split()) == 50  # no whole sentence to cut back to...
+    assert capped.endswith("word…")  # ...so it says it was cut
+    assert (
+        clean_generated("Interests: a desire for vegan food, a", 50)[0]
+        == "Interests: a desire for vegan food, a…"
+    )
     # cut mid-sentence (by the word cap or the engine's token limit): back to the last whole sentence
     cut = "Buys loose-leaf tea (mostly green). Cooks on cast iron! Shows a desire for a"
     assert clean_generated(cut, 50) == ("Buys loose-leaf tea (mostly green). Cooks on cast iron!", None)

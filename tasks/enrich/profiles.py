@@ -104,7 +104,8 @@ _SENTENCE_END = re.compile(r"""[.!?]["')\]]?(?=\s|$)""")
 def clean_generated(text: str, max_words: int) -> tuple[str | None, str | None]:
     """(clean text, None) or (None, reason): chat artefacts and role labels stripped, whitespace collapsed,
     cut to `max_words` words and then to its last whole sentence where it ends mid-sentence (the word cap
-    or the engine's token limit cut it) and has one; text without a letter is rejected."""
+    or the engine's token limit cut it); without a whole sentence to keep it ends in "…", so that a
+    reader sees it was cut ("... and a desire for a…"); text without a letter is rejected."""
     out = _ARTEFACTS.sub(" ", text)
     while (m := _ROLE_PREFIX.match(out)) is not None:
         out = out[m.end() :]
@@ -116,7 +117,7 @@ def clean_generated(text: str, max_words: int) -> tuple[str | None, str | None]:
         out = " ".join(words[:max_words])
     if not _SENTENCE_END.search(out[-2:]):  # ends mid-sentence: keep the sentences that are whole
         ends = [m.end() for m in _SENTENCE_END.finditer(out)]
-        out = out[: ends[-1]] if ends else out
+        out = out[: ends[-1]] if ends else out.rstrip(" ,;:-") + "…"
     return out, None
 
 
