@@ -129,6 +129,12 @@ def _headlines(summary: NightSummary) -> list[str]:
             f"- validation NDCG@10 (full ranking) {_fmt(new)}{change}; popularity floor "
             f"{_fmt(gate.popularity_ndcg10)}"
         )
+    elif gate is not None and gate.decision == "unchanged" and train is not None:  # the gate scored nothing
+        figure = train.valid.get("full", train.valid).get("overall", {}).get("ndcg@10")
+        lines.append(
+            f"- validation NDCG@10 (full ranking) {_fmt(figure)}: the published run's, its inputs unchanged "
+            "(not scored again)"
+        )
     if summary.data_checks is not None:
         lines.append(f"- {summary.data_checks.message}")
     if summary.list_stability_text:

@@ -138,6 +138,13 @@ def test_nightly_runs_skips_fails_safely_and_resumes(nights: Nights) -> None:
     again = nights.again["stages"]
     assert again["ingest"]["skipped"] and again["train"]["skipped"] and again["publish"]["skipped"]
     assert again["enrich"]["items_embedded"] == 0 and again["enrich"]["profiles_generated"] == 0
+    # The morning read of the unchanged night still gives the headline figure (the gate scored nothing).
+    figure = again["train"]["valid"]["full"]["overall"]["ndcg@10"]
+    assert nights.again["gate"]["decision"] == "unchanged"
+    assert (
+        f"- validation NDCG@10 (full ranking) {figure:.4f}: the published run's, its inputs unchanged"
+        in summary_markdown(NightSummary(**nights.again))
+    )
 
     assert nights.runs[1] == (run_1, rows_1)  # the failed night left the published tables untouched
     assert len(nights.failed) == 1 and nights.failed[0][0].startswith("stage enrich")
