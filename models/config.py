@@ -85,6 +85,9 @@ class ModelConfig:
     # The prior's weight on items without training interactions (`id_known` 0: new catalogue items) is
     # w * text_prior_new_items: how much of their text similarity new items may bring to the score.
     text_prior_new_items: float = 1.0
+    # The history's text vector weighs the item k places before the latest by text_prior_decay ** k
+    # (recency; 1 = the plain sum, the text-only bound's user). Read at inference only.
+    text_prior_decay: float = 1.0
     # A learned state per domain thread for a target with no earlier item of its domain (instead of no
     # domain term): what a user who never shopped in the domain is scored with.
     domain_start: bool = False

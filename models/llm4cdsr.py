@@ -638,9 +638,19 @@ class LLM4CDSR(Recommender):
         return F.normalize(self.E_all[gids], dim=-1)
 
     def prior_users(self, inputs: Tensor) -> Tensor:
-        """inputs: [B, L] global ids -> [B, Dg] the unit-norm sum of the history's unit-norm LLM embeddings:
-        the user of the text-only bound (bench/coldstart_text.py), so that prior . item is its cosine."""
-        return F.normalize(self.prior_items(inputs).sum(1), dim=-1)
+        """inputs: [B, L] left-padded global ids -> [B, Dg] the unit-norm, recency-weighted sum of the
+        history's unit-norm LLM embeddings, sum_k decay^k e(item k places before the latest) with decay =
+        `text_prior_decay` (1: the plain sum, the user of the text-only bound, bench/coldstart_text.py),
+        so that prior . item is the cosine of the item's text with the history's."""
+        decay = self.config.text_prior_decay
+        items = self.prior_items(inputs)  # [B, L, Dg], zero rows for the padding
+        if (
+            decay != 1.0
+        ):  # the latest item (last column) weighs 1; the padding adds nothing whatever its weight
+            L = inputs.shape[1]
+            weights = decay ** torch.arange(L - 1, -1, -1, device=inputs.device, dtype=items.dtype)  # [L]
+            items = items * weights[:, None]
+        return F.normalize(items.sum(1), dim=-1)
 
     def set_text_prior(self, weight: float, new_items: float | None = None) -> None:
         self.text_prior_weight.fill_(weight)

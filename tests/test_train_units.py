@@ -712,6 +712,35 @@ def test_text_prior_adds_the_cosine_of_history_and_item_texts_outside_training()
         assert model.item_rows(0, torch.arange(1, 7)).shape[-1] == model.item_vectors(0).shape[-1] - 24
 
 
+def test_text_prior_decay_weighs_the_history_by_recency_and_ignores_padding() -> None:
+    """text_prior_decay d: the history's text vector is the unit-norm sum of decay^k times the unit-norm
+    embedding of the item k places before the latest, computed here by hand; d = 1 is the plain sum. How
+    much padding a row has does not change it, and the prior is still read from the inputs only."""
+    torch.manual_seed(0)
+    model = build_model(_config("llm4cdsr", text_prior=True, text_prior_decay=0.5), CATALOG, _tables()).eval()
+    plain = build_model(_config("llm4cdsr", text_prior=True), CATALOG, _tables()).eval()
+    E = F.normalize(model.E_all, dim=1)
+    inputs = torch.tensor([[0, 0, 1, 7, 2, 8], [0, 0, 0, 9, 10, 4]])
+    by_hand = torch.stack(
+        [
+            F.normalize(E[8] + 0.5 * E[2] + 0.25 * E[7] + 0.125 * E[1], dim=0),
+            F.normalize(E[4] + 0.5 * E[10] + 0.25 * E[9], dim=0),
+        ]
+    )
+    with torch.no_grad():
+        assert torch.allclose(model.prior_users(inputs), by_hand, atol=1e-6)
+        assert torch.allclose(plain.prior_users(inputs), F.normalize(E[inputs].sum(1), dim=1), atol=1e-6)
+        padded = torch.cat([torch.zeros(2, 3, dtype=inputs.dtype), inputs], 1)  # more padding, same history
+        assert torch.allclose(model.prior_users(padded), by_hand, atol=1e-6)
+        model.set_text_prior(2.0)
+        assert torch.allclose(model.user_vectors(inputs, 1)[:, -24:], 2.0 * by_hand, atol=1e-6)
+    from bridgerec.tasks.train.settings import TrainSettings
+
+    assert TrainSettings().model_spec(global_dim=24, local_dim=12).text_prior_decay == 0.5  # the default
+    off = TrainSettings(text_prior=False)
+    assert "text_prior_decay" in off.ignored_fields()  # no prior: the decay is not part of the run id
+
+
 def test_text_prior_new_items_scales_the_prior_of_items_without_training_interactions_only() -> None:
     """text_prior_new_items = c: an item without training interactions (`set_trained_items` count 0)
     scores learned + c * w * cosine, every other item learned + w * cosine, computed against the same
