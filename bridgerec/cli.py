@@ -1014,9 +1014,10 @@ def config_show(
         bool, _json_opt("JSON instead of YAML (a failure is one JSON object with ok, error, exit_code).")
     ] = False,
 ) -> None:
-    """Print the effective configuration (file + env vars + defaults)."""
+    """Print the effective configuration (file + env vars + defaults); `warehouse` is the file the
+    commands use (WORKSPACE/warehouse.duckdb unless set)."""
     settings = _settings(config)
-    data = settings.model_dump(mode="json")
+    data = settings.model_dump(mode="json") | {"warehouse": str(settings.warehouse_path)}
     if as_json:
         typer.echo(json.dumps({"ok": True} | data, indent=2))
     else:

@@ -130,6 +130,9 @@ def test_a_successful_answer_says_ok(tmp_path: Path) -> None:
     assert (answer["ok"], answer["columns"], answer["rows"]) == (True, ["a"], [[42]])
     shown = CliRunner().invoke(app, ["config", "show", "--json"])  # (indented: one object, several lines)
     assert shown.exit_code == 0 and json.loads(shown.stdout)["ok"] is True
+    # the warehouse it shows is the file the commands use (unset, it follows the workspace), not null
+    shown = CliRunner().invoke(app, ["config", "show", "--json"], env={"BRIDGEREC_WORKSPACE": str(tmp_path)})
+    assert json.loads(shown.stdout)["warehouse"] == str(tmp_path / "warehouse.duckdb")
 
 
 def _slice(out: Path, n_users: int) -> tuple[Path, Path]:
