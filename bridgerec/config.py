@@ -211,8 +211,10 @@ def _format_errors(err: ValidationError) -> str:
         value = e.get("input")
         shown = "" if isinstance(value, dict) else f" = {value!r}"
         msg = "no such setting" + _did_you_mean(e["loc"]) if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"  {key}{shown}: {msg} (YAML key '{key}' or env {env})")
-    return "invalid configuration:\n" + "\n".join(lines)
+        lines.append(f"{key}{shown}: {msg} (YAML key '{key}' or env {env})")
+    if len(lines) == 1:  # the usual case: the one `error:` line a user sees
+        return f"invalid configuration: {lines[0]}"
+    return "invalid configuration:\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def _check_env_sections(environ: Mapping[str, str]) -> None:

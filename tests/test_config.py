@@ -46,8 +46,9 @@ def test_unknown_key_and_bad_file(tmp_path: Path) -> None:
     cfg.write_text("ingest:\n  min_interaction: 4\n")  # typo
     with pytest.raises(
         ConfigError, match=r"ingest\.min_interaction.*did you mean 'ingest\.min_interactions'"
-    ):
+    ) as one:
         load_settings(cfg)
+    assert "\n" not in str(one.value)  # one fault, one line: "invalid configuration: ingest.min_..."
     cfg.write_text("trian:\n  epochs: 4\nxyzzy: 1\n")  # a misspelt section; a key like no setting
     with pytest.raises(ConfigError) as err:
         load_settings(cfg)
