@@ -8,7 +8,7 @@ chosen as training chooses it, on full-ranking validation NDCG@10 with the selec
 run's `text_prior_grid` (`models.evaluate.fit_text_prior`, c kept at the run's), and the served weights
 (the refit's, where the run has one) are then ranked on the test split at that (d, w) by
 `models.evaluate.evaluate` (full ranking, earlier items left out; sampled with the split's 100
-negatives): overall and per domain. The decay changes no training step, so one trained run measures
+negatives): overall, per domain and, for a `--cold-start` run, on its new-item and warm targets. The decay changes no training step, so one trained run measures
 every value (docs/train.md, "A recency-weighted history text").
 Prints a table and writes bench/results/prior_decay_<run id>.json; rows that file already holds at
 other decays are kept (each row's `seconds` is from the call that measured it).
@@ -45,6 +45,8 @@ def main() -> None:
     )
     c = float(selected.model.text_prior_new_scale)
     domain = test.target_domain.numpy()
+    held = served.inputs.cold_eval.held  # the items held out as new (train.cold_start.new_items), or None
+    new = held.held[test.target.numpy()] if held is not None else None  # [U] the target is a new item
     rows = []
     for decay in [float(x) for x in args.decays.split(",")]:
         started = time.perf_counter()
@@ -57,6 +59,11 @@ def main() -> None:
         row = {"text_prior_decay": decay, "weight": fit.weight, "valid": fit.ndcg10[(fit.weight, c)]}
         row |= {"test": ndcg(ranks.full, 10), "test_sampled": ndcg(ranks.sampled, 10)}
         row |= {f"test_{d}": ndcg(ranks.full[domain == i], 10) for i, d in enumerate(catalog.domains)}
+        if new is not None:  # a --cold-start run: its held-out items' test targets apart
+            row |= {
+                "test_new_items": ndcg(ranks.full[new], 10),
+                "test_warm_items": ndcg(ranks.full[~new], 10),
+            }
         rows.append(row | {"seconds": time.perf_counter() - started})
         print(
             f"decay {decay:g}: w {fit.weight:g}, validation {row['valid']:.4f}, test {row['test']:.4f} "
