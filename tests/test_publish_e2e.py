@@ -12,6 +12,8 @@ import shutil
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from publish_data import doc_queries
 from typer.testing import CliRunner
@@ -125,5 +127,12 @@ def test_publish_flow_and_cli_on_a_trained_run(
     (other / "config.json").write_text(json.dumps(config))
     code, answer = publish(other.name)
     assert code == 2 and "trained on another catalogue" in answer["error"]
+    moved = root / "runs" / "sasrec-moveditems"  # the same counts, two items in each other's rows
+    shutil.copytree(root / "runs" / train_run, moved)
+    items = pq.read_table(moved / "items.parquet").sort_by("global_id").to_pydict()
+    items["item_id"][0], items["item_id"][1] = items["item_id"][1], items["item_id"][0]
+    pq.write_table(pa.table(items, schema=pq.read_schema(moved / "items.parquet")), moved / "items.parquet")
+    code, answer = publish(moved.name)
+    assert code == 2 and "other items in its rows" in answer["error"]
     with duckdb.connect(str(warehouse), read_only=True) as con:
         assert con.execute("SELECT run_id FROM latest_run").fetchall() == [(train_run,)]

@@ -71,16 +71,25 @@ class TrainOutputs:
         return TrainedRun(run_id, model, run.path)
 
     def catalogue_mismatch(self, run: TrainedRun) -> str | None:
-        """Why `run` cannot score the workspace's current catalogue (trained on other domains or item
-        counts: its rows would not be today's items), or None when it can."""
-        recorded = RunDir(self.workspace, run.run_id).read_config()["catalog"]
+        """Why `run` cannot score the workspace's current catalogue (trained on other domains, item counts
+        or items in its rows: its rows would not be today's items), or None when it can."""
+        folder = RunDir(self.workspace, run.run_id)
+        recorded = folder.read_config()["catalog"]
         catalog = load_catalog(self.workspace)
         sizes = [int(n) for n in catalog.sizes]
-        if recorded["domains"] == catalog.domains and recorded["sizes"] == sizes:
+        if recorded["domains"] != catalog.domains or recorded["sizes"] != sizes:
+            return (
+                f"run {run.run_id} was trained on another catalogue ({recorded['domains']}, "
+                f"{recorded['sizes']} items; the workspace has {catalog.domains}, {sizes})"
+            )
+        try:  # the same counts: the same items in the same rows? (ingest renumbers every night)
+            moved = folder.read_items() != list(catalog.item_ids)
+        except FileNotFoundError:  # a run from before items.parquet: the counts are all there is
             return None
         return (
-            f"run {run.run_id} was trained on another catalogue ({recorded['domains']}, "
-            f"{recorded['sizes']} items; the workspace has {catalog.domains}, {sizes})"
+            f"run {run.run_id} was trained on other items in its rows than today's catalogue"
+            if moved
+            else None
         )
 
     def export_vectors(self, run: TrainedRun, device: str = "cpu") -> dict[str, DomainVectors]:
