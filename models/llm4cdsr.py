@@ -644,9 +644,7 @@ class LLM4CDSR(Recommender):
         so that prior . item is the cosine of the item's text with the history's."""
         decay = self.config.text_prior_decay
         items = self.prior_items(inputs)  # [B, L, Dg], zero rows for the padding
-        if (
-            decay != 1.0
-        ):  # the latest item (last column) weighs 1; the padding adds nothing whatever its weight
+        if decay != 1.0:  # the latest item (last column) weighs 1; padding adds nothing at any weight
             L = inputs.shape[1]
             weights = decay ** torch.arange(L - 1, -1, -1, device=inputs.device, dtype=items.dtype)  # [L]
             items = items * weights[:, None]

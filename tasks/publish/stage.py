@@ -313,7 +313,8 @@ def run_publish(
     catalogue: `bridgerec publish --run-id`, e.g. a run the quality gate refused or an earlier one); by
     default the best run on the current inputs. The published run keeps the trained run's id. With
     `vectors` handed in there is no trained run and `run_id` names the published run (default
-    `publish-<time>-<hex>`). Raises PublishError for a run that is not there or not complete. The plan, every shard and the registration are steps of `run.runner`
+    `publish-<time>-<hex>`). Raises PublishError for a run that is not there or not complete.
+    The plan, every shard and the registration are steps of `run.runner`
     (task runs in a flow; the shards on worker processes with `runtime.runner: processes`).
     """
     job = _job(run, run_id, vectors)
