@@ -34,12 +34,17 @@ def hit_rate(ranks: np.ndarray, k: int) -> float:
     return float((ranks < k).mean()) if len(ranks) else float("nan")
 
 
+def ndcg_per_user(ranks: np.ndarray, k: int) -> np.ndarray:
+    """[U] each user's NDCG@k with one relevant item: 1 / log2(rank + 2) if it is in the top k, else 0
+    (ranks 0-based); for paired comparisons of two models on the same users."""
+    return np.where(ranks < k, 1.0 / np.log2(ranks.astype(np.float64) + 2.0), 0.0)
+
+
 def ndcg(ranks: np.ndarray, k: int) -> float:
-    """NDCG@k with one relevant item: 1 / log2(rank + 2) if it is in the top k, else 0."""
+    """NDCG@k with one relevant item, the mean of `ndcg_per_user`."""
     if not len(ranks):
         return float("nan")
-    gain = np.where(ranks < k, 1.0 / np.log2(ranks.astype(np.float64) + 2.0), 0.0)
-    return float(gain.mean())
+    return float(ndcg_per_user(ranks, k).mean())
 
 
 def summarise(ranks: np.ndarray, cutoffs: tuple[int, ...] = CUTOFFS) -> dict[str, float]:

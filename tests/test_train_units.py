@@ -14,7 +14,7 @@ from bridgerec.models.backbone import SequenceEncoder, domain_view, trim
 from bridgerec.models.batch import Batch
 from bridgerec.models.config import ModelConfig
 from bridgerec.models.data import Catalog, SequenceData, Sequences
-from bridgerec.models.metrics import hit_rate, ndcg, rank_full, rank_sampled, summarise
+from bridgerec.models.metrics import hit_rate, ndcg, ndcg_per_user, rank_full, rank_sampled, summarise
 from bridgerec.models.optim import Optimizer
 from bridgerec.models.registry import ItemTables, build_model
 from bridgerec.models.trainer import FitConfig, FitState, kept_rates
@@ -48,6 +48,8 @@ def test_metrics_match_hand_computed_values() -> None:
     assert ndcg(ranks, 10) == pytest.approx(expected)
     assert ndcg(ranks, 5) == pytest.approx((1.0 + 1 / math.log2(3) + 1 / math.log2(6)) / 6)
     assert summarise(np.array([2]))["ndcg@20"] == pytest.approx(0.5)  # 1/log2(4)
+    per_user = ndcg_per_user(ranks, 10)  # [6]: what a paired comparison of two models differences
+    assert per_user == pytest.approx([1.0, 1 / math.log2(3), 1 / math.log2(6), 1 / math.log2(11), 0.0, 0.0])
 
 
 def test_ranks_count_ties_against_the_positive() -> None:
