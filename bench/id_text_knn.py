@@ -40,8 +40,8 @@ def main() -> None:
     model, settings, inputs = run.model, run.settings, run.inputs
     if not (isinstance(model, LLM4CDSR) and model.prior_dims and settings.cold_start.new_items):
         raise SystemExit("error: the run needs LLM4CDSR with text_prior and cold_start.new_items")
-    valid = inputs.data.eval_split("valid", settings.eval_negatives, settings.seed, settings.short_history)
-    test = inputs.data.eval_split("test", settings.eval_negatives, settings.seed, settings.short_history)
+    valid = run.split("valid")
+    test = run.split("test")
     assert inputs.cold_eval.held is not None
     new = inputs.cold_eval.held.held[test.target.numpy()]
     tables = popularity_tables(inputs.data.item_counts("train"), run.catalog)

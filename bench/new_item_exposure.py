@@ -73,7 +73,7 @@ def main() -> None:
         raise SystemExit(
             "error: the run needs cold_start.new_items and text_prior (bench/train.py --cold-start)"
         )
-    test = inputs.data.eval_split("test", settings.eval_negatives, settings.seed, settings.short_history)
+    test = run.split("test")
     assert inputs.cold_eval.held is not None
     new = inputs.cold_eval.held.held[test.target.numpy()]
     tables = popularity_tables(inputs.data.item_counts("train"), catalog)  # `new`: what the share counts

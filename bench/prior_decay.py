@@ -38,11 +38,9 @@ def main() -> None:
     settings, catalog = selected.settings, selected.catalog
     if not getattr(selected.model, "prior_dims", 0):
         raise SystemExit("error: the run has no text prior (train.text_prior)")
-    data, bs = selected.inputs.data, settings.eval_batch_size
-    valid = data.eval_split("valid", settings.eval_negatives, settings.seed, settings.short_history)
-    test = served.inputs.data.eval_split(
-        "test", settings.eval_negatives, settings.seed, settings.short_history
-    )
+    bs = settings.eval_batch_size
+    valid = selected.split("valid")
+    test = served.split("test")
     c = float(selected.model.text_prior_new_scale)
     domain = test.target_domain.numpy()
     held = served.inputs.cold_eval.held  # the items held out as new (train.cold_start.new_items), or None

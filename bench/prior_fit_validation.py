@@ -37,10 +37,10 @@ def main() -> None:
     ap.add_argument("--values", default=DEFAULT_VALUES, help="values of c (text_prior_new_items) to try")
     args = ap.parse_args()
     run = open_run(args.workspace, args.run, args.threads, weights="selected")  # fitted on validation
-    model, config, settings, inputs = run.model, run.config, run.settings, run.inputs
+    model, config, settings = run.model, run.config, run.settings
     if not getattr(model, "prior_dims", 0):
         raise SystemExit("error: the run has no text prior (train.text_prior)")
-    valid = inputs.data.eval_split("valid", settings.eval_negatives, settings.seed, settings.short_history)
+    valid = run.split("valid")
     share = catalogue_new_share(model)  # s: the catalogue's share of new items
     new_items = catalogue_new_items(model)
     started = time.perf_counter()

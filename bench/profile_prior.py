@@ -128,9 +128,8 @@ def opened(workspace: Path, run: Path, threads: int, decay: float) -> Opened:
         raise SystemExit(f"error: {run} has no text prior (train.text_prior)")
     for r in (selected, served):
         r.model.config = dataclasses.replace(r.model.config, text_prior_decay=decay)
-    args = (settings.eval_negatives, settings.seed, settings.short_history)
-    valid = selected.inputs.data.eval_split("valid", *args)
-    test = served.inputs.data.eval_split("test", *args)
+    valid = selected.split("valid")
+    test = served.split("test")
     c = float(selected.model.text_prior_new_scale)
     fit = fit_text_prior(selected.model, valid, settings.text_prior_grid, settings.eval_batch_size)
     served.model.set_text_prior(fit.weight, c)

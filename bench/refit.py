@@ -82,7 +82,7 @@ def main() -> None:
     run = open_run(args.workspace, args.run, args.threads, weights="selected")
     settings, inputs, model = run.settings, run.inputs, run.model
     data = inputs.data
-    test = data.eval_split("test", settings.eval_negatives, settings.seed, settings.short_history)
+    test = run.split("test")
     held = inputs.cold_eval.held
     new = held.held[test.target.numpy()] if held is not None else None
     state = fit_state(args.run)

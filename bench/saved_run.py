@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 
 from bridgerec.models.base import Recommender
-from bridgerec.models.data import Catalog
+from bridgerec.models.data import Catalog, EvalSplit
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks import StageRun
 from bridgerec.tasks.train.export import load_run
@@ -41,6 +41,12 @@ class SavedRun:
     catalog: Catalog
     settings: TrainSettings  # the settings it was trained with
     inputs: TrainInputs  # its splits again (the same held-out items: seeded by the run's seed)
+
+    def split(self, name: str) -> EvalSplit:
+        """The run's `valid` or `test` split as its training built it (its negatives, seed and short-history
+        cut-off)."""
+        s = self.settings
+        return self.inputs.data.eval_split(name, s.eval_negatives, s.seed, s.short_history)
 
 
 def open_run(
