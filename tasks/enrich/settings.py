@@ -95,7 +95,9 @@ class EnrichSettings(StageSettings):
 
     # Model folders enter through their content fingerprints (input hashes), not their paths; shard
     # sizes and runners only change how the work is split.
-    not_hashed: ClassVar[frozenset[str]] = frozenset({"model", "items_per_shard", "embedding_cache"})
+    not_hashed: ClassVar[frozenset[str]] = frozenset(
+        {"model", "items_per_shard", "embedding_cache", "quantized_dir"}
+    )
 
     model_config = ConfigDict(extra="forbid")
     model: Path | None = Field(
@@ -107,6 +109,17 @@ class EnrichSettings(StageSettings):
     )
     model_name: str | None = Field(
         default=None, description="Name in model_id; None = the folder name (or its package's name)."
+    )
+    quantization: Literal["none", "w8a8"] = Field(
+        default="none",
+        description="w8a8: embed with an INT8 copy of `model` (weights per output channel, activations per "
+        "token at run time; compressed-tensors, which vLLM runs on x86 CPUs and GPUs), made once into "
+        "quantized_dir. On 2 AVX2 cores 1.68x the float32 model's texts/s, cosine 0.996 to its vectors "
+        "(docs/enrich.md). Changes the model id, so items are embedded again.",
+    )
+    quantized_dir: Path = Field(
+        default=Path(".cache/models"),
+        description="Where `quantization` keeps its copies, one folder per source model content.",
     )
     engine: EngineSettings = Field(default_factory=lambda: EngineSettings(gpu_memory_utilization=0.15))
     templates: dict[str, str] = Field(
