@@ -28,10 +28,14 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bridgerec.runtime.machine import machine_info
 from bridgerec.tasks import StageRun
 from bridgerec.tasks.enrich import EnrichSections
+
+if TYPE_CHECKING:
+    import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 GOALS = {"pipeline_vs_bare": 0.9, "item_stage_seconds": 90.0, "rerun_seconds": 5.0}
@@ -71,11 +75,11 @@ def sentence_transformers_rate(folder: Path, texts: list[str], threads: int) -> 
     return float(proc.stdout.strip().splitlines()[-1])
 
 
-def top10_kept(a, b) -> float:  # type: ignore[no-untyped-def]
+def top10_kept(a: np.ndarray, b: np.ndarray) -> float:
     """Mean share of each text's 10 nearest texts (cosine, among `a`'s rows) that `b`'s vectors keep."""
     import numpy as np
 
-    def nearest(v):  # type: ignore[no-untyped-def]
+    def nearest(v: np.ndarray) -> np.ndarray:
         s = v @ v.T
         np.fill_diagonal(s, -np.inf)
         return np.argpartition(-s, 10, axis=1)[:, :10]
@@ -84,7 +88,7 @@ def top10_kept(a, b) -> float:  # type: ignore[no-untyped-def]
     return float(np.mean([len(set(x) & set(y)) / 10 for x, y in zip(na, nb, strict=True)]))
 
 
-def item_clusters(ws, items, k: int, seed: int):  # type: ignore[no-untyped-def]
+def item_clusters(ws, items, k: int, seed: int):
     """[n_items] K-means cluster (spherical, faiss) of every ingest item row over the enrich stage's raw
     item vectors, as the profile step clusters them; -1 for an item without a vector."""
     import faiss
@@ -97,6 +101,7 @@ def item_clusters(ws, items, k: int, seed: int):  # type: ignore[no-untyped-def]
     km = faiss.Kmeans(x.shape[1], k, niter=20, seed=seed, spherical=True)
     km.train(x)
     index = faiss.IndexFlatIP(x.shape[1])
+    assert km.centroids is not None  # set by train()
     index.add(km.centroids)
     nearest = index.search(x, 1)[1][:, 0]
     row_of = {item: i for i, item in enumerate(items["item_id"].to_pylist())}
@@ -106,7 +111,7 @@ def item_clusters(ws, items, k: int, seed: int):  # type: ignore[no-untyped-def]
     return out
 
 
-def profile_cost(ws, items, pool, threads: int, n_users: int, repeats: int) -> dict:  # type: ignore[no-untyped-def]
+def profile_cost(ws, items, pool, threads: int, n_users: int, repeats: int) -> dict:
     """Seconds, prompt tokens, new tokens and calls per profile of today's settings and the earlier ones,
     on the same users (real clusters), alternating; plus two users' texts of each for reading."""
     from bridgerec.tasks.enrich import EnrichSettings, ProfileSettings, embedding_model
@@ -255,7 +260,10 @@ def main() -> None:
         int8_folder, int8_id = embedding_model(int8_settings)
         int8 = pool.embedder(EngineSpec.of("pooling", int8_folder, enrich.engine, args.threads), int8_id)
         int8.embed(texts[:256])  # warm-up
-        bare, pipe, pipe8, st = [], [], [], []
+        bare: list[float] = []
+        pipe: list[float] = []
+        pipe8: list[float] = []
+        st: list[float] = []
         vectors: dict[str, np.ndarray] = {}
         for _ in range(args.repeats):
             t = time.perf_counter()

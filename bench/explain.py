@@ -33,7 +33,7 @@ from bridgerec.runtime import progress
 from bridgerec.runtime.machine import machine_info
 
 
-def text_space(workspace: Path, dim: int, seed: int = 0):  # type: ignore[no-untyped-def]
+def text_space(workspace: Path, dim: int, seed: int = 0):
     from bridgerec.storage.vectors import TextSpace, csr_from_pairs
     from bridgerec.storage.workspace import Workspace
     from bridgerec.tasks.train.inputs import load_catalog, load_sequences
@@ -47,7 +47,7 @@ def text_space(workspace: Path, dim: int, seed: int = 0):  # type: ignore[no-unt
     return TextSpace.from_table(list(catalog.item_ids), table, list(sequences.user_ids), indptr, items)
 
 
-def score_all(vectors, text, index_root: Path, folder: Path, args) -> dict:  # type: ignore[no-untyped-def]
+def score_all(vectors, text, index_root: Path, folder: Path, args) -> dict:
     """Stage and score every shard as publish does; returns rows and seconds."""
     from bridgerec.storage.index_store import IndexSettings
     from bridgerec.storage.warehouse import PartTarget

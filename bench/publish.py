@@ -26,9 +26,13 @@ import resource
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bridgerec.runtime.machine import machine_info
 from bridgerec.tasks import StageRun
+
+if TYPE_CHECKING:
+    import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 GOAL_SECONDS = 60.0
@@ -380,7 +384,7 @@ def cost_table(args: argparse.Namespace) -> None:
 # ---- table 2: FAISS index kinds by catalogue size ------------------------------------------------------
 
 
-def clustered_vectors(n: int, dim: int, seed: int, clusters: int = 256) -> np.ndarray:  # noqa: F821
+def clustered_vectors(n: int, dim: int, seed: int, clusters: int = 256) -> np.ndarray:
     """Synthetic item vectors with structure, as trained embeddings have: a mixture of `clusters`
     Gaussian clusters (centres N(0, 1), spread 0.5), float32 [n, dim] / sqrt(dim)."""
     import numpy as np
@@ -396,7 +400,9 @@ def clustered_vectors(n: int, dim: int, seed: int, clusters: int = 256) -> np.nd
     return out
 
 
-def index_row(items: np.ndarray, users: np.ndarray, kind: str, k: int, exact: np.ndarray | None) -> dict:  # noqa: F821
+def index_row(
+    items: np.ndarray, users: np.ndarray, kind: str, k: int, exact: np.ndarray | None
+) -> tuple[dict, np.ndarray]:
     import faiss
     import numpy as np
     import psutil

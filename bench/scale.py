@@ -157,7 +157,7 @@ def _enrich(ws: Any, args: dict[str, Any]) -> dict[str, Any]:
 
     enrich = EnrichSettings(items_per_shard=args["items"] // 2, local_dim=32, global_dim=128)
     run = StageRun(EnrichSections(enrich, ProfileSettings(mode="none")), ws, threads=args["threads"])
-    runtime = RuntimeSettings(runner=args["runner"], ray={"num_cpus": 2})
+    runtime = RuntimeSettings.model_validate({"runner": args["runner"], "ray": {"num_cpus": 2}})
     s = flow_for(STAGE["enrich"], runtime)(run)
     return {
         "rows": s.items_embedded, "engine_starts": len(s.engines_started),
@@ -304,16 +304,16 @@ def main() -> None:
     a = ap.parse_args()
     if a.merge:
         docs = [json.loads(f.read_text()) for f in a.merge]
-        doc = docs[0] | {
+        merged = docs[0] | {
             "results": [r for d in docs for r in d["results"]],
             "runs": [d["machine"] for d in docs],
         }
-        save(doc, a.out)
+        save(merged, a.out)
     if a.report or a.merge:
-        doc = json.loads(a.out.read_text())
-        doc["fits"] = fits(doc["results"])
-        plot(doc["results"])
-        print(markdown(doc))
+        report = json.loads(a.out.read_text())
+        report["fits"] = fits(report["results"])
+        plot(report["results"])
+        print(markdown(report))
         return
     if a.child:
         kind, args, out = a.child

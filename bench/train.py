@@ -411,7 +411,7 @@ def main() -> None:
         return
     overrides = parse_overrides(args.set)
 
-    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    seeds: list[int | None] = [int(x) for x in args.seeds.split(",") if x.strip()]
     results = []
     for spec, seed in [(spec, seed) for spec in args.runs.split(",") for seed in seeds or [None]]:
         head, *extra = spec.split("+")

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow  # a minute or two: scheduled first (tests/conftes
 CACHE = REPO / ".mypy_cache"  # warm across local runs; CI starts cold (a minute or two on 2 cores)
 
 
-def mypy(root: Path) -> subprocess.CompletedProcess[str]:
+def mypy(root: Path, *targets: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
             sys.executable,
@@ -27,8 +27,7 @@ def mypy(root: Path) -> subprocess.CompletedProcess[str]:
             str(PYPROJECT),
             "--cache-dir",
             str(CACHE),
-            "-p",
-            "bridgerec",
+            *(targets or ("-p", "bridgerec")),
         ],
         cwd=root,
         capture_output=True,
@@ -64,3 +63,10 @@ def test_the_strict_layers_reject_an_untyped_function(laid_out: Path, tmp_path: 
     assert result.returncode == 1, out
     assert "runtime/errors.py" in out and "Function is missing a type annotation" in out
     assert "tasks/ingest/text.py" not in out
+
+
+def test_the_benchmarks_type_check() -> None:
+    """bench/ is checked too (mypy's defaults), against the installed package: its figures come from it."""
+    scripts = sorted(str(p.relative_to(REPO)) for p in (REPO / "bench").glob("*.py"))
+    result = mypy(REPO, *scripts)
+    assert result.returncode == 0, result.stdout + result.stderr
