@@ -17,7 +17,7 @@ for every mix m, all other scores as served. The profile is written from the use
 (the sequence without its validation and test targets: `tasks/enrich/profiles.user_jobs`), so it holds
 neither target. w is fitted as training fits it (`models.evaluate.fit_text_prior` on full-ranking
 validation with the selected weights, c kept at the run's), then the profiled users are ranked over
-their whole target domain (earlier items left out, `models.evaluate._full_rank`) on validation (selected
+their whole target domain (earlier items left out, `models.evaluate.rank_over_domain`) on validation (selected
 weights) and test (served weights). m is chosen on the profiled users' validation (ties: the smaller).
 Users of a `--cold-start` run whose history lost a held-out item are left out (their profile names an
 item their history no longer has). Each test row carries the paired difference from the first row and its
@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from saved_run import SavedRun, open_run, run_arguments
 
 from bridgerec.models.data import EvalSplit, users_by_domain
-from bridgerec.models.evaluate import _full_rank, fit_text_prior
+from bridgerec.models.evaluate import fit_text_prior, rank_over_domain
 from bridgerec.models.metrics import as_numpy, ndcg, ndcg_per_user
 from bridgerec.runtime.machine import machine_info
 from bridgerec.storage.workspace import Workspace
@@ -103,7 +103,7 @@ def full_ranks(
             p = profiles[chunk]  # [B, Dg]
             q = p if math.isinf(mix) else F.normalize(model.prior_users(inputs) + mix * p, dim=-1)
             u[:, -dims:] = w * q
-            rank, _, _ = _full_rank(u, items, split.candidates[chunk, 0], chunk, split, ex_offsets)
+            rank, _, _ = rank_over_domain(u, items, split.candidates[chunk, 0], chunk, split, ex_offsets)
             out[chunk.numpy()] = as_numpy(rank)
     return out[rows]
 

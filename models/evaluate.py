@@ -69,7 +69,7 @@ def evaluate(
             scores = scores.masked_fill(cand == 0, -torch.inf)  # fewer unseen items than n (padding)
             sampled[chunk.numpy()] = as_numpy(rank_sampled(scores))
             if full_ranks is not None and top is not None:
-                rank, best, full_broken = _full_rank(u, items, cand[:, 0], chunk, split, ex_offsets)
+                rank, best, full_broken = rank_over_domain(u, items, cand[:, 0], chunk, split, ex_offsets)
                 broken |= full_broken
                 full_ranks[chunk.numpy()] = as_numpy(rank)
                 top[chunk.numpy(), : best.shape[1]] = as_numpy(best)
@@ -77,7 +77,7 @@ def evaluate(
     return Ranks(split.name, sampled, full_ranks, top, nonfinite)
 
 
-def _full_rank(
+def rank_over_domain(
     u: Tensor,
     items: Tensor,
     target: Tensor,
@@ -86,9 +86,13 @@ def _full_rank(
     ex_offsets: np.ndarray,
     outside: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """([B] the target's rank, [B, TOP_K] the local ids of the top-k, [B] whether a score was not
-    finite) over the whole domain, earlier items of the user left out; with `outside` ([n_d + 1] bool by
-    local id), those items left out too (`rank_among`)."""
+    """Full ranking of one chunk of users over their target domain: returns ([B] the target's 0-based
+    rank, [B, TOP_K] the local ids of the top-k, [B] whether a score was not finite).
+
+    u: [B, D] user vectors; items: [n_d + 1, D] the domain's item vectors by local id (row 0 padding);
+    target: [B] local ids; chunk: [B] the users' rows of `split`, whose earlier items (`left_out`, by
+    `ex_offsets`) are left out, as is every item where `outside` ([n_d + 1] bool by local id) is True
+    (`rank_among`). The target itself stays in (it is unseen); ties count against it (`rank_full`)."""
     scores = u @ items.T  # [B, n_d + 1]
     broken = ~torch.isfinite(scores[:, 1:]).all(1)
     rows, cols = left_out(target, chunk, split, ex_offsets)
@@ -133,7 +137,7 @@ def rank_among(
         for chunk in torch.split(users, batch_size):
             u = model.user_vectors(split.inputs[chunk].to(device), d)  # [B, D]
             target = split.candidates[chunk, 0].to(device)  # [B] local ids
-            rank, _, _ = _full_rank(u, items, target, chunk, split, ex_offsets, outside)
+            rank, _, _ = rank_over_domain(u, items, target, chunk, split, ex_offsets, outside)
             out[chunk.numpy()] = as_numpy(rank)
     return out
 

@@ -143,6 +143,28 @@ def test_the_refit_is_tested_and_served_while_validation_keeps_the_selected_weig
     assert gate == pytest.approx(summary.valid["full"]["overall"]["ndcg@10"], abs=1e-6)
 
 
+def test_a_run_whose_rows_are_not_todays_items_does_not_load(
+    trained, enriched_workspace: Path, tmp_path: Path
+) -> None:
+    """load_run refuses a run whose item rows are other items than the catalogue's (ingest renumbers
+    every night), as publish does (`catalogue_mismatch`): its scores would go to the wrong items."""
+    import shutil
+
+    from bridgerec.storage.runs import RunDir
+    from bridgerec.tasks.train.export import load_run
+
+    _, summary = trained
+    ws = Workspace(enriched_workspace)
+    run = tmp_path / Path(summary.run_dir).name
+    shutil.copytree(summary.run_dir, run)
+    copy = RunDir(ws, run.name)
+    copy.path = run
+    items = copy.read_items()
+    copy.write_items([items[0], items[2], items[1], *items[3:]])  # two items swap rows
+    with pytest.raises(ValueError, match="other items in its rows than today's catalogue: retrain"):
+        load_run(run, ws)
+
+
 def test_exported_vectors_reproduce_the_models_scores(trained, enriched_workspace: Path) -> None:
     from bridgerec.models.data import SequenceData
     from bridgerec.tasks.train.export import export_vectors, load_run

@@ -16,8 +16,10 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from bridgerec.runtime.logs import get_logger
 from bridgerec.storage.files import move_dir_into_place
@@ -145,11 +147,13 @@ def quantize_w8a8(src: Path, out: Path) -> Path:
             f"embedding model folder {src} is quantized already "
             f"({config['quantization_config'].get('quant_method', 'unknown method')}): set enrich.quantization: none"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    started = time.perf_counter()
     log.info("models: quantizing %s -> %s (W8A8, once)", src, out)
-    try:
+    marker: dict[str, Any] = {
+        "source": str(src),
+        "source_fingerprint": model_fingerprint(src),
+        "scheme": "W8A8 int8: weights per channel, activations per token (dynamic)",
+    }
+    with _prepared_folder(out, marker) as tmp:
         try:
             model = AutoModel.from_pretrained(src, dtype=torch.float32)
         except (OSError, ValueError, KeyError) as exc:
@@ -183,29 +187,9 @@ def quantize_w8a8(src: Path, out: Path) -> Path:
         compressor.compress_model(model)
         model.save_pretrained(tmp)
         compressor.update_config(str(tmp))
-        marker = {
-            "source": str(src),
-            "source_fingerprint": model_fingerprint(src),
-            "scheme": "W8A8 int8: weights per channel, activations per token (dynamic)",
-            "layers": layers,
-            "created_at": datetime.now(UTC).isoformat(),
-            "seconds": round(time.perf_counter() - started, 1),
-        }
-        (tmp / PREPARED_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        try:
-            move_dir_into_place(tmp, out)
-        except OSError:
-            if not (out / "config.json").is_file():  # not a concurrent preparer: a real error
-                raise
-            log.info("models: %s was quantized concurrently; keeping that one", out)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(tmp)
+        marker["layers"] = layers
     log.info(
-        "models: quantized %d linear layers of %s in %.1f s",
-        layers,
-        _folder_name(src),
-        time.perf_counter() - started,
+        "models: quantized %d linear layers of %s in %.1f s", layers, _folder_name(src), marker["seconds"]
     )
     return out
 
@@ -218,11 +202,9 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     log = get_logger()
     if not gguf.is_file():
         raise ModelError(f"GGUF file {gguf} does not exist")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    started = time.perf_counter()
     log.info("models: converting %s -> %s (once)", gguf, out)
-    try:
+    marker: dict[str, Any] = {"source": str(gguf), "source_hash": hash_file(gguf), "dtype": "bfloat16"}
+    with _prepared_folder(out, marker) as tmp:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
         # transformers keeps the GGUF quantizer attached and then refuses to save; the weights are
         # already dequantised, so drop it.
@@ -231,10 +213,22 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
-        marker = {
-            "source": str(gguf),
-            "source_hash": hash_file(gguf),
-            "dtype": "bfloat16",
+    log.info("models: prepared %s in %.1f s", out, marker["seconds"])
+    return out
+
+
+@contextlib.contextmanager
+def _prepared_folder(out: Path, marker: dict[str, Any]) -> Iterator[Path]:
+    """A fresh temporary folder beside `out` to write a prepared model into. When the block ends without
+    an error, `marker` gets `created_at` and `seconds`, is written into it as PREPARED_MARKER, and the
+    folder is renamed to `out` atomically (when a concurrent preparer got there first, its folder is
+    kept). The temporary folder is always removed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    started = time.perf_counter()
+    try:
+        yield tmp
+        marker |= {
             "created_at": datetime.now(UTC).isoformat(),
             "seconds": round(time.perf_counter() - started, 1),
         }
@@ -244,12 +238,10 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
         except OSError:
             if not (out / "config.json").is_file():  # not a concurrent preparer: a real error
                 raise
-            log.info("models: %s was prepared concurrently; keeping that one", out)
+            get_logger().info("models: %s was prepared concurrently; keeping that one", out)
     finally:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(tmp)
-    log.info("models: prepared %s in %.1f s", out, time.perf_counter() - started)
-    return out
 
 
 def prepare_profile_model(settings: ProfileSettings, force: bool = False) -> tuple[Path, bool]:

@@ -26,6 +26,27 @@ from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.train.inputs import load_catalog, load_sequences
 
 
+def catalogue_mismatch(run: RunDir, catalog: Catalog) -> str | None:
+    """Why `run` cannot score `catalog` (trained on other domains, item counts or items in its rows: its
+    rows would not be today's items; ingest renumbers every night), or None when it can."""
+    recorded = run.read_config()["catalog"]
+    sizes = [int(n) for n in catalog.sizes]
+    if recorded["domains"] != catalog.domains or recorded["sizes"] != sizes:
+        return (
+            f"run {run.path.name} was trained on another catalogue ({recorded['domains']}, "
+            f"{recorded['sizes']} items; the workspace has {catalog.domains}, {sizes})"
+        )
+    try:  # the same counts: the same items in the same rows?
+        moved = run.read_items() != list(catalog.item_ids)
+    except FileNotFoundError:  # a run from before items.parquet: the counts are all there is
+        return None
+    return (
+        f"run {run.path.name} was trained on other items in its rows than today's catalogue"
+        if moved
+        else None
+    )
+
+
 def load_run(
     run_dir: Path,
     workspace: Workspace,
@@ -40,12 +61,8 @@ def load_run(
     run.path = Path(run_dir)
     config = run.read_config()
     catalog = load_catalog(workspace)
-    recorded = config["catalog"]
-    if recorded["domains"] != catalog.domains or recorded["sizes"] != [int(n) for n in catalog.sizes]:
-        raise ValueError(
-            f"run {run.path.name} was trained on domains {recorded['domains']} with sizes {recorded['sizes']}, "
-            f"the workspace has {catalog.domains} / {[int(n) for n in catalog.sizes]}: retrain"
-        )
+    if (mismatch := catalogue_mismatch(run, catalog)) is not None:
+        raise ValueError(f"{mismatch}: retrain")
     model = build_model(ModelConfig.from_run_config(config), catalog)
     path = run.served if weights == "served" else run.model
     model.load_state_dict(load_file(str(path), device=device), strict=True)

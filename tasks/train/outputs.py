@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from bridgerec.storage.runs import RunDir
 from bridgerec.storage.vectors import DomainVectors, TextSpace
 from bridgerec.storage.workspace import Workspace, hash_file
-from bridgerec.tasks.train.export import export_text_space, export_vectors
+from bridgerec.tasks.train.export import catalogue_mismatch, export_text_space, export_vectors
 from bridgerec.tasks.train.inputs import load_catalog
 
 STAGE = "train"
@@ -71,26 +71,9 @@ class TrainOutputs:
         return TrainedRun(run_id, model, run.path)
 
     def catalogue_mismatch(self, run: TrainedRun) -> str | None:
-        """Why `run` cannot score the workspace's current catalogue (trained on other domains, item counts
-        or items in its rows: its rows would not be today's items), or None when it can."""
-        folder = RunDir(self.workspace, run.run_id)
-        recorded = folder.read_config()["catalog"]
-        catalog = load_catalog(self.workspace)
-        sizes = [int(n) for n in catalog.sizes]
-        if recorded["domains"] != catalog.domains or recorded["sizes"] != sizes:
-            return (
-                f"run {run.run_id} was trained on another catalogue ({recorded['domains']}, "
-                f"{recorded['sizes']} items; the workspace has {catalog.domains}, {sizes})"
-            )
-        try:  # the same counts: the same items in the same rows? (ingest renumbers every night)
-            moved = folder.read_items() != list(catalog.item_ids)
-        except FileNotFoundError:  # a run from before items.parquet: the counts are all there is
-            return None
-        return (
-            f"run {run.run_id} was trained on other items in its rows than today's catalogue"
-            if moved
-            else None
-        )
+        """Why `run` cannot score the workspace's current catalogue, or None when it can
+        (`export.catalogue_mismatch`)."""
+        return catalogue_mismatch(RunDir(self.workspace, run.run_id), load_catalog(self.workspace))
 
     def export_vectors(self, run: TrainedRun, device: str = "cpu") -> dict[str, DomainVectors]:
         """{domain: DomainVectors}: per target domain, user and item vectors whose inner product is the
