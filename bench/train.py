@@ -356,7 +356,12 @@ def main() -> None:
     parser.add_argument(
         "--patience", type=int, default=3, help="Early stopping: epochs without a better validation."
     )
-    parser.add_argument("--time-budget", type=float, default=900.0, help="Seconds of training per model.")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=900.0,
+        help="Seconds per model of training and per-epoch validation (checked at each epoch boundary).",
+    )
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per run.")
     parser.add_argument("--batch-size", type=int, default=128, help="Users per training batch.")
     parser.add_argument(

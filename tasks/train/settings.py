@@ -450,7 +450,11 @@ class TrainSettings(StageSettings):
     epochs: int = Field(default=200, ge=1, description="Upper bound on epochs.")
     patience: int = Field(default=20, ge=1, description="Epochs without a better validation NDCG@10.")
     time_budget_s: float | None = Field(
-        default=None, gt=0, description="Stop training (at an epoch boundary) after this many seconds."
+        default=None,
+        gt=0,
+        description=(
+            "Stop training (at an epoch boundary) once its epochs, validation included, took this many seconds."
+        ),
     )
     warm_start: bool = Field(
         default=True,
