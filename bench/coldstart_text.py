@@ -1,6 +1,6 @@
 """The LLM table alone on the cold-start splits, no training: what the text can bridge by itself.
 
-    python bench/coldstart_text.py --workspace /tmp/fk [--fraction 0.05] [--seed 42]
+    python bench/coldstart_text.py --workspace /tmp/fk [--fraction 0.05] [--seed 42] [--out R.json]
 
 A user's vector is the sum of the unit-normalised global LLM embeddings (enrich's PCA table) of the input
 items; items are ranked by the inner product with their unit-normalised embedding, over the whole target
@@ -12,10 +12,13 @@ domain: nothing to leave out (the user has no earlier item of the domain in that
 (`train.cold_start`, same fraction and seed: the same held-out items, users and inputs): new items (test
 targets that are held-out items, the history as input) and untouched domain (warm targets, every item of
 the target's domain hidden), and the new items ranked among the held-out items only (the train stage's
-`among_new_items`). Prints full-ranking NDCG@10 overall and per domain.
+`among_new_items`). Prints full-ranking NDCG@10 overall and per domain; `--out` also writes them as JSON
+with the embedding model's id and the machine.
 """
 
 import argparse
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,6 +27,7 @@ from bridgerec.models.coldstart import choose_new_items, untouched_inputs, witho
 from bridgerec.models.data import SequenceData
 from bridgerec.models.evaluate import left_out
 from bridgerec.models.metrics import ndcg
+from bridgerec.runtime.machine import machine_info
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.train.inputs import load_catalog, load_item_tables, load_sequences
 
@@ -42,6 +46,7 @@ parser.add_argument(
     action="store_true",
     help="the split of train.cold_start.new_items_in_validation (held-out validation targets kept)",
 )
+parser.add_argument("--out", type=Path, default=None, help="also write the figures to this JSON file")
 args = parser.parse_args()
 torch.set_num_threads(1)
 ws = Workspace(args.workspace)
@@ -96,9 +101,24 @@ cases = {"untouched domain": (inp, torch.from_numpy(users), False)}
 new = torch.from_numpy(np.flatnonzero(held[test.target.numpy()]))
 cases["new items"] = (test.inputs[new], new, not args.no_exclude)
 cases["new items among the held-out items"] = (test.inputs[new], new, not args.no_exclude)
+results: dict[str, dict[str, float]] = {}
 for name, (inputs, idx, exclude) in cases.items():
     among = held if name.endswith("held-out items") else None
     r = ranks(inputs, idx if exclude else None, test.target[idx], test.target_domain[idx], among)
     td = test.target_domain[idx].numpy()
-    figures = " ".join(f"{d} {ndcg(r[td == i], 10):.4f}" for i, d in enumerate(cat.domains))
-    print(f"{name}: {len(idx)} users, full NDCG@10 overall {ndcg(r, 10):.4f} {figures}")
+    results[name] = {"users": len(idx), "overall": ndcg(r, 10)}
+    results[name] |= {d: ndcg(r[td == i], 10) for i, d in enumerate(cat.domains)}
+    figures = " ".join(f"{d} {results[name][d]:.4f}" for d in cat.domains)
+    print(f"{name}: {len(idx)} users, full NDCG@10 overall {results[name]['overall']:.4f} {figures}")
+if args.out is not None:
+    manifest = json.loads((Path(args.workspace) / "enrich" / "manifest.json").read_text())
+    report = {
+        "workspace": args.workspace,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "embed_model_id": manifest["stats"]["embed_model_id"],
+        "machine": machine_info(),
+        "full_ndcg@10": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
