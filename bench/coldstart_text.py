@@ -111,11 +111,11 @@ for name, (inputs, idx, exclude) in cases.items():
     figures = " ".join(f"{d} {results[name][d]:.4f}" for d in cat.domains)
     print(f"{name}: {len(idx)} users, full NDCG@10 overall {results[name]['overall']:.4f} {figures}")
 if args.out is not None:
-    manifest = json.loads((Path(args.workspace) / "enrich" / "manifest.json").read_text())
+    manifest = ws.read_manifest("enrich")
     report = {
         "workspace": args.workspace,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "embed_model_id": manifest["stats"]["embed_model_id"],
+        "embed_model_id": manifest.stats.get("embed_model_id") if manifest else None,
         "machine": machine_info(),
         "full_ndcg@10": results,
     }
