@@ -1,6 +1,7 @@
 """How validation sees the text prior's scale on new items: every (w, c) on a saved cold-start run.
 
     python bench/prior_fit_validation.py --workspace WS --run WS/runs/RUN_ID [--values 1,1.1,1.25,1.5,2]
+                                         [--untrained]
 
 Scores the run's validation split again with `models.evaluate.fit_text_prior` over the run's
 `text_prior_grid` and the values of c given, and reports each pair's full-ranking NDCG@10 over every
@@ -11,7 +12,10 @@ are reweighted to the share of the catalogue's items that are new: (1 - s) * war
 importance weight for the shift between validation's new-item targets and the catalogue's new items
 (exact where new items are a random draw of the catalogue, as `cold_start.new_items` draws them).
 docs/train.md, "New items against their exposure", compares both with the test figures of
-`bench/new_item_exposure.py` on the same runs. Writes bench/results/screen/prior_fit_validation_<run id>.json
+`bench/new_item_exposure.py` on the same runs. With --untrained it also fits the same model untrained
+(`untrained_prior_fit`, built from the run's seed) and prints the choice of
+`train.text_prior_new_items_guard: untrained`: the best pair among those whose figure over the new-item
+targets reaches the untrained model's. Writes bench/results/screen/prior_fit_validation_<run id>.json
 (with other --values: ..._<run id>_c_<values>.json, e.g. _c_1.25-1.375-1.5-2 for the default grid).
 """
 
@@ -27,6 +31,7 @@ from saved_run import open_run, run_arguments
 from bridgerec.models.evaluate import catalogue_new_items, catalogue_new_share, fit_text_prior
 from bridgerec.runtime.machine import machine_info
 from bridgerec.tasks.train.settings import MIN_NEW_TARGETS
+from bridgerec.tasks.train.stage import untrained_prior_fit
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VALUES = "1,1.1,1.25,1.5,2"
@@ -35,6 +40,11 @@ DEFAULT_VALUES = "1,1.1,1.25,1.5,2"
 def main() -> None:
     ap = run_arguments(__doc__)
     ap.add_argument("--values", default=DEFAULT_VALUES, help="values of c (text_prior_new_items) to try")
+    ap.add_argument(
+        "--untrained",
+        action="store_true",
+        help="also fit the same model untrained and print text_prior_new_items_guard's choice",
+    )
     args = ap.parse_args()
     run = open_run(args.workspace, args.run, args.threads, weights="selected")  # fitted on validation
     model, config, settings = run.model, run.config, run.settings
@@ -55,6 +65,15 @@ def main() -> None:
         for (w, c), f in sorted(fit.ndcg10.items())
     ]
     reweighted = max(rows, key=lambda r: r["reweighted"])  # max keeps the first (smallest) of equals
+    untrained, guarded = None, None
+    if args.untrained:  # the floor of `text_prior_new_items_guard: untrained`, fitted on the same grids
+        values = [float(x) for x in args.values.split(",")]
+        same = settings.model_copy(update={"text_prior_new_items": None, "text_prior_new_items_grid": values})
+        ref = untrained_prior_fit(same, model, run.inputs, valid, "cpu")
+        key = (ref.weight, ref.new_items)
+        untrained = {"w": ref.weight, "c": ref.new_items, "all": ref.ndcg10[key], "new": ref.ndcg10_new[key]}
+        able = [r for r in rows if r["new"] >= untrained["new"]]
+        guarded = max(able, key=lambda r: r["all"]) if able else None
     users = int(valid.inputs.shape[0])
     print(
         f"validation: {users} users, {fit.new_targets} targets are new items ({fit.new_targets / users:.1%});"
@@ -69,6 +88,16 @@ def main() -> None:
     print(
         f"chosen: plain ({fit.weight:g}, {fit.new_items:g}); reweighted ({reweighted['w']:g}, {reweighted['c']:g})"
     )
+    if untrained is not None:
+        print(
+            f"untrained: ({untrained['w']:g}, {untrained['c']:g}), all targets {untrained['all']:.5f}, "
+            f"new-item targets {untrained['new']:.5f}; guarded choice: "
+            + (
+                "none reaches it (the plain one)"
+                if guarded is None
+                else f"({guarded['w']:g}, {guarded['c']:g})"
+            )
+        )
     record = {
         "run": str(args.run),
         "seed": settings.seed,
@@ -79,6 +108,8 @@ def main() -> None:
         "items": sum(int(n) for n in model.sizes),
         "chosen": [fit.weight, fit.new_items],
         "chosen_reweighted": [reweighted["w"], reweighted["c"]],
+        "untrained": untrained,
+        "chosen_guarded": None if guarded is None else [guarded["w"], guarded["c"]],
         "seconds": time.perf_counter() - started,
         "machine": machine_info(),
         "rows": rows,

@@ -172,6 +172,10 @@ class PriorFit:
     # s: the weight the new-item targets had in the choice, the catalogue's share of items without
     # training interactions; None: as many as they are among the split's targets (the plain figure)
     share: float | None = None
+    # the new-item targets' NDCG@10 a pair had to reach to be chosen (the untrained model's); None: no floor
+    new_items_floor: float | None = None
+    # with a floor: False where no pair of the grid reached it (the choice is then the plain one)
+    floor_met: bool | None = None
 
     def chosen_on(self, key: tuple[float, float]) -> float:
         """The figure the pair (w, c) was chosen on (`_choice_figure`)."""
@@ -214,6 +218,7 @@ def fit_text_prior(
     new_items_grid: list[float] | None = None,
     min_new_targets: int = 100,
     catalogue_share: bool = False,
+    new_items_floor: float | None = None,
 ) -> PriorFit:
     """Choose the text prior's weight w (`model.prior_dims` > 0) on `split`: full-ranking NDCG@10 of
     score + w * cos(history text, item text) for each w of `grid`, over every user of the split; and,
@@ -231,6 +236,12 @@ def fit_text_prior(
     position (1.6 % of food-kitchen's targets on its new-item split, 7.6 % of its items). Where those
     targets are the new items' real share it is wrong (docs/train.md, "New-item targets weighed at the
     catalogue's share").
+
+    With `new_items_floor` (and c chosen here) only the pairs whose figure over the new-item targets is
+    at least that floor compete: the untrained model's figure there (`train.text_prior_new_items_guard`),
+    so training never leaves new items ranked below what the same model knew of them from their text
+    before it (issue #28's goal; docs/train.md, "New items never below the untrained model"). Where no
+    pair reaches it the choice is the plain one and `floor_met` is False.
 
     Score-level fusion of a collaborative and a content score with a weight tuned on validation, as
     hybrid recommenders do. One pass of the model per user: the two parts' scores are kept apart and
@@ -272,11 +283,13 @@ def fit_text_prior(
     on_new = {key: ndcg(r[is_new], 10) for key, r in ranks.items()}  # NaN without such targets
     on_warm = {key: ndcg(r[~is_new], 10) for key, r in ranks.items()}
     share = catalogue_new_share(model) if catalogue_share and fit_c else None
-    best = max(
-        sorted(figures), key=partial(_choice_figure, figures, on_new, on_warm, share)
-    )  # first of equals
+    floor = new_items_floor if fit_c else None
+    keys = sorted(figures)
+    able = [key for key in keys if floor is None or on_new[key] >= floor]
+    best = max(able or keys, key=partial(_choice_figure, figures, on_new, on_warm, share))  # first of equals
     model.set_text_prior(*best)
-    return PriorFit(*best, figures, on_new, on_warm, new_targets, fit_c, share)
+    met = None if floor is None else bool(able)
+    return PriorFit(*best, figures, on_new, on_warm, new_targets, fit_c, share, floor, met)
 
 
 def _new_items(

@@ -191,6 +191,8 @@ def test_exported_vectors_reproduce_the_models_scores(trained, enriched_workspac
         assert prior["new_items"] in c_grid and prior["valid_new_item_targets"] >= 100
     else:
         assert prior["new_items"] == min(c_grid) and prior["valid_new_item_targets"] < 100
+    # llm4cdsr scores every item by its text (no ID rows): no item is new, no untrained model to guard by
+    assert prior["untrained"] is None and prior["new_items_floor"] is None
     for d, name in enumerate(catalog.domains):
         dv = vectors[name]
         assert dv.user_ids == seqs.user_ids and len(dv.item_ids) == catalog.sizes[d]
@@ -277,6 +279,14 @@ def test_flow_and_cli_train_the_baselines(prefect_harness, enriched_workspace: P
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["model"] == "llm4cdsr-hybrid" and out["epochs"] == 2 and out["best_epoch"] in (1, 2)
     assert out["epoch_seconds"] > 0
+    # text_prior_new_items_guard: untrained (the default): the same model untrained was fitted alike, and
+    # its figure over validation's new-item targets (most of the sample's) is the floor of the choice
+    prior = out["text_prior"]
+    assert prior["new_items_chosen"] and prior["untrained"]["weight"] in TrainSettings().text_prior_grid
+    assert prior["new_items_floor"] == prior["untrained"]["valid_ndcg@10_new_item_targets"]
+    assert prior["floor_met"] in (True, False)  # False: no pair reached it (a warning says so)
+    if prior["floor_met"]:
+        assert prior["valid_ndcg@10_new_item_targets"] >= prior["new_items_floor"]
     for group in ("overall", "food", "kitchen"):
         assert {"hr@10", "ndcg@10"} <= set(out["test"][group])
         assert {"hr@10", "ndcg@10"} <= set(out["test"]["full"][group])

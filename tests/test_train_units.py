@@ -843,6 +843,54 @@ def test_the_text_prior_weight_fitted_on_validation_is_the_best_of_its_grid() ->
         fit_text_prior(build_model(_config("sasrec"), CATALOG, None), split, grid, 2)
 
 
+def test_a_floor_on_the_new_item_targets_keeps_the_pairs_below_it_out_of_the_choice() -> None:
+    """fit_text_prior with `new_items_floor` (`train.text_prior_new_items_guard: untrained`, the untrained
+    model's figure over validation's new-item targets): only the pairs at or above it over those targets
+    compete, the best of them overall is chosen (the smaller of equals); where none reaches it the plain
+    choice stands (`floor_met` False); without enough new-item targets to choose c there is no floor."""
+    from bridgerec.models.evaluate import fit_text_prior
+
+    rng = np.random.default_rng(1)  # 30 users; 6 of their validation targets are the new items 3 and 9
+    seqs = [
+        list(rng.choice(np.arange(1, 12), size=int(rng.integers(5, 8)), replace=False)) for _ in range(30)
+    ]
+    split = SequenceData(CATALOG, sequences(seqs), 10).eval_split("valid", 3, 0, 3)
+    torch.manual_seed(0)
+    model = build_model(_config("llm4cdsr", id_embeddings=True, text_prior=True), CATALOG, _tables()).eval()
+    counts = np.ones(CATALOG.n_items + 1)
+    counts[[0, 3, 9]] = 0
+    model.set_trained_items(counts)
+    grid, c_grid = [0.0, 1.0, 4.0, 1000.0], [1.0, 0.5, 3.0]
+    plain = fit_text_prior(model, split, grid, batch_size=8, new_items_grid=c_grid, min_new_targets=3)
+    assert plain.new_targets == 6 and plain.new_items_floor is None and plain.floor_met is None
+    floor = max(plain.ndcg10_new.values())  # the best pair on new items: a floor the plain choice misses
+    assert plain.ndcg10_new[(plain.weight, plain.new_items)] < floor
+    guarded = fit_text_prior(
+        model, split, grid, batch_size=8, new_items_grid=c_grid, min_new_targets=3, new_items_floor=floor
+    )
+    able = {k: f for k, f in plain.ndcg10.items() if plain.ndcg10_new[k] >= floor}
+    assert guarded.floor_met and guarded.new_items_floor == floor and 0 < len(able) < len(plain.ndcg10)
+    assert guarded.ndcg10 == plain.ndcg10  # the same ranks; only the choice differs
+    assert (guarded.weight, guarded.new_items) == min(k for k, f in able.items() if f == max(able.values()))
+    assert guarded.ndcg10_new[(guarded.weight, guarded.new_items)] >= floor
+    assert (
+        guarded.ndcg10[(guarded.weight, guarded.new_items)] <= plain.ndcg10[(plain.weight, plain.new_items)]
+    )
+    assert (float(model.text_prior_weight), float(model.text_prior_new_scale)) == (
+        guarded.weight,
+        guarded.new_items,
+    )
+    unreachable = fit_text_prior(
+        model, split, grid, batch_size=8, new_items_grid=c_grid, min_new_targets=3, new_items_floor=2.0
+    )  # NDCG@10 is at most 1: no pair reaches it, the plain choice stands
+    assert unreachable.floor_met is False
+    assert (unreachable.weight, unreachable.new_items) == (plain.weight, plain.new_items)
+    unfitted = fit_text_prior(
+        model, split, grid, batch_size=8, new_items_grid=c_grid, min_new_targets=7, new_items_floor=floor
+    )  # too few new-item targets to choose c: no floor either
+    assert not unfitted.fitted_new_items and unfitted.new_items_floor is None and unfitted.floor_met is None
+
+
 def test_id_dropout_scores_new_items_with_an_id_row_predicted_from_text() -> None:
     """llm4cdsr-hybrid with id_dropout: an item without training interactions gets the ID row its LLM
     embedding predicts (per thread: `id_from_text_*`), the others keep their own at inference; in

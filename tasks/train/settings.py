@@ -108,7 +108,14 @@ class DataParallelSettings(BaseModel):
 
 
 # The settings of the text prior's scale on new items (ignored together where no item is "new").
-NEW_ITEMS = frozenset({"text_prior_new_items", "text_prior_new_items_grid", "text_prior_new_items_share"})
+NEW_ITEMS = frozenset(
+    {
+        "text_prior_new_items",
+        "text_prior_new_items_grid",
+        "text_prior_new_items_share",
+        "text_prior_new_items_guard",
+    }
+)
 MIN_NEW_TARGETS = 100  # validation targets that are new items, at least, for c to be chosen on them
 
 
@@ -143,6 +150,7 @@ class TrainSettings(StageSettings):
         "text_prior_new_items": 1.0,
         "text_prior_new_items_grid": [1.0],
         "text_prior_new_items_share": "validation",
+        "text_prior_new_items_guard": "none",
         "text_prior_decay": 1.0,
         "lr_decay": 1.0,
         "lr_min": 0.0,
@@ -167,7 +175,11 @@ class TrainSettings(StageSettings):
         elif not self.resolved().id_embeddings:  # every item is scored by its text: none is "new"
             ignored |= NEW_ITEMS
         elif self.text_prior_new_items is not None:  # fixed: no grid, no choice of c
-            ignored |= {"text_prior_new_items_grid", "text_prior_new_items_share"}
+            ignored |= {
+                "text_prior_new_items_grid",
+                "text_prior_new_items_share",
+                "text_prior_new_items_guard",
+            }
         return ignored | (set() if self.bce_negatives_apply else {"bce_negatives"})
 
     model: str = Field(default="llm4cdsr-hybrid", description=f"One of: {', '.join(MODEL_PRESETS)}.")
@@ -476,6 +488,17 @@ class TrainSettings(StageSettings):
     eval_negatives: int = Field(default=100, ge=1, description="Sampled protocol: negatives per user.")
     short_history: int = Field(
         default=5, ge=1, description="Users with fewer history items than this form the 'short' group."
+    )
+    text_prior_new_items_guard: Literal["untrained", "none"] = Field(
+        default="untrained",
+        description=(
+            f"With c chosen on validation (at least {MIN_NEW_TARGETS} new-item targets): 'untrained' (the "
+            "default) chooses (w, c) only among the pairs that rank validation's new-item targets at least "
+            "as well as the same model untrained (built from the seed, its prior fitted alike), so "
+            "training never ranks new items below what their text gave before it; where no pair does, the "
+            "plain choice and a warning. Costs one more fit of the prior. 'none': the plain choice "
+            "(docs/train.md, 'New items never below the untrained model')."
+        ),
     )
     full_ranking: bool = Field(default=True, description="Also rank the whole target domain.")
     cold_start: ColdStartSettings = Field(default_factory=ColdStartSettings)

@@ -27,7 +27,7 @@ from pydantic import BaseModel
 from bridgerec.models.base import Recommender
 from bridgerec.models.config import ModelConfig
 from bridgerec.models.data import Catalog, EvalSplit, SequenceData, Sequences
-from bridgerec.models.evaluate import evaluate, fit_text_prior, headline, metric_rows
+from bridgerec.models.evaluate import PriorFit, evaluate, fit_text_prior, headline, metric_rows
 from bridgerec.models.optim import Optimizer
 from bridgerec.models.pop import Popularity
 from bridgerec.models.registry import ItemTables, build_model
@@ -423,7 +423,7 @@ def _evaluate(
     settings = run.settings
     data, catalog = inputs.data, inputs.catalog
     load_weights(model, run_dir, device)
-    prior = _fit_text_prior(run, run_dir, model, splits[0], device)
+    prior = _fit_text_prior(run, run_dir, model, inputs, splits[0], device)
     rows: list[dict] = []
     results = {}
     scorer, refit_record = model, {}
@@ -477,21 +477,33 @@ def _evaluate(
 
 
 def _fit_text_prior(
-    run: StageRun[TrainSettings], run_dir: RunDir, model: Recommender, valid: EvalSplit, device: torch.device
+    run: StageRun[TrainSettings],
+    run_dir: RunDir,
+    model: Recommender,
+    inputs: TrainInputs,
+    valid: EvalSplit,
+    device: torch.device,
 ) -> dict[str, Any]:
     """train.text_prior: choose the prior's weight w (and, unless fixed, its scale c on new items) on
     validation (full ranking) for the best weights and save them with it (publish scores with what the
-    test figures measured). {} without a prior."""
+    test figures measured); with `text_prior_new_items_guard: untrained`, among the pairs that rank the
+    new-item targets at least as well as the same model untrained (`untrained_prior_fit`). {} without a
+    prior."""
     if not model.prior_dims:
         return {}
     started = time.perf_counter()
     settings = run.settings
     fixed = settings.text_prior_new_items is not None
-    fit = fit_text_prior(
-        model, valid, settings.text_prior_grid, settings.eval_batch_size, device,
-        new_items_grid=None if fixed else settings.text_prior_new_items_grid, min_new_targets=MIN_NEW_TARGETS,
-        catalogue_share=settings.text_prior_new_items_share == "catalogue",
-    )  # fmt: skip
+    untrained = None
+    if settings.text_prior_new_items_guard == "untrained" and guards_new_items(settings):
+        untrained = untrained_prior_fit(settings, model, inputs, valid, device)
+        run.log.info(
+            "train: the same model untrained: text prior (%g, x%g), validation full NDCG@10 %.4f, %.4f "
+            "on the new-item targets",
+            untrained.weight, untrained.new_items, untrained.ndcg10[(untrained.weight, untrained.new_items)],
+            untrained.ndcg10_new[(untrained.weight, untrained.new_items)],
+        )  # fmt: skip
+    fit = prior_fit(settings, model, valid, device, untrained)
     save_weights(model, run_dir)
     seconds = time.perf_counter() - started
     w, c = fit.weight, fit.new_items
@@ -504,6 +516,18 @@ def _fit_text_prior(
     )
     if fit.share is not None:
         how += f", they weigh the catalogue's share of new items, {fit.share:.1%}"
+    if fit.new_items_floor is not None:
+        how += (
+            f", new-item targets at least the untrained model's {fit.new_items_floor:.4f}"
+            if fit.floor_met
+            else f"; no pair ranks new-item targets as well as the untrained model ({fit.new_items_floor:.4f})"
+        )
+        if not fit.floor_met:
+            run.log.warning(
+                "train: the text prior: no (w, c) ranks validation's new-item targets as well as the same "
+                "model untrained (NDCG@10 %.4f at best %.4f); the plain choice is kept",
+                fit.new_items_floor, max(fit.ndcg10_new.values()),
+            )  # fmt: skip
     run.log.info(
         "train: text prior weight %g, x%g on new items (%s; %d validation targets are new items); "
         "validation full NDCG@10 %.4f, %.4f without the prior; fitted in %.1f s",
@@ -522,8 +546,69 @@ def _fit_text_prior(
         # the weight of new-item targets in the choice (None: as many as they are) and the figure chosen on
         "new_item_targets_share": fit.share,
         "valid_chosen_on": fit.chosen_on((w, c)),
+        # the guard (`text_prior_new_items_guard`): the same model untrained, its (w, c) and its figure
+        # over the new-item targets, the floor the chosen pair had to reach (None: no guard applied)
+        "untrained": None
+        if untrained is None
+        else {
+            "weight": untrained.weight,
+            "new_items": untrained.new_items,
+            "valid_ndcg@10": untrained.ndcg10[(untrained.weight, untrained.new_items)],
+            "valid_ndcg@10_new_item_targets": untrained.ndcg10_new[(untrained.weight, untrained.new_items)],
+        },
+        "new_items_floor": fit.new_items_floor,
+        "floor_met": fit.floor_met,
         "seconds": seconds,
     }
+
+
+def guards_new_items(settings: TrainSettings) -> bool:
+    """`text_prior_new_items_guard` applies: a text prior whose scale c on new items is chosen on
+    validation, for a model with ID rows (where items can be new)."""
+    return "text_prior_new_items_guard" not in settings.ignored_fields()
+
+
+def prior_fit(
+    settings: TrainSettings,
+    model: Recommender,
+    valid: EvalSplit,
+    device: torch.device | str,
+    untrained: PriorFit | None = None,
+) -> PriorFit:
+    """`fit_text_prior` on validation with the settings' grids and choice rule (leaves the model at the
+    chosen (w, c)); with the `untrained` model's fit (`untrained_prior_fit`), its figure over the new-item
+    targets is the floor a pair must reach (where c is chosen at all)."""
+    fixed = settings.text_prior_new_items is not None
+    floor = None
+    if untrained is not None and untrained.fitted_new_items:
+        floor = untrained.ndcg10_new[(untrained.weight, untrained.new_items)]
+    return fit_text_prior(
+        model, valid, settings.text_prior_grid, settings.eval_batch_size, device,
+        new_items_grid=None if fixed else settings.text_prior_new_items_grid, min_new_targets=MIN_NEW_TARGETS,
+        catalogue_share=settings.text_prior_new_items_share == "catalogue", new_items_floor=floor,
+    )  # fmt: skip
+
+
+def untrained_prior_fit(
+    settings: TrainSettings,
+    trained: Recommender,
+    inputs: TrainInputs,
+    valid: EvalSplit,
+    device: torch.device | str,
+) -> PriorFit:
+    """The same model untrained, its text prior fitted on validation as the trained one's is (`prior_fit`):
+    built from the run's seed with the trained model's config (a warm run's too: untrained is the cold
+    start), the same items marked new, and its rows for new items fitted as after an epoch (`end_epoch`),
+    so it scores as one epoch at a vanishing rate would. Its figure over the new-item targets is the
+    floor of `text_prior_new_items_guard: untrained`. Costs one more fit of the prior (a full ranking of
+    validation); the global RNG is reseeded before and after (what follows starts as it would have)."""
+    set_seed(settings.seed, settings.deterministic)
+    fresh = build_model(trained.config, inputs.catalog, inputs.tables).to(device)
+    fresh.set_trained_items(inputs.data.item_counts("train"))
+    fresh.end_epoch()
+    fit = prior_fit(settings, fresh.eval(), valid, device)
+    set_seed(settings.seed, settings.deterministic)
+    return fit
 
 
 def _report_short(data: SequenceData, split: EvalSplit, n: int, log: Any) -> dict[str, list[str]]:
