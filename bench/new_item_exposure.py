@@ -1,7 +1,7 @@
 """New items against their exposure: `train.text_prior_new_items` on a trained cold-start run.
 
     python bench/new_item_exposure.py --workspace WS --run WS/runs/RUN_ID [--values 1,1.1,1.25,1.5]
-                                      [--weight W]
+                                      [--weight W] [--untrained]
 
 The run must have been trained with `cold_start.new_items` (bench/train.py --cold-start) and
 `text_prior`. For each value c the saved model scores with the prior's weight on items without training
@@ -15,7 +15,10 @@ new-item targets ranked among the held-out items only (`among_new_items`, `model
 the item cold-start protocol, their order apart from their exposure). The run itself scored with its own c (fixed, 1.25 by default, or
 chosen on validation with `train.text_prior_new_items: validation`); this bench shows the trade on the
 test split's held-out new items around it, at the run's prior weight w or at `--weight` (docs/train.md,
-"New items against their exposure").
+"New items against their exposure"). With --untrained it also ranks with the same model untrained
+(`untrained_prior_fit`: built from the run's seed, its (w, c) fitted on validation), the reference of
+issue #28's goal that new items rank no worse than untrained, and what `text_prior_new_items_guard`
+compares with on validation (docs/train.md, "New items never below the untrained model").
 Prints a table and writes bench/results/new_item_exposure_<run id>[_w_W].json; rows that file already
 holds at other values of c are kept (each row's `seconds` is from the call that measured it).
 """
@@ -23,6 +26,7 @@ holds at other values of c are kept (each row's `seconds` is from the call that 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +38,7 @@ from bridgerec.models.data import EvalSplit
 from bridgerec.models.evaluate import Popularity, beyond_accuracy, evaluate, popularity_tables, rank_among
 from bridgerec.models.metrics import ndcg
 from bridgerec.runtime.machine import machine_info
+from bridgerec.tasks.train.stage import untrained_prior_fit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,6 +65,11 @@ def figures(run: SavedRun, test: EvalSplit, new: np.ndarray, tables: Popularity)
 def main() -> None:
     ap = run_arguments(__doc__)
     ap.add_argument("--values", default="1,1.1,1.25,1.5", help="values of text_prior_new_items to rank with")
+    ap.add_argument(
+        "--untrained",
+        action="store_true",
+        help="also rank with the same model untrained, its prior fitted on validation (issue #28's reference)",
+    )
     ap.add_argument(
         "--weight",
         type=float,
@@ -92,6 +102,20 @@ def main() -> None:
             f"new items among new items {row['among_new_items']:.4f} ({rows[-1]['seconds']:.0f} s)",
             flush=True,
         )
+    untrained = None
+    if args.untrained:  # the reference of issue #28's goal, as `text_prior_new_items_guard` builds it
+        started = time.perf_counter()
+        fresh, ref = untrained_prior_fit(settings, model, inputs, run.split("valid"), "cpu")
+        untrained = {"w": ref.weight, "c": ref.new_items} | figures(
+            replace(run, model=fresh), test, new, tables
+        )
+        untrained["seconds"] = time.perf_counter() - started
+        print(
+            f"untrained ({ref.weight:g}, {ref.new_items:g}): overall {untrained['overall']:.4f}, new items "
+            f"{untrained['new_items']:.4f}, warm items {untrained['warm_items']:.4f}, new items' share of the "
+            f"top 10 {untrained['new_item_share@10']:.1%}, among new items {untrained['among_new_items']:.4f}",
+            flush=True,
+        )
     print(f"new items are {new.mean():.1%} of the test targets")
     print(
         "| text_prior_new_items | overall | new items | warm items | new_item_share@10 | among new items |\n"
@@ -115,6 +139,8 @@ def main() -> None:
         "machine": machine_info(),
         "rows": rows,
     }
+    if untrained is not None:
+        record["untrained"] = untrained
     write_merged(out, record, "text_prior_new_items")  # earlier rows at other values of c kept
 
 

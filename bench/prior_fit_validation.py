@@ -69,7 +69,7 @@ def main() -> None:
     if args.untrained:  # the floor of `text_prior_new_items_guard: untrained`, fitted on the same grids
         values = [float(x) for x in args.values.split(",")]
         same = settings.model_copy(update={"text_prior_new_items": None, "text_prior_new_items_grid": values})
-        ref = untrained_prior_fit(same, model, run.inputs, valid, "cpu")
+        _, ref = untrained_prior_fit(same, model, run.inputs, valid, "cpu")
         key = (ref.weight, ref.new_items)
         untrained = {"w": ref.weight, "c": ref.new_items, "all": ref.ndcg10[key], "new": ref.ndcg10_new[key]}
         able = [r for r in rows if r["new"] >= untrained["new"]]

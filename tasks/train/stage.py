@@ -496,7 +496,7 @@ def _fit_text_prior(
     fixed = settings.text_prior_new_items is not None
     untrained = None
     if settings.text_prior_new_items_guard == "untrained" and guards_new_items(settings):
-        untrained = untrained_prior_fit(settings, model, inputs, valid, device)
+        _, untrained = untrained_prior_fit(settings, model, inputs, valid, device)
         run.log.info(
             "train: the same model untrained: text prior (%g, x%g), validation full NDCG@10 %.4f, %.4f "
             "on the new-item targets",
@@ -595,20 +595,21 @@ def untrained_prior_fit(
     inputs: TrainInputs,
     valid: EvalSplit,
     device: torch.device | str,
-) -> PriorFit:
+) -> tuple[Recommender, PriorFit]:
     """The same model untrained, its text prior fitted on validation as the trained one's is (`prior_fit`):
     built from the run's seed with the trained model's config (a warm run's too: untrained is the cold
     start), the same items marked new, and its rows for new items fitted as after an epoch (`end_epoch`),
     so it scores as one epoch at a vanishing rate would. Its figure over the new-item targets is the
-    floor of `text_prior_new_items_guard: untrained`. Costs one more fit of the prior (a full ranking of
-    validation); the global RNG is reseeded before and after (what follows starts as it would have)."""
+    floor of `text_prior_new_items_guard: untrained`. Returns the model (in eval mode, at its chosen
+    (w, c)) and its fit. Costs one more fit of the prior (a full ranking of validation); the global RNG
+    is reseeded before and after (what follows starts as it would have)."""
     set_seed(settings.seed, settings.deterministic)
     fresh = build_model(trained.config, inputs.catalog, inputs.tables).to(device)
     fresh.set_trained_items(inputs.data.item_counts("train"))
     fresh.end_epoch()
     fit = prior_fit(settings, fresh.eval(), valid, device)
     set_seed(settings.seed, settings.deterministic)
-    return fit
+    return fresh, fit
 
 
 def _report_short(data: SequenceData, split: EvalSplit, n: int, log: Any) -> dict[str, list[str]]:
