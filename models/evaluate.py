@@ -283,11 +283,26 @@ def fit_text_prior(
     on_new = {key: ndcg(r[is_new], 10) for key, r in ranks.items()}  # NaN without such targets
     on_warm = {key: ndcg(r[~is_new], 10) for key, r in ranks.items()}
     share = catalogue_new_share(model) if catalogue_share and fit_c else None
-    floor = new_items_floor if fit_c else None
+    fit = _choose(figures, on_new, on_warm, new_targets, fit_c, share, new_items_floor if fit_c else None)
+    model.set_text_prior(fit.weight, fit.new_items)
+    return fit
+
+
+def _choose(
+    figures: dict[tuple[float, float], float],
+    on_new: dict[tuple[float, float], float],
+    on_warm: dict[tuple[float, float], float],
+    new_targets: int,
+    fit_c: bool,
+    share: float | None,
+    floor: float | None,
+) -> PriorFit:
+    """`fit_text_prior`'s choice: the pair (w, c) with the best `_choice_figure` (the smaller of equals)
+    among those at or above `floor` over the new-item targets (all of them without a floor, or where
+    none reaches it)."""
     keys = sorted(figures)
     able = [key for key in keys if floor is None or on_new[key] >= floor]
     best = max(able or keys, key=partial(_choice_figure, figures, on_new, on_warm, share))  # first of equals
-    model.set_text_prior(*best)
     met = None if floor is None else bool(able)
     return PriorFit(*best, figures, on_new, on_warm, new_targets, fit_c, share, floor, met)
 

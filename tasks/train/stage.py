@@ -493,7 +493,6 @@ def _fit_text_prior(
         return {}
     started = time.perf_counter()
     settings = run.settings
-    fixed = settings.text_prior_new_items is not None
     untrained = None
     if settings.text_prior_new_items_guard == "untrained" and guards_new_items(settings):
         _, untrained = untrained_prior_fit(settings, model, inputs, valid, device)
@@ -506,33 +505,8 @@ def _fit_text_prior(
     fit = prior_fit(settings, model, valid, device, untrained)
     save_weights(model, run_dir)
     seconds = time.perf_counter() - started
+    _log_prior_choice(run, fit, seconds)
     w, c = fit.weight, fit.new_items
-    how = (
-        "chosen"
-        if fit.fitted_new_items
-        else "fixed"
-        if fixed
-        else f"the grid's floor: fewer than {MIN_NEW_TARGETS} such targets"
-    )
-    if fit.share is not None:
-        how += f", they weigh the catalogue's share of new items, {fit.share:.1%}"
-    if fit.new_items_floor is not None:
-        how += (
-            f", new-item targets at least the untrained model's {fit.new_items_floor:.4f}"
-            if fit.floor_met
-            else f"; no pair ranks new-item targets as well as the untrained model ({fit.new_items_floor:.4f})"
-        )
-        if not fit.floor_met:
-            run.log.warning(
-                "train: the text prior: no (w, c) ranks validation's new-item targets as well as the same "
-                "model untrained (NDCG@10 %.4f at best %.4f); the plain choice is kept",
-                fit.new_items_floor, max(fit.ndcg10_new.values()),
-            )  # fmt: skip
-    run.log.info(
-        "train: text prior weight %g, x%g on new items (%s; %d validation targets are new items); "
-        "validation full NDCG@10 %.4f, %.4f without the prior; fitted in %.1f s",
-        w, c, how, fit.new_targets, fit.ndcg10[(w, c)], fit.ndcg10.get((0.0, c), float("nan")), seconds,
-    )  # fmt: skip
     return {
         "weight": w,
         "new_items": c,
@@ -560,6 +534,38 @@ def _fit_text_prior(
         "floor_met": fit.floor_met,
         "seconds": seconds,
     }
+
+
+def _log_prior_choice(run: StageRun[TrainSettings], fit: PriorFit, seconds: float) -> None:
+    """Log the text prior's chosen (w, c) and how c was had (chosen, fixed, the grid's floor; weighed; the
+    untrained model's floor met or not, a warning where not)."""
+    w, c = fit.weight, fit.new_items
+    how = (
+        "chosen"
+        if fit.fitted_new_items
+        else "fixed"
+        if run.settings.text_prior_new_items is not None
+        else f"the grid's floor: fewer than {MIN_NEW_TARGETS} such targets"
+    )
+    if fit.share is not None:
+        how += f", they weigh the catalogue's share of new items, {fit.share:.1%}"
+    if fit.new_items_floor is not None:
+        how += (
+            f", new-item targets at least the untrained model's {fit.new_items_floor:.4f}"
+            if fit.floor_met
+            else f"; no pair ranks new-item targets as well as the untrained model ({fit.new_items_floor:.4f})"
+        )
+        if not fit.floor_met:
+            run.log.warning(
+                "train: the text prior: no (w, c) ranks validation's new-item targets as well as the same "
+                "model untrained (NDCG@10 %.4f at best %.4f); the plain choice is kept",
+                fit.new_items_floor, max(fit.ndcg10_new.values()),
+            )  # fmt: skip
+    run.log.info(
+        "train: text prior weight %g, x%g on new items (%s; %d validation targets are new items); "
+        "validation full NDCG@10 %.4f, %.4f without the prior; fitted in %.1f s",
+        w, c, how, fit.new_targets, fit.ndcg10[(w, c)], fit.ndcg10.get((0.0, c), float("nan")), seconds,
+    )  # fmt: skip
 
 
 def guards_new_items(settings: TrainSettings) -> bool:
