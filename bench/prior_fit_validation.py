@@ -13,9 +13,10 @@ importance weight for the shift between validation's new-item targets and the ca
 (exact where new items are a random draw of the catalogue, as `cold_start.new_items` draws them).
 docs/train.md, "New items against their exposure", compares both with the test figures of
 `bench/new_item_exposure.py` on the same runs. With --untrained it also fits the same model untrained
-(`untrained_prior_fit`, built from the run's seed) and prints the choice of
-`train.text_prior_new_items_guard: untrained`: the best pair among those whose figure over the new-item
-targets reaches the untrained model's. Writes bench/results/screen/prior_fit_validation_<run id>.json
+(`untrained_prior_fit`, built from the run's seed) and prints the choices of
+`train.text_prior_new_items_guard` (`PriorFit.floored`): `untrained`, the best pair among those whose
+figure over the new-item targets reaches the untrained model's; `exposure`, among those whose new items'
+share of the top-10 slots reaches its share. Writes bench/results/screen/prior_fit_validation_<run id>.json
 (with other --values: ..._<run id>_c_<values>.json, e.g. _c_1.25-1.375-1.5-2 for the default grid).
 """
 
@@ -61,29 +62,38 @@ def main() -> None:
     weighed = replace(fit, share=share)  # the figure `text_prior_new_items_share: catalogue` chooses on
     rows = [
         {"w": w, "c": c, "all": f, "new": fit.ndcg10_new[(w, c)], "warm": fit.ndcg10_warm[(w, c)]}
-        | {"reweighted": weighed.chosen_on((w, c))}
+        | {"reweighted": weighed.chosen_on((w, c)), "new_share@10": fit.new_share[(w, c)]}
         for (w, c), f in sorted(fit.ndcg10.items())
     ]
     reweighted = max(rows, key=lambda r: r["reweighted"])  # max keeps the first (smallest) of equals
-    untrained, guarded = None, None
-    if args.untrained:  # the floor of `text_prior_new_items_guard: untrained`, fitted on the same grids
+    untrained, guarded = None, {}
+    if args.untrained:  # the floors of `text_prior_new_items_guard`, fitted on the same grids
         values = [float(x) for x in args.values.split(",")]
         same = settings.model_copy(update={"text_prior_new_items": None, "text_prior_new_items_grid": values})
         _, ref = untrained_prior_fit(same, model, run.inputs, valid, "cpu")
         key = (ref.weight, ref.new_items)
         untrained = {"w": ref.weight, "c": ref.new_items, "all": ref.ndcg10[key], "new": ref.ndcg10_new[key]}
-        able = [r for r in rows if r["new"] >= untrained["new"]]
-        guarded = max(able, key=lambda r: r["all"]) if able else None
+        untrained["new_share@10"] = ref.new_share[key]
+        for guard, on, floor in (
+            ("untrained", "ndcg", untrained["new"]),
+            ("exposure", "exposure", untrained["new_share@10"]),
+        ):
+            rule = fit.floored(floor, on)  # the guard's choice (the model is not touched)
+            guarded[guard] = [rule.weight, rule.new_items] if rule.floor_met else None
     users = int(valid.inputs.shape[0])
     print(
         f"validation: {users} users, {fit.new_targets} targets are new items ({fit.new_targets / users:.1%});"
     )
     print(f"catalogue: {new_items} new items ({share:.1%}); fitted in {time.perf_counter() - started:.0f} s")
-    print("| w | c | all targets | new-item targets | the others | reweighted to the catalogue's share |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| w | c | all targets | new-item targets | the others | reweighted to the catalogue's share "
+        "| new items' share of the top-10 slots |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['w']:g} | {r['c']:g} | {r['all']:.5f} | {r['new']:.5f} | {r['warm']:.5f} | {r['reweighted']:.5f} |"
+            f"| {r['w']:g} | {r['c']:g} | {r['all']:.5f} | {r['new']:.5f} | {r['warm']:.5f} | {r['reweighted']:.5f} "
+            f"| {r['new_share@10']:.4f} |"
         )
     print(
         f"chosen: plain ({fit.weight:g}, {fit.new_items:g}); reweighted ({reweighted['w']:g}, {reweighted['c']:g})"
@@ -91,13 +101,12 @@ def main() -> None:
     if untrained is not None:
         print(
             f"untrained: ({untrained['w']:g}, {untrained['c']:g}), all targets {untrained['all']:.5f}, "
-            f"new-item targets {untrained['new']:.5f}; guarded choice: "
-            + (
-                "none reaches it (the plain one)"
-                if guarded is None
-                else f"({guarded['w']:g}, {guarded['c']:g})"
-            )
+            f"new-item targets {untrained['new']:.5f}, new items' share of the top-10 slots "
+            f"{untrained['new_share@10']:.4f}"
         )
+        for guard, pair in guarded.items():
+            got = "none reaches it (the plain one)" if pair is None else f"({pair[0]:g}, {pair[1]:g})"
+            print(f"text_prior_new_items_guard: {guard} chooses {got}")
     record = {
         "run": str(args.run),
         "seed": settings.seed,
@@ -109,7 +118,8 @@ def main() -> None:
         "chosen": [fit.weight, fit.new_items],
         "chosen_reweighted": [reweighted["w"], reweighted["c"]],
         "untrained": untrained,
-        "chosen_guarded": None if guarded is None else [guarded["w"], guarded["c"]],
+        "chosen_guarded": guarded.get("untrained"),  # None: no pair reached the floor (or no --untrained)
+        "chosen_exposure_guarded": guarded.get("exposure"),
         "seconds": time.perf_counter() - started,
         "machine": machine_info(),
         "rows": rows,

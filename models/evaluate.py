@@ -18,9 +18,9 @@ among the group's targets). Popularity = interactions in the training prefixes.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ class Ranks:
 
 
 TOP_K = 10
+FloorOn = Literal["ndcg", "exposure"]  # what a floor on new items bounds (`PriorFit.floored`)
 
 
 @torch.no_grad()
@@ -172,14 +173,31 @@ class PriorFit:
     # s: the weight the new-item targets had in the choice, the catalogue's share of items without
     # training interactions; None: as many as they are among the split's targets (the plain figure)
     share: float | None = None
-    # the new-item targets' NDCG@10 a pair had to reach to be chosen (the untrained model's); None: no floor
+    # the floor a pair had to reach to be chosen (the untrained model's figure; None: no floor), on
+    # `floor_on`: "ndcg" NDCG@10 over the new-item targets, "exposure" `new_share`
     new_items_floor: float | None = None
+    floor_on: FloorOn | None = None
     # with a floor: False where no pair of the grid reached it (the choice is then the plain one)
     floor_met: bool | None = None
+    # (w, c) -> the new items' share of the split's top-k slots (`fit_text_prior`'s top_k, 10 by default,
+    # per user; left-out items fill none)
+    new_share: dict[tuple[float, float], float] = field(default_factory=dict)
 
     def chosen_on(self, key: tuple[float, float]) -> float:
         """The figure the pair (w, c) was chosen on (`_choice_figure`)."""
         return _choice_figure(self.ndcg10, self.ndcg10_new, self.ndcg10_warm, self.share, key)
+
+    def floored(self, floor: float, on: FloorOn) -> PriorFit:
+        """The choice among the pairs at or above `floor` on `on` (NDCG@10 over the new-item targets, or
+        the new items' top-k share): the best `chosen_on` of them, the smaller of equals; where none
+        reaches it the choice stays, `floor_met` False. The model is not touched."""
+        measure = self.ndcg10_new if on == "ndcg" else self.new_share
+        able = [key for key in sorted(self.ndcg10) if measure[key] >= floor]
+        best = max(able, key=self.chosen_on) if able else (self.weight, self.new_items)  # first of equals
+        met = bool(able)
+        return replace(
+            self, weight=best[0], new_items=best[1], new_items_floor=floor, floor_on=on, floor_met=met
+        )
 
 
 def _choice_figure(
@@ -202,6 +220,13 @@ def catalogue_new_items(model: Recommender) -> int:
     return sum(0 if m is None else int(m[1:].sum()) for m in marked)
 
 
+def new_item_targets(model: Recommender, split: EvalSplit) -> int:
+    """The split's targets that are items without training interactions (`Recommender.prior_new_items`):
+    what decides whether `fit_text_prior` chooses c (`min_new_targets`)."""
+    by_domain = users_by_domain(split.target_domain, model.n_domains)
+    return int(_new_items(model, split, by_domain)[1].sum())
+
+
 def catalogue_new_share(model: Recommender) -> float:
     """The share of the catalogue's items that are new (`catalogue_new_items`): what
     `fit_text_prior(catalogue_share=True)` weighs the new-item targets with."""
@@ -219,6 +244,8 @@ def fit_text_prior(
     min_new_targets: int = 100,
     catalogue_share: bool = False,
     new_items_floor: float | None = None,
+    floor_on: FloorOn = "ndcg",
+    top_k: int = TOP_K,
 ) -> PriorFit:
     """Choose the text prior's weight w (`model.prior_dims` > 0) on `split`: full-ranking NDCG@10 of
     score + w * cos(history text, item text) for each w of `grid`, over every user of the split; and,
@@ -237,11 +264,13 @@ def fit_text_prior(
     targets are the new items' real share it is wrong (docs/train.md, "New-item targets weighed at the
     catalogue's share").
 
-    With `new_items_floor` (and c chosen here) only the pairs whose figure over the new-item targets is
-    at least that floor compete: the untrained model's figure there (`train.text_prior_new_items_guard`),
-    so training never leaves new items ranked below what the same model knew of them from their text
-    before it (issue #28's goal; docs/train.md, "New items never below the untrained model"). Where no
-    pair reaches it the choice is the plain one and `floor_met` is False.
+    With `new_items_floor` (and c chosen here) only the pairs at least that floor on `floor_on` compete
+    (`PriorFit.floored`): "ndcg", their figure over the new-item targets; "exposure", the new items'
+    share of the users' top-k slots (`new_share`, every user of the split: no few-target noise). The
+    floor is the untrained model's (`train.text_prior_new_items_guard`), so training never leaves new
+    items ranked below what the same model knew of them from their text before it (issue #28's goal;
+    docs/train.md, "New items never below the untrained model"). Where no pair reaches it the choice is
+    the plain one and `floor_met` is False.
 
     Score-level fusion of a collaborative and a content score with a weight tuned on validation, as
     hybrid recommenders do. One pass of the model per user: the two parts' scores are kept apart and
@@ -263,6 +292,7 @@ def fit_text_prior(
     cs = sorted(set(new_items_grid or [])) if fit_c else [current]
     model.set_text_prior(1.0, 1.0)  # the prior's columns unscaled: the score's parts can be split
     ranks = {(w, c): np.zeros(U, np.int64) for w in grid for c in cs}
+    new_in_top = dict.fromkeys(ranks, 0)  # (w, c) -> new items in the users' top 10s, summed
     ex_offsets = np.searchsorted(split.exclude_users, np.arange(U + 1))
     for d, users in enumerate(by_domain):
         if not len(users):
@@ -277,13 +307,17 @@ def fit_text_prior(
             rows, cols = left_out(target[:, 0], chunk, split, ex_offsets)
             learned[:, 0] = -torch.inf  # the padding and the user's earlier items never compete
             learned[rows, cols] = -torch.inf
-            for key, rank in _prior_ranks(learned, text, target, new, grid, cs).items():
+            for key, (rank, in_top) in _prior_ranks(learned, text, target, new, grid, cs, top_k).items():
                 ranks[key][chunk.numpy()] = as_numpy(rank)
+                new_in_top[key] += int(in_top)
     figures = {key: ndcg(r, 10) for key, r in ranks.items()}
     on_new = {key: ndcg(r[is_new], 10) for key, r in ranks.items()}  # NaN without such targets
     on_warm = {key: ndcg(r[~is_new], 10) for key, r in ranks.items()}
     share = catalogue_new_share(model) if catalogue_share and fit_c else None
-    fit = _choose(figures, on_new, on_warm, new_targets, fit_c, share, new_items_floor if fit_c else None)
+    exposure = {key: n / (top_k * max(U, 1)) for key, n in new_in_top.items()}
+    fit = _choose(figures, on_new, on_warm, new_targets, fit_c, share, exposure)
+    if new_items_floor is not None and fit_c:
+        fit = fit.floored(new_items_floor, floor_on)
     model.set_text_prior(fit.weight, fit.new_items)
     return fit
 
@@ -295,16 +329,14 @@ def _choose(
     new_targets: int,
     fit_c: bool,
     share: float | None,
-    floor: float | None,
+    new_share: dict[tuple[float, float], float],
 ) -> PriorFit:
-    """`fit_text_prior`'s choice: the pair (w, c) with the best `_choice_figure` (the smaller of equals)
-    among those at or above `floor` over the new-item targets (all of them without a floor, or where
-    none reaches it)."""
-    keys = sorted(figures)
-    able = [key for key in keys if floor is None or on_new[key] >= floor]
-    best = max(able or keys, key=partial(_choice_figure, figures, on_new, on_warm, share))  # first of equals
-    met = None if floor is None else bool(able)
-    return PriorFit(*best, figures, on_new, on_warm, new_targets, fit_c, share, floor, met)
+    """`fit_text_prior`'s plain choice: the pair (w, c) with the best `_choice_figure` (the smaller of
+    equals)."""
+    best = max(
+        sorted(figures), key=partial(_choice_figure, figures, on_new, on_warm, share)
+    )  # first of equals
+    return PriorFit(*best, figures, on_new, on_warm, new_targets, fit_c, share, new_share=new_share)
 
 
 def _new_items(
@@ -324,16 +356,24 @@ def _new_items(
 
 
 def _prior_ranks(
-    learned: Tensor, text: Tensor, target: Tensor, new: Tensor, grid: list[float], cs: list[float]
-) -> dict[tuple[float, float], Tensor]:
+    learned: Tensor,
+    text: Tensor,
+    target: Tensor,
+    new: Tensor,
+    grid: list[float],
+    cs: list[float],
+    top_k: int = TOP_K,
+) -> dict[tuple[float, float], tuple[Tensor, Tensor]]:
     """`fit_text_prior`'s ranks for a batch: learned [B, n_d + 1] the learned part's scores (-inf where an
     item may not compete; overwritten), text [B, n_d + 1] the cosines, target [B, 1] local ids, new [n_d + 1] the items
-    whose prior weighs w * c -> {(w, c): [B] 0-based full-ranking rank of the target}.
+    whose prior weighs w * c -> {(w, c): ([B] 0-based full-ranking rank of the target, [] how many of
+    the batch's top-k slots new items take)}.
 
     Margins over the target's score (exactly 0 in its own column): an item competes where its margin is
     >= 0 (ties against the target, as rank_full; the target counts once, hence - 1). The new items'
     columns are combined per c apart from the others, whose count per w serves every c unless the
-    target is a new item itself (its own prior moves with c: those few users are recounted)."""
+    target is a new item itself (its own prior moves with c: those few users are recounted). The top k
+    likewise: the other columns' k best per w, merged per c with the new columns' k best."""
     old_cols, new_cols = torch.nonzero(~new)[:, 0], torch.nonzero(new)[:, 0]
     learned -= learned.gather(1, target)  # in place: the caller's matrix is spent
     tt = text.gather(1, target)  # [B, 1] the target's cosine
@@ -347,18 +387,24 @@ def _prior_ranks(
     x_margin = x_old - tt  # the text margins of the other items over a target that is not new
     combined = torch.empty_like(l_old)  # reused per w: no new [B, n_d + 1] buffers
     competes = torch.empty_like(l_old, dtype=torch.bool)
-    out: dict[tuple[float, float], Tensor] = {}
+    k_old, k_new = min(top_k, l_old.shape[1]), min(top_k, len(new_cols))
+    out: dict[tuple[float, float], tuple[Tensor, Tensor]] = {}
     for w in grid:
         torch.add(l_old, x_margin, alpha=w, out=combined)
         torch.ge(combined, 0, out=competes)
         old_count = competes.sum(1, dtype=torch.int32)  # [B] right for targets that are not new
+        old_top = combined.topk(k_old, dim=1).values  # [B, k_old] the same shift as new_margin's
         for c in cs:
             t_text = tt * torch.where(t_new[:, None], c, 1.0)  # [B, 1] the target's prior: c * tt
             count = old_count.clone()
             if len(rn):
                 count[rn] = ((l_old[rn] + w * (x_old[rn] - t_text[rn])) >= 0).sum(1, dtype=torch.int32)
             count += ((l_new + w * (c * x_new - t_text)) >= 0).sum(1, dtype=torch.int32)
-            out[(w, c)] = count - 1
+            new_margin = l_new + w * (c * x_new - tt)  # [B, n_new] over a warm target's prior
+            both = torch.cat([old_top, new_margin.topk(k_new, dim=1).values], 1)
+            best = both.topk(min(top_k, both.shape[1]), dim=1)  # left-out items (-inf) fill no slot
+            in_top = ((best.indices >= k_old) & best.values.isfinite()).sum()
+            out[(w, c)] = (count - 1, in_top)
     return out
 
 

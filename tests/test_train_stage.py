@@ -279,14 +279,18 @@ def test_flow_and_cli_train_the_baselines(prefect_harness, enriched_workspace: P
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["model"] == "llm4cdsr-hybrid" and out["epochs"] == 2 and out["best_epoch"] in (1, 2)
     assert out["epoch_seconds"] > 0
-    # text_prior_new_items_guard: untrained (the default): the same model untrained was fitted alike, and
-    # its figure over validation's new-item targets (most of the sample's) is the floor of the choice
+    # text_prior_new_items_guard (the default guards): the same model untrained was fitted alike, and its
+    # figure over validation's new-item targets (most of the sample's), or its new items' share of the
+    # top-10 slots, is the floor of the choice
     prior = out["text_prior"]
     assert prior["new_items_chosen"] and prior["untrained"]["weight"] in TrainSettings().text_prior_grid
-    assert prior["new_items_floor"] == prior["untrained"]["valid_ndcg@10_new_item_targets"]
+    on = {"untrained": "ndcg", "exposure": "exposure"}[TrainSettings().text_prior_new_items_guard]
+    field = {"ndcg": "valid_ndcg@10_new_item_targets", "exposure": "valid_new_item_share@10"}[on]
+    assert prior["floor_on"] == on and prior["new_items_floor"] == prior["untrained"][field]
+    assert 0 < prior["untrained"]["valid_new_item_share@10"] <= 1
     assert prior["floor_met"] in (True, False)  # False: no pair reached it (a warning says so)
     if prior["floor_met"]:
-        assert prior["valid_ndcg@10_new_item_targets"] >= prior["new_items_floor"]
+        assert prior[field] >= prior["new_items_floor"]
     for group in ("overall", "food", "kitchen"):
         assert {"hr@10", "ndcg@10"} <= set(out["test"][group])
         assert {"hr@10", "ndcg@10"} <= set(out["test"]["full"][group])

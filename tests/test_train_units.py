@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from bridgerec.models.backbone import SequenceEncoder, domain_view, trim
+from bridgerec.models.base import Recommender
 from bridgerec.models.batch import Batch
 from bridgerec.models.config import ModelConfig
-from bridgerec.models.data import Catalog, SequenceData, Sequences
+from bridgerec.models.data import Catalog, EvalSplit, SequenceData, Sequences
 from bridgerec.models.metrics import hit_rate, ndcg, ndcg_per_user, rank_full, rank_sampled, summarise
 from bridgerec.models.optim import Optimizer
 from bridgerec.models.registry import ItemTables, build_model
@@ -776,6 +777,25 @@ def test_text_prior_new_items_scales_the_prior_of_items_without_training_interac
             assert torch.equal(boosted.item_rows(d, cand[0]), model.item_rows(d, cand[0]))
 
 
+def _new_share(model: Recommender, split: EvalSplit, k: int) -> float:
+    """The new items' share of the split's top-k slots as `evaluate` ranks with the model as set: each
+    user's k best less the items a full ranking leaves out (earlier items of the domain, bar the target),
+    over k slots per user."""
+    from bridgerec.models.evaluate import evaluate
+
+    top = evaluate(model, split, batch_size=2, full=True).top
+    assert top is not None and split.candidates is not None
+    taken = 0
+    for u in range(len(top)):
+        d = int(split.target_domain[u])
+        marked = model.prior_new_items(d)
+        assert marked is not None
+        out = set(split.exclude_items[split.exclude_users == u].tolist()) - {int(split.candidates[u, 0])}
+        listed = [int(i) for i in top[u][: min(k, model.sizes[d])] if i != 0 and int(i) not in out]
+        taken += sum(bool(marked[i]) for i in listed)
+    return taken / (k * len(top))
+
+
 def test_the_text_prior_weight_fitted_on_validation_is_the_best_of_its_grid() -> None:
     """fit_text_prior: for each pair (w, c) of the grids its NDCG@10 is what `evaluate` gives with that
     pair set (full ranking, earlier items left out; c scales the prior of items without training
@@ -799,7 +819,7 @@ def test_the_text_prior_weight_fitted_on_validation_is_the_best_of_its_grid() ->
     counts[[0, 3, 5, 9, 10]] = 0  # new items: 3, 5 and 10 are validation targets (4 of 5), 9 competes
     model.set_trained_items(counts)
     grid, c_grid = [0.0, 1.0, 4.0, 1000.0], [1.0, 0.5, 3.0]
-    fit = fit_text_prior(model, split, grid, batch_size=2, new_items_grid=c_grid, min_new_targets=4)
+    fit = fit_text_prior(model, split, grid, batch_size=2, new_items_grid=c_grid, min_new_targets=4, top_k=2)
     assert fit.new_targets == 4 and fit.fitted_new_items
     assert set(fit.ndcg10) == {(w, c) for w in grid for c in c_grid}
     assert (float(model.text_prior_weight), float(model.text_prior_new_scale)) == (fit.weight, fit.new_items)
@@ -807,6 +827,7 @@ def test_the_text_prior_weight_fitted_on_validation_is_the_best_of_its_grid() ->
     assert best == max(fit.ndcg10.values())
     assert (fit.weight, fit.new_items) == min(k for k, f in fit.ndcg10.items() if f == best)
     assert any(fit.ndcg10[(w, 3.0)] != fit.ndcg10[(w, 1.0)] for w in grid)  # c changes ranks here
+    assert len(set(fit.new_share.values())) > 1  # and the new items' exposure
     for (w, c), figure in fit.ndcg10.items():
         model.set_text_prior(w, c)
         full = evaluate(model, split, batch_size=2, full=True).full
@@ -814,6 +835,7 @@ def test_the_text_prior_weight_fitted_on_validation_is_the_best_of_its_grid() ->
         new = torch.from_numpy(counts == 0)[split.target].numpy()  # [U] the target is a new item
         assert math.isclose(ndcg(full[new], 10), fit.ndcg10_new[(w, c)], abs_tol=1e-12), (w, c)
         assert math.isclose(ndcg(full[~new], 10), fit.ndcg10_warm[(w, c)], abs_tol=1e-12), (w, c)
+        assert math.isclose(fit.new_share[(w, c)], _new_share(model, split, 2), abs_tol=1e-12), (w, c)
     # Weighed to the catalogue: the new-item targets count as the share of items that are new (4 of the
     # catalogue's items: 3, 5, 9, 10), not as the 4 of 5 targets they are.
     weighed = fit_text_prior(
@@ -861,7 +883,9 @@ def test_a_floor_on_the_new_item_targets_keeps_the_pairs_below_it_out_of_the_cho
     counts[[0, 3, 9]] = 0
     model.set_trained_items(counts)
     grid, c_grid = [0.0, 1.0, 4.0, 1000.0], [1.0, 0.5, 3.0]
-    plain = fit_text_prior(model, split, grid, batch_size=8, new_items_grid=c_grid, min_new_targets=3)
+    plain = fit_text_prior(
+        model, split, grid, batch_size=8, new_items_grid=c_grid, min_new_targets=3, top_k=2
+    )
     assert plain.new_targets == 6 and plain.new_items_floor is None and plain.floor_met is None
     floor = max(plain.ndcg10_new.values())  # the best pair on new items: a floor the plain choice misses
     assert plain.ndcg10_new[(plain.weight, plain.new_items)] < floor
@@ -880,6 +904,17 @@ def test_a_floor_on_the_new_item_targets_keeps_the_pairs_below_it_out_of_the_cho
         guarded.weight,
         guarded.new_items,
     )
+    # On exposure (`text_prior_new_items_guard: exposure`): the new items' share of the top-k slots (2
+    # here: a domain of this catalogue has fewer than 10 items).
+    most = max(plain.new_share.values())
+    exposed = fit_text_prior(
+        model, split, grid, batch_size=8, new_items_grid=c_grid, min_new_targets=3,
+        new_items_floor=most, floor_on="exposure", top_k=2,
+    )  # fmt: skip
+    able = {k: f for k, f in plain.ndcg10.items() if plain.new_share[k] >= most}
+    assert exposed.floor_met and exposed.floor_on == "exposure" and exposed.new_share == plain.new_share
+    assert (exposed.weight, exposed.new_items) == min(k for k, f in able.items() if f == max(able.values()))
+    assert plain.new_share[(plain.weight, plain.new_items)] < most  # the floor moved the choice
     unreachable = fit_text_prior(
         model, split, grid, batch_size=8, new_items_grid=c_grid, min_new_targets=3, new_items_floor=2.0
     )  # NDCG@10 is at most 1: no pair reaches it, the plain choice stands

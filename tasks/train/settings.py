@@ -369,13 +369,13 @@ class TrainSettings(StageSettings):
         ),
     )
     text_prior_new_items_grid: list[float] = Field(
-        default_factory=lambda: [1.25, 1.375, 1.5, 2.0],
+        default_factory=lambda: [1.25, 1.375, 1.5, 1.625, 1.75, 2.0],
         min_length=1,
         description=(
             "The values of c text_prior_new_items tries on validation. Its smallest is a floor: validation "
             "under-rates a boost for new items (docs/train.md: on food-kitchen it chose 1 or 1.1 where test "
             "gained from 1.25), so the default grid starts at 1.25 (since 2026-12-04; before: 1 to 2; "
-            "1.375 added that evening)."
+            "1.375 added that evening, 1.625 and 1.75 on 2026-12-06: steps for text_prior_new_items_guard)."
         ),
     )
     text_prior_new_items_share: Literal["validation", "catalogue"] = Field(
@@ -489,15 +489,17 @@ class TrainSettings(StageSettings):
     short_history: int = Field(
         default=5, ge=1, description="Users with fewer history items than this form the 'short' group."
     )
-    text_prior_new_items_guard: Literal["untrained", "none"] = Field(
-        default="untrained",
+    text_prior_new_items_guard: Literal["exposure", "untrained", "none"] = Field(
+        default="exposure",
         description=(
-            f"With c chosen on validation (at least {MIN_NEW_TARGETS} new-item targets): 'untrained' (the "
-            "default) chooses (w, c) only among the pairs that rank validation's new-item targets at least "
-            "as well as the same model untrained (built from the seed, its prior fitted alike), so "
-            "training never ranks new items below what their text gave before it; where no pair does, the "
-            "plain choice and a warning. Costs one more fit of the prior. 'none': the plain choice "
-            "(docs/train.md, 'New items never below the untrained model')."
+            f"With c chosen on validation (at least {MIN_NEW_TARGETS} new-item targets), so that training "
+            "never ranks new items below what their text gave the same model untrained (built from the "
+            "seed, its prior fitted alike): 'exposure' (the default since 2026-12-06) chooses (w, c) only "
+            "among the pairs that give new items at least the untrained model's share of validation's "
+            "top-10 slots (every user counts); 'untrained' (the default of 2026-12-05) only among those "
+            "that rank validation's new-item targets at least as well as it (a few hundred targets: a "
+            "noisy floor); where no pair does, the plain choice and a warning. Costs one more fit of the "
+            "prior. 'none': the plain choice (docs/train.md, 'New items never below the untrained model')."
         ),
     )
     full_ranking: bool = Field(default=True, description="Also rank the whole target domain.")

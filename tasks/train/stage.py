@@ -27,7 +27,15 @@ from pydantic import BaseModel
 from bridgerec.models.base import Recommender
 from bridgerec.models.config import ModelConfig
 from bridgerec.models.data import Catalog, EvalSplit, SequenceData, Sequences
-from bridgerec.models.evaluate import PriorFit, evaluate, fit_text_prior, headline, metric_rows
+from bridgerec.models.evaluate import (
+    FloorOn,
+    PriorFit,
+    evaluate,
+    fit_text_prior,
+    headline,
+    metric_rows,
+    new_item_targets,
+)
 from bridgerec.models.optim import Optimizer
 from bridgerec.models.pop import Popularity
 from bridgerec.models.registry import ItemTables, build_model
@@ -486,21 +494,21 @@ def _fit_text_prior(
 ) -> dict[str, Any]:
     """train.text_prior: choose the prior's weight w (and, unless fixed, its scale c on new items) on
     validation (full ranking) for the best weights and save them with it (publish scores with what the
-    test figures measured); with `text_prior_new_items_guard: untrained`, among the pairs that rank the
-    new-item targets at least as well as the same model untrained (`untrained_prior_fit`). {} without a
-    prior."""
+    test figures measured); with `text_prior_new_items_guard` (`untrained` or `exposure`), among the
+    pairs that rank the new-item targets at least as well as the same model untrained, or give new items
+    at least its share of the top-10 slots (`untrained_prior_fit`). {} without a prior."""
     if not model.prior_dims:
         return {}
     started = time.perf_counter()
     settings = run.settings
     untrained = None
-    if settings.text_prior_new_items_guard == "untrained" and guards_new_items(settings):
+    if guards_new_items(settings) and new_item_targets(model, valid) >= MIN_NEW_TARGETS:
         _, untrained = untrained_prior_fit(settings, model, inputs, valid, device)
+        key = (untrained.weight, untrained.new_items)
         run.log.info(
             "train: the same model untrained: text prior (%g, x%g), validation full NDCG@10 %.4f, %.4f "
-            "on the new-item targets",
-            untrained.weight, untrained.new_items, untrained.ndcg10[(untrained.weight, untrained.new_items)],
-            untrained.ndcg10_new[(untrained.weight, untrained.new_items)],
+            "on the new-item targets, new items %.1f%% of the top-10 slots",
+            *key, untrained.ndcg10[key], untrained.ndcg10_new[key], 100 * untrained.new_share[key],
         )  # fmt: skip
     fit = prior_fit(settings, model, valid, device, untrained)
     save_weights(model, run_dir)
@@ -517,11 +525,13 @@ def _fit_text_prior(
         # at the chosen (w, c), over the validation targets that are new items (NaN: none) and the others
         "valid_ndcg@10_new_item_targets": fit.ndcg10_new[(w, c)],
         "valid_ndcg@10_warm_targets": fit.ndcg10_warm[(w, c)],
+        "valid_new_item_share@10": fit.new_share[(w, c)],  # new items' share of the top-10 slots
         # the weight of new-item targets in the choice (None: as many as they are) and the figure chosen on
         "new_item_targets_share": fit.share,
         "valid_chosen_on": fit.chosen_on((w, c)),
         # the guard (`text_prior_new_items_guard`): the same model untrained, its (w, c) and its figure
-        # over the new-item targets, the floor the chosen pair had to reach (None: no guard applied)
+        # over the new-item targets and exposure, the floor the chosen pair had to reach and on what
+        # (`floor_on`: ndcg or exposure; None: no guard applied)
         "untrained": None
         if untrained is None
         else {
@@ -529,8 +539,10 @@ def _fit_text_prior(
             "new_items": untrained.new_items,
             "valid_ndcg@10": untrained.ndcg10[(untrained.weight, untrained.new_items)],
             "valid_ndcg@10_new_item_targets": untrained.ndcg10_new[(untrained.weight, untrained.new_items)],
+            "valid_new_item_share@10": untrained.new_share[(untrained.weight, untrained.new_items)],
         },
         "new_items_floor": fit.new_items_floor,
+        "floor_on": fit.floor_on,
         "floor_met": fit.floor_met,
         "seconds": seconds,
     }
@@ -550,16 +562,18 @@ def _log_prior_choice(run: StageRun[TrainSettings], fit: PriorFit, seconds: floa
     if fit.share is not None:
         how += f", they weigh the catalogue's share of new items, {fit.share:.1%}"
     if fit.new_items_floor is not None:
-        how += (
-            f", new-item targets at least the untrained model's {fit.new_items_floor:.4f}"
-            if fit.floor_met
-            else f"; no pair ranks new-item targets as well as the untrained model ({fit.new_items_floor:.4f})"
+        what, measure = (
+            ("NDCG@10 over the new-item targets", fit.ndcg10_new)
+            if fit.floor_on == "ndcg"
+            else ("new items' share of the top-10 slots", fit.new_share)
         )
+        how += f", {what} at least the untrained model's {fit.new_items_floor:.4f}"
         if not fit.floor_met:
+            how += " (none reached it)"
             run.log.warning(
-                "train: the text prior: no (w, c) ranks validation's new-item targets as well as the same "
-                "model untrained (NDCG@10 %.4f at best %.4f); the plain choice is kept",
-                fit.new_items_floor, max(fit.ndcg10_new.values()),
+                "train: the text prior: no (w, c) reaches the same model untrained on validation's %s "
+                "(%.4f, at best %.4f); the plain choice is kept",
+                what, fit.new_items_floor, max(measure.values()),
             )  # fmt: skip
     run.log.info(
         "train: text prior weight %g, x%g on new items (%s; %d validation targets are new items); "
@@ -569,9 +583,10 @@ def _log_prior_choice(run: StageRun[TrainSettings], fit: PriorFit, seconds: floa
 
 
 def guards_new_items(settings: TrainSettings) -> bool:
-    """`text_prior_new_items_guard` applies: a text prior whose scale c on new items is chosen on
-    validation, for a model with ID rows (where items can be new)."""
-    return "text_prior_new_items_guard" not in settings.ignored_fields()
+    """`text_prior_new_items_guard` applies: set (not `none`), for a text prior whose scale c on new items
+    is chosen on validation, in a model with ID rows (where items can be new)."""
+    guard = settings.text_prior_new_items_guard
+    return guard != "none" and "text_prior_new_items_guard" not in settings.ignored_fields()
 
 
 def prior_fit(
@@ -582,16 +597,19 @@ def prior_fit(
     untrained: PriorFit | None = None,
 ) -> PriorFit:
     """`fit_text_prior` on validation with the settings' grids and choice rule (leaves the model at the
-    chosen (w, c)); with the `untrained` model's fit (`untrained_prior_fit`), its figure over the new-item
-    targets is the floor a pair must reach (where c is chosen at all)."""
+    chosen (w, c)); with the `untrained` model's fit (`untrained_prior_fit`), its figure at its own pair
+    is the floor a pair must reach (where c is chosen at all): over the new-item targets
+    (`text_prior_new_items_guard: untrained`) or the new items' share of the top-10 slots (`exposure`)."""
     fixed = settings.text_prior_new_items is not None
+    on: FloorOn = "exposure" if settings.text_prior_new_items_guard == "exposure" else "ndcg"
     floor = None
     if untrained is not None and untrained.fitted_new_items:
-        floor = untrained.ndcg10_new[(untrained.weight, untrained.new_items)]
+        key = (untrained.weight, untrained.new_items)
+        floor = (untrained.new_share if on == "exposure" else untrained.ndcg10_new)[key]
     return fit_text_prior(
         model, valid, settings.text_prior_grid, settings.eval_batch_size, device,
         new_items_grid=None if fixed else settings.text_prior_new_items_grid, min_new_targets=MIN_NEW_TARGETS,
-        catalogue_share=settings.text_prior_new_items_share == "catalogue", new_items_floor=floor,
+        catalogue_share=settings.text_prior_new_items_share == "catalogue", new_items_floor=floor, floor_on=on,
     )  # fmt: skip
 
 
