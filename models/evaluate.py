@@ -292,7 +292,7 @@ def fit_text_prior(
     cs = sorted(set(new_items_grid or [])) if fit_c else [current]
     model.set_text_prior(1.0, 1.0)  # the prior's columns unscaled: the score's parts can be split
     ranks = {(w, c): np.zeros(U, np.int64) for w in grid for c in cs}
-    new_in_top = dict.fromkeys(ranks, 0)  # (w, c) -> new items in the users' top 10s, summed
+    new_in_top = dict.fromkeys(ranks, 0)  # (w, c) -> new items in the users' top-k lists, summed
     ex_offsets = np.searchsorted(split.exclude_users, np.arange(U + 1))
     for d, users in enumerate(by_domain):
         if not len(users):
@@ -393,17 +393,20 @@ def _prior_ranks(
         torch.add(l_old, x_margin, alpha=w, out=combined)
         torch.ge(combined, 0, out=competes)
         old_count = competes.sum(1, dtype=torch.int32)  # [B] right for targets that are not new
-        old_top = combined.topk(k_old, dim=1).values  # [B, k_old] the same shift as new_margin's
+        if k_new:  # [B, k_old] the same shift as new_margin's (no new items: none in any top k)
+            old_top = combined.topk(k_old, dim=1).values
         for c in cs:
             t_text = tt * torch.where(t_new[:, None], c, 1.0)  # [B, 1] the target's prior: c * tt
             count = old_count.clone()
             if len(rn):
                 count[rn] = ((l_old[rn] + w * (x_old[rn] - t_text[rn])) >= 0).sum(1, dtype=torch.int32)
             count += ((l_new + w * (c * x_new - t_text)) >= 0).sum(1, dtype=torch.int32)
-            new_margin = l_new + w * (c * x_new - tt)  # [B, n_new] over a warm target's prior
-            both = torch.cat([old_top, new_margin.topk(k_new, dim=1).values], 1)
-            best = both.topk(min(top_k, both.shape[1]), dim=1)  # left-out items (-inf) fill no slot
-            in_top = ((best.indices >= k_old) & best.values.isfinite()).sum()
+            in_top = torch.zeros((), dtype=torch.int64)
+            if k_new:
+                new_margin = l_new + w * (c * x_new - tt)  # [B, n_new] over a warm target's prior
+                both = torch.cat([old_top, new_margin.topk(k_new, dim=1).values], 1)
+                best = both.topk(min(top_k, both.shape[1]), dim=1)  # left-out items (-inf) fill no slot
+                in_top = ((best.indices >= k_old) & best.values.isfinite()).sum()
             out[(w, c)] = (count - 1, in_top)
     return out
 
