@@ -281,18 +281,41 @@ def fit_text_prior(
     if not model.prior_dims:
         raise ValueError(f"{model.name} has no text prior to fit")
     model.eval()
-    p = model.prior_dims
     U = split.inputs.shape[0]
-    assert split.candidates is not None
     by_domain = users_by_domain(split.target_domain, model.n_domains)
     new_of, is_new = _new_items(model, split, by_domain)
-    new_targets = int(is_new.sum())
     current = float(getattr(model, "text_prior_new_scale", torch.ones(1)).item())
-    fit_c = bool(new_items_grid) and new_targets >= min_new_targets
+    fit_c = bool(new_items_grid) and int(is_new.sum()) >= min_new_targets
     cs = sorted(set(new_items_grid or [])) if fit_c else [current]
     model.set_text_prior(1.0, 1.0)  # the prior's columns unscaled: the score's parts can be split
+    ranks, new_in_top = _prior_pass(model, split, by_domain, new_of, grid, cs, batch_size, device, top_k)
+    share = catalogue_new_share(model) if catalogue_share and fit_c else None
+    exposure = {key: n / (top_k * max(U, 1)) for key, n in new_in_top.items()}
+    fit = _choose(ranks, is_new, fit_c, share, exposure)
+    if new_items_floor is not None and fit_c:
+        fit = fit.floored(new_items_floor, floor_on)
+    model.set_text_prior(fit.weight, fit.new_items)
+    return fit
+
+
+def _prior_pass(
+    model: Recommender,
+    split: EvalSplit,
+    by_domain: list[Tensor],
+    new_of: list[Tensor],
+    grid: list[float],
+    cs: list[float],
+    batch_size: int,
+    device: torch.device | str,
+    top_k: int,
+) -> tuple[dict[tuple[float, float], np.ndarray], dict[tuple[float, float], int]]:
+    """`fit_text_prior`'s one pass of the model over the split's users (its prior unscaled) ->
+    ({(w, c): [U] 0-based full-ranking ranks of the targets}, {(w, c): new items in the users' top-k
+    lists, summed}); `new_of` per domain [n_d + 1] bool, the items whose prior weighs w * c."""
+    assert split.candidates is not None
+    p, U = model.prior_dims, split.inputs.shape[0]
     ranks = {(w, c): np.zeros(U, np.int64) for w in grid for c in cs}
-    new_in_top = dict.fromkeys(ranks, 0)  # (w, c) -> new items in the users' top-k lists, summed
+    new_in_top = dict.fromkeys(ranks, 0)
     ex_offsets = np.searchsorted(split.exclude_users, np.arange(U + 1))
     for d, users in enumerate(by_domain):
         if not len(users):
@@ -310,32 +333,25 @@ def fit_text_prior(
             for key, (rank, in_top) in _prior_ranks(learned, text, target, new, grid, cs, top_k).items():
                 ranks[key][chunk.numpy()] = as_numpy(rank)
                 new_in_top[key] += int(in_top)
-    figures = {key: ndcg(r, 10) for key, r in ranks.items()}
-    on_new = {key: ndcg(r[is_new], 10) for key, r in ranks.items()}  # NaN without such targets
-    on_warm = {key: ndcg(r[~is_new], 10) for key, r in ranks.items()}
-    share = catalogue_new_share(model) if catalogue_share and fit_c else None
-    exposure = {key: n / (top_k * max(U, 1)) for key, n in new_in_top.items()}
-    fit = _choose(figures, on_new, on_warm, new_targets, fit_c, share, exposure)
-    if new_items_floor is not None and fit_c:
-        fit = fit.floored(new_items_floor, floor_on)
-    model.set_text_prior(fit.weight, fit.new_items)
-    return fit
+    return ranks, new_in_top
 
 
 def _choose(
-    figures: dict[tuple[float, float], float],
-    on_new: dict[tuple[float, float], float],
-    on_warm: dict[tuple[float, float], float],
-    new_targets: int,
+    ranks: dict[tuple[float, float], np.ndarray],
+    is_new: np.ndarray,
     fit_c: bool,
     share: float | None,
     new_share: dict[tuple[float, float], float],
 ) -> PriorFit:
-    """`fit_text_prior`'s plain choice: the pair (w, c) with the best `_choice_figure` (the smaller of
-    equals)."""
+    """`fit_text_prior`'s plain choice from each pair's ranks ([U]; `is_new` [U] the targets that are
+    new items): the pair (w, c) with the best `_choice_figure` (the smaller of equals)."""
+    figures = {key: ndcg(r, 10) for key, r in ranks.items()}
+    on_new = {key: ndcg(r[is_new], 10) for key, r in ranks.items()}  # NaN without such targets
+    on_warm = {key: ndcg(r[~is_new], 10) for key, r in ranks.items()}
     best = max(
         sorted(figures), key=partial(_choice_figure, figures, on_new, on_warm, share)
     )  # first of equals
+    new_targets = int(is_new.sum())
     return PriorFit(*best, figures, on_new, on_warm, new_targets, fit_c, share, new_share=new_share)
 
 
