@@ -187,11 +187,16 @@ class PriorFit:
         """The figure the pair (w, c) was chosen on (`_choice_figure`)."""
         return _choice_figure(self.ndcg10, self.ndcg10_new, self.ndcg10_warm, self.share, key)
 
+    def on(self, floor_on: FloorOn) -> dict[tuple[float, float], float]:
+        """(w, c) -> the figure a floor on `floor_on` bounds: NDCG@10 over the new-item targets ("ndcg")
+        or the new items' share of the top-k slots ("exposure")."""
+        return self.ndcg10_new if floor_on == "ndcg" else self.new_share
+
     def floored(self, floor: float, on: FloorOn) -> PriorFit:
         """The choice among the pairs at or above `floor` on `on` (NDCG@10 over the new-item targets, or
         the new items' top-k share): the best `chosen_on` of them, the smaller of equals; where none
         reaches it the choice stays, `floor_met` False. The model is not touched."""
-        measure = self.ndcg10_new if on == "ndcg" else self.new_share
+        measure = self.on(on)
         able = [key for key in sorted(self.ndcg10) if measure[key] >= floor]
         best = max(able, key=self.chosen_on) if able else (self.weight, self.new_items)  # first of equals
         met = bool(able)

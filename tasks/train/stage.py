@@ -562,18 +562,15 @@ def _log_prior_choice(run: StageRun[TrainSettings], fit: PriorFit, seconds: floa
     if fit.share is not None:
         how += f", they weigh the catalogue's share of new items, {fit.share:.1%}"
     if fit.new_items_floor is not None:
-        what, measure = (
-            ("NDCG@10 over the new-item targets", fit.ndcg10_new)
-            if fit.floor_on == "ndcg"
-            else ("new items' share of the top-10 slots", fit.new_share)
-        )
+        on = fit.floor_on or "ndcg"
+        what = "NDCG@10 over the new-item targets" if on == "ndcg" else "new items' share of the top-10 slots"
         how += f", {what} at least the untrained model's {fit.new_items_floor:.4f}"
         if not fit.floor_met:
             how += " (none reached it)"
             run.log.warning(
                 "train: the text prior: no (w, c) reaches the same model untrained on validation's %s "
                 "(%.4f, at best %.4f); the plain choice is kept",
-                what, fit.new_items_floor, max(measure.values()),
+                what, fit.new_items_floor, max(fit.on(on).values()),
             )  # fmt: skip
     run.log.info(
         "train: text prior weight %g, x%g on new items (%s; %d validation targets are new items); "
@@ -605,7 +602,7 @@ def prior_fit(
     floor = None
     if untrained is not None and untrained.fitted_new_items:
         key = (untrained.weight, untrained.new_items)
-        floor = (untrained.new_share if on == "exposure" else untrained.ndcg10_new)[key]
+        floor = untrained.on(on)[key]
     return fit_text_prior(
         model, valid, settings.text_prior_grid, settings.eval_batch_size, device,
         new_items_grid=None if fixed else settings.text_prior_new_items_grid, min_new_targets=MIN_NEW_TARGETS,
