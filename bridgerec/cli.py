@@ -16,9 +16,8 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, cast
 import typer
 import yaml
 from pydantic import BaseModel
-from typer._click.core import Context as ClickContext  # Typer 0.29 vendors click, re-exporting neither
-from typer._click.exceptions import UsageError
 from typer.core import TyperGroup
+from typer.exceptions import TyperException
 
 import bridgerec.runtime.prefect_env  # noqa: F401  (must precede any prefect import)
 from bridgerec.config import CONFIG_ENV, ENV_PREFIX, ConfigError, Settings, load_settings
@@ -35,6 +34,10 @@ from bridgerec.runtime.signals import stop_on_signals, stop_signal
 from bridgerec.runtime.terminal import printable, shown
 
 if TYPE_CHECKING:
+    # The vendored click class TyperGroup's methods take (Typer 0.26+ vendors click and exports neither
+    # it nor UsageError; typing only, so nothing at run time rests on the private module).
+    from typer._click.core import Context as ClickContext
+
     from bridgerec.flows.nightly import Stage
     from bridgerec.tasks.enrich import EnrichSummary
     from bridgerec.tasks.ingest import IngestSummary
@@ -47,12 +50,14 @@ class _Program(TyperGroup):
     option, a missing or bad value; click prints it on stderr) for the `--json` answer `main` gives."""
 
     usage_error: str | None = None
+    USAGE_EXIT = 2  # click's UsageError family (unknown command or option, missing or bad value), public
+    # here only through its base TyperException: the others (ClickException, FileError) exit with 1
 
     def make_context(self, *args: Any, **kwargs: Any) -> ClickContext:
         try:
             return super().make_context(*args, **kwargs)
-        except UsageError as exc:  # an option of the program itself
-            _Program.usage_error = exc.format_message()
+        except TyperException as exc:  # an option of the program itself
+            _Program._keep(exc)
             raise
 
     def get_help_option(self, ctx: ClickContext) -> Any:
@@ -69,9 +74,15 @@ class _Program(TyperGroup):
     def invoke(self, ctx: ClickContext) -> Any:
         try:
             return super().invoke(ctx)
-        except UsageError as exc:  # a command's (its name, options, values), at any depth
-            _Program.usage_error = exc.format_message()
+        except TyperException as exc:  # a command's (its name, options, values), at any depth
+            _Program._keep(exc)
             raise
+
+    @staticmethod
+    def _keep(exc: TyperException) -> None:
+        """Keep the message of a usage error for `main`'s `--json` answer."""
+        if exc.exit_code == _Program.USAGE_EXIT:
+            _Program.usage_error = exc.format_message()
 
 
 def _unlabel_flags(command: Any, ctx: ClickContext) -> None:

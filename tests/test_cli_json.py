@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import typer
 import yaml
 from typer.testing import CliRunner
 
@@ -244,3 +245,18 @@ def test_a_reader_without_a_config_says_the_config_is_what_is_missing(
     assert out.exit_code == 2, out.output
     assert "no config was given" in out.stderr and "--config FILE" in out.stderr
     assert not (tmp_path / "workspace").exists()
+
+
+def test_only_usage_errors_are_kept_for_the_answer() -> None:
+    """Typer exports no UsageError (it vendors click): the program tells click's usage errors (exit 2)
+    from its other exceptions (exit 1) by their exit code, through the public base class."""
+    from typer.exceptions import TyperException
+
+    from bridgerec.cli import _Program
+
+    _Program.usage_error = None
+    _Program._keep(TyperException("a file could not be opened"))  # a ClickException's exit code: 1
+    assert _Program.usage_error is None
+    _Program._keep(typer.BadParameter("'x' is not a number"))
+    assert _Program.usage_error == "Invalid value: 'x' is not a number"
+    _Program.usage_error = None
