@@ -74,11 +74,8 @@ def main() -> None:
         key = (ref.weight, ref.new_items)
         untrained = {"w": ref.weight, "c": ref.new_items, "all": ref.ndcg10[key], "new": ref.ndcg10_new[key]}
         untrained["new_share@10"] = ref.new_share[key]
-        for guard, on, floor in (
-            ("untrained", "ndcg", untrained["new"]),
-            ("exposure", "exposure", untrained["new_share@10"]),
-        ):
-            rule = fit.floored(floor, on)  # the guard's choice (the model is not touched)
+        for guard, on in (("untrained", "ndcg"), ("exposure", "exposure")):
+            rule = fit.floored(ref.on(on)[key], on)  # the guard's choice (the model is not touched)
             guarded[guard] = [rule.weight, rule.new_items] if rule.floor_met else None
     users = int(valid.inputs.shape[0])
     print(
