@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from harness import add_data_argument, food_kitchen, run_child
+
 from bridgerec.runtime.machine import machine_info
 from bridgerec.tasks import StageRun
 from bridgerec.tasks.enrich import EnrichSections
@@ -58,21 +60,14 @@ print(len(texts) / (time.perf_counter() - t))
 def sentence_transformers_rate(folder: Path, texts: list[str], threads: int) -> float:
     """Texts/s of a plain sentence-transformers loop (`encode`, batch 32, length-sorted as it does) over
     `texts` with the model folder and `threads` torch threads, in a process of its own."""
-    import subprocess
     import tempfile
 
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump(texts, fh)
     env = os.environ | {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(
-        [sys.executable, "-c", ST_CHILD, str(folder), str(threads), fh.name],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    out = run_child([sys.executable, "-c", ST_CHILD, str(folder), str(threads), fh.name], env=env)
     os.unlink(fh.name)
-    return float(proc.stdout.strip().splitlines()[-1])
+    return float(out.strip().splitlines()[-1])
 
 
 def top10_kept(a: np.ndarray, b: np.ndarray) -> float:
@@ -196,7 +191,7 @@ def profile_cost(ws, items, pool, threads: int, n_users: int, repeats: int) -> d
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "food-kitchen")
+    add_data_argument(ap)
     ap.add_argument("--workspace", type=Path, default=Path("/tmp/bridgerec-bench-enrich"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--texts", type=int, default=3000, help="texts for pipeline vs bare")
@@ -234,10 +229,10 @@ def main() -> None:
     from bridgerec.tasks.ingest.settings import IngestSettings
     from bridgerec.tasks.ingest.stage import run_ingest
 
-    ws = Workspace(args.workspace)
+    ws, data = Workspace(args.workspace), food_kitchen(args.data)
     run_ingest(
         StageRun(
-            IngestSettings(items=args.data / "items.csv.gz", interactions=args.data / "interactions.csv.gz"),
+            IngestSettings(items=data / "items.csv.gz", interactions=data / "interactions.csv.gz"),
             ws,
         )
     )

@@ -27,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from harness import add_data_argument
 from publish import REPO, ensure_ingested, synthetic_vectors
 
 from bridgerec.runtime import progress
@@ -85,7 +86,7 @@ def score_all(vectors, text, index_root: Path, folder: Path, args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workspace", type=Path, default=Path(tempfile.gettempdir()) / "fk")
-    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "food-kitchen")
+    add_data_argument(ap)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--dim", type=int, default=256, help="search vectors' width (the model's)")

@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from harness import add_data_argument, food_kitchen, run_child
 
 from bridgerec.runtime.machine import machine_info
 from bridgerec.tasks import StageRun
@@ -54,7 +55,7 @@ def one_run(data: Path, threads: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "food-kitchen")
+    add_data_argument(ap)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -62,15 +63,13 @@ def main() -> None:
     if args.child:
         print(json.dumps(one_run(args.data.resolve(), args.threads)))
         return
+    data = food_kitchen(args.data)
     runs = []
     for _ in range(args.repeats):
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", "--data", str(args.data), "--threads", str(args.threads)],
-            check=True,
-            capture_output=True,
-            text=True,
+        out = run_child(
+            [sys.executable, __file__, "--child", "--data", str(data), "--threads", str(args.threads)]
         )
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        runs.append(json.loads(out.strip().splitlines()[-1]))
     best = min(runs, key=lambda r: r["seconds"])
     result = {
         "benchmark": "ingest",

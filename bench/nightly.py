@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness import add_data_argument, food_kitchen
+
 from bridgerec.runtime.machine import machine_info
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +76,7 @@ def what_ran(stages: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "food-kitchen")
+    add_data_argument(ap)
     ap.add_argument("--max-users", type=int, default=32, help="profiles.max_users (LLM profile cap)")
     ap.add_argument("--epochs", type=int, default=5, help="train.epochs of a cold run")
     ap.add_argument(
@@ -85,11 +87,12 @@ def main() -> None:
 
     from bridgerec.flows.nightly import nightly_flow
 
+    data = food_kitchen(args.data)
     tmp = Path(tempfile.mkdtemp(prefix="bench-nightly-"))
     raw = tmp / "raw"
     raw.mkdir()
-    shutil.copy(args.data / "items.csv.gz", raw / "items.csv.gz")
-    shutil.copy(args.data / "interactions.csv.gz", raw / "interactions.csv.gz")
+    shutil.copy(data / "items.csv.gz", raw / "items.csv.gz")
+    shutil.copy(data / "interactions.csv.gz", raw / "interactions.csv.gz")
     ws = args.keep or tmp / "ws"
     overrides = {
         "workspace": str(ws),
@@ -106,7 +109,7 @@ def main() -> None:
     runs = {}
     for label in ("first", "unchanged", "one_percent_new"):
         if label == "one_percent_new":
-            n = add_new_interactions(args.data / "interactions.csv.gz", raw / "interactions.csv.gz", 0.01)
+            n = add_new_interactions(data / "interactions.csv.gz", raw / "interactions.csv.gz", 0.01)
             print(f"appended {n} new interactions (1% of users)")
         t0 = time.perf_counter()
         result = nightly_flow(None, overrides).model_dump(mode="json")

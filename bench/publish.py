@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from harness import add_data_argument, food_kitchen
+
 from bridgerec.runtime.machine import machine_info
 from bridgerec.tasks import StageRun
 
@@ -44,6 +46,7 @@ def ensure_ingested(workspace: Path, data: Path) -> None:
     from bridgerec.tasks.ingest.stage import run_ingest
 
     if Workspace(workspace).read_manifest("ingest") is None:
+        data = food_kitchen(data)
         settings = IngestSettings(items=data / "items.csv.gz", interactions=data / "interactions.csv.gz")
         run_ingest(StageRun(settings, Workspace(workspace), threads=2))
 
@@ -235,6 +238,7 @@ def resampled_workspace(base: Path, data: Path, scale: int, threads: int) -> Pat
         ensure_ingested(root, data)
         return root
     if Workspace(root).read_manifest("ingest") is None:
+        data = food_kitchen(data)
         raw = root / "raw"
         raw.mkdir(parents=True, exist_ok=True)
         with gzip.open(data / "interactions.csv.gz", "rt") as fh:
@@ -492,7 +496,7 @@ def index_table(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workspace", type=Path, default=Path(tempfile.gettempdir()) / "fk")
-    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "food-kitchen")
+    add_data_argument(ap)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--dim", type=int, default=256, help="synthetic vectors only")

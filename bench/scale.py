@@ -40,11 +40,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from harness import add_data_argument, food_kitchen
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "scale.json"
 PLOT = REPO / "docs" / "scale.png"
-DATA = REPO.parent / "shared" / "data" / "food-kitchen"
 TRAIN = dict(
     model="sasrec", hidden=16, layers=1, heads=1, max_len=20, dropout=0.2, lr=5e-3, batch_size=1024, epochs=1,
     patience=1, full_ranking=False, eval_batch_size=4096,
@@ -288,7 +288,7 @@ def save(doc: dict[str, Any], path: Path = RESULTS) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scales", default="1,4,16")
-    ap.add_argument("--data", type=Path, default=DATA)
+    add_data_argument(ap)
     ap.add_argument("--ray-scales", default="1,4", help="scales at which train also runs on Ray (2 workers)")
     ap.add_argument("--stages", default="ingest,train,publish,catalogue,enrich")
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
@@ -302,6 +302,7 @@ def main() -> None:
         help="merge these results files (runs of single scales in parallel) into --out, then report",
     )  # fmt: skip
     a = ap.parse_args()
+    a.data = food_kitchen(a.data)
     if a.merge:
         docs = [json.loads(f.read_text()) for f in a.merge]
         merged = docs[0] | {
