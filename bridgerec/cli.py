@@ -769,6 +769,7 @@ def _night_summary(exc: BaseException | None) -> Any:
 @app.command("deploy-check")
 def deploy_check(
     what: Annotated[str, typer.Argument(help="home | config: which value to check and print.")],
+    as_json: JsonOpt = False,
 ) -> None:
     """Check, when deploying, what a deployment will need when it runs; print it for prefect.yaml.
 
@@ -784,7 +785,7 @@ def deploy_check(
         source = "$BRIDGEREC_HOME" if os.environ.get("BRIDGEREC_HOME") else "the deploy's directory"
         _fail(f"{home} ({source}) is not a bridgerec checkout: it has no flows/nightly.py")
     if what == "home":
-        typer.echo(str(home))
+        _emit({"home": str(home)}, as_json, lambda r: typer.echo(r["home"]))
         return
     raw = os.environ.get(CONFIG_ENV)
     if not raw:
@@ -795,7 +796,7 @@ def deploy_check(
         load_settings(path)
     except ConfigError as exc:
         _fail(f"${CONFIG_ENV}={raw}: " + " ".join(line.strip() for line in str(exc).splitlines()))
-    typer.echo(str(path.resolve()))
+    _emit({"config": str(path.resolve())}, as_json, lambda r: typer.echo(r["config"]))
 
 
 @app.command()
@@ -1006,6 +1007,7 @@ def _render_runs(result: dict) -> None:
 def warehouse_relink(
     warehouse: WarehouseOpt = None,
     config: ConfigOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Rewrite the warehouse's views for the folder it is in now, after the workspace was moved or is
     mounted elsewhere, so that plain DuckDB clients read its parts there (one atomic swap, nothing else
@@ -1017,7 +1019,11 @@ def warehouse_relink(
         relink(path)
     except WarehouseError as exc:
         _fail(str(exc))
-    typer.echo(f"relinked {path}: its views read the parts where the file is now")
+    _emit(
+        {"warehouse": str(path), "relinked": True},
+        as_json,
+        lambda r: typer.echo(f"relinked {r['warehouse']}: its views read the parts where the file is now"),
+    )
 
 
 @config_app.command("show")
@@ -1055,6 +1061,22 @@ def _reflow_helps(*typers: typer.Typer) -> None:
 _reflow_helps(app, config_app, models_app, runs_app, warehouse_app)
 
 
+def _command_words(argv: list[str]) -> str:
+    """The command a command line names (`warehouse relink`), for the answer to a line click did not
+    understand: its words while they name a command or group, else the first word as typed."""
+    import typer.main
+
+    command: Any = typer.main.get_command(app)
+    words: list[str] = []
+    for word in argv:
+        commands = getattr(command, "commands", None)
+        if not commands or word not in commands:
+            break
+        words.append(word)
+        command = commands[word]
+    return " ".join(words or argv[:1])
+
+
 def main() -> None:
     """The `bridgerec` program: the commands, plus one `error:` line on the terminal for a failure no
     command expected (its traceback goes to the log file when there is one) and, under --json, the
@@ -1064,7 +1086,7 @@ def main() -> None:
         app()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_FAILURE)
-        answer = _Answer.current or _Answer(" ".join(a for a in sys.argv[1:2]), "--json" in sys.argv[1:])
+        answer = _Answer.current or _Answer(_command_words(sys.argv[1:]), "--json" in sys.argv[1:])
         if code != 0:  # a usage error click reported on stderr; a command's own failure has answered
             answer.failure(
                 f"the command line was not understood: {_Program.usage_error or 'see stderr'}", code

@@ -53,6 +53,11 @@ FAILING: dict[str, Callable[[Path], tuple[list[str], str]]] = {
     "runs list": lambda t: (["runs", "list", "--warehouse", str(t / "none.duckdb")], "none.duckdb"),
     "models prepare": lambda t: (["models", "prepare", "--config", str(_bad_config(t))], "epochs"),
     "config show": lambda t: (["config", "show", "--config", str(_bad_config(t))], "epochs"),
+    "warehouse relink": lambda t: (
+        ["warehouse", "relink", "--warehouse", str(t / "none.duckdb")],
+        "none.duckdb",
+    ),
+    "deploy-check": lambda t: (["deploy-check", "nowhere"], "'home' or 'config'"),
 }
 
 
@@ -102,8 +107,8 @@ def test_a_stage_on_a_mistyped_workspace_fails_at_once_and_makes_no_folder(
     assert not ws.exists()
 
 
-def test_every_command_with_json_is_covered() -> None:
-    """A new command with --json must join FAILING."""
+def test_every_command_has_json_and_is_covered() -> None:
+    """Every command takes --json (a script can drive any of them), and a new one must join FAILING."""
     import typer.main
 
     group = typer.main.get_command(app)
@@ -113,7 +118,8 @@ def test_every_command_with_json_is_covered() -> None:
         if subs:
             for name, sub in subs.items():
                 yield from commands(sub, (*path, name))
-        elif any("--json" in p.opts for p in cmd.params):
+        else:
+            assert any("--json" in p.opts for p in cmd.params), f"`{' '.join(path)}` has no --json"
             yield " ".join(path)
 
     assert set(commands(group)) == set(FAILING)
@@ -185,15 +191,22 @@ def test_a_usage_error_answers_too(tmp_path: Path) -> None:
     assert answer["ok"] is False and answer["exit_code"] == 2 and answer["command"] == "recs"
     assert answer["error"] == "the command line was not understood: Missing option '--user' / '-u'."
     # The answer says what click said: a mistyped option of a command, a command of a group.
-    for argv, said in (
-        (["train", "--epoch", "3", "--json"], "No such option: --epoch (Possible options: --epochs)"),
-        (["runs", "lst", "--json"], "No such command 'lst'. Did you mean 'list'?"),
+    for argv, said, command in (
+        (
+            ["train", "--epoch", "3", "--json"],
+            "No such option: --epoch (Possible options: --epochs)",
+            "train",
+        ),
+        (["runs", "lst", "--json"], "No such command 'lst'. Did you mean 'list'?", "runs"),
+        (["warehouse", "relink", "--bogus", "--json"], "No such option: --bogus", "warehouse relink"),
     ):
         done = subprocess.run(
             [sys.executable, "-m", "bridgerec.cli", *argv], capture_output=True, text=True, timeout=120
         )
         assert done.returncode == 2 and said in done.stderr
-        assert _one_object(done.stdout)["error"] == f"the command line was not understood: {said}"
+        answer = _one_object(done.stdout)
+        assert answer["error"] == f"the command line was not understood: {said}"
+        assert answer["command"] == command  # the words that name a command, as far as they do
 
 
 def _command_paths() -> list[list[str]]:
