@@ -447,6 +447,23 @@ FAULTS = [
         error="items.csv: cannot parse as CSV (not UTF-8: wrong encoding?)",
     ),
     Fault(
+        "a header not in UTF-8",
+        replace_file("items.csv", "item_id,domain,t\u00eftle\nF1,food,Tea\n".encode("latin-1")),
+        error="items.csv: cannot read the CSV header (not UTF-8: wrong encoding?)",
+    ),
+    Fault(
+        "not a text file (an image saved under the CSV's name)",
+        replace_file("interactions.csv", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 4),
+        error="interactions.csv: not a text file (60% of its first 1,040 bytes are control bytes or not UTF-8: "
+        "binary data?)",
+    ),
+    Fault(
+        "UTF-16 text (a spreadsheet's 'Unicode text' export)",
+        replace_file("items.jsonl", '{"item_id": "F1", "domain": "food", "title": "Tea"}\n'.encode("utf-16")),
+        error="items.jsonl: not a text file (51% of its first 106 bytes are control bytes or not UTF-8: "
+        "UTF-16 text? save it as UTF-8)",
+    ),
+    Fault(
         "a file that claims to be Parquet but is not",
         replace_file("interactions.parquet", b"PAR1 nope"),
         error="interactions.parquet: not a readable Parquet file",

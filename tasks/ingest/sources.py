@@ -191,8 +191,36 @@ def _check_gzip(path: Path) -> None:
         raise SourceError(f"{path}: not a valid gzip file ({exc})") from None
 
 
+TEXT_SNIFF = 1 << 16  # bytes of a file's start looked at before it is read as text
+BINARY_SHARE = 0.3  # more than this share of those bytes not text: the file is not text
+CONTROL = frozenset(range(32)) - {9, 10, 12, 13}  # control bytes text does not hold (tab, LF, FF, CR do)
+
+
+def _check_text(path: Path) -> None:
+    """Stop on a file that is not text at all (an image, a spreadsheet, random bytes, UTF-16) with one
+    line that says so, instead of a parser's message that echoes its bytes. Not text: more than 30 % of
+    the first 64 KiB are control bytes (NUL included) or bytes that are not UTF-8 (random bytes: ~60 %;
+    UTF-16 English: ~50 % NULs). A stray control byte in a title, or Latin-1 text (a few bytes in a
+    hundred), passes: the one is cleaned per row, the other gets its own message from the parser."""
+    with gzip.open(path, "rb") if path.name.lower().endswith(".gz") else path.open("rb") as fh:
+        head = fh.read(TEXT_SNIFF)
+    if not head:
+        return
+    control = sum(b in CONTROL for b in head)
+    not_utf8 = head.decode("utf-8", errors="replace").count("\ufffd") - head.count("\ufffd".encode())
+    share = (control + not_utf8) / len(head)
+    if share > BINARY_SHARE:
+        utf16 = head[:2] in (b"\xff\xfe", b"\xfe\xff") or head.count(0) > len(head) / 4
+        what = "UTF-16 text? save it as UTF-8" if utf16 else "binary data?"
+        raise SourceError(
+            f"{path}: not a text file ({share:.0%} of its first {len(head):,} bytes are control bytes or "
+            f"not UTF-8: {what})"
+        )
+
+
 def _read_csv(path: Path, delimiter: str) -> RawTable:
     _check_gzip(path)
+    _check_text(path)
     rejects: list[dict] = []
     header: list[str] = []
 
@@ -209,8 +237,13 @@ def _read_csv(path: Path, delimiter: str) -> RawTable:
             path, parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=lambda _: "skip")
         ) as reader:
             header = reader.schema.names
+    except UnicodeDecodeError as exc:
+        raise SourceError(f"{path}: cannot read the CSV header (not UTF-8: wrong encoding?): {exc}") from None
     except pa.ArrowInvalid as exc:
-        raise SourceError(f"{path}: cannot read the CSV header ({exc})") from None
+        said = str(exc).splitlines()[0]
+        raise SourceError(
+            f"{path}: cannot read the CSV header ({said[:160]}{'...' if len(said) > 160 else ''})"
+        ) from None
     if len(set(header)) != len(header):
         raise SourceError(f"{path}: duplicate column names in header {header}")
     try:
@@ -328,6 +361,7 @@ def _with_provenance(table: pa.Table, path: Path, records: np.ndarray | None = N
 def _read_lines(path: Path) -> pa.Table:
     """A text file as one string column `line` (+ provenance); validates gzip and UTF-8."""
     _check_gzip(path)
+    _check_text(path)
     try:
         table = pacsv.read_csv(
             path,
@@ -342,7 +376,7 @@ def _read_lines(path: Path) -> pa.Table:
     except pa.ArrowInvalid as exc:
         msg = str(exc)
         hint = " (not UTF-8: wrong encoding?)" if "UTF8" in msg else ""
-        raise SourceError(f"{path}: cannot read as JSON lines{hint}: {msg.splitlines()[0]}") from None
+        raise SourceError(f"{path}: cannot read as JSON lines{hint}: {msg.splitlines()[0][:160]}") from None
     return _with_provenance(table, path)
 
 
