@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import inspect
 import json
 import os
@@ -230,6 +231,11 @@ def _console(settings: Settings, command: str, as_json: bool, verbose: bool) -> 
         if path is not None and not as_json:
             console.echo(f"log: {path} (third-party messages and details; --verbose shows them here)", "dim")
         yield
+
+
+def _count(n: int, noun: str) -> str:
+    """`1 shard`, `2 shards`: a count with its noun in the right number."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def _rich() -> Any:
@@ -642,7 +648,8 @@ def _render_publish(s: PublishSummary) -> None:
         f"{s.rows:,} rows: {s.users:,} users x {len(s.items_per_domain)} domains x k={s.k}; "
         f"indexes in {s.index_dir}"
     )
-    out.print(f"{s.shards} shards wrote {s.parts} parts, {s.data_bytes / 1e6:.1f} MB, in {s.data_root}")
+    shards, parts = _count(s.shards, "shard"), _count(s.parts, "part")
+    out.print(f"{shards} wrote {parts}, {s.data_bytes / 1e6:.1f} MB, in {s.data_root}")
     for domain, kind in s.index_kinds.items():
         recall = s.index_recall.get(domain)
         out.print(
@@ -682,7 +689,9 @@ def run(
 
     hide_input_error_tracebacks()
     if unknown := sorted(set(force or ()) - set(STAGE)):
-        _fail(f"--force names no stage: {', '.join(unknown)} (the stages: {', '.join(STAGE)})")
+        close = [m for name in unknown for m in difflib.get_close_matches(name, list(STAGE), n=1)]
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        _fail(f"--force names no stage: {', '.join(unknown)} (the stages: {', '.join(STAGE)}){hint}")
 
     settings = _settings(config, workspace=workspace)  # validate early, with readable errors
     _require_prefect_api()  # before the session: an unreachable API leaves no log file behind
@@ -834,7 +843,8 @@ def _render_recs(r: dict) -> None:
     # Ids, titles and profiles are data, neither rich markup nor terminal commands: `shown` escapes
     # their brackets and any control character left in them (runtime/terminal.py).
     out.print(f"[bold]user {shown(r['user_id'])}[/]  run {shown(r['run_id'])} ({shown(r['model'])})")
-    out.print(f"[italic]profile:[/] {shown(r['profile'], '(none)')}")
+    none = "(none written for this user: profiles.max_users and profiles.select say whose are written)"
+    out.print(f"[italic]profile:[/] {shown(r['profile'], none)}")
     for interest in r.get("interests") or []:
         out.print(f"  - {shown(interest)}")
     explained = any(row.get("because_item_id") for rows in r["recommendations"].values() for row in rows)

@@ -273,3 +273,13 @@ def test_only_usage_errors_are_kept_for_the_answer() -> None:
     _Program._keep(typer.BadParameter("'x' is not a number"))
     assert _Program.usage_error == "Invalid value: 'x' is not a number"
     _Program.usage_error = None
+
+
+def test_force_with_a_mistyped_stage_says_which_it_meant() -> None:
+    """`bridgerec run --force trian`: one line naming the stages and the likely one, exit 2, before any
+    config is read or Prefect started."""
+    out = CliRunner().invoke(app, ["run", "--force", "trian", "--force", "ingest"])
+    assert out.exit_code == 2, out.output
+    assert out.stderr == (
+        "error: --force names no stage: trian (the stages: ingest, enrich, train, publish); did you mean train?\n"
+    )
