@@ -41,14 +41,14 @@ def food_kitchen(data: Path) -> Path:
     return data.resolve()
 
 
-def run_child(argv: list[str], env: dict[str, str] | None = None) -> str:
+def run_child(argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
     """Run a benchmark's child process (its own process, so its threads and memory are its own) and
     return its stdout; where it fails, its stderr's end is shown and the benchmark exits with its code."""
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env)
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=cwd)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
         print(
-            f"error: a benchmark child failed (exit {proc.returncode}): {' '.join(argv[:3])} ...",
+            f"error: a benchmark child process failed (exit {proc.returncode}); the end of its stderr is above",
             file=sys.stderr,
         )
         raise SystemExit(proc.returncode)

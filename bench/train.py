@@ -28,10 +28,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from harness import run_child
 
 from bridgerec.runtime.machine import machine_info
 
@@ -100,17 +101,10 @@ def authors_protocol(run_dir: Path, workspace) -> dict:
 def run_one(settings: TrainSettings, workspace: str, force: bool) -> dict:
     path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH", ""), str(REPO)) if p)
     env = os.environ | {"PYTHONPATH": path, "OMP_NUM_THREADS": str(settings.threads or 1)}
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, settings.model_dump_json(), workspace, "1" if force else "0"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not line:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"{settings.model} failed (exit {proc.returncode})")
+    argv = [sys.executable, "-c", CHILD, settings.model_dump_json(), workspace, "1" if force else "0"]
+    line = [ln for ln in run_child(argv, env=env, cwd=REPO).splitlines() if ln.startswith("RESULT ")]
+    if not line:
+        raise SystemExit(f"error: {settings.model} printed no result")
     return json.loads(line[-1].removeprefix("RESULT "))
 
 
