@@ -16,7 +16,8 @@ docs/train.md, "New items against their exposure", compares both with the test f
 (`untrained_prior_fit`, built from the run's seed) and prints the choices of
 `train.text_prior_new_items_guard` (`PriorFit.floored`): `untrained`, the best pair among those whose
 figure over the new-item targets reaches the untrained model's; `exposure`, among those whose new items'
-share of the top-10 slots reaches its share. Writes bench/results/screen/prior_fit_validation_<run id>.json
+share of the top-10 slots reaches its share; `auto`, the first where the untrained model's figure has a
+relative standard error of at most the run's `text_prior_new_items_guard_rse`, else the second. Writes bench/results/screen/prior_fit_validation_<run id>.json
 (with other --values: ..._<run id>_c_<values>.json, e.g. _c_1.25-1.375-1.5-2 for the default grid).
 """
 
@@ -32,7 +33,7 @@ from saved_run import open_run, run_arguments
 from bridgerec.models.evaluate import catalogue_new_items, catalogue_new_share, fit_text_prior
 from bridgerec.runtime.machine import machine_info
 from bridgerec.tasks.train.settings import MIN_NEW_TARGETS
-from bridgerec.tasks.train.stage import untrained_prior_fit
+from bridgerec.tasks.train.stage import guard_floor_on, untrained_prior_fit, untrained_rse
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VALUES = "1,1.1,1.25,1.5,2"
@@ -61,7 +62,8 @@ def main() -> None:
     )  # fmt: skip
     weighed = replace(fit, share=share)  # the figure `text_prior_new_items_share: catalogue` chooses on
     rows = [
-        {"w": w, "c": c, "all": f, "new": fit.ndcg10_new[(w, c)], "warm": fit.ndcg10_warm[(w, c)]}
+        {"w": w, "c": c, "all": f, "new": fit.ndcg10_new[(w, c)], "new_se": fit.ndcg10_new_se[(w, c)]}
+        | {"warm": fit.ndcg10_warm[(w, c)]}
         | {"reweighted": weighed.chosen_on((w, c)), "new_share@10": fit.new_share[(w, c)]}
         for (w, c), f in sorted(fit.ndcg10.items())
     ]
@@ -74,9 +76,12 @@ def main() -> None:
         key = (ref.weight, ref.new_items)
         untrained = {"w": ref.weight, "c": ref.new_items, "all": ref.ndcg10[key], "new": ref.ndcg10_new[key]}
         untrained["new_share@10"] = ref.new_share[key]
-        for guard, on in (("untrained", "ndcg"), ("exposure", "exposure")):
+        untrained["new_se"], untrained["new_rse"] = ref.ndcg10_new_se[key], untrained_rse(ref)
+        for guard in ("untrained", "exposure", "auto"):
+            on = guard_floor_on(settings.model_copy(update={"text_prior_new_items_guard": guard}), ref)
             rule = fit.floored(ref.on(on)[key], on)  # the guard's choice (the model is not touched)
             guarded[guard] = [rule.weight, rule.new_items] if rule.floor_met else None
+            untrained[f"{guard}_floor_on"] = on
     users = int(valid.inputs.shape[0])
     print(
         f"validation: {users} users, {fit.new_targets} targets are new items ({fit.new_targets / users:.1%});"
@@ -98,12 +103,14 @@ def main() -> None:
     if untrained is not None:
         print(
             f"untrained: ({untrained['w']:g}, {untrained['c']:g}), all targets {untrained['all']:.5f}, "
-            f"new-item targets {untrained['new']:.5f}, new items' share of the top-10 slots "
+            f"new-item targets {untrained['new']:.5f} +- {untrained['new_se']:.5f} (relative standard error "
+            f"{untrained['new_rse']:.1%}), new items' share of the top-10 slots "
             f"{untrained['new_share@10']:.4f}"
         )
         for guard, pair in guarded.items():
             got = "none reaches it (the plain one)" if pair is None else f"({pair[0]:g}, {pair[1]:g})"
-            print(f"text_prior_new_items_guard: {guard} chooses {got}")
+            on = untrained[f"{guard}_floor_on"]
+            print(f"text_prior_new_items_guard: {guard} (a floor on {on}) chooses {got}")
     record = {
         "run": str(args.run),
         "seed": settings.seed,
@@ -117,6 +124,7 @@ def main() -> None:
         "untrained": untrained,
         "chosen_guarded": guarded.get("untrained"),  # None: no pair reached the floor (or no --untrained)
         "chosen_exposure_guarded": guarded.get("exposure"),
+        "chosen_auto_guarded": guarded.get("auto"),  # at the run's text_prior_new_items_guard_rse
         "seconds": time.perf_counter() - started,
         "machine": machine_info(),
         "rows": rows,

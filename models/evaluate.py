@@ -28,7 +28,7 @@ from torch import Tensor
 
 from bridgerec.models.base import Recommender
 from bridgerec.models.data import Catalog, EvalSplit, _ranges, users_by_domain
-from bridgerec.models.metrics import as_numpy, ndcg, rank_full, rank_sampled, summarise
+from bridgerec.models.metrics import as_numpy, ndcg, ndcg_standard_error, rank_full, rank_sampled, summarise
 
 
 @dataclass
@@ -182,6 +182,8 @@ class PriorFit:
     # (w, c) -> the new items' share of the split's top-k slots (`fit_text_prior`'s top_k, 10 by default,
     # per user; left-out items fill none)
     new_share: dict[tuple[float, float], float] = field(default_factory=dict)
+    # (w, c) -> the standard error of `ndcg10_new` (its spread over the new-item targets, `ndcg_standard_error`)
+    ndcg10_new_se: dict[tuple[float, float], float] = field(default_factory=dict)
 
     def chosen_on(self, key: tuple[float, float]) -> float:
         """The figure the pair (w, c) was chosen on (`_choice_figure`)."""
@@ -352,12 +354,23 @@ def _choose(
     new items): the pair (w, c) with the best `_choice_figure` (the smaller of equals)."""
     figures = {key: ndcg(r, 10) for key, r in ranks.items()}
     on_new = {key: ndcg(r[is_new], 10) for key, r in ranks.items()}  # NaN without such targets
+    on_new_se = {key: ndcg_standard_error(r[is_new], 10) for key, r in ranks.items()}
     on_warm = {key: ndcg(r[~is_new], 10) for key, r in ranks.items()}
     best = max(
         sorted(figures), key=partial(_choice_figure, figures, on_new, on_warm, share)
     )  # first of equals
     new_targets = int(is_new.sum())
-    return PriorFit(*best, figures, on_new, on_warm, new_targets, fit_c, share, new_share=new_share)
+    return PriorFit(
+        *best,
+        figures,
+        on_new,
+        on_warm,
+        new_targets,
+        fit_c,
+        share,
+        new_share=new_share,
+        ndcg10_new_se=on_new_se,
+    )
 
 
 def _new_items(

@@ -47,6 +47,14 @@ def ndcg(ranks: np.ndarray, k: int) -> float:
     return float(ndcg_per_user(ranks, k).mean())
 
 
+def ndcg_standard_error(ranks: np.ndarray, k: int) -> float:
+    """The standard error of `ndcg` over these users: the sample standard deviation of their NDCG@k
+    (`ndcg_per_user`) over sqrt(U), the spread of the mean over users drawn alike; NaN with fewer than 2."""
+    if len(ranks) < 2:
+        return float("nan")
+    return float(ndcg_per_user(ranks, k).std(ddof=1) / np.sqrt(len(ranks)))
+
+
 def summarise(ranks: np.ndarray, cutoffs: tuple[int, ...] = CUTOFFS) -> dict[str, float]:
     """{'hr@5': ..., 'ndcg@5': ..., ...} for one set of users."""
     out: dict[str, float] = {}

@@ -284,7 +284,14 @@ def test_flow_and_cli_train_the_baselines(prefect_harness, enriched_workspace: P
     # top-10 slots, is the floor of the choice
     prior = out["text_prior"]
     assert prior["new_items_chosen"] and prior["untrained"]["weight"] in TrainSettings().text_prior_grid
-    on = {"untrained": "ndcg", "exposure": "exposure"}[TrainSettings().text_prior_new_items_guard]
+    guard, rse = (
+        TrainSettings().text_prior_new_items_guard,
+        prior["untrained"]["valid_ndcg@10_new_item_targets_rse"],
+    )
+    if guard == "auto":  # the NDCG floor where the untrained model's figure is known well enough
+        guard = "untrained" if rse <= TrainSettings().text_prior_new_items_guard_rse else "exposure"
+    on = {"untrained": "ndcg", "exposure": "exposure"}[guard]
+    assert rse > 0 and prior["untrained"]["valid_ndcg@10_new_item_targets_se"] > 0
     field = {"ndcg": "valid_ndcg@10_new_item_targets", "exposure": "valid_new_item_share@10"}[on]
     assert prior["floor_on"] == on and prior["new_items_floor"] == prior["untrained"][field]
     assert 0 < prior["untrained"]["valid_new_item_share@10"] <= 1

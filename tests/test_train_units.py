@@ -887,6 +887,8 @@ def test_a_floor_on_the_new_item_targets_keeps_the_pairs_below_it_out_of_the_cho
         model, split, grid, batch_size=8, new_items_grid=c_grid, min_new_targets=3, top_k=2
     )
     assert plain.new_targets == 6 and plain.new_items_floor is None and plain.floor_met is None
+    assert plain.ndcg10_new_se.keys() == plain.ndcg10_new.keys()  # each pair's spread over the 6 targets
+    assert all(0 <= se <= 0.5 for se in plain.ndcg10_new_se.values())  # per-user NDCG is in [0, 1]
     floor = max(plain.ndcg10_new.values())  # the best pair on new items: a floor the plain choice misses
     assert plain.ndcg10_new[(plain.weight, plain.new_items)] < floor
     guarded = fit_text_prior(
@@ -924,6 +926,47 @@ def test_a_floor_on_the_new_item_targets_keeps_the_pairs_below_it_out_of_the_cho
         model, split, grid, batch_size=8, new_items_grid=c_grid, min_new_targets=7, new_items_floor=floor
     )  # too few new-item targets to choose c: no floor either
     assert not unfitted.fitted_new_items and unfitted.new_items_floor is None and unfitted.floor_met is None
+
+
+def test_the_standard_error_of_ndcg_is_its_per_user_spread_over_the_root_of_the_users() -> None:
+    """ndcg_standard_error: sample standard deviation of the per-user NDCG@k over sqrt(U); NaN under 2."""
+    from bridgerec.models.metrics import ndcg_standard_error
+
+    ranks = np.array([0, 20, 0, 20])  # per-user NDCG@10: 1, 0, 1, 0 -> sd 0.5774 (ddof 1), / sqrt(4)
+    assert ndcg_standard_error(ranks, 10) == pytest.approx(np.sqrt(1 / 3) / 2)
+    assert ndcg_standard_error(np.array([3, 3, 3]), 10) == 0.0
+    assert np.isnan(ndcg_standard_error(np.array([1]), 10))
+
+
+def test_the_auto_guard_floors_ndcg_where_validation_measures_it_and_exposure_elsewhere() -> None:
+    """text_prior_new_items_guard: auto takes the floor on NDCG@10 over validation's new-item targets
+    where the untrained model's figure there has a relative standard error within
+    text_prior_new_items_guard_rse, the floor on exposure where not (or where it is 0); the other
+    guards keep their floor whatever the error."""
+    from bridgerec.models.evaluate import PriorFit
+    from bridgerec.tasks.train.settings import TrainSettings
+    from bridgerec.tasks.train.stage import guard_floor_on, untrained_rse
+
+    def untrained(figure: float, se: float) -> PriorFit:
+        key = (4.0, 1.25)
+        return PriorFit(
+            4.0, 1.25, {key: 0.02}, {key: figure}, {key: 0.02}, 3000, True, ndcg10_new_se={key: se}
+        )
+
+    precise, noisy, nothing = untrained(0.03, 0.002), untrained(0.027, 0.0042), untrained(0.0, 0.0)
+    assert untrained_rse(precise) == pytest.approx(0.0667, abs=1e-4) and untrained_rse(nothing) == float(
+        "inf"
+    )
+    auto = TrainSettings(text_prior_new_items_guard="auto")
+    assert auto.text_prior_new_items_guard_rse == 0.1
+    assert [guard_floor_on(auto, u) for u in (precise, noisy, nothing)] == ["ndcg", "exposure", "exposure"]
+    strict = auto.model_copy(update={"text_prior_new_items_guard_rse": 0.05})
+    assert guard_floor_on(strict, precise) == "exposure"
+    for guard, on in (("untrained", "ndcg"), ("exposure", "exposure")):
+        fixed = TrainSettings(text_prior_new_items_guard=guard)
+        assert {guard_floor_on(fixed, u) for u in (precise, noisy)} == {on}
+        assert "text_prior_new_items_guard_rse" in fixed.ignored_fields()  # not in its run id
+    assert "text_prior_new_items_guard_rse" not in auto.ignored_fields()
 
 
 def test_id_dropout_scores_new_items_with_an_id_row_predicted_from_text() -> None:

@@ -114,6 +114,7 @@ NEW_ITEMS = frozenset(
         "text_prior_new_items_grid",
         "text_prior_new_items_share",
         "text_prior_new_items_guard",
+        "text_prior_new_items_guard_rse",
     }
 )
 MIN_NEW_TARGETS = 100  # validation targets that are new items, at least, for c to be chosen on them
@@ -179,7 +180,10 @@ class TrainSettings(StageSettings):
                 "text_prior_new_items_grid",
                 "text_prior_new_items_share",
                 "text_prior_new_items_guard",
+                "text_prior_new_items_guard_rse",
             }
+        if self.text_prior_new_items_guard != "auto":  # the floor is fixed: nothing to decide it by
+            ignored.add("text_prior_new_items_guard_rse")
         return ignored | (set() if self.bce_negatives_apply else {"bce_negatives"})
 
     model: str = Field(default="llm4cdsr-hybrid", description=f"One of: {', '.join(MODEL_PRESETS)}.")
@@ -489,17 +493,29 @@ class TrainSettings(StageSettings):
     short_history: int = Field(
         default=5, ge=1, description="Users with fewer history items than this form the 'short' group."
     )
-    text_prior_new_items_guard: Literal["exposure", "untrained", "none"] = Field(
+    text_prior_new_items_guard: Literal["auto", "exposure", "untrained", "none"] = Field(
         default="exposure",
         description=(
             f"With c chosen on validation (at least {MIN_NEW_TARGETS} new-item targets), so that training "
             "never ranks new items below what their text gave the same model untrained (built from the "
             "seed, its prior fitted alike): 'exposure' (the default since 2026-12-06) chooses (w, c) only "
             "among the pairs that give new items at least the untrained model's share of validation's "
-            "top-10 slots (every user counts); 'untrained' (the default of 2026-12-05) only among those "
-            "that rank validation's new-item targets at least as well as it (a few hundred targets: a "
-            "noisy floor); where no pair does, the plain choice and a warning. Costs one more fit of the "
-            "prior. 'none': the plain choice (docs/train.md, 'New items never below the untrained model')."
+            "top-10 slots (every user counts); 'untrained' only among those that rank validation's new-item "
+            "targets at least as well as it (with a few hundred targets a noisy floor); 'auto' the latter "
+            "where the untrained model's figure over those targets is known to within "
+            "text_prior_new_items_guard_rse, the former elsewhere; where no pair reaches the floor, the "
+            "plain choice and a warning. Costs one more fit of the prior. 'none': the plain choice "
+            "(docs/train.md, 'New items never below the untrained model')."
+        ),
+    )
+    text_prior_new_items_guard_rse: float = Field(
+        default=0.1,
+        gt=0,
+        description=(
+            "With text_prior_new_items_guard 'auto': the NDCG floor is used where its relative standard error "
+            "(the untrained model's NDCG@10 over validation's new-item targets: their spread over sqrt(n), "
+            "over the mean) is at most this; the exposure floor elsewhere (0.1: some 2,000 targets at "
+            "food-kitchen's figures)."
         ),
     )
     full_ranking: bool = Field(default=True, description="Also rank the whole target domain.")

@@ -507,13 +507,14 @@ def _fit_text_prior(
         key = (untrained.weight, untrained.new_items)
         run.log.info(
             "train: the same model untrained: text prior (%g, x%g), validation full NDCG@10 %.4f, %.4f "
-            "on the new-item targets, new items %.1f%% of the top-10 slots",
-            *key, untrained.ndcg10[key], untrained.ndcg10_new[key], 100 * untrained.new_share[key],
+            "+- %.4f on the %d new-item targets, new items %.1f%% of the top-10 slots",
+            *key, untrained.ndcg10[key], untrained.ndcg10_new[key], untrained.ndcg10_new_se[key],
+            untrained.new_targets, 100 * untrained.new_share[key],
         )  # fmt: skip
     fit = prior_fit(settings, model, valid, device, untrained)
     save_weights(model, run_dir)
     seconds = time.perf_counter() - started
-    _log_prior_choice(run, fit, seconds)
+    _log_prior_choice(run, fit, seconds, untrained)
     w, c = fit.weight, fit.new_items
     return {
         "weight": w,
@@ -539,6 +540,11 @@ def _fit_text_prior(
             "new_items": untrained.new_items,
             "valid_ndcg@10": untrained.ndcg10[(untrained.weight, untrained.new_items)],
             "valid_ndcg@10_new_item_targets": untrained.ndcg10_new[(untrained.weight, untrained.new_items)],
+            # its standard error, and over the figure (what `auto` compares with the guard's rse)
+            "valid_ndcg@10_new_item_targets_se": untrained.ndcg10_new_se[
+                (untrained.weight, untrained.new_items)
+            ],
+            "valid_ndcg@10_new_item_targets_rse": untrained_rse(untrained),
             "valid_new_item_share@10": untrained.new_share[(untrained.weight, untrained.new_items)],
         },
         "new_items_floor": fit.new_items_floor,
@@ -548,9 +554,11 @@ def _fit_text_prior(
     }
 
 
-def _log_prior_choice(run: StageRun[TrainSettings], fit: PriorFit, seconds: float) -> None:
+def _log_prior_choice(
+    run: StageRun[TrainSettings], fit: PriorFit, seconds: float, untrained: PriorFit | None
+) -> None:
     """Log the text prior's chosen (w, c) and how c was had (chosen, fixed, the grid's floor; weighed; the
-    untrained model's floor met or not, a warning where not)."""
+    untrained model's floor met or not, a warning where not; with guard `auto`, why that floor)."""
     w, c = fit.weight, fit.new_items
     how = (
         "chosen"
@@ -565,6 +573,10 @@ def _log_prior_choice(run: StageRun[TrainSettings], fit: PriorFit, seconds: floa
         on = fit.floor_on or "ndcg"
         what = "NDCG@10 over the new-item targets" if on == "ndcg" else "new items' share of the top-10 slots"
         how += f", {what} at least the untrained model's {fit.new_items_floor:.4f}"
+        if run.settings.text_prior_new_items_guard == "auto" and untrained is not None:
+            rse, most = untrained_rse(untrained), run.settings.text_prior_new_items_guard_rse
+            how += f" ('auto': its NDCG@10 there has a relative standard error of {rse:.1%}, "
+            how += f"{'within' if rse <= most else 'over'} {most:.1%})"
         if not fit.floor_met:
             how += " (none reached it)"
             run.log.warning(
@@ -595,19 +607,41 @@ def prior_fit(
 ) -> PriorFit:
     """`fit_text_prior` on validation with the settings' grids and choice rule (leaves the model at the
     chosen (w, c)); with the `untrained` model's fit (`untrained_prior_fit`), its figure at its own pair
-    is the floor a pair must reach (where c is chosen at all): over the new-item targets
-    (`text_prior_new_items_guard: untrained`) or the new items' share of the top-10 slots (`exposure`)."""
+    is the floor a pair must reach (where c is chosen at all), on what `guard_floor_on` says."""
     fixed = settings.text_prior_new_items is not None
-    on: FloorOn = "exposure" if settings.text_prior_new_items_guard == "exposure" else "ndcg"
+    on: FloorOn = "ndcg"
     floor = None
     if untrained is not None and untrained.fitted_new_items:
-        key = (untrained.weight, untrained.new_items)
-        floor = untrained.on(on)[key]
+        on = guard_floor_on(settings, untrained)
+        floor = untrained.on(on)[(untrained.weight, untrained.new_items)]
     return fit_text_prior(
         model, valid, settings.text_prior_grid, settings.eval_batch_size, device,
         new_items_grid=None if fixed else settings.text_prior_new_items_grid, min_new_targets=MIN_NEW_TARGETS,
         catalogue_share=settings.text_prior_new_items_share == "catalogue", new_items_floor=floor, floor_on=on,
     )  # fmt: skip
+
+
+def guard_floor_on(settings: TrainSettings, untrained: PriorFit) -> FloorOn:
+    """What `text_prior_new_items_guard` bounds, given the untrained model's fit: NDCG@10 over validation's
+    new-item targets (`untrained`), the new items' share of the top-10 slots (`exposure`), or with
+    `auto` the former where the untrained model's figure over those targets has a relative standard
+    error (`PriorFit.ndcg10_new_se` over the figure) of at most `text_prior_new_items_guard_rse`, else
+    the latter: with a few hundred targets that figure is too noisy a floor (seed 43 on food-kitchen's
+    new-item split: 840 targets let through a pair that put new items at 0.87x the untrained model on
+    test), with thousands it bounds the goal itself, where exposure can ask for more than it needs
+    (docs/train.md, "One floor where validation can measure it")."""
+    guard = settings.text_prior_new_items_guard
+    if guard != "auto":
+        return "exposure" if guard == "exposure" else "ndcg"
+    return "ndcg" if untrained_rse(untrained) <= settings.text_prior_new_items_guard_rse else "exposure"
+
+
+def untrained_rse(untrained: PriorFit) -> float:
+    """The relative standard error of the untrained model's NDCG@10 over validation's new-item targets at
+    its own (w, c): standard error over the figure; inf where the figure is 0 or not known."""
+    key = (untrained.weight, untrained.new_items)
+    figure, se = untrained.ndcg10_new[key], untrained.ndcg10_new_se.get(key, float("nan"))
+    return se / figure if figure > 0 and se == se else float("inf")
 
 
 def untrained_prior_fit(
