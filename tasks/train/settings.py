@@ -494,18 +494,18 @@ class TrainSettings(StageSettings):
         default=5, ge=1, description="Users with fewer history items than this form the 'short' group."
     )
     text_prior_new_items_guard: Literal["auto", "exposure", "untrained", "none"] = Field(
-        default="exposure",
+        default="auto",
         description=(
             f"With c chosen on validation (at least {MIN_NEW_TARGETS} new-item targets), so that training "
             "never ranks new items below what their text gave the same model untrained (built from the "
-            "seed, its prior fitted alike): 'exposure' (the default since 2026-12-06) chooses (w, c) only "
-            "among the pairs that give new items at least the untrained model's share of validation's "
-            "top-10 slots (every user counts); 'untrained' only among those that rank validation's new-item "
-            "targets at least as well as it (with a few hundred targets a noisy floor); 'auto' the latter "
-            "where the untrained model's figure over those targets is known to within "
-            "text_prior_new_items_guard_rse, the former elsewhere; where no pair reaches the floor, the "
-            "plain choice and a warning. Costs one more fit of the prior. 'none': the plain choice "
-            "(docs/train.md, 'New items never below the untrained model')."
+            "seed, its prior fitted alike): 'untrained' chooses (w, c) only among the pairs that rank "
+            "validation's new-item targets at least as well as it (with a few hundred targets a noisy "
+            "floor); 'exposure' only among those that give new items at least its share of validation's "
+            "top-10 slots (every user counts, but it can ask for more exposure than new items need); "
+            "'auto' (the default since 2026-12-06) the first where the untrained model's figure over those "
+            "targets is known to within text_prior_new_items_guard_rse, the second elsewhere. Where no pair "
+            "reaches the floor, the plain choice and a warning. Costs one more fit of the prior. 'none': "
+            "the plain choice (docs/train.md, 'One floor where validation can measure it')."
         ),
     )
     text_prior_new_items_guard_rse: float = Field(

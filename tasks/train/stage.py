@@ -575,8 +575,10 @@ def _log_prior_choice(
         how += f", {what} at least the untrained model's {fit.new_items_floor:.4f}"
         if run.settings.text_prior_new_items_guard == "auto" and untrained is not None:
             rse, most = untrained_rse(untrained), run.settings.text_prior_new_items_guard_rse
-            how += f" ('auto': its NDCG@10 there has a relative standard error of {rse:.1%}, "
-            how += f"{'within' if rse <= most else 'over'} {most:.1%})"
+            how += (
+                " ('auto': the untrained model's NDCG@10 over the new-item targets has a relative standard "
+            )
+            how += f"error of {rse:.1%}, {'within' if rse <= most else 'over'} {most:.1%})"
         if not fit.floor_met:
             how += " (none reached it)"
             run.log.warning(
