@@ -533,24 +533,27 @@ def _fit_text_prior(
         # the guard (`text_prior_new_items_guard`): the same model untrained, its (w, c) and its figure
         # over the new-item targets and exposure, the floor the chosen pair had to reach and on what
         # (`floor_on`: ndcg or exposure; None: no guard applied)
-        "untrained": None
-        if untrained is None
-        else {
-            "weight": untrained.weight,
-            "new_items": untrained.new_items,
-            "valid_ndcg@10": untrained.ndcg10[(untrained.weight, untrained.new_items)],
-            "valid_ndcg@10_new_item_targets": untrained.ndcg10_new[(untrained.weight, untrained.new_items)],
-            # its standard error, and over the figure (what `auto` compares with the guard's rse)
-            "valid_ndcg@10_new_item_targets_se": untrained.ndcg10_new_se[
-                (untrained.weight, untrained.new_items)
-            ],
-            "valid_ndcg@10_new_item_targets_rse": untrained_rse(untrained),
-            "valid_new_item_share@10": untrained.new_share[(untrained.weight, untrained.new_items)],
-        },
+        "untrained": None if untrained is None else _untrained_record(untrained),
         "new_items_floor": fit.new_items_floor,
         "floor_on": fit.floor_on,
         "floor_met": fit.floor_met,
         "seconds": seconds,
+    }
+
+
+def _untrained_record(untrained: PriorFit) -> dict[str, float]:
+    """The summary's `text_prior.untrained`: the untrained model's (w, c), its validation NDCG@10 overall
+    and over the new-item targets (with its standard error and that over the figure: what guard `auto`
+    compares with `text_prior_new_items_guard_rse`), and new items' share of its top-10 slots."""
+    key = (untrained.weight, untrained.new_items)
+    return {
+        "weight": untrained.weight,
+        "new_items": untrained.new_items,
+        "valid_ndcg@10": untrained.ndcg10[key],
+        "valid_ndcg@10_new_item_targets": untrained.ndcg10_new[key],
+        "valid_ndcg@10_new_item_targets_se": untrained.ndcg10_new_se[key],
+        "valid_ndcg@10_new_item_targets_rse": untrained_rse(untrained),
+        "valid_new_item_share@10": untrained.new_share[key],
     }
 
 
@@ -575,10 +578,11 @@ def _log_prior_choice(
         how += f", {what} at least the untrained model's {fit.new_items_floor:.4f}"
         if run.settings.text_prior_new_items_guard == "auto" and untrained is not None:
             rse, most = untrained_rse(untrained), run.settings.text_prior_new_items_guard_rse
+            verdict = "within" if rse <= most else "over"
             how += (
-                " ('auto': the untrained model's NDCG@10 over the new-item targets has a relative standard "
+                " ('auto': the untrained model's NDCG@10 over the new-item targets has a relative standard"
+                f" error of {rse:.1%}, {verdict} {most:.1%})"
             )
-            how += f"error of {rse:.1%}, {'within' if rse <= most else 'over'} {most:.1%})"
         if not fit.floor_met:
             how += " (none reached it)"
             run.log.warning(
