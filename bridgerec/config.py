@@ -310,6 +310,10 @@ def load_settings(
     yaml_path: Path | None = None
     if path:
         yaml_path = Path(path).expanduser()
+        if yaml_path.is_dir():
+            raise ConfigError(
+                f"config file {yaml_path} is a folder: give the YAML file (e.g. configs/sample.yaml)"
+            )
         if not yaml_path.is_file():
             raise ConfigError(f"config file {yaml_path} does not exist")
         try:

@@ -126,8 +126,10 @@ class Night:
     def timed(self, step: str) -> Iterator[None]:
         self.step = step
         t0 = time.perf_counter()
-        yield
-        self.summary.seconds[step] = round(time.perf_counter() - t0, 2)
+        try:
+            yield
+        finally:  # a step that fails (or is interrupted) keeps the seconds it ran, for the night's table
+            self.summary.seconds[step] = round(time.perf_counter() - t0, 2)
         get_logger().info("nightly: %s finished in %.1f s", step, self.summary.seconds[step], extra=DETAIL)
 
     def stage(self, name: Stage) -> None:

@@ -24,15 +24,20 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import faiss
+import lazy_loader
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from bridgerec.storage.files import swap_dir
+
+if TYPE_CHECKING:
+    import faiss
+else:  # imported on first use: the settings below are read by every command, `--help` included
+    faiss = lazy_loader.load("faiss")
 
 INDEX_FORMAT_VERSION = 1
 IVF_TRAIN_POINTS_PER_CELL = 64  # k-means training sample per IVF cell (FAISS's default 256: 4x the time)

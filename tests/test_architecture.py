@@ -84,12 +84,17 @@ def test_no_generic_top_level_name_is_importable(name: str, tmp_path: Path) -> N
 
 def test_reading_the_settings_imports_no_engine() -> None:
     """Every command reads the settings (`bridgerec --help` too): through the stages' lazy faces that
-    imports none of torch, vLLM or matplotlib (with them --help took 4 s instead of 0.75 s); the faces still
-    hand out every name they list."""
+    imports none of torch, vLLM, faiss or matplotlib (with them --help took 4 s instead of 0.75 s); the faces
+    still hand out every name they list, and faiss arrives with the first index built."""
     code = (
         "import sys, bridgerec.cli, bridgerec.config\n"
-        "heavy = sorted(m for m in ('torch', 'vllm', 'matplotlib') if m in sys.modules)\n"
+        "from importlib.util import _LazyModule\n"
+        "def loaded(name): return name in sys.modules and type(sys.modules[name]) is not _LazyModule\n"
+        "heavy = sorted(m for m in ('torch', 'vllm', 'faiss', 'matplotlib') if loaded(m))\n"
         "assert not heavy, heavy\n"
+        "import numpy as np\n"
+        "from bridgerec.storage.index_store import IndexSettings, build_index\n"
+        "assert build_index(np.eye(4, dtype=np.float32), IndexSettings()).ntotal == 4 and loaded('faiss')\n"
         "import bridgerec.tasks.train as face\n"
         "assert callable(face.run_train) and 'torch' in sys.modules\n"
     )

@@ -178,6 +178,7 @@ def test_a_failed_night_answers_with_what_it_finished(prefect_harness: None, tmp
     assert answer["ok"] is False and answer["exit_code"] == 1 and answer["command"] == "run"
     assert "no-such-model" in answer["error"] and out.stderr.startswith("error: nightly run failed")
     assert answer["status"] == "failed" and answer["failed_stage"] == "enrich"
+    assert set(answer["seconds"]) >= {"ingest", "enrich"}  # the failed stage keeps the seconds it ran
     assert answer["stages"]["ingest"]["users"] > 0 and answer["stages"]["enrich"] is None
 
 

@@ -56,6 +56,8 @@ def test_unknown_key_and_bad_file(tmp_path: Path) -> None:
     assert "xyzzy = 1: no such setting (YAML key" in str(err.value)
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match=f"config file {tmp_path} is a folder"):
+        load_settings(tmp_path)
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  model: [unclosed\n  epochs: 3\n")
     with pytest.raises(ConfigError) as err:

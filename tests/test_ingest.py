@@ -357,9 +357,35 @@ def test_bad_files_stop_with_a_named_error_and_leave_the_workspace_alone(
 
 
 def test_nothing_left_is_a_clear_error(tmp_path: Path) -> None:
+    """The message names the file and accounts for every row read: quarantined and filtered by reason."""
     settings = _generic(tmp_path, min_interactions=50)
-    with pytest.raises(IngestError, match="no interactions left"):
+    with pytest.raises(IngestError, match="no interactions left") as err:
         run_ingest(StageRun(settings, Workspace(tmp_path / "ws")))
+    message = str(err.value)
+    assert message.startswith(f"{settings.interactions}: ") and "read: 21;" in message
+    for reason, n in EXPECT_INTER_QUARANTINE.items():
+        assert f"{reason}: {n}" in message
+    # 21 read, 8 quarantined, 1 duplicate: the other 12 rows are users under 50 interactions.
+    assert "filtered: short_sequence: 12, duplicate: 1);" in message
+
+
+def test_header_only_files_are_errors_naming_the_file(tmp_path: Path) -> None:
+    """A catalogue or an interactions file with a header and no rows: one error naming that file."""
+    settings = _generic(tmp_path)
+    empty_items = _write(tmp_path / "empty_items.csv", "item_id,domain,title\n")
+    with pytest.raises(IngestError) as err:
+        run_ingest(
+            StageRun(
+                settings.model_copy(update={"items": empty_items, "domains": None}), Workspace(tmp_path / "a")
+            )
+        )
+    assert str(err.value).startswith(f"{empty_items}: no domains: none of its 0 catalogue rows")
+    empty_inter = _write(tmp_path / "empty_inter.csv", "user_id,item_id,domain,position\n")
+    ws = Workspace(tmp_path / "b")
+    with pytest.raises(IngestError) as err:
+        run_ingest(StageRun(settings.model_copy(update={"interactions": empty_inter}), ws))
+    assert str(err.value).startswith(f"{empty_inter}: no interactions left") and "read: 0;" in str(err.value)
+    assert not ws.stage_dir("ingest").exists()
 
 
 def test_a_memory_limit_spills_and_gives_the_same_dataset(sample_workspace: Path, tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from duckdb.sqltypes import VARCHAR
 from bridgerec.runtime.errors import InputError
 from bridgerec.storage import schemas
 from bridgerec.tasks.ingest.settings import IngestSettings
-from bridgerec.tasks.ingest.sources import RawSource
+from bridgerec.tasks.ingest.sources import RawSource, input_files
 from bridgerec.tasks.ingest.text import clean_text_array
 
 # Epoch numbers: seconds per unit, and the magnitude bounds `unit: auto` uses (|x| below the bound).
@@ -149,7 +149,10 @@ def _preprocess(
     leave-one-out sequences, collect the quarantine, reconcile the counts."""
     domains = settings.domains if settings.domains is not None else raw.domains_in_catalogue
     if not domains:
-        raise IngestError("no domains: the catalogue names none and ingest.domains is not set")
+        raise IngestError(
+            f"{_files(settings, 'items')}: no domains: none of its {raw.items.table.num_rows:,} catalogue rows "
+            "names one and ingest.domains is not set"
+        )
     con.register("raw_items", raw.items.table)
     con.register("raw_inter", raw.interactions.table)
     _exec(
@@ -358,8 +361,21 @@ def _filter_interactions(
     )
     n_kept = _scalar(con, "SELECT count(*) FROM inter_rule WHERE rule IS NULL")
     if n_kept == 0:
+        read = raw.interactions.table.num_rows + len(raw.interactions.rejects)
+        quarantined = dict(
+            con.execute(
+                "SELECT reason, count(*) FROM inter_checked WHERE reason IS NOT NULL GROUP BY 1"
+            ).fetchall()
+        )
+        for reject in raw.interactions.rejects:
+            quarantined[reject["reason"]] = quarantined.get(reject["reason"], 0) + 1
+        filtered = dict(
+            con.execute("SELECT rule, count(*) FROM inter_rule WHERE rule IS NOT NULL GROUP BY 1").fetchall()
+        )
         raise IngestError(
-            "no interactions left after checks and filters: see the quarantine and filtered counts"
+            f"{_files(settings, 'interactions')}: no interactions left after checks and filters (read: {read:,}; "
+            f"quarantined: {_reasons(quarantined) or 'none'}; filtered: {_reasons(filtered) or 'none'}); "
+            "nothing written"
         )
     return rounds
 
@@ -518,6 +534,13 @@ def _accounting(con: duckdb.DuckDBPyConnection, raw: RawSource) -> tuple[Account
 
 def _utc(value: datetime) -> datetime:
     return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _files(settings: IngestSettings, table: str) -> str:
+    """The raw files of `table` ('items' or 'interactions'), as messages name them."""
+    generic, amazon = {"items": ("items", ".meta"), "interactions": ("interactions", ".reviews")}[table]
+    files = input_files(settings)
+    return ", ".join(str(p) for role, p in files.items() if role == generic or role.endswith(amazon))
 
 
 def _reasons(counts: dict[str, int]) -> str:
