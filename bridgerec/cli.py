@@ -259,16 +259,18 @@ def _settings(config: Path | None, **overrides: Any) -> Settings:
     raise AssertionError("unreachable")
 
 
-def _warehouse(warehouse: Path | None, config: Path | None) -> Path:
-    """The warehouse a reading command opens: `--warehouse`, else the settings'. Where that file does not
-    exist and nothing said where the pipeline ran (no --config, $BRIDGEREC_CONFIG, $BRIDGEREC_WORKSPACE or
-    $BRIDGEREC_WAREHOUSE), the likely cause is the missing config, not a missing publish: the `error:`
-    line says so (a new user's trial: "run `bridgerec publish` first" right after a run)."""
+def _warehouse(warehouse: Path | None, config: Path | None, workspace: Path | None = None) -> Path:
+    """The warehouse a reading command opens: `--warehouse`, else the settings' (with `--workspace`, the
+    workspace's, as the stage commands read `-w`). Where that file does not exist and nothing said where the
+    pipeline ran (no --config, --workspace, $BRIDGEREC_CONFIG, $BRIDGEREC_WORKSPACE or $BRIDGEREC_WAREHOUSE),
+    the likely cause is the missing config, not a missing publish: the `error:` line says so (a new user's
+    trial: "run `bridgerec publish` first" right after a run)."""
     if warehouse is not None:
         return warehouse
-    path = _settings(config).warehouse_path
+    path = _settings(config, workspace=workspace).warehouse_path
     told = [CONFIG_ENV, f"{ENV_PREFIX}WORKSPACE", f"{ENV_PREFIX}WAREHOUSE"]  # where else it could come from
-    if not path.exists() and config is None and not any(os.environ.get(name) for name in told):
+    said = config is not None or workspace is not None or any(os.environ.get(name) for name in told)
+    if not path.exists() and not said:
         _fail(
             f"warehouse {path} does not exist: that is the default workspace's, since no config was given; "
             "pass the config the pipeline ran with (--config FILE or $BRIDGEREC_CONFIG) or --warehouse FILE "
@@ -508,7 +510,7 @@ def models_prepare(
     verbose: VerboseOpt = False,
 ) -> None:
     """Make the configured models usable offline: convert the packaged SmolLM2 GGUF into a safetensors
-    folder (profiles.model, once, ~15 s) and check the embedding model folder (with enrich.quantization:
+    folder (profiles.model, once, 15 to 40 s on 2 cores) and check the embedding model folder (with enrich.quantization:
     w8a8, make its INT8 copy in enrich.quantized_dir, once, ~1 s)."""
     from bridgerec.tasks.enrich import ModelError, embedding_model, model_id, prepare_profile_model
 
@@ -821,6 +823,7 @@ def recs(
         ),
     ] = None,
     warehouse: WarehouseOpt = None,
+    workspace: WorkspaceOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -828,7 +831,7 @@ def recs(
     latest run or from any retained run (`--run-id`; `bridgerec runs list` shows which are retained)."""
     from bridgerec.storage.warehouse import WarehouseError, user_recommendations
 
-    path = _warehouse(warehouse, config)
+    path = _warehouse(warehouse, config, workspace)
     try:
         result = user_recommendations(path, user, domain, run_id)
     except WarehouseError as exc:
@@ -874,6 +877,22 @@ def _because_text(row: dict[str, Any]) -> str:
     return f"{shown(title)} ({row['because_score']:.2f})"
 
 
+def duckdb_cli() -> str | None:
+    """The DuckDB CLI to open: the binary of the duckdb-cli package (a dependency, so the one beside this
+    Python: a 1.x CLI, which reads the warehouse as `publish.storage_compatibility` keeps it), else
+    `duckdb` on PATH, else None."""
+    import importlib.util
+    import os
+    import shutil
+
+    spec = importlib.util.find_spec("duckdb_cli")
+    if spec is not None and spec.origin is not None:
+        binary = Path(spec.origin).with_name("duckdb")
+        if binary.is_file() and os.access(binary, os.X_OK):
+            return str(binary)
+    return shutil.which("duckdb")
+
+
 def sql_shell_command(warehouse: Path, duckdb_cli: str | None) -> list[str] | None:
     """The DuckDB CLI's argv for a read-only session on `warehouse` (`-readonly`: a read-write session
     would lock every other reader and the next publish out), or None when there is no CLI."""
@@ -881,7 +900,7 @@ def sql_shell_command(warehouse: Path, duckdb_cli: str | None) -> list[str] | No
 
 
 SQL_BANNER = """bridgerec sql: a read-only DuckDB connection `con` on {path}
-(no `duckdb` CLI on PATH: a Python shell; install the DuckDB CLI to get its shell instead).
+(a Python shell{why}: type Python, not SQL).
   con.sql("SELECT * FROM latest_recommendations LIMIT 10").show()
   con.sql("SHOW TABLES").show()          # runs, recommendations, metrics, items, user_profiles, ...
   con.execute("SELECT ... WHERE user_id = ?", [user_id]).fetchall()
@@ -891,6 +910,7 @@ Example queries: docs/publish.md, "Example SQL for analysts". Ctrl-D leaves."""
 @app.command()
 def sql(
     warehouse: WarehouseOpt = None,
+    workspace: WorkspaceOpt = None,
     config: ConfigOpt = None,
     query: Annotated[
         str | None,
@@ -899,21 +919,30 @@ def sql(
     as_json: Annotated[
         bool, _json_opt("With --query: one JSON object (ok, columns, rows) on stdout, also on failure.")
     ] = False,
+    python: Annotated[
+        bool,
+        typer.Option(
+            "--python",
+            help="A Python shell with a read-only DuckDB connection `con` instead of the DuckDB CLI "
+            "(for pandas, plots, or your own code).",
+        ),
+    ] = False,
 ) -> None:
-    """Open a read-only SQL session on the warehouse: the DuckDB CLI (`duckdb -readonly FILE`) when it is
-    installed, else a Python shell with a read-only DuckDB connection `con`. Read-only, so nobody has to
-    remember `-readonly`: a read-write session would block every reader and the next publish.
+    """Open a read-only SQL session on the warehouse: the DuckDB CLI (`duckdb -readonly FILE`, from the
+    duckdb-cli package the set-up installs; end each statement with `;`, `.quit` or Ctrl-D leaves). With
+    --python, or where no DuckDB CLI is found, a Python shell with a read-only DuckDB connection `con`.
+    Read-only, so nobody has to remember `-readonly`: a read-write session would block every reader and
+    the next publish.
 
     With --query, run one statement and print its result (a table, or --json) instead.
     """
     import os
-    import shutil
 
     import duckdb
 
     from bridgerec.storage.warehouse import WarehouseError, connect_reader
 
-    path = _warehouse(warehouse, config).expanduser().resolve()
+    path = _warehouse(warehouse, config, workspace).expanduser().resolve()
     try:
         con = connect_reader(path)  # the same checks (missing, held read-write) for every way in
     except WarehouseError as exc:
@@ -932,13 +961,16 @@ def sql(
         result = {"warehouse": str(path), "columns": columns, "rows": shown_rows}
         _emit(result, as_json, _render_sql)
         return
-    argv = sql_shell_command(path, shutil.which("duckdb"))
+    argv = None if python else sql_shell_command(path, duckdb_cli())
     if argv is not None:
         con.close()
         os.execvp(argv[0], argv)  # the DuckDB CLI replaces this process
     import code
 
-    code.interact(banner=SQL_BANNER.format(path=path), local={"con": con, "duckdb": duckdb}, exitmsg="")
+    why = "" if python else "; no DuckDB CLI found: `pip install duckdb-cli` gives the SQL shell"
+    code.interact(
+        banner=SQL_BANNER.format(path=path, why=why), local={"con": con, "duckdb": duckdb}, exitmsg=""
+    )
     con.close()
 
 
@@ -967,6 +999,7 @@ def _render_sql(r: dict) -> None:
 @runs_app.command("list")
 def runs_list(
     warehouse: WarehouseOpt = None,
+    workspace: WorkspaceOpt = None,
     config: ConfigOpt = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Show at most this many runs.")] = None,
     as_json: JsonOpt = False,
@@ -975,7 +1008,7 @@ def runs_list(
     recommendations) and the nightly flow's nights (status, the quality gate's decision)."""
     from bridgerec.storage.warehouse import WarehouseError, list_runs
 
-    path = _warehouse(warehouse, config)
+    path = _warehouse(warehouse, config, workspace)
     try:
         runs = list_runs(path, limit)
     except WarehouseError as exc:
@@ -1016,6 +1049,7 @@ def _render_runs(result: dict) -> None:
 @warehouse_app.command("relink")
 def warehouse_relink(
     warehouse: WarehouseOpt = None,
+    workspace: WorkspaceOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -1024,7 +1058,7 @@ def warehouse_relink(
     changes; bridgerec's own readers and `bridgerec.storage.warehouse.connect` need no relink)."""
     from bridgerec.storage.warehouse import WarehouseError, relink
 
-    path = _warehouse(warehouse, config)
+    path = _warehouse(warehouse, config, workspace)
     try:
         relink(path)
     except WarehouseError as exc:

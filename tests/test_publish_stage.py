@@ -19,7 +19,7 @@ import pytest
 from publish_data import doc_queries, workspace_vectors
 from typer.testing import CliRunner
 
-from bridgerec.cli import app, sql_shell_command
+from bridgerec.cli import app, duckdb_cli, sql_shell_command
 from bridgerec.runtime.runner import Runner
 from bridgerec.storage.index_store import IndexStore
 from bridgerec.storage.vectors import DomainVectors
@@ -261,6 +261,9 @@ def test_cli_recs_and_runs_list(published: tuple[Path, dict], tmp_path: Path) ->
     assert out.exit_code == 0, out.output
     runs = json.loads(out.stdout)["runs"]
     assert [(r["run_id"], r["status"], r["retained"]) for r in runs] == [("run-a", "completed", True)]
+    # `-w DIR` as the stage commands take it: the workspace's warehouse.duckdb (after `bridgerec run -w DIR`).
+    out = runner.invoke(app, ["runs", "list", "-w", str(warehouse.parent), "--json"])
+    assert out.exit_code == 0 and json.loads(out.stdout)["runs"] == runs, out.output
     out = runner.invoke(app, ["runs", "list", "--warehouse", str(warehouse)])
     assert out.exit_code == 0 and "run-a" in out.stdout
     # A failed run's message is shown as written (brackets included), on a copy of the warehouse file
@@ -338,29 +341,38 @@ def test_sql_runs_a_query_read_only(published: tuple[Path, dict]) -> None:
 
 
 def test_sql_opens_a_read_only_shell(published: tuple[Path, dict], tmp_path: Path) -> None:
-    """Without the DuckDB CLI, `bridgerec sql` is a Python shell with a read-only connection `con` (here
-    fed on stdin, as a terminal would); with the CLI it would exec `duckdb -readonly FILE`."""
+    """`bridgerec sql` opens the DuckDB CLI of the duckdb-cli package (a 1.x CLI) read-only on the
+    warehouse: plain SQL typed on stdin, as a terminal would, reads the published tables and a write is
+    refused. `--python` gives a Python shell with a read-only connection `con` instead."""
     warehouse, _ = published
-    env = {k: v for k, v in os.environ.items() if k != "PATH"} | {"PATH": str(tmp_path)}  # no duckdb CLI
+    expected = duckdb.connect(str(warehouse), read_only=True).execute(
+        "SELECT count(*) FROM latest_recommendations"
+    )
+    rows = expected.fetchone()[0]
+    env = {k: v for k, v in os.environ.items() if k != "PATH"} | {"PATH": str(tmp_path)}  # no duckdb on PATH
+    cli = duckdb_cli()
+    assert cli is not None and Path(cli).parent.name == "duckdb_cli"  # the package's, found without PATH
+    typed = "SELECT count(*) AS n FROM latest_recommendations;\nCREATE TABLE scratch AS SELECT 1;\n"
+    argv = [sys.executable, "-m", "bridgerec.cli", "sql", "--warehouse", str(warehouse)]
+    done = subprocess.run(argv, input=typed, capture_output=True, text=True, timeout=120, env=env)
+    assert f"{rows}" in done.stdout and "│" in done.stdout, done.stdout  # the CLI's table
+    assert "read-only mode" in done.stderr and "scratch" not in done.stdout
+
     typed = (
         "print('rows', con.sql('SELECT count(*) FROM latest_recommendations').fetchall()[0][0])\n"
         "con.execute('CREATE TABLE scratch AS SELECT 1')\n"
     )
     done = subprocess.run(
-        [sys.executable, "-m", "bridgerec.cli", "sql", "--warehouse", str(warehouse)],
-        input=typed,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
+        [*argv, "--python"], input=typed, capture_output=True, text=True, timeout=120, env=env
     )
     assert done.returncode == 0, done.stderr
-    assert "read-only DuckDB connection `con`" in done.stderr  # the banner
-    rows = duckdb.connect(str(warehouse), read_only=True).execute(
-        "SELECT count(*) FROM latest_recommendations"
-    )
-    assert f"rows {rows.fetchone()[0]}" in done.stdout
+    assert "read-only DuckDB connection `con`" in done.stderr and "type Python, not SQL" in done.stderr
+    assert f"rows {rows}" in done.stdout
     assert "read-only mode" in done.stderr  # the write was refused
+    with duckdb.connect(str(warehouse), read_only=True) as con:
+        assert con.execute(
+            "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'scratch'"
+        ).fetchone() == (0,)
     assert sql_shell_command(warehouse, "/opt/duckdb/duckdb") == [
         "/opt/duckdb/duckdb",
         "-readonly",
