@@ -362,13 +362,11 @@ def _filter_interactions(
     n_kept = _scalar(con, "SELECT count(*) FROM inter_rule WHERE rule IS NULL")
     if n_kept == 0:
         read = raw.interactions.table.num_rows + len(raw.interactions.rejects)
-        quarantined = dict(
-            con.execute(
-                "SELECT reason, count(*) FROM inter_checked WHERE reason IS NOT NULL GROUP BY 1"
-            ).fetchall()
-        )
-        for reject in raw.interactions.rejects:
-            quarantined[reject["reason"]] = quarantined.get(reject["reason"], 0) + 1
+        quarantined: dict[str, int] = {}
+        for (table, _), reasons in _quarantine_by_file(con, raw).items():
+            if table == "interactions":
+                for reason, n in reasons.items():
+                    quarantined[reason] = quarantined.get(reason, 0) + n
         filtered = dict(
             con.execute("SELECT rule, count(*) FROM inter_rule WHERE rule IS NOT NULL GROUP BY 1").fetchall()
         )
