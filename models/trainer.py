@@ -409,7 +409,11 @@ def _fit(
             def on_batch(loss: float, epoch: int = epoch, running: dict[str, float] = running) -> None:
                 running["sum"] += loss
                 running["n"] += 1
-                label = f"train {_called(model, cfg)} epoch {epoch} loss {running['sum'] / running['n']:.4f}"
+                # The bar counts up to the epoch cap (its ETA is an upper bound): early stopping ends it sooner.
+                label = (
+                    f"train {_called(model, cfg)} epoch {epoch} of at most {cfg.epochs}, "
+                    f"loss {running['sum'] / running['n']:.4f}"
+                )
                 advance(bar, 1, label + (f", best valid {state.best_valid:.4f}" if state.history else ""))
 
             losses = train_epoch(model, data, optimizer, cfg, epoch, profiles, device, on_batch, ranks)
