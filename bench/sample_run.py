@@ -131,7 +131,7 @@ def run_once(src: Path, pkg: Path, workspace: Path, log: Path) -> dict[str, Any]
 def median(runs: list[dict[str, Any]], key: str, stage: str | None = None) -> float | None:
     values = [(r["seconds"][stage] if stage else r[key]) for r in runs]
     values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
+    return round(statistics.median(values), 2) if values else None
 
 
 def main() -> None:
@@ -201,7 +201,8 @@ def main() -> None:
     for name, values in table.items():
         b, h = values["base"], values["head"]
         ratio = f"{h / b:.2f}" if b and h is not None else ""
-        print(f"{name:<16}{b if b is not None else '':>16}{h if h is not None else '':>16}{ratio:>13}")
+        shown = [f"{v:.1f}" if v is not None else "" for v in (b, h)]
+        print(f"{name:<16}{shown[0]:>16}{shown[1]:>16}{ratio:>13}")
     for label in ("base", "head"):
         last = runs[label][-1]
         print(
