@@ -882,7 +882,6 @@ def duckdb_cli() -> str | None:
     Python: a 1.x CLI, which reads the warehouse as `publish.storage_compatibility` keeps it), else
     `duckdb` on PATH, else None."""
     import importlib.util
-    import os
     import shutil
 
     spec = importlib.util.find_spec("duckdb_cli")
@@ -936,8 +935,6 @@ def sql(
 
     With --query, run one statement and print its result (a table, or --json) instead.
     """
-    import os
-
     import duckdb
 
     from bridgerec.storage.warehouse import WarehouseError, connect_reader
