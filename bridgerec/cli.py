@@ -58,8 +58,7 @@ class _Program(TyperGroup):
         try:
             return super().make_context(*args, **kwargs)
         except TyperException as exc:  # an option of the program itself
-            _Program._keep(exc)
-            raise
+            _Program._say(exc)
 
     def get_help_option(self, ctx: ClickContext) -> Any:
         option = super().get_help_option(ctx)  # `bridgerec --help`'s own (the commands': `_unlabel_flags`)
@@ -76,14 +75,28 @@ class _Program(TyperGroup):
         try:
             return super().invoke(ctx)
         except TyperException as exc:  # a command's (its name, options, values), at any depth
-            _Program._keep(exc)
-            raise
+            _Program._say(exc)
 
     @staticmethod
     def _keep(exc: TyperException) -> None:
         """Keep the message of a usage error for `main`'s `--json` answer."""
         if exc.exit_code == _Program.USAGE_EXIT:
             _Program.usage_error = exc.format_message()
+
+    @staticmethod
+    def _say(exc: TyperException) -> NoReturn:
+        """One `error:` line for a command line click could not use (exit 2) or a file it could not open
+        (exit 1), pointing at the `--help` of the command it was for, instead of Typer's boxed panel
+        under a usage line; then exit with click's code (`main` adds the `--json` answer)."""
+        _Program._keep(exc)
+        message = exc.format_message().strip()
+        if message and message[-1] not in ".?!":
+            message += "."
+        ctx = getattr(exc, "ctx", None)  # a usage error's: the command it was for
+        if ctx is not None:
+            message += f" See '{ctx.command_path} --help'."
+        typer.secho(f"error: {printable(message)}", fg=typer.colors.RED, err=True, file=console.err())
+        raise SystemExit(exc.exit_code)
 
 
 def _unlabel_flags(command: Any, ctx: ClickContext) -> None:
@@ -1124,7 +1137,7 @@ def main() -> None:
     failure's JSON object on stdout, also when the command line itself was not understood."""
     _Answer.current, _Program.usage_error = None, None
     try:
-        app()
+        app(prog_name="bridgerec")  # also under `python -m bridgerec.cli`: the name users type
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_FAILURE)
         answer = _Answer.current or _Answer(_command_words(sys.argv[1:]), "--json" in sys.argv[1:])

@@ -208,6 +208,10 @@ def test_a_usage_error_answers_too(tmp_path: Path) -> None:
         answer = _one_object(done.stdout)
         assert answer["error"] == f"the command line was not understood: {said}"
         assert answer["command"] == command  # the words that name a command, as far as they do
+        # On the terminal: one `error:` line pointing at the command's --help (Typer drew a boxed panel
+        # under a usage line).
+        stop = "" if said.endswith("?") else "."
+        assert done.stderr.splitlines() == [f"error: {said}{stop} See 'bridgerec {command} --help'."]
 
 
 def _command_paths() -> list[list[str]]:

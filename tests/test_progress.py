@@ -3,6 +3,7 @@ timer (a slow step between two advances still gets a line), with bars on or off.
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 
@@ -40,3 +41,24 @@ def test_short_phase_stays_quiet(monkeypatch: pytest.MonkeyPatch, caplog: pytest
     with caplog.at_level(logging.INFO, logger="bridgerec"), progress.progress_bar("x", total=2) as bar:
         progress.advance(bar, 2)
     assert not [r for r in caplog.records if r.getMessage().startswith("progress: ")]
+
+
+def test_a_bar_stopped_by_an_error_says_so_and_gives_no_eta(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure inside a bar leaves its last frame above the `error:` line: it says `(stopped)` and shows
+    no ETA (it showed the frame as if the work were still running); a bar that ran to its end keeps its
+    ETA column."""
+    stream = io.StringIO()
+    monkeypatch.setattr(progress.console, "err", lambda: stream)
+    with (
+        pytest.raises(RuntimeError),
+        progress.progress_bar("enrich: embedding", total=10, unit="items") as bar,
+    ):
+        progress.advance(bar, 4)
+        raise RuntimeError("engine died")
+    stopped = stream.getvalue().rstrip().splitlines()[-1]
+    assert "enrich: embedding (stopped)" in stopped and "4/10" in stopped and "ETA" not in stopped
+    stream.seek(0), stream.truncate()
+    with progress.progress_bar("enrich: embedding", total=10, unit="items") as bar:
+        progress.advance(bar, 10)
+    done = stream.getvalue().rstrip().splitlines()[-1]
+    assert "(stopped)" not in done and "10/10" in done and "ETA 0:00:00" in done

@@ -30,10 +30,12 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    Task,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 from bridgerec.runtime import console
 from bridgerec.runtime.logs import DETAIL, get_logger
@@ -204,14 +206,29 @@ def progress_bar(
             TextColumn("{task.fields[counts]}"),
             TextColumn("{task.fields[rate]}"),
             TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
+            _Eta(),
         ]
         with Progress(*columns, console=_terminal(), transient=False) as bar:
-            bar.add_task(description, total=total, rate="", counts=log.counters_text())
-            yield Bar(bar, log)
+            task = bar.add_task(description, total=total, rate="", counts=log.counters_text())
+            try:
+                yield Bar(bar, log)
+            except BaseException:
+                # The bar's last frame stays on the terminal above the error line: say that the work
+                # stopped there, its clock stopped, and no time remains to estimate.
+                bar.update(task, description=f"{bar.tasks[0].description} (stopped)")
+                bar.stop_task(task)
+                raise
     finally:
         log.close()
+
+
+class _Eta(TimeRemainingColumn):
+    """`ETA 1:02:03` while the bar runs; nothing once its task stopped before its end (a failure)."""
+
+    def render(self, task: Task) -> Text:
+        if task.stop_time is not None and not task.finished:
+            return Text("")
+        return Text.assemble("ETA ", super().render(task))
 
 
 def advance(bar: Bar | Any | None, steps: float = 1, description: str | None = None, **counts: float) -> None:
