@@ -60,16 +60,32 @@ def sample_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def enriched_workspace(sample_workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def enriched_workspace(
+    sample_workspace: Path, tmp_path_factory: pytest.TempPathFactory, worker_id: str
+) -> Path:
     """The sample's ingest + the real enrich stage as the train tests run it (tests/train_data.py): vLLM
     MiniLM item embeddings and PCA tables, SmolLM2 profiles for the first 12 users only (so most users
-    train without the profile term). Read-only: copy its stage folders to train in it."""
+    train without the profile term). Built once per test run: under pytest-xdist the first worker that
+    needs it builds it in the run's shared temporary folder while the others wait on a file lock
+    (pytest-xdist's documented way to run a session fixture once), and every worker reads that folder.
+    Read-only: copy its stage folders to train in it."""
     import shutil
+
+    from filelock import FileLock
 
     from bridgerec.storage.workspace import Workspace
     from tests.train_data import run_enrich_like_tests
 
-    root = tmp_path_factory.mktemp("train_ws")
-    shutil.copytree(sample_workspace / "ingest", root / "ingest")
-    run_enrich_like_tests(Workspace(root))
+    # A worker's base temp is <run>/popen-gwN: their parent is this run's alone. Without workers the base
+    # temp itself (its parent holds every earlier run's).
+    shared = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        shared = shared.parent
+    root, done = shared / "enriched_sample", shared / "enriched_sample.done"
+    with FileLock(shared / "enriched_sample.lock"):
+        if not done.exists():
+            shutil.rmtree(root, ignore_errors=True)  # a worker that died half-way through building it
+            shutil.copytree(sample_workspace / "ingest", root / "ingest")
+            run_enrich_like_tests(Workspace(root))
+            done.touch()
     return root

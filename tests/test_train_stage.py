@@ -38,10 +38,17 @@ def _copy_inputs(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.fixture(scope="session")
-def trained(enriched_workspace: Path):
+@pytest.fixture(scope="module")
+def workspace(enriched_workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This file's own copy of the enriched sample (the session's is shared by every worker, read-only):
+    `trained` writes its run, its manifest and the rerun's skip into it."""
+    return _copy_inputs(enriched_workspace, tmp_path_factory.mktemp("train_stage_ws"))
+
+
+@pytest.fixture(scope="module")
+def trained(workspace: Path):
     settings = TrainSettings(model="llm4cdsr", epochs=10, patience=10, **FAST)
-    return settings, run_train(StageRun(settings, Workspace(enriched_workspace)))
+    return settings, run_train(StageRun(settings, Workspace(workspace)))
 
 
 def test_llm4cdsr_learns_and_beats_random(trained) -> None:
@@ -59,13 +66,13 @@ def test_llm4cdsr_learns_and_beats_random(trained) -> None:
     assert 0 <= test["full"]["overall"]["hr@10"] < test["overall"]["hr@10"]
 
 
-def test_profiles_see_only_the_training_prefix(enriched_workspace: Path) -> None:
+def test_profiles_see_only_the_training_prefix(workspace: Path) -> None:
     """The profile prompts are built from the training prefix: no validation or test title gets in."""
     from bridgerec.tasks.enrich.profiles import user_jobs
     from bridgerec.tasks.enrich.settings import ProfileSettings
     from bridgerec.tasks.enrich.texts import clean_field
 
-    ws = Workspace(enriched_workspace)
+    ws = Workspace(workspace)
     seqs = ws.read_table("ingest", "sequences")
     items = ws.read_table("ingest", "items")
     one_cluster = np.zeros(items.num_rows, np.int64)
@@ -78,10 +85,10 @@ def test_profiles_see_only_the_training_prefix(enriched_workspace: Path) -> None
         assert list(job.groups[0][1]) == [title[g] for g in seq[:-2]]
 
 
-def test_run_folder_and_manifest_hold_their_contract(trained, enriched_workspace: Path) -> None:
+def test_run_folder_and_manifest_hold_their_contract(trained, workspace: Path) -> None:
     settings, summary = trained
     run = Path(summary.run_dir)
-    assert run.parent == enriched_workspace / "runs" and run.name == summary.run_id
+    assert run.parent == workspace / "runs" and run.name == summary.run_id
     for name in ("model.safetensors", "config.json", "metrics.parquet", "curve.png", "summary.json"):
         assert (run / name).stat().st_size > 0, name
     assert not (run / "checkpoint.pt").exists()
@@ -95,17 +102,17 @@ def test_run_folder_and_manifest_hold_their_contract(trained, enriched_workspace
         for protocol in ("sampled", "full"):
             for group in ("overall", "domain:food", "domain:kitchen", "overlap", "single", "short", "long"):
                 assert (split, protocol, group) in final
-    manifest = Workspace(enriched_workspace).read_manifest("train")
+    manifest = Workspace(workspace).read_manifest("train")
     assert manifest is not None and manifest.stats["best"]["run_id"] == summary.run_id
     assert manifest.stats["best"]["model"] == "llm4cdsr"
     # Unchanged inputs and settings: nothing is trained again.
     started = time.perf_counter()
-    again = run_train(StageRun(settings, Workspace(enriched_workspace)))
+    again = run_train(StageRun(settings, Workspace(workspace)))
     assert again.skipped and again.run_id == summary.run_id and time.perf_counter() - started < 10
 
 
 def test_the_refit_is_tested_and_served_while_validation_keeps_the_selected_weights(
-    trained, enriched_workspace: Path
+    trained, workspace: Path
 ) -> None:
     """train.refit (on by default): a second model, retrained through the validation targets on the
     selected epochs' rates, is what the test figures measured and what load_run serves; the validation
@@ -122,7 +129,7 @@ def test_the_refit_is_tested_and_served_while_validation_keeps_the_selected_weig
     refit = summary.refit
     assert 1 <= refit["epochs"] <= summary.best_epoch and len(refit["rates"]) == refit["epochs"]
     assert all(0 < r <= settings.lr for r in refit["rates"]) and len(refit["loss"]) == refit["epochs"]
-    ws = Workspace(enriched_workspace)
+    ws = Workspace(workspace)
     served, config, catalog = load_run(run, ws)
     selected, _, _ = load_run(run, ws, weights="selected")
     data = SequenceData(catalog, load_sequences(ws), config["settings"]["max_len"])
@@ -144,7 +151,7 @@ def test_the_refit_is_tested_and_served_while_validation_keeps_the_selected_weig
 
 
 def test_a_run_whose_rows_are_not_todays_items_does_not_load(
-    trained, enriched_workspace: Path, tmp_path: Path
+    trained, workspace: Path, tmp_path: Path
 ) -> None:
     """load_run refuses a run whose item rows are other items than the catalogue's (ingest renumbers
     every night), as publish does (`catalogue_mismatch`): its scores would go to the wrong items."""
@@ -154,7 +161,7 @@ def test_a_run_whose_rows_are_not_todays_items_does_not_load(
     from bridgerec.tasks.train.export import load_run
 
     _, summary = trained
-    ws = Workspace(enriched_workspace)
+    ws = Workspace(workspace)
     run = tmp_path / Path(summary.run_dir).name
     shutil.copytree(summary.run_dir, run)
     copy = RunDir(ws, run.name)
@@ -165,13 +172,13 @@ def test_a_run_whose_rows_are_not_todays_items_does_not_load(
         load_run(run, ws)
 
 
-def test_exported_vectors_reproduce_the_models_scores(trained, enriched_workspace: Path) -> None:
+def test_exported_vectors_reproduce_the_models_scores(trained, workspace: Path) -> None:
     from bridgerec.models.data import SequenceData
     from bridgerec.tasks.train.export import export_vectors, load_run
     from bridgerec.tasks.train.inputs import load_sequences
 
     _, summary = trained
-    ws = Workspace(enriched_workspace)
+    ws = Workspace(workspace)
     vectors = export_vectors(Path(summary.run_dir), ws)
     model, config, catalog = load_run(Path(summary.run_dir), ws)
     seqs = load_sequences(ws)
@@ -213,9 +220,9 @@ def test_exported_vectors_reproduce_the_models_scores(trained, enriched_workspac
         assert seen == mine
 
 
-def test_a_killed_run_resumes_where_it_stopped(enriched_workspace: Path, tmp_path: Path) -> None:
+def test_a_killed_run_resumes_where_it_stopped(workspace: Path, tmp_path: Path) -> None:
     settings = TrainSettings(model="sasrec", epochs=5, patience=5, **FAST)
-    ws_a = _copy_inputs(enriched_workspace, tmp_path / "a")
+    ws_a = _copy_inputs(workspace, tmp_path / "a")
     script = (
         "import sys; from bridgerec.storage.workspace import Workspace; from bridgerec.tasks.train.settings import TrainSettings;"
         "from bridgerec.tasks import StageRun; from bridgerec.tasks.train.stage import run_train;"
@@ -239,21 +246,21 @@ def test_a_killed_run_resumes_where_it_stopped(enriched_workspace: Path, tmp_pat
     assert resumed.resumed_from_epoch >= 1
     # The resumed run ends exactly where an uninterrupted run ends: the same epochs (the cap of 5, or
     # earlier where the default lr_decay's second plateau, lr_min, ends it), the same best, the same test.
-    ws_b = _copy_inputs(enriched_workspace, tmp_path / "b")
+    ws_b = _copy_inputs(workspace, tmp_path / "b")
     straight = run_train(StageRun(settings, Workspace(ws_b)))
     assert straight.run_id == resumed.run_id
     assert (resumed.epochs, resumed.best_epoch) == (straight.epochs, straight.best_epoch)
     assert straight.test["overall"] == pytest.approx(resumed.test["overall"], abs=1e-6)
 
 
-def test_flow_and_cli_train_the_baselines(prefect_harness, enriched_workspace: Path, tmp_path: Path) -> None:
+def test_flow_and_cli_train_the_baselines(prefect_harness, workspace: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from bridgerec.cli import app
     from bridgerec.flows.stage import flow_for
     from bridgerec.stages import STAGE
 
-    ws = _copy_inputs(enriched_workspace, tmp_path / "ws")
+    ws = _copy_inputs(workspace, tmp_path / "ws")
     settings = TrainSettings(model="sasrec-domain", epochs=2, **FAST)
     summary = flow_for(STAGE["train"])(StageRun(settings, Workspace(ws)))
     assert summary.model == "sasrec-domain" and summary.epochs == 2
