@@ -217,6 +217,21 @@ VerboseOpt = Annotated[
 ]
 
 
+def print_markdown(text: str) -> None:
+    """`text` (Markdown) on the command's stdout: rendered on a terminal (rich: the table drawn, bold, links
+    that open), as written when stdout is a pipe or a file (a log, a wiki page, `| grep`)."""
+    out = console.out()
+    if not (hasattr(out, "isatty") and out.isatty()):
+        typer.echo(text, file=out)
+        return
+    from rich.console import Console
+    from rich.markdown import Markdown
+    from rich.theme import Theme
+
+    theme = Theme({"markdown.code": "bold cyan"})  # rich's default adds a black background
+    Console(file=out, theme=theme).print(Markdown(text, hyperlinks=True))
+
+
 def _fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
     """One `error:` line on the terminal's stderr (control characters from the data shown as escapes),
     under `--json` also the failure's JSON object on stdout (`_Answer`), then exit with `code`; a failure
@@ -307,6 +322,20 @@ def _emit(result: Any, as_json: bool, render: Callable[[Any], None], failing: bo
         answer.write({"ok": True} | data)
 
 
+def _default_workspace_note(settings: Settings) -> str:
+    """What to add to a "run the earlier stage first" line when nothing named the workspace (no
+    `workspace:` in the config, no --workspace, no $BRIDGEREC_WORKSPACE): the default one is likely not
+    where the pipeline ran (a new user's trial: a config of one setting, `train: {epochs: 7}`, read the
+    default ./workspace instead of the sample's)."""
+    if "workspace" in settings.model_fields_set:
+        return ""
+    return (
+        f"; the workspace ({settings.workspace}) is the default: neither the config nor --workspace or "
+        f"${ENV_PREFIX}WORKSPACE names one (a config file is complete in itself: it does not extend "
+        "another, so give it the `workspace:` of the run you mean)"
+    )
+
+
 def _run_stage(
     name: str,
     settings: Settings,
@@ -328,7 +357,7 @@ def _run_stage(
         try:  # before a flow starts and before a log folder is made in the workspace
             check(STAGE[name].stage_run(settings, force=force))
         except (InputError, FileNotFoundError, ValueError) as exc:
-            _fail(str(exc))
+            _fail(str(exc) + _default_workspace_note(settings))
     with _console(settings, name, as_json, verbose):
         progress.set_enabled(not as_json)
         stopped = (
@@ -715,7 +744,7 @@ def run(
         overrides = {"workspace": str(settings.workspace)} if workspace else None
 
         def morning_read(r: Any) -> None:
-            typer.echo(summary_markdown(r), file=console.out())
+            print_markdown(summary_markdown(r))
 
         def stopped(signum: signal.Signals, exc: BaseException) -> str:
             night = _night_summary(exc)

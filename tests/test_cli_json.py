@@ -265,6 +265,26 @@ def test_a_reader_without_a_config_says_the_config_is_what_is_missing(
     assert not (tmp_path / "workspace").exists()
 
 
+def test_a_stage_on_the_default_workspace_says_nothing_named_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A config of one setting (`train: {epochs: 7}`) names no workspace: `bridgerec train` finds no
+    inputs in the default one, and its line says that the default was used and why (it said only "run
+    ingest/enrich first"); with the workspace named, the line is the plain one."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("BRIDGEREC_CONFIG", raising=False)
+    monkeypatch.delenv("BRIDGEREC_WORKSPACE", raising=False)
+    config = tmp_path / "over.yaml"
+    config.write_text("train: {epochs: 7}\n")
+    out = CliRunner().invoke(app, ["train", "--config", str(config)])
+    assert out.exit_code == 2, out.output
+    assert "run ingest/enrich first" in out.stderr and "(workspace) is the default" in out.stderr
+    assert "does not extend another" in out.stderr
+    named = CliRunner().invoke(app, ["train", "--config", str(config), "-w", str(tmp_path / "ws")])
+    assert named.exit_code == 2 and "run ingest/enrich first" in named.stderr
+    assert "is the default" not in named.stderr
+
+
 def test_only_usage_errors_are_kept_for_the_answer() -> None:
     """Typer exports no UsageError (it vendors click): the program tells click's usage errors (exit 2)
     from its other exceptions (exit 1) by their exit code, through the public base class."""

@@ -146,3 +146,30 @@ def test_enrich_command_shows_bridgerec_lines_and_keeps_the_rest_in_the_log(tmp_
     assert "Beginning flow run" in text  # Prefect's own log lines
     assert "set_num_threads" in text or "NUMA" in text  # vLLM's / torch's C++ notices
     assert "enrich: generated 2 profiles" in text  # bridgerec's lines are in the file too
+
+
+def test_the_morning_read_is_drawn_on_a_terminal_and_kept_as_markdown_in_a_pipe(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`bridgerec run`'s summary is Markdown: on a terminal it is rendered (the table drawn, no `**` or
+    `[...](file://...)` left); written to a pipe or a file it stays Markdown, as written."""
+    import io
+
+    from bridgerec.cli import print_markdown
+
+    text = "# night: completed\n\n| stage | did |\n|---|---|\n| train | did |\n\n- gate: **first**: ok\n"
+    piped = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", piped)
+    print_markdown(text)
+    assert piped.getvalue() == text + "\n"
+
+    leader, follower = os.openpty()
+    with open(follower, "w", closefd=True) as tty:
+        monkeypatch.setattr(sys, "stdout", tty)
+        print_markdown(text)
+        tty.flush()
+        monkeypatch.undo()
+        shown = os.read(leader, 65536).decode()
+    os.close(leader)
+    assert "night: completed" in shown and "first" in shown and "train" in shown
+    assert "**" not in shown and "|---|" not in shown and "─" in shown, shown
