@@ -1044,7 +1044,9 @@ def runs_list(
     as_json: JsonOpt = False,
 ) -> None:
     """List the runs in the warehouse, newest first: published runs (`retained` ones still have their
-    recommendations) and the nightly flow's nights (status, the quality gate's decision)."""
+    recommendations; the one analysts see now is marked `serving`) and the nightly flow's nights (status,
+    the quality gate's decision). `valid NDCG@10` (full ranking): a published run's own, a night's as its
+    gate scored it (blank when the gate scored nothing: inputs unchanged)."""
     from bridgerec.storage.warehouse import WarehouseError, list_runs
 
     path = _warehouse(warehouse, config, workspace)
@@ -1062,15 +1064,28 @@ def _render_runs(result: dict) -> None:
 
     out = _rich()
     t = Table(title=f"runs in {shown(str(result['warehouse']))}", title_justify="left")
-    for col in ("run_id", "kind", "status", "gate", "model", "finished (UTC)", "users", "rows", "retained"):
+    columns = (
+        "run_id",
+        "kind",
+        "status",
+        "gate",
+        "valid NDCG@10",
+        "model",
+        "finished (UTC)",
+        "users",
+        "rows",
+    )
+    for col in (*columns, "retained"):
         t.add_column(col, overflow="fold")  # a narrow terminal wraps an id, never cuts it
     for r in result["runs"]:
         finished = r["finished_at"].astimezone(UTC).strftime("%Y-%m-%d %H:%M") if r["finished_at"] else ""
+        valid = r.get("valid_ndcg10")
         t.add_row(
             shown(r["run_id"]),
             r.get("kind") or "publish",
-            r["status"],
+            r["status"] + (" (serving)" if r.get("serving") else ""),
             r.get("gate") or "",
+            f"{valid:.4f}" if valid is not None else "",
             shown(r["model"]),
             finished,
             f"{r['n_users']:,}" if r["n_users"] is not None else "",

@@ -552,3 +552,39 @@ def test_writer_killed_mid_publish_leaves_the_warehouse_whole(
         "w.parts",
     ]
     assert query(path, "SELECT run_id FROM runs ORDER BY seq") == [("r1",), ("r3",)]
+
+
+def test_runs_list_gives_each_runs_validation_figure_and_the_serving_run(tmp_path: Path) -> None:
+    """`list_runs` (`bridgerec runs list`): a published run's `valid_ndcg10` is its own validation NDCG@10
+    (full ranking, all users) from `metrics` (the column held only nights' gate figures, NULL on every
+    published run), and `serving` marks the run `latest_run` serves."""
+    import dataclasses
+
+    path = tmp_path / "w.duckdb"
+    for run_id, valid in (("r1", 0.041), ("r2", 0.043)):
+        batch = make_batch(run_id)
+        assert batch.metrics is not None
+        extra = pa.Table.from_pylist(
+            [
+                {
+                    "model": "m",
+                    "split": "valid",
+                    "protocol": p,
+                    "domain": d,
+                    "user_group": g,
+                    "metric": "ndcg@10",
+                    "value": v,
+                    "users": 5,
+                }
+                for p, d, g, v in (
+                    ("full", "all", "all", valid),
+                    ("full", "a", "all", 0.9),
+                    ("sampled", "all", "all", 0.3),
+                )
+            ],
+            schema=batch.metrics.schema,
+        )
+        wh.publish(path, dataclasses.replace(batch, metrics=pa.concat_tables([batch.metrics, extra])), 5)
+    listed = {r["run_id"]: r for r in wh.list_runs(path)}
+    assert listed["r1"]["valid_ndcg10"] == pytest.approx(0.041) and not listed["r1"]["serving"]
+    assert listed["r2"]["valid_ndcg10"] == pytest.approx(0.043) and listed["r2"]["serving"]

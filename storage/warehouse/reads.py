@@ -40,19 +40,30 @@ def published_run(path: Path | str) -> dict[str, Any] | None:
             return None
 
 
+# A published run's own validation NDCG@10 (full ranking, all users) from its `metrics` rows.
+_RUN_VALID_NDCG10 = (
+    "(SELECT value FROM metrics m WHERE m.run_id = runs.run_id AND m.split = 'valid' AND m.protocol = 'full' "
+    "AND m.domain = 'all' AND m.user_group = 'all' AND m.metric = 'ndcg@10' LIMIT 1)"
+)
+
+
 def list_runs(path: Path | str, limit: int | None = None) -> list[dict[str, Any]]:
-    """The runs table, newest first (completed runs by publish order, then the others by start)."""
+    """The runs table, newest first (completed runs by publish order, then the others by start).
+
+    `valid_ndcg10`: for a night, the gate's figure for the night's run (NULL when the gate scored nothing:
+    inputs unchanged); for a published run, its own validation NDCG@10 (full ranking) from `metrics`.
+    `serving`: the run `latest_run` serves."""
     with reading(path) as con:
         version = schema_version(con)
-        kind = (
-            "kind, flow_run_id, published_run_id, gate, gate_message, valid_ndcg10, " if version >= 4 else ""
-        )
+        kind = "kind, flow_run_id, published_run_id, gate, gate_message, " if version >= 4 else ""
+        valid = f"coalesce(valid_ndcg10, {_RUN_VALID_NDCG10})" if version >= 4 else _RUN_VALID_NDCG10
         index = "index_kind, index_recall, data_bytes, " if version >= 6 else ""
         sql = (
-            f"SELECT run_id, {kind}status, seq, started_at, finished_at, model, train_run_id, k, n_users, "
-            f"n_items, n_interactions, n_domains, n_recommendations, {index}purged_at IS NULL AND "
-            "status = 'completed' AND seq IS NOT NULL AS retained, index_path, message FROM runs "
-            "ORDER BY coalesce(finished_at, started_at) DESC, seq DESC NULLS LAST"
+            f"SELECT run_id, {kind}{valid} AS valid_ndcg10, status, seq, started_at, finished_at, model, "
+            f"train_run_id, k, n_users, n_items, n_interactions, n_domains, n_recommendations, {index}"
+            "purged_at IS NULL AND status = 'completed' AND seq IS NOT NULL AS retained, "
+            "coalesce(run_id = (SELECT run_id FROM latest_run), false) AS serving, index_path, message "
+            "FROM runs ORDER BY coalesce(finished_at, started_at) DESC, seq DESC NULLS LAST"
         )
         if limit is not None:
             sql += " LIMIT ?"
