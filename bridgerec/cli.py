@@ -981,6 +981,10 @@ def sql(
 
     from bridgerec.storage.warehouse import WarehouseError, connect_reader
 
+    if query is not None and python:
+        _fail("--python opens an interactive Python shell and --query runs one statement: give one of them")
+    if as_json and query is None:
+        _fail("--json answers a --query with one JSON object; a shell has no JSON answer: add --query SQL")
     path = _warehouse(warehouse, config, workspace).expanduser().resolve()
     try:
         con = connect_reader(path)  # the same checks (missing, held read-write) for every way in

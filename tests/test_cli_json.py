@@ -285,6 +285,18 @@ def test_a_stage_on_the_default_workspace_says_nothing_named_one(
     assert "is the default" not in named.stderr
 
 
+def test_sql_refuses_options_that_cannot_go_together(tmp_path: Path) -> None:
+    """`bridgerec sql -q ... --python` ran the query and dropped --python without a word; `--json` without
+    a query would have opened a shell that answers no JSON. Each is one line, exit 2, before any file is
+    opened."""
+    missing = str(tmp_path / "none.duckdb")
+    both = CliRunner().invoke(app, ["sql", "--warehouse", missing, "-q", "SELECT 1", "--python"])
+    assert both.exit_code == 2 and "give one of them" in both.stderr, both.output
+    shell = CliRunner().invoke(app, ["sql", "--warehouse", missing, "--json"])
+    assert shell.exit_code == 2 and "add --query SQL" in shell.stderr, shell.output
+    assert json.loads(shell.stdout)["ok"] is False
+
+
 def test_only_usage_errors_are_kept_for_the_answer() -> None:
     """Typer exports no UsageError (it vendors click): the program tells click's usage errors (exit 2)
     from its other exceptions (exit 1) by their exit code, through the public base class."""

@@ -198,7 +198,10 @@ def test_each_night_writes_its_report_and_links_it(nights: Nights) -> None:
     html = Path(last["report"]).read_text()
     assert "<script" not in html and not re.search(r'(src|href)="https?:|url\((?!#)', html)  # self-contained
     assert set(re.findall(r'<figure class="plot" id="(plot-\w+)"', html)) == PLOTS
-    figures = json.loads((nights.ws / "nights" / f"{last['night_id']}.json").read_text())["figures"]
+    record = json.loads((nights.ws / "nights" / f"{last['night_id']}.json").read_text())
+    figures = record["figures"]
+    # Costs: the night's wall seconds of a step (the summary's figure) beside the stage's own.
+    assert ">wall seconds</th>" in html and f'<td class="n">{record["seconds"]["enrich"]:,.1f}</td>' in html
     assert set(figures["valid_by_domain"]) == {"food", "kitchen", "overall"}
     for domain in ("food", "kitchen"):
         v = figures["valid_by_domain"][domain]

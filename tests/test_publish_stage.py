@@ -257,6 +257,10 @@ def test_cli_recs_and_runs_list(published: tuple[Path, dict], tmp_path: Path) ->
     assert "Likes [bold] teas." in out.stdout  # data is printed as is, never read as rich markup
     out = runner.invoke(app, ["recs", "--warehouse", str(warehouse), "--user", "nobody"])
     assert out.exit_code == 2 and "no recommendations" in out.output
+    said = out.output.split("ids are like ")[1].split(")")[0].split(", ")  # what the run's user ids look like
+    assert said and all(
+        runner.invoke(app, ["recs", "--warehouse", str(warehouse), "--user", u]).exit_code == 0 for u in said
+    )
     out = runner.invoke(app, ["runs", "list", "--warehouse", str(warehouse), "--json"])
     assert out.exit_code == 0, out.output
     runs = json.loads(out.stdout)["runs"]

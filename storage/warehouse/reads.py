@@ -120,7 +120,16 @@ def user_recommendations(
             [user_id],
         )
         if not recs:
-            raise WarehouseError(f"user {user_id!r} has no recommendations in run {rid!r}")
+            some = rows(
+                con,
+                f"SELECT DISTINCT user_id FROM {run_source(con, folder, rid, 'recommendations')} "
+                "ORDER BY user_id LIMIT 3",
+            )
+            example = ", ".join(str(r["user_id"]) for r in some)
+            raise WarehouseError(
+                f"user {user_id!r} has no recommendations in run {rid!r}"
+                + (f" (its users' ids are like {example})" if example else "")
+            )
         # Titles of just these items (a join would scan the whole catalogue part: 4x slower measured).
         wanted = {r["item_id"] for r in recs} | {r["because_item_id"] for r in recs if r["because_item_id"]}
         titles = dict(

@@ -188,7 +188,7 @@ def _data_section(record: dict, trend: list[dict]) -> str:
 
 
 def _costs_section(record: dict, trend: list[dict]) -> str:
-    stages = record.get("stages") or {}
+    stages, wall = record.get("stages") or {}, record.get("seconds") or {}
     enrich, train = stages.get("enrich") or {}, stages.get("train") or {}
     parts = [
         "<h2>Costs</h2>",
@@ -203,6 +203,7 @@ def _costs_section(record: dict, trend: list[dict]) -> str:
         rows.append(
             [
                 "enrich",
+                _n(wall.get("enrich"), 1),
                 _n(enrich.get("seconds"), 1),
                 f"{_n(enrich.get('items_embedded'))} items embedded ({_n(enrich.get('items_cached'))} cached); "
                 f"{_n(enrich.get('profiles_generated'))} profiles generated ({_n(enrich.get('profiles_cached'))} "
@@ -214,6 +215,7 @@ def _costs_section(record: dict, trend: list[dict]) -> str:
         rows.append(
             [
                 "train",
+                _n(wall.get("train"), 1),
                 _n(train.get("seconds"), 1),
                 f"{escape(str(train.get('model')))}, {escape(str(train.get('init') or 'cold'))} start, "
                 f"best epoch {_n(train.get('best_epoch'))} of {_n(train.get('epochs'))}, "
@@ -222,7 +224,13 @@ def _costs_section(record: dict, trend: list[dict]) -> str:
             ]
         )
     if rows:
-        parts.append(_table(["stage", "seconds", "work"], rows, {1}))
+        header = ["stage", "wall seconds", "stage seconds", "work"]
+        parts.append(_table(header, rows, {1, 2}))
+        parts.append(
+            "<p>Wall seconds are the night's step, as in its summary and the plot above; they add to the "
+            "stage seconds what comes before and after the stage's own work (the flow's task start, "
+            "reading the settings and the workspace, a packaged model's one-time conversion).</p>"
+        )
     return "\n".join(parts)
 
 
