@@ -58,9 +58,22 @@ class NightSummary(BaseModel):
     best_run_id: str | None = None
     best_valid_ndcg10: float | None = None
 
+    def unchanged_ndcg10(self) -> float | None:
+        """On a night the gate scored nothing (`unchanged`: the published run's inputs did not change), the
+        run's own validation NDCG@10 (full ranking) from its train summary: the morning read's headline
+        and the night row's `valid_ndcg10`, so a trend read from `nights` has no gap; None otherwise."""
+        gate, train = self.gate, self.stages.train
+        if gate is None or gate.decision != "unchanged" or train is None:
+            return None
+        figure = train.valid.get("full", train.valid).get("overall", {}).get("ndcg@10")
+        return float(figure) if figure is not None else None
+
     def record(self, started: datetime, finished: datetime | None = None) -> NightRecord:
         """The night's row in the warehouse's `runs`."""
         gate, train, checks = self.gate, self.stages.train, self.data_checks
+        valid = gate.new_ndcg10 if gate else None  # the gate's score of the night's run
+        if valid is None:
+            valid = self.unchanged_ndcg10()  # the gate scored nothing: the published run's own figure
         return NightRecord(
             run_id=self.night_id,
             flow_run_id=self.flow_run_id,
@@ -72,7 +85,7 @@ class NightSummary(BaseModel):
             published_run_id=self.published_run_id,
             gate=gate.decision if gate else None,
             gate_message=gate.message if gate else None,
-            valid_ndcg10=gate.new_ndcg10 if gate else None,
+            valid_ndcg10=valid,
             published_valid_ndcg10=gate.published_ndcg10 if gate else None,
             popularity_valid_ndcg10=gate.popularity_ndcg10 if gate else None,
             message=self.message,
@@ -129,8 +142,7 @@ def _headlines(summary: NightSummary) -> list[str]:
             f"- validation NDCG@10 (full ranking) {_fmt(new)}{change}; popularity floor "
             f"{_fmt(gate.popularity_ndcg10)}"
         )
-    elif gate is not None and gate.decision == "unchanged" and train is not None:  # the gate scored nothing
-        figure = train.valid.get("full", train.valid).get("overall", {}).get("ndcg@10")
+    elif (figure := summary.unchanged_ndcg10()) is not None:  # the gate scored nothing
         lines.append(
             f"- validation NDCG@10 (full ranking) {_fmt(figure)}: the published run's, its inputs unchanged "
             "(not scored again)"

@@ -145,6 +145,12 @@ def test_nightly_runs_skips_fails_safely_and_resumes(nights: Nights) -> None:
         f"- validation NDCG@10 (full ranking) {figure:.4f}: the published run's, its inputs unchanged"
         in summary_markdown(NightSummary(**nights.again))
     )
+    # So does its row in the warehouse's `nights` (it was NULL: a trend read from `nights` had a gap).
+    with duckdb.connect(str(nights.warehouse), read_only=True) as con:
+        row = con.execute(
+            "SELECT gate, valid_ndcg10 FROM nights WHERE run_id = ?", [nights.again["night_id"]]
+        ).fetchall()
+    assert row == [("unchanged", pytest.approx(figure))]
 
     assert nights.runs[1] == (run_1, rows_1)  # the failed night left the published tables untouched
     assert len(nights.failed) == 1 and nights.failed[0][0].startswith("stage enrich")

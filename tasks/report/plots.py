@@ -80,6 +80,8 @@ def quality(records: list[dict]) -> str | None:
                 color="#6e7781",
                 ls="--",
                 lw=1.2,
+                marker="_",  # a dash at each night: a first night's single point has no line to draw
+                markersize=14,
                 label="popularity floor",
             )
             for i, r in enumerate(records):
