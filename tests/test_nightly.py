@@ -206,6 +206,10 @@ def test_each_night_writes_its_report_and_links_it(nights: Nights) -> None:
     assert set(re.findall(r'<figure class="plot" id="(plot-\w+)"', html)) == PLOTS
     record = json.loads((nights.ws / "nights" / f"{last['night_id']}.json").read_text())
     figures = record["figures"]
+    # The lists table names its top item as the plot beside it does: by title (it gave the id alone).
+    top = next(r["top_item_id"] for r in record["list_stability"] if r["domain"] == "food")
+    title = next(t["title"] for t in figures["top_items"]["food"] if t["item_id"] == top)
+    assert f'{escape(title)} <span class="muted">{top}</span>' in html
     # Costs: the night's wall seconds of a step (the summary's figure) beside the stage's own.
     assert ">wall seconds</th>" in html and f'<td class="n">{record["seconds"]["enrich"]:,.1f}</td>' in html
     assert set(figures["valid_by_domain"]) == {"food", "kitchen", "overall"}

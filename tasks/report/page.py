@@ -96,6 +96,18 @@ def _head(record: dict) -> str:
     return "\n".join(lines)
 
 
+def _item_name(record: dict, domain: str, item_id: Any) -> str:
+    """An item as the concentration plot beside the table names it (its title, from tonight's top items),
+    with its id; the id alone when the title is not among the figures."""
+    top = ((record.get("figures") or {}).get("top_items") or {}).get(domain) or []
+    title = next((t.get("title") for t in top if t.get("item_id") == item_id), None)
+    return (
+        f'{escape(str(title))} <span class="muted">{escape(str(item_id))}</span>'
+        if title
+        else escape(str(item_id))
+    )
+
+
 def _lists_section(record: dict, trend: list[dict]) -> str:
     missing = (record.get("figures") or {}).get("missing") or {}
     parts = ["<h2>Lists: coverage, concentration, churn</h2>"]
@@ -132,7 +144,7 @@ def _lists_section(record: dict, trend: list[dict]) -> str:
             escape(r["domain"]),
             _n(r.get("users")),
             _pct(r.get("coverage")),
-            f"{escape(str(r.get('top_item_id')))} ({_pct(r.get('top_item_share'))})",
+            f"{_item_name(record, r['domain'], r.get('top_item_id'))} ({_pct(r.get('top_item_share'))})",
             _pct(r.get("top10_slot_share")),
             _pct(r.get("mean_changed")),
             _pct(r.get("p50_changed")),
