@@ -1049,8 +1049,9 @@ def runs_list(
 ) -> None:
     """List the runs in the warehouse, newest first: published runs (`retained` ones still have their
     recommendations; the one analysts see now is marked `serving`) and the nightly flow's nights (status,
-    the quality gate's decision). `valid NDCG@10` (full ranking): a published run's own, a night's as its
-    gate scored it (blank when the gate scored nothing: inputs unchanged)."""
+    the quality gate's decision). `valid NDCG@10` (full ranking): a published run's own; a night's, its
+    gate's score of the night's run (on an unchanged night, which the gate does not score, the published
+    run's own)."""
     from bridgerec.storage.warehouse import WarehouseError, list_runs
 
     path = _warehouse(warehouse, config, workspace)

@@ -50,8 +50,9 @@ _RUN_VALID_NDCG10 = (
 def list_runs(path: Path | str, limit: int | None = None) -> list[dict[str, Any]]:
     """The runs table, newest first (completed runs by publish order, then the others by start).
 
-    `valid_ndcg10`: for a night, the gate's figure for the night's run (NULL when the gate scored nothing:
-    inputs unchanged); for a published run, its own validation NDCG@10 (full ranking) from `metrics`.
+    `valid_ndcg10`: for a night, the gate's figure for the night's run (an unchanged night, which the gate
+    does not score: the published run's own, flows/night.py); for a published run, its own validation
+    NDCG@10 (full ranking) from `metrics`.
     `serving`: the run `latest_run` serves."""
     with reading(path) as con:
         version = schema_version(con)
