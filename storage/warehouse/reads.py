@@ -40,35 +40,43 @@ def published_run(path: Path | str) -> dict[str, Any] | None:
             return None
 
 
-# A published run's own validation NDCG@10 (full ranking, all users) from its `metrics` rows.
-_RUN_VALID_NDCG10 = (
-    "(SELECT value FROM metrics m WHERE m.run_id = runs.run_id AND m.split = 'valid' AND m.protocol = 'full' "
-    "AND m.domain = 'all' AND m.user_group = 'all' AND m.metric = 'ndcg@10' LIMIT 1)"
-)
-
-
 def list_runs(path: Path | str, limit: int | None = None) -> list[dict[str, Any]]:
     """The runs table, newest first (completed runs by publish order, then the others by start).
 
     `valid_ndcg10`: for a night, the gate's figure for the night's run (an unchanged night, which the gate
     does not score: the published run's own, flows/night.py); for a published run, its own validation
-    NDCG@10 (full ranking) from `metrics`.
+    NDCG@10 (full ranking) from `metrics`, read apart and only where it can be: a damaged `metrics` table
+    leaves those figures empty and the list whole (`runs list` is how one looks at a damaged warehouse).
     `serving`: the run `latest_run` serves."""
     with reading(path) as con:
         version = schema_version(con)
-        kind = "kind, flow_run_id, published_run_id, gate, gate_message, " if version >= 4 else ""
-        valid = f"coalesce(valid_ndcg10, {_RUN_VALID_NDCG10})" if version >= 4 else _RUN_VALID_NDCG10
+        kind = (
+            "kind, flow_run_id, published_run_id, gate, gate_message, valid_ndcg10, " if version >= 4 else ""
+        )
         index = "index_kind, index_recall, data_bytes, " if version >= 6 else ""
         sql = (
-            f"SELECT run_id, {kind}{valid} AS valid_ndcg10, status, seq, started_at, finished_at, model, "
-            f"train_run_id, k, n_users, n_items, n_interactions, n_domains, n_recommendations, {index}"
-            "purged_at IS NULL AND status = 'completed' AND seq IS NOT NULL AS retained, "
+            f"SELECT run_id, {kind}status, seq, started_at, finished_at, model, train_run_id, k, n_users, "
+            f"n_items, n_interactions, n_domains, n_recommendations, {index}purged_at IS NULL AND "
+            "status = 'completed' AND seq IS NOT NULL AS retained, "
             "coalesce(run_id = (SELECT run_id FROM latest_run), false) AS serving, index_path, message "
             "FROM runs ORDER BY coalesce(finished_at, started_at) DESC, seq DESC NULLS LAST"
         )
         if limit is not None:
             sql += " LIMIT ?"
-        return rows(con, sql, [limit] if limit is not None else [])
+        found = rows(con, sql, [limit] if limit is not None else [])
+        try:
+            own = dict(
+                con.execute(
+                    "SELECT run_id, any_value(value) FROM metrics WHERE split = 'valid' AND protocol = 'full' "
+                    "AND domain = 'all' AND user_group = 'all' AND metric = 'ndcg@10' GROUP BY run_id"
+                ).fetchall()
+            )
+        except duckdb.Error:  # a damaged metrics table (its blocks fail their checksums): no figures
+            own = {}
+    for r in found:
+        if r.get("valid_ndcg10") is None:
+            r["valid_ndcg10"] = own.get(r["run_id"])
+    return found
 
 
 def _served_run(con: duckdb.DuckDBPyConnection, path: Path | str, run_id: str | None) -> dict[str, Any]:
