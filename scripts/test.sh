@@ -15,10 +15,14 @@ fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   export BRIDGEREC_BROWSER_REQUIRED=1  # installed (or tried to): the browser test fails rather than skips
 fi
-export PREFECT_HOME="${PREFECT_HOME:-$(mktemp -d)}"  # a private Prefect DB for the test run
+# The run's own temporary folders live under one root, removed when the run ends (pass or fail).
+scratch="$(mktemp -d -t bridgerec-tests-XXXXXX)"
+trap 'rm -rf "$scratch"' EXIT
+export PREFECT_HOME="${PREFECT_HOME:-$scratch/prefect}"  # a private Prefect DB for the test run
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 # The sample's item texts are embedded once per test run (tests/train_data.py: EMBEDDING_CACHE).
-export BRIDGEREC_TEST_EMBEDDING_CACHE="${BRIDGEREC_TEST_EMBEDDING_CACHE:-$(mktemp -d)}"
+export BRIDGEREC_TEST_EMBEDDING_CACHE="${BRIDGEREC_TEST_EMBEDDING_CACHE:-$scratch/embeddings}"
+mkdir -p "$PREFECT_HOME" "$BRIDGEREC_TEST_EMBEDDING_CACHE"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 # Two pytest-xdist workers, a test file per worker at a time (files share their module fixtures): each
@@ -26,6 +30,7 @@ export BRIDGEREC_TEST_EMBEDDING_CACHE="${BRIDGEREC_TEST_EMBEDDING_CACHE:-$(mktem
 # BRIDGEREC_TEST_WORKERS=0 runs in one process (pytest's own output, e.g. to debug one test).
 workers="${BRIDGEREC_TEST_WORKERS:-2}"
 if [ "$workers" = "0" ]; then
-  exec .venv/bin/python -m pytest "$@"
+  .venv/bin/python -m pytest "$@"
+  exit
 fi
-exec .venv/bin/python -m pytest -n "$workers" --dist loadfile --no-loadscope-reorder "$@"
+.venv/bin/python -m pytest -n "$workers" --dist loadfile --no-loadscope-reorder "$@"

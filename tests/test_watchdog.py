@@ -244,3 +244,30 @@ def test_a_hung_test_is_ended_by_the_suite_s_timeout(tmp_path: Path, workers: in
     else:
         assert "1 failed, 1 passed" not in output  # without xdist the process itself ends: no summary
     assert time.monotonic() - started < 60
+
+
+_IGNORES_THE_STOP = """
+import os, sys, time
+from bridgerec.runtime import watchdog
+watchdog.GRACE_MIN_S = 0.5  # the grace before ending the process (30 s at least in a real stage)
+with watchdog.Watchdog("demo", stall_s=1.0, check_s=0.1):
+    print(os.environ[watchdog.HEARTBEAT_ENV], flush=True)
+    while True:  # a step that swallows the stop, as native code that never returns to Python would
+        try:
+            time.sleep(60)
+        except watchdog.StageStalled:
+            pass
+"""
+
+
+def test_a_stage_that_ignores_the_stop_ends_the_process_and_leaves_no_heartbeat_file() -> None:
+    """The last resort: a stalled step that does not stop when asked ends the process (exit 1) once the
+    grace is over, and its heartbeat file goes with it (os._exit skips the usual cleanup)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _IGNORES_THE_STOP], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1, done.stderr
+    heartbeat = Path(done.stdout.strip())
+    assert heartbeat.name.startswith("bridgerec-heartbeat-")
+    assert not heartbeat.exists()
+    assert "did not stop when asked" in done.stderr

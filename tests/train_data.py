@@ -3,9 +3,11 @@ next night's raw files (the bundled sample plus new interactions, new users and 
 
 from __future__ import annotations
 
+import atexit
 import csv
 import gzip
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -14,12 +16,20 @@ from bridgerec.tasks import StageRun
 from bridgerec.tasks.enrich import EnrichSections
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
+
+
 # One embedding cache (enrich.embedding_cache) for the session's runs over the sample: the first run
 # embeds the sample's texts with the real model, the later workspaces read them. scripts/test.sh sets
 # BRIDGEREC_TEST_EMBEDDING_CACHE so every pytest-xdist worker shares one folder.
-EMBEDDING_CACHE = Path(
-    os.environ.get("BRIDGEREC_TEST_EMBEDDING_CACHE") or tempfile.mkdtemp(prefix="bridgerec-embeddings-")
-)
+def _embedding_cache() -> Path:
+    if os.environ.get("BRIDGEREC_TEST_EMBEDDING_CACHE"):
+        return Path(os.environ["BRIDGEREC_TEST_EMBEDDING_CACHE"])
+    folder = tempfile.mkdtemp(prefix="bridgerec-embeddings-")  # this process's own: removed at its exit
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return Path(folder)
+
+
+EMBEDDING_CACHE = _embedding_cache()
 # Small and quick, but enough to learn on 1,000 users.
 FAST = dict(hidden=32, max_len=50, dropout=0.2, lr=5e-3, batch_size=64, eval_batch_size=512, threads=1)
 # New items whose ids sort before every sample id ("B00..."), so ingest shifts the ids of every other item.

@@ -120,6 +120,9 @@ class Watchdog:
                     "watchdog: stage %s did not stop when asked (stuck in native code?); ending the process",
                     self.stage,
                 )
+                if self._file is not None:  # os._exit skips the context's cleanup
+                    with contextlib.suppress(OSError):
+                        os.unlink(self._file)
                 os._exit(1)
             self._interrupt()
 
