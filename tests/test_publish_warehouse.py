@@ -155,6 +155,42 @@ def test_fresh_warehouse_is_migrated_and_published(tmp_path: Path) -> None:
     assert set(part["run_id"].to_pylist()) == {"r1"} and set(part["domain"].to_pylist()) == {"a"}
 
 
+def test_items_price_amount_is_the_price_as_a_number_where_it_is_one(tmp_path: Path) -> None:
+    """`items.price` keeps the catalogue's text; `price_amount` is that text as a DOUBLE where it is one
+    amount (currency sign and thousands separators dropped), NULL where reading it would be a guess."""
+    prices = {
+        "a0": "$1,299.00",
+        "a1": "3.5",
+        "a2": " US$ 4 ",
+        "a3": "$5.99 - $10.99",  # a range
+        "a4": "12,99",  # a decimal comma
+        "b0": "1,2345",  # not a thousands separator
+        "b1": "call for price",
+        "b2": None,
+        "b3": "\u00a37",
+        "b4": "nan",
+    }
+    batch = make_batch("r1")
+    price = pa.array([prices[i] for i in batch.items.column("item_id").to_pylist()], pa.string())
+    batch = wh.PublishBatch(
+        batch.run,
+        batch.recommendations,
+        batch.items.set_column(5, "price", price),
+        batch.metrics,
+        batch.profiles,
+    )
+    path = tmp_path / "w.duckdb"
+    wh.publish(path, batch, retention_runs=3)
+    rows = dict(query(path, "SELECT item_id, price_amount FROM items"))
+    assert rows == {
+        "a0": 1299.0, "a1": 3.5, "a2": 4.0, "a3": None, "a4": None,
+        "b0": None, "b1": None, "b2": None, "b3": 7.0, "b4": None,
+    }  # fmt: skip
+    assert dict(query(path, "SELECT item_id, price FROM items WHERE item_id = 'a0'")) == {"a0": "$1,299.00"}
+    assert query(path, "SELECT data_type FROM information_schema.columns WHERE table_name = 'items' "
+                 "AND column_name = 'price_amount'") == [("DOUBLE",)]  # fmt: skip
+
+
 def test_parts_are_sorted_by_user_in_row_groups_a_lookup_can_skip(tmp_path: Path) -> None:
     path = tmp_path / "w.duckdb"
     batch = make_batch("r1", users=500, k=4)

@@ -54,6 +54,17 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+# `items.price_amount`: the catalogue's `price` text as a number where it is one amount: a leading
+# currency sign ($, US$, EUR sign, pound sign) and thousands separators (commas between groups of three
+# digits) dropped, so "$1,299.00" is 1299.0 and "3.5" is 3.5. Anything else is NULL rather than a guess:
+# a range ("$5.99 - $10.99"), a decimal comma ("12,99"), words. `price` keeps the text as ingested.
+_PRICE_TEXT = "regexp_replace(trim(price), '^(US[$]|[$€£]) *', '')"
+PRICE_AMOUNT = (
+    f"CASE WHEN regexp_full_match({_PRICE_TEXT}, '([0-9]+|[0-9]{{1,3}}(,[0-9]{{3}})+)([.][0-9]+)?') "
+    f"THEN CAST(replace({_PRICE_TEXT}, ',', '') AS DOUBLE) END"
+)
+
+
 def typed_empty(kind: str) -> str:
     """An empty SELECT with every column of `kind`'s parts (PART_SCHEMAS), typed."""
     cols = ", ".join(f"NULL::{_sql_type(f.type)} AS {f.name}" for f in PART_SCHEMAS[kind])
@@ -104,8 +115,8 @@ def view_statements(con: duckdb.DuckDBPyConnection, catalogue_folder: Path, temp
     create = "CREATE OR REPLACE TEMP VIEW" if temp else "CREATE OR REPLACE VIEW"
     items = scan_parts("items", of_run("items", items_run))
     return [
-        f"{create} items AS SELECT item_id, domain, title, brand, categories, price, updated_run_id "
-        f"FROM ({items})",
+        f"{create} items AS SELECT item_id, domain, title, brand, categories, price, "
+        f"{PRICE_AMOUNT} AS price_amount, updated_run_id FROM ({items})",
         f"{create} recommendations AS {scan_parts('recommendations', every('recommendations'))}",
         f"{create} user_profiles AS {scan_parts('user_profiles', every('user_profiles'))}",
         f"{create} serving AS {scan_parts('serving', every('serving'))}",
