@@ -934,6 +934,19 @@ def duckdb_cli() -> str | None:
     return shutil.which("duckdb")
 
 
+# DuckDB's hints after the first line of its message: a name it knows that is close to a misspelt one.
+_DUCKDB_HINTS = ("Did you mean", "Candidate bindings", "Candidate tables")
+
+
+def _duckdb_message(exc: Exception) -> str:
+    """DuckDB's error on one line: its first line, and its hint of the names meant, if it gave one
+    (`Did you mean "recommendations"?`, `Candidate bindings: "title", ...`). The rest (the statement
+    quoted back with a caret) is left out: the user has it on their own command line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    hints = [line for line in lines[1:] if line.startswith(_DUCKDB_HINTS)]
+    return " ".join(lines[:1] + hints)
+
+
 def sql_shell_command(warehouse: Path, duckdb_cli: str | None) -> list[str] | None:
     """The DuckDB CLI's argv for a read-only session on `warehouse` (`-readonly`: a read-write session
     would lock every other reader and the next publish out), or None when there is no CLI."""
@@ -997,7 +1010,7 @@ def sql(
             rows = rel.fetchall() if rel is not None else []
             single = [str(t).startswith("FLOAT") for t in rel.types] if rel is not None else []
         except duckdb.Error as exc:
-            _fail(f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+            _fail(f"{type(exc).__name__}: {_duckdb_message(exc)}")
         finally:
             con.close()
         shown_rows = [[_float32(v) if f else v for v, f in zip(r, single, strict=True)] for r in rows]

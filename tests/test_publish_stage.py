@@ -341,6 +341,12 @@ def test_sql_runs_a_query_read_only(published: tuple[Path, dict]) -> None:
         app, ["sql", "--warehouse", str(warehouse), "-q", "CREATE TABLE scratch AS SELECT 1 AS x"]
     )
     assert refused.exit_code == 2 and "read-only" in refused.stderr and refused.stderr.startswith("error: ")
+    # A misspelt name: one line that keeps DuckDB's hint of the name meant.
+    typo = CliRunner().invoke(app, ["sql", "--warehouse", str(warehouse), "-q", "SELECT titel FROM items"])
+    assert typo.exit_code == 2 and typo.stderr.count("\n") == 1
+    assert typo.stderr.startswith("error: BinderException: ") and 'Candidate bindings: "title"' in typo.stderr
+    table_typo = CliRunner().invoke(app, ["sql", "--warehouse", str(warehouse), "-q", "FROM recomendations"])
+    assert table_typo.stderr.strip().endswith('Did you mean "recommendations"?')
     assert warehouse.read_bytes() == before
 
 
