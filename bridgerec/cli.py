@@ -1092,8 +1092,9 @@ def _render_runs(result: dict) -> None:
         "finished (UTC)",
         "users",
         "rows",
+        "retained",
     )
-    for col in (*columns, "retained"):
+    for col in columns:
         t.add_column(col, overflow="fold")  # a narrow terminal wraps an id, never cuts it
     for r in result["runs"]:
         finished = r["finished_at"].astimezone(UTC).strftime("%Y-%m-%d %H:%M") if r["finished_at"] else ""
