@@ -187,6 +187,18 @@ def test_rerun_skips_and_changed_settings_republish(profiled_workspace: Path, tm
     )
     assert not changed.skipped and changed.rows == 1000 * 2 * 4
     assert sql(warehouse, "SELECT count(*), max(rank) FROM recommendations") == [(8000, 4)]
+    # Another run serves; then the inputs go back to r's (a night's export rolled back, or `bridgerec
+    # publish --run-id r`): r is published again and serves, not skipped as already there.
+    other = run_publish(
+        StageRun(PublishSettings(k=4), ws, warehouse=warehouse), run_id="s", vectors=workspace_vectors(profiled_workspace, seed=2)
+    )  # fmt: skip
+    assert not other.skipped and sql(warehouse, "SELECT run_id FROM latest_run") == [("s",)]
+    back = run_publish(StageRun(PublishSettings(k=4), ws, warehouse=warehouse), run_id="r", vectors=vectors)
+    assert not back.skipped and sql(warehouse, "SELECT run_id FROM latest_run") == [("r",)]
+    assert sql(warehouse, "SELECT DISTINCT run_id FROM latest_recommendations") == [("r",)]
+    assert run_publish(
+        StageRun(PublishSettings(k=4), ws, warehouse=warehouse), run_id="r", vectors=vectors
+    ).skipped  # serving and unchanged: nothing to do
 
 
 def test_retention_drops_old_indexes_and_a_failed_publish_changes_nothing(

@@ -238,13 +238,17 @@ def check_vectors_match_ingest(
 
 
 def _already_published(warehouse: Path, run_id: str, ihash: str, index_dir: Path) -> dict[str, Any] | None:
+    """The run's row when it is what the warehouse serves now, published from the same inputs (nothing
+    to do); None otherwise. A run published earlier and since displaced by another (inputs rolled back
+    to an earlier night's, or `bridgerec publish --run-id` of an earlier run) is published again, so it
+    serves: skipping it would leave the newer run serving while the night said otherwise."""
     if not warehouse.exists():
         return None
     with wh.reading(warehouse, wh.NOTHING_PUBLISHED) as con:
         try:
             cur = con.execute(
-                "SELECT run_id, model, train_run_id, n_users, k, n_recommendations FROM runs WHERE run_id = ? "
-                "AND status = 'completed' AND purged_at IS NULL AND inputs_hash = ?",
+                "SELECT run_id, model, train_run_id, n_users, k, n_recommendations FROM latest_run "
+                "WHERE run_id = ? AND inputs_hash = ?",
                 [run_id, ihash],
             )
             rows = cur.fetchall()
