@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, cast
 
@@ -23,7 +23,7 @@ from typer.exceptions import TyperException
 import bridgerec.runtime.prefect_env  # noqa: F401  (must precede any prefect import)
 from bridgerec.config import CONFIG_ENV, ENV_PREFIX, ConfigError, Settings, load_settings
 from bridgerec.runtime import console, progress
-from bridgerec.runtime.errors import EXIT_FAILURE, EXIT_INPUT, InputError, input_error_in
+from bridgerec.runtime.errors import EXIT_FAILURE, EXIT_HELD, EXIT_INPUT, InputError, input_error_in
 from bridgerec.runtime.logs import hide_input_error_tracebacks
 from bridgerec.runtime.prefect_api import (
     PrefectUnreachable,
@@ -141,6 +141,16 @@ def _invocation() -> None:
 ConfigOpt = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="YAML config file (default: $BRIDGEREC_CONFIG).", show_default=False),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        metavar="KEY=VALUE",
+        help="One setting for this command only, over the config file and env vars: --set train.epochs=3 "
+        "(dotted YAML keys; the value is YAML: 3, 0.5, true, [a, b]; repeat for several).",
+        show_default=False,
+    ),
 ]
 WorkspaceOpt = Annotated[
     Path | None,
@@ -278,10 +288,28 @@ def _rich() -> Any:
     return Console(file=stream, width=None if tty else PIPED_WIDTH)
 
 
-def _settings(config: Path | None, **overrides: Any) -> Settings:
-    """Settings from `config` + env + the command's options (dotted keys; None = option not given)."""
+def _set_overrides(values: list[str] | None) -> dict[str, Any]:
+    """`--set KEY=VALUE` options as dotted overrides, each value read as YAML (`3` an int, `[a, b]` a
+    list, `none` a string: a setting cannot be unset from here). One `error:` line (exit 2) for a value
+    without `=` or one that is not YAML."""
+    out: dict[str, Any] = {}
+    for item in values or ():
+        key, eq, text = item.partition("=")
+        if not eq or not key.strip():
+            _fail(f"--set takes KEY=VALUE, e.g. --set train.epochs=3: got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as exc:
+            _fail(f"--set {key.strip()}: {text!r} is not a YAML value ({str(exc).splitlines()[0]})")
+    return out
+
+
+def _settings(config: Path | None, sets: list[str] | None = None, **overrides: Any) -> Settings:
+    """Settings from `config` + env + `--set` + the command's own options (dotted keys; None = option not
+    given; an option beats a --set of the same key)."""
+    merged = _set_overrides(sets) | {k: v for k, v in overrides.items() if v is not None}
     try:
-        return load_settings(config, overrides)
+        return load_settings(config, merged)
     except ConfigError as exc:
         _fail(str(exc))
     raise AssertionError("unreachable")
@@ -414,6 +442,7 @@ def _parse_domain_paths(values: list[str] | None, option: str) -> dict[str, Path
 def ingest(
     config: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
+    sets: SetOpt = None,
     source: Annotated[
         str | None, typer.Option(help="generic | amazon2018 | amazon2023.", show_default=False)
     ] = None,
@@ -451,6 +480,7 @@ def ingest(
         amazon = {d: {"reviews": reviews_map[d], "meta": meta_map[d]} for d in reviews_map}
     settings = _settings(
         config,
+        sets,
         workspace=workspace,
         **{
             "ingest.source": source,
@@ -489,6 +519,7 @@ def _render_ingest(s: IngestSummary) -> None:
 def enrich(
     config: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
+    sets: SetOpt = None,
     max_users: Annotated[
         int | None,
         typer.Option("--max-users", help="profiles.max_users: profile at most N users.", show_default=False),
@@ -509,7 +540,7 @@ def enrich(
     WORKSPACE/enrich/errors.parquet with the reason.
     """
     settings = _settings(
-        config, workspace=workspace, **{"profiles.max_users": max_users, "profiles.mode": profiles_mode}
+        config, sets, workspace=workspace, **{"profiles.max_users": max_users, "profiles.mode": profiles_mode}
     )
     _run_stage("enrich", settings, force, as_json, verbose, _render_enrich)
 
@@ -579,6 +610,7 @@ def models_prepare(
 def train(
     config: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
+    sets: SetOpt = None,
     model: Annotated[
         str | None,
         typer.Option(
@@ -603,7 +635,7 @@ def train(
     published. Test figures with 100 sampled negatives from the target's domain and with full ranking
     over it. An unchanged rerun is skipped; an interrupted one resumes from its last epoch.
     """
-    settings = _settings(config, workspace=workspace, **{"train.model": model, "train.epochs": epochs})
+    settings = _settings(config, sets, workspace=workspace, **{"train.model": model, "train.epochs": epochs})
     _run_stage("train", settings, force, as_json, verbose, _render_train)
 
 
@@ -655,6 +687,7 @@ WarehouseOpt = Annotated[
 def publish(
     config: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
+    sets: SetOpt = None,
     warehouse: WarehouseOpt = None,
     k: Annotated[int | None, typer.Option("--k", min=1, help="Recommendations per user and domain.")] = None,
     run_id: Annotated[
@@ -678,7 +711,7 @@ def publish(
     Indexes are saved under <warehouse folder>/indexes/<run_id>/.
     Runs beyond `publish.retention_runs` lose their recommendations, profiles and indexes.
     """
-    settings = _settings(config, workspace=workspace, warehouse=warehouse, **{"publish.k": k})
+    settings = _settings(config, sets, workspace=workspace, warehouse=warehouse, **{"publish.k": k})
     _run_stage("publish", settings, force, as_json, verbose, _render_publish, run_id=run_id)
 
 
@@ -710,6 +743,7 @@ def _render_publish(s: PublishSummary) -> None:
 def run(
     config: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
+    sets: SetOpt = None,
     force: Annotated[
         list[str] | None,
         typer.Option(
@@ -727,6 +761,10 @@ def run(
     Stages whose inputs and config are unchanged are skipped, so a rerun after a crash resumes from the
     finished stages; `--force STAGE` rebuilds one anyway, and the stages after it rerun where its output
     changed. The same flow is deployed on a schedule from prefect.yaml (see docs/runbook.md).
+
+    Exit codes: 0 published (or nothing new); 2 a fault to fix (a bad file or setting, a night stopped by
+    its data checks); 3 the quality gate held tonight's run back (the serving lists unchanged); 1 any
+    other failure; 143 / 130 stopped by SIGTERM / Ctrl-C.
     """
     from bridgerec.flows.nightly import NightFailed, nightly_flow, summary_markdown
     from bridgerec.stages import STAGE
@@ -737,11 +775,11 @@ def run(
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         _fail(f"--force names no stage: {', '.join(unknown)} (the stages: {', '.join(STAGE)}){hint}")
 
-    settings = _settings(config, workspace=workspace)  # validate early, with readable errors
+    settings = _settings(config, sets, workspace=workspace)  # validate early, with readable errors
     _require_prefect_api()  # before the session: an unreachable API leaves no log file behind
     with _console(settings, "run", as_json, verbose):
         progress.set_enabled(not as_json)
-        overrides = {"workspace": str(settings.workspace)} if workspace else None
+        overrides = _set_overrides(sets) | ({"workspace": str(settings.workspace)} if workspace else {})
 
         def morning_read(r: Any) -> None:
             print_markdown(summary_markdown(r))
@@ -755,8 +793,8 @@ def run(
             _emit(night, as_json, morning_read, failing=True)
             return (
                 f"bridgerec run stopped by {signum.name} during stage {night.failed_stage}: night "
-                f"{night.night_id} is recorded 'failed' in {night.warehouse}; `bridgerec run` again resumes "
-                "from the stages it finished"
+                f"{night.night_id} is recorded 'failed' in {night.warehouse}; `{resume_command(force)}` again "
+                "resumes from the stages it finished"
             )
 
         with _stoppable(stopped):
@@ -768,6 +806,8 @@ def run(
                 cause = input_error_in(exc) or unreachable_in(exc)
                 if cause is not None:  # bad input, config or contract: the same line and code as the stage's
                     _fail(str(cause))
+                if exc.summary.held:  # the gate's decision, not a failure of the code or the data
+                    _fail(f"nightly run held: {exc}; the serving lists are unchanged", code=EXIT_HELD)
                 _fail(f"nightly run failed: {exc}", code=EXIT_FAILURE)
             except Exception as exc:  # the flow logged the details; give the user the one line that matters
                 cause = input_error_in(exc) or unreachable_in(exc)
@@ -775,6 +815,13 @@ def run(
                     _fail(str(cause))
                 _fail(f"nightly run failed: {exc}", code=EXIT_FAILURE)
         _emit(result, as_json, morning_read)
+
+
+def resume_command(force: Sequence[str] | None) -> str:
+    """The command that resumes a stopped night: with its `--force` stages again, since a plain rerun
+    skips a forced stage whose inputs did not change (a forced train stopped in epoch 4 resumes from its
+    checkpoint only when forced again)."""
+    return " ".join(["bridgerec run", *(f"--force {stage}" for stage in force or ())])
 
 
 @app.command()
@@ -1146,13 +1193,14 @@ def warehouse_relink(
 @config_app.command("show")
 def config_show(
     config: ConfigOpt = None,
+    sets: SetOpt = None,
     as_json: Annotated[
         bool, _json_opt("JSON instead of YAML (a failure is one JSON object with ok, error, exit_code).")
     ] = False,
 ) -> None:
     """Print the effective configuration (file + env vars + defaults); `warehouse` is the file the
     commands use (WORKSPACE/warehouse.duckdb unless set)."""
-    settings = _settings(config)
+    settings = _settings(config, sets)
     data = settings.model_dump(mode="json") | {"warehouse": str(settings.warehouse_path)}
     if as_json:
         typer.echo(json.dumps({"ok": True} | data, indent=2))

@@ -58,6 +58,11 @@ class NightSummary(BaseModel):
     best_run_id: str | None = None
     best_valid_ndcg10: float | None = None
 
+    @property
+    def held(self) -> bool:
+        """The quality gate held tonight's run back (nothing else failed): the serving run is unchanged."""
+        return self.failed_stage is None and self.gate is not None and not self.gate.publish
+
     def unchanged_ndcg10(self) -> float | None:
         """On a night the gate scored nothing (`unchanged`: the published run's inputs did not change), the
         run's own validation NDCG@10 (full ranking) from its train summary: the morning read's headline

@@ -389,16 +389,19 @@ def nightly_flow(
     The night is one row of the warehouse's `runs` (kind 'night'): 'running' at the start, 'completed'
     or 'failed' at the end. A stage failure or a refusal by the gate raises NightFailed (the flow run is
     Failed: what automations key on) after writing the row and the nightly-summary artifact."""
-    night = Night(resolve_settings(config_file, overrides), force or ())
-    with night.failing_on_error(), one_cluster(night.settings.runtime):  # runtime.runner: ray: one cluster
-        night.stage("ingest")
-        night.data_checks()
-        night.stage("enrich")
-        night.stage("train")
-        if night.quality_gate().publish:
-            night.stage("publish")
-            night.list_stability()
-    return night.finish()
+    settings = resolve_settings(config_file, overrides)
+    # One writer per workspace: a second night (cron overlapping a slow one) stops here, before its row.
+    with Workspace(settings.workspace).writing("nightly"):
+        night = Night(settings, force or ())
+        with night.failing_on_error(), one_cluster(settings.runtime):  # runtime.runner: ray: one cluster
+            night.stage("ingest")
+            night.data_checks()
+            night.stage("enrich")
+            night.stage("train")
+            if night.quality_gate().publish:
+                night.stage("publish")
+                night.list_stability()
+        return night.finish()
 
 
 @flow(name="stage", log_prints=False)

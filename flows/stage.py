@@ -28,6 +28,7 @@ from bridgerec.runtime.errors import is_transient
 from bridgerec.runtime.runner import Runner, step_of
 from bridgerec.runtime.watchdog import StageOverBudget, Watchdog
 from bridgerec.stages import STAGE, Stage, Summary
+from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks import StageRun
 
 R = TypeVar("R")
@@ -161,7 +162,8 @@ def run_stage(name: str, settings: Settings, *, force: bool = False, **options: 
     budget = getattr(settings.runtime.stage_timeout_seconds, name)
     started = time.monotonic()
     try:
-        return flow_for(stage, settings.runtime)(stage.stage_run(settings, force=force), options or None)
+        with Workspace(settings.workspace).writing(f"stage {name}"):  # a night already holds it: re-entrant
+            return flow_for(stage, settings.runtime)(stage.stage_run(settings, force=force), options or None)
     except Exception as exc:
         # Prefect stops a flow past its timeout by raising in its thread; landing inside a library's
         # callback (DuckDB's `register` wraps it: "... failed: CancelledError"), it can surface as that

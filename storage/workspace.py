@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
@@ -21,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
+from bridgerec.runtime.errors import InputError
 from bridgerec.storage.files import swap_dir, write_json_atomic, write_parquet_atomic
 
 MANIFEST_NAME = "manifest.json"
@@ -96,11 +99,59 @@ def config_hash(*sections: StageSettings | None) -> str:
     return hash_json(dumped[0] if len(dumped) == 1 else dumped)
 
 
+class WorkspaceBusy(InputError):
+    """Another process is writing the workspace (a night, or a stage command): two writers would race
+    on the same stage folders and checkpoints."""
+
+
+LOCK_NAME = ".bridgerec.lock"  # holds the lock (flock: the OS releases it when its process ends)
+
+
 class Workspace:
     """A folder holding one folder per stage (`ingest/`, `enrich/`, `runs/`, ...)."""
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root).expanduser().resolve()
+
+    @contextlib.contextmanager
+    def writing(self, what: str) -> Iterator[None]:
+        """Hold the workspace for writing while the block runs, or raise WorkspaceBusy at once, naming the
+        process that holds it (pid, host, what it runs, since when; from `LOCK_NAME.json`). Re-entrant in
+        one process (a night holds it while its stages take it again); an advisory lock (filelock's
+        flock), so a process that dies, even by SIGKILL, leaves no stale lock. Readers (`recs`, `sql`,
+        the report) do not take it. Cron overlapping two nights on one workspace is what it stops."""
+        import filelock
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / LOCK_NAME
+        lock = filelock.FileLock(path, thread_local=False, is_singleton=True, blocking=False)
+        info = path.with_name(LOCK_NAME + ".json")
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            try:
+                holder = json.loads(info.read_text())
+                who = (
+                    f"pid {holder['pid']} on {holder['host']} ({holder['what']}, since {holder['since']} UTC)"
+                )
+            except (OSError, ValueError, KeyError):
+                who = "another process"
+            raise WorkspaceBusy(
+                f"workspace {self.root} is being written by {who}; wait for it to end (or stop it) and run "
+                "again: two runs on one workspace would race on its stage folders"
+            ) from None
+        try:
+            if lock.lock_counter == 1:  # the outermost holder says who it is
+                holder = {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "what": what,
+                    "since": f"{datetime.now(UTC):%Y-%m-%d %H:%M:%S}",
+                }
+                write_json_atomic(holder, info)
+            yield
+        finally:
+            lock.release()
 
     def stage_dir(self, stage: str) -> Path:
         return self.root / stage

@@ -182,6 +182,91 @@ def test_a_failed_night_answers_with_what_it_finished(prefect_harness: None, tmp
     assert answer["stages"]["ingest"]["users"] > 0 and answer["stages"]["enrich"] is None
 
 
+def test_a_night_stopped_by_its_data_checks_is_an_input_fault(prefect_harness: None, tmp_path: Path) -> None:
+    """Tonight's export has half of last night's interactions: the data checks stop the night before it
+    enriches anything, with one `error:` line that says what to do and exit code 2 (fix the export), as
+    a bad file does, not 1 (a failure of the code)."""
+    from bridgerec.config import load_settings
+    from bridgerec.storage.workspace import Workspace
+    from bridgerec.tasks.quality.datachecks import check_data, keep_data_snapshot
+
+    big, small = tmp_path / "big", tmp_path / "small"
+    big.mkdir(), small.mkdir()
+    config = yaml.safe_load((REPO / "configs" / "sample.yaml").read_text())
+    config |= {"workspace": str(tmp_path / "ws"), "runtime": {"stage_retries": 0}}
+    for folder, users in ((big, 60), (small, 30)):
+        items, interactions = _slice(folder, users)
+        config["ingest"] = {"source": "generic", "items": str(items), "interactions": str(interactions)}
+        (folder / "night.yaml").write_text(yaml.safe_dump(config))
+    # Last night: the bigger export ingested and checked (what a completed night leaves for the next).
+    assert CliRunner().invoke(app, ["ingest", "--config", str(big / "night.yaml")]).exit_code == 0
+    settings = load_settings(big / "night.yaml")
+    assert check_data(settings.checks, Workspace(settings.workspace)).passed
+    keep_data_snapshot(Workspace(settings.workspace))
+    out = CliRunner().invoke(app, ["run", "--config", str(small / "night.yaml"), "--json"])
+    assert out.exit_code == 2, out.output
+    answer = _one_object(out.stdout)
+    assert answer["ok"] is False and answer["exit_code"] == 2 and answer["failed_stage"] == "checks"
+    assert answer["stages"]["enrich"] is None  # stopped before the LLM's work
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: data check: food interactions ")
+    assert "checks.max_drop); fix the export and rerun" in out.stderr
+
+
+_HOLD_THE_WORKSPACE = """
+import sys, time
+from bridgerec.storage.workspace import Workspace
+with Workspace(sys.argv[1]).writing("nightly"):
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_second_run_on_a_busy_workspace_stops_at_once_naming_the_first(
+    prefect_harness: None, tmp_path: Path
+) -> None:
+    """Cron overlapping two nights on one workspace: the second stops before it writes anything, with
+    one `error:` line naming the process that holds the workspace (exit 2); once that process is gone,
+    even killed by SIGKILL, the workspace is free (the OS drops the lock with its process). In one
+    process the lock is re-entrant: a night's stages take it again."""
+    import signal
+
+    from bridgerec.storage.workspace import Workspace
+
+    ws = tmp_path / "ws"
+    items, interactions = _slice(tmp_path, 30)
+    config = yaml.safe_load((REPO / "configs" / "sample.yaml").read_text())
+    config |= {
+        "workspace": str(ws),
+        "ingest": {"source": "generic", "items": str(items), "interactions": str(interactions)},
+    }
+    path = tmp_path / "night.yaml"
+    path.write_text(yaml.safe_dump(config))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_THE_WORKSPACE, str(ws)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+        for argv in (["run", "--config", str(path)], ["ingest", "--config", str(path)]):
+            out = CliRunner().invoke(app, argv)
+            assert out.exit_code == 2, out.output
+            assert out.stderr.startswith(f"error: workspace {ws} is being written by pid {holder.pid} on ")
+            assert "(nightly, since " in out.stderr and out.stderr.count("\n") == 1
+        assert not (ws / "ingest").exists() and not (ws / "warehouse.duckdb").exists()  # nothing written
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    with Workspace(ws).writing("test"), Workspace(ws).writing("test, again"):  # free, and re-entrant
+        pass
+    with Workspace(ws).writing("test"):  # held by this process: another cannot take it
+        taken = subprocess.run(
+            [sys.executable, "-c", _HOLD_THE_WORKSPACE.replace("600", "0"), str(ws)],
+            capture_output=True,
+            text=True,
+        )
+    assert taken.returncode == 1 and "WorkspaceBusy: workspace" in taken.stderr
+    assert f"by pid {os.getpid()} " in taken.stderr and "(test, since " in taken.stderr
+
+
 def test_a_usage_error_answers_too(tmp_path: Path) -> None:
     """Outside any command's own checks (a required option missing), `bridgerec` still answers --json."""
     done = subprocess.run(

@@ -220,3 +220,39 @@ def test_a_misspelled_section_in_an_env_var_is_refused_with_a_hint(monkeypatch: 
     monkeypatch.delenv("BRIDGEREC_TRIAN__EPOCHS")
     monkeypatch.setenv("BRIDGEREC_TRAIN__EPOCHS", "2")
     assert load_settings().train.epochs == 2
+
+
+def test_set_gives_one_command_its_own_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--set KEY=VALUE` (YAML values, repeatable) beats the config file and env vars for that command
+    only, and a bad one is one `error:` line with exit 2."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from bridgerec.cli import app
+
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  epochs: 9\n  lr: 0.002\npublish:\n  k: 5\n")
+    monkeypatch.setenv("BRIDGEREC_TRAIN__LR", "0.004")
+
+    def show(*argv: str) -> dict:
+        out = CliRunner().invoke(app, ["config", "show", "--config", str(config), *argv, "--json"])
+        assert out.exit_code == 0, out.output
+        return json.loads(out.stdout)
+
+    base = show()
+    assert (base["train"]["epochs"], base["train"]["lr"], base["publish"]["k"]) == (9, 0.004, 5)
+    shown = show(
+        "--set", "train.epochs=3", "--set", "train.lr=1e-3", "--set", "ingest.domains=[food, kitchen]"
+    )
+    assert (shown["train"]["epochs"], shown["train"]["lr"], shown["publish"]["k"]) == (3, 0.001, 5)
+    assert shown["ingest"]["domains"] == ["food", "kitchen"]
+    assert load_settings(config).train.epochs == 9  # nothing stays behind for the next command
+    for argv, said in (
+        (["--set", "train.epoch=3"], "no such setting, did you mean 'train.epochs'?"),
+        (["--set", "train"], "--set takes KEY=VALUE"),
+        (["--set", "train.epochs=[3"], "is not a YAML value"),
+    ):
+        out = CliRunner().invoke(app, ["config", "show", "--config", str(config), *argv])
+        assert out.exit_code == 2 and out.stderr.startswith("error: ") and said in out.stderr, out.output
+        assert out.stderr.count("\n") == 1

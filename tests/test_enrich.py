@@ -254,6 +254,23 @@ def test_model_folder_is_prepared_from_the_packaged_gguf() -> None:
     assert Path(json.loads((folder / PREPARED_MARKER).read_text())["source"]).name.endswith(".gguf")
 
 
+def test_prepared_models_live_in_the_user_cache_whatever_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default SmolLM2 folder and INT8 copies are in the user's cache (XDG_CACHE_HOME honoured), not
+    under the working directory: a job started from another folder reuses the conversion made once."""
+    from bridgerec.tasks.enrich.settings import EnrichSettings
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for cwd in (tmp_path / "a", tmp_path / "b"):
+        cwd.mkdir()
+        monkeypatch.chdir(cwd)
+        assert (
+            ProfileSettings().model == tmp_path / "cache" / "bridgerec" / "models" / "smollm2-135m-instruct"
+        )
+        assert EnrichSettings().quantized_dir == tmp_path / "cache" / "bridgerec" / "models"
+
+
 # -- profiles ---------------------------------------------------------------------------------------------
 # Greedy and short, so runs are identical and cheap; titles uncut so the long user's analyzer prompt
 # (~4,000 tokens) exceeds SmolLM2's 2,048 and fails for real. Items are truncated to the model's context

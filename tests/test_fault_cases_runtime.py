@@ -25,7 +25,7 @@ import pytest
 from case_files import CASES, copy_case
 from typer.testing import CliRunner
 
-from bridgerec.cli import app
+from bridgerec.cli import app, resume_command
 from bridgerec.runtime.prefect_api import PrefectUnreachable, check_api, unreachable_in
 
 
@@ -328,7 +328,11 @@ def test_24_sigterm_during_night_is_recorded_and_leaves_no_process(
     assert _gone(servers), "the temporary API server outlived the command"
     line = first.error_line()
     assert line.startswith("error: bridgerec run stopped by SIGTERM during stage train: night night-")
-    assert "is recorded 'failed'" in line and "resumes from the stages it finished" in line
+    assert (
+        "is recorded 'failed'" in line and "`bridgerec run` again resumes from the stages it finished" in line
+    )
+    # A forced stage is skipped by a plain rerun (its inputs did not change): the line says to force it again.
+    assert resume_command(["train"]) == "bridgerec run --force train"
     (night1,) = _nights(warehouse).values()
     assert night1["status"] == "failed" and night1["finished_at"] is not None
     assert night1["message"].startswith("stopped by SIGTERM during stage train")

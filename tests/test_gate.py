@@ -14,7 +14,10 @@ from pathlib import Path
 
 import duckdb
 import pytest
+import yaml
+from typer.testing import CliRunner
 
+from bridgerec.cli import app
 from bridgerec.flows.nightly import NightFailed, nightly_flow, summary_markdown
 from tests.conftest import REPO, SAMPLE
 from tests.train_data import EMBEDDING_CACHE
@@ -34,6 +37,16 @@ SMALL = {
 # at lr 1e-7 for one epoch stays at its random init: no content signal at all.
 STRONG = SMALL | {"model": "llm4cdsr-hybrid", "lr": 1e-3, "epochs": 6, "patience": 6}
 WEAK = SMALL | {"model": "sasrec", "lr": 1e-7, "epochs": 1}
+
+
+def _merged(config: dict, overrides: dict) -> dict:
+    """`overrides` over `config`, section by section (as nightly_flow's overrides apply)."""
+    out = dict(config)
+    for key, value in overrides.items():
+        out[key] = (
+            _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
+    return out
 
 
 def _latest(warehouse: Path) -> str:
@@ -97,6 +110,19 @@ def test_gate_holds_a_worse_run_publishes_a_better_one_and_can_be_overridden(
         ("failed", "refused", weak, strong_1),
     ]
     assert nights[1][4] == gate["message"]
+
+    # The same night from the command line: the gate holds the run again (tonight's inputs, the same
+    # weak run), and `bridgerec run` exits 3, apart from a failure (1) and a bad input (2).
+    night_yaml = tmp_path / "weak-night.yaml"
+    night_yaml.write_text(
+        yaml.safe_dump(_merged(yaml.safe_load(Path(CONFIG).read_text()), base | {"train": WEAK}))
+    )
+    held = CliRunner().invoke(app, ["run", "--config", str(night_yaml), "--json"])
+    assert held.exit_code == 3, held.output
+    answer = json.loads(held.stdout)
+    assert answer["ok"] is False and answer["exit_code"] == 3 and answer["gate"]["decision"] == "refused"
+    assert held.stderr.startswith("error: nightly run held: quality gate refused: run " + weak)
+    assert held.stderr.rstrip().endswith("the serving lists are unchanged") and _latest(warehouse) == strong_1
 
     # What an automation keys on (docs/runbook.md, "Notifications"): the flow run `nightly` ends Failed,
     # with the gate's message; the runbook's automation for it is accepted by the server.
@@ -162,4 +188,6 @@ def test_gate_holds_a_worse_run_publishes_a_better_one_and_can_be_overridden(
         )
         assert stability.fetchall()[0][0] == 2
         checks = con.execute("SELECT count(DISTINCT night_id), bool_and(passed) FROM data_checks").fetchall()
-    assert checks == [(3, True)]
+    assert checks == [
+        (4, True)
+    ]  # the first night, the refused one, its rerun from the command line, the better one

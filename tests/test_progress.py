@@ -62,3 +62,19 @@ def test_a_bar_stopped_by_an_error_says_so_and_gives_no_eta(monkeypatch: pytest.
         progress.advance(bar, 10)
     done = stream.getvalue().rstrip().splitlines()[-1]
     assert "(stopped)" not in done and "10/10" in done and "ETA 0:00:00" in done
+
+
+def test_off_a_terminal_a_bar_with_training_counters_stays_on_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """stderr to a file: the training's bar (a long description, loss and validation counters) ends on one
+    line with its ETA, not wrapped onto a second."""
+    stream = io.StringIO()
+    monkeypatch.setattr(progress.console, "err", lambda: stream)
+    with progress.progress_bar(
+        "train: llm4cdsr-hybrid-bb05a110e130 epoch 4 of at most 20", total=1_234, unit="batches",
+        counters=("loss", "valid NDCG@10"),
+    ) as bar:  # fmt: skip
+        progress.advance(bar, 1_234, loss=3.2104, **{"valid NDCG@10": 0.0591})
+    lines = [line for line in stream.getvalue().splitlines() if line.strip()]
+    assert len(lines) == 1 and "1234/1234" in lines[0] and lines[0].rstrip().endswith("ETA 0:00:00"), lines

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 EXIT_INPUT = 2  # bad input, config or contract: the user must change something
 EXIT_FAILURE = 1  # anything else (a crash, a transient failure that outlived its retries)
+EXIT_HELD = 3  # `bridgerec run`: the quality gate held tonight's run back; the serving lists are unchanged
 
 
 class InputError(ValueError):

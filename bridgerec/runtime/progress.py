@@ -179,12 +179,18 @@ def _log_seconds() -> float:
         return DEFAULT_LOG_SECONDS
 
 
+# Off a terminal a bar's line is as wide as this: a file or a CI log has no width, and a bar with the
+# training's counters (loss, validation figure) and a long description wrapped its ETA onto a second
+# line at 120 (a new user's trial, stderr to a file).
+OFF_TERMINAL_WIDTH = 240
+
+
 def _terminal() -> Console:
-    """Bars on the terminal's stderr; off a terminal (a CI log, a file) 120 columns wide, not 80, so a
-    finished bar's figures fit on its one line."""
+    """Bars on the terminal's stderr; off a terminal (a CI log, a file) OFF_TERMINAL_WIDTH columns wide,
+    not 80, so a bar's figures stay on its one line."""
     stream = console.err()
     interactive = hasattr(stream, "isatty") and stream.isatty()
-    return Console(file=stream, width=None if interactive else 120)
+    return Console(file=stream, width=None if interactive else OFF_TERMINAL_WIDTH)
 
 
 @contextlib.contextmanager

