@@ -118,7 +118,9 @@ class Workspace:
         """Hold the workspace for writing while the block runs, or raise WorkspaceBusy at once, naming the
         process that holds it (pid, host, what it runs, since when; from `LOCK_NAME.json`). Re-entrant in
         one process (a night holds it while its stages take it again); an advisory lock (filelock's
-        flock), so a process that dies, even by SIGKILL, leaves no stale lock. Readers (`recs`, `sql`,
+        flock), so a process that dies, even by SIGKILL, leaves no stale lock. The lock file stays (empty,
+        as flock files do: removing it would race with the next writer); the holder's note goes with
+        the lock. Readers (`recs`, `sql`,
         the report) do not take it. Cron overlapping two nights on one workspace is what it stops."""
         import filelock
 
@@ -151,6 +153,9 @@ class Workspace:
                 write_json_atomic(holder, info)
             yield
         finally:
+            if lock.lock_counter == 1:  # still holding it: nobody else can be writing their own info
+                with contextlib.suppress(OSError):
+                    info.unlink()
             lock.release()
 
     def stage_dir(self, stage: str) -> Path:

@@ -164,7 +164,15 @@ def _tracebacks(output: str) -> list[str]:
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file's bytes, but the workspace's lock file (Workspace.writing: empty, made by the first writer
+    and left for the next, as flock locks are)."""
+    from bridgerec.storage.workspace import LOCK_NAME
+
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != LOCK_NAME
+    }
 
 
 @pytest.mark.parametrize("how", ["truncate", "scribble"])
