@@ -646,7 +646,7 @@ def _render_train(s: TrainSummary) -> None:
     head = "train skipped: already trained on these inputs" if s.skipped else f"trained in {s.seconds:.0f} s"
     out.print(
         f"[bold green]{head}[/]: {s.model} -> {s.run_dir}\n"
-        f"best epoch {s.best_epoch} of {s.epochs}, {s.epoch_seconds:.1f} s per epoch"
+        f"{s.best_epoch_text()}, {s.epoch_seconds:.1f} s per epoch"
     )
     if s.init == "warm":
         start = s.init_valid_ndcg10

@@ -99,6 +99,10 @@ def test_the_next_night_warm_starts_from_the_first_run(nights: Nights) -> None:
     # At most warm_start_epochs, with the warm init as epoch 0: it is the score to beat.
     assert SETTINGS.warm_limits() == (4, 2)
     assert 2 <= second.epochs <= 4 and 0 <= second.best_epoch <= second.epochs
+    # Where the warm init stays best, the summary says the run kept it (not a run that did not train).
+    assert ("the warm start itself" in second.best_epoch_text()) == (second.best_epoch == 0)
+    assert second.best_epoch_text().startswith(f"best epoch {second.best_epoch} of {second.epochs}")
+    assert "the warm start itself" not in first.best_epoch_text()
     run = Path(second.run_dir)
     history = pq.read_table(run / "metrics.parquet").to_pylist()
     start = [

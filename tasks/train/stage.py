@@ -102,6 +102,15 @@ class TrainSummary(BaseModel):
     device: str = "cpu"
     threads: int = 1
 
+    def best_epoch_text(self) -> str:
+        """`best epoch B of E`, saying so when a warm start's best is its own init (epoch 0): no epoch
+        beat it on validation, so the run keeps the previous night's weights (a new user's trial read
+        `best epoch 0 of 1` as a run that did not train)."""
+        text = f"best epoch {self.best_epoch} of {self.epochs}"
+        if self.init == "warm" and self.best_epoch == 0:
+            text += " (the warm start itself: no epoch beat it on validation, so its weights are kept)"
+        return text
+
     def reports(self) -> list[TableReport]:
         """The metrics table: HR and NDCG per split, protocol (sampled, full ranking) and user group."""
         rows = []
@@ -118,7 +127,7 @@ class TrainSummary(BaseModel):
                         | {k: round(v, 4) for k, v in metrics.items()}
                     )
         description = (
-            f"{self.model} ({self.run_id}): best epoch {self.best_epoch} of {self.epochs}, "
+            f"{self.model} ({self.run_id}): {self.best_epoch_text()}, "
             f"{self.epoch_seconds:.1f} s/epoch"
             + (f", warm start from {self.warm_start_from}" if self.init == "warm" else "")
             + (
@@ -248,11 +257,10 @@ def run_train(run: StageRun[TrainSettings]) -> TrainSummary:
         _replace_run(final, forced)
     _record(workspace, final, summary, hashes, config_hash(settings), settings.select_by)
     log.info(
-        "train: %s (%s start) best epoch %d/%d, test ndcg@10 %.4f (full %.4f), %.1f s/epoch",
+        "train: %s (%s start) %s, test ndcg@10 %.4f (full %.4f), %.1f s/epoch",
         run_dir.run_id,
         summary.init,
-        summary.best_epoch,
-        summary.epochs,
+        summary.best_epoch_text(),
         summary.test["overall"]["ndcg@10"],
         summary.test.get("full", {}).get("overall", {}).get("ndcg@10", float("nan")),
         summary.epoch_seconds,
