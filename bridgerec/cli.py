@@ -512,6 +512,10 @@ def _render_ingest(s: IngestSummary) -> None:
         f"{s.quarantined:,}  " + ", ".join(f"{r}: {n:,}" for r, n in s.quarantined_by_reason.items()),
     )
     t.add_row("filtered", ", ".join(f"{r}: {n:,}" for r, n in s.filtered_by_reason.items()) or "0")
+    if s.order_ties:
+        t.add_row(
+            "ordered by file order", f"{s.order_ties:,} (same time and position as another of the user's)"
+        )
     out.print(t)
 
 

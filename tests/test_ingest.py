@@ -149,6 +149,33 @@ def test_ids_sequences_and_leave_one_out_split(tmp_path: Path) -> None:
     assert u1 == ["train", "train", "valid", "test"]
 
 
+def test_interactions_ordered_by_file_order_alone_are_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two of a user's interactions at the same position (a faulty export): the files' order decides which
+    is the test target, and ingest counts them (`order_ties`) with a warning, instead of deciding silently."""
+    clean = "\n".join(r for r in INTERACTIONS_CSV.splitlines()[:13])  # header + the 12 clean rows
+    tied = clean + "\nu2,i1,food,2\n"  # u2 had i5 at position 2: now i1 is there too
+    (tmp_path / "tied").mkdir()
+    settings = IngestSettings(
+        items=_write(tmp_path / "items.csv", ITEMS_CSV),
+        interactions=_write(tmp_path / "tied" / "interactions.csv", tied),
+        domains=["food", "kitchen"],
+    )
+    with caplog.at_level("INFO"):
+        s = run_ingest(StageRun(settings, Workspace(tmp_path / "ws")))
+    assert s.order_ties == 2  # both rows at u2's position 2
+    assert any(
+        r.levelname == "WARNING" and "2 interactions share their position" in r.getMessage()
+        for r in caplog.records
+    )
+    clean_run = run_ingest(
+        StageRun(settings.model_copy(update={"interactions": _write(tmp_path / "interactions.csv", clean + "\n")}),
+                 Workspace(tmp_path / "ws2"))
+    )  # fmt: skip
+    assert clean_run.order_ties == 0
+
+
 @pytest.mark.parametrize("fmt", ["jsonl", "jsonl.gz", "parquet"])
 def test_other_formats_give_the_same_dataset(tmp_path: Path, fmt: str) -> None:
     base = Workspace(tmp_path / "csv")

@@ -88,6 +88,9 @@ class IngestTables:
     items_accounting: Accounting
     interactions_accounting: Accounting
     kcore_rounds: int = 0
+    # Kept interactions whose place in their user's sequence only file order decides: another of the user's
+    # interactions has the same time and the same position (both, where the source gives both).
+    order_ties: int = 0
 
 
 def _exec(con: duckdb.DuckDBPyConnection, sql: str, params: dict | list | None = None) -> list[tuple]:
@@ -178,6 +181,7 @@ def _preprocess(
         items_accounting=items_acc,
         interactions_accounting=inter_acc,
         kcore_rounds=rounds,
+        order_ties=_order_ties(con),
     )
 
 
@@ -455,6 +459,22 @@ def _build_ids_and_sequences(
         """
     ).to_arrow_table()
     return users, sequences
+
+
+def _order_ties(con: duckdb.DuckDBPyConnection) -> int:
+    """Kept interactions that share their time and position with another of the same user's (missing
+    ones count as equal): their order in the sequence, and so which is the test or validation target, is
+    the files' order. Common with day-granular timestamps (Amazon reviews); with explicit positions, a
+    sign of a faulty export."""
+    return _scalar(
+        con,
+        """
+        SELECT count(*) FROM (
+            SELECT count(*) OVER (PARTITION BY r.user_id, r.ts_parsed, r.pos_parsed) AS same_place
+            FROM inter_rule r JOIN items_out i USING (item_id) WHERE r.rule IS NULL)
+        WHERE same_place > 1
+        """,
+    )
 
 
 def _quarantine(con: duckdb.DuckDBPyConnection, raw: RawSource, progress: Callable[[str], None]) -> pa.Table:

@@ -3,6 +3,7 @@ unchanged rerun skip all of it."""
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -42,6 +43,8 @@ class IngestSummary(BaseModel):
     filtered_by_reason: dict[str, int]
     accounting: dict[str, dict]
     kcore_rounds: int = 0
+    # interactions ordered within their user by file order alone (same time and position as another)
+    order_ties: int = 0
     skipped: bool = False
     seconds: float = 0.0
     workspace: str = ""
@@ -158,7 +161,7 @@ def run_ingest(run: StageRun[IngestSettings]) -> IngestSummary:
                 schema_version=schemas.INGEST_SCHEMA_VERSION,
                 config_hash=chash,
                 input_hashes=hashes,
-                stats=stats | {"kcore_rounds": tables.kcore_rounds},
+                stats=stats | {"kcore_rounds": tables.kcore_rounds, "order_ties": tables.order_ties},
             )
     for table, acc in stats["accounting"].items():
         log.info("ingest: %s", accounting_sentence(table, acc))
@@ -170,9 +173,19 @@ def run_ingest(run: StageRun[IngestSettings]) -> IngestSummary:
             reasons,
             workspace.stage_dir(STAGE) / "quarantine.parquet",
         )
+    if tables.order_ties:
+        # Day-granular timestamps tie often; a given position should not: there it is worth a warning.
+        log.log(
+            logging.WARNING if raw.has_position else logging.INFO,
+            "ingest: %s interactions share their %s with another of the same user's; their order (and so "
+            "which is a user's test or validation target) is the files' order",
+            f"{tables.order_ties:,}",
+            "position" if raw.has_position and not raw.has_timestamp else "time and position",
+        )
     return IngestSummary(
         **stats,
         kcore_rounds=tables.kcore_rounds,
+        order_ties=tables.order_ties,
         seconds=time.perf_counter() - started,
         workspace=str(workspace.root),
     )
