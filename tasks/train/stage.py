@@ -514,8 +514,9 @@ def _fit_text_prior(
         _, untrained = untrained_prior_fit(settings, model, inputs, valid, device)
         key = (untrained.weight, untrained.new_items)
         run.log.info(
-            "train: the same model untrained: text prior (%g, x%g), validation full NDCG@10 %.4f, %.4f "
-            "+- %.4f on the %d new-item targets, new items %.1f%% of the top-10 slots",
+            "train: the new items' floor, from the same model untrained (not this run): text prior (%g, x%g), "
+            "validation full NDCG@10 %.4f, %.4f +- %.4f on the %d new-item targets, new items %.1f%% of the "
+            "top-10 slots",
             *key, untrained.ndcg10[key], untrained.ndcg10_new[key], untrained.ndcg10_new_se[key],
             untrained.new_targets, 100 * untrained.new_share[key],
         )  # fmt: skip
