@@ -573,14 +573,17 @@ def test_a_missing_input_file_is_one_error_line_through_the_cli(
     monkeypatch.chdir(tmp_path)
     generic()(tmp_path)
     settings = IngestSettings(source="generic", items="items.csv", interactions="missing.csv.gz")
-    with pytest.raises(SourceError, match=r"^missing.csv.gz: file not found \(ingest interactions\)$"):
+    said = f"missing.csv.gz: file not found (ingest interactions; relative paths are read from the working directory, {tmp_path})"
+    with pytest.raises(SourceError) as missing:
         check_input_files(settings)
+    assert str(missing.value) == said
+    absolute = settings.model_copy(update={"interactions": tmp_path / "missing.csv.gz"})
+    with pytest.raises(SourceError) as missing:
+        check_input_files(absolute)
+    assert str(missing.value) == f"{tmp_path / 'missing.csv.gz'}: file not found (ingest interactions)"
     result = CliRunner().invoke(
         app, ["ingest", "--items", "items.csv", "--interactions", "missing.csv.gz", "-w", "ws", "--json"]
     )
     assert result.exit_code == EXIT_INPUT
-    assert (
-        result.stderr.strip().splitlines()[-1]
-        == "error: missing.csv.gz: file not found (ingest interactions)"
-    )
+    assert result.stderr.strip().splitlines()[-1] == f"error: {said}"
     assert not (tmp_path / "ws" / "ingest").exists()

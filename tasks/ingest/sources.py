@@ -89,7 +89,13 @@ def check_input_files(settings: IngestSettings) -> dict[str, Path]:
     files = input_files(settings)
     for role, path in files.items():
         if not Path(path).is_file():
-            raise SourceError(f"{path}: file not found (ingest {role})")
+            # A relative path is read from the working directory, which a cron job or a worker may not share.
+            where = (
+                ""
+                if Path(path).is_absolute()
+                else f"; relative paths are read from the working directory, {Path.cwd()}"
+            )
+            raise SourceError(f"{path}: file not found (ingest {role}{where})")
     return files
 
 
