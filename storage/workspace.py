@@ -119,9 +119,9 @@ class Workspace:
         process that holds it (pid, host, what it runs, since when; from `LOCK_NAME.json`). Re-entrant in
         one process (a night holds it while its stages take it again); an advisory lock (filelock's
         flock), so a process that dies, even by SIGKILL, leaves no stale lock. The lock file stays (empty,
-        as flock files do: removing it would race with the next writer); the holder's note goes with
-        the lock. Readers (`recs`, `sql`,
-        the report) do not take it. Cron overlapping two nights on one workspace is what it stops."""
+        as flock files do: removing it would race with the next writer); the holder's note goes with the
+        lock. Readers (`recs`, `sql`, the report) do not take it. Cron overlapping two nights on one
+        workspace is what it stops."""
         import filelock
 
         self.root.mkdir(parents=True, exist_ok=True)
