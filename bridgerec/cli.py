@@ -797,7 +797,7 @@ def run(
             _emit(night, as_json, morning_read, failing=True)
             return (
                 f"bridgerec run stopped by {signum.name} during stage {night.failed_stage}: night "
-                f"{night.night_id} is recorded 'failed' in {night.warehouse}; `{resume_command(force)}` again "
+                f"{night.night_id} is recorded 'failed' in {night.warehouse}; `{resume_command(force, sets)}` again "
                 "resumes from the stages it finished"
             )
 
@@ -821,11 +821,14 @@ def run(
         _emit(result, as_json, morning_read)
 
 
-def resume_command(force: Sequence[str] | None) -> str:
-    """The command that resumes a stopped night: with its `--force` stages again, since a plain rerun
-    skips a forced stage whose inputs did not change (a forced train stopped in epoch 4 resumes from its
-    checkpoint only when forced again)."""
-    return " ".join(["bridgerec run", *(f"--force {stage}" for stage in force or ())])
+def resume_command(force: Sequence[str] | None, sets: Sequence[str] | None = None) -> str:
+    """The command that resumes a stopped night: with its `--set` settings and `--force` stages again,
+    since a plain rerun skips a forced stage whose inputs did not change (a forced train stopped in epoch
+    4 resumes from its checkpoint only when forced again)."""
+    import shlex
+
+    given = [*(f"--set {shlex.quote(s)}" for s in sets or ()), *(f"--force {stage}" for stage in force or ())]
+    return " ".join(["bridgerec run", *given])
 
 
 @app.command()

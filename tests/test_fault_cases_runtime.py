@@ -341,6 +341,9 @@ def test_24_sigterm_during_night_is_recorded_and_leaves_no_process(
     )
     # A forced stage is skipped by a plain rerun (its inputs did not change): the line says to force it again.
     assert resume_command(["train"]) == "bridgerec run --force train"
+    assert resume_command(["train"], ["train.lr=1e-3", "ingest.domains=[food, kitchen]"]) == (
+        "bridgerec run --set train.lr=1e-3 --set 'ingest.domains=[food, kitchen]' --force train"
+    )
     (night1,) = _nights(warehouse).values()
     assert night1["status"] == "failed" and night1["finished_at"] is not None
     assert night1["message"].startswith("stopped by SIGTERM during stage train")
