@@ -1,8 +1,10 @@
-"""Benchmark: what the explanations (because_item_id, because_score; tasks/publish/explain.py) add to publish
-scoring. The whole food-kitchen (real users and histories, through the real ingest) is scored shard by
-shard as publish does (stage_shards + score_shard: top-k search, rows, Parquet parts), side by side
-without and with the text space, alternating, several rounds; the figure is the added seconds per
-million published rows.
+"""Benchmark: what the explanations (because_item_id, because_score, because_percentile;
+tasks/publish/explain.py) add to publish scoring. The whole food-kitchen (real users and histories,
+through the real ingest) is scored shard by shard as publish does (stage_shards + score_shard: top-k
+search, rows, Parquet parts), side by side in three modes, alternating, several rounds: `without` the
+text space, `cosine` (the closest history item and its cosine, the reference samples emptied after
+staging, so no percentile) and `with` (all three columns, as publish runs); the figures are the added
+seconds per million published rows.
 
 Vectors: the search side is synthetic with the model's shape (bench/publish.py's synthetic_vectors, 256-d);
 the text space is a random table as wide as the default enrich.global_dim (384: MiniLM, no PCA), since
@@ -32,6 +34,7 @@ from publish import REPO, ensure_ingested, synthetic_vectors
 
 from bridgerec.runtime import progress
 from bridgerec.runtime.machine import machine_info
+from bridgerec.tasks.publish.explain import REFERENCE_ITEMS
 
 
 def text_space(workspace: Path, dim: int, seed: int = 0):
@@ -48,8 +51,9 @@ def text_space(workspace: Path, dim: int, seed: int = 0):
     return TextSpace.from_table(list(catalog.item_ids), table, list(sequences.user_ids), indptr, items)
 
 
-def score_all(vectors, text, index_root: Path, folder: Path, args) -> dict:
-    """Stage and score every shard as publish does; returns rows and seconds."""
+def score_all(vectors, text, index_root: Path, folder: Path, args, percentile: bool = True) -> dict:
+    """Stage and score every shard as publish does (without the percentiles: the staged reference
+    samples emptied); returns rows and seconds."""
     from bridgerec.storage.index_store import IndexSettings
     from bridgerec.storage.warehouse import PartTarget
     from bridgerec.tasks.publish.shards import ShardPlan, score_shard, stage_shards
@@ -57,6 +61,9 @@ def score_all(vectors, text, index_root: Path, folder: Path, args) -> dict:
     started, cpu = time.perf_counter(), time.process_time()
     scratch = folder / "scratch"
     shards, n_users = stage_shards(scratch, vectors, None, "bench", args.users_per_shard, text)
+    if text is not None and not percentile:
+        for domain in vectors:
+            np.save(scratch / domain / "reference_rows.npy", np.zeros(0, np.int64))
     stage_s = time.perf_counter() - started
     plan = ShardPlan(
         run_id="bench",
@@ -113,18 +120,22 @@ def main() -> None:
                 for d, v in vectors.items()
             },
         )
-        runs: dict[str, list[dict]] = {"without": [], "with": []}
-        for i in range(args.rounds):  # alternating, so drift on the shared machine hits both alike
-            for mode in ("without", "with"):
+        runs: dict[str, list[dict]] = {"without": [], "cosine": [], "with": []}
+        for i in range(args.rounds):  # alternating, so drift on the shared machine hits all alike
+            for mode in runs:
                 folder = root / f"{mode}-{i}"
                 runs[mode].append(
-                    score_all(vectors, text if mode == "with" else None, store.root, folder, args)
+                    score_all(
+                        vectors, None if mode == "without" else text, store.root, folder, args, mode == "with"
+                    )
                 )
                 print(f"round {i + 1} {mode}: {runs[mode][-1]['seconds']:.2f} s", flush=True)
     rows = runs["with"][0]["rows"]
     off = statistics.median(r["seconds"] for r in runs["without"])
     on = statistics.median(r["seconds"] for r in runs["with"])
     explain = statistics.median(r["explain_s"] for r in runs["with"])
+    explain_cosine = statistics.median(r["explain_s"] for r in runs["cosine"])
+    cpu_cosine = statistics.median(r["cpu_s"] for r in runs["cosine"])
     cpu_off = statistics.median(r["cpu_s"] for r in runs["without"])
     cpu_on = statistics.median(r["cpu_s"] for r in runs["with"])
     paired = statistics.median(
@@ -158,13 +169,20 @@ def main() -> None:
         "median_cpu_seconds_with": cpu_on,
         "added_cpu_seconds_per_million_rows": (cpu_on - cpu_off) / rows * 1e6,
         "explain_seconds_per_million_rows": explain / rows * 1e6,
+        "reference_items": REFERENCE_ITEMS,
+        "median_cpu_seconds_cosine_only": cpu_cosine,
+        "explain_seconds_per_million_rows_cosine_only": explain_cosine / rows * 1e6,
+        "percentile_explain_seconds_per_million_rows": (explain - explain_cosine) / rows * 1e6,
+        "percentile_cpu_seconds_per_million_rows": (cpu_on - cpu_cosine) / rows * 1e6,
         "ratio_with_to_without": on / off,
     }
     out = REPO / "bench" / "results" / "publish-explain.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n{'':<30}{'without':>10}{'with':>10}")
-    print(f"{'scoring seconds (median)':<30}{off:>10.2f}{on:>10.2f}")
-    print(f"{'scoring CPU seconds (median)':<30}{cpu_off:>10.2f}{cpu_on:>10.2f}")
+    cosine = statistics.median(r["seconds"] for r in runs["cosine"])
+    print(f"\n{'':<30}{'without':>10}{'cosine':>10}{'with':>10}")
+    print(f"{'scoring seconds (median)':<30}{off:>10.2f}{cosine:>10.2f}{on:>10.2f}")
+    print(f"{'scoring CPU seconds (median)':<30}{cpu_off:>10.2f}{cpu_cosine:>10.2f}{cpu_on:>10.2f}")
+    print(f"{'explain step seconds (median)':<30}{0:>10.2f}{explain_cosine:>10.2f}{explain:>10.2f}")
     print(
         f"rows {rows:,}, {len(text.user_ids):,} users, history mean {lengths.mean():.1f} (max {lengths.max()})"
     )
@@ -172,6 +190,11 @@ def main() -> None:
         f"added {on - off:.2f} s = {(on - off) / rows * 1e6:.2f} s per million rows (median of per-round "
         f"differences {paired / rows * 1e6:.2f}; the explain step's own time {explain / rows * 1e6:.2f} s per "
         f"million rows), x{on / off:.2f}; CPU {(cpu_on - cpu_off) / rows * 1e6:.2f} s per million rows"
+    )
+    print(
+        f"the percentile ({REFERENCE_ITEMS} reference items): explain step "
+        f"{(explain - explain_cosine) / rows * 1e6:.2f} s, CPU {(cpu_on - cpu_cosine) / rows * 1e6:.2f} s per "
+        "million rows"
     )
     print(f"wrote {out}")
 

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from bridgerec.cli import app
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks import StageRun
-from bridgerec.tasks.publish.explain import closest_in_history
+from bridgerec.tasks.publish.explain import REFERENCE_ITEMS, closest_in_history, reference_sample
 from bridgerec.tasks.publish.settings import PublishSettings
 from bridgerec.tasks.publish.stage import run_publish
 from bridgerec.tasks.train.settings import TrainSettings
@@ -29,9 +29,10 @@ from tests.train_data import FAST
 pytestmark = pytest.mark.slow  # the real enrich output: minutes, scheduled first (tests/conftest.py)
 
 
-def _brute_force(rec_rows, indptr, items, vectors, has_text):
+def _brute_force(rec_rows, indptr, items, vectors, has_text, reference):
     rows = np.full(rec_rows.shape, -1)
     scores = np.full(rec_rows.shape, np.nan, np.float32)
+    percentiles = np.full(rec_rows.shape, np.nan, np.float32)
     for u in range(rec_rows.shape[0]):
         history = [h for h in items[indptr[u] : indptr[u + 1]] if has_text[h]]
         for j, r in enumerate(rec_rows[u]):
@@ -40,7 +41,11 @@ def _brute_force(rec_rows, indptr, items, vectors, has_text):
             sims = [float(vectors[r] @ vectors[h]) for h in history]
             rows[u, j] = history[int(np.argmax(sims))]
             scores[u, j] = max(sims)
-    return rows, scores
+            null = [max(float(vectors[s] @ vectors[h]) for h in history) for s in reference]
+            below = sum(x < max(sims) - 1e-5 for x in null)
+            ties = sum(abs(x - max(sims)) <= 1e-5 for x in null)
+            percentiles[u, j] = 100 * (below + ties / 2) / len(null)
+    return rows, scores, percentiles
 
 
 @pytest.mark.parametrize("slots", [1, 7, 1 << 17])
@@ -61,12 +66,38 @@ def test_the_closest_history_item_is_the_brute_force_one(slots: int) -> None:
     rec_rows = rng.integers(0, n_items, size=(n_users, k)).astype(np.int64)
     rec_rows[2, 3:] = -1  # a user with fewer than k items
     rec_rows[7, 0] = 17
-    rows, scores = closest_in_history(rec_rows, indptr, items, vectors, has_text, slots=slots)
-    want_rows, want_scores = _brute_force(rec_rows, indptr, items, vectors, has_text)
+    reference = reference_sample(np.arange(30, n_items), has_text, seed=1)  # "the domain": rows 30..59
+    rows, scores, percentiles = closest_in_history(
+        rec_rows, indptr, items, vectors, has_text, reference, slots=slots
+    )
+    want_rows, want_scores, want_percentiles = _brute_force(
+        rec_rows, indptr, items, vectors, has_text, reference
+    )
     np.testing.assert_array_equal(rows, want_rows)
     np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-6)
+    # Ties (a recommended item the user had, against the reference items they had: both 1.0) count half.
+    np.testing.assert_allclose(percentiles, want_percentiles, atol=1e-3)
     assert (rows[5] == -1).all() and (rows[2, 3:] == -1).all() and rows[7, 0] == -1
-    assert np.isnan(scores[rows < 0]).all() and (rows >= 0).sum() > 100
+    assert np.isnan(scores[rows < 0]).all() and np.isnan(percentiles[rows < 0]).all()
+    assert (rows >= 0).sum() > 100 and ((percentiles >= 0) & (percentiles <= 100)).sum() == (rows >= 0).sum()
+    # Without a reference: the same rows and scores, no percentiles.
+    rows2, scores2, none = closest_in_history(rec_rows, indptr, items, vectors, has_text, slots=slots)
+    np.testing.assert_array_equal(rows2, rows)
+    np.testing.assert_array_equal(scores2, scores)
+    assert np.isnan(none).all()
+
+
+def test_the_reference_sample_is_the_domains_items_with_text_drawn_once() -> None:
+    has_text = np.ones(500, bool)
+    has_text[[101, 250]] = False
+    domain = np.arange(100, 400)
+    sample = reference_sample(domain, has_text, seed=7)
+    assert len(sample) == REFERENCE_ITEMS and len(set(sample.tolist())) == REFERENCE_ITEMS
+    assert set(sample.tolist()) <= set(domain.tolist()) - {101, 250}
+    np.testing.assert_array_equal(sample, reference_sample(domain[::-1], has_text, seed=7))  # same draw
+    assert not np.array_equal(sample, reference_sample(domain, has_text, seed=8))
+    small = np.array([3, 101, 5])
+    np.testing.assert_array_equal(reference_sample(small, has_text, seed=7), [3, 5])  # all, when few
 
 
 @pytest.fixture(scope="module")
@@ -98,10 +129,20 @@ def test_each_item_is_explained_by_the_closest_item_of_the_users_history(
         warehouse, "SELECT root, path FROM parts WHERE kind = 'recommendations' AND dropped_at IS NULL"
     )
     first = warehouse.parent / parts[0][0] / parts[0][1]
-    assert {"because_item_id", "because_score"} <= set(pq.read_schema(first).names)
+    because = {"because_item_id", "because_score", "because_percentile"}
+    assert because <= set(pq.read_schema(first).names)
     for view in ("recommendations", "latest_recommendations"):
         columns = [r[0] for r in _sql(warehouse, f"DESCRIBE {view}")]
-        assert {"because_item_id", "because_score"} <= set(columns), view
+        assert because <= set(columns), view
+    # The percentile is there exactly where an explanation is, in [0, 100]; what the model recommends
+    # is closer to the user's history than most of the domain's items (the text space drives it).
+    [(explained_n, percentile_n, low, high, median)] = _sql(
+        warehouse,
+        "SELECT count(because_item_id), count(because_percentile), min(because_percentile), "
+        "max(because_percentile), median(because_percentile) FROM latest_recommendations",
+    )
+    assert explained_n == percentile_n > 0 and 0 <= low <= high <= 100
+    assert median > 75, median
     rows = _sql(
         warehouse,
         "SELECT user_id, item_id, because_item_id, because_score FROM latest_recommendations ORDER BY ALL",
@@ -168,4 +209,5 @@ def test_recs_shows_both_titles_and_the_closeness(published: dict[str, Path]) ->
         app, ["recs", "--warehouse", str(warehouse), "--user", user], env={"COLUMNS": "250"}
     )
     assert table.exit_code == 0 and "because you had" in table.stdout
-    assert f"({score:.2f})" in table.stdout and because_title[:20] in table.stdout
+    assert f"({score:.2f}, closer than {first['because_percentile']:.0f} %)" in table.stdout
+    assert because_title[:20] in table.stdout and "no closer than chance" in table.stdout

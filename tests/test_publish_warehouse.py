@@ -150,7 +150,8 @@ def test_fresh_warehouse_is_migrated_and_published(tmp_path: Path) -> None:
     # A part is self-describing: run and domain are columns too.
     part = pq.read_table(tmp_path / "w.parts" / files[1])
     assert part.column_names == [
-        "run_id", "user_id", "domain", "rank", "item_id", "score", "because_item_id", "because_score"
+        "run_id", "user_id", "domain", "rank", "item_id", "score", "because_item_id", "because_score",
+        "because_percentile",
     ]  # fmt: skip
     assert set(part["run_id"].to_pylist()) == {"r1"} and set(part["domain"].to_pylist()) == {"a"}
 

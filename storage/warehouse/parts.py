@@ -51,10 +51,12 @@ PART_SCHEMAS: dict[str, pa.Schema] = {
         [
             pa.field("run_id", pa.string(), nullable=False),
             *RECOMMENDATION_ROWS,
-            # The user's history item closest to this one in the model's text space and that cosine
-            # (tasks/publish/explain.py); NULL for models without one (pop: popularity is its reason).
+            # The user's history item closest to this one in the model's text space, that cosine, and
+            # its percentile among the domain's reference items (tasks/publish/explain.py); NULL for
+            # models without one (pop: popularity is its reason), and the percentile in older parts.
             pa.field("because_item_id", pa.string()),
             pa.field("because_score", pa.float32()),
+            pa.field("because_percentile", pa.float32()),
         ]
     ),
     "serving": pa.schema(

@@ -124,7 +124,7 @@ def user_recommendations(
         rid = run["run_id"]
         recs = rows(
             con,
-            "SELECT domain, rank, item_id, score, because_item_id, because_score "
+            "SELECT domain, rank, item_id, score, because_item_id, because_score, because_percentile "
             f"FROM {run_source(con, folder, rid, 'recommendations')} WHERE user_id = ? ORDER BY domain, rank",
             [user_id],
         )

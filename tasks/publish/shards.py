@@ -18,6 +18,7 @@ the same part names), so a retried shard task replaces what a failed attempt of 
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from bridgerec.runtime.runner import step
 from bridgerec.storage.index_store import IndexSettings, IndexStore, Searcher, TopK, search_topk, set_threads
 from bridgerec.storage.vectors import DomainVectors, TextSpace
 from bridgerec.storage.warehouse import PartInfo, PartTarget, profile_rows
-from bridgerec.tasks.publish.explain import closest_in_history
+from bridgerec.tasks.publish.explain import closest_in_history, reference_sample
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class ShardPlan:
     threads: int
     shards: tuple[PublishShard, ...]
     n_users: int
-    explain: bool = False  # the text space is staged (text/): fill because_item_id / because_score
+    explain: bool = False  # the text space is staged (text/): fill the because_* columns
 
 
 @dataclass
@@ -103,7 +104,8 @@ def stage_shards(
     order; users/<shard>.parquet (user_id); profiles/<shard>.parquet (profile part rows) when profiles
     are given. With a text space (explanations, tasks/publish/explain.py): text/vectors.npy,
     text/has_text.npy, text/item_ids.parquet (by global row), text/history_indptr.npy and
-    text/history_items.npy (user_id order), and per domain text_rows.npy (index row -> global row).
+    text/history_items.npy (user_id order), and per domain text_rows.npy (index row -> global row) and
+    reference_rows.npy (the global rows of its reference items, tasks/publish/explain.py).
     Every domain must cover the same users (publish checks this against the ingest output).
     """
     first = next(iter(vectors.values()))
@@ -150,7 +152,10 @@ def _stage_text(
         rows = pc.index_in(pa.array(v.item_ids, pa.string()), value_set=everything)
         if rows.null_count:
             raise ValueError(f"{rows.null_count} items of domain {domain!r} are not in the run's text space")
-        np.save(scratch / domain / "text_rows.npy", np.asarray(rows).astype(np.int64))
+        rows = np.asarray(rows).astype(np.int64)
+        np.save(scratch / domain / "text_rows.npy", rows)
+        reference = reference_sample(rows, text.has_text, seed=zlib.crc32(domain.encode()))
+        np.save(scratch / domain / "reference_rows.npy", reference)
 
 
 def _align(users: pa.Array, user_ids: list[str]) -> np.ndarray:
@@ -248,19 +253,24 @@ def _because(scratch: Path, shard: PublishShard, domain: str, topk: TopK) -> Bec
     indptr = np.asarray(full[shard.start : shard.stop + 1])
     items = np.asarray(np.load(text / "history_items.npy", mmap_mode="r")[indptr[0] : indptr[-1]])
     text_rows = np.load(scratch / domain / "text_rows.npy")
+    reference = np.load(scratch / domain / "reference_rows.npy")
     rec_rows = np.where(topk.items >= 0, text_rows[np.maximum(topk.items, 0)], -1)
-    rows, scores = closest_in_history(rec_rows, indptr - indptr[0], items, np.asarray(vectors), has_text)
+    rows, scores, percentiles = closest_in_history(
+        rec_rows, indptr - indptr[0], items, np.asarray(vectors), has_text, reference
+    )
     item_ids = pq.read_table(text / "item_ids.parquet")["item_id"].combine_chunks()
-    return Because(rows, scores, item_ids)
+    return Because(rows, scores, percentiles, item_ids)
 
 
 @dataclass(frozen=True)
 class Because:
-    """Explanations of one domain's top-k: global rows [U, k] (-1 none) and cosines [U, k] (NaN none)
-    of the closest history items, and the item ids by global row."""
+    """Explanations of one domain's top-k: global rows [U, k] (-1 none), cosines [U, k] (NaN none) of
+    the closest history items and their percentiles [U, k] among the domain's reference items, and the
+    item ids by global row."""
 
     rows: np.ndarray
     scores: np.ndarray
+    percentiles: np.ndarray
     item_ids: pa.Array
 
 
@@ -303,12 +313,17 @@ def domain_rows(
 
 def _because_columns(because: Because | None, valid: np.ndarray, n: int) -> dict[str, pa.Array]:
     if because is None:
-        return {"because_item_id": pa.nulls(n, pa.string()), "because_score": pa.nulls(n, pa.float32())}
-    rows, scores = because.rows[valid], because.scores[valid]
+        return {
+            "because_item_id": pa.nulls(n, pa.string()),
+            "because_score": pa.nulls(n, pa.float32()),
+            "because_percentile": pa.nulls(n, pa.float32()),
+        }
+    rows, scores, percentiles = because.rows[valid], because.scores[valid], because.percentiles[valid]
     missing = rows < 0
     return {
         "because_item_id": because.item_ids.take(pa.array(np.maximum(rows, 0), mask=missing)),
         "because_score": pa.array(scores, pa.float32(), mask=missing),
+        "because_percentile": pa.array(percentiles, pa.float32(), mask=missing | np.isnan(percentiles)),
     }
 
 

@@ -247,10 +247,13 @@ def _costs_section(record: dict, trend: list[dict]) -> str:
 
 
 def _because(r: dict) -> str:
-    """The history item closest to a recommended one in the model's text space, and that cosine."""
+    """The history item closest to a recommended one in the model's text space, that cosine, and its
+    percentile among the domain's reference items (tasks/publish/explain.py; absent in older runs)."""
     if not r.get("because_item_id"):
         return ""
-    return f"{escape(r.get('because_title') or r['because_item_id'])} ({r['because_score']:.2f})"
+    percentile = r.get("because_percentile")
+    closer = f", closer than {percentile:.0f} %" if percentile is not None else ""
+    return f"{escape(r.get('because_title') or r['because_item_id'])} ({r['because_score']:.2f}{closer})"
 
 
 def _examples_section(record: dict) -> str:
@@ -281,7 +284,12 @@ def _examples_section(record: dict) -> str:
         explained = any(r.get("because_item_id") for rows in u["recommendations"].values() for r in rows)
         for domain, rows in u["recommendations"].items():
             table = _table(
-                ["#", "item", "score", *(["because you had (cosine)"] if explained else [])],
+                [
+                    "#",
+                    "item",
+                    "score",
+                    *(["because you had (cosine, closer than N % of the domain)"] if explained else []),
+                ],
                 [
                     [
                         _n(r["rank"]),
