@@ -26,14 +26,30 @@ RUNS = "runs"
 
 
 class RunDir:
-    """WORKSPACE/runs/<run_id>/, or with `folder` another folder of runs/ holding the same run while it is
-    built (a forced retrain trains in `forced_folder(run_id)` and replaces the run's folder when it is
-    complete, so the earlier complete run stays whole until then)."""
+    """WORKSPACE/runs/<run_id>/. A run's folder is never replaced: a forced retrain on the same settings
+    and inputs is a run of its own, `<run_id>-r2`, `-r3`, ... (`retrain_id`), beside the first."""
 
-    def __init__(self, workspace: Workspace, run_id: str, folder: str | None = None) -> None:
+    def __init__(self, workspace: Workspace, run_id: str) -> None:
         self.run_id = run_id
-        self.folder = folder
-        self.path = workspace.root / RUNS / (folder or run_id)
+        self.path = workspace.root / RUNS / run_id
+
+    @staticmethod
+    def retrain_id(base: str, n: int) -> str:
+        """The id of the n-th training (n >= 2) of the settings and inputs whose first run is `base`."""
+        return f"{base}-r{n}"
+
+    @classmethod
+    def trainings(cls, workspace: Workspace, base: str) -> list[RunDir]:
+        """The folders of `base` and of its forced retrains (`retrain_id`) that exist, oldest first."""
+        root = workspace.root / RUNS
+        found = {1: cls(workspace, base)} if (root / base).is_dir() else {}
+        if root.is_dir():
+            prefix = f"{base}-r"
+            for path in root.iterdir():
+                n = path.name[len(prefix) :]
+                if path.name.startswith(prefix) and n.isdigit() and int(n) >= 2 and path.is_dir():
+                    found[int(n)] = cls(workspace, path.name)
+        return [found[n] for n in sorted(found)]
 
     @property
     def model(self) -> Path:
@@ -73,11 +89,6 @@ class RunDir:
     @property
     def checkpoint(self) -> Path:
         return self.path / "checkpoint.pt"
-
-    @staticmethod
-    def forced_folder(run_id: str) -> str:
-        """The folder of runs/ where a forced retrain of `run_id` is built (hidden, beside the run's own)."""
-        return f".{run_id}.forced"
 
     def is_complete(self) -> bool:
         return self.summary.exists() and self.model.exists()

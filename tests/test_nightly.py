@@ -22,6 +22,8 @@ from typer.testing import CliRunner
 from bridgerec.cli import app
 from bridgerec.flows.night import NightSummary, summary_markdown
 from bridgerec.flows.nightly import nightly_flow
+from bridgerec.storage.runs import RunDir
+from bridgerec.storage.workspace import Workspace
 from tests.browser import inspect_page
 from tests.conftest import REPO, SAMPLE
 from tests.train_data import EMBEDDING_CACHE
@@ -172,6 +174,10 @@ def test_a_forced_stage_is_rebuilt_on_unchanged_inputs(nights: Nights, tmp_path:
     overrides = _overrides(nights.ws.parent / "raw", ws, tmp_path / "warehouse.duckdb")
     with pytest.raises(ParameterTypeError, match=r"force\.0: Input should be 'ingest'"):
         nightly_flow(CONFIG, overrides, ["trian"])  # type: ignore[list-item]
+    served = nightly_flow(CONFIG, overrides)  # nothing changed: the copy's run is what this warehouse serves
+    assert served.gate is not None and served.published_run_id is not None
+    served_run = RunDir(Workspace(ws), served.gate.new_run_id)
+    weights = served_run.served.read_bytes()
     night = nightly_flow(CONFIG, overrides, ["train"])
     stages = night.stages
     assert stages.ingest is not None and stages.ingest.skipped
@@ -179,8 +185,18 @@ def test_a_forced_stage_is_rebuilt_on_unchanged_inputs(nights: Nights, tmp_path:
     assert stages.train is not None and not stages.train.skipped and stages.train.init == "cold"
     assert night.forced == ["train"] and night.status == "completed"
     assert "| train | did (forced) |" in summary_markdown(night)
+    # The retrain is a run of its own: the served run's weights are as they were, and the gate judged the
+    # best of the two on these inputs against the served one (scored, not waved through as "unchanged").
+    assert stages.train.run_id == f"{served_run.run_id}-r2"
+    assert served_run.served.read_bytes() == weights
+    assert night.gate is not None and night.best_run_id in (served_run.run_id, stages.train.run_id)
+    if night.best_run_id == served_run.run_id:  # the retrain scored lower: the served run stays best
+        assert night.gate.decision == "unchanged" and night.published_run_id == served.published_run_id
+    else:
+        assert night.gate.decision in ("passed", "refused") and night.gate.published_ndcg10 is not None
     unforced = nightly_flow(CONFIG, overrides)  # and the next night skips it again
     assert unforced.stages.train is not None and unforced.stages.train.skipped and unforced.forced == []
+    assert unforced.stages.train.run_id == stages.train.run_id  # the latest training of these inputs
 
 
 PLOTS = {"plot-quality", "plot-coverage", "plot-concentration", "plot-churn", "plot-data", "plot-costs"}
@@ -227,8 +243,9 @@ def test_each_night_writes_its_report_and_links_it(nights: Nights) -> None:
     # Each example item with the history item that explains it (the sample's model has a text space).
     first = examples[0]["recommendations"]["food"][0]
     assert first["because_item_id"] and -1 <= first["because_score"] <= 1
-    assert "because you had (cosine)" in html
-    assert f"{escape(first['because_title'])} ({first['because_score']:.2f})" in html
+    assert "because you had (cosine, closer than N % of the domain)" in html
+    closer = f"closer than {first['because_percentile']:.0f} %"
+    assert f"{escape(first['because_title'])} ({first['because_score']:.2f}, {closer})" in html
     failed = [json.loads(p.read_text()) for p in records]
     assert [r["status"] for r in sorted(failed, key=lambda r: r["started_at"])] == [
         "completed",

@@ -306,16 +306,15 @@ def test_warm_start_off_or_force_trains_cold(nights: Nights, tmp_path: Path) -> 
     assert (forced.init, forced.cold_start_reason, forced.skipped) == ("cold", "--force", False)
 
 
-def test_a_killed_forced_retrain_leaves_the_complete_run_whole_and_resumes(
+def test_a_forced_retrain_is_a_run_of_its_own_and_a_killed_one_resumes(
     nights: Nights, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`--force` on a run that is complete (the Sunday schedule's cold retrain on unchanged inputs) trains
-    beside it: killed in its second epoch, the complete run's folder is as it was (what publish serves,
-    the gate rescores and the next night warm-starts from); the forced rerun resumes its own checkpoint
-    and then replaces the folder whole. A kill between its summary and the replacement is finished by
-    the next run of the stage."""
+    a run of its own, `<run_id>-r2`: the complete run's folder is never touched (it may be serving, the
+    gate rescores it against the retrain, warm starts read it). Killed in its second epoch, the retrain
+    resumes from its own checkpoint on the next forced call; unforced calls skip to the latest complete
+    training of these inputs; the next forced call is `-r3`."""
     from bridgerec.models import trainer
-    from bridgerec.tasks.train import stage
 
     ws = Workspace(_copy(nights.ws, tmp_path / "ws"))
     settings = TrainSettings(model=MODEL, epochs=2, patience=2, warm_start=False, **FAST)
@@ -333,27 +332,25 @@ def test_a_killed_forced_retrain_leaves_the_complete_run_whole_and_resumes(
     with pytest.raises(Killed):
         run_train(StageRun(settings, ws, force=True))
     monkeypatch.undo()
-    assert {p.name: p.read_bytes() for p in run.path.iterdir() if p.is_file()} == before
-    forced = RunDir(ws, first.run_id, RunDir.forced_folder(first.run_id))
-    assert forced.checkpoint.exists() and not forced.summary.exists()
-    assert run_train(StageRun(settings, ws)).skipped  # unforced, the complete run is the run
+    retrain = RunDir(ws, f"{first.run_id}-r2")
+    assert retrain.checkpoint.exists() and not retrain.summary.exists()
+    skipped = run_train(StageRun(settings, ws))  # unforced: the complete run is the run
+    assert skipped.skipped and skipped.run_id == first.run_id
 
     resumed = run_train(StageRun(settings, ws, force=True))
+    assert resumed.run_id == retrain.run_id and resumed.run_dir == str(retrain.path)
     assert (resumed.init, resumed.cold_start_reason, resumed.resumed_from_epoch) == ("cold", "--force", 1)
-    assert resumed.run_dir == str(run.path) and run.is_complete() and not forced.path.exists()
-    assert json.loads(run.summary.read_text())["resumed_from_epoch"] == 1  # the folder is the new run's
+    assert retrain.is_complete() and not retrain.checkpoint.exists()
+    assert {p.name: p.read_bytes() for p in run.path.iterdir() if p.is_file()} == before  # untouched
+    assert [r.run_id for r in RunDir.trainings(ws, first.run_id)] == [first.run_id, retrain.run_id]
+    board = ws.read_table("train", "runs", ["run_id"])["run_id"].to_pylist()
+    assert {first.run_id, retrain.run_id} <= set(board)  # both on the leaderboard, judged alike
+
+    latest = run_train(StageRun(settings, ws))  # unforced: the latest complete training of these inputs
+    assert latest.skipped and latest.run_id == retrain.run_id
+    third = run_train(StageRun(settings, ws, force=True))
+    assert third.run_id == f"{first.run_id}-r3" and not third.skipped and third.resumed_from_epoch == 0
     assert sorted(p.name for p in run.path.parent.iterdir() if p.name.startswith(".")) == []
-
-    def killed_while_replacing(final: RunDir, new: RunDir) -> None:
-        raise Killed("killed before the swap")
-
-    monkeypatch.setattr(stage, "_replace_run", killed_while_replacing)
-    with pytest.raises(Killed):
-        run_train(StageRun(settings, ws, force=True))
-    monkeypatch.undo()
-    assert forced.is_complete() and json.loads(run.summary.read_text())["resumed_from_epoch"] == 1
-    again = run_train(StageRun(settings, ws))
-    assert again.skipped and again.resumed_from_epoch == 0 and not forced.path.exists()
 
 
 def test_a_killed_warm_run_resumes_as_the_warm_run_it_was(

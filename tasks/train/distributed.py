@@ -55,11 +55,10 @@ class DataParallelJob(BaseModel):
     # train.refit: train these epochs' rates through the validation targets (tasks/train/refit.py)
     # instead of the selection loop; rank 0 hands the weights back in dp-result.pt.
     refit_rates: list[float] | None = None
-    folder: str | None = None  # the run's folder under runs/ where it is not its id (a forced retrain's)
 
     @property
     def run_dir(self) -> RunDir:
-        return RunDir(Workspace(self.workspace), self.run_id, self.folder)
+        return RunDir(Workspace(self.workspace), self.run_id)
 
 
 def _device(settings: TrainSettings) -> torch.device:

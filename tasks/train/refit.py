@@ -107,7 +107,7 @@ def refit(
 
         dp = settings.data_parallel
         job = DataParallelJob(
-            settings=settings, workspace=str(run.workspace.root), run_id=run_dir.run_id, folder=run_dir.folder,
+            settings=settings, workspace=str(run.workspace.root), run_id=run_dir.run_id,
             threads=max(1, int(dp.cpus_per_worker)), warm=init.init == "warm", init=init.model_dump(mode="json"),
             refit_rates=rates,
         )  # fmt: skip

@@ -45,7 +45,7 @@ from bridgerec.runtime.logs import DETAIL
 from bridgerec.runtime.reports import TableReport
 from bridgerec.runtime.runner import step
 from bridgerec.storage import schemas
-from bridgerec.storage.files import atomic_path, swap_dir
+from bridgerec.storage.files import atomic_path
 from bridgerec.storage.runs import RunDir
 from bridgerec.storage.workspace import Workspace, hash_json
 from bridgerec.storage.workspace import config_hash as workspace_config_hash
@@ -194,31 +194,17 @@ def run_train(run: StageRun[TrainSettings]) -> TrainSummary:
     """Train `settings.model` on the workspace; skip when the same run already finished.
 
     The run id hashes the settings (`config_hash`) and the input files; a run interrupted earlier resumes
-    from its checkpoint, a new one starts warm or cold (`init_from`)."""
+    from its checkpoint, a new one starts warm or cold (`init_from`); a forced one is a run of its own
+    beside the complete one (`_run_dir`)."""
     settings, workspace, log = run.settings, run.workspace, run.log
     started = time.perf_counter()
     hashes = input_hashes(input_files(workspace, settings.uses_llm_tables, settings.uses_profiles))
-    final = RunDir(workspace, run_id_for(settings, hashes))
-    forced = RunDir(workspace, final.run_id, RunDir.forced_folder(final.run_id))
-    if forced.is_complete():  # a forced retrain killed while it replaced the run's folder: finish that
-        _replace_run(final, forced)
-    if final.is_complete() and not run.force:
-        log.info("train: %s already trained on these inputs, skipping (%s)", final.run_id, final.path)
-        summary = TrainSummary(**final.read_summary())
-        _record(workspace, final, summary, hashes, config_hash(settings), settings.select_by)
+    run_dir = _run_dir(run, run_id_for(settings, hashes))
+    if run_dir.is_complete():  # unforced, and these settings and inputs are trained: their latest run
+        log.info("train: %s already trained on these inputs, skipping (%s)", run_dir.run_id, run_dir.path)
+        summary = TrainSummary(**run_dir.read_summary())
+        _record(workspace, run_dir, summary, hashes, config_hash(settings), settings.select_by)
         return summary.model_copy(update={"skipped": True, "seconds": time.perf_counter() - started})
-    run_dir = final
-    if run.force and final.is_complete():
-        # Retrained beside the complete run, which stays whole (served, rescored, warm-started from)
-        # until the new one is: killed, the rerun resumes the forced run from its own checkpoint there.
-        run_dir = forced
-        log.info(
-            "train: --force: retraining %s in %s; the complete run stays until then",
-            final.run_id,
-            forced.path,
-        )
-    elif run.force and final.path.exists():  # an unfinished attempt: nothing complete to keep
-        shutil.rmtree(final.path)
 
     threads = run.threads_for(settings.threads)
     torch.set_num_threads(threads)
@@ -250,12 +236,10 @@ def run_train(run: StageRun[TrainSettings]) -> TrainSummary:
             "threads": threads,
         }
     )
-    summary = summary.model_copy(update={"run_dir": str(final.path)})
+    summary = summary.model_copy(update={"run_dir": str(run_dir.path)})
     run_dir.write_summary(summary.model_dump(mode="json"))
     run_dir.checkpoint.unlink(missing_ok=True)
-    if run_dir is forced:  # the forced run is complete: it replaces the earlier one, whole
-        _replace_run(final, forced)
-    _record(workspace, final, summary, hashes, config_hash(settings), settings.select_by)
+    _record(workspace, run_dir, summary, hashes, config_hash(settings), settings.select_by)
     log.info(
         "train: %s (%s start) %s, test ndcg@10 %.4f (full %.4f), %.1f s/epoch",
         run_dir.run_id,
@@ -268,12 +252,37 @@ def run_train(run: StageRun[TrainSettings]) -> TrainSummary:
     return summary
 
 
-def _replace_run(final: RunDir, forced: RunDir) -> None:
-    """Put the complete forced retrain in place of the run's folder (readers see the old run or the new,
-    whole); the old folder is deleted."""
-    trash = final.path.with_name(f".{final.run_id}.replaced")
-    shutil.rmtree(trash, ignore_errors=True)  # left by a kill during an earlier replacement's delete
-    swap_dir(forced.path, final.path, trash)
+def _run_dir(run: StageRun[TrainSettings], base: str) -> RunDir:
+    """The folder this call trains in, or the complete run it skips to.
+
+    Unforced: the latest complete training of these settings and inputs (`base` or a forced retrain of
+    it, `base-rN`), skipped; else `base`, which resumes from its checkpoint if it has one. Forced: a
+    complete run is never touched (it may be serving, the gate rescores it, warm starts read it), so the
+    retrain is a run of its own, `base-r{N+1}`, that the leaderboard and the quality gate judge like any
+    other; a forced retrain killed before it finished is resumed by the next forced call; an unfinished
+    `base` is started again."""
+    trainings = RunDir.trainings(run.workspace, base)
+    complete = [t for t in trainings if t.is_complete()]
+    if not run.force:
+        return complete[-1] if complete else RunDir(run.workspace, base)
+    newest = trainings[-1] if trainings else RunDir(run.workspace, base)
+    if newest.is_complete():
+        retrain = RunDir(run.workspace, RunDir.retrain_id(base, _number(newest, base) + 1))
+        run.log.info(
+            "train: --force: retraining %s as %s; %s stays as it is (the gate judges the new run)",
+            base,
+            retrain.run_id,
+            newest.run_id,
+        )
+        return retrain
+    if newest.run_id == base and newest.path.exists():  # an unfinished first attempt: nothing to keep
+        shutil.rmtree(newest.path)
+    return newest
+
+
+def _number(run_dir: RunDir, base: str) -> int:
+    """N of `base-rN` (1 for `base` itself)."""
+    return 1 if run_dir.run_id == base else int(run_dir.run_id[len(base) + 2 :])
 
 
 def load_inputs(run: StageRun[TrainSettings]) -> TrainInputs:
@@ -398,7 +407,7 @@ def _fit(
         dp = settings.data_parallel
         log.info("train: data-parallel over %d workers (%s)", dp.workers, dp.launcher)
         job = DataParallelJob(
-            settings=settings, workspace=str(run.workspace.root), run_id=run_dir.run_id, folder=run_dir.folder,
+            settings=settings, workspace=str(run.workspace.root), run_id=run_dir.run_id,
             threads=max(1, int(dp.cpus_per_worker)), warm=start.init.init == "warm",
             init=start.init.model_dump(mode="json"),
         )  # fmt: skip
