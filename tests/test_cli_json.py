@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -180,6 +181,17 @@ def test_a_failed_night_answers_with_what_it_finished(prefect_harness: None, tmp
     assert answer["status"] == "failed" and answer["failed_stage"] == "enrich"
     assert set(answer["seconds"]) >= {"ingest", "enrich"}  # the failed stage keeps the seconds it ran
     assert answer["stages"]["ingest"]["users"] > 0 and answer["stages"]["enrich"] is None
+    # In Prefect the night and its stages are named by what and when (not `marble-kingfisher`), and the
+    # night carries the deployment's tags and where it came from.
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        night = client.read_flow_run(answer["flow_run_id"])
+        runs = client.read_flow_runs(limit=200)
+    assert re.fullmatch(r"night \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", night.name), night.name
+    assert {"bridgerec", "nightly", "cli"} <= set(night.tags)
+    stages = {r.name.split()[0] for r in runs if r.parent_task_run_id is not None and r.start_time}
+    assert {"ingest", "enrich"} <= stages, stages
 
 
 def test_a_night_stopped_by_its_data_checks_is_an_input_fault(prefect_harness: None, tmp_path: Path) -> None:
@@ -348,6 +360,19 @@ def test_a_reader_without_a_config_says_the_config_is_what_is_missing(
     assert out.exit_code == 2, out.output
     assert "no config was given" in out.stderr and "--config FILE" in out.stderr
     assert not (tmp_path / "workspace").exists()
+
+
+def test_a_reader_elsewhere_than_the_run_names_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The config names a relative workspace, read from the working directory: a reading command started
+    from another folder names that folder and the way out (a new user's trial: "run `bridgerec publish`
+    first" from /tmp, after a published run)."""
+    monkeypatch.chdir(tmp_path)
+    out = CliRunner().invoke(app, ["recs", "--config", str(REPO / "configs" / "sample.yaml"), "--user", "a1"])
+    assert out.exit_code == 2, out.output
+    assert f"does not exist in the working directory {tmp_path}" in out.stderr
+    assert "--warehouse with an absolute path" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
 def test_a_stage_on_the_default_workspace_says_nothing_named_one(

@@ -420,12 +420,14 @@ def test_only_transient_failures_are_retried() -> None:
 
 # ---- the warehouse file format: DuckDB 1.x clients -----------------------------------------------------
 
-DUCKDB1 = Path(__file__).resolve().parents[1] / ".venv" / "duckdb1-client"
+DUCKDB1 = Path(__file__).resolve().parents[1] / ".venv" / "duckdb1-client"  # 1.5.6, the newest 1.x
+DUCKDB11 = DUCKDB1.with_name("duckdb11-client")  # 1.1.0, the oldest that reads the warehouse
 
 
-def _open_with_duckdb1(path: Path) -> subprocess.CompletedProcess:
-    """Open `path` read-only with the DuckDB 1.x client that scripts/setup.sh installs apart
-    (requirements/duckdb1-client.txt), in a Python without the project's site-packages."""
+def _open_with_duckdb1(path: Path, client: Path = DUCKDB1) -> subprocess.CompletedProcess:
+    """Open `path` read-only with a DuckDB 1.x client that scripts/setup.sh installs apart
+    (requirements/duckdb1-client.txt, duckdb11-client.txt), in a Python without the project's
+    site-packages."""
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]); import duckdb\n"
         "con = duckdb.connect(sys.argv[2], read_only=True)\n"
@@ -433,7 +435,7 @@ def _open_with_duckdb1(path: Path) -> subprocess.CompletedProcess:
         " con.execute('SELECT max(version) FROM schema_migrations').fetchall()[0][0])\n"
     )
     return subprocess.run(
-        [sys.executable, "-S", "-c", code, str(DUCKDB1), str(path)],
+        [sys.executable, "-S", "-c", code, str(client), str(path)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -442,21 +444,23 @@ def _open_with_duckdb1(path: Path) -> subprocess.CompletedProcess:
 
 def test_duckdb1_clients_open_a_published_warehouse(tmp_path: Path) -> None:
     """A warehouse written in DuckDB 2's own format (what publish wrote before the setting) shuts out
-    1.x clients; the next publish converts it to the default v1.0.0 format, which a real DuckDB 1.5.6
-    opens, views and all."""
+    1.x clients; the next publish converts it to the default v1.0.0 format, which real DuckDB 1.5.6 and
+    1.1.0 clients open, views and all (1.0.0 cannot: requirements/duckdb11-client.txt)."""
     from tests.test_publish_warehouse import make_batch
 
-    assert (DUCKDB1 / "duckdb").is_dir(), f"{DUCKDB1} is missing: run scripts/setup.sh"
+    for client in (DUCKDB1, DUCKDB11):
+        assert (client / "duckdb").is_dir(), f"{client} is missing: run scripts/setup.sh"
     path = tmp_path / "warehouse.duckdb"
     wh.publish(path, make_batch("r1"), retention_runs=3, storage_compatibility="latest")
     old = _open_with_duckdb1(path)
     assert old.returncode != 0 and "version number" in old.stderr
     wh.publish(path, make_batch("r2"), retention_runs=3)  # the default setting
     assert wh.storage_header_version(path) == 64
-    new = _open_with_duckdb1(path)
-    assert new.returncode == 0, new.stderr
-    version, rows, schema = new.stdout.split()
-    assert version.startswith("1.") and int(rows) == 5 * 2 * 3 and int(schema) == wh.SCHEMA_VERSION
+    for client, want in ((DUCKDB1, "1.5."), (DUCKDB11, "1.1.")):
+        new = _open_with_duckdb1(path, client)
+        assert new.returncode == 0, new.stderr
+        version, rows, schema = new.stdout.split()
+        assert version.startswith(want) and int(rows) == 5 * 2 * 3 and int(schema) == wh.SCHEMA_VERSION
     with duckdb.connect(str(path), read_only=True) as con:  # both runs survived the conversion
         assert [r[0] for r in con.execute("SELECT run_id FROM runs ORDER BY seq").fetchall()] == ["r1", "r2"]
 

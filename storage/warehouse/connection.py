@@ -85,7 +85,16 @@ def open_read_only(
     """
     path = Path(path)
     if not path.is_file():
-        raise WarehouseError(f"warehouse {path} does not exist: run `bridgerec publish` first")
+        # A relative path (a config's relative workspace) is read from the working directory, which the
+        # reader's shell may not share with the pipeline's.
+        where = "" if path.is_absolute() else f" in the working directory {Path.cwd()}"
+        cause = (
+            ""
+            if path.is_absolute()
+            else " (relative paths are read from where the command runs: run it from the folder the "
+            "pipeline ran in, or give --warehouse with an absolute path)"
+        )
+        raise WarehouseError(f"warehouse {path} does not exist{where}: run `bridgerec publish` first{cause}")
     try:
         return duckdb.connect(str(path), read_only=True)
     except duckdb.Error as exc:
