@@ -325,11 +325,13 @@ def test_docs_sql_examples_run_on_a_published_warehouse(
         con.execute("SET VARIABLE workspace = ?", [str(profiled_workspace)])
         results = [con.execute(q).fetchall() for q in queries]
     user_rows = results[0]
-    assert len(user_rows) == 40 and user_rows[0][7] == f"Enjoys things, says user {user}."
-    assert user_rows[0][5] is None and user_rows[0][6] is None  # vectors handed in: no text space
+    assert len(user_rows) == 40 and user_rows[0][8] == f"Enjoys things, says user {user}."
+    assert user_rows[0][5:8] == (None, None, None)  # vectors handed in: no text space, no explanation
     assert len(results[1]) == 20  # top 10 items in each of the two domains
     assert [r[0] for r in results[2]] == ["food", "kitchen"] and all(0 < r[3] <= 1 for r in results[2])
     assert 0 < results[3][0][0] <= 1000
+    meanings = results[-1]  # the last example: what latest_recommendations' columns mean
+    assert [r[0] for r in meanings][:3] == ["run_id", "user_id", "domain"] and all(r[2] for r in meanings)
 
 
 def test_sql_runs_a_query_read_only(published: tuple[Path, dict]) -> None:

@@ -625,3 +625,59 @@ def test_runs_list_gives_each_runs_validation_figure_and_the_serving_run(tmp_pat
     listed = {r["run_id"]: r for r in wh.list_runs(path)}
     assert listed["r1"]["valid_ndcg10"] == pytest.approx(0.041) and not listed["r1"]["serving"]
     assert listed["r2"]["valid_ndcg10"] == pytest.approx(0.043) and listed["r2"]["serving"]
+
+
+def test_every_table_view_and_column_says_what_it_means(tmp_path: Path) -> None:
+    """Analysts' tools show DuckDB comments (`duckdb_columns().comment`, DBeaver's tooltips): every table
+    and view of a published warehouse, and each of their columns, has one, also after the next publish
+    rewrote the views (which drops a view's comments), and a 1.1 client reads them. A published run's
+    `valid_ndcg10` is its own validation figure (full ranking), so `latest_run` answers it (a new user's
+    trial found it NULL)."""
+    from tests.test_input_cases import DUCKDB11, _open_with_duckdb1
+
+    path = tmp_path / "w.duckdb"
+    for run_id, figure in (("r1", 0.041), ("r2", 0.043)):
+        batch = make_batch(run_id)
+        valid = pa.table(
+            {
+                "model": ["m"], "split": ["valid"], "protocol": ["full"], "domain": ["all"],
+                "user_group": ["all"], "metric": ["ndcg@10"], "value": [figure],
+                "users": pa.array([3], pa.int64()),
+            }
+        )  # fmt: skip
+        batch.metrics = pa.concat_tables([batch.metrics, valid])
+        wh.publish(path, batch, retention_runs=3)
+    missing = query(
+        path,
+        "SELECT table_name, column_name FROM duckdb_columns() WHERE NOT internal AND comment IS NULL",
+    )
+    assert missing == []
+    objects = query(
+        path,
+        "SELECT table_name, comment FROM duckdb_tables() WHERE NOT internal "
+        "UNION ALL SELECT view_name, comment FROM duckdb_views() WHERE NOT internal",
+    )
+    assert len(objects) >= 17 and all(comment for _, comment in objects), objects
+    [(comment,)] = query(
+        path,
+        "SELECT comment FROM duckdb_columns() WHERE table_name = 'latest_recommendations' "
+        "AND column_name = 'because_percentile'",
+    )
+    assert "chance" in comment
+    assert query(path, "SELECT run_id, valid_ndcg10 FROM runs ORDER BY seq") == [("r1", 0.041), ("r2", 0.043)]
+    assert query(path, "SELECT valid_ndcg10 FROM latest_run") == [(0.043,)]
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import duckdb\n"
+        "con = duckdb.connect(sys.argv[2], read_only=True)\n"
+        "print(*con.execute(\"SELECT count(*), count(comment) FROM duckdb_columns() WHERE table_name = 'runs'\").fetchone())\n"
+    )
+    old = subprocess.run(
+        [sys.executable, "-S", "-c", code, str(DUCKDB11), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert old.returncode == 0, old.stderr
+    columns, commented = map(int, old.stdout.split())
+    assert columns == commented > 30
+    assert _open_with_duckdb1(path, DUCKDB11).returncode == 0

@@ -174,9 +174,22 @@ def _record(
         + ", ".join(f"{c} = excluded.{c}" for c in _RUN_COLUMNS),
         [run.run_id, seq, run.started_at, now, *stats, *(getattr(run, c) for c in _RUN_COLUMNS)],
     )
+    _fill_valid_ndcg10(con)
     purged = _apply_retention(con, keep, now)
     con.execute("COMMIT")
     return int(seq), purged
+
+
+def _fill_valid_ndcg10(con: duckdb.DuckDBPyConnection) -> None:
+    """A published run's `valid_ndcg10`: its own validation NDCG@10 under full ranking, from `metrics`, so
+    `SELECT valid_ndcg10 FROM latest_run` answers (a night's row has the gate's figure). Also fills the
+    rows of runs published before the column was filled."""
+    con.execute(
+        "UPDATE runs SET valid_ndcg10 = m.value FROM (SELECT run_id, any_value(value) AS value FROM metrics "
+        "WHERE split = 'valid' AND protocol = 'full' AND domain = 'all' AND user_group = 'all' "
+        "AND metric = 'ndcg@10' GROUP BY run_id) m "
+        "WHERE runs.run_id = m.run_id AND runs.kind = 'publish' AND runs.valid_ndcg10 IS NULL"
+    )
 
 
 def _apply_retention(con: duckdb.DuckDBPyConnection, keep: int, now: datetime) -> list[str]:

@@ -45,6 +45,7 @@ import duckdb
 
 from bridgerec.runtime.logs import get_logger
 from bridgerec.storage.files import fsync_path
+from bridgerec.storage.warehouse.comments import apply_comments
 from bridgerec.storage.warehouse.connection import (
     NOTHING_PUBLISHED,
     damaged,
@@ -197,6 +198,7 @@ def rewrite(
             migrate(con, context=move)
             yield con, timings
             refresh_views(con, path.parent)
+            apply_comments(con)  # after the views: CREATE OR REPLACE VIEW drops their comments
             con.execute("CHECKPOINT")
             con.close()
             con = None

@@ -50,7 +50,7 @@ def _sql_type(t: pa.DataType) -> str:
     return _DUCKDB_TYPES[t]
 
 
-def _literal(text: str) -> str:
+def sql_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
@@ -77,7 +77,7 @@ def scan_parts(kind: str, files: list[str]) -> str:
     by name supplies it, also when no listed part has it)."""
     if not files:
         return typed_empty(kind)
-    paths = ", ".join(_literal(f) for f in files)
+    paths = ", ".join(sql_literal(f) for f in files)
     return (
         f"{typed_empty(kind)} UNION ALL BY NAME SELECT * FROM read_parquet([{paths}], union_by_name = true)"
     )
