@@ -22,7 +22,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from bridgerec.config import Settings, load_settings
 from bridgerec.flows.night import Held, NightSummary, summary_markdown
-from bridgerec.flows.stage import one_cluster, run_name, run_stage
+from bridgerec.flows.stage import TaskRuns, one_cluster, run_name, run_stage
 from bridgerec.runtime.errors import is_transient
 from bridgerec.runtime.logs import DETAIL, get_logger
 from bridgerec.runtime.signals import process_alive, stop_signal, this_process
@@ -154,7 +154,7 @@ class Night:
                 off = "data checks off (checks.enabled)"
                 self.summary.data_checks = DataChecks(rows=[], passed=True, message=off)
                 return
-            checks = check_data(self.settings.checks, self.workspace)
+            checks = TaskRuns(concurrent=False).call(check_data, self.settings.checks, self.workspace)
             self.summary.data_checks = checks
             get_logger().info("nightly: %s", checks.message, extra=DETAIL)
             _artifact(
@@ -172,7 +172,8 @@ class Night:
             before = published_run(self.warehouse)
             best = resolve_trained_run(self.workspace)
             self.summary.best_run_id, self.summary.best_valid_ndcg10 = best.run_id, best.valid_ndcg10
-            gate = run_gate(
+            gate = TaskRuns(concurrent=False).call(  # a task run of its own, as the data checks
+                run_gate,
                 self.settings.gate,
                 self.settings.train,
                 self.workspace,

@@ -184,14 +184,21 @@ def test_a_failed_night_answers_with_what_it_finished(prefect_harness: None, tmp
     # In Prefect the night and its stages are named by what and when (not `marble-kingfisher`), and the
     # night carries the deployment's tags and where it came from.
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
         night = client.read_flow_run(answer["flow_run_id"])
         runs = client.read_flow_runs(limit=200)
+        tasks = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[night.id])), limit=200
+        )
     assert re.fullmatch(r"night \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", night.name), night.name
     assert {"bridgerec", "nightly", "cli"} <= set(night.tags)
     stages = {r.name.split()[0] for r in runs if r.parent_task_run_id is not None and r.start_time}
     assert {"ingest", "enrich"} <= stages, stages
+    # The data checks are a task run of the night, beside the stages' subflow runs, with its state.
+    checks = [t for t in tasks if t.name.startswith("data-checks")]
+    assert len(checks) == 1 and checks[0].state is not None and checks[0].state.is_completed(), tasks
 
 
 def test_a_night_stopped_by_its_data_checks_is_an_input_fault(prefect_harness: None, tmp_path: Path) -> None:

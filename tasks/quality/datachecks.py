@@ -19,6 +19,7 @@ import pyarrow as pa
 from pydantic import BaseModel
 
 from bridgerec.runtime.errors import InputError
+from bridgerec.runtime.runner import step
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.ingest import IngestOutputs
 from bridgerec.tasks.quality.settings import DataCheckSettings
@@ -78,6 +79,7 @@ def _current(con: duckdb.DuckDBPyConnection, workspace: Workspace) -> None:
     )
 
 
+@step("data-checks")
 def check_data(settings: DataCheckSettings, workspace: Workspace) -> DataChecks:
     """Compare tonight's ingest output with the last completed night's; keep tonight's snapshot as
     pending when the check passes (`keep_data_snapshot` makes it the reference once the night completes).

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from bridgerec.runtime.runner import step
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.publish import PublishSettings, candidate_lists
 from bridgerec.tasks.quality.settings import GateSettings
@@ -147,6 +148,7 @@ def change_text(new: float, old: float | None) -> str:
     return f"{new - old:+.4f}" + (f" ({(new - old) / old:+.1%})" if old else "")
 
 
+@step("quality-gate")
 def run_gate(
     settings: GateSettings,
     train: TrainSettings,
