@@ -64,12 +64,17 @@ class NightSummary(BaseModel):
         return self.failed_stage is None and self.gate is not None and not self.gate.publish
 
     def unchanged_ndcg10(self) -> float | None:
-        """On a night the gate scored nothing (`unchanged`: the published run's inputs did not change), the
-        run's own validation NDCG@10 (full ranking) from its train summary: the morning read's headline
-        and the night row's `valid_ndcg10`, so a trend read from `nights` has no gap; None otherwise."""
+        """On a night the gate scored nothing (`unchanged`: the published run is still the best on its
+        inputs), that run's own validation NDCG@10 (full ranking): the morning read's headline and the
+        night row's `valid_ndcg10`, so a trend read from `nights` has no gap; None otherwise. Tonight's
+        train run is that run only where it is the best: a run trained tonight that scored lower (a
+        forced retrain, other settings) is not what serves, so the figure is then the best run's from
+        the leaderboard (a new user's trial saw tonight's lower figure reported as the served run's)."""
         gate, train = self.gate, self.stages.train
         if gate is None or gate.decision != "unchanged" or train is None:
             return None
+        if self.best_run_id is not None and train.run_id != self.best_run_id:
+            return self.best_valid_ndcg10
         figure = train.valid.get("full", train.valid).get("overall", {}).get("ndcg@10")
         return float(figure) if figure is not None else None
 
@@ -194,7 +199,8 @@ def summary_markdown(summary: NightSummary) -> str:
     ]
     if summary.gate is not None and summary.gate.decision == "refused":
         lines.append(
-            f"To publish the refused run anyway: `bridgerec publish --run-id {summary.gate.new_run_id}` "
-            "(with the night's config)."
+            f"To publish the refused run anyway: `bridgerec publish --config FILE --run-id "
+            f"{summary.gate.new_run_id}` (FILE: the config the night ran with, so the same workspace, "
+            "warehouse and publish settings)."
         )
     return "\n".join(lines)

@@ -96,7 +96,11 @@ def test_gate_holds_a_worse_run_publishes_a_better_one_and_can_be_overridden(
     assert night["stages"]["publish"] == {"status": "held by the gate"}
     assert _latest(warehouse) == strong_1  # analysts still see last night's lists
     md = summary_markdown(refused.value.summary)
-    assert "FAILED" in md and "gate: **refused**" in md and f"bridgerec publish --run-id {weak}" in md
+    assert (
+        "FAILED" in md
+        and "gate: **refused**" in md
+        and f"bridgerec publish --config FILE --run-id {weak}" in md
+    )
     board = json.loads(
         duckdb.sql(f"SELECT to_json(list(run_id)) FROM '{ws}/train/runs.parquet'").fetchall()[0][0]
     )

@@ -180,6 +180,34 @@ def test_the_morning_read_says_when_tonights_run_is_not_the_one_judged() -> None
     assert "not the best run" not in summary_markdown(night)
 
 
+def test_an_unchanged_night_reports_the_served_runs_figure_not_tonights() -> None:
+    """Gate `unchanged`: the best run on tonight's inputs is the published one. Where tonight's train run
+    is another that scored lower (a forced retrain, a rerun with other settings), the night's figure (its
+    headline and `nights.valid_ndcg10`) is the served run's, not tonight's (a new user's trial saw 0.0588,
+    tonight's weaker run, reported as the published run's 0.0602)."""
+    from bridgerec.flows.night import NightSummary, summary_markdown
+    from bridgerec.tasks.quality import GateResult
+    from bridgerec.tasks.train import TrainSummary
+
+    train = TrainSummary(
+        run_id="weaker", model="llm4cdsr-hybrid", epochs=1, best_epoch=1, epoch_seconds=1.0,
+        eval_seconds=1.0, train_seconds=1.0, valid={"full": {"overall": {"ndcg@10": 0.0588}}}, test={},
+        users=10, peak_rss_mb=1.0,
+    )  # fmt: skip
+    night = NightSummary(night_id="n", workspace="ws", warehouse="w.duckdb", status="completed")
+    night.stages.train = train
+    night.best_run_id, night.best_valid_ndcg10 = "served", 0.0602
+    night.gate = GateResult(
+        decision="unchanged", publish=True, message="run served is the published one", new_run_id="served",
+        published_run_id="served",
+    )  # fmt: skip
+    assert night.unchanged_ndcg10() == 0.0602
+    assert "0.0602: the published run's" in summary_markdown(night)
+    assert night.record(datetime.now(UTC)).valid_ndcg10 == 0.0602
+    night.best_run_id = "weaker"  # tonight's run is the best and the published one: its own figure
+    assert night.unchanged_ndcg10() == 0.0588
+
+
 def test_a_change_that_rounds_to_nothing_says_so() -> None:
     from bridgerec.tasks.quality import change_text
 
@@ -206,3 +234,39 @@ def test_the_alert_command_explains_itself_and_refuses_what_would_be_lost(
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
         assert main(["https://hooks.slack.com/services/T000/B000/XXXX"]) == 2
     assert capsys.readouterr().err.startswith("error: PREFECT_API_URL is not set")
+
+
+def test_the_report_of_an_unchanged_night_says_the_lists_did_not_change(tmp_path: Path) -> None:
+    """A night whose publish skipped itself (the serving run is still the best) wrote no lists: its report
+    says the lists are unchanged, not that "the first published run has nothing to compare with" (a new
+    user's trial read that on its ninth night)."""
+    from bridgerec.storage.workspace import Workspace
+    from bridgerec.tasks.report import collect_night
+    from bridgerec.tasks.report.settings import ReportSettings
+    from bridgerec.tasks.train.settings import TrainSettings
+
+    summary = {
+        "night_id": "night-9",
+        "stages": {"train": None, "publish": {"run_id": "served", "skipped": True}},
+        "published_run_id": "served",
+        "list_stability": None,
+    }
+    record = collect_night(
+        summary,
+        Workspace(tmp_path),
+        tmp_path / "w.duckdb",
+        ReportSettings(),
+        TrainSettings(),
+        datetime.now(UTC),
+    )
+    assert "unchanged tonight" in record["figures"]["missing"]["churn_histogram"]
+    summary["stages"]["publish"] = None  # a night that stopped before publishing
+    record = collect_night(
+        summary,
+        Workspace(tmp_path),
+        tmp_path / "w.duckdb",
+        ReportSettings(),
+        TrainSettings(),
+        datetime.now(UTC),
+    )
+    assert record["figures"]["missing"]["churn_histogram"] == "nothing published tonight"

@@ -196,7 +196,7 @@ def test_a_forced_stage_is_rebuilt_on_unchanged_inputs(nights: Nights, tmp_path:
         assert night.gate.decision in ("passed", "refused") and night.gate.published_ndcg10 is not None
     unforced = nightly_flow(CONFIG, overrides)  # and the next night skips it again
     assert unforced.stages.train is not None and unforced.stages.train.skipped and unforced.forced == []
-    assert unforced.stages.train.run_id == stages.train.run_id  # the latest training of these inputs
+    assert unforced.stages.train.run_id == night.best_run_id  # the best training of these inputs
 
 
 PLOTS = {"plot-quality", "plot-coverage", "plot-concentration", "plot-churn", "plot-data", "plot-costs"}

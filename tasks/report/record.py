@@ -110,7 +110,9 @@ def collect_night(
     record["recorded_at"] = datetime.now(UTC).isoformat()
     figures: dict[str, Any] = {"missing": {}}
     serving = summary.get("published_run_id")
-    published_tonight = (summary["stages"].get("publish") or {}).get("run_id")
+    publish = summary["stages"].get("publish") or {}
+    # A skipped publish (the serving run unchanged) wrote no lists: nothing churned, whatever came before.
+    published_tonight = None if publish.get("skipped") else publish.get("run_id")
     stability: list[dict[str, Any]] = summary.get("list_stability") or []
     previous = stability[0].get("previous_run_id") if stability else None
     steps = {
@@ -134,7 +136,11 @@ def collect_night(
             figures["missing"][name] = (
                 "this night did not get that far"
                 if name != "churn_histogram"
-                else ("nothing published tonight")
+                else (
+                    "the serving lists are unchanged tonight (the published run is the best on these inputs)"
+                    if publish.get("skipped")
+                    else "nothing published tonight"
+                )
             )
         else:
             figures[name] = value

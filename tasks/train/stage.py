@@ -255,8 +255,9 @@ def run_train(run: StageRun[TrainSettings]) -> TrainSummary:
 def _run_dir(run: StageRun[TrainSettings], base: str) -> RunDir:
     """The folder this call trains in, or the complete run it skips to.
 
-    Unforced: the latest complete training of these settings and inputs (`base` or a forced retrain of
-    it, `base-rN`), skipped; else `base`, which resumes from its checkpoint if it has one. Forced: a
+    Unforced: the best complete training of these settings and inputs (`base` or a forced retrain of
+    it, `base-rN`; by validation under `select_by`, ties to the earlier: the one the leaderboard picks
+    among them), skipped; else `base`, which resumes from its checkpoint if it has one. Forced: a
     complete run is never touched (it may be serving, the gate rescores it, warm starts read it), so the
     retrain is a run of its own, `base-r{N+1}`, that the leaderboard and the quality gate judge like any
     other; a forced retrain killed before it finished is resumed by the next forced call; an unfinished
@@ -264,12 +265,13 @@ def _run_dir(run: StageRun[TrainSettings], base: str) -> RunDir:
     trainings = RunDir.trainings(run.workspace, base)
     complete = [t for t in trainings if t.is_complete()]
     if not run.force:
-        return complete[-1] if complete else RunDir(run.workspace, base)
+        return _best_of(complete, run.settings.select_by) if complete else RunDir(run.workspace, base)
     newest = trainings[-1] if trainings else RunDir(run.workspace, base)
     if newest.is_complete():
         retrain = RunDir(run.workspace, RunDir.retrain_id(base, _number(newest, base) + 1))
         run.log.info(
-            "train: --force: retraining %s as %s; %s stays as it is (the gate judges the new run)",
+            "train: --force: retraining %s as %s beside it (%s and the earlier trainings stay as they are; "
+            "the best of them on validation is what the gate judges against the served run)",
             base,
             retrain.run_id,
             newest.run_id,
@@ -278,6 +280,19 @@ def _run_dir(run: StageRun[TrainSettings], base: str) -> RunDir:
     if newest.run_id == base and newest.path.exists():  # an unfinished first attempt: nothing to keep
         shutil.rmtree(newest.path)
     return newest
+
+
+def _best_of(runs: list[RunDir], select_by: str) -> RunDir:
+    """The run among complete `runs` that `select_best` picks (their summaries' validation figures)."""
+    rows = []
+    for r in runs:
+        valid = r.read_summary().get("valid", {})
+        full = valid.get("full", {}).get("overall", {}).get("ndcg@10")
+        rows.append(
+            {"run": r, "valid_full_ndcg10": full, "valid_ndcg10": valid.get("overall", {}).get("ndcg@10")}
+        )
+    best: RunDir = select_best(rows, select_by)["run"]
+    return best
 
 
 def _number(run_dir: RunDir, base: str) -> int:
