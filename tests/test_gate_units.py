@@ -157,20 +157,28 @@ def test_list_stability_churn_coverage_and_concentration(tmp_path: Path) -> None
     assert first["mean_changed"] is None and first["users_compared"] == 0
 
 
-def test_the_morning_read_says_when_tonights_run_is_not_the_one_judged() -> None:
-    """The train stage picks the best run on tonight's inputs; where an earlier run on the same inputs
-    scored higher than tonight's (a rerun with other settings), the summary says which run the gate judged
-    and publish published, with both validation figures, instead of naming tonight's run alone."""
-    from bridgerec.flows.night import NightSummary, summary_markdown
+def _night_after_training(run_id: str, valid_full: float):  # -> NightSummary
+    """A completed night whose train stage trained `run_id` (validation NDCG@10, full: `valid_full`)."""
+    from bridgerec.flows.night import NightSummary
     from bridgerec.tasks.train import TrainSummary
 
     train = TrainSummary(
-        run_id="tonight", model="llm4cdsr-hybrid", epochs=4, best_epoch=4, epoch_seconds=1.0,
-        eval_seconds=1.0, train_seconds=8.0, valid={"full": {"overall": {"ndcg@10": 0.0582}}}, test={},
+        run_id=run_id, model="llm4cdsr-hybrid", epochs=4, best_epoch=4, epoch_seconds=1.0,
+        eval_seconds=1.0, train_seconds=8.0, valid={"full": {"overall": {"ndcg@10": valid_full}}}, test={},
         users=10, peak_rss_mb=1.0,
     )  # fmt: skip
     night = NightSummary(night_id="n", workspace="ws", warehouse="w.duckdb", status="completed")
     night.stages.train = train
+    return night
+
+
+def test_the_morning_read_says_when_tonights_run_is_not_the_one_judged() -> None:
+    """The train stage picks the best run on tonight's inputs; where an earlier run on the same inputs
+    scored higher than tonight's (a rerun with other settings), the summary says which run the gate judged
+    and publish published, with both validation figures, instead of naming tonight's run alone."""
+    from bridgerec.flows.night import summary_markdown
+
+    night = _night_after_training("tonight", 0.0582)
     night.best_run_id, night.best_valid_ndcg10 = "earlier", 0.0621
     md = summary_markdown(night)
     assert "- it is not the best run on these inputs: `earlier`" in md
@@ -185,17 +193,10 @@ def test_an_unchanged_night_reports_the_served_runs_figure_not_tonights() -> Non
     is another that scored lower (a forced retrain, a rerun with other settings), the night's figure (its
     headline and `nights.valid_ndcg10`) is the served run's, not tonight's (a new user's trial saw 0.0588,
     tonight's weaker run, reported as the published run's 0.0602)."""
-    from bridgerec.flows.night import NightSummary, summary_markdown
+    from bridgerec.flows.night import summary_markdown
     from bridgerec.tasks.quality import GateResult
-    from bridgerec.tasks.train import TrainSummary
 
-    train = TrainSummary(
-        run_id="weaker", model="llm4cdsr-hybrid", epochs=1, best_epoch=1, epoch_seconds=1.0,
-        eval_seconds=1.0, train_seconds=1.0, valid={"full": {"overall": {"ndcg@10": 0.0588}}}, test={},
-        users=10, peak_rss_mb=1.0,
-    )  # fmt: skip
-    night = NightSummary(night_id="n", workspace="ws", warehouse="w.duckdb", status="completed")
-    night.stages.train = train
+    night = _night_after_training("weaker", 0.0588)
     night.best_run_id, night.best_valid_ndcg10 = "served", 0.0602
     night.gate = GateResult(
         decision="unchanged", publish=True, message="run served is the published one", new_run_id="served",
@@ -251,22 +252,12 @@ def test_the_report_of_an_unchanged_night_says_the_lists_did_not_change(tmp_path
         "published_run_id": "served",
         "list_stability": None,
     }
-    record = collect_night(
-        summary,
-        Workspace(tmp_path),
-        tmp_path / "w.duckdb",
-        ReportSettings(),
-        TrainSettings(),
-        datetime.now(UTC),
-    )
-    assert "unchanged tonight" in record["figures"]["missing"]["churn_histogram"]
+
+    def why_no_churn() -> str:
+        args = (Workspace(tmp_path), tmp_path / "w.duckdb", ReportSettings(), TrainSettings())
+        record = collect_night(summary, *args, datetime.now(UTC))
+        return str(record["figures"]["missing"]["churn_histogram"])
+
+    assert "unchanged tonight" in why_no_churn()
     summary["stages"]["publish"] = None  # a night that stopped before publishing
-    record = collect_night(
-        summary,
-        Workspace(tmp_path),
-        tmp_path / "w.duckdb",
-        ReportSettings(),
-        TrainSettings(),
-        datetime.now(UTC),
-    )
-    assert record["figures"]["missing"]["churn_histogram"] == "nothing published tonight"
+    assert why_no_churn() == "nothing published tonight"
