@@ -216,9 +216,10 @@ def test_27_damaged_warehouse_is_named_with_the_way_back(
 def test_a_damaged_block_in_a_table_a_reader_does_not_touch_still_stops_publish(
     published_case: Path, tmp_path: Path
 ) -> None:
-    """Variant of 27: damage in the blocks of one table only (the metrics, from which `runs list` reads
-    only the runs' validation figures, apart, and does without them; the recommendations are Parquet parts
-    now): `runs list` works, but publish reads every block of the file first and refuses."""
+    """Variant of 27: damage in the blocks of one table only (the metrics, which `runs list` reads apart
+    and does without: a published run's validation figure is in its `runs` row too; the recommendations
+    are Parquet parts now): `runs list` works, but publish reads every block of the file first and
+    refuses."""
     import duckdb
 
     from bridgerec.storage import warehouse as wh
@@ -240,8 +241,8 @@ def test_a_damaged_block_in_a_table_a_reader_does_not_touch_still_stops_publish(
     ) as fh:  # DuckDB files: 3 headers of 4 KiB, then 256 KiB blocks (8-byte checksum first)
         fh.seek(3 * 4096 + blocks[-1] * 262144 + 8)
         fh.write(b"\xff" * 512)
-    listed = wh.list_runs(path)  # the runs table's blocks are intact
-    assert listed and all(r["valid_ndcg10"] is None for r in listed if r["kind"] == "publish")
+    listed = wh.list_runs(path)  # the runs table's blocks are intact, and hold each run's own figure
+    assert listed and all(r["valid_ndcg10"] is not None for r in listed if r["kind"] == "publish")
     with pytest.raises(wh.WarehouseDamaged, match=r"is damaged .*Corrupt database file"):
         wh.verify_readable(path)
 
