@@ -111,6 +111,15 @@ def embed_items(
         )
         sink = _BatchSink(cache, model_id, checkpoints, shared)
         seconds = _embed_missing(todo, settings, model_id, get_embedder(), sink, failed)
+        n_texts = sum(1 for h in todo if h not in failed)
+        get_logger().info(
+            "enrich: embedded %s distinct texts (%s items) in %.1f s (%.0f texts/s), %d failed",
+            f"{n_texts:,}",
+            f"{sum(1 for h in hashes if h in todo and h not in failed):,}",
+            seconds,
+            n_texts / max(seconds, 1e-9),
+            len(todo) - n_texts,
+        )
     return _item_result(items, hashes, cache, model_id, todo, failed, seconds)
 
 
@@ -172,16 +181,7 @@ def _embed_missing(
                 backoff_s=settings.backoff_s,
                 what="embedding batch",
             )
-    seconds = time.perf_counter() - started
-    n_failed = sum(1 for h in todo if h in failed)
-    get_logger().info(
-        "enrich: embedded %s texts in %.1f s (%.0f/s), %d failed",
-        f"{len(todo) - n_failed:,}",
-        seconds,
-        (len(todo) - n_failed) / max(seconds, 1e-9),
-        n_failed,
-    )
-    return seconds
+    return time.perf_counter() - started
 
 
 def _item_result(
