@@ -31,7 +31,7 @@ from bridgerec.runtime.prefect_api import (
     detach_temporary_server,
     unreachable_in,
 )
-from bridgerec.runtime.signals import stop_on_signals, stop_signal
+from bridgerec.runtime.signals import handlers_restored, ignore_stop_signals, stop_on_signals, stop_signal
 from bridgerec.runtime.terminal import printable, shown
 
 if TYPE_CHECKING:
@@ -148,7 +148,7 @@ SetOpt = Annotated[
         "--set",
         metavar="KEY=VALUE",
         help="One setting for this command only, over the config file and env vars: --set train.epochs=3 "
-        "(dotted YAML keys; the value is YAML: 3, 0.5, true, [a, b]; repeat for several).",
+        "(dotted YAML keys; the value is YAML: 3, 0.5, true, \\[a, b]; repeat for several).",
         show_default=False,
     ),
 ]
@@ -786,7 +786,7 @@ def run(
 
     settings = _settings(config, sets, workspace=workspace)  # validate early, with readable errors
     _require_prefect_api()  # before the session: an unreachable API leaves no log file behind
-    with _console(settings, "run", as_json, verbose):
+    with handlers_restored(), _console(settings, "run", as_json, verbose):
         progress.set_enabled(not as_json)
         overrides = _set_overrides(sets) | ({"workspace": str(settings.workspace)} if workspace else {})
 
@@ -802,7 +802,7 @@ def run(
             _emit(night, as_json, morning_read, failing=True)
             return (
                 f"bridgerec run stopped by {signum.name} during stage {night.failed_stage}: night "
-                f"{night.night_id} is recorded 'failed' in {night.warehouse}; `{resume_command(force, sets)}` again "
+                f"{night.night_id} is recorded 'failed' in {night.warehouse}; `{resume_command(force, sets, config, workspace)}` again "
                 "resumes from the stages it finished"
             )
 
@@ -825,15 +825,27 @@ def run(
                     _fail(str(cause))
                 _fail(f"nightly run failed: {exc}", code=EXIT_FAILURE)
         _emit(result, as_json, morning_read)
+        ignore_stop_signals()  # the night is recorded 'completed': Prefect's logs flushing cannot change that
 
 
-def resume_command(force: Sequence[str] | None, sets: Sequence[str] | None = None) -> str:
-    """The command that resumes a stopped night: with its `--set` settings and `--force` stages again,
-    since a plain rerun skips a forced stage whose inputs did not change (a forced train stopped in epoch
-    4 resumes from its checkpoint only when forced again)."""
+def resume_command(
+    force: Sequence[str] | None,
+    sets: Sequence[str] | None = None,
+    config: Path | None = None,
+    workspace: Path | None = None,
+) -> str:
+    """The command that resumes a stopped night: with its `--config`, `--workspace` and `--set` settings
+    and `--force` stages again, as given (without its config the rerun would read another workspace, or
+    none), since a plain rerun skips a forced stage whose inputs did not change (a forced train stopped in
+    epoch 4 resumes from its checkpoint only when forced again)."""
     import shlex
 
-    given = [*(f"--set {shlex.quote(s)}" for s in sets or ()), *(f"--force {stage}" for stage in force or ())]
+    given = [
+        *([f"--config {shlex.quote(str(config))}"] if config is not None else []),
+        *([f"--workspace {shlex.quote(str(workspace))}"] if workspace is not None else []),
+        *(f"--set {shlex.quote(s)}" for s in sets or ()),
+        *(f"--force {stage}" for stage in force or ()),
+    ]
     return " ".join(["bridgerec run", *given])
 
 
@@ -1062,6 +1074,7 @@ def sql(
     import duckdb
 
     from bridgerec.storage.warehouse import WarehouseError, connect_reader
+    from bridgerec.storage.warehouse.parts import object_store_error
 
     if query is not None and python:
         _fail("--python opens an interactive Python shell and --query runs one statement: give one of them")
@@ -1079,6 +1092,8 @@ def sql(
             rows = rel.fetchall() if rel is not None else []
             single = [str(t).startswith("FLOAT") for t in rel.types] if rel is not None else []
         except duckdb.Error as exc:
+            if (remote := object_store_error(exc)) is not None:
+                _fail(str(remote))
             _fail(f"{type(exc).__name__}: {_duckdb_message(exc)}")
         finally:
             con.close()
@@ -1291,6 +1306,11 @@ def main() -> None:
         if _Answer.current is not None:
             _Answer.current.failure(f"{type(exc).__name__}: {exc}", EXIT_FAILURE)
         sys.exit(EXIT_FAILURE)
+    finally:
+        # The command's outcome is decided and reported: a Ctrl-C while the process shuts down (Prefect
+        # stopping its temporary API server at exit) must not turn a night recorded 'completed' into exit
+        # 130 (a new user's trial, 2026-12-07).
+        ignore_stop_signals()
 
 
 if __name__ == "__main__":  # pragma: no cover

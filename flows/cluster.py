@@ -117,6 +117,8 @@ class Cluster(RayTaskRunner):
             super().__enter__()
         except ConnectionError as exc:
             raise ClusterUnreachable(
-                f"runtime.ray.address {self.settings.address or 'auto'}: {exc}"
+                f"runtime.ray.address {self.settings.address or 'auto'}: {exc} (a cluster whose head was "
+                "started where a Ray token exists uses token authentication: set RAY_AUTH_MODE=token and "
+                "its token here, docs/runbook.md section 6)"
             ) from None
         return self

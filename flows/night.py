@@ -136,21 +136,30 @@ def _headlines(summary: NightSummary) -> list[str]:
         lines.append(f"- run `{train.run_id}` ({train.model}, {train.init or 'cold'} start)")
         if summary.best_run_id and summary.best_run_id != train.run_id:
             tonight = train.valid.get("full", train.valid).get("overall", {}).get("ndcg@10")
-            lines.append(
-                f"- it is not the best run on these inputs: `{summary.best_run_id}`, trained earlier on the "
-                f"same inputs, scored {_fmt(summary.best_valid_ndcg10)} on validation against its "
-                f"{_fmt(tonight)}; the gate judges and publish publishes `{summary.best_run_id}`"
-            )
+            best = summary.best_valid_ndcg10
+            if tonight is not None and best is not None and _fmt(tonight) == _fmt(best):
+                lines.append(
+                    f"- it ties the best run on these inputs, `{summary.best_run_id}`, trained earlier on the "
+                    f"same inputs ({_fmt(best)} on validation; a tie keeps the earlier run): the gate judges "
+                    f"and publish publishes `{summary.best_run_id}`"
+                )
+            else:
+                lines.append(
+                    f"- it is not the best run on these inputs: `{summary.best_run_id}`, trained earlier on "
+                    f"the same inputs, scored {_fmt(best)} on validation against its {_fmt(tonight)}; the "
+                    f"gate judges and publish publishes `{summary.best_run_id}`"
+                )
     if gate is not None and gate.new_ndcg10 is not None:
         new, published = gate.new_ndcg10, gate.published_ndcg10
         change = (
-            f", {change_text(new, published)} against the published run ({_fmt(published)})"
+            f", {change_text(new, published)} against the published run scored again on tonight's users "
+            f"({_fmt(published)})"
             if published is not None
             else ""
         )
         lines.append(
             f"- validation NDCG@10 (full ranking) {_fmt(new)}{change}; popularity floor "
-            f"{_fmt(gate.popularity_ndcg10)}"
+            f"{_fmt(gate.popularity_ndcg10)} (the same users)"
         )
     elif (figure := summary.unchanged_ndcg10()) is not None:  # the gate scored nothing
         lines.append(

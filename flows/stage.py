@@ -22,10 +22,12 @@ from prefect import Flow, Task, flow, task, unmapped
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.flow_engine import FlowRunTimeoutError  # (a TimeoutError: what a flow past its timeout raises)
+from prefect.futures import as_completed
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner
 
 from bridgerec.config import RuntimeSettings, Settings
 from bridgerec.runtime.errors import is_transient
+from bridgerec.runtime.progress import advance, progress_bar
 from bridgerec.runtime.runner import Runner, step_of
 from bridgerec.runtime.watchdog import StageOverBudget, Watchdog
 from bridgerec.stages import STAGE, Stage, Summary
@@ -75,6 +77,11 @@ class TaskRuns(Runner):
         if self.concurrent:
             with self._remote_options():
                 futures = as_task(fn).map(*(unmapped(a) for a in args), list(shards))
+            # The shards' own bars are in their processes: here, one bar of shards done (a new user's
+            # trial watched 8 minutes of `runtime.runner: processes` with nothing on the terminal).
+            with progress_bar(f"{step_of(fn).name}: shards", total=len(futures), unit="shards") as bar:
+                for _ in as_completed(futures):
+                    advance(bar)
             results: list[R] = futures.result()
             return results
         return [self.call(fn, *args, shard) for shard in shards]

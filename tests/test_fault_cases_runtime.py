@@ -338,12 +338,18 @@ def test_24_sigterm_during_night_is_recorded_and_leaves_no_process(
     line = first.error_line()
     assert line.startswith("error: bridgerec run stopped by SIGTERM during stage train: night night-")
     assert (
-        "is recorded 'failed'" in line and "`bridgerec run` again resumes from the stages it finished" in line
+        "is recorded 'failed'" in line
+        and "`bridgerec run --config config.yaml` again resumes from the stages it finished" in line
     )
     # A forced stage is skipped by a plain rerun (its inputs did not change): the line says to force it again.
     assert resume_command(["train"]) == "bridgerec run --force train"
     assert resume_command(["train"], ["train.lr=1e-3", "ingest.domains=[food, kitchen]"]) == (
         "bridgerec run --set train.lr=1e-3 --set 'ingest.domains=[food, kitchen]' --force train"
+    )
+    # The config and workspace as given, or the rerun reads another workspace (a new user's trial: the
+    # hint without --config failed after 24 s and left a `workspace/` with a failed night behind).
+    assert resume_command(["train"], None, Path("configs/my night.yaml"), Path("ws")) == (
+        "bridgerec run --config 'configs/my night.yaml' --workspace ws --force train"
     )
     (night1,) = _nights(warehouse).values()
     assert night1["status"] == "failed" and night1["finished_at"] is not None
@@ -427,3 +433,37 @@ def test_stop_signals_are_told_apart_from_errors() -> None:
     except Stopped as exc:
         assert stop_signal(exc) == signal.SIGTERM
     assert stop_signal(RuntimeError("x")) is None and stop_signal(SystemExit(1)) is None
+
+
+LATE_CTRL_C = """
+import atexit, os, signal, sys, time
+
+def late_ctrl_c():  # as Prefect stops its temporary API server at exit, the user presses Ctrl-C
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.2)
+
+atexit.register(late_ctrl_c)
+sys.argv = ["bridgerec", "config", "show", "--json"]
+from bridgerec.cli import main
+main()
+"""
+
+
+def test_a_ctrl_c_after_the_command_answered_does_not_change_its_exit_status(tmp_path: Path) -> None:
+    """A command whose outcome is decided and reported ignores a stop signal while the process shuts
+    down (a new user's trial: a night recorded 'completed' exited 130 after a late Ctrl-C). Before the
+    fix, this process printed a KeyboardInterrupt traceback at exit."""
+    from bridgerec.runtime.signals import handlers_restored, ignore_stop_signals
+
+    done = subprocess.run(
+        [sys.executable, "-c", LATE_CTRL_C], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert "KeyboardInterrupt" not in done.stderr and json.loads(done.stdout)["ok"] is True
+    # In-process callers (CliRunner) keep their own handlers once the command returns.
+    before = signal.getsignal(signal.SIGINT)
+    with handlers_restored():
+        ignore_stop_signals()
+        os.kill(os.getpid(), signal.SIGINT)  # ignored: no KeyboardInterrupt here
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    assert signal.getsignal(signal.SIGINT) is before

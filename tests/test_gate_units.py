@@ -184,8 +184,14 @@ def test_the_morning_read_says_when_tonights_run_is_not_the_one_judged() -> None
     assert "- it is not the best run on these inputs: `earlier`" in md
     assert "scored 0.0621 on validation against its 0.0582" in md
     assert "| train | did | 0.0 | 10 users |" in md  # each count says what it counts
+    # A tie goes to the earlier run, and the line says so (a new user's trial: "not the best ... scored
+    # 0.0602 ... against its 0.0602").
+    night.best_valid_ndcg10 = 0.05821
+    md = summary_markdown(night)
+    assert "not the best run" not in md
+    assert "- it ties the best run on these inputs, `earlier`" in md and "a tie keeps the earlier run" in md
     night.best_run_id = "tonight"
-    assert "not the best run" not in summary_markdown(night)
+    assert "not the best run" not in summary_markdown(night) and "ties" not in summary_markdown(night)
 
 
 def test_an_unchanged_night_reports_the_served_runs_figure_not_tonights() -> None:

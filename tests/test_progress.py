@@ -62,6 +62,7 @@ def test_a_bar_stopped_by_an_error_says_so_and_gives_no_eta(monkeypatch: pytest.
         progress.advance(bar, 10)
     done = stream.getvalue().rstrip().splitlines()[-1]
     assert "(stopped)" not in done and "10/10" in done and "ETA 0:00:00" in done
+    assert " items/s " in done  # the rate names its unit (it read as tokens/s beside a tokens counter)
 
 
 def test_off_a_terminal_a_bar_with_training_counters_stays_on_one_line(

@@ -15,7 +15,9 @@ import duckdb
 import pyarrow.fs as pafs
 import pytest
 from publish_data import workspace_vectors
+from typer.testing import CliRunner
 
+from bridgerec.cli import app
 from bridgerec.storage import warehouse as wh
 from bridgerec.storage.warehouse import parts as wh_parts
 from bridgerec.storage.workspace import Workspace
@@ -72,7 +74,7 @@ with wh.publish_attempt(sys.argv[1], "dead", sys.argv[2]) as attempt:
 
 
 def test_parts_on_s3_written_by_pyarrow_read_by_duckdb(
-    s3: str, sample_workspace: Path, tmp_path: Path
+    s3: str, sample_workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     warehouse = tmp_path / "w.duckdb"
     ws = Workspace(sample_workspace)
@@ -126,3 +128,17 @@ def test_parts_on_s3_written_by_pyarrow_read_by_duckdb(
     assert {o.split("/")[1] for o in left} == {"run_id=r2"}
     with wh.connect(warehouse) as con:
         assert con.execute("SELECT DISTINCT run_id FROM recommendations").fetchall() == [("r2",)]
+
+    # An analyst without the endpoint (here: one where no server listens) gets one `error:` line saying
+    # what to set, exit 2, from `sql -q` and `recs` alike (a new user's trial: a 57-line traceback, exit 1).
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    wh_parts.filesystem.cache_clear()
+    wh_parts._fsspec_for.cache_clear()
+    for argv in (
+        ["sql", "--warehouse", str(warehouse), "-q", "SELECT count(*) FROM latest_recommendations"],
+        ["recs", "--warehouse", str(warehouse), "--user", user],
+    ):
+        out = CliRunner().invoke(app, argv)
+        assert out.exit_code == 2, out.output
+        assert out.stderr.startswith("error: a part on the object store cannot be read (When ")
+        assert "AWS_ENDPOINT_URL" in out.stderr and len(out.stderr.strip().splitlines()) == 1

@@ -72,6 +72,33 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def ignore_stop_signals() -> None:
+    """From here on SIGINT, SIGTERM and SIGHUP are ignored: for a command whose outcome is decided and
+    recorded (a night that completed, was held or failed), so that a Ctrl-C while it shuts down (Prefect
+    stopping its temporary API server at exit) cannot turn its exit status into 130 for a night recorded
+    'completed' (a new user's trial, 2026-12-07). The shutdown itself takes seconds."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(ValueError):  # not the main thread: nothing to change
+            signal.signal(sig, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def handlers_restored() -> Iterator[None]:
+    """SIGINT's, SIGTERM's and SIGHUP's handlers put back as they were after the block: around a block
+    that calls `ignore_stop_signals`, so that an in-process caller (a test's CliRunner) keeps its own."""
+    try:
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(sig, handler)
+
+
 def this_process() -> tuple[str, int, datetime]:
     """(host name, PID, start time in UTC) of the running process."""
     me = psutil.Process()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import duckdb
 
+from bridgerec.storage.warehouse.parts import object_store_error
 from bridgerec.storage.warehouse.schema import WarehouseDamaged, WarehouseError
 
 # What a writer refused by another process's read-write session tells the user.
@@ -143,6 +144,8 @@ def reading(path: Path | str, consequence: str | None = None) -> Iterator[duckdb
     except duckdb.Error as exc:
         if is_damage(exc):
             raise damaged(path, exc) from None
+        if (remote := object_store_error(exc)) is not None:
+            raise remote from None
         raise
     finally:
         con.close()

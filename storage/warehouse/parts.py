@@ -40,6 +40,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from bridgerec.storage.schemas import RECOMMENDATION_ROWS
+from bridgerec.storage.warehouse.schema import WarehouseError
 
 KINDS = ("recommendations", "serving", "user_profiles", "items")
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -143,13 +144,41 @@ def full_path(resolved_root: str, relpath: str) -> str:
     return f"{resolved_root.rstrip('/')}/{relpath}"
 
 
+# What an object store's reader or writer must set: pyarrow's S3 filesystem reads the usual AWS variables.
+OBJECT_STORE_HINT = (
+    "set AWS_ENDPOINT_URL (an S3-compatible server's address), AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+    "(and AWS_REGION where it matters) where bridgerec runs, on every Ray node too: docs/publish.md, "
+    '"Parts on S3"'
+)
+
+
 @functools.lru_cache(maxsize=16)
 def filesystem(resolved_root: str) -> tuple[pafs.FileSystem, str]:
-    """(pyarrow filesystem, base path inside it) for an absolute folder or a URI such as s3://b/p."""
+    """(pyarrow filesystem, base path inside it) for an absolute folder or a URI such as s3://b/p.
+    Raises WarehouseError (one line, with what to set) when the object store cannot be reached: pyarrow
+    asks S3 for the bucket's region here unless AWS_ENDPOINT_URL names a server."""
     if is_remote(resolved_root):
-        fs, base = pafs.FileSystem.from_uri(resolved_root)
+        try:
+            fs, base = pafs.FileSystem.from_uri(resolved_root)
+        except OSError as exc:
+            raise WarehouseError(
+                f"{resolved_root}: the object store cannot be reached ({str(exc).strip().splitlines()[0]}); "
+                f"{OBJECT_STORE_HINT}"
+            ) from None
         return fs, str(base)
     return pafs.LocalFileSystem(), resolved_root
+
+
+def object_store_error(exc: BaseException) -> WarehouseError | None:
+    """The error of a query that failed reading a part through the object store's filesystem, as one
+    line with what to set; None for any other error. DuckDB reports the filesystem's OSError as its own
+    error with the Python traceback in its text; pyarrow's S3 errors carry "AWS Error"."""
+    line = next((x.strip() for x in str(exc).splitlines() if "AWS Error" in x), None)
+    if line is None:
+        return None
+    return WarehouseError(
+        f"a part on the object store cannot be read ({line.removeprefix('OSError: ')}); {OBJECT_STORE_HINT}"
+    )
 
 
 @dataclass(frozen=True)

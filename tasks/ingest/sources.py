@@ -169,7 +169,7 @@ def _read_tabular(path: Path, required: list[str], wanted: list[str] | None) -> 
             keys = [c for c in found if wanted is None or c in wanted]
             missing = [c for c in required if c not in found]
             if missing:
-                raise SourceError(f"{path}: missing required column(s) {missing}; found {found}")
+                raise SourceError(_missing_columns(path, missing, found))
             raw = _json_fields(_parquet_lines(path, keys), path, _generic_fields(keys), set(keys))
             raw.column_types = {k: types[k] for k in ID_COLUMNS if k in types}
             _note_numeric_ids(path, raw.column_types)
@@ -181,8 +181,18 @@ def _read_tabular(path: Path, required: list[str], wanted: list[str] | None) -> 
         raise _unexpected(path, exc) from exc
     missing = [c for c in required if c not in raw.table.column_names]
     if missing:
-        raise SourceError(f"{path}: missing required column(s) {missing}; found {found}")
+        raise SourceError(_missing_columns(path, missing, found))
     return raw
+
+
+def _missing_columns(path: Path, missing: list[str], found: list[str]) -> str:
+    """The error of a generic file without a required column: which, what the file has, and what to do
+    (the generic source's column names are fixed: a new user's trial looked for a mapping)."""
+    return (
+        f"{path}: missing required column(s) {missing}; found {found}; the generic source reads its "
+        'columns by these names (docs/ingest.md, "Sources"): rename the file\'s columns to them (the '
+        "DuckDB example there keeps every value as text)"
+    )
 
 
 def _check_gzip(path: Path) -> None:
