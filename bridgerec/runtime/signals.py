@@ -22,6 +22,7 @@ import socket
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from types import FrameType
+from typing import Any
 
 import psutil
 
@@ -57,19 +58,29 @@ def _raise_stopped(signum: int, frame: FrameType | None) -> None:
 
 
 @contextlib.contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """While the block runs, SIGTERM and SIGHUP (the terminal closed) raise `Stopped` in the main thread
-    (SIGINT raises KeyboardInterrupt, Python's default). The previous handlers come back afterwards."""
+def _handlers(signals: tuple[signal.Signals, ...], handler: Any = None) -> Iterator[None]:
+    """`handler` on `signals` for the block (None: the handlers are left as they are), and the previous
+    handlers back afterwards. Outside the main thread, where signals cannot be handled, nothing changes."""
+    previous = {sig: signal.getsignal(sig) for sig in signals}
     try:
-        previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    except ValueError:  # not the main thread: signals cannot be handled here
+        if handler is not None:
+            for sig in signals:
+                signal.signal(sig, handler)
+    except ValueError:  # not the main thread
         yield
         return
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, old in previous.items():
+            with contextlib.suppress(ValueError, TypeError):  # TypeError: a handler not set from Python
+                signal.signal(sig, old)
+
+
+def stop_on_signals() -> contextlib.AbstractContextManager[None]:
+    """While the block runs, SIGTERM and SIGHUP (the terminal closed) raise `Stopped` in the main thread
+    (SIGINT raises KeyboardInterrupt, Python's default). The previous handlers come back afterwards."""
+    return _handlers((signal.SIGTERM, signal.SIGHUP), _raise_stopped)
 
 
 def ignore_stop_signals() -> None:
@@ -82,21 +93,10 @@ def ignore_stop_signals() -> None:
             signal.signal(sig, signal.SIG_IGN)
 
 
-@contextlib.contextmanager
-def handlers_restored() -> Iterator[None]:
+def handlers_restored() -> contextlib.AbstractContextManager[None]:
     """SIGINT's, SIGTERM's and SIGHUP's handlers put back as they were after the block: around a block
     that calls `ignore_stop_signals`, so that an in-process caller (a test's CliRunner) keeps its own."""
-    try:
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    except ValueError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            with contextlib.suppress(ValueError, TypeError):
-                signal.signal(sig, handler)
+    return _handlers((signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
 
 
 def this_process() -> tuple[str, int, datetime]:
