@@ -1070,6 +1070,9 @@ def sql(
     the next publish.
 
     With --query, run one statement and print its result (a table, or --json) instead.
+
+    Parts on S3 (`publish.data_dir: s3://...`): use --python or --query, which read them through
+    pyarrow's S3 filesystem; the DuckDB CLI needs its httpfs extension, downloaded at first use.
     """
     import duckdb
 
