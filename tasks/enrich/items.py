@@ -111,16 +111,17 @@ def embed_items(
         )
         sink = _BatchSink(cache, model_id, checkpoints, shared)
         seconds = _embed_missing(todo, settings, model_id, get_embedder(), sink, failed)
-        n_texts = sum(1 for h in todo if h not in failed)
+    result = _item_result(items, hashes, cache, model_id, todo, failed, seconds)
+    if todo:
         get_logger().info(
             "enrich: embedded %s distinct texts (%s items) in %.1f s (%.0f texts/s), %d failed",
-            f"{n_texts:,}",
-            f"{sum(1 for h in hashes if h in todo and h not in failed):,}",
+            f"{result.texts_embedded:,}",
+            f"{result.items_embedded:,}",
             seconds,
-            n_texts / max(seconds, 1e-9),
-            len(todo) - n_texts,
+            result.texts_embedded / max(seconds, 1e-9),
+            len(todo) - result.texts_embedded,
         )
-    return _item_result(items, hashes, cache, model_id, todo, failed, seconds)
+    return result
 
 
 @dataclass
