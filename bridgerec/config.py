@@ -115,7 +115,12 @@ class RuntimeSettings(BaseModel):
         "tasks on the cluster of `ray.address`, each reserving `ray.resources`; one worker process keeps "
         "its engines for the whole night).",
     )
-    workers: int = Field(default=2, ge=1, description="Worker processes for runner: processes.")
+    workers: int = Field(
+        default=2,
+        ge=1,
+        description="Worker processes for runner: processes. They share `threads` (each gets threads / "
+        "workers, at least 1, on cores of its own), and a stage cuts at least this many shards.",
+    )
     ray: RaySettings = Field(default_factory=RaySettings)
     log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
     stage_retries: int = Field(default=1, ge=0, description="Retries of a failed stage in the nightly flow.")

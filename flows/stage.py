@@ -63,11 +63,19 @@ def _transient_failure(task: Any, task_run: Any, state: Any) -> bool:
 class TaskRuns(Runner):
     """A stage's steps as task runs of the current flow: `call` in the flow's thread, `map` in it too
     (`concurrent` False) or on the flow's task runner (`concurrent`: worker processes, Ray tasks);
-    `options` are the Ray options of each mapped task (flows/cluster.py: `shard_options`)."""
+    `options` are the Ray options of each mapped task (flows/cluster.py: `shard_options`); `slots` the
+    shards that run at once on one machine (`runtime.workers` processes); a Ray shard uses the CPUs its
+    task reserves (`num_cpus`), as Ray itself sets OMP_NUM_THREADS for it."""
 
-    def __init__(self, concurrent: bool, options: dict[str, Any] | None = None) -> None:
+    def __init__(self, concurrent: bool, options: dict[str, Any] | None = None, slots: int = 1) -> None:
         self.concurrent = concurrent
         self.options = options
+        self.slots = slots
+
+    def shard_threads(self, threads: int) -> int:
+        if self.options is not None and "num_cpus" in self.options:
+            return max(1, int(self.options["num_cpus"]))
+        return super().shard_threads(threads)
 
     def call(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         result: R = as_task(fn)(*args, **kwargs)
@@ -115,7 +123,7 @@ def task_runner(stage: Stage[Any, Any], runtime: RuntimeSettings) -> tuple[TaskR
     default, unused since `local` maps in the flow's thread) and the runner the stage calls its steps
     through. The one place the choice is made, for every stage."""
     if runtime.runner == "processes":
-        return ProcessPoolTaskRunner(max_workers=runtime.workers), TaskRuns(concurrent=True)
+        return ProcessPoolTaskRunner(max_workers=runtime.workers), TaskRuns(True, slots=runtime.workers)
     if runtime.runner == "ray":
         from bridgerec.flows.cluster import Cluster, shard_options
 

@@ -526,15 +526,20 @@ def test_process_task_runner_runs_shards_in_worker_processes(
     profiles = PROFILES.model_copy(update={"users_per_shard": 5})
     processes = flow_for(STAGE["enrich"], RuntimeSettings(runner="processes", workers=2))
     summary = processes(StageRun(EnrichSections(enrich, profiles), sharded, threads=THREADS))
+    # cut so that both workers get a shard (40 items a shard at most, users 5)
+    items, users = -(-summary.items // 2), min(5, -(-summary.profile_users // 2))
     assert [(s["kind"], s["start"], s["stop"]) for s in summary.shards] == [
-        ("items", 0, 40),
-        ("items", 40, summary.items),
-        ("users", 0, 5),
-        ("users", 5, summary.profile_users),
+        ("items", 0, items),
+        ("items", items, summary.items),
+        *[("users", u, min(u + users, summary.profile_users)) for u in range(0, summary.profile_users, users)],
     ]
     here = f":{os.getpid()}"
     assert all(not s["worker"].endswith(here) for s in summary.shards)  # none ran in this process
     assert {e["runner"] for e in summary.engines_started} == {"pooling", "generate"}
+    # the 2 threads are split between the 2 workers, and their engines are bound to different cores
+    cores = {e["worker"]: e["cores"] for e in summary.engines_started if e["runner"] == "pooling"}
+    assert all(c.isdigit() for c in cores.values()), cores  # one core each
+    assert len(set(cores.values())) == len(cores), cores
     assert summary.items_embedded == summary.items and summary.profiles_generated == summary.profile_users - 1
     one_pass, got = (
         ws.read_table("enrich", "item_embeddings"),

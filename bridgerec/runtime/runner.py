@@ -51,7 +51,16 @@ def step_of(fn: Callable[..., Any]) -> Step:
 
 class Runner:
     """Runs a stage's steps. `call(fn, *args, **kwargs)` is `fn(*args, **kwargs)`; `map(fn, shards, *args)`
-    is `[fn(*args, shard) for shard in shards]`, in shard order, wherever they run."""
+    is `[fn(*args, shard) for shard in shards]`, in shard order, wherever they run.
+
+    `slots`: shards that run at once on one machine (a stage cuts at least that many, so every slot gets
+    work); `shard_threads(threads)`: the CPU threads one mapped shard may use when the run has `threads`
+    (slots on one machine share its cores)."""
+
+    slots: int = 1
+
+    def shard_threads(self, threads: int) -> int:
+        return max(1, threads // self.slots)
 
     def call(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         raise NotImplementedError

@@ -88,8 +88,10 @@ class Shard(BaseModel):
     stop: int
 
 
-def shards(n: int, size: int) -> list[Shard]:
-    """[0, n) in shards of `size` rows (the last one shorter)."""
+def shards(n: int, size: int, slots: int = 1) -> list[Shard]:
+    """[0, n) in shards of `size` rows (the last one shorter), or of n / `slots` rows (rounded up) when
+    that is smaller, so that `slots` workers running at once each get a shard."""
+    size = max(1, min(size, -(-n // max(1, slots))))
     return [Shard(index=i, start=s, stop=min(s + size, n)) for i, s in enumerate(range(0, n, size))]
 
 
@@ -100,7 +102,8 @@ class EnrichPlan(BaseModel):
     enrich: EnrichSettings
     profiles: ProfileSettings
     workspace: str
-    threads: int
+    threads: int  # CPU threads of one shard's engines (`Runner.shard_threads`)
+    slots: int = 1  # shards that run at once (`Runner.slots`): shards are cut so that each gets work
     config_hash: str
     input_hashes: dict[str, str]
     embed_dir: str

@@ -83,8 +83,10 @@ class EngineSettings(BaseModel):
     )
     cpu_threads_bind: str | None = Field(
         default=None,
-        description="VLLM_CPU_OMP_THREADS_BIND: None = the first `runtime.threads` cores ('0-1' on 2 cores); "
-        "'auto' = vLLM's default (keeps a core in reserve); 'nobind'; or a list such as '0-3'.",
+        description="VLLM_CPU_OMP_THREADS_BIND: None = as many cores as the engine has threads, claimed so "
+        "that no other bridgerec engine on the machine is bound to them (bridgerec/runtime/cores.py; "
+        "'0-1' for one engine on 2 cores); 'auto' = vLLM's default (keeps a core in reserve); 'nobind'; "
+        "or a list such as '0-3'.",
     )
     cpu_kvcache_gib: int = Field(
         default=1,

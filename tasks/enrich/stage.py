@@ -75,7 +75,8 @@ def plan_enrich(run: StageRun[EnrichSections]) -> EnrichPlan:
         enrich=enrich,
         profiles=profiles,
         workspace=str(workspace.root),
-        threads=run.threads,
+        threads=run.runner.shard_threads(run.threads),
+        slots=run.runner.slots,
         config_hash=chash,
         input_hashes=hashes,
         embed_dir=str(embed_dir),
@@ -83,7 +84,7 @@ def plan_enrich(run: StageRun[EnrichSections]) -> EnrichPlan:
         llm_dir=str(llm_dir) if llm_dir is not None else None,
         llm_id=llm_id,
         items=n_items,
-        item_shards=shards(n_items, enrich.items_per_shard),
+        item_shards=shards(n_items, enrich.items_per_shard, run.runner.slots),
         started_at=started_at,
     )
     existing = workspace.current(
@@ -198,7 +199,7 @@ def plan_profiles(plan: EnrichPlan, item_work: list[ItemShardWork]) -> ProfilePl
     estimate = profile_phase.estimate_cost(todo, ctx.profiles, speed)
     profile_phase.log_estimate(inputs, len(cached), todo, estimate)
     return ProfilePlan(
-        shards=shards(len(inputs.jobs), ctx.profiles.users_per_shard),
+        shards=shards(len(inputs.jobs), ctx.profiles.users_per_shard, plan.slots),
         embedding_dim=item_result.dim,
         estimate=estimate,
     )
