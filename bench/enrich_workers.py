@@ -51,7 +51,9 @@ def run_once(ingest: Path, sets: list[str], scratch: Path) -> dict:
         "seconds": round(seconds, 1),
         "items": summary["items"],
         "items_embedded": summary["items_embedded"],
-        "engines": [{k: e.get(k) for k in ("seconds", "cores", "worker")} for e in summary["engines_started"]],
+        "engines": [
+            {k: e.get(k) for k in ("seconds", "cores", "worker")} for e in summary["engines_started"]
+        ],
     }
 
 
@@ -81,12 +83,18 @@ def main() -> None:
             for name in names:
                 out = run_once(args.workspace / "ingest", variants[name], Path(scratch))
                 results.setdefault(name, {"runs": []})["runs"].append(out)
-                print(f"pass {p + 1}: {name}: {out['seconds']:.1f} s for {out['items_embedded']:,} items", flush=True)
+                print(
+                    f"pass {p + 1}: {name}: {out['seconds']:.1f} s for {out['items_embedded']:,} items",
+                    flush=True,
+                )
     print(f"\nthe item stage, {args.quantization}, {args.threads} threads, best of {args.passes}")
     print(f"{'variant':<24} {'seconds':>8} {'items/s':>8}")
     for name, entry in results.items():
         best = min(entry["runs"], key=lambda r: r["seconds"])
-        entry |= {"seconds": best["seconds"], "items_per_s": round(best["items_embedded"] / best["seconds"], 1)}
+        entry |= {
+            "seconds": best["seconds"],
+            "items_per_s": round(best["items_embedded"] / best["seconds"], 1),
+        }
         print(f"{name:<24} {entry['seconds']:>8.1f} {entry['items_per_s']:>8.1f}")
     record = {
         "machine": machine_info(),

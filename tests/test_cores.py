@@ -30,7 +30,9 @@ needs_two = pytest.mark.skipif(len(allowed_cores()) < 2, reason="needs 2 cores t
 
 def hold(n: int, folder: Path) -> tuple[subprocess.Popen[str], str, bool]:
     """A process that claims `n` cores in `folder` and keeps them until killed: (process, bind, shared)."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(n), str(folder)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(n), str(folder)], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout is not None
     bind, shared = proc.stdout.readline().split()
     return proc, bind, shared == "True"

@@ -531,7 +531,10 @@ def test_process_task_runner_runs_shards_in_worker_processes(
     assert [(s["kind"], s["start"], s["stop"]) for s in summary.shards] == [
         ("items", 0, items),
         ("items", items, summary.items),
-        *[("users", u, min(u + users, summary.profile_users)) for u in range(0, summary.profile_users, users)],
+        *[
+            ("users", u, min(u + users, summary.profile_users))
+            for u in range(0, summary.profile_users, users)
+        ],
     ]
     here = f":{os.getpid()}"
     assert all(not s["worker"].endswith(here) for s in summary.shards)  # none ran in this process
