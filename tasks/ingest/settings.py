@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 import zoneinfo
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -125,16 +126,61 @@ def _utc(value: datetime) -> datetime:
     return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+# The generic source's column names (what `ingest.columns` maps a file's own names to).
+ITEM_FIELDS = ("item_id", "domain", "title", "brand", "categories", "price", "description")
+INTERACTION_FIELDS = ("user_id", "item_id", "domain", "timestamp", "position", "rating")
+
+
+class ColumnMap(BaseModel):
+    """generic: the file's own column for a column of the source, where the names differ
+    (`interactions: {user_id: customer_id, timestamp: event_time}`); columns not named keep theirs."""
+
+    model_config = ConfigDict(extra="forbid")
+    items: dict[str, str] = Field(
+        default_factory=dict,
+        description="The items file's column for each of: " + ", ".join(ITEM_FIELDS) + " (where it differs).",
+    )
+    interactions: dict[str, str] = Field(
+        default_factory=dict,
+        description="The interactions file's column for each of: "
+        + ", ".join(INTERACTION_FIELDS)
+        + " (where it differs).",
+    )
+
+    @model_validator(mode="after")
+    def _known_and_distinct(self) -> ColumnMap:
+        for kind, fields, mapping in (
+            ("items", ITEM_FIELDS, self.items),
+            ("interactions", INTERACTION_FIELDS, self.interactions),
+        ):
+            if unknown := sorted(set(mapping) - set(fields)):
+                raise ValueError(
+                    f"ingest.columns.{kind}: unknown column(s) {unknown}; the generic source's {kind} "
+                    f"columns are {list(fields)} (map each to the file's own name: user_id: customer_id)"
+                )
+            if empty := sorted(k for k, v in mapping.items() if not v.strip()):
+                raise ValueError(f"ingest.columns.{kind}: no file column given for {empty}")
+            if len(set(mapping.values())) != len(mapping):
+                raise ValueError(f"ingest.columns.{kind}: two columns map to the same file column: {mapping}")
+        return self
+
+
 class IngestSettings(StageSettings):
     model_config = ConfigDict(extra="forbid")
     # The files' content is hashed as the stage's inputs; their paths do not matter.
     not_hashed: ClassVar[frozenset[str]] = frozenset(
         {"items", "interactions", "amazon", "memory_limit", "spill_dir"}
     )
+    hashed_since: ClassVar[Mapping[str, Any]] = {"columns": {"items": {}, "interactions": {}}}  # 2026-12-07
 
     source: SourceKind = "generic"
     items: Path | None = Field(default=None, description="generic: the items file.")
     interactions: Path | None = Field(default=None, description="generic: the interactions file.")
+    columns: ColumnMap = Field(
+        default_factory=ColumnMap,
+        description="generic: the files' own column names where they differ from the source's "
+        '(docs/ingest.md, "Sources").',
+    )
     amazon: dict[str, AmazonDomainFiles] = Field(
         default_factory=dict, description="amazon2018/amazon2023: per domain name, its reviews and meta."
     )
@@ -181,6 +227,10 @@ class IngestSettings(StageSettings):
         if self.source != "generic" and (self.items or self.interactions) and not self.amazon:
             raise ValueError(
                 f"source {self.source!r} reads ingest.amazon.<domain>.reviews/meta, not items/interactions"
+            )
+        if self.source != "generic" and (self.columns.items or self.columns.interactions):
+            raise ValueError(
+                f"ingest.columns maps the generic source's files; source {self.source!r} has its own"
             )
         if self.domains is not None and len(set(self.domains)) != len(self.domains):
             raise ValueError(f"ingest.domains has duplicates: {self.domains}")

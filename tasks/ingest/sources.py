@@ -22,6 +22,7 @@ import gzip
 import json
 import re
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ import pyarrow.csv as pacsv
 from bridgerec.runtime.errors import InputError
 from bridgerec.runtime.logs import get_logger
 from bridgerec.tasks.ingest import csvlines
-from bridgerec.tasks.ingest.settings import IngestSettings
+from bridgerec.tasks.ingest.settings import ColumnMap, IngestSettings
 
 ITEM_COLUMNS = ["item_id", "domain", "title", "brand", "categories", "price", "description", "attributes"]
 INTERACTION_COLUMNS = ["user_id", "item_id", "domain", "timestamp", "position", "rating"]
@@ -102,7 +103,7 @@ def check_input_files(settings: IngestSettings) -> dict[str, Path]:
 def read_source(settings: IngestSettings) -> RawSource:
     files = check_input_files(settings)
     if settings.source == "generic":
-        return _read_generic(files["items"], files["interactions"])
+        return _read_generic(files["items"], files["interactions"], settings.columns)
     return _read_amazon(settings)
 
 
@@ -115,15 +116,27 @@ def _unexpected(path: Path, exc: Exception) -> SourceError:
 # ---------------------------------------------------------------- generic
 
 
-def _read_generic(items_path: Path, inter_path: Path) -> RawSource:
+def _read_generic(items_path: Path, inter_path: Path, columns: ColumnMap) -> RawSource:
     # Items: every column is used (extra text columns travel in `attributes`); interactions: only theirs.
-    items = _read_tabular(items_path, required=["item_id", "domain", "title"], wanted=None)
-    inter = _read_tabular(inter_path, required=["user_id", "item_id", "domain"], wanted=INTERACTION_COLUMNS)
+    items = _read_tabular(
+        items_path,
+        required=["item_id", "domain", "title"],
+        wanted=None,
+        rename=Rename("items", columns.items),
+    )
+    inter = _read_tabular(
+        inter_path,
+        required=["user_id", "item_id", "domain"],
+        wanted=INTERACTION_COLUMNS,
+        rename=Rename("interactions", columns.interactions),
+    )
     names = set(inter.table.column_names)
     has_ts, has_pos = "timestamp" in names, "position" in names
     if not (has_ts or has_pos):
         raise SourceError(
-            f"{inter_path}: needs a 'timestamp' or a 'position' column; found {sorted(names - {'_file', '_record'})}"
+            f"{inter_path}: needs a 'timestamp' or a 'position' column; found "
+            f"{sorted(n for n in names if not n.startswith('_'))}; name the file's own in "
+            "ingest.columns.interactions (timestamp: <the file's column>)"
         )
     items.table = _standardise(items.table, ITEM_COLUMNS, pack_extra_into="attributes")
     inter.table = _standardise(inter.table, INTERACTION_COLUMNS)
@@ -153,25 +166,50 @@ def _standardise(table: pa.Table, columns: list[str], pack_extra_into: str | Non
     return pa.table(out)
 
 
-def _read_tabular(path: Path, required: list[str], wanted: list[str] | None) -> RawTable:
-    """A generic file; `wanted` = the columns used (None = all), the others are not read."""
+@dataclass(frozen=True)
+class Rename:
+    """`ingest.columns.<kind>`: the file's own column for a column of the source (`columns`)."""
+
+    kind: str  # items | interactions
+    columns: Mapping[str, str]
+
+    def name(self, file_column: str) -> str | None:
+        """The source's name of a file column: its own, or the one it is mapped to; None for a file column
+        whose name another column is mapped to (that one is read in its place)."""
+        for source, own in self.columns.items():
+            if own == file_column:
+                return source
+        return None if file_column in self.columns else file_column
+
+    def names(self, file_columns: list[str]) -> dict[str, str]:
+        """{file column: the source's name} of the columns read (see `name`)."""
+        out = {}
+        for c in file_columns:
+            name = self.name(c)
+            if name is not None:
+                out[c] = name
+        return out
+
+
+def _read_tabular(path: Path, required: list[str], wanted: list[str] | None, rename: Rename) -> RawTable:
+    """A generic file; `wanted` = the columns used by the source's names (None = all), the others are not
+    read; `rename` gives the file's own names where they differ."""
     name = path.name.lower()
     try:
         if name.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz")):
-            raw = _read_csv(path, delimiter="\t" if ".tsv" in name else ",")
-            found = [c for c in raw.table.column_names if not c.startswith("_")]
+            raw, found = _read_csv(path, delimiter="\t" if ".tsv" in name else ",", rename=rename)
         elif name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".ndjson.gz")):
-            raw = _read_jsonl_flat(path, wanted)
-            found = [c for c in raw.table.column_names if not c.startswith("_")]
+            raw, found = _read_jsonl_flat(path, wanted, rename)
         elif name.endswith(".parquet"):
             types = _parquet_schema(path)
             found = list(types)
-            keys = [c for c in found if wanted is None or c in wanted]
-            missing = [c for c in required if c not in found]
+            names = {k: v for k, v in rename.names(found).items() if wanted is None or v in wanted}
+            missing = [c for c in required if c not in names.values()]
             if missing:
-                raise SourceError(_missing_columns(path, missing, found))
-            raw = _json_fields(_parquet_lines(path, keys), path, _generic_fields(keys), set(keys))
-            raw.column_types = {k: types[k] for k in ID_COLUMNS if k in types}
+                raise SourceError(_missing_columns(path, missing, found, rename))
+            keys = list(names)
+            raw = _json_fields(_parquet_lines(path, keys), path, _generic_fields(names), set(keys))
+            raw.column_types = {v: types[k] for k, v in names.items() if v in ID_COLUMNS}
             _note_numeric_ids(path, raw.column_types)
         else:
             raise SourceError(
@@ -181,17 +219,23 @@ def _read_tabular(path: Path, required: list[str], wanted: list[str] | None) -> 
         raise _unexpected(path, exc) from exc
     missing = [c for c in required if c not in raw.table.column_names]
     if missing:
-        raise SourceError(_missing_columns(path, missing, found))
+        raise SourceError(_missing_columns(path, missing, found, rename))
     return raw
 
 
-def _missing_columns(path: Path, missing: list[str], found: list[str]) -> str:
+def _missing_columns(path: Path, missing: list[str], found: list[str], rename: Rename) -> str:
     """The error of a generic file without a required column: which, what the file has, and what to do
-    (the generic source's column names are fixed: a new user's trial looked for a mapping)."""
+    (map the file's own names with `ingest.columns`: a new user's trial looked for a mapping)."""
+    mapped = [c for c in missing if c in rename.columns]
+    if mapped:
+        named = ", ".join(f"{c} -> {rename.columns[c]!r}" for c in mapped)
+        return (
+            f"{path}: ingest.columns.{rename.kind} maps {named}, which the file does not have; found {found}"
+        )
+    example = f"{missing[0]}: <the file's column>"
     return (
-        f"{path}: missing required column(s) {missing}; found {found}; the generic source reads its "
-        'columns by these names (docs/ingest.md, "Sources"): rename the file\'s columns to them (the '
-        "DuckDB example there keeps every value as text)"
+        f"{path}: missing required column(s) {missing}; found {found}; name the file's own columns in "
+        f'ingest.columns.{rename.kind} ({example}; docs/ingest.md, "Sources")'
     )
 
 
@@ -234,7 +278,8 @@ def _check_text(path: Path) -> None:
         )
 
 
-def _read_csv(path: Path, delimiter: str) -> RawTable:
+def _read_csv(path: Path, delimiter: str, rename: Rename) -> tuple[RawTable, list[str]]:
+    """(the records, the file's own column names); columns by the source's names (`rename`)."""
     _check_gzip(path)
     _check_text(path)
     rejects: list[dict] = []
@@ -262,13 +307,16 @@ def _read_csv(path: Path, delimiter: str) -> RawTable:
         ) from None
     if len(set(header)) != len(header):
         raise SourceError(f"{path}: duplicate column names in header {header}")
+    found = list(header)
+    # The source's names (a file column whose name another column is mapped to is set aside: `_unmapped_`)
+    header = [rename.name(c) or f"_unmapped_{c}" for c in found]
     try:
         table = pacsv.read_csv(
             path,
             read_options=pacsv.ReadOptions(use_threads=False, block_size=1 << 24),
             parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid),
             convert_options=pacsv.ConvertOptions(
-                column_types={c: pa.string() for c in header},
+                column_types={c: pa.string() for c in found},
                 strings_can_be_null=False,
                 quoted_strings_can_be_null=False,
             ),
@@ -277,12 +325,13 @@ def _read_csv(path: Path, delimiter: str) -> RawTable:
         msg = str(exc)
         hint = " (not UTF-8: wrong encoding?)" if "UTF8" in msg or "utf-8" in msg.lower() else ""
         raise SourceError(f"{path}: cannot parse as CSV{hint}: {msg.splitlines()[0]}") from None
+    table = table.rename_columns(header)
     lines = csvlines.count_lines(path)
     if lines == 1 + table.num_rows + len(rejects):
         # One record per line: number the records by line (the rejects already are: pyarrow's row number).
         taken = np.array([r["record"] for r in rejects], np.int64)
         numbers = np.setdiff1d(np.arange(2, lines + 1, dtype=np.int64), taken)
-        return RawTable(_with_provenance(table, path, numbers), rejects)
+        return RawTable(_with_provenance(table, path, numbers), rejects), found
     # Fewer records than lines: quoted values span lines (or blank lines sit between rows). Read it by
     # lines, so an unterminated quote cannot swallow the rows after it (tasks/ingest/csvlines.py).
     one_line = pc.invert(_any_line_break(table, header))
@@ -295,7 +344,7 @@ def _read_csv(path: Path, delimiter: str) -> RawTable:
         table, rejects = csvlines.read_by_lines(path, delimiter, header, known)
     except UnicodeDecodeError as exc:
         raise SourceError(f"{path}: cannot parse as CSV (not UTF-8: wrong encoding?): {exc}") from None
-    return RawTable(table, rejects)
+    return RawTable(table, rejects), found
 
 
 def _any_line_break(table: pa.Table, columns: list[str]) -> pa.ChunkedArray:
@@ -535,20 +584,20 @@ def _id_text(key: str) -> str:
     )
 
 
-def _generic_fields(keys: list[str]) -> dict[str, str]:
-    """Field expressions of a generic JSON object: each key as text (ids: `_id_text`); `categories`
-    and `description` lists joined as the Amazon readers join them, other nested values kept as JSON
-    text."""
+def _generic_fields(names: dict[str, str]) -> dict[str, str]:
+    """Field expressions of a generic JSON object, by the source's name of each key read (`names`: key
+    -> name): each as text (ids: `_id_text`); `categories` and `description` lists joined as the Amazon
+    readers join them, other nested values kept as JSON text."""
     out = {}
-    for k in keys:
-        if k in ID_COLUMNS:
-            out[k] = _id_text(k)
-        elif k == "categories":
-            out[k] = _list_text(k, " > ")
-        elif k == "description":
-            out[k] = _list_text(k, " ")
+    for k, name in names.items():
+        if name in ID_COLUMNS:
+            out[name] = _id_text(k)
+        elif name == "categories":
+            out[name] = _list_text(k, " > ")
+        elif name == "description":
+            out[name] = _list_text(k, " ")
         else:
-            out[k] = f"json_extract_string(j, {_sql_string(_json_path(k))})"
+            out[name] = f"json_extract_string(j, {_sql_string(_json_path(k))})"
     return out
 
 
@@ -556,9 +605,11 @@ def _json_path(key: str) -> str:
     return '$."' + key.replace('"', '\\"') + '"'
 
 
-def _read_jsonl_flat(path: Path, wanted: list[str] | None) -> RawTable:
-    """Generic JSON lines: every top-level key (or the `wanted` ones) becomes a string column."""
-    lines, rejects = _repair_lines(_read_lines(path), path, set(wanted) if wanted is not None else None)
+def _read_jsonl_flat(path: Path, wanted: list[str] | None, rename: Rename) -> tuple[RawTable, list[str]]:
+    """Generic JSON lines: every top-level key (or those of the `wanted` names) becomes a string column,
+    by the source's name (`rename`); with the keys found."""
+    used = None if wanted is None else {rename.columns.get(w, w) for w in wanted}
+    lines, rejects = _repair_lines(_read_lines(path), path, used)
     con = duckdb.connect()
     con.register("lines", lines)
     keys = [
@@ -568,12 +619,17 @@ def _read_jsonl_flat(path: Path, wanted: list[str] | None) -> RawTable:
         ).fetchall()
     ]
     con.close()
-    keys = sorted(k for k in keys if k.isidentifier() and (wanted is None or k in wanted))
+    found = sorted(keys)
+    names = {
+        k: v
+        for k, v in rename.names(found).items()
+        if (k.isidentifier() or k in rename.columns.values()) and (wanted is None or v in wanted)
+    }
     if not keys:
         raise SourceError(f"{path}: no JSON objects found")
-    raw = _json_fields(lines, path, _generic_fields(keys), set(keys))
+    raw = _json_fields(lines, path, _generic_fields(names), set(names))
     raw.rejects = rejects + raw.rejects
-    return raw
+    return raw, found
 
 
 # ---------------------------------------------------------------- amazon
