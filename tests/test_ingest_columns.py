@@ -116,6 +116,19 @@ def test_a_mapping_to_a_column_the_file_lacks_is_one_line(
     assert "customer_id" in message  # what the file has
 
 
+def test_a_misspelt_optional_column_is_an_error_not_an_empty_column(
+    sample: tuple[pa.Table, pa.Table], tmp_path: Path
+) -> None:
+    items, inter = sample
+    with pytest.raises(SourceError, match=r"ingest.columns.items maps brand -> 'Brnad', which the file does"):
+        ingest(
+            tmp_path,
+            write(items, tmp_path / "items.parquet"),
+            write(inter, tmp_path / "interactions.csv"),
+            columns={"items": {"brand": "Brnad"}},
+        )
+
+
 def test_an_unmapped_export_is_told_where_to_name_its_columns(
     sample: tuple[pa.Table, pa.Table], tmp_path: Path
 ) -> None:

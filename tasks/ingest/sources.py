@@ -203,6 +203,7 @@ def _read_tabular(path: Path, required: list[str], wanted: list[str] | None, ren
         elif name.endswith(".parquet"):
             types = _parquet_schema(path)
             found = list(types)
+            _check_mapping(path, found, rename)
             names = {k: v for k, v in rename.names(found).items() if wanted is None or v in wanted}
             missing = [c for c in required if c not in names.values()]
             if missing:
@@ -217,21 +218,27 @@ def _read_tabular(path: Path, required: list[str], wanted: list[str] | None, ren
             )
     except (duckdb.Error, pa.ArrowException, RecursionError, MemoryError) as exc:
         raise _unexpected(path, exc) from exc
+    _check_mapping(path, found, rename)
     missing = [c for c in required if c not in raw.table.column_names]
     if missing:
         raise SourceError(_missing_columns(path, missing, found, rename))
     return raw
 
 
+def _check_mapping(path: Path, found: list[str], rename: Rename) -> None:
+    """Every file column `ingest.columns` names is in the file (a misspelt optional one would otherwise
+    read as an empty column)."""
+    absent = {c: own for c, own in rename.columns.items() if own not in found}
+    if absent:
+        named = ", ".join(f"{c} -> {own!r}" for c, own in absent.items())
+        raise SourceError(
+            f"{path}: ingest.columns.{rename.kind} maps {named}, which the file does not have; found {found}"
+        )
+
+
 def _missing_columns(path: Path, missing: list[str], found: list[str], rename: Rename) -> str:
     """The error of a generic file without a required column: which, what the file has, and what to do
     (map the file's own names with `ingest.columns`: a new user's trial looked for a mapping)."""
-    mapped = [c for c in missing if c in rename.columns]
-    if mapped:
-        named = ", ".join(f"{c} -> {rename.columns[c]!r}" for c in mapped)
-        return (
-            f"{path}: ingest.columns.{rename.kind} maps {named}, which the file does not have; found {found}"
-        )
     example = f"{missing[0]}: <the file's column>"
     return (
         f"{path}: missing required column(s) {missing}; found {found}; name the file's own columns in "
