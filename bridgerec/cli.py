@@ -350,6 +350,26 @@ def _emit(result: Any, as_json: bool, render: Callable[[Any], None], failing: bo
         answer.write({"ok": True} | data)
 
 
+def _require_sources(settings: Settings, config: Path | None) -> None:
+    """`error:` and exit 2 when the settings name no input files to ingest, before a night is recorded:
+    without it `bridgerec run` with no config (a new user's first try) made a `./workspace` with a failed
+    night in its warehouse before saying so. A named file that is missing stays the night's fault: a
+    scheduled night records it, as it records any export that did not arrive."""
+    from bridgerec.tasks.ingest import SourceError, input_files
+
+    try:
+        input_files(settings.ingest)
+    except SourceError as exc:
+        given = config is not None or bool(os.environ.get(CONFIG_ENV))
+        hint = (
+            ""
+            if given
+            else "; no config was given (--config FILE or $BRIDGEREC_CONFIG; the bundled sample's: "
+            "configs/sample.yaml)"
+        )
+        _fail(str(exc) + hint)
+
+
 def _default_workspace_note(settings: Settings) -> str:
     """What to add to a "run the earlier stage first" line when nothing named the workspace (no
     `workspace:` in the config, no --workspace, no $BRIDGEREC_WORKSPACE): the default one is likely not
@@ -785,6 +805,7 @@ def run(
         _fail(f"--force names no stage: {', '.join(unknown)} (the stages: {', '.join(STAGE)}){hint}")
 
     settings = _settings(config, sets, workspace=workspace)  # validate early, with readable errors
+    _require_sources(settings, config)
     _require_prefect_api()  # before the session: an unreachable API leaves no log file behind
     with handlers_restored(), _console(settings, "run", as_json, verbose):
         progress.set_enabled(not as_json)

@@ -369,6 +369,27 @@ def test_a_reader_without_a_config_says_the_config_is_what_is_missing(
     assert not (tmp_path / "workspace").exists()
 
 
+def test_a_run_without_sources_fails_before_recording_a_night(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`bridgerec run` with no config (a new user's first try) names no input files: one `error:` line
+    that says so and how to give them, exit 2, and no `./workspace` with a failed night in it (it made
+    one); with a config that names no files, the line is the plain one."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("BRIDGEREC_CONFIG", "BRIDGEREC_WORKSPACE", "BRIDGEREC_WAREHOUSE"):
+        monkeypatch.delenv(name, raising=False)
+    out = CliRunner().invoke(app, ["run"])
+    assert out.exit_code == 2, out.output
+    assert out.stderr.startswith("error: source 'generic' needs ingest.items and ingest.interactions")
+    assert "--set ingest.items=FILE" in out.stderr and "no config was given" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "workspace").exists()
+    config = tmp_path / "over.yaml"
+    config.write_text("train: {epochs: 7}\n")
+    named = CliRunner().invoke(app, ["run", "--config", str(config)])
+    assert named.exit_code == 2 and "needs ingest.items" in named.stderr
+    assert "no config was given" not in named.stderr and not (tmp_path / "workspace").exists()
+
+
 def test_a_reader_elsewhere_than_the_run_names_the_working_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

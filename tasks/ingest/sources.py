@@ -73,7 +73,8 @@ def input_files(settings: IngestSettings) -> dict[str, Path]:
     if settings.source == "generic":
         if settings.items is None or settings.interactions is None:
             raise SourceError(
-                "source 'generic' needs ingest.items and ingest.interactions (or --items/--interactions)"
+                "source 'generic' needs ingest.items and ingest.interactions (in the config, --set "
+                "ingest.items=FILE, or `bridgerec ingest --items/--interactions`)"
             )
         return {"items": settings.items, "interactions": settings.interactions}
     if not settings.amazon:
