@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 
 from bridgerec.config import RuntimeSettings, StageTimeouts, load_settings
 from bridgerec.runtime.progress import advance, progress_bar
-from bridgerec.runtime.watchdog import StageOverBudget, StageStalled, Watchdog
+from bridgerec.runtime.watchdog import StageOverBudget, StageStalled, Watchdog, remove_stale_heartbeat_files
 
 
 def wait_for_a_lock_nobody_releases() -> None:
@@ -271,3 +272,40 @@ def test_a_stage_that_ignores_the_stop_ends_the_process_and_leaves_no_heartbeat_
     assert heartbeat.name.startswith("bridgerec-heartbeat-")
     assert not heartbeat.exists()
     assert "did not stop when asked" in done.stderr
+
+
+_KILLED_MID_STAGE = """
+import os, signal, sys, time
+from bridgerec.runtime.watchdog import Watchdog
+with Watchdog("train", 600):
+    print(os.environ["BRIDGEREC_HEARTBEAT_FILE"], flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer ends a stage: no cleanup runs
+"""
+
+
+def test_a_killed_stage_s_heartbeat_file_goes_with_the_next_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stage process ended by SIGKILL cannot delete its heartbeat file: the next watchdog on the machine
+    deletes it, since the process the file names is gone, and keeps those of live processes (another
+    stage running beside it) and older unnamed ones younger than a day (they lingered in /tmp before)."""
+    env = os.environ | {"TMPDIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", _KILLED_MID_STAGE], capture_output=True, text=True, env=env)
+    assert done.returncode == -9, done.stderr
+    killed = Path(done.stdout.strip())
+    assert killed.parent == tmp_path and killed.exists()  # left behind, as before
+    alive = tmp_path / f"bridgerec-heartbeat-{os.getppid()}-live"
+    unnamed_old, unnamed_new = (
+        tmp_path / "bridgerec-heartbeat-abc123",
+        tmp_path / "bridgerec-heartbeat-def456",
+    )
+    for path in (alive, unnamed_old, unnamed_new):
+        path.touch()
+    os.utime(unnamed_old, (time.time() - 2 * 86400, time.time() - 2 * 86400))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with Watchdog("train", 600):  # the next stage on the machine
+        mine = Path(os.environ["BRIDGEREC_HEARTBEAT_FILE"])
+        assert mine.name.startswith(f"bridgerec-heartbeat-{os.getpid()}-") and mine.parent == tmp_path
+    assert not killed.exists() and not unnamed_old.exists() and not mine.exists()
+    assert alive.exists() and unnamed_new.exists()
+    assert remove_stale_heartbeat_files(str(tmp_path)) == []

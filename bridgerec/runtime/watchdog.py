@@ -73,6 +73,45 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 120 else f"{seconds:.0f} s"
 
 
+HEARTBEAT_PREFIX = "bridgerec-heartbeat-"  # + the watching process's pid + "-" + mkstemp's random part
+STALE_UNOWNED_S = 24 * 3600.0  # a heartbeat file that names no pid (before 2026-12-07) is stale after this
+
+
+def remove_stale_heartbeat_files(directory: str | None = None) -> list[str]:
+    """Delete this user's heartbeat files in `directory` (the temp folder) whose process is gone: a stage
+    process ended by SIGKILL (the OOM killer, `kill -9`) or by `os._exit` cannot delete its own, and every
+    such night left one behind for good. A file names its process (`bridgerec-heartbeat-<pid>-...`); one
+    of the older form, without a pid, goes when a day old. Returns the paths deleted."""
+    directory = directory or tempfile.gettempdir()
+    removed = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if not entry.name.startswith(HEARTBEAT_PREFIX) or not entry.is_file(follow_symlinks=False):
+                continue
+            with contextlib.suppress(OSError):
+                st = entry.stat(follow_symlinks=False)
+                if st.st_uid != os.getuid():
+                    continue
+                pid = entry.name[len(HEARTBEAT_PREFIX) :].split("-", 1)[0]
+                gone = (
+                    _process_gone(int(pid)) if pid.isdigit() else time.time() - st.st_mtime > STALE_UNOWNED_S
+                )
+                if gone:
+                    os.unlink(entry.path)
+                    removed.append(entry.path)
+    return removed
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
 class Watchdog:
     """Guards a block (`with Watchdog("train", 1800):`): `StageStalled` in the block's thread when no
     progress step came for `stall_s` seconds. `stall_s` None: off. `check_s`: how often it looks."""
@@ -143,7 +182,8 @@ class Watchdog:
 
     @contextlib.contextmanager
     def _heartbeat_file(self) -> Iterator[None]:
-        fd, path = tempfile.mkstemp(prefix="bridgerec-heartbeat-")
+        remove_stale_heartbeat_files()
+        fd, path = tempfile.mkstemp(prefix=f"{HEARTBEAT_PREFIX}{os.getpid()}-")
         os.close(fd)
         previous = os.environ.get(HEARTBEAT_ENV)
         os.environ[HEARTBEAT_ENV] = self._file = path
