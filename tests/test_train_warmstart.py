@@ -27,6 +27,7 @@ from bridgerec.models.warmstart import ItemSpace, warm_state
 from bridgerec.storage.runs import RunDir
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks import StageRun
+from bridgerec.tasks.train import TrainOutputs
 from bridgerec.tasks.train.inputs import load_catalog, load_item_tables, load_sequences
 from bridgerec.tasks.train.settings import TrainSettings
 from bridgerec.tasks.train.stage import TrainSummary, run_id_for, run_train
@@ -349,8 +350,13 @@ def test_a_forced_retrain_is_a_run_of_its_own_and_a_killed_one_resumes(
     # Unforced: the best complete training of these inputs on validation (ties to the earlier).
     figures = {r.run_id: r.valid["full"]["overall"]["ndcg@10"] for r in (first, resumed)}
     best = retrain.run_id if figures[retrain.run_id] > figures[first.run_id] else first.run_id
+    board = ws.read_table("train", "runs", ["run_id", "finished_at"]).to_pylist()
     again = run_train(StageRun(settings, ws))
     assert again.skipped and again.run_id == best
+    # A skip records the run again without moving it: its place and finish time stay, so a tie still goes
+    # to the run that finished first, in the manifest that the gate and publish read too.
+    assert ws.read_table("train", "runs", ["run_id", "finished_at"]).to_pylist() == board
+    assert TrainOutputs(ws).best_run().run_id == best
     third = run_train(StageRun(settings, ws, force=True))
     assert third.run_id == f"{first.run_id}-r3" and not third.skipped and third.resumed_from_epoch == 0
     assert sorted(p.name for p in run.path.parent.iterdir() if p.name.startswith(".")) == []

@@ -811,7 +811,10 @@ def _record(
     select_by: str = "full",
 ) -> None:
     """Add the run to the leaderboard and rewrite the stage manifest naming the best current run: the
-    best validation NDCG@10 under `select_by` (full ranking; runs without a full figure rank last)."""
+    best validation NDCG@10 under `select_by` (full ranking; runs without a full figure rank last). A run
+    already on the board (a skipped train records it again) keeps its row's place and `finished_at`: ties
+    go to the earlier row, and a skip that moved it last handed a tie to a retrain finished before it (a
+    new user's trial: the serving run switched, and was republished, on a night that trained nothing)."""
     input_hash = hash_json(hashes)
     row = {
         "run_id": summary.run_id,
@@ -834,12 +837,15 @@ def _record(
     previous: list[dict] = []
     path = workspace.stage_dir(STAGE) / "runs.parquet"
     if path.exists():
-        previous = [
-            r for r in workspace.read_table(STAGE, "runs").to_pylist() if r["run_id"] != summary.run_id
-        ]
+        previous = workspace.read_table(STAGE, "runs").to_pylist()
     # Runs whose folder was deleted drop out of the leaderboard.
-    previous = [r for r in previous if RunDir(workspace, r["run_id"]).is_complete()]
-    board = [*previous, row]
+    board = [
+        r for r in previous if r["run_id"] == summary.run_id or RunDir(workspace, r["run_id"]).is_complete()
+    ]
+    if (at := next((i for i, r in enumerate(board) if r["run_id"] == summary.run_id), None)) is not None:
+        board[at] = row | {"finished_at": board[at]["finished_at"]}
+    else:
+        board.append(row)
     # The best run on the *current* inputs, by validation NDCG@10: a run whose every input file (those it
     # read: pop and SASRec read no enrich file) is as it is now, so pop competes with the LLM models.
     now: dict[str, str | None] = dict(hashes)
