@@ -351,14 +351,18 @@ def _emit(result: Any, as_json: bool, render: Callable[[Any], None], failing: bo
 
 
 def _require_sources(settings: Settings, config: Path | None) -> None:
-    """`error:` and exit 2 when the settings name no input files to ingest, before a night is recorded:
-    without it `bridgerec run` with no config (a new user's first try) made a `./workspace` with a failed
-    night in its warehouse before saying so. A named file that is missing stays the night's fault: a
-    scheduled night records it, as it records any export that did not arrive."""
-    from bridgerec.tasks.ingest import SourceError, input_files
+    """`error:` and exit 2 before a night is recorded when the settings name no input files to ingest, or
+    when a named file is missing and the workspace does not exist yet: without it `bridgerec run` with no
+    config (a new user's first try), or from another folder than the config's relative paths assume, made
+    a workspace with a failed night in its warehouse before saying so. A file missing from a workspace
+    that has run before stays that night's fault: a scheduled night records it, as it records any export
+    that did not arrive."""
+    from bridgerec.tasks.ingest import SourceError, check_input_files, input_files
 
     try:
         input_files(settings.ingest)
+        if not settings.workspace.exists():  # a first night: nothing to record it in yet
+            check_input_files(settings.ingest)
     except SourceError as exc:
         given = config is not None or bool(os.environ.get(CONFIG_ENV))
         hint = (

@@ -374,7 +374,8 @@ def test_a_run_without_sources_fails_before_recording_a_night(
 ) -> None:
     """`bridgerec run` with no config (a new user's first try) names no input files: one `error:` line
     that says so and how to give them, exit 2, and no `./workspace` with a failed night in it (it made
-    one); with a config that names no files, the line is the plain one."""
+    one); with a config that names no files, the line is the plain one; a first night whose files are
+    missing (relative paths read from another folder) stops the same way."""
     monkeypatch.chdir(tmp_path)
     for name in ("BRIDGEREC_CONFIG", "BRIDGEREC_WORKSPACE", "BRIDGEREC_WAREHOUSE"):
         monkeypatch.delenv(name, raising=False)
@@ -388,6 +389,12 @@ def test_a_run_without_sources_fails_before_recording_a_night(
     named = CliRunner().invoke(app, ["run", "--config", str(config)])
     assert named.exit_code == 2 and "needs ingest.items" in named.stderr
     assert "no config was given" not in named.stderr and not (tmp_path / "workspace").exists()
+    # The sample's config from another folder: its relative data paths name no file here, and its
+    # relative workspace does not exist here yet, so nothing is made (it made workspace/sample/ here).
+    elsewhere = CliRunner().invoke(app, ["run", "--config", str(REPO / "configs" / "sample.yaml")])
+    assert elsewhere.exit_code == 2 and "file not found (ingest items" in elsewhere.stderr
+    assert f"relative paths are read from the working directory, {tmp_path}" in elsewhere.stderr
+    assert len(elsewhere.stderr.strip().splitlines()) == 1 and not (tmp_path / "workspace").exists()
 
 
 def test_a_reader_elsewhere_than_the_run_names_the_working_directory(

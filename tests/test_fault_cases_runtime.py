@@ -43,7 +43,7 @@ _COMMANDS = {
     "enrich": ["enrich", "--profiles", "none"],
     "train": ["train", "--model", "pop"],
     "publish": ["publish"],
-    "run": ["run"],
+    "run": ["run", "--set", "ingest.items=items.csv", "--set", "ingest.interactions=interactions.csv"],
 }
 
 
