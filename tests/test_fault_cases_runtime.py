@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 
 from bridgerec.cli import app, resume_command
 from bridgerec.runtime.prefect_api import PrefectUnreachable, check_api, unreachable_in
+from tests.conftest import REPO
 
 
 def closed_local_port() -> int:
@@ -211,6 +212,22 @@ def test_27_damaged_warehouse_is_named_with_the_way_back(
     assert again.exit_code == 0, again.output
     recs = CliRunner().invoke(app, ["recs", "--warehouse", str(warehouse), "--user", "u001", "--json"])
     assert recs.exit_code == 0 and '"recommendations"' in recs.stdout
+
+
+@pytest.mark.parametrize("argv", [["sql", "-q", "SELECT 1"], ["runs", "list"], ["recs", "--user", "u001"]])
+def test_a_text_file_given_as_the_warehouse_is_not_called_damaged(argv: list[str], tmp_path: Path) -> None:
+    """Variant of 27: `--warehouse` given the config (a new user's trial) is not a damaged warehouse: the
+    line says the file holds text and where the warehouse and the config go, and never tells the user to
+    move their config aside and publish again; the file is left as it was."""
+    config = tmp_path / "sample.yaml"
+    shutil.copyfile(REPO / "configs" / "sample.yaml", config)
+    before = config.read_bytes()
+    result = CliRunner().invoke(app, [*argv, "--warehouse", str(config)])
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: warehouse {config} is not a DuckDB database: it holds text (it starts `#")
+    assert "a config file goes to --config" in line and "damaged" not in line and "mv " not in line
+    assert config.read_bytes() == before
 
 
 def test_a_damaged_block_in_a_table_a_reader_does_not_touch_still_stops_publish(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import duckdb
 
+from bridgerec.runtime.terminal import printable
 from bridgerec.storage.warehouse.parts import object_store_error
 from bridgerec.storage.warehouse.schema import WarehouseDamaged, WarehouseError
 
@@ -38,17 +39,38 @@ def is_damage(exc: BaseException) -> bool:
     return isinstance(exc, duckdb.Error) and _DAMAGE.search(str(exc)) is not None
 
 
-def damaged(path: Path | str, exc: BaseException) -> WarehouseDamaged:
+def damaged(path: Path | str, exc: BaseException) -> WarehouseError:
     """The error for a damaged warehouse file: what DuckDB found, and the way back. bridgerec keeps no
     earlier copy of the file (each change swaps a new file in and the old one is gone), so the remedy is
     a new warehouse written from the workspace, or the user's own backup. The parts the file named stay
-    where they are; a new warehouse writes its own."""
-    return WarehouseDamaged(
+    where they are; a new warehouse writes its own. A file of text was never a warehouse (`--warehouse`
+    given the config: a new user's trial, told to move their config aside): `not_a_database` says so."""
+    return not_a_database(path) or WarehouseDamaged(
         f"warehouse {path} is damaged ({first_line(exc)}); it was left as it was. Move it aside "
         f"(`mv {path} {path}.damaged`) and run `bridgerec publish --force` with the config that built it: "
         "that writes a new warehouse with the best trained run of the workspace (earlier runs too with "
         "`--run-id RUN` while WORKSPACE/runs/RUN exists; the nights' history is only in the damaged file). "
         "Or restore the file from a backup: bridgerec keeps no earlier copy (each publish replaces it)"
+    )
+
+
+def not_a_database(path: Path | str, probe: int = 4096) -> WarehouseError | None:
+    """The error for a path that holds text (a config, a CSV, a log) where a warehouse was expected, or
+    None where its first `probe` bytes are not text (a DuckDB file holds NUL bytes in its header, also
+    where the header is damaged)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(probe)
+        if not head or b"\0" in head:
+            return None
+        text = head.decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    start = printable(text.strip().splitlines()[0][:60]) if text.strip() else ""
+    return WarehouseError(
+        f"warehouse {path} is not a DuckDB database: it holds text (it starts `{start}`); the warehouse is "
+        "the file a publish wrote (WORKSPACE/warehouse.duckdb, or the config's `warehouse`), and a config "
+        "file goes to --config"
     )
 
 
