@@ -743,6 +743,14 @@ def publish(
     Runs beyond `publish.retention_runs` lose their recommendations, profiles and indexes.
     """
     settings = _settings(config, sets, workspace=workspace, warehouse=warehouse, **{"publish.k": k})
+    if run_id is not None:  # a mistyped id fails in a second, before Prefect starts (it took ~15 s)
+        from bridgerec.stages import STAGE
+        from bridgerec.tasks.publish import resolve_trained_run
+
+        try:
+            resolve_trained_run(STAGE["publish"].stage_run(settings).workspace, run_id)
+        except InputError as exc:
+            _fail(str(exc) + _default_workspace_note(settings))
     _run_stage("publish", settings, force, as_json, verbose, _render_publish, run_id=run_id)
 
 

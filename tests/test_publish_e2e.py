@@ -120,6 +120,9 @@ def test_publish_flow_and_cli_on_a_trained_run(
     )
     code, answer = publish("bogus")
     assert code == 2 and answer["error"].startswith("no trained run 'bogus'")
+    assert f"(the trained runs, newest first: {train_run})" in answer["error"]  # not a Parquet file's path
+    code, answer = publish(train_run[:-2])
+    assert code == 2 and answer["error"].endswith(f"did you mean {train_run}?")
     other = root / "runs" / "sasrec-othercatalogue"
     shutil.copytree(root / "runs" / train_run, other)
     config = json.loads((other / "config.json").read_text())

@@ -9,6 +9,7 @@ and settings, still retained) does no work.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import time
 import uuid
@@ -119,6 +120,18 @@ class PublishSummary(BaseModel):
         return [TableReport("publish-runs", rows, description)]
 
 
+def _trained_runs_note(outputs: TrainOutputs, run_id: str, shown: int = 6) -> str:
+    """What to add to "no trained run X": the workspace's complete trained runs, newest first (the
+    leaderboard), and the closest to `run_id` (it pointed at a Parquet file)."""
+    runs = [r.run_id for r in reversed(outputs.leaderboard())]
+    if not runs:
+        return "; this workspace has no trained run: run `bridgerec train` first"
+    close = difflib.get_close_matches(run_id, runs, n=1)
+    more = f" and {len(runs) - shown} more" if len(runs) > shown else ""
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return f" (the trained runs, newest first: {', '.join(runs[:shown])}{more}){hint}"
+
+
 def resolve_trained_run(workspace: Workspace, run_id: str | None = None) -> TrainedRun:
     """The trained run `run_id` (WORKSPACE/runs/<run_id>), or by default the best run of the train stage
     on the current inputs. Raises PublishError when there is none, when it is not complete, or when it
@@ -129,8 +142,7 @@ def resolve_trained_run(workspace: Workspace, run_id: str | None = None) -> Trai
             return outputs.best_run()
         trained = outputs.run(check_run_id(run_id))
     except TrainMissing as exc:
-        where = "" if run_id is None else f" (the trained runs: {workspace.stage_dir('train')}/runs.parquet)"
-        raise PublishError(f"{exc}{where}") from None
+        raise PublishError(f"{exc}{'' if run_id is None else _trained_runs_note(outputs, run_id)}") from None
     except ValueError as exc:  # not an id a run folder can have
         raise PublishError(f"--run-id: {exc}") from None
     if (mismatch := outputs.catalogue_mismatch(trained)) is not None:

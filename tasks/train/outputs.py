@@ -57,6 +57,18 @@ class TrainOutputs:
         key = "valid_ndcg10" if best.get("select_by") == "sampled" else "valid_full_ndcg10"
         return dataclasses.replace(self.run(str(run_id), best.get("model")), valid_ndcg10=best.get(key))
 
+    def leaderboard(self) -> list[TrainedRun]:
+        """The complete trained runs of the workspace in the order they finished (WORKSPACE/train/
+        runs.parquet: a skipped train keeps a run's place); [] before the first training."""
+        if not (self.workspace.stage_dir(STAGE) / "runs.parquet").exists():
+            return []
+        rows = self.workspace.read_table(STAGE, "runs", ["run_id", "model"]).to_pylist()
+        return [
+            TrainedRun(r["run_id"], r["model"], RunDir(self.workspace, r["run_id"]).path)
+            for r in rows
+            if RunDir(self.workspace, r["run_id"]).is_complete()
+        ]
+
     def run(self, run_id: str, model: str | None = None) -> TrainedRun:
         """A finished run by id. Raises TrainMissing when it is absent or incomplete."""
         run = RunDir(self.workspace, run_id)
