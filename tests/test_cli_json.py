@@ -182,7 +182,7 @@ def test_a_failed_night_answers_with_what_it_finished(prefect_harness: None, tmp
     assert set(answer["seconds"]) >= {"ingest", "enrich"}  # the failed stage keeps the seconds it ran
     assert answer["stages"]["ingest"]["users"] > 0 and answer["stages"]["enrich"] is None
     # In Prefect the night and its stages are named by what and when (not `marble-kingfisher`), and the
-    # night carries the deployment's tags and where it came from.
+    # night carries the deployment's tags, where it came from and its workspace.
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -193,7 +193,7 @@ def test_a_failed_night_answers_with_what_it_finished(prefect_harness: None, tmp
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[night.id])), limit=200
         )
     assert re.fullmatch(r"night \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", night.name), night.name
-    assert {"bridgerec", "nightly", "cli"} <= set(night.tags)
+    assert {"bridgerec", "nightly", "cli", f"workspace:{(tmp_path / 'ws').resolve()}"} <= set(night.tags)
     stages = {r.name.split()[0] for r in runs if r.parent_task_run_id is not None and r.start_time}
     assert {"ingest", "enrich"} <= stages, stages
     # The data checks are a task run of the night, beside the stages' subflow runs, with its state.
