@@ -17,7 +17,13 @@ import pytest
 
 from bridgerec.config import RuntimeSettings, StageTimeouts, load_settings
 from bridgerec.runtime.progress import advance, progress_bar
-from bridgerec.runtime.watchdog import StageOverBudget, StageStalled, Watchdog, remove_stale_heartbeat_files
+from bridgerec.runtime.watchdog import (
+    StageOverBudget,
+    StageStalled,
+    Watchdog,
+    pid_namespace,
+    remove_stale_heartbeat_files,
+)
 
 
 def wait_for_a_lock_nobody_releases() -> None:
@@ -288,24 +294,27 @@ def test_a_killed_stage_s_heartbeat_file_goes_with_the_next_stage(
 ) -> None:
     """A stage process ended by SIGKILL cannot delete its heartbeat file: the next watchdog on the machine
     deletes it, since the process the file names is gone, and keeps those of live processes (another
-    stage running beside it) and older unnamed ones younger than a day (they lingered in /tmp before)."""
+    stage running beside it), those of other PID namespaces (a container sharing /tmp: the same pid is
+    another process there) and unnamed ones younger than a day (the older form, which lingered)."""
     env = os.environ | {"TMPDIR": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", _KILLED_MID_STAGE], capture_output=True, text=True, env=env)
     assert done.returncode == -9, done.stderr
     killed = Path(done.stdout.strip())
     assert killed.parent == tmp_path and killed.exists()  # left behind, as before
-    alive = tmp_path / f"bridgerec-heartbeat-{os.getppid()}-live"
+    ns = pid_namespace()
+    alive = tmp_path / f"bridgerec-heartbeat-{ns}.{os.getppid()}-live"
+    elsewhere = tmp_path / f"bridgerec-heartbeat-{ns + 1}.{killed.name.split('.')[1]}"  # another container's
     unnamed_old, unnamed_new = (
         tmp_path / "bridgerec-heartbeat-abc123",
         tmp_path / "bridgerec-heartbeat-def456",
     )
-    for path in (alive, unnamed_old, unnamed_new):
+    for path in (alive, elsewhere, unnamed_old, unnamed_new):
         path.touch()
     os.utime(unnamed_old, (time.time() - 2 * 86400, time.time() - 2 * 86400))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     with Watchdog("train", 600):  # the next stage on the machine
         mine = Path(os.environ["BRIDGEREC_HEARTBEAT_FILE"])
-        assert mine.name.startswith(f"bridgerec-heartbeat-{os.getpid()}-") and mine.parent == tmp_path
+        assert mine.name.startswith(f"bridgerec-heartbeat-{ns}.{os.getpid()}-") and mine.parent == tmp_path
     assert not killed.exists() and not unnamed_old.exists() and not mine.exists()
-    assert alive.exists() and unnamed_new.exists()
+    assert alive.exists() and elsewhere.exists() and unnamed_new.exists()
     assert remove_stale_heartbeat_files(str(tmp_path)) == []

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -73,17 +74,37 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 120 else f"{seconds:.0f} s"
 
 
-HEARTBEAT_PREFIX = "bridgerec-heartbeat-"  # + the watching process's pid + "-" + mkstemp's random part
-STALE_UNOWNED_S = 24 * 3600.0  # a heartbeat file that names no pid (before 2026-12-07) is stale after this
+HEARTBEAT_PREFIX = (
+    "bridgerec-heartbeat-"  # + "<pid namespace>.<pid>-" of the watching process + mkstemp's part
+)
+STALE_UNOWNED_S = (
+    24 * 3600.0
+)  # a heartbeat file that names no process (before 2026-12-07) is stale after this
+_OWNER = re.compile(r"(?P<ns>\d+)\.(?P<pid>\d+)-")
+
+
+def pid_namespace() -> int:
+    """The inode of this process's PID namespace (0 where /proc does not say): a pid means a process
+    only within its namespace, and containers sharing one /tmp have namespaces of their own."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def heartbeat_prefix() -> str:
+    """`bridgerec-heartbeat-<pid namespace>.<pid>-`: the start of this process's heartbeat file names."""
+    return f"{HEARTBEAT_PREFIX}{pid_namespace()}.{os.getpid()}-"
 
 
 def remove_stale_heartbeat_files(directory: str | None = None) -> list[str]:
     """Delete this user's heartbeat files in `directory` (the temp folder) whose process is gone: a stage
     process ended by SIGKILL (the OOM killer, `kill -9`) or by `os._exit` cannot delete its own, and every
-    such night left one behind for good. A file names its process (`bridgerec-heartbeat-<pid>-...`); one
-    of the older form, without a pid, goes when a day old. Returns the paths deleted."""
+    such night left one behind for good. A file names its process and that process's PID namespace; only
+    files of this namespace are judged (another container's pids mean other processes), and one of the
+    older form, naming no process, goes when a day old. Returns the paths deleted."""
     directory = directory or tempfile.gettempdir()
-    removed = []
+    here, removed = pid_namespace(), []
     with os.scandir(directory) as entries:
         for entry in entries:
             if not entry.name.startswith(HEARTBEAT_PREFIX) or not entry.is_file(follow_symlinks=False):
@@ -92,10 +113,11 @@ def remove_stale_heartbeat_files(directory: str | None = None) -> list[str]:
                 st = entry.stat(follow_symlinks=False)
                 if st.st_uid != os.getuid():
                     continue
-                pid = entry.name[len(HEARTBEAT_PREFIX) :].split("-", 1)[0]
-                gone = (
-                    _process_gone(int(pid)) if pid.isdigit() else time.time() - st.st_mtime > STALE_UNOWNED_S
-                )
+                owner = _OWNER.match(entry.name, len(HEARTBEAT_PREFIX))
+                if owner is None:
+                    gone = time.time() - st.st_mtime > STALE_UNOWNED_S
+                else:
+                    gone = here != 0 and int(owner["ns"]) == here and _process_gone(int(owner["pid"]))
                 if gone:
                     os.unlink(entry.path)
                     removed.append(entry.path)
@@ -183,7 +205,7 @@ class Watchdog:
     @contextlib.contextmanager
     def _heartbeat_file(self) -> Iterator[None]:
         remove_stale_heartbeat_files()
-        fd, path = tempfile.mkstemp(prefix=f"{HEARTBEAT_PREFIX}{os.getpid()}-")
+        fd, path = tempfile.mkstemp(prefix=heartbeat_prefix())
         os.close(fd)
         previous = os.environ.get(HEARTBEAT_ENV)
         os.environ[HEARTBEAT_ENV] = self._file = path
