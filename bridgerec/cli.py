@@ -350,6 +350,16 @@ def _emit(result: Any, as_json: bool, render: Callable[[Any], None], failing: bo
         answer.write({"ok": True} | data)
 
 
+def _require_stages(names: Sequence[str]) -> None:
+    """`error:` and exit 2 when `--force` names something that is not a stage, with the closest stage."""
+    from bridgerec.stages import STAGE
+
+    if unknown := sorted(set(names) - set(STAGE)):
+        close = [m for name in unknown for m in difflib.get_close_matches(name, list(STAGE), n=1)]
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        _fail(f"--force names no stage: {', '.join(unknown)} (the stages: {', '.join(STAGE)}){hint}")
+
+
 def _require_sources(settings: Settings, config: Path | None) -> None:
     """`error:` and exit 2 before a night is recorded when the settings name no input files to ingest, or
     when a named file is missing and the workspace does not exist yet: without it `bridgerec run` with no
@@ -816,14 +826,9 @@ def run(
     from prefect import tags as prefect_tags
 
     from bridgerec.flows.nightly import NightFailed, nightly_flow, summary_markdown
-    from bridgerec.stages import STAGE
 
     hide_input_error_tracebacks()
-    if unknown := sorted(set(force or ()) - set(STAGE)):
-        close = [m for name in unknown for m in difflib.get_close_matches(name, list(STAGE), n=1)]
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        _fail(f"--force names no stage: {', '.join(unknown)} (the stages: {', '.join(STAGE)}){hint}")
-
+    _require_stages(force or ())
     settings = _settings(config, sets, workspace=workspace)  # validate early, with readable errors
     _require_sources(settings, config)
     _require_prefect_api()  # before the session: an unreachable API leaves no log file behind
