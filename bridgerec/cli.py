@@ -384,13 +384,6 @@ def _require_sources(settings: Settings, config: Path | None) -> None:
         _fail(str(exc) + hint)
 
 
-def workspace_tag(settings: Settings) -> str:
-    """`workspace:/abs/path`: the Prefect tag that tells the flow runs of one workspace from another's. Every
-    command on a machine records its runs in the same Prefect database (PREFECT_HOME's, or the server's),
-    whichever workspace it ran on (a new user's trial: other workspaces' nights in `prefect flow-run ls`)."""
-    return f"workspace:{settings.workspace.resolve()}"
-
-
 def _default_workspace_note(settings: Settings) -> str:
     """What to add to a "run the earlier stage first" line when nothing named the workspace (no
     `workspace:` in the config, no --workspace, no $BRIDGEREC_WORKSPACE): the default one is likely not
@@ -436,8 +429,8 @@ def _run_stage(
         )
         with _stoppable(lambda signum, _: stopped.format(signal=signum.name)):
             try:
-                # as the stage/<name> deployments', + cli and the workspace (one Prefect database serves all)
-                with prefect_tags("bridgerec", "adhoc", "cli", workspace_tag(settings)):
+                # as the stage/<name> deployments', + cli (the flow adds `workspace:`: flows/stage.py)
+                with prefect_tags("bridgerec", "adhoc", "cli"):
                     summary = run_stage(name, settings, force=force, **options)
             except (InputError, FileNotFoundError, ValueError) as exc:
                 _fail(str(exc))
@@ -855,8 +848,8 @@ def run(
         with _stoppable(stopped):
             try:
                 stages = cast("list[Stage] | None", force)  # names checked above
-                # as the deployment's, + where it came from and the workspace (one Prefect database serves all)
-                with prefect_tags("bridgerec", "nightly", "cli", workspace_tag(settings)):
+                # as the deployment's, + where it came from (the flow adds `workspace:`: flows/stage.py)
+                with prefect_tags("bridgerec", "nightly", "cli"):
                     result = nightly_flow(str(config) if config else None, overrides, stages)
             except NightFailed as exc:  # a refused or failed night still gets its morning read
                 _emit(exc.summary, as_json, morning_read, failing=True)

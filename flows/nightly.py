@@ -22,7 +22,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from bridgerec.config import Settings, load_settings
 from bridgerec.flows.night import Held, NightSummary, summary_markdown
-from bridgerec.flows.stage import TaskRuns, one_cluster, run_name, run_stage
+from bridgerec.flows.stage import TaskRuns, one_cluster, run_name, run_stage, tag_flow_run, workspace_tag
 from bridgerec.runtime.errors import is_transient
 from bridgerec.runtime.logs import DETAIL, get_logger
 from bridgerec.runtime.signals import process_alive, stop_signal, this_process
@@ -398,6 +398,7 @@ def nightly_flow(
     or 'failed' at the end. A stage failure or a refusal by the gate raises NightFailed (the flow run is
     Failed: what automations key on) after writing the row and the nightly-summary artifact."""
     settings = resolve_settings(config_file, overrides)
+    tag_flow_run(workspace_tag(settings))
     # One writer per workspace: a second night (cron overlapping a slow one) stops here, before its row.
     with Workspace(settings.workspace).writing("nightly"):
         night = Night(settings, force or ())
@@ -418,4 +419,6 @@ def stage_flow(
 ) -> Any:
     """Run a single stage ad hoc (e.g. republish, or a backfill with other settings); `force` rebuilds it
     on unchanged inputs (a train starts cold)."""
-    return run_stage(stage, resolve_settings(config_file, overrides), force=force)
+    settings = resolve_settings(config_file, overrides)
+    tag_flow_run(workspace_tag(settings))
+    return run_stage(stage, settings, force=force)

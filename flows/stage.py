@@ -18,7 +18,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from prefect import Flow, Task, flow, task, unmapped
+from prefect import Flow, Task, flow, tags, task, unmapped
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.flow_engine import FlowRunTimeoutError  # (a TimeoutError: what a flow past its timeout raises)
@@ -27,6 +27,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner
 
 from bridgerec.config import RuntimeSettings, Settings
 from bridgerec.runtime.errors import is_transient
+from bridgerec.runtime.logs import get_logger
 from bridgerec.runtime.progress import advance, progress_bar
 from bridgerec.runtime.runner import Runner, step_of
 from bridgerec.runtime.watchdog import StageOverBudget, Watchdog
@@ -144,6 +145,32 @@ def one_cluster(runtime: RuntimeSettings) -> Iterator[None]:
         yield
 
 
+def workspace_tag(settings: Settings) -> str:
+    """`workspace:/abs/path`: the Prefect tag that tells the flow runs of one workspace from another's. Every
+    run on a machine or server is recorded in the same Prefect database, whichever workspace it ran on (a
+    new user's trial: other workspaces' nights in `prefect flow-run ls`)."""
+    return f"workspace:{settings.workspace.resolve()}"
+
+
+def tag_flow_run(tag: str) -> None:
+    """Add `tag` to the current flow run, once its settings are read: a deployment's run is created with
+    the deployment's tags only, before anyone knows which workspace the worker's settings name. A
+    failure to reach the API only loses the tag (logged); the run goes on."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    run_id, current = flow_run.get_id(), list(flow_run.get_tags())
+    if run_id is None or tag in current:
+        return
+    try:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(UUID(str(run_id)), tags=[*current, tag])
+    except Exception as exc:
+        get_logger().warning("could not tag flow run %s with %s: %s", run_id, tag, exc)
+
+
 def run_name(what: str, forced: Sequence[str] = ()) -> str:
     """A flow run's name in Prefect's UI and `prefect flow-run ls`: what it is and when it started,
     `train 2026-12-06 02:00:13 UTC`, with the stages a night forces (Prefect's default is a random
@@ -190,7 +217,8 @@ def run_stage(name: str, settings: Settings, *, force: bool = False, **options: 
     budget = getattr(settings.runtime.stage_timeout_seconds, name)
     started = time.monotonic()
     try:
-        with Workspace(settings.workspace).writing(f"stage {name}"):  # a night already holds it: re-entrant
+        # a night already holds the workspace (re-entrant); the stage's flow run carries its tag
+        with Workspace(settings.workspace).writing(f"stage {name}"), tags(workspace_tag(settings)):
             return flow_for(stage, settings.runtime)(stage.stage_run(settings, force=force), options or None)
     except Exception as exc:
         # Prefect stops a flow past its timeout by raising in its thread; landing inside a library's

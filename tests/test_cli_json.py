@@ -196,6 +196,9 @@ def test_a_failed_night_answers_with_what_it_finished(prefect_harness: None, tmp
     assert {"bridgerec", "nightly", "cli", f"workspace:{(tmp_path / 'ws').resolve()}"} <= set(night.tags)
     stages = {r.name.split()[0] for r in runs if r.parent_task_run_id is not None and r.start_time}
     assert {"ingest", "enrich"} <= stages, stages
+    mine = [r for r in runs if r.parent_task_run_id in {t.id for t in tasks}]  # this night's stages
+    assert {r.name.split()[0] for r in mine} >= {"ingest", "enrich"}
+    assert all(f"workspace:{(tmp_path / 'ws').resolve()}" in r.tags for r in mine)  # tagged too
     # The data checks are a task run of the night, beside the stages' subflow runs, with its state.
     checks = [t for t in tasks if t.name.startswith("data-checks")]
     assert len(checks) == 1 and checks[0].state is not None and checks[0].state.is_completed(), tasks

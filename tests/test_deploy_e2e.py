@@ -198,6 +198,8 @@ def test_scheduled_nightly_runs_on_a_worker(
                 time.sleep(3)
         assert run is not None and run["auto_scheduled"], "the scheduler did not create the due run"
         assert state == "COMPLETED", (tmp_path / "worker.log").read_text()[-5000:]
+        # Created with the deployment's tags; the flow adds its workspace's once its settings are read.
+        assert {"bridgerec", "nightly", f"workspace:{(tmp_path / 'ws').resolve()}"} <= set(run["tags"])
     finally:
         _stop(worker)
         worker_log.close()
