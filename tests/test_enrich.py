@@ -526,11 +526,11 @@ def test_process_task_runner_runs_shards_in_worker_processes(
     profiles = PROFILES.model_copy(update={"users_per_shard": 5})
     processes = flow_for(STAGE["enrich"], RuntimeSettings(runner="processes", workers=2))
     summary = processes(StageRun(EnrichSections(enrich, profiles), sharded, threads=THREADS))
-    # cut so that both workers get a shard (40 items a shard at most, users 5)
-    items, users = -(-summary.items // 2), min(5, -(-summary.profile_users // 2))
+    # cut so that both workers get a shard (40 texts a shard at most, users 5)
+    texts, users = -(-summary.texts_embedded // 2), min(5, -(-summary.profile_users // 2))
     assert [(s["kind"], s["start"], s["stop"]) for s in summary.shards] == [
-        ("items", 0, items),
-        ("items", items, summary.items),
+        ("items", 0, texts),
+        ("items", texts, summary.texts_embedded),
         *[
             ("users", u, min(u + users, summary.profile_users))
             for u in range(0, summary.profile_users, users)
@@ -554,6 +554,52 @@ def test_process_task_runner_runs_shards_in_worker_processes(
     theirs = {r["user_id"]: r["profile_text"] for r in ws.read_table("enrich", "profiles").to_pylist()}
     mine = {r["user_id"]: r["profile_text"] for r in sharded.read_table("enrich", "profiles").to_pylist()}
     assert mine == theirs  # greedy decoding: the same text in another process
+
+
+def test_item_shards_cut_the_new_texts_once_each(
+    prefect_harness: None, pool: EnginePool, ws: Workspace, tmp_path: Path
+) -> None:
+    """Item shards cut the run's new texts, not the item rows: a text two items far apart share is
+    embedded once (cut by rows, both its shards embedded it), and a rerun after new items arrive has
+    shards of the new texts only, each with work."""
+    import pyarrow as pa
+
+    from bridgerec.flows.stage import flow_for
+    from bridgerec.stages import STAGE
+    from bridgerec.tasks.enrich.texts import item_texts
+
+    shared = Workspace(tmp_path / "shared-text")
+    shutil.copytree(ws.stage_dir("ingest"), shared.stage_dir("ingest"))
+    path = shared.stage_dir("ingest") / "items.parquet"
+    items = pq.read_table(path)
+    same = [i for i, d in enumerate(items["domain"].to_pylist()) if d == items["domain"][0].as_py()]
+    first, far = same[0], same[-1]  # 20 items a shard: in different row shards
+    assert far >= 20
+    rows = items.to_pylist()
+    rows[far] |= {k: rows[first][k] for k in ("title", "brand", "categories", "price", "description")}
+    pq.write_table(pa.Table.from_pylist(rows, schema=items.schema), path)
+    enrich = ENRICH.model_copy(update={"items_per_shard": 20})
+    texts = item_texts(pq.read_table(path), enrich)
+    assert texts[first] == texts[far] and len(set(texts)) == len(texts) - 1
+
+    stage = flow_for(STAGE["enrich"])
+    summary = stage(StageRun(EnrichSections(enrich, NO_PROFILES), shared, threads=THREADS))
+    assert summary.items_embedded == summary.items and summary.texts_embedded == len(texts) - 1
+    assert [(s["start"], s["stop"]) for s in summary.shards] == [
+        (a, min(a + 20, len(texts) - 1)) for a in range(0, len(texts) - 1, 20)
+    ]
+    assert sum(s["new"] for s in summary.shards) == len(texts) - 1  # each text in one shard
+    got = shared.read_table("enrich", "item_embeddings")
+    assert got["text_hash"][first] == got["text_hash"][far]
+
+    # New items: three texts to embed, so one shard of three, wherever the items sit in the table.
+    rows = pq.read_table(path).to_pylist()
+    for i in (1, len(rows) // 2, len(rows) - 2):
+        rows[i]["title"] = f"{rows[i]['title']} (new edition)"
+    pq.write_table(pa.Table.from_pylist(rows, schema=items.schema), path)
+    again = stage(StageRun(EnrichSections(enrich, NO_PROFILES), shared, threads=THREADS))
+    assert again.texts_embedded == again.items_embedded == 3
+    assert [(s["start"], s["stop"], s["new"]) for s in again.shards] == [(0, 3, 3)]
 
 
 def _kill_first_item_shard_after_a_batch(root: Path, killed: list[int], done: threading.Event) -> None:

@@ -4,18 +4,21 @@ previous output or in a crashed run's checkpoints. Then the PCA tables of the mo
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Container
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from bridgerec.runtime.logs import DETAIL, get_logger
 from bridgerec.runtime.progress import BatchCredit, progress_bar
 from bridgerec.storage import schemas
 from bridgerec.storage.checkpoints import Checkpoints
 from bridgerec.storage.embedding_cache import EmbeddingCache
+from bridgerec.storage.files import write_parquet_atomic
 from bridgerec.tasks.enrich.batching import Failed, run_resilient
 from bridgerec.tasks.enrich.engine import Embedder
 from bridgerec.tasks.enrich.outputs import fixed_list, to_matrix
@@ -55,7 +58,7 @@ class VectorCache:
             self.rows.setdefault(h, self._n + i)
         self._n += len(hashes)
 
-    def __contains__(self, h: str) -> bool:
+    def __contains__(self, h: object) -> bool:
         return h in self.rows
 
     def matrix(self) -> np.ndarray:
@@ -80,6 +83,70 @@ class ItemResult:
     failures: dict[str, Failed] = field(default_factory=dict)
 
 
+def pending_texts(
+    items: pa.Table, settings: EnrichSettings, known: Container[str], failed: Container[str] = ()
+) -> tuple[list[str], dict[str, str]]:
+    """Every item's text hash (row order) and the distinct texts to embed: those neither `known` (cached)
+    nor `failed` before in this run, text_hash -> text, in order of first appearance."""
+    texts = item_texts(items, settings)
+    hashes = [text_hash(t) for t in texts]
+    todo: dict[str, str] = {}
+    for h, t in zip(hashes, texts, strict=True):
+        if h not in known and h not in todo and h not in failed:
+            todo[h] = t
+    return hashes, todo
+
+
+def write_pending(path: Path, todo: dict[str, str]) -> None:
+    """The run's texts to embed (`pending_texts`), which the item shards cut by row: one file, replaced
+    by every plan (a resumed run's plan leaves out what the crashed run checkpointed)."""
+    write_parquet_atomic(pa.table({"text_hash": list(todo), "text": list(todo.values())}), path)
+
+
+def read_pending(path: Path, start: int = 0, stop: int | None = None) -> dict[str, str]:
+    """Rows [start, stop) of the file `write_pending` wrote (text_hash -> text); {} when it is gone."""
+    if not path.exists():
+        return {}
+    table = pq.read_table(path)
+    table = table.slice(start, (table.num_rows if stop is None else stop) - start)
+    return dict(zip(table["text_hash"].to_pylist(), table["text"].to_pylist(), strict=True))
+
+
+@dataclass
+class TextsResult:
+    embedded: int  # texts whose vector was computed (and checkpointed)
+    seconds: float
+    failures: dict[str, Failed]  # text_hash -> failure (kept failing after `settings.retries`)
+
+
+def embed_texts(
+    todo: dict[str, str],
+    settings: EnrichSettings,
+    model_id: str,
+    cache: VectorCache,
+    get_embedder: Callable[[], Embedder],
+    checkpoints: Checkpoints | None = None,
+    shared: EmbeddingCache | None = None,
+) -> TextsResult:
+    """Embed `todo` (text_hash -> text) into `cache` in batches, each finished batch also written to
+    `checkpoints` and, when given, to the `shared` cache of other workspaces. No engine starts for an
+    empty `todo`. Raises ValueError when the model's width differs from the cache's."""
+    failed: dict[str, Failed] = {}
+    if not todo:
+        return TextsResult(0, 0.0, failed)
+    sink = _BatchSink(cache, model_id, checkpoints, shared)
+    seconds = _embed_missing(todo, settings, model_id, get_embedder(), sink, failed)
+    embedded = len(todo) - len(failed)
+    get_logger().info(
+        "enrich: embedded %s distinct texts in %.1f s (%.0f texts/s), %d failed",
+        f"{embedded:,}",
+        seconds,
+        embedded / max(seconds, 1e-9),
+        len(failed),
+    )
+    return TextsResult(embedded, seconds, failed)
+
+
 def embed_items(
     items: pa.Table,
     settings: EnrichSettings,
@@ -89,19 +156,14 @@ def embed_items(
     checkpoints: Checkpoints | None = None,
     failed_before: dict[str, Failed] | None = None,
     shared: EmbeddingCache | None = None,
+    embedded_before: Collection[str] = (),
 ) -> ItemResult:
-    """Vectors for every item of `items` (ingest items.parquet or a shard of it), computing only texts
-    missing from `cache`. Texts in `failed_before` (text_hash -> failure, from this run's shards) are not
-    tried again but reported as errors. Every computed batch goes to `checkpoints` and, when given, to
-    the `shared` cache of other workspaces."""
-    texts = item_texts(items, settings)
-    hashes = [text_hash(t) for t in texts]
+    """Vectors for every item of `items` (ingest items.parquet), computing only texts missing from
+    `cache`. Texts in `failed_before` (text_hash -> failure, from this run's shards) are not tried again
+    but reported as errors; texts in `embedded_before` (embedded by this run's shards, now in `cache`)
+    count as embedded, not cached. Every computed batch goes to `checkpoints` and to `shared`."""
     failed: dict[str, Failed] = dict(failed_before or {})
-    todo: dict[str, str] = {}
-    for h, t in zip(hashes, texts, strict=True):
-        if h not in cache and h not in todo and h not in failed:
-            todo[h] = t
-    seconds = 0.0
+    hashes, todo = pending_texts(items, settings, cache, failed)
     if todo:
         get_logger().info(
             "enrich: %s of %s item texts to embed (%s cached)",
@@ -109,19 +171,10 @@ def embed_items(
             f"{len(set(hashes)):,}",
             f"{len(cache.rows):,}",
         )
-        sink = _BatchSink(cache, model_id, checkpoints, shared)
-        seconds = _embed_missing(todo, settings, model_id, get_embedder(), sink, failed)
-    result = _item_result(items, hashes, cache, model_id, todo, failed, seconds)
-    if todo:
-        get_logger().info(
-            "enrich: embedded %s distinct texts (%s items) in %.1f s (%.0f texts/s), %d failed",
-            f"{result.texts_embedded:,}",
-            f"{result.items_embedded:,}",
-            seconds,
-            result.texts_embedded / max(seconds, 1e-9),
-            len(todo) - result.texts_embedded,
-        )
-    return result
+    done = embed_texts(todo, settings, model_id, cache, get_embedder, checkpoints, shared)
+    failed |= done.failures
+    new = {h for h in todo if h not in failed} | {h for h in embedded_before if h in cache}
+    return _item_result(items, hashes, cache, model_id, new, failed, done.seconds)
 
 
 @dataclass
@@ -190,7 +243,7 @@ def _item_result(
     hashes: list[str],
     cache: VectorCache,
     model_id: str,
-    todo: dict[str, str],
+    new: set[str],
     failed: dict[str, Failed],
     seconds: float,
 ) -> ItemResult:
@@ -224,7 +277,6 @@ def _item_result(
             "vector": fixed_list(vectors[ok]) if dim else pa.array([], schemas.vector_type(1)),
         }
     )
-    new = {h for h in todo if h not in failed}
     n_new = sum(1 for h in hashes if h in new)
     return ItemResult(
         embeddings=embeddings,

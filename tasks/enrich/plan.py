@@ -69,7 +69,8 @@ class EnrichSummary(BaseModel):
                 TableReport(
                     "enrich-shards",
                     self.shards,
-                    "Enrich shards: one task run each (rows [start, stop), new work, seconds, worker)",
+                    "Enrich shards: one task run each (rows [start, stop) of the new item texts or of the "
+                    "selected users, new work, seconds, worker)",
                 )
             )
         return reports
@@ -121,8 +122,7 @@ class EnrichPlan(BaseModel):
 
 
 class ItemShardWork(BaseModel):
-    shard: Shard
-    items_embedded: int
+    shard: Shard  # rows of the run's new item texts (tasks/enrich/stage.py: PENDING_FILE)
     texts_embedded: int
     seconds: float
     failures: list[dict]  # text_hash, reason, attempts: not tried again by later passes of this run

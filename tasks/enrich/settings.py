@@ -182,8 +182,9 @@ class EnrichSettings(StageSettings):
     items_per_shard: int = Field(
         default=16384,
         ge=1,
-        description="Items per shard: the flow maps shards onto Prefect task runs (a distributed task "
-        "runner or several workers share them). Does not change the output.",
+        description="New item texts per shard: the run's texts to embed (distinct, not cached) are cut "
+        "into shards, which the flow maps onto Prefect task runs (a distributed task runner or several "
+        "workers share them). Does not change the output.",
     )
     kmeans_k: int = Field(
         default=10, ge=1, description="Clusters of item embeddings (hierarchical profiles)."

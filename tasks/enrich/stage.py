@@ -46,6 +46,7 @@ from bridgerec.tasks.ingest import IngestOutputs
 
 INGEST_FILES = ("domains", "items", "users", "sequences")
 CLUSTERS_FILE = "clusters.npz"  # fixed by plan_profiles for every profile shard of the run
+PENDING_FILE = "item_texts.parquet"  # the run's texts to embed, fixed by plan_enrich for the item shards
 R = TypeVar("R")
 
 
@@ -84,7 +85,7 @@ def plan_enrich(run: StageRun[EnrichSections]) -> EnrichPlan:
         llm_dir=str(llm_dir) if llm_dir is not None else None,
         llm_id=llm_id,
         items=n_items,
-        item_shards=shards(n_items, enrich.items_per_shard, run.runner.slots),
+        item_shards=[],
         started_at=started_at,
     )
     existing = workspace.current(
@@ -93,7 +94,6 @@ def plan_enrich(run: StageRun[EnrichSections]) -> EnrichPlan:
     if not run.force and existing is not None:
         log.info("enrich: inputs, config and models unchanged, skipping (%s)", workspace.stage_dir(STAGE))
         stats = existing.stats
-        plan.item_shards = []
         plan.skipped = EnrichSummary(
             **{
                 **stats,
@@ -112,7 +112,23 @@ def plan_enrich(run: StageRun[EnrichSections]) -> EnrichPlan:
             seconds=time.perf_counter() - started,
             workspace=str(workspace.root),
         )
+        return plan
+    plan.item_shards = _plan_item_texts(plan)
     return plan
+
+
+def _plan_item_texts(plan: EnrichPlan) -> list[Shard]:
+    """The run's new item texts (distinct, not cached: `PENDING_FILE`) and the shards that cut them, so
+    every shard gets new work and a text shared by items far apart is embedded once. The shards are
+    what changed tonight, not the whole catalogue."""
+    ctx = EnrichContext.open(plan)
+    hashes, pending = item_phase.pending_texts(ctx.items(), ctx.enrich, _item_cache(ctx))
+    item_phase.write_pending(ctx.checkpoints.path(PENDING_FILE), pending)
+    if pending:
+        get_logger().info(
+            "enrich: %s of %s item texts to embed", f"{len(pending):,}", f"{len(set(hashes)):,}"
+        )
+    return shards(len(pending), plan.enrich.items_per_shard, plan.slots)
 
 
 def _item_cache(ctx: EnrichContext) -> item_phase.VectorCache:
@@ -131,25 +147,22 @@ def _shared_cache(ctx: EnrichContext) -> EmbeddingCache | None:
 
 @step("embed-items", run_name="embed-items-{shard.index}", retries=1, retry_delay_s=10)
 def embed_item_shard(plan: EnrichPlan, shard: Shard) -> ItemShardWork:
-    """Embed the new texts of one shard of items; each finished batch is checkpointed."""
+    """Embed rows [start, stop) of the run's new item texts (`PENDING_FILE`); each finished batch is
+    checkpointed, so a retried or resumed shard embeds only what is not checkpointed yet."""
     ctx = EnrichContext.open(plan)
-    items = ctx.items().slice(shard.start, shard.stop - shard.start)
-    result = item_phase.embed_items(
-        items,
-        ctx.enrich,
-        plan.embed_id,
-        _item_cache(ctx),
-        ctx.embedder,
-        ctx.checkpoints,
-        shared=_shared_cache(ctx),
+    cache = item_phase.VectorCache(plan.embed_id)
+    cache.add_table(ctx.checkpoints.read(item_phase.CHECKPOINT_KIND))
+    pending = item_phase.read_pending(ctx.checkpoints.path(PENDING_FILE), shard.start, shard.stop)
+    todo = {h: t for h, t in pending.items() if h not in cache}
+    done = item_phase.embed_texts(
+        todo, ctx.enrich, plan.embed_id, cache, ctx.embedder, ctx.checkpoints, shared=_shared_cache(ctx)
     )
     return ItemShardWork(
         shard=shard,
-        items_embedded=result.items_embedded,
-        texts_embedded=result.texts_embedded,
-        seconds=result.seconds_embedding,
+        texts_embedded=done.embedded,
+        seconds=done.seconds,
         failures=[
-            {"text_hash": h, "reason": f.reason, "attempts": f.attempts} for h, f in result.failures.items()
+            {"text_hash": h, "reason": f.reason, "attempts": f.attempts} for h, f in done.failures.items()
         ],
         engines_started=ctx.engines_started(),
     )
@@ -173,6 +186,7 @@ def _all_items(ctx: EnrichContext, item_work: list[ItemShardWork]) -> tuple[pa.T
         ctx.checkpoints,
         failed,
         shared=_shared_cache(ctx),
+        embedded_before=item_phase.read_pending(ctx.checkpoints.path(PENDING_FILE)).keys(),
     )
     if items.num_rows and not result.ok.any():
         raise RuntimeError(f"no item could be embedded; first error: {result.errors[0]['reason']}")
@@ -236,11 +250,7 @@ def finish_enrich(
     in atomically; the checkpoints are removed only then."""
     ctx = EnrichContext.open(plan)
     items, result = _all_items(ctx, item_work)
-    # Counted where the work was done: the shards (this pass only reads their checkpoints).
-    result.items_embedded += sum(w.items_embedded for w in item_work)
-    result.items_cached = int(result.ok.sum()) - result.items_embedded
-    result.texts_embedded += sum(w.texts_embedded for w in item_work)
-    result.seconds_embedding += sum(w.seconds for w in item_work)
+    result.seconds_embedding += sum(w.seconds for w in item_work)  # spent in the shards
     tables = item_phase.reduce_items(items, result, ctx.enrich)
     errors = list(result.errors)
     profile_result = None
@@ -387,7 +397,7 @@ def _summary(
     works: list[ItemShardWork | ProfileShardWork] = [*item_work, *profile_work]
     starts = [s for w in works for s in w.engines_started] + ctx.engines_started()
     summary.engines_started = [dict(t) for t in dict.fromkeys(tuple(sorted(s.items())) for s in starts)]
-    summary.shards = [_shard_row("items", w, w.items_embedded) for w in item_work] + [
+    summary.shards = [_shard_row("items", w, w.texts_embedded) for w in item_work] + [
         _shard_row("users", w, w.generated) for w in profile_work
     ]
     return summary
