@@ -1278,10 +1278,12 @@ def config_show(
         bool, _json_opt("JSON instead of YAML (a failure is one JSON object with ok, error, exit_code).")
     ] = False,
 ) -> None:
-    """Print the effective configuration (file + env vars + defaults); `warehouse` is the file the
-    commands use (WORKSPACE/warehouse.duckdb unless set)."""
+    """Print the effective configuration (file + env vars + defaults); `train` with the switches of its
+    model preset applied (`train.model`: what the model is built from), `warehouse` the file the commands
+    use (WORKSPACE/warehouse.duckdb unless set)."""
     settings = _settings(config, sets)
     data = settings.model_dump(mode="json") | {"warehouse": str(settings.warehouse_path)}
+    data["train"] = settings.train.resolved().model_dump(mode="json")
     if as_json:
         typer.echo(json.dumps({"ok": True} | data, indent=2))
     else:

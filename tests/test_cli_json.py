@@ -141,6 +141,10 @@ def test_a_successful_answer_says_ok(tmp_path: Path) -> None:
     # the warehouse it shows is the file the commands use (unset, it follows the workspace), not null
     shown = CliRunner().invoke(app, ["config", "show", "--json"], env={"BRIDGEREC_WORKSPACE": str(tmp_path)})
     assert json.loads(shown.stdout)["warehouse"] == str(tmp_path / "warehouse.duckdb")
+    # `train` as the model is built: the preset's switches applied (it showed the fields' own defaults)
+    assert json.loads(shown.stdout)["train"]["id_embeddings"] is True  # llm4cdsr-hybrid, the default
+    shown = CliRunner().invoke(app, ["config", "show", "--json", "--set", "train.model=llm4cdsr-llmonly"])
+    assert (json.loads(shown.stdout)["train"]["alpha"], json.loads(shown.stdout)["train"]["beta"]) == (0, 0)
 
 
 def _slice(out: Path, n_users: int) -> tuple[Path, Path]:

@@ -97,7 +97,7 @@ _EARLY_RUN = dict(
     negatives=1024, sampling="popularity", select_by="full", adapter_init="xavier", alpha=0.1, beta=0.1,
     tau=1.0, lr=1e-3, weight_decay=0.0, batch_size=128, epochs=200, patience=20, time_budget_s=None,
     eval_negatives=100, short_history=5, full_ranking=True, seed=42, deterministic=False,
-    id_embeddings=False, domain_start=True,
+    domain_start=True,  # id_embeddings: the field's default (False), which the hybrid preset sets True
 )  # fmt: skip
 
 
@@ -119,6 +119,22 @@ def test_early_run_ids_survive_new_switches(model: str, expected: str) -> None:
     assert config_hash(early.model_copy(update={"threads": 3, "warm_start": False})) == expected
     # a switch away from its earlier value is
     assert config_hash(early.model_copy(update={"block": "sasrec"})) != expected
+
+
+def test_a_setting_the_model_preset_contradicts_is_an_error() -> None:
+    """`model: llm4cdsr-noprofile` with `beta: 0.2` trained with beta 0, silently (a new contributor's
+    trial): a switch set by hand that the preset sets otherwise is a config error naming both."""
+    from bridgerec.tasks.train import TrainSettings
+
+    with pytest.raises(
+        ValueError, match=r"model 'llm4cdsr-noprofile' sets beta: 0\.2 \(the preset's: 0\.0\)"
+    ):
+        TrainSettings(model="llm4cdsr-noprofile", beta=0.2)
+    with pytest.raises(ConfigError, match=r"id_embeddings: False"):
+        load_settings(None, {"train.model": "llm4cdsr-hybrid", "train.id_embeddings": False})
+    # the preset's own value, or a switch it leaves alone, is fine; the preset applies where unset
+    assert TrainSettings(model="llm4cdsr-noprofile", beta=0.0, alpha=0.3).resolved().alpha == 0.3
+    assert TrainSettings(model="llm4cdsr-hybrid").resolved().id_embeddings
 
 
 def test_declared_hash_fields_are_fields() -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from bridgerec.models.config import (
     Architecture,
@@ -539,6 +539,22 @@ class TrainSettings(StageSettings):
         if value not in MODEL_PRESETS:
             raise ValueError(f"unknown model {value!r}; choose one of {', '.join(MODEL_PRESETS)}")
         return value
+
+    @model_validator(mode="after")
+    def _preset_not_contradicted(self) -> TrainSettings:
+        """A switch set by hand that the preset sets otherwise is an error, not silently overridden:
+        `model: llm4cdsr-noprofile` with `beta: 0.2` trained with beta 0 (a new contributor's trial)."""
+        switches = MODEL_PRESETS[self.model][1]
+        clash = [
+            f"{k}: {getattr(self, k)!r} (the preset's: {v!r})"
+            for k, v in switches.items()
+            if k in self.model_fields_set and getattr(self, k) != v
+        ]
+        if clash:
+            raise ValueError(
+                f"model {self.model!r} sets {', '.join(clash)}; remove the setting or choose another model"
+            )
+        return self
 
     @property
     def architecture(self) -> Architecture:
