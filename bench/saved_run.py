@@ -19,8 +19,8 @@ from bridgerec.models.data import Catalog, EvalSplit
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks import StageRun
 from bridgerec.tasks.train.export import load_run
+from bridgerec.tasks.train.inputs import TrainInputs, load_inputs
 from bridgerec.tasks.train.settings import TrainSettings
-from bridgerec.tasks.train.stage import TrainInputs, load_inputs
 
 
 def run_arguments(description: str | None) -> argparse.ArgumentParser:

@@ -10,7 +10,7 @@ build one from the settings tree (bridgerec/stages.py); a library user or a test
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -56,7 +56,3 @@ class StageRun(Generic[S]):
     def threads_for(self, own: int) -> int:
         """The threads a stage uses: its section's own setting when not 0, else the run's."""
         return own or self.threads
-
-    def with_settings(self, settings: S) -> StageRun[S]:
-        """The same run with other settings (e.g. a train run of another model)."""
-        return replace(self, settings=settings)

@@ -65,10 +65,6 @@ def quiet() -> bool:
     return _session is not None and _session.log_path is not None
 
 
-def verbose_from_env() -> bool:
-    return os.environ.get(VERBOSE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def _real_descriptors() -> bool:
     """Whether sys.stdout/sys.stderr write to the process's fds 1 and 2 (not a test's in-memory streams)."""
     try:

@@ -87,6 +87,7 @@ class PublishSettings(StageSettings):
         pattern=r"^(v\d+\.\d+\.\d+|latest)$",
         description=(
             "DuckDB storage format of the warehouse file (DuckDB's storage_compatibility_version): "
-            "v1.0.0 is read by every DuckDB 1.x and 2.x client; latest only by the DuckDB bridgerec runs."
+            "v1.0.0 is read by DuckDB 1.1 and later clients (1.0.x cannot read the file: docs/publish.md); "
+            "latest only by the DuckDB bridgerec runs."
         ),
     )

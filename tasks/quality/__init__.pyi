@@ -1,4 +1,4 @@
-from .datachecks import DataCheckFailed, DataChecks, check_data, data_checks_table, keep_data_snapshot
+from .datachecks import DataCheckFailed, DataChecks, check_data, keep_data_snapshot
 from .gate import GateResult, PublishedLists, change_text, run_gate
 from .settings import DataCheckSettings, GateSettings
 from .stability import churn_histogram, describe_stability, list_stability, top_items
@@ -13,7 +13,6 @@ __all__ = [
     "change_text",
     "check_data",
     "churn_histogram",
-    "data_checks_table",
     "describe_stability",
     "keep_data_snapshot",
     "list_stability",

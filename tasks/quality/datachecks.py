@@ -15,7 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import duckdb
-import pyarrow as pa
 from pydantic import BaseModel
 
 from bridgerec.runtime.errors import InputError
@@ -155,8 +154,3 @@ def check_data(settings: DataCheckSettings, workspace: Workspace) -> DataChecks:
         )
     finally:
         con.close()
-
-
-def data_checks_table(night_id: str, checks: DataChecks) -> pa.Table:
-    """The rows for the warehouse's `data_checks` table."""
-    return pa.Table.from_pylist([{"night_id": night_id} | r for r in checks.rows])

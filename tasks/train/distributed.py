@@ -72,7 +72,7 @@ def fit_worker(job: DataParallelJob) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from bridgerec.tasks.train.stage import load_inputs
+    from bridgerec.tasks.train.inputs import load_inputs
 
     settings = job.settings
     device = _device(settings)

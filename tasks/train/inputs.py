@@ -1,18 +1,25 @@
 """What the train stage reads: the ingest outputs (id spaces, sequences) and the enrich outputs (LLM
-item tables, profile vectors), as numpy arrays keyed by the ingest's dense ids."""
+item tables, profile vectors), as numpy arrays keyed by the ingest's dense ids, and `TrainInputs`, the
+arrays a run trains on (`load_inputs`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
+import torch
 
-from bridgerec.models.data import Catalog, Sequences
+from bridgerec.models.data import Catalog, SequenceData, Sequences
 from bridgerec.models.registry import ItemTables
+from bridgerec.models.trainer import Profiles
 from bridgerec.storage.workspace import Workspace, hash_file
+from bridgerec.tasks.context import StageRun
 from bridgerec.tasks.enrich import EnrichOutputs
 from bridgerec.tasks.ingest import IngestOutputs
+from bridgerec.tasks.train import coldstart
+from bridgerec.tasks.train.settings import TrainSettings
 
 
 def load_catalog(workspace: Workspace) -> Catalog:
@@ -90,3 +97,50 @@ def check_files(files: dict[str, Path]) -> dict[str, Path]:
 def input_hashes(files: dict[str, Path]) -> dict[str, str]:
     """role -> content hash of each of `files`; raises FileNotFoundError as `check_files`."""
     return {role: hash_file(p) for role, p in check_files(files).items()}
+
+
+@dataclass
+class TrainInputs:
+    """What a run trains on, loaded once: the catalogue, the sequences (after the cold-start hold-out), the
+    LLM tables and profile vectors where the model uses them, and the cold-start evaluation."""
+
+    catalog: Catalog
+    sequences: Sequences
+    data: SequenceData
+    tables: ItemTables | None
+    profiles: Profiles | None
+    cold_eval: coldstart.ColdStart
+
+    @property
+    def widths(self) -> dict[str, int]:
+        """The enrich tables' widths the model is built for (0 where unused)."""
+        t = self.tables
+        return {
+            "global_dim": int(t.global_table.shape[1]) if t else 0,
+            "local_dim": int(t.local_tables[0].shape[1]) if t else 0,
+            "profile_dim": int(self.profiles.vectors.shape[1]) if self.profiles is not None else 0,
+        }
+
+
+def load_inputs(run: StageRun[TrainSettings]) -> TrainInputs:
+    """The catalogue and sequences (with the cold-start hold-out applied), and the enrich tables and
+    profile vectors where the model uses them."""
+    settings, workspace, log = run.settings, run.workspace, run.log
+    catalog = load_catalog(workspace)
+    sequences, cold_eval = coldstart.prepare(
+        settings.cold_start, catalog, load_sequences(workspace), workspace, settings.seed, log.info
+    )
+    data = SequenceData(catalog, sequences, settings.resolved().max_len)
+    tables = load_item_tables(workspace) if settings.uses_llm_tables else None
+    profiles = None
+    if settings.uses_profiles:
+        loaded = load_profiles(workspace, cold_eval.source_users)
+        if loaded is None:
+            log.warning("train: no profile vectors in the workspace; training without the profile term")
+        else:
+            vectors, has_profile = cold_eval.select_users(loaded[0]), cold_eval.select_users(loaded[1])
+            profiles = Profiles(torch.from_numpy(vectors), torch.from_numpy(has_profile))
+            log.info(
+                "train: %s of %s users have a profile", f"{int(has_profile.sum()):,}", f"{data.n_users:,}"
+            )
+    return TrainInputs(catalog, sequences, data, tables, profiles, cold_eval)

@@ -45,7 +45,7 @@ from bridgerec.tasks.train.settings import TrainSettings
 from bridgerec.tasks.train.warmstart import InitRecord, warm_plan
 
 if TYPE_CHECKING:
-    from bridgerec.tasks.train.stage import TrainInputs
+    from bridgerec.tasks.train.inputs import TrainInputs
 
 # The buffers of the text prior's (w, c), chosen on validation for the selected weights: the refit
 # scores with the same ones.

@@ -4,7 +4,8 @@ nightly quality gate compares (tasks/quality/gate.py) before it lets a new run r
 Metric: NDCG@10 under full ranking (the target against every item of its domain, the user's earlier
 items of that domain left out; models/evaluate.py) on each user's second-to-last item. A run trained on
 an older catalogue is rebuilt from its own config and best weights with its item rows remapped onto
-tonight's catalogue by item id (models/warmstart.py; items it never saw keep their fresh rows), so every
+tonight's catalogue by item id (models/warmstart.py; items it never saw get what a warm start gives
+them: a zero ID row in llm4cdsr-hybrid, fresh rows otherwise), so every
 candidate is judged on the same users and targets.
 """
 

@@ -26,7 +26,7 @@ from pydantic import BaseModel
 
 from bridgerec.models.base import Recommender
 from bridgerec.models.config import ModelConfig
-from bridgerec.models.data import Catalog, EvalSplit, SequenceData, Sequences
+from bridgerec.models.data import EvalSplit, SequenceData
 from bridgerec.models.evaluate import (
     FloorOn,
     PriorFit,
@@ -38,8 +38,8 @@ from bridgerec.models.evaluate import (
 )
 from bridgerec.models.optim import Optimizer
 from bridgerec.models.pop import Popularity
-from bridgerec.models.registry import ItemTables, build_model
-from bridgerec.models.trainer import FitState, Profiles, TrainingDiverged, fit, score_init, set_seed
+from bridgerec.models.registry import build_model
+from bridgerec.models.trainer import FitState, TrainingDiverged, fit, score_init, set_seed
 from bridgerec.models.warmstart import WarmStartError
 from bridgerec.runtime.logs import DETAIL
 from bridgerec.runtime.reports import TableReport
@@ -50,17 +50,8 @@ from bridgerec.storage.runs import RunDir
 from bridgerec.storage.workspace import Workspace, hash_json
 from bridgerec.storage.workspace import config_hash as workspace_config_hash
 from bridgerec.tasks.context import StageRun
-from bridgerec.tasks.train import coldstart
 from bridgerec.tasks.train.checkpoint import load_weights, save_checkpoint, save_weights
-from bridgerec.tasks.train.inputs import (
-    check_files,
-    input_files,
-    input_hashes,
-    load_catalog,
-    load_item_tables,
-    load_profiles,
-    load_sequences,
-)
+from bridgerec.tasks.train.inputs import TrainInputs, check_files, input_files, input_hashes, load_inputs
 from bridgerec.tasks.train.refit import refit
 from bridgerec.tasks.train.settings import MIN_NEW_TARGETS, TrainSettings
 from bridgerec.tasks.train.warmstart import InitRecord, init_from
@@ -155,29 +146,6 @@ def pick_device(setting: str) -> torch.device:
             raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
         return torch.device("cuda")
     return torch.device("cpu")
-
-
-@dataclass
-class TrainInputs:
-    """What a run trains on, loaded once: the catalogue, the sequences (after the cold-start hold-out), the
-    LLM tables and profile vectors where the model uses them, and the cold-start evaluation."""
-
-    catalog: Catalog
-    sequences: Sequences
-    data: SequenceData
-    tables: ItemTables | None
-    profiles: Profiles | None
-    cold_eval: coldstart.ColdStart
-
-    @property
-    def widths(self) -> dict[str, int]:
-        """The enrich tables' widths the model is built for (0 where unused)."""
-        t = self.tables
-        return {
-            "global_dim": int(t.global_table.shape[1]) if t else 0,
-            "local_dim": int(t.local_tables[0].shape[1]) if t else 0,
-            "profile_dim": int(self.profiles.vectors.shape[1]) if self.profiles is not None else 0,
-        }
 
 
 def check_train_inputs(run: StageRun[TrainSettings]) -> dict[str, str]:
@@ -298,30 +266,6 @@ def _best_of(runs: list[RunDir], select_by: str) -> RunDir:
 def _number(run_dir: RunDir, base: str) -> int:
     """N of `base-rN` (1 for `base` itself)."""
     return 1 if run_dir.run_id == base else int(run_dir.run_id[len(base) + 2 :])
-
-
-def load_inputs(run: StageRun[TrainSettings]) -> TrainInputs:
-    """The catalogue and sequences (with the cold-start hold-out applied), and the enrich tables and
-    profile vectors where the model uses them."""
-    settings, workspace, log = run.settings, run.workspace, run.log
-    catalog = load_catalog(workspace)
-    sequences, cold_eval = coldstart.prepare(
-        settings.cold_start, catalog, load_sequences(workspace), workspace, settings.seed, log.info
-    )
-    data = SequenceData(catalog, sequences, settings.resolved().max_len)
-    tables = load_item_tables(workspace) if settings.uses_llm_tables else None
-    profiles = None
-    if settings.uses_profiles:
-        loaded = load_profiles(workspace, cold_eval.source_users)
-        if loaded is None:
-            log.warning("train: no profile vectors in the workspace; training without the profile term")
-        else:
-            vectors, has_profile = cold_eval.select_users(loaded[0]), cold_eval.select_users(loaded[1])
-            profiles = Profiles(torch.from_numpy(vectors), torch.from_numpy(has_profile))
-            log.info(
-                "train: %s of %s users have a profile", f"{int(has_profile.sum()):,}", f"{data.n_users:,}"
-            )
-    return TrainInputs(catalog, sequences, data, tables, profiles, cold_eval)
 
 
 @dataclass
