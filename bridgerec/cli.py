@@ -1277,10 +1277,26 @@ def config_show(
     as_json: Annotated[
         bool, _json_opt("JSON instead of YAML (a failure is one JSON object with ok, error, exit_code).")
     ] = False,
+    reference: Annotated[
+        bool,
+        typer.Option(
+            "--reference",
+            help="Every setting's key, default, env var and description instead of the values in effect "
+            "(Markdown: docs/settings.md; --json: one row per setting).",
+        ),
+    ] = False,
 ) -> None:
     """Print the effective configuration (file + env vars + defaults); `train` with the switches of its
     model preset applied (`train.model`: what the model is built from), `warehouse` the file the commands
-    use (WORKSPACE/warehouse.duckdb unless set)."""
+    use (WORKSPACE/warehouse.duckdb unless set). With --reference: what every setting is."""
+    if reference:
+        from bridgerec.config import settings_reference, settings_reference_markdown
+
+        if as_json:
+            typer.echo(json.dumps({"ok": True, "settings": settings_reference()}, indent=2))
+        else:
+            typer.echo(settings_reference_markdown(), nl=False)
+        return
     settings = _settings(config, sets)
     data = settings.model_dump(mode="json") | {"warehouse": str(settings.warehouse_path)}
     data["train"] = settings.train.resolved().model_dump(mode="json")

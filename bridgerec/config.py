@@ -25,7 +25,7 @@ from pydantic_settings import (
 )
 
 from bridgerec.runtime.errors import InputError
-from bridgerec.tasks.enrich import EnrichSettings, ProfileSettings
+from bridgerec.tasks.enrich import EnrichSettings, ProfileSettings, model_cache
 from bridgerec.tasks.ingest import IngestSettings
 from bridgerec.tasks.publish import PublishSettings
 from bridgerec.tasks.quality import DataCheckSettings, GateSettings
@@ -122,7 +122,11 @@ class RuntimeSettings(BaseModel):
         "workers, at least 1, on cores of its own), and a stage cuts at least this many shards.",
     )
     ray: RaySettings = Field(default_factory=RaySettings)
-    log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+    log_level: str = Field(
+        default="INFO",
+        pattern="^(DEBUG|INFO|WARNING|ERROR)$",
+        description="Level of bridgerec's own log records (the log file and Prefect's log).",
+    )
     stage_retries: int = Field(default=1, ge=0, description="Retries of a failed stage in the nightly flow.")
     retry_delay_seconds: float = Field(default=30.0, ge=0, description="Wait before retrying a stage.")
     keep_logs: int = Field(
@@ -336,3 +340,74 @@ def load_settings(
     finally:
         Settings._yaml_file = None
     return settings
+
+
+def settings_reference() -> list[dict[str, str]]:
+    """Every setting of the tree, in order: `section` (its top-level key, "" for the top level), `key`
+    (dotted), `default` (as text: "unset" for None, mappings and lists as JSON, the user's model cache as
+    its usual place, so the text is the same on every machine), `env` (its variable) and `description`.
+    A setting whose value is itself a section (`runtime.ray`) is expanded into its settings."""
+    rows: list[dict[str, str]] = []
+    for name, f in Settings.model_fields.items():
+        section = _section(f.annotation)
+        rows += _rows(name, name, section) if section is not None else [_row("", name, f)]
+    return sorted(rows, key=lambda r: r["section"] != "")  # the top level first, then file order
+
+
+def settings_reference_markdown() -> str:
+    """`settings_reference` as Markdown, one table per section (docs/settings.md is this text, checked by
+    a test)."""
+    rows = settings_reference()
+    lines = [
+        "# Settings",
+        "",
+        "Every setting, its default and its env var, generated from the settings classes "
+        "(`bridgerec config show --reference`; without `--reference` it prints the values in effect). A "
+        "config file gives them as nested YAML keys (`train: {epochs: 7}`), `--set train.epochs=7` for one "
+        "command, `BRIDGEREC_TRAIN__EPOCHS=7` from the environment (lists and mappings as JSON). "
+        "Precedence: `--set` > env vars > the file > defaults. `train`'s model presets set some "
+        "switches of their own (docs/train.md).",
+    ]
+    for name in dict.fromkeys(r["section"] for r in rows):
+        cls = _section(Settings.model_fields[name].annotation) if name else None
+        doc = " ".join((cls.__doc__ or "").split()) if cls is not None else ""
+        lines += ["", f"## `{name}`" if name else "## Top level", "", *([doc, ""] if doc else [])]
+        lines += ["| setting | default | env var | what it does |", "|---|---|---|---|"]
+        lines += [
+            f"| `{r['key']}` | `{r['default']}` | `{r['env']}` | {r['description'].replace('|', chr(92) + '|')} |"
+            for r in rows
+            if r["section"] == name
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _section(annotation: Any) -> type[BaseModel] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _rows(section: str, prefix: str, model: type[BaseModel]) -> list[dict[str, str]]:
+    rows: list[dict[str, str]] = []
+    for name, f in model.model_fields.items():
+        inner = _section(f.annotation)
+        key = f"{prefix}.{name}"
+        rows += _rows(section, key, inner) if inner is not None else [_row(section, key, f)]
+    return rows
+
+
+def _row(section: str, key: str, field: Any) -> dict[str, str]:
+    import json
+
+    default = field.get_default(call_default_factory=True)
+    if isinstance(default, BaseModel):
+        default = default.model_dump(mode="json")
+    shown = (
+        "unset" if default is None else '""' if default == "" else json.dumps(default, default=str).strip('"')
+    )
+    return {
+        "section": section,
+        "key": key,
+        # the user's model cache is this machine's: shown as its usual place (the description names both)
+        "default": shown.replace(str(model_cache()), "~/.cache/bridgerec/models"),
+        "env": ENV_PREFIX + key.upper().replace(".", "__"),
+        "description": " ".join((field.description or "").split()),
+    }

@@ -72,7 +72,9 @@ class IndexSettings(BaseModel):
         default=None, ge=1, description="IVF cells visited per query; unset = nlist/16 (at least 16)."
     )
     hnsw_m: int = Field(default=32, ge=4, description="HNSW neighbours per node.")
-    hnsw_ef_construction: int = Field(default=80, ge=8)
+    hnsw_ef_construction: int = Field(
+        default=80, ge=8, description="HNSW candidate list size while building."
+    )
     hnsw_ef_search: int = Field(default=128, ge=8, description="Raised to k + seen items when smaller.")
     recall_sample_users: int = Field(
         default=1000,

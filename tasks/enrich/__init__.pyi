@@ -1,7 +1,7 @@
 from .models import ModelError, embedding_model, model_id, prepare_profile_model
 from .outputs import EnrichOutputs
 from .plan import EnrichPlan, EnrichSummary, Shard
-from .settings import EnrichSections, EnrichSettings, ProfileSettings
+from .settings import EnrichSections, EnrichSettings, ProfileSettings, model_cache
 from .stage import (
     embed_item_shard,
     finish_enrich,
@@ -24,6 +24,7 @@ __all__ = [
     "embed_item_shard",
     "embedding_model",
     "finish_enrich",
+    "model_cache",
     "model_id",
     "plan_enrich",
     "plan_profiles",

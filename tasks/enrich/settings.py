@@ -100,7 +100,7 @@ class EngineSettings(BaseModel):
         "(overlaps scheduling with compute), off on CPU (engine start 15 s instead of 5 min on 2 busy cores, "
         "same throughput).",
     )
-    seed: int = 0
+    seed: int = Field(default=0, description="The engine's seed (vLLM `seed`).")
 
 
 class EnrichSettings(StageSettings):
@@ -189,8 +189,8 @@ class EnrichSettings(StageSettings):
     kmeans_k: int = Field(
         default=10, ge=1, description="Clusters of item embeddings (hierarchical profiles)."
     )
-    kmeans_iters: int = Field(default=20, ge=1)
-    kmeans_seed: int = 1234
+    kmeans_iters: int = Field(default=20, ge=1, description="K-means iterations of the item clusters.")
+    kmeans_seed: int = Field(default=1234, description="Seed of the K-means initialisation.")
 
     def model_path(self) -> Path:
         if self.model is None:
@@ -269,7 +269,9 @@ class ProfileSettings(StageSettings):
         default="v1", description="Prompt files tasks/enrich/prompts/profile_*.<v>.txt."
     )
     temperature: float = Field(default=0.5, ge=0, description="0.5 as in the paper; 0 = greedy.")
-    top_p: float = Field(default=0.95, gt=0, le=1)
+    top_p: float = Field(
+        default=0.95, gt=0, le=1, description="Nucleus sampling: tokens drawn from this share of probability."
+    )
     seed: int = Field(default=42, description="Per-request seeds derive from it and the user id.")
     analyzer_max_tokens: int = Field(
         default=48, ge=1, description="New tokens per cluster summary (80 until 2026-12-03: docs/enrich.md)."

@@ -173,7 +173,11 @@ class IngestSettings(StageSettings):
     )
     hashed_since: ClassVar[Mapping[str, Any]] = {"columns": {"items": {}, "interactions": {}}}  # 2026-12-07
 
-    source: SourceKind = "generic"
+    source: SourceKind = Field(
+        default="generic",
+        description="Input format: generic (`items` and `interactions` CSV/JSONL/Parquet files, mapped by "
+        "`columns`) or amazon2018 / amazon2023 (review and metadata files per domain, `amazon`).",
+    )
     items: Path | None = Field(default=None, description="generic: the items file.")
     interactions: Path | None = Field(default=None, description="generic: the interactions file.")
     columns: ColumnMap = Field(

@@ -68,7 +68,9 @@ class ColdStartSettings(BaseModel):
             "Changes what the run trains on (a run of its own, always from a random init)."
         ),
     )
-    new_items_fraction: float = Field(default=0.05, gt=0.0, lt=1.0)
+    new_items_fraction: float = Field(
+        default=0.05, gt=0.0, lt=1.0, description="Share of each domain's items held out as new items."
+    )
     new_items_in_validation: bool = Field(
         default=False,
         description=(
@@ -188,8 +190,8 @@ class TrainSettings(StageSettings):
 
     model: str = Field(default="llm4cdsr-hybrid", description=f"One of: {', '.join(MODEL_PRESETS)}.")
     hidden: int = Field(default=128, ge=8, description="Hidden size of every thread.")
-    layers: int = Field(default=2, ge=1)
-    heads: int = Field(default=1, ge=1)
+    layers: int = Field(default=2, ge=1, description="Transformer blocks of every thread.")
+    heads: int = Field(default=1, ge=1, description="Attention heads of every block (divides hidden).")
     dropout: float = Field(
         default=0.2, ge=0.0, lt=1.0, description="Dropout in every thread (the authors': 0.5; docs/train.md)."
     )
@@ -425,7 +427,7 @@ class TrainSettings(StageSettings):
     alpha: float = Field(default=0.1, ge=0.0, description="Weight of the adapter's contrastive loss.")
     beta: float = Field(default=0.1, ge=0.0, description="Weight of the profile-guidance loss.")
     tau: float = Field(default=1.0, gt=0.0, description="Temperature of both contrastive losses.")
-    lr: float = Field(default=1e-3, gt=0.0)
+    lr: float = Field(default=1e-3, gt=0.0, description="Adam's learning rate (lazy Adam on item-ID tables).")
     lr_decay: float = Field(
         default=0.2,
         gt=0.0,
@@ -460,9 +462,13 @@ class TrainSettings(StageSettings):
             "food-kitchen (docs/train.md, 'The refit')."
         ),
     )
-    weight_decay: float = Field(default=0.0, ge=0.0)
-    batch_size: int = Field(default=128, ge=2)
-    eval_batch_size: int = Field(default=1024, ge=1)
+    weight_decay: float = Field(
+        default=0.0, ge=0.0, description="Adam's L2 weight decay on dense parameters."
+    )
+    batch_size: int = Field(default=128, ge=2, description="Training sequences per batch.")
+    eval_batch_size: int = Field(
+        default=1024, ge=1, description="Users scored at once in evaluation (memory, not results)."
+    )
     epochs: int = Field(default=200, ge=1, description="Upper bound on epochs.")
     patience: int = Field(default=20, ge=1, description="Epochs without a better validation NDCG@10.")
     time_budget_s: float | None = Field(
@@ -521,10 +527,14 @@ class TrainSettings(StageSettings):
     )
     full_ranking: bool = Field(default=True, description="Also rank the whole target domain.")
     cold_start: ColdStartSettings = Field(default_factory=ColdStartSettings)
-    seed: int = 42
+    seed: int = Field(
+        default=42, description="Seeds initialisation, batches, negatives and the cold-start hold-out."
+    )
     deterministic: bool = Field(default=False, description="torch deterministic algorithms.")
     threads: int = Field(default=0, ge=0, description="torch threads; 0 = runtime.threads.")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="Where torch trains: auto = cuda when a GPU is visible, else cpu."
+    )
     data_parallel: DataParallelSettings = Field(default_factory=DataParallelSettings)
 
     @field_validator("text_prior_new_items", mode="before")
