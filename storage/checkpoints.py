@@ -34,15 +34,18 @@ class Checkpoints:
         if table.num_rows:
             write_parquet_atomic(table, self._dir(kind) / f"{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet")
 
-    def read(self, kind: str, schema: pa.Schema | None = None) -> pa.Table | None:
-        """All shards of `kind` (unreadable or mismatched shards are skipped with a warning)."""
+    def read(
+        self, kind: str, schema: pa.Schema | None = None, columns: list[str] | None = None
+    ) -> pa.Table | None:
+        """All shards of `kind`, or only their `columns` (unreadable or mismatched shards are skipped with
+        a warning)."""
         folder = self._dir(kind)
         if not folder.is_dir():
             return None
         tables = []
         for path in sorted(folder.glob("*.parquet")):
             try:
-                table = pq.read_table(path)
+                table = pq.read_table(path, columns=columns)
                 tables.append(table.select(schema.names).cast(schema) if schema is not None else table)
             except (pa.ArrowException, OSError, KeyError, ValueError) as exc:
                 get_logger().warning("checkpoint shard %s unusable (%s): ignored", path, exc)

@@ -112,6 +112,15 @@ def read_pending(path: Path, start: int = 0, stop: int | None = None) -> dict[st
     return dict(zip(table["text_hash"].to_pylist(), table["text"].to_pylist(), strict=True))
 
 
+def checkpointed_texts(checkpoints: Checkpoints, model_id: str) -> set[str]:
+    """The hashes of the texts this run (or a crashed one) has checkpointed vectors of for `model_id`;
+    reads no vector."""
+    table = checkpoints.read(CHECKPOINT_KIND, columns=["text_hash", "model_id"])
+    if table is None:
+        return set()
+    return set(table.filter(pc.equal(table["model_id"], model_id))["text_hash"].to_pylist())
+
+
 @dataclass
 class TextsResult:
     embedded: int  # texts whose vector was computed (and checkpointed)

@@ -148,14 +148,20 @@ def _shared_cache(ctx: EnrichContext) -> EmbeddingCache | None:
 @step("embed-items", run_name="embed-items-{shard.index}", retries=1, retry_delay_s=10)
 def embed_item_shard(plan: EnrichPlan, shard: Shard) -> ItemShardWork:
     """Embed rows [start, stop) of the run's new item texts (`PENDING_FILE`); each finished batch is
-    checkpointed, so a retried or resumed shard embeds only what is not checkpointed yet."""
+    checkpointed, so a retried or resumed shard embeds only what is not checkpointed yet. Reads the
+    checkpoints' hashes, not their vectors (the finish reads those once)."""
     ctx = EnrichContext.open(plan)
-    cache = item_phase.VectorCache(plan.embed_id)
-    cache.add_table(ctx.checkpoints.read(item_phase.CHECKPOINT_KIND))
+    done_before = item_phase.checkpointed_texts(ctx.checkpoints, plan.embed_id)
     pending = item_phase.read_pending(ctx.checkpoints.path(PENDING_FILE), shard.start, shard.stop)
-    todo = {h: t for h, t in pending.items() if h not in cache}
+    todo = {h: t for h, t in pending.items() if h not in done_before}
     done = item_phase.embed_texts(
-        todo, ctx.enrich, plan.embed_id, cache, ctx.embedder, ctx.checkpoints, shared=_shared_cache(ctx)
+        todo,
+        ctx.enrich,
+        plan.embed_id,
+        item_phase.VectorCache(plan.embed_id),  # what this shard computes
+        ctx.embedder,
+        ctx.checkpoints,
+        shared=_shared_cache(ctx),
     )
     return ItemShardWork(
         shard=shard,
