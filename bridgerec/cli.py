@@ -265,6 +265,7 @@ def _console(settings: Settings, command: str, as_json: bool, verbose: bool) -> 
         verbose=verbose,
         as_json=as_json,
         keep_logs=settings.runtime.keep_logs,
+        log_level=settings.runtime.log_level,
     ) as path:
         if path is not None and not as_json:
             console.echo(f"log: {path} (third-party messages and details; --verbose shows them here)", "dim")

@@ -42,17 +42,23 @@ class StageTimeouts(BaseModel):
     stage takes on the data it was sized for: a ceiling against a hang, not a schedule."""
 
     model_config = ConfigDict(extra="forbid")
-    ingest: float | None = Field(default=2 * 3600.0, gt=0, description="Budget of the ingest stage (s).")
+    ingest: float | None = Field(
+        default=2 * 3600.0, gt=0, description="Budget of the ingest stage (s); null = no budget."
+    )
     enrich: float | None = Field(
-        default=24 * 3600.0, gt=0, description="Budget of the enrich stage (s): embeddings and LLM profiles."
+        default=24 * 3600.0,
+        gt=0,
+        description="Budget of the enrich stage (s): embeddings and LLM profiles; null = no budget.",
     )
     train: float | None = Field(
         default=24 * 3600.0,
         gt=0,
         description="Budget of the train stage (s); train.time_budget_s stops training itself earlier, at an "
-        "epoch boundary, keeping the best epoch.",
+        "epoch boundary, keeping the best epoch; null = no budget.",
     )
-    publish: float | None = Field(default=2 * 3600.0, gt=0, description="Budget of the publish stage (s).")
+    publish: float | None = Field(
+        default=2 * 3600.0, gt=0, description="Budget of the publish stage (s); null = no budget."
+    )
 
 
 StageName = Literal["ingest", "enrich", "train", "publish"]
@@ -96,8 +102,9 @@ class RaySettings(BaseModel):
     )
     resources: dict[StageName, ShardResources] = Field(
         default_factory=dict,
-        description="Per stage (ingest, enrich, train, publish), what each of its shard tasks reserves; a "
-        "stage not named reserves 1 CPU and no GPU.",
+        description="Per stage, what each of its shard tasks reserves; a stage not named reserves 1 CPU and "
+        "no GPU. enrich and publish have shard tasks; ingest and train have none, so entries for them "
+        "change nothing (data-parallel training reserves through train.data_parallel).",
     )
 
     def shard_resources(self, stage: str) -> ShardResources:
@@ -109,25 +116,33 @@ class RuntimeSettings(BaseModel):
     threads: int = Field(default=0, ge=0, description="CPU threads for DuckDB/torch/FAISS; 0 = all cores.")
     runner: Literal["local", "processes", "ray"] = Field(
         default="local",
-        description="Where the flows run a stage's shard task runs (enrich's item and profile shards): local "
-        "(one after another in the flow's process, sharing its engines), processes (`workers` worker "
-        "processes, each with engines of its own: a machine with several GPUs or many cores) or ray (Ray "
-        "tasks on the cluster of `ray.address`, each reserving `ray.resources`; one worker process keeps "
-        "its engines for the whole night).",
+        description="Where the flows run a stage's shard task runs (enrich's item and profile shards, "
+        "publish's user shards): local (one after another in the flow's process, sharing its engines), "
+        "processes (`workers` worker processes, each with engines of its own: a machine with several GPUs "
+        "or many cores) or ray (Ray tasks on the cluster of `ray.address`, each reserving `ray.resources`; "
+        "a CPU worker process keeps its engines for the whole night, a GPU shard gets a fresh process).",
     )
     workers: int = Field(
         default=2,
         ge=1,
-        description="Worker processes for runner: processes. They share `threads` (each gets threads / "
-        "workers, at least 1, on cores of its own), and a stage cuts at least this many shards.",
+        description="Worker processes for runner: processes. Enrich's workers share `threads` (each gets "
+        "threads / workers, at least 1, on cores of its own) and enrich cuts at least this many shards; "
+        "publish cuts its users by publish.users_per_shard and each shard uses all `threads`.",
     )
     ray: RaySettings = Field(default_factory=RaySettings)
     log_level: str = Field(
         default="INFO",
         pattern="^(DEBUG|INFO|WARNING|ERROR)$",
-        description="Level of bridgerec's own log records (the log file and Prefect's log).",
+        description="The least level of bridgerec's own log records (in the log file, on the terminal and in "
+        "Prefect's run logs; WARNING keeps only warnings and errors) in the command's process; worker "
+        "processes of `runner: processes` or ray log at INFO. Prefect's and third-party records keep theirs.",
     )
-    stage_retries: int = Field(default=1, ge=0, description="Retries of a failed stage in the nightly flow.")
+    stage_retries: int = Field(
+        default=1,
+        ge=0,
+        description="Retries of a stage that failed transiently in the nightly flow; a fault of the input, "
+        "the config or a stall is not retried.",
+    )
     retry_delay_seconds: float = Field(default=30.0, ge=0, description="Wait before retrying a stage.")
     keep_logs: int = Field(
         default=30,
@@ -346,11 +361,18 @@ def settings_reference() -> list[dict[str, str]]:
     """Every setting of the tree, in order: `section` (its top-level key, "" for the top level), `key`
     (dotted), `default` (as text: "unset" for None, mappings and lists as JSON, the user's model cache as
     its usual place, so the text is the same on every machine), `env` (its variable) and `description`.
-    A setting whose value is itself a section (`runtime.ray`) is expanded into its settings."""
+    A setting whose value is itself a section (`runtime.ray`) is expanded into its settings; defaults are
+    read from the default tree, so a section's own defaults for an inner one (`profiles.engine`) and
+    `train`'s preset (`train.model`) show as they apply."""
     rows: list[dict[str, str]] = []
     for name, f in Settings.model_fields.items():
-        section = _section(f.annotation)
-        rows += _rows(name, name, section) if section is not None else [_row("", name, f)]
+        value = f.get_default(call_default_factory=True)
+        if isinstance(value, TrainSettings):
+            value = value.resolved()
+        if isinstance(value, BaseModel):
+            rows += _rows(name, name, value)
+        else:
+            rows.append(_row("", name, f, value))
     return sorted(rows, key=lambda r: r["section"] != "")  # the top level first, then file order
 
 
@@ -385,21 +407,21 @@ def _section(annotation: Any) -> type[BaseModel] | None:
     return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
-def _rows(section: str, prefix: str, model: type[BaseModel]) -> list[dict[str, str]]:
+def _rows(section: str, prefix: str, values: BaseModel) -> list[dict[str, str]]:
     rows: list[dict[str, str]] = []
-    for name, f in model.model_fields.items():
-        inner = _section(f.annotation)
+    for name, f in type(values).model_fields.items():
+        value = getattr(values, name)
         key = f"{prefix}.{name}"
-        rows += _rows(section, key, inner) if inner is not None else [_row(section, key, f)]
+        rows += _rows(section, key, value) if isinstance(value, BaseModel) else [_row(section, key, f, value)]
     return rows
 
 
-def _row(section: str, key: str, field: Any) -> dict[str, str]:
+def _row(section: str, key: str, field: Any, default: Any) -> dict[str, str]:
     import json
 
-    default = field.get_default(call_default_factory=True)
-    if isinstance(default, BaseModel):
-        default = default.model_dump(mode="json")
+    from pydantic_core import to_jsonable_python
+
+    default = to_jsonable_python(default)  # as `config show --json` writes it (paths, datetimes)
     shown = (
         "unset" if default is None else '""' if default == "" else json.dumps(default, default=str).strip('"')
     )

@@ -66,10 +66,14 @@ class IndexSettings(BaseModel):
         default="ivf", description="auto: the index above the threshold."
     )
     ivf_nlist: int | None = Field(
-        default=None, ge=1, description="IVF cells; unset = sqrt(items) (a power of two, <= items/39)."
+        default=None,
+        ge=1,
+        description="IVF cells; unset = sqrt(items) (a power of two); capped at items/39, set or not.",
     )
     ivf_nprobe: int | None = Field(
-        default=None, ge=1, description="IVF cells visited per query; unset = nlist/16 (at least 16)."
+        default=None,
+        ge=1,
+        description="IVF cells visited per query; unset = nlist/16 (at least 16); capped at nlist.",
     )
     hnsw_m: int = Field(default=32, ge=4, description="HNSW neighbours per node.")
     hnsw_ef_construction: int = Field(

@@ -281,10 +281,12 @@ def test_the_settings_reference_is_the_docs_and_describes_every_setting(
     `bridgerec config show --reference > docs/settings.md`), the same on any machine, and every setting
     says what it does (a new contributor found eleven that no doc mentioned)."""
     import json
+    import os
 
     from typer.testing import CliRunner
 
     from bridgerec.cli import app
+    from bridgerec.tasks.enrich import model_cache
 
     doc = (Path(__file__).parent.parent / "docs" / "settings.md").read_text()
     out = CliRunner().invoke(app, ["config", "show", "--reference"])
@@ -296,6 +298,18 @@ def test_the_settings_reference_is_the_docs_and_describes_every_setting(
     epochs = next(r for r in rows if r["key"] == "train.epochs")
     assert (epochs["section"], epochs["env"]) == ("train", "BRIDGEREC_TRAIN__EPOCHS")
     assert f"| `train.epochs` | `{epochs['default']}` | `BRIDGEREC_TRAIN__EPOCHS` |" in doc
+    # every default is the one in effect: `config show`'s (an inner section's defaults set by its parent,
+    # `profiles.engine`, and train's preset showed the inner class's own: 0.4 for 0.7, false for true)
+    for name in [k for k in os.environ if k.startswith("BRIDGEREC_")]:
+        monkeypatch.delenv(name)
+    shown = json.loads(CliRunner().invoke(app, ["config", "show", "--json"]).stdout)
+    for r in rows:
+        value = shown
+        for part in r["key"].split("."):
+            value = value[part]
+        if r["key"] != "warehouse":  # config show gives the file the commands use, not the setting
+            text = "unset" if value is None else '""' if value == "" else json.dumps(value).strip('"')
+            assert r["default"] == text.replace(str(model_cache()), "~/.cache/bridgerec/models"), r["key"]
     # each is a real setting: its env var sets it
     monkeypatch.setenv("BRIDGEREC_TRAIN__EPOCHS", "3")
     assert load_settings(None).train.epochs == 3

@@ -22,7 +22,8 @@ SCRIPT = textwrap.dedent(
     from bridgerec.runtime import console
     from bridgerec.runtime.logs import DETAIL, get_logger
 
-    with console.session(Path(sys.argv[1]), "demo", verbose=sys.argv[2] == "verbose") as path:
+    level = "WARNING" if sys.argv[2] == "warning" else "INFO"
+    with console.session(Path(sys.argv[1]), "demo", verbose=sys.argv[2] == "verbose", log_level=level) as path:
         log = get_logger()
         log.info("demo: %s rows read, %s kept", f"{8896:,}", f"{8896:,}")
         log.info("demo: per-epoch figures", extra=DETAIL)
@@ -81,6 +82,18 @@ def test_verbose_session_shows_everything_and_writes_no_file(tmp_path: Path) -> 
         assert noise in both, noise
     assert '"log": "None"' in done.stdout
     assert not (tmp_path / "ws" / "logs").exists()
+
+
+def test_log_level_warning_keeps_bridgerec_info_lines_out_of_terminal_and_file(tmp_path: Path) -> None:
+    """`runtime.log_level: WARNING`: bridgerec's own info and detail lines are neither shown nor logged,
+    its warnings are; third-party output still goes to the file (the setting was accepted and read by
+    nothing until a contributor's audit)."""
+    done = _run(tmp_path, "warning")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == ["warning: demo: 3 users have fewer than k items"]
+    text = Path(__import__("json").loads(done.stdout)["log"]).read_text()
+    assert "demo: 3 users have fewer than k items" in text and "NUMA binding notice from C" in text
+    assert "demo: 8,896 rows read" not in text and "demo: per-epoch figures" not in text
 
 
 def test_old_log_files_are_pruned(tmp_path: Path) -> None:

@@ -137,7 +137,6 @@ def _log_to_file() -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s"))
         handler.bridgerec_console = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
 
 
 @contextlib.contextmanager
@@ -148,13 +147,16 @@ def session(
     verbose: bool = False,
     as_json: bool = False,
     keep_logs: int = 30,
+    log_level: str = "INFO",
 ) -> Iterator[Path | None]:
     """Route the command's output (see the module's doc); yields the log file's path, or None when
     nothing is redirected. The redirection lasts until the process exits (exit handlers of Prefect and
     vLLM still write to the file), and so does a redirected session: `err()` stays the terminal for a
-    last `error:` line after the command's block."""
+    last `error:` line after the command's block. `log_level` (`runtime.log_level`) is the least level
+    of bridgerec's own records in this process, in Prefect's run logs as outside them."""
     global _session
     previous = _session
+    logging.getLogger("bridgerec").setLevel(log_level)
     path = None
     if not verbose and workspace is not None and _real_descriptors():
         path = new_log_path(Path(workspace), command)

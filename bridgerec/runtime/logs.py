@@ -25,6 +25,8 @@ class BridgerecLogger(logging.LoggerAdapter[Any]):
         return msg, kwargs  # the wrapped logger's own `extra` handling applies
 
     def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:
+        if level < logging.getLogger("bridgerec").level:  # `runtime.log_level`, set by the command's session
+            return
         self.logger.log(level, msg, *args, **kwargs)
         if console.quiet():
             extra = kwargs.get("extra") or {}

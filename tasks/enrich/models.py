@@ -251,7 +251,8 @@ def prepare_profile_model(settings: ProfileSettings, force: bool = False) -> tup
         return folder, False
     if not settings.auto_prepare and not force:
         raise ModelError(
-            f"profile model folder {folder} does not exist; run `bridgerec models prepare` or set "
+            f"profile model folder {folder} does not exist (profiles.auto_prepare is off); run `bridgerec "
+            "models prepare --force` or set "
             "profiles.model to a Hugging Face instruct model folder"
         )
     gguf = settings.gguf_source.expanduser().resolve() if settings.gguf_source else packaged_smollm2_gguf()

