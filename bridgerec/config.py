@@ -125,9 +125,9 @@ class RuntimeSettings(BaseModel):
     workers: int = Field(
         default=2,
         ge=1,
-        description="Worker processes for runner: processes. Enrich's workers share `threads` (each gets "
-        "threads / workers, at least 1, on cores of its own) and enrich cuts at least this many shards; "
-        "publish cuts its users by publish.users_per_shard and each shard uses all `threads`.",
+        description="Worker processes for runner: processes. They share `threads` (each gets threads / "
+        "workers, at least 1; enrich's engines on cores of their own), and enrich and publish cut at least "
+        "this many shards.",
     )
     ray: RaySettings = Field(default_factory=RaySettings)
     log_level: str = Field(

@@ -409,9 +409,11 @@ class PoolRunner(Runner):
     """Runs the shard function in worker processes, as a Ray runner does across machines: the plan and
     the shards are pickled, and each worker reads only files (staged inputs, the saved index)."""
 
-    def __init__(self) -> None:
+    def __init__(self, slots: int = 1) -> None:
         self.called: list[str] = []
         self.mapped: list[str] = []
+        self.plans: list[object] = []  # what each map handed its shards
+        self.slots = slots
 
     def call(self, fn, *args, **kwargs):
         self.called.append(fn.__name__)
@@ -422,8 +424,29 @@ class PoolRunner(Runner):
         from concurrent.futures import ProcessPoolExecutor
 
         self.mapped.append(fn.__name__)
+        self.plans.append(args[0])
         with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
             return list(pool.map(fn, *[[a] * len(shards) for a in args], shards))
+
+
+def test_publish_cuts_a_shard_for_each_worker_and_splits_the_threads(
+    profiled_workspace: Path, tmp_path: Path
+) -> None:
+    """With 4 workers at once (`runtime.workers` of the processes runner) the 1,000 users are cut into 4
+    shards though one shard would hold them all (`users_per_shard`), and each scores with a quarter of the
+    run's threads: each shard used all of them before (a settings audit), so the workers fought over
+    the cores and, below users_per_shard, all but one idled."""
+    ws = Workspace(profiled_workspace)
+    runner = PoolRunner(slots=4)
+    summary = run_publish(
+        StageRun(PublishSettings(k=5), ws, warehouse=tmp_path / "w.duckdb", runner=runner, threads=4),
+        run_id="r",
+        vectors=workspace_vectors(profiled_workspace, seed=3),
+    )
+    assert PublishSettings().users_per_shard >= 1000 and summary.shards == 4
+    (plan,) = runner.plans
+    assert [(s.start, s.stop) for s in plan.shards] == [(0, 250), (250, 500), (500, 750), (750, 1000)]
+    assert plan.threads == 1 and summary.rows == 1000 * 2 * 5
 
 
 def test_sharded_publish_in_worker_processes_equals_one_shard(

@@ -49,6 +49,12 @@ def step_of(fn: Callable[..., Any]) -> Step:
     return declared if isinstance(declared, Step) else Step(fn.__name__.replace("_", "-"))
 
 
+def shard_size(n: int, size: int, slots: int = 1) -> int:
+    """Rows of a shard cutting n rows: `size`, or n / `slots` (rounded up) when that is smaller, so that
+    `slots` workers running at once each get a shard (at least 1)."""
+    return max(1, min(size, -(-n // max(1, slots))))
+
+
 class Runner:
     """Runs a stage's steps. `call(fn, *args, **kwargs)` is `fn(*args, **kwargs)`; `map(fn, shards, *args)`
     is `[fn(*args, shard) for shard in shards]`, in shard order, wherever they run.

@@ -13,6 +13,7 @@ import pyarrow as pa
 from pydantic import BaseModel, Field
 
 from bridgerec.runtime.reports import TableReport
+from bridgerec.runtime.runner import shard_size
 from bridgerec.storage.checkpoints import Checkpoints
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.enrich.engine import Embedder, EnginePool, EngineSpec, Generator, process_engines
@@ -92,7 +93,7 @@ class Shard(BaseModel):
 def shards(n: int, size: int, slots: int = 1) -> list[Shard]:
     """[0, n) in shards of `size` rows (the last one shorter), or of n / `slots` rows (rounded up) when
     that is smaller, so that `slots` workers running at once each get a shard."""
-    size = max(1, min(size, -(-n // max(1, slots))))
+    size = shard_size(n, size, slots)
     return [Shard(index=i, start=s, stop=min(s + size, n)) for i, s in enumerate(range(0, n, size))]
 
 

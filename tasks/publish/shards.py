@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bridgerec.runtime.progress import advance, progress_bar
-from bridgerec.runtime.runner import step
+from bridgerec.runtime.runner import shard_size, step
 from bridgerec.storage.index_store import IndexSettings, IndexStore, Searcher, TopK, search_topk, set_threads
 from bridgerec.storage.vectors import DomainVectors, TextSpace
 from bridgerec.storage.warehouse import PartInfo, PartTarget, profile_rows
@@ -97,8 +97,10 @@ def stage_shards(
     run_id: str,
     users_per_shard: int,
     text: TextSpace | None = None,
+    slots: int = 1,
 ) -> tuple[tuple[PublishShard, ...], int]:
-    """Write the shards' inputs under `scratch`; return the shards and the number of users.
+    """Write the shards' inputs under `scratch`; return the shards (of `users_per_shard` users, fewer where
+    that leaves fewer than `slots` shards) and the number of users.
 
     Per domain: user_vectors.npy (float32 [U, d]), seen_indptr.npy, seen_items.npy, rows in user_id
     order; users/<shard>.parquet (user_id); profiles/<shard>.parquet (profile part rows) when profiles
@@ -120,10 +122,8 @@ def stage_shards(
         np.save(folder / "seen_indptr.npy", indptr)
         np.save(folder / "seen_items.npy", items)
     n = len(users)
-    shards = tuple(
-        PublishShard(i, start, min(start + users_per_shard, n))
-        for i, start in enumerate(range(0, n, users_per_shard))
-    )
+    size = shard_size(n, users_per_shard, slots)
+    shards = tuple(PublishShard(i, start, min(start + size, n)) for i, start in enumerate(range(0, n, size)))
     (scratch / "users").mkdir()
     for s in shards:
         pq.write_table(

@@ -286,6 +286,8 @@ class _Job:
     store: IndexStore
     ingest: IngestOutputs
     stats: dict[str, Any]
+    slots: int = 1  # shards that run at once on one machine (`Runner.slots`): at least that many are cut
+    shard_threads: int = 1  # CPU threads of one scoring shard (`Runner.shard_threads`)
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     started: float = field(default_factory=time.perf_counter)
     timings: dict[str, float] = field(default_factory=dict)
@@ -413,17 +415,20 @@ def _job(
         stats = ingest.manifest().stats
     except IngestMissing as exc:
         raise PublishError(str(exc)) from None
+    threads = run.threads_for(settings.threads)
     return _Job(
         settings,
         workspace,
         warehouse,
-        run.threads_for(settings.threads),
+        threads,
         run_id,
         trained,
         inputs_hash(settings, workspace, trained, vectors),
         IndexStore(index_root(settings, warehouse)),
         ingest,
         stats,
+        slots=run.runner.slots,
+        shard_threads=run.runner.shard_threads(threads),
     )
 
 
@@ -526,7 +531,8 @@ def _build_and_save_indexes(job: _Job, ranked: _Ranked) -> dict[str, _Index]:
 
 def _plan_shards(job: _Job, ranked: _Ranked, indexes: dict[str, _Index], attempt: wh.Attempt) -> ShardPlan:
     """Stage what the shards load (vectors in user order, their users and profiles) in the attempt's
-    scratch folder, and cut the users into shards of `publish.users_per_shard`."""
+    scratch folder, and cut the users into shards of `publish.users_per_shard`, at least one for each
+    worker that runs at once (`runtime.workers` with the processes runner), which share the threads."""
     t0 = time.perf_counter()
     assert attempt.scratch is not None
     profiles = load_profiles(job.workspace)
@@ -534,7 +540,7 @@ def _plan_shards(job: _Job, ranked: _Ranked, indexes: dict[str, _Index], attempt
     if job.settings.explain and job.trained is not None:
         text = TrainOutputs(job.workspace).text_space(job.trained)  # None: the model has no text space
     shards, n_users = stage_shards(
-        attempt.scratch, ranked.vectors, profiles, job.run_id, job.settings.users_per_shard, text
+        attempt.scratch, ranked.vectors, profiles, job.run_id, job.settings.users_per_shard, text, job.slots
     )
     job.timings["stage_s"] = time.perf_counter() - t0
     return ShardPlan(
@@ -546,7 +552,7 @@ def _plan_shards(job: _Job, ranked: _Ranked, indexes: dict[str, _Index], attempt
         k=job.settings.k,
         exclude_seen=job.settings.exclude_seen,
         batch_users=job.settings.batch_users,
-        threads=job.threads,
+        threads=job.shard_threads,
         shards=shards,
         n_users=n_users,
         explain=text is not None,
