@@ -395,12 +395,13 @@ def settings_reference_markdown() -> str:
         doc = " ".join((cls.__doc__ or "").split()) if cls is not None else ""
         lines += ["", f"## `{name}`" if name else "## Top level", "", *([doc, ""] if doc else [])]
         lines += ["| setting | default | env var | what it does |", "|---|---|---|---|"]
-        lines += [
-            f"| `{r['key']}` | `{r['default']}` | `{r['env']}` | {r['description'].replace('|', chr(92) + '|')} |"
-            for r in rows
-            if r["section"] == name
-        ]
+        lines += [_markdown_row(r) for r in rows if r["section"] == name]
     return "\n".join(lines) + "\n"
+
+
+def _markdown_row(r: dict[str, str]) -> str:
+    about = r["description"].replace("|", r"\|")  # a pipe in a description would end the cell
+    return f"| `{r['key']}` | `{r['default']}` | `{r['env']}` | {about} |"
 
 
 def _section(annotation: Any) -> type[BaseModel] | None:
@@ -422,9 +423,7 @@ def _row(section: str, key: str, field: Any, default: Any) -> dict[str, str]:
     from pydantic_core import to_jsonable_python
 
     default = to_jsonable_python(default)  # as `config show --json` writes it (paths, datetimes)
-    shown = (
-        "unset" if default is None else '""' if default == "" else json.dumps(default, default=str).strip('"')
-    )
+    shown = "unset" if default is None else '""' if default == "" else json.dumps(default).strip('"')
     return {
         "section": section,
         "key": key,
