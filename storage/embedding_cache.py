@@ -30,23 +30,25 @@ class EmbeddingCache:
     def folder(self, model_id: str) -> Path:
         return self.root / re.sub(r"[^A-Za-z0-9._-]", "_", model_id)
 
-    def read(self, model_id: str) -> pa.Table | None:
-        """Every cached row of `model_id` (columns text_hash, model_id, vector), or None when there is
-        none. Files of another vector width than the first are skipped (a model id reused for another
-        model would have another fingerprint, so this only guards against a damaged folder)."""
+    def read(self, model_id: str, columns: list[str] = COLUMNS) -> pa.Table | None:
+        """Every cached row of `model_id` (`columns`, by default text_hash, model_id, vector), or None
+        when there is none. Files of another vector width than the first are skipped (a model id reused
+        for another model would have another fingerprint, so this only guards against a damaged folder);
+        the width comes from each file's schema, so reading only the hashes reads no vector."""
         folder = self.folder(model_id)
         files = sorted(p for p in folder.glob("*.parquet")) if folder.is_dir() else []
-        if not files:
-            return None
         tables: list[pa.Table] = []
+        width: pa.DataType | None = None
         for f in files:
             try:
-                t = ds.dataset(f, format="parquet").to_table(columns=COLUMNS)
-            except (OSError, pa.ArrowInvalid):
+                dataset = ds.dataset(f, format="parquet")
+                vector = dataset.schema.field("vector").type
+                if width is not None and vector != width:
+                    continue
+                tables.append(dataset.to_table(columns=columns, filter=ds.field("model_id") == model_id))
+                width = vector
+            except (OSError, KeyError, pa.ArrowInvalid):
                 continue  # unreadable: recomputed, not trusted
-            if tables and t.schema.field("vector").type != tables[0].schema.field("vector").type:
-                continue
-            tables.append(t.filter(ds.field("model_id") == model_id))
         return pa.concat_tables(tables) if tables else None
 
     def write(self, table: pa.Table) -> Path | None:

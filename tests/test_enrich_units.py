@@ -315,6 +315,35 @@ def test_checkpoint_shards_round_trip(tmp_path: Path) -> None:
     assert not (tmp_path / ".checkpoints").exists()
 
 
+def test_the_shared_cache_reads_hashes_without_vectors(tmp_path: Path) -> None:
+    """`EmbeddingCache.read(columns=KEY_COLUMNS)` (what plan-enrich reads) finds exactly the texts the
+    whole read finds: the model's rows only, a damaged file and a file of another width left out."""
+    from bridgerec.storage.embedding_cache import EmbeddingCache
+    from bridgerec.storage.files import write_parquet_atomic
+    from bridgerec.tasks.enrich.items import KEY_COLUMNS, texts_of
+    from bridgerec.tasks.enrich.outputs import fixed_list
+
+    def rows(hashes: list[str], model: str, dim: int) -> pa.Table:
+        vectors = np.arange(len(hashes) * dim, dtype=np.float32).reshape(len(hashes), dim)
+        return pa.table(
+            {"text_hash": hashes, "model_id": [model] * len(hashes), "vector": fixed_list(vectors)}
+        )
+
+    cache = EmbeddingCache(tmp_path)
+    assert cache.read("m@1") is None and cache.read("m@1", columns=KEY_COLUMNS) is None
+    cache.write(rows(["a", "b"], "m@1", 4))
+    cache.write(rows(["c"], "m@1", 4))
+    cache.write(rows(["z"], "other@2", 4))  # another model: another folder
+    (cache.folder("m@1") / "zz-broken.parquet").write_bytes(b"half a file")
+    wide = rows(["d"], "m@1", 8)
+    first = sorted(cache.folder("m@1").glob("*.parquet"))[0]
+    write_parquet_atomic(wide, cache.folder("m@1") / f"~{first.name}")  # sorts after the 4-wide ones
+    whole, keys = cache.read("m@1"), cache.read("m@1", columns=KEY_COLUMNS)
+    assert whole is not None and keys is not None and keys.column_names == KEY_COLUMNS
+    assert texts_of(whole, "m@1") == texts_of(keys, "m@1") == {"a", "b", "c"}
+    assert whole.schema.field("vector").type.list_size == 4
+
+
 def test_cli_enrich_fails_cleanly_without_ingest(prefect_harness: None, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

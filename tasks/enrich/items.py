@@ -112,13 +112,20 @@ def read_pending(path: Path, start: int = 0, stop: int | None = None) -> dict[st
     return dict(zip(table["text_hash"].to_pylist(), table["text"].to_pylist(), strict=True))
 
 
-def checkpointed_texts(checkpoints: Checkpoints, model_id: str) -> set[str]:
-    """The hashes of the texts this run (or a crashed one) has checkpointed vectors of for `model_id`;
-    reads no vector."""
-    table = checkpoints.read(CHECKPOINT_KIND, columns=["text_hash", "model_id"])
+KEY_COLUMNS = ["text_hash", "model_id"]  # what says a vector is there, without the vector
+
+
+def texts_of(table: pa.Table | None, model_id: str) -> set[str]:
+    """The text hashes of `table`'s rows of `model_id` (a table of `KEY_COLUMNS` at least)."""
     if table is None:
         return set()
     return set(table.filter(pc.equal(table["model_id"], model_id))["text_hash"].to_pylist())
+
+
+def checkpointed_texts(checkpoints: Checkpoints, model_id: str) -> set[str]:
+    """The hashes of the texts this run (or a crashed one) has checkpointed vectors of for `model_id`;
+    reads no vector."""
+    return texts_of(checkpoints.read(CHECKPOINT_KIND, columns=KEY_COLUMNS), model_id)
 
 
 @dataclass

@@ -127,14 +127,14 @@ class EnrichOutputs:
         wanted = ["user_id", "profile_text", "cluster_summaries", "llm_model_id"]
         return pq.read_table(path, columns=[c for c in wanted if c in names])
 
-    def previous(self, name: str) -> pa.Table | None:
-        """A table of the finished output, for a rebuild to reuse; None on the first build or when it is
-        unreadable (then nothing of it is reused)."""
+    def previous(self, name: str, columns: list[str] | None = None) -> pa.Table | None:
+        """A table of the finished output (or only its `columns`), for a rebuild to reuse; None on the
+        first build or when it is unreadable (then nothing of it is reused)."""
         path = self.file(name)
         if self.manifest() is None or not path.exists():
             return None
         try:
-            return pq.read_table(path)
+            return pq.read_table(path, columns=columns)
         except (pa.ArrowException, OSError) as exc:
             get_logger().warning("enrich: previous %s unreadable (%s): recomputing", name, exc)
             return None

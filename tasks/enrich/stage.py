@@ -122,7 +122,7 @@ def _plan_item_texts(plan: EnrichPlan) -> list[Shard]:
     every shard gets new work and a text shared by items far apart is embedded once. The shards are
     what changed tonight, not the whole catalogue."""
     ctx = EnrichContext.open(plan)
-    hashes, pending = item_phase.pending_texts(ctx.items(), ctx.enrich, _item_cache(ctx))
+    hashes, pending = item_phase.pending_texts(ctx.items(), ctx.enrich, _known_texts(ctx))
     item_phase.write_pending(ctx.checkpoints.path(PENDING_FILE), pending)
     if pending:
         get_logger().info(
@@ -131,13 +131,26 @@ def _plan_item_texts(plan: EnrichPlan) -> list[Shard]:
     return shards(len(pending), plan.enrich.items_per_shard, plan.slots)
 
 
+def _known_texts(ctx: EnrichContext) -> set[str]:
+    """The hashes `_item_cache` holds vectors of, read without the vectors (the plan needs only to
+    leave them out; on food-kitchen the vectors are 56 MB the finish reads once anyway)."""
+    embed_id, keys = ctx.plan.embed_id, item_phase.KEY_COLUMNS
+    known = item_phase.texts_of(ctx.outputs.previous("item_embeddings", columns=keys), embed_id)
+    known |= item_phase.checkpointed_texts(ctx.checkpoints, embed_id)
+    shared = _shared_cache(ctx)
+    if shared is not None:
+        known |= item_phase.texts_of(shared.read(embed_id, columns=keys), embed_id)
+    return known
+
+
 def _item_cache(ctx: EnrichContext) -> item_phase.VectorCache:
     """Vectors of the previous output and of every finished batch of this (or a crashed) run."""
     cache = item_phase.VectorCache(ctx.plan.embed_id)
     cache.add_table(ctx.outputs.previous("item_embeddings"))
     cache.add_table(ctx.checkpoints.read(item_phase.CHECKPOINT_KIND))
-    if ctx.enrich.embedding_cache is not None:
-        cache.add_table(EmbeddingCache(ctx.enrich.embedding_cache).read(ctx.plan.embed_id))
+    shared = _shared_cache(ctx)
+    if shared is not None:
+        cache.add_table(shared.read(ctx.plan.embed_id))
     return cache
 
 
