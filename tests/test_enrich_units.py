@@ -359,8 +359,8 @@ def test_cli_enrich_fails_cleanly_without_ingest(prefect_harness: None, tmp_path
 def test_a_model_vllm_cannot_run_is_one_error_line_and_no_retry(
     prefect_harness: None, sample_workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An embedding folder of an architecture vLLM rejects (all-mpnet-base-v2 is MPNetForMaskedLM: neither
-    among vLLM's models nor through its Transformers backend) stops enrich with exit 2 and one short
+    """An embedding folder of an architecture vLLM rejects (DeBERTa-v2: neither among vLLM's
+    models nor through its Transformers backend) stops enrich with exit 2 and one short
     `error:` line naming the folder and the architecture, not vLLM's list of 400 architectures; the
     shard's task run is not retried (the same folder fails the same way)."""
     import json
@@ -372,10 +372,10 @@ def test_a_model_vllm_cannot_run_is_one_error_line_and_no_retry(
     from bridgerec.tasks.enrich.engine import unsupported_architecture
     from bridgerec.tasks.enrich.settings import packaged_embedding_model
 
-    folder = tmp_path / "mpnet-like"
+    folder = tmp_path / "deberta-like"
     shutil.copytree(packaged_embedding_model(), folder)
     config = json.loads((folder / "config.json").read_text())
-    config |= {"architectures": ["MPNetForMaskedLM"], "model_type": "mpnet"}
+    config |= {"architectures": ["DebertaV2ForMaskedLM"], "model_type": "deberta-v2"}
     (folder / "config.json").write_text(json.dumps(config))
     ws = tmp_path / "ws"
     shutil.copytree(sample_workspace / "ingest", ws / "ingest")
@@ -385,7 +385,7 @@ def test_a_model_vllm_cannot_run_is_one_error_line_and_no_retry(
     assert result.exit_code == 2, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and len(errors[0]) < 400, result.output
-    assert f"embedding model {folder}" in errors[0] and "MPNetForMaskedLM" in errors[0]
+    assert f"embedding model {folder}" in errors[0] and "DebertaV2ForMaskedLM" in errors[0]
     assert "Supported architectures" not in result.output
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
@@ -394,7 +394,7 @@ def test_a_model_vllm_cannot_run_is_one_error_line_and_no_retry(
         runs = client.read_task_runs(
             task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=["embed-items-0"]))
         )
-    failed = [r for r in runs if r.state and "mpnet-like" in (r.state.message or "")]
+    failed = [r for r in runs if r.state and "deberta-like" in (r.state.message or "")]
     assert len(failed) == 1 and failed[0].run_count == 1  # one attempt: the task run was not retried
     # vLLM's other refusal (a Transformers-backend model it cannot drive), and an unrelated ValueError
     assert (

