@@ -96,6 +96,79 @@ def test_log_level_warning_keeps_bridgerec_info_lines_out_of_terminal_and_file(t
     assert "demo: 8,896 rows read" not in text and "demo: per-epoch figures" not in text
 
 
+TTY_SCRIPT = textwrap.dedent(
+    """
+    import logging, sys, time
+    from pathlib import Path
+    from bridgerec.runtime import console, progress
+
+    engine_log = logging.getLogger("enginelike")
+    with console.session(Path(sys.argv[1]), "demo", verbose=sys.argv[2] == "verbose") as path:
+        with progress.status("demo: starting an engine"):
+            # as vLLM's logger: a handler on sys.stdout, made when vLLM is first imported (in the block)
+            engine_log.addHandler(logging.StreamHandler(sys.stdout))
+            engine_log.warning("WARNING libtcmalloc is not found in LD_PRELOAD")
+            print("Loading safetensors checkpoint shards", file=sys.stderr)
+            time.sleep(0.3)
+        with progress.progress_bar("demo: texts", total=2, unit="texts") as bar:
+            print("a stray print while the bar is drawn")
+            progress.advance(bar, 2)
+        engine_log.warning("WARNING a later engine notice")  # the handler outlives the spinner
+        console.out().write(f"log={path}\\n")
+    """
+)
+
+
+def _run_on_a_terminal(tmp_path: Path, mode: str) -> str:
+    """The script under a pseudo-terminal (rich draws its spinner and bars only on one); what the
+    terminal received."""
+    env = {k: v for k, v in os.environ.items() if k != console.VERBOSE_ENV} | {"COLUMNS": "120"}
+    leader, follower = os.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", TTY_SCRIPT, str(tmp_path / "ws"), mode],
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        env=env,
+    )
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+    assert proc.wait(timeout=120) == 0, shown.decode(errors="replace")
+    return shown.decode(errors="replace")
+
+
+def test_a_spinner_or_bar_on_a_terminal_leaves_third_party_lines_in_the_log(tmp_path: Path) -> None:
+    """rich's spinner and bars take over sys.stdout/sys.stderr on a terminal and print what Python code
+    writes there above themselves. In a quiet session that sent vLLM's engine-start notices (its logger
+    writes to sys.stdout) to the terminal, tangled with the spinner (a user's trial under a real
+    terminal; pipes never showed it): now they stay in the log file; under --verbose they show."""
+    shown = _run_on_a_terminal(tmp_path, "quiet")
+    noise = (
+        "libtcmalloc is not found",
+        "Loading safetensors",
+        "a stray print while the bar",
+        "a later engine notice",
+    )
+    for text in noise:
+        assert text not in shown, shown
+    assert "demo: texts" in shown  # the bar itself is drawn
+    log = Path(shown.split("log=")[1].split()[0])
+    for text in noise:
+        assert text in log.read_text(), text
+    verbose = _run_on_a_terminal(tmp_path, "verbose")
+    for text in noise:
+        assert text in verbose, text
+
+
 def test_old_log_files_are_pruned(tmp_path: Path) -> None:
     for i in range(5):
         (tmp_path / f"2026120{i}T000000Z-run.log").write_text("x")

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from rich.console import Console
+from rich.live import Live
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -35,6 +36,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.spinner import Spinner
 from rich.text import Text
 
 from bridgerec.runtime import console
@@ -194,6 +196,15 @@ def _log_seconds() -> float:
 OFF_TERMINAL_WIDTH = 240
 
 
+def _keep_python_output() -> bool:
+    """Whether a bar or spinner may take over sys.stdout/sys.stderr while it is drawn. rich does so on a
+    terminal by default, printing whatever Python code writes there above the bar: the terminal. In a
+    quiet session that output belongs to the log file (fds 1 and 2), so the streams are left alone: vLLM's
+    and torch's notices during an engine start flooded the terminal that way (a user's trial under a
+    real terminal; pipes, as in tests, never showed it). Under --verbose rich keeps them tidy above the bar."""
+    return not console.quiet()
+
+
 def _terminal() -> Console:
     """Bars on the terminal's stderr; off a terminal (a CI log, a file) OFF_TERMINAL_WIDTH columns wide,
     not 80, so a bar's figures stay on its one line."""
@@ -223,7 +234,10 @@ def progress_bar(
             TimeElapsedColumn(),
             _Eta(),
         ]
-        with Progress(*columns, console=_terminal(), transient=False) as bar:
+        keep = _keep_python_output()
+        with Progress(
+            *columns, console=_terminal(), transient=False, redirect_stdout=keep, redirect_stderr=keep
+        ) as bar:
             task = bar.add_task(description, total=total, rate="", counts=log.counters_text())
             try:
                 yield Bar(bar, log)
@@ -315,5 +329,14 @@ def status(text: str) -> Iterator[None]:
     if not _enabled or not terminal.is_terminal:
         yield
         return
-    with terminal.status(text):
+    keep = _keep_python_output()
+    spinner = Spinner("dots", text=text, style="status.spinner")
+    with Live(
+        spinner,
+        console=terminal,
+        transient=True,
+        refresh_per_second=12.5,
+        redirect_stdout=keep,
+        redirect_stderr=keep,
+    ):
         yield
