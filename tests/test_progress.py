@@ -79,3 +79,26 @@ def test_off_a_terminal_a_bar_with_training_counters_stays_on_one_line(
         progress.advance(bar, 1_234, loss=3.2104, **{"valid NDCG@10": 0.0591})
     lines = [line for line in stream.getvalue().splitlines() if line.strip()]
     assert len(lines) == 1 and "1234/1234" in lines[0] and lines[0].rstrip().endswith("ETA 0:00:00"), lines
+
+
+def test_on_a_narrow_terminal_a_bar_keeps_its_figures_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 80 columns the description takes a line of its own and the bar's figures stay whole: on one line
+    rich cut the figures themselves ("35… users", "0:… ETA", a user's trial in an 80-column terminal). A
+    wide terminal keeps one line, the description cut with an ellipsis before any figure."""
+    from rich.console import Console
+
+    label = "train llm4cdsr-hybrid epoch 2 of at most 20, loss 8.0574, best valid 0.1234"
+    for width in (80, 100, 140):
+        stream = io.StringIO()
+        terminal = Console(file=stream, width=width)
+        monkeypatch.setattr(progress, "_terminal", lambda terminal=terminal: terminal)
+        with progress.progress_bar(label, total=160, unit="batches") as bar:
+            progress.advance(bar, 18)
+        lines = [line for line in stream.getvalue().splitlines() if line.strip()]
+        assert all(len(line.rstrip()) <= width for line in lines), lines
+        figures = lines[-1]
+        assert "18/160 batches" in figures and "batches/s" in figures and "ETA" in figures, lines
+        if width < progress.NARROW_WIDTH:
+            assert lines[0].strip() == label and len(lines) == 2, lines
+        else:
+            assert len(lines) == 1 and lines[0].startswith("train llm4cdsr-hybrid"), lines

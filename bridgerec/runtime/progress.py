@@ -22,21 +22,23 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     Task,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.spinner import Spinner
+from rich.table import Column
 from rich.text import Text
 
 from bridgerec.runtime import console
@@ -224,19 +226,24 @@ def progress_bar(
         if not _enabled:
             yield Bar(None, log)
             return
-        columns = [
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn(f"{unit}"),
-            TextColumn("{task.fields[counts]}"),
-            TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(),
-            _Eta(),
+        terminal = _terminal()
+        narrow = terminal.width < NARROW_WIDTH
+        figures = [
+            MofNCompleteColumn(table_column=Column(no_wrap=True)),
+            TextColumn(f"{unit}", table_column=Column(no_wrap=True)),
+            TextColumn("{task.fields[counts]}", table_column=Column(no_wrap=True)),
+            TextColumn("{task.fields[rate]}", table_column=Column(no_wrap=True)),
+            TimeElapsedColumn(table_column=Column(no_wrap=True)),
+            _Eta(table_column=Column(no_wrap=True)),
         ]
+        if narrow:  # the description on a line of its own, the bar and its figures below
+            columns: list[ProgressColumn] = [BarColumn(bar_width=None), *figures]
+        else:
+            columns = [_Description("[bold]{task.description}", table_column=Column(ratio=1)), BarColumn()]
+            columns += figures
         keep = _keep_python_output()
-        with Progress(
-            *columns, console=_terminal(), transient=False, redirect_stdout=keep, redirect_stderr=keep
+        with (_TwoLines if narrow else Progress)(
+            *columns, console=terminal, transient=False, redirect_stdout=keep, redirect_stderr=keep
         ) as bar:
             task = bar.add_task(description, total=total, rate="", counts=log.counters_text())
             try:
@@ -249,6 +256,29 @@ def progress_bar(
                 raise
     finally:
         log.close()
+
+
+# Below this many columns a bar takes two lines: its description, then the bar with its figures. On one
+# line at 80 columns rich cut the figures themselves ("35… users", "0:… ETA", a user's trial).
+NARROW_WIDTH = 120
+
+
+class _Description(TextColumn):
+    """The bar's description, cut with an ellipsis where the line is short: the figures keep their room."""
+
+    def render(self, task: Task) -> Text:
+        text = super().render(task)
+        text.no_wrap, text.overflow = True, "ellipsis"
+        return text
+
+
+class _TwoLines(Progress):
+    """Each task's description on a line of its own above its bar and figures (narrow terminals)."""
+
+    def get_renderables(self) -> Iterable[RenderableType]:
+        for task in self.tasks:
+            yield Text(task.description, style="bold", no_wrap=True, overflow="ellipsis")
+        yield self.make_tasks_table(self.tasks)
 
 
 class _Eta(TimeRemainingColumn):
