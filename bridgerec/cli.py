@@ -242,6 +242,38 @@ def print_markdown(text: str) -> None:
     Console(file=out, theme=theme).print(Markdown(text, hyperlinks=True))
 
 
+def print_night_summary(text: str, report: str | None) -> None:
+    """The night's summary (`summary_markdown`, Markdown) on stdout as `print_markdown` prints it, but its
+    report bullet, a Markdown link `[PATH](file://PATH)`, as the path in plain text: rendered, the link's
+    whole source was shown and a narrow terminal broke it over three lines, which could be neither copied
+    nor clicked (a new user's trial). On a terminal the path is printed as one line that rich does not
+    wrap (the terminal folds it where it must, and copies it whole) and made a hyperlink to the page."""
+    head, tail, path = text, "", None
+    if report:
+        link = f"- night report: [{report}]({Path(report).as_uri()})"
+        before, found, after = text.partition(link)
+        if found:
+            head, tail, path = before.rstrip("\n"), after.lstrip("\n"), report
+    out = console.out()
+    if path is None:
+        print_markdown(text)
+        return
+    if not (hasattr(out, "isatty") and out.isatty()):
+        typer.echo(f"{head}\n- night report: {path}" + (f"\n\n{tail}" if tail else ""), file=out)
+        return
+    from rich.console import Console
+    from rich.style import Style
+    from rich.text import Text
+
+    print_markdown(head)
+    line = Text.assemble((" • ", "bold"), "night report: ")  # as rich draws the bullets above it
+    line.append(printable(path), Style(link=Path(path).as_uri()))
+    Console(file=out).print(line, soft_wrap=True, no_wrap=True, overflow="ignore", crop=False)
+    if tail:
+        typer.echo("", file=out)
+        print_markdown(tail)
+
+
 def _fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
     """One `error:` line on the terminal's stderr (control characters from the data shown as escapes),
     under `--json` also the failure's JSON object on stdout (`_Answer`), then exit with `code`; a failure
@@ -353,6 +385,8 @@ def _emit(result: Any, as_json: bool, render: Callable[[Any], None], failing: bo
 
 def _require_stages(names: Sequence[str]) -> None:
     """`error:` and exit 2 when `--force` names something that is not a stage, with the closest stage."""
+    if not names:  # nothing to check: the stage table's modules (torch, vLLM) are not imported for it
+        return
     from bridgerec.stages import STAGE
 
     if unknown := sorted(set(names) - set(STAGE)):
@@ -399,6 +433,57 @@ def _default_workspace_note(settings: Settings) -> str:
     )
 
 
+def _require_free_workspace(settings: Settings, what: str) -> None:
+    """`error:` and exit 2 when another live process is writing the workspace (a night, a stage command),
+    with the line its lock gives (storage/workspace.py, `Workspace.writing`: `workspace ... is being
+    written by pid ...`), before any input is checked: while a night was in its enrich stage, `bridgerec
+    train` said its enrich inputs were missing (a new user's trial), when they were being written. The
+    lock is taken and let go at once (the stage takes it again for its run); a workspace with no lock file
+    has never been written, so nothing holds it, and nothing is made there."""
+    from bridgerec.storage.workspace import LOCK_NAME, Workspace, WorkspaceBusy
+
+    workspace = Workspace(settings.workspace)
+    if not (workspace.root / LOCK_NAME).is_file():
+        return
+    try:
+        with workspace.writing(what):
+            pass
+    except WorkspaceBusy as exc:
+        _fail(str(exc))
+
+
+def _check_inputs_quickly(name: str, settings: Settings) -> None:
+    """The stage's input check (bridgerec/stages.py, the stage table's `check`) as far as it can go
+    without the stage's modules, which import torch, vLLM and Prefect: raises the same error, with the
+    same message, where the earlier stage's output is missing (tests/test_cli_stages.py compares the two);
+    what it lets through, the full check sees after those imports."""
+    from bridgerec.storage.workspace import Workspace
+    from bridgerec.tasks.ingest import IngestOutputs
+
+    workspace = Workspace(settings.workspace)
+    if name == "ingest":
+        from bridgerec.tasks.ingest import check_input_files
+
+        check_input_files(settings.ingest)  # `_check_ingest`'s own call: raises SourceError
+    elif name == "enrich":
+        IngestOutputs(workspace).manifest()  # raises IngestMissing, as `_check_enrich`
+    elif name == "train":  # `check_train_inputs` (tasks/train/inputs.py: input_files, check_files)
+        from bridgerec.tasks.enrich import EnrichOutputs
+
+        ingest = IngestOutputs(workspace)
+        files = {"ingest/sequences": ingest.file("sequences"), "ingest/items": ingest.file("items")}
+        if settings.train.uses_llm_tables:
+            files["enrich/item_vectors"] = EnrichOutputs(workspace).file("item_vectors")
+        # (enrich/profiles is read only where it exists: never missing)
+        missing = [f"{role}: {p}" for role, p in files.items() if not p.is_file()]
+        if missing:
+            raise FileNotFoundError("train inputs not found (run ingest/enrich first): " + "; ".join(missing))
+    elif name == "publish" and workspace.read_manifest("train") is None:  # `resolve_trained_run`'s first
+        raise FileNotFoundError(  # case (tasks/train/outputs.py: `TrainOutputs.best_run`)
+            f"no trained model in {workspace.stage_dir('train')}: run `bridgerec train` first"
+        )
+
+
 def _run_stage(
     name: str,
     settings: Settings,
@@ -410,7 +495,17 @@ def _run_stage(
 ) -> None:
     """Run stage `name` as its flow and print its summary. A fault the user can fix (bad input or config,
     a missing earlier stage: `InputError`, `FileNotFoundError`, `ValueError`) is one `error:` line and
-    exit 2; the flow's logs keep the details."""
+    exit 2; the flow's logs keep the details.
+
+    What can be checked without the stage's modules is checked first, before torch, vLLM and Prefect are
+    imported (12 to 15 s on 2 cores, 42 s under load): the workspace held by another writer, then the
+    earlier stage's outputs (a mistyped -w fails in a second or two, as `recs` does)."""
+    _require_free_workspace(settings, f"stage {name}")
+    try:
+        _check_inputs_quickly(name, settings)
+    except (InputError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc) + _default_workspace_note(settings))
+
     from prefect import tags as prefect_tags
 
     from bridgerec.flows.stage import run_stage
@@ -418,8 +513,8 @@ def _run_stage(
 
     hide_input_error_tracebacks()
     _require_prefect_api()  # before the session: an unreachable API leaves no log file behind
-    if (check := STAGE[name].check) is not None:  # a missing input (a mistyped -w) fails in seconds,
-        try:  # before a flow starts and before a log folder is made in the workspace
+    if (check := STAGE[name].check) is not None:  # the stage's full check: a missing input fails before
+        try:  # a flow starts and before a log folder is made in the workspace
             check(STAGE[name].stage_run(settings, force=force))
         except (InputError, FileNotFoundError, ValueError) as exc:
             _fail(str(exc) + _default_workspace_note(settings))
@@ -755,7 +850,8 @@ def publish(
     Runs beyond `publish.retention_runs` lose their recommendations, profiles and indexes.
     """
     settings = _settings(config, sets, workspace=workspace, warehouse=warehouse, **{"publish.k": k})
-    if run_id is not None:  # a mistyped id fails in a second, before Prefect starts (it took ~15 s)
+    if run_id is not None:  # a mistyped id fails before Prefect starts (it took ~15 s)
+        _require_free_workspace(settings, "stage publish")  # a night writing it: that first
         from bridgerec.stages import STAGE
         from bridgerec.tasks.publish import resolve_trained_run
 
@@ -817,21 +913,23 @@ def run(
     its data checks); 3 the quality gate held tonight's run back (the serving lists unchanged); 1 any
     other failure; 143 / 130 stopped by SIGTERM / Ctrl-C.
     """
+    _require_stages(force or ())
+    settings = _settings(config, sets, workspace=workspace)  # validate early, with readable errors
+    _require_sources(settings, config)
+    _require_free_workspace(settings, "nightly")  # all three before torch, vLLM and Prefect are imported
+
     from prefect import tags as prefect_tags
 
     from bridgerec.flows.nightly import NightFailed, nightly_flow, summary_markdown
 
     hide_input_error_tracebacks()
-    _require_stages(force or ())
-    settings = _settings(config, sets, workspace=workspace)  # validate early, with readable errors
-    _require_sources(settings, config)
     _require_prefect_api()  # before the session: an unreachable API leaves no log file behind
     with handlers_restored(), _console(settings, "run", as_json, verbose):
         progress.set_enabled(not as_json)
         overrides = _set_overrides(sets) | ({"workspace": str(settings.workspace)} if workspace else {})
 
         def morning_read(r: Any) -> None:
-            print_markdown(summary_markdown(r))
+            print_night_summary(summary_markdown(r), r.report)
 
         def stopped(signum: signal.Signals, exc: BaseException) -> str:
             night = _night_summary(exc)
