@@ -453,10 +453,11 @@ def _require_free_workspace(settings: Settings, what: str) -> None:
 
 
 def _check_inputs_quickly(name: str, settings: Settings) -> None:
-    """The stage's input check (bridgerec/stages.py, the stage table's `check`) as far as it can go
-    without the stage's modules, which import torch, vLLM and Prefect: raises the same error, with the
-    same message, where the earlier stage's output is missing (tests/test_cli_stages.py compares the two);
-    what it lets through, the full check sees after those imports."""
+    """The stage's input check (bridgerec/stages.py, the stage table's `check`) before the stage's modules,
+    which import torch, vLLM and Prefect, are imported: the same functions for ingest, enrich and train
+    (their modules import none of them); for publish, the first case of `resolve_trained_run`, restated
+    (tests/test_cli_stages.py compares the messages). What it lets through, the full check sees after
+    those imports."""
     from bridgerec.storage.workspace import Workspace
     from bridgerec.tasks.ingest import IngestOutputs
 
@@ -467,17 +468,11 @@ def _check_inputs_quickly(name: str, settings: Settings) -> None:
         check_input_files(settings.ingest)  # `_check_ingest`'s own call: raises SourceError
     elif name == "enrich":
         IngestOutputs(workspace).manifest()  # raises IngestMissing, as `_check_enrich`
-    elif name == "train":  # `check_train_inputs` (tasks/train/inputs.py: input_files, check_files)
-        from bridgerec.tasks.enrich import EnrichOutputs
+    elif name == "train":  # the stage's own check: its module imports no torch
+        from bridgerec.tasks import StageRun
+        from bridgerec.tasks.train import check_train_inputs
 
-        ingest = IngestOutputs(workspace)
-        files = {"ingest/sequences": ingest.file("sequences"), "ingest/items": ingest.file("items")}
-        if settings.train.uses_llm_tables:
-            files["enrich/item_vectors"] = EnrichOutputs(workspace).file("item_vectors")
-        # (enrich/profiles is read only where it exists: never missing)
-        missing = [f"{role}: {p}" for role, p in files.items() if not p.is_file()]
-        if missing:
-            raise FileNotFoundError("train inputs not found (run ingest/enrich first): " + "; ".join(missing))
+        check_train_inputs(StageRun(settings.train, workspace))
     elif name == "publish" and workspace.read_manifest("train") is None:  # `resolve_trained_run`'s first
         raise FileNotFoundError(  # case (tasks/train/outputs.py: `TrainOutputs.best_run`)
             f"no trained model in {workspace.stage_dir('train')}: run `bridgerec train` first"

@@ -1,3 +1,4 @@
+from .files import check_train_inputs
 from .outputs import TrainedRun, TrainMissing, TrainOutputs
 from .rescore import (
     Tonight,
@@ -6,7 +7,7 @@ from .rescore import (
     run_validation_ndcg10,
 )
 from .settings import MODEL_PRESETS, TrainSettings
-from .stage import TrainSummary, check_train_inputs, run_train
+from .stage import TrainSummary, run_train
 from .warmstart import WarmStartError
 
 __all__ = [

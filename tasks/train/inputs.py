@@ -5,7 +5,6 @@ arrays a run trains on (`load_inputs`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
@@ -14,7 +13,7 @@ import torch
 from bridgerec.models.data import Catalog, SequenceData, Sequences
 from bridgerec.models.registry import ItemTables
 from bridgerec.models.trainer import Profiles
-from bridgerec.storage.workspace import Workspace, hash_file
+from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.context import StageRun
 from bridgerec.tasks.enrich import EnrichOutputs
 from bridgerec.tasks.ingest import IngestOutputs
@@ -72,31 +71,6 @@ def load_profiles(workspace: Workspace, n_users: int) -> tuple[np.ndarray, np.nd
     out[user_idx] = vectors
     has[user_idx] = True
     return out, has
-
-
-def input_files(workspace: Workspace, llm: bool, profiles: bool) -> dict[str, Path]:
-    """The files a run depends on (their content hashes decide whether a rerun is skipped)."""
-    ingest, enrich = IngestOutputs(workspace), EnrichOutputs(workspace)
-    files = {"ingest/sequences": ingest.file("sequences"), "ingest/items": ingest.file("items")}
-    if llm:
-        files["enrich/item_vectors"] = enrich.file("item_vectors")
-    if profiles and enrich.file("profiles").exists():
-        files["enrich/profiles"] = enrich.file("profiles")
-    return files
-
-
-def check_files(files: dict[str, Path]) -> dict[str, Path]:
-    """`files` (role -> path) when every one is a file. Raises FileNotFoundError naming each missing one
-    and the stage that writes it."""
-    missing = [f"{role}: {p}" for role, p in files.items() if not p.is_file()]
-    if missing:
-        raise FileNotFoundError("train inputs not found (run ingest/enrich first): " + "; ".join(missing))
-    return files
-
-
-def input_hashes(files: dict[str, Path]) -> dict[str, str]:
-    """role -> content hash of each of `files`; raises FileNotFoundError as `check_files`."""
-    return {role: hash_file(p) for role, p in check_files(files).items()}
 
 
 @dataclass

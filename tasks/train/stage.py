@@ -51,7 +51,8 @@ from bridgerec.storage.workspace import Workspace, hash_json
 from bridgerec.storage.workspace import config_hash as workspace_config_hash
 from bridgerec.tasks.context import StageRun
 from bridgerec.tasks.train.checkpoint import load_weights, save_checkpoint, save_weights
-from bridgerec.tasks.train.inputs import TrainInputs, check_files, input_files, input_hashes, load_inputs
+from bridgerec.tasks.train.files import input_files, input_hashes
+from bridgerec.tasks.train.inputs import TrainInputs, load_inputs
 from bridgerec.tasks.train.refit import refit
 from bridgerec.tasks.train.settings import MIN_NEW_TARGETS, TrainSettings
 from bridgerec.tasks.train.warmstart import InitRecord, init_from
@@ -146,15 +147,6 @@ def pick_device(setting: str) -> torch.device:
             raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
         return torch.device("cuda")
     return torch.device("cpu")
-
-
-def check_train_inputs(run: StageRun[TrainSettings]) -> dict[str, str]:
-    """role -> path of each file the run would read (the ingest's sequences and items, the enrich's item
-    vectors for a model on the LLM tables, its profiles where used). Raises FileNotFoundError naming each
-    missing file and the stage that writes it, before any work (the stage table's `check`)."""
-    settings = run.settings
-    files = input_files(run.workspace, settings.uses_llm_tables, settings.uses_profiles)
-    return {role: str(p) for role, p in check_files(files).items()}
 
 
 @step("train")
