@@ -494,8 +494,11 @@ def _run_stage(
 
     What can be checked without the stage's modules is checked first, before torch, vLLM and Prefect are
     imported (12 to 15 s on 2 cores, 42 s under load): the workspace held by another writer, then the
-    earlier stage's outputs (a mistyped -w fails in a second or two, as `recs` does)."""
+    earlier stage's outputs (a mistyped -w fails in a second or two, as `recs` does). An unreachable
+    PREFECT_API_URL is said before the inputs (real-world case 26); its check reads Prefect's settings
+    only."""
     _require_free_workspace(settings, f"stage {name}")
+    _require_reachable_api()  # before the session: an unreachable API leaves no log file behind
     try:
         _check_inputs_quickly(name, settings)
     except (InputError, FileNotFoundError, ValueError) as exc:
@@ -507,7 +510,7 @@ def _run_stage(
     from bridgerec.stages import STAGE
 
     hide_input_error_tracebacks()
-    _require_prefect_api()  # before the session: an unreachable API leaves no log file behind
+    detach_temporary_server()
     if (check := STAGE[name].check) is not None:  # the stage's full check: a missing input fails before
         try:  # a flow starts and before a log folder is made in the workspace
             check(STAGE[name].stage_run(settings, force=force))
@@ -547,13 +550,18 @@ def _stoppable(message: Callable[[signal.Signals, BaseException], str]) -> Itera
             _fail(message(signum, exc), code=128 + signum)
 
 
-def _require_prefect_api() -> None:
-    """One `error:` line, exit 2, when PREFECT_API_URL names a server that does not answer; without one,
-    the temporary server Prefect starts will be out of reach of a Ctrl-C (`detach_temporary_server`)."""
+def _require_reachable_api() -> None:
+    """One `error:` line, exit 2, when PREFECT_API_URL names a server that does not answer."""
     try:
         check_api()
     except PrefectUnreachable as exc:
         _fail(str(exc))
+
+
+def _require_prefect_api() -> None:
+    """`_require_reachable_api`; then the temporary server Prefect starts when no URL is set will be out
+    of reach of a Ctrl-C (`detach_temporary_server`)."""
+    _require_reachable_api()
     detach_temporary_server()
 
 

@@ -189,9 +189,8 @@ def start_engine(spec: EngineSpec, cores: str | None = None) -> Any:
             raise
         raise UnsupportedModel(
             f"{ROLE[spec.runner]} model {spec.model}: vLLM cannot run its architecture {arch} (not among its "
-            "models, nor through its Transformers backend); choose a model of a family vLLM supports "
-            "(for embeddings: BERT, RoBERTa, XLM-RoBERTa, GTE, Nomic BERT, ModernBERT, MPNet, Qwen2/3 "
-            "embedders, e.g. the packaged all-MiniLM-L6-v2)"
+            "models, nor through its Transformers backend); choose one it runs (embedders: BERT, RoBERTa, "
+            "GTE, ModernBERT, MPNet, Qwen2/3, ...: docs/enrich.md)"
         ) from None
 
 
