@@ -153,6 +153,21 @@ def test_a_stage_on_a_workspace_a_night_is_writing_says_so_first(tmp_path: Path)
 _ESCAPES = re.compile(r"\x1b\][^\x1b]*\x1b\\|\x1b\[[0-9;]*m")  # OSC 8 hyperlinks and colours
 
 
+def _read_all(leader: int) -> str:
+    """Everything written to a pseudo-terminal whose other end is closed (one `os.read` returned part of
+    it under load: a CI rehearsal)."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: nothing more, the other end is closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
 def test_the_night_summary_prints_the_report_path_as_plain_text(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -190,7 +205,7 @@ def test_the_night_summary_prints_the_report_path_as_plain_text(
         print_night_summary(text, night.report)
         tty.flush()
         monkeypatch.setattr(sys, "stdout", sys.__stdout__)
-        shown = os.read(leader, 65536).decode()
+    shown = _read_all(leader)  # the writer is closed: read to the end, not one read's worth
     os.close(leader)
     visible = _ESCAPES.sub("", shown).replace("\r", "")
     assert f"• night report: {report}\n" in visible, visible
