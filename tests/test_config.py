@@ -135,6 +135,27 @@ def test_a_setting_the_model_preset_contradicts_is_an_error() -> None:
     # the preset's own value, or a switch it leaves alone, is fine; the preset applies where unset
     assert TrainSettings(model="llm4cdsr-noprofile", beta=0.0, alpha=0.3).resolved().alpha == 0.3
     assert TrainSettings(model="llm4cdsr-hybrid").resolved().id_embeddings
+    assert TrainSettings(model="llm4cdsr-hybrid").id_embeddings  # the settings hold it too
+
+
+def test_train_settings_survive_their_own_dump() -> None:
+    """A dump sets every field, the preset's switches among them: it must validate again (a benchmark's
+    child process and a data-parallel job's workers read the settings so; both failed for the default
+    model once the preset check came in), with the preset applied and the same config hash."""
+    from bridgerec.tasks.train import TrainSettings
+    from bridgerec.tasks.train.distributed import DataParallelJob
+    from bridgerec.tasks.train.settings import MODEL_PRESETS
+    from bridgerec.tasks.train.stage import config_hash
+
+    for model in MODEL_PRESETS:
+        settings = TrainSettings(model=model, seed=43)
+        again = TrainSettings.model_validate_json(settings.model_dump_json())
+        assert again == settings == settings.resolved()
+        assert config_hash(again) == config_hash(settings)
+        job = DataParallelJob(settings=settings, workspace="ws", run_id="r", threads=1, warm=False, init={})
+        assert DataParallelJob.model_validate_json(job.model_dump_json()).settings == settings
+    # what the user set stays what they set: the preset's values are not marked as set
+    assert TrainSettings(model="llm4cdsr-hybrid").model_fields_set == {"model"}
 
 
 def test_declared_hash_fields_are_fields() -> None:

@@ -559,7 +559,10 @@ class TrainSettings(StageSettings):
     @model_validator(mode="after")
     def _preset_not_contradicted(self) -> TrainSettings:
         """A switch set by hand that the preset sets otherwise is an error, not silently overridden:
-        `model: llm4cdsr-noprofile` with `beta: 0.2` trained with beta 0 (a new contributor's trial)."""
+        `model: llm4cdsr-noprofile` with `beta: 0.2` trained with beta 0 (a new contributor's trial).
+        The preset's switches are then applied to the fields left unset (not marked as set), so the
+        settings hold what the model is built from and a dump (`model_dump_json`, a data-parallel job, a
+        benchmark's child process) validates again: every field is set there, each to the preset's value."""
         switches = MODEL_PRESETS[self.model][1]
         clash = [
             f"{k}: {getattr(self, k)!r} (the preset's: {v!r})"
@@ -570,6 +573,7 @@ class TrainSettings(StageSettings):
             raise ValueError(
                 f"model {self.model!r} sets {', '.join(clash)}; remove the setting or choose another model"
             )
+        self.__dict__.update({k: v for k, v in switches.items() if k not in self.model_fields_set})
         return self
 
     @property
