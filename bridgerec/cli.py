@@ -452,11 +452,11 @@ def _require_free_workspace(settings: Settings, what: str) -> None:
         _fail(str(exc))
 
 
-def _check_inputs_quickly(name: str, settings: Settings) -> None:
+def _check_inputs_quickly(name: str, settings: Settings, run_id: str | None = None) -> None:
     """The stage's input check (bridgerec/stages.py, the stage table's `check`) before the stage's modules,
     which import torch, vLLM and Prefect, are imported: the same functions for ingest, enrich and train
-    (their modules import none of them); for publish, the first case of `resolve_trained_run`, restated
-    (tests/test_cli_stages.py compares the messages). What it lets through, the full check sees after
+    (their modules import none of them); for publish, the run it would score (`find_trained_run`: the
+    best run, or `run_id`), without the catalogue check. What it lets through, the full check sees after
     those imports."""
     from bridgerec.storage.workspace import Workspace
     from bridgerec.tasks.ingest import IngestOutputs
@@ -473,10 +473,10 @@ def _check_inputs_quickly(name: str, settings: Settings) -> None:
         from bridgerec.tasks.train import check_train_inputs
 
         check_train_inputs(StageRun(settings.train, workspace))
-    elif name == "publish" and workspace.read_manifest("train") is None:  # `resolve_trained_run`'s first
-        raise FileNotFoundError(  # case (tasks/train/outputs.py: `TrainOutputs.best_run`)
-            f"no trained model in {workspace.stage_dir('train')}: run `bridgerec train` first"
-        )
+    elif name == "publish":  # reads run records only: tasks/publish/trained.py
+        from bridgerec.tasks.publish.trained import find_trained_run
+
+        find_trained_run(workspace, run_id)
 
 
 def _run_stage(
@@ -500,7 +500,7 @@ def _run_stage(
     _require_free_workspace(settings, f"stage {name}")
     _require_reachable_api()  # before the session: an unreachable API leaves no log file behind
     try:
-        _check_inputs_quickly(name, settings)
+        _check_inputs_quickly(name, settings, options.get("run_id"))
     except (InputError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc) + _default_workspace_note(settings))
 
@@ -513,7 +513,12 @@ def _run_stage(
     detach_temporary_server()
     if (check := STAGE[name].check) is not None:  # the stage's full check: a missing input fails before
         try:  # a flow starts and before a log folder is made in the workspace
-            check(STAGE[name].stage_run(settings, force=force))
+            run = STAGE[name].stage_run(settings, force=force)
+            check(run)
+            if name == "publish" and options.get("run_id") is not None:  # a named run: today's catalogue?
+                from bridgerec.tasks.publish import resolve_trained_run
+
+                resolve_trained_run(run.workspace, options["run_id"])
         except (InputError, FileNotFoundError, ValueError) as exc:
             _fail(str(exc) + _default_workspace_note(settings))
     with _console(settings, name, as_json, verbose):
@@ -853,15 +858,6 @@ def publish(
     Runs beyond `publish.retention_runs` lose their recommendations, profiles and indexes.
     """
     settings = _settings(config, sets, workspace=workspace, warehouse=warehouse, **{"publish.k": k})
-    if run_id is not None:  # a mistyped id fails before Prefect starts (it took ~15 s)
-        _require_free_workspace(settings, "stage publish")  # a night writing it: that first
-        from bridgerec.stages import STAGE
-        from bridgerec.tasks.publish import resolve_trained_run
-
-        try:
-            resolve_trained_run(STAGE["publish"].stage_run(settings).workspace, run_id)
-        except InputError as exc:
-            _fail(str(exc) + _default_workspace_note(settings))
     _run_stage("publish", settings, force, as_json, verbose, _render_publish, run_id=run_id)
 
 

@@ -1,15 +1,14 @@
 from .settings import PublishSettings
 from .shards import PublishShard, ShardPlan, ShardResult, score_shard
 from .stage import (
-    PublishError,
     PublishPlan,
     PublishSummary,
     candidate_lists,
     plan_publish,
     register_publish,
-    resolve_trained_run,
     run_publish,
 )
+from .trained import PublishError, find_trained_run, resolve_trained_run
 
 __all__ = [
     "PublishError",
@@ -20,6 +19,7 @@ __all__ = [
     "ShardPlan",
     "ShardResult",
     "candidate_lists",
+    "find_trained_run",
     "plan_publish",
     "register_publish",
     "resolve_trained_run",

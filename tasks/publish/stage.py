@@ -9,7 +9,6 @@ and settings, still retained) does no work.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import time
 import uuid
@@ -25,7 +24,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel
 
-from bridgerec.runtime.errors import InputError
 from bridgerec.runtime.logs import DETAIL, get_logger
 from bridgerec.runtime.progress import advance, progress_bar
 from bridgerec.runtime.reports import TableReport
@@ -53,14 +51,11 @@ from bridgerec.tasks.publish.shards import (
     score_shard,
     stage_shards,
 )
+from bridgerec.tasks.publish.trained import PublishError, resolve_trained_run
 from bridgerec.tasks.train import TrainedRun, TrainMissing, TrainOutputs
 
 STAGE = "publish"
 ITEM_COLUMNS = ["item_id", "domain", "title", "brand", "categories", "price"]
-
-
-class PublishError(InputError):
-    """Publishing cannot start: a missing or inconsistent input; the message says which."""
 
 
 class PublishSummary(BaseModel):
@@ -118,36 +113,6 @@ class PublishSummary(BaseModel):
             + (f"; warning: {self.recall_warning}" if self.recall_warning else "")
         )
         return [TableReport("publish-runs", rows, description)]
-
-
-def _trained_runs_note(outputs: TrainOutputs, run_id: str, shown: int = 6) -> str:
-    """What to add to "no trained run X": the workspace's complete trained runs, newest first (the
-    leaderboard), and the closest to `run_id` (it pointed at a Parquet file)."""
-    runs = [r.run_id for r in reversed(outputs.leaderboard())]
-    if not runs:
-        return "; this workspace has no trained run: run `bridgerec train` first"
-    close = difflib.get_close_matches(run_id, runs, n=1)
-    more = f" and {len(runs) - shown} more" if len(runs) > shown else ""
-    hint = f"; did you mean {close[0]}?" if close else ""
-    return f" (the trained runs, newest first: {', '.join(runs[:shown])}{more}){hint}"
-
-
-def resolve_trained_run(workspace: Workspace, run_id: str | None = None) -> TrainedRun:
-    """The trained run `run_id` (WORKSPACE/runs/<run_id>), or by default the best run of the train stage
-    on the current inputs. Raises PublishError when there is none, when it is not complete, or when it
-    was trained on another catalogue (it cannot score today's items)."""
-    outputs = TrainOutputs(workspace)
-    try:
-        if run_id is None:
-            return outputs.best_run()
-        trained = outputs.run(check_run_id(run_id))
-    except TrainMissing as exc:
-        raise PublishError(f"{exc}{'' if run_id is None else _trained_runs_note(outputs, run_id)}") from None
-    except ValueError as exc:  # not an id a run folder can have
-        raise PublishError(f"--run-id: {exc}") from None
-    if (mismatch := outputs.catalogue_mismatch(trained)) is not None:
-        raise PublishError(f"{mismatch}: it cannot score today's items; publish a run trained on them")
-    return trained
 
 
 def index_root(settings: PublishSettings, warehouse: Path) -> Path:

@@ -1,6 +1,8 @@
 """The reader of the train stage's outputs (WORKSPACE/train/ and WORKSPACE/runs/<run_id>/) for later
 stages: which run is best on the current inputs, its exported vectors, its metrics.
-Only this package and storage/runs.py know the layout.
+Only this package and storage/runs.py know the layout. Finding a run and reading its record imports no
+torch (the modules that score, export and load the catalogue are imported by the methods that need
+them), so the CLI checks a publish's run before the heavy imports (bridgerec/cli.py).
 """
 
 from __future__ import annotations
@@ -15,8 +17,6 @@ import pyarrow.parquet as pq
 from bridgerec.storage.runs import RunDir
 from bridgerec.storage.vectors import DomainVectors, TextSpace
 from bridgerec.storage.workspace import Workspace, hash_file
-from bridgerec.tasks.train.export import catalogue_mismatch, export_text_space, export_vectors
-from bridgerec.tasks.train.inputs import load_catalog
 
 STAGE = "train"
 
@@ -85,16 +85,23 @@ class TrainOutputs:
     def catalogue_mismatch(self, run: TrainedRun) -> str | None:
         """Why `run` cannot score the workspace's current catalogue, or None when it can
         (`export.catalogue_mismatch`)."""
+        from bridgerec.tasks.train.export import catalogue_mismatch
+        from bridgerec.tasks.train.inputs import load_catalog
+
         return catalogue_mismatch(RunDir(self.workspace, run.run_id), load_catalog(self.workspace))
 
     def export_vectors(self, run: TrainedRun, device: str = "cpu") -> dict[str, DomainVectors]:
         """{domain: DomainVectors}: per target domain, user and item vectors whose inner product is the
         run's score (tasks/train/export.py)."""
+        from bridgerec.tasks.train.export import export_vectors
+
         return export_vectors(run.path, self.workspace, device=device)
 
     def text_space(self, run: TrainedRun) -> TextSpace | None:
         """The run's text space and users' histories, for explaining its lists (tasks/train/export.py);
         None for a model that scores no text (pop, sasrec, sasrec-domain)."""
+        from bridgerec.tasks.train.export import export_text_space
+
         return export_text_space(run.path, self.workspace)
 
     def scores_items_from_text(self, run: TrainedRun) -> bool:
