@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     # it nor UsageError; typing only, so nothing at run time rests on the private module).
     from typer._click.core import Context as ClickContext
 
+    from bridgerec.flows.night import NightSummary
     from bridgerec.flows.nightly import Stage
     from bridgerec.tasks.enrich import EnrichSummary
     from bridgerec.tasks.ingest import IngestSummary
@@ -242,24 +243,21 @@ def print_markdown(text: str) -> None:
     Console(file=out, theme=theme).print(Markdown(text, hyperlinks=True))
 
 
-def print_night_summary(text: str, report: str | None) -> None:
-    """The night's summary (`summary_markdown`, Markdown) on stdout as `print_markdown` prints it, but its
-    report bullet, a Markdown link `[PATH](file://PATH)`, as the path in plain text: rendered, the link's
-    whole source was shown and a narrow terminal broke it over three lines, which could be neither copied
-    nor clicked (a new user's trial). On a terminal the path is printed as one line that rich does not
-    wrap (the terminal folds it where it must, and copies it whole) and made a hyperlink to the page."""
-    head, tail, path = text, "", None
-    if report:
-        link = f"- night report: [{report}]({Path(report).as_uri()})"
-        before, found, after = text.partition(link)
-        if found:
-            head, tail, path = before.rstrip("\n"), after.lstrip("\n"), report
+def print_night_summary(summary: NightSummary) -> None:
+    """The night's summary (`summary_markdown`) on stdout as `print_markdown` prints it, but the report's
+    path as plain text: as a Markdown link, a terminal showed the link's whole source and a narrow one
+    broke it over three lines, which could be neither copied nor clicked (a new user's trial). On a
+    terminal the path is one line that rich does not wrap (the terminal folds it where it must, and copies
+    it whole) and a hyperlink to the page."""
+    from bridgerec.flows.night import summary_markdown, summary_sections
+
     out = console.out()
-    if path is None:
-        print_markdown(text)
+    if not summary.report:
+        print_markdown(summary_markdown(summary))
         return
+    head, tail = summary_sections(summary)
     if not (hasattr(out, "isatty") and out.isatty()):
-        typer.echo(f"{head}\n- night report: {path}" + (f"\n\n{tail}" if tail else ""), file=out)
+        typer.echo(f"{head}\n- night report: {summary.report}\n\n{tail}", file=out)
         return
     from rich.console import Console
     from rich.style import Style
@@ -267,11 +265,10 @@ def print_night_summary(text: str, report: str | None) -> None:
 
     print_markdown(head)
     line = Text.assemble((" • ", "bold"), "night report: ")  # as rich draws the bullets above it
-    line.append(printable(path), Style(link=Path(path).as_uri()))
+    line.append(printable(summary.report), Style(link=Path(summary.report).as_uri()))
     Console(file=out).print(line, soft_wrap=True, no_wrap=True, overflow="ignore", crop=False)
-    if tail:
-        typer.echo("", file=out)
-        print_markdown(tail)
+    typer.echo("", file=out)
+    print_markdown(tail)
 
 
 def _fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
@@ -919,7 +916,7 @@ def run(
 
     from prefect import tags as prefect_tags
 
-    from bridgerec.flows.nightly import NightFailed, nightly_flow, summary_markdown
+    from bridgerec.flows.nightly import NightFailed, nightly_flow
 
     hide_input_error_tracebacks()
     _require_prefect_api()  # before the session: an unreachable API leaves no log file behind
@@ -928,7 +925,7 @@ def run(
         overrides = _set_overrides(sets) | ({"workspace": str(settings.workspace)} if workspace else {})
 
         def morning_read(r: Any) -> None:
-            print_night_summary(summary_markdown(r), r.report)
+            print_night_summary(r)
 
         def stopped(signum: signal.Signals, exc: BaseException) -> str:
             night = _night_summary(exc)

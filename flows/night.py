@@ -178,14 +178,23 @@ def _headlines(summary: NightSummary) -> list[str]:
     if summary.message:
         lines.append(f"- failed: {summary.message}")
     lines.append(f"- serving: run `{summary.published_run_id or 'none'}`")
-    if summary.report:
-        lines.append(f"- night report: [{summary.report}]({Path(summary.report).as_uri()})")
     return lines
 
 
 def summary_markdown(summary: NightSummary) -> str:
     """The morning read: one table of the stages, the headline metric and its change, the gate's
-    decision, where to look next. The nightly-summary artifact and `bridgerec run` print it."""
+    decision, the night report (a Markdown link), where to look next. The nightly-summary artifact shows
+    it; `bridgerec run` prints `summary_sections` with the report's path as plain text between them."""
+    head, tail = summary_sections(summary)
+    report = (
+        f"- night report: [{summary.report}]({Path(summary.report).as_uri()})\n" if summary.report else ""
+    )
+    return f"{head}\n{report}\n{tail}"
+
+
+def summary_sections(summary: NightSummary) -> tuple[str, str]:
+    """`summary_markdown` less its report bullet, in two parts: the title, the stages' table and the
+    headline bullets; then the `Next:` paragraph (and how to publish a refused run)."""
     head = "completed" if summary.status == "completed" else "FAILED"
     lines = [
         f"# bridgerec nightly run {summary.night_id}: {head}",
@@ -201,15 +210,14 @@ def summary_markdown(summary: NightSummary) -> str:
     if summary.gate is not None:
         lines.append(f"| quality gate | {summary.gate.decision} | {summary.seconds.get('gate', 0):.1f} | |")
     lines += [_stage_row(summary, "publish"), "", *_headlines(summary)]
-    lines += [
-        "",
+    tail = [
         f"Next: `bridgerec runs list --warehouse {summary.warehouse}`; Prefect artifacts "
-        f"(data quality, train metrics); workspace `{summary.workspace}`.",
+        f"(data quality, train metrics); workspace `{summary.workspace}`."
     ]
     if summary.gate is not None and summary.gate.decision == "refused":
-        lines.append(
+        tail.append(
             f"To publish the refused run anyway: `bridgerec publish --config FILE --run-id "
             f"{summary.gate.new_run_id}` (FILE: the config the night ran with, so the same workspace, "
             "warehouse and publish settings)."
         )
-    return "\n".join(lines)
+    return "\n".join(lines), "\n".join(tail)

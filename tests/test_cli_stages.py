@@ -191,7 +191,9 @@ def test_the_night_summary_prints_the_report_path_as_plain_text(
 
     piped = io.StringIO()
     monkeypatch.setattr(sys, "stdout", piped)
-    print_night_summary(text, night.report)
+    print_night_summary(night)
+    # the artifact's Markdown (a link) and the piped text differ by the link alone
+    assert piped.getvalue().rstrip("\n") == text.replace(f"[{report}]({report.as_uri()})", str(report))
     lines = piped.getvalue().splitlines()
     assert f"- night report: {report}" in lines and "](" not in piped.getvalue()
     assert lines.index(f"- night report: {report}") < next(
@@ -202,7 +204,7 @@ def test_the_night_summary_prints_the_report_path_as_plain_text(
     leader, follower = os.openpty()
     with open(follower, "w", closefd=True) as tty:
         monkeypatch.setattr(sys, "stdout", tty)
-        print_night_summary(text, night.report)
+        print_night_summary(night)
         tty.flush()
         monkeypatch.setattr(sys, "stdout", sys.__stdout__)
     shown = _read_all(leader)  # the writer is closed: read to the end, not one read's worth
