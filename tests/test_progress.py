@@ -65,6 +65,24 @@ def test_a_bar_stopped_by_an_error_says_so_and_gives_no_eta(monkeypatch: pytest.
     assert " items/s " in done  # the rate names its unit (it read as tokens/s beside a tokens counter)
 
 
+def test_a_bar_stopped_before_its_first_step_leaves_only_the_error_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bad input file stopped ingest's bar at 0 of 7 steps, and the terminal kept an empty bar marked
+    `(stopped)` above the `error:` line (a user's trial). A bar with no step done is taken off: what the
+    terminal keeps of it is nothing."""
+    for width in (130, 80):  # one line, and two below progress.NARROW_WIDTH
+        stream = io.StringIO()
+        monkeypatch.setattr(progress.console, "err", lambda: stream)
+        monkeypatch.setattr(progress, "OFF_TERMINAL_WIDTH", width)
+        with (
+            pytest.raises(ValueError),
+            progress.progress_bar("ingest: reading raw files", total=7) as bar,
+        ):
+            raise ValueError("items.csv: cannot read the CSV header")
+        assert bar is not None and "reading raw files" not in stream.getvalue(), width
+
+
 def test_off_a_terminal_a_bar_with_training_counters_stays_on_one_line(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

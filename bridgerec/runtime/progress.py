@@ -250,9 +250,14 @@ def progress_bar(
                 yield Bar(bar, log)
             except BaseException:
                 # The bar's last frame stays on the terminal above the error line: say that the work
-                # stopped there, its clock stopped, and no time remains to estimate.
-                bar.update(task, description=f"{bar.tasks[0].description} (stopped)")
-                bar.stop_task(task)
+                # stopped there, its clock stopped, and no time remains to estimate. A bar stopped before
+                # its first step says nothing the error line does not (a bad input file: the error line
+                # alone, as the CLI promises), so it is taken off instead.
+                if bar.tasks[0].completed:
+                    bar.update(task, description=f"{bar.tasks[0].description} (stopped)")
+                    bar.stop_task(task)
+                else:
+                    bar.update(task, visible=False)
                 raise
     finally:
         log.close()
@@ -277,7 +282,8 @@ class _TwoLines(Progress):
 
     def get_renderables(self) -> Iterable[RenderableType]:
         for task in self.tasks:
-            yield Text(task.description, style="bold", no_wrap=True, overflow="ellipsis")
+            if task.visible:
+                yield Text(task.description, style="bold", no_wrap=True, overflow="ellipsis")
         yield self.make_tasks_table(self.tasks)
 
 
