@@ -73,7 +73,7 @@ def test_a_bar_stopped_before_its_first_step_leaves_only_the_error_line(
     terminal keeps of it is nothing."""
     for width in (130, 80):  # one line, and two below progress.NARROW_WIDTH
         stream = io.StringIO()
-        monkeypatch.setattr(progress.console, "err", lambda: stream)
+        monkeypatch.setattr(progress.console, "err", lambda s=stream: s)
         monkeypatch.setattr(progress, "OFF_TERMINAL_WIDTH", width)
         with (
             pytest.raises(ValueError),
