@@ -471,7 +471,7 @@ def _check_inputs_quickly(name: str, settings: Settings, run_id: str | None = No
 
         check_train_inputs(StageRun(settings.train, workspace))
     elif name == "publish":  # reads run records only: tasks/publish/trained.py
-        from bridgerec.tasks.publish.trained import find_trained_run
+        from bridgerec.tasks.publish import find_trained_run
 
         find_trained_run(workspace, run_id)
 
