@@ -485,6 +485,11 @@ def test_profile_reruns_do_no_model_work(pool: EnginePool, ws: Workspace) -> Non
     forced = run_enrich(StageRun(EnrichSections(ENRICH, PROFILES), ws, threads=THREADS, force=True))
     assert not forced.skipped and forced.items_embedded == 0 and forced.profiles_generated == 0
     assert forced.profiles_cached == forced.profile_users - 1 and forced.tokens_generated == 0
+    # the estimate for the one user left: the bound and the time the first build's share of the caps gives
+    estimate = forced.profile_estimate
+    assert estimate and 0 < estimate["cap_fill"] <= 1 and estimate["expected_minutes"] <= estimate["minutes"]
+    again = run_enrich(StageRun(EnrichSections(ENRICH, PROFILES), ws, threads=THREADS, force=True))
+    assert again.profile_estimate["cap_fill"] == estimate["cap_fill"]  # kept by a build that wrote nothing
     assert forced.errors == 1  # the failed user is tried again on every build, and fails again
 
 

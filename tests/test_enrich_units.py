@@ -16,7 +16,7 @@ from bridgerec.tasks.enrich import EnrichOutputs
 from bridgerec.tasks.enrich.batching import Failed, run_resilient
 from bridgerec.tasks.enrich.models import model_fingerprint, model_id
 from bridgerec.tasks.enrich.pca import fit_pca
-from bridgerec.tasks.enrich.profiles import clean_generated, estimate_cost, load_prompts, user_jobs
+from bridgerec.tasks.enrich.profiles import cap_fill, clean_generated, estimate_cost, load_prompts, user_jobs
 from bridgerec.tasks.enrich.settings import EnrichSettings, ProfileSettings
 from bridgerec.tasks.enrich.texts import clean_field, item_texts, text_hash
 
@@ -235,6 +235,13 @@ def test_histories_use_the_training_prefix_and_change_with_it() -> None:
     # the default: u0's one cluster summary is its profile (no summarizer call)
     cost = estimate_cost(jobs, ProfileSettings(), tokens_per_s=100)
     assert cost["summarizer_calls"] == 1 and cost["max_new_tokens"] == 3 * 48 + 1 * 96
+    assert "expected_minutes" not in cost  # a first run: the bound only
+    # an earlier run of the same model wrote 60 % of its caps: the expected time beside the bound
+    expected = estimate_cost(jobs, ProfileSettings(), tokens_per_s=100, cap_fill=0.6)
+    assert expected["expected_new_tokens"] == round(0.6 * cost["max_new_tokens"])
+    assert expected["expected_minutes"] == round(0.6 * cost["max_new_tokens"] / 100 / 60, 1)
+    assert cap_fill(expected["expected_new_tokens"], cost) == pytest.approx(0.6, abs=0.01)
+    assert cap_fill(0, cost) is None and cap_fill(10, {"max_new_tokens": 0}) is None
 
 
 def test_model_ids_name_the_weights(tmp_path: Path) -> None:

@@ -246,8 +246,16 @@ def _seed(base: int, *parts: object) -> int:
     return int.from_bytes(hashlib.blake2b(blob, digest_size=4).digest(), "little") & 0x7FFFFFFF
 
 
-def estimate_cost(jobs: list[UserJob], settings: ProfileSettings, tokens_per_s: float) -> dict:
-    """Calls and tokens of generating `jobs`, and minutes at `tokens_per_s` (new tokens, upper bound)."""
+def estimate_cost(
+    jobs: list[UserJob], settings: ProfileSettings, tokens_per_s: float, cap_fill: float | None = None
+) -> dict:
+    """Calls and tokens of generating `jobs`, and minutes at `tokens_per_s` new tokens a second.
+
+    `max_new_tokens` and `minutes` are an upper bound: every call writes up to its cap
+    (`analyzer_max_tokens`, `summarizer_max_tokens`). With `cap_fill`, the share of those caps an
+    earlier run of the same model and prompts wrote (`generation_cap_fill` in its stats), it adds
+    `expected_new_tokens` and `expected_minutes` (on food-kitchen's 3,500 shortest histories the bound
+    said 102 min and generation took 56: docs/enrich.md)."""
     analyzer_calls = sum(len(j.groups) for j in jobs)
     summarizer_calls = sum(1 for j in jobs if len(j.groups) > 1 or settings.summarize_single_cluster)
     # ~4 characters a token for English; template and chat boilerplate ~90 tokens a call; a summarizer
@@ -270,7 +278,15 @@ def estimate_cost(jobs: list[UserJob], settings: ProfileSettings, tokens_per_s: 
         "max_new_tokens": new_tokens,
         "tokens_per_s": round(tokens_per_s, 1),
         "minutes": round(new_tokens / tokens_per_s / 60, 1),
-    }
+    } | (
+        {}
+        if cap_fill is None
+        else {
+            "cap_fill": round(cap_fill, 3),
+            "expected_new_tokens": round(new_tokens * cap_fill),
+            "expected_minutes": round(new_tokens * cap_fill / tokens_per_s / 60, 1),
+        }
+    )
 
 
 # -- generation -------------------------------------------------------------------------------------------
@@ -619,9 +635,17 @@ def generate_profiles(
 
 
 def log_estimate(inputs: ProfileInputs, n_cached: int, todo: list[UserJob], estimate: dict) -> None:
+    """One log line before generating: users, calls, and the time at most (every call at its token cap)
+    and, where an earlier run measured how much of the caps it wrote, the time expected."""
+    expected = (
+        f"; ~{estimate['expected_minutes']:.1f} min expected (the last run wrote "
+        f"{estimate['cap_fill']:.0%} of the caps)"
+        if "expected_minutes" in estimate
+        else ""
+    )
     get_logger().info(
         "enrich: profiles for %s of %s users%s (%s cached, %s to generate): ~%s model calls, at most %s "
-        "new tokens, ~%.1f min at %.0f tokens/s",
+        "new tokens, at most ~%.1f min at %.0f tokens/s%s",
         f"{len(inputs.jobs):,}",
         f"{inputs.n_users:,}",
         inputs.selection,
@@ -631,7 +655,15 @@ def log_estimate(inputs: ProfileInputs, n_cached: int, todo: list[UserJob], esti
         f"{estimate['max_new_tokens']:,}",
         estimate["minutes"],
         estimate["tokens_per_s"],
+        expected,
     )
+
+
+def cap_fill(tokens_generated: int, estimate: dict) -> float | None:
+    """The share of the token caps a generation wrote: its new tokens over the estimate's
+    `max_new_tokens` for the same users; None where nothing was to generate or nothing was written."""
+    cap = estimate.get("max_new_tokens") or 0
+    return min(tokens_generated / cap, 1.0) if cap and tokens_generated else None
 
 
 def build_profiles(

@@ -229,7 +229,9 @@ def plan_profiles(plan: EnrichPlan, item_work: list[ItemShardWork]) -> ProfilePl
     inputs = profile_phase.profile_inputs(ctx, items, clusters, item_result.dim)
     cached, todo = inputs.split(inputs.jobs)
     speed = ctx.previous_stats.get("generation_tokens_per_s") or ctx.profiles.estimate_tokens_per_s
-    estimate = profile_phase.estimate_cost(todo, ctx.profiles, speed)
+    same_model = ctx.previous_stats.get("profile_gen_key") == inputs.gen_key  # the same model and prompts
+    fill = ctx.previous_stats.get("generation_cap_fill") if same_model else None
+    estimate = profile_phase.estimate_cost(todo, ctx.profiles, speed, fill)
     profile_phase.log_estimate(inputs, len(cached), todo, estimate)
     return ProfilePlan(
         shards=shards(len(inputs.jobs), ctx.profiles.users_per_shard, plan.slots),
@@ -332,6 +334,13 @@ def _finish_profiles(
     if shard_tokens and shard_seconds:
         result.tokens_per_s = round(shard_tokens / shard_seconds, 1)
         result.stats["generation_tokens_per_s"] = result.tokens_per_s
+    if (fill := profile_phase.cap_fill(result.tokens_generated, profile_plan.estimate)) is not None:
+        result.stats["generation_cap_fill"] = round(fill, 3)  # the next run's expected time uses it
+    elif (
+        ctx.previous_stats.get("profile_gen_key") == inputs.gen_key
+        and "generation_cap_fill" in ctx.previous_stats
+    ):
+        result.stats["generation_cap_fill"] = ctx.previous_stats["generation_cap_fill"]  # nothing generated
     return result
 
 
@@ -436,7 +445,10 @@ def _carried_profiles(ctx: EnrichContext, dim: int) -> tuple[pa.Table, dict] | N
     if table.schema.field("vector").type.list_size != dim:
         return None
     _, first = np.unique(np.asarray(table["user_id"].to_pylist(), dtype=object), return_index=True)
-    stats = {k: ctx.previous_stats.get(k) for k in ("profile_gen_key", "generation_tokens_per_s")}
+    stats = {
+        k: ctx.previous_stats.get(k)
+        for k in ("profile_gen_key", "generation_tokens_per_s", "generation_cap_fill")
+    }
     return table.take(np.sort(first)), {k: v for k, v in stats.items() if v is not None}
 
 
