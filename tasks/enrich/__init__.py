@@ -1,9 +1,9 @@
 """The enrich stage: item embeddings, PCA tables and LLM user profiles (vLLM, batch, incremental).
 
-Its face: the settings, `run_enrich` (the stage in this process) and its summary, `EnrichOutputs` (the
-reader of WORKSPACE/enrich that the train and publish stages use), the plan and shard functions that the
-flow runs as task runs (`plan_enrich`, `run_shards`), and the model helpers of `bridgerec models`. Other
-packages import this package only, never its modules.
+Its face: the settings, `run_enrich` (the stage: it runs its plan, shards and finish as steps of the run's
+runner, so under a flow they are task runs) and its summary, `EnrichOutputs` (the reader of
+WORKSPACE/enrich that the train and publish stages use), and the model helpers of `bridgerec models`.
+Other packages import this package only, never its modules.
 """
 
 # The face loads lazily (SPEC 1, `lazy_loader`): a name's module is imported on first use, so that
