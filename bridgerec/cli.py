@@ -510,12 +510,7 @@ def _run_stage(
     detach_temporary_server()
     if (check := STAGE[name].check) is not None:  # the stage's full check: a missing input fails before
         try:  # a flow starts and before a log folder is made in the workspace
-            run = STAGE[name].stage_run(settings, force=force)
-            check(run)
-            if name == "publish" and options.get("run_id") is not None:  # a named run: today's catalogue?
-                from bridgerec.tasks.publish import resolve_trained_run
-
-                resolve_trained_run(run.workspace, options["run_id"])
+            check(STAGE[name].stage_run(settings, force=force), **options)
         except (InputError, FileNotFoundError, ValueError) as exc:
             _fail(str(exc) + _default_workspace_note(settings))
     with _console(settings, name, as_json, verbose):

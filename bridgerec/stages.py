@@ -43,7 +43,8 @@ class Stage(Generic[S, R]):
 
     `section` picks the stage's settings from the tree; `run` does the work (`sharded` stages call their
     steps through the run's runner, so they run in the flow body; the others run as one task run);
-    `check` fails fast, before any work, when an input is missing; `outputs` opens what the stage wrote.
+    `check(run, **options)` fails fast, before any work, when an input is missing, given the options the
+    run function takes (publish: `run_id`); `outputs` opens what the stage wrote.
     """
 
     name: str
@@ -51,7 +52,7 @@ class Stage(Generic[S, R]):
     run: Callable[..., R]
     summary: type[R]
     outputs: Callable[[StageRun[Any]], object]
-    check: Callable[[StageRun[S]], object] | None = None
+    check: Callable[..., object] | None = None
     sharded: bool = False
     about: str = ""
 
@@ -71,23 +72,24 @@ class Stage(Generic[S, R]):
 
 
 @step("check-inputs")
-def _check_ingest(run: StageRun[Any]) -> dict[str, str]:
+def _check_ingest(run: StageRun[Any], **_options: Any) -> dict[str, str]:
     return {role: str(p) for role, p in check_input_files(run.settings).items()}
 
 
 @step("check-inputs")
-def _check_enrich(run: StageRun[Any]) -> None:
+def _check_enrich(run: StageRun[Any], **_options: Any) -> None:
     IngestOutputs(run.workspace).manifest()  # raises IngestMissing
 
 
 @step("check-inputs")
-def _check_train(run: StageRun[Any]) -> dict[str, str]:
+def _check_train(run: StageRun[Any], **_options: Any) -> dict[str, str]:
     return check_train_inputs(run)
 
 
 @step("check-trained-run")
-def _check_train_run(run: StageRun[Any]) -> str:
-    return resolve_trained_run(run.workspace).run_id
+def _check_train_run(run: StageRun[Any], run_id: str | None = None) -> str:
+    """The run publish would score (the best, or `run_id`), on today's catalogue."""
+    return resolve_trained_run(run.workspace, run_id).run_id
 
 
 STAGES: tuple[Stage[Any, Any], ...] = (

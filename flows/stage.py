@@ -189,7 +189,7 @@ def _flow(stage: Stage[Any, Any], runtime_json: str) -> Flow[..., Any]:
         run = replace(run, runner=runs)
         with Watchdog(stage.name, runtime.stall_seconds):
             if stage.check is not None:
-                run.runner.call(stage.check, run)
+                run.runner.call(stage.check, run, **(options or {}))
             if stage.sharded:  # its steps are the task runs
                 summary = stage.run(run, **(options or {}))
             else:
