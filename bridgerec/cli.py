@@ -1389,7 +1389,7 @@ def config_show(
         return
     settings = _settings(config, sets)
     data = settings.model_dump(mode="json") | {"warehouse": str(settings.warehouse_path)}
-    data["train"] = settings.train.resolved().model_dump(mode="json")
+    data["train"] = settings.train.model_dump(mode="json")
     if as_json:
         typer.echo(json.dumps({"ok": True} | data, indent=2))
     else:

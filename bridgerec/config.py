@@ -367,8 +367,6 @@ def settings_reference() -> list[dict[str, str]]:
     rows: list[dict[str, str]] = []
     for name, f in Settings.model_fields.items():
         value = f.get_default(call_default_factory=True)
-        if isinstance(value, TrainSettings):
-            value = value.resolved()
         if isinstance(value, BaseModel):
             rows += _rows(name, name, value)
         else:

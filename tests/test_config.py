@@ -133,9 +133,9 @@ def test_a_setting_the_model_preset_contradicts_is_an_error() -> None:
     with pytest.raises(ConfigError, match=r"id_embeddings: False"):
         load_settings(None, {"train.model": "llm4cdsr-hybrid", "train.id_embeddings": False})
     # the preset's own value, or a switch it leaves alone, is fine; the preset applies where unset
-    assert TrainSettings(model="llm4cdsr-noprofile", beta=0.0, alpha=0.3).resolved().alpha == 0.3
-    assert TrainSettings(model="llm4cdsr-hybrid").resolved().id_embeddings
-    assert TrainSettings(model="llm4cdsr-hybrid").id_embeddings  # the settings hold it too
+    assert TrainSettings(model="llm4cdsr-noprofile", beta=0.0, alpha=0.3).alpha == 0.3
+    assert TrainSettings(model="llm4cdsr-hybrid").id_embeddings  # the settings hold the preset's switches
+    assert TrainSettings(model="llm4cdsr-noprofile").beta == 0.0
 
 
 def test_train_settings_survive_their_own_dump() -> None:
@@ -150,7 +150,7 @@ def test_train_settings_survive_their_own_dump() -> None:
     for model in MODEL_PRESETS:
         settings = TrainSettings(model=model, seed=43)
         again = TrainSettings.model_validate_json(settings.model_dump_json())
-        assert again == settings == settings.resolved()
+        assert again == settings
         assert config_hash(again) == config_hash(settings)
         job = DataParallelJob(settings=settings, workspace="ws", run_id="r", threads=1, warm=False, init={})
         assert DataParallelJob.model_validate_json(job.model_dump_json()).settings == settings

@@ -520,7 +520,7 @@ def test_a_warm_start_needs_the_id_row_generator_on_both_sides_or_neither() -> N
     from bridgerec.tasks.train.warmstart import incompatibility
 
     # as config.json records them (stage.py: the resolved settings plus the architecture)
-    base = TrainSettings(model="llm4cdsr-hybrid", id_text_fit=False).resolved().model_dump(mode="json") | {
+    base = TrainSettings(model="llm4cdsr-hybrid", id_text_fit=False).model_dump(mode="json") | {
         "architecture": "llm4cdsr"
     }
     on, other = base | {"id_dropout": 0.3}, base | {"id_dropout": 0.2}
@@ -535,7 +535,7 @@ def test_a_warm_start_needs_the_id_row_generator_on_both_sides_or_neither() -> N
     assert incompatibility(on, fitted) is None
     assert incompatibility(base, fitted) == "id_text_fit False -> True"
     # the default since 2026-12-03: a night trained before it (no id_text_fit recorded) starts cold, once
-    default = TrainSettings(model="llm4cdsr-hybrid").resolved().model_dump(mode="json")
+    default = TrainSettings(model="llm4cdsr-hybrid").model_dump(mode="json")
     assert default["id_text_fit"] is True
     before = {k: v for k, v in base.items() if k != "id_text_fit"}
     assert incompatibility(before, default | {"architecture": "llm4cdsr"}) == "id_text_fit False -> True"
@@ -552,7 +552,7 @@ def test_a_warm_start_needs_the_id_row_generator_on_both_sides_or_neither() -> N
     # likewise the learned domain start states
     assert incompatibility(base | {"domain_start": False}, base) == "domain_start False -> True"
     assert incompatibility({k: v for k, v in base.items() if k != "domain_start"}, base) is not None
-    sasrec = TrainSettings(model="sasrec").resolved().model_dump(mode="json") | {"architecture": "sasrec"}
+    sasrec = TrainSettings(model="sasrec").model_dump(mode="json") | {"architecture": "sasrec"}
     assert incompatibility({k: v for k, v in sasrec.items() if k != "domain_start"}, sasrec) is None
     # the block layout: the same tensors, another function of them (runs before it existed: pre_ln)
     assert base["block"] == "sasrec"

@@ -104,7 +104,7 @@ def load_inputs(run: StageRun[TrainSettings]) -> TrainInputs:
     sequences, cold_eval = coldstart.prepare(
         settings.cold_start, catalog, load_sequences(workspace), workspace, settings.seed, log.info
     )
-    data = SequenceData(catalog, sequences, settings.resolved().max_len)
+    data = SequenceData(catalog, sequences, settings.max_len)
     tables = load_item_tables(workspace) if settings.uses_llm_tables else None
     profiles = None
     if settings.uses_profiles:

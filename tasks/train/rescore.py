@@ -83,7 +83,7 @@ def popularity_validation_by_domain(tonight: Tonight) -> dict[str, float]:
     the `pop` model (training-prefix counts). A domain without validation targets is left out."""
     model = build_model(ModelConfig(architecture="pop"), tonight.catalog)
     assert isinstance(model, Popularity)
-    data, valid = tonight.split(tonight.settings.resolved().max_len)
+    data, valid = tonight.split(tonight.settings.max_len)
     model.fit_counts(data.item_counts("train"))
     ranks = evaluate(model, valid, tonight.settings.eval_batch_size, full=True)
     assert ranks.full is not None

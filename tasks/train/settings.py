@@ -171,7 +171,7 @@ class TrainSettings(StageSettings):
         ignored = set() if self.architecture == "llm4cdsr" else {"domain_start"}
         ignored |= set() if self.task == "cloze" else {"mask_prob"}
         ignored |= set() if self.fusion == "null_space" else {"semantic_dims"}
-        ignored |= set() if self.resolved().id_embeddings else {"id_text_fit", "id_text_knn"}  # no ID rows
+        ignored |= set() if self.id_embeddings else {"id_text_fit", "id_text_knn"}  # no ID rows
         ignored |= set() if self.id_text_fit else {"id_text_knn"}  # no map to replace
         ignored |= set() if self.lr_decay < 1 else {"lr_min"}  # the rate never drops
         ignored |= {"hide_domain"} if self.effective_hide_domain == 0 else set()
@@ -179,7 +179,7 @@ class TrainSettings(StageSettings):
             ignored |= {"text_prior", "text_prior_grid", "text_prior_decay"} | NEW_ITEMS  # no LLM table
         elif not self.text_prior:
             ignored |= {"text_prior_grid", "text_prior_decay"} | NEW_ITEMS
-        elif not self.resolved().id_embeddings:  # every item is scored by its text: none is "new"
+        elif not self.id_embeddings:  # every item is scored by its text: none is "new"
             ignored |= NEW_ITEMS
         elif self.text_prior_new_items is not None:  # fixed: no grid, no choice of c
             ignored |= {
@@ -580,23 +580,21 @@ class TrainSettings(StageSettings):
     def architecture(self) -> Architecture:
         return MODEL_PRESETS[self.model][0]
 
-    def resolved(self) -> TrainSettings:
-        """These settings with the preset's switches applied (what the model is built from)."""
-        return self.model_copy(update=MODEL_PRESETS[self.model][1])
-
     def model_spec(self, global_dim: int = 0, local_dim: int = 0, profile_dim: int = 0) -> ModelConfig:
-        """The typed model config these settings build (preset applied), given the enrich tables' widths."""
-        r = self.resolved()
+        """The typed model config these settings build, given the enrich tables' widths (the preset's switches
+        are in the fields: `_preset_not_contradicted`)."""
         keys = ("hidden", "layers", "heads", "dropout", "max_len", "causal", "block", "positions", "weight_init", "task", "mask_prob", "id_embeddings", "id_dropout", "id_text_fit", "id_text_knn", "item_bias", "domain_start",
                 "alpha", "beta", "tau", "adapter_init", "adapter_per_domain", "fusion", "semantic_dims", "objective", "negatives", "sampling", "bce_negatives")  # fmt: skip
         return ModelConfig(
             architecture=self.architecture,
-            **{k: getattr(r, k) for k in keys},
-            text_prior=r.text_prior and self.architecture == "llm4cdsr",
+            **{k: getattr(self, k) for k in keys},
+            text_prior=self.text_prior and self.architecture == "llm4cdsr",
             text_prior_new_items=(
-                min(r.text_prior_new_items_grid) if r.text_prior_new_items is None else r.text_prior_new_items
+                min(self.text_prior_new_items_grid)
+                if self.text_prior_new_items is None
+                else self.text_prior_new_items
             ),  # validation's choice starts (and, with too few new-item targets, stays) at the grid's floor
-            text_prior_decay=r.text_prior_decay,
+            text_prior_decay=self.text_prior_decay,
             global_dim=global_dim,
             local_dim=local_dim,
             profile_dim=profile_dim,
@@ -648,4 +646,4 @@ class TrainSettings(StageSettings):
 
     @property
     def uses_profiles(self) -> bool:
-        return self.architecture == "llm4cdsr" and self.resolved().beta > 0
+        return self.architecture == "llm4cdsr" and self.beta > 0

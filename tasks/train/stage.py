@@ -134,7 +134,7 @@ class TrainSummary(BaseModel):
 
 def config_hash(settings: TrainSettings) -> str:
     """The run id's settings part: the preset applied, then `TrainSettings`' declared hash fields."""
-    return workspace_config_hash(settings.resolved())
+    return workspace_config_hash(settings)
 
 
 def run_id_for(settings: TrainSettings, hashes: dict[str, str]) -> str:
@@ -284,7 +284,7 @@ def _start(
     """Decide the start (`init_from`: resume, warm or cold), record the run's config.json."""
     settings, log = run.settings, run.log
     # The resolved settings as recorded in config.json (`settings`; warm start compares them).
-    model_settings = settings.resolved().model_dump(mode="json") | {
+    model_settings = settings.model_dump(mode="json") | {
         "architecture": settings.architecture,
         "tables": inputs.widths,
     }
@@ -424,7 +424,7 @@ def _evaluate(
         rows += [r | {"run_id": run_dir.run_id, "epoch": state.best_epoch} for r in split_rows]
     cold_rows, cold_summary = inputs.cold_eval.evaluate(
         scorer, catalog, inputs.sequences, splits[1], ranks, settings.eval_batch_size,
-        settings.full_ranking, device, settings.uses_llm_tables, settings.resolved().max_len,
+        settings.full_ranking, device, settings.uses_llm_tables, settings.max_len,
     )  # fmt: skip
     rows += [r | {"run_id": run_dir.run_id, "epoch": state.best_epoch} for r in cold_rows]
     rows += _history_rows(run_dir.run_id, state.history)
