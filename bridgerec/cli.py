@@ -1071,8 +1071,9 @@ def recs(
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Show a user's top-k recommendations with item titles and their profile (read-only), from the
-    latest run or from any retained run (`--run-id`; `bridgerec runs list` shows which are retained)."""
+    """Show a user's top-k recommendations with item titles, their profile and their most recent history
+    (read-only), from the latest run or from any retained run (`--run-id`; `bridgerec runs list` shows
+    which are retained)."""
     from bridgerec.storage.warehouse import WarehouseError, user_recommendations
 
     path = _warehouse(warehouse, config, workspace)
@@ -1094,6 +1095,11 @@ def _render_recs(r: dict) -> None:
     out.print(f"[italic]profile:[/] {shown(r['profile'], none)}")
     for interest in r.get("interests") or []:
         out.print(f"  - {shown(interest)}")
+    if r.get("history"):
+        out.print("[italic]recent history[/] (newest first, as this run read it):")
+        for h in r["history"]:
+            when = f", {h['timestamp'][:10]}" if h.get("timestamp") else ""
+            out.print(f"  - {shown(h['title'] or h['item_id'])} ({shown(h['domain'])}{when})")
     explained = any(row.get("because_item_id") for rows in r["recommendations"].values() for row in rows)
     for domain, rows in r["recommendations"].items():
         t = Table(title=domain, title_justify="left")

@@ -81,15 +81,14 @@ def test_publish_flow_and_cli_on_a_trained_run(
         assert run == ("completed", train_run, 1000, 10)
         # The analysts' queries of docs/publish.md, with real metrics this time.
         con.execute("SET VARIABLE user_id = ?", [one("SELECT min(user_id) FROM latest_recommendations")[0]])
-        con.execute("SET VARIABLE workspace = ?", [str(root)])
         queries = doc_queries()
         results = [con.execute(q).fetchall() for q in queries]
         empty = [q.splitlines()[0] for q, rows in zip(queries, results, strict=True) if not rows]
         assert not empty, f"docs/publish.md queries without rows on the sample: {empty}"
         assert len(results[0]) == 20
-        quality = {(r[1], r[2], r[3], r[4]) for r in results[4]}
+        quality = {(r[1], r[2], r[3], r[4]) for r in results[5]}
         assert quality >= {("full", "all", "all", "ndcg@10"), ("sampled", "kitchen", "all", "hr@10")}
-        assert [r[1] for r in results[5]] == [train_run, train_run]  # ndcg@10 history: full and sampled
+        assert [r[1] for r in results[6]] == [train_run, train_run]  # ndcg@10 history: full and sampled
     # The saved index reloads and answers with catalogue ids.
     loaded = IndexStore(tmp_path / "indexes").load(train_run, "kitchen")
     assert loaded.index.ntotal == 4230 and len(loaded.item_ids) == 4230

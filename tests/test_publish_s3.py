@@ -89,11 +89,12 @@ def test_parts_on_s3_written_by_pyarrow_read_by_duckdb(
     assert first.data_root == s3 and first.shards == 3 and first.data_bytes > 0
     assert not (tmp_path / "w.parts").exists()  # nothing local but the small warehouse file
     stored = objects(s3)
-    # Per shard and domain a recommendations and a serving part, and the night's catalogue (the sample
-    # workspace has no profiles).
-    assert len(stored) == 3 * 2 * 2 + 1 and {o.split("/")[0] for o in stored} == {
+    # Per shard and domain a recommendations and a serving part, per shard its users' histories, and the
+    # night's catalogue (the sample workspace has no profiles).
+    assert len(stored) == 3 * 2 * 2 + 3 + 1 and {o.split("/")[0] for o in stored} == {
         "recommendations",
         "serving",
+        "interactions",
         "items",
     }
     # bridgerec's readers (and analysts' `connect`) read the parts through pyarrow's S3 filesystem.
@@ -103,7 +104,8 @@ def test_parts_on_s3_written_by_pyarrow_read_by_duckdb(
         ).fetchall() == [(1000 * 2 * 5, 1000)]
         assert con.execute("SELECT count(*) FROM items WHERE title IS NOT NULL").fetchall() == [(6447,)]
     user = workspace_vectors(sample_workspace)["food"].user_ids[0]
-    assert len(wh.user_recommendations(warehouse, user, run_id="r1")["recommendations"]["kitchen"]) == 5
+    read = wh.user_recommendations(warehouse, user, run_id="r1")
+    assert len(read["recommendations"]["kitchen"]) == 5 and read["history"]  # the history read from S3 too
     # A plain DuckDB without the httpfs extension (it is downloaded at first use) cannot read s3:// itself.
     with duckdb.connect(str(warehouse), read_only=True) as con, pytest.raises(duckdb.Error, match="httpfs"):
         con.execute("SELECT count(*) FROM latest_recommendations").fetchall()

@@ -114,10 +114,34 @@ def test_every_user_gets_k_unseen_items_per_domain_ranked_by_score(
         [users],
     ) == [(1000,)]
     assert sql(warehouse, "SELECT count(*) FROM latest_user_profiles") == [(300,)]
+    # Each user's history is published beside the lists: the ingested interactions, row for row, with
+    # their domain, so analysts check the exclusion in SQL too.
+    history = "SELECT user_id, position, domain, item_id, timestamp, rating FROM latest_interactions"
+    ingested = (
+        "SELECT i.user_id, i.seq_pos, d.domain, i.item_id, i.timestamp, i.rating FROM read_parquet(?) i "
+        "JOIN read_parquet(?) d USING (domain_idx)"
+    )
+    domains = str(profiled_workspace / "ingest" / "domains.parquet")
+    for a, b, params in (
+        (history, ingested, [interactions, domains]),
+        (ingested, history, [interactions, domains]),
+    ):
+        assert sql(warehouse, f"SELECT count(*) FROM ({a} EXCEPT ALL {b})", params) == [(0,)]
+    assert sql(
+        warehouse,
+        "SELECT count(*), count(DISTINCT user_id), bool_and(ok) FROM (SELECT user_id, "
+        "list(position ORDER BY position) = range(count(*)::INTEGER) AS ok FROM latest_interactions GROUP BY 1) "
+        "JOIN (SELECT user_id, count(*) n FROM latest_interactions GROUP BY 1) USING (user_id)",
+    ) == [(1000, 1000, True)]
+    assert sql(
+        warehouse,
+        "SELECT count(*) FROM latest_recommendations r JOIN latest_interactions h USING (user_id, item_id)",
+    ) == [(0,)]
     (run,) = sql(
         warehouse, "SELECT status, k, n_users, n_items, n_interactions, n_domains, index_path FROM runs"
     )
     assert run[:6] == ("completed", 20, 1000, 6447, 8896, 2)
+    assert sql(warehouse, "SELECT count(*) FROM interactions WHERE run_id = 'run-a'") == [(8896,)]
     assert Path(run[6]).name == "run-a"
 
 
@@ -150,11 +174,18 @@ def test_exclusion_matters_and_can_be_turned_off(profiled_workspace: Path, tmp_p
     vectors = workspace_vectors(profiled_workspace, seed=0)
     run_publish(
         StageRun(
-            PublishSettings(k=5, exclude_seen=False), Workspace(profiled_workspace), warehouse=warehouse
+            PublishSettings(k=5, exclude_seen=False, history=False),
+            Workspace(profiled_workspace),
+            warehouse=warehouse,
         ),
         run_id="x",
         vectors=vectors,
     )
+    # publish.history off: no history parts, the views are there and empty (typed).
+    assert sql(warehouse, "SELECT count(*) FROM parts WHERE kind = 'interactions'") == [(0,)]
+    assert sql(warehouse, "SELECT count(*), typeof(any_value(timestamp)) FROM latest_interactions") == [
+        (0, "TIMESTAMP WITH TIME ZONE")
+    ]
     interactions = str(profiled_workspace / "ingest" / "interactions.parquet")
     (n,) = sql(
         warehouse,
@@ -264,8 +295,23 @@ def test_cli_recs_and_runs_list(published: tuple[Path, dict], tmp_path: Path) ->
     assert sorted(got["recommendations"]) == ["food", "kitchen"]
     assert [r["rank"] for r in got["recommendations"]["kitchen"]] == list(range(1, 21))
     assert all(r["title"] for r in got["recommendations"]["food"])
+    # The user's most recent history, newest first, as the run read it.
+    had = sql(
+        warehouse,
+        "SELECT position, item_id FROM latest_interactions WHERE user_id = ? ORDER BY position DESC LIMIT 10",
+        [user],
+    )
+    assert [(h["position"], h["item_id"]) for h in got["history"]] == had and had
+    assert all(h["title"] and h["domain"] in ("food", "kitchen") for h in got["history"])
+    out = runner.invoke(
+        app, ["recs", "--warehouse", str(warehouse), "--user", user, "--domain", "food", "--json"]
+    )
+    assert out.exit_code == 0 and list(json.loads(out.stdout)["recommendations"]) == ["food"], out.output
     out = runner.invoke(app, ["recs", "--warehouse", str(warehouse), "--user", user, "--domain", "food"])
-    assert out.exit_code == 0 and "profile" in out.stdout and "kitchen" not in out.stdout
+    assert out.exit_code == 0 and "profile" in out.stdout
+    lines = out.stdout.splitlines()
+    assert "recent history" in out.stdout and sum(x.startswith("  - ") for x in lines) == 2 + len(had)
+    assert out.stdout.count("rank") == 1  # one domain's table
     assert "Likes [bold] teas." in out.stdout  # data is printed as is, never read as rich markup
     out = runner.invoke(app, ["recs", "--warehouse", str(warehouse), "--user", "nobody"])
     assert out.exit_code == 2 and "no recommendations" in out.output
@@ -322,7 +368,6 @@ def test_docs_sql_examples_run_on_a_published_warehouse(
     user = ctx["vectors"]["food"].user_ids[0]
     with duckdb.connect(str(warehouse), read_only=True) as con:
         con.execute("SET VARIABLE user_id = ?", [user])
-        con.execute("SET VARIABLE workspace = ?", [str(profiled_workspace)])
         results = [con.execute(q).fetchall() for q in queries]
     user_rows = results[0]
     assert len(user_rows) == 40 and user_rows[0][8] == f"Enjoys things, says user {user}."
@@ -330,6 +375,10 @@ def test_docs_sql_examples_run_on_a_published_warehouse(
     assert len(results[1]) == 20  # top 10 items in each of the two domains
     assert [r[0] for r in results[2]] == ["food", "kitchen"] and all(0 < r[3] <= 1 for r in results[2])
     assert 0 < results[3][0][0] <= 1000
+    had = sql(warehouse, "SELECT count(*) FROM latest_interactions WHERE user_id = ?", [user])[0][0]
+    side_by_side = results[4]  # the user's history, newest first, then their top 5 per domain
+    assert [r[0] for r in side_by_side] == ["had"] * had + ["recommended"] * 10 and had
+    assert [r[1] for r in side_by_side[:had]] == list(range(had - 1, -1, -1))
     meanings = results[-1]  # the last example: what latest_recommendations' columns mean
     assert [r[0] for r in meanings][:3] == ["run_id", "user_id", "domain"] and all(r[2] for r in meanings)
 
@@ -489,6 +538,10 @@ def test_sharded_publish_in_worker_processes_equals_one_shard(
         assert by[("recommendations", shard)] == (2, users * 2 * 5)
         assert by[("serving", shard)] == (2, users * 2)
     assert sum(by[("user_profiles", sh)][1] for sh in range(4) if ("user_profiles", sh) in by) == 300
+    # ... and its users' histories, the same rows as one shard's.
+    assert sum(by[("interactions", sh)][1] for sh in range(4)) == 8896
+    history = "SELECT user_id, position, domain, item_id, timestamp FROM latest_interactions ORDER BY ALL"
+    assert sql(tmp_path / "many" / "w.duckdb", history) == sql(tmp_path / "one" / "w.duckdb", history)
     # A serving row is the user's list, best first: what a key-value store loads.
     (row,) = sql(
         tmp_path / "many" / "w.duckdb",

@@ -32,6 +32,9 @@ OBJECTS: dict[str, str] = {
     "user_profiles": "The LLM profile each retained run used for a user",
     "latest_user_profiles": "`user_profiles` of the latest run",
     "items": "The catalogue: the latest metadata of every item ever published",
+    "interactions": "Each user's history as each retained run read it (the ingested interactions its lists "
+    "were computed from), one row per interaction",
+    "latest_interactions": "`interactions` of the latest run",
     "parts": "Every Parquet part a publish wrote (the views read the ones not dropped)",
     "data_checks": "The nightly data checks: tonight's counts against the last completed night's, per night, "
     "entity and domain",
@@ -115,7 +118,15 @@ COLUMNS: dict[str | tuple[str, str], str] = {
     ("metrics", "value"): "The metric's value",
     ("metrics", "users"): "Users the value is averaged over",
     ("metrics", "model"): "The recommender evaluated",
-    ("parts", "kind"): "recommendations / serving / user_profiles / items",
+    ("parts", "kind"): "recommendations / serving / user_profiles / items / interactions",
+    ("interactions", "position"): "The interaction's place in the user's history, 0 = the first (time order, "
+    "the order the model reads)",
+    ("interactions", "domain"): "The item's domain",
+    (
+        "interactions",
+        "timestamp",
+    ): "When it happened (UTC), as ingested; NULL for sources ordered by position",
+    ("interactions", "rating"): "The rating as ingested (NULL where the source has none)",
     ("parts", "shard"): "The user shard that wrote the part",
     ("parts", "root"): "Where the parts live (a folder beside the file, or s3://...)",
     ("parts", "path"): "The part's path under root",
@@ -165,6 +176,7 @@ AS_TABLE = {
     "latest_recommendations": "recommendations",
     "latest_serving": "serving",
     "latest_user_profiles": "user_profiles",
+    "latest_interactions": "interactions",
 }
 
 

@@ -6,6 +6,7 @@ Layout under the root (the only code that knows it):
     serving/run_id=<run>/domain=<domain>/part-<write_id>-<shard>.parquet
     user_profiles/run_id=<run>/part-<write_id>-<shard>.parquet
     items/run_id=<run>/part-<write_id>-00000.parquet
+    interactions/run_id=<run>/part-<write_id>-<shard>.parquet
 
 Every file carries its `run_id` (and `domain`) as columns too, so a part read on its own (a key-value
 loader, Spark, pyarrow) is self-describing. A part is written once, by the shard that computed it, and
@@ -42,7 +43,7 @@ import pyarrow.parquet as pq
 from bridgerec.storage.schemas import RECOMMENDATION_ROWS
 from bridgerec.storage.warehouse.schema import WarehouseError
 
-KINDS = ("recommendations", "serving", "user_profiles", "items")
+KINDS = ("recommendations", "serving", "user_profiles", "items", "interactions")
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 # The columns of each kind of part (a new column is appended here; views read parts with
@@ -87,6 +88,18 @@ PART_SCHEMAS: dict[str, pa.Schema] = {
             pa.field("categories", pa.string()),
             pa.field("price", pa.string()),
             pa.field("updated_run_id", pa.string(), nullable=False),  # the last run whose catalogue held it
+        ]
+    ),
+    # Each user's history as the run read it (the ingest stage's interactions), by user then position.
+    "interactions": pa.schema(
+        [
+            pa.field("run_id", pa.string(), nullable=False),
+            pa.field("user_id", pa.string(), nullable=False),
+            pa.field("position", pa.int32(), nullable=False),  # 0 = the user's first, in the model's order
+            pa.field("domain", pa.string(), nullable=False),
+            pa.field("item_id", pa.string(), nullable=False),
+            pa.field("timestamp", pa.timestamp("us", tz="UTC")),  # NULL for position-ordered sources
+            pa.field("rating", pa.float32()),
         ]
     ),
 }

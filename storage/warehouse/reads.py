@@ -105,19 +105,22 @@ def _served_run(con: duckdb.DuckDBPyConnection, path: Path | str, run_id: str | 
 
 
 def run_source(con: duckdb.DuckDBPyConnection, folder: Path, run_id: str, kind: str) -> str:
-    """A FROM clause holding only `run_id`'s rows of `kind` (recommendations | user_profiles | serving):
-    its parts, or (a file not moved to parts yet) its table."""
+    """A FROM clause holding only `run_id`'s rows of `kind` (recommendations | user_profiles | serving |
+    interactions): its parts, or (a file not moved to parts yet) its table (none held interactions)."""
     if schema_version(con) < PARTS_VERSION:
+        if kind == "interactions":
+            return f"({typed_empty(kind)})"
         quoted = run_id.replace("'", "''")
         return f"({typed_empty(kind)} UNION ALL BY NAME SELECT * FROM {kind} WHERE run_id = '{quoted}')"
     return f"({scan_parts(kind, served_files(con, folder).get((kind, run_id), []))})"
 
 
 def user_recommendations(
-    path: Path | str, user_id: str, domain: str | None = None, run_id: str | None = None
+    path: Path | str, user_id: str, domain: str | None = None, run_id: str | None = None, history: int = 10
 ) -> dict[str, Any]:
-    """A user's top-k per domain (with item titles) and profile, from the latest run or any retained
-    `run_id` (time travel). Raises WarehouseError naming what is missing."""
+    """A user's top-k per domain (with item titles), profile and `history` most recent interactions
+    (newest first, as the run read them; none for runs published without `publish.history`), from the
+    latest run or any retained `run_id` (time travel). Raises WarehouseError naming what is missing."""
     folder = Path(path).expanduser().resolve().parent
     with reading(path) as con:
         run = _served_run(con, path, run_id)
@@ -139,14 +142,25 @@ def user_recommendations(
                 f"user {user_id!r} has no recommendations in run {rid!r}"
                 + (f" (its users' ids are like {example})" if example else "")
             )
+        had = rows(
+            con,
+            "SELECT position, domain, item_id, timestamp "
+            f"FROM {run_source(con, folder, rid, 'interactions')} WHERE user_id = ? "
+            "ORDER BY position DESC LIMIT ?",
+            [user_id, history],
+        )
         # Titles of just these items (a join would scan the whole catalogue part: 4x slower measured).
         wanted = {r["item_id"] for r in recs} | {r["because_item_id"] for r in recs if r["because_item_id"]}
+        wanted |= {r["item_id"] for r in had}
         titles = dict(
             con.execute(
                 "SELECT item_id, title FROM items WHERE item_id IN (SELECT unnest(?::VARCHAR[]))",
                 [sorted(wanted)],
             ).fetchall()
         )
+        for r in had:
+            r["title"] = titles.get(r["item_id"])
+            r["timestamp"] = r["timestamp"].isoformat() if r["timestamp"] is not None else None
         for r in recs:
             r["title"] = titles.get(r["item_id"])
             r["because_title"] = titles.get(r["because_item_id"]) if r["because_item_id"] else None
@@ -169,5 +183,6 @@ def user_recommendations(
             "user_id": user_id,
             "profile": profile[0][0] if profile else None,
             "interests": (profile[0][1] or []) if profile else [],
+            "history": had,
             "recommendations": by_domain,
         }

@@ -33,6 +33,8 @@ PART_VIEWS = (
     "latest_recommendations",
     "latest_user_profiles",
     "latest_serving",
+    "interactions",
+    "latest_interactions",
 )
 _DUCKDB_TYPES = {
     pa.string(): "VARCHAR",
@@ -41,6 +43,7 @@ _DUCKDB_TYPES = {
     pa.int64(): "BIGINT",
     pa.float32(): "FLOAT",
     pa.float64(): "DOUBLE",
+    pa.timestamp("us", tz="UTC"): "TIMESTAMPTZ",
 }
 
 
@@ -125,6 +128,8 @@ def view_statements(con: duckdb.DuckDBPyConnection, catalogue_folder: Path, temp
         "LEFT JOIN items i ON i.item_id = r.item_id",
         f"{create} latest_user_profiles AS {scan_parts('user_profiles', of_run('user_profiles', latest_id))}",
         f"{create} latest_serving AS {scan_parts('serving', of_run('serving', latest_id))}",
+        f"{create} interactions AS {scan_parts('interactions', every('interactions'))}",
+        f"{create} latest_interactions AS {scan_parts('interactions', of_run('interactions', latest_id))}",
     ]
 
 

@@ -7,8 +7,9 @@ s3://bucket/prefix); FAISS indexes go to `<warehouse folder>/indexes/<run_id>/` 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pydantic import ConfigDict, Field
 
@@ -31,6 +32,8 @@ class PublishSettings(StageSettings):
             "retention_grace_hours",
         }
     )
+    # Switches added after warehouses existed -> the value their runs had (storage.workspace.StageSettings).
+    hashed_since: ClassVar[Mapping[str, Any]] = {"history": False}
     k: int = Field(default=20, ge=1, le=1000, description="Recommendations per user and domain.")
     exclude_seen: bool = Field(default=True, description="Never recommend an item the user already had.")
     explain: bool = Field(
@@ -49,6 +52,15 @@ class PublishSettings(StageSettings):
             "Recommend catalogue items nobody interacted with yet, when the model scores items from their "
             "text (the LLM models). ID-only models (sasrec, sasrec-domain, pop) never rank them: their rows "
             "are untrained; the summary says how many were left out and why."
+        ),
+    )
+    history: bool = Field(
+        default=True,
+        description=(
+            "Write each user's history (the ingested interactions the run's lists were computed from) "
+            "beside the lists: the warehouse's `interactions` and `latest_interactions` views, so analysts "
+            "join a list to what the user had in SQL, for any retained run. Off: no history rows, and "
+            "publish saves their writing (about a tenth of a night's bytes on food-kitchen: docs/publish.md)."
         ),
     )
     index: IndexSettings = Field(default_factory=IndexSettings)

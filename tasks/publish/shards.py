@@ -1,10 +1,10 @@
 """Publish scoring in user shards: plain functions that a runner maps over workers.
 
 The plan (`stage_shards`) writes what every shard loads into the attempt's scratch folder: per domain the
-user vectors and seen items in one user order (sorted by user_id), and per shard its user ids and
-profiles. `score_shard(plan, shard)` then loads each domain's FAISS index (saved with the run) and its
+user vectors and seen items in one user order (sorted by user_id), and per shard its user ids,
+profiles and histories. `score_shard(plan, shard)` then loads each domain's FAISS index (saved with the run) and its
 slice of the vectors once, searches its users' top-k, and writes its own parts: per domain the
-recommendations (sorted by user, rank) and the serving lists, and its users' profiles. It returns what
+recommendations (sorted by user, rank) and the serving lists, and its users' profiles and histories. It returns what
 it wrote; nothing is visible until the publish registers the night.
 
 The shard function takes only picklable plain values and reads only files, so a runner
@@ -98,6 +98,7 @@ def stage_shards(
     users_per_shard: int,
     text: TextSpace | None = None,
     slots: int = 1,
+    history: pa.Table | None = None,
 ) -> tuple[tuple[PublishShard, ...], int]:
     """Write the shards' inputs under `scratch`; return the shards (of `users_per_shard` users, fewer where
     that leaves fewer than `slots` shards) and the number of users.
@@ -108,6 +109,8 @@ def stage_shards(
     text/has_text.npy, text/item_ids.parquet (by global row), text/history_indptr.npy and
     text/history_items.npy (user_id order), and per domain text_rows.npy (index row -> global row) and
     reference_rows.npy (the global rows of its reference items, tasks/publish/explain.py).
+    With a history (interactions part rows, PART_SCHEMAS["interactions"]): history/<shard>.parquet, its
+    users' rows sorted by user then position (rows of users without vectors are not published).
     Every domain must cover the same users (publish checks this against the ingest output).
     """
     first = next(iter(vectors.values()))
@@ -133,6 +136,8 @@ def stage_shards(
         _stage_profiles(scratch, profiles, run_id, users, users_per_shard, len(shards))
     if text is not None:
         _stage_text(scratch, text, vectors, users)
+    if history is not None:
+        _stage_history(scratch, history, users, shards)
     return shards, n
 
 
@@ -179,6 +184,22 @@ def _stage_profiles(
             pq.write_table(mine, scratch / "profiles" / f"{i:05d}.parquet")
 
 
+def _stage_history(
+    scratch: Path, history: pa.Table, users: pa.Array, shards: tuple[PublishShard, ...]
+) -> None:
+    """Cut the history rows by shard: row r goes to the shard holding its user's place in `users`."""
+    place = pc.index_in(history["user_id"], value_set=users)
+    history = history.filter(pc.is_valid(place))
+    place = np.asarray(pc.drop_null(place))
+    order = np.lexsort((history["position"].to_numpy(), place))
+    history, place = history.take(pa.array(order)), place[order]
+    bounds = np.searchsorted(place, [s.start for s in shards] + [len(users)])
+    (scratch / "history").mkdir()
+    for s, lo, hi in zip(shards, bounds[:-1], bounds[1:], strict=True):
+        if hi > lo:
+            pq.write_table(history.slice(lo, hi - lo), scratch / "history" / f"{s.index:05d}.parquet")
+
+
 @step("score-users", run_name="score-users-{shard.index}", retries=1, retry_delay_s=10)
 def score_shard(plan: ShardPlan, shard: PublishShard) -> ShardResult:
     """Top-k of the shard's users in every domain, written as the shard's parts (see the module doc)."""
@@ -193,11 +214,12 @@ def score_shard(plan: ShardPlan, shard: PublishShard) -> ShardResult:
     ) as bar:
         for domain, settings in plan.indexes:
             _score_domain(plan, shard, scratch, users, domain, settings, result, lambda n: advance(bar, n))
-    staged = scratch / "profiles" / f"{shard.index:05d}.parquet"
-    if staged.exists():
-        t0 = time.perf_counter()
-        result.parts.append(plan.target.write(pq.read_table(staged), "user_profiles", shard.index))
-        result.write_s += time.perf_counter() - t0
+    for folder, kind in (("profiles", "user_profiles"), ("history", "interactions")):
+        staged = scratch / folder / f"{shard.index:05d}.parquet"
+        if staged.exists():
+            t0 = time.perf_counter()
+            result.parts.append(plan.target.write(pq.read_table(staged), kind, shard.index))
+            result.write_s += time.perf_counter() - t0
     result.seconds = time.perf_counter() - started
     return result
 

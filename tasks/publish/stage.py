@@ -504,8 +504,16 @@ def _plan_shards(job: _Job, ranked: _Ranked, indexes: dict[str, _Index], attempt
     text = None
     if job.settings.explain and job.trained is not None:
         text = TrainOutputs(job.workspace).text_space(job.trained)  # None: the model has no text space
+    history = history_rows(job.run_id, job.ingest) if job.settings.history else None
     shards, n_users = stage_shards(
-        attempt.scratch, ranked.vectors, profiles, job.run_id, job.settings.users_per_shard, text, job.slots
+        attempt.scratch,
+        ranked.vectors,
+        profiles,
+        job.run_id,
+        job.settings.users_per_shard,
+        text,
+        job.slots,
+        history,
     )
     job.timings["stage_s"] = time.perf_counter() - t0
     return ShardPlan(
@@ -521,6 +529,31 @@ def _plan_shards(job: _Job, ranked: _Ranked, indexes: dict[str, _Index], attempt
         shards=shards,
         n_users=n_users,
         explain=text is not None,
+    )
+
+
+def history_rows(run_id: str, ingest: IngestOutputs) -> pa.Table:
+    """The ingest stage's interactions as the run's history rows (PART_SCHEMAS["interactions"]): one row
+    per kept interaction, its domain by name, `position` the 0-based place in the user's mixed sequence."""
+    rows = ingest.table(
+        "interactions", columns=["user_id", "seq_pos", "domain_idx", "item_id", "timestamp", "rating"]
+    )
+    domains = ingest.table("domains", columns=["domain", "domain_idx"]).sort_by("domain_idx")
+    if domains["domain_idx"].to_pylist() != list(range(domains.num_rows)):
+        raise PublishError(
+            f"the ingest output's domains are not numbered 0..{domains.num_rows - 1}: ingest again"
+        )
+    names = domains["domain"].combine_chunks()
+    return pa.table(
+        {
+            "run_id": pa.repeat(pa.scalar(run_id, pa.string()), rows.num_rows),
+            "user_id": rows["user_id"],
+            "position": rows["seq_pos"],
+            "domain": names.take(rows["domain_idx"].combine_chunks()),
+            "item_id": rows["item_id"],
+            "timestamp": rows["timestamp"],
+            "rating": rows["rating"],
+        }
     )
 
 

@@ -50,7 +50,9 @@ def _valid_by_domain(summary: dict, workspace: Workspace, train: TrainSettings) 
 
 
 def _history(workspace: Workspace, user_ids: list[str], n: int) -> dict[str, list[dict]]:
-    """Each user's `n` most recent items (title, domain), newest first."""
+    """Each user's `n` most recent items (title, domain), newest first, from the ingest output."""
+    if not user_ids:
+        return {}
     ingest = IngestOutputs(workspace)
     seqs = ingest.table("sequences", columns=["user_id", "global_ids"]).to_pylist()
     items = ingest.table("items", columns=["global_id", "item_id", "domain", "title"]).to_pylist()
@@ -88,10 +90,15 @@ def _examples(workspace: Workspace, warehouse: Path, run_id: str, settings: Repo
         except WarehouseError:
             continue
         r["recommendations"] = {d: rows[: settings.list_length] for d, rows in r["recommendations"].items()}
+        r["history"] = [
+            {"item_id": h["item_id"], "domain": h["domain"], "title": h["title"]}
+            for h in r["history"][: settings.list_length]
+        ]
         out.append(r)
-    history = _history(workspace, [r["user_id"] for r in out], settings.list_length)
+    # A run published without its history (publish.history off): tonight's ingest output has it.
+    history = _history(workspace, [r["user_id"] for r in out if not r["history"]], settings.list_length)
     for r in out:
-        r["history"] = history.get(r["user_id"], [])
+        r["history"] = r["history"] or history.get(r["user_id"], [])
     return out
 
 
