@@ -4,6 +4,9 @@ brute-force torch in the same process, parts written per second, total publish t
 --cost-table   publish time and bytes written with 1, 7 and 30 retained nights, at 1x and 4x
                food-kitchen (users resampled under new ids, through the real ingest): a night must cost
                what it writes, not what the warehouse keeps. Writes bench/results/publish-cost.json.
+--history-table  publish with `publish.history` on and off in turns (synthetic vectors, the same users):
+               seconds, CPU seconds, bytes written and one user's `bridgerec recs` lookup, what each user's
+               history in the warehouse costs. Writes bench/results/publish-history.json.
 --index-table  FAISS index kinds on synthetic catalogues of 36k, 360k and 3.6M items: build time, search
                time per 1k users, recall@20 against exact search, memory; what `publish.index.kind:
                auto`'s threshold rests on. Writes bench/results/publish-index.json.
@@ -13,6 +16,7 @@ synthetic (random item vectors; a user's vector = the sum of the items they had 
 model's shape (--dim, default 256 = two 128-d threads concatenated); the JSON says which.
 Usage: .venv/bin/python bench/publish.py [--workspace /tmp/fk] [--threads 2] [--publishes 3]
        .venv/bin/python bench/publish.py --cost-table [--scales 1,4] [--retentions 1,7,30]
+       .venv/bin/python bench/publish.py --history-table [--publishes 3]
        .venv/bin/python bench/publish.py --index-table [--index-items 36000,360000,3600000]
 Writes bench/results/publish.json (publish-synthetic.json for synthetic vectors) and prints a table. Goal: the whole publish under 60 s on 2 cores.
 """
@@ -219,6 +223,87 @@ def recs_latency_ms(warehouse: Path, user_ids: list[str], run_id: str | None = N
     for user in sample:
         user_recommendations(warehouse, user, run_id=run_id)
     return (time.perf_counter() - t0) / len(sample) * 1000
+
+
+# ---- the history's cost: publish.history on against off ---------------------------------------------------
+
+
+def history_table(args: argparse.Namespace) -> None:
+    """`--publishes` rounds; in each, one publish with the history and one without (the order swapped
+    every round), each onto its own warehouse, the same synthetic vectors."""
+    import statistics
+
+    from bridgerec.storage.workspace import Workspace
+    from bridgerec.tasks.publish import PublishSettings, run_publish
+
+    ensure_ingested(args.workspace, args.data)
+    ws = Workspace(args.workspace)
+    vectors = synthetic_vectors(args.workspace, args.dim)
+    rows: dict[str, list[dict]] = {"on": [], "off": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.publishes):
+            for variant in ("on", "off") if i % 2 == 0 else ("off", "on"):
+                warehouse = Path(tmp) / variant / "warehouse.duckdb"
+                settings = PublishSettings(k=args.k, threads=args.threads, history=variant == "on")
+                cpu0 = time.process_time()
+                s = run_publish(
+                    StageRun(settings, ws, warehouse=warehouse, threads=args.threads),
+                    run_id=f"bench-{i}",
+                    vectors=vectors,
+                    model="synthetic",
+                )
+                rows[variant].append(
+                    {
+                        "seconds": round(s.seconds, 3),
+                        "cpu_s": round(time.process_time() - cpu0, 3),
+                        "data_mb": round(s.data_bytes / 1e6, 2),
+                        "stage_s": round(s.timings.get("stage_s", 0.0), 3),
+                        "parts_write_s": round(s.timings.get("parts_write_s", 0.0), 3),
+                    }
+                )
+        users = next(iter(vectors.values())).user_ids
+        lookup = {v: round(recs_latency_ms(Path(tmp) / v / "warehouse.duckdb", users), 1) for v in rows}
+        import duckdb
+
+        with duckdb.connect(str(Path(tmp) / "on" / "warehouse.duckdb"), read_only=True) as con:
+            (history_mb,) = con.execute(
+                "SELECT sum(bytes) / 1e6 / count(DISTINCT run_id), sum(rows) // count(DISTINCT run_id) FROM parts "
+                "WHERE kind = 'interactions' AND dropped_at IS NULL"
+            ).fetchall()
+    median = {v: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for v, rs in rows.items()}
+    result = {
+        "benchmark": "publish-history",
+        "workspace": str(args.workspace),
+        "vectors": f"synthetic, dim {args.dim}",
+        "machine": machine_info(),
+        "threads": args.threads,
+        "k": args.k,
+        "rounds": args.publishes,
+        "publishes": rows,
+        "median": median,
+        "history_mb_per_run": round(history_mb[0], 2),
+        "history_rows_per_run": int(history_mb[1]),
+        "recs_lookup_ms": lookup,
+        "ratios_on_over_off": {
+            k: round(median["on"][k] / median["off"][k], 3) for k in ("seconds", "cpu_s", "data_mb")
+        },
+    }
+    out = REPO / "bench" / "results" / "publish-history.json"
+    write_result(out, result)
+    print(
+        f"publish with and without the users' histories ({args.publishes} rounds in turns, {args.threads} threads)"
+    )
+    print(
+        f"{'history':8} {'seconds':>8} {'cpu s':>8} {'parts MB':>9} {'stage s':>8} {'parts s':>8} {'recs ms':>8}"
+    )
+    for v, m in median.items():
+        print(
+            f"{v:8} {m['seconds']:>8.2f} {m['cpu_s']:>8.2f} {m['data_mb']:>9.2f} {m['stage_s']:>8.2f} "
+            f"{m['parts_write_s']:>8.2f} {lookup[v]:>8.1f}"
+        )
+    print(
+        f"on / off: {result['ratios_on_over_off']}; history parts {result['history_mb_per_run']} MB a run -> {out}"
+    )
 
 
 # ---- table 1: publish cost against retention and size --------------------------------------------------
@@ -505,6 +590,7 @@ def main() -> None:
     ap.add_argument("--cost-table", action="store_true", help="publish cost against retention and size")
     ap.add_argument("--scales", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4])
     ap.add_argument("--retentions", type=lambda s: [int(x) for x in s.split(",")], default=[1, 7, 30])
+    ap.add_argument("--history-table", action="store_true", help="publish.history on against off")
     ap.add_argument("--index-table", action="store_true", help="FAISS index kinds by catalogue size")
     ap.add_argument(
         "--index-items", type=lambda s: [int(x) for x in s.split(",")], default=[36_000, 360_000, 3_600_000]
@@ -521,6 +607,8 @@ def main() -> None:
     progress.set_enabled(False)
     if args.cost_table:
         cost_table(args)
+    elif args.history_table:
+        history_table(args)
     elif args.index_table:
         index_table(args)
     else:

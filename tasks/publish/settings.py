@@ -60,7 +60,7 @@ class PublishSettings(StageSettings):
             "Write each user's history (the ingested interactions the run's lists were computed from) "
             "beside the lists: the warehouse's `interactions` and `latest_interactions` views, so analysts "
             "join a list to what the user had in SQL, for any retained run. Off: no history rows, and "
-            "publish saves their writing (about a tenth of a night's bytes on food-kitchen: docs/publish.md)."
+            "publish saves their writing (6 % of a night's bytes on food-kitchen: docs/publish.md)."
         ),
     )
     index: IndexSettings = Field(default_factory=IndexSettings)
