@@ -110,8 +110,8 @@ _EARLY_RUN = dict(
     ],
 )
 def test_early_run_ids_survive_new_switches(model: str, expected: str) -> None:
+    from bridgerec.storage.workspace import config_hash
     from bridgerec.tasks.train import TrainSettings
-    from bridgerec.tasks.train.stage import config_hash
 
     early = TrainSettings(model=model, **_EARLY_RUN, **dict(TrainSettings.hashed_since))
     assert config_hash(early) == expected
@@ -142,10 +142,10 @@ def test_train_settings_survive_their_own_dump() -> None:
     """A dump sets every field, the preset's switches among them: it must validate again (a benchmark's
     child process and a data-parallel job's workers read the settings so; both failed for the default
     model once the preset check came in), with the preset applied and the same config hash."""
+    from bridgerec.storage.workspace import config_hash
     from bridgerec.tasks.train import TrainSettings
     from bridgerec.tasks.train.distributed import DataParallelJob
     from bridgerec.tasks.train.settings import MODEL_PRESETS
-    from bridgerec.tasks.train.stage import config_hash
 
     for model in MODEL_PRESETS:
         settings = TrainSettings(model=model, seed=43)
@@ -211,7 +211,7 @@ def test_id_text_knn_default_env_and_where_it_counts(monkeypatch: pytest.MonkeyP
     """id_text_knn: 10 by default (the hybrid's new items take their text neighbours' rows), 0 for the
     ridge map, set by env; a negative k is refused naming the key; without id_text_fit it changes
     nothing, so it is left out of the run id."""
-    from bridgerec.tasks.train.stage import config_hash
+    from bridgerec.storage.workspace import config_hash
 
     train = load_settings(None).train
     assert train.id_text_knn == 10 and train.model_spec().id_text_knn == 10

@@ -47,8 +47,7 @@ from bridgerec.runtime.runner import step
 from bridgerec.storage import schemas
 from bridgerec.storage.files import atomic_path
 from bridgerec.storage.runs import RunDir
-from bridgerec.storage.workspace import Workspace, hash_json
-from bridgerec.storage.workspace import config_hash as workspace_config_hash
+from bridgerec.storage.workspace import Workspace, config_hash, hash_json
 from bridgerec.tasks.context import StageRun
 from bridgerec.tasks.train.checkpoint import load_weights, save_checkpoint, save_weights
 from bridgerec.tasks.train.files import input_files, input_hashes
@@ -130,11 +129,6 @@ class TrainSummary(BaseModel):
             + (" (skipped: already trained)" if self.skipped else "")
         )
         return [TableReport(f"train-metrics-{self.model}", rows, description)]
-
-
-def config_hash(settings: TrainSettings) -> str:
-    """The run id's settings part: the preset applied, then `TrainSettings`' declared hash fields."""
-    return workspace_config_hash(settings)
 
 
 def run_id_for(settings: TrainSettings, hashes: dict[str, str]) -> str:
