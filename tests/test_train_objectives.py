@@ -156,7 +156,7 @@ def test_bce_per_thread_negatives_equal_a_direct_computation() -> None:
 def test_bce_negatives_is_part_of_the_run_id_only_where_it_applies(
     model: str, objective: str, applies: bool
 ) -> None:
-    from bridgerec.tasks.train.stage import config_hash
+    from bridgerec.storage.workspace import config_hash
 
     per_thread = TrainSettings(model=model, objective=objective)
     assert per_thread.bce_negatives == "per_thread" and per_thread.bce_negatives_apply == applies
