@@ -226,8 +226,7 @@ def main() -> None:
     from bridgerec.tasks.enrich.models import profile_model
     from bridgerec.tasks.enrich.profiles import estimate_cost, load_prompts, user_jobs
     from bridgerec.tasks.enrich.texts import item_texts
-    from bridgerec.tasks.ingest.settings import IngestSettings
-    from bridgerec.tasks.ingest.stage import run_ingest
+    from bridgerec.tasks.ingest import IngestSettings, run_ingest
 
     ws, data = Workspace(args.workspace), food_kitchen(args.data)
     run_ingest(

@@ -47,8 +47,8 @@ def main() -> None:
     from bridgerec.models.registry import build_model
     from bridgerec.models.trainer import epoch_positions, training_batch
     from bridgerec.storage.workspace import Workspace
+    from bridgerec.tasks.train import TrainSettings
     from bridgerec.tasks.train.inputs import load_catalog, load_item_tables, load_sequences
-    from bridgerec.tasks.train.settings import TrainSettings
 
     sys_path = str(REPO / "bench")
     import sys

@@ -26,8 +26,7 @@ GOALS = {"seconds": 30.0, "peak_rss_mb": 2048.0}
 
 def one_run(data: Path, threads: int) -> dict:
     from bridgerec.storage.workspace import Workspace
-    from bridgerec.tasks.ingest.settings import IngestSettings
-    from bridgerec.tasks.ingest.stage import run_ingest
+    from bridgerec.tasks.ingest import IngestSettings, run_ingest
 
     settings = IngestSettings(items=data / "items.csv.gz", interactions=data / "interactions.csv.gz")
     with tempfile.TemporaryDirectory() as tmp:

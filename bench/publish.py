@@ -46,8 +46,7 @@ GOAL_SECONDS = 60.0
 
 def ensure_ingested(workspace: Path, data: Path) -> None:
     from bridgerec.storage.workspace import Workspace
-    from bridgerec.tasks.ingest.settings import IngestSettings
-    from bridgerec.tasks.ingest.stage import run_ingest
+    from bridgerec.tasks.ingest import IngestSettings, run_ingest
 
     if Workspace(workspace).read_manifest("ingest") is None:
         data = food_kitchen(data)
@@ -315,8 +314,7 @@ def resampled_workspace(base: Path, data: Path, scale: int, threads: int) -> Pat
     import gzip
 
     from bridgerec.storage.workspace import Workspace
-    from bridgerec.tasks.ingest.settings import IngestSettings
-    from bridgerec.tasks.ingest.stage import run_ingest
+    from bridgerec.tasks.ingest import IngestSettings, run_ingest
 
     root = base.with_name(f"{base.name}-x{scale}") if scale > 1 else base
     if scale == 1:

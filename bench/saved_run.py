@@ -18,9 +18,9 @@ from bridgerec.models.base import Recommender
 from bridgerec.models.data import Catalog, EvalSplit
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks import StageRun
+from bridgerec.tasks.train import TrainSettings
 from bridgerec.tasks.train.export import load_run
 from bridgerec.tasks.train.inputs import TrainInputs, load_inputs
-from bridgerec.tasks.train.settings import TrainSettings
 
 
 def run_arguments(description: str | None) -> argparse.ArgumentParser:

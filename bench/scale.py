@@ -79,8 +79,7 @@ def child(kind: str, args: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(args.get("threads", 2))
     ws = Workspace(args["workspace"])
     if kind == "ingest":
-        from bridgerec.tasks.ingest.settings import IngestSettings
-        from bridgerec.tasks.ingest.stage import run_ingest
+        from bridgerec.tasks.ingest import IngestSettings, run_ingest
 
         d = Path(args["data"])
         s = IngestSettings(
@@ -90,8 +89,7 @@ def child(kind: str, args: dict[str, Any]) -> dict[str, Any]:
         r = run_ingest(StageRun(s, ws, threads=2, force=True))
         return {"rows": r.accounting["interactions"]["read"], "users": r.users, "items": r.items}
     if kind == "train":
-        from bridgerec.tasks.train.settings import TrainSettings
-        from bridgerec.tasks.train.stage import run_train
+        from bridgerec.tasks.train import TrainSettings, run_train
 
         dp = {"workers": 2, "launcher": "ray"} if args["runner"] == "ray" else {"workers": 1}
         s = TrainSettings(**TRAIN, data_parallel=dp)
@@ -105,8 +103,7 @@ def child(kind: str, args: dict[str, Any]) -> dict[str, Any]:
             "run_id": r.run_id,
         }  # fmt: skip
     if kind == "publish":
-        from bridgerec.tasks.publish.settings import PublishSettings
-        from bridgerec.tasks.publish.stage import run_publish
+        from bridgerec.tasks.publish import PublishSettings, run_publish
 
         p = run_publish(StageRun(PublishSettings(), ws, threads=2, force=True))
         return {"rows": p.users, "rows_written": p.rows, "timings": p.timings}
@@ -120,9 +117,8 @@ def child(kind: str, args: dict[str, Any]) -> dict[str, Any]:
 def _catalogue(ws: Any, args: dict[str, Any]) -> dict[str, Any]:
     """FAISS build + exact top-20 search of a user sample over the catalogue copied k times."""
     from bridgerec.storage.vectors import DomainVectors
+    from bridgerec.tasks.publish import PublishSettings, resolve_trained_run
     from bridgerec.tasks.publish.recommend import recommend_domain
-    from bridgerec.tasks.publish.settings import PublishSettings
-    from bridgerec.tasks.publish.stage import resolve_trained_run
     from bridgerec.tasks.train import TrainOutputs
 
     k, n_users = args["k"], args["users"]
@@ -152,8 +148,7 @@ def _enrich(ws: Any, args: dict[str, Any]) -> dict[str, Any]:
     from bridgerec.flows.stage import flow_for
     from bridgerec.stages import STAGE
     from bridgerec.tasks import StageRun
-    from bridgerec.tasks.enrich import EnrichSections
-    from bridgerec.tasks.enrich.settings import EnrichSettings, ProfileSettings
+    from bridgerec.tasks.enrich import EnrichSections, EnrichSettings, ProfileSettings
 
     enrich = EnrichSettings(items_per_shard=args["items"] // 2, local_dim=32, global_dim=128)
     run = StageRun(EnrichSections(enrich, ProfileSettings(mode="none")), ws, threads=args["threads"])

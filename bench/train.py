@@ -45,8 +45,8 @@ import json, sys
 from pathlib import Path
 import bridgerec.runtime.prefect_env
 from bridgerec.storage.workspace import Workspace
-from bridgerec.tasks.train.settings import TrainSettings
-from bridgerec.tasks.train.stage import run_train
+from bridgerec.tasks.train import TrainSettings
+from bridgerec.tasks.train import run_train
 sys.path.insert(0, "bench")
 from train import authors_protocol, epoch_history, short_history_ndcg
 from bridgerec.tasks import StageRun

@@ -50,8 +50,7 @@ def prefect_harness() -> Iterator[None]:
 def sample_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The bundled sample ingested into a session-wide workspace (read-only for tests)."""
     from bridgerec.storage.workspace import Workspace
-    from bridgerec.tasks.ingest.settings import IngestSettings
-    from bridgerec.tasks.ingest.stage import run_ingest
+    from bridgerec.tasks.ingest import IngestSettings, run_ingest
 
     root = tmp_path_factory.mktemp("sample_ws")
     settings = IngestSettings(items=SAMPLE / "items.csv.gz", interactions=SAMPLE / "interactions.csv.gz")

@@ -8,8 +8,7 @@ from pathlib import Path
 
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks import StageRun
-from bridgerec.tasks.ingest.settings import IngestSettings
-from bridgerec.tasks.ingest.stage import run_ingest
+from bridgerec.tasks.ingest import IngestSettings, run_ingest
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 LONG_ITEM = "LONGTITLE01"

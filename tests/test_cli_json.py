@@ -214,7 +214,7 @@ def test_a_night_stopped_by_its_data_checks_is_an_input_fault(prefect_harness: N
     a bad file does, not 1 (a failure of the code)."""
     from bridgerec.config import load_settings
     from bridgerec.storage.workspace import Workspace
-    from bridgerec.tasks.quality.datachecks import check_data, keep_data_snapshot
+    from bridgerec.tasks.quality import check_data, keep_data_snapshot
 
     big, small = tmp_path / "big", tmp_path / "small"
     big.mkdir(), small.mkdir()

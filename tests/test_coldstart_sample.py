@@ -17,10 +17,9 @@ import pytest
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks import StageRun
 from bridgerec.tasks.ingest import IngestSettings, run_ingest
-from bridgerec.tasks.publish.settings import PublishSettings
-from bridgerec.tasks.publish.stage import run_publish
+from bridgerec.tasks.publish import PublishSettings, run_publish
+from bridgerec.tasks.train import run_train
 from bridgerec.tasks.train.settings import ColdStartSettings, TrainSettings
-from bridgerec.tasks.train.stage import run_train
 from tests.train_data import FAST, SAMPLE, run_enrich_like_tests
 
 pytestmark = pytest.mark.slow  # minutes: scheduled first (tests/conftest.py)

@@ -143,9 +143,8 @@ def test_train_settings_survive_their_own_dump() -> None:
     child process and a data-parallel job's workers read the settings so; both failed for the default
     model once the preset check came in), with the preset applied and the same config hash."""
     from bridgerec.storage.workspace import config_hash
-    from bridgerec.tasks.train import TrainSettings
+    from bridgerec.tasks.train import MODEL_PRESETS, TrainSettings
     from bridgerec.tasks.train.distributed import DataParallelJob
-    from bridgerec.tasks.train.settings import MODEL_PRESETS
 
     for model in MODEL_PRESETS:
         settings = TrainSettings(model=model, seed=43)

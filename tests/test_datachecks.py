@@ -10,8 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bridgerec.storage.workspace import Workspace
-from bridgerec.tasks.quality.datachecks import check_data, keep_data_snapshot
-from bridgerec.tasks.quality.settings import DataCheckSettings
+from bridgerec.tasks.quality import DataCheckSettings, check_data, keep_data_snapshot
 
 
 def _night(root: Path, users: dict[str, int], extra_kitchen: int = 0) -> Workspace:

@@ -20,12 +20,16 @@ import pytest
 from bridgerec.storage import schemas
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks import StageRun
-from bridgerec.tasks.enrich import EnrichOutputs, EnrichSections
+from bridgerec.tasks.enrich import (
+    EnrichOutputs,
+    EnrichSections,
+    EnrichSettings,
+    ProfileSettings,
+    embedding_model,
+    run_enrich,
+)
 from bridgerec.tasks.enrich.engine import Embedder, EnginePool, EngineSpec, shared_engines
 from bridgerec.tasks.enrich.items import to_matrix
-from bridgerec.tasks.enrich.models import embedding_model
-from bridgerec.tasks.enrich.settings import EnrichSettings, ProfileSettings
-from bridgerec.tasks.enrich.stage import run_enrich
 from tests.enrich_data import LONG_ITEM, slice_workspace
 
 pytestmark = pytest.mark.slow  # minutes: scheduled first (tests/conftest.py)
@@ -304,7 +308,7 @@ def test_prepared_models_live_in_the_user_cache_whatever_the_working_directory(
 ) -> None:
     """The default SmolLM2 folder and INT8 copies are in the user's cache (XDG_CACHE_HOME honoured), not
     under the working directory: a job started from another folder reuses the conversion made once."""
-    from bridgerec.tasks.enrich.settings import EnrichSettings
+    from bridgerec.tasks.enrich import EnrichSettings
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     for cwd in (tmp_path / "a", tmp_path / "b"):

@@ -12,12 +12,11 @@ import pytest
 from bridgerec.config import ConfigError, load_settings
 from bridgerec.storage.checkpoints import Checkpoints
 from bridgerec.storage.workspace import Workspace
-from bridgerec.tasks.enrich import EnrichOutputs
+from bridgerec.tasks.enrich import EnrichOutputs, EnrichSettings, ProfileSettings
 from bridgerec.tasks.enrich.batching import Failed, run_resilient
 from bridgerec.tasks.enrich.models import model_fingerprint, model_id
 from bridgerec.tasks.enrich.pca import fit_pca
 from bridgerec.tasks.enrich.profiles import cap_fill, clean_generated, estimate_cost, load_prompts, user_jobs
-from bridgerec.tasks.enrich.settings import EnrichSettings, ProfileSettings
 from bridgerec.tasks.enrich.texts import clean_field, item_texts, text_hash
 
 
@@ -268,7 +267,7 @@ def test_w8a8_copy_is_made_once_and_named_apart(tmp_path: Path) -> None:
     import torch
     from safetensors import safe_open
 
-    from bridgerec.tasks.enrich.models import ModelError, embedding_model
+    from bridgerec.tasks.enrich import ModelError, embedding_model
     from bridgerec.tasks.enrich.settings import packaged_embedding_model
 
     settings = EnrichSettings(quantization="w8a8", quantized_dir=tmp_path / "models")

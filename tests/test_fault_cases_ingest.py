@@ -24,9 +24,7 @@ from case_files import CASES, copy_case
 
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks import StageRun
-from bridgerec.tasks.ingest.preprocess import IngestError
-from bridgerec.tasks.ingest.settings import IngestSettings
-from bridgerec.tasks.ingest.stage import run_ingest
+from bridgerec.tasks.ingest import IngestError, IngestSettings, run_ingest
 
 
 def _ingest(
@@ -144,7 +142,7 @@ import pyarrow.parquet as pq
 from bridgerec.config import load_settings
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks import StageRun
-from bridgerec.tasks.ingest.stage import run_ingest
+from bridgerec.tasks.ingest import run_ingest
 out = {}
 for name, job in json.loads(sys.argv[1]).items():
     settings = load_settings(None, job).ingest

@@ -23,10 +23,10 @@ from bridgerec.runtime.terminal import printable, shown
 from bridgerec.storage import warehouse as wh
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks import StageRun
-from bridgerec.tasks.ingest.stage import run_ingest
+from bridgerec.tasks.ingest import run_ingest
 from bridgerec.tasks.ingest.text import clean_text
-from bridgerec.tasks.publish.stage import run_publish
-from bridgerec.tasks.train.stage import run_train
+from bridgerec.tasks.publish import run_publish
+from bridgerec.tasks.train import run_train
 
 # What a terminal obeys: C0 controls but tab and newline, DEL, C1 controls, bidirectional overrides and isolates.
 TERMINAL_COMMANDS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")

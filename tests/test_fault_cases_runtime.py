@@ -137,9 +137,9 @@ def published_case(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from bridgerec.config import load_settings
     from bridgerec.storage.workspace import Workspace
     from bridgerec.tasks import StageRun
-    from bridgerec.tasks.ingest.stage import run_ingest
-    from bridgerec.tasks.publish.stage import run_publish
-    from bridgerec.tasks.train.stage import run_train
+    from bridgerec.tasks.ingest import run_ingest
+    from bridgerec.tasks.publish import run_publish
+    from bridgerec.tasks.train import run_train
 
     here = tmp_path_factory.mktemp("published") / "27-damaged-warehouse"
     shutil.copytree(CASES / "27-damaged-warehouse", here)

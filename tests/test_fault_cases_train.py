@@ -33,10 +33,10 @@ from bridgerec.models.registry import build_model
 from bridgerec.models.trainer import FitConfig, TrainingDiverged, train_epoch
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks import StageRun
-from bridgerec.tasks.ingest.stage import run_ingest
-from bridgerec.tasks.publish.stage import run_publish
+from bridgerec.tasks.ingest import run_ingest
+from bridgerec.tasks.publish import run_publish
+from bridgerec.tasks.quality import GateSettings
 from bridgerec.tasks.quality.gate import decide
-from bridgerec.tasks.quality.settings import GateSettings
 from bridgerec.tasks.train.inputs import load_catalog, load_sequences
 from bridgerec.tasks.train.stage import run_train, select_best
 

@@ -10,8 +10,8 @@ import duckdb
 import pytest
 
 from bridgerec.storage import warehouse as wh
+from bridgerec.tasks.quality import GateSettings
 from bridgerec.tasks.quality.gate import decide
-from bridgerec.tasks.quality.settings import GateSettings
 
 
 def _night(status: str, **kw: object) -> wh.NightRecord:
@@ -139,7 +139,7 @@ def _publish(path: Path, run_id: str, lists: dict[str, list[str]]) -> None:
 
 
 def test_list_stability_churn_coverage_and_concentration(tmp_path: Path) -> None:
-    from bridgerec.tasks.quality.stability import describe_stability, list_stability
+    from bridgerec.tasks.quality import describe_stability, list_stability
 
     path = tmp_path / "wh.duckdb"
     _publish(path, "a", {"u1": ["i0", "i1", "i2", "i3"], "u2": ["i0", "i1", "i2", "i3"]})
@@ -248,9 +248,8 @@ def test_the_report_of_an_unchanged_night_says_the_lists_did_not_change(tmp_path
     says the lists are unchanged, not that "the first published run has nothing to compare with" (a new
     user's trial read that on its ninth night)."""
     from bridgerec.storage.workspace import Workspace
-    from bridgerec.tasks.report import collect_night
-    from bridgerec.tasks.report.settings import ReportSettings
-    from bridgerec.tasks.train.settings import TrainSettings
+    from bridgerec.tasks.report import ReportSettings, collect_night
+    from bridgerec.tasks.train import TrainSettings
 
     summary = {
         "night_id": "night-9",

@@ -12,10 +12,7 @@ import pytest
 
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks import StageRun
-from bridgerec.tasks.ingest.preprocess import IngestError
-from bridgerec.tasks.ingest.settings import IngestSettings
-from bridgerec.tasks.ingest.sources import SourceError
-from bridgerec.tasks.ingest.stage import run_ingest
+from bridgerec.tasks.ingest import IngestError, IngestSettings, SourceError, run_ingest
 
 ITEMS_CSV = """item_id,domain,title,brand
 i1,food,Apple,Orchard

@@ -14,9 +14,7 @@ from pydantic import ValidationError
 
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks import StageRun
-from bridgerec.tasks.ingest.settings import IngestSettings
-from bridgerec.tasks.ingest.sources import SourceError
-from bridgerec.tasks.ingest.stage import run_ingest
+from bridgerec.tasks.ingest import IngestSettings, SourceError, run_ingest
 from tests.conftest import SAMPLE
 
 ITEMS = {"item_id": "product_id", "domain": "department", "title": "Product Name"}

@@ -22,8 +22,8 @@ import pytest
 from bridgerec.runtime.errors import EXIT_INPUT, InputError
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks import StageRun
+from bridgerec.tasks.ingest import run_ingest
 from bridgerec.tasks.ingest.settings import AmazonDomainFiles, IngestSettings, TimestampSettings
-from bridgerec.tasks.ingest.stage import run_ingest
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "ingest.md"
 BEGIN, END = "<!-- fault-table:begin -->", "<!-- fault-table:end -->"

@@ -12,7 +12,7 @@ from bridgerec.flows.stage import flow_for
 from bridgerec.stages import STAGE
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks import StageRun
-from bridgerec.tasks.ingest.settings import IngestSettings
+from bridgerec.tasks.ingest import IngestSettings
 from tests.conftest import SAMPLE
 
 REQUIRED_KEYS = {

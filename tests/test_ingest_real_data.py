@@ -10,8 +10,7 @@ import pytest
 
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks import StageRun
-from bridgerec.tasks.ingest.settings import IngestSettings
-from bridgerec.tasks.ingest.stage import run_ingest
+from bridgerec.tasks.ingest import IngestSettings, run_ingest
 from tests.conftest import SAMPLE, SHARED_DATA
 
 FULL = SHARED_DATA if (SHARED_DATA / "interactions.csv.gz").exists() else None

@@ -30,11 +30,9 @@ from bridgerec.runtime.errors import InputError, is_transient
 from bridgerec.storage import warehouse as wh
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks import StageRun
-from bridgerec.tasks.ingest.preprocess import IngestError
-from bridgerec.tasks.ingest.settings import IngestSettings
-from bridgerec.tasks.ingest.stage import run_ingest
-from bridgerec.tasks.publish.stage import run_publish
-from bridgerec.tasks.train.stage import run_train
+from bridgerec.tasks.ingest import IngestError, IngestSettings, run_ingest
+from bridgerec.tasks.publish import run_publish
+from bridgerec.tasks.train import run_train
 
 
 def _reconciles(summary: dict) -> None:

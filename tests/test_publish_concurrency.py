@@ -13,8 +13,7 @@ from publish_data import workspace_vectors
 
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks import StageRun
-from bridgerec.tasks.publish.settings import PublishSettings
-from bridgerec.tasks.publish.stage import run_publish
+from bridgerec.tasks.publish import PublishSettings, run_publish
 
 READER = Path(__file__).with_name("publish_reader.py")
 

@@ -22,9 +22,8 @@ from bridgerec.cli import app
 from bridgerec.storage.index_store import IndexStore
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks import StageRun
-from bridgerec.tasks.publish.settings import PublishSettings
-from bridgerec.tasks.train.settings import TrainSettings
-from bridgerec.tasks.train.stage import run_train
+from bridgerec.tasks.publish import PublishSettings
+from bridgerec.tasks.train import TrainSettings, run_train
 
 
 @pytest.fixture(scope="module")

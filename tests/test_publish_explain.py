@@ -19,11 +19,9 @@ from typer.testing import CliRunner
 from bridgerec.cli import app
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks import StageRun
+from bridgerec.tasks.publish import PublishSettings, run_publish
 from bridgerec.tasks.publish.explain import REFERENCE_ITEMS, closest_in_history, reference_sample
-from bridgerec.tasks.publish.settings import PublishSettings
-from bridgerec.tasks.publish.stage import run_publish
-from bridgerec.tasks.train.settings import TrainSettings
-from bridgerec.tasks.train.stage import run_train
+from bridgerec.tasks.train import TrainSettings, run_train
 from tests.train_data import FAST
 
 pytestmark = pytest.mark.slow  # the real enrich output: minutes, scheduled first (tests/conftest.py)

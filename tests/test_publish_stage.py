@@ -26,8 +26,7 @@ from bridgerec.storage.vectors import DomainVectors
 from bridgerec.storage.warehouse import record_run_status
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks import StageRun
-from bridgerec.tasks.publish.settings import PublishSettings
-from bridgerec.tasks.publish.stage import PublishError, run_publish
+from bridgerec.tasks.publish import PublishError, PublishSettings, run_publish
 from tests.conftest import REPO
 
 

@@ -222,8 +222,7 @@ def test_publish_shards_on_ray_equal_one_process(
 
     from bridgerec.flows.stage import task_runner
     from bridgerec.stages import STAGE
-    from bridgerec.tasks.publish.settings import PublishSettings
-    from bridgerec.tasks.publish.stage import run_publish
+    from bridgerec.tasks.publish import PublishSettings, run_publish
 
     shutil.copytree(sample_workspace / "ingest", tmp_path / "ws" / "ingest")
     ws = Workspace(tmp_path / "ws")

@@ -20,8 +20,8 @@ from bridgerec.models.registry import build_model
 from bridgerec.models.trainer import FitConfig, LossStep, Ranks, set_seed, train_epoch
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks import StageRun
+from bridgerec.tasks.train import TrainSettings
 from bridgerec.tasks.train.inputs import load_catalog, load_sequences
-from bridgerec.tasks.train.settings import TrainSettings
 from tests.conftest import REPO
 from tests.train_data import FAST
 
@@ -115,7 +115,7 @@ def test_ddp_weights_equal_one_process_weights(
 
 
 def _train(root: Path, **overrides: Any) -> Any:
-    from bridgerec.tasks.train.stage import run_train
+    from bridgerec.tasks.train import run_train
 
     settings = TrainSettings(
         model="sasrec", **(FAST | {"epochs": 3, "patience": 3, "dropout": 0.0} | overrides)

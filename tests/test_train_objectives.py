@@ -21,7 +21,7 @@ from bridgerec.models.objectives import draw_shared_negatives, sampling_probs
 from bridgerec.models.optim import Optimizer
 from bridgerec.models.registry import ItemTables, build_model
 from bridgerec.models.trainer import FitConfig, FitState, Ranks, fit, rank_share, train_epoch, validate
-from bridgerec.tasks.train.settings import TrainSettings
+from bridgerec.tasks.train import TrainSettings
 from bridgerec.tasks.train.stage import select_best
 
 # Two domains: "a" = global ids 1..6 (local 1..6), "b" = global ids 7..11 (local 1..5).

@@ -21,8 +21,7 @@ import torch
 
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks import StageRun
-from bridgerec.tasks.train.settings import TrainSettings
-from bridgerec.tasks.train.stage import run_train
+from bridgerec.tasks.train import TrainSettings, run_train
 from tests.train_data import FAST
 
 pytestmark = pytest.mark.slow  # minutes: scheduled first (tests/conftest.py)
@@ -68,8 +67,8 @@ def test_llm4cdsr_learns_and_beats_random(trained) -> None:
 
 def test_profiles_see_only_the_training_prefix(workspace: Path) -> None:
     """The profile prompts are built from the training prefix: no validation or test title gets in."""
+    from bridgerec.tasks.enrich import ProfileSettings
     from bridgerec.tasks.enrich.profiles import user_jobs
-    from bridgerec.tasks.enrich.settings import ProfileSettings
     from bridgerec.tasks.enrich.texts import clean_field
 
     ws = Workspace(workspace)

@@ -737,7 +737,7 @@ def test_text_prior_decay_weighs_the_history_by_recency_and_ignores_padding() ->
         assert torch.allclose(model.prior_users(padded), by_hand, atol=1e-6)
         model.set_text_prior(2.0)
         assert torch.allclose(model.user_vectors(inputs, 1)[:, -24:], 2.0 * by_hand, atol=1e-6)
-    from bridgerec.tasks.train.settings import TrainSettings
+    from bridgerec.tasks.train import TrainSettings
 
     assert TrainSettings().model_spec(global_dim=24, local_dim=12).text_prior_decay == 0.5  # the default
     off = TrainSettings(text_prior=False)
@@ -944,7 +944,7 @@ def test_the_auto_guard_floors_ndcg_where_validation_measures_it_and_exposure_el
     text_prior_new_items_guard_rse, the floor on exposure where not (or where it is 0); the other
     guards keep their floor whatever the error."""
     from bridgerec.models.evaluate import PriorFit
-    from bridgerec.tasks.train.settings import TrainSettings
+    from bridgerec.tasks.train import TrainSettings
     from bridgerec.tasks.train.stage import guard_floor_on, untrained_rse
 
     def untrained(figure: float, se: float) -> PriorFit:

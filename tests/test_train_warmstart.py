@@ -27,9 +27,8 @@ from bridgerec.models.warmstart import ItemSpace, warm_state
 from bridgerec.storage.runs import RunDir
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks import StageRun
-from bridgerec.tasks.train import TrainOutputs
+from bridgerec.tasks.train import TrainOutputs, TrainSettings
 from bridgerec.tasks.train.inputs import load_catalog, load_item_tables, load_sequences
-from bridgerec.tasks.train.settings import TrainSettings
 from bridgerec.tasks.train.stage import TrainSummary, run_id_for, run_train
 from tests.train_data import FAST, NEW_ITEMS, next_night, run_enrich_like_tests
 
@@ -66,8 +65,7 @@ def _copy(src: Path, dst: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def nights(enriched_workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> Nights:
-    from bridgerec.tasks.ingest.settings import IngestSettings
-    from bridgerec.tasks.ingest.stage import run_ingest
+    from bridgerec.tasks.ingest import IngestSettings, run_ingest
 
     root = tmp_path_factory.mktemp("warm")
     ws_path = root / "ws"

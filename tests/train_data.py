@@ -44,8 +44,7 @@ def run_enrich_like_tests(workspace: Workspace) -> None:
     """The real enrich stage with the train tests' settings: vLLM MiniLM item embeddings and PCA tables
     (local tables as wide as the tests' hidden size: the domain threads take them frozen, as in the
     paper), greedy short SmolLM2 profiles for the first 12 users only (cheap, identical on every run)."""
-    from bridgerec.tasks.enrich.settings import EnrichSettings, ProfileSettings
-    from bridgerec.tasks.enrich.stage import run_enrich
+    from bridgerec.tasks.enrich import EnrichSettings, ProfileSettings, run_enrich
 
     profiles = ProfileSettings(
         max_users=12, temperature=0, analyzer_max_tokens=16, summarizer_max_tokens=32, titles_per_cluster=5
