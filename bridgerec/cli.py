@@ -1066,6 +1066,10 @@ def recs(
             help="Any retained run, or a night (the run it left serving): time travel; default: the latest.",
         ),
     ] = None,
+    history: Annotated[
+        int,
+        typer.Option("--history", min=0, help="The user's most recent interactions shown (0: none)."),
+    ] = 10,
     warehouse: WarehouseOpt = None,
     workspace: WorkspaceOpt = None,
     config: ConfigOpt = None,
@@ -1078,7 +1082,7 @@ def recs(
 
     path = _warehouse(warehouse, config, workspace)
     try:
-        result = user_recommendations(path, user, domain, run_id)
+        result = user_recommendations(path, user, domain, run_id, history)
     except WarehouseError as exc:
         _fail(str(exc))
     _emit(result, as_json, _render_recs)

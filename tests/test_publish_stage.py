@@ -303,6 +303,10 @@ def test_cli_recs_and_runs_list(published: tuple[Path, dict], tmp_path: Path) ->
     assert [(h["position"], h["item_id"]) for h in got["history"]] == had and had
     assert all(h["title"] and h["domain"] in ("food", "kitchen") for h in got["history"])
     out = runner.invoke(
+        app, ["recs", "--warehouse", str(warehouse), "--user", user, "--history", "2", "--json"]
+    )
+    assert [h["position"] for h in json.loads(out.stdout)["history"]] == [p for p, _ in had[:2]], out.output
+    out = runner.invoke(
         app, ["recs", "--warehouse", str(warehouse), "--user", user, "--domain", "food", "--json"]
     )
     assert out.exit_code == 0 and list(json.loads(out.stdout)["recommendations"]) == ["food"], out.output
