@@ -1099,7 +1099,9 @@ def _render_recs(r: dict) -> None:
     out.print(f"[italic]profile:[/] {shown(r['profile'], none)}")
     for interest in r.get("interests") or []:
         out.print(f"  - {shown(interest)}")
-    if r.get("history"):
+    if r.get("history") is None:
+        out.print("[italic]recent history:[/] (not published with this run: publish.history was off)")
+    elif r["history"]:
         out.print("[italic]recent history[/] (newest first, as this run read it):")
         for h in r["history"]:
             when = f", {h['timestamp'][:10]}" if h.get("timestamp") else ""

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from bridgerec.cli import app, duckdb_cli, sql_shell_command
 from bridgerec.runtime.runner import Runner
+from bridgerec.storage import warehouse as wh
 from bridgerec.storage.index_store import IndexStore
 from bridgerec.storage.vectors import DomainVectors
 from bridgerec.storage.warehouse import record_run_status
@@ -141,6 +142,7 @@ def test_every_user_gets_k_unseen_items_per_domain_ranked_by_score(
     )
     assert run[:6] == ("completed", 20, 1000, 6447, 8896, 2)
     assert sql(warehouse, "SELECT count(*) FROM interactions WHERE run_id = 'run-a'") == [(8896,)]
+    assert sql(warehouse, "SELECT n_history FROM latest_run") == [(8896,)] and s.history_rows == 8896
     assert Path(run[6]).name == "run-a"
 
 
@@ -171,7 +173,7 @@ def test_rows_match_brute_force_and_the_saved_index(published: tuple[Path, dict]
 def test_exclusion_matters_and_can_be_turned_off(profiled_workspace: Path, tmp_path: Path) -> None:
     warehouse = tmp_path / "w.duckdb"
     vectors = workspace_vectors(profiled_workspace, seed=0)
-    run_publish(
+    off = run_publish(
         StageRun(
             PublishSettings(k=5, exclude_seen=False, history=False),
             Workspace(profiled_workspace),
@@ -185,6 +187,9 @@ def test_exclusion_matters_and_can_be_turned_off(profiled_workspace: Path, tmp_p
     assert sql(warehouse, "SELECT count(*), typeof(any_value(timestamp)) FROM latest_interactions") == [
         (0, "TIMESTAMP WITH TIME ZONE")
     ]
+    # ... and the run says so, where a user without history would read the same empty rows.
+    assert sql(warehouse, "SELECT n_history FROM latest_run") == [(None,)] and off.history_rows is None
+    assert wh.user_recommendations(warehouse, vectors["food"].user_ids[0])["history"] is None
     interactions = str(profiled_workspace / "ingest" / "interactions.parquet")
     (n,) = sql(
         warehouse,
@@ -382,6 +387,9 @@ def test_docs_sql_examples_run_on_a_published_warehouse(
     side_by_side = results[4]  # the user's history, newest first, then their top 5 per domain
     assert [r[0] for r in side_by_side] == ["had"] * had + ["recommended"] * 10 and had
     assert [r[1] for r in side_by_side[:had]] == list(range(had - 1, -1, -1))
+    assert [(r[2], r[1]) for r in side_by_side[had:]] == [
+        (d, n) for d in ("food", "kitchen") for n in range(1, 6)
+    ]
     meanings = results[-1]  # the last example: what latest_recommendations' columns mean
     assert [r[0] for r in meanings][:3] == ["run_id", "user_id", "domain"] and all(r[2] for r in meanings)
 

@@ -94,6 +94,7 @@ def test_fresh_warehouse_is_migrated_and_published(tmp_path: Path) -> None:
         (5, "crashed nights"),
         (6, "parts catalogue"),
         (7, "rows in parquet parts"),
+        (8, "history rows"),
     ]
     assert query(path, "SELECT count(*), count(DISTINCT user_id) FROM latest_recommendations") == [(30, 5)]
     assert query(

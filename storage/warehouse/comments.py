@@ -106,6 +106,8 @@ COLUMNS: dict[str | tuple[str, str], str] = {
     "index_recall": "The lowest recall@k of an approximate index; NULL for exact search",
     "data_bytes": "Bytes of the run's Parquet parts",
     "n_parts": "Number of the run's Parquet parts",
+    "n_history": "Rows the run published in `interactions` (each user's history); NULL: published without "
+    "them (publish.history off, or before histories were published), so its history views read empty",
     (
         "metrics",
         "split",

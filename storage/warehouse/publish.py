@@ -157,19 +157,22 @@ def _record(
         con.unregister("metrics_in")
     seq = con.execute("SELECT coalesce(max(seq), 0) + 1 FROM runs").fetchall()[0][0]
     served = [p for p in parts if p.run_id == run.run_id]
+    history = [p.rows for p in served if p.kind == "interactions"]
     stats = [
         sum(p.rows for p in served if p.kind == "recommendations"),
+        sum(history) if history else None,  # NULL: published without the users' histories
         write_id,
         sum(p.bytes for p in served),
         len(served),
     ]
     con.execute(
-        f"INSERT INTO runs (run_id, seq, status, started_at, finished_at, n_recommendations, write_id, "
-        f"data_bytes, n_parts, {', '.join(_RUN_COLUMNS)}) VALUES (?, ?, 'completed', ?, ?, ?, ?, ?, ?, "
-        f"{', '.join('?' for _ in _RUN_COLUMNS)}) "
+        f"INSERT INTO runs (run_id, seq, status, started_at, finished_at, n_recommendations, n_history, "
+        f"write_id, data_bytes, n_parts, {', '.join(_RUN_COLUMNS)}) VALUES (?, ?, 'completed', ?, ?, ?, ?, ?, "
+        f"?, ?, {', '.join('?' for _ in _RUN_COLUMNS)}) "
         "ON CONFLICT (run_id) DO UPDATE SET seq = excluded.seq, status = excluded.status, "
         "started_at = excluded.started_at, finished_at = excluded.finished_at, "
-        "n_recommendations = excluded.n_recommendations, write_id = excluded.write_id, "
+        "n_recommendations = excluded.n_recommendations, n_history = excluded.n_history, "
+        "write_id = excluded.write_id, "
         "data_bytes = excluded.data_bytes, n_parts = excluded.n_parts, message = NULL, purged_at = NULL, "
         + ", ".join(f"{c} = excluded.{c}" for c in _RUN_COLUMNS),
         [run.run_id, seq, run.started_at, now, *stats, *(getattr(run, c) for c in _RUN_COLUMNS)],

@@ -119,8 +119,9 @@ def user_recommendations(
     path: Path | str, user_id: str, domain: str | None = None, run_id: str | None = None, history: int = 10
 ) -> dict[str, Any]:
     """A user's top-k per domain (with item titles), profile and `history` most recent interactions
-    (newest first, as the run read them; none for runs published without `publish.history`), from the
-    latest run or any retained `run_id` (time travel). Raises WarehouseError naming what is missing."""
+    (newest first, as the run read them, in every domain; None for a run published without them:
+    `publish.history` off), from the latest run or any retained `run_id` (time travel). Raises
+    WarehouseError naming what is missing."""
     folder = Path(path).expanduser().resolve().parent
     with reading(path) as con:
         run = _served_run(con, path, run_id)
@@ -142,12 +143,13 @@ def user_recommendations(
                 f"user {user_id!r} has no recommendations in run {rid!r}"
                 + (f" (its users' ids are like {example})" if example else "")
             )
+        published = run.get("n_history") is not None  # the run's histories were published with it
         had = rows(
             con,
             "SELECT position, domain, item_id, timestamp "
             f"FROM {run_source(con, folder, rid, 'interactions')} WHERE user_id = ? "
             "ORDER BY position DESC LIMIT ?",
-            [user_id, history],
+            [user_id, history if published else 0],
         )
         # Titles of just these items (a join would scan the whole catalogue part: 4x slower measured).
         wanted = {r["item_id"] for r in recs} | {r["because_item_id"] for r in recs if r["because_item_id"]}
@@ -183,6 +185,6 @@ def user_recommendations(
             "user_id": user_id,
             "profile": profile[0][0] if profile else None,
             "interests": (profile[0][1] or []) if profile else [],
-            "history": had,
+            "history": had if published else None,
             "recommendations": by_domain,
         }

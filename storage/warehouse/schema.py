@@ -303,6 +303,16 @@ MIGRATIONS: tuple[Migration, ...] = (
         """,
         move=lambda con, context: context.move_legacy_rows(con),
     ),
+    Migration(
+        8,
+        "history rows",
+        """
+        -- Each user's history is published beside the lists (parts of kind 'interactions', the views
+        -- interactions and latest_interactions): n_history counts the run's rows there, NULL for a run
+        -- published without them (publish.history off, or before this version), whose views read empty.
+        ALTER TABLE runs ADD COLUMN n_history BIGINT;
+        """,
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

@@ -68,6 +68,9 @@ class PublishSummary(BaseModel):
     items_per_domain: dict[str, int] = {}
     k: int = 0
     rows: int = 0
+    history_rows: int | None = (
+        None  # the users' histories published (interactions); None: publish.history off
+    )
     users_short: dict[str, int] = {}  # per domain: users with fewer than k eligible items
     new_items: int = 0  # catalogue items without interactions (ingest)
     new_items_recommended: bool = False  # whether they were eligible for the top-k
@@ -223,18 +226,26 @@ def _already_published(warehouse: Path, run_id: str, ihash: str, index_dir: Path
         return None
     with wh.reading(warehouse, wh.NOTHING_PUBLISHED) as con:
         try:
+            # Every column (SELECT *): a file of an earlier schema lacks the newer ones (n_history).
             cur = con.execute(
-                "SELECT run_id, model, train_run_id, n_users, k, n_recommendations FROM latest_run "
-                "WHERE run_id = ? AND inputs_hash = ?",
-                [run_id, ihash],
+                "SELECT * FROM latest_run WHERE run_id = ? AND inputs_hash = ?", [run_id, ihash]
             )
-            rows = cur.fetchall()
+            names = [d[0] for d in cur.description]
+            found = [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
         except duckdb.CatalogException:  # an empty or foreign file: publish will migrate it
             return None
-    if not rows or not (index_dir / run_id / "manifest.json").exists():
+    if not found or not (index_dir / run_id / "manifest.json").exists():
         return None
-    r = rows[0]
-    return {"run_id": r[0], "model": r[1], "train_run_id": r[2], "users": r[3], "k": r[4], "rows": r[5]}
+    r = found[0]
+    return {
+        "run_id": r["run_id"],
+        "model": r["model"],
+        "train_run_id": r["train_run_id"],
+        "users": r["n_users"],
+        "k": r["k"],
+        "rows": r["n_recommendations"],
+        "history_rows": r.get("n_history"),
+    }
 
 
 @dataclass
@@ -641,6 +652,9 @@ def _summary(
         items_per_domain={d: shape.items for d, shape in plan.domains.items()},
         k=s.k,
         rows=result.rows,
+        history_rows=sum(p.rows for r in results for p in r.parts if p.kind == "interactions")
+        if s.history
+        else None,
         users_short={d: sum(r.short.get(d, 0) for r in results) for d in plan.domains},
         new_items=len(plan.new_ids),
         new_items_recommended=bool(plan.new_ids) and plan.new_note is None,
@@ -666,12 +680,13 @@ def _summary(
         for d, k in summary.index_kinds.items()
     )
     get_logger().info(
-        "publish: run %s, %s rows for %s users x %d domains in %d shards, %.1f MB of parts, in %.1f s "
+        "publish: run %s, %s rows for %s users x %d domains, %s, in %d shards, %.1f MB of parts, in %.1f s "
         "(indexes: %s; purged %s)",
         job.run_id,
         f"{summary.rows:,}",
         f"{summary.users:,}",
         len(plan.domains),
+        f"{summary.history_rows:,} history rows" if summary.history_rows is not None else "no histories",
         summary.shards,
         summary.data_bytes / 1e6,
         summary.seconds,
