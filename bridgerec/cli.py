@@ -1100,7 +1100,10 @@ def _render_recs(r: dict) -> None:
     for interest in r.get("interests") or []:
         out.print(f"  - {shown(interest)}")
     if r.get("history") is None:
-        out.print("[italic]recent history:[/] (not published with this run: publish.history was off)")
+        out.print(
+            "[italic]recent history:[/] (none published with this run: publish.history off, or a run "
+            "published before histories were)"
+        )
     elif r["history"]:
         out.print("[italic]recent history[/] (newest first, as this run read it):")
         for h in r["history"]:
