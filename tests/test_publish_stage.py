@@ -190,6 +190,10 @@ def test_exclusion_matters_and_can_be_turned_off(profiled_workspace: Path, tmp_p
     # ... and the run says so, where a user without history would read the same empty rows.
     assert sql(warehouse, "SELECT n_history FROM latest_run") == [(None,)] and off.history_rows is None
     assert wh.user_recommendations(warehouse, vectors["food"].user_ids[0])["history"] is None
+    out = CliRunner().invoke(
+        app, ["recs", "--warehouse", str(warehouse), "--user", vectors["food"].user_ids[0]]
+    )
+    assert out.exit_code == 0 and "none published with this run" in out.stdout, out.output
     interactions = str(profiled_workspace / "ingest" / "interactions.parquet")
     (n,) = sql(
         warehouse,
