@@ -68,9 +68,8 @@ class PublishSummary(BaseModel):
     items_per_domain: dict[str, int] = {}
     k: int = 0
     rows: int = 0
-    history_rows: int | None = (
-        None  # the users' histories published (interactions); None: publish.history off
-    )
+    # The users' history rows published (the `interactions` view); None: publish.history off.
+    history_rows: int | None = None
     users_short: dict[str, int] = {}  # per domain: users with fewer than k eligible items
     new_items: int = 0  # catalogue items without interactions (ingest)
     new_items_recommended: bool = False  # whether they were eligible for the top-k
@@ -549,18 +548,14 @@ def history_rows(run_id: str, ingest: IngestOutputs) -> pa.Table:
     rows = ingest.table(
         "interactions", columns=["user_id", "seq_pos", "domain_idx", "item_id", "timestamp", "rating"]
     )
-    domains = ingest.table("domains", columns=["domain", "domain_idx"]).sort_by("domain_idx")
-    if domains["domain_idx"].to_pylist() != list(range(domains.num_rows)):
-        raise PublishError(
-            f"the ingest output's domains are not numbered 0..{domains.num_rows - 1}: ingest again"
-        )
-    names = domains["domain"].combine_chunks()
+    domains = ingest.table("domains", columns=["domain", "domain_idx"])
+    row_of = pc.index_in(rows["domain_idx"], value_set=domains["domain_idx"])
     return pa.table(
         {
             "run_id": pa.repeat(pa.scalar(run_id, pa.string()), rows.num_rows),
             "user_id": rows["user_id"],
             "position": rows["seq_pos"],
-            "domain": names.take(rows["domain_idx"].combine_chunks()),
+            "domain": domains["domain"].take(row_of),
             "item_id": rows["item_id"],
             "timestamp": rows["timestamp"],
             "rating": rows["rating"],
