@@ -15,6 +15,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from publish_data import doc_queries, workspace_vectors
 from typer.testing import CliRunner
@@ -511,6 +512,23 @@ def test_publish_cuts_a_shard_for_each_worker_and_splits_the_threads(
     (plan,) = runner.plans
     assert [(s.start, s.stop) for s in plan.shards] == [(0, 250), (250, 500), (500, 750), (750, 1000)]
     assert plan.threads == 1 and summary.rows == 1000 * 2 * 5
+    # Profiles and histories are cut where the shards are (they were once cut by users_per_shard, so
+    # every profile went to shard 0 here): each shard's parts hold its own users, and every shard has some.
+    warehouse = tmp_path / "w.duckdb"
+    users_of: dict[tuple[str, int], set[str]] = {}
+    for kind, shard, root, path in sql(
+        warehouse,
+        "SELECT kind, shard, root, path FROM parts WHERE dropped_at IS NULL"
+        " AND kind IN ('user_profiles', 'interactions') OR (kind = 'recommendations' AND domain = 'food')",
+    ):
+        ids = pq.read_table(warehouse.parent / root / path, columns=["user_id"])["user_id"].to_pylist()
+        users_of.setdefault((kind, shard), set()).update(ids)
+    for kind in ("user_profiles", "interactions"):
+        for k, shard in users_of:
+            assert k != kind or users_of[(kind, shard)] <= users_of[("recommendations", shard)], (kind, shard)
+    # The fixture's 300 profiled users are the first 300 in user order: shards 0 and 1.
+    assert [sh for k, sh in sorted(users_of) if k == "user_profiles"] == [0, 1]
+    assert [sh for k, sh in sorted(users_of) if k == "interactions"] == [0, 1, 2, 3]
 
 
 def test_sharded_publish_in_worker_processes_equals_one_shard(

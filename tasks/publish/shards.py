@@ -133,11 +133,11 @@ def stage_shards(
             pa.table({"user_id": users[s.start : s.stop]}), scratch / "users" / f"{s.index:05d}.parquet"
         )
     if profiles is not None and profiles.num_rows:
-        _stage_profiles(scratch, profiles, run_id, users, users_per_shard, len(shards))
+        _stage_by_shard(scratch / "profiles", profile_rows(run_id, profiles), users, shards)
     if text is not None:
         _stage_text(scratch, text, vectors, users)
     if history is not None:
-        _stage_history(scratch, history, users, shards)
+        _stage_by_shard(scratch / "history", history, users, shards, within="position")
     return shards, n
 
 
@@ -170,34 +170,22 @@ def _align(users: pa.Array, user_ids: list[str]) -> np.ndarray:
     return np.asarray(pos)
 
 
-def _stage_profiles(
-    scratch: Path, profiles: pa.Table, run_id: str, users: pa.Array, per_shard: int, n_shards: int
+def _stage_by_shard(
+    folder: Path, rows: pa.Table, users: pa.Array, shards: tuple[PublishShard, ...], within: str | None = None
 ) -> None:
-    rows = profile_rows(run_id, profiles)
-    position = pc.index_in(rows["user_id"], value_set=users)
-    rows = rows.filter(pc.is_valid(position))  # profiles of users no longer in the data: not published
-    shard_of = np.asarray(pc.drop_null(position)) // per_shard
-    (scratch / "profiles").mkdir()
-    for i in range(n_shards):
-        mine = rows.filter(pa.array(shard_of == i))
-        if mine.num_rows:
-            pq.write_table(mine, scratch / "profiles" / f"{i:05d}.parquet")
-
-
-def _stage_history(
-    scratch: Path, history: pa.Table, users: pa.Array, shards: tuple[PublishShard, ...]
-) -> None:
-    """Cut the history rows by shard: row r goes to the shard holding its user's place in `users`."""
-    place = pc.index_in(history["user_id"], value_set=users)
-    history = history.filter(pc.is_valid(place))
+    """Cut per-user part rows (profiles, histories) by shard: a row goes to the shard holding its user's
+    place in `users`, as `folder/<shard>.parquet`, rows in user order (then by the column `within`, if
+    given). Rows of users not in `users` (no vectors: no longer in the data) are not published."""
+    place = pc.index_in(rows["user_id"], value_set=users)
+    rows = rows.filter(pc.is_valid(place))
     place = np.asarray(pc.drop_null(place))
-    order = np.lexsort((history["position"].to_numpy(), place))
-    history, place = history.take(pa.array(order)), place[order]
+    order = np.lexsort((rows[within].to_numpy(), place)) if within else np.argsort(place, kind="stable")
+    rows, place = rows.take(pa.array(order)), place[order]
     bounds = np.searchsorted(place, [s.start for s in shards] + [len(users)])
-    (scratch / "history").mkdir()
+    folder.mkdir()
     for s, lo, hi in zip(shards, bounds[:-1], bounds[1:], strict=True):
         if hi > lo:
-            pq.write_table(history.slice(lo, hi - lo), scratch / "history" / f"{s.index:05d}.parquet")
+            pq.write_table(rows.slice(lo, hi - lo), folder / f"{s.index:05d}.parquet")
 
 
 @step("score-users", run_name="score-users-{shard.index}", retries=1, retry_delay_s=10)
