@@ -144,12 +144,16 @@ def user_recommendations(
                 + (f" (its users' ids are like {example})" if example else "")
             )
         published = run.get("n_history") is not None  # the run's histories were published with it
-        had = rows(
-            con,
-            "SELECT position, domain, item_id, timestamp "
-            f"FROM {run_source(con, folder, rid, 'interactions')} WHERE user_id = ? "
-            "ORDER BY position DESC LIMIT ?",
-            [user_id, history if published else 0],
+        had = (
+            rows(
+                con,
+                "SELECT position, domain, item_id, timestamp "
+                f"FROM {run_source(con, folder, rid, 'interactions')} WHERE user_id = ? "
+                "ORDER BY position DESC LIMIT ?",
+                [user_id, history],
+            )
+            if published and history > 0
+            else []
         )
         # Titles of just these items (a join would scan the whole catalogue part: 4x slower measured).
         wanted = {r["item_id"] for r in recs} | {r["because_item_id"] for r in recs if r["because_item_id"]}

@@ -86,13 +86,13 @@ def _examples(workspace: Workspace, warehouse: Path, run_id: str, settings: Repo
         if len(out) >= settings.examples:
             break
         try:
-            r = user_recommendations(warehouse, user_id, None, run_id)
+            r = user_recommendations(warehouse, user_id, None, run_id, history=settings.list_length)
         except WarehouseError:
             continue
         r["recommendations"] = {d: rows[: settings.list_length] for d, rows in r["recommendations"].items()}
         r["history"] = [
             {"item_id": h["item_id"], "domain": h["domain"], "title": h["title"]}
-            for h in (r["history"] or [])[: settings.list_length]
+            for h in r["history"] or []
         ]
         out.append(r)
     # A run published without its history (publish.history off): tonight's ingest output has it.
