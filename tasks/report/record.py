@@ -91,8 +91,7 @@ def _examples(workspace: Workspace, warehouse: Path, run_id: str, settings: Repo
             continue
         r["recommendations"] = {d: rows[: settings.list_length] for d, rows in r["recommendations"].items()}
         r["history"] = [
-            {"item_id": h["item_id"], "domain": h["domain"], "title": h["title"]}
-            for h in r["history"] or []
+            {"item_id": h["item_id"], "domain": h["domain"], "title": h["title"]} for h in r["history"] or []
         ]
         out.append(r)
     # A run published without its history (publish.history off): tonight's ingest output has it.
