@@ -1048,10 +1048,33 @@ def deploy_check(
     path = Path(raw).expanduser()
     path = path if path.is_absolute() else home / path
     try:
-        load_settings(path)
+        settings = load_settings(path)
     except ConfigError as exc:
         _fail(f"${CONFIG_ENV}={raw}: " + " ".join(line.strip() for line in str(exc).splitlines()))
+    _check_relative_inputs(settings, path, home)
     _emit({"config": str(path.resolve())}, as_json, lambda r: typer.echo(r["config"]))
+
+
+def _check_relative_inputs(settings: Settings, config: Path, home: Path) -> None:
+    """`error:` when an input file the config names by a relative path is not there from `home`: the
+    deployed runs start in `home` and read relative paths from it (a config written beside its data ran
+    from there by hand, and every deployed night failed at 02:00 in a new user's trial). An absolute path
+    may be missing at deploy time (tonight's export has not arrived); a relative one is a mistake."""
+    from bridgerec.tasks.ingest import SourceError, input_files
+
+    try:
+        files = input_files(settings.ingest)
+    except SourceError as exc:
+        _fail(f"${CONFIG_ENV}={config}: {exc}")
+    for role, file in files.items():
+        if Path(file).is_absolute() or (home / file).is_file():
+            continue
+        beside = (config.resolve().parent / file).resolve()
+        hint = f" (the config's folder has it: {beside})" if beside.is_file() else ""
+        _fail(
+            f"${CONFIG_ENV}={config}: ingest {role} {file} is a relative path, and the deployed runs read it "
+            f"from their working directory, {home}, where it does not exist{hint}; make it absolute"
+        )
 
 
 @app.command()

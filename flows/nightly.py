@@ -29,6 +29,7 @@ from bridgerec.runtime.signals import process_alive, stop_signal, this_process
 from bridgerec.stages import STAGE
 from bridgerec.storage.warehouse import mark_crashed, published_run, record_night, running_nights
 from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks.ingest import check_input_files
 from bridgerec.tasks.publish import resolve_trained_run
 from bridgerec.tasks.quality import (
     DataCheckFailed,
@@ -399,6 +400,10 @@ def nightly_flow(
     Failed: what automations key on) after writing the row and the nightly-summary artifact."""
     settings = resolve_settings(config_file, overrides)
     tag_flow_run(workspace_tag(settings))
+    if not settings.workspace.exists():
+        # A first night whose inputs are missing fails here, before its workspace and its row are made;
+        # on later nights a missing export is that night's recorded failure (as from `bridgerec run`).
+        check_input_files(settings.ingest)
     # One writer per workspace: a second night (cron overlapping a slow one) stops here, before its row.
     with Workspace(settings.workspace).writing("nightly"):
         night = Night(settings, force or ())

@@ -472,3 +472,20 @@ def test_force_with_a_mistyped_stage_says_which_it_meant() -> None:
     assert out.stderr == (
         "error: --force names no stage: trian (the stages: ingest, enrich, train, publish); did you mean train?\n"
     )
+
+
+def test_a_deployed_first_night_with_missing_inputs_makes_nothing(tmp_path: Path) -> None:
+    """The flow itself (what a deployment runs, without `bridgerec run`'s own early check) stops a first
+    night whose input files are missing before its workspace, warehouse and night row are made (a new
+    user's deployed night left a stray workspace with a failed night in the checkout)."""
+    from bridgerec.tasks.ingest import SourceError
+    from flows.nightly import nightly_flow
+
+    ws = tmp_path / "ws"
+    config = tmp_path / "night.yaml"
+    config.write_text(
+        f"workspace: {ws}\ningest:\n  items: {tmp_path}/items.csv\n  interactions: {tmp_path}/i.csv\n"
+    )
+    with pytest.raises(SourceError, match=r"items.csv: file not found \(ingest items\)"):
+        nightly_flow.fn(str(config))
+    assert not ws.exists()

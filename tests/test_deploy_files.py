@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,3 +69,38 @@ def test_prefect_yaml_points_at_real_flows() -> None:
         assert d["work_pool"]["name"] == "bridgerec-process"
         params = set(d["parameters"]).union(*(s.get("parameters", {}) for s in d.get("schedules", [])))
         assert params <= set(fn.parameters.properties), (d["name"], params)
+
+
+def test_deploy_check_refuses_relative_inputs_the_deployed_runs_cannot_see(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deployed runs start in the checkout: a config written beside its data (`items: items.csv`)
+    ran by hand from there, and every deployed night failed at 02:00 (a new user's trial). The deploy now
+    stops on it with one line; the sample's paths (relative to the checkout) and absolute paths that are
+    not there yet (tonight's export) pass."""
+    from typer.testing import CliRunner
+
+    from bridgerec.cli import app
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("items.csv", "interactions.csv"):
+        (data / name).write_text("x\n")
+    config = data / "bridgerec.yaml"
+    config.write_text("workspace: ws\ningest:\n  items: items.csv\n  interactions: interactions.csv\n")
+    monkeypatch.setenv("BRIDGEREC_HOME", str(REPO))
+    monkeypatch.setenv("BRIDGEREC_CONFIG", str(config))
+    out = CliRunner().invoke(app, ["deploy-check", "config"])
+    assert out.exit_code == 2 and out.stdout == ""
+    assert out.stderr == (
+        f"error: $BRIDGEREC_CONFIG={config}: ingest items items.csv is a relative path, and the deployed runs "
+        f"read it from their working directory, {REPO}, where it does not exist (the config's folder has "
+        f"it: {data / 'items.csv'}); make it absolute\n"
+    )
+    tonight = tmp_path / "exports"  # not arrived yet: absolute paths are only checked when the night runs
+    config.write_text(f"ingest:\n  items: {tonight}/items.csv\n  interactions: {tonight}/interactions.csv\n")
+    out = CliRunner().invoke(app, ["deploy-check", "config"])
+    assert (out.exit_code, out.stdout) == (0, f"{config}\n")
+    monkeypatch.setenv("BRIDGEREC_CONFIG", "configs/sample.yaml")  # relative to the checkout: found there
+    out = CliRunner().invoke(app, ["deploy-check", "config"])
+    assert (out.exit_code, out.stdout) == (0, f"{REPO / 'configs' / 'sample.yaml'}\n")
