@@ -14,8 +14,9 @@ from bridgerec.storage.checkpoints import Checkpoints
 from bridgerec.storage.workspace import Workspace
 from bridgerec.tasks.enrich import EnrichOutputs, EnrichSettings, ProfileSettings
 from bridgerec.tasks.enrich.batching import Failed, run_resilient
+from bridgerec.tasks.enrich.items import ItemResult, reduce_items
 from bridgerec.tasks.enrich.models import model_fingerprint, model_id
-from bridgerec.tasks.enrich.pca import fit_pca
+from bridgerec.tasks.enrich.pca import PCATables, fit_pca
 from bridgerec.tasks.enrich.profiles import cap_fill, clean_generated, estimate_cost, load_prompts, user_jobs
 from bridgerec.tasks.enrich.texts import clean_field, item_texts, text_hash
 
@@ -81,6 +82,82 @@ def test_pca_matches_numpy_and_skips_when_not_reducing() -> None:
     assert same.identity and same.out_dim == 20 and np.array_equal(same.transform(x), x)
     few = fit_pca(x[:4], 8)  # 4 rows: 3 components, the rest zero
     assert few.transform(x[:4]).shape == (4, 8) and not few.transform(x[:4])[:, 3:].any()
+
+
+def _catalogue(sizes: dict[str, int], seed: int = 0, dim: int = 16) -> tuple[pa.Table, ItemResult]:
+    """Items of the given domains (ids <domain><i>, in domain order) and a vector for each."""
+    rng = np.random.default_rng(seed)
+    names = list(sizes)
+    rows = [(f"{d}{i}", d, names.index(d)) for d in names for i in range(sizes[d])]
+    items = pa.table(
+        {"item_id": [r[0] for r in rows], "domain": [r[1] for r in rows], "domain_idx": [r[2] for r in rows]}
+    )
+    vectors = rng.normal(size=(len(rows), dim)) * np.linspace(2, 0.2, dim)
+    ok = np.ones(len(rows), bool)
+    return items, ItemResult(pa.table({}), vectors, ok, dim, len(rows), 0, len(rows), 0.0)
+
+
+def _grow(result: ItemResult, items: pa.Table, more: dict[str, int]) -> tuple[pa.Table, ItemResult]:
+    """The catalogue with `more` new items appended per domain: the earlier rows' vectors unchanged."""
+    extra_items, extra = _catalogue(more, seed=1, dim=result.dim)
+    names = dict(zip(items["domain"].to_pylist(), items["domain_idx"].to_pylist(), strict=True))
+    extra_items = extra_items.set_column(
+        2, "domain_idx", pa.array([names[d] for d in extra_items["domain"].to_pylist()], pa.int64())
+    ).set_column(0, "item_id", pa.array([f"new-{i}" for i in range(extra_items.num_rows)]))
+    vectors = np.concatenate([result.vectors, extra.vectors])
+    both = pa.concat_tables([items, extra_items])
+    return both, ItemResult(pa.table({}), vectors, np.ones(len(vectors), bool), result.dim, 0, 0, 0, 0.0)
+
+
+def test_pca_tables_are_kept_across_builds_while_the_catalogue_grows_little(tmp_path: Path) -> None:
+    """A new item must not move the known items' rows (a refit rotates them all where a domain is
+    smaller than local_dim: the warm start then fell back to cold every night, a new user's trial)."""
+    settings = EnrichSettings(global_dim=8, local_dim=12, pca_refit_growth=0.2)
+    items, result = _catalogue({"books": 10, "movies": 40})
+    first = reduce_items(items, result, settings, "minilm@1")
+    assert first.refit == "no earlier tables" and first.fits.local["books"].rows == 10
+    first.fits.save(tmp_path / "pca.npz", first.domain_idx)
+    kept = PCATables.load(tmp_path / "pca.npz")
+    assert kept is not None and kept.model_id == "minilm@1" and set(kept.local) == {"books", "movies"}
+    np.testing.assert_array_equal(kept.local["books"].components, first.fits.local["books"].components)
+
+    def rows(tables: pa.Table, column: str) -> np.ndarray:
+        return np.array(tables[column].to_pylist())
+
+    # One new book (10 -> 11: +10 %, within 20 %), one new movie: the tables are kept; the known items'
+    # rows are the first build's exactly, the new ones are projected with the same fits.
+    grown_items, grown = _grow(result, items, {"books": 1, "movies": 1})
+    second = reduce_items(grown_items, grown, settings, "minilm@1", kept)
+    assert second.refit is None and second.fits is kept
+    for column in ("global_vector", "local_vector"):
+        np.testing.assert_array_equal(rows(second.table, column)[:50], rows(first.table, column))
+    new_book = grown.vectors[50:51]
+    np.testing.assert_allclose(
+        rows(second.table, "local_vector")[50], kept.local["books"].transform(new_book)[0]
+    )
+    # A refit of the same grown catalogue moves the small domain's known rows: what keeping avoids.
+    refit = reduce_items(grown_items, grown, settings, "minilm@1", kept, force=True)
+    assert refit.refit == "--force"
+    moved = rows(refit.table, "local_vector")[:10] - rows(first.table, "local_vector")[:10]
+    assert np.abs(moved).max() > 0.1
+
+    # Refit when a domain grew beyond the share, the model or the dims changed, or a domain is new.
+    more_items, more = _grow(result, items, {"books": 3})
+    assert reduce_items(more_items, more, settings, "minilm@1", kept).refit == (
+        "domain books grew from 10 to 13 items with a vector (more than enrich.pca_refit_growth 20%)"
+    )
+    lenient = settings.model_copy(update={"pca_refit_growth": 0.5})
+    assert reduce_items(more_items, more, lenient, "minilm@1", kept).refit is None
+    assert reduce_items(items, result, settings, "mpnet@2", kept).refit == (
+        "the embedding model changed (minilm@1 -> mpnet@2)"
+    )
+    wider = settings.model_copy(update={"local_dim": 14})
+    assert "the dims changed" in (reduce_items(items, result, wider, "minilm@1", kept).refit or "")
+    three_items, three = _catalogue({"books": 10, "movies": 40, "games": 5})
+    assert reduce_items(three_items, three, settings, "minilm@1", kept).refit == "domain games is new"
+    # Tables saved before the model and the domains were recorded are refit.
+    np.savez(tmp_path / "old.npz", **first.fits.global_fit.arrays("global"))
+    assert PCATables.load(tmp_path / "old.npz") is None
 
 
 def test_outputs_reader_of_an_unbuilt_and_a_broken_stage(tmp_path: Path) -> None:

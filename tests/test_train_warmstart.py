@@ -94,6 +94,11 @@ def test_the_next_night_warm_starts_from_the_first_run(nights: Nights) -> None:
     assert second.init == "warm" and second.warm_start_from == first.run_id
     assert second.cold_start_reason is None
     assert second.warm_start_items == {"kept": 6447, "new": len(NEW_ITEMS), "dropped": 0}
+    # The second night's enrich kept the first night's PCA tables (3 new items): the known items' frozen
+    # rows are exactly the ones the first run trained on.
+    assert Workspace(nights.ws).read_manifest("enrich").stats["pca_refit"] is None
+    init = json.loads((Path(second.run_dir) / "config.json").read_text())["init"]
+    assert init["table_cosine"] == pytest.approx({"E_all": 1.0, "E_local_0": 1.0, "E_local_1": 1.0}, abs=1e-6)
     assert second.resumed_from_epoch == 0
     # At most warm_start_epochs, with the warm init as epoch 0: it is the score to beat.
     assert SETTINGS.warm_limits() == (4, 2)

@@ -22,7 +22,7 @@ from bridgerec.storage.files import write_parquet_atomic
 from bridgerec.tasks.enrich.batching import Failed, run_resilient
 from bridgerec.tasks.enrich.engine import Embedder
 from bridgerec.tasks.enrich.outputs import fixed_list, to_matrix
-from bridgerec.tasks.enrich.pca import PCAFit, fit_pca
+from bridgerec.tasks.enrich.pca import PCATables, fit_pca, refit_reason
 from bridgerec.tasks.enrich.settings import EnrichSettings
 from bridgerec.tasks.enrich.texts import item_texts, text_hash
 
@@ -311,43 +311,69 @@ def _item_result(
 @dataclass
 class ItemTablesResult:
     table: pa.Table  # item_vectors.parquet
-    global_fit: PCAFit
-    local_fits: dict[int, PCAFit]
+    fits: PCATables
+    refit: str | None  # why the tables were fit anew; None when the previous build's were kept
+    domain_idx: dict[str, int]  # domain name -> its index (pca.npz's local_<idx>_* keys)
 
 
-def reduce_items(items: pa.Table, result: ItemResult, settings: EnrichSettings) -> ItemTablesResult:
-    """The model's frozen tables: global PCA over all domains, local PCA per domain (fitted on the items
-    that have a vector; items without one get zero rows)."""
+def reduce_items(
+    items: pa.Table,
+    result: ItemResult,
+    settings: EnrichSettings,
+    model_id: str,
+    previous: PCATables | None = None,
+    force: bool = False,
+) -> ItemTablesResult:
+    """The model's frozen tables: global PCA over all domains, local PCA per domain, of the items that
+    have a vector (items without one get zero rows). The `previous` build's fits are kept unless
+    `refit_reason` (or `force`) says otherwise: then every table is fit on today's vectors."""
     log = get_logger()
     ok = result.ok
-    global_fit = fit_pca(result.vectors[ok], settings.global_dim)
-    global_vectors = global_fit.transform(result.vectors)
-    global_vectors[~ok] = 0
     domain_idx = items["domain_idx"].to_numpy()
+    names = dict(zip(items["domain_idx"].to_pylist(), items["domain"].to_pylist(), strict=True))
+    present = {d: names[d] for d in sorted(names) if ((domain_idx == d) & ok).any()}  # with a vector
+    rows = {"*": int(ok.sum())} | {name: int(((domain_idx == d) & ok).sum()) for d, name in present.items()}
+    dims = (result.dim, settings.global_dim, settings.local_dim)
+    refit = "--force" if force else refit_reason(previous, model_id, dims, rows, settings.pca_refit_growth)
+    if refit is None:
+        assert previous is not None
+        fits = previous
+        log.info("enrich: PCA tables of the previous build kept (known items keep their rows)", extra=DETAIL)
+    else:
+        fits = PCATables(
+            model_id,
+            fit_pca(result.vectors[ok], settings.global_dim),
+            {
+                name: fit_pca(result.vectors[(domain_idx == d) & ok], settings.local_dim)
+                for d, name in present.items()
+            },
+        )
+        if previous is not None:
+            log.info("enrich: PCA tables fit anew: %s", refit)
+    global_vectors = fits.global_fit.transform(result.vectors)
+    global_vectors[~ok] = 0
     local_dim = min(settings.local_dim, result.dim)  # identity when the model dim is already <= local_dim
     local_vectors = np.zeros((items.num_rows, local_dim), np.float32)
-    local_fits: dict[int, PCAFit] = {}
-    for d in np.unique(domain_idx):
-        rows = (domain_idx == d) & ok
-        if not rows.any():
-            continue
-        fit = fit_pca(result.vectors[rows], settings.local_dim)
-        if not fit.identity and fit.components is not None and fit.components.shape[0] < settings.local_dim:
-            log.warning(
-                "enrich: domain %d has %d items, fewer than local_dim %d: the last columns are zero",
-                d,
-                int(rows.sum()),
+    for d, name in present.items():
+        mine = (domain_idx == d) & ok
+        fit = fits.local[name]
+        if fit.components is not None and fit.components.shape[0] < settings.local_dim:
+            log.info(
+                "enrich: domain %s: %s items, fewer than local_dim %d: its last %d columns are zero",
+                name,
+                f"{fit.rows:,}",
                 settings.local_dim,
+                settings.local_dim - fit.components.shape[0],
+                extra=DETAIL,
             )
-        local_fits[int(d)] = fit
-        local_vectors[rows] = fit.transform(result.vectors[rows])
+        local_vectors[mine] = fit.transform(result.vectors[mine])
     log.info(
         "enrich: tables: global %s -> %d (%s), local -> %d per domain",
         result.dim,
-        global_fit.out_dim,
+        fits.global_fit.out_dim,
         "identity: model dim <= global_dim"
-        if global_fit.identity
-        else f"PCA, {global_fit.explained:.1%} var",
+        if fits.global_fit.identity
+        else f"PCA, {fits.global_fit.explained:.1%} var",
         local_dim,
         extra=DETAIL,
     )
@@ -359,4 +385,4 @@ def reduce_items(items: pa.Table, result: ItemResult, settings: EnrichSettings) 
             "local_vector": fixed_list(local_vectors),
         }
     )
-    return ItemTablesResult(table, global_fit, local_fits)
+    return ItemTablesResult(table, fits, refit, {name: d for d, name in present.items()})

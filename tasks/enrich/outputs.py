@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from bridgerec.runtime.logs import get_logger
 from bridgerec.storage import schemas
 from bridgerec.storage.workspace import Manifest, Workspace
+from bridgerec.tasks.enrich.pca import PCATables
 from bridgerec.tasks.ingest import IngestOutputs
 
 STAGE = "enrich"
@@ -137,6 +138,17 @@ class EnrichOutputs:
             return pq.read_table(path, columns=columns)
         except (pa.ArrowException, OSError) as exc:
             get_logger().warning("enrich: previous %s unreadable (%s): recomputing", name, exc)
+            return None
+
+    def pca_tables(self) -> PCATables | None:
+        """The finished output's PCA fits, for a rebuild to keep (`refit_reason`); None on the first build,
+        for tables from before their model and domains were recorded, or unreadable ones (then refit)."""
+        if self.manifest() is None:
+            return None
+        try:
+            return PCATables.load(self.folder / "pca.npz")
+        except (OSError, KeyError, ValueError) as exc:
+            get_logger().warning("enrich: previous pca.npz unusable (%s): refitting", exc)
             return None
 
     def kmeans(self) -> dict | None:

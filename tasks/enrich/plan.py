@@ -116,6 +116,7 @@ class EnrichPlan(BaseModel):
     item_shards: list[Shard]
     started_at: float  # wall clock (time.time(), s) when the run began: the summary's `seconds`
     skipped: EnrichSummary | None = None  # set when the inputs are unchanged: nothing else to do
+    force: bool = False  # --force: the PCA tables are fit anew too
 
     @property
     def with_profiles(self) -> bool:

@@ -121,8 +121,8 @@ class EnrichSettings(StageSettings):
     # Model folders enter through their content fingerprints (input hashes), not their paths; shard
     # sizes and runners only change how the work is split.
     not_hashed: ClassVar[frozenset[str]] = frozenset(
-        {"model", "items_per_shard", "embedding_cache", "quantized_dir"}
-    )
+        {"model", "items_per_shard", "embedding_cache", "quantized_dir", "pca_refit_growth"}
+    )  # pca_refit_growth: when the tables are refit, applied at the next build (what a build reuses)
     hashed_since: ClassVar[Mapping[str, Any]] = {"quantization": "none"}  # added 2026-12-05
 
     model_config = ConfigDict(extra="forbid")
@@ -183,6 +183,15 @@ class EnrichSettings(StageSettings):
         "Production (1536-d or larger models): 1024.",
     )
     local_dim: int = Field(default=128, ge=1, description="PCA per domain (the domain threads).")
+    pca_refit_growth: float = Field(
+        default=0.2,
+        ge=0,
+        description="Keep the previous build's PCA tables (new items are projected with them, known items "
+        "keep their rows, so the next train can start warm) until a table's items grew by more than this "
+        "share since its fit; then, or when the embedding model or the dims changed, a new domain appeared "
+        "or on --force, every table is refit (and the next train starts cold). 0 = refit whenever the "
+        "catalogue changes.",
+    )
     batch_size: int = Field(
         default=2048, ge=1, description="Texts per `LLM.embed` call (vLLM batches inside)."
     )

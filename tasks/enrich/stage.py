@@ -87,6 +87,7 @@ def plan_enrich(run: StageRun[EnrichSections]) -> EnrichPlan:
         items=n_items,
         item_shards=[],
         started_at=started_at,
+        force=run.force,
     )
     existing = workspace.current(
         STAGE, schema_version=schemas.ENRICH_SCHEMA_VERSION, config_hash=chash, input_hashes=hashes
@@ -272,7 +273,9 @@ def finish_enrich(
     ctx = EnrichContext.open(plan)
     items, result = _all_items(ctx, item_work)
     result.seconds_embedding += sum(w.seconds for w in item_work)  # spent in the shards
-    tables = item_phase.reduce_items(items, result, ctx.enrich)
+    tables = item_phase.reduce_items(
+        items, result, ctx.enrich, plan.embed_id, ctx.outputs.pca_tables(), force=plan.force
+    )
     errors = list(result.errors)
     profile_result = None
     if plan.with_profiles:
@@ -402,7 +405,7 @@ def _summary(
         items_cached=result.items_cached,
         texts_embedded=result.texts_embedded,
         embedding_dim=result.dim,
-        global_dim=tables.global_fit.out_dim,
+        global_dim=tables.fits.global_fit.out_dim,
         local_dim=int(tables.table.schema.field("local_vector").type.list_size),
         embed_model_id=plan.embed_id,
         llm_model_id=plan.llm_id,
@@ -469,10 +472,7 @@ def _write(
         stage.write_table(
             "item_vectors", tables.table, schemas.item_vectors_schema(summary.global_dim, summary.local_dim)
         )
-        arrays = tables.global_fit.arrays("global")
-        for d, fit in tables.local_fits.items():
-            arrays |= fit.arrays(f"local_{d}")
-        np.savez(stage.path("pca.npz"), **arrays)  # type: ignore[arg-type]  # (named arrays)
+        tables.fits.save(stage.path("pca.npz"), tables.domain_idx)
         if profile_result is not None:
             stage.write_table("profiles", profile_result.table, profiles_schema)
             stage.write_table("item_clusters", profile_result.clusters, schemas.ITEM_CLUSTERS)
@@ -500,9 +500,10 @@ def _write(
                 "embedding_dim": result.dim,
                 "global_dim": summary.global_dim,
                 "local_dim": summary.local_dim,
+                "pca_refit": tables.refit,  # why the PCA tables were fit anew; None: the previous kept
                 "global_pca": "identity"
-                if tables.global_fit.identity
-                else f"{tables.global_fit.explained:.4f}",
+                if tables.fits.global_fit.identity
+                else f"{tables.fits.global_fit.explained:.4f}",
                 "embed_model_id": summary.embed_model_id,
                 "llm_model_id": summary.llm_model_id,
                 "profile_mode": ctx.profiles.mode,

@@ -20,6 +20,7 @@ from bridgerec.models.data import Catalog
 from bridgerec.models.warmstart import ItemSpace, WarmStart, WarmStartError, warm_state
 from bridgerec.storage.runs import RunDir
 from bridgerec.storage.workspace import Workspace
+from bridgerec.tasks.enrich import EnrichOutputs
 from bridgerec.tasks.train.checkpoint import Checkpoint, load_checkpoint, restore
 
 STAGE = "train"
@@ -165,9 +166,12 @@ def warm_start(
         plan = warm_plan(model, previous, config, catalog, hashes)
         moved = {k: round(c, 4) for k, c in plan.table_cosine.items() if c < MIN_TABLE_COSINE}
         if moved:
+            manifest = EnrichOutputs(workspace).manifest()
+            refit = manifest.stats.get("pca_refit") if manifest is not None else None
             return cold(
                 f"the enrich item tables moved since run {previous.run_id} (mean cosine over shared items "
-                f"{moved} < {MIN_TABLE_COSINE}: another embedding model or PCA?)"
+                f"{moved} < {MIN_TABLE_COSINE}: "
+                + (f"enrich fit its PCA tables anew: {refit})" if refit else "another embedding model?)")
             )
         model.load_state_dict(plan.state, strict=True)
     except WarmStartError as exc:
