@@ -72,9 +72,9 @@ class StageSettings(BaseModel):
     field is hashed by default, which can cost a rebuild but never serves a stale output.
     - `not_hashed`: fields that change how the stage runs, not what it writes (threads, shard sizes, a
       path whose file content is hashed separately as an input).
-    - `hashed_since`: the migration table of fields added after outputs existed: field -> the value those
-      outputs implicitly had. A field holding that value is left out, so their hashes (and run ids) stay
-      valid; any other value is hashed.
+    - `hashed_since`: the migration table of fields added after outputs existed: field (or "section.field"
+      for a field of a nested section) -> the value those outputs implicitly had. A field holding that
+      value is left out, so their hashes (and run ids) stay valid; any other value is hashed.
     - `ignored_fields()`: fields this particular configuration does not use (e.g. a switch of another
       model), left out so that changing them does not rebuild.
     """
@@ -88,8 +88,14 @@ class StageSettings(BaseModel):
     def hashed_values(self) -> dict[str, Any]:
         """The fields that make up the hash, as JSON values (field name -> value)."""
         data = self.model_dump(mode="json", exclude=set(self.not_hashed) | self.ignored_fields())
-        since = self.hashed_since
-        return {k: v for k, v in data.items() if not (k in since and v == since[k])}
+        for key, old in self.hashed_since.items():  # "a.b": the field b of the nested section a
+            *path, leaf = key.split(".")
+            node: Any = data
+            for part in path:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict) and leaf in node and node[leaf] == old:
+                del node[leaf]
+        return data
 
 
 def config_hash(*sections: StageSettings | None) -> str:

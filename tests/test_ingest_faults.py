@@ -13,6 +13,7 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -182,6 +183,15 @@ def replace_file(name: str, content: bytes) -> Callable[[Path], IngestSettings]:
 
 
 CLEAN_INTERACTIONS = _csv(_interactions(), "user_id,item_id,domain,timestamp")
+
+
+def _spreadsheet_dates() -> str:
+    """The clean interactions with their instants written as a US spreadsheet writes them (to the minute)."""
+    rows = [
+        (u, i, d, datetime.fromtimestamp(int(t), UTC).strftime("%m/%d/%Y %H:%M"))
+        for u, i, d, t in _interactions()
+    ]
+    return _csv(rows, "user_id,item_id,domain,timestamp")
 
 
 @dataclass
@@ -428,6 +438,20 @@ FAULTS = [
         "epoch seconds read with `timestamps.unit: ms`",
         lambda d: generic()(d).model_copy(update={"timestamps": TimestampSettings(unit="ms")}),
         error="interactions.csv: 21 of 21 interactions rows quarantined (bad_timestamp: 21)",
+    ),
+    Fault(
+        "spreadsheet dates ('05/11/2024 16:08': month first) in the whole file",
+        replace_file("interactions.csv", _spreadsheet_dates().encode()),
+        error="interactions.csv: 21 of 21 interactions rows quarantined (bad_timestamp: 21): timestamps not "
+        "understood, e.g. '09/13/2020 12:26': read are epoch numbers (ingest.timestamps.unit) and ISO 8601 "
+        "text; give another text form as ingest.timestamps.format (e.g. '%m/%d/%Y %H:%M')",
+    ),
+    Fault(
+        "the same with `timestamps.format: '%m/%d/%Y %H:%M'`",
+        lambda d: replace_file("interactions.csv", _spreadsheet_dates().encode())(d).model_copy(
+            update={"timestamps": TimestampSettings(format="%m/%d/%Y %H:%M")}
+        ),
+        check=_first_time("u01"),
     ),
     Fault(
         "a domain left without items (`ingest.domains` names one the data lacks)",

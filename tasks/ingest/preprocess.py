@@ -38,7 +38,6 @@ _FILE_HINTS = {
     "item_quarantined": "their catalogue rows were quarantined: see the catalogue's reasons in quarantine.parquet",
     "unterminated_quote": 'a quote opened in a value never closes: double quotes inside quoted values ("") '
     "or remove the stray quote",
-    "bad_timestamp": "timestamps in a unit, format or range not understood (see ingest.timestamps)",
     "unknown_domain": "its domains are not in ingest.domains or the catalogue",
     "domain_mismatch": "its domains contradict the catalogue's",
     "invalid_unicode": "text with invalid escapes (lone UTF-16 surrogates) in used fields",
@@ -246,16 +245,24 @@ def _check_interactions(
         + (["pos"] if raw.has_position else [])
     )
     # Epoch numbers become instants only inside the plausible range (to_timestamp of a far-off value
-    # fails, and a wrong unit gives dates centuries away); everything else is bad_timestamp below.
+    # fails, and a wrong unit gives dates centuries away); everything else is bad_timestamp below. With
+    # timestamps.format every value is text in that format (a time without a zone is in naive_zone: the
+    # session's TimeZone).
+    parsed = (
+        """CASE WHEN ts_num IS NOT NULL
+                    THEN to_timestamp(CASE WHEN isfinite(ts_secs) AND ts_secs BETWEEN $min_s AND $max_s
+                                           THEN ts_secs END)
+                    ELSE TRY_CAST(trim(ts) AS TIMESTAMPTZ) END"""
+        if ts.format is None
+        else "CAST(try_strptime(trim(ts), $ts_format) AS TIMESTAMPTZ)"
+    )
+    params = {"min_s": ts_min.timestamp(), "max_s": ts_max.timestamp()} if ts.format is None else {}
     _exec(
         con,
         f"""
         CREATE TEMP TABLE inter_parsed AS
         SELECT * EXCLUDE (ts_num, ts_secs),
-               CASE WHEN ts_num IS NOT NULL
-                    THEN to_timestamp(CASE WHEN isfinite(ts_secs) AND ts_secs BETWEEN $min_s AND $max_s
-                                           THEN ts_secs END)
-                    ELSE TRY_CAST(trim(ts) AS TIMESTAMPTZ) END AS ts_parsed
+               {parsed} AS ts_parsed
         FROM (
             SELECT *, ts_num / ({unit}) AS ts_secs
             FROM (SELECT trim(user_id) AS user_id, trim(item_id) AS item_id, trim(domain) AS domain,
@@ -265,7 +272,7 @@ def _check_interactions(
                          TRY_CAST(trim(rating) AS FLOAT) AS rating_parsed
                   FROM raw_inter))
         """,
-        {"min_s": ts_min.timestamp(), "max_s": ts_max.timestamp()},
+        params | ({"ts_format": ts.format} if ts.format is not None else {}),
     )
     # Ids of catalogue rows that were quarantined (and have no valid row): their interactions are
     # `item_quarantined`, not `unknown_item`, so the count points at the catalogue's own reasons.
@@ -562,7 +569,22 @@ def _files(settings: IngestSettings, table: str) -> str:
 
 
 def _reasons(counts: dict[str, int]) -> str:
-    return ", ".join(f"{r}: {n}" for r, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return ", ".join(f"{r}: {n:,}" for r, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _bad_timestamp_hint(con: duckdb.DuckDBPyConnection, file: str) -> str:
+    """What the file's timestamps look like and what is read: a spreadsheet's '05/11/2024 16:08' was told
+    only to "see ingest.timestamps" (a new user's trial)."""
+    example = con.execute(
+        "SELECT ts FROM inter_checked WHERE _file = ? AND reason = 'bad_timestamp' AND ts IS NOT NULL LIMIT 1",
+        [file],
+    ).fetchone()
+    shown = f", e.g. {example[0]!r}" if example else ""
+    return (
+        f"timestamps not understood{shown}: read are epoch numbers (ingest.timestamps.unit) and ISO 8601 "
+        "text; give another text form as ingest.timestamps.format (e.g. '%m/%d/%Y %H:%M'); instants outside "
+        "ingest.timestamps.min/max are bad too"
+    )
 
 
 def _quarantine_by_file(
@@ -616,9 +638,9 @@ def _check_files(con: duckdb.DuckDBPyConnection, raw: RawSource, max_fraction: f
         n_read, n_bad = read.get((table, file), 0), sum(reasons.values())
         if n_read and n_bad / n_read > max_fraction:
             top = max(reasons, key=lambda r: (reasons[r], r))
-            hint = _FILE_HINTS.get(top)
+            hint = _bad_timestamp_hint(con, file) if top == "bad_timestamp" else _FILE_HINTS.get(top)
             raise IngestError(
-                f"{file}: {n_bad} of {n_read} {table} rows quarantined ({_reasons(reasons)})"
+                f"{file}: {n_bad:,} of {n_read:,} {table} rows quarantined ({_reasons(reasons)})"
                 + (f": {hint}" if hint else "")
                 + f"; nothing written (the limit is ingest.max_quarantined_fraction = {max_fraction:g})"
             )

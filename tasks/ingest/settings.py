@@ -80,10 +80,35 @@ class TimestampSettings(BaseModel):
         ),
     )
 
+    format: str | None = Field(
+        default=None,
+        description=(
+            "strptime format of text timestamps (DuckDB's specifiers), for exports in another form, e.g. "
+            "'%m/%d/%Y %H:%M' for '05/11/2024 16:08' or '%d.%m.%Y' for '11.05.2024'; every value is then "
+            "read with it (epoch numbers are not). null = epoch numbers (see unit) or ISO 8601 text "
+            "('2024-05-11', '2024-05-11 16:08:00', '2024-05-11T16:08:00Z', '2024-05-11 16:08:00+02:00')."
+        ),
+    )
+
     @field_validator("naive_zone")
     @classmethod
     def _zone(cls, value: str) -> str:
         return normalise_zone(value)
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        import duckdb
+
+        try:
+            duckdb.sql("SELECT try_strptime('', $1)", params=[value]).fetchall()
+        except duckdb.Error as exc:
+            raise ValueError(
+                f"format {value!r} is not a strptime format: {str(exc).splitlines()[0]}"
+            ) from None
+        return value
 
     @property
     def duckdb_zone(self) -> str:
@@ -171,7 +196,10 @@ class IngestSettings(StageSettings):
     not_hashed: ClassVar[frozenset[str]] = frozenset(
         {"items", "interactions", "amazon", "memory_limit", "spill_dir"}
     )
-    hashed_since: ClassVar[Mapping[str, Any]] = {"columns": {"items": {}, "interactions": {}}}  # 2026-12-07
+    hashed_since: ClassVar[Mapping[str, Any]] = {
+        "columns": {"items": {}, "interactions": {}},  # 2026-12-07
+        "timestamps.format": None,  # 2026-12-08
+    }
 
     source: SourceKind = Field(
         default="generic",
