@@ -55,8 +55,8 @@ COLUMNS: dict[str | tuple[str, str], str] = {
     "score": "The model's score of the item for the user (higher = better; comparable within one list only)",
     "because_item_id": "The item of the user's history closest to this one in the model's text space (cosine): "
     "why it is on the list; NULL for models without a text space (pop) or items without text",
-    "because_score": "Cosine similarity of the item and because_item_id in the text space, in [-1, 1] (two "
-    "random food-kitchen items: 0.52 at the median)",
+    "because_score": "Cosine similarity of the item and because_item_id in the text space, in [-1, 1]; what "
+    "is high depends on the catalogue and the embedding model: because_percentile says it against the domain",
     "because_percentile": "Percent of 64 reference items of the domain less close to this user's history than "
     "the item (ties half): about 50 = no closer than chance, 100 = closer than all; NULL before this column",
     "title": "The item's title from the catalogue",

@@ -16,6 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -195,12 +196,13 @@ def run_train(run: StageRun[TrainSettings]) -> TrainSummary:
     run_dir.checkpoint.unlink(missing_ok=True)
     _record(workspace, run_dir, summary, hashes, config_hash(settings), settings.select_by)
     log.info(
-        "train: %s (%s start) %s, test ndcg@10 %.4f (full %.4f), %.1f s/epoch",
+        "train: %s (%s start) %s, test ndcg@10 full ranking %.4f (sampled, %d negatives: %.4f), %.1f s/epoch",
         run_dir.run_id,
         summary.init,
         summary.best_epoch_text(),
-        summary.test["overall"]["ndcg@10"],
         summary.test.get("full", {}).get("overall", {}).get("ndcg@10", float("nan")),
+        settings.eval_negatives,
+        summary.test["overall"]["ndcg@10"],
         summary.epoch_seconds,
     )
     return summary
@@ -637,11 +639,15 @@ def untrained_prior_fit(
 
 
 def _report_short(data: SequenceData, split: EvalSplit, n: int, log: Any) -> dict[str, list[str]]:
-    """Log the users whose sampled candidates are fewer than `n` (all their unseen items), per domain."""
+    """Log the users whose sampled candidates are fewer than `n` (all their unseen items), per domain: a
+    warning where the domain is larger than `n` (heavy users, crawlers), a detail line where it is not
+    (every user is short there by construction: a small catalogue's six warnings a night that asked for
+    nothing, in a new user's trial)."""
     short = data.short_candidate_users(split, n)
     for domain, users in short.items():
         d = data.catalog.domains.index(domain)
-        log.warning(
+        small = int(data.catalog.sizes[d]) <= n
+        (partial(log.info, extra=DETAIL) if small else log.warning)(
             "train: %s split: %d user(s) of domain %r (%d items) have fewer than %d unseen items there; their "
             "sampled candidates are all of them (e.g. %s); full ranking is unaffected",
             split.name, len(users), domain, int(data.catalog.sizes[d]), n, ", ".join(users[:5]),
