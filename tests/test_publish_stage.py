@@ -666,3 +666,28 @@ def test_cli_recs_time_travel_and_warehouse_relink(profiled_workspace: Path, tmp
     out = runner.invoke(app, ["warehouse", "relink", "--warehouse", str(moved / "w.duckdb")])
     assert out.exit_code == 0, out.output
     assert sql(moved / "w.duckdb", "SELECT count(*) FROM latest_recommendations") == [(1000 * 2 * 3,)]
+
+
+def test_rows_are_cut_by_shard_in_user_then_position_order_whatever_their_order(tmp_path: Path) -> None:
+    """Ingest writes its interactions in user, position order, so staging them by shard copies nothing;
+    rows in any other order (or of users without vectors) are sorted (or dropped) first."""
+    from bridgerec.tasks.publish.shards import PublishShard, _stage_by_shard
+
+    users = pa.array(["a", "b", "c", "d"])
+    rows = pa.table({"user_id": ["c", "a", "x", "b", "a", "d", "c"], "position": [1, 1, 0, 0, 0, 0, 0]})
+    shards = (PublishShard(0, 0, 2), PublishShard(1, 2, 4))
+    for n, table in enumerate((rows, rows.sort_by([("user_id", "ascending"), ("position", "ascending")]))):
+        _stage_by_shard(tmp_path / str(n), table, users, shards, within="position")
+        got = [pq.read_table(tmp_path / str(n) / f"{i:05d}.parquet").to_pylist() for i in (0, 1)]
+        assert got == [
+            [
+                {"user_id": "a", "position": 0},
+                {"user_id": "a", "position": 1},
+                {"user_id": "b", "position": 0},
+            ],
+            [
+                {"user_id": "c", "position": 0},
+                {"user_id": "c", "position": 1},
+                {"user_id": "d", "position": 0},
+            ],
+        ]

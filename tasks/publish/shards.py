@@ -177,10 +177,16 @@ def _stage_by_shard(
     place in `users`, as `folder/<shard>.parquet`, rows in user order (then by the column `within`, if
     given). Rows of users not in `users` (no vectors: no longer in the data) are not published."""
     place = pc.index_in(rows["user_id"], value_set=users)
-    rows = rows.filter(pc.is_valid(place))
-    place = np.asarray(pc.drop_null(place))
-    order = np.lexsort((rows[within].to_numpy(), place)) if within else np.argsort(place, kind="stable")
-    rows, place = rows.take(pa.array(order)), place[order]
+    if place.null_count:
+        rows = rows.filter(pc.is_valid(place))
+        place = pc.drop_null(place)
+    place = np.asarray(place)
+    # Ingest writes its interactions in this order already: then no copy (the whole table is in memory).
+    step = np.diff(place)
+    ordered = (step > 0) | ((step == 0) & (np.diff(rows[within].to_numpy()) > 0)) if within else step >= 0
+    if not ordered.all():
+        order = np.lexsort((rows[within].to_numpy(), place)) if within else np.argsort(place, kind="stable")
+        rows, place = rows.take(pa.array(order)), place[order]
     bounds = np.searchsorted(place, [s.start for s in shards] + [len(users)])
     folder.mkdir()
     for s, lo, hi in zip(shards, bounds[:-1], bounds[1:], strict=True):

@@ -549,13 +549,19 @@ def history_rows(run_id: str, ingest: IngestOutputs) -> pa.Table:
         "interactions", columns=["user_id", "seq_pos", "domain_idx", "item_id", "timestamp", "rating"]
     )
     domains = ingest.table("domains", columns=["domain", "domain_idx"])
-    row_of = pc.index_in(rows["domain_idx"], value_set=domains["domain_idx"])
+    row_of = pc.index_in(rows["domain_idx"].combine_chunks(), value_set=domains["domain_idx"]).cast(
+        pa.int32()
+    )
+    # run_id and domain as dictionaries (4 bytes a row, not the text): the part writer casts each shard's
+    # rows to the part schema's strings.
     return pa.table(
         {
-            "run_id": pa.repeat(pa.scalar(run_id, pa.string()), rows.num_rows),
+            "run_id": pa.DictionaryArray.from_arrays(
+                pa.array(np.zeros(rows.num_rows, np.int32)), pa.array([run_id], pa.string())
+            ),
             "user_id": rows["user_id"],
             "position": rows["seq_pos"],
-            "domain": domains["domain"].take(row_of),
+            "domain": pa.DictionaryArray.from_arrays(row_of, domains["domain"].combine_chunks()),
             "item_id": rows["item_id"],
             "timestamp": rows["timestamp"],
             "rating": rows["rating"],
