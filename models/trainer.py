@@ -441,6 +441,10 @@ def _fit(
                     "eval_seconds": eval_s,
                 }
             )
+            advance(  # the bar says the new best at once (it was relabelled only by the next epoch's batches)
+                bar, 0, f"train {_called(model, cfg)} epoch {epoch} of at most {cfg.epochs} validated, "
+                f"best valid {state.best_valid:.4f} (epoch {state.best_epoch})",
+            )  # fmt: skip
             decayed = plateau.epoch_end(model, optimizer, state, is_best)  # before the checkpoint keeps it
             if on_epoch is not None:  # the checkpoint first: a logged epoch is a kept epoch
                 on_epoch(model, optimizer, state, is_best)
