@@ -460,9 +460,9 @@ def _check_inputs_quickly(name: str, settings: Settings, run_id: str | None = No
 
     workspace = Workspace(settings.workspace)
     if name == "ingest":
-        from bridgerec.tasks.ingest import check_input_files
+        from bridgerec.tasks.ingest import check_columns
 
-        check_input_files(settings.ingest)  # `_check_ingest`'s own call: raises SourceError
+        check_columns(settings.ingest)  # `_check_ingest`'s own call (the files, then their headers)
     elif name == "enrich":
         IngestOutputs(workspace).manifest()  # raises IngestMissing, as `_check_enrich`
     elif name == "train":  # the stage's own check: its module imports no torch

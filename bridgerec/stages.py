@@ -22,7 +22,7 @@ from bridgerec.tasks.enrich import (
     EnrichSummary,
     run_enrich,
 )
-from bridgerec.tasks.ingest import IngestOutputs, IngestSummary, check_input_files, run_ingest
+from bridgerec.tasks.ingest import IngestOutputs, IngestSummary, check_columns, check_input_files, run_ingest
 from bridgerec.tasks.publish import PublishSummary, resolve_trained_run, run_publish
 from bridgerec.tasks.train import TrainOutputs, TrainSummary, check_train_inputs, run_train
 
@@ -73,6 +73,7 @@ class Stage(Generic[S, R]):
 
 @step("check-inputs")
 def _check_ingest(run: StageRun[Any], **_options: Any) -> dict[str, str]:
+    check_columns(run.settings)
     return {role: str(p) for role, p in check_input_files(run.settings).items()}
 
 

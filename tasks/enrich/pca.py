@@ -124,13 +124,13 @@ def refit_reason(
         if fit.in_dim != dim or fit.out_dim != (dim if dim <= asked else asked):
             return f"the dims changed ({fit.in_dim} -> {fit.out_dim} fitted, {dim} -> {asked} asked)"
     for name, n in rows.items():
-        fit = fits.get(name)
         what = "all domains" if name == "*" else f"domain {name}"
-        if fit is None:
+        if name not in fits:
             return f"{what} is new"
-        if not fit.identity and n > (1 + growth) * fit.rows:
+        kept = fits[name]
+        if not kept.identity and n > (1 + growth) * kept.rows:
             return (
-                f"{what} grew from {fit.rows:,} to {n:,} items with a vector "
+                f"{what} grew from {kept.rows:,} to {n:,} items with a vector "
                 f"(more than enrich.pca_refit_growth {growth:.0%})"
             )
     return None

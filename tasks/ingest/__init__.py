@@ -2,7 +2,8 @@
 
 Its face: `IngestSettings`, `run_ingest` -> `IngestSummary`, the errors a bad input raises
 (`SourceError`, `IngestError`), `input_files` (the raw files a config names), `check_input_files`
-(the same, a missing one an error) and `IngestOutputs`, the
+(the same, a missing one an error), `check_columns` (their headers' columns, before the stage reads
+them) and `IngestOutputs`, the
 reader later stages use. Nothing outside this package imports its other modules.
 """
 

@@ -1,7 +1,7 @@
 from .outputs import IngestMissing, IngestOutputs
 from .preprocess import IngestError
 from .settings import IngestSettings
-from .sources import SourceError, check_input_files, input_files
+from .sources import SourceError, check_columns, check_input_files, input_files
 from .stage import IngestSummary, run_ingest
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "IngestSettings",
     "IngestSummary",
     "SourceError",
+    "check_columns",
     "check_input_files",
     "input_files",
     "run_ingest",

@@ -103,7 +103,7 @@ class TimestampSettings(BaseModel):
         import duckdb
 
         try:
-            duckdb.sql("SELECT try_strptime('', $1)", params=[value]).fetchall()
+            duckdb.execute("SELECT try_strptime('', $1)", [value]).fetchall()
         except duckdb.Error as exc:
             raise ValueError(
                 f"format {value!r} is not a strptime format: {str(exc).splitlines()[0]}"
