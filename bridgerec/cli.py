@@ -1056,24 +1056,31 @@ def deploy_check(
 
 
 def _check_relative_inputs(settings: Settings, config: Path, home: Path) -> None:
-    """`error:` when an input file the config names by a relative path is not there from `home`: the
-    deployed runs start in `home` and read relative paths from it (a config written beside its data ran
-    from there by hand, and every deployed night failed at 02:00 in a new user's trial). An absolute path
-    may be missing at deploy time (tonight's export has not arrived); a relative one is a mistake."""
+    """`error:` naming every relative path of the config that the deployed runs would not find as meant:
+    they start in `home` and read relative paths from it (a config written beside its data ran from there
+    by hand, and every deployed night failed at 02:00 in a new user's trial). An input file must be there
+    from `home` (an absolute one may be missing at deploy time: tonight's export has not arrived); a
+    workspace is refused where the config's folder has one and `home` has none (the deployed nights would
+    start a second workspace in the checkout, cold, beside the one the commands use)."""
     from bridgerec.tasks.ingest import SourceError, input_files
 
     try:
-        files = input_files(settings.ingest)
+        files = {f"ingest {role}": Path(f) for role, f in input_files(settings.ingest).items()}
     except SourceError as exc:
         _fail(f"${CONFIG_ENV}={config}: {exc}")
-    for role, file in files.items():
-        if Path(file).is_absolute() or (home / file).is_file():
-            continue
-        beside = (config.resolve().parent / file).resolve()
-        hint = f" (the config's folder has it: {beside})" if beside.is_file() else ""
+    folder = config.resolve().parent
+    problems = []
+    for what, path in files.items():
+        if not path.is_absolute() and not (home / path).is_file():
+            beside = " (the config's folder has it)" if (folder / path).is_file() else ""
+            problems.append(f"{what} {path}{beside}")
+    ws = settings.workspace
+    if not ws.is_absolute() and (folder / ws).is_dir() and not (home / ws).exists():
+        problems.append(f"workspace {ws} (the config's folder has it)")
+    if problems:
         _fail(
-            f"${CONFIG_ENV}={config}: ingest {role} {file} is a relative path, and the deployed runs read it "
-            f"from their working directory, {home}, where it does not exist{hint}; make it absolute"
+            f"${CONFIG_ENV}={config}: relative paths the deployed runs would read from their working "
+            f"directory, {home}, where they are not: {'; '.join(problems)}; make them absolute"
         )
 
 

@@ -90,12 +90,14 @@ def test_deploy_check_refuses_relative_inputs_the_deployed_runs_cannot_see(
     config.write_text("workspace: ws\ningest:\n  items: items.csv\n  interactions: interactions.csv\n")
     monkeypatch.setenv("BRIDGEREC_HOME", str(REPO))
     monkeypatch.setenv("BRIDGEREC_CONFIG", str(config))
+    (data / "ws").mkdir()  # the workspace the commands ran there made
     out = CliRunner().invoke(app, ["deploy-check", "config"])
     assert out.exit_code == 2 and out.stdout == ""
     assert out.stderr == (
-        f"error: $BRIDGEREC_CONFIG={config}: ingest items items.csv is a relative path, and the deployed runs "
-        f"read it from their working directory, {REPO}, where it does not exist (the config's folder has "
-        f"it: {data / 'items.csv'}); make it absolute\n"
+        f"error: $BRIDGEREC_CONFIG={config}: relative paths the deployed runs would read from their working "
+        f"directory, {REPO}, where they are not: ingest items items.csv (the config's folder has it); ingest "
+        "interactions interactions.csv (the config's folder has it); workspace ws (the config's folder has "
+        "it); make them absolute\n"
     )
     tonight = tmp_path / "exports"  # not arrived yet: absolute paths are only checked when the night runs
     config.write_text(f"ingest:\n  items: {tonight}/items.csv\n  interactions: {tonight}/interactions.csv\n")
