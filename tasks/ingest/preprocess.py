@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -19,7 +20,7 @@ from duckdb.sqltypes import VARCHAR
 
 from bridgerec.runtime.errors import InputError
 from bridgerec.storage import schemas
-from bridgerec.tasks.ingest.settings import IngestSettings
+from bridgerec.tasks.ingest.settings import IngestSettings, TimestampSettings
 from bridgerec.tasks.ingest.sources import RawSource, input_files
 from bridgerec.tasks.ingest.text import clean_text_array
 
@@ -222,6 +223,21 @@ def _check_items(con: duckdb.DuckDBPyConnection, progress: Callable[[str], None]
     )
 
 
+def _instant_sql(ts: TimestampSettings, ts_min: datetime, ts_max: datetime) -> tuple[str, dict[str, Any]]:
+    """The SQL of a raw row's instant (`ts` the text, `ts_num` its number, `ts_secs` that in seconds) and its
+    parameters. Epoch numbers become instants only inside the plausible range (to_timestamp of a far-off
+    value fails, and a wrong unit gives dates centuries away); everything else is bad_timestamp. With
+    `ts.format` every value is text in that format (a time without a zone is in naive_zone: the session's
+    TimeZone)."""
+    if ts.format is not None:
+        return "CAST(try_strptime(trim(ts), $ts_format) AS TIMESTAMPTZ)", {"ts_format": ts.format}
+    sql = """CASE WHEN ts_num IS NOT NULL
+                    THEN to_timestamp(CASE WHEN isfinite(ts_secs) AND ts_secs BETWEEN $min_s AND $max_s
+                                           THEN ts_secs END)
+                    ELSE TRY_CAST(trim(ts) AS TIMESTAMPTZ) END"""
+    return sql, {"min_s": ts_min.timestamp(), "max_s": ts_max.timestamp()}
+
+
 def _check_interactions(
     con: duckdb.DuckDBPyConnection, raw: RawSource, settings: IngestSettings, progress: Callable[[str], None]
 ) -> None:
@@ -244,19 +260,7 @@ def _check_interactions(
         + (["ts"] if raw.has_timestamp else [])
         + (["pos"] if raw.has_position else [])
     )
-    # Epoch numbers become instants only inside the plausible range (to_timestamp of a far-off value
-    # fails, and a wrong unit gives dates centuries away); everything else is bad_timestamp below. With
-    # timestamps.format every value is text in that format (a time without a zone is in naive_zone: the
-    # session's TimeZone).
-    parsed = (
-        """CASE WHEN ts_num IS NOT NULL
-                    THEN to_timestamp(CASE WHEN isfinite(ts_secs) AND ts_secs BETWEEN $min_s AND $max_s
-                                           THEN ts_secs END)
-                    ELSE TRY_CAST(trim(ts) AS TIMESTAMPTZ) END"""
-        if ts.format is None
-        else "CAST(try_strptime(trim(ts), $ts_format) AS TIMESTAMPTZ)"
-    )
-    params = {"min_s": ts_min.timestamp(), "max_s": ts_max.timestamp()} if ts.format is None else {}
+    parsed, params = _instant_sql(ts, ts_min, ts_max)
     _exec(
         con,
         f"""
@@ -272,7 +276,7 @@ def _check_interactions(
                          TRY_CAST(trim(rating) AS FLOAT) AS rating_parsed
                   FROM raw_inter))
         """,
-        params | ({"ts_format": ts.format} if ts.format is not None else {}),
+        params,
     )
     # Ids of catalogue rows that were quarantined (and have no valid row): their interactions are
     # `item_quarantined`, not `unknown_item`, so the count points at the catalogue's own reasons.
